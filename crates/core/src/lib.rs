@@ -1,0 +1,15 @@
+//! Shared vocabulary of the dsvl workspace.
+//!
+//! Everything here is small, dependency-light and used by more than one tier: which device and
+//! dtype a model runs on ([`DeviceSpec`], [`WeightDType`]), the limits applied to untrusted images
+//! ([`ImageLimits`]), and and (later) the content-addressed embedding cache key. Keeping these
+//! out of the model crate lets the gateway (which never links candle) agree with the vision and
+//! decoder tiers on names, limits and keys.
+#![deny(missing_docs)]
+
+
+mod device;
+mod limits;
+
+pub use device::{DeviceSpec, ParseError, WeightDType};
+pub use limits::ImageLimits;

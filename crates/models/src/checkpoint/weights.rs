@@ -1,0 +1,117 @@
+//! A candle `VarBuilder` backend over safetensors (memory-mapped files or embedded bytes) that
+//! names the tensor and both shapes on a mismatch, converts dtypes on load, and reports
+//! progress in bytes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use safetensors::tensor::TensorView;
+use safetensors::SafeTensors;
+
+use crate::ModelError;
+
+/// Called after each tensor is loaded with `(bytes loaded, bytes to load)`.
+pub type ProgressFn = Arc<dyn Fn(u64, u64) + Send + Sync>;
+
+/// Where the tensors live.
+pub(crate) enum TensorSource {
+    /// One or more memory-mapped `.safetensors` files (sharded checkpoints).
+    Mmap(MmapedSafetensors),
+    /// A safetensors buffer compiled into the binary (the bundled tiny model).
+    Static(SafeTensors<'static>),
+}
+
+impl TensorSource {
+    fn view(&self, name: &str) -> Option<TensorView<'_>> {
+        match self {
+            Self::Mmap(m) => m.get(name).ok(),
+            Self::Static(s) => s.tensor(name).ok(),
+        }
+    }
+
+    /// Names and byte sizes of every tensor.
+    pub(crate) fn sizes(&self) -> Vec<(String, u64)> {
+        let list: Vec<(String, TensorView<'_>)> = match self {
+            Self::Mmap(m) => m.tensors(),
+            Self::Static(s) => s.tensors(),
+        };
+        list.into_iter().map(|(n, v)| (n, v.data().len() as u64)).collect()
+    }
+}
+
+/// The first weight problem hit while building a model; candle's error type cannot carry a
+/// typed payload, so the backend parks it here and the loader reports it after construction.
+#[derive(Default)]
+pub(crate) struct FirstError(Mutex<Option<ModelError>>);
+
+impl FirstError {
+    fn record(&self, e: ModelError) -> candle_core::Error {
+        let msg = e.to_string();
+        let mut slot = self.0.lock().expect("weight error slot poisoned. This is a bug.");
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        candle_core::Error::Msg(msg)
+    }
+
+    /// The recorded error, or the candle error if none was recorded.
+    pub(crate) fn take_or(&self, fallback: candle_core::Error) -> ModelError {
+        self.0.lock().expect("weight error slot poisoned. This is a bug.").take().unwrap_or(ModelError::Candle(fallback))
+    }
+}
+
+/// `SimpleBackend` implementation; see the module docs.
+pub(crate) struct WeightBackend<'a> {
+    source: &'a TensorSource,
+    errors: Arc<FirstError>,
+    loaded: AtomicU64,
+    total: u64,
+    progress: Option<ProgressFn>,
+}
+
+impl<'a> WeightBackend<'a> {
+    /// `prefixes` select the tensors the progress total counts (e.g. the vision tower only).
+    pub(crate) fn new(source: &'a TensorSource, prefixes: &[&str], progress: Option<ProgressFn>, errors: Arc<FirstError>) -> Self {
+        let total = source.sizes().iter().filter(|(n, _)| prefixes.iter().any(|p| n.starts_with(p))).map(|(_, s)| s).sum();
+        Self { source, errors, loaded: AtomicU64::new(0), total, progress }
+    }
+
+    fn load(&self, view: &TensorView<'_>, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = view.load(dev)?.to_dtype(dtype)?;
+        let done = self.loaded.fetch_add(view.data().len() as u64, Ordering::Relaxed) + view.data().len() as u64;
+        if let Some(p) = &self.progress {
+            p(done, self.total.max(done));
+        }
+        Ok(t)
+    }
+}
+
+impl SimpleBackend for WeightBackend<'_> {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let Some(view) = self.source.view(name) else {
+            return Err(self.errors.record(ModelError::MissingTensor { name: name.into(), expected: s.dims().to_vec() }));
+        };
+        if view.shape() != s.dims() {
+            return Err(self.errors.record(ModelError::ShapeMismatch {
+                name: name.into(),
+                found: view.shape().to_vec(),
+                expected: s.dims().to_vec(),
+            }));
+        }
+        self.load(&view, dtype, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        match self.source.view(name) {
+            Some(view) => self.load(&view, dtype, dev),
+            None => Err(self.errors.record(ModelError::MissingTensor { name: name.into(), expected: vec![] })),
+        }
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.source.view(name).is_some()
+    }
+}

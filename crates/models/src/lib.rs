@@ -1,0 +1,18 @@
+//! DeepSeek-VL models on candle.
+//!
+//! * [`preprocess`]: image decoding and the reference's preprocessing, bit-exact.
+//! * [`checkpoint`]: reading the original Hugging Face checkpoint layout (config with nested
+//!   vision / aligner / language configs, single or sharded safetensors) with typed errors.
+//! * [`vision`]: the SAM-B and SigLIP-L towers, the hybrid tower and the aligner, giving
+//!   `[B, 576, H]` image embeddings from `[B, 3, S, S]` pixels.
+//!
+//! Every module mirrors the reference's op order where it matters for parity (the traps are in
+//! `deepseek-vl-spec.md` §8 and repeated at the place they apply).
+
+pub mod checkpoint;
+pub mod device;
+mod error;
+pub mod preprocess;
+pub mod vision;
+
+pub use error::ModelError;

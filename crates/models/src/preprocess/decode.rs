@@ -1,0 +1,130 @@
+//! Decoding untrusted image bytes to 8-bit RGB, the way the reference's
+//! `PIL.Image.open(..).convert("RGB")` sees them.
+//!
+//! Conversion rules (checked against Pillow 13, which the golden fixtures were made with):
+//! grayscale is replicated to three channels; alpha is dropped, never composited (the RGB hidden
+//! under transparent pixels shows); 16-bit RGB(A) and gray+alpha keep the high byte; 16-bit
+//! grayscale (Pillow mode `I;16`) is clipped to 255. EXIF orientation is not applied, as
+//! `Image.open` does not apply it either.
+//!
+//! Safety: the header is read first and its dimensions checked against [`ImageLimits`] before
+//! any pixel buffer exists; the decoder then runs under `image::Limits` as a second fence.
+
+use std::io::Cursor;
+
+use dsvl_core::ImageLimits;
+use image::{DynamicImage, ImageFormat, ImageReader};
+
+use super::ImageError;
+
+/// A decoded image: packed RGB8, row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RgbImage {
+    /// Width in pixels.
+    pub width: usize,
+    /// Height in pixels.
+    pub height: usize,
+    /// `width * height * 3` bytes.
+    pub data: Vec<u8>,
+}
+
+/// Formats the decoder accepts. Anything else is refused with [`ImageError::UnsupportedFormat`].
+const SUPPORTED: [ImageFormat; 3] = [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP];
+
+/// Decodes `bytes` (PNG, JPEG or WebP) under `limits`.
+///
+/// # Errors
+/// [`ImageError`] naming the problem: empty input, too many bytes, unknown or unsupported format,
+/// dimensions over the limits (checked from the header, before allocation), or a corrupt or
+/// truncated stream.
+pub fn decode_rgb(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    if bytes.len() > limits.max_input_bytes {
+        return Err(ImageError::InputTooLarge { bytes: bytes.len(), limit: limits.max_input_bytes });
+    }
+    let format = image::guess_format(bytes).map_err(|_| ImageError::UnknownFormat)?;
+    if !SUPPORTED.contains(&format) {
+        return Err(ImageError::UnsupportedFormat(format!("{format:?}")));
+    }
+    if format == ImageFormat::Jpeg {
+        check_jpeg_complete(bytes)?;
+    }
+
+    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| map_decode_error(e, format))?;
+    if width == 0 || height == 0 {
+        return Err(ImageError::ZeroSized { width, height });
+    }
+    if width > limits.max_width || height > limits.max_height {
+        return Err(ImageError::DimensionsTooLarge {
+            width,
+            height,
+            max_width: limits.max_width,
+            max_height: limits.max_height,
+        });
+    }
+
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(limits.max_width);
+    decoder_limits.max_image_height = Some(limits.max_height);
+    decoder_limits.max_alloc = Some(limits.max_alloc);
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    reader.limits(decoder_limits);
+    let img = reader.decode().map_err(|e| map_decode_error(e, format))?;
+    to_rgb_like_pillow(img)
+}
+
+/// libjpeg (behind Pillow) refuses a JPEG whose entropy-coded data ends early ("image file is
+/// truncated"); Rust decoders tend to fill the rest with grey instead. A complete baseline or
+/// progressive JPEG ends with an EOI marker (FF D9), possibly followed by trailing bytes, so we
+/// require one after the first start-of-scan.
+fn check_jpeg_complete(bytes: &[u8]) -> Result<(), ImageError> {
+    let sos = bytes.windows(2).position(|w| w == [0xFF, 0xDA]);
+    let has_eoi_after = |start: usize| bytes[start..].windows(2).any(|w| w == [0xFF, 0xD9]);
+    match sos {
+        Some(pos) if has_eoi_after(pos + 2) => Ok(()),
+        _ => Err(ImageError::Corrupt { format: "Jpeg".into(), reason: "truncated: no end-of-image marker after the scan data".into() }),
+    }
+}
+
+fn map_decode_error(err: image::ImageError, format: ImageFormat) -> ImageError {
+    use image::error::LimitErrorKind;
+    match err {
+        image::ImageError::Limits(l) => match l.kind() {
+            LimitErrorKind::DimensionError => ImageError::Corrupt { format: format!("{format:?}"), reason: "dimensions exceed the limits".into() },
+            _ => ImageError::AllocationLimit,
+        },
+        image::ImageError::Unsupported(u) => ImageError::UnsupportedFormat(format!("{format:?}: {u}")),
+        image::ImageError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            ImageError::Corrupt { format: format!("{format:?}"), reason: "truncated".into() }
+        }
+        other => ImageError::Corrupt { format: format!("{format:?}"), reason: other.to_string() },
+    }
+}
+
+fn to_rgb_like_pillow(img: DynamicImage) -> Result<RgbImage, ImageError> {
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let data: Vec<u8> = match img {
+        DynamicImage::ImageRgb8(b) => b.into_raw(),
+        DynamicImage::ImageRgba8(b) => b.into_raw().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        DynamicImage::ImageLuma8(b) => b.into_raw().into_iter().flat_map(|v| [v, v, v]).collect(),
+        DynamicImage::ImageLumaA8(b) => b.into_raw().chunks_exact(2).flat_map(|p| [p[0]; 3]).collect(),
+        DynamicImage::ImageLuma16(b) => {
+            b.into_raw().into_iter().flat_map(|v| [v.min(255) as u8; 3]).collect()
+        }
+        DynamicImage::ImageLumaA16(b) => {
+            b.into_raw().chunks_exact(2).flat_map(|p| [(p[0] >> 8) as u8; 3]).collect()
+        }
+        DynamicImage::ImageRgb16(b) => b.into_raw().into_iter().map(|v| (v >> 8) as u8).collect(),
+        DynamicImage::ImageRgba16(b) => b
+            .into_raw()
+            .chunks_exact(4)
+            .flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8])
+            .collect(),
+        other => return Err(ImageError::UnsupportedFormat(format!("pixel layout {:?}", other.color()))),
+    };
+    Ok(RgbImage { width, height, data })
+}
