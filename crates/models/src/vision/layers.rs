@@ -2,7 +2,7 @@
 //! separable linear resampling.
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::VarBuilder;
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::config::Normalize;
 
@@ -69,12 +69,27 @@ impl LayerNorm2d {
 
 impl Module for LayerNorm2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let u = x.mean_keepdim(1)?;
+        let u = mean_over_channels(x)?;
         let centred = x.broadcast_sub(&u)?;
-        let var = centred.sqr()?.mean_keepdim(1)?;
+        let var = mean_over_channels(&centred.sqr()?)?;
         let y = centred.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         y.broadcast_mul(&self.weight)?.broadcast_add(&self.bias)
     }
+}
+
+/// `x.mean(1, keepdim=True)` with PyTorch's numerics: accumulated in f32, rounded once to the
+/// working dtype (candle's CPU reductions would accumulate in bf16).
+fn mean_over_channels(x: &Tensor) -> Result<Tensor> {
+    x.to_dtype(DType::F32)?.mean_keepdim(1)?.to_dtype(x.dtype())
+}
+
+/// Softmax over the last axis computed in f32 and rounded once to the working dtype, like
+/// PyTorch's reduced-precision softmax kernels (candle's CPU kernel would sum in bf16).
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.dtype() == DType::F32 {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
 }
 
 /// A 1-D linear resampling as a dense `[out, in]` matrix; two of them make a separable 2-D
@@ -152,4 +167,31 @@ pub fn resize_2d(x: &Tensor, rows: &ResampleMatrix, cols: &ResampleMatrix) -> Re
     let x = cols.apply_last(&x)?;
     let x = rows.apply_last(&x.transpose(D::Minus1, D::Minus2)?)?.transpose(D::Minus1, D::Minus2)?;
     x.contiguous()?.to_dtype(dtype)
+}
+
+/// A bias-free 2-D convolution. candle's CPU conv has no bf16 kernel, so on the CPU a bf16
+/// conv runs in f32 and rounds the result once, which is also what a bf16 cuDNN conv does
+/// (f32 accumulation); on other devices it runs in the working dtype.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    cfg: Conv2dConfig,
+}
+
+impl Conv2d {
+    /// Loads `weight` `[out, in, k, k]`.
+    pub fn no_bias(in_ch: usize, out_ch: usize, k: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get((out_ch, in_ch, k, k), "weight")?, cfg })
+    }
+}
+
+impl Module for Conv2d {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let c = &self.cfg;
+        if x.dtype() == DType::BF16 && x.device().is_cpu() {
+            let y = x.to_dtype(DType::F32)?.conv2d(&self.weight.to_dtype(DType::F32)?, c.padding, c.stride, c.dilation, c.groups)?;
+            return y.to_dtype(DType::BF16);
+        }
+        x.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)
+    }
 }

@@ -9,10 +9,10 @@
 //! LayerNorm2d is plain element-wise maths; resizes run in f32.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
 use super::config::SamConfig;
-use super::layers::{normalize, resize_2d, LayerNorm2d, PatchEmbed, ResampleMatrix};
+use super::layers::{normalize, softmax_last_dim, resize_2d, Conv2d, LayerNorm2d, PatchEmbed, ResampleMatrix};
 
 /// LayerNorm eps of every SAM norm.
 const EPS: f64 = 1e-6;
@@ -70,7 +70,7 @@ impl Attention {
             let (q, k, v) = (q.narrow(0, start, len)?, k.narrow(0, start, len)?, v.narrow(0, start, len)?);
             let scores = (&q * self.scale)?.matmul(&k.t()?)?;
             let scores = add_decomposed_rel_pos(&scores, &q, &rh, &rw, s)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let probs = softmax_last_dim(&scores)?;
             outs.push(probs.matmul(&v)?);
         }
         let out = Tensor::cat(&outs, 0)?; // [B*heads, N, hd]
@@ -187,9 +187,9 @@ impl Neck {
     fn new(width: usize, out: usize, vb: VarBuilder) -> Result<Self> {
         let pad1 = Conv2dConfig { padding: 1, ..Default::default() };
         Ok(Self {
-            conv1: candle_nn::conv2d_no_bias(width, out, 1, Default::default(), vb.pp("0"))?,
+            conv1: Conv2d::no_bias(width, out, 1, Default::default(), vb.pp("0"))?,
             ln1: LayerNorm2d::new(out, EPS, vb.pp("1"))?,
-            conv2: candle_nn::conv2d_no_bias(out, out, 3, pad1, vb.pp("2"))?,
+            conv2: Conv2d::no_bias(out, out, 3, pad1, vb.pp("2"))?,
             ln2: LayerNorm2d::new(out, EPS, vb.pp("3"))?,
         })
     }
@@ -242,7 +242,7 @@ impl SamEncoder {
         let mut downsamples = Vec::new();
         let mut in_ch = cfg.prompt_embed_dim;
         for (i, &out_ch) in cfg.downsample_channels.iter().enumerate() {
-            downsamples.push(candle_nn::conv2d_no_bias(in_ch, out_ch, 3, stride2, vb.pp(format!("downsamples.{i}")))?);
+            downsamples.push(Conv2d::no_bias(in_ch, out_ch, 3, stride2, vb.pp(format!("downsamples.{i}")))?);
             in_ch = out_ch;
         }
         Ok(Self {

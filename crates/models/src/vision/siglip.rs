@@ -8,7 +8,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 use super::config::SiglipConfig;
-use super::layers::{normalize, PatchEmbed};
+use super::layers::{normalize, softmax_last_dim, PatchEmbed};
 
 const EPS: f64 = 1e-6;
 
@@ -44,7 +44,7 @@ impl Block {
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let scores = (q * (hd as f64).powf(-0.5))?.matmul(&k.t()?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, n, c))?;
         self.proj.forward(&out)
     }
