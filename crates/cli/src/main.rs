@@ -1,1 +1,37 @@
-fn main() {}
+//! `dsvl`: the command users run by hand. Each subcommand lives in its own module; this file
+//! only parses arguments, sets up logging and turns errors into a message and exit code 1.
+
+mod encode;
+mod model_args;
+mod progress;
+
+use clap::{Parser, Subcommand};
+
+/// DeepSeek-VL serving cluster: offline tools and the local cluster.
+#[derive(Parser)]
+#[command(name = "dsvl", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Encode images to DeepSeek-VL image embeddings (preprocessing + vision tower + aligner).
+    Encode(encode::EncodeArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Encode(args) => encode::run(args),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}

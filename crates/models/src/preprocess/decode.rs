@@ -48,10 +48,6 @@ pub fn decode_rgb(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, ImageE
     if !SUPPORTED.contains(&format) {
         return Err(ImageError::UnsupportedFormat(format!("{format:?}")));
     }
-    if format == ImageFormat::Jpeg {
-        check_jpeg_complete(bytes)?;
-    }
-
     let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
         .into_dimensions()
         .map_err(|e| map_decode_error(e, format))?;
@@ -65,6 +61,10 @@ pub fn decode_rgb(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, ImageE
             max_width: limits.max_width,
             max_height: limits.max_height,
         });
+    }
+
+    if format == ImageFormat::Jpeg {
+        check_jpeg_complete(bytes)?;
     }
 
     let mut decoder_limits = image::Limits::default();
@@ -101,7 +101,13 @@ fn map_decode_error(err: image::ImageError, format: ImageFormat) -> ImageError {
         image::ImageError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             ImageError::Corrupt { format: format!("{format:?}"), reason: "truncated".into() }
         }
-        other => ImageError::Corrupt { format: format!("{format:?}"), reason: other.to_string() },
+        other => {
+            let msg = other.to_string();
+            let lower = msg.to_ascii_lowercase();
+            let truncated = ["not enough bytes", "eof", "end of file", "unexpected end"].iter().any(|p| lower.contains(p));
+            let reason = if truncated { format!("truncated ({msg})") } else { msg };
+            ImageError::Corrupt { format: format!("{format:?}"), reason }
+        }
     }
 }
 

@@ -1,0 +1,113 @@
+//! Hostile and unusual images: each either works like the reference or fails with a typed
+//! error that names the problem.
+
+use anyhow::Result;
+use dsvl_core::ImageLimits;
+use dsvl_models::preprocess::{decode_rgb, ImageError, PreprocessConfig, Preprocessor};
+use dsvl_testkit::{extra_fixtures_dir, golden_dir, png_header_only, tiny_model_dir};
+
+fn preprocessor() -> Result<Preprocessor> {
+    let text = std::fs::read_to_string(tiny_model_dir().join("preprocessor_config.json"))?;
+    Ok(Preprocessor::new(PreprocessConfig::from_json(&text)?, ImageLimits::default()))
+}
+
+#[test]
+fn empty_input_is_refused() {
+    let err = decode_rgb(&[], &ImageLimits::default()).unwrap_err();
+    assert!(matches!(err, ImageError::Empty), "{err}");
+    assert!(err.to_string().contains("empty"));
+}
+
+#[test]
+fn random_bytes_are_an_unknown_format() {
+    let bytes: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let err = decode_rgb(&bytes, &ImageLimits::default()).unwrap_err();
+    assert!(matches!(err, ImageError::UnknownFormat), "{err}");
+}
+
+#[test]
+fn unsupported_formats_are_named() {
+    for (bytes, name) in [(&b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"[..], "Gif"), (&b"BM\x1e\x00\x00\x00\x00\x00\x00\x00\x1a\x00\x00\x00"[..], "Bmp")] {
+        let err = decode_rgb(bytes, &ImageLimits::default()).unwrap_err();
+        assert!(matches!(err, ImageError::UnsupportedFormat(_)), "{err}");
+        assert!(err.to_string().contains(name), "{err}");
+    }
+}
+
+#[test]
+fn truncated_jpeg_is_refused_like_pillow() -> Result<()> {
+    let full = std::fs::read(golden_dir().join("rocket.jpg"))?;
+    for keep in [full.len() / 2, full.len() - 2, 600] {
+        let err = decode_rgb(&full[..keep], &ImageLimits::default()).unwrap_err();
+        assert!(matches!(err, ImageError::Corrupt { .. }), "{keep} bytes: {err}");
+        assert!(err.to_string().contains("truncated"), "{err}");
+    }
+    Ok(())
+}
+
+#[test]
+fn truncated_png_is_refused() -> Result<()> {
+    let full = std::fs::read(golden_dir().join("chelsea.png"))?;
+    let err = decode_rgb(&full[..full.len() / 3], &ImageLimits::default()).unwrap_err();
+    assert!(matches!(err, ImageError::Corrupt { .. }), "{err}");
+    Ok(())
+}
+
+/// A 1-KB file whose header claims 60000x60000 (10.8 GB of RGB) is refused from the header,
+/// before any pixel buffer exists.
+#[test]
+fn decompression_bomb_header_is_refused_before_allocation() {
+    let png = png_header_only(60_000, 60_000);
+    assert!(png.len() < 1024);
+    let err = decode_rgb(&png, &ImageLimits::default()).unwrap_err();
+    match err {
+        ImageError::DimensionsTooLarge { width, height, .. } => assert_eq!((width, height), (60_000, 60_000)),
+        other => panic!("expected DimensionsTooLarge, got {other}"),
+    }
+    // Within the dimension limits but over the allocation budget: the decoder's own fence.
+    let limits = ImageLimits { max_alloc: 1 << 20, ..ImageLimits::default() };
+    let err = decode_rgb(&png_header_only(4000, 4000), &limits).unwrap_err();
+    assert!(matches!(err, ImageError::AllocationLimit | ImageError::Corrupt { .. }), "{err}");
+}
+
+#[test]
+fn oversized_input_is_refused() {
+    let limits = ImageLimits { max_input_bytes: 10, ..ImageLimits::default() };
+    let err = decode_rgb(&[0u8; 11], &limits).unwrap_err();
+    assert!(matches!(err, ImageError::InputTooLarge { bytes: 11, limit: 10 }), "{err}");
+}
+
+/// 4000x60, 40x900, 1x1 and 3x2 images resize exactly like Pillow (fixtures made by
+/// `tests/fixtures/extra/make_extra.py`) and land where the reference pads them.
+#[test]
+fn extreme_aspect_ratios_match_pillow() -> Result<()> {
+    let pre = preprocessor()?;
+    let cases: serde_json::Value = serde_json::from_slice(&std::fs::read(extra_fixtures_dir().join("cases.json"))?)?;
+    for (name, case) in cases.as_object().expect("cases") {
+        let rgb = decode_rgb(&std::fs::read(extra_fixtures_dir().join(format!("{name}.png")))?, &ImageLimits::default())?;
+        let want = decode_rgb(&std::fs::read(extra_fixtures_dir().join(format!("{name}.resized.png")))?, &ImageLimits::default())?;
+        let resized: Vec<usize> = serde_json::from_value(case["resized"].clone())?;
+        assert_eq!((want.width, want.height), (resized[0], resized[1]), "{name}");
+        let (canvas, geometry) = pre.canvas_u8(&rgb);
+        assert_eq!(geometry.resized, (want.width, want.height), "{name}: resized size");
+        let (ox, oy) = geometry.offset;
+        let side = geometry.side;
+        let mut mismatches = 0;
+        for c in 0..3 {
+            for y in 0..want.height {
+                for x in 0..want.width {
+                    let ours = canvas[c * side * side + (oy + y) * side + ox + x];
+                    mismatches += usize::from(ours != want.data[(y * want.width + x) * 3 + c]);
+                }
+            }
+        }
+        assert_eq!(mismatches, 0, "{name}: {mismatches} bytes differ from Pillow");
+        // The rest of the canvas is the background colour (122, 116, 104).
+        let bg = pre.config().background_color();
+        if oy > 0 {
+            assert_eq!(canvas[0], bg[0], "{name}");
+            assert_eq!(canvas[2 * side * side], bg[2], "{name}");
+        }
+    }
+    Ok(())
+}
