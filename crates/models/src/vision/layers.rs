@@ -120,23 +120,24 @@ impl ResampleMatrix {
     /// PyTorch `interpolate(mode="bilinear", antialias=True)` along one axis (the separable
     /// triangle filter of `_upsample_bilinear2d_aa`, support = scale when downscaling).
     pub fn bilinear_antialias(in_size: usize, out_size: usize, dev: &Device) -> Result<Self> {
-        let scale = in_size as f64 / out_size as f64;
-        let support = if scale >= 1.0 { scale } else { 1.0 };
-        let invscale = if scale >= 1.0 { 1.0 / scale } else { 1.0 };
+        // f32 throughout, in PyTorch's order: its weights carry f32 rounding (~1e-5 on the
+        // centre), and matching them is what makes the output agree to ~1e-7.
+        let scale = in_size as f32 / out_size as f32;
+        let (support, invscale) = if scale >= 1.0 { (scale, 1.0 / scale) } else { (1.0, 1.0) };
         let mut m = vec![0f32; out_size * in_size];
         for o in 0..out_size {
-            let center = scale * (o as f64 + 0.5);
+            let center = scale * (o as f32 + 0.5);
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let taps: Vec<f64> = (xmin..xmax)
+            let taps: Vec<f32> = (xmin..xmax)
                 .map(|j| {
-                    let x = ((j as f64 - center + 0.5) * invscale).abs();
+                    let x = ((j as f32 - center + 0.5) * invscale).abs();
                     if x < 1.0 { 1.0 - x } else { 0.0 }
                 })
                 .collect();
-            let total: f64 = taps.iter().sum();
+            let total: f32 = taps.iter().sum();
             for (k, w) in taps.iter().enumerate() {
-                m[o * in_size + xmin + k] = if total != 0.0 { (w / total) as f32 } else { *w as f32 };
+                m[o * in_size + xmin + k] = if total != 0.0 { w / total } else { *w };
             }
         }
         Self::from_rows(m, in_size, out_size, dev)

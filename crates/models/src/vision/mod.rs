@@ -8,7 +8,9 @@
 
 mod aligner;
 pub mod config;
+mod kernels;
 mod layers;
+mod relpos_softmax;
 mod sam;
 mod siglip;
 
@@ -70,19 +72,30 @@ impl VisionEncoder {
         let preprocess = load_preprocess_config(ckpt, &tower_config)?;
         check_dims(&tower_config, &aligner_config)?;
 
-        let (tower, aligner) = ckpt.build(dtype, device, &VISION_PREFIXES, progress, |vb| {
-            let vm = vb.pp("vision_model");
-            let tower = match &tower_config {
-                TowerConfig::Hybrid { high, low } => Tower::Hybrid {
-                    sam: SamEncoder::new(high, vm.pp("vision_tower_high.vision_tower"))?,
-                    siglip: SiglipEncoder::new(low, vm.pp("vision_tower_low.vision_tower"))?,
-                    low_resize: ResampleMatrix::bilinear_antialias(high.image_size, low.image_size, device)?,
-                },
-                TowerConfig::Siglip(cfg) => Tower::Siglip(SiglipEncoder::new(cfg, vm.pp("vision_tower"))?),
-            };
-            Ok((tower, Aligner::new(&aligner_config, vb.pp("aligner"))?))
-        })?;
-        Ok(Self { tower, aligner, tower_config, aligner_config, preprocess, dtype, device: device.clone() })
+        ckpt.build(dtype, device, &VISION_PREFIXES, progress, |vb| Self::new(tower_config, aligner_config, preprocess, vb))
+    }
+
+    /// Builds the encoder from explicit configs and a `VarBuilder` rooted at the checkpoint
+    /// (tensor names `vision_model.*`, `aligner.*`); used by [`Self::load`] and by benchmarks
+    /// that run random weights at real dimensions.
+    pub fn new(
+        tower_config: TowerConfig,
+        aligner_config: AlignerConfig,
+        preprocess: PreprocessConfig,
+        vb: candle_nn::VarBuilder<'_>,
+    ) -> candle_core::Result<Self> {
+        let device = vb.device().clone();
+        let vm = vb.pp("vision_model");
+        let tower = match &tower_config {
+            TowerConfig::Hybrid { high, low } => Tower::Hybrid {
+                sam: SamEncoder::new(high, vm.pp("vision_tower_high.vision_tower"))?,
+                siglip: SiglipEncoder::new(low, vm.pp("vision_tower_low.vision_tower"))?,
+                low_resize: ResampleMatrix::bilinear_antialias(high.image_size, low.image_size, &device)?,
+            },
+            TowerConfig::Siglip(cfg) => Tower::Siglip(SiglipEncoder::new(cfg, vm.pp("vision_tower"))?),
+        };
+        let aligner = Aligner::new(&aligner_config, vb.pp("aligner"))?;
+        Ok(Self { tower, aligner, tower_config, aligner_config, preprocess, dtype: vb.dtype(), device })
     }
 
     /// Side of the square pixel input.

@@ -12,13 +12,15 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
 use super::config::SamConfig;
-use super::layers::{normalize, softmax_last_dim, resize_2d, Conv2d, LayerNorm2d, PatchEmbed, ResampleMatrix};
+use super::relpos_softmax::relpos_softmax;
+use super::layers::{normalize, resize_2d, Conv2d, LayerNorm2d, PatchEmbed, ResampleMatrix};
 
 /// LayerNorm eps of every SAM norm.
 const EPS: f64 = 1e-6;
-/// Upper bound on one attention-score chunk, in elements (256 MiB of f32); global attention at
-/// 64x64 tokens is chunked over heads to stay under it.
-const MAX_SCORE_ELEMS: usize = 64 << 20;
+/// Upper bound on one attention-score tile, in elements (16 MiB of f32). Attention is tiled over
+/// heads and query rows so tiles stay cache-friendly and below the allocator's mmap threshold
+/// (a fresh multi-hundred-MB buffer per head costs more in page faults than in maths).
+const MAX_TILE_ELEMS: usize = 4 << 20;
 
 struct Attention {
     qkv: Linear,
@@ -63,15 +65,25 @@ impl Attention {
         let rh = self.rel_pos_h.index_select(&self.rel_index, 0)?.reshape((s, s, hd))?;
         let rw = self.rel_pos_w.index_select(&self.rel_index, 0)?.reshape((s, s, hd))?;
 
-        let chunk = (MAX_SCORE_ELEMS / (n * n)).clamp(1, bh);
-        let mut outs = Vec::with_capacity(bh.div_ceil(chunk));
-        for start in (0..bh).step_by(chunk) {
-            let len = chunk.min(bh - start);
-            let (q, k, v) = (q.narrow(0, start, len)?, k.narrow(0, start, len)?, v.narrow(0, start, len)?);
-            let scores = (&q * self.scale)?.matmul(&k.t()?)?;
-            let scores = add_decomposed_rel_pos(&scores, &q, &rh, &rw, s)?;
-            let probs = softmax_last_dim(&scores)?;
-            outs.push(probs.matmul(&v)?);
+        let (rel_h, rel_w) = decomposed_rel_pos(&q, &rh, &rw, s)?;
+        let q = (q * self.scale)?;
+        let kt = k.t()?;
+        // Tile over (batch*head) and query rows so each score tile stays small and cache-resident.
+        let heads_per_tile = (MAX_TILE_ELEMS / (n * n)).clamp(1, bh);
+        let rows_per_tile = if heads_per_tile > 1 { s } else { (MAX_TILE_ELEMS / (n * s)).clamp(1, s) };
+        let mut outs = Vec::with_capacity(bh.div_ceil(heads_per_tile));
+        for b0 in (0..bh).step_by(heads_per_tile) {
+            let nb = heads_per_tile.min(bh - b0);
+            let (q, kt, v) = (q.narrow(0, b0, nb)?, kt.narrow(0, b0, nb)?, v.narrow(0, b0, nb)?);
+            let (rel_h, rel_w) = (rel_h.narrow(0, b0, nb)?, rel_w.narrow(0, b0, nb)?);
+            let mut rows = Vec::with_capacity(s.div_ceil(rows_per_tile));
+            for h0 in (0..s).step_by(rows_per_tile) {
+                let nh = rows_per_tile.min(s - h0);
+                let scores = q.narrow(1, h0 * s, nh * s)?.matmul(&kt)?;
+                let probs = relpos_softmax(&scores, &rel_h.narrow(1, h0, nh)?, &rel_w.narrow(1, h0, nh)?, s)?;
+                rows.push(probs.matmul(&v)?);
+            }
+            outs.push(if rows.len() == 1 { rows.pop().expect("one tile") } else { Tensor::cat(&rows, 1)? });
         }
         let out = Tensor::cat(&outs, 0)?; // [B*heads, N, hd]
         let out = out.reshape((b, self.heads, s, s, hd))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, s, s, c))?;
@@ -79,9 +91,10 @@ impl Attention {
     }
 }
 
-/// MViTv2 decomposed relative positions: `scores[b, (h,w), (kh,kw)] += rel_h[b,h,w,kh] +
-/// rel_w[b,h,w,kw]` with `rel_h = einsum("bhwc,hkc->bhwk", q, Rh)` on the unscaled `q`.
-fn add_decomposed_rel_pos(scores: &Tensor, q: &Tensor, rh: &Tensor, rw: &Tensor, s: usize) -> Result<Tensor> {
+/// MViTv2 decomposed relative positions on the unscaled `q`:
+/// `rel_h = einsum("bhwc,hkc->bhwk", q, Rh)` and `rel_w = einsum("bhwc,wkc->bhwk", q, Rw)`,
+/// both `[BH, S, S, S]`, to be added as `scores[b, (h,w), (kh,kw)] += rel_h[.., kh] + rel_w[.., kw]`.
+fn decomposed_rel_pos(q: &Tensor, rh: &Tensor, rw: &Tensor, s: usize) -> Result<(Tensor, Tensor)> {
     let (bh, _, hd) = q.dims3()?;
     let rq = q.reshape((bh, s, s, hd))?;
     // rel_h: batch over the query row h: [S_h, BH*S_w, hd] x [S_h, hd, S_k].
@@ -100,9 +113,7 @@ fn add_decomposed_rel_pos(scores: &Tensor, q: &Tensor, rh: &Tensor, rw: &Tensor,
         .matmul(&rw.transpose(1, 2)?)?
         .reshape((s, bh, s, s))?
         .permute((1, 2, 0, 3))?; // [BH, h, w, kw]
-    let scores = scores.reshape((bh, s, s, s, s))?;
-    let scores = scores.broadcast_add(&rel_h.unsqueeze(4)?)?.broadcast_add(&rel_w.unsqueeze(3)?)?;
-    scores.reshape((bh, s * s, s * s))
+    Ok((rel_h, rel_w))
 }
 
 struct Block {
