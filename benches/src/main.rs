@@ -1,1 +1,39 @@
-fn main() {}
+//! `dsvl-bench`: benchmarks that run dsvl and the PyTorch reference in the same process tree,
+//! on the same machine and thread count, and report ratios. Results and commands are recorded
+//! in `benches/README.md`.
+
+mod random;
+mod reference;
+mod vision;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "dsvl-bench", about = "dsvl benchmarks against the PyTorch reference")]
+struct Cli {
+    /// Worker threads for both dsvl (rayon / gemm) and PyTorch.
+    #[arg(long, global = true, default_value_t = default_threads())]
+    threads: usize,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Vision tower + aligner at the real DeepSeek-VL-7B dimensions, and preprocessing.
+    Vision(vision::VisionArgs),
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // Both candle's gemm and rayon read this before their pools start.
+    std::env::set_var("RAYON_NUM_THREADS", cli.threads.to_string());
+    match cli.command {
+        Command::Vision(args) => vision::run(args, cli.threads),
+    }
+}
