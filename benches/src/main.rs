@@ -7,6 +7,11 @@ mod reference;
 mod vision;
 
 use anyhow::Result;
+
+/// Large tensors are allocated and freed on every op; mimalloc keeps freed pages for reuse
+/// instead of returning them to the kernel and faulting them in again.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]

@@ -56,6 +56,9 @@ pub enum ModelError {
     /// An image could not be decoded.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// A collective or the group's control channel failed.
+    #[error("tensor-parallel group failed: {0}")]
+    Comm(#[from] dsvl_parallel::CommError),
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),

@@ -5,6 +5,7 @@
 //!   vision / aligner / language configs, single or sharded safetensors) with typed errors.
 //! * [`vision`]: the SAM-B and SigLIP-L towers, the hybrid tower and the aligner, giving
 //!   `[B, 576, H]` image embeddings from `[B, 3, S, S]` pixels.
+//! * [`llm`]: the DeepSeek LLM decoder with tensor parallelism over a [`dsvl_parallel::Communicator`].
 //!
 //! Every module mirrors the reference's op order where it matters for parity (the traps are in
 //! `deepseek-vl-spec.md` §8 and repeated at the place they apply).
@@ -12,6 +13,9 @@
 pub mod checkpoint;
 pub mod device;
 mod error;
+mod kernels;
+pub mod llm;
+pub mod ops;
 pub mod preprocess;
 pub mod vision;
 

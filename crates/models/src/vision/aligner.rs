@@ -5,6 +5,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::config::{AlignerConfig, ProjectorType};
+use crate::ops::gelu_erf;
 
 /// What the aligner consumes.
 pub enum AlignerInput<'a> {
@@ -59,7 +60,7 @@ impl Aligner {
         };
         for (i, layer) in self.layers.iter().enumerate() {
             if gelu_first || i > 0 {
-                x = x.gelu_erf()?;
+                x = gelu_erf(&x)?;
             }
             x = layer.forward(&x)?;
         }

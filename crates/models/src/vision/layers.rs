@@ -83,14 +83,6 @@ fn mean_over_channels(x: &Tensor) -> Result<Tensor> {
     x.to_dtype(DType::F32)?.mean_keepdim(1)?.to_dtype(x.dtype())
 }
 
-/// Softmax over the last axis computed in f32 and rounded once to the working dtype, like
-/// PyTorch's reduced-precision softmax kernels (candle's CPU kernel would sum in bf16).
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.dtype() == DType::F32 {
-        return candle_nn::ops::softmax_last_dim(x);
-    }
-    candle_nn::ops::softmax_last_dim(&x.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
-}
 
 /// A 1-D linear resampling as a dense `[out, in]` matrix; two of them make a separable 2-D
 /// resize that runs as matmuls on any device.

@@ -8,7 +8,7 @@
 
 mod aligner;
 pub mod config;
-mod kernels;
+mod fused_attention;
 mod layers;
 mod relpos_softmax;
 mod sam;

@@ -10,8 +10,8 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::kernels::relpos_softmax_row;
-use super::layers::softmax_last_dim;
+use crate::kernels::relpos_softmax_row;
+use crate::ops::softmax_last_dim;
 
 struct RelPosSoftmax {
     side: usize,
@@ -42,12 +42,11 @@ impl CustomOp3 for RelPosSoftmax {
             candle_core::bail!("{}: inputs must be contiguous", self.name());
         };
         let (scores, rel_h, rel_w) = (&scores[s0..s1], &rel_h[h0..h1], &rel_w[w0..w1]);
-        let mut out = vec![0f32; scores.len()];
+        let mut out = scores.to_vec();
         // One row per (batch*head, query position); rel_h/rel_w hold S entries per row.
         out.par_chunks_mut(n)
-            .zip(scores.par_chunks(n))
             .zip(rel_h.par_chunks(s).zip(rel_w.par_chunks(s)))
-            .for_each(|((dst, src), (rh, rw))| relpos_softmax_row(dst, src, rh, rw));
+            .for_each(|(row, (rh, rw))| relpos_softmax_row(row, rh, rw));
         Ok((CpuStorage::F32(out), ls.shape().clone()))
     }
 }

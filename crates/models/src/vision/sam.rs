@@ -12,7 +12,9 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
 use super::config::SamConfig;
+use super::fused_attention;
 use super::relpos_softmax::relpos_softmax;
+use crate::ops::gelu_erf;
 use super::layers::{normalize, resize_2d, Conv2d, LayerNorm2d, PatchEmbed, ResampleMatrix};
 
 /// LayerNorm eps of every SAM norm.
@@ -58,17 +60,29 @@ impl Attention {
         let bh = b * self.heads;
         // [B, N, 3, heads, hd] -> [3, B*heads, N, hd]
         let qkv = self.qkv.forward(&x.reshape((b, n, c))?)?;
-        let qkv = qkv.reshape((b, n, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?.reshape((3, bh, n, hd))?;
-        let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
-
+        let qkv = qkv.reshape((b, n, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?.reshape((3, bh, n, hd))?;
         // Rh[i, j, :] = rel_pos_h[i - j + S - 1]: [S, S, hd].
         let rh = self.rel_pos_h.index_select(&self.rel_index, 0)?.reshape((s, s, hd))?;
         let rw = self.rel_pos_w.index_select(&self.rel_index, 0)?.reshape((s, s, hd))?;
-
+        let q = qkv.get(0)?;
         let (rel_h, rel_w) = decomposed_rel_pos(&q, &rh, &rw, s)?;
-        let q = (q * self.scale)?;
-        let kt = k.t()?;
-        // Tile over (batch*head) and query rows so each score tile stays small and cache-resident.
+        let out = if fused_attention::is_supported(&qkv) {
+            let rel = Tensor::cat(&[&rel_h, &rel_w], 3)?.reshape((bh, n, 2 * s))?;
+            fused_attention::fused_attention(&qkv, Some((&rel, s)), self.scale)?
+        } else {
+            self.attention_tiled(&qkv, &rel_h, &rel_w, s)?
+        };
+        let out = out.reshape((b, self.heads, s, s, hd))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, s, s, c))?;
+        self.proj.forward(&out)
+    }
+
+    /// Portable attention from candle ops (any device and dtype), tiled over heads and query
+    /// rows so no `[heads, N, N]` tensor is materialised at once.
+    fn attention_tiled(&self, qkv: &Tensor, rel_h: &Tensor, rel_w: &Tensor, s: usize) -> Result<Tensor> {
+        let (_, bh, n, _) = qkv.dims4()?;
+        let q = (qkv.get(0)? * self.scale)?;
+        let kt = qkv.get(1)?.t()?;
+        let v = qkv.get(2)?;
         let heads_per_tile = (MAX_TILE_ELEMS / (n * n)).clamp(1, bh);
         let rows_per_tile = if heads_per_tile > 1 { s } else { (MAX_TILE_ELEMS / (n * s)).clamp(1, s) };
         let mut outs = Vec::with_capacity(bh.div_ceil(heads_per_tile));
@@ -85,9 +99,7 @@ impl Attention {
             }
             outs.push(if rows.len() == 1 { rows.pop().expect("one tile") } else { Tensor::cat(&rows, 1)? });
         }
-        let out = Tensor::cat(&outs, 0)?; // [B*heads, N, hd]
-        let out = out.reshape((b, self.heads, s, s, hd))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, s, s, c))?;
-        self.proj.forward(&out)
+        Tensor::cat(&outs, 0)
     }
 }
 
@@ -151,7 +163,7 @@ impl Block {
             self.attn.forward(&h)?
         };
         let x = (x + h)?;
-        let m = self.lin2.forward(&self.lin1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
+        let m = self.lin2.forward(&gelu_erf(&self.lin1.forward(&self.norm2.forward(&x)?)?)?)?;
         x + m
     }
 }

@@ -8,7 +8,9 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 use super::config::SiglipConfig;
-use super::layers::{normalize, softmax_last_dim, PatchEmbed};
+use super::fused_attention;
+use super::layers::{normalize, PatchEmbed};
+use crate::ops::{gelu_erf, softmax_last_dim};
 
 const EPS: f64 = 1e-6;
 
@@ -40,18 +42,21 @@ impl Block {
         let (b, n, c) = x.dims3()?;
         let hd = c / self.heads;
         let qkv = self.qkv.forward(x)?.reshape((b, n, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let scores = (q * (hd as f64).powf(-0.5))?.matmul(&k.t()?)?;
-        let probs = softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b, n, c))?;
+        let scale = (hd as f64).powf(-0.5);
+        let out = if fused_attention::is_supported(x) {
+            fused_attention::fused_attention(&qkv.contiguous()?.reshape((3, b * self.heads, n, hd))?, None, scale)?
+                .reshape((b, self.heads, n, hd))?
+        } else {
+            let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
+            softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?)?.matmul(&v)?
+        };
+        let out = out.transpose(1, 2)?.contiguous()?.reshape((b, n, c))?;
         self.proj.forward(&out)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = (x + self.attention(&self.norm1.forward(x)?)?)?;
-        let m = self.fc2.forward(&self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
+        let m = self.fc2.forward(&gelu_erf(&self.fc1.forward(&self.norm2.forward(&x)?)?)?)?;
         x + m
     }
 }

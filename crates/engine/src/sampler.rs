@@ -1,0 +1,208 @@
+//! Next-token selection with the semantics of `transformers`' `generate` as the reference calls
+//! it (spec §7): greedy is a plain argmax (first index on ties, like `torch.argmax`); sampling
+//! applies, in this order, the repetition penalty over the *generated* tokens only (generation
+//! starts from `inputs_embeds`, so the prompt is not in `input_ids`), temperature, top-k (50 by
+//! default, the `GenerationConfig` default nobody overrides), and top-p, then draws from the
+//! softmax with a seeded generator, so a seed reproduces its output.
+
+use serde::{Deserialize, Serialize};
+
+/// How to pick tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SamplingParams {
+    /// 0 (or `greedy`) means argmax.
+    pub temperature: f32,
+    /// Keep the `top_k` most likely tokens (0 disables).
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches `top_p` (1.0 disables).
+    pub top_p: f32,
+    /// `> 1` discourages tokens already generated (1.0 disables).
+    pub repetition_penalty: f32,
+    /// Seed of the sampling generator.
+    pub seed: u64,
+}
+
+impl SamplingParams {
+    /// Greedy decoding (the reference's `do_sample=False`; repetition penalty not applied).
+    pub fn greedy() -> Self {
+        Self { temperature: 0.0, top_k: 50, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
+    }
+
+    /// Whether this is greedy decoding.
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
+    /// Rejects values that make no sense, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
+            return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        Ok(())
+    }
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self::greedy()
+    }
+}
+
+/// SplitMix64: small, fast, and stable across versions (reproducible seeds matter more here
+/// than statistical strength).
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// First index of the maximum (like `torch.argmax`).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Picks the next token from one row of logits.
+pub fn sample(logits: &[f32], params: &SamplingParams, generated: &[u32], rng: &mut Rng) -> u32 {
+    if params.is_greedy() {
+        return argmax(logits);
+    }
+    let mut scores = logits.to_vec();
+    if params.repetition_penalty != 1.0 {
+        let mut seen = std::collections::HashSet::new();
+        for &t in generated {
+            // HF gathers then scatters: a repeated token is penalised once.
+            if seen.insert(t) {
+                if let Some(s) = scores.get_mut(t as usize) {
+                    *s = if *s < 0.0 { *s * params.repetition_penalty } else { *s / params.repetition_penalty };
+                }
+            }
+        }
+    }
+    for s in &mut scores {
+        *s /= params.temperature;
+    }
+    let mut order: Vec<usize> = (0..scores.len()).collect();
+    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let mut keep = order.len();
+    if params.top_k > 0 && params.top_k < keep {
+        // Ties with the k-th value are kept, as `scores < topk_values[-1]` removes only lower ones.
+        let kth = scores[order[params.top_k - 1]];
+        keep = order.iter().take_while(|&&i| scores[i] >= kth).count();
+    }
+    let max = scores[order[0]];
+    let probs: Vec<f64> = order[..keep].iter().map(|&i| f64::from(scores[i] - max).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    if params.top_p < 1.0 {
+        // HF sorts ascending and drops tokens whose cumulative probability is <= 1 - top_p,
+        // always keeping at least one: equivalently keep the descending prefix until the
+        // remaining tail would be <= 1 - top_p.
+        let mut tail = 1.0;
+        let mut n = 0;
+        for p in &probs {
+            if n > 0 && tail <= 1.0 - f64::from(params.top_p) {
+                break;
+            }
+            tail -= p / total;
+            n += 1;
+        }
+        keep = n.max(1);
+    }
+    let total: f64 = probs[..keep].iter().sum();
+    let mut u = rng.uniform() * total;
+    for (j, p) in probs[..keep].iter().enumerate() {
+        if u < *p {
+            return order[j] as u32;
+        }
+        u -= p;
+    }
+    order[keep - 1] as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_is_first_argmax() {
+        assert_eq!(argmax(&[0.1, 3.0, 3.0, -1.0]), 1);
+        let mut rng = Rng::new(0);
+        assert_eq!(sample(&[0.1, 3.0, 3.0], &SamplingParams::greedy(), &[], &mut rng), 1);
+    }
+
+    #[test]
+    fn seeded_sampling_is_reproducible_and_varies_with_seed() {
+        let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
+        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 7 };
+        let run = |seed| {
+            let mut rng = Rng::new(seed);
+            (0..20).map(|_| sample(&logits, &p, &[], &mut rng)).collect::<Vec<_>>()
+        };
+        assert_eq!(run(7), run(7));
+        assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn top_k_one_is_greedy() {
+        let logits = [0.5, 2.0, 1.0, 1.9];
+        let p = SamplingParams { temperature: 0.7, top_k: 1, top_p: 1.0, repetition_penalty: 1.0, seed: 1 };
+        let mut rng = Rng::new(3);
+        assert!((0..50).all(|_| sample(&logits, &p, &[], &mut rng) == 1));
+    }
+
+    #[test]
+    fn top_p_keeps_the_nucleus() {
+        // Probabilities ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.7 keeps the first two only.
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.7, repetition_penalty: 1.0, seed: 1 };
+        let mut rng = Rng::new(11);
+        let picks: Vec<u32> = (0..400).map(|_| sample(&logits, &p, &[], &mut rng)).collect();
+        assert!(picks.iter().all(|&t| t < 2), "only tokens 0 and 1 may be drawn");
+        assert!(picks.contains(&1) && picks.contains(&0));
+    }
+
+    #[test]
+    fn repetition_penalty_follows_hf_sign_rule() {
+        // Token 0 (positive logit) is divided, token 1 (negative) multiplied; with top_k 1 the
+        // penalised best token loses to the runner-up.
+        let logits = [2.0f32, -1.0, 1.5];
+        let p = SamplingParams { temperature: 1.0, top_k: 1, top_p: 1.0, repetition_penalty: 2.0, seed: 0 };
+        let mut rng = Rng::new(0);
+        assert_eq!(sample(&logits, &p, &[0, 0], &mut rng), 2);
+        assert_eq!(sample(&logits, &p, &[], &mut rng), 0);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let p = SamplingParams { top_p: 0.0, ..SamplingParams::greedy() };
+        assert!(p.validate().unwrap_err().contains("top_p"));
+    }
+}

@@ -1,0 +1,32 @@
+//! The DeepSeek LLM decoder: config resolution, tensor-parallel layers, the model and its
+//! key/value storage interface.
+
+pub mod config;
+pub mod kv;
+pub mod layers;
+pub mod model;
+
+pub use config::LlmConfig;
+pub use kv::{ContiguousKv, KvStore, SeqId};
+pub use layers::Shard;
+pub use model::{splice_image_rows, DeepSeekLlm, SeqChunk};
+
+use candle_core::{DType, Device};
+
+use crate::checkpoint::{Checkpoint, ProgressFn};
+use crate::ModelError;
+
+impl DeepSeekLlm {
+    /// Loads `shard` of the decoder of `ckpt` (DeepSeek-VL's `language_model.*` or a plain
+    /// DeepSeek LLM checkpoint).
+    ///
+    /// # Errors
+    /// Unsupported configs, a TP degree the model cannot be split by, missing or mis-shaped tensors.
+    pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device, shard: Shard, progress: Option<ProgressFn>) -> Result<Self, ModelError> {
+        let cfg = LlmConfig::from_checkpoint(ckpt)?;
+        cfg.check_tensor_parallel(shard.world)?;
+        let prefix = if cfg.prefix.is_empty() { "" } else { cfg.prefix.as_str() };
+        let prefixes: Vec<&str> = if prefix.is_empty() { vec!["model.", "lm_head."] } else { vec![prefix] };
+        ckpt.build(dtype, device, &prefixes, progress, |vb| DeepSeekLlm::new(&cfg, shard, vb))
+    }
+}

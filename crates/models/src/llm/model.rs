@@ -1,0 +1,326 @@
+//! The DeepSeek LLM decoder (LLaMA architecture) with tensor parallelism.
+//!
+//! One forward call runs a *batch of chunks*: each chunk is a run of new tokens of one sequence
+//! (a whole prompt, part of a prompt, or a single decode token) at known positions. All chunks'
+//! tokens go through the linears together as one `[N, hidden]` matrix (that is what continuous
+//! batching buys); attention runs per chunk against that sequence's cached keys and values.
+//!
+//! Per layer (spec §4.2): `h += o_proj(attn(rope(q), rope(k), v))`, all-reduced over ranks after
+//! `o_proj`; `h += down(silu(gate(n)) * up(n))`, all-reduced after `down_proj`. Logits are f32.
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+use dsvl_parallel::Communicator;
+
+use super::config::LlmConfig;
+use super::kv::{KvStore, SeqId};
+use super::layers::{Linear, RmsNorm, Rope, Shard, VocabEmbedding};
+use crate::ops::softmax_last_dim;
+use crate::ModelError;
+
+/// New tokens of one sequence in one step.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SeqChunk {
+    /// Which sequence (keys the KV store).
+    pub seq: SeqId,
+    /// Token ids to append.
+    pub tokens: Vec<u32>,
+    /// Position of `tokens[0]` (= tokens already cached for this sequence).
+    pub start: usize,
+    /// Return logits for every token (parity checks) instead of only the last.
+    #[serde(default)]
+    pub all_logits: bool,
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(cfg: &LlmConfig, shard: Shard, vb: &VarBuilder) -> candle_core::Result<Self> {
+        let (h, d, hidden) = (cfg.num_heads, cfg.head_dim, cfg.hidden_size);
+        let heads = h / shard.world;
+        // GQA rule (vLLM's QKVParallelLinear): with more ranks than KV heads each rank holds one
+        // KV head, replicated; rank r takes head r / (world / kv).
+        let (kv_first, kv_heads) = if shard.world >= cfg.num_kv_heads {
+            (shard.rank / (shard.world / cfg.num_kv_heads), 1)
+        } else {
+            let n = cfg.num_kv_heads / shard.world;
+            (shard.rank * n, n)
+        };
+        let kv_rows = (kv_first * d, kv_heads * d);
+        Ok(Self {
+            q: Linear::column(vb, "q_proj.weight", (h * d, hidden), (shard.rank * heads * d, heads * d))?,
+            k: Linear::column(vb, "k_proj.weight", (cfg.num_kv_heads * d, hidden), kv_rows)?,
+            v: Linear::column(vb, "v_proj.weight", (cfg.num_kv_heads * d, hidden), kv_rows)?,
+            o: Linear::row(vb, "o_proj.weight", (hidden, h * d), (shard.rank * heads * d, heads * d))?,
+            heads,
+            kv_heads,
+            head_dim: d,
+        })
+    }
+
+    /// Causal attention of `q` `[T, heads, d]` over `k`, `v` `[L, kv_heads, d]` where the new
+    /// tokens sit at positions `[L - T, L)`. Returns `[T, heads * d]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
+        let (t, l, d) = (q.dim(0)?, k.dim(0)?, self.head_dim);
+        let (kvh, g) = (self.kv_heads, self.heads / self.kv_heads);
+        // Query head h uses KV head h / g: group the g query heads of each KV head as rows.
+        let q = q.reshape((t, kvh, g, d))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((kvh, g * t, d))?;
+        let k = k.transpose(0, 1)?.contiguous()?;
+        let v = v.transpose(0, 1)?.contiguous()?;
+        let mut scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
+        if t > 1 {
+            let start = l - t;
+            let mask: Vec<f32> =
+                (0..t).flat_map(|i| (0..l).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+            let mask = Tensor::from_vec(mask, (t, l), q.device())?.to_dtype(scores.dtype())?;
+            scores = scores.reshape((kvh, g, t, l))?.broadcast_add(&mask)?.reshape((kvh, g * t, l))?;
+        }
+        let probs = softmax_last_dim(&scores)?;
+        let out = probs.matmul(&v)?; // [kvh, g*t, d]
+        out.reshape((kvh, g, t, d))?.permute((2, 0, 1, 3))?.contiguous()?.reshape((t, self.heads * d))
+    }
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &LlmConfig, shard: Shard, vb: &VarBuilder) -> candle_core::Result<Self> {
+        let (i, h) = (cfg.intermediate_size, cfg.hidden_size);
+        let part = shard.range(i);
+        Ok(Self {
+            gate: Linear::column(vb, "gate_proj.weight", (i, h), part)?,
+            up: Linear::column(vb, "up_proj.weight", (i, h), part)?,
+            down: Linear::row(vb, "down_proj.weight", (h, i), part)?,
+        })
+    }
+
+    /// Partial `down(silu(gate(x)) * up(x))` of this rank (to be all-reduced).
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
+        self.down.forward(&(gate * self.up.forward(x)?)?)
+    }
+}
+
+struct DecoderLayer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// The decoder: this rank's shard of every weight.
+pub struct DeepSeekLlm {
+    cfg: LlmConfig,
+    shard: Shard,
+    embed: VocabEmbedding,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+impl DeepSeekLlm {
+    /// Builds this rank's shard from a `VarBuilder` rooted at the checkpoint.
+    pub fn new(cfg: &LlmConfig, shard: Shard, vb: VarBuilder) -> candle_core::Result<Self> {
+        let vb = if cfg.prefix.is_empty() { vb } else { vb.pp(cfg.prefix.trim_end_matches('.')) };
+        let m = vb.pp("model");
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed = VocabEmbedding::new(&m, "embed_tokens.weight", (v, h), shard)?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| {
+                let l = m.pp(format!("layers.{i}"));
+                Ok(DecoderLayer {
+                    input_norm: RmsNorm::new(&l, "input_layernorm.weight", h, cfg.rms_norm_eps)?,
+                    attn: Attention::new(cfg, shard, &l.pp("self_attn"))?,
+                    post_norm: RmsNorm::new(&l, "post_attention_layernorm.weight", h, cfg.rms_norm_eps)?,
+                    mlp: Mlp::new(cfg, shard, &l.pp("mlp"))?,
+                })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::column(&m, "embed_tokens.weight", (v, h), shard.range(v))?
+        } else {
+            Linear::column(&vb, "lm_head.weight", (v, h), shard.range(v))?
+        };
+        Ok(Self {
+            norm: RmsNorm::new(&m, "norm.weight", h, cfg.rms_norm_eps)?,
+            rope: Rope::new(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, vb.dtype(), vb.device())?,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+            cfg: cfg.clone(),
+            shard,
+            embed,
+            layers,
+            lm_head,
+        })
+    }
+
+    /// The resolved config.
+    pub fn config(&self) -> &LlmConfig {
+        &self.cfg
+    }
+
+    /// This rank's shard.
+    pub fn shard(&self) -> Shard {
+        self.shard
+    }
+
+    /// Working dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Device of the weights.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Token embeddings `[N, hidden]` (all-reduced over the vocabulary shards).
+    ///
+    /// # Errors
+    /// [`ModelError::InvalidInput`] for an id outside the vocabulary.
+    pub fn embed(&self, ids: &[u32], comm: &dyn Communicator) -> Result<Tensor, ModelError> {
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(ModelError::InvalidInput(format!("token id {bad} is outside the vocabulary of {}", self.cfg.vocab_size)));
+        }
+        let local = self.embed.forward(ids)?;
+        Ok(comm.all_reduce_sum(&local)?)
+    }
+
+    /// Checks a step before any collective runs, so every rank fails (or not) identically.
+    pub fn validate(&self, chunks: &[SeqChunk]) -> Result<(), ModelError> {
+        for c in chunks {
+            if c.tokens.is_empty() {
+                return Err(ModelError::InvalidInput(format!("sequence {}: empty chunk", c.seq)));
+            }
+            let end = c.start + c.tokens.len();
+            if end > self.cfg.max_position_embeddings {
+                return Err(ModelError::InvalidInput(format!(
+                    "sequence {} would reach position {end}, beyond the model's {} positions",
+                    c.seq, self.cfg.max_position_embeddings
+                )));
+            }
+            if let Some(bad) = c.tokens.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+                return Err(ModelError::InvalidInput(format!("token id {bad} is outside the vocabulary of {}", self.cfg.vocab_size)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs the layers on `embeds` (`[N, hidden]`, the chunks' tokens in order) and returns f32
+    /// logits: one row per chunk (its last token), or one per token for `all_logits` chunks.
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        chunks: &[SeqChunk],
+        kv: &mut dyn KvStore,
+        comm: &dyn Communicator,
+    ) -> Result<Tensor, ModelError> {
+        self.validate(chunks)?;
+        let n: usize = chunks.iter().map(|c| c.tokens.len()).sum();
+        if embeds.dims() != [n, self.cfg.hidden_size] {
+            return Err(ModelError::InvalidInput(format!("embeddings {:?}, expected [{n}, {}]", embeds.dims(), self.cfg.hidden_size)));
+        }
+        let positions: Vec<u32> = chunks.iter().flat_map(|c| (c.start..c.start + c.tokens.len()).map(|p| p as u32)).collect();
+        let positions = Tensor::new(positions, &self.device)?;
+        let mut x = embeds.to_dtype(self.dtype)?;
+        let (hl, kvl, d) = (self.layers[0].attn.heads, self.layers[0].attn.kv_heads, self.cfg.head_dim);
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(&x)?;
+            let q = self.rope.apply(&layer.attn.q.forward(&h)?.reshape((n, hl, d))?, &positions)?;
+            let k = self.rope.apply(&layer.attn.k.forward(&h)?.reshape((n, kvl, d))?, &positions)?;
+            let v = layer.attn.v.forward(&h)?.reshape((n, kvl, d))?;
+            let mut outs = Vec::with_capacity(chunks.len());
+            let mut off = 0;
+            for c in chunks {
+                let t = c.tokens.len();
+                let (ks, vs) = kv.append(li, c.seq, c.start, &k.narrow(0, off, t)?, &v.narrow(0, off, t)?)?;
+                outs.push(layer.attn.attend(&q.narrow(0, off, t)?, &ks, &vs)?);
+                off += t;
+            }
+            let attn = if outs.len() == 1 { outs.pop().expect("one chunk") } else { Tensor::cat(&outs, 0)? };
+            x = (x + comm.all_reduce_sum(&layer.attn.o.forward(&attn)?)?)?;
+            let m = layer.mlp.forward(&layer.post_norm.forward(&x)?)?;
+            x = (x + comm.all_reduce_sum(&m)?)?;
+        }
+        let mut rows = Vec::new();
+        let mut off = 0u32;
+        for c in chunks {
+            let t = c.tokens.len() as u32;
+            if c.all_logits {
+                rows.extend(off..off + t);
+            } else {
+                rows.push(off + t - 1);
+            }
+            off += t;
+        }
+        let x = x.index_select(&Tensor::new(rows, &self.device)?, 0)?;
+        let local = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        Ok(comm.all_gather_last_dim(&local)?.to_dtype(DType::F32)?)
+    }
+
+    /// Embeds the chunks' tokens, splices `image_embeds` into the image-token rows, and runs
+    /// [`Self::forward_embeds`].
+    pub fn forward(
+        &self,
+        chunks: &[SeqChunk],
+        image: Option<(u32, &Tensor)>,
+        kv: &mut dyn KvStore,
+        comm: &dyn Communicator,
+    ) -> Result<Tensor, ModelError> {
+        self.validate(chunks)?;
+        let ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
+        let mut embeds = self.embed(&ids, comm)?;
+        if let Some((image_token, rows)) = image {
+            embeds = splice_image_rows(&embeds, &ids, image_token, rows)?;
+        }
+        self.forward_embeds(&embeds, chunks, kv, comm)
+    }
+}
+
+/// Replaces, in order, the rows of `embeds` whose id is `image_token` by the rows of `images`
+/// (`[M, hidden]`). The counts must match exactly.
+///
+/// # Errors
+/// [`ModelError::InvalidInput`] on a count or width mismatch.
+pub fn splice_image_rows(embeds: &Tensor, ids: &[u32], image_token: u32, images: &Tensor) -> Result<Tensor, ModelError> {
+    let slots = ids.iter().filter(|&&i| i == image_token).count();
+    let (m, hidden) = images.dims2()?;
+    if slots != m {
+        return Err(ModelError::InvalidInput(format!("the prompt has {slots} image-token positions but {m} image embedding rows were given")));
+    }
+    if hidden != embeds.dim(D::Minus1)? {
+        return Err(ModelError::InvalidInput(format!("image embeddings are {hidden} wide, the model is {}", embeds.dim(D::Minus1)?)));
+    }
+    if m == 0 {
+        return Ok(embeds.clone());
+    }
+    let images = images.to_dtype(embeds.dtype())?.to_device(embeds.device())?;
+    // Rebuild as runs of text rows and image rows, in order.
+    let mut parts = Vec::new();
+    let (mut i, mut used) = (0, 0);
+    while i < ids.len() {
+        let is_image = ids[i] == image_token;
+        let run = ids[i..].iter().take_while(|&&t| (t == image_token) == is_image).count();
+        parts.push(if is_image { images.narrow(0, used, run)? } else { embeds.narrow(0, i, run)? });
+        if is_image {
+            used += run;
+        }
+        i += run;
+    }
+    Ok(Tensor::cat(&parts, 0)?)
+}

@@ -1,0 +1,224 @@
+//! The wire format of the control channel: a JSON header plus raw tensors.
+//!
+//! ```text
+//! "DSVL" | u32 header length | header (JSON) | u32 tensor count |
+//!   per tensor: u8 dtype | u8 rank | u64 dims.. | u64 byte length | bytes (little endian)
+//! ```
+//! JSON keeps the small, evolving parts (plans, hellos) readable; tensors travel as raw bytes.
+
+use std::io::{Read, Write};
+
+use candle_core::{DType, Device, Tensor};
+
+const MAGIC: &[u8; 4] = b"DSVL";
+/// Refuse absurd frames instead of allocating them (a corrupt or hostile peer).
+const MAX_HEADER: usize = 64 << 20;
+const MAX_TENSOR_BYTES: u64 = 16 << 30;
+
+/// A tensor as bytes on the wire.
+#[derive(Debug, Clone)]
+pub struct WireTensor {
+    dtype: DType,
+    dims: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+fn dtype_code(d: DType) -> Option<u8> {
+    Some(match d {
+        DType::U8 => 0,
+        DType::U32 => 1,
+        DType::I64 => 2,
+        DType::BF16 => 3,
+        DType::F16 => 4,
+        DType::F32 => 5,
+        DType::F64 => 6,
+        _ => return None,
+    })
+}
+
+fn code_dtype(c: u8) -> Option<DType> {
+    Some(match c {
+        0 => DType::U8,
+        1 => DType::U32,
+        2 => DType::I64,
+        3 => DType::BF16,
+        4 => DType::F16,
+        5 => DType::F32,
+        6 => DType::F64,
+        _ => return None,
+    })
+}
+
+impl WireTensor {
+    /// Copies a tensor (from any device) into wire form.
+    pub fn from_tensor(t: &Tensor) -> candle_core::Result<Self> {
+        let t = t.to_device(&Device::Cpu)?.flatten_all()?;
+        let bytes = match t.dtype() {
+            DType::U8 => t.to_vec1::<u8>()?,
+            DType::U32 => t.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::I64 => t.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::F64 => t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            other => candle_core::bail!("dtype {other:?} cannot be sent"),
+        };
+        Ok(Self { dtype: t.dtype(), dims: Vec::new(), bytes }.with_dims(t.dims().to_vec()))
+    }
+
+    fn with_dims(mut self, dims: Vec<usize>) -> Self {
+        self.dims = dims;
+        self
+    }
+
+    /// Restores the tensor on `device`, with the original shape.
+    pub fn to_tensor(&self, device: &Device) -> candle_core::Result<Tensor> {
+        let b = &self.bytes;
+        let t = match self.dtype {
+            DType::U8 => Tensor::from_vec(b.clone(), b.len(), device)?,
+            DType::U32 => Tensor::from_vec(le::<4, _>(b, u32::from_le_bytes), b.len() / 4, device)?,
+            DType::I64 => Tensor::from_vec(le::<8, _>(b, i64::from_le_bytes), b.len() / 8, device)?,
+            DType::BF16 => Tensor::from_vec(le::<2, _>(b, half::bf16::from_le_bytes), b.len() / 2, device)?,
+            DType::F16 => Tensor::from_vec(le::<2, _>(b, half::f16::from_le_bytes), b.len() / 2, device)?,
+            DType::F32 => Tensor::from_vec(le::<4, _>(b, f32::from_le_bytes), b.len() / 4, device)?,
+            DType::F64 => Tensor::from_vec(le::<8, _>(b, f64::from_le_bytes), b.len() / 8, device)?,
+            other => candle_core::bail!("dtype {other:?} cannot be received"),
+        };
+        t.reshape(self.dims.as_slice())
+    }
+
+    /// Shape of the tensor.
+    pub fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+}
+
+fn le<const N: usize, T>(bytes: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
+    bytes.chunks_exact(N).map(|c| f(c.try_into().expect("chunks_exact yields N bytes"))).collect()
+}
+
+/// One control-channel message.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// Small structured part.
+    pub header: serde_json::Value,
+    /// Bulk attachments.
+    pub tensors: Vec<WireTensor>,
+}
+
+impl Message {
+    /// A message without attachments.
+    pub fn new(header: serde_json::Value) -> Self {
+        Self { header, tensors: Vec::new() }
+    }
+
+    /// The header's `kind` field.
+    pub fn kind(&self) -> &str {
+        self.header.get("kind").and_then(|k| k.as_str()).unwrap_or("")
+    }
+
+    /// Serialises onto `w`.
+    pub fn write_to(&self, w: &mut impl Write) -> std::io::Result<()> {
+        let header = serde_json::to_vec(&self.header).map_err(std::io::Error::other)?;
+        let mut buf = Vec::with_capacity(16 + header.len());
+        buf.extend_from_slice(MAGIC);
+        buf.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&header);
+        buf.extend_from_slice(&(self.tensors.len() as u32).to_le_bytes());
+        for t in &self.tensors {
+            buf.push(dtype_code(t.dtype).ok_or_else(|| std::io::Error::other("unsupported dtype"))?);
+            buf.push(t.dims.len() as u8);
+            for d in &t.dims {
+                buf.extend_from_slice(&(*d as u64).to_le_bytes());
+            }
+            buf.extend_from_slice(&(t.bytes.len() as u64).to_le_bytes());
+            w.write_all(&buf)?;
+            buf.clear();
+            w.write_all(&t.bytes)?;
+        }
+        if !buf.is_empty() {
+            w.write_all(&buf)?;
+        }
+        w.flush()
+    }
+
+    /// Reads one message from `r`.
+    pub fn read_from(r: &mut impl Read) -> std::io::Result<Self> {
+        let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
+        let mut magic = [0u8; 4];
+        r.read_exact(&mut magic)?;
+        if &magic != MAGIC {
+            return Err(invalid(format!("bad frame magic {magic:?}")));
+        }
+        let header_len = read_u32(r)? as usize;
+        if header_len > MAX_HEADER {
+            return Err(invalid(format!("header of {header_len} bytes")));
+        }
+        let mut header = vec![0u8; header_len];
+        r.read_exact(&mut header)?;
+        let header = serde_json::from_slice(&header).map_err(|e| invalid(format!("header: {e}")))?;
+        let count = read_u32(r)?;
+        let mut tensors = Vec::with_capacity(count.min(1024) as usize);
+        for _ in 0..count {
+            let mut tag = [0u8; 2];
+            r.read_exact(&mut tag)?;
+            let dtype = code_dtype(tag[0]).ok_or_else(|| invalid(format!("dtype code {}", tag[0])))?;
+            let dims = (0..tag[1]).map(|_| read_u64(r).map(|d| d as usize)).collect::<std::io::Result<Vec<_>>>()?;
+            let len = read_u64(r)?;
+            let expected = dims.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
+            if len > MAX_TENSOR_BYTES || len != expected {
+                return Err(invalid(format!("tensor of {len} bytes for shape {dims:?} {dtype:?}")));
+            }
+            let mut bytes = vec![0u8; len as usize];
+            r.read_exact(&mut bytes)?;
+            tensors.push(WireTensor { dtype, dims, bytes });
+        }
+        Ok(Self { header, tensors })
+    }
+}
+
+fn read_u32(r: &mut impl Read) -> std::io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> std::io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_header_and_tensors() -> anyhow::Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::arange(0f32, 12., &dev)?.reshape((3, 4))?;
+        let b = Tensor::new(&[1u32, 2, 3], &dev)?;
+        let c = a.to_dtype(DType::BF16)?;
+        let msg = Message {
+            header: serde_json::json!({"kind": "plan", "n": 3}),
+            tensors: vec![WireTensor::from_tensor(&a)?, WireTensor::from_tensor(&b)?, WireTensor::from_tensor(&c)?],
+        };
+        let mut buf = Vec::new();
+        msg.write_to(&mut buf)?;
+        let back = Message::read_from(&mut buf.as_slice())?;
+        assert_eq!(back.kind(), "plan");
+        assert_eq!(back.tensors[0].to_tensor(&dev)?.to_vec2::<f32>()?, a.to_vec2::<f32>()?);
+        assert_eq!(back.tensors[1].to_tensor(&dev)?.to_vec1::<u32>()?, vec![1, 2, 3]);
+        assert_eq!(back.tensors[2].to_tensor(&dev)?.dtype(), DType::BF16);
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_garbage_and_lying_lengths() {
+        assert!(Message::read_from(&mut &b"HTTP/1.1 200 OK"[..]).is_err());
+        let mut buf = Vec::new();
+        Message::new(serde_json::json!({"kind": "x"})).write_to(&mut buf).unwrap();
+        buf.truncate(buf.len() - 1);
+        assert!(Message::read_from(&mut buf.as_slice()).is_err());
+    }
+}

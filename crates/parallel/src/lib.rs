@@ -1,0 +1,29 @@
+//! Tensor-parallel process groups.
+//!
+//! A group is `world_size` ranks, one process each. Rank 0 (the leader) listens on a
+//! rendezvous address; workers connect, say who they are ([`rendezvous`]), and keep that TCP
+//! connection as the group's control channel: the leader sends each step's plan down it and
+//! workers execute. Collectives go through a [`Communicator`]:
+//!
+//! * [`TcpCommunicator`] reuses the control connections (a star through the leader, which sums
+//!   in rank order, so results are deterministic run to run); it is what CPU deployments and
+//!   every test use.
+//! * `NcclCommunicator` (feature `nccl`) runs the collectives on GPUs through cudarc; the NCCL
+//!   unique id travels in the rendezvous reply, and the control channel is the same TCP one.
+//!
+//! Every blocking read has a deadline: a dead peer is an immediate error (EOF), a hung one a
+//! [`CommError::Timeout`], so a group fails fast instead of hanging.
+
+mod comm;
+mod frame;
+#[cfg(feature = "nccl")]
+mod nccl;
+pub mod rendezvous;
+mod tcp;
+
+pub use comm::{CommError, Communicator, SingleRank};
+pub use frame::{Message, WireTensor};
+#[cfg(feature = "nccl")]
+pub use nccl::NcclCommunicator;
+pub use rendezvous::{GroupSpec, Link, LinkSet};
+pub use tcp::TcpCommunicator;
