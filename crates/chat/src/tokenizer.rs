@@ -47,7 +47,7 @@ impl ChatTokenizer {
     pub fn from_bytes(json: &[u8]) -> Result<Self, ChatError> {
         let mut inner = Tokenizer::from_bytes(json).map_err(|e| ChatError::Tokenizer(e.to_string()))?;
         if inner.token_to_id(IMAGE_TAG).is_none() {
-            inner.add_special_tokens(&[AddedToken::from(IMAGE_TAG, true)]);
+            inner.add_special_tokens(vec![AddedToken::from(IMAGE_TAG, true)]).map_err(|e| ChatError::Tokenizer(e.to_string()))?;
         }
         let id = |t: &str| inner.token_to_id(t).ok_or_else(|| ChatError::MissingToken(t.into()));
         let special = SpecialTokens { bos: id(BOS)?, eos: id(EOS)?, image: id(IMAGE_TAG)? };

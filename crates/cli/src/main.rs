@@ -2,8 +2,10 @@
 //! only parses arguments, sets up logging and turns errors into a message and exit code 1.
 
 mod encode;
+mod generate;
 mod model_args;
 mod progress;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +21,11 @@ struct Cli {
 enum Command {
     /// Encode images to DeepSeek-VL image embeddings (preprocessing + vision tower + aligner).
     Encode(encode::EncodeArgs),
+    /// Generate a reply to a conversation (CHAT.json), optionally tensor-parallel over --tp ranks.
+    Generate(generate::GenerateArgs),
+    /// One rank of a tensor-parallel group (started by a leader; not for direct use).
+    #[command(hide = true)]
+    RankWorker(worker::WorkerArgs),
 }
 
 fn main() {
@@ -29,6 +36,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Encode(args) => encode::run(args),
+        Command::Generate(args) => generate::run(args),
+        Command::RankWorker(args) => worker::run(args),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -28,7 +28,9 @@ impl ModelArgs {
         match &self.model {
             Some(dir) => ModelSource::Dir(dir.clone()),
             None => {
-                eprintln!("note: no --model given; using the bundled tiny-dsvl model (random weights, outputs are meaningless)");
+                if std::env::var_os("DSVL_QUIET_BUNDLED").is_none() {
+                    eprintln!("note: no --model given; using the bundled tiny-dsvl model (random weights, outputs are meaningless)");
+                }
                 ModelSource::Bundled
             }
         }

@@ -52,6 +52,7 @@ fn code_dtype(c: u8) -> Option<DType> {
 impl WireTensor {
     /// Copies a tensor (from any device) into wire form.
     pub fn from_tensor(t: &Tensor) -> candle_core::Result<Self> {
+        let dims = t.dims().to_vec();
         let t = t.to_device(&Device::Cpu)?.flatten_all()?;
         let bytes = match t.dtype() {
             DType::U8 => t.to_vec1::<u8>()?,
@@ -63,12 +64,7 @@ impl WireTensor {
             DType::F64 => t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
             other => candle_core::bail!("dtype {other:?} cannot be sent"),
         };
-        Ok(Self { dtype: t.dtype(), dims: Vec::new(), bytes }.with_dims(t.dims().to_vec()))
-    }
-
-    fn with_dims(mut self, dims: Vec<usize>) -> Self {
-        self.dims = dims;
-        self
+        Ok(Self { dtype: t.dtype(), dims, bytes })
     }
 
     /// Restores the tensor on `device`, with the original shape.

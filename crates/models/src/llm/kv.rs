@@ -5,18 +5,21 @@ use std::collections::HashMap;
 
 use candle_core::{Result, Tensor};
 
+use super::model::SeqChunk;
+
 /// Identifies a sequence across steps (and across ranks: every rank keeps its own shard of the
 /// same sequence's keys and values under the same id).
 pub type SeqId = u64;
 
 /// Per-rank key/value storage for every layer and sequence.
 pub trait KvStore {
-    /// Appends `k`, `v` (`[T, kv_heads, head_dim]`, already rotated) for `seq` at `layer` at
-    /// positions `[start, start + T)` and returns the keys and values of positions `[0, start + T)`.
+    /// Appends `k`, `v` (`[T, kv_heads, head_dim]`, already rotated) of `chunk` (its sequence,
+    /// positions `[start, start + T)` and, for paged stores, its block table) at `layer`, and
+    /// returns the keys and values of positions `[0, start + T)`.
     ///
     /// # Errors
-    /// When `start` does not follow what is stored for the sequence.
-    fn append(&mut self, layer: usize, seq: SeqId, start: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
+    /// When `start` does not follow what is stored for the sequence, or the blocks are too few.
+    fn append(&mut self, layer: usize, chunk: &SeqChunk, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
 
     /// Forgets a sequence.
     fn free(&mut self, seq: SeqId);
@@ -40,7 +43,8 @@ impl ContiguousKv {
 }
 
 impl KvStore for ContiguousKv {
-    fn append(&mut self, layer: usize, seq: SeqId, start: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn append(&mut self, layer: usize, chunk: &SeqChunk, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (seq, start) = (chunk.seq, chunk.start);
         let slots = self.layers.entry(seq).or_default();
         if slots.len() <= layer {
             slots.resize(layer + 1, None);

@@ -5,11 +5,13 @@ pub mod config;
 pub mod kv;
 pub mod layers;
 pub mod model;
+pub mod runner;
 
 pub use config::LlmConfig;
 pub use kv::{ContiguousKv, KvStore, SeqId};
 pub use layers::Shard;
 pub use model::{splice_image_rows, DeepSeekLlm, SeqChunk};
+pub use runner::{ShardRunner, StepPlan};
 
 use candle_core::{DType, Device};
 

@@ -30,6 +30,9 @@ pub struct SeqChunk {
     /// Return logits for every token (parity checks) instead of only the last.
     #[serde(default)]
     pub all_logits: bool,
+    /// Paged KV stores: the blocks holding this sequence, in order (empty otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<u32>,
 }
 
 struct Attention {
@@ -248,7 +251,7 @@ impl DeepSeekLlm {
             let mut off = 0;
             for c in chunks {
                 let t = c.tokens.len();
-                let (ks, vs) = kv.append(li, c.seq, c.start, &k.narrow(0, off, t)?, &v.narrow(0, off, t)?)?;
+                let (ks, vs) = kv.append(li, c, &k.narrow(0, off, t)?, &v.narrow(0, off, t)?)?;
                 outs.push(layer.attn.attend(&q.narrow(0, off, t)?, &ks, &vs)?);
                 off += t;
             }

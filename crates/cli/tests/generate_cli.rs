@@ -1,0 +1,241 @@
+//! `dsvl generate` end to end: the golden greedy ids through the CLI (text and image, TP 1, 2
+//! and 4 with ranks as processes), logits across TP degrees within tolerance, and bad input
+//! failing fast with a message and no leftover processes.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use dsvl_testkit::{assert_close, golden_dir, repo_root};
+use serde_json::Value;
+
+fn dsvl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dsvl"))
+}
+
+fn golden_case(name: &str) -> Result<Value> {
+    let chat: Value = serde_json::from_slice(&std::fs::read(golden_dir().join("chat.json"))?)?;
+    chat["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).cloned().context("case")
+}
+
+/// Writes the case's conversation as CHAT.json next to a copy-free image reference.
+fn write_chat(dir: &Path, conversation: &Value) -> Result<PathBuf> {
+    let mut conv = conversation.clone();
+    for m in conv.as_array_mut().unwrap() {
+        if let Some(images) = m.get_mut("images").and_then(|i| i.as_array_mut()) {
+            for img in images {
+                *img = Value::String(golden_dir().join(img.as_str().unwrap()).display().to_string());
+            }
+        }
+    }
+    let path = dir.join("chat.json");
+    std::fs::write(&path, serde_json::to_vec(&conv)?)?;
+    Ok(path)
+}
+
+fn golden_generated(prefix: &str) -> Result<Vec<u64>> {
+    let lm = candle_core::safetensors::load(golden_dir().join("lm.safetensors"), &Device::Cpu)?;
+    Ok(lm[&format!("{prefix}.generated_ids")].flatten_all()?.to_vec1::<i64>()?.into_iter().map(|v| v as u64).collect())
+}
+
+fn run_json(chat: &Path, tp: usize, logits: Option<&Path>) -> Result<(Value, Output)> {
+    let mut c = dsvl();
+    c.args(["generate", "--json", "--max-new-tokens", "16", "--tp", &tp.to_string(), "--chat"]).arg(chat);
+    c.arg("--model").arg(repo_root().join("assets/tiny-dsvl"));
+    if let Some(l) = logits {
+        c.arg("--logits-out").arg(l);
+    }
+    let out = c.output()?;
+    anyhow::ensure!(out.status.success(), "tp {tp} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let line = String::from_utf8(out.stdout.clone())?;
+    Ok((serde_json::from_str(line.trim())?, out))
+}
+
+/// Text prompt: golden ids at TP 1, 2 and 4 (4 ranks > 2 KV heads: KV heads replicated), and
+/// every step's logits within 1e-3 of TP 1.
+#[test]
+fn text_prompt_golden_ids_at_tp_1_2_4() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let case = golden_case("text_only")?;
+    let chat = write_chat(dir.path(), &case["conversation"])?;
+    let golden = golden_generated("text")?;
+    let prompt: Vec<u64> = serde_json::from_value(case["input_ids"].clone())?;
+    let mut reference: Option<Tensor> = None;
+    for tp in [1, 2, 4] {
+        let logits_path = dir.path().join(format!("logits-{tp}.safetensors"));
+        let (obj, _) = run_json(&chat, tp, Some(&logits_path))?;
+        let ids: Vec<u64> = serde_json::from_value(obj["generated_token_ids"].clone())?;
+        assert_eq!(ids, golden, "tp {tp}: greedy ids");
+        let p: Vec<u64> = serde_json::from_value(obj["prompt_token_ids"].clone())?;
+        assert_eq!(p, prompt, "tp {tp}: prompt ids");
+        let steps = candle_core::safetensors::load(&logits_path, &Device::Cpu)?.remove("step_logits").context("step logits")?;
+        match &reference {
+            None => reference = Some(steps),
+            Some(r) => {
+                let d = assert_close(&format!("tp {tp} vs tp 1 step logits"), &steps, r, 1e-3, 0.0)?;
+                println!("tp {tp}: step logits max |diff| vs tp 1 {:.2e}", d.max_abs);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Image prompt (rocket.jpg decoded by our JPEG decoder) gives the golden ids, at TP 1 and 2.
+#[test]
+fn image_prompt_golden_ids() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let chat = write_chat(dir.path(), &golden_case("one_image")?["conversation"])?;
+    let golden = golden_generated("image")?;
+    for tp in [1, 2] {
+        let (obj, _) = run_json(&chat, tp, None)?;
+        let ids: Vec<u64> = serde_json::from_value(obj["generated_token_ids"].clone())?;
+        assert_eq!(ids, golden, "tp {tp}");
+        assert_eq!(obj["prompt_token_ids"].as_array().unwrap().len(), 643);
+    }
+    Ok(())
+}
+
+/// The bundled model streams text without --json and reports timing on stderr.
+#[test]
+fn streams_text_with_bundled_model() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let chat = write_chat(dir.path(), &golden_case("text_only")?["conversation"])?;
+    let out = dsvl().args(["generate", "--max-new-tokens", "8", "--chat"]).arg(&chat).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("bundled tiny-dsvl") && stderr.contains("new tokens"), "{stderr}");
+    assert!(!String::from_utf8_lossy(&out.stdout).trim().is_empty());
+    Ok(())
+}
+
+fn expect_failure(args: &[&str], chat: &Path, needle: &str) -> Result<()> {
+    let t = Instant::now();
+    let out = dsvl().arg("generate").arg("--chat").arg(chat).args(args).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail");
+    assert!(stderr.contains(needle), "{args:?}: stderr lacks `{needle}`: {stderr}");
+    assert!(t.elapsed() < Duration::from_secs(60), "failure took {:?}", t.elapsed());
+    Ok(())
+}
+
+#[test]
+fn bad_inputs_fail_fast_with_a_message() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let write = |name: &str, v: Value| -> Result<PathBuf> {
+        let p = dir.path().join(name);
+        std::fs::write(&p, serde_json::to_vec(&v)?)?;
+        Ok(p)
+    };
+    let mismatch = write("mismatch.json", serde_json::json!([{"role": "User", "content": "<image_placeholder> hi"}, {"role": "Assistant", "content": ""}]))?;
+    expect_failure(&["--tp", "2"], &mismatch, "1 `<image_placeholder>` placeholder(s) but 0 image(s)")?;
+    std::fs::write(dir.path().join("broken.png"), b"\x89PNG\r\n\x1a\nnot really")?;
+    let broken = write("broken.json", serde_json::json!([{"role": "User", "content": "<image_placeholder>x", "images": ["broken.png"]}, {"role": "Assistant", "content": ""}]))?;
+    expect_failure(&["--tp", "2"], &broken, "broken.png")?;
+    let long_text = "word ".repeat(20_000);
+    let long = write("long.json", serde_json::json!([{"role": "User", "content": long_text}, {"role": "Assistant", "content": ""}]))?;
+    expect_failure(&[], &long, "the model takes at most 16384 positions")?;
+    let no_tok = dir.path().join("no-tokenizer");
+    std::fs::create_dir(&no_tok)?;
+    for f in ["config.json", "model.safetensors", "preprocessor_config.json"] {
+        std::fs::copy(repo_root().join("assets/tiny-dsvl").join(f), no_tok.join(f))?;
+    }
+    let ok = write("ok.json", serde_json::json!([{"role": "User", "content": "hi"}, {"role": "Assistant", "content": ""}]))?;
+    expect_failure(&["--model", no_tok.to_str().unwrap()], &ok, "has no tokenizer.json")?;
+    expect_failure(&["--tp", "3"], &ok, "tensor parallelism 3")?;
+    expect_failure(&["--temperature", "0.5", "--top-p", "0"], &ok, "top_p")?;
+    Ok(())
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+        // Field 4 (after the parenthesised command) is the parent pid.
+        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        if after.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+}
+
+/// Killing the leader (SIGKILL: no cleanup code runs) takes its worker ranks down with it.
+#[test]
+fn killed_leader_leaves_no_worker_behind() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let chat = write_chat(dir.path(), &golden_case("text_only")?["conversation"])?;
+    let mut leader = dsvl()
+        .args(["generate", "--json", "--tp", "4", "--max-new-tokens", "100000", "--chat"])
+        .arg(&chat)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let workers = loop {
+        let w = children_of(leader.id());
+        if w.len() == 3 {
+            break w;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "workers never started");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_millis(1500)); // generating by now
+    leader.kill()?;
+    leader.wait()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while workers.iter().any(|&w| alive(w)) {
+        anyhow::ensure!(Instant::now() < deadline, "workers {workers:?} outlived the leader");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// Killing a worker rank mid-generation fails the leader quickly (its next collective sees the
+/// disconnect) with a message naming the rank, and the remaining workers go away too.
+#[test]
+fn killed_worker_fails_the_group_fast() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let chat = write_chat(dir.path(), &golden_case("text_only")?["conversation"])?;
+    let mut leader = dsvl()
+        .args(["generate", "--json", "--tp", "4", "--max-new-tokens", "100000", "--chat"])
+        .arg(&chat)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let workers = loop {
+        let w = children_of(leader.id());
+        if w.len() == 3 {
+            break w;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "workers never started");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = Instant::now();
+    Command::new("kill").args(["-9", &workers[1].to_string()]).status()?;
+    let status = loop {
+        if let Some(s) = leader.try_wait()? {
+            break s;
+        }
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(5), "leader still running 5 s after a rank died");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut leader.stderr.take().context("stderr")?, &mut stderr)?;
+    assert!(stderr.contains("rank 2") && stderr.contains("disconnected"), "{stderr}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while workers.iter().any(|&w| alive(w)) {
+        anyhow::ensure!(Instant::now() < deadline, "workers {workers:?} left behind");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! Forming and running a tensor-parallel group of processes.
+//!
+//! The leader binds the rendezvous address, starts (or waits for) the workers, loads its own
+//! shard while they load theirs, and then waits for every worker's `ready` (or its `error`,
+//! which it reports). Local workers are children of the leader: they die with it
+//! (`PR_SET_PDEATHSIG` on Linux), see EOF if it closes their link, and are killed and reaped
+//! when the [`LocalWorkers`] guard drops, so no process outlives the group on any exit path.
+
+use std::net::TcpListener;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dsvl_models::llm::{ContiguousKv, DeepSeekLlm, KvStore, ShardRunner};
+use dsvl_models::ModelError;
+use dsvl_parallel::rendezvous::{self, GroupSpec};
+use dsvl_parallel::{CommError, LinkSet, Message};
+use serde_json::json;
+
+/// Worker processes started by this leader; killed and reaped on drop.
+#[derive(Default)]
+pub struct LocalWorkers {
+    children: Vec<Child>,
+}
+
+impl LocalWorkers {
+    /// Starts one process per command.
+    pub fn spawn(commands: Vec<Command>) -> std::io::Result<Self> {
+        let mut me = Self::default();
+        for mut c in commands {
+            me.children.push(c.spawn()?);
+        }
+        Ok(me)
+    }
+
+    /// Returns a description of the first worker that has exited, if any.
+    pub fn exited(&mut self) -> Option<String> {
+        self.children.iter_mut().find_map(|c| match c.try_wait() {
+            Ok(Some(status)) => Some(format!("worker pid {} exited with {status}", c.id())),
+            _ => None,
+        })
+    }
+
+    /// Waits up to `grace` for every worker to exit on its own, then kills the rest.
+    pub fn wait_or_kill(&mut self, grace: Duration) {
+        let deadline = std::time::Instant::now() + grace;
+        for c in &mut self.children {
+            while std::time::Instant::now() < deadline {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.kill_all();
+    }
+
+    fn kill_all(&mut self) {
+        for c in &mut self.children {
+            if matches!(c.try_wait(), Ok(None)) {
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+        self.children.clear();
+    }
+}
+
+impl Drop for LocalWorkers {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// Makes the calling process receive SIGKILL when its parent dies (Linux), so a worker never
+/// outlives a leader that was killed without cleaning up. No-op elsewhere.
+pub fn die_with_parent() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and has no memory effects.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+        // The parent may already be gone (re-parented to init): exit rather than linger.
+        if libc::getppid() == 1 {
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Timeouts of a group.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupTimeouts {
+    /// Workers joining the rendezvous.
+    pub rendezvous: Duration,
+    /// Every rank loading its shard.
+    pub load: Duration,
+    /// Any collective once running.
+    pub collective: Duration,
+}
+
+impl Default for GroupTimeouts {
+    fn default() -> Self {
+        Self { rendezvous: Duration::from_secs(120), load: Duration::from_secs(1800), collective: Duration::from_secs(30) }
+    }
+}
+
+/// Leader side: rendezvous on `listener`, load the local shard with `load`, wait for every
+/// worker to be ready, and return the runner.
+pub fn lead_group(
+    listener: &TcpListener,
+    spec: &GroupSpec,
+    timeouts: GroupTimeouts,
+    load: impl FnOnce() -> Result<DeepSeekLlm, ModelError>,
+) -> Result<ShardRunner, ModelError> {
+    let links = Arc::new(rendezvous::lead(listener, spec, json!({"backend": "tcp"}))?);
+    let model = match load() {
+        Ok(m) => m,
+        Err(e) => {
+            links.shutdown();
+            return Err(e);
+        }
+    };
+    if let LinkSet::Leader { workers } = &*links {
+        for w in workers {
+            w.expect("ready", "waiting for the worker to load its shard", Some(timeouts.load))?;
+        }
+    }
+    Ok(runner(model, links, timeouts))
+}
+
+fn runner(model: DeepSeekLlm, links: Arc<LinkSet>, timeouts: GroupTimeouts) -> ShardRunner {
+    let kv: Box<dyn KvStore + Send> = Box::new(ContiguousKv::new());
+    ShardRunner::new(model, kv, links, timeouts.collective)
+}
+
+/// Worker side: join the leader, load the shard with `load` (reporting failure to the leader),
+/// then execute plans until the leader shuts the group down.
+pub fn run_worker(spec: &GroupSpec, timeouts: GroupTimeouts, load: impl FnOnce() -> Result<DeepSeekLlm, ModelError>) -> Result<(), ModelError> {
+    let (links, _extra) = rendezvous::join(spec)?;
+    let links = Arc::new(links);
+    let LinkSet::Worker { leader, .. } = &*links else { unreachable!("join returns a worker link set") };
+    let model = match load() {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = leader.send(&Message::new(json!({"kind": "error", "reason": e.to_string()})), "report load failure");
+            return Err(e);
+        }
+    };
+    leader.send(&Message::new(json!({"kind": "ready"})), "ready").map_err(CommError::from).map_err(ModelError::from)?;
+    runner(model, links, timeouts).serve()
+}

@@ -1,0 +1,134 @@
+//! Decoder parity with the reference on `golden/lm.safetensors` (f32, TP 1, in-process):
+//! prompt ids, `inputs_embeds` (with the image rows spliced in), full-sequence logits, the 16
+//! greedy ids, and the logits of every generation step. TP > 1 (process ranks) is checked
+//! through the CLI in `crates/cli/tests/generate_cli.rs`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use dsvl_chat::{render_prompt, ChatTokenizer, Message};
+use dsvl_engine::{generate, GenerationRequest, SamplingParams};
+use dsvl_models::checkpoint::{Checkpoint, ModelSource};
+use dsvl_models::llm::{splice_image_rows, ContiguousKv, DeepSeekLlm, Shard, ShardRunner};
+use dsvl_models::vision::VisionEncoder;
+use dsvl_parallel::{LinkSet, SingleRank};
+use dsvl_testkit::{assert_close, golden_dir, tiny_model_dir};
+
+struct Fixture {
+    ckpt: Checkpoint,
+    tok: ChatTokenizer,
+    lm: HashMap<String, Tensor>,
+    chat: serde_json::Value,
+}
+
+fn fixture() -> Result<Fixture> {
+    let ckpt = Checkpoint::open(&ModelSource::Dir(tiny_model_dir()))?;
+    let tok = ChatTokenizer::from_bytes(&std::fs::read(tiny_model_dir().join("tokenizer.json"))?)?;
+    let lm = candle_core::safetensors::load(golden_dir().join("lm.safetensors"), &Device::Cpu)?;
+    let chat = serde_json::from_slice(&std::fs::read(golden_dir().join("chat.json"))?)?;
+    Ok(Fixture { ckpt, tok, lm, chat })
+}
+
+fn case_ids(f: &Fixture, name: &str) -> Result<Vec<u32>> {
+    let case = f.chat["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).context("case")?;
+    let messages: Vec<Message> = serde_json::from_value(case["conversation"].clone())?;
+    let prompt = render_prompt(case["system_prompt"].as_str().unwrap(), &messages)?;
+    Ok(f.tok.encode_prompt(&prompt, 576)?.ids)
+}
+
+fn golden_ids(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.flatten_all()?.to_vec1::<i64>()?.into_iter().map(|v| v as u32).collect())
+}
+
+/// The image rows of the golden image prompt: the golden pixels of photo_jpeg through our
+/// vision encoder (itself checked against the golden aligner output elsewhere).
+fn image_rows(f: &Fixture) -> Result<Tensor> {
+    let pre = candle_core::safetensors::load(golden_dir().join("preprocess.safetensors"), &Device::Cpu)?;
+    let u8s = pre["photo_jpeg.pixel_values_u8"].flatten_all()?.to_dtype(DType::U32)?;
+    let pixels = pre["rescale_lut"].index_select(&u8s, 0)?.reshape((1, 3, 1024, 1024))?;
+    let enc = VisionEncoder::load(&f.ckpt, DType::F32, &Device::Cpu, None)?;
+    Ok(enc.forward(&pixels)?.reshape((576, 128))?)
+}
+
+fn check_case(prefix: &str, image: Option<Tensor>) -> Result<()> {
+    let f = fixture()?;
+    let name = if image.is_some() { "one_image" } else { "text_only" };
+    let ids = case_ids(&f, name)?;
+    assert_eq!(ids, golden_ids(&f.lm[&format!("{prefix}.input_ids")])?, "prompt ids");
+
+    let model = DeepSeekLlm::load(&f.ckpt, DType::F32, &Device::Cpu, Shard::SINGLE, None)?;
+    let image_token = f.tok.special().image;
+    let mut embeds = model.embed(&ids, &SingleRank)?;
+    if let Some(rows) = &image {
+        embeds = splice_image_rows(&embeds, &ids, image_token, rows)?;
+    }
+    let d = assert_close("inputs_embeds", &embeds.unsqueeze(0)?, &f.lm[&format!("{prefix}.inputs_embeds")], 1e-4, 0.0)?;
+    println!("{prefix} inputs_embeds max |diff| {:.2e}", d.max_abs);
+
+    let mut runner = ShardRunner::new(model, Box::new(ContiguousKv::new()), Arc::new(LinkSet::Single), std::time::Duration::from_secs(5));
+    let req = GenerationRequest {
+        prompt: ids,
+        image: image.map(|rows| (image_token, rows)),
+        params: SamplingParams::greedy(),
+        max_new_tokens: 16,
+        stop_ids: vec![f.tok.special().eos],
+        keep_logits: true,
+    };
+    let out = generate(&mut runner, &req, 1, &mut |_| true)?;
+    let logits = out.prompt_logits.context("prompt logits")?.unsqueeze(0)?;
+    let d = assert_close("full-sequence logits", &logits, &f.lm[&format!("{prefix}.logits")], 1e-3, 0.0)?;
+    println!("{prefix} logits max |diff| {:.2e}", d.max_abs);
+    assert_eq!(out.tokens, golden_ids(&f.lm[&format!("{prefix}.generated_ids")])?, "greedy ids");
+    let steps = Tensor::new(out.step_logits, &Device::Cpu)?;
+    let d = assert_close("step logits", &steps, &f.lm[&format!("{prefix}.generated_step_logits")], 1e-3, 0.0)?;
+    println!("{prefix} step logits max |diff| {:.2e}", d.max_abs);
+    Ok(())
+}
+
+#[test]
+fn text_prompt_matches_reference() -> Result<()> {
+    check_case("text", None)
+}
+
+#[test]
+fn image_prompt_matches_reference() -> Result<()> {
+    let f = fixture()?;
+    check_case("image", Some(image_rows(&f)?))
+}
+
+/// A wrong number of image rows is an error, never a silent partial splice.
+#[test]
+fn image_count_mismatch_is_an_error() -> Result<()> {
+    let f = fixture()?;
+    let ids = case_ids(&f, "one_image")?;
+    let model = DeepSeekLlm::load(&f.ckpt, DType::F32, &Device::Cpu, Shard::SINGLE, None)?;
+    let embeds = model.embed(&ids, &SingleRank)?;
+    let rows = Tensor::zeros((575, 128), DType::F32, &Device::Cpu)?;
+    let err = splice_image_rows(&embeds, &ids, f.tok.special().image, &rows).unwrap_err();
+    assert!(err.to_string().contains("576 image-token positions but 575"), "{err}");
+    Ok(())
+}
+
+/// Out-of-range ids and prompts beyond the model's positions are refused before any compute.
+#[test]
+fn invalid_inputs_are_refused() -> Result<()> {
+    let f = fixture()?;
+    let model = DeepSeekLlm::load(&f.ckpt, DType::F32, &Device::Cpu, Shard::SINGLE, None)?;
+    let mut runner = ShardRunner::new(model, Box::new(ContiguousKv::new()), Arc::new(LinkSet::Single), std::time::Duration::from_secs(5));
+    let mut req = GenerationRequest {
+        prompt: vec![1000, 5000],
+        image: None,
+        params: SamplingParams::greedy(),
+        max_new_tokens: 4,
+        stop_ids: vec![],
+        keep_logits: false,
+    };
+    let err = generate(&mut runner, &req, 1, &mut |_| true).unwrap_err();
+    assert!(err.to_string().contains("token id 5000 is outside the vocabulary of 1024"), "{err}");
+    req.prompt = vec![5; 16385];
+    let err = generate(&mut runner, &req, 2, &mut |_| true).unwrap_err();
+    assert!(err.to_string().contains("beyond the model's 16384 positions"), "{err}");
+    Ok(())
+}

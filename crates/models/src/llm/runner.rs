@@ -1,0 +1,152 @@
+//! Running the decoder as one tensor-parallel group: the leader turns each step into a plan,
+//! broadcasts it down the control links, and runs its own shard; workers receive plans and run
+//! theirs. All ranks then meet in the same collectives in the same order.
+//!
+//! Plans are validated on the leader before they are sent, so an invalid request never reaches
+//! a collective; a worker that fails anyway tells the leader (an `error` message on its link),
+//! and a dead or hung rank turns the leader's next collective into an error within the timeout.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+use dsvl_parallel::{Communicator, LinkSet, Message, SingleRank, TcpCommunicator, WireTensor};
+use serde_json::json;
+
+use super::kv::{KvStore, SeqId};
+use super::model::{DeepSeekLlm, SeqChunk};
+use crate::ModelError;
+
+/// One step for the whole group.
+#[derive(Debug, Clone, Default)]
+pub struct StepPlan {
+    /// New tokens per sequence.
+    pub chunks: Vec<SeqChunk>,
+    /// Sequences to forget before running (finished or cancelled).
+    pub free: Vec<SeqId>,
+    /// Image-token id and the embedding rows to splice into its positions, in order.
+    pub image: Option<(u32, Tensor)>,
+}
+
+impl StepPlan {
+    fn to_message(&self) -> Result<Message, ModelError> {
+        let mut msg = Message::new(json!({
+            "kind": "step",
+            "chunks": self.chunks,
+            "free": self.free,
+            "image_token": self.image.as_ref().map(|(t, _)| *t),
+        }));
+        if let Some((_, rows)) = &self.image {
+            msg.tensors.push(WireTensor::from_tensor(rows)?);
+        }
+        Ok(msg)
+    }
+
+    fn from_message(msg: &Message, device: &candle_core::Device) -> Result<Self, ModelError> {
+        let bad = |e: String| ModelError::InvalidInput(format!("malformed step plan: {e}"));
+        let chunks = serde_json::from_value(msg.header["chunks"].clone()).map_err(|e| bad(e.to_string()))?;
+        let free = serde_json::from_value(msg.header["free"].clone()).map_err(|e| bad(e.to_string()))?;
+        let image = match msg.header["image_token"].as_u64() {
+            None => None,
+            Some(t) => {
+                let rows = msg.tensors.first().ok_or_else(|| bad("image token without rows".into()))?;
+                Some((t as u32, rows.to_tensor(device)?))
+            }
+        };
+        Ok(Self { chunks, free, image })
+    }
+}
+
+/// This rank's model, key/value store and group links.
+pub struct ShardRunner {
+    model: DeepSeekLlm,
+    kv: Box<dyn KvStore + Send>,
+    links: Arc<LinkSet>,
+    comm: Box<dyn Communicator + Send>,
+}
+
+impl ShardRunner {
+    /// Wraps a loaded shard; collectives go over `links` (TCP) with `timeout`.
+    pub fn new(model: DeepSeekLlm, kv: Box<dyn KvStore + Send>, links: Arc<LinkSet>, timeout: std::time::Duration) -> Self {
+        let comm: Box<dyn Communicator + Send> = match &*links {
+            LinkSet::Single => Box::new(SingleRank),
+            _ => Box::new(TcpCommunicator::new(links.clone(), timeout)),
+        };
+        Self { model, kv, links, comm }
+    }
+
+    /// The same, with a caller-provided communicator (NCCL).
+    pub fn with_communicator(model: DeepSeekLlm, kv: Box<dyn KvStore + Send>, links: Arc<LinkSet>, comm: Box<dyn Communicator + Send>) -> Self {
+        Self { model, kv, links, comm }
+    }
+
+    /// The local model shard.
+    pub fn model(&self) -> &DeepSeekLlm {
+        &self.model
+    }
+
+    /// The group's links.
+    pub fn links(&self) -> &Arc<LinkSet> {
+        &self.links
+    }
+
+    fn run(&mut self, plan: &StepPlan) -> Result<Option<Tensor>, ModelError> {
+        for &seq in &plan.free {
+            self.kv.free(seq);
+        }
+        if plan.chunks.is_empty() {
+            return Ok(None);
+        }
+        let image = plan.image.as_ref().map(|(t, rows)| (*t, rows));
+        self.model.forward(&plan.chunks, image, self.kv.as_mut(), self.comm.as_ref()).map(Some)
+    }
+
+    /// Leader: validates the plan, sends it to every worker and runs it locally. Returns the
+    /// logits (`None` for a plan that only frees sequences).
+    ///
+    /// # Errors
+    /// Invalid plans (nothing is sent), or a group failure (a rank died, timed out or reported
+    /// an error): the group is then unusable.
+    pub fn lead_step(&mut self, plan: &StepPlan) -> Result<Option<Tensor>, ModelError> {
+        self.model.validate(&plan.chunks)?;
+        if let LinkSet::Leader { workers } = &*self.links {
+            let msg = plan.to_message()?;
+            for w in workers {
+                w.send(&msg, "step plan")?;
+            }
+        }
+        self.run(plan)
+    }
+
+    /// Worker: executes plans until the leader says `shutdown` (returns `Ok`) or disappears
+    /// (returns the error).
+    pub fn serve(&mut self) -> Result<(), ModelError> {
+        // A second handle on the links, so the loop can borrow the link while `run` borrows self.
+        let links = self.links.clone();
+        let LinkSet::Worker { leader: link, .. } = &*links else {
+            return Err(ModelError::InvalidInput("serve() runs on worker ranks only".into()));
+        };
+        loop {
+            let msg = link.recv("waiting for a step plan", None)?;
+            match msg.kind() {
+                "shutdown" => return Ok(()),
+                "step" => {
+                    let plan = StepPlan::from_message(&msg, self.model.device())?;
+                    if let Err(e) = self.run(&plan) {
+                        let _ = link.send(&Message::new(json!({"kind": "error", "reason": e.to_string()})), "report");
+                        return Err(e);
+                    }
+                }
+                other => return Err(ModelError::InvalidInput(format!("unexpected `{other}` from the leader"))),
+            }
+        }
+    }
+
+    /// Leader: tells every worker to exit cleanly.
+    pub fn shutdown(&self) {
+        if let LinkSet::Leader { workers } = &*self.links {
+            for w in workers {
+                let _ = w.send(&Message::new(json!({"kind": "shutdown"})), "shutdown");
+            }
+        }
+    }
+}
