@@ -7,7 +7,9 @@ its neck, HD path and downsamples, SigLIP-L, and the aligner, in float32, eager,
 `torch.inference_mode()`. Preprocessing is timed with the reference pipeline's libraries
 (PIL open/convert, torchvision-style Pillow bicubic resize, expand2square, numpy rescale).
 
-Prints one JSON object on stdout. Run by `dsvl-bench vision`; see benches/README.md.
+Runs as a server (`--serve`): one JSON command per line on stdin, one JSON reply per line on
+stdout, so `dsvl-bench vision` can alternate rounds between dsvl and this reference. See
+benches/README.md.
 """
 import argparse
 import json
@@ -78,38 +80,43 @@ def reference_preprocess(path, size=1024, min_size=14):
     return (x.astype(np.float64) * (1 / 255)).astype(np.float32)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, required=True)
-    ap.add_argument("--batches", default="1,4")
-    ap.add_argument("--iters", type=int, default=2)
-    ap.add_argument("--images", nargs="+", required=True)
-    ap.add_argument("--preprocess-seconds", type=float, default=3.0)
-    args = ap.parse_args()
+def serve(args):
+    """One JSON command per line on stdin, one JSON reply per line on stdout."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-
-    result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < args.preprocess_seconds:
-        reference_preprocess(args.images[n % len(args.images)])
-        n += 1
-    result["preprocess_images_per_s"] = n / (time.perf_counter() - t0)
-
     model = HybridTower().eval()
-    result["encode"] = {}
     with torch.inference_mode():
         model(torch.rand(1, 3, 1024, 1024))  # warm-up
-        for b in [int(x) for x in args.batches.split(",")]:
-            x = torch.rand(b, 3, 1024, 1024)
-            t = time.perf_counter()
-            for _ in range(args.iters):
+    print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "quit":
+            break
+        if cmd["op"] == "preprocess":
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < cmd["seconds"]:
+                reference_preprocess(args.images[n % len(args.images)])
+                n += 1
+            reply = {"images_per_s": n / (time.perf_counter() - t0)}
+        elif cmd["op"] == "encode":
+            x = torch.rand(cmd["batch"], 3, 1024, 1024)
+            with torch.inference_mode():
+                t = time.perf_counter()
                 out = model(x)
-            dt = time.perf_counter() - t
-            assert out.shape == (b, 576, 4096), out.shape
-            result["encode"][str(b)] = b * args.iters / dt
-            print(f"reference batch {b}: {b * args.iters / dt:.4f} images/s", file=sys.stderr)
-    print(json.dumps(result))
+                dt = time.perf_counter() - t
+            assert out.shape == (cmd["batch"], 576, 4096), out.shape
+            reply = {"images_per_s": cmd["batch"] / dt}
+        else:
+            reply = {"error": f"unknown op {cmd['op']}"}
+        print(json.dumps(reply), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--serve", action="store_true", required=True)
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--images", nargs="+", required=True)
+    serve(ap.parse_args())
 
 
 if __name__ == "__main__":

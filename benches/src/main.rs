@@ -2,6 +2,7 @@
 //! on the same machine and thread count, and report ratios. Results and commands are recorded
 //! in `benches/README.md`.
 
+mod decoder;
 mod random;
 mod reference;
 mod vision;
@@ -28,6 +29,12 @@ struct Cli {
 enum Command {
     /// Vision tower + aligner at the real DeepSeek-VL-7B dimensions, and preprocessing.
     Vision(vision::VisionArgs),
+    /// Decoder prefill/decode tokens/s at the VL-1.3B LM dimensions; `--tp 2` for the
+    /// communicator's overhead.
+    Decoder(decoder::DecoderArgs),
+    /// A worker rank of `decoder --tp N` (internal).
+    #[command(hide = true)]
+    DecoderWorker(decoder::WorkerArgs),
 }
 
 fn default_threads() -> usize {
@@ -40,5 +47,7 @@ fn main() -> Result<()> {
     std::env::set_var("RAYON_NUM_THREADS", cli.threads.to_string());
     match cli.command {
         Command::Vision(args) => vision::run(args, cli.threads),
+        Command::Decoder(args) => decoder::run(args, cli.threads),
+        Command::DecoderWorker(args) => decoder::worker(args),
     }
 }

@@ -1,9 +1,13 @@
-//! Running the PyTorch reference scripts under `benches/reference/` in a child process.
+//! The PyTorch reference scripts under `benches/reference/`, run as a persistent child process
+//! that answers one JSON command per line. Measurements alternate between dsvl and the
+//! reference round by round, so slow drifts of a shared machine hit both sides alike.
 
+use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use anyhow::{bail, Context, Result};
+use serde_json::Value;
 
 /// `benches/reference/.venv/bin/python` if it exists, else `python3` (override: DSVL_BENCH_PYTHON).
 pub fn python() -> PathBuf {
@@ -23,20 +27,92 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// Runs `benches/reference/<script>` with `args` and parses the JSON object it prints last.
-pub fn run_json(script: &str, args: &[String]) -> Result<serde_json::Value> {
-    let path = repo_root().join("benches/reference").join(script);
-    eprintln!("running reference: {} {} {}", python().display(), path.display(), args.join(" "));
-    let out = Command::new(python())
-        .arg(&path)
-        .args(args)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .with_context(|| format!("cannot start {}", python().display()))?;
-    if !out.status.success() {
-        bail!("reference {script} failed ({}); install it with benches/reference/requirements.txt", out.status);
+/// A reference script in `--serve` mode.
+pub struct Reference {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    /// What the script said when it became ready (versions, threads).
+    pub hello: Value,
+}
+
+impl Reference {
+    /// Starts `benches/reference/<script> --serve <args>` and waits for its ready line.
+    pub fn start(script: &str, args: &[String]) -> Result<Self> {
+        let path = repo_root().join("benches/reference").join(script);
+        eprintln!("starting reference: {} {} --serve {}", python().display(), path.display(), args.join(" "));
+        let mut child = Command::new(python())
+            .arg(&path)
+            .arg("--serve")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {}", python().display()))?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut me = Self { child, stdin, stdout, hello: Value::Null };
+        me.hello = me.read().context("reference did not start; install benches/reference/requirements.txt")?;
+        Ok(me)
     }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last = stdout.lines().last().context("reference printed nothing")?;
-    serde_json::from_str(last).with_context(|| format!("reference output is not JSON: {last}"))
+
+    fn read(&mut self) -> Result<Value> {
+        let mut line = String::new();
+        if self.stdout.read_line(&mut line)? == 0 {
+            bail!("reference exited");
+        }
+        serde_json::from_str(&line).with_context(|| format!("not JSON: {line}"))
+    }
+
+    /// Sends one command and returns the reply.
+    pub fn call(&mut self, cmd: Value) -> Result<Value> {
+        writeln!(self.stdin, "{cmd}")?;
+        self.stdin.flush()?;
+        self.read()
+    }
+}
+
+impl Drop for Reference {
+    fn drop(&mut self) {
+        let _ = writeln!(self.stdin, "{}", serde_json::json!({"op": "quit"}));
+        let _ = self.child.wait();
+    }
+}
+
+/// Median of a non-empty list.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// One row of a results table: medians of both sides and the median of per-round ratios.
+pub struct Row {
+    /// What was measured, with unit.
+    pub name: String,
+    /// dsvl's per-round values.
+    pub ours: Vec<f64>,
+    /// The reference's per-round values (empty without a reference).
+    pub theirs: Vec<f64>,
+}
+
+/// Prints rows as a table (higher is better for every row).
+pub fn print_table(title: &str, rows: &[Row]) {
+    println!("\n{title}");
+    println!("{:<34} {:>12} {:>12} {:>8}   rounds", "measure (median)", "dsvl", "reference", "ratio");
+    for r in rows {
+        let ours = median(r.ours.clone());
+        if r.theirs.is_empty() {
+            println!("{:<34} {ours:>12.4} {:>12} {:>8}   {}", r.name, "-", "-", r.ours.len());
+        } else {
+            let theirs = median(r.theirs.clone());
+            let ratio = median(r.ours.iter().zip(&r.theirs).map(|(a, b)| a / b).collect());
+            println!("{:<34} {ours:>12.4} {theirs:>12.4} {ratio:>7.2}x   {}", r.name, r.ours.len());
+        }
+    }
 }

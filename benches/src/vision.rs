@@ -1,18 +1,20 @@
 //! `dsvl-bench vision`: preprocessing images/s on the bundled images, and encoder + aligner
 //! images/s at the real DeepSeek-VL-7B dimensions (random weights, f32, CPU) at several batch
-//! sizes, against the PyTorch reference in the same run.
+//! sizes, alternating rounds with the PyTorch reference.
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use dsvl_core::ImageLimits;
 use dsvl_models::preprocess::Preprocessor;
 use dsvl_models::vision::config::{AlignerConfig, ComponentConfig, TowerConfig};
 use dsvl_models::vision::VisionEncoder;
+use serde_json::json;
 
-use crate::{random, reference};
+use crate::reference::{print_table, repo_root, Reference, Row};
+use crate::random;
 
 /// Arguments of `dsvl-bench vision`.
 #[derive(Args)]
@@ -20,11 +22,11 @@ pub struct VisionArgs {
     /// Batch sizes to time.
     #[arg(long, value_delimiter = ',', default_value = "1,4")]
     batches: Vec<usize>,
-    /// Timed forward passes per batch size (after one warm-up pass).
-    #[arg(long, default_value_t = 2)]
-    iters: usize,
-    /// Seconds spent timing preprocessing.
-    #[arg(long, default_value_t = 3.0)]
+    /// Alternating rounds per measurement (medians are reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Seconds per preprocessing round.
+    #[arg(long, default_value_t = 2.0)]
     preprocess_seconds: f64,
     /// Skip the PyTorch reference.
     #[arg(long)]
@@ -32,80 +34,61 @@ pub struct VisionArgs {
 }
 
 fn images() -> Vec<std::path::PathBuf> {
-    let root = reference::repo_root();
+    let root = repo_root();
     vec![root.join("assets/images/rocket.jpg"), root.join("assets/images/chelsea.png")]
+}
+
+/// Builds the VL-7B vision tower with random weights.
+pub fn vl7b_encoder(dtype: DType, device: &Device) -> Result<VisionEncoder> {
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(repo_root().join("benches/configs/deepseek-vl-7b-chat.json"))?)?;
+    let tower = TowerConfig::resolve(&serde_json::from_value::<ComponentConfig>(config["vision_config"].clone())?)?;
+    let aligner = AlignerConfig::resolve(&serde_json::from_value::<ComponentConfig>(config["aligner_config"].clone())?)?;
+    let pre_cfg = serde_json::from_slice(include_bytes!("../../assets/tiny-dsvl/preprocessor_config.json"))?;
+    Ok(VisionEncoder::new(tower, aligner, pre_cfg, random::var_builder(dtype, device))?)
 }
 
 /// Runs the benchmark and prints the table.
 pub fn run(args: VisionArgs, threads: usize) -> Result<()> {
-    let config: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(reference::repo_root().join("benches/configs/deepseek-vl-7b-chat.json"))?)?;
-    let tower = TowerConfig::resolve(&serde_json::from_value::<ComponentConfig>(config["vision_config"].clone())?)?;
-    let aligner = AlignerConfig::resolve(&serde_json::from_value::<ComponentConfig>(config["aligner_config"].clone())?)?;
-    let pre_cfg = serde_json::from_slice(include_bytes!("../../assets/tiny-dsvl/preprocessor_config.json"))?;
-    let pre = Preprocessor::new(pre_cfg, ImageLimits::default());
-
-    // Preprocessing: decode + resize + pad + rescale, cycling over the sample images.
-    let files: Vec<Vec<u8>> = images().iter().map(std::fs::read).collect::<std::io::Result<_>>()?;
-    let (mut n, t0) = (0usize, Instant::now());
-    while t0.elapsed().as_secs_f64() < args.preprocess_seconds {
-        pre.preprocess_bytes(&files[n % files.len()])?;
-        n += 1;
-    }
-    let pre_ips = n as f64 / t0.elapsed().as_secs_f64();
-    eprintln!("dsvl preprocess: {pre_ips:.2} images/s");
-
-    let device = Device::Cpu;
-    let t = Instant::now();
-    let encoder = VisionEncoder::new(tower, aligner, pre.config().clone(), random::var_builder(DType::F32, &device))?;
-    eprintln!("built the 7B vision tower with random weights in {:.1}s", t.elapsed().as_secs_f64());
-    encoder.forward(&Tensor::rand(0f32, 1.0, (1, 3, 1024, 1024), &device)?)?; // warm-up
-    let mut ours = Vec::new();
-    for &b in &args.batches {
-        let x = Tensor::rand(0f32, 1.0, (b, 3, 1024, 1024), &device)?;
-        let t = Instant::now();
-        for _ in 0..args.iters {
-            let out = encoder.forward(&x)?;
-            anyhow::ensure!(out.dims() == [b, 576, 4096], "unexpected output {:?}", out.dims());
-        }
-        let ips = (b * args.iters) as f64 / t.elapsed().as_secs_f64();
-        eprintln!("dsvl batch {b}: {ips:.4} images/s");
-        ours.push((b, ips));
-    }
-    drop(encoder);
-
-    let reference = if args.no_reference {
+    let mut reference = if args.no_reference {
         None
     } else {
-        let mut a = vec![
-            "--threads".into(),
-            threads.to_string(),
-            "--batches".into(),
-            args.batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(","),
-            "--iters".into(),
-            args.iters.to_string(),
-            "--preprocess-seconds".into(),
-            args.preprocess_seconds.to_string(),
-            "--images".into(),
-        ];
+        let mut a = vec!["--threads".to_string(), threads.to_string(), "--images".into()];
         a.extend(images().iter().map(|p| p.display().to_string()));
-        Some(reference::run_json("vision_reference.py", &a)?)
+        Some(Reference::start("vision_reference.py", &a)?)
     };
+    let device = Device::Cpu;
+    let encoder = vl7b_encoder(DType::F32, &device)?;
+    let pre = Preprocessor::new(encoder.preprocess_config().clone(), ImageLimits::default());
+    encoder.forward(&Tensor::rand(0f32, 1.0, (1, 3, 1024, 1024), &device)?)?; // warm-up
+    let files: Vec<Vec<u8>> = images().iter().map(std::fs::read).collect::<std::io::Result<_>>()?;
 
-    println!("\nDeepSeek-VL-7B vision tower + aligner, f32, CPU, {threads} threads (random weights)");
-    println!("{:<24} {:>14} {:>14} {:>8}", "measure", "dsvl", "reference", "ratio");
-    let row = |name: &str, ours: f64, theirs: Option<f64>| match theirs {
-        Some(r) => println!("{name:<24} {ours:>14.4} {r:>14.4} {:>7.2}x", ours / r),
-        None => println!("{name:<24} {ours:>14.4} {:>14} {:>8}", "-", "-"),
-    };
-    let r_pre = reference.as_ref().and_then(|r| r["preprocess_images_per_s"].as_f64());
-    row("preprocess images/s", pre_ips, r_pre);
-    for (b, ips) in ours {
-        let r = reference.as_ref().map(|r| r["encode"][b.to_string()].as_f64().context("reference batch")).transpose()?;
-        row(&format!("encode batch {b} images/s"), ips, r);
+    let mut rows = vec![Row { name: "preprocess images/s".into(), ours: vec![], theirs: vec![] }];
+    rows.extend(args.batches.iter().map(|b| Row { name: format!("encode batch {b} images/s"), ours: vec![], theirs: vec![] }));
+    for round in 0..args.rounds {
+        let (mut n, t0) = (0usize, Instant::now());
+        while t0.elapsed().as_secs_f64() < args.preprocess_seconds {
+            pre.preprocess_bytes(&files[n % files.len()])?;
+            n += 1;
+        }
+        rows[0].ours.push(n as f64 / t0.elapsed().as_secs_f64());
+        if let Some(r) = &mut reference {
+            rows[0].theirs.push(r.call(json!({"op": "preprocess", "seconds": args.preprocess_seconds}))?["images_per_s"].as_f64().unwrap_or(f64::NAN));
+        }
+        for (i, &b) in args.batches.iter().enumerate() {
+            let x = Tensor::rand(0f32, 1.0, (b, 3, 1024, 1024), &device)?;
+            let t = Instant::now();
+            let out = encoder.forward(&x)?;
+            anyhow::ensure!(out.dims() == [b, 576, 4096], "unexpected output {:?}", out.dims());
+            rows[i + 1].ours.push(b as f64 / t.elapsed().as_secs_f64());
+            if let Some(r) = &mut reference {
+                rows[i + 1].theirs.push(r.call(json!({"op": "encode", "batch": b}))?["images_per_s"].as_f64().unwrap_or(f64::NAN));
+            }
+        }
+        eprintln!("round {}/{} done", round + 1, args.rounds);
     }
+    print_table(&format!("DeepSeek-VL-7B vision tower + aligner, f32, CPU, {threads} threads (random weights)"), &rows);
     if let Some(r) = &reference {
-        println!("reference: torch {} ({} threads)", r["torch"].as_str().unwrap_or("?"), r["threads"]);
+        println!("reference: torch {} ({} threads), transformers deepseek_vl_hybrid", r.hello["torch"], r.hello["threads"]);
     }
     Ok(())
 }

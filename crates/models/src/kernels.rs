@@ -1,6 +1,6 @@
 //! Small CPU kernels for hot element-wise loops where candle's scalar paths cost more than the
-//! matmuls around them: a vectorisable `exp`, exact-erf GELU, and the SAM attention epilogue
-//! (relative-position add + softmax over one score row).
+//! matmuls around them: a vectorisable `exp`, exact-erf GELU, the SAM attention epilogue
+//! (relative-position add + softmax over one score row), and a bandwidth-bound GEMV for decode.
 //!
 //! Each kernel is compiled twice, for the baseline target and with AVX2 + FMA, and picked at run
 //! time, so the loops vectorise 8-wide on the machines we serve from without a `-C target-cpu`
@@ -172,9 +172,95 @@ pub fn gelu_slice(dst: &mut [f32], src: &[f32]) {
     gelu_slice_impl(dst, src)
 }
 
+#[inline(always)]
+fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut ca = a.chunks_exact(LANES);
+    let mut cb = b.chunks_exact(LANES);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn gemv_block_impl(out: &mut [f32], x: &[f32], w_rows: &[f32], k: usize) {
+    // out: [m, rows] for this block (row-major over m), w_rows: [rows, k].
+    let rows = w_rows.len() / k;
+    let m = x.len() / k;
+    for (j, w) in w_rows.chunks_exact(k).enumerate() {
+        for i in 0..m {
+            out[i * rows + j] = dot_impl(&x[i * k..][..k], w);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_block_avx2(out: &mut [f32], x: &[f32], w_rows: &[f32], k: usize) {
+    gemv_block_impl(out, x, w_rows, k)
+}
+
+fn gemv_block(out: &mut [f32], x: &[f32], w_rows: &[f32], k: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU supports the features the function was compiled for.
+            return unsafe { gemv_block_avx2(out, x, w_rows, k) };
+        }
+    }
+    gemv_block_impl(out, x, w_rows, k)
+}
+
+/// `y = x W^T` for a few rows of `x` (`[m, k]`) and `W` `[n, k]`: each weight row is streamed
+/// once and used for all `m` inputs, blocks of rows in parallel. Decode steps are bound by
+/// reading the weights, and this reads them at close to memory bandwidth where a general GEMM
+/// with `m = 1` does not. Returns `[m, n]`.
+pub fn gemv(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const BLOCK: usize = 64;
+    let blocks = n.div_ceil(BLOCK);
+    let parts: Vec<Vec<f32>> = (0..blocks)
+        .into_par_iter()
+        .map(|b| {
+            let r0 = b * BLOCK;
+            let rows = BLOCK.min(n - r0);
+            let mut out = vec![0f32; m * rows];
+            gemv_block(&mut out, x, &w[r0 * k..(r0 + rows) * k], k);
+            out
+        })
+        .collect();
+    let mut y = vec![0f32; m * n];
+    for (b, part) in parts.iter().enumerate() {
+        let r0 = b * BLOCK;
+        let rows = part.len() / m;
+        for i in 0..m {
+            y[i * n + r0..i * n + r0 + rows].copy_from_slice(&part[i * rows..(i + 1) * rows]);
+        }
+    }
+    y
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gemv_matches_naive_product() {
+        let (m, n, k) = (3, 130, 37);
+        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.05).collect();
+        let y = gemv(&x, &w, m, n, k);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
+                assert!((y[i * n + j] - want).abs() < 1e-4, "{i},{j}");
+            }
+        }
+    }
 
     #[test]
     fn exp_matches_libm() {

@@ -25,6 +25,9 @@ impl Shard {
     }
 }
 
+/// Up to this many rows a linear runs as GEMV (weights streamed once) rather than GEMM.
+const GEMV_MAX_ROWS: usize = 8;
+
 /// `y = x W^T` with `W` `[out, in]` (no bias anywhere in DeepSeek LLM).
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -46,8 +49,23 @@ impl Linear {
         Ok(Self { weight })
     }
 
-    /// `x`: `[N, in]`.
+    /// `x`: `[N, in]`. A handful of rows (decode steps) on the CPU in f32 go through the
+    /// bandwidth-bound GEMV kernel; everything else through candle's matmul.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (rows, k) = x.dims2()?;
+        if rows <= GEMV_MAX_ROWS && x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+            let n = self.weight.dim(0)?;
+            let xs = x.flatten_all()?.to_vec1::<f32>()?;
+            let (guard, layout) = self.weight.storage_and_layout();
+            let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(w)) = &*guard else {
+                candle_core::bail!("f32 CPU weight expected")
+            };
+            if !layout.is_contiguous() {
+                candle_core::bail!("linear weights are stored contiguous. This is a bug.");
+            }
+            let y = crate::kernels::gemv(&xs, &w[layout.start_offset()..][..n * k], rows, n, k);
+            return Tensor::from_vec(y, (rows, n), x.device());
+        }
         x.matmul(&self.weight.t()?)
     }
 

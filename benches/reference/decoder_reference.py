@@ -1,0 +1,60 @@
+"""PyTorch reference for `dsvl-bench decoder`: `transformers.LlamaForCausalLM` at the
+DeepSeek-VL-1.3B language-model dimensions (24 layers, hidden 2048, 16 heads, FFN 5632, vocab
+102400), random weights, float32, eager, `torch.inference_mode()`, KV cache on.
+
+Prefill: a forward over [batch, prompt_len] ids computing the last position's logits only
+(`logits_to_keep=1`), like dsvl. Decode: after a prefill of the same context, `steps` forwards of
+one token per sequence with the cache. Runs as a server (`--serve`): one JSON command per line.
+"""
+import argparse
+import json
+import sys
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+CONFIG = dict(vocab_size=102400, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+              num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=16384,
+              rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=False, hidden_act="silu")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--serve", action="store_true", required=True)
+    ap.add_argument("--threads", type=int, required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**CONFIG)
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg).eval()
+    print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["op"] == "quit":
+            break
+        b, t = cmd["batch"], cmd["prompt_len"]
+        ids = torch.randint(0, 100000, (b, t))
+        with torch.inference_mode():
+            if cmd["op"] == "prefill":
+                t0 = time.perf_counter()
+                model(input_ids=ids, use_cache=False, logits_to_keep=1)
+                reply = {"tokens_per_s": b * t / (time.perf_counter() - t0)}
+            elif cmd["op"] == "decode":
+                out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                t0 = time.perf_counter()
+                for _ in range(cmd["steps"]):
+                    out = model(input_ids=nxt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    cache = out.past_key_values
+                    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+                reply = {"tokens_per_s": b * cmd["steps"] / (time.perf_counter() - t0)}
+            else:
+                reply = {"error": f"unknown op {cmd['op']}"}
+        print(json.dumps(reply), flush=True)
+
+
+if __name__ == "__main__":
+    main()
