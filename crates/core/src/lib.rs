@@ -8,6 +8,8 @@
 #![deny(missing_docs)]
 
 
+pub mod cache_key;
+pub mod codec;
 mod device;
 mod limits;
 

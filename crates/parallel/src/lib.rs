@@ -24,6 +24,6 @@ mod tcp;
 pub use comm::{CommError, Communicator, SingleRank};
 pub use frame::{Message, WireTensor};
 #[cfg(feature = "nccl")]
-pub use nccl::NcclCommunicator;
+pub use nccl::{new_unique_id, NcclCommunicator, NCCL_ID_BYTES};
 pub use rendezvous::{GroupSpec, Link, LinkSet};
 pub use tcp::TcpCommunicator;

@@ -4,7 +4,11 @@
 //! Fixtures live in the repository (`tests/fixtures/golden`, `assets/tiny-dsvl`); they were
 //! copied from the team's shared fixture set, see `tests/fixtures/README.md` for provenance.
 
+mod procs;
+
 use std::path::PathBuf;
+
+pub use procs::{free_port, http_get, metric_sum, RedisServer, ServiceProcess};
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};

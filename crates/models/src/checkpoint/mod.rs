@@ -134,6 +134,24 @@ impl Checkpoint {
         }
     }
 
+    /// BLAKE3 over the name, dtype, shape and bytes of every tensor whose name starts with one
+    /// of `prefixes` (sorted by name): identifies the weights independently of file layout.
+    pub fn digest_tensors(&self, prefixes: &[&str]) -> blake3::Hash {
+        let mut names: Vec<String> = self.tensor_names().into_iter().filter(|n| prefixes.iter().any(|p| n.starts_with(p))).collect();
+        names.sort();
+        let mut h = blake3::Hasher::new();
+        for name in names {
+            if let Some(view) = self.tensors.view_of(&name) {
+                h.update(&(name.len() as u64).to_le_bytes());
+                h.update(name.as_bytes());
+                h.update(format!("{:?}{:?}", view.dtype(), view.shape()).as_bytes());
+                h.update(&(view.data().len() as u64).to_le_bytes());
+                h.update_rayon(view.data());
+            }
+        }
+        h.finalize()
+    }
+
     /// Parses a sub-config of `config.json` by key (`vision_config`, `language_config`, ...).
     pub fn sub_config<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ModelError> {
         match self.config.get(key) {

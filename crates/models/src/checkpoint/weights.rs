@@ -25,6 +25,10 @@ pub(crate) enum TensorSource {
 }
 
 impl TensorSource {
+    pub(crate) fn view_of(&self, name: &str) -> Option<TensorView<'_>> {
+        self.view(name)
+    }
+
     fn view(&self, name: &str) -> Option<TensorView<'_>> {
         match self {
             Self::Mmap(m) => m.get(name).ok(),

@@ -61,21 +61,22 @@ pub struct ShardRunner {
     model: DeepSeekLlm,
     kv: Box<dyn KvStore + Send>,
     links: Arc<LinkSet>,
-    comm: Box<dyn Communicator + Send>,
+    comm: Box<dyn Communicator>,
 }
 
 impl ShardRunner {
     /// Wraps a loaded shard; collectives go over `links` (TCP) with `timeout`.
     pub fn new(model: DeepSeekLlm, kv: Box<dyn KvStore + Send>, links: Arc<LinkSet>, timeout: std::time::Duration) -> Self {
-        let comm: Box<dyn Communicator + Send> = match &*links {
+        let comm: Box<dyn Communicator> = match &*links {
             LinkSet::Single => Box::new(SingleRank),
             _ => Box::new(TcpCommunicator::new(links.clone(), timeout)),
         };
         Self { model, kv, links, comm }
     }
 
-    /// The same, with a caller-provided communicator (NCCL).
-    pub fn with_communicator(model: DeepSeekLlm, kv: Box<dyn KvStore + Send>, links: Arc<LinkSet>, comm: Box<dyn Communicator + Send>) -> Self {
+    /// The same, with a caller-provided communicator (NCCL, which must stay on the thread that
+    /// created it: a runner is built and used on its rank's model thread).
+    pub fn with_communicator(model: DeepSeekLlm, kv: Box<dyn KvStore + Send>, links: Arc<LinkSet>, comm: Box<dyn Communicator>) -> Self {
         Self { model, kv, links, comm }
     }
 

@@ -98,6 +98,24 @@ impl VisionEncoder {
         Ok(Self { tower, aligner, tower_config, aligner_config, preprocess, dtype: vb.dtype(), device })
     }
 
+    /// Identifies the vision tower + aligner of `ckpt`: BLAKE3 over the vision, aligner and
+    /// preprocessor configs and every `vision_model.*` / `aligner.*` tensor (names, shapes,
+    /// bytes). Part of every embedding cache key, so a new checkpoint revision never serves
+    /// embeddings of the old one. Hex, 32 digits.
+    pub fn fingerprint(ckpt: &Checkpoint) -> Result<String, ModelError> {
+        let mut h = blake3::Hasher::new();
+        for key in ["vision_config", "aligner_config"] {
+            let v = ckpt.config().get(key).map(|v| v.to_string()).unwrap_or_default();
+            h.update(&(v.len() as u64).to_le_bytes());
+            h.update(v.as_bytes());
+        }
+        let pre = ckpt.read_file("preprocessor_config.json")?.unwrap_or_default();
+        h.update(&(pre.len() as u64).to_le_bytes());
+        h.update(&pre);
+        h.update(ckpt.digest_tensors(&VISION_PREFIXES).as_bytes());
+        Ok(h.finalize().to_hex()[..32].to_string())
+    }
+
     /// Side of the square pixel input.
     pub fn image_size(&self) -> usize {
         self.tower_config.image_size()

@@ -1,0 +1,91 @@
+//! Content-addressed keys for the embedding cache.
+//!
+//! A key is `dsvl:emb:v1:` + the full 256-bit BLAKE3 hash (64 hex digits) of length-prefixed,
+//! domain-tagged fields: the tenant salt (set by the gateway, never by the client), the model
+//! fingerprint (vision tower + aligner weights and config), the embedding dtype, the
+//! preprocessing version, and the image bytes. Length prefixes make the encoding injective, so
+//! no two different field tuples hash the same input; the full-width hash keeps collisions out
+//! of reach (truncated keys have caused cross-image collisions in other systems).
+
+/// Prefix of every embedding key.
+pub const KEY_PREFIX: &str = "dsvl:emb:v1:";
+/// Prefix of the cross-replica single-flight lease of a key.
+pub const LEASE_PREFIX: &str = "dsvl:lease:v1:";
+
+/// Inputs of a cache key.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyParts<'a> {
+    /// Tenant salt (may be empty for a single-tenant deployment).
+    pub salt: &'a [u8],
+    /// Fingerprint of the vision tower + aligner weights and config.
+    pub model_fingerprint: &'a str,
+    /// Element type of the stored embedding (`f32`, `bf16`, ...).
+    pub dtype: &'a str,
+    /// Preprocessing algorithm version.
+    pub preprocess_version: u32,
+    /// Encoded image bytes as received.
+    pub image: &'a [u8],
+}
+
+fn field(h: &mut blake3::Hasher, tag: &[u8], value: &[u8]) {
+    h.update(&(tag.len() as u64).to_le_bytes());
+    h.update(tag);
+    h.update(&(value.len() as u64).to_le_bytes());
+    h.update(value);
+}
+
+/// The cache key of an image's embedding.
+pub fn embedding_key(p: &KeyParts<'_>) -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(b"dsvl/embedding-key/v1");
+    field(&mut h, b"salt", p.salt);
+    field(&mut h, b"model", p.model_fingerprint.as_bytes());
+    field(&mut h, b"dtype", p.dtype.as_bytes());
+    field(&mut h, b"preprocess", &p.preprocess_version.to_le_bytes());
+    field(&mut h, b"image", p.image);
+    format!("{KEY_PREFIX}{}", h.finalize().to_hex())
+}
+
+/// The lease key guarding the computation of `key` across replicas.
+pub fn lease_key(key: &str) -> String {
+    format!("{LEASE_PREFIX}{}", key.strip_prefix(KEY_PREFIX).unwrap_or(key))
+}
+
+/// Plain BLAKE3 of image bytes (hex): the client digest and the routing hash.
+pub fn image_digest(image: &[u8]) -> String {
+    blake3::hash(image).to_hex().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts<'a>(salt: &'a [u8], image: &'a [u8]) -> KeyParts<'a> {
+        KeyParts { salt, model_fingerprint: "fp", dtype: "bf16", preprocess_version: 1, image }
+    }
+
+    #[test]
+    fn every_field_changes_the_key() {
+        let base = embedding_key(&parts(b"t1", b"img"));
+        assert!(base.starts_with(KEY_PREFIX) && base.len() == KEY_PREFIX.len() + 64);
+        assert_ne!(base, embedding_key(&parts(b"t2", b"img")));
+        assert_ne!(base, embedding_key(&parts(b"t1", b"img2")));
+        assert_ne!(base, embedding_key(&KeyParts { model_fingerprint: "fp2", ..parts(b"t1", b"img") }));
+        assert_ne!(base, embedding_key(&KeyParts { dtype: "f32", ..parts(b"t1", b"img") }));
+        assert_ne!(base, embedding_key(&KeyParts { preprocess_version: 2, ..parts(b"t1", b"img") }));
+        assert_eq!(base, embedding_key(&parts(b"t1", b"img")));
+    }
+
+    #[test]
+    fn length_prefixes_prevent_field_shifting() {
+        // Moving a byte from the salt into the image must not give the same key.
+        assert_ne!(embedding_key(&parts(b"ab", b"c")), embedding_key(&parts(b"a", b"bc")));
+    }
+
+    #[test]
+    fn lease_key_is_derived() {
+        let k = embedding_key(&parts(b"", b"x"));
+        assert!(lease_key(&k).starts_with(LEASE_PREFIX));
+        assert_ne!(lease_key(&k), k);
+    }
+}

@@ -1,0 +1,140 @@
+//! One way to observe every dsvl service.
+//!
+//! * [`init`]: `tracing` with an `EnvFilter` (`RUST_LOG`, default `info`), human or JSON logs
+//!   on stderr, and, when an OTLP endpoint is configured, spans exported over OTLP/gRPC.
+//! * [`extract_trace_context`] / [`inject_trace_context`]: W3C `traceparent`/`tracestate` in gRPC
+//!   metadata, so a request keeps one trace across the gateway and both tiers.
+//! * [`serve_prometheus`]: the `/metrics` endpoint on its own port.
+#![deny(missing_docs)]
+
+use std::net::SocketAddr;
+
+use opentelemetry::propagation::{Extractor, Injector};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+/// Telemetry setup errors.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The OTLP exporter could not be built.
+    #[error("OTLP exporter: {0}")]
+    Otlp(String),
+    /// The Prometheus endpoint could not be started.
+    #[error("Prometheus endpoint: {0}")]
+    Prometheus(String),
+}
+
+/// Keeps the tracer provider alive; flushes pending spans on drop.
+pub struct TelemetryGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take() {
+            let _ = p.shutdown();
+        }
+    }
+}
+
+/// Options of [`init`].
+#[derive(Debug, Clone, Default)]
+pub struct TelemetryConfig {
+    /// `service.name` of exported spans.
+    pub service_name: String,
+    /// OTLP/gRPC collector endpoint (e.g. `http://otel-collector:4317`); no export when `None`.
+    pub otlp_endpoint: Option<String>,
+    /// JSON log lines instead of human-readable ones.
+    pub json_logs: bool,
+}
+
+/// Installs the global subscriber and propagator. Call once, early in `main`.
+///
+/// # Errors
+/// When the OTLP exporter cannot be built (bad endpoint).
+pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let provider = match &config.otlp_endpoint {
+        Some(endpoint) => {
+            use opentelemetry_otlp::WithExportConfig;
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.clone())
+                .build()
+                .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
+            let resource = opentelemetry_sdk::Resource::builder().with_service_name(config.service_name.clone()).build();
+            Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+        }
+        None => None,
+    };
+    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(config.service_name.clone())));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let result = if config.json_logs {
+        registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init()
+    } else {
+        registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init()
+    };
+    // A second init in one process (tests) keeps the first subscriber.
+    let _ = result;
+    Ok(TelemetryGuard { provider })
+}
+
+struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
+
+impl Extractor for MetadataExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .keys()
+            .filter_map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => Some(k.as_str()),
+                tonic::metadata::KeyRef::Binary(_) => None,
+            })
+            .collect()
+    }
+}
+
+struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl Injector for MetadataInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (tonic::metadata::MetadataKey::from_bytes(key.as_bytes()), value.parse()) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
+/// Makes the incoming request's W3C trace context (if any) the parent of `span`.
+pub fn extract_trace_context(metadata: &tonic::metadata::MetadataMap, span: &tracing::Span) {
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
+    let _ = span.set_parent(parent);
+}
+
+/// Writes the current span's trace context into outgoing gRPC metadata.
+pub fn inject_trace_context(metadata: &mut tonic::metadata::MetadataMap) {
+    let ctx = tracing::Span::current().context();
+    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&ctx, &mut MetadataInjector(metadata)));
+}
+
+/// Installs the global `metrics` recorder and serves `/metrics` on `addr` (Prometheus text
+/// format). Latency histograms get buckets from 1 ms to 60 s.
+///
+/// # Errors
+/// When the port cannot be bound or a recorder is already installed.
+pub fn serve_prometheus(addr: SocketAddr) -> Result<(), TelemetryError> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets(&[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
+        .map_err(|e| TelemetryError::Prometheus(e.to_string()))?
+        .install()
+        .map_err(|e| TelemetryError::Prometheus(e.to_string()))
+}

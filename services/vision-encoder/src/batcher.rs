@@ -1,0 +1,181 @@
+//! Dynamic batching: a bounded queue feeds one model thread that owns the encoder.
+//!
+//! The thread takes the first waiting image, then keeps collecting until `max_batch` images or
+//! `max_wait` has passed, drops jobs nobody waits for any more (the request was cancelled) or
+//! whose deadline has passed, runs one forward pass, and answers each job. Decoding and
+//! preprocessing happen before a job is queued, on tokio's blocking pool, so they overlap the
+//! forward pass instead of delaying it.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::DType;
+use dsvl_models::preprocess::Preprocessed;
+use dsvl_models::vision::VisionEncoder;
+use tokio::sync::oneshot;
+
+/// Why a queued image was not encoded.
+#[derive(Debug, Clone)]
+pub enum JobError {
+    /// Its deadline passed while it waited.
+    DeadlineExceeded,
+    /// The forward pass failed.
+    Model(String),
+}
+
+/// One image waiting for the model.
+pub struct Job {
+    /// Preprocessed pixels.
+    pub pixels: Preprocessed,
+    /// Drop instead of encoding after this instant.
+    pub deadline: Option<Instant>,
+    /// Where the embedding bytes (row-major, little-endian, stored dtype) go.
+    pub reply: oneshot::Sender<Result<Vec<u8>, JobError>>,
+}
+
+/// Batching knobs.
+#[derive(Debug, Clone, Copy)]
+pub struct BatcherConfig {
+    /// Largest batch.
+    pub max_batch: usize,
+    /// How long to wait for a batch to fill.
+    pub max_wait: Duration,
+    /// Images that may be queued.
+    pub capacity: usize,
+}
+
+/// Handle to the model thread. Dropping it closes the queue and joins the thread.
+pub struct Batcher {
+    tx: Option<SyncSender<Job>>,
+    queued: Arc<AtomicUsize>,
+    rate: Arc<Mutex<f64>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Batcher {
+    /// Starts the model thread with `encoder`.
+    pub fn start(encoder: VisionEncoder, cfg: BatcherConfig) -> Self {
+        let (tx, rx) = sync_channel::<Job>(cfg.capacity);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let rate = Arc::new(Mutex::new(0.0));
+        let (q, r) = (queued.clone(), rate.clone());
+        let thread = std::thread::Builder::new()
+            .name("vision-model".into())
+            .spawn(move || model_loop(encoder, rx, cfg, q, r))
+            .expect("cannot start the model thread");
+        Self { tx: Some(tx), queued, rate, thread: Some(thread) }
+    }
+
+    /// Queues a job; gives it back when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), Job> {
+        let tx = self.tx.as_ref().expect("batcher is running");
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        match tx.try_send(job) {
+            Ok(()) => {
+                metrics::gauge!("dsvl_vision_queue_depth").set(self.queued() as f64);
+                Ok(())
+            }
+            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                Err(job)
+            }
+        }
+    }
+
+    /// Images waiting for the model.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    /// Recent throughput while busy, images per second.
+    pub fn images_per_second(&self) -> f64 {
+        *self.rate.lock().expect("rate lock poisoned. This is a bug.")
+    }
+}
+
+impl Drop for Batcher {
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn model_loop(encoder: VisionEncoder, rx: std::sync::mpsc::Receiver<Job>, cfg: BatcherConfig, queued: Arc<AtomicUsize>, rate: Arc<Mutex<f64>>) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        let fill_until = Instant::now() + cfg.max_wait;
+        while jobs.len() < cfg.max_batch {
+            let now = Instant::now();
+            if now >= fill_until {
+                break;
+            }
+            match rx.recv_timeout(fill_until - now) {
+                Ok(j) => jobs.push(j),
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        queued.fetch_sub(jobs.len(), Ordering::SeqCst);
+        metrics::gauge!("dsvl_vision_queue_depth").set(queued.load(Ordering::SeqCst) as f64);
+        let now = Instant::now();
+        jobs.retain(|j| {
+            if j.reply.is_closed() {
+                metrics::counter!("dsvl_vision_jobs_dropped_total", "reason" => "cancelled").increment(1);
+                return false;
+            }
+            true
+        });
+        let (live, expired): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.deadline.is_none_or(|d| d > now));
+        for j in expired {
+            metrics::counter!("dsvl_vision_jobs_dropped_total", "reason" => "deadline").increment(1);
+            let _ = j.reply.send(Err(JobError::DeadlineExceeded));
+        }
+        if live.is_empty() {
+            continue;
+        }
+        let t = Instant::now();
+        let result = encode_batch(&encoder, &live);
+        let secs = t.elapsed().as_secs_f64();
+        metrics::histogram!("dsvl_vision_batch_size").record(live.len() as f64);
+        metrics::histogram!("dsvl_vision_encode_duration_seconds").record(secs);
+        match result {
+            Ok(payloads) => {
+                metrics::counter!("dsvl_vision_images_encoded_total").increment(live.len() as u64);
+                let r = live.len() as f64 / secs.max(1e-9);
+                let mut avg = rate.lock().expect("rate lock poisoned. This is a bug.");
+                *avg = if *avg == 0.0 { r } else { 0.8 * *avg + 0.2 * r };
+                metrics::gauge!("dsvl_vision_images_per_second").set(*avg);
+                for (j, p) in live.into_iter().zip(payloads) {
+                    let _ = j.reply.send(Ok(p));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "vision forward pass failed");
+                for j in live {
+                    let _ = j.reply.send(Err(JobError::Model(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+/// One forward pass; each image's embedding as little-endian bytes in the working dtype.
+fn encode_batch(encoder: &VisionEncoder, jobs: &[Job]) -> Result<Vec<Vec<u8>>, dsvl_models::ModelError> {
+    let refs: Vec<&Preprocessed> = jobs.iter().map(|j| &j.pixels).collect();
+    let emb = encoder.forward(&encoder.batch_pixels(&refs)?)?.to_device(&candle_core::Device::Cpu)?;
+    (0..jobs.len())
+        .map(|i| {
+            let e = emb.get(i)?.flatten_all()?;
+            Ok(match e.dtype() {
+                DType::F32 => e.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                DType::BF16 => e.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                DType::F16 => e.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                other => return Err(dsvl_models::ModelError::Unsupported(format!("embedding dtype {other:?}"))),
+            })
+        })
+        .collect()
+}

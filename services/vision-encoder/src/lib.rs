@@ -1,0 +1,160 @@
+//! The vision-encoder tier as a library: [`run`] serves `dsvl.v1.VisionEncoder` on a listener
+//! until a shutdown future resolves; `main.rs` only parses flags, sets up telemetry and calls it.
+//!
+//! Layout: [`config`] (flags and validation), [`batcher`] (queue + model thread), [`encode`]
+//! (cache tiers, single flight, leases), [`service`] (gRPC handlers and status mapping).
+#![deny(missing_docs)]
+
+pub mod batcher;
+pub mod config;
+pub mod encode;
+pub mod service;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use dsvl_cache::{BreakerConfig, MemoryCache, RedisCache, RedisConfig, SingleFlight};
+use dsvl_core::codec::EmbeddingDType;
+use dsvl_models::checkpoint::{Checkpoint, ModelSource};
+use dsvl_models::device::{candle_dtype, open_device};
+use dsvl_models::preprocess::{Preprocessor, RgbImage};
+use dsvl_models::vision::VisionEncoder;
+use dsvl_proto::v1::vision_encoder_server::VisionEncoderServer;
+use tokio::net::TcpListener;
+
+pub use config::{Args, VisionConfig};
+
+use batcher::{Batcher, BatcherConfig};
+use encode::{Expected, Pipeline};
+use service::VisionService;
+
+/// Why the service stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum VisionError {
+    /// The model could not be loaded or warmed up.
+    #[error("model: {0}")]
+    Model(#[from] dsvl_models::ModelError),
+    /// The cache could not be configured.
+    #[error("cache: {0}")]
+    Cache(#[from] dsvl_cache::CacheError),
+    /// The gRPC server failed.
+    #[error("server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection setup failed.
+    #[error("reflection: {0}")]
+    Reflection(String),
+    /// The loading task panicked.
+    #[error("model loading task failed: {0}")]
+    Join(String),
+}
+
+fn load_pipeline(cfg: &VisionConfig) -> Result<Pipeline, VisionError> {
+    let source = cfg.model.clone().map_or(ModelSource::Bundled, ModelSource::Dir);
+    let ckpt = Checkpoint::open(&source)?;
+    let device = open_device(cfg.device)?;
+    let t = std::time::Instant::now();
+    let encoder = VisionEncoder::load(&ckpt, candle_dtype(cfg.dtype), &device, None)?;
+    let fingerprint = VisionEncoder::fingerprint(&ckpt)?;
+    let preprocessor = Preprocessor::new(encoder.preprocess_config().clone(), cfg.image_limits);
+    // Warm-up: one forward pass, so the first request does not pay for lazy initialisation and
+    // health only turns SERVING once the model demonstrably works.
+    let blank = preprocessor.preprocess_rgb(&RgbImage { width: 1, height: 1, data: vec![0; 3] });
+    let emb = encoder.forward(&encoder.batch_pixels(&[&blank])?)?;
+    let shape = vec![emb.dims()[1] as u32, emb.dims()[2] as u32];
+    tracing::info!(model = %source, fingerprint, load_s = t.elapsed().as_secs_f64(), ?shape, "vision model ready");
+    let dtype = match cfg.dtype {
+        dsvl_core::WeightDType::F32 => EmbeddingDType::F32,
+        dsvl_core::WeightDType::F16 => EmbeddingDType::F16,
+        dsvl_core::WeightDType::BF16 => EmbeddingDType::BF16,
+    };
+    let shared = match &cfg.redis {
+        Some(url) => Some(Arc::new(RedisCache::new(RedisConfig {
+            url: url.clone(),
+            connect_timeout: cfg.redis_timeout,
+            response_timeout: cfg.redis_timeout,
+            breaker: BreakerConfig::default(),
+        })?)),
+        None => None,
+    };
+    Ok(Pipeline {
+        batcher: Batcher::start(encoder, BatcherConfig { max_batch: cfg.max_batch, max_wait: cfg.max_wait, capacity: cfg.queue_capacity }),
+        preprocessor,
+        expected: Expected { fingerprint, dtype, shape },
+        local: Arc::new(MemoryCache::new(cfg.local_cache_bytes)),
+        shared,
+        flights: SingleFlight::new(),
+        ttl: cfg.cache_ttl,
+        lease: cfg.lease,
+    })
+}
+
+/// Serves the vision encoder on `listener` until `shutdown` resolves, then drains: health goes
+/// NOT_SERVING, new requests get UNAVAILABLE, in-flight ones finish within `config.drain`.
+///
+/// Health (`grpc.health.v1`, service `dsvl.v1.VisionEncoder` and `""`) is NOT_SERVING until the
+/// model is loaded and a warm-up forward pass has run.
+///
+/// # Errors
+/// The model cannot be loaded, or the server fails.
+pub async fn run(config: VisionConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), VisionError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_not_serving::<VisionEncoderServer<VisionService>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    let pipeline = Arc::new(OnceLock::new());
+    let draining = Arc::new(AtomicBool::new(false));
+    let svc = VisionService { pipeline: pipeline.clone(), max_images: config.max_images_per_request, draining: draining.clone() };
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(dsvl_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| VisionError::Reflection(e.to_string()))?;
+    let server_svc = VisionEncoderServer::new(svc)
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(server_svc)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    tokio::pin!(server);
+
+    let load_cfg = config.clone();
+    let mut loading = tokio::task::spawn_blocking(move || load_pipeline(&load_cfg));
+    let mut loaded = false;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            r = &mut server => return r.map_err(VisionError::from),
+            r = &mut loading, if !loaded => {
+                loaded = true;
+                match r {
+                    Ok(Ok(p)) => {
+                        let _ = pipeline.set(Arc::new(p));
+                        health.set_serving::<VisionEncoderServer<VisionService>>().await;
+                        health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+                    }
+                    Ok(Err(e)) => return Err(e),
+                    Err(e) => return Err(VisionError::Join(e.to_string())),
+                }
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    tracing::info!("draining");
+    draining.store(true, Ordering::SeqCst);
+    health.set_not_serving::<VisionEncoderServer<VisionService>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(config.drain, &mut server).await {
+        Ok(r) => r.map_err(VisionError::from),
+        Err(_) => {
+            tracing::warn!("drain timeout reached; stopping with requests still in flight");
+            Ok(())
+        }
+    }
+}

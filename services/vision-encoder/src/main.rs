@@ -1,0 +1,42 @@
+//! `dsvl-vision`: flags, telemetry, signals; everything else is in the library.
+
+use anyhow::Context;
+use clap::Parser;
+use dsvl_vision::{run, Args, VisionConfig};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _telemetry = dsvl_telemetry::init(&dsvl_telemetry::TelemetryConfig {
+        service_name: "dsvl-vision".into(),
+        otlp_endpoint: args.otlp_endpoint.clone(),
+        json_logs: args.json_logs,
+    })?;
+    let config = VisionConfig::try_from(&args)?;
+    if let Some(addr) = args.metrics_listen {
+        dsvl_telemetry::serve_prometheus(addr)?;
+    }
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, "dsvl-vision starting");
+    run(config, listener, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,156 @@
+//! The `dsvl.v1.VisionEncoder` gRPC service.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dsvl_core::cache_key::{embedding_key, image_digest, KeyParts};
+use dsvl_core::codec::EmbeddingDType;
+use dsvl_models::preprocess::PREPROCESS_VERSION;
+use dsvl_proto::v1::encode_result::Result as ResultKind;
+use dsvl_proto::v1::vision_encoder_server::VisionEncoder;
+use dsvl_proto::v1::{
+    DType, EmbeddingRef, EncodeRequest, EncodeResponse, EncodeResult, Embedding, ImageError, InfoRequest, InfoResponse,
+};
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::encode::{Failure, Outcome, Pipeline};
+
+/// State shared by all requests. The pipeline appears once the model is loaded and warm.
+pub struct VisionService {
+    pub(crate) pipeline: Arc<OnceLock<Arc<Pipeline>>>,
+    pub(crate) max_images: usize,
+    pub(crate) draining: Arc<std::sync::atomic::AtomicBool>,
+}
+
+fn proto_dtype(d: EmbeddingDType) -> DType {
+    match d {
+        EmbeddingDType::F32 => DType::DtypeF32,
+        EmbeddingDType::F16 => DType::DtypeF16,
+        EmbeddingDType::BF16 => DType::DtypeBf16,
+    }
+}
+
+/// Remaining time from the caller's `grpc-timeout` header (e.g. `500m`, `2S`).
+pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+impl VisionService {
+    fn ready(&self) -> Result<Arc<Pipeline>, Status> {
+        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Status::unavailable("the server is draining"));
+        }
+        self.pipeline.get().cloned().ok_or_else(|| Status::unavailable("the model is still loading"))
+    }
+}
+
+fn image_error(code: &str, message: String) -> EncodeResult {
+    EncodeResult { result: Some(ResultKind::Error(ImageError { code: code.into(), message })), cache_hit: false, key: String::new() }
+}
+
+#[tonic::async_trait]
+impl VisionEncoder for VisionService {
+    async fn encode(&self, request: Request<EncodeRequest>) -> Result<Response<EncodeResponse>, Status> {
+        let span = tracing::info_span!("vision.encode", images = tracing::field::Empty, hits = tracing::field::Empty);
+        dsvl_telemetry::extract_trace_context(request.metadata(), &span);
+        let started = Instant::now();
+        let deadline = grpc_timeout(request.metadata()).map(|d| started + d);
+        let pipeline = self.ready()?;
+        let req = request.into_inner();
+        if req.images.is_empty() {
+            return Err(Status::invalid_argument("no images"));
+        }
+        if req.images.len() > self.max_images {
+            return Err(Status::invalid_argument(format!("{} images; at most {} per request", req.images.len(), self.max_images)));
+        }
+        span.record("images", req.images.len());
+        let shared = pipeline.shared.is_some();
+        let salt = Bytes::from(req.cache_salt);
+        let jobs = req.images.into_iter().map(|img| {
+            let pipeline = pipeline.clone();
+            let salt = salt.clone();
+            async move {
+                let data = Bytes::from(img.data);
+                if !img.client_digest.is_empty() && !img.client_digest.eq_ignore_ascii_case(&image_digest(&data)) {
+                    return Ok(image_error("INVALID_ARGUMENT", "client_digest does not match the image bytes".into()));
+                }
+                if data.len() > pipeline.preprocessor.limits().max_input_bytes {
+                    return Ok(image_error(
+                        "INVALID_ARGUMENT",
+                        format!("image is {} bytes, over the limit of {}", data.len(), pipeline.preprocessor.limits().max_input_bytes),
+                    ));
+                }
+                let key = embedding_key(&KeyParts {
+                    salt: &salt,
+                    model_fingerprint: &pipeline.expected.fingerprint,
+                    dtype: pipeline.expected.dtype.name(),
+                    preprocess_version: PREPROCESS_VERSION,
+                    image: &data,
+                });
+                match pipeline.embed(key.clone(), data, deadline).await {
+                    Ok(Outcome { stored, cache_hit }) => {
+                        let result = if shared && !req.return_inline {
+                            ResultKind::Ref(EmbeddingRef {
+                                key: key.clone(),
+                                shape: stored.header.shape.clone(),
+                                dtype: proto_dtype(stored.header.dtype) as i32,
+                                model_fingerprint: stored.header.model_fingerprint.clone(),
+                                stored_bytes: stored.value.len() as u64,
+                            })
+                        } else {
+                            ResultKind::Inline(Embedding {
+                                shape: stored.header.shape.clone(),
+                                dtype: proto_dtype(stored.header.dtype) as i32,
+                                data: stored.payload().to_vec().into(),
+                                model_fingerprint: stored.header.model_fingerprint.clone(),
+                            })
+                        };
+                        Ok(EncodeResult { result: Some(result), cache_hit, key })
+                    }
+                    Err(Failure::Image(msg)) => Ok(image_error("INVALID_ARGUMENT", msg)),
+                    Err(other) => Err(other),
+                }
+            }
+        });
+        let outcomes = futures::future::join_all(jobs).instrument(span.clone()).await;
+        let mut results = Vec::with_capacity(outcomes.len());
+        for o in outcomes {
+            match o {
+                Ok(r) => results.push(r),
+                Err(Failure::QueueFull) => return Err(Status::resource_exhausted("the encode queue is full; retry with backoff")),
+                Err(Failure::Deadline) => return Err(Status::deadline_exceeded("the deadline passed before the images were encoded")),
+                Err(Failure::Internal(m)) => return Err(Status::internal(m)),
+                Err(Failure::Image(m)) => results.push(image_error("INVALID_ARGUMENT", m)),
+            }
+        }
+        span.record("hits", results.iter().filter(|r| r.cache_hit).count());
+        metrics::histogram!("dsvl_vision_request_duration_seconds").record(started.elapsed().as_secs_f64());
+        Ok(Response::new(EncodeResponse { results }))
+    }
+
+    async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        let p = self.ready()?;
+        Ok(Response::new(InfoResponse {
+            model_fingerprint: p.expected.fingerprint.clone(),
+            tokens_per_image: p.expected.shape[0],
+            hidden_size: p.expected.shape[1],
+            dtype: proto_dtype(p.expected.dtype) as i32,
+            queued_images: p.batcher.queued() as u64,
+            images_per_second: p.batcher.images_per_second(),
+            shared_cache: p.shared.is_some(),
+        }))
+    }
+}

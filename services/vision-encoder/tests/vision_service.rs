@@ -1,0 +1,284 @@
+//! The vision-encoder service as users run it: the real `dsvl-vision` binary, a real
+//! `redis-server` on a free loopback port, gRPC clients, and the service's own Prometheus
+//! counters as the source of truth for "how many images were encoded".
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use dsvl_proto::v1::encode_result::Result as R;
+use dsvl_proto::v1::vision_encoder_client::VisionEncoderClient;
+use dsvl_proto::v1::{EncodeRequest, EncodeResponse, ImageInput};
+use dsvl_testkit::{free_port, golden_dir, http_get, metric_sum, repo_root, RedisServer, ServiceProcess};
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+struct Vision {
+    proc: ServiceProcess,
+    grpc: String,
+    metrics: String,
+}
+
+impl Vision {
+    async fn start(extra: &[&str]) -> Result<Self> {
+        let (gp, mp) = (free_port(), free_port());
+        let grpc = format!("127.0.0.1:{gp}");
+        let metrics = format!("127.0.0.1:{mp}");
+        let mut args = vec!["--listen".to_string(), grpc.clone(), "--metrics-listen".into(), metrics.clone()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = ServiceProcess::spawn(env!("CARGO_BIN_EXE_dsvl-vision"), &args)?;
+        let me = Self { proc, grpc, metrics };
+        me.wait_serving(Duration::from_secs(60)).await?;
+        Ok(me)
+    }
+
+    async fn channel(&self) -> Result<Channel> {
+        Ok(Channel::from_shared(format!("http://{}", self.grpc))?.connect().await?)
+    }
+
+    async fn wait_serving(&self, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(ch) = self.channel().await {
+                let r = HealthClient::new(ch).check(HealthCheckRequest { service: "dsvl.v1.VisionEncoder".into() }).await;
+                if r.is_ok_and(|r| r.into_inner().status == 1) {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        bail!("vision service at {} never became SERVING", self.grpc)
+    }
+
+    async fn client(&self) -> Result<VisionEncoderClient<Channel>> {
+        Ok(VisionEncoderClient::new(self.channel().await?).max_decoding_message_size(256 << 20))
+    }
+
+    fn counter(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        Ok(metric_sum(&http_get(&self.metrics, "/metrics")?, name, labels))
+    }
+
+    fn encoded(&self) -> Result<f64> {
+        self.counter("dsvl_vision_images_encoded_total", &[])
+    }
+}
+
+fn image(name: &str) -> Vec<u8> {
+    std::fs::read(golden_dir().join(name)).expect("golden image")
+}
+
+/// A distinct valid PNG per `i` (a 1x2 image whose pixels encode `i`).
+fn tiny_png(i: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    let px = [(i & 0xff) as u8, (i >> 8) as u8, 7, 200, 100, (i % 251) as u8];
+    let enc = image_png(&px, 2, 1);
+    out.extend_from_slice(&enc);
+    out
+}
+
+fn image_png(rgb: &[u8], w: u32, h: u32) -> Vec<u8> {
+    use image::ImageEncoder;
+    let mut buf = Vec::new();
+    image::codecs::png::PngEncoder::new(&mut buf).write_image(rgb, w, h, image::ExtendedColorType::Rgb8).expect("png");
+    buf
+}
+
+fn req(images: Vec<Vec<u8>>, salt: &[u8]) -> EncodeRequest {
+    EncodeRequest { images: images.into_iter().map(|data| ImageInput { data: data.into(), client_digest: String::new() }).collect(), cache_salt: salt.to_vec().into(), return_inline: false }
+}
+
+fn hits(r: &EncodeResponse) -> Vec<bool> {
+    r.results.iter().map(|x| x.cache_hit).collect()
+}
+
+/// Hit after miss, TTL expiry, and a different salt or model fingerprint missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hit_miss_ttl_salt_and_fingerprint() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let url = redis.url();
+    let a = Vision::start(&["--redis", &url, "--cache-ttl-secs", "2"]).await?;
+    let mut c = a.client().await?;
+    let img = image("chelsea.png");
+    let r1 = c.encode(req(vec![img.clone()], b"tenant-a")).await?.into_inner();
+    assert_eq!(hits(&r1), [false]);
+    assert!(matches!(r1.results[0].result, Some(R::Ref(_))), "shared cache: a reference is returned");
+    let r2 = c.encode(req(vec![img.clone()], b"tenant-a")).await?.into_inner();
+    assert_eq!(hits(&r2), [true]);
+    assert_eq!(a.encoded()?, 1.0);
+    assert!(redis.dbsize()? >= 1);
+    // Another tenant's salt is another key.
+    let r3 = c.encode(req(vec![img.clone()], b"tenant-b")).await?.into_inner();
+    assert_eq!(hits(&r3), [false]);
+    assert_ne!(r3.results[0].key, r1.results[0].key);
+    assert_eq!(a.encoded()?, 2.0);
+    // After the TTL both tiers have forgotten it.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let r4 = c.encode(req(vec![img.clone()], b"tenant-a")).await?.into_inner();
+    assert_eq!(hits(&r4), [false]);
+    assert_eq!(a.encoded()?, 3.0);
+
+    // A different checkpoint (one aligner weight changed) has another fingerprint: it misses
+    // even though it shares Redis and the entry is fresh.
+    let dir = tempfile::tempdir()?;
+    for f in std::fs::read_dir(repo_root().join("assets/tiny-dsvl"))? {
+        let f = f?;
+        std::fs::copy(f.path(), dir.path().join(f.file_name()))?;
+    }
+    let mut tensors = candle_core::safetensors::load(dir.path().join("model.safetensors"), &candle_core::Device::Cpu)?;
+    let b = tensors.get("aligner.layers.1.bias").context("bias")?.clone();
+    tensors.insert("aligner.layers.1.bias".into(), (b + 0.01)?);
+    candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors"))?;
+    let other = Vision::start(&["--redis", &url, "--model", dir.path().to_str().unwrap()]).await?;
+    let r5 = other.client().await?.encode(req(vec![img.clone()], b"tenant-a")).await?.into_inner();
+    assert_eq!(hits(&r5), [false]);
+    assert_ne!(r5.results[0].key, r4.results[0].key);
+    assert_eq!(other.encoded()?, 1.0);
+    Ok(())
+}
+
+/// 32 concurrent requests for one image over two replicas sharing Redis: one encode in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_encode_across_replicas() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let url = redis.url();
+    let a = Vision::start(&["--redis", &url]).await?;
+    let b = Vision::start(&["--redis", &url]).await?;
+    let img = image("astronaut_wide_1600x300.png");
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let mut client = if i % 2 == 0 { a.client().await? } else { b.client().await? };
+        let r = req(vec![img.clone()], b"t");
+        tasks.push(tokio::spawn(async move { client.encode(r).await.map(|r| r.into_inner()) }));
+    }
+    let mut keys = std::collections::HashSet::new();
+    for t in tasks {
+        let r = t.await??;
+        keys.insert(r.results[0].key.clone());
+        assert!(matches!(r.results[0].result, Some(R::Ref(_))));
+    }
+    assert_eq!(keys.len(), 1);
+    assert_eq!(a.encoded()? + b.encoded()?, 1.0, "exactly one encode across both replicas");
+    let waits = a.counter("dsvl_vision_single_flight_waits_total", &[])? + b.counter("dsvl_vision_single_flight_waits_total", &[])?;
+    assert!(waits > 0.0, "concurrent callers waited instead of encoding");
+    Ok(())
+}
+
+/// Redis killed mid-test: every request still succeeds (uncached); after a restart the breaker
+/// closes and entries are written again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_redis_outage_and_recovers() -> Result<()> {
+    let mut redis = RedisServer::start()?;
+    let v = Vision::start(&["--redis", &redis.url(), "--redis-timeout-ms", "200"]).await?;
+    let mut c = v.client().await?;
+    c.encode(req(vec![tiny_png(1)], b"t")).await?;
+    redis.kill();
+    for i in 2..8 {
+        let r = c.encode(req(vec![tiny_png(i)], b"t")).await.context("request during the outage")?.into_inner();
+        assert!(r.results[0].result.is_some());
+    }
+    assert!(v.counter("dsvl_vision_cache_requests_total", &[("tier", "shared"), ("outcome", "error")])? > 0.0);
+    redis.restart()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut i = 100;
+    loop {
+        c.encode(req(vec![tiny_png(i)], b"t")).await?;
+        i += 1;
+        if redis.dbsize()? > 0 {
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the cache never recovered");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(v.counter("dsvl_cache_breaker_state", &[])?, 0.0, "breaker closed again");
+    Ok(())
+}
+
+/// Distinct images sent together are encoded in batches larger than one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_images_are_batched() -> Result<()> {
+    let v = Vision::start(&["--max-batch", "8", "--max-wait-ms", "200"]).await?;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let mut c = v.client().await?;
+        tasks.push(tokio::spawn(async move { c.encode(req(vec![tiny_png(1000 + i)], b"")).await }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let batches = v.counter("dsvl_vision_batch_size_count", &[])?;
+    let images = v.counter("dsvl_vision_batch_size_sum", &[])?;
+    assert_eq!(images, 8.0);
+    assert!(batches < 8.0, "{images} images in {batches} batches: no batching happened");
+    Ok(())
+}
+
+/// A full queue answers RESOURCE_EXHAUSTED; a request whose deadline passes while queued gets
+/// DEADLINE_EXCEEDED and is never encoded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backpressure_and_deadlines() -> Result<()> {
+    let v = Vision::start(&["--max-batch", "1", "--queue-capacity", "1", "--max-wait-ms", "0"]).await?;
+    let mut tasks = Vec::new();
+    for i in 0..12 {
+        let mut c = v.client().await?;
+        tasks.push(tokio::spawn(async move { c.encode(req(vec![tiny_png(2000 + i)], b"")).await }));
+    }
+    let mut exhausted = 0;
+    for t in tasks {
+        match t.await? {
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::ResourceExhausted => exhausted += 1,
+            Err(s) => bail!("unexpected status {s:?}"),
+        }
+    }
+    assert!(exhausted > 0, "a queue of one never filled up with 12 concurrent images");
+
+    let before = v.encoded()?;
+    // Occupy the model thread, then queue an image whose deadline passes while it waits.
+    let mut c = v.client().await?;
+    let busy = tokio::spawn({
+        let mut c = c.clone();
+        async move { c.encode(req(vec![image("rocket.jpg")], b"busy")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let mut r = tonic::Request::new(req(vec![tiny_png(3000)], b""));
+    r.set_timeout(Duration::from_millis(150));
+    let status = c.encode(r).await.err().context("expected DEADLINE_EXCEEDED")?;
+    assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
+    busy.await??;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(v.encoded()? - before, 1.0, "only the busy image was encoded");
+    Ok(())
+}
+
+/// A corrupt image fails alone; the inline embedding equals the library's for the same bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_image_fails_alone_and_inline_matches_library() -> Result<()> {
+    let v = Vision::start(&[]).await?;
+    let good = image("chelsea.png");
+    let mut bad = image("rocket.jpg");
+    bad.truncate(bad.len() / 2);
+    let r = v.client().await?.encode(req(vec![good.clone(), bad], b"")).await?.into_inner();
+    let Some(R::Inline(emb)) = &r.results[0].result else { bail!("no inline embedding: {:?}", r.results[0]) };
+    let Some(R::Error(err)) = &r.results[1].result else { bail!("corrupt image did not fail") };
+    assert_eq!(err.code, "INVALID_ARGUMENT");
+    assert!(err.message.contains("truncated"), "{}", err.message);
+
+    use dsvl_models::checkpoint::{Checkpoint, ModelSource};
+    let ckpt = Checkpoint::open(&ModelSource::Bundled)?;
+    let enc = dsvl_models::vision::VisionEncoder::load(&ckpt, candle_core::DType::F32, &candle_core::Device::Cpu, None)?;
+    let pre = dsvl_models::preprocess::Preprocessor::new(enc.preprocess_config().clone(), Default::default());
+    let want = enc.forward(&enc.batch_pixels(&[&pre.preprocess_bytes(&good)?])?)?.flatten_all()?.to_vec1::<f32>()?;
+    let got: Vec<f32> = emb.data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    assert_eq!(emb.shape, [576, 128]);
+    assert_eq!(got, want, "service embedding differs from the library's");
+    Ok(())
+}
+
+/// SIGTERM: health turns NOT_SERVING, the process exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drains_on_sigterm() -> Result<()> {
+    let mut v = Vision::start(&[]).await?;
+    let status = v.proc.terminate(Duration::from_secs(10))?;
+    assert!(status.success(), "{status:?}");
+    Ok(())
+}
