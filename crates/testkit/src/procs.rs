@@ -18,12 +18,18 @@ pub struct RedisServer {
     child: Option<Child>,
     /// Its port on 127.0.0.1.
     pub port: u16,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers PING.
     pub fn start() -> Result<Self> {
-        let mut me = Self { child: None, port: free_port() };
+        Self::start_with(&[])
+    }
+
+    /// The same, with extra `redis-server` arguments.
+    pub fn start_with(extra: &[String]) -> Result<Self> {
+        let mut me = Self { child: None, port: free_port(), extra: extra.to_vec() };
         me.spawn()?;
         Ok(me)
     }
@@ -31,6 +37,7 @@ impl RedisServer {
     fn spawn(&mut self) -> Result<()> {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -168,4 +175,49 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             ok.then(|| value.parse::<f64>().ok()).flatten()
         })
         .sum()
+}
+
+/// A three-master Redis Cluster on loopback (no replicas), formed with `redis-cli --cluster`.
+pub struct RedisCluster {
+    /// The nodes.
+    pub nodes: Vec<RedisServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    /// Starts three cluster-enabled nodes and joins them into one cluster.
+    pub fn start() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut nodes = Vec::new();
+        for i in 0..3 {
+            let conf = dir.path().join(format!("nodes-{i}.conf"));
+            nodes.push(RedisServer::start_with(&[
+                "--cluster-enabled".into(),
+                "yes".into(),
+                "--cluster-config-file".into(),
+                conf.display().to_string(),
+                "--dir".into(),
+                dir.path().display().to_string(),
+            ])?);
+        }
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let out = Command::new("redis-cli").arg("--cluster").arg("create").args(&addrs).args(["--cluster-replicas", "0", "--cluster-yes"]).output()?;
+        if !out.status.success() {
+            bail!("redis-cli --cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !nodes.iter().all(|n| n.command("CLUSTER INFO").is_ok_and(|r| r.contains("cluster_state:ok"))) {
+            if Instant::now() > deadline {
+                bail!("cluster never reached state ok");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Self { nodes, _dir: dir })
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`.
+    pub fn url(&self) -> String {
+        let nodes: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        format!("redis+cluster://{}", nodes.join(","))
+    }
 }

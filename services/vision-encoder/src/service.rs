@@ -67,7 +67,9 @@ impl VisionEncoder for VisionService {
         let span = tracing::info_span!("vision.encode", images = tracing::field::Empty, hits = tracing::field::Empty);
         dsvl_telemetry::extract_trace_context(request.metadata(), &span);
         let started = Instant::now();
-        let deadline = grpc_timeout(request.metadata()).map(|d| started + d);
+        // Answer a little before the caller's deadline (network and tonic's own timer start
+        // earlier), so the client gets DEADLINE_EXCEEDED from us rather than a bare cancel.
+        let deadline = grpc_timeout(request.metadata()).map(|d| started + d - (d / 20).min(Duration::from_millis(20)));
         let pipeline = self.ready()?;
         let req = request.into_inner();
         if req.images.is_empty() {
@@ -125,7 +127,15 @@ impl VisionEncoder for VisionService {
                 }
             }
         });
-        let outcomes = futures::future::join_all(jobs).instrument(span.clone()).await;
+        let all = futures::future::join_all(jobs).instrument(span.clone());
+        let outcomes = match deadline {
+            Some(d) => match tokio::time::timeout_at(d.into(), all).await {
+                Ok(o) => o,
+                // Dropping the futures cancels their queued jobs: nothing is encoded for nobody.
+                Err(_) => return Err(Status::deadline_exceeded("the deadline passed before the images were encoded")),
+            },
+            None => all.await,
+        };
         let mut results = Vec::with_capacity(outcomes.len());
         for o in outcomes {
             match o {

@@ -240,8 +240,10 @@ async fn backpressure_and_deadlines() -> Result<()> {
         async move { c.encode(req(vec![image("rocket.jpg")], b"busy")).await }
     });
     tokio::time::sleep(Duration::from_millis(30)).await;
+    // The deadline as a bare grpc-timeout header (no client-side timer), so the status we see is
+    // the server's own answer.
     let mut r = tonic::Request::new(req(vec![tiny_png(3000)], b""));
-    r.set_timeout(Duration::from_millis(150));
+    r.metadata_mut().insert("grpc-timeout", "150m".parse()?);
     let status = c.encode(r).await.err().context("expected DEADLINE_EXCEEDED")?;
     assert_eq!(status.code(), tonic::Code::DeadlineExceeded, "{status:?}");
     busy.await??;
@@ -280,5 +282,34 @@ async fn drains_on_sigterm() -> Result<()> {
     let mut v = Vision::start(&[]).await?;
     let status = v.proc.terminate(Duration::from_secs(10))?;
     assert!(status.success(), "{status:?}");
+    Ok(())
+}
+
+/// Another replica took the lease and died (the lease is set, no value ever comes): this
+/// replica waits, and when the lease expires it takes over and encodes the image itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takes_over_when_the_lease_holder_dies() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let v = Vision::start(&["--redis", &redis.url(), "--lease-ms", "5000"]).await?;
+    let mut c = v.client().await?;
+    let info = c.info(dsvl_proto::v1::InfoRequest {}).await?.into_inner();
+    let img = tiny_png(4242);
+    let key = dsvl_core::cache_key::embedding_key(&dsvl_core::cache_key::KeyParts {
+        salt: b"dead",
+        model_fingerprint: &info.model_fingerprint,
+        dtype: "f32",
+        preprocess_version: dsvl_models::preprocess::PREPROCESS_VERSION,
+        image: &img,
+    });
+    let lease = dsvl_core::cache_key::lease_key(&key);
+    let planted = redis.command(&format!("SET {lease} dead-replica PX 1200"))?;
+    assert!(planted.starts_with("+OK"), "{planted}");
+    let t = Instant::now();
+    let r = c.encode(req(vec![img], b"dead")).await?.into_inner();
+    assert_eq!(r.results[0].key, key, "the test derives the same key as the service");
+    assert!(matches!(r.results[0].result, Some(R::Ref(_))));
+    assert!(t.elapsed() >= Duration::from_millis(1000), "it waited for the planted lease ({:?})", t.elapsed());
+    assert_eq!(v.encoded()?, 1.0, "after the lease expired it encoded the image itself");
+    assert!(v.counter("dsvl_vision_lease_waits_total", &[])? >= 1.0);
     Ok(())
 }
