@@ -1,9 +1,11 @@
 //! `dsvl`: the command users run by hand. Each subcommand lives in its own module; this file
 //! only parses arguments, sets up logging and turns errors into a message and exit code 1.
 
+mod demo;
 mod encode;
 mod generate;
 mod model_args;
+mod procs;
 mod progress;
 mod worker;
 
@@ -19,6 +21,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The main job on embedded defaults: a vision-encoder service, the bundled images encoded
+    /// twice over gRPC, the second pass from the cache.
+    Demo(demo::DemoArgs),
     /// Encode images to DeepSeek-VL image embeddings (preprocessing + vision tower + aligner).
     Encode(encode::EncodeArgs),
     /// Generate a reply to a conversation (CHAT.json), optionally tensor-parallel over --tp ranks.
@@ -35,6 +40,7 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
         Command::Encode(args) => encode::run(args),
         Command::Generate(args) => generate::run(args),
         Command::RankWorker(args) => worker::run(args),

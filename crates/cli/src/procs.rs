@@ -1,0 +1,93 @@
+//! Starting dsvl service binaries as child processes (the local cluster and the demo): find
+//! the binary next to `dsvl`, pick free ports, wait for grpc.health.v1 SERVING, and stop them
+//! (SIGTERM, then SIGKILL) when the guard drops.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// Path of a sibling binary (`dsvl-vision`, ...).
+pub fn sibling_binary(name: &str) -> Result<PathBuf> {
+    let me = std::env::current_exe().context("cannot locate the dsvl executable")?;
+    let path = me.with_file_name(name);
+    if !path.exists() {
+        bail!("{} not found next to {} (build everything with `cargo build --workspace --bins`)", name, me.display());
+    }
+    Ok(path)
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A started service; terminated on drop.
+pub struct Service {
+    /// Name for messages.
+    pub name: String,
+    /// gRPC address.
+    pub addr: String,
+    child: Child,
+}
+
+impl Service {
+    /// Starts `binary args` (stderr inherited so its logs show).
+    pub fn spawn(name: &str, binary: &PathBuf, addr: String, args: &[String]) -> Result<Self> {
+        let child = Command::new(binary)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .spawn()
+            .with_context(|| format!("cannot start {}", binary.display()))?;
+        Ok(Self { name: name.into(), addr, child })
+    }
+
+    /// Waits until health `service` reports SERVING (or the process exits, or `limit` passes).
+    pub async fn wait_serving(&mut self, service: &str, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{} exited during start-up ({status})", self.name);
+            }
+            if let Ok(ch) = Channel::from_shared(format!("http://{}", self.addr))?.connect().await {
+                let r = HealthClient::new(ch).check(HealthCheckRequest { service: service.into() }).await;
+                if r.is_ok_and(|r| r.into_inner().status == 1) {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not become ready within {limit:?}", self.name);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            #[cfg(unix)]
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + grace;
+            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(10));
+    }
+}
