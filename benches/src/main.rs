@@ -6,6 +6,7 @@ mod decoder;
 mod random;
 mod reference;
 mod vision;
+mod vision_service;
 
 use anyhow::Result;
 
@@ -32,6 +33,8 @@ enum Command {
     /// Decoder prefill/decode tokens/s at the VL-1.3B LM dimensions; `--tp 2` for the
     /// communicator's overhead.
     Decoder(decoder::DecoderArgs),
+    /// Vision service pipeline: encode vs cache-hit latency, batching vs max_batch 1.
+    VisionService(vision_service::ServiceArgs),
     /// A worker rank of `decoder --tp N` (internal).
     #[command(hide = true)]
     DecoderWorker(decoder::WorkerArgs),
@@ -48,6 +51,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Vision(args) => vision::run(args, cli.threads),
         Command::Decoder(args) => decoder::run(args, cli.threads),
+        Command::VisionService(args) => vision_service::run(args, cli.threads),
         Command::DecoderWorker(args) => decoder::worker(args),
     }
 }

@@ -74,8 +74,8 @@ pub struct Expected {
 
 /// Everything needed to turn bytes into embeddings; shared by all requests.
 pub struct Pipeline {
-    /// Model thread.
-    pub batcher: Batcher,
+    /// Model thread (shared by pipelines over the same model).
+    pub batcher: Arc<Batcher>,
     /// Decoder + preprocessing.
     pub preprocessor: Preprocessor,
     /// Expected header of stored values.

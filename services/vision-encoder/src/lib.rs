@@ -78,7 +78,7 @@ fn load_pipeline(cfg: &VisionConfig) -> Result<Pipeline, VisionError> {
         None => None,
     };
     Ok(Pipeline {
-        batcher: Batcher::start(encoder, BatcherConfig { max_batch: cfg.max_batch, max_wait: cfg.max_wait, capacity: cfg.queue_capacity }),
+        batcher: Arc::new(Batcher::start(encoder, BatcherConfig { max_batch: cfg.max_batch, max_wait: cfg.max_wait, capacity: cfg.queue_capacity })),
         preprocessor,
         expected: Expected { fingerprint, dtype, shape },
         local: Arc::new(MemoryCache::new(cfg.local_cache_bytes)),
