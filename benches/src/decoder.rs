@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
-use dsvl_engine::group::{lead_group, run_worker, GroupTimeouts, LocalWorkers};
+use dsvl_engine::group::{contiguous_kv, lead_group, run_worker, GroupTimeouts, LocalWorkers};
 use dsvl_models::llm::{DeepSeekLlm, LlmConfig, SeqChunk, Shard, ShardRunner, StepPlan};
 use dsvl_parallel::GroupSpec;
 use serde_json::json;
@@ -79,8 +79,8 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let cfg = vl13b_lm_config()?;
     let shard = Shard { rank: args.rank, world: args.world_size };
     dsvl_engine::group::die_with_parent();
-    run_worker(&spec(args.world_size, args.rank, &args.leader), GroupTimeouts::default(), || {
-        Ok(DeepSeekLlm::new(&cfg, shard, random::var_builder(DType::F32, &Device::Cpu))?)
+    run_worker(&spec(args.world_size, args.rank, &args.leader), GroupTimeouts::default(), |_| {
+        contiguous_kv(DeepSeekLlm::new(&cfg, shard, random::var_builder(DType::F32, &Device::Cpu))?)
     })?;
     Ok(())
 }
@@ -134,8 +134,8 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
         .collect();
     let _workers = LocalWorkers::spawn(commands).context("cannot start worker ranks")?;
     let shard = Shard { rank: 0, world: args.tp };
-    let mut runner = lead_group(&listener, &spec(args.tp, 0, &addr), GroupTimeouts::default(), || {
-        Ok(DeepSeekLlm::new(&cfg, shard, random::var_builder(DType::F32, &Device::Cpu))?)
+    let mut runner = lead_group(&listener, &spec(args.tp, 0, &addr), GroupTimeouts::default(), json!({}), || {
+        contiguous_kv(DeepSeekLlm::new(&cfg, shard, random::var_builder(DType::F32, &Device::Cpu))?)
     })?;
     let mut reference = if args.no_reference || args.tp > 1 {
         None

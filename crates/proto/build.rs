@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("dsvl_descriptor.bin"))
         .compile_protos(&files, &[root.clone()])?;
+    // The directory too, so a newly added .proto file triggers a rebuild.
+    println!("cargo:rerun-if-changed={}", root.join("dsvl/v1").display());
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

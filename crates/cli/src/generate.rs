@@ -12,18 +12,18 @@ use candle_core::Tensor;
 use clap::Args;
 use dsvl_chat::{render_prompt, ChatTokenizer, IncrementalDecoder, Message, DEFAULT_SYSTEM_PROMPT};
 use dsvl_core::ImageLimits;
-use dsvl_engine::group::{lead_group, GroupTimeouts, LocalWorkers};
+use dsvl_engine::group::{contiguous_kv, group_tag, lead_group, GroupTimeouts, LocalWorkers};
 use dsvl_engine::{generate, GenerationRequest, SamplingParams};
 use dsvl_models::checkpoint::Checkpoint;
 use dsvl_models::device::{candle_dtype, open_device};
-use dsvl_models::llm::{DeepSeekLlm, LlmConfig, Shard};
+use dsvl_models::llm::{DeepSeekLlm, ImageRows, LlmConfig, Shard};
 use dsvl_models::preprocess::{Preprocessed, Preprocessor};
 use dsvl_models::vision::VisionEncoder;
 use dsvl_parallel::GroupSpec;
 
 use crate::model_args::ModelArgs;
 use crate::progress;
-use crate::worker::{group_tag, worker_command};
+use crate::worker::worker_command;
 
 /// Token selection flags, shared with `dsvl chat`.
 #[derive(Args, Debug, Clone)]
@@ -157,14 +157,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         let refs: Vec<&Preprocessed> = pixels.iter().collect();
         let emb = enc.forward(&enc.batch_pixels(&refs)?)?;
         let rows = emb.dims()[0] * emb.dims()[1];
-        Some((tok.special().image, emb.reshape((rows, llm_cfg.hidden_size))?))
+        Some(ImageRows::for_image_tokens(&prompt.ids, tok.special().image, emb.reshape((rows, llm_cfg.hidden_size))?)?)
     };
     let vision_s = t_vision.elapsed().as_secs_f64();
 
     // The group: rank 0 here, ranks 1.. as child processes on loopback.
     let listener = TcpListener::bind("127.0.0.1:0").context("cannot bind the rendezvous port")?;
     let addr = listener.local_addr()?.to_string();
-    let tag = group_tag(&ckpt, args.model.dtype);
+    let tag = group_tag(&ckpt, args.model.dtype.as_str());
     let spec = GroupSpec {
         world_size: args.tp,
         rank: 0,
@@ -177,8 +177,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut workers = LocalWorkers::spawn(commands).context("cannot start the tensor-parallel workers")?;
     let t_load = Instant::now();
     let shard = Shard { rank: 0, world: args.tp };
-    let mut runner = lead_group(&listener, &spec, GroupTimeouts::default(), || {
-        DeepSeekLlm::load(&ckpt, dtype, &device, shard, progress::loading("language model", ckpt.weight_bytes()))
+    let mut runner = lead_group(&listener, &spec, GroupTimeouts::default(), serde_json::json!({}), || {
+        contiguous_kv(DeepSeekLlm::load(&ckpt, dtype, &device, shard, progress::loading("language model", ckpt.weight_bytes()))?)
     })
     .context("cannot start the language model group")?;
     let load_s = t_load.elapsed().as_secs_f64();

@@ -6,9 +6,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use dsvl_core::WeightDType;
-use dsvl_engine::group::{die_with_parent, run_worker, GroupTimeouts};
-use dsvl_models::checkpoint::Checkpoint;
+use dsvl_engine::group::{contiguous_kv, die_with_parent, run_worker, GroupTimeouts};
 use dsvl_models::device::{candle_dtype, open_device};
 use dsvl_models::llm::{DeepSeekLlm, Shard};
 use dsvl_parallel::GroupSpec;
@@ -35,12 +33,6 @@ pub struct WorkerArgs {
     /// Exit when the parent process dies (set when a leader starts its local workers).
     #[arg(long)]
     die_with_parent: bool,
-}
-
-/// Identifies what a group serves; ranks with different tags refuse to form a group.
-pub fn group_tag(ckpt: &Checkpoint, dtype: WeightDType) -> String {
-    let config = serde_json::to_vec(ckpt.config()).unwrap_or_default();
-    format!("{}|{dtype}|{}", ckpt.source(), &blake3::hash(&config).to_hex()[..16])
 }
 
 /// The command line that starts rank `rank` of a local group.
@@ -79,7 +71,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let device = open_device(args.model.device)?;
     let dtype = candle_dtype(args.model.dtype);
     let shard = Shard { rank: args.rank, world: args.world_size };
-    run_worker(&spec, GroupTimeouts::default(), || DeepSeekLlm::load(&ckpt, dtype, &device, shard, None))
+    run_worker(&spec, GroupTimeouts::default(), |_| contiguous_kv(DeepSeekLlm::load(&ckpt, dtype, &device, shard, None)?))
         .with_context(|| format!("rank {} of {}", args.rank, args.world_size))?;
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use dsvl_testkit::{assert_close, golden_dir, repo_root};
+use dsvl_testkit::{assert_close, child_pids, golden_dir, pid_alive, repo_root};
 use serde_json::Value;
 
 fn dsvl() -> Command {
@@ -148,24 +148,6 @@ fn bad_inputs_fail_fast_with_a_message() -> Result<()> {
     Ok(())
 }
 
-fn children_of(pid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(child) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
-        // Field 4 (after the parenthesised command) is the parent pid.
-        let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        if after.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(pid) {
-            out.push(child);
-        }
-    }
-    out
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
-}
-
 /// Killing the leader (SIGKILL: no cleanup code runs) takes its worker ranks down with it.
 #[test]
 fn killed_leader_leaves_no_worker_behind() -> Result<()> {
@@ -179,7 +161,7 @@ fn killed_leader_leaves_no_worker_behind() -> Result<()> {
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let workers = loop {
-        let w = children_of(leader.id());
+        let w = child_pids(leader.id());
         if w.len() == 3 {
             break w;
         }
@@ -190,7 +172,7 @@ fn killed_leader_leaves_no_worker_behind() -> Result<()> {
     leader.kill()?;
     leader.wait()?;
     let deadline = Instant::now() + Duration::from_secs(5);
-    while workers.iter().any(|&w| alive(w)) {
+    while workers.iter().any(|&w| pid_alive(w)) {
         anyhow::ensure!(Instant::now() < deadline, "workers {workers:?} outlived the leader");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -211,7 +193,7 @@ fn killed_worker_fails_the_group_fast() -> Result<()> {
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let workers = loop {
-        let w = children_of(leader.id());
+        let w = child_pids(leader.id());
         if w.len() == 3 {
             break w;
         }
@@ -233,7 +215,7 @@ fn killed_worker_fails_the_group_fast() -> Result<()> {
     std::io::Read::read_to_string(&mut leader.stderr.take().context("stderr")?, &mut stderr)?;
     assert!(stderr.contains("rank 2") && stderr.contains("disconnected"), "{stderr}");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while workers.iter().any(|&w| alive(w)) {
+    while workers.iter().any(|&w| pid_alive(w)) {
         anyhow::ensure!(Instant::now() < deadline, "workers {workers:?} left behind");
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -3,7 +3,7 @@
 //! token budget, or when the caller's callback says so.
 
 use candle_core::Tensor;
-use dsvl_models::llm::{SeqChunk, SeqId, ShardRunner, StepPlan};
+use dsvl_models::llm::{ImageRows, SeqChunk, SeqId, ShardRunner, StepPlan};
 use dsvl_models::ModelError;
 
 use crate::sampler::{sample, Rng, SamplingParams};
@@ -25,8 +25,8 @@ impl StepExecutor for ShardRunner {
 pub struct GenerationRequest {
     /// Prompt ids, image placeholders already expanded.
     pub prompt: Vec<u32>,
-    /// Image-token id and `[n_images * 576, hidden]` rows for its positions.
-    pub image: Option<(u32, Tensor)>,
+    /// Image embedding rows and their positions in the prompt.
+    pub image: Option<ImageRows>,
     /// Token selection.
     pub params: SamplingParams,
     /// Budget of new tokens.

@@ -14,7 +14,7 @@ use std::time::Duration;
 use dsvl_models::llm::{ContiguousKv, DeepSeekLlm, KvStore, ShardRunner};
 use dsvl_models::ModelError;
 use dsvl_parallel::rendezvous::{self, GroupSpec};
-use dsvl_parallel::{CommError, LinkSet, Message};
+use dsvl_parallel::{LinkSet, Message};
 use serde_json::json;
 
 /// Worker processes started by this leader; killed and reaped on drop.
@@ -86,6 +86,13 @@ pub fn die_with_parent() {
     }
 }
 
+/// Identifies what a group serves (model source, dtype, config hash); ranks with different
+/// tags refuse to form a group.
+pub fn group_tag(ckpt: &dsvl_models::checkpoint::Checkpoint, dtype: &str) -> String {
+    let config = serde_json::to_vec(ckpt.config()).unwrap_or_default();
+    format!("{}|{dtype}|{}", ckpt.source(), &blake3::hash(&config).to_hex()[..16])
+}
+
 /// Timeouts of a group.
 #[derive(Debug, Clone, Copy)]
 pub struct GroupTimeouts {
@@ -103,16 +110,18 @@ impl Default for GroupTimeouts {
     }
 }
 
-/// Leader side: rendezvous on `listener`, load the local shard with `load`, wait for every
-/// worker to be ready, and return the runner.
+/// Leader side: rendezvous on `listener` (sending `extra`, e.g. the KV pool geometry, to every
+/// worker), load the local shard and its KV store with `load`, wait for every worker to be
+/// ready, and return the runner.
 pub fn lead_group(
     listener: &TcpListener,
     spec: &GroupSpec,
     timeouts: GroupTimeouts,
-    load: impl FnOnce() -> Result<DeepSeekLlm, ModelError>,
+    extra: serde_json::Value,
+    load: impl FnOnce() -> Result<(DeepSeekLlm, Box<dyn KvStore + Send>), ModelError>,
 ) -> Result<ShardRunner, ModelError> {
-    let links = Arc::new(rendezvous::lead(listener, spec, json!({"backend": "tcp"}))?);
-    let model = match load() {
+    let links = Arc::new(rendezvous::lead(listener, spec, extra)?);
+    let (model, kv) = match load() {
         Ok(m) => m,
         Err(e) => {
             links.shutdown();
@@ -124,27 +133,32 @@ pub fn lead_group(
             w.expect("ready", "waiting for the worker to load its shard", Some(timeouts.load))?;
         }
     }
-    Ok(runner(model, links, timeouts))
+    Ok(ShardRunner::new(model, kv, links, timeouts.collective))
 }
 
-fn runner(model: DeepSeekLlm, links: Arc<LinkSet>, timeouts: GroupTimeouts) -> ShardRunner {
-    let kv: Box<dyn KvStore + Send> = Box::new(ContiguousKv::new());
-    ShardRunner::new(model, kv, links, timeouts.collective)
+/// A [`lead_group`] loader for the simple contiguous KV store (`dsvl generate`).
+pub fn contiguous_kv(model: DeepSeekLlm) -> Result<(DeepSeekLlm, Box<dyn KvStore + Send>), ModelError> {
+    Ok((model, Box::new(ContiguousKv::new())))
 }
 
-/// Worker side: join the leader, load the shard with `load` (reporting failure to the leader),
-/// then execute plans until the leader shuts the group down.
-pub fn run_worker(spec: &GroupSpec, timeouts: GroupTimeouts, load: impl FnOnce() -> Result<DeepSeekLlm, ModelError>) -> Result<(), ModelError> {
-    let (links, _extra) = rendezvous::join(spec)?;
+/// Worker side: join the leader, load the shard and KV store with `load` (given the leader's
+/// `extra`), reporting failure to the leader, then execute plans until the leader shuts the
+/// group down.
+pub fn run_worker(
+    spec: &GroupSpec,
+    timeouts: GroupTimeouts,
+    load: impl FnOnce(&serde_json::Value) -> Result<(DeepSeekLlm, Box<dyn KvStore + Send>), ModelError>,
+) -> Result<(), ModelError> {
+    let (links, extra) = rendezvous::join(spec)?;
     let links = Arc::new(links);
     let LinkSet::Worker { leader, .. } = &*links else { unreachable!("join returns a worker link set") };
-    let model = match load() {
+    let (model, kv) = match load(&extra) {
         Ok(m) => m,
         Err(e) => {
             let _ = leader.send(&Message::new(json!({"kind": "error", "reason": e.to_string()})), "report load failure");
             return Err(e);
         }
     };
-    leader.send(&Message::new(json!({"kind": "ready"})), "ready").map_err(CommError::from).map_err(ModelError::from)?;
-    runner(model, links, timeouts).serve()
+    leader.send(&Message::new(json!({"kind": "ready"})), "ready")?;
+    ShardRunner::new(model, kv, links.clone(), timeouts.collective).serve()
 }

@@ -1,11 +1,15 @@
 //! Decoding on top of the model crate: token selection ([`sampler`]) and the generation loop
 //! ([`generate`]) shared by `dsvl generate` and the decoder service, and tensor-parallel process
-//! groups ([`group`]).
+//! groups ([`group`]); for the decoder service, continuous batching over paged KV blocks
+//! ([`scheduler`], [`blocks`]) on a dedicated model thread ([`engine`]).
 #![deny(missing_docs)]
 
+pub mod blocks;
+pub mod engine;
 pub mod generate;
 pub mod group;
 pub mod sampler;
+pub mod scheduler;
 
 pub use generate::{generate, FinishReason, GenerationOutput, GenerationRequest, StepExecutor};
 pub use sampler::{SamplingParams, Rng};

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use dsvl_chat::{render_prompt, ChatTokenizer, Message};
 use dsvl_engine::{generate, GenerationRequest, SamplingParams};
 use dsvl_models::checkpoint::{Checkpoint, ModelSource};
-use dsvl_models::llm::{splice_image_rows, ContiguousKv, DeepSeekLlm, Shard, ShardRunner};
+use dsvl_models::llm::{splice_image_rows, ContiguousKv, DeepSeekLlm, ImageRows, Shard, ShardRunner};
 use dsvl_models::vision::VisionEncoder;
 use dsvl_parallel::{LinkSet, SingleRank};
 use dsvl_testkit::{assert_close, golden_dir, tiny_model_dir};
@@ -68,9 +68,10 @@ fn check_case(prefix: &str, image: Option<Tensor>) -> Result<()> {
     println!("{prefix} inputs_embeds max |diff| {:.2e}", d.max_abs);
 
     let mut runner = ShardRunner::new(model, Box::new(ContiguousKv::new()), Arc::new(LinkSet::Single), std::time::Duration::from_secs(5));
+    let req_ids = ids.clone();
     let req = GenerationRequest {
         prompt: ids,
-        image: image.map(|rows| (image_token, rows)),
+        image: image.map(|rows| ImageRows::for_image_tokens(&req_ids, image_token, rows)).transpose()?,
         params: SamplingParams::greedy(),
         max_new_tokens: 16,
         stop_ids: vec![f.tok.special().eos],

@@ -106,6 +106,23 @@ impl Link {
         }
     }
 
+    /// Whether the peer has closed the connection or sent something unsolicited (a worker only
+    /// speaks when asked, except to report a fatal error). Non-blocking.
+    pub fn peer_gone(&self) -> bool {
+        let r = self.reader.lock().expect("link reader poisoned. This is a bug.");
+        if !r.buffer().is_empty() {
+            return true;
+        }
+        let s = r.get_ref();
+        if s.set_nonblocking(true).is_err() {
+            return true;
+        }
+        let mut b = [0u8; 1];
+        let gone = !matches!(s.peek(&mut b), Err(e) if e.kind() == ErrorKind::WouldBlock);
+        let _ = s.set_nonblocking(false);
+        gone
+    }
+
     /// Closes both directions; the peer sees EOF.
     pub fn shutdown(&self) {
         let r = self.reader.lock().expect("link reader poisoned. This is a bug.");
@@ -148,6 +165,14 @@ impl LinkSet {
             Self::Single => 1,
             Self::Leader { workers } => workers.len() + 1,
             Self::Worker { world_size, .. } => *world_size,
+        }
+    }
+
+    /// Leader: the first worker rank whose link is gone, if any.
+    pub fn dead_peer(&self) -> Option<usize> {
+        match self {
+            Self::Leader { workers } => workers.iter().find(|w| w.peer_gone()).map(Link::peer),
+            _ => None,
         }
     }
 

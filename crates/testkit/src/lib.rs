@@ -8,7 +8,7 @@ mod procs;
 
 use std::path::PathBuf;
 
-pub use procs::{free_port, http_get, metric_sum, RedisCluster, RedisServer, ServiceProcess};
+pub use procs::{child_pids, free_port, http_get, metric_sum, pid_alive, RedisCluster, RedisServer, ServiceProcess};
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};

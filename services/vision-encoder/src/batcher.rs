@@ -138,7 +138,9 @@ fn model_loop(encoder: VisionEncoder, rx: std::sync::mpsc::Receiver<Job>, cfg: B
             continue;
         }
         let t = Instant::now();
+        metrics::gauge!("dsvl_vision_model_busy").set(1.0);
         let result = encode_batch(&encoder, &live);
+        metrics::gauge!("dsvl_vision_model_busy").set(0.0);
         let secs = t.elapsed().as_secs_f64();
         metrics::histogram!("dsvl_vision_batch_size").record(live.len() as f64);
         metrics::histogram!("dsvl_vision_encode_duration_seconds").record(secs);

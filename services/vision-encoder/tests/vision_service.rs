@@ -232,14 +232,23 @@ async fn backpressure_and_deadlines() -> Result<()> {
     }
     assert!(exhausted > 0, "a queue of one never filled up with 12 concurrent images");
 
+    // A deadline that passes during preprocessing: DEADLINE_EXCEEDED and the job is never queued.
     let before = v.encoded()?;
-    // Occupy the model thread, then queue an image whose deadline passes while it waits.
     let mut c = v.client().await?;
+    let mut r = tonic::Request::new(req(vec![tiny_png(2999)], b""));
+    r.metadata_mut().insert("grpc-timeout", "2m".parse()?);
+    assert_eq!(c.encode(r).await.err().context("expected DEADLINE_EXCEEDED")?.code(), tonic::Code::DeadlineExceeded);
+
+    // A deadline that passes while the job waits behind a busy model thread.
     let busy = tokio::spawn({
         let mut c = c.clone();
         async move { c.encode(req(vec![image("rocket.jpg")], b"busy")).await }
     });
-    tokio::time::sleep(Duration::from_millis(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while v.counter("dsvl_vision_model_busy", &[])? < 1.0 {
+        anyhow::ensure!(Instant::now() < deadline, "the model thread never got busy");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     // The deadline as a bare grpc-timeout header (no client-side timer), so the status we see is
     // the server's own answer.
     let mut r = tonic::Request::new(req(vec![tiny_png(3000)], b""));

@@ -5,12 +5,14 @@ pub mod config;
 pub mod kv;
 pub mod layers;
 pub mod model;
+pub mod paged_kv;
 pub mod runner;
 
 pub use config::LlmConfig;
 pub use kv::{ContiguousKv, KvStore, SeqId};
 pub use layers::Shard;
-pub use model::{splice_image_rows, DeepSeekLlm, SeqChunk};
+pub use model::{splice_image_rows, splice_rows_at, DeepSeekLlm, ImageRows, SeqChunk};
+pub use paged_kv::{PagedKv, PagedKvConfig};
 pub use runner::{ShardRunner, StepPlan};
 
 use candle_core::{DType, Device};

@@ -276,22 +276,51 @@ impl DeepSeekLlm {
         Ok(comm.all_gather_last_dim(&local)?.to_dtype(DType::F32)?)
     }
 
-    /// Embeds the chunks' tokens, splices `image_embeds` into the image-token rows, and runs
+    /// Embeds the chunks' tokens, puts `image` rows at their positions, and runs
     /// [`Self::forward_embeds`].
     pub fn forward(
         &self,
         chunks: &[SeqChunk],
-        image: Option<(u32, &Tensor)>,
+        image: Option<&ImageRows>,
         kv: &mut dyn KvStore,
         comm: &dyn Communicator,
     ) -> Result<Tensor, ModelError> {
         self.validate(chunks)?;
         let ids: Vec<u32> = chunks.iter().flat_map(|c| c.tokens.iter().copied()).collect();
         let mut embeds = self.embed(&ids, comm)?;
-        if let Some((image_token, rows)) = image {
-            embeds = splice_image_rows(&embeds, &ids, image_token, rows)?;
+        if let Some(image) = image {
+            embeds = splice_rows_at(&embeds, &image.positions, &image.rows)?;
         }
         self.forward_embeds(&embeds, chunks, kv, comm)
+    }
+}
+
+/// Image embedding rows and the token positions (in the step's concatenated tokens, ascending)
+/// they replace.
+#[derive(Debug, Clone)]
+pub struct ImageRows {
+    /// Where each row goes.
+    pub positions: Vec<u32>,
+    /// `[positions.len(), hidden]`.
+    pub rows: Tensor,
+}
+
+impl ImageRows {
+    /// Rows for every position of `ids` that holds `image_token`, in order (what the
+    /// reference's `inputs_embeds[images_seq_mask] = images_embeds` does).
+    ///
+    /// # Errors
+    /// When the number of image-token positions differs from the number of rows.
+    pub fn for_image_tokens(ids: &[u32], image_token: u32, rows: Tensor) -> Result<Self, ModelError> {
+        let positions: Vec<u32> = ids.iter().enumerate().filter(|(_, &t)| t == image_token).map(|(i, _)| i as u32).collect();
+        let m = rows.dim(0)?;
+        if positions.len() != m {
+            return Err(ModelError::InvalidInput(format!(
+                "the prompt has {} image-token positions but {m} image embedding rows were given",
+                positions.len()
+            )));
+        }
+        Ok(Self { positions, rows })
     }
 }
 
@@ -301,29 +330,45 @@ impl DeepSeekLlm {
 /// # Errors
 /// [`ModelError::InvalidInput`] on a count or width mismatch.
 pub fn splice_image_rows(embeds: &Tensor, ids: &[u32], image_token: u32, images: &Tensor) -> Result<Tensor, ModelError> {
-    let slots = ids.iter().filter(|&&i| i == image_token).count();
-    let (m, hidden) = images.dims2()?;
-    if slots != m {
-        return Err(ModelError::InvalidInput(format!("the prompt has {slots} image-token positions but {m} image embedding rows were given")));
+    let rows = ImageRows::for_image_tokens(ids, image_token, images.clone())?;
+    splice_rows_at(embeds, &rows.positions, &rows.rows)
+}
+
+/// Replaces row `positions[i]` of `embeds` by row `i` of `rows` (positions ascending).
+///
+/// # Errors
+/// [`ModelError::InvalidInput`] for a count, width or position mismatch.
+pub fn splice_rows_at(embeds: &Tensor, positions: &[u32], rows: &Tensor) -> Result<Tensor, ModelError> {
+    let (m, hidden) = rows.dims2()?;
+    let n = embeds.dim(0)?;
+    if positions.len() != m {
+        return Err(ModelError::InvalidInput(format!("{} image positions but {m} image embedding rows", positions.len())));
     }
     if hidden != embeds.dim(D::Minus1)? {
         return Err(ModelError::InvalidInput(format!("image embeddings are {hidden} wide, the model is {}", embeds.dim(D::Minus1)?)));
     }
+    if positions.windows(2).any(|w| w[0] >= w[1]) || positions.last().is_some_and(|&p| p as usize >= n) {
+        return Err(ModelError::InvalidInput("image positions must be ascending and inside the step".into()));
+    }
     if m == 0 {
         return Ok(embeds.clone());
     }
-    let images = images.to_dtype(embeds.dtype())?.to_device(embeds.device())?;
-    // Rebuild as runs of text rows and image rows, in order.
+    let rows = rows.to_dtype(embeds.dtype())?.to_device(embeds.device())?;
+    // Rebuild as alternating runs of text rows and image rows.
     let mut parts = Vec::new();
-    let (mut i, mut used) = (0, 0);
-    while i < ids.len() {
-        let is_image = ids[i] == image_token;
-        let run = ids[i..].iter().take_while(|&&t| (t == image_token) == is_image).count();
-        parts.push(if is_image { images.narrow(0, used, run)? } else { embeds.narrow(0, i, run)? });
-        if is_image {
-            used += run;
+    let (mut next, mut i) = (0usize, 0usize);
+    while i < m {
+        let p = positions[i] as usize;
+        if p > next {
+            parts.push(embeds.narrow(0, next, p - next)?);
         }
+        let run = positions[i..].iter().enumerate().take_while(|(j, &q)| q as usize == p + j).count();
+        parts.push(rows.narrow(0, i, run)?);
+        next = p + run;
         i += run;
+    }
+    if next < n {
+        parts.push(embeds.narrow(0, next, n - next)?);
     }
     Ok(Tensor::cat(&parts, 0)?)
 }

@@ -13,7 +13,7 @@ use dsvl_parallel::{Communicator, LinkSet, Message, SingleRank, TcpCommunicator,
 use serde_json::json;
 
 use super::kv::{KvStore, SeqId};
-use super::model::{DeepSeekLlm, SeqChunk};
+use super::model::{DeepSeekLlm, ImageRows, SeqChunk};
 use crate::ModelError;
 
 /// One step for the whole group.
@@ -23,8 +23,8 @@ pub struct StepPlan {
     pub chunks: Vec<SeqChunk>,
     /// Sequences to forget before running (finished or cancelled).
     pub free: Vec<SeqId>,
-    /// Image-token id and the embedding rows to splice into its positions, in order.
-    pub image: Option<(u32, Tensor)>,
+    /// Image embedding rows and the positions (in the concatenated chunk tokens) they take.
+    pub image: Option<ImageRows>,
 }
 
 impl StepPlan {
@@ -33,10 +33,10 @@ impl StepPlan {
             "kind": "step",
             "chunks": self.chunks,
             "free": self.free,
-            "image_token": self.image.as_ref().map(|(t, _)| *t),
+            "image_positions": self.image.as_ref().map(|i| &i.positions),
         }));
-        if let Some((_, rows)) = &self.image {
-            msg.tensors.push(WireTensor::from_tensor(rows)?);
+        if let Some(image) = &self.image {
+            msg.tensors.push(WireTensor::from_tensor(&image.rows)?);
         }
         Ok(msg)
     }
@@ -45,11 +45,12 @@ impl StepPlan {
         let bad = |e: String| ModelError::InvalidInput(format!("malformed step plan: {e}"));
         let chunks = serde_json::from_value(msg.header["chunks"].clone()).map_err(|e| bad(e.to_string()))?;
         let free = serde_json::from_value(msg.header["free"].clone()).map_err(|e| bad(e.to_string()))?;
-        let image = match msg.header["image_token"].as_u64() {
+        let image = match msg.header.get("image_positions").filter(|v| !v.is_null()) {
             None => None,
-            Some(t) => {
-                let rows = msg.tensors.first().ok_or_else(|| bad("image token without rows".into()))?;
-                Some((t as u32, rows.to_tensor(device)?))
+            Some(p) => {
+                let positions = serde_json::from_value(p.clone()).map_err(|e| bad(e.to_string()))?;
+                let rows = msg.tensors.first().ok_or_else(|| bad("image positions without rows".into()))?;
+                Some(ImageRows { positions, rows: rows.to_tensor(device)? })
             }
         };
         Ok(Self { chunks, free, image })
@@ -97,8 +98,7 @@ impl ShardRunner {
         if plan.chunks.is_empty() {
             return Ok(None);
         }
-        let image = plan.image.as_ref().map(|(t, rows)| (*t, rows));
-        self.model.forward(&plan.chunks, image, self.kv.as_mut(), self.comm.as_ref()).map(Some)
+        self.model.forward(&plan.chunks, plan.image.as_ref(), self.kv.as_mut(), self.comm.as_ref()).map(Some)
     }
 
     /// Leader: validates the plan, sends it to every worker and runs it locally. Returns the

@@ -1,0 +1,372 @@
+//! Continuous batching over a paged KV cache (the decoder tier's scheduler, on the leader).
+//!
+//! Every step: sequences whose client went away or whose deadline passed are dropped (their
+//! blocks freed in this very step); every running sequence gets a slot for its next token,
+//! preempting the most recently admitted sequence when blocks run out (it goes back to the
+//! front of the queue and is recomputed from its prompt plus what it generated, without
+//! re-streaming anything); then waiting sequences are admitted strictly in arrival order while
+//! `max_num_seqs`, `max_batched_tokens` and free blocks allow. One forward pass runs all of it.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use dsvl_models::llm::{ImageRows, SeqChunk, SeqId, StepPlan};
+use dsvl_models::ModelError;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::blocks::BlockManager;
+use crate::generate::{FinishReason, StepExecutor};
+use crate::sampler::{sample, Rng, SamplingParams};
+
+/// Limits of one scheduler.
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    /// Most sequences in a batch.
+    pub max_num_seqs: usize,
+    /// Most new tokens per step (a single prompt longer than this still runs, alone).
+    pub max_batched_tokens: usize,
+    /// The model's position limit.
+    pub max_positions: usize,
+}
+
+/// Token accounting sent with the final event.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// Time from arrival to first admission.
+    pub queue_seconds: f64,
+    /// Time from arrival to the first token.
+    pub time_to_first_token_seconds: f64,
+}
+
+/// Why a sequence could not complete.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Failure {
+    /// Its deadline passed.
+    DeadlineExceeded,
+    /// The request cannot be served (too long for the model or the cache).
+    Invalid(String),
+    /// The group failed.
+    Unavailable(String),
+}
+
+/// What a request's stream receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// One generated token.
+    Token {
+        /// Token id.
+        id: u32,
+        /// Log-probability under the model's (unprocessed) distribution, when asked for.
+        logprob: Option<f32>,
+    },
+    /// Generation ended normally.
+    Finished {
+        /// Why.
+        reason: FinishReason,
+        /// Accounting.
+        usage: Usage,
+    },
+    /// Generation failed.
+    Failed(Failure),
+}
+
+/// A request handed to the scheduler.
+pub struct NewRequest {
+    /// Prompt ids (image placeholders expanded).
+    pub prompt: Vec<u32>,
+    /// Image rows and their positions in the prompt.
+    pub image: Option<ImageRows>,
+    /// Token selection.
+    pub params: SamplingParams,
+    /// Budget of new tokens.
+    pub max_new_tokens: usize,
+    /// Ids that end generation.
+    pub stop_ids: Vec<u32>,
+    /// Report log-probabilities.
+    pub logprobs: bool,
+    /// Give up after this instant.
+    pub deadline: Option<Instant>,
+    /// Where events go; closing the receiver cancels the sequence at the next step.
+    pub events: UnboundedSender<Event>,
+}
+
+struct Seq {
+    id: SeqId,
+    req: NewRequest,
+    generated: Vec<u32>,
+    rng: Rng,
+    /// Tokens in the KV cache (0: needs a full prefill).
+    cached: usize,
+    arrived: Instant,
+    admitted: Option<Instant>,
+    first_token: Option<Instant>,
+    last_token: Option<Instant>,
+}
+
+impl Seq {
+    fn tokens(&self) -> usize {
+        self.req.prompt.len() + self.generated.len()
+    }
+}
+
+/// Scheduler state.
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    blocks: BlockManager,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+    next_id: SeqId,
+    to_free: Vec<SeqId>,
+    preemptions: u64,
+}
+
+/// Queue and cache occupancy, for `Load` reports and metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Occupancy {
+    /// Sequences waiting for admission.
+    pub waiting: usize,
+    /// Sequences in the batch.
+    pub running: usize,
+    /// KV blocks in use.
+    pub blocks_used: usize,
+    /// KV blocks in the pool.
+    pub blocks_total: usize,
+    /// Preemptions so far.
+    pub preemptions: u64,
+}
+
+fn log_softmax_at(row: &[f32], i: usize) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = row.iter().map(|v| f64::from(v - max).exp()).sum::<f64>().ln() as f32 + max;
+    row[i] - lse
+}
+
+impl Scheduler {
+    /// A scheduler over `blocks`.
+    pub fn new(cfg: SchedulerConfig, blocks: BlockManager) -> Self {
+        Self { cfg, blocks, waiting: VecDeque::new(), running: Vec::new(), next_id: 1, to_free: Vec::new(), preemptions: 0 }
+    }
+
+    /// Queues a request, or fails it at once when it can never run.
+    pub fn add(&mut self, req: NewRequest) {
+        let need = req.prompt.len() + 1;
+        let problem = if req.prompt.is_empty() {
+            Some("empty prompt".to_string())
+        } else if need > self.cfg.max_positions {
+            Some(format!("the prompt has {} tokens; the model takes at most {} positions", req.prompt.len(), self.cfg.max_positions))
+        } else if self.blocks.blocks_for(need) > self.blocks.total() {
+            Some(format!("the prompt needs {} KV blocks; the cache has {}", self.blocks.blocks_for(need), self.blocks.total()))
+        } else {
+            None
+        };
+        if let Some(p) = problem {
+            let _ = req.events.send(Event::Failed(Failure::Invalid(p)));
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let rng = Rng::new(req.params.seed);
+        self.waiting.push_back(Seq { id, req, generated: Vec::new(), rng, cached: 0, arrived: Instant::now(), admitted: None, first_token: None, last_token: None });
+    }
+
+    /// Whether anything is queued or running (or blocks wait to be freed on the workers).
+    pub fn has_work(&self) -> bool {
+        !self.waiting.is_empty() || !self.running.is_empty() || !self.to_free.is_empty()
+    }
+
+    /// Current occupancy.
+    pub fn occupancy(&self) -> Occupancy {
+        Occupancy {
+            waiting: self.waiting.len(),
+            running: self.running.len(),
+            blocks_used: self.blocks.used(),
+            blocks_total: self.blocks.total(),
+            preemptions: self.preemptions,
+        }
+    }
+
+    /// Ends every sequence with `failure` (the group broke).
+    pub fn fail_all(&mut self, failure: Failure) {
+        for s in self.running.drain(..).chain(self.waiting.drain(..)) {
+            let _ = s.req.events.send(Event::Failed(failure.clone()));
+        }
+    }
+
+    fn drop_seq(&mut self, s: &Seq) {
+        self.blocks.release(s.id);
+        self.to_free.push(s.id);
+    }
+
+    /// Removes cancelled (receiver dropped) and expired sequences.
+    fn reap(&mut self, now: Instant) {
+        let mut keep = Vec::with_capacity(self.running.len());
+        for s in std::mem::take(&mut self.running) {
+            if let Some(reason) = Self::gone(&s, now) {
+                self.finish_gone(&s, reason);
+                self.drop_seq(&s);
+            } else {
+                keep.push(s);
+            }
+        }
+        self.running = keep;
+        let mut waiting = VecDeque::with_capacity(self.waiting.len());
+        for s in std::mem::take(&mut self.waiting) {
+            match Self::gone(&s, now) {
+                Some(reason) => {
+                    self.finish_gone(&s, reason);
+                    self.drop_seq(&s);
+                }
+                None => waiting.push_back(s),
+            }
+        }
+        self.waiting = waiting;
+    }
+
+    fn gone(s: &Seq, now: Instant) -> Option<&'static str> {
+        if s.req.events.is_closed() {
+            Some("cancelled")
+        } else if s.req.deadline.is_some_and(|d| now >= d) {
+            Some("deadline")
+        } else {
+            None
+        }
+    }
+
+    fn finish_gone(&self, s: &Seq, reason: &'static str) {
+        metrics::counter!("dsvl_decoder_requests_total", "outcome" => reason).increment(1);
+        if reason == "deadline" {
+            let _ = s.req.events.send(Event::Failed(Failure::DeadlineExceeded));
+        }
+    }
+
+    /// One scheduling step and one forward pass. An error means the group is broken.
+    pub fn step(&mut self, exec: &mut dyn StepExecutor) -> Result<(), ModelError> {
+        let now = Instant::now();
+        self.reap(now);
+
+        // Every running sequence needs a slot for the token it appends this step.
+        let mut preempted = false;
+        let mut i = 0;
+        while i < self.running.len() {
+            let (id, need) = (self.running[i].id, self.running[i].cached.max(self.running[i].tokens()) + 1);
+            if self.blocks.grow(id, need) {
+                i += 1;
+                continue;
+            }
+            let mut victim = self.running.pop().expect("non-empty");
+            self.drop_seq(&victim);
+            victim.cached = 0;
+            self.preemptions += 1;
+            preempted = true;
+            metrics::counter!("dsvl_decoder_preemptions_total").increment(1);
+            tracing::debug!(seq = victim.id, "preempted (recompute)");
+            self.waiting.push_front(victim);
+        }
+
+        // Admit in arrival order (not while preempting: that would only thrash).
+        let mut batched: usize = self.running.iter().map(|s| if s.cached == 0 { s.tokens() } else { 1 }).sum();
+        while !preempted && self.running.len() < self.cfg.max_num_seqs {
+            let Some(front) = self.waiting.front() else { break };
+            let need = front.tokens();
+            if batched > 0 && batched + need > self.cfg.max_batched_tokens {
+                break;
+            }
+            if !self.blocks.grow(front.id, need + 1) {
+                break;
+            }
+            let mut s = self.waiting.pop_front().expect("front exists");
+            if s.admitted.is_none() {
+                s.admitted = Some(now);
+                metrics::histogram!("dsvl_decoder_queue_seconds").record(now.duration_since(s.arrived).as_secs_f64());
+            }
+            batched += need;
+            self.running.push(s);
+        }
+
+        // One chunk per running sequence: a (re)prefill or one decode token.
+        let mut chunks = Vec::with_capacity(self.running.len());
+        let mut positions = Vec::new();
+        let mut rows: Vec<Tensor> = Vec::new();
+        let mut offset = 0u32;
+        for s in &self.running {
+            let chunk = if s.cached == 0 {
+                if let Some(img) = &s.req.image {
+                    positions.extend(img.positions.iter().map(|p| p + offset));
+                    rows.push(img.rows.clone());
+                }
+                let mut tokens = s.req.prompt.clone();
+                tokens.extend_from_slice(&s.generated);
+                SeqChunk { seq: s.id, tokens, start: 0, all_logits: false, blocks: self.blocks.table(s.id).to_vec() }
+            } else {
+                let last = *s.generated.last().expect("a cached sequence has generated a token");
+                SeqChunk { seq: s.id, tokens: vec![last], start: s.cached, all_logits: false, blocks: self.blocks.table(s.id).to_vec() }
+            };
+            offset += chunk.tokens.len() as u32;
+            chunks.push(chunk);
+        }
+        let image = if rows.is_empty() {
+            None
+        } else {
+            Some(ImageRows { positions, rows: if rows.len() == 1 { rows.pop().expect("one") } else { Tensor::cat(&rows, 0)? } })
+        };
+        let plan = StepPlan { chunks, free: std::mem::take(&mut self.to_free), image };
+        if plan.chunks.is_empty() {
+            if !plan.free.is_empty() {
+                exec.step(&plan)?;
+            }
+            return Ok(());
+        }
+        let logits = exec.step(&plan)?.ok_or_else(|| ModelError::InvalidInput("the step returned no logits".into()))?;
+        let logits: Vec<Vec<f32>> = logits.to_vec2()?;
+
+        let now = Instant::now();
+        let mut finished = Vec::new();
+        for ((s, chunk), row) in self.running.iter_mut().zip(&plan.chunks).zip(&logits) {
+            s.cached = chunk.start + chunk.tokens.len();
+            let token = sample(row, &s.req.params, &s.generated, &mut s.rng);
+            s.generated.push(token);
+            let logprob = s.req.logprobs.then(|| log_softmax_at(row, token as usize));
+            match s.last_token {
+                None => {
+                    s.first_token = Some(now);
+                    metrics::histogram!("dsvl_decoder_time_to_first_token_seconds").record(now.duration_since(s.arrived).as_secs_f64());
+                }
+                Some(prev) => metrics::histogram!("dsvl_decoder_inter_token_latency_seconds").record(now.duration_since(prev).as_secs_f64()),
+            }
+            s.last_token = Some(now);
+            let _ = s.req.events.send(Event::Token { id: token, logprob });
+            let reason = if s.req.stop_ids.contains(&token) {
+                Some(FinishReason::Stop)
+            } else if s.generated.len() >= s.req.max_new_tokens || s.cached + 1 >= self.cfg.max_positions {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                let usage = Usage {
+                    prompt_tokens: s.req.prompt.len(),
+                    completion_tokens: s.generated.len(),
+                    queue_seconds: s.admitted.map_or(0.0, |a| a.duration_since(s.arrived).as_secs_f64()),
+                    time_to_first_token_seconds: s.first_token.map_or(0.0, |f| f.duration_since(s.arrived).as_secs_f64()),
+                };
+                let _ = s.req.events.send(Event::Finished { reason, usage });
+                metrics::counter!("dsvl_decoder_requests_total", "outcome" => "ok").increment(1);
+                finished.push(s.id);
+            }
+        }
+        metrics::counter!("dsvl_decoder_generated_tokens_total").increment(plan.chunks.len() as u64);
+        if !finished.is_empty() {
+            let (done, keep): (Vec<Seq>, Vec<Seq>) = std::mem::take(&mut self.running).into_iter().partition(|s| finished.contains(&s.id));
+            self.running = keep;
+            for s in &done {
+                self.drop_seq(s);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,168 @@
+//! Flags (with environment fallbacks, including the LeaderWorkerSet variables) and the
+//! validated config.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use dsvl_core::{DeviceSpec, WeightDType};
+
+/// `dsvl-decoder`: one tensor-parallel group of the DeepSeek LLM decoder.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "dsvl-decoder", version, about)]
+pub struct Args {
+    /// gRPC listen address (rank 0 only).
+    #[arg(long, env = "DSVL_DECODER_LISTEN", default_value = "127.0.0.1:50071")]
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` listen address.
+    #[arg(long, env = "DSVL_DECODER_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Checkpoint directory; the bundled tiny model when absent.
+    #[arg(long, env = "DSVL_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Working dtype.
+    #[arg(long, env = "DSVL_DTYPE", default_value = "f32")]
+    pub dtype: WeightDType,
+    /// Device of rank 0 (`cuda:N`: rank r uses `cuda:N+r` on its node).
+    #[arg(long, env = "DSVL_DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
+    /// Tensor-parallel degree (ranks in the group).
+    #[arg(long, env = "DSVL_TP", default_value_t = 1)]
+    pub tp: usize,
+    /// Nodes (pods) the group spans; ranks are split evenly (LeaderWorkerSet group size).
+    #[arg(long, env = "LWS_GROUP_SIZE", default_value_t = 1)]
+    pub nodes: usize,
+    /// This node's index; 0 is the leader node (LeaderWorkerSet worker index).
+    #[arg(long, env = "LWS_WORKER_INDEX", default_value_t = 0)]
+    pub node_index: usize,
+    /// Host of the leader node's rendezvous (LeaderWorkerSet leader address).
+    #[arg(long, env = "LWS_LEADER_ADDRESS", default_value = "127.0.0.1")]
+    pub leader_host: String,
+    /// Rendezvous port on the leader (0 picks a free port when the group is all local).
+    #[arg(long, env = "DSVL_RENDEZVOUS_PORT", default_value_t = 29500)]
+    pub rendezvous_port: u16,
+    /// Shared cache for embedding references from the vision tier.
+    #[arg(long, env = "DSVL_REDIS_URL")]
+    pub redis: Option<String>,
+    /// KV cache blocks per rank.
+    #[arg(long, env = "DSVL_KV_BLOCKS", default_value_t = 1024)]
+    pub kv_blocks: usize,
+    /// Tokens per KV block.
+    #[arg(long, env = "DSVL_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+    /// Most sequences in a batch.
+    #[arg(long, env = "DSVL_MAX_NUM_SEQS", default_value_t = 64)]
+    pub max_num_seqs: usize,
+    /// Most new tokens per step.
+    #[arg(long, env = "DSVL_MAX_BATCHED_TOKENS", default_value_t = 4096)]
+    pub max_batched_tokens: usize,
+    /// Most requests waiting for admission; beyond it RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DSVL_MAX_WAITING", default_value_t = 256)]
+    pub max_waiting: usize,
+    /// Deadline of any collective, in seconds (a hung rank fails the group after this).
+    #[arg(long, env = "DSVL_COLLECTIVE_TIMEOUT_SECS", default_value_t = 5)]
+    pub collective_timeout_secs: u64,
+    /// Longest a graceful shutdown waits for in-flight streams, in seconds.
+    #[arg(long, env = "DSVL_DRAIN_SECS", default_value_t = 30)]
+    pub drain_secs: u64,
+    /// Largest gRPC message in MiB (inline embeddings are 4.5 MiB per image for VL-7B bf16).
+    #[arg(long, env = "DSVL_MAX_MESSAGE_MIB", default_value_t = 64)]
+    pub max_message_mib: usize,
+    /// OTLP/gRPC endpoint for traces.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// JSON logs.
+    #[arg(long, env = "DSVL_JSON_LOGS")]
+    pub json_logs: bool,
+    /// Internal: run as worker rank `--rank` of a group led at `--leader`.
+    #[arg(long, hide = true)]
+    pub worker: bool,
+    /// Internal (worker): rank.
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub rank: usize,
+    /// Internal (worker): leader rendezvous address.
+    #[arg(long, hide = true)]
+    pub leader: Option<String>,
+    /// Internal (worker): exit with the parent.
+    #[arg(long, hide = true)]
+    pub die_with_parent: bool,
+}
+
+/// Validated decoder configuration.
+#[derive(Debug, Clone)]
+pub struct DecoderConfig {
+    /// Checkpoint.
+    pub model: Option<PathBuf>,
+    /// Working dtype.
+    pub dtype: WeightDType,
+    /// Device of rank 0.
+    pub device: DeviceSpec,
+    /// TP degree.
+    pub tp: usize,
+    /// Nodes the group spans.
+    pub nodes: usize,
+    /// Rendezvous address the leader binds (`host:port`).
+    pub rendezvous_bind: String,
+    /// Shared cache URL.
+    pub redis: Option<String>,
+    /// KV blocks per rank.
+    pub kv_blocks: usize,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Batch limits.
+    pub max_num_seqs: usize,
+    /// Step token budget.
+    pub max_batched_tokens: usize,
+    /// Admission queue bound.
+    pub max_waiting: usize,
+    /// Collective deadline.
+    pub collective_timeout: Duration,
+    /// Drain bound.
+    pub drain: Duration,
+    /// Largest gRPC message.
+    pub max_message_bytes: usize,
+}
+
+/// A flag value that makes no sense.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --{field}: {reason}")]
+pub struct ConfigError {
+    /// The flag.
+    pub field: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+impl TryFrom<&Args> for DecoderConfig {
+    type Error = ConfigError;
+
+    fn try_from(a: &Args) -> Result<Self, ConfigError> {
+        let bad = |field, reason: &str| Err(ConfigError { field, reason: reason.into() });
+        for (field, v) in [("tp", a.tp), ("nodes", a.nodes), ("kv-blocks", a.kv_blocks), ("block-size", a.block_size), ("max-num-seqs", a.max_num_seqs), ("max-batched-tokens", a.max_batched_tokens)] {
+            if v == 0 {
+                return bad(field, "must be at least 1");
+            }
+        }
+        if a.tp % a.nodes != 0 {
+            return bad("nodes", "the tensor-parallel degree must split evenly over the nodes");
+        }
+        Ok(Self {
+            model: a.model.clone(),
+            dtype: a.dtype,
+            device: a.device,
+            tp: a.tp,
+            nodes: a.nodes,
+            rendezvous_bind: if a.nodes == 1 { "127.0.0.1:0".into() } else { format!("0.0.0.0:{}", a.rendezvous_port) },
+            redis: a.redis.clone().filter(|u| !u.is_empty()),
+            kv_blocks: a.kv_blocks,
+            block_size: a.block_size,
+            max_num_seqs: a.max_num_seqs,
+            max_batched_tokens: a.max_batched_tokens,
+            max_waiting: a.max_waiting,
+            collective_timeout: Duration::from_secs(a.collective_timeout_secs.max(1)),
+            drain: Duration::from_secs(a.drain_secs),
+            max_message_bytes: a.max_message_mib << 20,
+        })
+    }
+}

@@ -1,0 +1,164 @@
+//! Starting this process's part of the group: the leader (rank 0) binds the rendezvous,
+//! starts its node's other ranks as children, loads its shard and the paged KV pool, and waits
+//! for every rank; a worker rank joins, loads, and executes plans. Under a LeaderWorkerSet the
+//! ranks of a group are split over `nodes` pods: each pod runs `tp / nodes` ranks, pod 0 holds
+//! rank 0.
+
+use std::net::TcpListener;
+use std::process::Command;
+
+use dsvl_engine::blocks::BlockManager;
+use dsvl_engine::group::{die_with_parent, group_tag, lead_group, run_worker, GroupTimeouts, LocalWorkers};
+use dsvl_engine::scheduler::{Scheduler, SchedulerConfig};
+use dsvl_models::checkpoint::{Checkpoint, ModelSource};
+use dsvl_models::device::{candle_dtype, open_device};
+use dsvl_models::llm::{DeepSeekLlm, KvStore, PagedKv, PagedKvConfig, SeqChunk, Shard, ShardRunner, StepPlan};
+use dsvl_models::vision::VisionEncoder;
+use dsvl_models::ModelError;
+use dsvl_parallel::GroupSpec;
+
+use crate::config::{Args, DecoderConfig};
+
+/// What the service needs to know about the model it serves.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    /// Vocabulary rows.
+    pub vocab_size: usize,
+    /// Position limit.
+    pub max_positions: usize,
+    /// Embedding width.
+    pub hidden_size: usize,
+    /// Image token id and the expected vision fingerprint (DeepSeek-VL); `None` for text-only.
+    pub vision: Option<(u32, String)>,
+    /// Tokens per image.
+    pub image_tokens: usize,
+    /// Tensor-parallel degree.
+    pub tp: usize,
+}
+
+fn source(model: &Option<std::path::PathBuf>) -> ModelSource {
+    model.clone().map_or(ModelSource::Bundled, ModelSource::Dir)
+}
+
+fn device_for(base: dsvl_core::DeviceSpec, local_rank: usize) -> dsvl_core::DeviceSpec {
+    match base {
+        dsvl_core::DeviceSpec::Cpu => dsvl_core::DeviceSpec::Cpu,
+        dsvl_core::DeviceSpec::Cuda(n) => dsvl_core::DeviceSpec::Cuda(n + local_rank),
+    }
+}
+
+fn spec(world: usize, rank: usize, leader: String, tag: String, cfg_timeout: std::time::Duration) -> GroupSpec {
+    GroupSpec {
+        world_size: world,
+        rank,
+        leader_addr: leader,
+        rendezvous_timeout: std::time::Duration::from_secs(600),
+        collective_timeout: cfg_timeout,
+        tag,
+    }
+}
+
+fn paged_kv(model: &DeepSeekLlm, kv: PagedKvConfig) -> Result<Box<dyn KvStore + Send>, ModelError> {
+    let c = model.config();
+    let shard = model.shard();
+    let kv_heads = if shard.world >= c.num_kv_heads { 1 } else { c.num_kv_heads / shard.world };
+    Ok(Box::new(PagedKv::new(kv, c.num_layers, kv_heads, c.head_dim, model.dtype(), model.device())?))
+}
+
+/// Commands starting this node's other ranks (`first_rank+1 .. first_rank+local`).
+fn local_worker_commands(args: &Args, leader: &str, first_rank: usize, local: usize) -> Result<Vec<Command>, ModelError> {
+    let exe = std::env::current_exe().map_err(|e| ModelError::Io { path: "current executable".into(), source: e })?;
+    Ok((1..local)
+        .map(|i| {
+            let mut c = Command::new(&exe);
+            c.args(["--worker", "--die-with-parent", "--rank", &(first_rank + i).to_string(), "--leader", leader, "--tp", &args.tp.to_string()]);
+            c.args(["--nodes", &args.nodes.to_string(), "--node-index", &args.node_index.to_string(), "--dtype", args.dtype.as_str()]);
+            c.args(["--device", &device_for(args.device, i).to_string(), "--collective-timeout-secs", &args.collective_timeout_secs.to_string()]);
+            if let Some(m) = &args.model {
+                c.arg("--model").arg(m);
+            }
+            c
+        })
+        .collect())
+}
+
+/// Leader: everything the engine thread owns. Runs on that thread (the communicator must not
+/// leave it). Also runs one warm-up step through every rank.
+pub fn build_leader(args: &Args, cfg: &DecoderConfig) -> Result<(ShardRunner, Scheduler, LocalWorkers, ModelInfo), ModelError> {
+    let ckpt = Checkpoint::open(&source(&cfg.model))?;
+    let dtype = candle_dtype(cfg.dtype);
+    let device = open_device(cfg.device)?;
+    let listener = TcpListener::bind(&cfg.rendezvous_bind).map_err(|e| ModelError::Io { path: cfg.rendezvous_bind.clone(), source: e })?;
+    let local_addr = listener.local_addr().map_err(|e| ModelError::Io { path: "rendezvous".into(), source: e })?;
+    let leader = if cfg.nodes == 1 { local_addr.to_string() } else { format!("{}:{}", args.leader_host, local_addr.port()) };
+    let tag = group_tag(&ckpt, cfg.dtype.as_str());
+    let local = cfg.tp / cfg.nodes;
+    let mut workers = LocalWorkers::spawn(local_worker_commands(args, &leader, 0, local)?).map_err(|e| ModelError::Io { path: "worker ranks".into(), source: e })?;
+    let kv = PagedKvConfig { num_blocks: cfg.kv_blocks, block_size: cfg.block_size };
+    let timeouts = GroupTimeouts { collective: cfg.collective_timeout, ..GroupTimeouts::default() };
+    let spec = spec(cfg.tp, 0, leader, tag, cfg.collective_timeout);
+    let mut runner = lead_group(&listener, &spec, timeouts, serde_json::json!({ "kv": kv }), || {
+        let model = DeepSeekLlm::load(&ckpt, dtype, &device, Shard { rank: 0, world: cfg.tp }, None)?;
+        let kv = paged_kv(&model, kv)?;
+        Ok((model, kv))
+    })?;
+    if let Some(dead) = workers.exited() {
+        return Err(ModelError::InvalidInput(dead));
+    }
+    // Warm-up through every rank: one token, block 0, then freed.
+    let warm = StepPlan {
+        chunks: vec![SeqChunk { seq: u64::MAX, tokens: vec![0], start: 0, all_logits: false, blocks: vec![0] }],
+        ..StepPlan::default()
+    };
+    runner.lead_step(&warm)?;
+    runner.lead_step(&StepPlan { free: vec![u64::MAX], ..StepPlan::default() })?;
+
+    let c = runner.model().config().clone();
+    let vision = if ckpt.config().get("vision_config").is_some() {
+        let tok = ckpt.read_file("tokenizer.json")?.ok_or_else(|| ModelError::Config { file: "checkpoint".into(), message: "missing tokenizer.json".into() })?;
+        let tok = dsvl_chat::ChatTokenizer::from_bytes(&tok).map_err(|e| ModelError::Config { file: "tokenizer.json".into(), message: e.to_string() })?;
+        Some((tok.special().image, VisionEncoder::fingerprint(&ckpt)?))
+    } else {
+        None
+    };
+    let image_tokens = match ckpt.read_file("processor_config.json")? {
+        Some(b) => serde_json::from_slice::<serde_json::Value>(&b).ok().and_then(|v| v["num_image_tokens"].as_u64()).unwrap_or(576) as usize,
+        None => 576,
+    };
+    let info = ModelInfo { vocab_size: c.vocab_size, max_positions: c.max_position_embeddings, hidden_size: c.hidden_size, vision, image_tokens, tp: cfg.tp };
+    let sched = Scheduler::new(
+        SchedulerConfig { max_num_seqs: cfg.max_num_seqs, max_batched_tokens: cfg.max_batched_tokens, max_positions: c.max_position_embeddings },
+        BlockManager::new(cfg.kv_blocks, cfg.block_size),
+    );
+    Ok((runner, sched, workers, info))
+}
+
+/// A worker process: `--worker` (one rank started by its node's first process) or a
+/// non-leader node (its first rank, which starts the node's other ranks).
+pub fn run_worker_process(args: &Args) -> Result<(), ModelError> {
+    if args.die_with_parent {
+        die_with_parent();
+    }
+    let local = args.tp / args.nodes.max(1);
+    let (rank, leader) = if args.worker {
+        (args.rank, args.leader.clone().ok_or_else(|| ModelError::InvalidInput("--worker needs --leader".into()))?)
+    } else {
+        (args.node_index * local, format!("{}:{}", args.leader_host, args.rendezvous_port))
+    };
+    let _children = if args.worker { LocalWorkers::default() } else {
+        LocalWorkers::spawn(local_worker_commands(args, &leader, rank, local)?).map_err(|e| ModelError::Io { path: "worker ranks".into(), source: e })?
+    };
+    let ckpt = Checkpoint::open(&source(&args.model))?;
+    let local_rank = rank % local.max(1);
+    let device = open_device(device_for(args.device, local_rank))?;
+    let dtype = candle_dtype(args.dtype);
+    let timeout = std::time::Duration::from_secs(args.collective_timeout_secs.max(1));
+    let spec = spec(args.tp, rank, leader, group_tag(&ckpt, args.dtype.as_str()), timeout);
+    let timeouts = GroupTimeouts { collective: timeout, ..GroupTimeouts::default() };
+    run_worker(&spec, timeouts, |extra| {
+        let kv: PagedKvConfig = serde_json::from_value(extra["kv"].clone()).map_err(|e| ModelError::InvalidInput(format!("leader sent no KV geometry: {e}")))?;
+        let model = DeepSeekLlm::load(&ckpt, dtype, &device, Shard { rank, world: args.tp }, None)?;
+        let kv = paged_kv(&model, kv)?;
+        Ok((model, kv))
+    })
+}

@@ -1,0 +1,146 @@
+//! The decoder tier as a library: [`run`] serves `dsvl.v1.Decoder` for one tensor-parallel group
+//! until a shutdown future resolves; `main.rs` parses flags, sets up telemetry, and runs either
+//! this (rank 0) or a worker rank ([`group::run_worker_process`]).
+//!
+//! Failure semantics (RELIABILITY R9): the group serves as a unit. If any rank dies or a
+//! collective times out, every in-flight stream ends with UNAVAILABLE, health turns
+//! NOT_SERVING, [`run`] returns an error (the process exits non-zero so the orchestrator
+//! recreates the group) and the local worker ranks are killed on the way out.
+#![deny(missing_docs)]
+
+pub mod config;
+mod embeddings;
+pub mod group;
+mod service;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dsvl_cache::{RedisCache, RedisConfig};
+use dsvl_engine::engine::spawn_engine;
+use dsvl_proto::v1::decoder_server::DecoderServer;
+use tokio::net::TcpListener;
+
+pub use config::{Args, DecoderConfig};
+use service::DecoderService;
+
+/// Why the decoder stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DecoderError {
+    /// The group could not start or failed while serving.
+    #[error("decoder group: {0}")]
+    Group(#[from] dsvl_models::ModelError),
+    /// The cache could not be configured.
+    #[error("cache: {0}")]
+    Cache(#[from] dsvl_cache::CacheError),
+    /// The gRPC server failed.
+    #[error("server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// Reflection setup failed.
+    #[error("reflection: {0}")]
+    Reflection(String),
+}
+
+/// Serves the decoder group's gRPC API on `listener` until `shutdown` resolves (then drains:
+/// NOT_SERVING, new requests UNAVAILABLE, in-flight streams finish within `config.drain`) or the
+/// group fails (error).
+///
+/// Health (`grpc.health.v1`, `dsvl.v1.Decoder` and `""`) is SERVING only once every rank has
+/// joined, loaded its shard and run a warm-up step.
+pub async fn run(args: Args, config: DecoderConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), DecoderError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_not_serving::<DecoderServer<DecoderService>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(dsvl_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| DecoderError::Reflection(e.to_string()))?;
+
+    let cache = match &config.redis {
+        Some(url) => Some(Arc::new(RedisCache::new(RedisConfig::new(url.clone()))?)),
+        None => None,
+    };
+    let ready = Arc::new(std::sync::OnceLock::new());
+    let draining = Arc::new(AtomicBool::new(false));
+    let active = Arc::new(AtomicUsize::new(0));
+    let svc = DecoderService { ready: ready.clone(), cache, max_waiting: config.max_waiting, draining: draining.clone(), active: active.clone() };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(DecoderServer::new(svc).max_decoding_message_size(config.max_message_bytes).max_encoding_message_size(config.max_message_bytes))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    tokio::pin!(server);
+
+    // The group starts on the engine thread (its communicator never leaves that thread).
+    let (info_tx, info_rx) = std::sync::mpsc::channel();
+    let (engine_args, engine_cfg) = (args.clone(), config.clone());
+    let t = Instant::now();
+    let mut starting = tokio::task::spawn_blocking(move || {
+        spawn_engine(move || {
+            let (runner, sched, workers, info) = group::build_leader(&engine_args, &engine_cfg)?;
+            let _ = info_tx.send((info, workers));
+            Ok((runner, sched))
+        })
+    });
+    tokio::pin!(shutdown);
+    // Phase 1: the group starts (health NOT_SERVING, requests UNAVAILABLE).
+    let (engine, join) = tokio::select! {
+        r = &mut server => return r.map_err(DecoderError::from),
+        () = &mut shutdown => return Ok(()),
+        r = &mut starting => match r {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => return Err(e.into()),
+            Err(e) => return Err(DecoderError::Reflection(format!("engine start task: {e}"))),
+        },
+    };
+    let (info, workers) = info_rx.recv().map_err(|_| DecoderError::Reflection("engine started without model info".into()))?;
+    tracing::info!(tp = info.tp, load_s = t.elapsed().as_secs_f64(), "decoder group ready");
+    let _ = ready.set(service::Ready { engine, info });
+    health.set_serving::<DecoderServer<DecoderService>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let mut engine_done = tokio::task::spawn_blocking(move || {
+        join.join().unwrap_or_else(|_| Err(dsvl_models::ModelError::InvalidInput("engine thread panicked".into())))
+    });
+    // Phase 2: serving, until shutdown or a group failure.
+    let failure = tokio::select! {
+        r = &mut server => return r.map_err(DecoderError::from),
+        () = &mut shutdown => None,
+        r = &mut engine_done => Some(match r {
+            Ok(Ok(())) => dsvl_models::ModelError::InvalidInput("the engine stopped".into()),
+            Ok(Err(e)) => e,
+            Err(e) => dsvl_models::ModelError::InvalidInput(format!("engine thread: {e}")),
+        }),
+    };
+    health.set_not_serving::<DecoderServer<DecoderService>>().await;
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    draining.store(true, Ordering::SeqCst);
+    if let Some(e) = failure {
+        // Streams already ended with UNAVAILABLE; stop serving and let the process exit
+        // non-zero. Dropping `workers` kills any rank still alive.
+        let _ = stop_tx.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(2), &mut server).await;
+        drop(workers);
+        return Err(e.into());
+    }
+    tracing::info!("draining");
+    let deadline = Instant::now() + config.drain;
+    while active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), &mut server).await;
+    // The engine stops once idle and tells the workers to exit.
+    if let Some(r) = ready.get() {
+        r.engine.shutdown();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(10), engine_done).await;
+    let mut workers = workers;
+    workers.wait_or_kill(Duration::from_secs(5));
+    Ok(())
+}

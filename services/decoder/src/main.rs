@@ -1,0 +1,48 @@
+//! `dsvl-decoder`: flags, telemetry, signals. Rank 0 serves gRPC; `--worker` processes (and
+//! non-leader nodes of a LeaderWorkerSet group) run a worker rank.
+
+use anyhow::Context;
+use clap::Parser;
+use dsvl_decoder::{group, run, Args, DecoderConfig};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _telemetry = dsvl_telemetry::init(&dsvl_telemetry::TelemetryConfig {
+        service_name: "dsvl-decoder".into(),
+        otlp_endpoint: args.otlp_endpoint.clone(),
+        json_logs: args.json_logs,
+    })?;
+    let config = DecoderConfig::try_from(&args)?;
+    if args.worker || args.node_index > 0 {
+        group::run_worker_process(&args).context("worker rank failed")?;
+        return Ok(());
+    }
+    if let Some(addr) = args.metrics_listen {
+        dsvl_telemetry::serve_prometheus(addr)?;
+    }
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+        tracing::info!(listen = %listener.local_addr()?, tp = args.tp, "dsvl-decoder starting");
+        run(args.clone(), config, listener, shutdown_signal()).await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+/// SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -1,0 +1,257 @@
+//! The `dsvl.v1.Decoder` gRPC service: validation, embeddings in, the engine's event stream out.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use dsvl_cache::RedisCache;
+use dsvl_engine::engine::EngineHandle;
+use dsvl_engine::scheduler::{Event, Failure, NewRequest};
+use dsvl_engine::{FinishReason, SamplingParams};
+use dsvl_models::llm::ImageRows;
+use dsvl_proto::v1::decoder_server::Decoder;
+use dsvl_proto::v1::generate_response::Event as Out;
+use dsvl_proto::v1::{FinishEvent, GenerateRequest, GenerateResponse, LoadRequest, LoadResponse, TokenEvent, Usage};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::embeddings;
+use crate::group::ModelInfo;
+
+/// The running group, once it has started.
+pub struct Ready {
+    pub(crate) engine: EngineHandle,
+    pub(crate) info: ModelInfo,
+}
+
+/// Shared by all requests.
+pub struct DecoderService {
+    pub(crate) ready: Arc<std::sync::OnceLock<Ready>>,
+    pub(crate) cache: Option<Arc<RedisCache>>,
+    pub(crate) max_waiting: usize,
+    pub(crate) draining: Arc<AtomicBool>,
+    pub(crate) active: Arc<AtomicUsize>,
+}
+
+/// Decrements the active-stream count when a response stream ends or is dropped.
+struct ActiveGuard(Arc<AtomicUsize>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn status_of(f: Failure) -> Status {
+    match f {
+        Failure::DeadlineExceeded => Status::deadline_exceeded("the deadline passed before generation finished"),
+        Failure::Invalid(m) => Status::invalid_argument(m),
+        Failure::Unavailable(m) => Status::unavailable(m),
+    }
+}
+
+/// Remaining time from the caller's `grpc-timeout` header.
+fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+impl DecoderService {
+    fn state(&self) -> Result<&Ready, Status> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("the decoder is draining"));
+        }
+        let r = self.ready.get().ok_or_else(|| Status::unavailable("the decoder group is still starting"))?;
+        if !r.engine.is_alive() {
+            return Err(Status::unavailable("the decoder group has failed"));
+        }
+        Ok(r)
+    }
+}
+
+impl Ready {
+    fn validate(&self, req: &GenerateRequest) -> Result<(), Status> {
+        let n = req.prompt_token_ids.len();
+        if n == 0 {
+            return Err(Status::invalid_argument("empty prompt"));
+        }
+        if n + 1 > self.info.max_positions {
+            return Err(Status::invalid_argument(format!("the prompt has {n} tokens; the model takes at most {} positions", self.info.max_positions)));
+        }
+        if let Some(bad) = req.prompt_token_ids.iter().find(|&&t| t as usize >= self.info.vocab_size) {
+            return Err(Status::invalid_argument(format!("token id {bad} is outside the vocabulary of {}", self.info.vocab_size)));
+        }
+        if let Some(s) = &req.sampling {
+            let p = sampling(s);
+            p.validate().map_err(Status::invalid_argument)?;
+        }
+        Ok(())
+    }
+
+    /// Image rows at their positions; checks the slots against the prompt.
+    async fn images(&self, req: &GenerateRequest, cache: Option<&Arc<RedisCache>>) -> Result<Option<ImageRows>, Status> {
+        let image_token = self.info.vision.as_ref().map(|(t, _)| *t);
+        let slots_in_prompt = image_token.map_or(0, |t| req.prompt_token_ids.iter().filter(|&&x| x == t).count());
+        if req.images.is_empty() {
+            if slots_in_prompt > 0 {
+                return Err(Status::invalid_argument(format!("the prompt has {slots_in_prompt} image-token positions but no images")));
+            }
+            return Ok(None);
+        }
+        let Some(image_token) = image_token else { return Err(Status::invalid_argument("this model is text-only: it cannot take images")) };
+        let k = self.info.image_tokens;
+        let mut slots = req.images.clone();
+        slots.sort_by_key(|s| s.position);
+        let mut positions = Vec::with_capacity(slots.len() * k);
+        for s in &slots {
+            let p = s.position as usize;
+            let run = req.prompt_token_ids.get(p..p + k).ok_or_else(|| Status::invalid_argument(format!("image at {p} runs past the prompt")))?;
+            if run.iter().any(|&t| t != image_token) {
+                return Err(Status::invalid_argument(format!("positions {p}..{} are not all image tokens ({image_token})", p + k)));
+            }
+            if positions.last().is_some_and(|&last: &u32| last as usize >= p) {
+                return Err(Status::invalid_argument("image slots overlap"));
+            }
+            positions.extend((p..p + k).map(|x| x as u32));
+        }
+        if positions.len() != slots_in_prompt {
+            return Err(Status::invalid_argument(format!("{} image-token positions in the prompt but {} images", slots_in_prompt, slots.len())));
+        }
+        let rows = embeddings::fetch(&slots, &self.info, cache).await?;
+        let rows = Tensor::cat(&rows, 0).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Some(ImageRows { positions, rows }))
+    }
+}
+
+fn sampling(s: &dsvl_proto::v1::SamplingParams) -> SamplingParams {
+    SamplingParams {
+        temperature: s.temperature,
+        top_k: s.top_k as usize,
+        top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
+        repetition_penalty: if s.repetition_penalty == 0.0 { 1.0 } else { s.repetition_penalty },
+        seed: s.seed,
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Decoder for DecoderService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        let span = tracing::info_span!("decoder.generate", request_id = tracing::field::Empty, prompt_tokens = tracing::field::Empty);
+        dsvl_telemetry::extract_trace_context(request.metadata(), &span);
+        let started = Instant::now();
+        let deadline = grpc_timeout(request.metadata()).map(|d| started + d - (d / 20).min(Duration::from_millis(20)));
+        let ready = self.state()?;
+        let req = request.into_inner();
+        span.record("request_id", req.request_id.as_str());
+        span.record("prompt_tokens", req.prompt_token_ids.len());
+        ready.validate(&req)?;
+        if ready.engine.load().occupancy.waiting >= self.max_waiting {
+            return Err(Status::resource_exhausted("too many requests waiting; retry later or elsewhere"));
+        }
+        let image = ready.images(&req, self.cache.as_ref()).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let max_new = if req.max_new_tokens == 0 { ready.info.max_positions } else { req.max_new_tokens as usize };
+        let new = NewRequest {
+            prompt: req.prompt_token_ids.clone(),
+            image,
+            params: req.sampling.as_ref().map(sampling).unwrap_or_default(),
+            max_new_tokens: max_new,
+            stop_ids: req.stop_token_ids.clone(),
+            logprobs: req.logprobs,
+            deadline,
+            events: tx,
+        };
+        ready.engine.submit(new).map_err(|_| Status::unavailable("the decoder group has failed"))?;
+        self.active.fetch_add(1, Ordering::SeqCst);
+        let guard = ActiveGuard(self.active.clone());
+        let logprobs = req.logprobs;
+        let stream = async_stream_from(move |yield_tx| async move {
+            let _guard = guard;
+            let mut index = 0u32;
+            loop {
+                let ev = tokio::select! {
+                    ev = rx.recv() => match ev { Some(ev) => ev, None => break },
+                    // The client went away: drop the engine's receiver now, so even a queued
+                    // sequence is dropped at the next step.
+                    () = yield_tx.closed() => break,
+                };
+                let item = match ev {
+                    Event::Token { id, logprob } => {
+                        let e = TokenEvent { id, logprob: if logprobs { logprob.unwrap_or(0.0) } else { 0.0 }, index };
+                        index += 1;
+                        Ok(GenerateResponse { event: Some(Out::Token(e)) })
+                    }
+                    Event::Finished { reason, usage } => {
+                        let reason = match reason {
+                            FinishReason::Stop => dsvl_proto::v1::FinishReason::Stop,
+                            FinishReason::Length | FinishReason::Cancelled => dsvl_proto::v1::FinishReason::Length,
+                        };
+                        Ok(GenerateResponse {
+                            event: Some(Out::Finish(FinishEvent {
+                                reason: reason as i32,
+                                usage: Some(Usage {
+                                    prompt_tokens: usage.prompt_tokens as u32,
+                                    completion_tokens: usage.completion_tokens as u32,
+                                    queue_seconds: usage.queue_seconds,
+                                    time_to_first_token_seconds: usage.time_to_first_token_seconds,
+                                }),
+                            })),
+                        })
+                    }
+                    Event::Failed(f) => Err(status_of(f)),
+                };
+                let last = !matches!(item, Ok(GenerateResponse { event: Some(Out::Token(_)) }));
+                if yield_tx.send(item).await.is_err() || last {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn load(&self, _: Request<LoadRequest>) -> Result<Response<LoadResponse>, Status> {
+        let Some(r) = self.ready.get() else {
+            return Ok(Response::new(LoadResponse::default()));
+        };
+        let l = r.engine.load();
+        Ok(Response::new(LoadResponse {
+            waiting: l.occupancy.waiting as u32,
+            running: l.occupancy.running as u32,
+            kv_blocks_used: l.occupancy.blocks_used as u32,
+            kv_blocks_total: l.occupancy.blocks_total as u32,
+            tokens_per_second: l.tokens_per_second,
+            ready: r.engine.is_alive() && !self.draining.load(Ordering::SeqCst),
+            tensor_parallel: r.info.tp as u32,
+            max_positions: r.info.max_positions as u32,
+        }))
+    }
+}
+
+/// A stream fed by a task through a small channel; dropping the stream (client gone) drops the
+/// receiver, which ends the task, which drops the engine's event receiver: the scheduler frees
+/// the sequence at its next step.
+fn async_stream_from<F, Fut>(body: F) -> GenerateStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<GenerateResponse, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

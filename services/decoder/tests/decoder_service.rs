@@ -1,0 +1,300 @@
+//! The decoder service as deployed: the real `dsvl-decoder` binary (rank 0 plus worker rank
+//! processes), a real `redis-server` for embedding references, gRPC streaming clients.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use dsvl_proto::v1::decoder_client::DecoderClient;
+use dsvl_proto::v1::generate_response::Event;
+use dsvl_proto::v1::image_slot::Embedding as Source;
+use dsvl_proto::v1::{EmbeddingRef, GenerateRequest, ImageSlot, LoadRequest};
+use dsvl_testkit::{child_pids, free_port, golden_dir, http_get, metric_sum, pid_alive, RedisServer, ServiceProcess};
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+struct Decoder {
+    proc: ServiceProcess,
+    grpc: String,
+    metrics: String,
+}
+
+impl Decoder {
+    async fn start(extra: &[&str]) -> Result<Self> {
+        let (grpc, metrics) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+        let mut args = vec!["--listen".to_string(), grpc.clone(), "--metrics-listen".into(), metrics.clone()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = ServiceProcess::spawn(env!("CARGO_BIN_EXE_dsvl-decoder"), &args)?;
+        let me = Self { proc, grpc, metrics };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(ch) = me.channel().await {
+                if HealthClient::new(ch).check(HealthCheckRequest { service: String::new() }).await.is_ok_and(|r| r.into_inner().status == 1) {
+                    return Ok(me);
+                }
+            }
+            anyhow::ensure!(Instant::now() < deadline, "decoder never became SERVING");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn channel(&self) -> Result<Channel> {
+        Ok(Channel::from_shared(format!("http://{}", self.grpc))?.connect().await?)
+    }
+
+    async fn client(&self) -> Result<DecoderClient<Channel>> {
+        Ok(DecoderClient::new(self.channel().await?))
+    }
+
+    fn counter(&self, name: &str) -> Result<f64> {
+        Ok(metric_sum(&http_get(&self.metrics, "/metrics")?, name, &[]))
+    }
+}
+
+fn golden() -> Result<(HashMap<String, Tensor>, serde_json::Value)> {
+    let lm = candle_core::safetensors::load(golden_dir().join("lm.safetensors"), &Device::Cpu)?;
+    let chat = serde_json::from_slice(&std::fs::read(golden_dir().join("chat.json"))?)?;
+    Ok((lm, chat))
+}
+
+fn ids(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.flatten_all()?.to_vec1::<i64>()?.into_iter().map(|v| v as u32).collect())
+}
+
+fn request(prompt: Vec<u32>, max_new: u32) -> GenerateRequest {
+    GenerateRequest { prompt_token_ids: prompt, max_new_tokens: max_new, stop_token_ids: vec![1001], ..Default::default() }
+}
+
+/// Streams to the end; returns the token ids and the finish reason (or the status).
+async fn generate(client: &mut DecoderClient<Channel>, req: GenerateRequest) -> Result<(Vec<u32>, i32), tonic::Status> {
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut out = Vec::new();
+    while let Some(msg) = stream.message().await? {
+        match msg.event {
+            Some(Event::Token(t)) => {
+                assert_eq!(t.index as usize, out.len(), "token indexes are dense");
+                out.push(t.id);
+            }
+            Some(Event::Finish(f)) => return Ok((out, f.reason)),
+            None => {}
+        }
+    }
+    Err(tonic::Status::internal("stream ended without a finish message"))
+}
+
+/// Distinct prompts of varying length from the tiny vocabulary.
+fn prompts(n: usize) -> Vec<Vec<u32>> {
+    (0..n).map(|i| (0..(20 + 7 * i)).map(|j| ((j * 37 + i * 101) % 990) as u32 + 1).collect()).collect()
+}
+
+/// The golden text prompt streams the golden greedy ids (= `dsvl generate`), at TP 1 and 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_stream_matches_reference_at_tp_1_and_2() -> Result<()> {
+    let (lm, _) = golden()?;
+    for tp in ["1", "2"] {
+        let d = Decoder::start(&["--tp", tp]).await?;
+        let (out, reason) = generate(&mut d.client().await?, request(ids(&lm["text.input_ids"])?, 16)).await?;
+        assert_eq!(out, ids(&lm["text.generated_ids"])?, "tp {tp}");
+        assert_eq!(reason, dsvl_proto::v1::FinishReason::Length as i32);
+        let load = d.client().await?.load(LoadRequest {}).await?.into_inner();
+        assert_eq!(load.tensor_parallel.to_string(), tp);
+    }
+    Ok(())
+}
+
+/// The image prompt with its embedding referenced through a real Redis (encoded by the
+/// library, stored in the vision tier's format) streams the golden ids; a missing entry is
+/// FAILED_PRECONDITION, a wrong fingerprint too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_stream_through_redis_matches_reference() -> Result<()> {
+    let (lm, _) = golden()?;
+    let redis = RedisServer::start()?;
+    let d = Decoder::start(&["--redis", &redis.url()]).await?;
+
+    use dsvl_models::checkpoint::{Checkpoint, ModelSource};
+    let ckpt = Checkpoint::open(&ModelSource::Bundled)?;
+    let fingerprint = dsvl_models::vision::VisionEncoder::fingerprint(&ckpt)?;
+    let enc = dsvl_models::vision::VisionEncoder::load(&ckpt, DType::F32, &Device::Cpu, None)?;
+    let pre = candle_core::safetensors::load(golden_dir().join("preprocess.safetensors"), &Device::Cpu)?;
+    let u8s = pre["photo_jpeg.pixel_values_u8"].flatten_all()?.to_dtype(DType::U32)?;
+    let pixels = pre["rescale_lut"].index_select(&u8s, 0)?.reshape((1, 3, 1024, 1024))?;
+    let emb = enc.forward(&pixels)?.flatten_all()?.to_vec1::<f32>()?;
+    let payload: Vec<u8> = emb.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let store = |key: &str, fp: &str| -> Result<()> {
+        let header = dsvl_core::codec::EmbeddingHeader { dtype: dsvl_core::codec::EmbeddingDType::F32, shape: vec![576, 128], model_fingerprint: fp.into() };
+        let value = dsvl_core::codec::encode(&header, &payload);
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port))?;
+        use std::io::{Read, Write};
+        write!(s, "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n", key.len(), value.len())?;
+        s.write_all(&value)?;
+        s.write_all(b"\r\n")?;
+        let mut buf = [0u8; 16];
+        let n = s.read(&mut buf)?;
+        anyhow::ensure!(buf[..n].starts_with(b"+OK"), "SET failed");
+        Ok(())
+    };
+    store("dsvl:emb:v1:golden", &fingerprint)?;
+    store("dsvl:emb:v1:foreign", "another-model")?;
+    let slot = |key: &str| ImageSlot {
+        position: 54,
+        embedding: Some(Source::Ref(EmbeddingRef { key: key.into(), shape: vec![576, 128], dtype: 1, model_fingerprint: fingerprint.clone(), stored_bytes: 0 })),
+    };
+    let prompt = ids(&lm["image.input_ids"])?;
+    let mut c = d.client().await?;
+    let (out, _) = generate(&mut c, GenerateRequest { images: vec![slot("dsvl:emb:v1:golden")], ..request(prompt.clone(), 16) }).await?;
+    assert_eq!(out, ids(&lm["image.generated_ids"])?);
+
+    let missing = generate(&mut c, GenerateRequest { images: vec![slot("dsvl:emb:v1:gone")], ..request(prompt.clone(), 4) }).await.unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::FailedPrecondition);
+    assert!(missing.message().contains("re-encode"), "{}", missing.message());
+    let foreign = generate(&mut c, GenerateRequest { images: vec![slot("dsvl:emb:v1:foreign")], ..request(prompt.clone(), 4) }).await.unwrap_err();
+    assert_eq!(foreign.code(), tonic::Code::FailedPrecondition);
+    assert!(foreign.message().contains("another model"), "{}", foreign.message());
+    let no_image = generate(&mut c, request(prompt, 4)).await.unwrap_err();
+    assert_eq!(no_image.code(), tonic::Code::InvalidArgument);
+    Ok(())
+}
+
+/// 16 concurrent streams give the same tokens as each alone; with a KV budget too small for
+/// all of them, sequences are preempted (recomputed) and still give the same tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_and_preemption_keep_outputs() -> Result<()> {
+    let ps = prompts(16);
+    let d = Decoder::start(&["--kv-blocks", "4096"]).await?;
+    let mut solo = Vec::new();
+    for p in &ps {
+        solo.push(generate(&mut d.client().await?, request(p.clone(), 12)).await?.0);
+    }
+    let run_all = |d: &Decoder| {
+        let grpc = d.grpc.clone();
+        let ps = ps.clone();
+        async move {
+            let mut tasks = Vec::new();
+            for p in ps {
+                let grpc = grpc.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut c = DecoderClient::connect(format!("http://{grpc}")).await.expect("connect");
+                    generate(&mut c, request(p, 12)).await
+                }));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.expect("task").map(|r| r.0));
+            }
+            out
+        }
+    };
+    for (i, r) in run_all(&d).await.into_iter().enumerate() {
+        assert_eq!(r?, solo[i], "stream {i} differs when batched");
+    }
+    drop(d);
+
+    // 24 blocks x 16 = 384 token slots for 16 sequences of 21..126 + 12 tokens: must preempt.
+    let small = Decoder::start(&["--kv-blocks", "24", "--block-size", "16"]).await?;
+    for (i, r) in run_all(&small).await.into_iter().enumerate() {
+        assert_eq!(r?, solo[i], "stream {i} differs after preemption");
+    }
+    assert!(small.counter("dsvl_decoder_preemptions_total")? > 0.0, "the small cache never preempted");
+    Ok(())
+}
+
+/// A client that goes away frees its KV blocks within a step; a too-long prompt is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_client_frees_blocks_and_long_prompt_is_refused() -> Result<()> {
+    let d = Decoder::start(&[]).await?;
+    let mut c = d.client().await?;
+    let mut stream = c.generate(request(prompts(1)[0].clone(), 10_000)).await?.into_inner();
+    for _ in 0..3 {
+        stream.message().await?;
+    }
+    let used = c.load(LoadRequest {}).await?.into_inner().kv_blocks_used;
+    assert!(used > 0);
+    drop(stream);
+    let t = Instant::now();
+    loop {
+        let l = c.load(LoadRequest {}).await?.into_inner();
+        if l.kv_blocks_used == 0 && l.running == 0 {
+            break;
+        }
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(2), "blocks still held: {l:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let long = generate(&mut c, request(vec![5; 16_384], 1)).await.unwrap_err();
+    assert_eq!(long.code(), tonic::Code::InvalidArgument);
+    assert!(long.message().contains("positions"), "{}", long.message());
+    let bad_id = generate(&mut c, request(vec![5, 99_999], 1)).await.unwrap_err();
+    assert_eq!(bad_id.code(), tonic::Code::InvalidArgument);
+    Ok(())
+}
+
+/// Killing a worker rank mid-stream: every stream ends with UNAVAILABLE within 5 s, the leader
+/// exits non-zero, and no rank process is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_worker_fails_the_group_fast() -> Result<()> {
+    let mut d = Decoder::start(&["--tp", "2"]).await?;
+    let workers = child_pids(d.proc.pid());
+    assert_eq!(workers.len(), 1, "one worker rank process");
+    let mut streams = Vec::new();
+    for p in prompts(3) {
+        let mut s = d.client().await?.generate(request(p, 100_000)).await?.into_inner();
+        s.message().await?;
+        streams.push(s);
+    }
+    let t = Instant::now();
+    std::process::Command::new("kill").args(["-9", &workers[0].to_string()]).status()?;
+    for mut s in streams {
+        let status = loop {
+            match s.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => bail!("stream ended without an error"),
+                Err(st) => break st,
+            }
+        };
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    }
+    assert!(t.elapsed() < Duration::from_secs(5), "streams ended after {:?}", t.elapsed());
+    let exit = loop {
+        if let Some(s) = d.proc.try_wait()? {
+            break s;
+        }
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(10), "leader still running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!exit.success(), "the leader must exit non-zero");
+    assert!(workers.iter().all(|&w| !pid_alive(w)));
+    Ok(())
+}
+
+/// SIGTERM while a stream runs: it completes, then the group exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drains_in_flight_streams_on_sigterm() -> Result<()> {
+    let mut d = Decoder::start(&["--tp", "2"]).await?;
+    let workers = child_pids(d.proc.pid());
+    let mut c = d.client().await?;
+    let mut s = c.generate(request(prompts(1)[0].clone(), 40)).await?.into_inner();
+    s.message().await?;
+    std::process::Command::new("kill").args(["-TERM", &d.proc.pid().to_string()]).status()?;
+    let mut tokens = 1;
+    let mut finished = false;
+    while let Some(m) = s.message().await? {
+        match m.event {
+            Some(Event::Token(_)) => tokens += 1,
+            Some(Event::Finish(_)) => finished = true,
+            None => {}
+        }
+    }
+    assert!(finished && tokens == 40, "the in-flight stream completed ({tokens} tokens)");
+    let t = Instant::now();
+    let exit = loop {
+        if let Some(s) = d.proc.try_wait()? {
+            break s;
+        }
+        anyhow::ensure!(t.elapsed() < Duration::from_secs(20), "did not exit after draining");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "{exit:?}");
+    assert!(workers.iter().all(|&w| !pid_alive(w)), "worker ranks exited");
+    Ok(())
+}
