@@ -155,7 +155,7 @@ impl Decoder for DecoderService {
         let span = tracing::info_span!("decoder.generate", request_id = tracing::field::Empty, prompt_tokens = tracing::field::Empty);
         dsvl_telemetry::extract_trace_context(request.metadata(), &span);
         let started = Instant::now();
-        let deadline = grpc_timeout(request.metadata()).map(|d| started + d - (d / 20).min(Duration::from_millis(20)));
+        let deadline = grpc_timeout(request.metadata()).map(|d| started + d.saturating_sub((d / 20).clamp(Duration::from_millis(2), Duration::from_millis(20))));
         let ready = self.state()?;
         let req = request.into_inner();
         span.record("request_id", req.request_id.as_str());

@@ -69,7 +69,7 @@ impl VisionEncoder for VisionService {
         let started = Instant::now();
         // Answer a little before the caller's deadline (network and tonic's own timer start
         // earlier), so the client gets DEADLINE_EXCEEDED from us rather than a bare cancel.
-        let deadline = grpc_timeout(request.metadata()).map(|d| started + d - (d / 20).min(Duration::from_millis(20)));
+        let deadline = grpc_timeout(request.metadata()).map(|d| started + d.saturating_sub((d / 20).clamp(Duration::from_millis(2), Duration::from_millis(20))));
         let pipeline = self.ready()?;
         let req = request.into_inner();
         if req.images.is_empty() {

@@ -232,14 +232,9 @@ async fn backpressure_and_deadlines() -> Result<()> {
     }
     assert!(exhausted > 0, "a queue of one never filled up with 12 concurrent images");
 
-    // A deadline that passes during preprocessing: DEADLINE_EXCEEDED and the job is never queued.
+    // A deadline that passes while the job waits behind a busy model thread.
     let before = v.encoded()?;
     let mut c = v.client().await?;
-    let mut r = tonic::Request::new(req(vec![tiny_png(2999)], b""));
-    r.metadata_mut().insert("grpc-timeout", "2m".parse()?);
-    assert_eq!(c.encode(r).await.err().context("expected DEADLINE_EXCEEDED")?.code(), tonic::Code::DeadlineExceeded);
-
-    // A deadline that passes while the job waits behind a busy model thread.
     let busy = tokio::spawn({
         let mut c = c.clone();
         async move { c.encode(req(vec![image("rocket.jpg")], b"busy")).await }
