@@ -246,7 +246,11 @@ impl Preprocessor {
     pub fn preprocess_rgb(&self, rgb: &RgbImage) -> Preprocessed {
         let (chw, geometry) = self.canvas_u8(rgb);
         let plane = geometry.side * geometry.side;
-        let pixel_values = chw.iter().enumerate().map(|(i, &v)| self.lut[i / plane][v as usize]).collect();
+        let mut pixel_values = Vec::with_capacity(chw.len());
+        for (c, channel) in chw.chunks_exact(plane).enumerate() {
+            let lut = &self.lut[c];
+            pixel_values.extend(channel.iter().map(|&v| lut[v as usize]));
+        }
         Preprocessed { pixel_values, geometry }
     }
 }

@@ -122,14 +122,16 @@ pub fn resize_bicubic_rgb8(rgb: &[u8], width: usize, height: usize, out_w: usize
         let mut tmp = vec![0u8; rows * out_w * CHANNELS];
         tmp.par_chunks_mut(out_w * CHANNELS).enumerate().for_each(|(r, out_row)| {
             let src = &rgb[(first_row + r) * width * CHANNELS..(first_row + r + 1) * width * CHANNELS];
-            for xx in 0..out_w {
+            for (xx, px) in out_row.chunks_exact_mut(CHANNELS).enumerate() {
                 let (xmin, k) = horiz.taps(xx);
-                for c in 0..CHANNELS {
-                    let mut acc = HALF;
-                    for (x, &w) in k.iter().enumerate() {
-                        acc += i32::from(src[(xmin + x) * CHANNELS + c]) * w;
+                let mut acc = [HALF; CHANNELS];
+                for (s, &w) in src[xmin * CHANNELS..].chunks_exact(CHANNELS).zip(k) {
+                    for c in 0..CHANNELS {
+                        acc[c] += i32::from(s[c]) * w;
                     }
-                    out_row[xx * CHANNELS + c] = clip8(acc);
+                }
+                for c in 0..CHANNELS {
+                    px[c] = clip8(acc[c]);
                 }
             }
         });
@@ -146,12 +148,17 @@ pub fn resize_bicubic_rgb8(rgb: &[u8], width: usize, height: usize, out_w: usize
     out.par_chunks_mut(row_len).enumerate().for_each(|(yy, out_row)| {
         let (ymin, k) = vert.taps(yy);
         let ymin = ymin - stage_first_row;
-        for (i, px) in out_row.iter_mut().enumerate() {
-            let mut acc = HALF;
-            for (y, &w) in k.iter().enumerate() {
-                acc += i32::from(stage[(ymin + y) * row_len + i]) * w;
+        // Accumulate whole rows (contiguous, vectorisable); integer sums are order-independent,
+        // so this equals Pillow's per-pixel loop exactly.
+        let mut acc = vec![HALF; row_len];
+        for (y, &w) in k.iter().enumerate() {
+            let src = &stage[(ymin + y) * row_len..][..row_len];
+            for (a, &v) in acc.iter_mut().zip(src) {
+                *a += i32::from(v) * w;
             }
-            *px = clip8(acc);
+        }
+        for (px, &a) in out_row.iter_mut().zip(&acc) {
+            *px = clip8(a);
         }
     });
     out
