@@ -1,6 +1,7 @@
 //! Small CPU kernels for hot element-wise loops where candle's scalar paths cost more than the
 //! matmuls around them: a vectorisable `exp`, exact-erf GELU, the SAM attention epilogue
-//! (relative-position add + softmax over one score row), and a bandwidth-bound GEMV for decode.
+//! (relative-position add + softmax over one score row), and a bandwidth-bound GEMV for
+//! batch-1 decode.
 //!
 //! Each kernel is compiled twice, for the baseline target and with AVX2 + FMA, and picked at run
 //! time, so the loops vectorise 8-wide on the machines we serve from without a `-C target-cpu`
@@ -215,10 +216,9 @@ fn gemv_block(out: &mut [f32], x: &[f32], w_rows: &[f32], k: usize) {
     gemv_block_impl(out, x, w_rows, k)
 }
 
-/// `y = x W^T` for a few rows of `x` (`[m, k]`) and `W` `[n, k]`: each weight row is streamed
-/// once and used for all `m` inputs, blocks of rows in parallel. Decode steps are bound by
-/// reading the weights, and this reads them at close to memory bandwidth where a general GEMM
-/// with `m = 1` does not. Returns `[m, n]`.
+/// `y = x W^T` for one (or a few) rows of `x` (`[m, k]`) and `W` `[n, k]`: each weight row is
+/// streamed once, blocks of rows in parallel. A batch-1 decode step is bound by reading the
+/// weights, and this reads them at close to memory bandwidth. Returns `[m, n]`.
 pub fn gemv(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     use rayon::prelude::*;
     const BLOCK: usize = 64;

@@ -20,3 +20,4 @@ pub mod preprocess;
 pub mod vision;
 
 pub use error::ModelError;
+
