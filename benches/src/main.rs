@@ -3,6 +3,7 @@
 //! in `benches/README.md`.
 
 mod decoder;
+mod decoder_service;
 mod random;
 mod reference;
 mod vision;
@@ -35,6 +36,8 @@ enum Command {
     Decoder(decoder::DecoderArgs),
     /// Vision service pipeline: encode vs cache-hit latency, batching vs max_batch 1.
     VisionService(vision_service::ServiceArgs),
+    /// Decoder engine: tokens/s at 1/4/16 concurrent streams, TTFT and ITL percentiles.
+    DecoderService(decoder_service::ServiceArgs),
     /// A worker rank of `decoder --tp N` (internal).
     #[command(hide = true)]
     DecoderWorker(decoder::WorkerArgs),
@@ -52,6 +55,7 @@ fn main() -> Result<()> {
         Command::Vision(args) => vision::run(args, cli.threads),
         Command::Decoder(args) => decoder::run(args, cli.threads),
         Command::VisionService(args) => vision_service::run(args, cli.threads),
+        Command::DecoderService(args) => decoder_service::run(args, cli.threads),
         Command::DecoderWorker(args) => decoder::worker(args),
     }
 }

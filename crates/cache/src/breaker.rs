@@ -80,6 +80,16 @@ impl CircuitBreaker {
         }
     }
 
+    /// Whether a call would be allowed, without claiming the half-open probe.
+    pub fn allow_peek(&self) -> bool {
+        let s = self.lock();
+        match s.state {
+            BreakerState::Closed => true,
+            BreakerState::HalfOpen => false,
+            BreakerState::Open => s.opened_at.elapsed() >= self.config.open_for,
+        }
+    }
+
     /// Records a successful call.
     pub fn success(&self) {
         let mut s = self.lock();

@@ -82,6 +82,16 @@ impl RedisCache {
         &self.breaker
     }
 
+    /// Whether `key` is present (one `EXISTS`, no value transfer): lets a caller skip work
+    /// whose result is already cached.
+    ///
+    /// # Errors
+    /// Redis unreachable, timed out, or the breaker is open.
+    pub async fn exists(&self, key: &str) -> Result<bool, CacheError> {
+        let n: u64 = self.run(redis::cmd("EXISTS").arg(key).clone()).await?;
+        Ok(n > 0)
+    }
+
     async fn connect(&self) -> redis::RedisResult<Conn> {
         let c = &self.config;
         if let Some(nodes) = c.url.strip_prefix("redis+cluster://") {

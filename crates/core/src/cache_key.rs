@@ -7,6 +7,10 @@
 //! no two different field tuples hash the same input; the full-width hash keeps collisions out
 //! of reach (truncated keys have caused cross-image collisions in other systems).
 
+/// Version of the image preprocessing algorithm (decoding rules, resize, padding, rescale);
+/// part of every key, so a change there never serves embeddings made by an older pipeline.
+pub const PREPROCESS_VERSION: u32 = 1;
+
 /// Prefix of every embedding key.
 pub const KEY_PREFIX: &str = "dsvl:emb:v1:";
 /// Prefix of the cross-replica single-flight lease of a key.

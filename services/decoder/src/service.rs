@@ -3,7 +3,7 @@
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use candle_core::Tensor;
 use dsvl_cache::RedisCache;
@@ -50,22 +50,6 @@ fn status_of(f: Failure) -> Status {
         Failure::Invalid(m) => Status::invalid_argument(m),
         Failure::Unavailable(m) => Status::unavailable(m),
     }
-}
-
-/// Remaining time from the caller's `grpc-timeout` header.
-fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let v = meta.get("grpc-timeout")?.to_str().ok()?;
-    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
-    let n: u64 = num.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
 }
 
 impl DecoderService {
@@ -155,7 +139,7 @@ impl Decoder for DecoderService {
         let span = tracing::info_span!("decoder.generate", request_id = tracing::field::Empty, prompt_tokens = tracing::field::Empty);
         dsvl_telemetry::extract_trace_context(request.metadata(), &span);
         let started = Instant::now();
-        let deadline = grpc_timeout(request.metadata()).map(|d| started + d.saturating_sub((d / 20).clamp(Duration::from_millis(2), Duration::from_millis(20))));
+        let deadline = dsvl_telemetry::answer_by(request.metadata(), started);
         let ready = self.state()?;
         let req = request.into_inner();
         span.record("request_id", req.request_id.as_str());

@@ -1,7 +1,7 @@
 //! The `dsvl.v1.VisionEncoder` gRPC service.
 
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use dsvl_core::cache_key::{embedding_key, image_digest, KeyParts};
@@ -32,22 +32,6 @@ fn proto_dtype(d: EmbeddingDType) -> DType {
     }
 }
 
-/// Remaining time from the caller's `grpc-timeout` header (e.g. `500m`, `2S`).
-pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
-    let v = meta.get("grpc-timeout")?.to_str().ok()?;
-    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
-    let n: u64 = num.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
 impl VisionService {
     fn ready(&self) -> Result<Arc<Pipeline>, Status> {
         if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
@@ -69,7 +53,7 @@ impl VisionEncoder for VisionService {
         let started = Instant::now();
         // Answer a little before the caller's deadline (network and tonic's own timer start
         // earlier), so the client gets DEADLINE_EXCEEDED from us rather than a bare cancel.
-        let deadline = grpc_timeout(request.metadata()).map(|d| started + d.saturating_sub((d / 20).clamp(Duration::from_millis(2), Duration::from_millis(20))));
+        let deadline = dsvl_telemetry::answer_by(request.metadata(), started);
         let pipeline = self.ready()?;
         let req = request.into_inner();
         if req.images.is_empty() {

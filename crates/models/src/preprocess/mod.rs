@@ -173,9 +173,7 @@ pub struct Preprocessor {
     lut: [[f32; 256]; 3],
 }
 
-/// Version of the preprocessing algorithm; part of every cache key, so a change here never
-/// serves embeddings made by an older pipeline.
-pub const PREPROCESS_VERSION: u32 = 1;
+pub use dsvl_core::cache_key::PREPROCESS_VERSION;
 
 impl Preprocessor {
     /// Builds a preprocessor for `config` that refuses images over `limits`.

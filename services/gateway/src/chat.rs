@@ -1,0 +1,341 @@
+//! One chat request end to end: prepare → vision stage → decoder (routed by least work,
+//! retried only before the first token) → incremental detokenization and stop strings →
+//! events for the transport.
+//!
+//! The decoder call is opened and its first token awaited before [`Gateway::chat`] returns,
+//! so every failure before the first byte reaches the client as a proper status (HTTP code or
+//! gRPC status) and can still be retried elsewhere. After that, events flow through a channel;
+//! when the client goes away the receiver is dropped, the task notices, and dropping the
+//! decoder stream cancels the request there (its KV blocks are freed).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use dsvl_chat::IncrementalDecoder;
+use dsvl_proto::v1::decoder_client::DecoderClient;
+use dsvl_proto::v1::generate_response::Event as DecoderEvent;
+use dsvl_proto::v1::{ChatDelta, ChatFinish, FinishReason, GenerateRequest, GenerateResponse, ImageSlot, Timing};
+use tokio::sync::mpsc;
+use tonic::{Code, Streaming};
+use tracing::Instrument;
+
+use crate::error::GatewayError;
+use crate::images::MAX_UPSTREAM_MESSAGE;
+use crate::prepare::{prepare, ChatInput, Prepared};
+use crate::stops::StopText;
+use crate::tenancy::{Refusal, Tenant};
+use crate::upstream::{InflightGuard, Replica};
+use crate::Gateway;
+
+/// What the transport sends to the client.
+#[derive(Debug, Clone)]
+pub enum ChatEvent {
+    /// New text and the ids that produced it.
+    Delta(ChatDelta),
+    /// The end: reason, usage, timing, all ids.
+    Finish(ChatFinish),
+}
+
+/// The stream of a started request.
+pub type ChatStream = mpsc::Receiver<Result<ChatEvent, GatewayError>>;
+
+struct Opened {
+    stream: Streaming<GenerateResponse>,
+    first: GenerateResponse,
+    guard: InflightGuard,
+    first_token_seconds: f64,
+}
+
+enum OpenError {
+    /// The decoder cannot use the image references: send the embeddings inline.
+    Reencode(String),
+    Fatal(GatewayError),
+}
+
+fn deadline_error(stage: &str) -> GatewayError {
+    GatewayError::DeadlineExceeded(format!("the deadline passed during {stage}"))
+}
+
+impl Gateway {
+    /// Starts a chat request for `tenant`; returns once the first token is in.
+    ///
+    /// # Errors
+    /// Anything that fails before the first token (the stream reports later failures).
+    pub async fn chat(self: &Arc<Self>, tenant: &Tenant, input: ChatInput, deadline: Instant, api: &'static str) -> Result<ChatStream, GatewayError> {
+        let started = Instant::now();
+        let result = self.start(tenant, input, deadline, started, api).await;
+        if let Err(e) = &result {
+            metrics::counter!("dsvl_requests_total", "api" => api, "outcome" => e.outcome()).increment(1);
+            metrics::histogram!("dsvl_e2e_latency_seconds", "api" => api).record(started.elapsed().as_secs_f64());
+            tracing::Span::current().record("error.type", e.outcome());
+        }
+        result
+    }
+
+    async fn start(self: &Arc<Self>, tenant: &Tenant, input: ChatInput, deadline: Instant, started: Instant, api: &'static str) -> Result<ChatStream, GatewayError> {
+        let prep = prepare(&self.config, &self.model, input)?;
+        self.tenancy.admit(tenant, prep.images.len(), prep.prompt.ids.len() + prep.max_new_tokens as usize).map_err(|r| match r {
+            Refusal::Quota { what, retry_after } => GatewayError::Exhausted {
+                message: format!("tenant `{}` is over its {what} quota", tenant.id),
+                retry_after: std::time::Duration::from_secs_f64(retry_after),
+            },
+            Refusal::Unauthenticated => GatewayError::Unauthenticated,
+        })?;
+        self.vision_retries.deposit();
+        self.decoder_retries.deposit();
+        let span = tracing::Span::current();
+        span.record("gen_ai.usage.input_tokens", prep.prompt.ids.len());
+
+        let t_vision = Instant::now();
+        let mut embedded = None;
+        if !prep.images.is_empty() {
+            if !self.vision.is_configured() {
+                return Err(GatewayError::Unavailable("this gateway has no vision tier configured".into()));
+            }
+            let e = tokio::time::timeout_at(deadline.into(), self.embed_images(&tenant.salt, &prep.images, false, deadline))
+                .await
+                .map_err(|_| deadline_error("image encoding"))??;
+            embedded = Some(e);
+        }
+        let mut request = GenerateRequest {
+            request_id: next_request_id(),
+            prompt_token_ids: prep.prompt.ids.clone(),
+            images: slots(&prep, embedded.as_ref()),
+            sampling: Some(prep.sampling),
+            stop_token_ids: vec![self.model.tokenizer.special().eos],
+            max_new_tokens: prep.max_new_tokens,
+            logprobs: false,
+        };
+        let vision_seconds = t_vision.elapsed().as_secs_f64();
+        span.record("gen_ai.response.id", request.request_id.as_str());
+        let opened = match self.open_decoder(&request, deadline).await {
+            Ok(o) => o,
+            Err(OpenError::Reencode(why)) if embedded.is_some() => {
+                tracing::info!(why, "decoder cannot read the embedding references; sending them inline");
+                metrics::counter!("dsvl_gateway_reencodes_total").increment(1);
+                let e = tokio::time::timeout_at(deadline.into(), self.embed_images(&tenant.salt, &prep.images, true, deadline))
+                    .await
+                    .map_err(|_| deadline_error("image encoding"))??;
+                request.images = slots(&prep, Some(&e));
+                embedded = Some(e);
+                match self.open_decoder(&request, deadline).await {
+                    Ok(o) => o,
+                    Err(OpenError::Reencode(why)) => return Err(GatewayError::Internal(format!("decoder refused inline embeddings: {why}"))),
+                    Err(OpenError::Fatal(e)) => return Err(e),
+                }
+            }
+            Err(OpenError::Reencode(why)) => return Err(GatewayError::Internal(format!("decoder: {why}"))),
+            Err(OpenError::Fatal(e)) => return Err(e),
+        };
+        metrics::histogram!("dsvl_time_to_first_token_seconds", "api" => api).record(started.elapsed().as_secs_f64());
+        let timing = Timing {
+            tokenize_seconds: prep.tokenize_seconds,
+            vision_seconds,
+            decoder_first_token_seconds: opened.first_token_seconds,
+            total_seconds: 0.0,
+            images_cached: embedded.as_ref().map_or(0, |e| e.cached),
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let gw = self.clone();
+        tokio::spawn(
+            async move {
+                let outcome = gw.relay(opened, &prep, timing, deadline, started, api, &tx).await;
+                let label = match &outcome {
+                    Ok(()) => "ok",
+                    Err(e) => e.outcome(),
+                };
+                metrics::counter!("dsvl_requests_total", "api" => api, "outcome" => label).increment(1);
+                metrics::histogram!("dsvl_e2e_latency_seconds", "api" => api).record(started.elapsed().as_secs_f64());
+                if let Err(e) = outcome {
+                    tracing::Span::current().record("error.type", e.outcome());
+                    let _ = tx.send(Err(e)).await;
+                }
+            }
+            .instrument(span),
+        );
+        Ok(rx)
+    }
+
+    /// Opens a decoder stream on the least-loaded usable group and waits for its first token.
+    async fn open_decoder(&self, request: &GenerateRequest, deadline: Instant) -> Result<Opened, OpenError> {
+        let routing = Instant::now();
+        let candidates: Vec<Arc<Replica>> = self.decoder.by_least_work().into_iter().filter(|r| r.usable()).collect();
+        metrics::histogram!("dsvl_gateway_routing_seconds", "tier" => "decoder").record(routing.elapsed().as_secs_f64());
+        let mut last = GatewayError::Unavailable("no healthy decoder group".into());
+        for (attempt, r) in candidates.into_iter().enumerate() {
+            if attempt > 0 && !self.decoder_retries.withdraw() {
+                break;
+            }
+            if !r.breaker.allow() {
+                continue;
+            }
+            let guard = InflightGuard::new(r.clone());
+            let mut req = tonic::Request::new(request.clone());
+            req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+            dsvl_telemetry::inject_trace_context(req.metadata_mut());
+            let mut client = DecoderClient::new(r.channel.clone())
+                .max_decoding_message_size(MAX_UPSTREAM_MESSAGE)
+                .max_encoding_message_size(MAX_UPSTREAM_MESSAGE);
+            let t = Instant::now();
+            let call = async {
+                let mut stream = client.generate(req).await?.into_inner();
+                let first = stream.message().await?;
+                Ok::<_, tonic::Status>((stream, first))
+            };
+            match tokio::time::timeout_at(deadline.into(), call).await {
+                Err(_) => return Err(OpenError::Fatal(deadline_error("the decoder's prefill"))),
+                Ok(Ok((stream, Some(first)))) => {
+                    r.breaker.success();
+                    let first_token_seconds = t.elapsed().as_secs_f64();
+                    metrics::histogram!("dsvl_upstream_latency_seconds", "tier" => "decoder").record(first_token_seconds);
+                    return Ok(Opened { stream, first, guard, first_token_seconds });
+                }
+                Ok(Ok((_, None))) => {
+                    r.breaker.failure();
+                    last = GatewayError::Unavailable(format!("decoder {} closed the stream without a token", r.addr));
+                }
+                Ok(Err(s)) => match s.code() {
+                    Code::Unavailable | Code::Unknown => {
+                        tracing::warn!(replica = %r.addr, message = s.message(), "decoder group failed before the first token; retrying elsewhere");
+                        r.breaker.failure();
+                        last = GatewayError::from_upstream("decoder", &s);
+                    }
+                    Code::ResourceExhausted => last = GatewayError::from_upstream("decoder", &s),
+                    Code::FailedPrecondition => return Err(OpenError::Reencode(s.message().to_string())),
+                    _ => return Err(OpenError::Fatal(GatewayError::from_upstream("decoder", &s))),
+                },
+            }
+        }
+        Err(OpenError::Fatal(last))
+    }
+
+    /// Streams the decoder's tokens to `tx` as text deltas until the end, a stop string, the
+    /// deadline, or the client leaving.
+    #[allow(clippy::too_many_arguments)]
+    async fn relay(
+        &self,
+        opened: Opened,
+        prep: &Prepared,
+        mut timing: Timing,
+        deadline: Instant,
+        started: Instant,
+        api: &'static str,
+        tx: &mpsc::Sender<Result<ChatEvent, GatewayError>>,
+    ) -> Result<(), GatewayError> {
+        let Opened { mut stream, first, guard: _guard, .. } = opened;
+        let tok = &self.model.tokenizer;
+        let mut detok = IncrementalDecoder::new(true);
+        let mut stops = StopText::new(&prep.stop);
+        let mut all_ids = Vec::new();
+        let mut unsent_ids = Vec::new();
+        let mut last_token: Option<Instant> = None;
+        let mut next = Some(first);
+        let send = |ev: ChatEvent| async { tx.send(Ok(ev)).await.map_err(|_| GatewayError::Cancelled) };
+        let (reason, usage) = loop {
+            let msg = match next.take() {
+                Some(m) => m,
+                None => tokio::select! {
+                    () = tx.closed() => return Err(GatewayError::Cancelled),
+                    r = tokio::time::timeout_at(deadline.into(), stream.message()) => match r {
+                        Err(_) => return Err(deadline_error("generation")),
+                        Ok(Err(s)) => return Err(GatewayError::from_upstream("decoder", &s)),
+                        Ok(Ok(None)) => return Err(GatewayError::Unavailable("decoder stream ended without a finish".into())),
+                        Ok(Ok(Some(m))) => m,
+                    },
+                },
+            };
+            match msg.event {
+                Some(DecoderEvent::Token(t)) => {
+                    let now = Instant::now();
+                    if let Some(prev) = last_token.replace(now) {
+                        metrics::histogram!("dsvl_inter_token_latency_seconds", "api" => api).record((now - prev).as_secs_f64());
+                    }
+                    all_ids.push(t.id);
+                    unsent_ids.push(t.id);
+                    let piece = detok.push(tok, t.id).map_err(|e| GatewayError::Internal(e.to_string()))?;
+                    if let Some(piece) = piece {
+                        let released = stops.push(&piece);
+                        if !released.text.is_empty() || released.stopped {
+                            send(ChatEvent::Delta(ChatDelta { text: released.text, token_ids: std::mem::take(&mut unsent_ids) })).await?;
+                        }
+                        if released.stopped {
+                            // Dropping the stream (on return) cancels the decoder's work.
+                            break ("stop", None);
+                        }
+                    }
+                }
+                Some(DecoderEvent::Finish(f)) => {
+                    let mut text = String::new();
+                    if let Some(rest) = detok.finish(tok).map_err(|e| GatewayError::Internal(e.to_string()))? {
+                        let r = stops.push(&rest);
+                        text.push_str(&r.text);
+                    }
+                    text.push_str(&stops.finish());
+                    if !text.is_empty() || !unsent_ids.is_empty() {
+                        send(ChatEvent::Delta(ChatDelta { text, token_ids: std::mem::take(&mut unsent_ids) })).await?;
+                    }
+                    let reason = if f.reason == FinishReason::Length as i32 { "length" } else { "stop" };
+                    break (reason, f.usage);
+                }
+                None => return Err(GatewayError::Internal("decoder sent an empty event".into())),
+            }
+        };
+        timing.total_seconds = started.elapsed().as_secs_f64();
+        let span = tracing::Span::current();
+        span.record("gen_ai.usage.output_tokens", all_ids.len());
+        span.record("gen_ai.response.finish_reasons", reason);
+        let prompt_tokens = usage.map_or(prep.prompt.ids.len() as u32, |u| u.prompt_tokens);
+        send(ChatEvent::Finish(ChatFinish {
+            finish_reason: reason.into(),
+            prompt_tokens,
+            completion_tokens: all_ids.len() as u32,
+            timing: Some(timing),
+            token_ids: all_ids,
+            prompt_token_ids: if prep.return_prompt_token_ids { prep.prompt.ids.clone() } else { Vec::new() },
+        }))
+        .await
+    }
+}
+
+fn slots(prep: &Prepared, embedded: Option<&crate::images::Embedded>) -> Vec<ImageSlot> {
+    let Some(e) = embedded else { return Vec::new() };
+    prep.prompt
+        .image_spans
+        .iter()
+        .zip(&e.embeddings)
+        .map(|(&(start, _), emb)| ImageSlot { position: start as u32, embedding: Some(emb.clone()) })
+        .collect()
+}
+
+/// A process-unique request id (`gw-<start time>-<counter>`).
+fn next_request_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    static EPOCH: OnceLock<u64> = OnceLock::new();
+    let epoch = EPOCH.get_or_init(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64));
+    format!("gw-{epoch:x}-{}", COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The request's span, with the OpenTelemetry GenAI attributes (prompt and image content are
+/// never recorded).
+pub fn request_span(served_model: &str, input: &ChatInput, tenant: &str, api: &'static str) -> tracing::Span {
+    tracing::info_span!(
+        "chat",
+        otel.kind = "server",
+        gen_ai.operation.name = "chat",
+        gen_ai.provider.name = "deepseek",
+        gen_ai.request.model = if input.model.is_empty() { served_model } else { input.model.as_str() },
+        gen_ai.response.model = served_model,
+        gen_ai.request.max_tokens = input.max_tokens.unwrap_or(0),
+        gen_ai.request.temperature = f64::from(input.sampling.temperature),
+        gen_ai.request.top_p = f64::from(if input.sampling.top_p == 0.0 { 1.0 } else { input.sampling.top_p }),
+        gen_ai.response.id = tracing::field::Empty,
+        gen_ai.usage.input_tokens = tracing::field::Empty,
+        gen_ai.usage.output_tokens = tracing::field::Empty,
+        gen_ai.response.finish_reasons = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        dsvl.api = api,
+        dsvl.tenant = tenant,
+    )
+}

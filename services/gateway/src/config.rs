@@ -1,0 +1,207 @@
+//! Flags (with environment fallbacks) and the validated gateway configuration.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// `dsvl-gateway`: the public gRPC and OpenAI-compatible HTTP front door.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "dsvl-gateway", version, about)]
+pub struct Args {
+    /// gRPC (dsvl.v1.Chat) listen address.
+    #[arg(long, env = "DSVL_GATEWAY_GRPC_LISTEN", default_value = "127.0.0.1:50051")]
+    pub grpc_listen: SocketAddr,
+    /// HTTP (OpenAI-compatible) listen address.
+    #[arg(long, env = "DSVL_GATEWAY_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub http_listen: SocketAddr,
+    /// Prometheus `/metrics` listen address.
+    #[arg(long, env = "DSVL_GATEWAY_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Checkpoint directory for the tokenizer and chat template (the decoder's model); the
+    /// bundled tiny model when absent.
+    #[arg(long, env = "DSVL_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Name the model is served under (default: the checkpoint directory's name).
+    #[arg(long, env = "DSVL_MODEL_NAME")]
+    pub model_name: Option<String>,
+    /// Vision-encoder endpoints, comma-separated `host:port` (host names are re-resolved,
+    /// each address becomes a replica, e.g. a Kubernetes headless service).
+    #[arg(long, env = "DSVL_VISION", value_delimiter = ',')]
+    pub vision: Vec<String>,
+    /// Decoder group endpoints (rank-0 gRPC), comma-separated `host:port`.
+    #[arg(long, env = "DSVL_DECODER", value_delimiter = ',', required = true)]
+    pub decoder: Vec<String>,
+    /// Shared embedding cache: when set, images whose key is already present skip the vision
+    /// call.
+    #[arg(long, env = "DSVL_REDIS_URL")]
+    pub redis: Option<String>,
+    /// API keys file: one `key tenant` pair per line (`#` comments). Requests without a valid
+    /// key are refused when keys are configured (here or in DSVL_API_KEYS).
+    #[arg(long, env = "DSVL_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// API keys inline: `key=tenant,key2=tenant2`.
+    #[arg(long, env = "DSVL_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<String>,
+    /// Requests per minute per tenant (0: unlimited).
+    #[arg(long, env = "DSVL_TENANT_RPM", default_value_t = 0)]
+    pub tenant_requests_per_minute: u32,
+    /// Images per minute per tenant (0: unlimited).
+    #[arg(long, env = "DSVL_TENANT_IMAGES_PER_MINUTE", default_value_t = 0)]
+    pub tenant_images_per_minute: u32,
+    /// Tokens (prompt + max new) per minute per tenant (0: unlimited).
+    #[arg(long, env = "DSVL_TENANT_TOKENS_PER_MINUTE", default_value_t = 0)]
+    pub tenant_tokens_per_minute: u32,
+    /// Seconds in-flight requests get to finish on shutdown.
+    #[arg(long, env = "DSVL_DRAIN_SECS", default_value_t = 30)]
+    pub drain_secs: u64,
+    /// Most images in one request.
+    #[arg(long, env = "DSVL_MAX_IMAGES", default_value_t = 4)]
+    pub max_images: usize,
+    /// Largest image, in MiB.
+    #[arg(long, env = "DSVL_MAX_IMAGE_MIB", default_value_t = 16)]
+    pub max_image_mib: usize,
+    /// Most prompt tokens (after image expansion; 0: the model's limit).
+    #[arg(long, env = "DSVL_MAX_PROMPT_TOKENS", default_value_t = 0)]
+    pub max_prompt_tokens: usize,
+    /// Most new tokens a request may ask for, and the default when it asks for none.
+    #[arg(long, env = "DSVL_MAX_NEW_TOKENS", default_value_t = 1024)]
+    pub max_new_tokens: u32,
+    /// Hosts (exact, or `*.suffix`) from which `image_url` http(s) URLs may be fetched. Empty:
+    /// only `data:` URLs are accepted.
+    #[arg(long, env = "DSVL_IMAGE_URL_ALLOW", value_delimiter = ',')]
+    pub image_url_allow: Vec<String>,
+    /// Deadline of a request without one, in seconds.
+    #[arg(long, env = "DSVL_REQUEST_TIMEOUT_SECS", default_value_t = 300)]
+    pub request_timeout_secs: u64,
+    /// Seconds between endpoint re-resolution and load polls.
+    #[arg(long, env = "DSVL_REFRESH_SECS", default_value_t = 2)]
+    pub refresh_secs: u64,
+    /// OTLP/gRPC endpoint for traces.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// JSON logs.
+    #[arg(long, env = "DSVL_JSON_LOGS")]
+    pub json_logs: bool,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    /// Tokenizer/template checkpoint.
+    pub model: Option<PathBuf>,
+    /// Served model name.
+    pub model_name: String,
+    /// Vision endpoints.
+    pub vision: Vec<String>,
+    /// Decoder endpoints.
+    pub decoder: Vec<String>,
+    /// Shared cache.
+    pub redis: Option<String>,
+    /// API key → tenant (empty: open access, single tenant "public").
+    pub api_keys: HashMap<String, String>,
+    /// Per-tenant request rate.
+    pub tenant_rpm: u32,
+    /// Per-tenant image rate.
+    pub tenant_ipm: u32,
+    /// Per-tenant token rate.
+    pub tenant_tpm: u32,
+    /// Drain time on shutdown.
+    pub drain: Duration,
+    /// Most images per request.
+    pub max_images: usize,
+    /// Largest image in bytes.
+    pub max_image_bytes: usize,
+    /// Most prompt tokens (0: model limit).
+    pub max_prompt_tokens: usize,
+    /// Most new tokens.
+    pub max_new_tokens: u32,
+    /// Hosts image URLs may come from.
+    pub image_url_allow: Vec<String>,
+    /// Default deadline.
+    pub request_timeout: Duration,
+    /// Endpoint refresh period.
+    pub refresh: Duration,
+}
+
+/// A flag value that makes no sense.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --{field}: {reason}")]
+pub struct ConfigError {
+    /// The flag.
+    pub field: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+fn parse_keys_file(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let mut it = l.split_whitespace();
+            match (it.next(), it.next(), it.next()) {
+                (Some(k), Some(t), None) => Ok((k.to_string(), t.to_string())),
+                _ => Err(ConfigError { field: "api-keys-file", reason: format!("expected `key tenant`, got `{l}`") }),
+            }
+        })
+        .collect()
+}
+
+impl TryFrom<&Args> for GatewayConfig {
+    type Error = ConfigError;
+
+    fn try_from(a: &Args) -> Result<Self, ConfigError> {
+        let mut api_keys = HashMap::new();
+        if let Some(path) = &a.api_keys_file {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError { field: "api-keys-file", reason: e.to_string() })?;
+            api_keys.extend(parse_keys_file(&text)?);
+        }
+        if let Some(inline) = &a.api_keys {
+            for pair in inline.split(',').filter(|p| !p.trim().is_empty()) {
+                let (k, t) = pair.split_once('=').ok_or_else(|| ConfigError { field: "api-keys", reason: "expected key=tenant pairs".into() })?;
+                api_keys.insert(k.trim().to_string(), t.trim().to_string());
+            }
+        }
+        if a.decoder.iter().all(|d| d.trim().is_empty()) {
+            return Err(ConfigError { field: "decoder", reason: "at least one decoder endpoint is needed".into() });
+        }
+        let model_name = a.model_name.clone().unwrap_or_else(|| match &a.model {
+            Some(p) => p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "deepseek-vl".into()),
+            None => "tiny-dsvl".into(),
+        });
+        Ok(Self {
+            model: a.model.clone(),
+            model_name,
+            vision: a.vision.iter().filter(|v| !v.trim().is_empty()).cloned().collect(),
+            decoder: a.decoder.iter().filter(|v| !v.trim().is_empty()).cloned().collect(),
+            redis: a.redis.clone().filter(|u| !u.is_empty()),
+            api_keys,
+            tenant_rpm: a.tenant_requests_per_minute,
+            tenant_ipm: a.tenant_images_per_minute,
+            tenant_tpm: a.tenant_tokens_per_minute,
+            drain: Duration::from_secs(a.drain_secs),
+            max_images: a.max_images,
+            max_image_bytes: a.max_image_mib << 20,
+            max_prompt_tokens: a.max_prompt_tokens,
+            max_new_tokens: a.max_new_tokens.max(1),
+            image_url_allow: a.image_url_allow.iter().filter(|h| !h.is_empty()).cloned().collect(),
+            request_timeout: Duration::from_secs(a.request_timeout_secs.max(1)),
+            refresh: Duration::from_secs(a.refresh_secs.max(1)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_key_files() {
+        let keys = parse_keys_file("# comment\nsk-1 acme\n\nsk-2 globex\n").unwrap();
+        assert_eq!(keys, vec![("sk-1".into(), "acme".into()), ("sk-2".into(), "globex".into())]);
+        assert!(parse_keys_file("just-a-key\n").is_err());
+    }
+}

@@ -1,0 +1,100 @@
+//! `dsvl.v1.Chat` over gRPC: authentication from `authorization` metadata, the deadline from
+//! `grpc-timeout`, trace context from `traceparent`, then [`Gateway::chat`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use dsvl_proto::v1::chat_response::Event;
+use dsvl_proto::v1::chat_server::Chat;
+use dsvl_proto::v1::content_part::Part as ProtoPart;
+use dsvl_proto::v1::{ChatRequest, ChatResponse, ListModelsRequest, ListModelsResponse, ModelInfo};
+use futures::{Stream, StreamExt};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::chat::{request_span, ChatEvent};
+use crate::error::GatewayError;
+use crate::prepare::{ChatInput, InMessage, Part, Role};
+use crate::tenancy::Refusal;
+use crate::Gateway;
+
+/// The gRPC front end.
+pub struct ChatService {
+    /// Shared state.
+    pub gateway: Arc<Gateway>,
+}
+
+fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for m in req.messages {
+        let parts = m
+            .content
+            .into_iter()
+            .map(|p| match p.part {
+                Some(ProtoPart::Text(t)) => Ok(Part::Text(t)),
+                Some(ProtoPart::Image(b)) => Ok(Part::Image(b.into())),
+                None => Err(GatewayError::InvalidArgument("a content part has neither text nor image".into())),
+            })
+            .collect::<Result<_, _>>()?;
+        messages.push(InMessage { role: Role::parse(&m.role)?, parts });
+    }
+    Ok(ChatInput {
+        model: req.model,
+        messages,
+        sampling: req.sampling.unwrap_or_default(),
+        stop: req.stop,
+        max_tokens: (req.max_tokens > 0).then_some(req.max_tokens),
+        return_prompt_token_ids: req.return_prompt_token_ids,
+    })
+}
+
+type ChatStream = Pin<Box<dyn Stream<Item = Result<ChatResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Chat for ChatService {
+    type GenerateStream = ChatStream;
+
+    async fn generate(&self, request: Request<ChatRequest>) -> Result<Response<ChatStream>, Status> {
+        let gw = &self.gateway;
+        let started = Instant::now();
+        let deadline = started + dsvl_telemetry::grpc_timeout(request.metadata()).unwrap_or(gw.config.request_timeout).min(gw.config.request_timeout);
+        let auth = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let tenant = gw.tenancy.authenticate(auth.as_deref()).map_err(|r| match r {
+            Refusal::Unauthenticated => {
+                metrics::counter!("dsvl_requests_total", "api" => "grpc", "outcome" => "unauthenticated").increment(1);
+                GatewayError::Unauthenticated.to_status()
+            }
+            Refusal::Quota { .. } => Status::internal("unexpected quota refusal during authentication"),
+        })?;
+        let metadata = request.metadata().clone();
+        let input = to_input(request.into_inner()).map_err(|e| e.to_status())?;
+        let span = request_span(&gw.model.name, &input, &tenant.id, "grpc");
+        dsvl_telemetry::extract_trace_context(&metadata, &span);
+        let rx = gw.chat(&tenant, input, deadline, "grpc").instrument(span).await.map_err(|e| e.to_status())?;
+        let stream = ReceiverStream::new(rx).map(|item| {
+            item.map(|ev| ChatResponse {
+                event: Some(match ev {
+                    ChatEvent::Delta(d) => Event::Delta(d),
+                    ChatEvent::Finish(f) => Event::Finish(f),
+                }),
+            })
+            .map_err(|e| e.to_status())
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+        let auth = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        self.gateway.tenancy.authenticate(auth).map_err(|_| GatewayError::Unauthenticated.to_status())?;
+        Ok(Response::new(ListModelsResponse { models: vec![self.gateway.model_info()] }))
+    }
+}
+
+impl Gateway {
+    /// The served model for `ListModels` and `/v1/models`.
+    pub fn model_info(&self) -> ModelInfo {
+        ModelInfo { id: self.model.name.clone(), vision: self.model.vision, max_positions: self.model.max_positions as u32 }
+    }
+}

@@ -1,0 +1,328 @@
+//! The OpenAI-compatible HTTP API (axum): `POST /v1/chat/completions` (streaming as
+//! server-sent events framed exactly like OpenAI's, or one JSON object), `GET /v1/models`,
+//! `GET /health`. Errors use OpenAI's `{"error": {...}}` shape with the matching status code.
+//!
+//! Extensions, ignored by OpenAI clients: `top_k`, `repetition_penalty` and
+//! `return_prompt_token_ids` in the request; a `dsvl` object (token ids, per-tier timing) in
+//! the response and in stream chunks. The deadline comes from `X-Request-Timeout` (seconds) or
+//! the OpenAI client's `X-Stainless-Timeout`, capped by the gateway's own.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use dsvl_proto::v1::{ChatFinish, SamplingParams};
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tracing::Instrument;
+
+use crate::chat::{request_span, ChatEvent, ChatStream};
+use crate::error::{retry_after_secs, GatewayError};
+use crate::fetch::load_image_url;
+use crate::prepare::{ChatInput, InMessage, Part, Role};
+use crate::Gateway;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ContentPart {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Deserialize)]
+struct ImageUrl {
+    url: String,
+}
+
+#[derive(Deserialize)]
+struct OaMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    #[serde(default)]
+    model: String,
+    messages: Vec<OaMessage>,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    repetition_penalty: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    n: Option<u32>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    logprobs: Option<bool>,
+    tools: Option<Value>,
+    #[serde(default)]
+    return_prompt_token_ids: bool,
+}
+
+fn error_response(e: &GatewayError) -> Response {
+    let (code, _, _) = e.http_parts();
+    let mut resp = (StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), Json(e.openai_body())).into_response();
+    if let GatewayError::Exhausted { retry_after, .. } = e {
+        if let Ok(v) = HeaderValue::from_str(&retry_after_secs(*retry_after).to_string()) {
+            resp.headers_mut().insert("retry-after", v);
+        }
+    }
+    resp
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn deadline(h: &HeaderMap, default: Duration, started: Instant) -> Instant {
+    let asked = ["x-request-timeout", "x-stainless-timeout"]
+        .iter()
+        .filter_map(|n| header(h, n)?.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .min();
+    started + asked.unwrap_or(default).min(default)
+}
+
+async fn to_input(gw: &Gateway, r: CompletionRequest, deadline: Instant) -> Result<ChatInput, GatewayError> {
+    let invalid = |m: &str| GatewayError::InvalidArgument(m.to_string());
+    if r.n.unwrap_or(1) != 1 {
+        return Err(invalid("n must be 1"));
+    }
+    if r.presence_penalty.unwrap_or(0.0) != 0.0 || r.frequency_penalty.unwrap_or(0.0) != 0.0 {
+        return Err(invalid("presence_penalty and frequency_penalty are not supported; use repetition_penalty"));
+    }
+    if r.logprobs.unwrap_or(false) {
+        return Err(invalid("logprobs are not supported"));
+    }
+    if r.tools.as_ref().is_some_and(|t| !t.is_null()) {
+        return Err(invalid("tools are not supported by this model"));
+    }
+    let mut messages = Vec::with_capacity(r.messages.len());
+    for m in r.messages {
+        let role = Role::parse(&m.role)?;
+        let parts = match m.content {
+            None => Vec::new(),
+            Some(Content::Text(t)) => vec![Part::Text(t)],
+            Some(Content::Parts(ps)) => {
+                let mut out = Vec::with_capacity(ps.len());
+                for p in ps {
+                    out.push(match p {
+                        ContentPart::Text { text } => Part::Text(text),
+                        ContentPart::ImageUrl { image_url } => {
+                            Part::Image(load_image_url(&image_url.url, &gw.config.image_url_allow, gw.config.max_image_bytes, deadline).await?)
+                        }
+                    });
+                }
+                out
+            }
+        };
+        messages.push(InMessage { role, parts });
+    }
+    let stop = match r.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    Ok(ChatInput {
+        model: r.model,
+        messages,
+        // OpenAI's defaults: temperature 1, top_p 1 (no top-k).
+        sampling: SamplingParams {
+            temperature: r.temperature.unwrap_or(1.0),
+            top_k: r.top_k.unwrap_or(0),
+            top_p: r.top_p.unwrap_or(1.0),
+            repetition_penalty: r.repetition_penalty.unwrap_or(1.0),
+            seed: r.seed.unwrap_or(0),
+        },
+        stop,
+        max_tokens: r.max_completion_tokens.or(r.max_tokens),
+        return_prompt_token_ids: r.return_prompt_token_ids,
+    })
+}
+
+fn completion_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("chatcmpl-{:x}{:04x}", t.as_micros(), N.fetch_add(1, Ordering::Relaxed) & 0xffff)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn usage(f: &ChatFinish) -> Value {
+    json!({"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens, "total_tokens": f.prompt_tokens + f.completion_tokens})
+}
+
+fn extension(f: &ChatFinish) -> Value {
+    let t = f.timing.clone().unwrap_or_default();
+    let mut v = json!({
+        "token_ids": f.token_ids,
+        "timing": {
+            "tokenize_seconds": t.tokenize_seconds,
+            "vision_seconds": t.vision_seconds,
+            "decoder_first_token_seconds": t.decoder_first_token_seconds,
+            "total_seconds": t.total_seconds,
+            "images_cached": t.images_cached,
+        },
+    });
+    if !f.prompt_token_ids.is_empty() {
+        v["prompt_token_ids"] = json!(f.prompt_token_ids);
+    }
+    v
+}
+
+async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
+    let started = Instant::now();
+    let deadline = deadline(&headers, gw.config.request_timeout, started);
+    let tenant = match gw.tenancy.authenticate(header(&headers, "authorization")) {
+        Ok(t) => t,
+        Err(_) => {
+            metrics::counter!("dsvl_requests_total", "api" => "http", "outcome" => "unauthenticated").increment(1);
+            return error_response(&GatewayError::Unauthenticated);
+        }
+    };
+    let req: CompletionRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error_response(&GatewayError::InvalidArgument(format!("malformed request body: {e}"))),
+    };
+    let streaming = req.stream;
+    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let input = match to_input(&gw, req, deadline).await {
+        Ok(i) => i,
+        Err(e) => return error_response(&e),
+    };
+    let span = request_span(&gw.model.name, &input, &tenant.id, "http");
+    dsvl_telemetry::extract_trace_context(&tonic::metadata::MetadataMap::from_headers(headers.clone()), &span);
+    let rx = match gw.chat(&tenant, input, deadline, "http").instrument(span).await {
+        Ok(rx) => rx,
+        Err(e) => return error_response(&e),
+    };
+    let id = completion_id();
+    if streaming {
+        sse(rx, id, gw.model.name.clone(), include_usage).into_response()
+    } else {
+        whole(rx, id, &gw.model.name).await
+    }
+}
+
+async fn whole(mut rx: ChatStream, id: String, model: &str) -> Response {
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Ok(ChatEvent::Delta(d)) => text.push_str(&d.text),
+            Ok(ChatEvent::Finish(f)) => {
+                return Json(json!({
+                    "id": id, "object": "chat.completion", "created": unix_now(), "model": model, "system_fingerprint": null,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": f.finish_reason}],
+                    "usage": usage(&f),
+                    "dsvl": extension(&f),
+                }))
+                .into_response();
+            }
+            Err(e) => return error_response(&e),
+        }
+    }
+    error_response(&GatewayError::Internal("the request ended without a result".into()))
+}
+
+fn sse(rx: ChatStream, id: String, model: String, include_usage: bool) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let created = unix_now();
+    let chunk = move |choices: Value, extra: Option<(&str, Value)>| {
+        let mut v = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": null, "choices": choices});
+        if let Some((k, x)) = extra {
+            v[k] = x;
+        }
+        Event::default().data(v.to_string())
+    };
+    let first = chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None);
+    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |ev| match ev {
+        Ok(ChatEvent::Delta(d)) => vec![chunk(
+            json!([{"index": 0, "delta": {"content": d.text}, "logprobs": null, "finish_reason": null}]),
+            Some(("dsvl", json!({"token_ids": d.token_ids}))),
+        )],
+        Ok(ChatEvent::Finish(f)) => {
+            let mut out = vec![chunk(json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": f.finish_reason}]), Some(("dsvl", extension(&f))))];
+            if include_usage {
+                out.push(chunk(json!([]), Some(("usage", usage(&f)))));
+            }
+            out.push(Event::default().data("[DONE]"));
+            out
+        }
+        // After the first byte the status code is sent; OpenAI reports late errors as an
+        // `error` event in the stream.
+        Err(e) => vec![Event::default().data(e.openai_body().to_string())],
+    });
+    let all = futures::stream::iter(vec![first]).chain(events.flat_map(futures::stream::iter)).map(Ok);
+    Sse::new(all)
+}
+
+async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    if gw.tenancy.authenticate(header(&headers, "authorization")).is_err() {
+        return error_response(&GatewayError::Unauthenticated);
+    }
+    let m = gw.model_info();
+    Json(json!({"object": "list", "data": [{"id": m.id, "object": "model", "created": 0, "owned_by": "dsvl", "vision": m.vision, "max_positions": m.max_positions}]}))
+        .into_response()
+}
+
+async fn health(State(gw): State<Arc<Gateway>>) -> Response {
+    let (ready, why) = gw.readiness();
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(json!({"status": if ready { "ok" } else { "unavailable" }, "detail": why}))).into_response()
+}
+
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, Json(json!({"error": {"message": "unknown route; see /v1/chat/completions and /v1/models", "type": "invalid_request_error", "param": null, "code": "not_found"}})))
+        .into_response()
+}
+
+/// The HTTP routes.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    let body_limit = gw.config.max_images.max(1) * gw.config.max_image_bytes / 3 * 4 + (4 << 20);
+    Router::new()
+        .route("/v1/chat/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(gw)
+}

@@ -1,0 +1,198 @@
+//! Request validation and prompt construction: limits, roles and parts → the reference chat
+//! template → token ids with one span of image tokens per image.
+//!
+//! Transport-neutral: the gRPC and HTTP front ends both build a [`ChatInput`].
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use dsvl_chat::{render_prompt, Message, Prompt, Role as TemplateRole, DEFAULT_SYSTEM_PROMPT, IMAGE_TAG};
+use dsvl_proto::v1::SamplingParams;
+
+use crate::config::GatewayConfig;
+use crate::error::GatewayError;
+use crate::served::ServedModel;
+
+/// Who speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Replaces the default system prompt.
+    System,
+    /// The human turn.
+    User,
+    /// The model turn.
+    Assistant,
+}
+
+impl Role {
+    /// Parses `system` / `user` / `assistant` (any case).
+    pub fn parse(s: &str) -> Result<Self, GatewayError> {
+        match s.to_ascii_lowercase().as_str() {
+            "system" | "developer" => Ok(Self::System),
+            "user" => Ok(Self::User),
+            "assistant" => Ok(Self::Assistant),
+            other => Err(GatewayError::InvalidArgument(format!("unsupported message role `{other}` (use system, user or assistant)"))),
+        }
+    }
+}
+
+/// One part of a message.
+#[derive(Debug, Clone)]
+pub enum Part {
+    /// Text.
+    Text(String),
+    /// Encoded image bytes.
+    Image(Bytes),
+}
+
+/// One message.
+#[derive(Debug, Clone)]
+pub struct InMessage {
+    /// Speaker.
+    pub role: Role,
+    /// Parts in order.
+    pub parts: Vec<Part>,
+}
+
+/// A chat request, whichever protocol it came in.
+#[derive(Debug, Clone, Default)]
+pub struct ChatInput {
+    /// Requested model name (empty: the served one).
+    pub model: String,
+    /// Conversation.
+    pub messages: Vec<InMessage>,
+    /// Token selection (temperature 0: greedy).
+    pub sampling: SamplingParams,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Most new tokens (None: the gateway default, capped by the positions left).
+    pub max_tokens: Option<u32>,
+    /// Return the prompt ids in the final message.
+    pub return_prompt_token_ids: bool,
+}
+
+/// A validated, tokenized request.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// Token ids with image spans.
+    pub prompt: Prompt,
+    /// Images in placeholder order.
+    pub images: Vec<Bytes>,
+    /// Sampling parameters.
+    pub sampling: SamplingParams,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// New-token budget.
+    pub max_new_tokens: u32,
+    /// Seconds spent in template + tokenization.
+    pub tokenize_seconds: f64,
+    /// Whether to echo the prompt ids.
+    pub return_prompt_token_ids: bool,
+}
+
+const MAX_STOPS: usize = 16;
+
+fn invalid(msg: impl Into<String>) -> GatewayError {
+    GatewayError::InvalidArgument(msg.into())
+}
+
+fn check_sampling(s: &SamplingParams) -> Result<(), GatewayError> {
+    if !s.temperature.is_finite() || s.temperature < 0.0 || s.temperature > 100.0 {
+        return Err(invalid(format!("temperature must be in [0, 100], got {}", s.temperature)));
+    }
+    if !s.top_p.is_finite() || !(0.0..=1.0).contains(&s.top_p) {
+        return Err(invalid(format!("top_p must be in (0, 1], got {}", s.top_p)));
+    }
+    if !s.repetition_penalty.is_finite() || s.repetition_penalty < 0.0 {
+        return Err(invalid(format!("repetition_penalty must be > 0, got {}", s.repetition_penalty)));
+    }
+    Ok(())
+}
+
+/// Validates `input` against the limits and the model, renders the template and tokenizes.
+///
+/// # Errors
+/// [`GatewayError::InvalidArgument`] naming what is wrong.
+pub fn prepare(config: &GatewayConfig, model: &ServedModel, input: ChatInput) -> Result<Prepared, GatewayError> {
+    let started = Instant::now();
+    if !input.model.is_empty() && input.model != model.name {
+        return Err(invalid(format!("model `{}` is not served here; this gateway serves `{}`", input.model, model.name)));
+    }
+    check_sampling(&input.sampling)?;
+    if input.stop.len() > MAX_STOPS || input.stop.iter().any(String::is_empty) {
+        return Err(invalid(format!("at most {MAX_STOPS} non-empty stop strings")));
+    }
+    let mut system: Option<String> = None;
+    let mut messages = Vec::with_capacity(input.messages.len());
+    let mut images = Vec::new();
+    for (i, m) in input.messages.into_iter().enumerate() {
+        let mut content = String::new();
+        let mut attached = Vec::new();
+        for part in m.parts {
+            match part {
+                Part::Text(t) if t.contains(IMAGE_TAG) => {
+                    return Err(invalid(format!("message {i}: text may not contain `{IMAGE_TAG}`; send images as image parts")));
+                }
+                Part::Text(t) => content.push_str(&t),
+                Part::Image(bytes) => {
+                    if !model.vision {
+                        return Err(invalid(format!("model `{}` is text-only: it cannot take images", model.name)));
+                    }
+                    if bytes.len() > config.max_image_bytes {
+                        return Err(invalid(format!("image {} is {} bytes; the limit is {}", images.len() + 1, bytes.len(), config.max_image_bytes)));
+                    }
+                    if bytes.is_empty() {
+                        return Err(invalid(format!("image {} is empty", images.len() + 1)));
+                    }
+                    content.push_str(IMAGE_TAG);
+                    attached.push(format!("image-{}", images.len()));
+                    images.push(bytes);
+                }
+            }
+        }
+        match m.role {
+            Role::System if !attached.is_empty() => return Err(invalid("system messages cannot carry images")),
+            Role::System => system = Some(match system.take() {
+                Some(prev) => format!("{prev}\n\n{content}"),
+                None => content,
+            }),
+            Role::User => messages.push(Message { role: TemplateRole::User, content, images: attached }),
+            Role::Assistant => messages.push(Message { role: TemplateRole::Assistant, content, images: attached }),
+        }
+    }
+    if images.len() > config.max_images {
+        return Err(invalid(format!("{} images; at most {} per request", images.len(), config.max_images)));
+    }
+    if messages.is_empty() {
+        return Err(invalid("no user or assistant messages"));
+    }
+    // The reference appends an empty assistant turn to ask for the reply.
+    if messages.last().is_some_and(|m| m.role == TemplateRole::User) {
+        messages.push(Message { role: TemplateRole::Assistant, content: String::new(), images: Vec::new() });
+    }
+    let text = render_prompt(system.as_deref().unwrap_or(DEFAULT_SYSTEM_PROMPT), &messages).map_err(|e| invalid(e.to_string()))?;
+    let prompt = model.tokenizer.encode_prompt(&text, model.image_tokens).map_err(|e| GatewayError::Internal(format!("tokenizer: {e}")))?;
+    let limit = if config.max_prompt_tokens == 0 { model.max_positions } else { config.max_prompt_tokens.min(model.max_positions) };
+    if prompt.ids.len() >= limit {
+        return Err(invalid(format!("the prompt is {} tokens (with {} per image); the limit is {}", prompt.ids.len(), model.image_tokens, limit - 1)));
+    }
+    let room = (model.max_positions - prompt.ids.len()) as u32;
+    let max_new_tokens = match input.max_tokens {
+        Some(0) => return Err(invalid("max_tokens must be at least 1")),
+        Some(n) if n > config.max_new_tokens => return Err(invalid(format!("max_tokens {n} is over this gateway's limit of {}", config.max_new_tokens))),
+        Some(n) if n > room => {
+            return Err(invalid(format!("prompt ({}) + max_tokens ({n}) exceeds the model's {} positions", prompt.ids.len(), model.max_positions)));
+        }
+        Some(n) => n,
+        None => config.max_new_tokens.min(room),
+    };
+    Ok(Prepared {
+        prompt,
+        images,
+        sampling: input.sampling,
+        stop: input.stop,
+        max_new_tokens,
+        tokenize_seconds: started.elapsed().as_secs_f64(),
+        return_prompt_token_ids: input.return_prompt_token_ids,
+    })
+}

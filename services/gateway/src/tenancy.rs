@@ -1,0 +1,156 @@
+//! API keys to tenants, per-tenant token buckets, and the tenant's cache salt.
+//!
+//! The salt keys every embedding-cache entry of the tenant; it is derived here from the tenant
+//! id and never taken from the client, so one tenant cannot probe (by timing) or reuse another's
+//! cached embeddings.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tenant {
+    /// Tenant id (from the key table; `public` without keys).
+    pub id: String,
+    /// Embedding-cache salt of the tenant.
+    pub salt: Vec<u8>,
+}
+
+impl Tenant {
+    fn new(id: &str) -> Self {
+        let salt = blake3::derive_key("dsvl 2026 tenant cache salt v1", id.as_bytes()).to_vec();
+        Self { id: id.to_string(), salt }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// No key or an unknown key while keys are configured.
+    Unauthenticated,
+    /// Over quota; retry after this many seconds.
+    Quota {
+        /// What ran out.
+        what: &'static str,
+        /// Seconds until enough tokens are back.
+        retry_after: f64,
+    },
+}
+
+/// A token bucket refilled continuously at `rate` per second up to `capacity`.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// Keys, tenants and quotas.
+pub struct Tenancy {
+    keys: HashMap<String, Tenant>,
+    public: Tenant,
+    /// Capacity per minute of requests, images and tokens (prompt + max new); 0 disables.
+    rpm: u32,
+    ipm: u32,
+    tpm: u32,
+    buckets: Mutex<HashMap<(String, &'static str), Bucket>>,
+}
+
+impl Tenancy {
+    /// From a key → tenant table (empty: everyone is the `public` tenant).
+    pub fn new(keys: &HashMap<String, String>, rpm: u32, ipm: u32, tpm: u32) -> Self {
+        let keys = keys.iter().map(|(k, t)| (k.clone(), Tenant::new(t))).collect();
+        Self { keys, public: Tenant::new("public"), rpm, ipm, tpm, buckets: Mutex::new(HashMap::new()) }
+    }
+
+    /// Resolves an `Authorization` header value (`Bearer <key>`).
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Tenant, Refusal> {
+        if self.keys.is_empty() {
+            return Ok(self.public.clone());
+        }
+        let key = authorization.and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer "))).map(str::trim);
+        key.and_then(|k| self.keys.get(k)).cloned().ok_or(Refusal::Unauthenticated)
+    }
+
+    fn take(&self, tenant: &str, what: &'static str, per_minute: u32, amount: f64) -> Result<(), Refusal> {
+        if per_minute == 0 || amount == 0.0 {
+            return Ok(());
+        }
+        let capacity = f64::from(per_minute);
+        let rate = capacity / 60.0;
+        let mut buckets = self.buckets.lock().expect("bucket lock poisoned. This is a bug.");
+        let b = buckets.entry((tenant.to_string(), what)).or_insert(Bucket { tokens: capacity, last: Instant::now() });
+        let now = Instant::now();
+        b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(capacity);
+        b.last = now;
+        if b.tokens >= amount {
+            b.tokens -= amount;
+            Ok(())
+        } else {
+            Err(Refusal::Quota { what, retry_after: (amount - b.tokens) / rate })
+        }
+    }
+
+    /// Charges one request, `images` images and `tokens` tokens to the tenant, or refuses
+    /// with a retry hint (charging nothing).
+    pub fn admit(&self, tenant: &Tenant, images: usize, tokens: usize) -> Result<(), Refusal> {
+        self.take(&tenant.id, "requests", self.rpm, 1.0)?;
+        if let Err(e) = self.take(&tenant.id, "images", self.ipm, images as f64) {
+            // Give the request token back: nothing was served.
+            let _ = self.refund(&tenant.id, "requests", self.rpm, 1.0);
+            return Err(e);
+        }
+        if let Err(e) = self.take(&tenant.id, "tokens", self.tpm, tokens as f64) {
+            let _ = self.refund(&tenant.id, "requests", self.rpm, 1.0);
+            let _ = self.refund(&tenant.id, "images", self.ipm, images as f64);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn refund(&self, tenant: &str, what: &'static str, per_minute: u32, amount: f64) -> Option<()> {
+        let mut buckets = self.buckets.lock().ok()?;
+        let b = buckets.get_mut(&(tenant.to_string(), what))?;
+        b.tokens = (b.tokens + amount).min(f64::from(per_minute));
+        Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_map_to_tenants_with_distinct_salts() {
+        let keys = HashMap::from([("k1".to_string(), "acme".to_string()), ("k2".to_string(), "globex".to_string())]);
+        let t = Tenancy::new(&keys, 0, 0, 0);
+        let a = t.authenticate(Some("Bearer k1")).unwrap();
+        let b = t.authenticate(Some("Bearer k2")).unwrap();
+        assert_eq!(a.id, "acme");
+        assert_ne!(a.salt, b.salt);
+        assert_eq!(t.authenticate(Some("Bearer nope")), Err(Refusal::Unauthenticated));
+        assert_eq!(t.authenticate(None), Err(Refusal::Unauthenticated));
+        let open = Tenancy::new(&HashMap::new(), 0, 0, 0);
+        assert_eq!(open.authenticate(None).unwrap().id, "public");
+    }
+
+    #[test]
+    fn buckets_refuse_with_a_retry_hint() {
+        let t = Tenancy::new(&HashMap::new(), 2, 3, 0);
+        let p = t.authenticate(None).unwrap();
+        assert!(t.admit(&p, 1, 10).is_ok());
+        assert!(t.admit(&p, 2, 10).is_ok());
+        match t.admit(&p, 0, 10) {
+            Err(Refusal::Quota { what: "requests", retry_after }) => assert!(retry_after > 0.0 && retry_after <= 30.0),
+            other => panic!("{other:?}"),
+        }
+        let t = Tenancy::new(&HashMap::new(), 100, 3, 0);
+        assert!(t.admit(&p, 3, 0).is_ok());
+        assert!(matches!(t.admit(&p, 1, 0), Err(Refusal::Quota { what: "images", .. })));
+        // A refused request charges nothing: the request and image tokens come back.
+        let t = Tenancy::new(&HashMap::new(), 100, 100, 50);
+        assert!(t.admit(&p, 1, 40).is_ok());
+        assert!(matches!(t.admit(&p, 1, 40), Err(Refusal::Quota { what: "tokens", .. })));
+        assert!(t.admit(&p, 1, 10).is_ok());
+    }
+}
