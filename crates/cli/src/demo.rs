@@ -1,17 +1,26 @@
-//! `dsvl demo`: the main job on embedded defaults. Starts a vision-encoder (bundled tiny model,
-//! in-process cache unless `--redis` is given), encodes the bundled sample images over gRPC
-//! twice, and shows the second pass served from the cache.
+//! `dsvl demo`: the main job on embedded defaults. Brings up the local cluster (gateway,
+//! vision-encoder, decoder with `--tp` ranks) on the bundled tiny model, sends a multimodal
+//! chat request with a bundled image through the gateway twice (the second time the image
+//! comes from the embedding cache), streams the answers with a per-tier latency breakdown, and
+//! stops everything.
 
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use dsvl_proto::v1::encode_result::Result as R;
-use dsvl_proto::v1::vision_encoder_client::VisionEncoderClient;
-use dsvl_proto::v1::{EncodeRequest, ImageInput};
+use dsvl_proto::v1::chat_client::ChatClient;
+use dsvl_proto::v1::chat_response::Event;
+use dsvl_proto::v1::content_part::Part;
+use dsvl_proto::v1::{ChatMessage, ChatRequest, ContentPart, SamplingParams};
 
-use crate::procs::{free_port, sibling_binary, Service};
+use crate::cluster::{Cluster, ClusterSpec};
+use crate::procs::free_port;
+
+/// The bundled sample image (a photo of a rocket launch, from the reference's examples).
+const SAMPLE_IMAGE: &[u8] = include_bytes!("../../../assets/images/rocket.jpg");
 
 /// Arguments of `dsvl demo`.
 #[derive(Args, Debug)]
@@ -19,16 +28,21 @@ pub struct DemoArgs {
     /// Checkpoint directory; the bundled tiny model when absent.
     #[arg(long, env = "DSVL_MODEL")]
     model: Option<PathBuf>,
-    /// Shared cache (`redis://...`); the in-process cache when absent.
+    /// Decoder tensor-parallel ranks.
+    #[arg(long, default_value_t = 2)]
+    tp: usize,
+    /// Shared cache (`redis://...`); in-process caches when absent.
     #[arg(long)]
     redis: Option<String>,
-    /// Images to encode (default: the bundled samples).
-    images: Vec<PathBuf>,
-}
-
-fn default_images() -> Vec<PathBuf> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets/images");
-    vec![root.join("rocket.jpg"), root.join("chelsea.png")]
+    /// Image to ask about (default: the bundled rocket photo).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// The question.
+    #[arg(long, default_value = "Describe each stage of this image.")]
+    prompt: String,
+    /// Most new tokens per answer.
+    #[arg(long, default_value_t = 24)]
+    max_new_tokens: u32,
 }
 
 /// Runs the demo.
@@ -37,55 +51,74 @@ pub fn run(args: DemoArgs) -> Result<()> {
 }
 
 async fn run_async(args: DemoArgs) -> Result<()> {
-    let images = if args.images.is_empty() { default_images() } else { args.images.clone() };
-    let data: Vec<Vec<u8>> = images.iter().map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))).collect::<Result<_>>()?;
+    let image = match &args.image {
+        Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
+        None => SAMPLE_IMAGE.to_vec(),
+    };
     match &args.model {
         Some(m) => eprintln!("model: {}", m.display()),
-        None => eprintln!("model: bundled tiny-dsvl (random weights: embeddings are meaningless, the plumbing is real)"),
+        None => eprintln!("model: bundled tiny-dsvl: RANDOM weights, so the text below is gibberish; every byte of plumbing is real"),
     }
-    let addr = format!("127.0.0.1:{}", free_port()?);
-    let mut cmd = vec!["--listen".to_string(), addr.clone()];
-    if let Some(m) = &args.model {
-        cmd.extend(["--model".into(), m.display().to_string()]);
-    }
-    if let Some(r) = &args.redis {
-        cmd.extend(["--redis".into(), r.clone()]);
-    }
-    let t = Instant::now();
-    let mut vision = Service::spawn("dsvl-vision", &sibling_binary("dsvl-vision")?, addr.clone(), &cmd)?;
-    vision.wait_serving("dsvl.v1.VisionEncoder", Duration::from_secs(600)).await?;
-    println!("vision-encoder ready on {addr} in {:.2}s ({} cache)", t.elapsed().as_secs_f64(), if args.redis.is_some() { "Redis" } else { "in-process" });
-
-    let mut client = VisionEncoderClient::connect(format!("http://{addr}")).await?.max_decoding_message_size(512 << 20);
-    let mut first = Vec::new();
-    for pass in 1..=2 {
-        println!("pass {pass}:");
-        for (i, (path, bytes)) in images.iter().zip(&data).enumerate() {
-            let t = Instant::now();
-            let req = EncodeRequest { images: vec![ImageInput { data: bytes.clone().into(), client_digest: String::new() }], ..Default::default() };
-            let res = client.encode(req).await?.into_inner();
-            let secs = t.elapsed().as_secs_f64();
-            let r = &res.results[0];
-            let shape = match &r.result {
-                Some(R::Inline(e)) => format!("{:?} inline", e.shape),
-                Some(R::Ref(e)) => format!("{:?} in Redis", e.shape),
-                Some(R::Error(e)) => format!("error {}: {}", e.code, e.message),
-                None => "empty".into(),
-            };
-            println!(
-                "  {:<14} {:<5} {:>9.4}s  {shape}  key {}…",
-                path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
-                if r.cache_hit { "hit" } else { "miss" },
-                secs,
-                &r.key.get(..28).unwrap_or(&r.key)
-            );
-            if pass == 1 {
-                first.push(secs);
-            } else if r.cache_hit {
-                println!("  {:<14} served from cache, {:.0}x faster than encoding", "", first[i] / secs.max(1e-9));
+    let spec = ClusterSpec {
+        model: args.model.clone(),
+        tp: args.tp,
+        redis: args.redis.clone(),
+        grpc_addr: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        http_addr: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+        gateway_args: Vec::new(),
+    };
+    let mut cluster = Cluster::start(&spec).await?;
+    println!("gateway: gRPC {}  HTTP {}  (vision {}, decoder {} with tp {})", cluster.grpc_url, cluster.http_url, cluster.vision_addr, cluster.decoder_addr, args.tp);
+    let mut client = ChatClient::connect(cluster.grpc_url.clone()).await?.max_encoding_message_size(64 << 20);
+    for round in 1..=2 {
+        println!("\nrequest {round}: [image {} KiB] {}", image.len() / 1024, args.prompt);
+        let request = ChatRequest {
+            messages: vec![ChatMessage {
+                role: "user".into(),
+                content: vec![ContentPart { part: Some(Part::Image(image.clone())) }, ContentPart { part: Some(Part::Text(args.prompt.clone())) }],
+            }],
+            sampling: Some(SamplingParams::default()),
+            max_tokens: args.max_new_tokens,
+            ..Default::default()
+        };
+        let mut req = tonic::Request::new(request);
+        req.set_timeout(Duration::from_secs(600));
+        let started = Instant::now();
+        let mut stream = client.generate(req).await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
+        let mut first = None;
+        print!("answer: ");
+        while let Some(msg) = stream.message().await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))? {
+            match msg.event {
+                Some(Event::Delta(d)) => {
+                    first.get_or_insert(started.elapsed().as_secs_f64());
+                    print!("{}", d.text);
+                    std::io::stdout().flush()?;
+                }
+                Some(Event::Finish(f)) => {
+                    let t = f.timing.unwrap_or_default();
+                    let total = started.elapsed().as_secs_f64();
+                    println!();
+                    println!("  {} prompt tokens (576 per image), {} new tokens, finish: {}", f.prompt_tokens, f.completion_tokens, f.finish_reason);
+                    println!("  gateway   template + tokenize   {:>8.2} ms", t.tokenize_seconds * 1e3);
+                    println!(
+                        "  vision    encode image          {:>8.2} ms  ({})",
+                        t.vision_seconds * 1e3,
+                        if t.images_cached > 0 { "from the embedding cache" } else { "encoded" }
+                    );
+                    println!("  decoder   prefill → 1st token   {:>8.2} ms", t.decoder_first_token_seconds * 1e3);
+                    println!("  client    time to first token   {:>8.2} ms", first.unwrap_or(total) * 1e3);
+                    println!(
+                        "  client    total                 {:>8.2} ms  ({:.1} tokens/s after the first)",
+                        total * 1e3,
+                        f.completion_tokens.saturating_sub(1) as f64 / (total - first.unwrap_or(total)).max(1e-9)
+                    );
+                }
+                None => {}
             }
         }
     }
-    vision.stop(Duration::from_secs(10));
+    println!("\nstopping the cluster…");
+    cluster.stop();
+    println!("done");
     Ok(())
 }

@@ -1,12 +1,15 @@
 //! `dsvl`: the command users run by hand. Each subcommand lives in its own module; this file
 //! only parses arguments, sets up logging and turns errors into a message and exit code 1.
 
+mod chat_client;
+mod cluster;
 mod demo;
 mod encode;
 mod generate;
 mod model_args;
 mod procs;
 mod progress;
+mod up;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -21,9 +24,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The main job on embedded defaults: a vision-encoder service, the bundled images encoded
-    /// twice over gRPC, the second pass from the cache.
+    /// The main job on embedded defaults: the local cluster on the bundled tiny model, one
+    /// multimodal request through the gateway twice (the second from the cache), per-tier timing.
     Demo(demo::DemoArgs),
+    /// Start the local cluster (gateway, vision-encoder, decoder with --tp ranks) until Ctrl-C.
+    Up(up::UpArgs),
+    /// Streaming client of the gateway (same conversation file and output as `generate`).
+    Chat(chat_client::ChatArgs),
     /// Encode images to DeepSeek-VL image embeddings (preprocessing + vision tower + aligner).
     Encode(encode::EncodeArgs),
     /// Generate a reply to a conversation (CHAT.json), optionally tensor-parallel over --tp ranks.
@@ -41,6 +48,8 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(args),
+        Command::Up(args) => up::run(args),
+        Command::Chat(args) => chat_client::run(args),
         Command::Encode(args) => encode::run(args),
         Command::Generate(args) => generate::run(args),
         Command::RankWorker(args) => worker::run(args),

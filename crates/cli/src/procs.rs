@@ -38,7 +38,20 @@ pub struct Service {
 impl Service {
     /// Starts `binary args` (stderr inherited so its logs show).
     pub fn spawn(name: &str, binary: &PathBuf, addr: String, args: &[String]) -> Result<Self> {
-        let child = Command::new(binary)
+        let mut cmd = Command::new(binary);
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the closure only calls prctl(2), which is async-signal-safe. If `dsvl` is
+            // killed without cleaning up, its services get SIGTERM and drain instead of lingering.
+            unsafe {
+                cmd.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong);
+                    Ok(())
+                });
+            }
+        }
+        let child = cmd
             .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -66,6 +79,11 @@ impl Service {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Whether the process has exited (and how).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// SIGTERM, then SIGKILL after `grace`.

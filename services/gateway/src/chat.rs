@@ -163,8 +163,11 @@ impl Gateway {
         metrics::histogram!("dsvl_gateway_routing_seconds", "tier" => "decoder").record(routing.elapsed().as_secs_f64());
         let mut last = GatewayError::Unavailable("no healthy decoder group".into());
         for (attempt, r) in candidates.into_iter().enumerate() {
-            if attempt > 0 && !self.decoder_retries.withdraw() {
-                break;
+            if attempt > 0 {
+                if !self.decoder_retries.withdraw() {
+                    break;
+                }
+                metrics::counter!("dsvl_gateway_retries_total", "tier" => "decoder").increment(1);
             }
             if !r.breaker.allow() {
                 continue;

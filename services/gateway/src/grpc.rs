@@ -59,7 +59,10 @@ impl Chat for ChatService {
     async fn generate(&self, request: Request<ChatRequest>) -> Result<Response<ChatStream>, Status> {
         let gw = &self.gateway;
         let started = Instant::now();
-        let deadline = started + dsvl_telemetry::grpc_timeout(request.metadata()).unwrap_or(gw.config.request_timeout).min(gw.config.request_timeout);
+        // Answer a little before the caller's deadline so it gets our DEADLINE_EXCEEDED, not
+        // tonic's bare cancel.
+        let cap = started + gw.config.request_timeout;
+        let deadline = dsvl_telemetry::answer_by(request.metadata(), started).map_or(cap, |d| d.min(cap));
         let auth = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
         let tenant = gw.tenancy.authenticate(auth.as_deref()).map_err(|r| match r {
             Refusal::Unauthenticated => {

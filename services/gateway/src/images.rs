@@ -119,8 +119,11 @@ impl Gateway {
             if pending.is_empty() {
                 break;
             }
-            if !first_round && !self.vision_retries.withdraw() {
-                return Err(GatewayError::Unavailable("vision tier: failed and the retry budget is spent".into()));
+            if !first_round {
+                if !self.vision_retries.withdraw() {
+                    return Err(GatewayError::Unavailable("vision tier: failed and the retry budget is spent".into()));
+                }
+                metrics::counter!("dsvl_gateway_retries_total", "tier" => "vision").increment(1);
             }
             first_round = false;
             let routing = Instant::now();

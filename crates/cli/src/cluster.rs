@@ -1,0 +1,123 @@
+//! A local cluster as real processes: vision-encoder, decoder group (rank 0 plus `--tp - 1`
+//! worker ranks it starts itself) and gateway, wired together on loopback; used by `dsvl up`
+//! and `dsvl demo`. Services start in dependency order and each must report SERVING before
+//! the next one starts; dropping the [`Cluster`] stops them gateway first.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::procs::{free_port, sibling_binary, Service};
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    /// Checkpoint directory (None: the bundled tiny model).
+    pub model: Option<PathBuf>,
+    /// Decoder tensor-parallel ranks.
+    pub tp: usize,
+    /// Shared cache (None: each service's in-process cache; embeddings travel inline).
+    pub redis: Option<String>,
+    /// Gateway gRPC address.
+    pub grpc_addr: SocketAddr,
+    /// Gateway HTTP address.
+    pub http_addr: SocketAddr,
+    /// Extra gateway flags (API keys, limits).
+    pub gateway_args: Vec<String>,
+}
+
+/// The running services (stopped on drop, gateway first).
+pub struct Cluster {
+    /// Gateway, decoder, vision: the drop order.
+    services: Vec<Service>,
+    /// Gateway gRPC endpoint (`http://host:port`).
+    pub grpc_url: String,
+    /// Gateway HTTP endpoint.
+    pub http_url: String,
+    /// Vision-encoder address.
+    pub vision_addr: String,
+    /// Decoder rank-0 address.
+    pub decoder_addr: String,
+}
+
+/// Loading a real checkpoint can take minutes; the tiny one takes about a second.
+const START_LIMIT: Duration = Duration::from_secs(1800);
+
+fn model_flags(spec: &ClusterSpec) -> Vec<String> {
+    spec.model.iter().flat_map(|m| ["--model".to_string(), m.display().to_string()]).collect()
+}
+
+fn redis_flags(spec: &ClusterSpec) -> Vec<String> {
+    spec.redis.iter().flat_map(|r| ["--redis".to_string(), r.clone()]).collect()
+}
+
+impl Cluster {
+    /// Starts everything and waits until the gateway is SERVING.
+    ///
+    /// # Errors
+    /// A binary is missing, a service exits during start-up or does not become ready.
+    pub async fn start(spec: &ClusterSpec) -> Result<Self> {
+        let t = Instant::now();
+        let vision_addr = format!("127.0.0.1:{}", free_port()?);
+        let mut args = vec!["--listen".to_string(), vision_addr.clone()];
+        args.extend(model_flags(spec));
+        args.extend(redis_flags(spec));
+        let mut vision = Service::spawn("vision-encoder", &sibling_binary("dsvl-vision")?, vision_addr.clone(), &args)?;
+
+        let decoder_addr = format!("127.0.0.1:{}", free_port()?);
+        let mut args = vec!["--listen".to_string(), decoder_addr.clone(), "--tp".into(), spec.tp.to_string(), "--rendezvous-port".into(), free_port()?.to_string()];
+        args.extend(model_flags(spec));
+        args.extend(redis_flags(spec));
+        let mut decoder = Service::spawn("decoder", &sibling_binary("dsvl-decoder")?, decoder_addr.clone(), &args)?;
+
+        eprintln!("waiting for the vision-encoder ({vision_addr}) and the decoder ({decoder_addr}, tp {}) to load the model…", spec.tp);
+        vision.wait_serving("dsvl.v1.VisionEncoder", START_LIMIT).await?;
+        decoder.wait_serving("dsvl.v1.Decoder", START_LIMIT).await?;
+
+        let mut args = vec![
+            "--grpc-listen".to_string(),
+            spec.grpc_addr.to_string(),
+            "--http-listen".into(),
+            spec.http_addr.to_string(),
+            "--vision".into(),
+            vision_addr.clone(),
+            "--decoder".into(),
+            decoder_addr.clone(),
+            "--refresh-secs".into(),
+            "1".into(),
+        ];
+        args.extend(model_flags(spec));
+        args.extend(redis_flags(spec));
+        args.extend(spec.gateway_args.iter().cloned());
+        let mut gateway = Service::spawn("gateway", &sibling_binary("dsvl-gateway")?, spec.grpc_addr.to_string(), &args)?;
+        gateway.wait_serving("dsvl.v1.Chat", Duration::from_secs(120)).await?;
+        eprintln!("cluster ready in {:.1}s", t.elapsed().as_secs_f64());
+        Ok(Self {
+            services: vec![gateway, decoder, vision],
+            grpc_url: format!("http://{}", spec.grpc_addr),
+            http_url: format!("http://{}", spec.http_addr),
+            vision_addr,
+            decoder_addr,
+        })
+    }
+
+    /// The first service that exited on its own, if any.
+    pub fn exited(&mut self) -> Option<String> {
+        self.services.iter_mut().find_map(|s| s.exited().map(|st| format!("{} exited ({st})", s.name)))
+    }
+
+    /// Stops everything, gateway first, each with a drain grace period.
+    pub fn stop(&mut self) {
+        for s in &mut self.services {
+            s.stop(Duration::from_secs(15));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

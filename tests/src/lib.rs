@@ -1,0 +1,211 @@
+//! Harness of the cross-service tests: starts the real service binaries (built next to the test
+//! executable: `cargo build --workspace --bins`, which `scripts/test` runs first) and a real
+//! `redis-server`, all on loopback with free ports; plus small gRPC/HTTP client helpers.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use dsvl_proto::v1::chat_client::ChatClient;
+use dsvl_testkit::{free_port, golden_dir, http_get, metric_sum, RedisServer, ServiceProcess};
+use serde_json::Value;
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// A service binary of this workspace, next to the test executable's `target/<profile>/deps`.
+pub fn binary(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).context("unexpected test executable location")?;
+    let path = profile_dir.join(name);
+    if !path.exists() {
+        bail!("{} is missing: build the services first (`cargo build --workspace --bins`; scripts/test does)", path.display());
+    }
+    Ok(path)
+}
+
+/// One running service.
+pub struct Svc {
+    /// The process (SIGTERM, then SIGKILL, on drop).
+    pub proc: ServiceProcess,
+    /// gRPC address.
+    pub addr: String,
+    /// Prometheus address.
+    pub metrics: String,
+}
+
+impl Svc {
+    fn spawn(bin: &str, listen_flag: &str, extra: Vec<String>) -> Result<Self> {
+        let (addr, metrics) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+        let mut args = vec![listen_flag.to_string(), addr.clone(), "--metrics-listen".into(), metrics.clone()];
+        args.extend(extra);
+        let proc = ServiceProcess::spawn(binary(bin)?.to_str().context("path")?, &args)?;
+        Ok(Self { proc, addr, metrics })
+    }
+
+    /// Waits for grpc.health.v1 SERVING on `service`.
+    pub async fn wait_serving(&mut self, service: &str, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(st) = self.proc.try_wait()? {
+                bail!("{} exited during start-up: {st}", self.addr);
+            }
+            if let Ok(ch) = Channel::from_shared(format!("http://{}", self.addr))?.connect().await {
+                let r = HealthClient::new(ch).check(HealthCheckRequest { service: service.into() }).await;
+                if r.is_ok_and(|r| r.into_inner().status == 1) {
+                    return Ok(());
+                }
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{} ({service}) never became SERVING", self.addr);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sum of a metric's samples matching `labels`.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        Ok(metric_sum(&http_get(&self.metrics, "/metrics")?, name, labels))
+    }
+}
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Vision-encoder replicas.
+    pub vision_replicas: usize,
+    /// Decoder tensor-parallel ranks.
+    pub tp: usize,
+    /// Whether to run a shared Redis.
+    pub redis: bool,
+    /// Extra gateway flags.
+    pub gateway_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { vision_replicas: 2, tp: 2, redis: true, gateway_args: Vec::new() }
+    }
+}
+
+/// Gateway + vision replicas + one decoder group (+ Redis).
+pub struct Cluster {
+    /// The gateway (gRPC at `addr`).
+    pub gateway: Svc,
+    /// Gateway HTTP address.
+    pub http: String,
+    /// Vision replicas.
+    pub vision: Vec<Svc>,
+    /// Decoder rank 0.
+    pub decoder: Svc,
+    /// Shared cache, when asked for.
+    pub redis: Option<RedisServer>,
+}
+
+impl Cluster {
+    /// Starts everything on the bundled tiny model and waits until the gateway serves.
+    pub async fn start(opts: Options) -> Result<Self> {
+        let redis = if opts.redis { Some(RedisServer::start()?) } else { None };
+        let redis_flags: Vec<String> = redis.iter().flat_map(|r| ["--redis".to_string(), r.url()]).collect();
+        let mut vision = Vec::new();
+        for _ in 0..opts.vision_replicas {
+            vision.push(Svc::spawn("dsvl-vision", "--listen", redis_flags.clone())?);
+        }
+        let mut dec_args = vec!["--tp".to_string(), opts.tp.to_string(), "--rendezvous-port".into(), free_port().to_string()];
+        dec_args.extend(redis_flags.clone());
+        let mut decoder = Svc::spawn("dsvl-decoder", "--listen", dec_args)?;
+        for v in &mut vision {
+            v.wait_serving("dsvl.v1.VisionEncoder", Duration::from_secs(120)).await?;
+        }
+        decoder.wait_serving("dsvl.v1.Decoder", Duration::from_secs(120)).await?;
+        let http = format!("127.0.0.1:{}", free_port());
+        let mut args = vec!["--http-listen".to_string(), http.clone(), "--decoder".into(), decoder.addr.clone(), "--refresh-secs".into(), "1".into()];
+        if !vision.is_empty() {
+            args.extend(["--vision".to_string(), vision.iter().map(|v| v.addr.clone()).collect::<Vec<_>>().join(",")]);
+        }
+        args.extend(redis_flags);
+        args.extend(opts.gateway_args);
+        let mut gateway = Svc::spawn("dsvl-gateway", "--grpc-listen", args)?;
+        gateway.wait_serving("dsvl.v1.Chat", Duration::from_secs(60)).await?;
+        Ok(Self { gateway, http, vision, decoder, redis })
+    }
+
+    /// A gRPC Chat client.
+    pub async fn chat(&self) -> Result<ChatClient<Channel>> {
+        Ok(ChatClient::connect(format!("http://{}", self.gateway.addr)).await?.max_encoding_message_size(64 << 20))
+    }
+
+    /// Images encoded by the vision tier so far (all replicas that still answer).
+    pub fn images_encoded(&self) -> f64 {
+        self.vision.iter().filter_map(|v| v.metric("dsvl_vision_images_encoded_total", &[]).ok()).sum()
+    }
+}
+
+/// An HTTP response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    /// Status code.
+    pub status: u16,
+    /// Raw header block.
+    pub headers: String,
+    /// Body.
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The body as JSON.
+    pub fn json(&self) -> Result<Value> {
+        serde_json::from_str(&self.body).with_context(|| format!("not JSON: {}", self.body))
+    }
+
+    /// A header's value (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+        })
+    }
+
+    /// `data:` payloads of a server-sent-event body, in order.
+    pub fn sse_data(&self) -> Vec<String> {
+        self.body.split("\n\n").filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))).map(str::to_string).collect()
+    }
+}
+
+/// `POST path` with a JSON body over HTTP/1.0 (the server closes the connection at the end, so
+/// a streamed body arrives whole).
+pub fn http_post(addr: &str, path: &str, headers: &[(&str, &str)], body: &Value) -> Result<HttpResponse> {
+    let body = serde_json::to_vec(body)?;
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut req = format!("POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(&body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8(raw)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
+    let status = head.split_whitespace().nth(1).context("no status")?.parse()?;
+    Ok(HttpResponse { status, headers: head.to_string(), body: body.to_string() })
+}
+
+/// A golden case of `chat.json`.
+pub fn golden_case(name: &str) -> Result<Value> {
+    let chat: Value = serde_json::from_slice(&std::fs::read(golden_dir().join("chat.json"))?)?;
+    chat["cases"].as_array().context("cases")?.iter().find(|c| c["name"] == name).cloned().context("no such case")
+}
+
+/// The reference's greedy ids for `prefix` (`image` or `text`).
+pub fn golden_generated(prefix: &str) -> Result<Vec<u32>> {
+    let lm = candle_core::safetensors::load(golden_dir().join("lm.safetensors"), &candle_core::Device::Cpu)?;
+    Ok(lm[&format!("{prefix}.generated_ids")].flatten_all()?.to_vec1::<i64>()?.into_iter().map(|v| v as u32).collect())
+}
+
+/// Bytes of a golden fixture image.
+pub fn golden_image(name: &str) -> Result<Vec<u8>> {
+    Ok(std::fs::read(golden_dir().join(name))?)
+}
