@@ -132,8 +132,14 @@ async fn golden_ids_through_grpc_and_http_with_one_encode() -> Result<()> {
     }
     // rocket.jpg went through the cluster three times (gRPC, HTTP, SSE): encoded once.
     assert_eq!(cluster.images_encoded(), 1.0, "the same image is encoded once");
-    let cached = cluster.gateway.metric("dsvl_requests_total", &[("outcome", "ok")])?;
-    assert_eq!(cached, 6.0);
+    let g = &cluster.gateway;
+    assert_eq!(g.metric("dsvl_requests_total", &[("outcome", "ok")])?, 6.0);
+    assert_eq!(g.metric("dsvl_time_to_first_token_seconds_count", &[])?, 6.0);
+    assert_eq!(g.metric("dsvl_e2e_latency_seconds_count", &[])?, 6.0);
+    assert!(g.metric("dsvl_inter_token_latency_seconds_count", &[])? >= 6.0 * 14.0);
+    assert_eq!(g.metric("dsvl_upstream_latency_seconds_count", &[("tier", "decoder")])?, 6.0);
+    // The image went to the vision tier once; the two later requests found its key in Redis.
+    assert_eq!(g.metric("dsvl_upstream_latency_seconds_count", &[("tier", "vision")])?, 1.0);
     Ok(())
 }
 

@@ -1,0 +1,115 @@
+//! `dsvl up`, `dsvl chat` and `dsvl demo` as a user runs them: the local cluster as real
+//! processes, the streaming client giving exactly `dsvl generate`'s JSON, and Ctrl-C leaving
+//! no process behind.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use dsvl_testkit::{child_pids, free_port, golden_dir, pid_alive};
+use serde_json::Value;
+
+fn dsvl() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_dsvl"))
+}
+
+fn golden_chat(dir: &Path, case: &str) -> Result<PathBuf> {
+    let chat: Value = serde_json::from_slice(&std::fs::read(golden_dir().join("chat.json"))?)?;
+    let case = chat["cases"].as_array().context("cases")?.iter().find(|c| c["name"] == case).context("case")?;
+    let mut conv = case["conversation"].clone();
+    for m in conv.as_array_mut().context("conversation")? {
+        if let Some(images) = m.get_mut("images").and_then(|i| i.as_array_mut()) {
+            for img in images {
+                *img = Value::String(golden_dir().join(img.as_str().unwrap_or_default()).display().to_string());
+            }
+        }
+    }
+    let path = dir.join("chat.json");
+    std::fs::write(&path, serde_json::to_vec(&conv)?)?;
+    Ok(path)
+}
+
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut all = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for c in child_pids(p) {
+            all.push(c);
+            frontier.push(c);
+        }
+    }
+    all
+}
+
+fn json_of(out: &std::process::Output) -> Result<Value> {
+    anyhow::ensure!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(serde_json::from_str(String::from_utf8(out.stdout.clone())?.trim())?)
+}
+
+#[test]
+fn up_then_chat_matches_generate_and_ctrl_c_stops_everything() -> Result<()> {
+    let (grpc, http) = (free_port(), free_port());
+    let mut up = dsvl()
+        .args(["up", "--tp", "2", "--grpc-addr", &format!("127.0.0.1:{grpc}"), "--http-addr", &format!("127.0.0.1:{http}")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = up.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).context("`dsvl up` never said it is up")?;
+        if line.starts_with("dsvl is up") {
+            break;
+        }
+    }
+    let processes = descendants(up.id());
+    assert!(processes.len() >= 4, "gateway, vision, decoder and its worker rank: {processes:?}");
+
+    let dir = tempfile::tempdir()?;
+    for case in ["one_image", "text_only"] {
+        let chat = golden_chat(dir.path(), case)?;
+        let via_gateway = json_of(&dsvl().args(["chat", "--json", "--max-new-tokens", "16", "--gateway", &format!("http://127.0.0.1:{grpc}"), "--chat"]).arg(&chat).output()?)?;
+        let offline = json_of(&dsvl().args(["generate", "--json", "--max-new-tokens", "16", "--chat"]).arg(&chat).output()?)?;
+        assert_eq!(via_gateway, offline, "{case}: `dsvl chat` prints what `dsvl generate` prints");
+    }
+
+    // Ctrl-C: everything stops, nothing is left behind.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(up.id() as libc::pid_t, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = up.try_wait()? {
+            break s;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "`dsvl up` did not stop on Ctrl-C");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while processes.iter().any(|&p| pid_alive(p)) {
+        anyhow::ensure!(Instant::now() < deadline, "left behind: {:?}", processes.iter().filter(|&&p| pid_alive(p)).collect::<Vec<_>>());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The README's main command: cluster up, one multimodal request twice (the second from the
+/// cache), per-tier timing, clean exit.
+#[test]
+fn demo_runs_the_cluster_and_exits() -> Result<()> {
+    let out = dsvl().args(["demo", "--max-new-tokens", "4"]).output()?;
+    let text = String::from_utf8(out.stdout)?;
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("(encoded)") && text.contains("from the embedding cache"), "{text}");
+    assert!(text.contains("decoder   prefill"), "{text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("RANDOM weights"));
+    Ok(())
+}
