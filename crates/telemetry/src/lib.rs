@@ -32,12 +32,17 @@ pub enum TelemetryError {
 /// Keeps the tracer provider alive; flushes pending spans on drop.
 pub struct TelemetryGuard {
     provider: Option<SdkTracerProvider>,
+    /// The exporter's own runtime, when `init` was called outside one (it needs a reactor).
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl Drop for TelemetryGuard {
     fn drop(&mut self) {
         if let Some(p) = self.provider.take() {
             let _ = p.shutdown();
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
     }
 }
@@ -60,6 +65,25 @@ pub struct TelemetryConfig {
 pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The tonic exporter spawns its connection on the current tokio runtime; a process that
+    // calls `init` before starting one (or never starts one, like a worker rank) gets a small
+    // runtime of its own for it.
+    let mut runtime = None;
+    let _enter = match (&config.otlp_endpoint, tokio::runtime::Handle::try_current()) {
+        (Some(_), Err(_)) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("otlp-export")
+                .enable_all()
+                .build()
+                .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
+            let handle = rt.handle().clone();
+            runtime = Some(rt);
+            Some(handle)
+        }
+        _ => None,
+    };
+    let _guard = _enter.as_ref().map(tokio::runtime::Handle::enter);
     let provider = match &config.otlp_endpoint {
         Some(endpoint) => {
             use opentelemetry_otlp::WithExportConfig;
@@ -82,7 +106,7 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
     };
     // A second init in one process (tests) keeps the first subscriber.
     let _ = result;
-    Ok(TelemetryGuard { provider })
+    Ok(TelemetryGuard { provider, runtime })
 }
 
 struct MetadataExtractor<'a>(&'a tonic::metadata::MetadataMap);
