@@ -4,6 +4,7 @@
 
 mod decoder;
 mod decoder_service;
+mod gateway;
 mod random;
 mod reference;
 mod vision;
@@ -38,6 +39,8 @@ enum Command {
     VisionService(vision_service::ServiceArgs),
     /// Decoder engine: tokens/s at 1/4/16 concurrent streams, TTFT and ITL percentiles.
     DecoderService(decoder_service::ServiceArgs),
+    /// Gateway overhead: the same requests through the gateway and straight to the tiers.
+    Gateway(gateway::GatewayBenchArgs),
     /// A worker rank of `decoder --tp N` (internal).
     #[command(hide = true)]
     DecoderWorker(decoder::WorkerArgs),
@@ -56,6 +59,7 @@ fn main() -> Result<()> {
         Command::Decoder(args) => decoder::run(args, cli.threads),
         Command::VisionService(args) => vision_service::run(args, cli.threads),
         Command::DecoderService(args) => decoder_service::run(args, cli.threads),
+        Command::Gateway(args) => gateway::run(args),
         Command::DecoderWorker(args) => decoder::worker(args),
     }
 }

@@ -17,13 +17,14 @@ use tonic_health::pb::HealthCheckRequest;
 
 /// A service binary of this workspace, next to the test executable's `target/<profile>/deps`.
 pub fn binary(name: &str) -> Result<PathBuf> {
+    // Test executables live in target/<profile>/deps, binaries (benchmarks) in target/<profile>.
     let exe = std::env::current_exe()?;
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).context("unexpected test executable location")?;
-    let path = profile_dir.join(name);
-    if !path.exists() {
-        bail!("{} is missing: build the services first (`cargo build --workspace --bins`; scripts/test does)", path.display());
-    }
-    Ok(path)
+    let dir = exe.parent().context("unexpected executable location")?;
+    let candidates = [dir.join(name), dir.parent().map(|p| p.join(name)).unwrap_or_default()];
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| format!("{name} is missing next to {}: build the services first (`cargo build --workspace --bins`; scripts/test does)", exe.display()))
 }
 
 /// One running service.

@@ -72,7 +72,7 @@ pub async fn run(args: Args, config: DecoderConfig, listener: TcpListener, shutd
         .add_service(health_service)
         .add_service(reflection)
         .add_service(DecoderServer::new(svc).max_decoding_message_size(config.max_message_bytes).max_encoding_message_size(config.max_message_bytes))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(dsvl_telemetry::incoming_nodelay(listener), async {
             let _ = stop_rx.await;
         });
     tokio::pin!(server);

@@ -173,10 +173,13 @@ pub async fn run(config: GatewayConfig, grpc: TcpListener, http: TcpListener, sh
         .add_service(health_service)
         .add_service(reflection)
         .add_service(chat)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(grpc), async move {
+        .serve_with_incoming_shutdown(dsvl_telemetry::incoming_nodelay(grpc), async move {
             let _ = grpc_stop.wait_for(|s| *s).await;
         });
     let mut http_stop = stop_rx;
+    let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let http_server = axum::serve(http, http::router(gw.clone())).with_graceful_shutdown(async move {
         let _ = http_stop.wait_for(|s| *s).await;
     });

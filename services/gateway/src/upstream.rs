@@ -104,6 +104,13 @@ impl Pool {
         Arc::new(Self { tier, targets, replicas: RwLock::new(Vec::new()) })
     }
 
+    /// A pool over fixed resolved addresses, without DNS or health polling (benchmarks and
+    /// tests of the routing policies). Needs a tokio runtime (channels connect lazily).
+    pub fn from_addresses(tier: Tier, addrs: &[String]) -> Arc<Self> {
+        let replicas = addrs.iter().filter_map(|a| Replica::new(a.clone()).map(Arc::new)).collect();
+        Arc::new(Self { tier, targets: addrs.to_vec(), replicas: RwLock::new(replicas) })
+    }
+
     /// Whether any endpoint is configured.
     pub fn is_configured(&self) -> bool {
         !self.targets.is_empty()

@@ -118,7 +118,7 @@ pub async fn run(config: VisionConfig, listener: TcpListener, shutdown: impl Fut
         .add_service(health_service)
         .add_service(reflection)
         .add_service(server_svc)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+        .serve_with_incoming_shutdown(dsvl_telemetry::incoming_nodelay(listener), async {
             let _ = stop_rx.await;
         });
     tokio::pin!(server);
