@@ -79,7 +79,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let cfg = vl13b_lm_config()?;
     let shard = Shard { rank: args.rank, world: args.world_size };
     dsvl_engine::group::die_with_parent();
-    run_worker(&spec(args.world_size, args.rank, &args.leader), GroupTimeouts::default(), |_| {
+    run_worker(&spec(args.world_size, args.rank, &args.leader), GroupTimeouts::default(), &Device::Cpu, |_| {
         contiguous_kv(DeepSeekLlm::new(&cfg, shard, random::var_builder(DType::F32, &Device::Cpu))?)
     })?;
     Ok(())
@@ -134,7 +134,7 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
         .collect();
     let _workers = LocalWorkers::spawn(commands).context("cannot start worker ranks")?;
     let shard = Shard { rank: 0, world: args.tp };
-    let mut runner = lead_group(&listener, &spec(args.tp, 0, &addr), GroupTimeouts::default(), json!({}), || {
+    let mut runner = lead_group(&listener, &spec(args.tp, 0, &addr), GroupTimeouts::default(), json!({}), &Device::Cpu, || {
         contiguous_kv(DeepSeekLlm::new(&cfg, shard, random::var_builder(DType::F32, &Device::Cpu))?)
     })?;
     let mut reference = if args.no_reference || args.tp > 1 {

@@ -177,7 +177,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let mut workers = LocalWorkers::spawn(commands).context("cannot start the tensor-parallel workers")?;
     let t_load = Instant::now();
     let shard = Shard { rank: 0, world: args.tp };
-    let mut runner = lead_group(&listener, &spec, GroupTimeouts::default(), serde_json::json!({}), || {
+    let mut runner = lead_group(&listener, &spec, GroupTimeouts::default(), serde_json::json!({}), &device, || {
         contiguous_kv(DeepSeekLlm::load(&ckpt, dtype, &device, shard, progress::loading("language model", ckpt.weight_bytes()))?)
     })
     .context("cannot start the language model group")?;

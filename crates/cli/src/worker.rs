@@ -71,7 +71,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let device = open_device(args.model.device)?;
     let dtype = candle_dtype(args.model.dtype);
     let shard = Shard { rank: args.rank, world: args.world_size };
-    run_worker(&spec, GroupTimeouts::default(), |_| contiguous_kv(DeepSeekLlm::load(&ckpt, dtype, &device, shard, None)?))
+    run_worker(&spec, GroupTimeouts::default(), &device, |_| contiguous_kv(DeepSeekLlm::load(&ckpt, dtype, &device, shard, None)?))
         .with_context(|| format!("rank {} of {}", args.rank, args.world_size))?;
     Ok(())
 }

@@ -11,11 +11,14 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
+use candle_core::Device;
 use dsvl_models::llm::{ContiguousKv, DeepSeekLlm, KvStore, ShardRunner};
 use dsvl_models::ModelError;
 use dsvl_parallel::rendezvous::{self, GroupSpec};
 use dsvl_parallel::{LinkSet, Message};
 use serde_json::json;
+
+use crate::collectives;
 
 /// Worker processes started by this leader; killed and reaped on drop.
 #[derive(Default)]
@@ -117,10 +120,12 @@ pub fn lead_group(
     listener: &TcpListener,
     spec: &GroupSpec,
     timeouts: GroupTimeouts,
-    extra: serde_json::Value,
+    mut extra: serde_json::Value,
+    device: &Device,
     load: impl FnOnce() -> Result<(DeepSeekLlm, Box<dyn KvStore + Send>), ModelError>,
 ) -> Result<ShardRunner, ModelError> {
-    let links = Arc::new(rendezvous::lead(listener, spec, extra)?);
+    collectives::prepare_welcome(device, spec.world_size, &mut extra)?;
+    let links = Arc::new(rendezvous::lead(listener, spec, extra.clone())?);
     let (model, kv) = match load() {
         Ok(m) => m,
         Err(e) => {
@@ -133,7 +138,8 @@ pub fn lead_group(
             w.expect("ready", "waiting for the worker to load its shard", Some(timeouts.load))?;
         }
     }
-    Ok(ShardRunner::new(model, kv, links, timeouts.collective))
+    let comm = collectives::communicator(device, &links, timeouts.collective, &extra).inspect_err(|_| links.shutdown())?;
+    Ok(ShardRunner::with_communicator(model, kv, links, comm))
 }
 
 /// A [`lead_group`] loader for the simple contiguous KV store (`dsvl generate`).
@@ -147,6 +153,7 @@ pub fn contiguous_kv(model: DeepSeekLlm) -> Result<(DeepSeekLlm, Box<dyn KvStore
 pub fn run_worker(
     spec: &GroupSpec,
     timeouts: GroupTimeouts,
+    device: &Device,
     load: impl FnOnce(&serde_json::Value) -> Result<(DeepSeekLlm, Box<dyn KvStore + Send>), ModelError>,
 ) -> Result<(), ModelError> {
     let (links, extra) = rendezvous::join(spec)?;
@@ -160,5 +167,6 @@ pub fn run_worker(
         }
     };
     leader.send(&Message::new(json!({"kind": "ready"})), "ready")?;
-    ShardRunner::new(model, kv, links.clone(), timeouts.collective).serve()
+    let comm = collectives::communicator(device, &links, timeouts.collective, &extra)?;
+    ShardRunner::with_communicator(model, kv, links.clone(), comm).serve()
 }

@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod blocks;
+pub mod collectives;
 pub mod engine;
 pub mod generate;
 pub mod group;

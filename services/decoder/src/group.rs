@@ -97,7 +97,7 @@ pub fn build_leader(args: &Args, cfg: &DecoderConfig) -> Result<(ShardRunner, Sc
     let kv = PagedKvConfig { num_blocks: cfg.kv_blocks, block_size: cfg.block_size };
     let timeouts = GroupTimeouts { collective: cfg.collective_timeout, ..GroupTimeouts::default() };
     let spec = spec(cfg.tp, 0, leader, tag, cfg.collective_timeout);
-    let mut runner = lead_group(&listener, &spec, timeouts, serde_json::json!({ "kv": kv }), || {
+    let mut runner = lead_group(&listener, &spec, timeouts, serde_json::json!({ "kv": kv }), &device, || {
         let model = DeepSeekLlm::load(&ckpt, dtype, &device, Shard { rank: 0, world: cfg.tp }, None)?;
         let kv = paged_kv(&model, kv)?;
         Ok((model, kv))
@@ -155,7 +155,7 @@ pub fn run_worker_process(args: &Args) -> Result<(), ModelError> {
     let timeout = std::time::Duration::from_secs(args.collective_timeout_secs.max(1));
     let spec = spec(args.tp, rank, leader, group_tag(&ckpt, args.dtype.as_str()), timeout);
     let timeouts = GroupTimeouts { collective: timeout, ..GroupTimeouts::default() };
-    run_worker(&spec, timeouts, |extra| {
+    run_worker(&spec, timeouts, &device, |extra| {
         let kv: PagedKvConfig = serde_json::from_value(extra["kv"].clone()).map_err(|e| ModelError::InvalidInput(format!("leader sent no KV geometry: {e}")))?;
         let model = DeepSeekLlm::load(&ckpt, dtype, &device, Shard { rank, world: args.tp }, None)?;
         let kv = paged_kv(&model, kv)?;
