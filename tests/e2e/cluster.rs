@@ -136,6 +136,7 @@ async fn golden_ids_through_grpc_and_http_with_one_encode() -> Result<()> {
     assert_eq!(g.metric("dsvl_requests_total", &[("outcome", "ok")])?, 6.0);
     assert_eq!(g.metric("dsvl_time_to_first_token_seconds_count", &[])?, 6.0);
     assert_eq!(g.metric("dsvl_e2e_latency_seconds_count", &[])?, 6.0);
+    assert_eq!(g.metric("dsvl_gateway_requests_in_flight", &[])?, 0.0, "every finished request left the in-flight gauge");
     assert!(g.metric("dsvl_inter_token_latency_seconds_count", &[])? >= 6.0 * 14.0);
     assert_eq!(g.metric("dsvl_upstream_latency_seconds_count", &[("tier", "decoder")])?, 6.0);
     // The image went to the vision tier once; the two later requests found its key in Redis.

@@ -19,10 +19,17 @@ pub fn open_device(spec: DeviceSpec) -> Result<Device, ModelError> {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<Device, ModelError> {
-    Device::new_cuda(ordinal).map_err(|e| ModelError::Device {
-        device: format!("cuda:{ordinal}"),
-        reason: format!("cannot open the CUDA device (is an NVIDIA driver installed and the GPU visible?): {e}"),
-    })
+    let error = |reason: String| ModelError::Device { device: format!("cuda:{ordinal}"), reason };
+    // cudarc panics (rather than returning an error) when the driver library cannot be used;
+    // a missing GPU must be a clear error, never a crash.
+    match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {
+        Ok(Ok(device)) => Ok(device),
+        Ok(Err(e)) => Err(error(format!("cannot open the CUDA device (is an NVIDIA driver installed and the GPU visible?): {e}"))),
+        Err(panic) => {
+            let what = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("unknown");
+            Err(error(format!("the CUDA driver is not usable on this machine ({what})")))
+        }
+    }
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -231,7 +231,7 @@ pub async fn shutdown_signal() {
 /// for Nagle's algorithm and the peer's delayed ACK (about 40 ms per exchange on Linux).
 pub fn incoming_nodelay(
     listener: tokio::net::TcpListener,
-) -> impl futures_core::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> + Send + 'static {
     use tokio_stream::StreamExt;
     tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
         if let Ok(c) = &conn {

@@ -52,6 +52,23 @@ enum OpenError {
     Fatal(GatewayError),
 }
 
+/// Counts one request in `dsvl_gateway_requests_in_flight` from admission until its stream
+/// ends (the gateway's autoscaling signal: work in progress, whatever its size).
+struct InFlightRequest;
+
+impl InFlightRequest {
+    fn new() -> Self {
+        metrics::gauge!("dsvl_gateway_requests_in_flight").increment(1.0);
+        Self
+    }
+}
+
+impl Drop for InFlightRequest {
+    fn drop(&mut self) {
+        metrics::gauge!("dsvl_gateway_requests_in_flight").decrement(1.0);
+    }
+}
+
 fn deadline_error(stage: &str) -> GatewayError {
     GatewayError::DeadlineExceeded(format!("the deadline passed during {stage}"))
 }
@@ -63,7 +80,8 @@ impl Gateway {
     /// Anything that fails before the first token (the stream reports later failures).
     pub async fn chat(self: &Arc<Self>, tenant: &Tenant, input: ChatInput, deadline: Instant, api: &'static str) -> Result<ChatStream, GatewayError> {
         let started = Instant::now();
-        let result = self.start(tenant, input, deadline, started, api).await;
+        let in_flight = InFlightRequest::new();
+        let result = self.start(tenant, input, deadline, started, api, in_flight).await;
         if let Err(e) = &result {
             metrics::counter!("dsvl_requests_total", "api" => api, "outcome" => e.outcome()).increment(1);
             metrics::histogram!("dsvl_e2e_latency_seconds", "api" => api).record(started.elapsed().as_secs_f64());
@@ -72,7 +90,15 @@ impl Gateway {
         result
     }
 
-    async fn start(self: &Arc<Self>, tenant: &Tenant, input: ChatInput, deadline: Instant, started: Instant, api: &'static str) -> Result<ChatStream, GatewayError> {
+    async fn start(
+        self: &Arc<Self>,
+        tenant: &Tenant,
+        input: ChatInput,
+        deadline: Instant,
+        started: Instant,
+        api: &'static str,
+        in_flight: InFlightRequest,
+    ) -> Result<ChatStream, GatewayError> {
         let prep = prepare(&self.config, &self.model, input)?;
         self.tenancy.admit(tenant, prep.images.len(), prep.prompt.ids.len() + prep.max_new_tokens as usize).map_err(|r| match r {
             Refusal::Quota { what, retry_after } => GatewayError::Exhausted {
@@ -139,6 +165,7 @@ impl Gateway {
         let gw = self.clone();
         tokio::spawn(
             async move {
+                let _in_flight = in_flight;
                 let outcome = gw.relay(opened, &prep, timing, deadline, started, api, &tx).await;
                 let label = match &outcome {
                     Ok(()) => "ok",
