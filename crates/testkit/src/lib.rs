@@ -4,10 +4,12 @@
 //! Fixtures live in the repository (`tests/fixtures/golden`, `assets/tiny-dsvl`); they were
 //! copied from the team's shared fixture set, see `tests/fixtures/README.md` for provenance.
 
+mod llama;
 mod procs;
 
 use std::path::PathBuf;
 
+pub use llama::{copy_tokenizer_files, temp_llama_checkpoint, write_llama_checkpoint, LlamaLayout, LLAMA_TOKENIZER_FILES};
 pub use procs::{child_pids, free_port, http_get, metric_sum, pid_alive, RedisCluster, RedisServer, ServiceProcess};
 
 use anyhow::{ensure, Result};
@@ -90,6 +92,50 @@ pub fn png_header_only(width: u32, height: u32) -> Vec<u8> {
     chunk(&mut png, b"IDAT", &[0x78, 0x01, 0x01, 0x00, 0x00, 0xff, 0xff, 0x00, 0x00, 0x00, 0x01]);
     chunk(&mut png, b"IEND", &[]);
     png
+}
+
+/// A complete, lossless RGB8 PNG of `rgb` (row-major HWC, `width * height * 3` bytes), with
+/// uncompressed deflate blocks: lets a test hand exact pixels to code that reads image files.
+pub fn png_rgb8(width: u32, height: u32, rgb: &[u8]) -> Vec<u8> {
+    assert_eq!(rgb.len(), width as usize * height as usize * 3, "png_rgb8: pixel buffer size");
+    let mut raw = Vec::with_capacity(rgb.len() + height as usize);
+    for row in rgb.chunks(width as usize * 3) {
+        raw.push(0); // filter type None
+        raw.extend_from_slice(row);
+    }
+    let mut zlib = vec![0x78, 0x01];
+    let blocks: Vec<&[u8]> = raw.chunks(65_535).collect();
+    for (i, block) in blocks.iter().enumerate() {
+        zlib.push(u8::from(i + 1 == blocks.len()));
+        let len = block.len() as u16;
+        zlib.extend_from_slice(&len.to_le_bytes());
+        zlib.extend_from_slice(&(!len).to_le_bytes());
+        zlib.extend_from_slice(block);
+    }
+    let (mut a, mut b) = (1u32, 0u32);
+    for &byte in &raw {
+        a = (a + u32::from(byte)) % 65_521;
+        b = (b + a) % 65_521;
+    }
+    zlib.extend_from_slice(&((b << 16) | a).to_be_bytes());
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&width.to_be_bytes());
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    png_chunk(&mut png, b"IHDR", &ihdr);
+    png_chunk(&mut png, b"IDAT", &zlib);
+    png_chunk(&mut png, b"IEND", &[]);
+    png
+}
+
+fn png_chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
+    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+    let start = out.len();
+    out.extend_from_slice(kind);
+    out.extend_from_slice(data);
+    let crc = crc32(&out[start..]);
+    out.extend_from_slice(&crc.to_be_bytes());
 }
 
 fn crc32(bytes: &[u8]) -> u32 {
