@@ -55,7 +55,7 @@ pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
             BlockManager::new(kv.num_blocks, kv.block_size),
         );
         Ok((runner, sched))
-    })?;
+    }, dsvl_core::watchdog::Watchdog::new("bench"))?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut rows = Vec::new();
     for &n in &args.streams {

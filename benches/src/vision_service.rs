@@ -68,7 +68,7 @@ pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
         let device = Device::Cpu;
         let encoder = vl7b_encoder(DType::F32, &device)?;
         let pre = Preprocessor::new(encoder.preprocess_config().clone(), ImageLimits::default());
-        let batcher = Arc::new(Batcher::start(encoder, BatcherConfig { max_batch: 1, max_wait: Duration::ZERO, capacity: 64 }));
+        let batcher = Arc::new(Batcher::start(encoder, BatcherConfig { max_batch: 1, max_wait: Duration::ZERO, capacity: 64 }, dsvl_core::watchdog::Watchdog::new("bench")));
         // A: no local tier (every hit goes to Redis); B: local tier only.
         let a = pipeline(batcher.clone(), &pre, 0, Some(shared.clone()));
         let b = pipeline(batcher.clone(), &pre, 1 << 30, None);
@@ -100,7 +100,7 @@ pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
         let mut throughput = Vec::new();
         for max_batch in [1, args.max_batch] {
             let encoder = vl7b_encoder(DType::F32, &device)?;
-            let batcher = Arc::new(Batcher::start(encoder, BatcherConfig { max_batch, max_wait: Duration::from_millis(50), capacity: 64 }));
+            let batcher = Arc::new(Batcher::start(encoder, BatcherConfig { max_batch, max_wait: Duration::from_millis(50), capacity: 64 }, dsvl_core::watchdog::Watchdog::new("bench")));
             let p = pipeline(batcher, &pre, 0, None);
             let t = Instant::now();
             let tasks: Vec<_> = (0..args.concurrent as u32)

@@ -91,7 +91,16 @@ async fn grpc_chat(cluster: &Cluster, request: ChatRequest, timeout: Duration, k
 /// encoded once for all of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_ids_through_grpc_and_http_with_one_encode() -> Result<()> {
-    let cluster = Cluster::start(Options::default()).await?;
+    let mut cluster = Cluster::start(Options::default()).await?;
+    // The Kubernetes probes' health names (deploy/k8s): every service reports `startup` and
+    // `liveness` once started.
+    for probe in ["startup", "liveness"] {
+        cluster.gateway.wait_serving(probe, Duration::from_secs(5)).await?;
+        cluster.decoder.wait_serving(probe, Duration::from_secs(5)).await?;
+        for v in &mut cluster.vision {
+            v.wait_serving(probe, Duration::from_secs(5)).await?;
+        }
+    }
     for (case, prefix) in [("one_image", "image"), ("text_only", "text")] {
         let golden = golden_case(case)?;
         let want_prompt: Vec<u32> = serde_json::from_value(golden["input_ids"].clone())?;

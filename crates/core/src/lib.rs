@@ -10,6 +10,7 @@
 
 pub mod cache_key;
 pub mod codec;
+pub mod watchdog;
 mod device;
 mod limits;
 

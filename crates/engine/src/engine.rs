@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+
+use dsvl_core::watchdog::Watchdog;
 use std::time::{Duration, Instant};
 
 use dsvl_models::llm::ShardRunner;
@@ -70,6 +72,7 @@ impl EngineHandle {
 /// the runner is built, and the thread's join handle, which yields the reason it stopped.
 pub fn spawn_engine(
     build: impl FnOnce() -> Result<(ShardRunner, Scheduler), ModelError> + Send + 'static,
+    watchdog: Arc<Watchdog>,
 ) -> Result<(EngineHandle, JoinHandle<Result<(), ModelError>>), ModelError> {
     let (tx, rx) = std::sync::mpsc::channel::<NewRequest>();
     let shared = Arc::new(Shared { load: Mutex::new(LoadReport::default()), alive: AtomicBool::new(true), stop: AtomicBool::new(false) });
@@ -90,7 +93,7 @@ pub fn spawn_engine(
                     return Err(ModelError::InvalidInput(msg));
                 }
             };
-            let result = engine_loop(&mut runner, &mut sched, &rx, &thread_shared);
+            let result = engine_loop(&mut runner, &mut sched, &rx, &thread_shared, &watchdog);
             thread_shared.alive.store(false, Ordering::SeqCst);
             if let Err(e) = &result {
                 tracing::error!(error = %e, "the tensor-parallel group failed");
@@ -111,7 +114,7 @@ pub fn spawn_engine(
     }
 }
 
-fn engine_loop(runner: &mut ShardRunner, sched: &mut Scheduler, rx: &Receiver<NewRequest>, shared: &Shared) -> Result<(), ModelError> {
+fn engine_loop(runner: &mut ShardRunner, sched: &mut Scheduler, rx: &Receiver<NewRequest>, shared: &Shared, watchdog: &Watchdog) -> Result<(), ModelError> {
     let mut rate = 0.0f64;
     loop {
         if !sched.has_work() {
@@ -134,7 +137,9 @@ fn engine_loop(runner: &mut ShardRunner, sched: &mut Scheduler, rx: &Receiver<Ne
         }
         let before = sched.occupancy().running;
         let t = Instant::now();
+        let busy = watchdog.busy();
         sched.step(runner)?;
+        drop(busy);
         let secs = t.elapsed().as_secs_f64();
         if before > 0 {
             let r = before as f64 / secs.max(1e-9);

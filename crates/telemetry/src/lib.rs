@@ -5,7 +5,10 @@
 //! * [`extract_trace_context`] / [`inject_trace_context`]: W3C `traceparent`/`tracestate` in gRPC
 //!   metadata, so a request keeps one trace across the gateway and both tiers.
 //! * [`serve_prometheus`]: the `/metrics` endpoint on its own port.
+//! * [`probes`]: `startup` / readiness / `liveness` on grpc.health.v1 for Kubernetes probes.
 #![deny(missing_docs)]
+
+pub mod probes;
 
 use std::net::SocketAddr;
 

@@ -66,6 +66,10 @@ pub struct Args {
     /// Longest a graceful shutdown waits for in-flight streams, in seconds.
     #[arg(long, env = "DSVL_DRAIN_SECS", default_value_t = 30)]
     pub drain_secs: u64,
+    /// The `liveness` health status fails when the model thread has been inside one batch or
+    /// step longer than this, in seconds (a hung GPU or a deadlock; an idle thread is alive).
+    #[arg(long, env = "DSVL_LIVENESS_STALL_SECS", default_value_t = 600)]
+    pub liveness_stall_secs: u64,
     /// Largest gRPC message in MiB (inline embeddings are 4.5 MiB per image for VL-7B bf16).
     #[arg(long, env = "DSVL_MAX_MESSAGE_MIB", default_value_t = 64)]
     pub max_message_mib: usize,
@@ -122,6 +126,8 @@ pub struct DecoderConfig {
     pub drain: Duration,
     /// Largest gRPC message.
     pub max_message_bytes: usize,
+    /// Longest one engine step may take before `liveness` fails.
+    pub liveness_stall: Duration,
 }
 
 /// A flag value that makes no sense.
@@ -162,6 +168,7 @@ impl TryFrom<&Args> for DecoderConfig {
             max_waiting: a.max_waiting,
             collective_timeout: Duration::from_secs(a.collective_timeout_secs.max(1)),
             drain: Duration::from_secs(a.drain_secs),
+            liveness_stall: Duration::from_secs(a.liveness_stall_secs),
             max_message_bytes: a.max_message_mib << 20,
         })
     }

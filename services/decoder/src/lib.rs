@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use dsvl_cache::{RedisCache, RedisConfig};
 use dsvl_engine::engine::spawn_engine;
+use dsvl_telemetry::probes::{self, Watchdog};
 use dsvl_proto::v1::decoder_server::DecoderServer;
 use tokio::net::TcpListener;
 
@@ -48,11 +49,16 @@ pub enum DecoderError {
 /// group fails (error).
 ///
 /// Health (`grpc.health.v1`, `dsvl.v1.Decoder` and `""`) is SERVING only once every rank has
-/// joined, loaded its shard and run a warm-up step.
+/// joined, loaded its shard and run a warm-up step; `startup` and `liveness` serve the
+/// Kubernetes probes ([`dsvl_telemetry::probes`]): liveness fails when one engine step runs
+/// longer than `config.liveness_stall` or the group has failed.
 pub async fn run(args: Args, config: DecoderConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), DecoderError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<DecoderServer<DecoderService>>().await;
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    probes::starting(&health).await;
+    let watchdog = Watchdog::new("decoder-engine");
+    let _liveness = probes::spawn_liveness(health.clone(), vec![watchdog.clone()], config.liveness_stall);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(dsvl_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -86,7 +92,7 @@ pub async fn run(args: Args, config: DecoderConfig, listener: TcpListener, shutd
             let (runner, sched, workers, info) = group::build_leader(&engine_args, &engine_cfg)?;
             let _ = info_tx.send((info, workers));
             Ok((runner, sched))
-        })
+        }, watchdog)
     });
     tokio::pin!(shutdown);
     // Phase 1: the group starts (health NOT_SERVING, requests UNAVAILABLE).
@@ -104,6 +110,7 @@ pub async fn run(args: Args, config: DecoderConfig, listener: TcpListener, shutd
     let _ = ready.set(service::Ready { engine, info });
     health.set_serving::<DecoderServer<DecoderService>>().await;
     health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    probes::started(&health).await;
     let mut engine_done = tokio::task::spawn_blocking(move || {
         join.join().unwrap_or_else(|_| Err(dsvl_models::ModelError::InvalidInput("engine thread panicked".into())))
     });
@@ -121,6 +128,9 @@ pub async fn run(args: Args, config: DecoderConfig, listener: TcpListener, shutd
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     draining.store(true, Ordering::SeqCst);
     if let Some(e) = failure {
+        // The process is about to exit; liveness tells the same to anyone still asking.
+        drop(_liveness);
+        health.set_service_status(probes::LIVENESS, tonic_health::ServingStatus::NotServing).await;
         // Streams already ended with UNAVAILABLE; stop serving and let the process exit
         // non-zero. Dropping `workers` kills any rank still alive.
         let _ = stop_tx.send(());

@@ -141,6 +141,10 @@ pub async fn run(config: GatewayConfig, grpc: TcpListener, http: TcpListener, sh
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<ChatServer<grpc::ChatService>>().await;
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    // No model to load: started at once, alive while the runtime answers (`probes`); readiness
+    // (`""`) follows the upstreams.
+    dsvl_telemetry::probes::starting(&health).await;
+    dsvl_telemetry::probes::started(&health).await;
 
     // Background: re-resolve endpoints, poll health and load, follow readiness.
     let refresher = {

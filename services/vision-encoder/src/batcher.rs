@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use candle_core::DType;
 use dsvl_models::preprocess::Preprocessed;
 use dsvl_models::vision::VisionEncoder;
+use dsvl_telemetry::probes::Watchdog;
 use tokio::sync::oneshot;
 
 /// Why a queued image was not encoded.
@@ -57,14 +58,15 @@ pub struct Batcher {
 
 impl Batcher {
     /// Starts the model thread with `encoder`.
-    pub fn start(encoder: VisionEncoder, cfg: BatcherConfig) -> Self {
+    /// `watchdog` sees each batch (the `liveness` probe).
+    pub fn start(encoder: VisionEncoder, cfg: BatcherConfig, watchdog: Arc<Watchdog>) -> Self {
         let (tx, rx) = sync_channel::<Job>(cfg.capacity);
         let queued = Arc::new(AtomicUsize::new(0));
         let rate = Arc::new(Mutex::new(0.0));
         let (q, r) = (queued.clone(), rate.clone());
         let thread = std::thread::Builder::new()
             .name("vision-model".into())
-            .spawn(move || model_loop(encoder, rx, cfg, q, r))
+            .spawn(move || model_loop(encoder, rx, cfg, q, r, &watchdog))
             .expect("cannot start the model thread");
         Self { tx: Some(tx), queued, rate, thread: Some(thread) }
     }
@@ -105,7 +107,14 @@ impl Drop for Batcher {
     }
 }
 
-fn model_loop(encoder: VisionEncoder, rx: std::sync::mpsc::Receiver<Job>, cfg: BatcherConfig, queued: Arc<AtomicUsize>, rate: Arc<Mutex<f64>>) {
+fn model_loop(
+    encoder: VisionEncoder,
+    rx: std::sync::mpsc::Receiver<Job>,
+    cfg: BatcherConfig,
+    queued: Arc<AtomicUsize>,
+    rate: Arc<Mutex<f64>>,
+    watchdog: &Watchdog,
+) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         let fill_until = Instant::now() + cfg.max_wait;
@@ -139,7 +148,9 @@ fn model_loop(encoder: VisionEncoder, rx: std::sync::mpsc::Receiver<Job>, cfg: B
         }
         let t = Instant::now();
         metrics::gauge!("dsvl_vision_model_busy").set(1.0);
+        let busy = watchdog.busy();
         let result = encode_batch(&encoder, &live);
+        drop(busy);
         metrics::gauge!("dsvl_vision_model_busy").set(0.0);
         let secs = t.elapsed().as_secs_f64();
         metrics::histogram!("dsvl_vision_batch_size").record(live.len() as f64);

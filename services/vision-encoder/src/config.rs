@@ -67,6 +67,10 @@ pub struct Args {
     /// Longest a graceful shutdown waits for in-flight requests, in seconds.
     #[arg(long, env = "DSVL_DRAIN_SECS", default_value_t = 30)]
     pub drain_secs: u64,
+    /// The `liveness` health status fails when the model thread has been inside one batch or
+    /// step longer than this, in seconds (a hung GPU or a deadlock; an idle thread is alive).
+    #[arg(long, env = "DSVL_LIVENESS_STALL_SECS", default_value_t = 600)]
+    pub liveness_stall_secs: u64,
     /// OTLP/gRPC endpoint for traces (also OTEL_EXPORTER_OTLP_ENDPOINT).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -108,6 +112,8 @@ pub struct VisionConfig {
     pub max_message_bytes: usize,
     /// Drain bound.
     pub drain: Duration,
+    /// Longest one unit of model work may take before `liveness` fails.
+    pub liveness_stall: Duration,
 }
 
 /// A flag value that makes no sense.
@@ -161,6 +167,7 @@ impl TryFrom<&Args> for VisionConfig {
             },
             max_message_bytes,
             drain: Duration::from_secs(a.drain_secs),
+            liveness_stall: Duration::from_secs(a.liveness_stall_secs),
         })
     }
 }

@@ -21,6 +21,7 @@ use dsvl_models::device::{candle_dtype, open_device};
 use dsvl_models::preprocess::{Preprocessor, RgbImage};
 use dsvl_models::vision::VisionEncoder;
 use dsvl_proto::v1::vision_encoder_server::VisionEncoderServer;
+use dsvl_telemetry::probes::{self, Watchdog};
 use tokio::net::TcpListener;
 
 pub use config::{Args, VisionConfig};
@@ -49,7 +50,7 @@ pub enum VisionError {
     Join(String),
 }
 
-fn load_pipeline(cfg: &VisionConfig) -> Result<Pipeline, VisionError> {
+fn load_pipeline(cfg: &VisionConfig, watchdog: Arc<Watchdog>) -> Result<Pipeline, VisionError> {
     let source = cfg.model.clone().map_or(ModelSource::Bundled, ModelSource::Dir);
     let ckpt = Checkpoint::open(&source)?;
     let device = open_device(cfg.device)?;
@@ -78,7 +79,7 @@ fn load_pipeline(cfg: &VisionConfig) -> Result<Pipeline, VisionError> {
         None => None,
     };
     Ok(Pipeline {
-        batcher: Arc::new(Batcher::start(encoder, BatcherConfig { max_batch: cfg.max_batch, max_wait: cfg.max_wait, capacity: cfg.queue_capacity })),
+        batcher: Arc::new(Batcher::start(encoder, BatcherConfig { max_batch: cfg.max_batch, max_wait: cfg.max_wait, capacity: cfg.queue_capacity }, watchdog)),
         preprocessor,
         expected: Expected { fingerprint, dtype, shape },
         local: Arc::new(MemoryCache::new(cfg.local_cache_bytes)),
@@ -93,7 +94,8 @@ fn load_pipeline(cfg: &VisionConfig) -> Result<Pipeline, VisionError> {
 /// NOT_SERVING, new requests get UNAVAILABLE, in-flight ones finish within `config.drain`.
 ///
 /// Health (`grpc.health.v1`, service `dsvl.v1.VisionEncoder` and `""`) is NOT_SERVING until the
-/// model is loaded and a warm-up forward pass has run.
+/// model is loaded and a warm-up forward pass has run; `startup` and `liveness` serve the
+/// Kubernetes probes ([`dsvl_telemetry::probes`]).
 ///
 /// # Errors
 /// The model cannot be loaded, or the server fails.
@@ -101,6 +103,9 @@ pub async fn run(config: VisionConfig, listener: TcpListener, shutdown: impl Fut
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_not_serving::<VisionEncoderServer<VisionService>>().await;
     health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    probes::starting(&health).await;
+    let watchdog = Watchdog::new("vision-model");
+    let _liveness = probes::spawn_liveness(health.clone(), vec![watchdog.clone()], config.liveness_stall);
     let pipeline = Arc::new(OnceLock::new());
     let draining = Arc::new(AtomicBool::new(false));
     let svc = VisionService { pipeline: pipeline.clone(), max_images: config.max_images_per_request, draining: draining.clone() };
@@ -124,7 +129,7 @@ pub async fn run(config: VisionConfig, listener: TcpListener, shutdown: impl Fut
     tokio::pin!(server);
 
     let load_cfg = config.clone();
-    let mut loading = tokio::task::spawn_blocking(move || load_pipeline(&load_cfg));
+    let mut loading = tokio::task::spawn_blocking(move || load_pipeline(&load_cfg, watchdog));
     let mut loaded = false;
     tokio::pin!(shutdown);
     loop {
@@ -137,6 +142,7 @@ pub async fn run(config: VisionConfig, listener: TcpListener, shutdown: impl Fut
                         let _ = pipeline.set(Arc::new(p));
                         health.set_serving::<VisionEncoderServer<VisionService>>().await;
                         health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+                        probes::started(&health).await;
                     }
                     Ok(Err(e)) => return Err(e),
                     Err(e) => return Err(VisionError::Join(e.to_string())),

@@ -1,0 +1,242 @@
+//! Container arguments, read by the services' own parsers.
+//!
+//! A container runs a dsvl service when its command names one of the three binaries. Its
+//! argv is built the way the kubelet builds it (`$(VAR)` expanded from the pod's environment,
+//! LeaderWorkerSet variables included), environment variables the binary reads through clap's
+//! `env` fallback are turned into flags (a flag on the command line wins, as in clap), and
+//! the result goes through the service's `Args::try_parse_from` and config validation. So the
+//! manifests can only use real flags with valid values, and what the checks need (drain
+//! time, ports, device, tensor-parallel layout) is read exactly as the binary reads it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::PathBuf;
+
+use clap::{CommandFactory, Parser};
+use k8s_openapi::api::core::v1::Container;
+
+use crate::pods::{expand, PodView};
+
+/// The three service binaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Binary {
+    /// `dsvl-gateway`.
+    Gateway,
+    /// `dsvl-vision`.
+    Vision,
+    /// `dsvl-decoder`.
+    Decoder,
+}
+
+impl Binary {
+    /// The executable's file name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Gateway => "dsvl-gateway",
+            Self::Vision => "dsvl-vision",
+            Self::Decoder => "dsvl-decoder",
+        }
+    }
+
+    /// The gRPC API service whose health status is the service's readiness.
+    pub fn api_service(self) -> &'static str {
+        match self {
+            Self::Gateway => "dsvl.v1.Chat",
+            Self::Vision => "dsvl.v1.VisionEncoder",
+            Self::Decoder => "dsvl.v1.Decoder",
+        }
+    }
+
+    /// The service a container runs: the first word of its command and args (past an init
+    /// such as `tini --`) that names a dsvl binary.
+    pub fn of(container: &Container) -> Option<Self> {
+        container.command.iter().flatten().chain(container.args.iter().flatten()).find_map(|word| {
+            let file = word.rsplit('/').next().unwrap_or(word);
+            [Self::Gateway, Self::Vision, Self::Decoder].into_iter().find(|b| b.name() == file)
+        })
+    }
+
+    fn command(self) -> clap::Command {
+        match self {
+            Self::Gateway => dsvl_gateway::Args::command(),
+            Self::Vision => dsvl_vision::Args::command(),
+            Self::Decoder => dsvl_decoder::Args::command(),
+        }
+    }
+
+    /// Environment variables the binary reads (clap `env` fallbacks).
+    pub fn env_names(self) -> BTreeSet<String> {
+        self.command().get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect()
+    }
+}
+
+impl fmt::Display for Binary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An upstream a gateway connects to (`--vision`, `--decoder`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// The flag.
+    pub flag: &'static str,
+    /// Host (a Service name).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
+/// What the checks need to know about a service container, as its binary parses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Which service.
+    pub binary: Binary,
+    /// Whether it serves gRPC (decoder worker ranks do not).
+    pub serves: bool,
+    /// Port of its gRPC listener.
+    pub grpc_port: u16,
+    /// Longest graceful drain after SIGTERM, in seconds (0 when it does not drain).
+    pub drain_secs: u64,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// GPUs the container uses: the highest device index it opens, plus one.
+    pub gpus: u32,
+    /// Tensor-parallel layout (decoder): degree, nodes, and the flags every rank must share.
+    pub group: Option<GroupFlags>,
+    /// Gateway upstreams.
+    pub upstreams: Vec<Upstream>,
+    /// `--api-keys-file`.
+    pub api_keys_file: Option<PathBuf>,
+    /// Whether a Redis URL is configured.
+    pub redis: bool,
+}
+
+/// The decoder flags that must agree across the ranks of a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupFlags {
+    /// `--tp`.
+    pub tp: usize,
+    /// `--nodes`.
+    pub nodes: usize,
+    /// `--model`.
+    pub model: Option<PathBuf>,
+    /// `--dtype`.
+    pub dtype: String,
+    /// `--device` (of the pod's first rank).
+    pub device: String,
+    /// `--rendezvous-port` on the leader (multi-pod groups).
+    pub rendezvous_port: u16,
+}
+
+/// The argv the container's binary will see: args (and any command words after the
+/// binary), expanded, plus flags for the binary's environment variables set in the pod.
+pub fn argv(view: &PodView<'_>, container: &Container, binary: Binary) -> Vec<String> {
+    let env = view.env(container);
+    let words: Vec<&String> = container.command.iter().flatten().chain(container.args.iter().flatten()).collect();
+    let start = words.iter().position(|w| w.rsplit('/').next() == Some(binary.name())).map_or(0, |i| i + 1);
+    let mut argv = vec![binary.name().to_string()];
+    argv.extend(words[start..].iter().map(|w| expand(w, &env)));
+    let declared: BTreeMap<String, (String, bool)> = binary
+        .command()
+        .get_arguments()
+        .filter_map(|a| Some((a.get_env()?.to_string_lossy().into_owned(), (a.get_long()?.to_string(), a.get_action().takes_values()))))
+        .collect();
+    for var in container.env.iter().flatten() {
+        let Some((long, takes_value)) = declared.get(&var.name) else { continue };
+        let given = argv.iter().any(|a| a == &format!("--{long}") || a.starts_with(&format!("--{long}=")));
+        if given {
+            continue;
+        }
+        let value = &env[&var.name];
+        if *takes_value {
+            argv.push(format!("--{long}={value}"));
+        } else if !matches!(value.as_str(), "" | "0" | "false") {
+            argv.push(format!("--{long}"));
+        }
+    }
+    argv
+}
+
+fn gpus(device: &str, ranks: usize) -> u32 {
+    match device.strip_prefix("cuda:").and_then(|n| n.parse::<u32>().ok()) {
+        Some(first) => first + ranks as u32,
+        None => 0,
+    }
+}
+
+fn upstreams(flag: &'static str, endpoints: &[String]) -> Result<Vec<Upstream>, String> {
+    endpoints
+        .iter()
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let (host, port) = e.rsplit_once(':').ok_or_else(|| format!("--{flag} {e}: expected host:port"))?;
+            let port = port.parse().map_err(|_| format!("--{flag} {e}: bad port"))?;
+            Ok(Upstream { flag, host: host.to_string(), port })
+        })
+        .collect()
+}
+
+/// Parses `argv` with the binary's own flag parser and config validation.
+///
+/// # Errors
+/// The parser's or the validation's message when the binary would refuse to start.
+pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
+    match binary {
+        Binary::Gateway => {
+            let mut a = dsvl_gateway::Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+            let api_keys_file = a.api_keys_file.take(); // a mounted Secret: not readable here
+            dsvl_gateway::GatewayConfig::try_from(&a).map_err(|e| e.to_string())?;
+            let mut ups = upstreams("vision", &a.vision)?;
+            ups.extend(upstreams("decoder", &a.decoder)?);
+            Ok(Settings {
+                binary,
+                serves: true,
+                grpc_port: a.grpc_listen.port(),
+                drain_secs: a.drain_secs,
+                device: "cpu".into(),
+                gpus: 0,
+                group: None,
+                upstreams: ups,
+                api_keys_file,
+                redis: a.redis.is_some(),
+            })
+        }
+        Binary::Vision => {
+            let a = dsvl_vision::Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+            dsvl_vision::VisionConfig::try_from(&a).map_err(|e| e.to_string())?;
+            let device = a.device.to_string();
+            Ok(Settings {
+                binary,
+                serves: true,
+                grpc_port: a.listen.port(),
+                drain_secs: a.drain_secs,
+                gpus: gpus(&device, 1),
+                device,
+                group: None,
+                upstreams: Vec::new(),
+                api_keys_file: None,
+                redis: a.redis.is_some(),
+            })
+        }
+        Binary::Decoder => {
+            let a = dsvl_decoder::Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+            dsvl_decoder::DecoderConfig::try_from(&a).map_err(|e| e.to_string())?;
+            let serves = !(a.worker || a.node_index > 0);
+            let device = a.device.to_string();
+            let group = GroupFlags { tp: a.tp, nodes: a.nodes, model: a.model.clone(), dtype: a.dtype.as_str().to_string(), device: device.clone(), rendezvous_port: a.rendezvous_port };
+            Ok(Settings {
+                binary,
+                serves,
+                grpc_port: a.listen.port(),
+                drain_secs: if serves { a.drain_secs } else { 0 },
+                gpus: gpus(&device, a.tp / a.nodes),
+                device,
+                group: Some(group),
+                upstreams: Vec::new(),
+                api_keys_file: None,
+                redis: a.redis.is_some(),
+            })
+        }
+    }
+}
