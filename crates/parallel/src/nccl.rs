@@ -8,6 +8,7 @@
 //! copying through the host.
 
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::CudaStorage;
 use candle_core::{CustomOp1, DType, Device, Layout, Shape, Tensor};
 
