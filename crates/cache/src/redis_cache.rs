@@ -2,6 +2,19 @@
 //! background) or a Redis Cluster (`redis+cluster://host:port[,host:port...]`), each with
 //! connect and response timeouts, behind a [`CircuitBreaker`]. Connecting is lazy, so a
 //! service starts (and serves, uncached) while Redis is down.
+//!
+//! Round trips:
+//! * Callers that hold several keys at once batch them: [`RedisCache::get_many`] is one `MGET`
+//!   (split per slot by the cluster client), [`RedisCache::exists_many`] one pipeline of
+//!   `EXISTS` on a single node (per-key commands on a cluster, where a pipeline may not cross
+//!   slots). Either is one breaker call: one failure, one timeout, however many keys.
+//! * Single-key calls from concurrent tasks share one multiplexed connection (the
+//!   `ConnectionManager` or the cluster connection), which writes commands as they arrive
+//!   without waiting for earlier replies: concurrent requests are pipelined on the wire.
+//!
+//! Time bounds: a call never waits more than `connect_timeout` to get a connection (including
+//! waiting behind another task that is connecting) plus `response_timeout` for the reply, so a
+//! stalled (not just dead) Redis costs a caller at most those timeouts, never a hang.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -53,6 +66,23 @@ impl Conn {
             Self::Cluster(c) => cmd.query_async(&mut c.clone()).await,
         }
     }
+
+    /// Whether several key commands may travel as one pipeline (a cluster pipeline must stay
+    /// within one slot).
+    fn pipelines_across_keys(&self) -> bool {
+        matches!(self, Self::Single(_))
+    }
+
+    async fn query_pipe<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> redis::RedisResult<T> {
+        match self {
+            Self::Single(c) => pipe.query_async(&mut c.clone()).await,
+            Self::Cluster(c) => pipe.query_async(&mut c.clone()).await,
+        }
+    }
+}
+
+fn timed_out(what: &str) -> CacheError {
+    CacheError::Redis(redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, what.to_string())))
 }
 
 /// The Redis tier.
@@ -88,8 +118,60 @@ impl RedisCache {
     /// # Errors
     /// Redis unreachable, timed out, or the breaker is open.
     pub async fn exists(&self, key: &str) -> Result<bool, CacheError> {
-        let n: u64 = self.run(redis::cmd("EXISTS").arg(key).clone()).await?;
+        let cmd = redis::cmd("EXISTS").arg(key).clone();
+        let n: u64 = self.run(|c| async move { c.query(&cmd).await }).await?;
         Ok(n > 0)
+    }
+
+    /// Whether each of `keys` is present, in order, in one round trip (a pipeline of `EXISTS`
+    /// on a single node; concurrent per-key `EXISTS` on a cluster). No value is transferred.
+    ///
+    /// # Errors
+    /// Redis unreachable, timed out, or the breaker is open (for all keys at once).
+    pub async fn exists_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<bool>, CacheError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<&str> = keys.iter().map(AsRef::as_ref).collect();
+        let counts: Vec<u64> = self
+            .run(|c| async move {
+                if c.pipelines_across_keys() {
+                    let mut pipe = redis::pipe();
+                    for k in &keys {
+                        pipe.cmd("EXISTS").arg(*k);
+                    }
+                    c.query_pipe(&pipe).await
+                } else {
+                    let cmds: Vec<redis::Cmd> = keys.iter().map(|k| redis::cmd("EXISTS").arg(*k).clone()).collect();
+                    futures::future::try_join_all(cmds.iter().map(|cmd| c.query::<u64>(cmd))).await
+                }
+            })
+            .await?;
+        Ok(counts.into_iter().map(|n| n > 0).collect())
+    }
+
+    /// The values of `keys`, in order, in one `MGET` (on a cluster the client splits it per
+    /// slot and reassembles the replies).
+    ///
+    /// # Errors
+    /// Redis unreachable, timed out, or the breaker is open (for all keys at once).
+    pub async fn get_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<Option<Bytes>>, CacheError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("MGET");
+        for k in keys {
+            cmd.arg(k.as_ref());
+        }
+        let values: Vec<Option<Vec<u8>>> = self.run(|c| async move { c.query(&cmd).await }).await?;
+        if values.len() != keys.len() {
+            return Err(CacheError::Redis(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "MGET answered a different number of values",
+                format!("{} for {} keys", values.len(), keys.len()),
+            ))));
+        }
+        Ok(values.into_iter().map(|v| v.map(Bytes::from)).collect())
     }
 
     async fn connect(&self) -> redis::RedisResult<Conn> {
@@ -111,33 +193,37 @@ impl RedisCache {
         }
     }
 
-    /// Runs `cmd` through the breaker, connecting first if needed.
-    async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, CacheError> {
+    /// A connection, connecting first if there is none. Waiting behind another task that is
+    /// connecting counts against the same `connect_timeout`.
+    async fn connection(&self) -> Result<Conn, CacheError> {
+        let attempt = async {
+            let mut guard = self.conn.lock().await;
+            if let Some(c) = guard.as_ref() {
+                return Ok(c.clone());
+            }
+            let c = self.connect().await.map_err(CacheError::Redis)?;
+            *guard = Some(c.clone());
+            Ok(c)
+        };
+        tokio::time::timeout(self.config.connect_timeout, attempt).await.unwrap_or_else(|_| Err(timed_out("connect timed out")))
+    }
+
+    /// Runs `op` on a connection through the breaker: at most `connect_timeout` to get the
+    /// connection, then at most `response_timeout` for `op` (the clients enforce the same
+    /// response timeout per command; this bounds the whole operation, reconnects included).
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, CacheError>
+    where
+        F: FnOnce(Conn) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
         if !self.breaker.allow() {
             metrics::gauge!("dsvl_cache_breaker_state").set(self.breaker.state().as_gauge());
             return Err(CacheError::BreakerOpen);
         }
-        let conn = {
-            let mut guard = self.conn.lock().await;
-            match guard.as_ref() {
-                Some(c) => Ok(c.clone()),
-                None => match tokio::time::timeout(self.config.connect_timeout * 2, self.connect()).await {
-                    Ok(Ok(c)) => {
-                        *guard = Some(c.clone());
-                        Ok(c)
-                    }
-                    Ok(Err(e)) => Err(CacheError::Redis(e)),
-                    Err(_) => Err(CacheError::Redis(redis::RedisError::from(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "connect timed out",
-                    )))),
-                },
-            }
-        };
-        let result = match conn {
-            Ok(c) => match tokio::time::timeout(self.config.response_timeout * 2, c.query::<T>(&cmd)).await {
+        let result = match self.connection().await {
+            Ok(c) => match tokio::time::timeout(self.config.response_timeout, op(c)).await {
                 Ok(r) => r.map_err(CacheError::Redis),
-                Err(_) => Err(CacheError::Redis(redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, "response timed out")))),
+                Err(_) => Err(timed_out("response timed out")),
             },
             Err(e) => Err(e),
         };
@@ -157,7 +243,8 @@ impl RedisCache {
 impl EmbeddingCache for RedisCache {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, CacheError>> {
         Box::pin(async move {
-            let v: Option<Vec<u8>> = self.run(redis::cmd("GET").arg(key).clone()).await?;
+            let cmd = redis::cmd("GET").arg(key).clone();
+            let v: Option<Vec<u8>> = self.run(|c| async move { c.query(&cmd).await }).await?;
             Ok(v.map(Bytes::from))
         })
     }
@@ -165,7 +252,8 @@ impl EmbeddingCache for RedisCache {
     fn put<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> BoxFuture<'a, Result<(), CacheError>> {
         Box::pin(async move {
             let ms = ttl.as_millis().max(1) as u64;
-            let _: () = self.run(redis::cmd("SET").arg(key).arg(value.as_ref()).arg("PX").arg(ms).clone()).await?;
+            let cmd = redis::cmd("SET").arg(key).arg(value.as_ref()).arg("PX").arg(ms).clone();
+            let _: () = self.run(|c| async move { c.query(&cmd).await }).await?;
             Ok(())
         })
     }
@@ -177,14 +265,16 @@ impl EmbeddingCache for RedisCache {
     fn try_lease<'a>(&'a self, lease: &'a str, token: &'a str, ttl: Duration) -> BoxFuture<'a, Result<bool, CacheError>> {
         Box::pin(async move {
             let ms = ttl.as_millis().max(1) as u64;
-            let r: Option<String> = self.run(redis::cmd("SET").arg(lease).arg(token).arg("NX").arg("PX").arg(ms).clone()).await?;
+            let cmd = redis::cmd("SET").arg(lease).arg(token).arg("NX").arg("PX").arg(ms).clone();
+            let r: Option<String> = self.run(|c| async move { c.query(&cmd).await }).await?;
             Ok(r.is_some())
         })
     }
 
     fn release_lease<'a>(&'a self, lease: &'a str, token: &'a str) -> BoxFuture<'a, Result<(), CacheError>> {
         Box::pin(async move {
-            let _: i64 = self.run(redis::cmd("EVAL").arg(RELEASE_SCRIPT).arg(1).arg(lease).arg(token).clone()).await?;
+            let cmd = redis::cmd("EVAL").arg(RELEASE_SCRIPT).arg(1).arg(lease).arg(token).clone();
+            let _: i64 = self.run(|c| async move { c.query(&cmd).await }).await?;
             Ok(())
         })
     }

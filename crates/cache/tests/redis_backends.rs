@@ -30,6 +30,103 @@ async fn exercise(cache: &RedisCache) -> Result<()> {
     assert!(!cache.try_lease("dsvl:lease:v1:x", "you", Duration::from_secs(5)).await?);
     cache.release_lease("dsvl:lease:v1:x", "me").await?;
     assert!(cache.try_lease("dsvl:lease:v1:x", "you", Duration::from_secs(5)).await?);
+
+    // Batched reads: one MGET / one EXISTS pipeline (split per slot on a cluster), in order,
+    // with absent keys and duplicates.
+    let keys: Vec<String> = [3, 999, 7, 3, 12].iter().map(|i| format!("dsvl:emb:v1:test{i}")).collect();
+    let values = cache.get_many(&keys).await?;
+    let lens: Vec<Option<usize>> = values.iter().map(|v| v.as_ref().map(Bytes::len)).collect();
+    assert_eq!(lens, [Some(1003), None, Some(1007), Some(1003), Some(1012)]);
+    assert_eq!(values[0].as_deref(), Some(&vec![3u8; 1003][..]));
+    assert_eq!(cache.exists_many(&keys).await?, [true, false, true, true, true]);
+    assert!(cache.get_many::<&str>(&[]).await?.is_empty());
+    assert!(cache.exists_many::<&str>(&[]).await?.is_empty());
+    Ok(())
+}
+
+/// The pid of a running `redis-server` (from `INFO server`).
+fn redis_pid(redis: &RedisServer) -> Result<u32> {
+    let info = redis.command("INFO server")?;
+    let line = info.lines().find_map(|l| l.strip_prefix("process_id:")).ok_or_else(|| anyhow::anyhow!("no process_id in {info:?}"))?;
+    Ok(line.trim().parse()?)
+}
+
+/// SIGSTOPs a process; SIGCONTs it when dropped (also when the test fails).
+struct Frozen(u32);
+
+impl Frozen {
+    fn new(pid: u32) -> Result<Self> {
+        anyhow::ensure!(std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status()?.success(), "SIGSTOP {pid}");
+        Ok(Self(pid))
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+    }
+}
+
+/// A stalled server (SIGSTOP: connections open, no replies) costs each call at most the
+/// response timeout, for single and batched calls, concurrent ones too; then the breaker opens;
+/// after SIGCONT the same connection serves again.
+#[tokio::test]
+async fn stalled_server_costs_at_most_the_response_timeout() -> Result<()> {
+    let redis = RedisServer::start()?;
+    let cache = std::sync::Arc::new(RedisCache::new(RedisConfig {
+        breaker: BreakerConfig { failure_threshold: 6, open_for: Duration::from_millis(300) },
+        ..config(redis.url())
+    })?);
+    cache.put("dsvl:emb:v1:a", Bytes::from_static(b"1"), Duration::from_secs(30)).await?;
+    let frozen = Frozen::new(redis_pid(&redis)?)?;
+    // One response timeout (300 ms) plus slack for a loaded machine; three calls one after
+    // another would take 900 ms.
+    let bound = Duration::from_millis(300 + 400);
+    let t = Instant::now();
+    assert!(cache.get("dsvl:emb:v1:a").await.is_err());
+    assert!(t.elapsed() < bound, "GET took {:?}", t.elapsed());
+    let t = Instant::now();
+    assert!(cache.get_many(&["dsvl:emb:v1:a", "dsvl:emb:v1:b"]).await.is_err());
+    assert!(cache.exists_many(&["dsvl:emb:v1:a", "dsvl:emb:v1:b"]).await.is_err());
+    assert!(t.elapsed() < bound * 2, "MGET + EXISTS took {:?}", t.elapsed());
+    // Concurrent callers wait in parallel, not one after another.
+    let t = Instant::now();
+    let calls: Vec<_> = (0..3)
+        .map(|i| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.put(&format!("dsvl:emb:v1:c{i}"), Bytes::from_static(b"x"), Duration::from_secs(30)).await })
+        })
+        .collect();
+    for c in calls {
+        assert!(c.await?.is_err());
+    }
+    assert!(t.elapsed() < bound, "3 concurrent SETs took {:?}", t.elapsed());
+    assert_eq!(cache.breaker().state(), BreakerState::Open);
+    // A cache that has not connected yet: concurrent first calls share the connect timeout
+    // instead of queueing behind each other's connection attempts.
+    let fresh = std::sync::Arc::new(RedisCache::new(config(redis.url()))?);
+    let t = Instant::now();
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let fresh = fresh.clone();
+            tokio::spawn(async move { fresh.get("dsvl:emb:v1:a").await })
+        })
+        .collect();
+    for c in calls {
+        assert!(c.await?.is_err());
+    }
+    assert!(t.elapsed() < bound, "3 concurrent first calls took {:?}", t.elapsed());
+    drop(frozen);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(v) = cache.get_many(&["dsvl:emb:v1:a"]).await {
+            assert_eq!(v, [Some(Bytes::from_static(b"1"))], "replies are matched to their commands after the stall");
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "never recovered after SIGCONT");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(cache.breaker().state(), BreakerState::Closed);
     Ok(())
 }
 

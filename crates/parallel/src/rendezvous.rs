@@ -2,8 +2,10 @@
 //! answers with the group layout (and, for NCCL, the unique id). The connections then stay open
 //! as the control channel (step plans) and, for the TCP backend, carry the collectives.
 //!
-//! Where the leader is comes from flags, or from the Kubernetes LeaderWorkerSet environment
-//! (`LWS_LEADER_ADDRESS`, `LWS_GROUP_SIZE`, `LWS_WORKER_INDEX`), see [`GroupSpec::from_lws_env`].
+//! Where the leader is and which rank this process has is the caller's business (a
+//! [`GroupSpec`]); `dsvl-decoder` fills it from its flags, which fall back to the Kubernetes
+//! LeaderWorkerSet environment (`LWS_LEADER_ADDRESS`, `LWS_GROUP_SIZE`, `LWS_WORKER_INDEX`),
+//! so there is one code path for both.
 
 use std::io::{BufReader, BufWriter, ErrorKind, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -33,18 +35,6 @@ pub struct GroupSpec {
     pub collective_timeout: Duration,
     /// Must be identical on every rank (model fingerprint, dtype, ...); a mismatch is refused.
     pub tag: String,
-}
-
-impl GroupSpec {
-    /// Fills `world_size`, `rank` and `leader_addr` from the LeaderWorkerSet variables when
-    /// they are set (`LWS_LEADER_ADDRESS` is a host name; `port` is the rendezvous port).
-    /// Returns `None` when the variables are absent.
-    pub fn from_lws_env(port: u16) -> Option<(usize, usize, String)> {
-        let leader = std::env::var("LWS_LEADER_ADDRESS").ok()?;
-        let size = std::env::var("LWS_GROUP_SIZE").ok()?.parse().ok()?;
-        let index = std::env::var("LWS_WORKER_INDEX").ok()?.parse().ok()?;
-        Some((size, index, format!("{leader}:{port}")))
-    }
 }
 
 /// One open connection to a peer rank.

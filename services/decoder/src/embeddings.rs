@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use dsvl_cache::{EmbeddingCache, RedisCache};
+use dsvl_cache::RedisCache;
 use dsvl_core::codec::{self, EmbeddingDType};
 use dsvl_proto::v1::image_slot::Embedding as Source;
 use dsvl_proto::v1::ImageSlot;
@@ -47,6 +47,23 @@ pub async fn fetch(slots: &[ImageSlot], info: &ModelInfo, cache: Option<&Arc<Red
         return Err(Status::invalid_argument("this model is text-only: it cannot take images"));
     };
     let (rows, hidden) = (info.image_tokens, info.hidden_size);
+    // Every referenced embedding of the request in one MGET.
+    let ref_keys: Vec<&str> = slots
+        .iter()
+        .filter_map(|s| match &s.embedding {
+            Some(Source::Ref(r)) => Some(r.key.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut fetched = if ref_keys.is_empty() {
+        Vec::new()
+    } else {
+        let cache = cache.ok_or_else(|| Status::failed_precondition("embedding references need a shared cache; send the embedding inline or configure --redis"))?;
+        cache.get_many(&ref_keys).await.map_err(|e| {
+            Status::failed_precondition(format!("embeddings {} could not be read ({e}): re-encode or send them inline", ref_keys.join(", ")))
+        })?
+    }
+    .into_iter();
     let mut out = Vec::with_capacity(slots.len());
     for (i, slot) in slots.iter().enumerate() {
         let (dtype, payload, fp): (EmbeddingDType, Vec<u8>, String) = match &slot.embedding {
@@ -62,11 +79,10 @@ pub async fn fetch(slots: &[ImageSlot], info: &ModelInfo, cache: Option<&Arc<Red
                 (dt, e.data.to_vec(), e.model_fingerprint.clone())
             }
             Some(Source::Ref(r)) => {
-                let cache = cache.ok_or_else(|| Status::failed_precondition("embedding references need a shared cache; send the embedding inline or configure --redis"))?;
-                let value = match cache.get(&r.key).await {
-                    Ok(Some(v)) => v,
-                    Ok(None) => return Err(Status::failed_precondition(format!("embedding {} is not in the cache (expired or evicted): re-encode the image", r.key))),
-                    Err(e) => return Err(Status::failed_precondition(format!("embedding {} could not be read ({e}): re-encode or send it inline", r.key))),
+                let value = match fetched.next() {
+                    Some(Some(v)) => v,
+                    Some(None) => return Err(Status::failed_precondition(format!("embedding {} is not in the cache (expired or evicted): re-encode the image", r.key))),
+                    None => return Err(Status::internal("fewer cache replies than references. This is a bug.")),
                 };
                 let (header, payload) = codec::decode(&value).map_err(|e| {
                     metrics::counter!("dsvl_decoder_embedding_errors_total", "reason" => "corrupt").increment(1);

@@ -73,7 +73,9 @@ fn local_worker_commands(args: &Args, leader: &str, first_rank: usize, local: us
             let mut c = Command::new(&exe);
             c.args(["--worker", "--die-with-parent", "--rank", &(first_rank + i).to_string(), "--leader", leader, "--tp", &args.tp.to_string()]);
             c.args(["--nodes", &args.nodes.to_string(), "--node-index", &args.node_index.to_string(), "--dtype", args.dtype.as_str()]);
-            c.args(["--device", &device_for(args.device, i).to_string(), "--collective-timeout-secs", &args.collective_timeout_secs.to_string()]);
+            // The node's base device: the worker adds its local rank itself (see
+            // `run_worker_process`), so passing an offset device here would apply it twice.
+            c.args(["--device", &args.device.to_string(), "--collective-timeout-secs", &args.collective_timeout_secs.to_string()]);
             if let Some(m) = &args.model {
                 c.arg("--model").arg(m);
             }
@@ -161,4 +163,33 @@ pub fn run_worker_process(args: &Args) -> Result<(), ModelError> {
         let kv = paged_kv(&model, kv)?;
         Ok((model, kv))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn arg_after(cmd: &Command, flag: &str) -> Option<String> {
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1).cloned())
+    }
+
+    /// Rank r of a node uses the node's base device + its local rank, counted once: the
+    /// commands carry the base device and each worker adds its local rank.
+    #[test]
+    fn local_ranks_get_consecutive_devices() {
+        let args = Args::parse_from(["dsvl-decoder", "--tp", "8", "--nodes", "2", "--node-index", "1", "--device", "cuda:0"]);
+        let cmds = local_worker_commands(&args, "leader:29500", 4, 4).expect("commands");
+        assert_eq!(cmds.len(), 3);
+        for (i, cmd) in cmds.iter().enumerate() {
+            let rank: usize = arg_after(cmd, "--rank").expect("--rank").parse().expect("rank");
+            assert_eq!(rank, 5 + i);
+            let device: dsvl_core::DeviceSpec = arg_after(cmd, "--device").expect("--device").parse().expect("device");
+            let worker = Args::parse_from(["dsvl-decoder", "--worker", "--tp", "8", "--nodes", "2", "--rank", &rank.to_string(), "--device", &device.to_string()]);
+            let local = worker.tp / worker.nodes;
+            assert_eq!(device_for(worker.device, worker.rank % local), dsvl_core::DeviceSpec::Cuda(1 + i), "rank {rank}");
+        }
+    }
 }

@@ -13,6 +13,7 @@ use dsvl_proto::v1::{EmbeddingRef, GenerateRequest, ImageSlot, LoadRequest};
 use dsvl_testkit::{child_pids, free_port, golden_dir, http_get, metric_sum, pid_alive, RedisServer, ServiceProcess};
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
 
 struct Decoder {
@@ -28,20 +29,12 @@ impl Decoder {
         args.extend(extra.iter().map(|s| s.to_string()));
         let proc = ServiceProcess::spawn(env!("CARGO_BIN_EXE_dsvl-decoder"), &args)?;
         let me = Self { proc, grpc, metrics };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok(ch) = me.channel().await {
-                if HealthClient::new(ch).check(HealthCheckRequest { service: String::new() }).await.is_ok_and(|r| r.into_inner().status == 1) {
-                    return Ok(me);
-                }
-            }
-            anyhow::ensure!(Instant::now() < deadline, "decoder never became SERVING");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_serving(&me.grpc, Duration::from_secs(120)).await?;
+        Ok(me)
     }
 
     async fn channel(&self) -> Result<Channel> {
-        Ok(Channel::from_shared(format!("http://{}", self.grpc))?.connect().await?)
+        channel(&self.grpc).await
     }
 
     async fn client(&self) -> Result<DecoderClient<Channel>> {
@@ -50,6 +43,36 @@ impl Decoder {
 
     fn counter(&self, name: &str) -> Result<f64> {
         Ok(metric_sum(&http_get(&self.metrics, "/metrics")?, name, &[]))
+    }
+}
+
+async fn channel(grpc: &str) -> Result<Channel> {
+    Ok(Channel::from_shared(format!("http://{grpc}"))?.connect().await?)
+}
+
+/// Waits until the decoder at `grpc` reports SERVING (every rank joined and warmed up).
+async fn wait_serving(grpc: &str, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(ch) = channel(grpc).await {
+            if HealthClient::new(ch).check(HealthCheckRequest { service: String::new() }).await.is_ok_and(|r| r.into_inner().status == 1) {
+                return Ok(());
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "decoder at {grpc} never became SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits up to `limit` for `child` to exit.
+async fn exit_within(child: &mut std::process::Child, limit: Duration) -> Result<std::process::ExitStatus> {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(s);
+        }
+        anyhow::ensure!(t.elapsed() < limit, "process {} still running after {limit:?}", child.id());
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -161,22 +184,28 @@ async fn image_stream_through_redis_matches_reference() -> Result<()> {
 /// all of them, sequences are preempted (recomputed) and still give the same tokens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_streams_and_preemption_keep_outputs() -> Result<()> {
+    const NEW: u32 = 40;
     let ps = prompts(16);
     let d = Decoder::start(&["--kv-blocks", "4096"]).await?;
     let mut solo = Vec::new();
     for p in &ps {
-        solo.push(generate(&mut d.client().await?, request(p.clone(), 12)).await?.0);
+        solo.push(generate(&mut d.client().await?, request(p.clone(), NEW)).await?.0);
     }
     let run_all = |d: &Decoder| {
         let grpc = d.grpc.clone();
         let ps = ps.clone();
         async move {
             let mut tasks = Vec::new();
+            // Everyone connects first and then starts at once: with the tiny model a stream is
+            // over in milliseconds, so staggered arrivals would rarely overlap (or preempt).
+            let start = std::sync::Arc::new(tokio::sync::Barrier::new(ps.len()));
             for p in ps {
                 let grpc = grpc.clone();
+                let start = start.clone();
                 tasks.push(tokio::spawn(async move {
                     let mut c = DecoderClient::connect(format!("http://{grpc}")).await.expect("connect");
-                    generate(&mut c, request(p, 12)).await
+                    start.wait().await;
+                    generate(&mut c, request(p, NEW)).await
                 }));
             }
             let mut out = Vec::new();
@@ -191,7 +220,9 @@ async fn concurrent_streams_and_preemption_keep_outputs() -> Result<()> {
     }
     drop(d);
 
-    // 24 blocks x 16 = 384 token slots for 16 sequences of 21..126 + 12 tokens: must preempt.
+    // 24 blocks x 16 = 384 token slots for 16 sequences of 21..126 + 40 tokens arriving
+    // together: admission fills the blocks with prompts, and each running sequence then needs
+    // two or three more blocks as it grows, so some must be preempted.
     let small = Decoder::start(&["--kv-blocks", "24", "--block-size", "16"]).await?;
     for (i, r) in run_all(&small).await.into_iter().enumerate() {
         assert_eq!(r?, solo[i], "stream {i} differs after preemption");
@@ -236,6 +267,9 @@ async fn dead_worker_fails_the_group_fast() -> Result<()> {
     let mut d = Decoder::start(&["--tp", "2"]).await?;
     let workers = child_pids(d.proc.pid());
     assert_eq!(workers.len(), 1, "one worker rank process");
+    // Health is watched from before the failure: the group must say NOT_SERVING before it goes.
+    let mut health = HealthClient::new(d.channel().await?).watch(HealthCheckRequest { service: "dsvl.v1.Decoder".into() }).await?.into_inner();
+    assert_eq!(health.message().await?.map(|m| m.status), Some(ServingStatus::Serving as i32));
     let mut streams = Vec::new();
     for p in prompts(3) {
         let mut s = d.client().await?.generate(request(p, 100_000)).await?.into_inner();
@@ -255,6 +289,8 @@ async fn dead_worker_fails_the_group_fast() -> Result<()> {
         assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     }
     assert!(t.elapsed() < Duration::from_secs(5), "streams ended after {:?}", t.elapsed());
+    let update = tokio::time::timeout(Duration::from_secs(5), health.message()).await?;
+    assert_eq!(update?.map(|m| m.status), Some(ServingStatus::NotServing as i32), "health turned NOT_SERVING");
     let exit = loop {
         if let Some(s) = d.proc.try_wait()? {
             break s;
@@ -296,5 +332,98 @@ async fn drains_in_flight_streams_on_sigterm() -> Result<()> {
     };
     assert!(exit.success(), "{exit:?}");
     assert!(workers.iter().all(|&w| !pid_alive(w)), "worker ranks exited");
+    Ok(())
+}
+
+/// One pod of a group started by an orchestrator: a `dsvl-decoder` process with its own flags
+/// and environment (none inherited from the test's LeaderWorkerSet-like variables), killed when
+/// dropped.
+struct Pod {
+    child: std::process::Child,
+}
+
+const GROUP_ENV: [&str; 5] = ["LWS_LEADER_ADDRESS", "LWS_GROUP_SIZE", "LWS_WORKER_INDEX", "DSVL_TP", "DSVL_RENDEZVOUS_PORT"];
+
+impl Pod {
+    fn spawn(args: &[&str], env: &[(&str, String)]) -> Result<Self> {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dsvl-decoder"));
+        cmd.args(args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::inherit());
+        for v in GROUP_ENV {
+            cmd.env_remove(v);
+        }
+        cmd.envs(env.iter().map(|(k, v)| (*k, v)));
+        Ok(Self { child: cmd.spawn()? })
+    }
+
+    fn sigkill(&mut self) {
+        let _ = self.child.kill();
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Golden greedy ids from a group, and its reported TP degree.
+async fn golden_from(grpc: &str) -> Result<()> {
+    let (lm, _) = golden()?;
+    let mut c = DecoderClient::new(channel(grpc).await?);
+    let (out, _) = generate(&mut c, request(ids(&lm["text.input_ids"])?, 16)).await?;
+    assert_eq!(out, ids(&lm["text.generated_ids"])?, "orchestrated TP 2 = dsvl generate");
+    assert_eq!(c.load(LoadRequest {}).await?.into_inner().tensor_parallel, 2);
+    Ok(())
+}
+
+/// TP 2 as a LeaderWorkerSet runs it, with flags: two pods started independently (the worker
+/// pod first: it waits for the leader), `--nodes 2 --node-index 0|1 --leader-host
+/// --rendezvous-port`. The leader pod starts no rank of its own, the group streams the golden
+/// ids, and when the worker pod dies the leader pod exits non-zero (the group fails as a unit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrated_tp2_group_with_flags() -> Result<()> {
+    let port = free_port().to_string();
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let group = ["--tp", "2", "--nodes", "2", "--leader-host", "127.0.0.1", "--rendezvous-port", &port];
+    let mut worker = Pod::spawn(&[&group[..], &["--node-index", "1"]].concat(), &[])?;
+    let mut leader = Pod::spawn(&[&group[..], &["--node-index", "0", "--listen", &grpc]].concat(), &[])?;
+    wait_serving(&grpc, Duration::from_secs(60)).await?;
+    assert!(child_pids(leader.child.id()).is_empty(), "tp 2 over 2 nodes: the leader pod runs rank 0 only");
+    assert!(child_pids(worker.child.id()).is_empty(), "the worker pod runs rank 1 only");
+    golden_from(&grpc).await?;
+
+    worker.sigkill();
+    let exit = exit_within(&mut leader.child, Duration::from_secs(10)).await?;
+    assert!(!exit.success(), "the leader pod exits non-zero when its worker pod dies: {exit:?}");
+    Ok(())
+}
+
+/// The same group configured only through the LeaderWorkerSet variables (`LWS_LEADER_ADDRESS`
+/// as a host name, `LWS_GROUP_SIZE`, `LWS_WORKER_INDEX`) plus `DSVL_TP` and
+/// `DSVL_RENDEZVOUS_PORT`: it streams the golden ids, and when the leader pod dies the worker
+/// pod exits non-zero instead of lingering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrated_tp2_group_from_lws_env() -> Result<()> {
+    let port = free_port().to_string();
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let env = |index: &str| {
+        vec![
+            ("LWS_LEADER_ADDRESS", "localhost".to_string()),
+            ("LWS_GROUP_SIZE", "2".to_string()),
+            ("LWS_WORKER_INDEX", index.to_string()),
+            ("DSVL_TP", "2".to_string()),
+            ("DSVL_RENDEZVOUS_PORT", port.clone()),
+        ]
+    };
+    let mut leader = Pod::spawn(&["--listen", &grpc], &env("0"))?;
+    let mut worker = Pod::spawn(&[], &env("1"))?;
+    wait_serving(&grpc, Duration::from_secs(60)).await?;
+    assert!(child_pids(leader.child.id()).is_empty() && child_pids(worker.child.id()).is_empty(), "one rank per pod");
+    golden_from(&grpc).await?;
+
+    leader.sigkill();
+    let exit = exit_within(&mut worker.child, Duration::from_secs(10)).await?;
+    assert!(!exit.success(), "the worker pod exits non-zero when its leader dies: {exit:?}");
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! The vision stage: every image of a request becomes an embedding the decoder can use.
 //!
 //! 1. With a shared cache (Redis) and the vision tier's model info, the gateway computes each
-//!    image's key itself and asks Redis `EXISTS`; present keys become references without any
-//!    vision call.
+//!    image's key itself and asks Redis `EXISTS` for all of them in one pipeline; present keys
+//!    become references without any vision call.
 //! 2. The rest go to the vision tier, grouped per replica by rendezvous hashing on the image
 //!    digest (an image keeps landing on the replica that has it in its local cache). A replica
 //!    that fails is skipped for those images and they are retried on the next one in their
@@ -71,10 +71,16 @@ impl Gateway {
     async fn probe_shared_cache(&self, salt: &[u8], images: &[Bytes], out: &mut [Option<SlotEmbedding>]) -> u32 {
         let (Some(redis), Some(info)) = (&self.redis, self.vision_info()) else { return 0 };
         let Some(dtype) = dtype_name(info.dtype).filter(|_| info.shared_cache) else { return 0 };
+        let keys: Vec<String> = images
+            .iter()
+            .map(|img| embedding_key(&KeyParts { salt, model_fingerprint: &info.model_fingerprint, dtype, preprocess_version: PREPROCESS_VERSION, image: img }))
+            .collect();
+        // One round trip for all the request's images (a pipeline of EXISTS); an error leaves
+        // every image to the vision tier.
+        let Ok(present) = redis.exists_many(&keys).await else { return 0 };
         let mut hits = 0;
-        for (img, slot) in images.iter().zip(out.iter_mut()) {
-            let key = embedding_key(&KeyParts { salt, model_fingerprint: &info.model_fingerprint, dtype, preprocess_version: PREPROCESS_VERSION, image: img });
-            if let Ok(true) = redis.exists(&key).await {
+        for ((key, slot), present) in keys.into_iter().zip(out.iter_mut()).zip(present) {
+            if present {
                 *slot = Some(SlotEmbedding::Ref(EmbeddingRef {
                     key,
                     shape: vec![info.tokens_per_image, info.hidden_size],

@@ -1,6 +1,14 @@
 //! From image bytes to a stored embedding: cache lookup (local, then shared), in-process single
 //! flight, the cross-replica lease, preprocessing on the blocking pool, the batcher, and the
 //! write-back to both cache tiers.
+//!
+//! Redis is never on the critical path for longer than one timeout: a request's images are
+//! looked up in one `MGET`; when that (or the lease) fails, the image is encoded without any
+//! further Redis call (no lease, no write-back, each of which would cost another timeout on a
+//! stalled server) and returned inline; the lease is released in the background. A stored value
+//! that fails verification (bad header, truncated, checksum) is a miss and counts as
+//! `dsvl_vision_cache_requests_total{tier, outcome="corrupt"}`; it is overwritten by the
+//! re-encode.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -59,6 +67,26 @@ pub struct Outcome {
     pub stored: Arc<Stored>,
     /// Whether it came from a cache rather than this request's encode.
     pub cache_hit: bool,
+    /// Whether the value is (as far as this replica knows) in the shared cache under its key,
+    /// so a reference to it resolves. False without a shared cache, and when Redis failed for
+    /// this image (the caller should then return the embedding inline). A local-tier hit
+    /// counts as shared when there is a shared tier: it was written or read there, though it
+    /// may since have been evicted (the decoder then answers FAILED_PRECONDITION and the
+    /// gateway asks again inline).
+    pub shared: bool,
+}
+
+/// Result of a cache lookup for one key.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// Found and verified, in either tier.
+    Hit(Arc<Stored>),
+    /// Not found (or not usable). `shared_ok` is false when the shared tier could not be asked
+    /// (error, timeout, open breaker): the encode that follows then leaves Redis alone.
+    Miss {
+        /// Whether the shared tier answered.
+        shared_ok: bool,
+    },
 }
 
 /// What the pipeline expects stored values to look like.
@@ -119,42 +147,86 @@ impl Pipeline {
 
     /// Local, then shared lookup; filling the local tier on a shared hit.
     pub async fn lookup(&self, key: &str) -> Option<Arc<Stored>> {
-        if let Ok(Some(v)) = self.local.get(key).await {
-            if let Some(s) = self.check(v, "local") {
-                cache_metric("local", "hit");
-                return Some(s);
-            }
-        } else {
-            cache_metric("local", "miss");
+        match self.lookup_many(&[key]).await.pop() {
+            Some(Lookup::Hit(s)) => Some(s),
+            _ => None,
         }
-        let shared = self.shared.as_ref()?;
-        match shared.get(key).await {
-            Ok(Some(v)) => {
-                let s = self.check(v, "shared")?;
-                cache_metric("shared", "hit");
-                let _ = self.local.put(key, s.value.clone(), self.ttl).await;
-                Some(s)
+    }
+
+    /// Looks up several keys: the local tier for each, then the local misses in one shared
+    /// `MGET`. Results are in the order of `keys`.
+    pub async fn lookup_many<K: AsRef<str>>(&self, keys: &[K]) -> Vec<Lookup> {
+        let mut out: Vec<Lookup> = Vec::with_capacity(keys.len());
+        let mut missing: Vec<usize> = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let key = key.as_ref();
+            let local = match self.local.get(key).await {
+                Ok(Some(v)) => self.check(v, "local"),
+                _ => {
+                    cache_metric("local", "miss");
+                    None
+                }
+            };
+            match local {
+                Some(s) => {
+                    cache_metric("local", "hit");
+                    out.push(Lookup::Hit(s));
+                }
+                None => {
+                    out.push(Lookup::Miss { shared_ok: false });
+                    missing.push(i);
+                }
             }
-            Ok(None) => {
-                cache_metric("shared", "miss");
-                None
+        }
+        let Some(shared) = self.shared.as_ref() else { return out };
+        if missing.is_empty() {
+            return out;
+        }
+        let wanted: Vec<&str> = missing.iter().map(|&i| keys[i].as_ref()).collect();
+        match shared.get_many(&wanted).await {
+            Ok(values) => {
+                for (&i, value) in missing.iter().zip(values) {
+                    out[i] = match value {
+                        Some(v) => match self.check(v, "shared") {
+                            Some(s) => {
+                                cache_metric("shared", "hit");
+                                let _ = self.local.put(keys[i].as_ref(), s.value.clone(), self.ttl).await;
+                                Lookup::Hit(s)
+                            }
+                            None => Lookup::Miss { shared_ok: true },
+                        },
+                        None => {
+                            cache_metric("shared", "miss");
+                            Lookup::Miss { shared_ok: true }
+                        }
+                    };
+                }
             }
             Err(_) => {
-                cache_metric("shared", "error");
-                None
+                for _ in &missing {
+                    cache_metric("shared", "error");
+                }
             }
         }
+        out
     }
 
     /// The embedding of `image` under `key`: from a cache, from a concurrent computation of
     /// the same key (here or, through the lease, on another replica), or encoded now.
     pub async fn embed(self: &Arc<Self>, key: String, image: Bytes, deadline: Option<Instant>) -> Result<Outcome, Failure> {
-        if let Some(stored) = self.lookup(&key).await {
-            return Ok(Outcome { stored, cache_hit: true });
+        match self.lookup_many(&[key.as_str()]).await.pop() {
+            Some(Lookup::Hit(stored)) => Ok(Outcome { stored, cache_hit: true, shared: self.shared.is_some() }),
+            Some(Lookup::Miss { shared_ok }) => self.embed_missed(key, image, deadline, shared_ok).await,
+            None => Err(Failure::Internal("lookup returned no result. This is a bug.".into())),
         }
+    }
+
+    /// [`Pipeline::embed`] after a [`Pipeline::lookup_many`] miss: joins a concurrent
+    /// computation of `key` or computes it (`shared_ok` from the lookup).
+    pub async fn embed_missed(self: &Arc<Self>, key: String, image: Bytes, deadline: Option<Instant>, shared_ok: bool) -> Result<Outcome, Failure> {
         let me = self.clone();
         let k = key.clone();
-        let (result, led) = self.flights.run(key, || async move { me.compute(k, image, deadline).await }).await;
+        let (result, led) = self.flights.run(key, || async move { me.compute(k, image, deadline, shared_ok).await }).await;
         if !led {
             metrics::counter!("dsvl_vision_single_flight_waits_total").increment(1);
             return result.map(|o| Outcome { cache_hit: true, ..o });
@@ -162,19 +234,27 @@ impl Pipeline {
         result
     }
 
-    async fn compute(&self, key: String, image: Bytes, deadline: Option<Instant>) -> Result<Outcome, Failure> {
-        let Some(shared) = &self.shared else {
-            return self.encode_and_store(&key, image, deadline).await.map(|stored| Outcome { stored, cache_hit: false });
+    async fn compute(&self, key: String, image: Bytes, deadline: Option<Instant>, shared_ok: bool) -> Result<Outcome, Failure> {
+        // No shared tier, or it just failed for this key: encode without touching Redis again.
+        let Some(shared) = self.shared.as_ref().filter(|_| shared_ok) else {
+            return self.encode_uncoordinated(&key, image, deadline).await;
         };
         let lease = lease_key(&key);
         let token = format!("{}-{:x}", std::process::id(), rand_token());
         loop {
-            // A Redis error means nobody can coordinate: encode (fail open).
-            let got = shared.try_lease(&lease, &token, self.lease).await.unwrap_or(true);
-            if got {
-                let r = self.encode_and_store(&key, image.clone(), deadline).await;
-                let _ = shared.release_lease(&lease, &token).await;
-                return r.map(|stored| Outcome { stored, cache_hit: false });
+            match shared.try_lease(&lease, &token, self.lease).await {
+                Ok(true) => {
+                    let r = self.encode_and_store(&key, image.clone(), deadline, true).await;
+                    // Off the response path: the lease expires anyway if this never lands.
+                    let (shared, lease, token) = (shared.clone(), lease.clone(), token.clone());
+                    tokio::spawn(async move {
+                        let _ = shared.release_lease(&lease, &token).await;
+                    });
+                    return r.map(|(stored, in_shared)| Outcome { stored, cache_hit: false, shared: in_shared });
+                }
+                // Nobody can coordinate through a failing Redis: encode (fail open).
+                Err(_) => return self.encode_uncoordinated(&key, image, deadline).await,
+                Ok(false) => {}
             }
             metrics::counter!("dsvl_vision_lease_waits_total").increment(1);
             let until = Instant::now() + self.lease;
@@ -183,18 +263,32 @@ impl Pipeline {
                     return Err(Failure::Deadline);
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                if let Ok(Some(v)) = shared.get(&key).await {
-                    if let Some(stored) = self.check(v, "shared") {
-                        let _ = self.local.put(&key, stored.value.clone(), self.ttl).await;
-                        return Ok(Outcome { stored, cache_hit: true });
+                match shared.get(&key).await {
+                    Ok(Some(v)) => {
+                        if let Some(stored) = self.check(v, "shared") {
+                            let _ = self.local.put(&key, stored.value.clone(), self.ttl).await;
+                            return Ok(Outcome { stored, cache_hit: true, shared: true });
+                        }
                     }
+                    Ok(None) => {}
+                    // Redis failed while we waited for another replica's result: stop waiting
+                    // (the result could not reach us) and encode.
+                    Err(_) => return self.encode_uncoordinated(&key, image, deadline).await,
                 }
             }
             // The holder did not deliver within its lease (it died): try to take over.
         }
     }
 
-    async fn encode_and_store(&self, key: &str, image: Bytes, deadline: Option<Instant>) -> Result<Arc<Stored>, Failure> {
+    /// Encodes and keeps the value in the local tier only.
+    async fn encode_uncoordinated(&self, key: &str, image: Bytes, deadline: Option<Instant>) -> Result<Outcome, Failure> {
+        let (stored, _) = self.encode_and_store(key, image, deadline, false).await?;
+        Ok(Outcome { stored, cache_hit: false, shared: false })
+    }
+
+    /// Encodes `image` and stores it locally and, with `write_shared`, in the shared tier.
+    /// Returns the value and whether it reached the shared tier.
+    async fn encode_and_store(&self, key: &str, image: Bytes, deadline: Option<Instant>, write_shared: bool) -> Result<(Arc<Stored>, bool), Failure> {
         let pre = self.preprocessor.clone();
         let pixels = tokio::task::spawn_blocking(move || pre.preprocess_bytes(&image))
             .await
@@ -218,13 +312,17 @@ impl Pipeline {
         };
         let value = Bytes::from(codec::encode(&header, &payload));
         let _ = self.local.put(key, value.clone(), self.ttl).await;
-        if let Some(shared) = &self.shared {
-            if shared.put(key, value.clone(), self.ttl).await.is_err() {
-                cache_metric("shared", "write_error");
+        let mut in_shared = false;
+        if let Some(shared) = self.shared.as_ref().filter(|_| write_shared) {
+            match shared.put(key, value.clone(), self.ttl).await {
+                Ok(()) => in_shared = true,
+                Err(_) => cache_metric("shared", "write_error"),
             }
+        } else if self.shared.is_some() {
+            cache_metric("shared", "write_skipped");
         }
         let payload_at = value.len() - payload.len();
-        Ok(Arc::new(Stored { value, header, payload_at }))
+        Ok((Arc::new(Stored { value, header, payload_at }), in_shared))
     }
 }
 

@@ -15,7 +15,7 @@ use dsvl_proto::v1::{
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::encode::{Failure, Outcome, Pipeline};
+use crate::encode::{Failure, Lookup, Outcome, Pipeline};
 
 /// State shared by all requests. The pipeline appears once the model is loaded and warm.
 pub struct VisionService {
@@ -65,16 +65,18 @@ impl VisionEncoder for VisionService {
         span.record("images", req.images.len());
         let shared = pipeline.shared.is_some();
         let salt = Bytes::from(req.cache_salt);
-        let jobs = req.images.into_iter().map(|img| {
-            let pipeline = pipeline.clone();
-            let salt = salt.clone();
-            async move {
+        let return_inline = req.return_inline;
+        // Per image: a key, or an error that fails that image alone.
+        let prepared: Vec<Result<(String, Bytes), EncodeResult>> = req
+            .images
+            .into_iter()
+            .map(|img| {
                 let data = Bytes::from(img.data);
                 if !img.client_digest.is_empty() && !img.client_digest.eq_ignore_ascii_case(&image_digest(&data)) {
-                    return Ok(image_error("INVALID_ARGUMENT", "client_digest does not match the image bytes".into()));
+                    return Err(image_error("INVALID_ARGUMENT", "client_digest does not match the image bytes".into()));
                 }
                 if data.len() > pipeline.preprocessor.limits().max_input_bytes {
-                    return Ok(image_error(
+                    return Err(image_error(
                         "INVALID_ARGUMENT",
                         format!("image is {} bytes, over the limit of {}", data.len(), pipeline.preprocessor.limits().max_input_bytes),
                     ));
@@ -86,32 +88,59 @@ impl VisionEncoder for VisionService {
                     preprocess_version: PREPROCESS_VERSION,
                     image: &data,
                 });
-                match pipeline.embed(key.clone(), data, deadline).await {
-                    Ok(Outcome { stored, cache_hit }) => {
-                        let result = if shared && !req.return_inline {
-                            ResultKind::Ref(EmbeddingRef {
-                                key: key.clone(),
-                                shape: stored.header.shape.clone(),
-                                dtype: proto_dtype(stored.header.dtype) as i32,
-                                model_fingerprint: stored.header.model_fingerprint.clone(),
-                                stored_bytes: stored.value.len() as u64,
-                            })
-                        } else {
-                            ResultKind::Inline(Embedding {
-                                shape: stored.header.shape.clone(),
-                                dtype: proto_dtype(stored.header.dtype) as i32,
-                                data: stored.payload().to_vec().into(),
-                                model_fingerprint: stored.header.model_fingerprint.clone(),
-                            })
+                Ok((key, data))
+            })
+            .collect();
+        let all = async {
+            // Every key of the request in one lookup (one MGET to Redis for the local misses).
+            let keys: Vec<&str> = prepared.iter().filter_map(|p| p.as_ref().ok().map(|(k, _)| k.as_str())).collect();
+            let mut found = pipeline.lookup_many(&keys).await.into_iter();
+            let jobs: Vec<_> = prepared
+                .iter()
+                .map(|p| {
+                    let looked = p.as_ref().ok().and_then(|_| found.next());
+                    let pipeline = pipeline.clone();
+                    async move {
+                        let (key, data) = match p {
+                            Err(e) => return Ok(e.clone()),
+                            Ok(kd) => kd.clone(),
                         };
-                        Ok(EncodeResult { result: Some(result), cache_hit, key })
+                        let outcome = match looked {
+                            Some(Lookup::Hit(stored)) => Ok(Outcome { stored, cache_hit: true, shared }),
+                            Some(Lookup::Miss { shared_ok }) => pipeline.embed_missed(key.clone(), data, deadline, shared_ok).await,
+                            None => Err(Failure::Internal("lookup returned too few results. This is a bug.".into())),
+                        };
+                        match outcome {
+                            Ok(Outcome { stored, cache_hit, shared: in_shared }) => {
+                                // A reference only when the value is in the shared cache; otherwise
+                                // (no Redis, or Redis failed for this image) the bytes travel inline.
+                                let result = if shared && in_shared && !return_inline {
+                                    ResultKind::Ref(EmbeddingRef {
+                                        key: key.clone(),
+                                        shape: stored.header.shape.clone(),
+                                        dtype: proto_dtype(stored.header.dtype) as i32,
+                                        model_fingerprint: stored.header.model_fingerprint.clone(),
+                                        stored_bytes: stored.value.len() as u64,
+                                    })
+                                } else {
+                                    ResultKind::Inline(Embedding {
+                                        shape: stored.header.shape.clone(),
+                                        dtype: proto_dtype(stored.header.dtype) as i32,
+                                        data: stored.payload().to_vec(),
+                                        model_fingerprint: stored.header.model_fingerprint.clone(),
+                                    })
+                                };
+                                Ok(EncodeResult { result: Some(result), cache_hit, key })
+                            }
+                            Err(Failure::Image(msg)) => Ok(image_error("INVALID_ARGUMENT", msg)),
+                            Err(other) => Err(other),
+                        }
                     }
-                    Err(Failure::Image(msg)) => Ok(image_error("INVALID_ARGUMENT", msg)),
-                    Err(other) => Err(other),
-                }
-            }
-        });
-        let all = futures::future::join_all(jobs).instrument(span.clone());
+                })
+                .collect();
+            futures::future::join_all(jobs).await
+        }
+        .instrument(span.clone());
         let outcomes = match deadline {
             Some(d) => match tokio::time::timeout_at(d.into(), all).await {
                 Ok(o) => o,

@@ -317,3 +317,136 @@ async fn takes_over_when_the_lease_holder_dies() -> Result<()> {
     assert!(v.counter("dsvl_vision_lease_waits_total", &[])? >= 1.0);
     Ok(())
 }
+
+/// The pid of a running `redis-server` (from `INFO server`).
+fn redis_pid(redis: &RedisServer) -> Result<u32> {
+    let info = redis.command("INFO server")?;
+    let pid = info.lines().find_map(|l| l.strip_prefix("process_id:")).with_context(|| format!("no process_id in {info:?}"))?;
+    Ok(pid.trim().parse()?)
+}
+
+/// SIGSTOPs a process (a stalled server: connections stay open, nothing is answered) and
+/// SIGCONTs it when dropped, so a failing test never leaves it frozen.
+struct Frozen(u32);
+
+impl Frozen {
+    fn new(pid: u32) -> Result<Self> {
+        anyhow::ensure!(std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status()?.success(), "SIGSTOP {pid}");
+        Ok(Self(pid))
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+    }
+}
+
+fn inline(image: Vec<u8>, salt: &[u8]) -> EncodeRequest {
+    EncodeRequest { return_inline: true, ..req(vec![image], salt) }
+}
+
+/// A corrupt value in Redis (garbage, truncated, one byte flipped) is a miss plus a
+/// `corrupt` count, never a wrong embedding: the image is encoded again, the result equals
+/// the first encode, and the re-encode repairs the entry (the next request hits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_redis_value_is_a_miss_and_is_repaired() -> Result<()> {
+    let redis = RedisServer::start()?;
+    // No local tier: every lookup reads Redis.
+    let v = Vision::start(&["--redis", &redis.url(), "--local-cache-mib", "0"]).await?;
+    let mut c = v.client().await?;
+    let img = tiny_png(5150);
+    let first = c.encode(inline(img.clone(), b"t")).await?.into_inner();
+    let key = first.results[0].key.clone();
+    let Some(R::Inline(want)) = first.results[0].result.clone() else { bail!("no inline embedding: {:?}", first.results[0]) };
+    assert!(!first.results[0].cache_hit);
+    let again = c.encode(inline(img.clone(), b"t")).await?.into_inner();
+    assert!(again.results[0].cache_hit, "a Redis hit before any corruption");
+    let corrupt = || v.counter("dsvl_vision_cache_requests_total", &[("tier", "shared"), ("outcome", "corrupt")]);
+    assert_eq!(corrupt()?, 0.0);
+
+    let len: usize = redis.command(&format!("STRLEN {key}"))?.trim().trim_start_matches(':').parse()?;
+    assert!(len > want.data.len(), "stored value = header + payload ({len} bytes)");
+    let corruptions = [
+        ("garbage", format!("SET {key} not-an-embedding")),
+        ("truncated", format!("EVAL \"local v = redis.call('GET', KEYS[1]) redis.call('SET', KEYS[1], string.sub(v, 1, #v - 100)) return #v\" 1 {key}")),
+        ("payload byte flipped", format!("SETRANGE {key} {} Z", len - 10)),
+    ];
+    for (n, (what, cmd)) in corruptions.iter().enumerate() {
+        let reply = redis.command(cmd)?;
+        assert!(!reply.starts_with('-'), "{what}: {reply}");
+        let r = c.encode(inline(img.clone(), b"t")).await?.into_inner();
+        assert!(!r.results[0].cache_hit, "{what}: a corrupt value is not a hit");
+        let Some(R::Inline(got)) = &r.results[0].result else { bail!("{what}: no inline embedding: {:?}", r.results[0]) };
+        assert_eq!(got.shape, want.shape);
+        assert!(got.data == want.data, "{what}: the re-encoded embedding differs from the first encode");
+        assert_eq!(corrupt()?, (n + 1) as f64, "{what}: counted as corrupt");
+        assert_eq!(v.encoded()?, (n + 2) as f64, "{what}: encoded again");
+        let fixed: usize = redis.command(&format!("STRLEN {key}"))?.trim().trim_start_matches(':').parse()?;
+        assert_eq!(fixed, len, "{what}: the re-encode overwrote the corrupt value");
+        let hit = c.encode(inline(img.clone(), b"t")).await?.into_inner();
+        assert!(hit.results[0].cache_hit, "{what}: hit after the repair");
+        let Some(R::Inline(h)) = &hit.results[0].result else { bail!("no inline embedding") };
+        assert!(h.data == want.data);
+    }
+    assert_eq!(v.encoded()?, (corruptions.len() + 1) as f64);
+    Ok(())
+}
+
+/// A stalled Redis (SIGSTOP: it accepts and never answers) costs a request at most one
+/// `--redis-timeout-ms` on top of the encode: the image is encoded without further Redis calls
+/// and returned inline (it is not in the shared cache). After a few such requests the breaker
+/// opens and requests stop waiting at all; after SIGCONT the cache serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_redis_costs_at_most_one_timeout() -> Result<()> {
+    // Long enough that encode-time noise on a loaded CPU (other tests, other builds) stays well
+    // inside one timeout of slack.
+    const TIMEOUT: Duration = Duration::from_millis(2500);
+    let redis = RedisServer::start()?;
+    let v = Vision::start(&["--redis", &redis.url(), "--redis-timeout-ms", &TIMEOUT.as_millis().to_string(), "--local-cache-mib", "0"]).await?;
+    let mut c = v.client().await?;
+    c.encode(req(vec![tiny_png(6000)], b"t")).await?; // connected and warm
+    // An uncached encode with a healthy Redis (lookup, lease, write-back) for reference.
+    let t = Instant::now();
+    let r = c.encode(req(vec![tiny_png(6001)], b"t")).await?.into_inner();
+    let baseline = t.elapsed();
+    assert!(matches!(r.results[0].result, Some(R::Ref(_))));
+    // One timeout, plus the baseline, plus scheduling slack on a shared CPU. Paying a timeout
+    // for each Redis call of the request (lookup, lease, release) would take 3 x TIMEOUT.
+    let bound = baseline + TIMEOUT * 2;
+
+    let frozen = Frozen::new(redis_pid(&redis)?)?;
+    for i in 0..3 {
+        let t = Instant::now();
+        let r = c.encode(req(vec![tiny_png(6100 + i)], b"t")).await.context("request while Redis is stalled")?.into_inner();
+        let took = t.elapsed();
+        assert!(took < bound, "request {i} took {took:?} with Redis stalled (bound {bound:?}, baseline {baseline:?})");
+        assert!(!r.results[0].cache_hit);
+        assert!(matches!(r.results[0].result, Some(R::Inline(_))), "not stored in Redis, so returned inline: {:?}", r.results[0].result.as_ref().map(|_| ()));
+    }
+    assert!(v.counter("dsvl_vision_cache_requests_total", &[("tier", "shared"), ("outcome", "error")])? >= 3.0);
+    assert_eq!(v.counter("dsvl_cache_breaker_state", &[])?, 2.0, "three failed lookups opened the breaker");
+    let t = Instant::now();
+    c.encode(req(vec![tiny_png(6200)], b"t")).await?;
+    assert!(t.elapsed() < TIMEOUT, "the open breaker answers without waiting for Redis ({:?})", t.elapsed());
+    assert_eq!(v.encoded()?, 6.0);
+
+    drop(frozen);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut i = 6300;
+    loop {
+        let img = tiny_png(i);
+        i += 1;
+        let r = c.encode(req(vec![img.clone()], b"t")).await?.into_inner();
+        if matches!(r.results[0].result, Some(R::Ref(_))) {
+            let hit = c.encode(req(vec![img], b"t")).await?.into_inner();
+            assert!(hit.results[0].cache_hit, "served from Redis again");
+            assert!(matches!(hit.results[0].result, Some(R::Ref(_))));
+            break;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the cache never recovered after SIGCONT");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(v.counter("dsvl_cache_breaker_state", &[])?, 0.0, "breaker closed again");
+    Ok(())
+}
