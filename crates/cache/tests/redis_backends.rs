@@ -44,29 +44,6 @@ async fn exercise(cache: &RedisCache) -> Result<()> {
     Ok(())
 }
 
-/// The pid of a running `redis-server` (from `INFO server`).
-fn redis_pid(redis: &RedisServer) -> Result<u32> {
-    let info = redis.command("INFO server")?;
-    let line = info.lines().find_map(|l| l.strip_prefix("process_id:")).ok_or_else(|| anyhow::anyhow!("no process_id in {info:?}"))?;
-    Ok(line.trim().parse()?)
-}
-
-/// SIGSTOPs a process; SIGCONTs it when dropped (also when the test fails).
-struct Frozen(u32);
-
-impl Frozen {
-    fn new(pid: u32) -> Result<Self> {
-        anyhow::ensure!(std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status()?.success(), "SIGSTOP {pid}");
-        Ok(Self(pid))
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
-    }
-}
-
 /// A stalled server (SIGSTOP: connections open, no replies) costs each call at most the
 /// response timeout, for single and batched calls, concurrent ones too; then the breaker opens;
 /// after SIGCONT the same connection serves again.
@@ -78,7 +55,7 @@ async fn stalled_server_costs_at_most_the_response_timeout() -> Result<()> {
         ..config(redis.url())
     })?);
     cache.put("dsvl:emb:v1:a", Bytes::from_static(b"1"), Duration::from_secs(30)).await?;
-    let frozen = Frozen::new(redis_pid(&redis)?)?;
+    let frozen = redis.freeze()?;
     // One response timeout (300 ms) plus slack for a loaded machine; three calls one after
     // another would take 900 ms.
     let bound = Duration::from_millis(300 + 400);

@@ -10,7 +10,7 @@ mod procs;
 use std::path::PathBuf;
 
 pub use llama::{copy_tokenizer_files, temp_llama_checkpoint, write_llama_checkpoint, LlamaLayout, LLAMA_TOKENIZER_FILES};
-pub use procs::{child_pids, free_port, http_get, metric_sum, pid_alive, RedisCluster, RedisServer, ServiceProcess};
+pub use procs::{child_pids, free_port, http_get, metric_sum, pid_alive, Frozen, RedisCluster, RedisServer, ServiceProcess};
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};

@@ -21,6 +21,15 @@ pub struct RedisServer {
     extra: Vec<String>,
 }
 
+/// A stalled `redis-server` ([`RedisServer::freeze`]); SIGCONT when dropped.
+pub struct Frozen(u32);
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
+    }
+}
+
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers PING.
     pub fn start() -> Result<Self> {
@@ -70,6 +79,14 @@ impl RedisServer {
     pub fn restart(&mut self) -> Result<()> {
         self.kill();
         self.spawn()
+    }
+
+    /// Stalls the server (SIGSTOP: connections stay open, nothing is answered) until the
+    /// returned guard drops (SIGCONT), so a failing test never leaves it frozen.
+    pub fn freeze(&self) -> Result<Frozen> {
+        let pid = self.child.as_ref().context("the server is not running")?.id();
+        anyhow::ensure!(Command::new("kill").args(["-STOP", &pid.to_string()]).status()?.success(), "SIGSTOP {pid}");
+        Ok(Frozen(pid))
     }
 
     /// Sends one inline command and returns the raw reply.

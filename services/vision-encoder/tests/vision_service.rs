@@ -318,30 +318,6 @@ async fn takes_over_when_the_lease_holder_dies() -> Result<()> {
     Ok(())
 }
 
-/// The pid of a running `redis-server` (from `INFO server`).
-fn redis_pid(redis: &RedisServer) -> Result<u32> {
-    let info = redis.command("INFO server")?;
-    let pid = info.lines().find_map(|l| l.strip_prefix("process_id:")).with_context(|| format!("no process_id in {info:?}"))?;
-    Ok(pid.trim().parse()?)
-}
-
-/// SIGSTOPs a process (a stalled server: connections stay open, nothing is answered) and
-/// SIGCONTs it when dropped, so a failing test never leaves it frozen.
-struct Frozen(u32);
-
-impl Frozen {
-    fn new(pid: u32) -> Result<Self> {
-        anyhow::ensure!(std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status()?.success(), "SIGSTOP {pid}");
-        Ok(Self(pid))
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("kill").args(["-CONT", &self.0.to_string()]).status();
-    }
-}
-
 fn inline(image: Vec<u8>, salt: &[u8]) -> EncodeRequest {
     EncodeRequest { return_inline: true, ..req(vec![image], salt) }
 }
@@ -415,7 +391,7 @@ async fn stalled_redis_costs_at_most_one_timeout() -> Result<()> {
     // for each Redis call of the request (lookup, lease, release) would take 3 x TIMEOUT.
     let bound = baseline + TIMEOUT * 2;
 
-    let frozen = Frozen::new(redis_pid(&redis)?)?;
+    let frozen = redis.freeze()?;
     for i in 0..3 {
         let t = Instant::now();
         let r = c.encode(req(vec![tiny_png(6100 + i)], b"t")).await.context("request while Redis is stalled")?.into_inner();
