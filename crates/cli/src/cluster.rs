@@ -18,6 +18,10 @@ pub struct ClusterSpec {
     pub model: Option<PathBuf>,
     /// Decoder tensor-parallel ranks.
     pub tp: usize,
+    /// Weight dtype of the vision-encoder and the decoder.
+    pub dtype: dsvl_core::WeightDType,
+    /// Device of the vision-encoder and of decoder rank 0 (ranks take consecutive GPUs).
+    pub device: dsvl_core::DeviceSpec,
     /// Shared cache (None: each service's in-process cache; embeddings travel inline).
     pub redis: Option<String>,
     /// Gateway gRPC address.
@@ -49,6 +53,11 @@ fn model_flags(spec: &ClusterSpec) -> Vec<String> {
     spec.model.iter().flat_map(|m| ["--model".to_string(), m.display().to_string()]).collect()
 }
 
+/// `--dtype` and `--device` for the services that load model weights.
+fn device_flags(spec: &ClusterSpec) -> Vec<String> {
+    vec!["--dtype".into(), spec.dtype.as_str().into(), "--device".into(), spec.device.to_string()]
+}
+
 fn redis_flags(spec: &ClusterSpec) -> Vec<String> {
     spec.redis.iter().flat_map(|r| ["--redis".to_string(), r.clone()]).collect()
 }
@@ -63,12 +72,14 @@ impl Cluster {
         let vision_addr = format!("127.0.0.1:{}", free_port()?);
         let mut args = vec!["--listen".to_string(), vision_addr.clone()];
         args.extend(model_flags(spec));
+        args.extend(device_flags(spec));
         args.extend(redis_flags(spec));
         let mut vision = Service::spawn("vision-encoder", &sibling_binary("dsvl-vision")?, vision_addr.clone(), &args)?;
 
         let decoder_addr = format!("127.0.0.1:{}", free_port()?);
         let mut args = vec!["--listen".to_string(), decoder_addr.clone(), "--tp".into(), spec.tp.to_string(), "--rendezvous-port".into(), free_port()?.to_string()];
         args.extend(model_flags(spec));
+        args.extend(device_flags(spec));
         args.extend(redis_flags(spec));
         let mut decoder = Service::spawn("decoder", &sibling_binary("dsvl-decoder")?, decoder_addr.clone(), &args)?;
 

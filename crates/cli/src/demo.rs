@@ -17,6 +17,7 @@ use dsvl_proto::v1::content_part::Part;
 use dsvl_proto::v1::{ChatMessage, ChatRequest, ContentPart, SamplingParams};
 
 use crate::cluster::{Cluster, ClusterSpec};
+use crate::model_args::ModelArgs;
 use crate::procs::free_port;
 
 /// The bundled sample image (a photo of a rocket launch, from the reference's examples).
@@ -25,9 +26,9 @@ const SAMPLE_IMAGE: &[u8] = include_bytes!("../../../assets/images/rocket.jpg");
 /// Arguments of `dsvl demo`.
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Checkpoint directory; the bundled tiny model when absent.
-    #[arg(long, env = "DSVL_MODEL")]
-    model: Option<PathBuf>,
+    /// Checkpoint (`--model`; the bundled tiny model when absent), `--dtype`, `--device`.
+    #[command(flatten)]
+    model: ModelArgs,
     /// Decoder tensor-parallel ranks.
     #[arg(long, default_value_t = 2)]
     tp: usize,
@@ -55,12 +56,14 @@ async fn run_async(args: DemoArgs) -> Result<()> {
         Some(p) => std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?,
         None => SAMPLE_IMAGE.to_vec(),
     };
-    match &args.model {
+    match &args.model.model {
         Some(m) => eprintln!("model: {}", m.display()),
         None => eprintln!("model: bundled tiny-dsvl: RANDOM weights, so the text below is gibberish; every byte of plumbing is real"),
     }
     let spec = ClusterSpec {
-        model: args.model.clone(),
+        model: args.model.model.clone(),
+        dtype: args.model.dtype,
+        device: args.model.device,
         tp: args.tp,
         redis: args.redis.clone(),
         grpc_addr: SocketAddr::from(([127, 0, 0, 1], free_port()?)),

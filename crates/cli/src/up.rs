@@ -9,13 +9,14 @@ use anyhow::{ensure, Result};
 use clap::Args;
 
 use crate::cluster::{Cluster, ClusterSpec};
+use crate::model_args::ModelArgs;
 
 /// Arguments of `dsvl up`.
 #[derive(Args, Debug)]
 pub struct UpArgs {
-    /// Checkpoint directory (Hugging Face layout); the bundled tiny model when absent.
-    #[arg(long, env = "DSVL_MODEL")]
-    model: Option<PathBuf>,
+    /// Checkpoint (`--model`; the bundled tiny model when absent), `--dtype`, `--device`.
+    #[command(flatten)]
+    model: ModelArgs,
     /// Decoder tensor-parallel ranks (processes on this machine).
     #[arg(long, default_value_t = 1)]
     tp: usize,
@@ -37,7 +38,9 @@ pub struct UpArgs {
 pub fn run(args: UpArgs) -> Result<()> {
     ensure!(args.tp >= 1, "--tp must be at least 1");
     let spec = ClusterSpec {
-        model: args.model,
+        model: args.model.model,
+        dtype: args.model.dtype,
+        device: args.model.device,
         tp: args.tp,
         redis: args.redis,
         grpc_addr: args.grpc_addr,

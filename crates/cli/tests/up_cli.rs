@@ -113,3 +113,21 @@ fn demo_runs_the_cluster_and_exits() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("RANDOM weights"));
     Ok(())
 }
+
+#[test]
+fn a_cuda_device_in_a_cpu_build_is_a_clear_error() -> Result<()> {
+    // `--device` reaches the services; this build has no CUDA, so start-up must fail fast and
+    // say why (never hang waiting for health, never panic), leaving no process behind.
+    let t = Instant::now();
+    let out = dsvl()
+        .args(["up", "--device", "cuda:0", "--grpc-addr", &format!("127.0.0.1:{}", free_port()), "--http-addr", &format!("127.0.0.1:{}", free_port())])
+        .env("DSVL_QUIET_BUNDLED", "1")
+        .stdin(Stdio::null())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(!out.status.success(), "dsvl up --device cuda:0 succeeded without CUDA: {stderr}");
+    anyhow::ensure!(stderr.contains("without CUDA support"), "the error says why: {stderr}");
+    anyhow::ensure!(!stderr.contains("panicked"), "no panic: {stderr}");
+    anyhow::ensure!(t.elapsed() < Duration::from_secs(60), "failed fast ({:?})", t.elapsed());
+    Ok(())
+}
