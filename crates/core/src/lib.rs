@@ -2,11 +2,11 @@
 //!
 //! Everything here is small, dependency-light and used by more than one tier: which device and
 //! dtype a model runs on ([`DeviceSpec`], [`WeightDType`]), the limits applied to untrusted images
-//! ([`ImageLimits`]), and and (later) the content-addressed embedding cache key. Keeping these
+//! ([`ImageLimits`]), the content-addressed embedding cache key and its codec, a bad service flag
+//! ([`ConfigError`]) and the model-thread [`watchdog`] behind the liveness probes. Keeping these
 //! out of the model crate lets the gateway (which never links candle) agree with the vision and
 //! decoder tiers on names, limits and keys.
 #![deny(missing_docs)]
-
 
 pub mod cache_key;
 pub mod codec;
@@ -16,3 +16,13 @@ mod limits;
 
 pub use device::{DeviceSpec, ParseError, WeightDType};
 pub use limits::ImageLimits;
+
+/// A service flag whose value makes no sense (the same error for every service's config).
+#[derive(Debug, thiserror::Error)]
+#[error("invalid --{field}: {reason}")]
+pub struct ConfigError {
+    /// The flag.
+    pub field: &'static str,
+    /// Why.
+    pub reason: String,
+}

@@ -126,15 +126,7 @@ pub struct GatewayConfig {
     pub refresh: Duration,
 }
 
-/// A flag value that makes no sense.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid --{field}: {reason}")]
-pub struct ConfigError {
-    /// The flag.
-    pub field: &'static str,
-    /// Why.
-    pub reason: String,
-}
+pub use dsvl_core::ConfigError;
 
 fn parse_keys_file(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
     text.lines()

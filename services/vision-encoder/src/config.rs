@@ -116,15 +116,7 @@ pub struct VisionConfig {
     pub liveness_stall: Duration,
 }
 
-/// A flag value that makes no sense.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid --{field}: {reason}")]
-pub struct ConfigError {
-    /// The flag.
-    pub field: &'static str,
-    /// Why.
-    pub reason: String,
-}
+pub use dsvl_core::ConfigError;
 
 impl TryFrom<&Args> for VisionConfig {
     type Error = ConfigError;
