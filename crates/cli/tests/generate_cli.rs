@@ -281,16 +281,14 @@ fn bad_inputs_fail_fast_with_a_message() -> Result<()> {
     Ok(())
 }
 
-/// Killing the leader (SIGKILL: no cleanup code runs) takes its worker ranks down with it.
-#[test]
-fn killed_leader_leaves_no_worker_behind() -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let chat = write_chat(dir.path(), &golden_case("text_only")?["conversation"])?;
-    let mut leader = dsvl()
+/// Starts a practically endless greedy generation at TP 4 and returns the leader and its three
+/// worker ranks once they exist and it is generating.
+fn long_tp4_generation(chat: &Path, stderr: Stdio) -> Result<(std::process::Child, Vec<u32>)> {
+    let leader = dsvl()
         .args(["generate", "--json", "--tp", "4", "--max-new-tokens", "100000", "--chat"])
-        .arg(&chat)
+        .arg(chat)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(stderr)
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(60);
     let workers = loop {
@@ -302,6 +300,15 @@ fn killed_leader_leaves_no_worker_behind() -> Result<()> {
         std::thread::sleep(Duration::from_millis(50));
     };
     std::thread::sleep(Duration::from_millis(1500)); // generating by now
+    Ok((leader, workers))
+}
+
+/// Killing the leader (SIGKILL: no cleanup code runs) takes its worker ranks down with it.
+#[test]
+fn killed_leader_leaves_no_worker_behind() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let chat = write_chat(dir.path(), &golden_case("text_only")?["conversation"])?;
+    let (mut leader, workers) = long_tp4_generation(&chat, Stdio::null())?;
     leader.kill()?;
     leader.wait()?;
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -318,22 +325,7 @@ fn killed_leader_leaves_no_worker_behind() -> Result<()> {
 fn killed_worker_fails_the_group_fast() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let chat = write_chat(dir.path(), &golden_case("text_only")?["conversation"])?;
-    let mut leader = dsvl()
-        .args(["generate", "--json", "--tp", "4", "--max-new-tokens", "100000", "--chat"])
-        .arg(&chat)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let workers = loop {
-        let w = child_pids(leader.id());
-        if w.len() == 3 {
-            break w;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "workers never started");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    std::thread::sleep(Duration::from_millis(1500));
+    let (mut leader, workers) = long_tp4_generation(&chat, Stdio::piped())?;
     let t = Instant::now();
     Command::new("kill").args(["-9", &workers[1].to_string()]).status()?;
     let status = loop {
