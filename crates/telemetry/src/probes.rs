@@ -27,6 +27,13 @@ pub const LIVENESS: &str = "liveness";
 
 pub use dsvl_core::watchdog::{Busy, Watchdog};
 
+/// Readiness: sets the API service `S` and the overall status `""` together.
+pub async fn set_ready<S: tonic::server::NamedService>(health: &HealthReporter, ready: bool) {
+    let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+    health.set_service_status(S::NAME, status).await;
+    health.set_service_status("", status).await;
+}
+
 /// Sets `startup` and `liveness` NOT_SERVING / SERVING for a service that is starting: not
 /// started yet, alive.
 pub async fn starting(health: &HealthReporter) {

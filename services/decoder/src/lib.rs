@@ -54,8 +54,7 @@ pub enum DecoderError {
 /// longer than `config.liveness_stall` or the group has failed.
 pub async fn run(args: Args, config: DecoderConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), DecoderError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_not_serving::<DecoderServer<DecoderService>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    probes::set_ready::<DecoderServer<DecoderService>>(&health, false).await;
     probes::starting(&health).await;
     let watchdog = Watchdog::new("decoder-engine");
     let _liveness = probes::spawn_liveness(health.clone(), vec![watchdog.clone()], config.liveness_stall);
@@ -108,8 +107,7 @@ pub async fn run(args: Args, config: DecoderConfig, listener: TcpListener, shutd
     let (info, workers) = info_rx.recv().map_err(|_| DecoderError::Reflection("engine started without model info".into()))?;
     tracing::info!(tp = info.tp, load_s = t.elapsed().as_secs_f64(), "decoder group ready");
     let _ = ready.set(service::Ready { engine, info });
-    health.set_serving::<DecoderServer<DecoderService>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    probes::set_ready::<DecoderServer<DecoderService>>(&health, true).await;
     probes::started(&health).await;
     let mut engine_done = tokio::task::spawn_blocking(move || {
         join.join().unwrap_or_else(|_| Err(dsvl_models::ModelError::InvalidInput("engine thread panicked".into())))
@@ -124,8 +122,7 @@ pub async fn run(args: Args, config: DecoderConfig, listener: TcpListener, shutd
             Err(e) => dsvl_models::ModelError::InvalidInput(format!("engine thread: {e}")),
         }),
     };
-    health.set_not_serving::<DecoderServer<DecoderService>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    probes::set_ready::<DecoderServer<DecoderService>>(&health, false).await;
     draining.store(true, Ordering::SeqCst);
     if let Some(e) = failure {
         // The process is about to exit; liveness tells the same to anyone still asking.

@@ -20,6 +20,7 @@ pub mod stops;
 pub mod tenancy;
 pub mod upstream;
 
+use dsvl_telemetry::probes;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -139,12 +140,11 @@ pub async fn run(config: GatewayConfig, grpc: TcpListener, http: TcpListener, sh
     let refresh_every = config.refresh;
     let gw = Arc::new(tokio::task::spawn_blocking(move || Gateway::new(config)).await.map_err(|e| RunError::Reflection(e.to_string()))??);
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_not_serving::<ChatServer<grpc::ChatService>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    probes::set_ready::<ChatServer<grpc::ChatService>>(&health, false).await;
     // No model to load: started at once, alive while the runtime answers (`probes`); readiness
     // (`""`) follows the upstreams.
-    dsvl_telemetry::probes::starting(&health).await;
-    dsvl_telemetry::probes::started(&health).await;
+    probes::starting(&health).await;
+    probes::started(&health).await;
 
     // Background: re-resolve endpoints, poll health and load, follow readiness.
     let refresher = {
@@ -153,9 +153,7 @@ pub async fn run(config: GatewayConfig, grpc: TcpListener, http: TcpListener, sh
         tokio::spawn(async move {
             loop {
                 gw.refresh().await;
-                let status = if gw.readiness().0 { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };
-                health.set_service_status("dsvl.v1.Chat", status).await;
-                health.set_service_status("", status).await;
+                probes::set_ready::<ChatServer<grpc::ChatService>>(&health, gw.readiness().0).await;
                 tokio::time::sleep(refresh_every).await;
             }
         })
@@ -196,8 +194,7 @@ pub async fn run(config: GatewayConfig, grpc: TcpListener, http: TcpListener, sh
     }
     tracing::info!("draining");
     refresher.abort();
-    health.set_service_status("dsvl.v1.Chat", tonic_health::ServingStatus::NotServing).await;
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    probes::set_ready::<ChatServer<grpc::ChatService>>(&health, false).await;
     let _ = stop_tx.send(true);
     match tokio::time::timeout(drain, &mut servers).await {
         Ok(r) => r.map(|_| ()),

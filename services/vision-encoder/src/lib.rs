@@ -101,8 +101,7 @@ fn load_pipeline(cfg: &VisionConfig, watchdog: Arc<Watchdog>) -> Result<Pipeline
 /// The model cannot be loaded, or the server fails.
 pub async fn run(config: VisionConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), VisionError> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_not_serving::<VisionEncoderServer<VisionService>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    probes::set_ready::<VisionEncoderServer<VisionService>>(&health, false).await;
     probes::starting(&health).await;
     let watchdog = Watchdog::new("vision-model");
     let _liveness = probes::spawn_liveness(health.clone(), vec![watchdog.clone()], config.liveness_stall);
@@ -140,8 +139,7 @@ pub async fn run(config: VisionConfig, listener: TcpListener, shutdown: impl Fut
                 match r {
                     Ok(Ok(p)) => {
                         let _ = pipeline.set(Arc::new(p));
-                        health.set_serving::<VisionEncoderServer<VisionService>>().await;
-                        health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+                        probes::set_ready::<VisionEncoderServer<VisionService>>(&health, true).await;
                         probes::started(&health).await;
                     }
                     Ok(Err(e)) => return Err(e),
@@ -153,8 +151,7 @@ pub async fn run(config: VisionConfig, listener: TcpListener, shutdown: impl Fut
     }
     tracing::info!("draining");
     draining.store(true, Ordering::SeqCst);
-    health.set_not_serving::<VisionEncoderServer<VisionService>>().await;
-    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    probes::set_ready::<VisionEncoderServer<VisionService>>(&health, false).await;
     let _ = stop_tx.send(());
     match tokio::time::timeout(config.drain, &mut server).await {
         Ok(r) => r.map_err(VisionError::from),
