@@ -79,9 +79,18 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let cfg = vl13b_lm_config()?;
     let shard = Shard { rank: args.rank, world: args.world_size };
     dsvl_engine::group::die_with_parent();
-    run_worker(&spec(args.world_size, args.rank, &args.leader), GroupTimeouts::default(), &Device::Cpu, |_| {
-        contiguous_kv(DeepSeekLlm::new(&cfg, shard, random::var_builder(DType::F32, &Device::Cpu))?)
-    })?;
+    run_worker(
+        &spec(args.world_size, args.rank, &args.leader),
+        GroupTimeouts::default(),
+        &Device::Cpu,
+        |_| {
+            contiguous_kv(DeepSeekLlm::new(
+                &cfg,
+                shard,
+                random::var_builder(DType::F32, &Device::Cpu),
+            )?)
+        },
+    )?;
     Ok(())
 }
 
@@ -89,7 +98,9 @@ fn chunks(batch: usize, len: usize, start: usize, seq0: u64, step: u64) -> Vec<S
     (0..batch)
         .map(|i| SeqChunk {
             seq: seq0 + i as u64,
-            tokens: (0..len).map(|t| ((t as u64 * 7919 + i as u64 * 104729 + step * 31) % 100_000) as u32).collect(),
+            tokens: (0..len)
+                .map(|t| ((t as u64 * 7919 + i as u64 * 104729 + step * 31) % 100_000) as u32)
+                .collect(),
             start,
             all_logits: false,
             blocks: Vec::new(),
@@ -102,19 +113,34 @@ fn prefill(runner: &mut ShardRunner, batch: usize, len: usize, seq0: u64) -> Res
     let t = Instant::now();
     runner.lead_step(&StepPlan { chunks: chunks(batch, len, 0, seq0, 0), ..Default::default() })?;
     let tps = (batch * len) as f64 / t.elapsed().as_secs_f64();
-    runner.lead_step(&StepPlan { free: (seq0..seq0 + batch as u64).collect(), ..Default::default() })?;
+    runner.lead_step(&StepPlan {
+        free: (seq0..seq0 + batch as u64).collect(),
+        ..Default::default()
+    })?;
     Ok(tps)
 }
 
 /// Decode tokens/s: prefill `len` (untimed), then `steps` one-token steps for every sequence.
-fn decode(runner: &mut ShardRunner, batch: usize, len: usize, steps: usize, seq0: u64) -> Result<(f64, f64)> {
+fn decode(
+    runner: &mut ShardRunner,
+    batch: usize,
+    len: usize,
+    steps: usize,
+    seq0: u64,
+) -> Result<(f64, f64)> {
     runner.lead_step(&StepPlan { chunks: chunks(batch, len, 0, seq0, 0), ..Default::default() })?;
     let t = Instant::now();
     for s in 0..steps {
-        runner.lead_step(&StepPlan { chunks: chunks(batch, 1, len + s, seq0, s as u64 + 1), ..Default::default() })?;
+        runner.lead_step(&StepPlan {
+            chunks: chunks(batch, 1, len + s, seq0, s as u64 + 1),
+            ..Default::default()
+        })?;
     }
     let secs = t.elapsed().as_secs_f64();
-    runner.lead_step(&StepPlan { free: (seq0..seq0 + batch as u64).collect(), ..Default::default() })?;
+    runner.lead_step(&StepPlan {
+        free: (seq0..seq0 + batch as u64).collect(),
+        ..Default::default()
+    })?;
     Ok(((batch * steps) as f64 / secs, secs / steps as f64))
 }
 
@@ -128,15 +154,36 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
     let commands = (1..args.tp)
         .map(|r| {
             let mut c = Command::new(&exe);
-            c.args(["--threads", &threads.to_string(), "decoder-worker", "--leader", &addr, "--rank", &r.to_string(), "--world-size", &args.tp.to_string()]);
+            c.args([
+                "--threads",
+                &threads.to_string(),
+                "decoder-worker",
+                "--leader",
+                &addr,
+                "--rank",
+                &r.to_string(),
+                "--world-size",
+                &args.tp.to_string(),
+            ]);
             c
         })
         .collect();
     let _workers = LocalWorkers::spawn(commands).context("cannot start worker ranks")?;
     let shard = Shard { rank: 0, world: args.tp };
-    let mut runner = lead_group(&listener, &spec(args.tp, 0, &addr), GroupTimeouts::default(), json!({}), &Device::Cpu, || {
-        contiguous_kv(DeepSeekLlm::new(&cfg, shard, random::var_builder(DType::F32, &Device::Cpu))?)
-    })?;
+    let mut runner = lead_group(
+        &listener,
+        &spec(args.tp, 0, &addr),
+        GroupTimeouts::default(),
+        json!({}),
+        &Device::Cpu,
+        || {
+            contiguous_kv(DeepSeekLlm::new(
+                &cfg,
+                shard,
+                random::var_builder(DType::F32, &Device::Cpu),
+            )?)
+        },
+    )?;
     let mut reference = if args.no_reference || args.tp > 1 {
         None
     } else {
@@ -147,14 +194,23 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
     let mut rows = Vec::new();
     let mut step_ms = Vec::new();
     for &b in &args.batches {
-        let mut pre = Row { name: format!("prefill b{b} x{} tokens/s", args.prompt_len), ours: vec![], theirs: vec![] };
+        let mut pre = Row {
+            name: format!("prefill b{b} x{} tokens/s", args.prompt_len),
+            ours: vec![],
+            theirs: vec![],
+        };
         let mut dec = Row { name: format!("decode b{b} tokens/s"), ours: vec![], theirs: vec![] };
         let mut ms = Vec::new();
         for round in 0..args.rounds {
             let seq0 = (round * 1000) as u64;
             pre.ours.push(prefill(&mut runner, b, args.prompt_len, seq0)?);
             if let Some(r) = &mut reference {
-                pre.theirs.push(r.call(json!({"op": "prefill", "batch": b, "prompt_len": args.prompt_len}))?["tokens_per_s"].as_f64().unwrap_or(f64::NAN));
+                pre.theirs.push(
+                    r.call(json!({"op": "prefill", "batch": b, "prompt_len": args.prompt_len}))?
+                        ["tokens_per_s"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN),
+                );
             }
             let (tps, secs) = decode(&mut runner, b, args.prompt_len, args.steps, seq0 + 500)?;
             dec.ours.push(tps);
@@ -181,7 +237,10 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
         println!("decode step time b{b}: {ms:.1} ms (TP {})", args.tp);
     }
     if let Some(r) = &reference {
-        println!("reference: torch {} ({} threads), transformers LlamaForCausalLM (eager)", r.hello["torch"], r.hello["threads"]);
+        println!(
+            "reference: torch {} ({} threads), transformers LlamaForCausalLM (eager)",
+            r.hello["torch"], r.hello["threads"]
+        );
     }
     Ok(())
 }

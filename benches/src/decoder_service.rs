@@ -46,16 +46,31 @@ pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
     let cfg = vl13b_lm_config()?;
     let kv = PagedKvConfig { num_blocks: 256, block_size: 16 };
     let max_positions = cfg.max_position_embeddings;
-    let (engine, _join) = spawn_engine(move || {
-        let model = DeepSeekLlm::new(&cfg, Shard::SINGLE, random::var_builder(DType::F32, &Device::Cpu))?;
-        let store: Box<dyn KvStore + Send> = Box::new(PagedKv::new(kv, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, DType::F32, &Device::Cpu)?);
-        let runner = ShardRunner::new(model, store, Arc::new(LinkSet::Single), Duration::from_secs(600));
-        let sched = Scheduler::new(
-            SchedulerConfig { max_num_seqs: 64, max_batched_tokens: 4096, max_positions },
-            BlockManager::new(kv.num_blocks, kv.block_size),
-        );
-        Ok((runner, sched))
-    }, dsvl_core::watchdog::Watchdog::new("bench"))?;
+    let (engine, _join) = spawn_engine(
+        move || {
+            let model = DeepSeekLlm::new(
+                &cfg,
+                Shard::SINGLE,
+                random::var_builder(DType::F32, &Device::Cpu),
+            )?;
+            let store: Box<dyn KvStore + Send> = Box::new(PagedKv::new(
+                kv,
+                cfg.num_layers,
+                cfg.num_kv_heads,
+                cfg.head_dim,
+                DType::F32,
+                &Device::Cpu,
+            )?);
+            let runner =
+                ShardRunner::new(model, store, Arc::new(LinkSet::Single), Duration::from_secs(600));
+            let sched = Scheduler::new(
+                SchedulerConfig { max_num_seqs: 64, max_batched_tokens: 4096, max_positions },
+                BlockManager::new(kv.num_blocks, kv.block_size),
+            );
+            Ok((runner, sched))
+        },
+        dsvl_core::watchdog::Watchdog::new("bench"),
+    )?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut rows = Vec::new();
     for &n in &args.streams {
@@ -63,7 +78,8 @@ pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
         let mut receivers = Vec::new();
         for i in 0..n {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            let prompt = (0..args.prompt_len).map(|j| ((j * 7919 + i * 104_729) % 100_000) as u32).collect();
+            let prompt =
+                (0..args.prompt_len).map(|j| ((j * 7919 + i * 104_729) % 100_000) as u32).collect();
             engine
                 .submit(NewRequest {
                     prompt,
@@ -82,7 +98,8 @@ pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
             let mut tasks = Vec::new();
             for mut rx in receivers {
                 tasks.push(tokio::spawn(async move {
-                    let (mut first, mut last, mut gaps, mut count) = (None, None, Vec::new(), 0usize);
+                    let (mut first, mut last, mut gaps, mut count) =
+                        (None, None, Vec::new(), 0usize);
                     while let Some(ev) = rx.recv().await {
                         match ev {
                             Event::Token { .. } => {
@@ -118,7 +135,10 @@ pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
         rows.push((n, tokens as f64 / secs, ttft, itl));
     }
     println!("\nDecoder engine, DeepSeek-VL-1.3B LM dims, f32, CPU, {threads} threads, prompt {} + {} new tokens per stream", args.prompt_len, args.new_tokens);
-    println!("{:>8} {:>12} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}", "streams", "tokens/s", "vs 1", "TTFT p50", "TTFT p99", "ITL p50", "ITL p90", "ITL p99");
+    println!(
+        "{:>8} {:>12} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "streams", "tokens/s", "vs 1", "TTFT p50", "TTFT p99", "ITL p50", "ITL p90", "ITL p99"
+    );
     let base = rows.first().map_or(1.0, |r| r.1);
     for (n, tps, ttft, itl) in rows {
         println!(

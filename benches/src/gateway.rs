@@ -21,7 +21,10 @@ use dsvl_proto::v1::decoder_client::DecoderClient;
 use dsvl_proto::v1::encode_result::Result as EncodeResult;
 use dsvl_proto::v1::image_slot::Embedding;
 use dsvl_proto::v1::vision_encoder_client::VisionEncoderClient;
-use dsvl_proto::v1::{ChatMessage, ChatRequest, ContentPart, EncodeRequest, GenerateRequest, ImageInput, ImageSlot, SamplingParams};
+use dsvl_proto::v1::{
+    ChatMessage, ChatRequest, ContentPart, EncodeRequest, GenerateRequest, ImageInput, ImageSlot,
+    SamplingParams,
+};
 use tonic::transport::Channel;
 
 /// Arguments of `dsvl-bench gateway`.
@@ -67,7 +70,12 @@ impl Clients {
             content.push(ContentPart { part: Some(ProtoPart::Image(img.clone())) });
         }
         content.push(ContentPart { part: Some(ProtoPart::Text(r.text.clone())) });
-        let req = ChatRequest { messages: vec![ChatMessage { role: "user".into(), content }], sampling: Some(SamplingParams::default()), max_tokens: new_tokens, ..Default::default() };
+        let req = ChatRequest {
+            messages: vec![ChatMessage { role: "user".into(), content }],
+            sampling: Some(SamplingParams::default()),
+            max_tokens: new_tokens,
+            ..Default::default()
+        };
         let mut stream = self.chat.generate(req).await?.into_inner();
         let mut n = 0;
         while let Some(m) = stream.message().await? {
@@ -84,17 +92,32 @@ impl Clients {
             parts.push(Part::Image(img.clone().into()));
         }
         parts.push(Part::Text(r.text.clone()));
-        let input = ChatInput { messages: vec![InMessage { role: Role::User, parts }], sampling: SamplingParams::default(), max_tokens: Some(new_tokens), ..Default::default() };
+        let input = ChatInput {
+            messages: vec![InMessage { role: Role::User, parts }],
+            sampling: SamplingParams::default(),
+            max_tokens: Some(new_tokens),
+            ..Default::default()
+        };
         let prep = prepare(&self.config, &self.model, input)?;
         let mut images = Vec::new();
         if let Some(img) = &r.image {
-            let resp = self.vision.encode(EncodeRequest { images: vec![ImageInput { data: img.clone(), client_digest: String::new() }], ..Default::default() }).await?.into_inner();
+            let resp = self
+                .vision
+                .encode(EncodeRequest {
+                    images: vec![ImageInput { data: img.clone(), client_digest: String::new() }],
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
             let emb = match resp.results.into_iter().next().and_then(|x| x.result) {
                 Some(EncodeResult::Ref(r)) => Embedding::Ref(r),
                 Some(EncodeResult::Inline(e)) => Embedding::Inline(e),
                 other => anyhow::bail!("vision: {other:?}"),
             };
-            images.push(ImageSlot { position: prep.prompt.image_spans[0].0 as u32, embedding: Some(emb) });
+            images.push(ImageSlot {
+                position: prep.prompt.image_spans[0].0 as u32,
+                embedding: Some(emb),
+            });
         }
         let req = GenerateRequest {
             request_id: String::new(),
@@ -117,10 +140,16 @@ impl Clients {
 }
 
 async fn clients(cluster: &Cluster) -> Result<Clients> {
-    let config = GatewayConfig::try_from(&<GatewayArgs as clap::Parser>::try_parse_from(["bench", "--decoder", "unused:1"])?)?;
+    let config = GatewayConfig::try_from(&<GatewayArgs as clap::Parser>::try_parse_from([
+        "bench",
+        "--decoder",
+        "unused:1",
+    ])?)?;
     Ok(Clients {
         chat: cluster.chat().await?,
-        vision: VisionEncoderClient::connect(format!("http://{}", cluster.vision[0].addr)).await?.max_decoding_message_size(64 << 20),
+        vision: VisionEncoderClient::connect(format!("http://{}", cluster.vision[0].addr))
+            .await?
+            .max_decoding_message_size(64 << 20),
         decoder: DecoderClient::connect(format!("http://{}", cluster.decoder.addr)).await?,
         model: Arc::new(ServedModel::load(None, config.model_name.clone())?),
         config,
@@ -133,7 +162,9 @@ fn routing_decision_ns() -> Result<(f64, f64)> {
     let addrs: Vec<String> = (0..16).map(|i| format!("10.0.0.{i}:50061")).collect();
     let vision = Pool::from_addresses(Tier::Vision, &addrs);
     let decoder = Pool::from_addresses(Tier::Decoder, &addrs);
-    let digests: Vec<String> = (0..1024).map(|i| dsvl_core::cache_key::image_digest(format!("image {i}").as_bytes())).collect();
+    let digests: Vec<String> = (0..1024)
+        .map(|i| dsvl_core::cache_key::image_digest(format!("image {i}").as_bytes()))
+        .collect();
     let n = 50_000;
     let t = Instant::now();
     for i in 0..n {

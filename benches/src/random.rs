@@ -8,9 +8,21 @@ use candle_nn::VarBuilder;
 struct RandomWeights;
 
 impl SimpleBackend for RandomWeights {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let is_norm_weight = name.ends_with("weight") && (name.contains("norm") || name.contains("layernorm"));
-        let t = if is_norm_weight { Tensor::ones(s, DType::F32, dev)? } else { Tensor::randn(0f32, 0.02, s, dev)? };
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let is_norm_weight =
+            name.ends_with("weight") && (name.contains("norm") || name.contains("layernorm"));
+        let t = if is_norm_weight {
+            Tensor::ones(s, DType::F32, dev)?
+        } else {
+            Tensor::randn(0f32, 0.02, s, dev)?
+        };
         t.to_dtype(dtype)
     }
 

@@ -40,7 +40,12 @@ impl Reference {
     /// Starts `benches/reference/<script> --serve <args>` and waits for its ready line.
     pub fn start(script: &str, args: &[String]) -> Result<Self> {
         let path = repo_root().join("benches/reference").join(script);
-        eprintln!("starting reference: {} {} --serve {}", python().display(), path.display(), args.join(" "));
+        eprintln!(
+            "starting reference: {} {} --serve {}",
+            python().display(),
+            path.display(),
+            args.join(" ")
+        );
         let mut child = Command::new(python())
             .arg(&path)
             .arg("--serve")
@@ -53,7 +58,9 @@ impl Reference {
         let stdin = child.stdin.take().context("stdin")?;
         let stdout = BufReader::new(child.stdout.take().context("stdout")?);
         let mut me = Self { child, stdin, stdout, hello: Value::Null };
-        me.hello = me.read().context("reference did not start; install benches/reference/requirements.txt")?;
+        me.hello = me
+            .read()
+            .context("reference did not start; install benches/reference/requirements.txt")?;
         Ok(me)
     }
 
@@ -104,7 +111,10 @@ pub struct Row {
 /// Prints rows as a table (higher is better for every row).
 pub fn print_table(title: &str, rows: &[Row]) {
     println!("\n{title}");
-    println!("{:<34} {:>12} {:>12} {:>8}   rounds", "measure (median)", "dsvl", "reference", "ratio");
+    println!(
+        "{:<34} {:>12} {:>12} {:>8}   rounds",
+        "measure (median)", "dsvl", "reference", "ratio"
+    );
     for r in rows {
         let ours = median(r.ours.clone());
         if r.theirs.is_empty() {

@@ -13,8 +13,8 @@ use dsvl_models::vision::config::{AlignerConfig, ComponentConfig, TowerConfig};
 use dsvl_models::vision::VisionEncoder;
 use serde_json::json;
 
-use crate::reference::{print_table, repo_root, Reference, Row};
 use crate::random;
+use crate::reference::{print_table, repo_root, Reference, Row};
 
 /// Arguments of `dsvl-bench vision`.
 #[derive(Args)]
@@ -40,10 +40,17 @@ fn images() -> Vec<std::path::PathBuf> {
 
 /// Builds the VL-7B vision tower with random weights.
 pub fn vl7b_encoder(dtype: DType, device: &Device) -> Result<VisionEncoder> {
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(repo_root().join("benches/configs/deepseek-vl-7b-chat.json"))?)?;
-    let tower = TowerConfig::resolve(&serde_json::from_value::<ComponentConfig>(config["vision_config"].clone())?)?;
-    let aligner = AlignerConfig::resolve(&serde_json::from_value::<ComponentConfig>(config["aligner_config"].clone())?)?;
-    let pre_cfg = serde_json::from_slice(include_bytes!("../../assets/tiny-dsvl/preprocessor_config.json"))?;
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(
+        repo_root().join("benches/configs/deepseek-vl-7b-chat.json"),
+    )?)?;
+    let tower = TowerConfig::resolve(&serde_json::from_value::<ComponentConfig>(
+        config["vision_config"].clone(),
+    )?)?;
+    let aligner = AlignerConfig::resolve(&serde_json::from_value::<ComponentConfig>(
+        config["aligner_config"].clone(),
+    )?)?;
+    let pre_cfg =
+        serde_json::from_slice(include_bytes!("../../assets/tiny-dsvl/preprocessor_config.json"))?;
     Ok(VisionEncoder::new(tower, aligner, pre_cfg, random::var_builder(dtype, device))?)
 }
 
@@ -63,7 +70,11 @@ pub fn run(args: VisionArgs, threads: usize) -> Result<()> {
     let files: Vec<Vec<u8>> = images().iter().map(std::fs::read).collect::<std::io::Result<_>>()?;
 
     let mut rows = vec![Row { name: "preprocess images/s".into(), ours: vec![], theirs: vec![] }];
-    rows.extend(args.batches.iter().map(|b| Row { name: format!("encode batch {b} images/s"), ours: vec![], theirs: vec![] }));
+    rows.extend(args.batches.iter().map(|b| Row {
+        name: format!("encode batch {b} images/s"),
+        ours: vec![],
+        theirs: vec![],
+    }));
     for round in 0..args.rounds {
         let (mut n, t0) = (0usize, Instant::now());
         while t0.elapsed().as_secs_f64() < args.preprocess_seconds {
@@ -72,7 +83,12 @@ pub fn run(args: VisionArgs, threads: usize) -> Result<()> {
         }
         rows[0].ours.push(n as f64 / t0.elapsed().as_secs_f64());
         if let Some(r) = &mut reference {
-            rows[0].theirs.push(r.call(json!({"op": "preprocess", "seconds": args.preprocess_seconds}))?["images_per_s"].as_f64().unwrap_or(f64::NAN));
+            rows[0].theirs.push(
+                r.call(json!({"op": "preprocess", "seconds": args.preprocess_seconds}))?
+                    ["images_per_s"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN),
+            );
         }
         for (i, &b) in args.batches.iter().enumerate() {
             let x = Tensor::rand(0f32, 1.0, (b, 3, 1024, 1024), &device)?;
@@ -81,14 +97,26 @@ pub fn run(args: VisionArgs, threads: usize) -> Result<()> {
             anyhow::ensure!(out.dims() == [b, 576, 4096], "unexpected output {:?}", out.dims());
             rows[i + 1].ours.push(b as f64 / t.elapsed().as_secs_f64());
             if let Some(r) = &mut reference {
-                rows[i + 1].theirs.push(r.call(json!({"op": "encode", "batch": b}))?["images_per_s"].as_f64().unwrap_or(f64::NAN));
+                rows[i + 1].theirs.push(
+                    r.call(json!({"op": "encode", "batch": b}))?["images_per_s"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN),
+                );
             }
         }
         eprintln!("round {}/{} done", round + 1, args.rounds);
     }
-    print_table(&format!("DeepSeek-VL-7B vision tower + aligner, f32, CPU, {threads} threads (random weights)"), &rows);
+    print_table(
+        &format!(
+            "DeepSeek-VL-7B vision tower + aligner, f32, CPU, {threads} threads (random weights)"
+        ),
+        &rows,
+    );
     if let Some(r) = &reference {
-        println!("reference: torch {} ({} threads), transformers deepseek_vl_hybrid", r.hello["torch"], r.hello["threads"]);
+        println!(
+            "reference: torch {} ({} threads), transformers deepseek_vl_hybrid",
+            r.hello["torch"], r.hello["threads"]
+        );
     }
     Ok(())
 }

@@ -39,15 +39,26 @@ fn png(i: u32) -> Bytes {
     use image::ImageEncoder;
     let px: Vec<u8> = (0..64 * 48 * 3).map(|j| ((j as u32 * 31 + i * 97) % 251) as u8).collect();
     let mut buf = Vec::new();
-    image::codecs::png::PngEncoder::new(&mut buf).write_image(&px, 64, 48, image::ExtendedColorType::Rgb8).expect("png");
+    image::codecs::png::PngEncoder::new(&mut buf)
+        .write_image(&px, 64, 48, image::ExtendedColorType::Rgb8)
+        .expect("png");
     Bytes::from(buf)
 }
 
-fn pipeline(batcher: Arc<Batcher>, pre: &Preprocessor, local_bytes: usize, shared: Option<Arc<RedisCache>>) -> Arc<Pipeline> {
+fn pipeline(
+    batcher: Arc<Batcher>,
+    pre: &Preprocessor,
+    local_bytes: usize,
+    shared: Option<Arc<RedisCache>>,
+) -> Arc<Pipeline> {
     Arc::new(Pipeline {
         batcher,
         preprocessor: pre.clone(),
-        expected: Expected { fingerprint: "bench-7b-random".into(), dtype: EmbeddingDType::F32, shape: vec![576, 4096] },
+        expected: Expected {
+            fingerprint: "bench-7b-random".into(),
+            dtype: EmbeddingDType::F32,
+            shape: vec![576, 4096],
+        },
         local: Arc::new(MemoryCache::new(local_bytes)),
         shared,
         flights: SingleFlight::new(),

@@ -11,7 +11,9 @@ use dsvl_e2e::{golden_case, golden_generated, golden_image, http_post, Cluster, 
 use dsvl_proto::v1::chat_response::Event;
 use dsvl_proto::v1::content_part::Part;
 use dsvl_proto::v1::decoder_client::DecoderClient;
-use dsvl_proto::v1::{ChatFinish, ChatMessage, ChatRequest, ContentPart, LoadRequest, SamplingParams};
+use dsvl_proto::v1::{
+    ChatFinish, ChatMessage, ChatRequest, ContentPart, LoadRequest, SamplingParams,
+};
 use serde_json::{json, Value};
 use tonic::Code;
 
@@ -21,7 +23,10 @@ const IMAGE_TAG: &str = "<image_placeholder>";
 fn grpc_messages(conv: &Value) -> Result<Vec<ChatMessage>> {
     let mut out = Vec::new();
     for m in conv.as_array().context("conversation")? {
-        let images: Vec<&str> = m["images"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        let images: Vec<&str> = m["images"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
         let mut content = Vec::new();
         for (i, text) in m["content"].as_str().unwrap_or("").split(IMAGE_TAG).enumerate() {
             if i > 0 {
@@ -40,11 +45,15 @@ fn grpc_messages(conv: &Value) -> Result<Vec<ChatMessage>> {
 fn openai_messages(conv: &Value) -> Result<Value> {
     let mut out = Vec::new();
     for m in conv.as_array().context("conversation")? {
-        let images: Vec<&str> = m["images"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        let images: Vec<&str> = m["images"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
         let mut parts = Vec::new();
         for (i, text) in m["content"].as_str().unwrap_or("").split(IMAGE_TAG).enumerate() {
             if i > 0 {
-                let b64 = base64::engine::general_purpose::STANDARD.encode(golden_image(images[i - 1])?);
+                let b64 =
+                    base64::engine::general_purpose::STANDARD.encode(golden_image(images[i - 1])?);
                 parts.push(json!({"type": "image_url", "image_url": {"url": format!("data:image/jpeg;base64,{b64}")}}));
             }
             if !text.is_empty() {
@@ -57,11 +66,22 @@ fn openai_messages(conv: &Value) -> Result<Value> {
 }
 
 fn greedy_request(messages: Vec<ChatMessage>, max_tokens: u32) -> ChatRequest {
-    ChatRequest { messages, sampling: Some(SamplingParams::default()), max_tokens, return_prompt_token_ids: true, ..Default::default() }
+    ChatRequest {
+        messages,
+        sampling: Some(SamplingParams::default()),
+        max_tokens,
+        return_prompt_token_ids: true,
+        ..Default::default()
+    }
 }
 
 /// Runs a gRPC chat to the end; returns the finish message and the concatenated text.
-async fn grpc_chat(cluster: &Cluster, request: ChatRequest, timeout: Duration, key: Option<&str>) -> Result<(ChatFinish, String), tonic::Status> {
+async fn grpc_chat(
+    cluster: &Cluster,
+    request: ChatRequest,
+    timeout: Duration,
+    key: Option<&str>,
+) -> Result<(ChatFinish, String), tonic::Status> {
     let mut client = cluster.chat().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut req = tonic::Request::new(request);
     req.set_timeout(timeout);
@@ -107,7 +127,13 @@ async fn golden_ids_through_grpc_and_http_with_one_encode() -> Result<()> {
         let want = golden_generated(prefix)?;
         let n = want.len() as u32;
 
-        let (f, text) = grpc_chat(&cluster, greedy_request(grpc_messages(&golden["conversation"])?, n), Duration::from_secs(120), None).await?;
+        let (f, text) = grpc_chat(
+            &cluster,
+            greedy_request(grpc_messages(&golden["conversation"])?, n),
+            Duration::from_secs(120),
+            None,
+        )
+        .await?;
         assert_eq!(f.prompt_token_ids, want_prompt, "{case}: prompt ids through the gateway");
         assert_eq!(f.token_ids, want, "{case}: greedy ids via gRPC");
         assert_eq!(f.completion_tokens, n);
@@ -130,13 +156,27 @@ async fn golden_ids_through_grpc_and_http_with_one_encode() -> Result<()> {
         assert!(r.header("content-type").unwrap_or_default().starts_with("text/event-stream"));
         let events = r.sse_data();
         assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
-        let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e)).collect::<Result<_, _>>()?;
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e))
+            .collect::<Result<_, _>>()?;
         assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-        let streamed: Vec<u32> = chunks.iter().filter_map(|c| c["dsvl"]["token_ids"].as_array().filter(|_| c["choices"][0]["finish_reason"].is_null())).flatten().map(|x| x.as_u64().unwrap() as u32).collect();
+        let streamed: Vec<u32> = chunks
+            .iter()
+            .filter_map(|c| {
+                c["dsvl"]["token_ids"]
+                    .as_array()
+                    .filter(|_| c["choices"][0]["finish_reason"].is_null())
+            })
+            .flatten()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(streamed, want, "{case}: greedy ids via SSE");
-        let text_streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+        let text_streamed: String =
+            chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
         assert_eq!(text_streamed, text);
-        assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"] == "length" || c["choices"][0]["finish_reason"] == "stop"));
+        assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"] == "length"
+            || c["choices"][0]["finish_reason"] == "stop"));
         assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], n, "usage chunk last");
     }
     // rocket.jpg went through the cluster three times (gRPC, HTTP, SSE): encoded once.
@@ -145,7 +185,11 @@ async fn golden_ids_through_grpc_and_http_with_one_encode() -> Result<()> {
     assert_eq!(g.metric("dsvl_requests_total", &[("outcome", "ok")])?, 6.0);
     assert_eq!(g.metric("dsvl_time_to_first_token_seconds_count", &[])?, 6.0);
     assert_eq!(g.metric("dsvl_e2e_latency_seconds_count", &[])?, 6.0);
-    assert_eq!(g.metric("dsvl_gateway_requests_in_flight", &[])?, 0.0, "every finished request left the in-flight gauge");
+    assert_eq!(
+        g.metric("dsvl_gateway_requests_in_flight", &[])?,
+        0.0,
+        "every finished request left the in-flight gauge"
+    );
     assert!(g.metric("dsvl_inter_token_latency_seconds_count", &[])? >= 6.0 * 14.0);
     assert_eq!(g.metric("dsvl_upstream_latency_seconds_count", &[("tier", "decoder")])?, 6.0);
     // The image went to the vision tier once; the two later requests found its key in Redis.
@@ -157,10 +201,22 @@ async fn golden_ids_through_grpc_and_http_with_one_encode() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_a_vision_replica_killed_mid_run() -> Result<()> {
     let mut cluster = Cluster::start(Options::default()).await?;
-    let images = ["rocket.jpg", "chelsea.png", "camera_gray.png", "logo_rgba.png", "astronaut_wide_1600x300.png"];
+    let images = [
+        "rocket.jpg",
+        "chelsea.png",
+        "camera_gray.png",
+        "logo_rgba.png",
+        "astronaut_wide_1600x300.png",
+    ];
     let ask = |img: &str| -> Result<ChatRequest> {
         Ok(greedy_request(
-            vec![ChatMessage { role: "user".into(), content: vec![ContentPart { part: Some(Part::Image(golden_image(img)?)) }, ContentPart { part: Some(Part::Text("What is this?".into())) }] }],
+            vec![ChatMessage {
+                role: "user".into(),
+                content: vec![
+                    ContentPart { part: Some(Part::Image(golden_image(img)?)) },
+                    ContentPart { part: Some(Part::Text("What is this?".into())) },
+                ],
+            }],
             4,
         ))
     };
@@ -168,15 +224,24 @@ async fn survives_a_vision_replica_killed_mid_run() -> Result<()> {
     // Kill the replica that rendezvous hashing picks for the next image (the gateway's rule:
     // highest blake3(digest|addr)), so the failover path is taken for sure.
     let digest = blake3::hash(&golden_image(images[1])?).to_hex().to_string();
-    let victim = (0..cluster.vision.len()).max_by_key(|&i| *blake3::hash(format!("{digest}|{}", cluster.vision[i].addr).as_bytes()).as_bytes()).unwrap();
+    let victim = (0..cluster.vision.len())
+        .max_by_key(|&i| {
+            *blake3::hash(format!("{digest}|{}", cluster.vision[i].addr).as_bytes()).as_bytes()
+        })
+        .unwrap();
     cluster.vision[victim].proc.kill();
     // Right after the kill the gateway still believes the replica is healthy: requests routed
     // there fail over to the survivor.
     for img in &images[1..] {
-        let (f, _) = grpc_chat(&cluster, ask(img)?, Duration::from_secs(120), None).await.map_err(|s| anyhow::anyhow!("{img}: {s}"))?;
+        let (f, _) = grpc_chat(&cluster, ask(img)?, Duration::from_secs(120), None)
+            .await
+            .map_err(|s| anyhow::anyhow!("{img}: {s}"))?;
         assert_eq!(f.completion_tokens, 4);
     }
-    assert!(cluster.gateway.metric("dsvl_gateway_retries_total", &[("tier", "vision")])? >= 1.0, "a vision retry happened");
+    assert!(
+        cluster.gateway.metric("dsvl_gateway_retries_total", &[("tier", "vision")])? >= 1.0,
+        "a vision retry happened"
+    );
     Ok(())
 }
 
@@ -184,9 +249,23 @@ async fn survives_a_vision_replica_killed_mid_run() -> Result<()> {
 /// back as DEADLINE_EXCEEDED (gRPC) and 504 (HTTP).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnects_free_the_slot_and_deadlines_are_reported() -> Result<()> {
-    let opts = Options { vision_replicas: 1, gateway_args: vec!["--max-new-tokens".into(), "16000".into()], ..Options::default() };
+    let opts = Options {
+        vision_replicas: 1,
+        gateway_args: vec!["--max-new-tokens".into(), "16000".into()],
+        ..Options::default()
+    };
     let cluster = Cluster::start(opts).await?;
-    let text = |max| greedy_request(vec![ChatMessage { role: "user".into(), content: vec![ContentPart { part: Some(Part::Text("Tell me a long story.".into())) }] }], max);
+    let text = |max| {
+        greedy_request(
+            vec![ChatMessage {
+                role: "user".into(),
+                content: vec![ContentPart {
+                    part: Some(Part::Text("Tell me a long story.".into())),
+                }],
+            }],
+            max,
+        )
+    };
     let mut load = DecoderClient::connect(format!("http://{}", cluster.decoder.addr)).await?;
 
     // Disconnect: read one delta, drop the stream.
@@ -202,19 +281,27 @@ async fn disconnects_free_the_slot_and_deadlines_are_reported() -> Result<()> {
         if l.running == 0 && l.kv_blocks_used == 0 {
             break;
         }
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(5), "slot not freed after disconnect: {l:?}");
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "slot not freed after disconnect: {l:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
     // Deadline over gRPC: generation outlives 400 ms.
     let err = match grpc_chat(&cluster, text(15_000), Duration::from_millis(400), None).await {
-        Ok((f, _)) => anyhow::bail!("finished within the deadline: {} tokens, {}", f.completion_tokens, f.finish_reason),
+        Ok((f, _)) => anyhow::bail!(
+            "finished within the deadline: {} tokens, {}",
+            f.completion_tokens,
+            f.finish_reason
+        ),
         Err(e) => e,
     };
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     // Deadline over HTTP (non-streaming): 504 in OpenAI's error shape.
     let body = json!({"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0, "max_tokens": 15000});
-    let r = http_post(&cluster.http, "/v1/chat/completions", &[("X-Request-Timeout", "0.4")], &body)?;
+    let r =
+        http_post(&cluster.http, "/v1/chat/completions", &[("X-Request-Timeout", "0.4")], &body)?;
     assert_eq!(r.status, 504, "{}", r.body);
     assert_eq!(r.json()?["error"]["code"], "deadline_exceeded");
     // Nothing left running after either.
@@ -234,18 +321,34 @@ async fn keys_quotas_and_validation() -> Result<()> {
         vision_replicas: 1,
         tp: 1,
         redis: false,
-        gateway_args: vec!["--api-keys".into(), "sk-acme=acme,sk-globex=globex".into(), "--tenant-requests-per-minute".into(), "3".into()],
+        gateway_args: vec![
+            "--api-keys".into(),
+            "sk-acme=acme,sk-globex=globex".into(),
+            "--tenant-requests-per-minute".into(),
+            "3".into(),
+        ],
     };
     let cluster = Cluster::start(opts).await?;
-    let body = json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 2});
+    let body =
+        json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 2});
     for auth in [None, Some("Bearer sk-nope")] {
         let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", *a)).collect();
         let r = http_post(&cluster.http, "/v1/chat/completions", &headers, &body)?;
         assert_eq!(r.status, 401, "{}", r.body);
         assert_eq!(r.json()?["error"]["code"], "invalid_api_key");
     }
-    let req = || greedy_request(vec![ChatMessage { role: "user".into(), content: vec![ContentPart { part: Some(Part::Text("Hi".into())) }] }], 2);
-    let err = grpc_chat(&cluster, req(), Duration::from_secs(60), Some("sk-nope")).await.expect_err("unknown key");
+    let req = || {
+        greedy_request(
+            vec![ChatMessage {
+                role: "user".into(),
+                content: vec![ContentPart { part: Some(Part::Text("Hi".into())) }],
+            }],
+            2,
+        )
+    };
+    let err = grpc_chat(&cluster, req(), Duration::from_secs(60), Some("sk-nope"))
+        .await
+        .expect_err("unknown key");
     assert_eq!(err.code(), Code::Unauthenticated);
 
     // Validation: 400s.
@@ -265,7 +368,9 @@ async fn keys_quotas_and_validation() -> Result<()> {
     let r = http_post(&cluster.http, "/v1/chat/completions", &acme, &body)?;
     assert_eq!(r.status, 429, "{}", r.body);
     assert!(r.header("retry-after").is_some_and(|v| v.parse::<u64>().is_ok_and(|s| s >= 1)));
-    let err = grpc_chat(&cluster, req(), Duration::from_secs(60), Some("sk-acme")).await.expect_err("over quota");
+    let err = grpc_chat(&cluster, req(), Duration::from_secs(60), Some("sk-acme"))
+        .await
+        .expect_err("over quota");
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(err.metadata().get("retry-after").is_some());
     // Another tenant is not affected.

@@ -14,17 +14,32 @@ use serde_json::Value;
 async fn official_openai_client_works_unmodified() -> Result<()> {
     let python = repo_root().join("tests/python/.venv/bin/python");
     anyhow::ensure!(python.exists(), "{} is missing: run ./scripts/setup", python.display());
-    let cluster = Cluster::start(Options { gateway_args: vec!["--api-keys".into(), "sk-test=acme".into()], ..Options::default() }).await?;
+    let cluster = Cluster::start(Options {
+        gateway_args: vec!["--api-keys".into(), "sk-test=acme".into()],
+        ..Options::default()
+    })
+    .await?;
     let want = golden_generated("image")?;
     let script = repo_root().join("tests/python/openai_client_check.py");
     let image = golden_dir().join("rocket.jpg");
     let base = format!("http://{}/v1", cluster.http);
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(python).arg(script).arg(base).arg("sk-test").arg(image).arg(want.len().to_string()).output()
+        Command::new(python)
+            .arg(script)
+            .arg(base)
+            .arg("sk-test")
+            .arg(image)
+            .arg(want.len().to_string())
+            .output()
     })
     .await??;
-    anyhow::ensure!(out.status.success(), "client script failed:\n{}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())?;
+    anyhow::ensure!(
+        out.status.success(),
+        "client script failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| String::from_utf8_lossy(&out.stdout).into_owned())?;
     let want = golden_generated("image")?;
     let ids = |k: &str| -> Result<Vec<u32>> { Ok(serde_json::from_value(v[k].clone())?) };
     assert_eq!(v["models"], serde_json::json!(["tiny-dsvl"]));

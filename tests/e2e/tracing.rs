@@ -12,8 +12,12 @@ use anyhow::Result;
 use dsvl_e2e::{golden_image, Cluster, Options};
 use dsvl_proto::v1::content_part::Part;
 use dsvl_proto::v1::{ChatMessage, ChatRequest, ContentPart, SamplingParams};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 
 #[derive(Debug, Clone)]
@@ -30,7 +34,10 @@ struct Collector(Arc<Mutex<Vec<SeenSpan>>>);
 
 #[tonic::async_trait]
 impl TraceService for Collector {
-    async fn export(&self, request: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         let mut seen = self.0.lock().unwrap();
         for rs in request.into_inner().resource_spans {
             let service = rs
@@ -57,7 +64,13 @@ impl TraceService for Collector {
                             (kv.key.clone(), v)
                         })
                         .collect();
-                    seen.push(SeenSpan { service: service.clone(), name: s.name, trace_id: s.trace_id, parent_span_id: s.parent_span_id, attributes });
+                    seen.push(SeenSpan {
+                        service: service.clone(),
+                        name: s.name,
+                        trace_id: s.trace_id,
+                        parent_span_id: s.parent_span_id,
+                        attributes,
+                    });
                 }
             }
         }
@@ -71,17 +84,25 @@ async fn trace_context_flows_through_every_tier() -> Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let endpoint = format!("http://{}", listener.local_addr()?);
     let server = TraceServiceServer::new(collector.clone());
-    tokio::spawn(tonic::transport::Server::builder().add_service(server).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(server)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
     // SAFETY: this test binary holds this one test; the variable is set before any child
     // process starts and read only by them.
     unsafe { std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint) };
 
-    let cluster = Cluster::start(Options { vision_replicas: 1, tp: 1, ..Options::default() }).await?;
+    let cluster =
+        Cluster::start(Options { vision_replicas: 1, tp: 1, ..Options::default() }).await?;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut req = tonic::Request::new(ChatRequest {
         messages: vec![ChatMessage {
             role: "user".into(),
-            content: vec![ContentPart { part: Some(Part::Image(golden_image("chelsea.png")?)) }, ContentPart { part: Some(Part::Text("What is this?".into())) }],
+            content: vec![
+                ContentPart { part: Some(Part::Image(golden_image("chelsea.png")?)) },
+                ContentPart { part: Some(Part::Text("What is this?".into())) },
+            ],
         }],
         sampling: Some(SamplingParams::default()),
         max_tokens: 3,
@@ -95,18 +116,46 @@ async fn trace_context_flows_through_every_tier() -> Result<()> {
     let want = hex(trace_id);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let spans: Vec<SeenSpan> = collector.0.lock().unwrap().iter().filter(|s| s.trace_id == want).cloned().collect();
+        let spans: Vec<SeenSpan> =
+            collector.0.lock().unwrap().iter().filter(|s| s.trace_id == want).cloned().collect();
         let find = |name: &str| spans.iter().find(|s| s.name == name).cloned();
-        if let (Some(chat), Some(vision), Some(decoder)) = (find("chat"), find("vision.encode"), find("decoder.generate")) {
-            assert_eq!(chat.parent_span_id, hex("00f067aa0ba902b7"), "the gateway span continues the client's trace");
-            assert!(chat.service.contains("dsvl-gateway") && vision.service.contains("dsvl-vision") && decoder.service.contains("dsvl-decoder"));
-            for (k, v) in [("gen_ai.operation.name", "chat"), ("gen_ai.request.model", "tiny-dsvl"), ("gen_ai.usage.output_tokens", "3"), ("gen_ai.response.finish_reasons", "length")] {
-                assert_eq!(chat.attributes.get(k).map(String::as_str), Some(v), "{k} in {:?}", chat.attributes);
+        if let (Some(chat), Some(vision), Some(decoder)) =
+            (find("chat"), find("vision.encode"), find("decoder.generate"))
+        {
+            assert_eq!(
+                chat.parent_span_id,
+                hex("00f067aa0ba902b7"),
+                "the gateway span continues the client's trace"
+            );
+            assert!(
+                chat.service.contains("dsvl-gateway")
+                    && vision.service.contains("dsvl-vision")
+                    && decoder.service.contains("dsvl-decoder")
+            );
+            for (k, v) in [
+                ("gen_ai.operation.name", "chat"),
+                ("gen_ai.request.model", "tiny-dsvl"),
+                ("gen_ai.usage.output_tokens", "3"),
+                ("gen_ai.response.finish_reasons", "length"),
+            ] {
+                assert_eq!(
+                    chat.attributes.get(k).map(String::as_str),
+                    Some(v),
+                    "{k} in {:?}",
+                    chat.attributes
+                );
             }
-            assert!(chat.attributes.contains_key("gen_ai.usage.input_tokens") && chat.attributes.contains_key("gen_ai.response.id"));
+            assert!(
+                chat.attributes.contains_key("gen_ai.usage.input_tokens")
+                    && chat.attributes.contains_key("gen_ai.response.id")
+            );
             return Ok(());
         }
-        anyhow::ensure!(Instant::now() < deadline, "spans of the trace: {:?}", spans.iter().map(|s| (&s.service, &s.name)).collect::<Vec<_>>());
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "spans of the trace: {:?}",
+            spans.iter().map(|s| (&s.service, &s.name)).collect::<Vec<_>>()
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

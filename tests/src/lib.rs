@@ -39,8 +39,10 @@ pub struct Svc {
 
 impl Svc {
     fn spawn(bin: &str, listen_flag: &str, extra: Vec<String>) -> Result<Self> {
-        let (addr, metrics) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
-        let mut args = vec![listen_flag.to_string(), addr.clone(), "--metrics-listen".into(), metrics.clone()];
+        let (addr, metrics) =
+            (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+        let mut args =
+            vec![listen_flag.to_string(), addr.clone(), "--metrics-listen".into(), metrics.clone()];
         args.extend(extra);
         let proc = ServiceProcess::spawn(binary(bin)?.to_str().context("path")?, &args)?;
         Ok(Self { proc, addr, metrics })
@@ -54,12 +56,18 @@ impl Svc {
                 bail!("{} exited during start-up: {st}", self.addr);
             }
             if let Ok(ch) = Channel::from_shared(format!("http://{}", self.addr))?.connect().await {
-                let r = HealthClient::new(ch).check(HealthCheckRequest { service: service.into() }).await;
+                let r = HealthClient::new(ch)
+                    .check(HealthCheckRequest { service: service.into() })
+                    .await;
                 if r.is_ok_and(|r| r.into_inner().status == 1) {
                     return Ok(());
                 }
             }
-            anyhow::ensure!(Instant::now() < deadline, "{} ({service}) never became SERVING", self.addr);
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} ({service}) never became SERVING",
+                self.addr
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -107,12 +115,18 @@ impl Cluster {
     /// Starts everything on the bundled tiny model and waits until the gateway serves.
     pub async fn start(opts: Options) -> Result<Self> {
         let redis = if opts.redis { Some(RedisServer::start()?) } else { None };
-        let redis_flags: Vec<String> = redis.iter().flat_map(|r| ["--redis".to_string(), r.url()]).collect();
+        let redis_flags: Vec<String> =
+            redis.iter().flat_map(|r| ["--redis".to_string(), r.url()]).collect();
         let mut vision = Vec::new();
         for _ in 0..opts.vision_replicas {
             vision.push(Svc::spawn("dsvl-vision", "--listen", redis_flags.clone())?);
         }
-        let mut dec_args = vec!["--tp".to_string(), opts.tp.to_string(), "--rendezvous-port".into(), free_port().to_string()];
+        let mut dec_args = vec![
+            "--tp".to_string(),
+            opts.tp.to_string(),
+            "--rendezvous-port".into(),
+            free_port().to_string(),
+        ];
         dec_args.extend(redis_flags.clone());
         let mut decoder = Svc::spawn("dsvl-decoder", "--listen", dec_args)?;
         for v in &mut vision {
@@ -120,9 +134,19 @@ impl Cluster {
         }
         decoder.wait_serving("dsvl.v1.Decoder", Duration::from_secs(120)).await?;
         let http = format!("127.0.0.1:{}", free_port());
-        let mut args = vec!["--http-listen".to_string(), http.clone(), "--decoder".into(), decoder.addr.clone(), "--refresh-secs".into(), "1".into()];
+        let mut args = vec![
+            "--http-listen".to_string(),
+            http.clone(),
+            "--decoder".into(),
+            decoder.addr.clone(),
+            "--refresh-secs".into(),
+            "1".into(),
+        ];
         if !vision.is_empty() {
-            args.extend(["--vision".to_string(), vision.iter().map(|v| v.addr.clone()).collect::<Vec<_>>().join(",")]);
+            args.extend([
+                "--vision".to_string(),
+                vision.iter().map(|v| v.addr.clone()).collect::<Vec<_>>().join(","),
+            ]);
         }
         args.extend(redis_flags);
         args.extend(opts.gateway_args);
@@ -133,12 +157,17 @@ impl Cluster {
 
     /// A gRPC Chat client.
     pub async fn chat(&self) -> Result<ChatClient<Channel>> {
-        Ok(ChatClient::connect(format!("http://{}", self.gateway.addr)).await?.max_encoding_message_size(64 << 20))
+        Ok(ChatClient::connect(format!("http://{}", self.gateway.addr))
+            .await?
+            .max_encoding_message_size(64 << 20))
     }
 
     /// Images encoded by the vision tier so far (all replicas that still answer).
     pub fn images_encoded(&self) -> f64 {
-        self.vision.iter().filter_map(|v| v.metric("dsvl_vision_images_encoded_total", &[]).ok()).sum()
+        self.vision
+            .iter()
+            .filter_map(|v| v.metric("dsvl_vision_images_encoded_total", &[]).ok())
+            .sum()
     }
 }
 
@@ -169,13 +198,25 @@ impl HttpResponse {
 
     /// `data:` payloads of a server-sent-event body, in order.
     pub fn sse_data(&self) -> Vec<String> {
-        self.body.split("\n\n").filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))).map(str::to_string).collect()
+        self.body
+            .split("\n\n")
+            .filter_map(|ev| {
+                ev.lines()
+                    .find_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+            })
+            .map(str::to_string)
+            .collect()
     }
 }
 
 /// `POST path` with a JSON body over HTTP/1.0 (the server closes the connection at the end, so
 /// a streamed body arrives whole).
-pub fn http_post(addr: &str, path: &str, headers: &[(&str, &str)], body: &Value) -> Result<HttpResponse> {
+pub fn http_post(
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &Value,
+) -> Result<HttpResponse> {
     let body = serde_json::to_vec(body)?;
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(120)))?;
@@ -197,13 +238,27 @@ pub fn http_post(addr: &str, path: &str, headers: &[(&str, &str)], body: &Value)
 /// A golden case of `chat.json`.
 pub fn golden_case(name: &str) -> Result<Value> {
     let chat: Value = serde_json::from_slice(&std::fs::read(golden_dir().join("chat.json"))?)?;
-    chat["cases"].as_array().context("cases")?.iter().find(|c| c["name"] == name).cloned().context("no such case")
+    chat["cases"]
+        .as_array()
+        .context("cases")?
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+        .context("no such case")
 }
 
 /// The reference's greedy ids for `prefix` (`image` or `text`).
 pub fn golden_generated(prefix: &str) -> Result<Vec<u32>> {
-    let lm = candle_core::safetensors::load(golden_dir().join("lm.safetensors"), &candle_core::Device::Cpu)?;
-    Ok(lm[&format!("{prefix}.generated_ids")].flatten_all()?.to_vec1::<i64>()?.into_iter().map(|v| v as u32).collect())
+    let lm = candle_core::safetensors::load(
+        golden_dir().join("lm.safetensors"),
+        &candle_core::Device::Cpu,
+    )?;
+    Ok(lm[&format!("{prefix}.generated_ids")]
+        .flatten_all()?
+        .to_vec1::<i64>()?
+        .into_iter()
+        .map(|v| v as u32)
+        .collect())
 }
 
 /// Bytes of a golden fixture image.

@@ -59,7 +59,14 @@ pub struct CircuitBreaker {
 impl CircuitBreaker {
     /// A closed breaker.
     pub fn new(config: BreakerConfig) -> Self {
-        Self { config, inner: Mutex::new(Inner { state: BreakerState::Closed, failures: 0, opened_at: Instant::now() }) }
+        Self {
+            config,
+            inner: Mutex::new(Inner {
+                state: BreakerState::Closed,
+                failures: 0,
+                opened_at: Instant::now(),
+            }),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -119,7 +126,10 @@ mod tests {
 
     #[test]
     fn opens_after_threshold_probes_and_recloses() {
-        let b = CircuitBreaker::new(BreakerConfig { failure_threshold: 2, open_for: Duration::from_millis(30) });
+        let b = CircuitBreaker::new(BreakerConfig {
+            failure_threshold: 2,
+            open_for: Duration::from_millis(30),
+        });
         assert!(b.allow());
         b.failure();
         assert_eq!(b.state(), BreakerState::Closed);

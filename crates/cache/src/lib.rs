@@ -45,7 +45,11 @@ impl CacheError {
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Redis(e) if e.is_timeout() => "timeout",
-            Self::Redis(e) if e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error() => "connection",
+            Self::Redis(e)
+                if e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error() =>
+            {
+                "connection"
+            }
             Self::Redis(_) => "redis",
             Self::BreakerOpen => "breaker_open",
             Self::Config(_) => "config",
@@ -58,17 +62,31 @@ pub trait EmbeddingCache: Send + Sync {
     /// The value under `key`, if present.
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, CacheError>>;
     /// Stores `value` under `key` for `ttl`.
-    fn put<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> BoxFuture<'a, Result<(), CacheError>>;
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), CacheError>>;
     /// Whether other replicas see this cache's entries (then results can be returned by key).
     fn is_shared(&self) -> bool;
     /// Tries to take the lease `lease` for `ttl` with `token` (SET NX PX). Caches that are not
     /// shared always grant it.
-    fn try_lease<'a>(&'a self, lease: &'a str, token: &'a str, ttl: Duration) -> BoxFuture<'a, Result<bool, CacheError>> {
+    fn try_lease<'a>(
+        &'a self,
+        lease: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, CacheError>> {
         let _ = (lease, token, ttl);
         Box::pin(async { Ok(true) })
     }
     /// Releases a lease taken with `token` (no effect if it expired or another holder has it).
-    fn release_lease<'a>(&'a self, lease: &'a str, token: &'a str) -> BoxFuture<'a, Result<(), CacheError>> {
+    fn release_lease<'a>(
+        &'a self,
+        lease: &'a str,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
         let _ = (lease, token);
         Box::pin(async { Ok(()) })
     }

@@ -28,7 +28,10 @@ pub struct MemoryCache {
 impl MemoryCache {
     /// An empty cache of `capacity_bytes`.
     pub fn new(capacity_bytes: usize) -> Self {
-        Self { capacity: capacity_bytes, inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0 }) }
+        Self {
+            capacity: capacity_bytes,
+            inner: Mutex::new(Inner { lru: LruCache::unbounded(), bytes: 0 }),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -70,7 +73,9 @@ impl MemoryCache {
         }
         let mut s = self.lock();
         let size = value.len();
-        if let Some(old) = s.lru.put(key.to_string(), Entry { value, expires: Instant::now() + ttl }) {
+        if let Some(old) =
+            s.lru.put(key.to_string(), Entry { value, expires: Instant::now() + ttl })
+        {
             s.bytes -= old.value.len();
         }
         s.bytes += size;
@@ -88,7 +93,12 @@ impl EmbeddingCache for MemoryCache {
         Box::pin(async move { Ok(self.get_now(key)) })
     }
 
-    fn put<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> BoxFuture<'a, Result<(), CacheError>> {
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
         Box::pin(async move {
             self.put_now(key, value, ttl);
             Ok(())

@@ -73,7 +73,10 @@ impl Conn {
         matches!(self, Self::Single(_))
     }
 
-    async fn query_pipe<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> redis::RedisResult<T> {
+    async fn query_pipe<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> redis::RedisResult<T> {
         match self {
             Self::Single(c) => pipe.query_async(&mut c.clone()).await,
             Self::Cluster(c) => pipe.query_async(&mut c.clone()).await,
@@ -82,7 +85,10 @@ impl Conn {
 }
 
 fn timed_out(what: &str) -> CacheError {
-    CacheError::Redis(redis::RedisError::from(std::io::Error::new(std::io::ErrorKind::TimedOut, what.to_string())))
+    CacheError::Redis(redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        what.to_string(),
+    )))
 }
 
 /// The Redis tier.
@@ -100,7 +106,10 @@ impl RedisCache {
     /// # Errors
     /// A malformed URL.
     pub fn new(config: RedisConfig) -> Result<Self, CacheError> {
-        if !(config.url.starts_with("redis://") || config.url.starts_with("rediss://") || config.url.starts_with("redis+cluster://")) {
+        if !(config.url.starts_with("redis://")
+            || config.url.starts_with("rediss://")
+            || config.url.starts_with("redis+cluster://"))
+        {
             return Err(CacheError::Config(format!("unsupported Redis URL `{}`", config.url)));
         }
         let breaker = Arc::new(CircuitBreaker::new(config.breaker));
@@ -142,7 +151,8 @@ impl RedisCache {
                     }
                     c.query_pipe(&pipe).await
                 } else {
-                    let cmds: Vec<redis::Cmd> = keys.iter().map(|k| redis::cmd("EXISTS").arg(*k).clone()).collect();
+                    let cmds: Vec<redis::Cmd> =
+                        keys.iter().map(|k| redis::cmd("EXISTS").arg(*k).clone()).collect();
                     futures::future::try_join_all(cmds.iter().map(|cmd| c.query::<u64>(cmd))).await
                 }
             })
@@ -155,7 +165,10 @@ impl RedisCache {
     ///
     /// # Errors
     /// Redis unreachable, timed out, or the breaker is open (for all keys at once).
-    pub async fn get_many<K: AsRef<str>>(&self, keys: &[K]) -> Result<Vec<Option<Bytes>>, CacheError> {
+    pub async fn get_many<K: AsRef<str>>(
+        &self,
+        keys: &[K],
+    ) -> Result<Vec<Option<Bytes>>, CacheError> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
@@ -205,7 +218,9 @@ impl RedisCache {
             *guard = Some(c.clone());
             Ok(c)
         };
-        tokio::time::timeout(self.config.connect_timeout, attempt).await.unwrap_or_else(|_| Err(timed_out("connect timed out")))
+        tokio::time::timeout(self.config.connect_timeout, attempt)
+            .await
+            .unwrap_or_else(|_| Err(timed_out("connect timed out")))
     }
 
     /// Runs `op` on a connection through the breaker: at most `connect_timeout` to get the
@@ -249,7 +264,12 @@ impl EmbeddingCache for RedisCache {
         })
     }
 
-    fn put<'a>(&'a self, key: &'a str, value: Bytes, ttl: Duration) -> BoxFuture<'a, Result<(), CacheError>> {
+    fn put<'a>(
+        &'a self,
+        key: &'a str,
+        value: Bytes,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
         Box::pin(async move {
             let ms = ttl.as_millis().max(1) as u64;
             let cmd = redis::cmd("SET").arg(key).arg(value.as_ref()).arg("PX").arg(ms).clone();
@@ -262,7 +282,12 @@ impl EmbeddingCache for RedisCache {
         true
     }
 
-    fn try_lease<'a>(&'a self, lease: &'a str, token: &'a str, ttl: Duration) -> BoxFuture<'a, Result<bool, CacheError>> {
+    fn try_lease<'a>(
+        &'a self,
+        lease: &'a str,
+        token: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<bool, CacheError>> {
         Box::pin(async move {
             let ms = ttl.as_millis().max(1) as u64;
             let cmd = redis::cmd("SET").arg(lease).arg(token).arg("NX").arg("PX").arg(ms).clone();
@@ -271,7 +296,11 @@ impl EmbeddingCache for RedisCache {
         })
     }
 
-    fn release_lease<'a>(&'a self, lease: &'a str, token: &'a str) -> BoxFuture<'a, Result<(), CacheError>> {
+    fn release_lease<'a>(
+        &'a self,
+        lease: &'a str,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<(), CacheError>> {
         Box::pin(async move {
             let cmd = redis::cmd("EVAL").arg(RELEASE_SCRIPT).arg(1).arg(lease).arg(token).clone();
             let _: i64 = self.run(|c| async move { c.query(&cmd).await }).await?;

@@ -52,7 +52,8 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
         loop {
             // Decide under the lock, act after releasing it (the guard must not live across an await).
             let role = {
-                let mut map = self.inflight.lock().expect("single-flight lock poisoned. This is a bug.");
+                let mut map =
+                    self.inflight.lock().expect("single-flight lock poisoned. This is a bug.");
                 match map.get(&key) {
                     Some(rx) => Err(rx.clone()),
                     None => {
@@ -95,8 +96,8 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -130,7 +131,13 @@ mod tests {
     async fn a_cancelled_leader_hands_over() {
         let sf = Arc::new(SingleFlight::<u8, u8>::new());
         let sf2 = sf.clone();
-        let leader = tokio::spawn(async move { sf2.run(1, || async { tokio::time::sleep(Duration::from_secs(60)).await; 1 }).await });
+        let leader = tokio::spawn(async move {
+            sf2.run(1, || async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                1
+            })
+            .await
+        });
         tokio::time::sleep(Duration::from_millis(20)).await;
         let sf3 = sf.clone();
         let waiter = tokio::spawn(async move { sf3.run(1, || async { 2 }).await });

@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use bytes::Bytes;
-use dsvl_cache::{BreakerConfig, BreakerState, CacheError, EmbeddingCache, RedisCache, RedisConfig};
+use dsvl_cache::{
+    BreakerConfig, BreakerState, CacheError, EmbeddingCache, RedisCache, RedisConfig,
+};
 use dsvl_testkit::{RedisCluster, RedisServer};
 
 fn config(url: String) -> RedisConfig {
@@ -25,7 +27,10 @@ async fn exercise(cache: &RedisCache) -> Result<()> {
         assert_eq!(cache.get(&key).await?.map(|b| b.len()), Some(1000 + i));
     }
     assert!(cache.try_lease("dsvl:lease:v1:x", "me", Duration::from_secs(5)).await?);
-    assert!(!cache.try_lease("dsvl:lease:v1:x", "you", Duration::from_secs(5)).await?, "lease is exclusive");
+    assert!(
+        !cache.try_lease("dsvl:lease:v1:x", "you", Duration::from_secs(5)).await?,
+        "lease is exclusive"
+    );
     cache.release_lease("dsvl:lease:v1:x", "you").await?; // not the holder: no effect
     assert!(!cache.try_lease("dsvl:lease:v1:x", "you", Duration::from_secs(5)).await?);
     cache.release_lease("dsvl:lease:v1:x", "me").await?;
@@ -33,7 +38,8 @@ async fn exercise(cache: &RedisCache) -> Result<()> {
 
     // Batched reads: one MGET / one EXISTS pipeline (split per slot on a cluster), in order,
     // with absent keys and duplicates.
-    let keys: Vec<String> = [3, 999, 7, 3, 12].iter().map(|i| format!("dsvl:emb:v1:test{i}")).collect();
+    let keys: Vec<String> =
+        [3, 999, 7, 3, 12].iter().map(|i| format!("dsvl:emb:v1:test{i}")).collect();
     let values = cache.get_many(&keys).await?;
     let lens: Vec<Option<usize>> = values.iter().map(|v| v.as_ref().map(Bytes::len)).collect();
     assert_eq!(lens, [Some(1003), None, Some(1007), Some(1003), Some(1012)]);
@@ -71,7 +77,15 @@ async fn stalled_server_costs_at_most_the_response_timeout() -> Result<()> {
     let calls: Vec<_> = (0..3)
         .map(|i| {
             let cache = cache.clone();
-            tokio::spawn(async move { cache.put(&format!("dsvl:emb:v1:c{i}"), Bytes::from_static(b"x"), Duration::from_secs(30)).await })
+            tokio::spawn(async move {
+                cache
+                    .put(
+                        &format!("dsvl:emb:v1:c{i}"),
+                        Bytes::from_static(b"x"),
+                        Duration::from_secs(30),
+                    )
+                    .await
+            })
         })
         .collect();
     for c in calls {
@@ -97,7 +111,11 @@ async fn stalled_server_costs_at_most_the_response_timeout() -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Ok(v) = cache.get_many(&["dsvl:emb:v1:a"]).await {
-            assert_eq!(v, [Some(Bytes::from_static(b"1"))], "replies are matched to their commands after the stall");
+            assert_eq!(
+                v,
+                [Some(Bytes::from_static(b"1"))],
+                "replies are matched to their commands after the stall"
+            );
             break;
         }
         anyhow::ensure!(Instant::now() < deadline, "never recovered after SIGCONT");

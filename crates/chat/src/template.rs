@@ -102,20 +102,33 @@ mod tests {
 
     #[test]
     fn single_turn_ends_with_assistant_colon() {
-        let p = render_prompt("SYS", &[msg(Role::User, "  hi  "), msg(Role::Assistant, "")]).unwrap();
+        let p =
+            render_prompt("SYS", &[msg(Role::User, "  hi  "), msg(Role::Assistant, "")]).unwrap();
         assert_eq!(p, "SYS\n\nUser: hi\n\nAssistant:");
     }
 
     #[test]
     fn assistant_turns_end_with_eos_string() {
-        let p = render_prompt("", &[msg(Role::User, "a"), msg(Role::Assistant, "b"), msg(Role::User, "c"), msg(Role::Assistant, "")]).unwrap();
+        let p = render_prompt(
+            "",
+            &[
+                msg(Role::User, "a"),
+                msg(Role::Assistant, "b"),
+                msg(Role::User, "c"),
+                msg(Role::Assistant, ""),
+            ],
+        )
+        .unwrap();
         assert_eq!(p, "User: a\n\nAssistant: b<｜end▁of▁sentence｜>User: c\n\nAssistant:");
     }
 
     #[test]
     fn placeholder_count_must_match_images() {
         let m = Message { role: Role::User, content: format!("{IMAGE_TAG} x"), images: vec![] };
-        assert!(render_prompt("", &[m]).unwrap_err().to_string().contains("1 `<image_placeholder>`"));
+        assert!(render_prompt("", &[m])
+            .unwrap_err()
+            .to_string()
+            .contains("1 `<image_placeholder>`"));
     }
 
     #[test]

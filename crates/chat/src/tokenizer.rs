@@ -45,9 +45,12 @@ impl ChatTokenizer {
     /// # Errors
     /// Malformed JSON, or a vocabulary without the BOS/EOS tokens.
     pub fn from_bytes(json: &[u8]) -> Result<Self, ChatError> {
-        let mut inner = Tokenizer::from_bytes(json).map_err(|e| ChatError::Tokenizer(e.to_string()))?;
+        let mut inner =
+            Tokenizer::from_bytes(json).map_err(|e| ChatError::Tokenizer(e.to_string()))?;
         if inner.token_to_id(IMAGE_TAG).is_none() {
-            inner.add_special_tokens(vec![AddedToken::from(IMAGE_TAG, true)]).map_err(|e| ChatError::Tokenizer(e.to_string()))?;
+            inner
+                .add_special_tokens(vec![AddedToken::from(IMAGE_TAG, true)])
+                .map_err(|e| ChatError::Tokenizer(e.to_string()))?;
         }
         let id = |t: &str| inner.token_to_id(t).ok_or_else(|| ChatError::MissingToken(t.into()));
         let special = SpecialTokens { bos: id(BOS)?, eos: id(EOS)?, image: id(IMAGE_TAG)? };
@@ -72,7 +75,11 @@ impl ChatTokenizer {
 
     /// Tokenizes a rendered prompt and expands each image placeholder to `num_image_tokens`
     /// ids (the placeholder itself is replaced, not kept).
-    pub fn encode_prompt(&self, prompt: &str, num_image_tokens: usize) -> Result<Prompt, ChatError> {
+    pub fn encode_prompt(
+        &self,
+        prompt: &str,
+        num_image_tokens: usize,
+    ) -> Result<Prompt, ChatError> {
         let before = self.encode(prompt)?;
         let mut ids = Vec::with_capacity(before.len() + num_image_tokens * 2);
         let mut image_spans = Vec::new();

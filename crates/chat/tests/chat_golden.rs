@@ -32,7 +32,11 @@ fn every_case_matches_the_reference_processor() -> Result<()> {
         let prompt = render_prompt(case["system_prompt"].as_str().unwrap(), &messages)?;
         assert_eq!(prompt, case["sft_format"].as_str().unwrap(), "{name}: prompt string");
         let p = tok.encode_prompt(&prompt, n_img)?;
-        assert_eq!(p.ids_before_expansion, ids(&case["input_ids_before_image_expansion"]), "{name}: ids before expansion");
+        assert_eq!(
+            p.ids_before_expansion,
+            ids(&case["input_ids_before_image_expansion"]),
+            "{name}: ids before expansion"
+        );
         assert_eq!(p.ids, ids(&case["input_ids"]), "{name}: expanded ids");
         let spans: Vec<(usize, usize)> = case["image_token_spans"]
             .as_array()
@@ -53,9 +57,18 @@ fn tokenizer_tests_match() -> Result<()> {
         let text = t["text"].as_str().unwrap();
         let got = tok.encode(text)?;
         assert_eq!(got, ids(&t["ids_with_bos"]), "ids of {text:?}");
-        let tokens: Vec<String> = t["tokens"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
+        let tokens: Vec<String> = t["tokens"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect();
         assert_eq!(tok.tokens(&got), tokens, "tokens of {text:?}");
-        assert_eq!(tok.decode(&got, true)?, t["decoded_skip_special"].as_str().unwrap(), "decode skip of {text:?}");
+        assert_eq!(
+            tok.decode(&got, true)?,
+            t["decoded_skip_special"].as_str().unwrap(),
+            "decode skip of {text:?}"
+        );
         assert_eq!(tok.decode(&got, false)?, t["decoded"].as_str().unwrap(), "decode of {text:?}");
     }
     Ok(())
@@ -82,7 +95,8 @@ fn incremental_decoding_concatenates_to_full_decode() -> Result<()> {
         assert_eq!(text, tok.decode(&all, true)?, "stream of {:?}", t["text"]);
     }
     // The golden generations decode to the texts recorded in summary.json.
-    let summary: Value = serde_json::from_slice(&std::fs::read(golden_dir().join("summary.json"))?)?;
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(golden_dir().join("summary.json"))?)?;
     assert!(summary["generated_text"]["text"].as_str().unwrap().contains('\u{FFFD}'));
     Ok(())
 }

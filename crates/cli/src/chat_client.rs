@@ -48,15 +48,25 @@ pub struct ChatArgs {
 }
 
 /// Message parts: the content split at each placeholder, with the message's images in order.
-pub fn to_proto_messages(messages: &[Message], system_prompt: Option<&str>) -> Result<Vec<ChatMessage>> {
+pub fn to_proto_messages(
+    messages: &[Message],
+    system_prompt: Option<&str>,
+) -> Result<Vec<ChatMessage>> {
     let mut out = Vec::with_capacity(messages.len() + 1);
     if let Some(s) = system_prompt {
-        out.push(ChatMessage { role: "system".into(), content: vec![ContentPart { part: Some(Part::Text(s.to_string())) }] });
+        out.push(ChatMessage {
+            role: "system".into(),
+            content: vec![ContentPart { part: Some(Part::Text(s.to_string())) }],
+        });
     }
     for m in messages {
         let pieces: Vec<&str> = m.content.split(IMAGE_TAG).collect();
         if pieces.len() - 1 != m.images.len() {
-            bail!("a message has {} `{IMAGE_TAG}` placeholders but {} images", pieces.len() - 1, m.images.len());
+            bail!(
+                "a message has {} `{IMAGE_TAG}` placeholders but {} images",
+                pieces.len() - 1,
+                m.images.len()
+            );
         }
         let mut content = Vec::new();
         for (i, text) in pieces.iter().enumerate() {
@@ -85,7 +95,13 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let request = ChatRequest {
         model: String::new(),
         messages: to_proto_messages(&messages, args.system_prompt.as_deref())?,
-        sampling: Some(SamplingParams { temperature: p.temperature, top_k: p.top_k as u32, top_p: p.top_p, repetition_penalty: p.repetition_penalty, seed: p.seed }),
+        sampling: Some(SamplingParams {
+            temperature: p.temperature,
+            top_k: p.top_k as u32,
+            top_p: p.top_p,
+            repetition_penalty: p.repetition_penalty,
+            seed: p.seed,
+        }),
         stop: args.stop.clone(),
         max_tokens: args.max_new_tokens,
         return_prompt_token_ids: args.json,
@@ -101,15 +117,24 @@ async fn stream_chat(args: &ChatArgs, request: ChatRequest) -> Result<()> {
     let mut req = tonic::Request::new(request);
     req.set_timeout(Duration::from_secs_f64(args.timeout));
     if let Some(key) = &args.api_key {
-        req.metadata_mut().insert("authorization", format!("Bearer {key}").parse().context("the API key is not valid header text")?);
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {key}").parse().context("the API key is not valid header text")?,
+        );
     }
     let started = Instant::now();
-    let mut stream = client.generate(req).await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
+    let mut stream = client
+        .generate(req)
+        .await
+        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        .into_inner();
     let mut stdout = std::io::stdout().lock();
     let mut text = String::new();
     let mut first_token = None;
     let mut finish: Option<ChatFinish> = None;
-    while let Some(msg) = stream.message().await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))? {
+    while let Some(msg) =
+        stream.message().await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+    {
         match msg.event {
             Some(Event::Delta(d)) => {
                 first_token.get_or_insert(started.elapsed().as_secs_f64());

@@ -74,14 +74,31 @@ impl Cluster {
         args.extend(model_flags(spec));
         args.extend(device_flags(spec));
         args.extend(redis_flags(spec));
-        let mut vision = Service::spawn("vision-encoder", &sibling_binary("dsvl-vision")?, vision_addr.clone(), &args)?;
+        let mut vision = Service::spawn(
+            "vision-encoder",
+            &sibling_binary("dsvl-vision")?,
+            vision_addr.clone(),
+            &args,
+        )?;
 
         let decoder_addr = format!("127.0.0.1:{}", free_port()?);
-        let mut args = vec!["--listen".to_string(), decoder_addr.clone(), "--tp".into(), spec.tp.to_string(), "--rendezvous-port".into(), free_port()?.to_string()];
+        let mut args = vec![
+            "--listen".to_string(),
+            decoder_addr.clone(),
+            "--tp".into(),
+            spec.tp.to_string(),
+            "--rendezvous-port".into(),
+            free_port()?.to_string(),
+        ];
         args.extend(model_flags(spec));
         args.extend(device_flags(spec));
         args.extend(redis_flags(spec));
-        let mut decoder = Service::spawn("decoder", &sibling_binary("dsvl-decoder")?, decoder_addr.clone(), &args)?;
+        let mut decoder = Service::spawn(
+            "decoder",
+            &sibling_binary("dsvl-decoder")?,
+            decoder_addr.clone(),
+            &args,
+        )?;
 
         eprintln!("waiting for the vision-encoder ({vision_addr}) and the decoder ({decoder_addr}, tp {}) to load the model…", spec.tp);
         vision.wait_serving("dsvl.v1.VisionEncoder", START_LIMIT).await?;
@@ -102,7 +119,12 @@ impl Cluster {
         args.extend(model_flags(spec));
         args.extend(redis_flags(spec));
         args.extend(spec.gateway_args.iter().cloned());
-        let mut gateway = Service::spawn("gateway", &sibling_binary("dsvl-gateway")?, spec.grpc_addr.to_string(), &args)?;
+        let mut gateway = Service::spawn(
+            "gateway",
+            &sibling_binary("dsvl-gateway")?,
+            spec.grpc_addr.to_string(),
+            &args,
+        )?;
         gateway.wait_serving("dsvl.v1.Chat", Duration::from_secs(120)).await?;
         eprintln!("cluster ready in {:.1}s", t.elapsed().as_secs_f64());
         Ok(Self {
@@ -116,7 +138,9 @@ impl Cluster {
 
     /// The first service that exited on its own, if any.
     pub fn exited(&mut self) -> Option<String> {
-        self.services.iter_mut().find_map(|s| s.exited().map(|st| format!("{} exited ({st})", s.name)))
+        self.services
+            .iter_mut()
+            .find_map(|s| s.exited().map(|st| format!("{} exited ({st})", s.name)))
     }
 
     /// Stops everything, gateway first, each with a drain grace period.

@@ -71,14 +71,21 @@ async fn run_async(args: DemoArgs) -> Result<()> {
         gateway_args: Vec::new(),
     };
     let mut cluster = Cluster::start(&spec).await?;
-    println!("gateway: gRPC {}  HTTP {}  (vision {}, decoder {} with tp {})", cluster.grpc_url, cluster.http_url, cluster.vision_addr, cluster.decoder_addr, args.tp);
-    let mut client = ChatClient::connect(cluster.grpc_url.clone()).await?.max_encoding_message_size(64 << 20);
+    println!(
+        "gateway: gRPC {}  HTTP {}  (vision {}, decoder {} with tp {})",
+        cluster.grpc_url, cluster.http_url, cluster.vision_addr, cluster.decoder_addr, args.tp
+    );
+    let mut client =
+        ChatClient::connect(cluster.grpc_url.clone()).await?.max_encoding_message_size(64 << 20);
     for round in 1..=2 {
         println!("\nrequest {round}: [image {} KiB] {}", image.len() / 1024, args.prompt);
         let request = ChatRequest {
             messages: vec![ChatMessage {
                 role: "user".into(),
-                content: vec![ContentPart { part: Some(Part::Image(image.clone())) }, ContentPart { part: Some(Part::Text(args.prompt.clone())) }],
+                content: vec![
+                    ContentPart { part: Some(Part::Image(image.clone())) },
+                    ContentPart { part: Some(Part::Text(args.prompt.clone())) },
+                ],
             }],
             sampling: Some(SamplingParams::default()),
             max_tokens: args.max_new_tokens,
@@ -87,10 +94,18 @@ async fn run_async(args: DemoArgs) -> Result<()> {
         let mut req = tonic::Request::new(request);
         req.set_timeout(Duration::from_secs(600));
         let started = Instant::now();
-        let mut stream = client.generate(req).await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?.into_inner();
+        let mut stream = client
+            .generate(req)
+            .await
+            .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
         let mut first = None;
         print!("answer: ");
-        while let Some(msg) = stream.message().await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))? {
+        while let Some(msg) = stream
+            .message()
+            .await
+            .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
+        {
             match msg.event {
                 Some(Event::Delta(d)) => {
                     first.get_or_insert(started.elapsed().as_secs_f64());
@@ -101,15 +116,27 @@ async fn run_async(args: DemoArgs) -> Result<()> {
                     let t = f.timing.unwrap_or_default();
                     let total = started.elapsed().as_secs_f64();
                     println!();
-                    println!("  {} prompt tokens (576 per image), {} new tokens, finish: {}", f.prompt_tokens, f.completion_tokens, f.finish_reason);
-                    println!("  gateway   template + tokenize   {:>8.2} ms", t.tokenize_seconds * 1e3);
+                    println!(
+                        "  {} prompt tokens (576 per image), {} new tokens, finish: {}",
+                        f.prompt_tokens, f.completion_tokens, f.finish_reason
+                    );
+                    println!(
+                        "  gateway   template + tokenize   {:>8.2} ms",
+                        t.tokenize_seconds * 1e3
+                    );
                     println!(
                         "  vision    encode image          {:>8.2} ms  ({})",
                         t.vision_seconds * 1e3,
                         if t.images_cached > 0 { "from the embedding cache" } else { "encoded" }
                     );
-                    println!("  decoder   prefill → 1st token   {:>8.2} ms", t.decoder_first_token_seconds * 1e3);
-                    println!("  client    time to first token   {:>8.2} ms", first.unwrap_or(total) * 1e3);
+                    println!(
+                        "  decoder   prefill → 1st token   {:>8.2} ms",
+                        t.decoder_first_token_seconds * 1e3
+                    );
+                    println!(
+                        "  client    time to first token   {:>8.2} ms",
+                        first.unwrap_or(total) * 1e3
+                    );
                     println!(
                         "  client    total                 {:>8.2} ms  ({:.1} tokens/s after the first)",
                         total * 1e3,

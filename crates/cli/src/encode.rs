@@ -38,8 +38,13 @@ pub fn run(args: EncodeArgs) -> Result<()> {
     let ckpt = args.model.open()?;
     let device = open_device(args.model.device)?;
     let t_load = Instant::now();
-    let encoder = VisionEncoder::load(&ckpt, candle_dtype(args.model.dtype), &device, progress::loading("vision tower", ckpt.weight_bytes()))
-        .with_context(|| format!("cannot load the vision tower of {}", ckpt.source()))?;
+    let encoder = VisionEncoder::load(
+        &ckpt,
+        candle_dtype(args.model.dtype),
+        &device,
+        progress::loading("vision tower", ckpt.weight_bytes()),
+    )
+    .with_context(|| format!("cannot load the vision tower of {}", ckpt.source()))?;
     let load_s = t_load.elapsed().as_secs_f64();
 
     // Preprocess everything first, so a bad image fails before any forward pass.
@@ -58,7 +63,9 @@ pub fn run(args: EncodeArgs) -> Result<()> {
     for chunk in images.chunks(args.batch_size) {
         let refs: Vec<&Preprocessed> = chunk.iter().collect();
         let pixels = encoder.batch_pixels(&refs)?;
-        embedding_batches.push(encoder.forward(&pixels)?.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?);
+        embedding_batches.push(
+            encoder.forward(&pixels)?.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?,
+        );
         pixel_batches.push(pixels.to_device(&candle_core::Device::Cpu)?);
     }
     let enc_s = t_enc.elapsed().as_secs_f64();
@@ -66,10 +73,13 @@ pub fn run(args: EncodeArgs) -> Result<()> {
     let embeddings = Tensor::cat(&embedding_batches, 0)?;
 
     if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
     }
     candle_core::safetensors::save(
-        &[("pixel_values", pixels.clone()), ("embeddings", embeddings.clone())].into_iter().collect(),
+        &[("pixel_values", pixels.clone()), ("embeddings", embeddings.clone())]
+            .into_iter()
+            .collect(),
         &args.out,
     )
     .with_context(|| format!("cannot write {}", args.out.display()))?;

@@ -96,7 +96,8 @@ pub struct GenerateArgs {
 /// Reads `CHAT.json` and resolves image paths against its directory.
 pub fn read_chat(path: &Path) -> Result<Vec<Message>> {
     let text = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut messages: Vec<Message> = serde_json::from_slice(&text).with_context(|| format!("{} is not a conversation", path.display()))?;
+    let mut messages: Vec<Message> = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a conversation", path.display()))?;
     let base = path.parent().unwrap_or(Path::new("."));
     for m in &mut messages {
         for img in &mut m.images {
@@ -109,10 +110,14 @@ pub fn read_chat(path: &Path) -> Result<Vec<Message>> {
 
 /// Tokenizer and image-token count of a checkpoint.
 pub fn load_tokenizer(ckpt: &Checkpoint) -> Result<(ChatTokenizer, usize)> {
-    let bytes = ckpt.read_file("tokenizer.json")?.with_context(|| format!("{} has no tokenizer.json", ckpt.source()))?;
+    let bytes = ckpt
+        .read_file("tokenizer.json")?
+        .with_context(|| format!("{} has no tokenizer.json", ckpt.source()))?;
     let tok = ChatTokenizer::from_bytes(&bytes)?;
     let n = match ckpt.read_file("processor_config.json")? {
-        Some(b) => serde_json::from_slice::<serde_json::Value>(&b)?["num_image_tokens"].as_u64().unwrap_or(576) as usize,
+        Some(b) => serde_json::from_slice::<serde_json::Value>(&b)?["num_image_tokens"]
+            .as_u64()
+            .unwrap_or(576) as usize,
         None => 576,
     };
     Ok((tok, n))
@@ -132,7 +137,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let system = args.system_prompt.as_deref().unwrap_or(DEFAULT_SYSTEM_PROMPT);
     let prompt = tok.encode_prompt(&render_prompt(system, &messages)?, n_image_tokens)?;
     if prompt.ids.len() + 1 > llm_cfg.max_position_embeddings {
-        bail!("the prompt has {} tokens; the model takes at most {} positions", prompt.ids.len(), llm_cfg.max_position_embeddings);
+        bail!(
+            "the prompt has {} tokens; the model takes at most {} positions",
+            prompt.ids.len(),
+            llm_cfg.max_position_embeddings
+        );
     }
 
     let device = open_device(args.model.device)?;
@@ -142,7 +151,12 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let image = if images.is_empty() {
         None
     } else {
-        let enc = VisionEncoder::load(&ckpt, dtype, &device, progress::loading("vision tower", ckpt.weight_bytes()))?;
+        let enc = VisionEncoder::load(
+            &ckpt,
+            dtype,
+            &device,
+            progress::loading("vision tower", ckpt.weight_bytes()),
+        )?;
         ensure!(
             enc.hidden_size() == llm_cfg.hidden_size && enc.num_tokens() == n_image_tokens,
             "vision tower gives {}x{} embeddings but the language model takes {} wide, {} per image",
@@ -152,12 +166,18 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             n_image_tokens
         );
         let pre = Preprocessor::new(enc.preprocess_config().clone(), ImageLimits::default());
-        let pixels: Vec<Preprocessed> =
-            images.iter().map(|p| pre.preprocess_file(Path::new(p)).with_context(|| format!("image {p}"))).collect::<Result<_>>()?;
+        let pixels: Vec<Preprocessed> = images
+            .iter()
+            .map(|p| pre.preprocess_file(Path::new(p)).with_context(|| format!("image {p}")))
+            .collect::<Result<_>>()?;
         let refs: Vec<&Preprocessed> = pixels.iter().collect();
         let emb = enc.forward(&enc.batch_pixels(&refs)?)?;
         let rows = emb.dims()[0] * emb.dims()[1];
-        Some(ImageRows::for_image_tokens(&prompt.ids, tok.special().image, emb.reshape((rows, llm_cfg.hidden_size))?)?)
+        Some(ImageRows::for_image_tokens(
+            &prompt.ids,
+            tok.special().image,
+            emb.reshape((rows, llm_cfg.hidden_size))?,
+        )?)
     };
     let vision_s = t_vision.elapsed().as_secs_f64();
 
@@ -173,13 +193,29 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         collective_timeout: std::time::Duration::from_secs(60),
         tag: tag.clone(),
     };
-    let commands = (1..args.tp).map(|r| worker_command(&args.model, &addr, r, args.tp, &tag)).collect::<Result<Vec<_>>>()?;
-    let mut workers = LocalWorkers::spawn(commands).context("cannot start the tensor-parallel workers")?;
+    let commands = (1..args.tp)
+        .map(|r| worker_command(&args.model, &addr, r, args.tp, &tag))
+        .collect::<Result<Vec<_>>>()?;
+    let mut workers =
+        LocalWorkers::spawn(commands).context("cannot start the tensor-parallel workers")?;
     let t_load = Instant::now();
     let shard = Shard { rank: 0, world: args.tp };
-    let mut runner = lead_group(&listener, &spec, GroupTimeouts::default(), serde_json::json!({}), &device, || {
-        contiguous_kv(DeepSeekLlm::load(&ckpt, dtype, &device, shard, progress::loading("language model", ckpt.weight_bytes()))?)
-    })
+    let mut runner = lead_group(
+        &listener,
+        &spec,
+        GroupTimeouts::default(),
+        serde_json::json!({}),
+        &device,
+        || {
+            contiguous_kv(DeepSeekLlm::load(
+                &ckpt,
+                dtype,
+                &device,
+                shard,
+                progress::loading("language model", ckpt.weight_bytes()),
+            )?)
+        },
+    )
     .context("cannot start the language model group")?;
     let load_s = t_load.elapsed().as_secs_f64();
 
@@ -217,9 +253,13 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             tensors.insert("prompt_logits".to_string(), p.clone());
         }
         if !out.step_logits.is_empty() {
-            tensors.insert("step_logits".to_string(), Tensor::new(out.step_logits.clone(), &candle_core::Device::Cpu)?);
+            tensors.insert(
+                "step_logits".to_string(),
+                Tensor::new(out.step_logits.clone(), &candle_core::Device::Cpu)?,
+            );
         }
-        candle_core::safetensors::save(&tensors, path).with_context(|| format!("cannot write {}", path.display()))?;
+        candle_core::safetensors::save(&tensors, path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     let text = tok.decode(&out.tokens, true)?;
     if args.json {

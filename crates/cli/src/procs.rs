@@ -16,7 +16,11 @@ pub fn sibling_binary(name: &str) -> Result<PathBuf> {
     let me = std::env::current_exe().context("cannot locate the dsvl executable")?;
     let path = me.with_file_name(name);
     if !path.exists() {
-        bail!("{} not found next to {} (build everything with `cargo build --workspace --bins`)", name, me.display());
+        bail!(
+            "{} not found next to {} (build everything with `cargo build --workspace --bins`)",
+            name,
+            me.display()
+        );
     }
     Ok(path)
 }
@@ -69,7 +73,9 @@ impl Service {
                 bail!("{} exited during start-up ({status})", self.name);
             }
             if let Ok(ch) = Channel::from_shared(format!("http://{}", self.addr))?.connect().await {
-                let r = HealthClient::new(ch).check(HealthCheckRequest { service: service.into() }).await;
+                let r = HealthClient::new(ch)
+                    .check(HealthCheckRequest { service: service.into() })
+                    .await;
                 if r.is_ok_and(|r| r.into_inner().status == 1) {
                     return Ok(());
                 }

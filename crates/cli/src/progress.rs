@@ -17,7 +17,12 @@ pub fn loading(what: &'static str, checkpoint_bytes: u64) -> Option<ProgressFn> 
     Some(Arc::new(move |done: u64, total: u64| {
         let decile = done * 10 / total.max(1);
         if decile > last_decile.fetch_max(decile, Ordering::Relaxed) {
-            eprintln!("loading {what}: {:>3}% ({:.2} / {:.2} GB)", decile * 10, done as f64 / 1e9, total as f64 / 1e9);
+            eprintln!(
+                "loading {what}: {:>3}% ({:.2} / {:.2} GB)",
+                decile * 10,
+                done as f64 / 1e9,
+                total as f64 / 1e9
+            );
         }
     }))
 }

@@ -45,12 +45,19 @@ pub fn run(args: UpArgs) -> Result<()> {
         redis: args.redis,
         grpc_addr: args.grpc_addr,
         http_addr: args.http_addr,
-        gateway_args: args.api_keys_file.iter().flat_map(|p| ["--api-keys-file".to_string(), p.display().to_string()]).collect(),
+        gateway_args: args
+            .api_keys_file
+            .iter()
+            .flat_map(|p| ["--api-keys-file".to_string(), p.display().to_string()])
+            .collect(),
     };
     tokio::runtime::Runtime::new()?.block_on(async {
         let mut cluster = Cluster::start(&spec).await?;
         println!("dsvl is up:");
-        println!("  gRPC   {}   (dsvl.v1.Chat; try `dsvl chat --gateway {} --chat CHAT.json`)", cluster.grpc_url, cluster.grpc_url);
+        println!(
+            "  gRPC   {}   (dsvl.v1.Chat; try `dsvl chat --gateway {} --chat CHAT.json`)",
+            cluster.grpc_url, cluster.grpc_url
+        );
         println!("  HTTP   {}/v1/chat/completions   (OpenAI-compatible)", cluster.http_url);
         println!("  health {}/health", cluster.http_url);
         println!("Ctrl-C stops everything.");

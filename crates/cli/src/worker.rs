@@ -36,10 +36,25 @@ pub struct WorkerArgs {
 }
 
 /// The command line that starts rank `rank` of a local group.
-pub fn worker_command(model: &ModelArgs, leader: &str, rank: usize, world: usize, tag: &str) -> Result<Command> {
+pub fn worker_command(
+    model: &ModelArgs,
+    leader: &str,
+    rank: usize,
+    world: usize,
+    tag: &str,
+) -> Result<Command> {
     let exe = std::env::current_exe().context("cannot find the dsvl executable")?;
     let mut c = Command::new(exe);
-    c.arg("rank-worker").args(["--leader", leader, "--rank", &rank.to_string(), "--world-size", &world.to_string(), "--tag", tag]);
+    c.arg("rank-worker").args([
+        "--leader",
+        leader,
+        "--rank",
+        &rank.to_string(),
+        "--world-size",
+        &world.to_string(),
+        "--tag",
+        tag,
+    ]);
     c.arg("--die-with-parent");
     if let Some(m) = &model.model {
         c.arg("--model").arg(m);
@@ -71,7 +86,9 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let device = open_device(args.model.device)?;
     let dtype = candle_dtype(args.model.dtype);
     let shard = Shard { rank: args.rank, world: args.world_size };
-    run_worker(&spec, GroupTimeouts::default(), &device, |_| contiguous_kv(DeepSeekLlm::load(&ckpt, dtype, &device, shard, None)?))
-        .with_context(|| format!("rank {} of {}", args.rank, args.world_size))?;
+    run_worker(&spec, GroupTimeouts::default(), &device, |_| {
+        contiguous_kv(DeepSeekLlm::load(&ckpt, dtype, &device, shard, None)?)
+    })
+    .with_context(|| format!("rank {} of {}", args.rank, args.world_size))?;
     Ok(())
 }

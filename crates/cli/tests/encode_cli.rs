@@ -19,7 +19,8 @@ fn dsvl() -> Command {
 fn encode_writes_golden_embeddings_with_bundled_model() -> Result<()> {
     let out_dir = tempfile::tempdir()?;
     let out = out_dir.path().join("emb.safetensors");
-    let images = [golden_dir().join("rocket.jpg"), golden_dir().join("astronaut_wide_1600x300.png")];
+    let images =
+        [golden_dir().join("rocket.jpg"), golden_dir().join("astronaut_wide_1600x300.png")];
     let output = dsvl().arg("encode").arg("--out").arg(&out).args(&images).output()?;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "stderr: {stderr}");
@@ -30,11 +31,24 @@ fn encode_writes_golden_embeddings_with_bundled_model() -> Result<()> {
     let written = candle_core::safetensors::load(&out, &Device::Cpu)?;
     assert_eq!(written["pixel_values"].dims(), &[2, 3, 1024, 1024]);
     assert_eq!(written["pixel_values"].dtype(), DType::F32);
-    let golden = candle_core::safetensors::load(golden_dir().join("vision.safetensors"), &Device::Cpu)?;
+    let golden =
+        candle_core::safetensors::load(golden_dir().join("vision.safetensors"), &Device::Cpu)?;
     // Image 1 (PNG) is bit-exact in pixels, so its embedding tracks the golden one tightly;
     // image 0 is the JPEG, whose decoder differs by a few levels (see the preprocessing tests).
-    assert_close("png embedding", &written["embeddings"].get(1)?, &golden["aligner_out"].get(1)?, 1e-4, 1e-4)?;
-    assert_close("jpeg embedding", &written["embeddings"].get(0)?, &golden["aligner_out"].get(0)?, 0.05, 0.05)?;
+    assert_close(
+        "png embedding",
+        &written["embeddings"].get(1)?,
+        &golden["aligner_out"].get(1)?,
+        1e-4,
+        1e-4,
+    )?;
+    assert_close(
+        "jpeg embedding",
+        &written["embeddings"].get(0)?,
+        &golden["aligner_out"].get(0)?,
+        0.05,
+        0.05,
+    )?;
 
     // Same numbers as the library on the same pixels.
     let ckpt = Checkpoint::open(&ModelSource::Dir(tiny_model_dir()))?;
@@ -79,9 +93,12 @@ fn encode_bf16() -> Result<()> {
     let out_dir = tempfile::tempdir()?;
     let out = out_dir.path().join("bf16.safetensors");
     let img = golden_dir().join("chelsea.png");
-    let status = dsvl().args(["encode", "--dtype", "bf16", "--out"]).arg(&out).arg(&img).status()?;
+    let status =
+        dsvl().args(["encode", "--dtype", "bf16", "--out"]).arg(&out).arg(&img).status()?;
     assert!(status.success());
-    let t: Tensor = candle_core::safetensors::load(&out, &Device::Cpu)?.remove("embeddings").expect("embeddings");
+    let t: Tensor = candle_core::safetensors::load(&out, &Device::Cpu)?
+        .remove("embeddings")
+        .expect("embeddings");
     assert_eq!(t.dims(), &[1, 576, 128]);
     assert_eq!(t.dtype(), DType::F32, "written as F32 whatever the working dtype");
     Ok(())

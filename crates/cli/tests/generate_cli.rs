@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use dsvl_testkit::{assert_close, child_pids, golden_dir, pid_alive, png_rgb8, repo_root, temp_llama_checkpoint, LlamaLayout};
+use dsvl_testkit::{
+    assert_close, child_pids, golden_dir, pid_alive, png_rgb8, repo_root, temp_llama_checkpoint,
+    LlamaLayout,
+};
 use serde_json::Value;
 
 fn dsvl() -> Command {
@@ -29,7 +32,8 @@ fn write_chat(dir: &Path, conversation: &Value) -> Result<PathBuf> {
     for m in conv.as_array_mut().unwrap() {
         if let Some(images) = m.get_mut("images").and_then(|i| i.as_array_mut()) {
             for img in images {
-                *img = Value::String(golden_dir().join(img.as_str().unwrap()).display().to_string());
+                *img =
+                    Value::String(golden_dir().join(img.as_str().unwrap()).display().to_string());
             }
         }
     }
@@ -40,7 +44,12 @@ fn write_chat(dir: &Path, conversation: &Value) -> Result<PathBuf> {
 
 fn golden_generated(prefix: &str) -> Result<Vec<u64>> {
     let lm = candle_core::safetensors::load(golden_dir().join("lm.safetensors"), &Device::Cpu)?;
-    Ok(lm[&format!("{prefix}.generated_ids")].flatten_all()?.to_vec1::<i64>()?.into_iter().map(|v| v as u64).collect())
+    Ok(lm[&format!("{prefix}.generated_ids")]
+        .flatten_all()?
+        .to_vec1::<i64>()?
+        .into_iter()
+        .map(|v| v as u64)
+        .collect())
 }
 
 /// Logits tolerance of the golden README for a float32 port, also used between TP degrees.
@@ -53,24 +62,46 @@ fn golden_lm() -> Result<HashMap<String, Tensor>> {
 /// `--logits-out` file: `prompt_logits` [T, vocab] and `step_logits` [steps, vocab].
 fn read_logits(path: &Path) -> Result<(Tensor, Tensor)> {
     let mut t = candle_core::safetensors::load(path, &Device::Cpu)?;
-    Ok((t.remove("prompt_logits").context("prompt logits")?, t.remove("step_logits").context("step logits")?))
+    Ok((
+        t.remove("prompt_logits").context("prompt logits")?,
+        t.remove("step_logits").context("step logits")?,
+    ))
 }
 
 /// CLI logits against golden `prefix.logits` ([1, T, vocab]) and `prefix.generated_step_logits`.
 fn check_golden_logits(prefix: &str, prompt: &Tensor, steps: &Tensor) -> Result<()> {
     let lm = golden_lm()?;
-    let d = assert_close(&format!("{prefix} prompt logits vs golden"), &prompt.unsqueeze(0)?, &lm[&format!("{prefix}.logits")], LOGITS_ATOL, 0.0)?;
+    let d = assert_close(
+        &format!("{prefix} prompt logits vs golden"),
+        &prompt.unsqueeze(0)?,
+        &lm[&format!("{prefix}.logits")],
+        LOGITS_ATOL,
+        0.0,
+    )?;
     println!("{prefix}: prompt logits max |diff| vs golden {:.2e}", d.max_abs);
-    let d = assert_close(&format!("{prefix} step logits vs golden"), steps, &lm[&format!("{prefix}.generated_step_logits")], LOGITS_ATOL, 0.0)?;
+    let d = assert_close(
+        &format!("{prefix} step logits vs golden"),
+        steps,
+        &lm[&format!("{prefix}.generated_step_logits")],
+        LOGITS_ATOL,
+        0.0,
+    )?;
     println!("{prefix}: step logits max |diff| vs golden {:.2e}", d.max_abs);
     Ok(())
 }
 
 /// Logits of TP `tp` against those of TP 1.
-fn check_tp_logits(tp: usize, (prompt, steps): &(Tensor, Tensor), (p1, s1): &(Tensor, Tensor)) -> Result<()> {
+fn check_tp_logits(
+    tp: usize,
+    (prompt, steps): &(Tensor, Tensor),
+    (p1, s1): &(Tensor, Tensor),
+) -> Result<()> {
     let d = assert_close(&format!("tp {tp} vs tp 1 prompt logits"), prompt, p1, LOGITS_ATOL, 0.0)?;
     let e = assert_close(&format!("tp {tp} vs tp 1 step logits"), steps, s1, LOGITS_ATOL, 0.0)?;
-    println!("tp {tp}: max |diff| vs tp 1: prompt logits {:.2e}, step logits {:.2e}", d.max_abs, e.max_abs);
+    println!(
+        "tp {tp}: max |diff| vs tp 1: prompt logits {:.2e}, step logits {:.2e}",
+        d.max_abs, e.max_abs
+    );
     Ok(())
 }
 
@@ -78,15 +109,25 @@ fn run_json(chat: &Path, tp: usize, logits: Option<&Path>) -> Result<(Value, Out
     run_json_with(&repo_root().join("assets/tiny-dsvl"), chat, tp, logits)
 }
 
-fn run_json_with(model: &Path, chat: &Path, tp: usize, logits: Option<&Path>) -> Result<(Value, Output)> {
+fn run_json_with(
+    model: &Path,
+    chat: &Path,
+    tp: usize,
+    logits: Option<&Path>,
+) -> Result<(Value, Output)> {
     let mut c = dsvl();
-    c.args(["generate", "--json", "--max-new-tokens", "16", "--tp", &tp.to_string(), "--chat"]).arg(chat);
+    c.args(["generate", "--json", "--max-new-tokens", "16", "--tp", &tp.to_string(), "--chat"])
+        .arg(chat);
     c.arg("--model").arg(model);
     if let Some(l) = logits {
         c.arg("--logits-out").arg(l);
     }
     let out = c.output()?;
-    anyhow::ensure!(out.status.success(), "tp {tp} failed: {}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "tp {tp} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let line = String::from_utf8(out.stdout.clone())?;
     Ok((serde_json::from_str(line.trim())?, out))
 }
@@ -155,9 +196,19 @@ fn image_prompt_golden_ids() -> Result<()> {
                     )?;
                     println!("image (jpeg): prompt logits rows [{from}, {to}) max |diff| vs golden {:.2e}", d.max_abs);
                 }
-                let rows = (prompt.narrow(0, 54, 576)? - expected.narrow(0, 54, 576)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                let rows = (prompt.narrow(0, 54, 576)? - expected.narrow(0, 54, 576)?)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?;
                 println!("image (jpeg): prompt logits image rows max |diff| vs golden {rows:.2e} (JPEG decoder, not compared)");
-                let d = assert_close("image step logits vs golden", steps, &lm["image.generated_step_logits"], LOGITS_ATOL, 0.0)?;
+                let d = assert_close(
+                    "image step logits vs golden",
+                    steps,
+                    &lm["image.generated_step_logits"],
+                    LOGITS_ATOL,
+                    0.0,
+                )?;
                 println!("image (jpeg): step logits max |diff| vs golden {:.2e}", d.max_abs);
                 reference = Some(logits);
             }
@@ -173,10 +224,14 @@ fn image_prompt_golden_ids() -> Result<()> {
 #[test]
 fn image_prompt_logits_match_reference() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let pre = candle_core::safetensors::load(golden_dir().join("preprocess.safetensors"), &Device::Cpu)?;
+    let pre =
+        candle_core::safetensors::load(golden_dir().join("preprocess.safetensors"), &Device::Cpu)?;
     let rgb = &pre["photo_jpeg.decoded_rgb"];
     let (h, w, _) = rgb.dims3()?;
-    std::fs::write(dir.path().join("rocket_reference_decode.png"), png_rgb8(w as u32, h as u32, &rgb.flatten_all()?.to_vec1::<u8>()?))?;
+    std::fs::write(
+        dir.path().join("rocket_reference_decode.png"),
+        png_rgb8(w as u32, h as u32, &rgb.flatten_all()?.to_vec1::<u8>()?),
+    )?;
     let case = golden_case("one_image")?;
     let mut conv = case["conversation"].clone();
     for m in conv.as_array_mut().unwrap() {
@@ -190,8 +245,16 @@ fn image_prompt_logits_match_reference() -> Result<()> {
     let logits_path = dir.path().join("logits.safetensors");
     let (obj, _) = run_json(&chat, 1, Some(&logits_path))?;
     let prompt: Vec<u64> = serde_json::from_value(case["input_ids"].clone())?;
-    assert_eq!(serde_json::from_value::<Vec<u64>>(obj["prompt_token_ids"].clone())?, prompt, "prompt ids");
-    assert_eq!(serde_json::from_value::<Vec<u64>>(obj["generated_token_ids"].clone())?, golden_generated("image")?, "greedy ids");
+    assert_eq!(
+        serde_json::from_value::<Vec<u64>>(obj["prompt_token_ids"].clone())?,
+        prompt,
+        "prompt ids"
+    );
+    assert_eq!(
+        serde_json::from_value::<Vec<u64>>(obj["generated_token_ids"].clone())?,
+        golden_generated("image")?,
+        "greedy ids"
+    );
     let (p, steps) = read_logits(&logits_path)?;
     check_golden_logits("image", &p, &steps)
 }
@@ -224,7 +287,13 @@ fn llama_layout_checkpoint_through_cli() -> Result<()> {
     }
     // A text-only checkpoint refuses a conversation with images, saying why.
     let image_chat = write_chat(dir.path(), &golden_case("one_image")?["conversation"])?;
-    let out = dsvl().arg("generate").arg("--model").arg(model.path()).arg("--chat").arg(&image_chat).output()?;
+    let out = dsvl()
+        .arg("generate")
+        .arg("--model")
+        .arg(model.path())
+        .arg("--chat")
+        .arg(&image_chat)
+        .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("no vision_config"), "{stderr}");
     Ok(())
@@ -261,20 +330,36 @@ fn bad_inputs_fail_fast_with_a_message() -> Result<()> {
         std::fs::write(&p, serde_json::to_vec(&v)?)?;
         Ok(p)
     };
-    let mismatch = write("mismatch.json", serde_json::json!([{"role": "User", "content": "<image_placeholder> hi"}, {"role": "Assistant", "content": ""}]))?;
-    expect_failure(&["--tp", "2"], &mismatch, "1 `<image_placeholder>` placeholder(s) but 0 image(s)")?;
+    let mismatch = write(
+        "mismatch.json",
+        serde_json::json!([{"role": "User", "content": "<image_placeholder> hi"}, {"role": "Assistant", "content": ""}]),
+    )?;
+    expect_failure(
+        &["--tp", "2"],
+        &mismatch,
+        "1 `<image_placeholder>` placeholder(s) but 0 image(s)",
+    )?;
     std::fs::write(dir.path().join("broken.png"), b"\x89PNG\r\n\x1a\nnot really")?;
-    let broken = write("broken.json", serde_json::json!([{"role": "User", "content": "<image_placeholder>x", "images": ["broken.png"]}, {"role": "Assistant", "content": ""}]))?;
+    let broken = write(
+        "broken.json",
+        serde_json::json!([{"role": "User", "content": "<image_placeholder>x", "images": ["broken.png"]}, {"role": "Assistant", "content": ""}]),
+    )?;
     expect_failure(&["--tp", "2"], &broken, "broken.png")?;
     let long_text = "word ".repeat(20_000);
-    let long = write("long.json", serde_json::json!([{"role": "User", "content": long_text}, {"role": "Assistant", "content": ""}]))?;
+    let long = write(
+        "long.json",
+        serde_json::json!([{"role": "User", "content": long_text}, {"role": "Assistant", "content": ""}]),
+    )?;
     expect_failure(&[], &long, "the model takes at most 16384 positions")?;
     let no_tok = dir.path().join("no-tokenizer");
     std::fs::create_dir(&no_tok)?;
     for f in ["config.json", "model.safetensors", "preprocessor_config.json"] {
         std::fs::copy(repo_root().join("assets/tiny-dsvl").join(f), no_tok.join(f))?;
     }
-    let ok = write("ok.json", serde_json::json!([{"role": "User", "content": "hi"}, {"role": "Assistant", "content": ""}]))?;
+    let ok = write(
+        "ok.json",
+        serde_json::json!([{"role": "User", "content": "hi"}, {"role": "Assistant", "content": ""}]),
+    )?;
     expect_failure(&["--model", no_tok.to_str().unwrap()], &ok, "has no tokenizer.json")?;
     expect_failure(&["--tp", "3"], &ok, "tensor parallelism 3")?;
     expect_failure(&["--temperature", "0.5", "--top-p", "0"], &ok, "top_p")?;
@@ -332,7 +417,10 @@ fn killed_worker_fails_the_group_fast() -> Result<()> {
         if let Some(s) = leader.try_wait()? {
             break s;
         }
-        anyhow::ensure!(t.elapsed() < Duration::from_secs(5), "leader still running 5 s after a rank died");
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "leader still running 5 s after a rank died"
+        );
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(!status.success());

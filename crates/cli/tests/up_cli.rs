@@ -17,12 +17,19 @@ fn dsvl() -> Command {
 
 fn golden_chat(dir: &Path, case: &str) -> Result<PathBuf> {
     let chat: Value = serde_json::from_slice(&std::fs::read(golden_dir().join("chat.json"))?)?;
-    let case = chat["cases"].as_array().context("cases")?.iter().find(|c| c["name"] == case).context("case")?;
+    let case = chat["cases"]
+        .as_array()
+        .context("cases")?
+        .iter()
+        .find(|c| c["name"] == case)
+        .context("case")?;
     let mut conv = case["conversation"].clone();
     for m in conv.as_array_mut().context("conversation")? {
         if let Some(images) = m.get_mut("images").and_then(|i| i.as_array_mut()) {
             for img in images {
-                *img = Value::String(golden_dir().join(img.as_str().unwrap_or_default()).display().to_string());
+                *img = Value::String(
+                    golden_dir().join(img.as_str().unwrap_or_default()).display().to_string(),
+                );
             }
         }
     }
@@ -52,7 +59,15 @@ fn json_of(out: &std::process::Output) -> Result<Value> {
 fn up_then_chat_matches_generate_and_ctrl_c_stops_everything() -> Result<()> {
     let (grpc, http) = (free_port(), free_port());
     let mut up = dsvl()
-        .args(["up", "--tp", "2", "--grpc-addr", &format!("127.0.0.1:{grpc}"), "--http-addr", &format!("127.0.0.1:{http}")])
+        .args([
+            "up",
+            "--tp",
+            "2",
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--http-addr",
+            &format!("127.0.0.1:{http}"),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
@@ -65,7 +80,9 @@ fn up_then_chat_matches_generate_and_ctrl_c_stops_everything() -> Result<()> {
     });
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).context("`dsvl up` never said it is up")?;
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .context("`dsvl up` never said it is up")?;
         if line.starts_with("dsvl is up") {
             break;
         }
@@ -76,8 +93,26 @@ fn up_then_chat_matches_generate_and_ctrl_c_stops_everything() -> Result<()> {
     let dir = tempfile::tempdir()?;
     for case in ["one_image", "text_only"] {
         let chat = golden_chat(dir.path(), case)?;
-        let via_gateway = json_of(&dsvl().args(["chat", "--json", "--max-new-tokens", "16", "--gateway", &format!("http://127.0.0.1:{grpc}"), "--chat"]).arg(&chat).output()?)?;
-        let offline = json_of(&dsvl().args(["generate", "--json", "--max-new-tokens", "16", "--chat"]).arg(&chat).output()?)?;
+        let via_gateway = json_of(
+            &dsvl()
+                .args([
+                    "chat",
+                    "--json",
+                    "--max-new-tokens",
+                    "16",
+                    "--gateway",
+                    &format!("http://127.0.0.1:{grpc}"),
+                    "--chat",
+                ])
+                .arg(&chat)
+                .output()?,
+        )?;
+        let offline = json_of(
+            &dsvl()
+                .args(["generate", "--json", "--max-new-tokens", "16", "--chat"])
+                .arg(&chat)
+                .output()?,
+        )?;
         assert_eq!(via_gateway, offline, "{case}: `dsvl chat` prints what `dsvl generate` prints");
     }
 
@@ -95,7 +130,11 @@ fn up_then_chat_matches_generate_and_ctrl_c_stops_everything() -> Result<()> {
     assert!(status.success(), "{status}");
     let deadline = Instant::now() + Duration::from_secs(10);
     while processes.iter().any(|&p| pid_alive(p)) {
-        anyhow::ensure!(Instant::now() < deadline, "left behind: {:?}", processes.iter().filter(|&&p| pid_alive(p)).collect::<Vec<_>>());
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "left behind: {:?}",
+            processes.iter().filter(|&&p| pid_alive(p)).collect::<Vec<_>>()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
@@ -120,12 +159,23 @@ fn a_cuda_device_in_a_cpu_build_is_a_clear_error() -> Result<()> {
     // say why (never hang waiting for health, never panic), leaving no process behind.
     let t = Instant::now();
     let out = dsvl()
-        .args(["up", "--device", "cuda:0", "--grpc-addr", &format!("127.0.0.1:{}", free_port()), "--http-addr", &format!("127.0.0.1:{}", free_port())])
+        .args([
+            "up",
+            "--device",
+            "cuda:0",
+            "--grpc-addr",
+            &format!("127.0.0.1:{}", free_port()),
+            "--http-addr",
+            &format!("127.0.0.1:{}", free_port()),
+        ])
         .env("DSVL_QUIET_BUNDLED", "1")
         .stdin(Stdio::null())
         .output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    anyhow::ensure!(!out.status.success(), "dsvl up --device cuda:0 succeeded without CUDA: {stderr}");
+    anyhow::ensure!(
+        !out.status.success(),
+        "dsvl up --device cuda:0 succeeded without CUDA: {stderr}"
+    );
     anyhow::ensure!(stderr.contains("without CUDA support"), "the error says why: {stderr}");
     anyhow::ensure!(!stderr.contains("panicked"), "no panic: {stderr}");
     anyhow::ensure!(t.elapsed() < Duration::from_secs(60), "failed fast ({:?})", t.elapsed());

@@ -74,9 +74,15 @@ mod tests {
         assert!(base.starts_with(KEY_PREFIX) && base.len() == KEY_PREFIX.len() + 64);
         assert_ne!(base, embedding_key(&parts(b"t2", b"img")));
         assert_ne!(base, embedding_key(&parts(b"t1", b"img2")));
-        assert_ne!(base, embedding_key(&KeyParts { model_fingerprint: "fp2", ..parts(b"t1", b"img") }));
+        assert_ne!(
+            base,
+            embedding_key(&KeyParts { model_fingerprint: "fp2", ..parts(b"t1", b"img") })
+        );
         assert_ne!(base, embedding_key(&KeyParts { dtype: "f32", ..parts(b"t1", b"img") }));
-        assert_ne!(base, embedding_key(&KeyParts { preprocess_version: 2, ..parts(b"t1", b"img") }));
+        assert_ne!(
+            base,
+            embedding_key(&KeyParts { preprocess_version: 2, ..parts(b"t1", b"img") })
+        );
         assert_eq!(base, embedding_key(&parts(b"t1", b"img")));
     }
 

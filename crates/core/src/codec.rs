@@ -89,7 +89,11 @@ pub enum CodecError {
 /// When the payload length does not match the shape and dtype (a caller bug).
 pub fn encode(header: &EmbeddingHeader, payload: &[u8]) -> Vec<u8> {
     let elems: usize = header.shape.iter().map(|&d| d as usize).product();
-    assert_eq!(elems * header.dtype.size(), payload.len(), "payload does not match shape and dtype");
+    assert_eq!(
+        elems * header.dtype.size(),
+        payload.len(),
+        "payload does not match shape and dtype"
+    );
     let fp = header.model_fingerprint.as_bytes();
     let mut out = Vec::with_capacity(64 + fp.len() + 4 * header.shape.len() + payload.len());
     out.extend_from_slice(MAGIC);
@@ -139,19 +143,28 @@ pub fn decode(value: &[u8]) -> Result<(EmbeddingHeader, &[u8]), CodecError> {
         return Err(CodecError::Format(format!("version {version}")));
     }
     let dtype = r.take(1, "dtype")?[0];
-    let dtype = EmbeddingDType::from_code(dtype).ok_or_else(|| CodecError::Format(format!("dtype code {dtype}")))?;
+    let dtype = EmbeddingDType::from_code(dtype)
+        .ok_or_else(|| CodecError::Format(format!("dtype code {dtype}")))?;
     let ndim = r.take(1, "rank")?[0] as usize;
     let shape: Vec<u32> = (0..ndim)
         .map(|_| r.take(4, "shape").map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes"))))
         .collect::<Result<_, _>>()?;
-    let fp_len = u16::from_le_bytes(r.take(2, "fingerprint length")?.try_into().expect("2 bytes")) as usize;
-    let fp = std::str::from_utf8(r.take(fp_len, "fingerprint")?).map_err(|_| CodecError::Format("fingerprint is not UTF-8".into()))?;
+    let fp_len =
+        u16::from_le_bytes(r.take(2, "fingerprint length")?.try_into().expect("2 bytes")) as usize;
+    let fp = std::str::from_utf8(r.take(fp_len, "fingerprint")?)
+        .map_err(|_| CodecError::Format("fingerprint is not UTF-8".into()))?;
     let len = u64::from_le_bytes(r.take(8, "payload length")?.try_into().expect("8 bytes"));
     let header = &value[..value.len() - r.0.len()];
     let sum: [u8; 32] = r.take(32, "checksum")?.try_into().expect("32 bytes");
-    let elems = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(u64::from(d))).ok_or_else(|| CodecError::Format("shape overflows".into()))?;
+    let elems = shape
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(u64::from(d)))
+        .ok_or_else(|| CodecError::Format("shape overflows".into()))?;
     if elems.checked_mul(dtype.size() as u64) != Some(len) {
-        return Err(CodecError::Format(format!("payload of {len} bytes for shape {shape:?} {}", dtype.name())));
+        return Err(CodecError::Format(format!(
+            "payload of {len} bytes for shape {shape:?} {}",
+            dtype.name()
+        )));
     }
     let payload = r.take(len as usize, "payload")?;
     if !r.0.is_empty() {
@@ -168,7 +181,11 @@ mod tests {
     use super::*;
 
     fn sample() -> (EmbeddingHeader, Vec<u8>) {
-        let h = EmbeddingHeader { dtype: EmbeddingDType::BF16, shape: vec![3, 4], model_fingerprint: "abc".into() };
+        let h = EmbeddingHeader {
+            dtype: EmbeddingDType::BF16,
+            shape: vec![3, 4],
+            model_fingerprint: "abc".into(),
+        };
         (h, (0..24).collect())
     }
 

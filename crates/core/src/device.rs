@@ -29,7 +29,8 @@ impl FromStr for DeviceSpec {
     type Err = ParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ParseError { what: "device", value: s.to_string(), expected: "cpu, cuda or cuda:N" };
+        let err =
+            || ParseError { what: "device", value: s.to_string(), expected: "cpu, cuda or cuda:N" };
         match s.trim().to_ascii_lowercase().as_str() {
             "cpu" => Ok(Self::Cpu),
             "cuda" | "gpu" => Ok(Self::Cuda(0)),
@@ -89,7 +90,11 @@ impl FromStr for WeightDType {
             "f32" | "float32" | "fp32" => Ok(Self::F32),
             "f16" | "float16" | "fp16" | "half" => Ok(Self::F16),
             "bf16" | "bfloat16" => Ok(Self::BF16),
-            _ => Err(ParseError { what: "dtype", value: s.to_string(), expected: "f32, f16 or bf16" }),
+            _ => Err(ParseError {
+                what: "dtype",
+                value: s.to_string(),
+                expected: "f32, f16 or bf16",
+            }),
         }
     }
 }

@@ -10,9 +10,9 @@
 
 pub mod cache_key;
 pub mod codec;
-pub mod watchdog;
 mod device;
 mod limits;
+pub mod watchdog;
 
 pub use device::{DeviceSpec, ParseError, WeightDType};
 pub use limits::ImageLimits;

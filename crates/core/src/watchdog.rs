@@ -66,5 +66,4 @@ mod tests {
         }
         assert_eq!(w.busy_for(), None, "the guard ends the unit");
     }
-
 }

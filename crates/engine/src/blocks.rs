@@ -18,7 +18,12 @@ impl BlockManager {
     /// `num_blocks` blocks of `block_size` token slots.
     pub fn new(num_blocks: usize, block_size: usize) -> Self {
         // Pop from the end: hand out low block ids first (stable, easy to read in traces).
-        Self { block_size, total: num_blocks, free: (0..num_blocks as u32).rev().collect(), tables: HashMap::new() }
+        Self {
+            block_size,
+            total: num_blocks,
+            free: (0..num_blocks as u32).rev().collect(),
+            tables: HashMap::new(),
+        }
     }
 
     /// Token slots per block.

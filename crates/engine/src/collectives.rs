@@ -29,7 +29,11 @@ pub const NCCL_ID_KEY: &str = "nccl_id";
 ///
 /// # Errors
 /// The NCCL library could not produce an id.
-pub fn prepare_welcome(device: &Device, world_size: usize, extra: &mut serde_json::Value) -> Result<(), ModelError> {
+pub fn prepare_welcome(
+    device: &Device,
+    world_size: usize,
+    extra: &mut serde_json::Value,
+) -> Result<(), ModelError> {
     if uses_nccl(device, world_size) {
         #[cfg(feature = "nccl")]
         {
@@ -78,7 +82,12 @@ pub fn communicator(
 }
 
 #[cfg(feature = "nccl")]
-fn nccl(device: &Device, rank: usize, world: usize, extra: &serde_json::Value) -> Result<Box<dyn Communicator>, ModelError> {
+fn nccl(
+    device: &Device,
+    rank: usize,
+    world: usize,
+    extra: &serde_json::Value,
+) -> Result<Box<dyn Communicator>, ModelError> {
     let id: Vec<u8> = serde_json::from_value(extra.get(NCCL_ID_KEY).cloned().unwrap_or_default()).map_err(|_| {
         ModelError::Comm(dsvl_parallel::CommError::Rendezvous(format!(
             "the leader's welcome has no `{NCCL_ID_KEY}`: every rank of a GPU group must be built with the same features"
@@ -89,7 +98,12 @@ fn nccl(device: &Device, rank: usize, world: usize, extra: &serde_json::Value) -
 }
 
 #[cfg(not(feature = "nccl"))]
-fn nccl(_: &Device, _: usize, _: usize, _: &serde_json::Value) -> Result<Box<dyn Communicator>, ModelError> {
+fn nccl(
+    _: &Device,
+    _: usize,
+    _: usize,
+    _: &serde_json::Value,
+) -> Result<Box<dyn Communicator>, ModelError> {
     unreachable!("uses_nccl is false without the `nccl` feature")
 }
 
@@ -103,7 +117,9 @@ mod tests {
         prepare_welcome(&Device::Cpu, 4, &mut extra).unwrap();
         assert_eq!(extra, serde_json::json!({"kv": 1}), "no NCCL id for CPU ranks");
         assert!(!uses_nccl(&Device::Cpu, 4));
-        let single = communicator(&Device::Cpu, &Arc::new(LinkSet::Single), Duration::from_secs(1), &extra).unwrap();
+        let single =
+            communicator(&Device::Cpu, &Arc::new(LinkSet::Single), Duration::from_secs(1), &extra)
+                .unwrap();
         assert_eq!((single.rank(), single.world_size()), (0, 1));
     }
 }

@@ -75,7 +75,11 @@ pub fn spawn_engine(
     watchdog: Arc<Watchdog>,
 ) -> Result<(EngineHandle, JoinHandle<Result<(), ModelError>>), ModelError> {
     let (tx, rx) = std::sync::mpsc::channel::<NewRequest>();
-    let shared = Arc::new(Shared { load: Mutex::new(LoadReport::default()), alive: AtomicBool::new(true), stop: AtomicBool::new(false) });
+    let shared = Arc::new(Shared {
+        load: Mutex::new(LoadReport::default()),
+        alive: AtomicBool::new(true),
+        stop: AtomicBool::new(false),
+    });
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), ModelError>>();
     let thread_shared = shared.clone();
     let join = std::thread::Builder::new()
@@ -114,7 +118,13 @@ pub fn spawn_engine(
     }
 }
 
-fn engine_loop(runner: &mut ShardRunner, sched: &mut Scheduler, rx: &Receiver<NewRequest>, shared: &Shared, watchdog: &Watchdog) -> Result<(), ModelError> {
+fn engine_loop(
+    runner: &mut ShardRunner,
+    sched: &mut Scheduler,
+    rx: &Receiver<NewRequest>,
+    shared: &Shared,
+    watchdog: &Watchdog,
+) -> Result<(), ModelError> {
     let mut rate = 0.0f64;
     loop {
         if !sched.has_work() {
@@ -125,7 +135,10 @@ fn engine_loop(runner: &mut ShardRunner, sched: &mut Scheduler, rx: &Receiver<Ne
                         return Ok(());
                     }
                     if let Some(rank) = runner.links().dead_peer() {
-                        return Err(ModelError::Comm(dsvl_parallel::CommError::Disconnected { rank, op: "idle liveness check" }));
+                        return Err(ModelError::Comm(dsvl_parallel::CommError::Disconnected {
+                            rank,
+                            op: "idle liveness check",
+                        }));
                     }
                     continue;
                 }
@@ -150,8 +163,10 @@ fn engine_loop(runner: &mut ShardRunner, sched: &mut Scheduler, rx: &Receiver<Ne
         metrics::gauge!("dsvl_decoder_running").set(occ.running as f64);
         metrics::gauge!("dsvl_decoder_kv_blocks_used").set(occ.blocks_used as f64);
         metrics::gauge!("dsvl_decoder_kv_blocks_total").set(occ.blocks_total as f64);
-        metrics::gauge!("dsvl_decoder_kv_usage_ratio").set(occ.blocks_used as f64 / occ.blocks_total.max(1) as f64);
+        metrics::gauge!("dsvl_decoder_kv_usage_ratio")
+            .set(occ.blocks_used as f64 / occ.blocks_total.max(1) as f64);
         metrics::gauge!("dsvl_decoder_tokens_per_second").set(rate);
-        *shared.load.lock().expect("load lock poisoned. This is a bug.") = LoadReport { occupancy: occ, tokens_per_second: rate };
+        *shared.load.lock().expect("load lock poisoned. This is a bug.") =
+            LoadReport { occupancy: occ, tokens_per_second: rate };
     }
 }

@@ -80,17 +80,35 @@ pub fn generate(
     result
 }
 
-fn run(exec: &mut dyn StepExecutor, req: &GenerationRequest, seq: SeqId, on_token: &mut dyn FnMut(u32) -> bool) -> Result<GenerationOutput, ModelError> {
+fn run(
+    exec: &mut dyn StepExecutor,
+    req: &GenerationRequest,
+    seq: SeqId,
+    on_token: &mut dyn FnMut(u32) -> bool,
+) -> Result<GenerationOutput, ModelError> {
     let mut rng = Rng::new(req.params.seed);
-    let mut out = GenerationOutput { tokens: Vec::new(), finish: FinishReason::Length, prompt_logits: None, step_logits: Vec::new() };
+    let mut out = GenerationOutput {
+        tokens: Vec::new(),
+        finish: FinishReason::Length,
+        prompt_logits: None,
+        step_logits: Vec::new(),
+    };
     let mut plan = StepPlan {
-        chunks: vec![SeqChunk { seq, tokens: req.prompt.clone(), start: 0, all_logits: req.keep_logits, blocks: Vec::new() }],
+        chunks: vec![SeqChunk {
+            seq,
+            tokens: req.prompt.clone(),
+            start: 0,
+            all_logits: req.keep_logits,
+            blocks: Vec::new(),
+        }],
         free: Vec::new(),
         image: req.image.clone(),
     };
     let mut pos = req.prompt.len();
     while out.tokens.len() < req.max_new_tokens {
-        let logits = exec.step(&plan)?.ok_or_else(|| ModelError::InvalidInput("step returned no logits".into()))?;
+        let logits = exec
+            .step(&plan)?
+            .ok_or_else(|| ModelError::InvalidInput("step returned no logits".into()))?;
         if req.keep_logits && out.prompt_logits.is_none() {
             out.prompt_logits = Some(logits.clone());
         }
@@ -110,7 +128,13 @@ fn run(exec: &mut dyn StepExecutor, req: &GenerationRequest, seq: SeqId, on_toke
             break;
         }
         plan = StepPlan {
-            chunks: vec![SeqChunk { seq, tokens: vec![token], start: pos, all_logits: false, blocks: Vec::new() }],
+            chunks: vec![SeqChunk {
+                seq,
+                tokens: vec![token],
+                start: pos,
+                all_logits: false,
+                blocks: Vec::new(),
+            }],
             free: Vec::new(),
             image: None,
         };

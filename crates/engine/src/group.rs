@@ -109,7 +109,11 @@ pub struct GroupTimeouts {
 
 impl Default for GroupTimeouts {
     fn default() -> Self {
-        Self { rendezvous: Duration::from_secs(120), load: Duration::from_secs(1800), collective: Duration::from_secs(30) }
+        Self {
+            rendezvous: Duration::from_secs(120),
+            load: Duration::from_secs(1800),
+            collective: Duration::from_secs(30),
+        }
     }
 }
 
@@ -138,12 +142,15 @@ pub fn lead_group(
             w.expect("ready", "waiting for the worker to load its shard", Some(timeouts.load))?;
         }
     }
-    let comm = collectives::communicator(device, &links, timeouts.collective, &extra).inspect_err(|_| links.shutdown())?;
+    let comm = collectives::communicator(device, &links, timeouts.collective, &extra)
+        .inspect_err(|_| links.shutdown())?;
     Ok(ShardRunner::with_communicator(model, kv, links, comm))
 }
 
 /// A [`lead_group`] loader for the simple contiguous KV store (`dsvl generate`).
-pub fn contiguous_kv(model: DeepSeekLlm) -> Result<(DeepSeekLlm, Box<dyn KvStore + Send>), ModelError> {
+pub fn contiguous_kv(
+    model: DeepSeekLlm,
+) -> Result<(DeepSeekLlm, Box<dyn KvStore + Send>), ModelError> {
     Ok((model, Box::new(ContiguousKv::new())))
 }
 
@@ -158,11 +165,16 @@ pub fn run_worker(
 ) -> Result<(), ModelError> {
     let (links, extra) = rendezvous::join(spec)?;
     let links = Arc::new(links);
-    let LinkSet::Worker { leader, .. } = &*links else { unreachable!("join returns a worker link set") };
+    let LinkSet::Worker { leader, .. } = &*links else {
+        unreachable!("join returns a worker link set")
+    };
     let (model, kv) = match load(&extra) {
         Ok(m) => m,
         Err(e) => {
-            let _ = leader.send(&Message::new(json!({"kind": "error", "reason": e.to_string()})), "report load failure");
+            let _ = leader.send(
+                &Message::new(json!({"kind": "error", "reason": e.to_string()})),
+                "report load failure",
+            );
             return Err(e);
         }
     };

@@ -13,4 +13,4 @@ pub mod sampler;
 pub mod scheduler;
 
 pub use generate::{generate, FinishReason, GenerationOutput, GenerationRequest, StepExecutor};
-pub use sampler::{SamplingParams, Rng};
+pub use sampler::{Rng, SamplingParams};

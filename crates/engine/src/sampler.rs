@@ -102,7 +102,11 @@ pub fn sample(logits: &[f32], params: &SamplingParams, generated: &[u32], rng: &
             // HF gathers then scatters: a repeated token is penalised once.
             if seen.insert(t) {
                 if let Some(s) = scores.get_mut(t as usize) {
-                    *s = if *s < 0.0 { *s * params.repetition_penalty } else { *s / params.repetition_penalty };
+                    *s = if *s < 0.0 {
+                        *s * params.repetition_penalty
+                    } else {
+                        *s / params.repetition_penalty
+                    };
                 }
             }
         }
@@ -161,7 +165,13 @@ mod tests {
     #[test]
     fn seeded_sampling_is_reproducible_and_varies_with_seed() {
         let logits: Vec<f32> = (0..100).map(|i| (i as f32 * 0.37).sin()).collect();
-        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, repetition_penalty: 1.0, seed: 7 };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 7,
+        };
         let run = |seed| {
             let mut rng = Rng::new(seed);
             (0..20).map(|_| sample(&logits, &p, &[], &mut rng)).collect::<Vec<_>>()
@@ -173,7 +183,13 @@ mod tests {
     #[test]
     fn top_k_one_is_greedy() {
         let logits = [0.5, 2.0, 1.0, 1.9];
-        let p = SamplingParams { temperature: 0.7, top_k: 1, top_p: 1.0, repetition_penalty: 1.0, seed: 1 };
+        let p = SamplingParams {
+            temperature: 0.7,
+            top_k: 1,
+            top_p: 1.0,
+            repetition_penalty: 1.0,
+            seed: 1,
+        };
         let mut rng = Rng::new(3);
         assert!((0..50).all(|_| sample(&logits, &p, &[], &mut rng) == 1));
     }
@@ -182,7 +198,13 @@ mod tests {
     fn top_p_keeps_the_nucleus() {
         // Probabilities ~ [0.64, 0.24, 0.09, 0.03]: top_p 0.7 keeps the first two only.
         let logits = [3.0f32, 2.0, 1.0, 0.0];
-        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.7, repetition_penalty: 1.0, seed: 1 };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.7,
+            repetition_penalty: 1.0,
+            seed: 1,
+        };
         let mut rng = Rng::new(11);
         let picks: Vec<u32> = (0..400).map(|_| sample(&logits, &p, &[], &mut rng)).collect();
         assert!(picks.iter().all(|&t| t < 2), "only tokens 0 and 1 may be drawn");
@@ -194,7 +216,13 @@ mod tests {
         // Token 0 (positive logit) is divided, token 1 (negative) multiplied; with top_k 1 the
         // penalised best token loses to the runner-up.
         let logits = [2.0f32, -1.0, 1.5];
-        let p = SamplingParams { temperature: 1.0, top_k: 1, top_p: 1.0, repetition_penalty: 2.0, seed: 0 };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 1,
+            top_p: 1.0,
+            repetition_penalty: 2.0,
+            seed: 0,
+        };
         let mut rng = Rng::new(0);
         assert_eq!(sample(&logits, &p, &[0, 0], &mut rng), 2);
         assert_eq!(sample(&logits, &p, &[], &mut rng), 0);

@@ -149,7 +149,15 @@ fn log_softmax_at(row: &[f32], i: usize) -> f32 {
 impl Scheduler {
     /// A scheduler over `blocks`.
     pub fn new(cfg: SchedulerConfig, blocks: BlockManager) -> Self {
-        Self { cfg, blocks, waiting: VecDeque::new(), running: Vec::new(), next_id: 1, to_free: Vec::new(), preemptions: 0 }
+        Self {
+            cfg,
+            blocks,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 1,
+            to_free: Vec::new(),
+            preemptions: 0,
+        }
     }
 
     /// Queues a request, or fails it at once when it can never run.
@@ -158,9 +166,17 @@ impl Scheduler {
         let problem = if req.prompt.is_empty() {
             Some("empty prompt".to_string())
         } else if need > self.cfg.max_positions {
-            Some(format!("the prompt has {} tokens; the model takes at most {} positions", req.prompt.len(), self.cfg.max_positions))
+            Some(format!(
+                "the prompt has {} tokens; the model takes at most {} positions",
+                req.prompt.len(),
+                self.cfg.max_positions
+            ))
         } else if self.blocks.blocks_for(need) > self.blocks.total() {
-            Some(format!("the prompt needs {} KV blocks; the cache has {}", self.blocks.blocks_for(need), self.blocks.total()))
+            Some(format!(
+                "the prompt needs {} KV blocks; the cache has {}",
+                self.blocks.blocks_for(need),
+                self.blocks.total()
+            ))
         } else {
             None
         };
@@ -171,7 +187,17 @@ impl Scheduler {
         let id = self.next_id;
         self.next_id += 1;
         let rng = Rng::new(req.params.seed);
-        self.waiting.push_back(Seq { id, req, generated: Vec::new(), rng, cached: 0, arrived: Instant::now(), admitted: None, first_token: None, last_token: None });
+        self.waiting.push_back(Seq {
+            id,
+            req,
+            generated: Vec::new(),
+            rng,
+            cached: 0,
+            arrived: Instant::now(),
+            admitted: None,
+            first_token: None,
+            last_token: None,
+        });
     }
 
     /// Whether anything is queued or running (or blocks wait to be freed on the workers).
@@ -253,7 +279,8 @@ impl Scheduler {
         let mut preempted = false;
         let mut i = 0;
         while i < self.running.len() {
-            let (id, need) = (self.running[i].id, self.running[i].cached.max(self.running[i].tokens()) + 1);
+            let (id, need) =
+                (self.running[i].id, self.running[i].cached.max(self.running[i].tokens()) + 1);
             if self.blocks.grow(id, need) {
                 i += 1;
                 continue;
@@ -269,7 +296,8 @@ impl Scheduler {
         }
 
         // Admit in arrival order (not while preempting: that would only thrash).
-        let mut batched: usize = self.running.iter().map(|s| if s.cached == 0 { s.tokens() } else { 1 }).sum();
+        let mut batched: usize =
+            self.running.iter().map(|s| if s.cached == 0 { s.tokens() } else { 1 }).sum();
         while !preempted && self.running.len() < self.cfg.max_num_seqs {
             let Some(front) = self.waiting.front() else { break };
             let need = front.tokens();
@@ -282,7 +310,8 @@ impl Scheduler {
             let mut s = self.waiting.pop_front().expect("front exists");
             if s.admitted.is_none() {
                 s.admitted = Some(now);
-                metrics::histogram!("dsvl_decoder_queue_seconds").record(now.duration_since(s.arrived).as_secs_f64());
+                metrics::histogram!("dsvl_decoder_queue_seconds")
+                    .record(now.duration_since(s.arrived).as_secs_f64());
             }
             batched += need;
             self.running.push(s);
@@ -301,10 +330,22 @@ impl Scheduler {
                 }
                 let mut tokens = s.req.prompt.clone();
                 tokens.extend_from_slice(&s.generated);
-                SeqChunk { seq: s.id, tokens, start: 0, all_logits: false, blocks: self.blocks.table(s.id).to_vec() }
+                SeqChunk {
+                    seq: s.id,
+                    tokens,
+                    start: 0,
+                    all_logits: false,
+                    blocks: self.blocks.table(s.id).to_vec(),
+                }
             } else {
                 let last = *s.generated.last().expect("a cached sequence has generated a token");
-                SeqChunk { seq: s.id, tokens: vec![last], start: s.cached, all_logits: false, blocks: self.blocks.table(s.id).to_vec() }
+                SeqChunk {
+                    seq: s.id,
+                    tokens: vec![last],
+                    start: s.cached,
+                    all_logits: false,
+                    blocks: self.blocks.table(s.id).to_vec(),
+                }
             };
             offset += chunk.tokens.len() as u32;
             chunks.push(chunk);
@@ -312,7 +353,14 @@ impl Scheduler {
         let image = if rows.is_empty() {
             None
         } else {
-            Some(ImageRows { positions, rows: if rows.len() == 1 { rows.pop().expect("one") } else { Tensor::cat(&rows, 0)? } })
+            Some(ImageRows {
+                positions,
+                rows: if rows.len() == 1 {
+                    rows.pop().expect("one")
+                } else {
+                    Tensor::cat(&rows, 0)?
+                },
+            })
         };
         let plan = StepPlan { chunks, free: std::mem::take(&mut self.to_free), image };
         if plan.chunks.is_empty() {
@@ -321,7 +369,9 @@ impl Scheduler {
             }
             return Ok(());
         }
-        let logits = exec.step(&plan)?.ok_or_else(|| ModelError::InvalidInput("the step returned no logits".into()))?;
+        let logits = exec
+            .step(&plan)?
+            .ok_or_else(|| ModelError::InvalidInput("the step returned no logits".into()))?;
         let logits: Vec<Vec<f32>> = logits.to_vec2()?;
 
         let now = Instant::now();
@@ -334,15 +384,19 @@ impl Scheduler {
             match s.last_token {
                 None => {
                     s.first_token = Some(now);
-                    metrics::histogram!("dsvl_decoder_time_to_first_token_seconds").record(now.duration_since(s.arrived).as_secs_f64());
+                    metrics::histogram!("dsvl_decoder_time_to_first_token_seconds")
+                        .record(now.duration_since(s.arrived).as_secs_f64());
                 }
-                Some(prev) => metrics::histogram!("dsvl_decoder_inter_token_latency_seconds").record(now.duration_since(prev).as_secs_f64()),
+                Some(prev) => metrics::histogram!("dsvl_decoder_inter_token_latency_seconds")
+                    .record(now.duration_since(prev).as_secs_f64()),
             }
             s.last_token = Some(now);
             let _ = s.req.events.send(Event::Token { id: token, logprob });
             let reason = if s.req.stop_ids.contains(&token) {
                 Some(FinishReason::Stop)
-            } else if s.generated.len() >= s.req.max_new_tokens || s.cached + 1 >= self.cfg.max_positions {
+            } else if s.generated.len() >= s.req.max_new_tokens
+                || s.cached + 1 >= self.cfg.max_positions
+            {
                 Some(FinishReason::Length)
             } else {
                 None
@@ -351,17 +405,24 @@ impl Scheduler {
                 let usage = Usage {
                     prompt_tokens: s.req.prompt.len(),
                     completion_tokens: s.generated.len(),
-                    queue_seconds: s.admitted.map_or(0.0, |a| a.duration_since(s.arrived).as_secs_f64()),
-                    time_to_first_token_seconds: s.first_token.map_or(0.0, |f| f.duration_since(s.arrived).as_secs_f64()),
+                    queue_seconds: s
+                        .admitted
+                        .map_or(0.0, |a| a.duration_since(s.arrived).as_secs_f64()),
+                    time_to_first_token_seconds: s
+                        .first_token
+                        .map_or(0.0, |f| f.duration_since(s.arrived).as_secs_f64()),
                 };
                 let _ = s.req.events.send(Event::Finished { reason, usage });
                 metrics::counter!("dsvl_decoder_requests_total", "outcome" => "ok").increment(1);
                 finished.push(s.id);
             }
         }
-        metrics::counter!("dsvl_decoder_generated_tokens_total").increment(plan.chunks.len() as u64);
+        metrics::counter!("dsvl_decoder_generated_tokens_total")
+            .increment(plan.chunks.len() as u64);
         if !finished.is_empty() {
-            let (done, keep): (Vec<Seq>, Vec<Seq>) = std::mem::take(&mut self.running).into_iter().partition(|s| finished.contains(&s.id));
+            let (done, keep): (Vec<Seq>, Vec<Seq>) = std::mem::take(&mut self.running)
+                .into_iter()
+                .partition(|s| finished.contains(&s.id));
             self.running = keep;
             for s in &done {
                 self.drop_seq(s);

@@ -34,8 +34,12 @@ fn check_layout(ckpt: &Checkpoint) -> Result<()> {
     let cfg = LlmConfig::from_checkpoint(ckpt)?;
     assert_eq!(cfg.prefix, "");
     assert_eq!(cfg, LlmConfig { prefix: String::new(), ..vl_cfg });
-    let mut expected: Vec<String> =
-        vl.tensor_names().iter().filter_map(|n| n.strip_prefix("language_model.")).map(str::to_string).collect();
+    let mut expected: Vec<String> = vl
+        .tensor_names()
+        .iter()
+        .filter_map(|n| n.strip_prefix("language_model."))
+        .map(str::to_string)
+        .collect();
     expected.push("model.layers.0.self_attn.rotary_emb.inv_freq".into());
     expected.sort();
     assert_eq!(ckpt.tensor_names(), expected);
@@ -47,8 +51,10 @@ fn tokenizer(ckpt: &Checkpoint) -> Result<ChatTokenizer> {
 }
 
 fn case_ids(tok: &ChatTokenizer, name: &str) -> Result<Vec<u32>> {
-    let chat: serde_json::Value = serde_json::from_slice(&std::fs::read(golden_dir().join("chat.json"))?)?;
-    let case = chat["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).context("case")?;
+    let chat: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(golden_dir().join("chat.json"))?)?;
+    let case =
+        chat["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).context("case")?;
     let messages: Vec<Message> = serde_json::from_value(case["conversation"].clone())?;
     let prompt = render_prompt(case["system_prompt"].as_str().unwrap(), &messages)?;
     Ok(tok.encode_prompt(&prompt, 576)?.ids)
@@ -66,7 +72,8 @@ fn golden_ids(t: &Tensor) -> Result<Vec<u32>> {
 /// (a DeepSeek LLM checkpoint has none): golden photo_jpeg pixels through our encoder.
 fn image_rows() -> Result<Tensor> {
     let vl = Checkpoint::open(&ModelSource::Dir(tiny_model_dir()))?;
-    let pre = candle_core::safetensors::load(golden_dir().join("preprocess.safetensors"), &Device::Cpu)?;
+    let pre =
+        candle_core::safetensors::load(golden_dir().join("preprocess.safetensors"), &Device::Cpu)?;
     let u8s = pre["photo_jpeg.pixel_values_u8"].flatten_all()?.to_dtype(DType::U32)?;
     let pixels = pre["rescale_lut"].index_select(&u8s, 0)?.reshape((1, 3, 1024, 1024))?;
     let enc = VisionEncoder::load(&vl, DType::F32, &Device::Cpu, None)?;
@@ -81,11 +88,18 @@ fn check_against_golden(ckpt: &Checkpoint, prefix: &str, image: Option<Tensor>) 
     let ids = case_ids(&tok, if image.is_some() { "one_image" } else { "text_only" })?;
     assert_eq!(ids, golden_ids(&lm[&format!("{prefix}.input_ids")])?, "prompt ids");
     let model = DeepSeekLlm::load(ckpt, DType::F32, &Device::Cpu, Shard::SINGLE, None)?;
-    let mut runner = ShardRunner::new(model, Box::new(ContiguousKv::new()), Arc::new(LinkSet::Single), std::time::Duration::from_secs(5));
+    let mut runner = ShardRunner::new(
+        model,
+        Box::new(ContiguousKv::new()),
+        Arc::new(LinkSet::Single),
+        std::time::Duration::from_secs(5),
+    );
     let image_token = tok.special().image;
     let req = GenerationRequest {
         prompt: ids.clone(),
-        image: image.map(|rows| ImageRows::for_image_tokens(&ids, image_token, rows)).transpose()?,
+        image: image
+            .map(|rows| ImageRows::for_image_tokens(&ids, image_token, rows))
+            .transpose()?,
         params: SamplingParams::greedy(),
         max_new_tokens: 16,
         stop_ids: vec![tok.special().eos],
@@ -93,11 +107,27 @@ fn check_against_golden(ckpt: &Checkpoint, prefix: &str, image: Option<Tensor>) 
     };
     let out = generate(&mut runner, &req, 1, &mut |_| true)?;
     let logits = out.prompt_logits.context("prompt logits")?.unsqueeze(0)?;
-    let d = assert_close(&format!("{prefix} full-sequence logits"), &logits, &lm[&format!("{prefix}.logits")], 1e-3, 0.0)?;
+    let d = assert_close(
+        &format!("{prefix} full-sequence logits"),
+        &logits,
+        &lm[&format!("{prefix}.logits")],
+        1e-3,
+        0.0,
+    )?;
     println!("{prefix} logits max |diff| {:.2e}", d.max_abs);
-    assert_eq!(out.tokens, golden_ids(&lm[&format!("{prefix}.generated_ids")])?, "{prefix}: greedy ids");
+    assert_eq!(
+        out.tokens,
+        golden_ids(&lm[&format!("{prefix}.generated_ids")])?,
+        "{prefix}: greedy ids"
+    );
     let steps = Tensor::new(out.step_logits, &Device::Cpu)?;
-    let d = assert_close(&format!("{prefix} step logits"), &steps, &lm[&format!("{prefix}.generated_step_logits")], 1e-3, 0.0)?;
+    let d = assert_close(
+        &format!("{prefix} step logits"),
+        &steps,
+        &lm[&format!("{prefix}.generated_step_logits")],
+        1e-3,
+        0.0,
+    )?;
     println!("{prefix} step logits max |diff| {:.2e}", d.max_abs);
     Ok(())
 }
@@ -128,7 +158,8 @@ fn sharded_llama_checkpoint_matches_reference() -> Result<()> {
 /// (`rope_scaling: null`, `pretraining_tp: 1`, ...): golden text outputs.
 #[test]
 fn single_file_llama_checkpoint_matches_reference() -> Result<()> {
-    let (_dir, ckpt, shards) = llama_checkpoint(LlamaLayout { shards: 1, rely_on_defaults: false })?;
+    let (_dir, ckpt, shards) =
+        llama_checkpoint(LlamaLayout { shards: 1, rely_on_defaults: false })?;
     assert_eq!(shards, ["model.safetensors"]);
     assert_eq!(ckpt.config()["architectures"][0], "LlamaForCausalLM");
     assert!(ckpt.config().get("language_config").is_none());
@@ -154,13 +185,18 @@ fn broken_sharded_llama_checkpoint_is_an_error() -> Result<()> {
     std::fs::remove_file(dir.join("elsewhere.safetensors"))?;
     let mut idx: serde_json::Value = serde_json::from_str(&index)?;
     let map = idx["weight_map"].as_object_mut().context("weight_map")?;
-    let dropped: Vec<String> = map.iter().filter(|(_, v)| *v == &shards[2]).map(|(k, _)| k.clone()).collect();
+    let dropped: Vec<String> =
+        map.iter().filter(|(_, v)| *v == &shards[2]).map(|(k, _)| k.clone()).collect();
     map.retain(|_, v| v != &shards[2]);
     std::fs::write(&index_path, serde_json::to_vec(&idx)?)?;
     let ckpt = open(dir)?;
-    let err = DeepSeekLlm::load(&ckpt, DType::F32, &Device::Cpu, Shard::SINGLE, None).err().context("missing tensor accepted")?.to_string();
+    let err = DeepSeekLlm::load(&ckpt, DType::F32, &Device::Cpu, Shard::SINGLE, None)
+        .err()
+        .context("missing tensor accepted")?
+        .to_string();
     assert!(
-        err.contains("checkpoint has no tensor") && dropped.iter().any(|n| err.contains(&format!("`{n}`"))),
+        err.contains("checkpoint has no tensor")
+            && dropped.iter().any(|n| err.contains(&format!("`{n}`"))),
         "error names one of the tensors of the dropped shard: {err}"
     );
     Ok(())

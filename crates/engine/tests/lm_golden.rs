@@ -11,7 +11,9 @@ use candle_core::{DType, Device, Tensor};
 use dsvl_chat::{render_prompt, ChatTokenizer, Message};
 use dsvl_engine::{generate, GenerationRequest, SamplingParams};
 use dsvl_models::checkpoint::{Checkpoint, ModelSource};
-use dsvl_models::llm::{splice_image_rows, ContiguousKv, DeepSeekLlm, ImageRows, Shard, ShardRunner};
+use dsvl_models::llm::{
+    splice_image_rows, ContiguousKv, DeepSeekLlm, ImageRows, Shard, ShardRunner,
+};
 use dsvl_models::vision::VisionEncoder;
 use dsvl_parallel::{LinkSet, SingleRank};
 use dsvl_testkit::{assert_close, golden_dir, tiny_model_dir};
@@ -32,7 +34,8 @@ fn fixture() -> Result<Fixture> {
 }
 
 fn case_ids(f: &Fixture, name: &str) -> Result<Vec<u32>> {
-    let case = f.chat["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).context("case")?;
+    let case =
+        f.chat["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).context("case")?;
     let messages: Vec<Message> = serde_json::from_value(case["conversation"].clone())?;
     let prompt = render_prompt(case["system_prompt"].as_str().unwrap(), &messages)?;
     Ok(f.tok.encode_prompt(&prompt, 576)?.ids)
@@ -45,7 +48,8 @@ fn golden_ids(t: &Tensor) -> Result<Vec<u32>> {
 /// The image rows of the golden image prompt: the golden pixels of photo_jpeg through our
 /// vision encoder (itself checked against the golden aligner output elsewhere).
 fn image_rows(f: &Fixture) -> Result<Tensor> {
-    let pre = candle_core::safetensors::load(golden_dir().join("preprocess.safetensors"), &Device::Cpu)?;
+    let pre =
+        candle_core::safetensors::load(golden_dir().join("preprocess.safetensors"), &Device::Cpu)?;
     let u8s = pre["photo_jpeg.pixel_values_u8"].flatten_all()?.to_dtype(DType::U32)?;
     let pixels = pre["rescale_lut"].index_select(&u8s, 0)?.reshape((1, 3, 1024, 1024))?;
     let enc = VisionEncoder::load(&f.ckpt, DType::F32, &Device::Cpu, None)?;
@@ -64,14 +68,27 @@ fn check_case(prefix: &str, image: Option<Tensor>) -> Result<()> {
     if let Some(rows) = &image {
         embeds = splice_image_rows(&embeds, &ids, image_token, rows)?;
     }
-    let d = assert_close("inputs_embeds", &embeds.unsqueeze(0)?, &f.lm[&format!("{prefix}.inputs_embeds")], 1e-4, 0.0)?;
+    let d = assert_close(
+        "inputs_embeds",
+        &embeds.unsqueeze(0)?,
+        &f.lm[&format!("{prefix}.inputs_embeds")],
+        1e-4,
+        0.0,
+    )?;
     println!("{prefix} inputs_embeds max |diff| {:.2e}", d.max_abs);
 
-    let mut runner = ShardRunner::new(model, Box::new(ContiguousKv::new()), Arc::new(LinkSet::Single), std::time::Duration::from_secs(5));
+    let mut runner = ShardRunner::new(
+        model,
+        Box::new(ContiguousKv::new()),
+        Arc::new(LinkSet::Single),
+        std::time::Duration::from_secs(5),
+    );
     let req_ids = ids.clone();
     let req = GenerationRequest {
         prompt: ids,
-        image: image.map(|rows| ImageRows::for_image_tokens(&req_ids, image_token, rows)).transpose()?,
+        image: image
+            .map(|rows| ImageRows::for_image_tokens(&req_ids, image_token, rows))
+            .transpose()?,
         params: SamplingParams::greedy(),
         max_new_tokens: 16,
         stop_ids: vec![f.tok.special().eos],
@@ -79,11 +96,23 @@ fn check_case(prefix: &str, image: Option<Tensor>) -> Result<()> {
     };
     let out = generate(&mut runner, &req, 1, &mut |_| true)?;
     let logits = out.prompt_logits.context("prompt logits")?.unsqueeze(0)?;
-    let d = assert_close("full-sequence logits", &logits, &f.lm[&format!("{prefix}.logits")], 1e-3, 0.0)?;
+    let d = assert_close(
+        "full-sequence logits",
+        &logits,
+        &f.lm[&format!("{prefix}.logits")],
+        1e-3,
+        0.0,
+    )?;
     println!("{prefix} logits max |diff| {:.2e}", d.max_abs);
     assert_eq!(out.tokens, golden_ids(&f.lm[&format!("{prefix}.generated_ids")])?, "greedy ids");
     let steps = Tensor::new(out.step_logits, &Device::Cpu)?;
-    let d = assert_close("step logits", &steps, &f.lm[&format!("{prefix}.generated_step_logits")], 1e-3, 0.0)?;
+    let d = assert_close(
+        "step logits",
+        &steps,
+        &f.lm[&format!("{prefix}.generated_step_logits")],
+        1e-3,
+        0.0,
+    )?;
     println!("{prefix} step logits max |diff| {:.2e}", d.max_abs);
     Ok(())
 }
@@ -117,7 +146,12 @@ fn image_count_mismatch_is_an_error() -> Result<()> {
 fn invalid_inputs_are_refused() -> Result<()> {
     let f = fixture()?;
     let model = DeepSeekLlm::load(&f.ckpt, DType::F32, &Device::Cpu, Shard::SINGLE, None)?;
-    let mut runner = ShardRunner::new(model, Box::new(ContiguousKv::new()), Arc::new(LinkSet::Single), std::time::Duration::from_secs(5));
+    let mut runner = ShardRunner::new(
+        model,
+        Box::new(ContiguousKv::new()),
+        Arc::new(LinkSet::Single),
+        std::time::Duration::from_secs(5),
+    );
     let mut req = GenerationRequest {
         prompt: vec![1000, 5000],
         image: None,

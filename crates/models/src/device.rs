@@ -24,9 +24,15 @@ fn open_cuda(ordinal: usize) -> Result<Device, ModelError> {
     // a missing GPU must be a clear error, never a crash.
     match std::panic::catch_unwind(|| Device::new_cuda(ordinal)) {
         Ok(Ok(device)) => Ok(device),
-        Ok(Err(e)) => Err(error(format!("cannot open the CUDA device (is an NVIDIA driver installed and the GPU visible?): {e}"))),
+        Ok(Err(e)) => Err(error(format!(
+            "cannot open the CUDA device (is an NVIDIA driver installed and the GPU visible?): {e}"
+        ))),
         Err(panic) => {
-            let what = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("unknown");
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown");
             Err(error(format!("the CUDA driver is not usable on this machine ({what})")))
         }
     }
@@ -36,7 +42,8 @@ fn open_cuda(ordinal: usize) -> Result<Device, ModelError> {
 fn open_cuda(ordinal: usize) -> Result<Device, ModelError> {
     Err(ModelError::Device {
         device: format!("cuda:{ordinal}"),
-        reason: "this binary was built without CUDA support (rebuild with `--features cuda`)".into(),
+        reason: "this binary was built without CUDA support (rebuild with `--features cuda`)"
+            .into(),
     })
 }
 

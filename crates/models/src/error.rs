@@ -30,7 +30,9 @@ pub enum ModelError {
         expected: Vec<usize>,
     },
     /// A tensor exists with the wrong shape.
-    #[error("tensor `{name}` has shape {found:?} in the checkpoint, but the model expects {expected:?}")]
+    #[error(
+        "tensor `{name}` has shape {found:?} in the checkpoint, but the model expects {expected:?}"
+    )]
     ShapeMismatch {
         /// Full tensor name.
         name: String,

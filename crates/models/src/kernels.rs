@@ -21,7 +21,9 @@ pub fn exp_f32(x: f32) -> f32 {
     let n = (x * LOG2E + MAGIC) - MAGIC;
     let r = x - n * LN2_HI - n * LN2_LO;
     let r2 = r * r;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r
+    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
         + 5.000_000_1e-1;
     let y = p * r2 + r + 1.0;
     // 2^n without a float-to-int conversion (Rust's saturating `as` blocks vectorisation):
@@ -134,7 +136,10 @@ fn erfc_nonneg(z: f32) -> f32 {
         + t * (1.000_023_7
             + t * (0.374_091_96
                 + t * (0.096_784_18
-                    + t * (-0.186_288_06 + t * (0.278_868_07 + t * (-1.135_203_98 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_203_98
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
     t * exp_f32(-z * z + poly)
 }
 
@@ -282,7 +287,8 @@ mod tests {
         let mut worst = 0f64;
         let mut x = -9.0f64;
         while x < 9.0 {
-            let want = 0.5 * x * (1.0 + candle_core::cpu::erf::erf_f64(x / std::f64::consts::SQRT_2));
+            let want =
+                0.5 * x * (1.0 + candle_core::cpu::erf::erf_f64(x / std::f64::consts::SQRT_2));
             let got = f64::from(gelu_erf_f32(x as f32));
             worst = worst.max((got - want).abs() / x.abs().max(1.0));
             x += 0.00731;

@@ -20,4 +20,3 @@ pub mod preprocess;
 pub mod vision;
 
 pub use error::ModelError;
-

@@ -24,10 +24,14 @@ impl CustomOp1 for GeluErf {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(data) = storage else { candle_core::bail!("gelu-erf-f32: f32 only") };
-        let Some((a, b)) = layout.contiguous_offsets() else { candle_core::bail!("gelu-erf-f32: contiguous input only") };
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("gelu-erf-f32: contiguous input only")
+        };
         let src = &data[a..b];
         let mut out = vec![0f32; src.len()];
-        out.par_chunks_mut(1 << 14).zip(src.par_chunks(1 << 14)).for_each(|(d, s)| gelu_slice(d, s));
+        out.par_chunks_mut(1 << 14)
+            .zip(src.par_chunks(1 << 14))
+            .for_each(|(d, s)| gelu_slice(d, s));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }

@@ -20,14 +20,18 @@ fn empty_input_is_refused() {
 
 #[test]
 fn random_bytes_are_an_unknown_format() {
-    let bytes: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let bytes: Vec<u8> =
+        (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let err = decode_rgb(&bytes, &ImageLimits::default()).unwrap_err();
     assert!(matches!(err, ImageError::UnknownFormat), "{err}");
 }
 
 #[test]
 fn unsupported_formats_are_named() {
-    for (bytes, name) in [(&b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"[..], "Gif"), (&b"BM\x1e\x00\x00\x00\x00\x00\x00\x00\x1a\x00\x00\x00"[..], "Bmp")] {
+    for (bytes, name) in [
+        (&b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"[..], "Gif"),
+        (&b"BM\x1e\x00\x00\x00\x00\x00\x00\x00\x1a\x00\x00\x00"[..], "Bmp"),
+    ] {
         let err = decode_rgb(bytes, &ImageLimits::default()).unwrap_err();
         assert!(matches!(err, ImageError::UnsupportedFormat(_)), "{err}");
         assert!(err.to_string().contains(name), "{err}");
@@ -61,7 +65,9 @@ fn decompression_bomb_header_is_refused_before_allocation() {
     assert!(png.len() < 1024);
     let err = decode_rgb(&png, &ImageLimits::default()).unwrap_err();
     match err {
-        ImageError::DimensionsTooLarge { width, height, .. } => assert_eq!((width, height), (60_000, 60_000)),
+        ImageError::DimensionsTooLarge { width, height, .. } => {
+            assert_eq!((width, height), (60_000, 60_000))
+        }
         other => panic!("expected DimensionsTooLarge, got {other}"),
     }
     // Within the dimension limits but over the allocation budget: the decoder's own fence.
@@ -82,10 +88,17 @@ fn oversized_input_is_refused() {
 #[test]
 fn extreme_aspect_ratios_match_pillow() -> Result<()> {
     let pre = preprocessor()?;
-    let cases: serde_json::Value = serde_json::from_slice(&std::fs::read(extra_fixtures_dir().join("cases.json"))?)?;
+    let cases: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(extra_fixtures_dir().join("cases.json"))?)?;
     for (name, case) in cases.as_object().expect("cases") {
-        let rgb = decode_rgb(&std::fs::read(extra_fixtures_dir().join(format!("{name}.png")))?, &ImageLimits::default())?;
-        let want = decode_rgb(&std::fs::read(extra_fixtures_dir().join(format!("{name}.resized.png")))?, &ImageLimits::default())?;
+        let rgb = decode_rgb(
+            &std::fs::read(extra_fixtures_dir().join(format!("{name}.png")))?,
+            &ImageLimits::default(),
+        )?;
+        let want = decode_rgb(
+            &std::fs::read(extra_fixtures_dir().join(format!("{name}.resized.png")))?,
+            &ImageLimits::default(),
+        )?;
         let resized: Vec<usize> = serde_json::from_value(case["resized"].clone())?;
         assert_eq!((want.width, want.height), (resized[0], resized[1]), "{name}");
         let (canvas, geometry) = pre.canvas_u8(&rgb);

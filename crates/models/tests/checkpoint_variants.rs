@@ -17,8 +17,17 @@ fn tiny_tensors() -> Result<HashMap<String, Tensor>> {
 }
 
 /// A copy of the tiny checkpoint's side files in a fresh directory, with `tensors` as weights.
-fn write_checkpoint(dir: &Path, config: &serde_json::Value, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    for f in ["preprocessor_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json"] {
+fn write_checkpoint(
+    dir: &Path,
+    config: &serde_json::Value,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
+    for f in [
+        "preprocessor_config.json",
+        "processor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         std::fs::copy(tiny_model_dir().join(f), dir.join(f))?;
     }
     std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(config)?)?;
@@ -31,7 +40,8 @@ fn tiny_config() -> Result<serde_json::Value> {
 }
 
 fn golden_pixels() -> Result<Tensor> {
-    let pre = candle_core::safetensors::load(golden_dir().join("preprocess.safetensors"), &Device::Cpu)?;
+    let pre =
+        candle_core::safetensors::load(golden_dir().join("preprocess.safetensors"), &Device::Cpu)?;
     let u8s = pre["photo_jpeg.pixel_values_u8"].flatten_all()?.to_dtype(DType::U32)?;
     Ok(pre["rescale_lut"].index_select(&u8s, 0)?.reshape((1, 3, 1024, 1024))?)
 }
@@ -51,7 +61,11 @@ fn sharded_checkpoint_matches_single_file() -> Result<()> {
     let (mut a, mut b) = (HashMap::new(), HashMap::new());
     let mut weight_map = serde_json::Map::new();
     for (i, (name, t)) in tensors.iter().enumerate() {
-        let (shard, file) = if i % 2 == 0 { (&mut a, "model-00001-of-00002.safetensors") } else { (&mut b, "model-00002-of-00002.safetensors") };
+        let (shard, file) = if i % 2 == 0 {
+            (&mut a, "model-00001-of-00002.safetensors")
+        } else {
+            (&mut b, "model-00002-of-00002.safetensors")
+        };
         shard.insert(name.clone(), t.clone());
         weight_map.insert(name.clone(), file.into());
     }
@@ -67,7 +81,9 @@ fn sharded_checkpoint_matches_single_file() -> Result<()> {
 
     // An index naming a shard that is not there is a clear error.
     std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors"))?;
-    let err = Checkpoint::open(&ModelSource::Dir(dir.path().to_path_buf())).err().context("expected an error")?;
+    let err = Checkpoint::open(&ModelSource::Dir(dir.path().to_path_buf()))
+        .err()
+        .context("expected an error")?;
     assert!(err.to_string().contains("model-00002-of-00002.safetensors"), "{err}");
     Ok(())
 }
@@ -79,8 +95,10 @@ fn reduced_precision_storage_loads() -> Result<()> {
     let reference = load_dir(&tiny_model_dir(), DType::F32)?.forward(&pixels)?;
     for stored in [DType::BF16, DType::F16] {
         let dir = tempfile::tempdir()?;
-        let tensors: HashMap<String, Tensor> =
-            tiny_tensors()?.into_iter().map(|(n, t)| Ok((n, t.to_dtype(stored)?))).collect::<Result<_>>()?;
+        let tensors: HashMap<String, Tensor> = tiny_tensors()?
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_dtype(stored)?)))
+            .collect::<Result<_>>()?;
         write_checkpoint(dir.path(), &tiny_config()?, &tensors)?;
         let out = load_dir(dir.path(), DType::F32)?.forward(&pixels)?;
         // Only the weights were rounded: close to the f32 model, not equal.
@@ -115,7 +133,10 @@ fn missing_and_misshaped_tensors_are_named() -> Result<()> {
     let err = load_dir(dir.path(), DType::F32).err().context("expected an error")?;
     let msg = err.to_string();
     assert!(matches!(err, ModelError::ShapeMismatch { .. }), "{msg}");
-    assert!(msg.contains(reshaped) && msg.contains("[128, 64]") && msg.contains("[128, 128]"), "{msg}");
+    assert!(
+        msg.contains(reshaped) && msg.contains("[128, 64]") && msg.contains("[128, 128]"),
+        "{msg}"
+    );
     Ok(())
 }
 
@@ -124,12 +145,13 @@ fn missing_and_misshaped_tensors_are_named() -> Result<()> {
 /// weights and fed the golden 384² input, its tower output must equal the golden `siglip_out`.
 #[test]
 fn siglip_only_tower_with_mlp_gelu_aligner() -> Result<()> {
-    let golden = candle_core::safetensors::load(golden_dir().join("vision.safetensors"), &Device::Cpu)?;
+    let golden =
+        candle_core::safetensors::load(golden_dir().join("vision.safetensors"), &Device::Cpu)?;
     let mut config = tiny_config()?;
     let low = config["vision_config"]["params"]["low_res_cfg"].clone();
-    config["vision_config"] = serde_json::json!({"cls": "CLIPVisionTower", "model_type": "vision", "params": low});
-    config["aligner_config"] =
-        serde_json::json!({"cls": "MlpProjector", "params": {"projector_type": "mlp_gelu", "depth": 2, "input_dim": 64, "n_embed": 128}});
+    config["vision_config"] =
+        serde_json::json!({"cls": "CLIPVisionTower", "model_type": "vision", "params": low});
+    config["aligner_config"] = serde_json::json!({"cls": "MlpProjector", "params": {"projector_type": "mlp_gelu", "depth": 2, "input_dim": 64, "n_embed": 128}});
     let mut tensors = HashMap::new();
     let dev = Device::Cpu;
     for (name, t) in tiny_tensors()? {
@@ -138,14 +160,21 @@ fn siglip_only_tower_with_mlp_gelu_aligner() -> Result<()> {
         }
     }
     let w0 = (Tensor::arange(0f32, (128 * 64) as f32, &dev)?.reshape((128, 64))? * 1e-4)?.sin()?;
-    let w2 = (Tensor::arange(0f32, (128 * 128) as f32, &dev)?.reshape((128, 128))? * 3e-4)?.cos()?;
+    let w2 =
+        (Tensor::arange(0f32, (128 * 128) as f32, &dev)?.reshape((128, 128))? * 3e-4)?.cos()?;
     let (b0, b2) = (Tensor::full(0.05f32, 128, &dev)?, Tensor::full(-0.02f32, 128, &dev)?);
-    for (k, v) in [("aligner.layers.0.weight", &w0), ("aligner.layers.0.bias", &b0), ("aligner.layers.2.weight", &w2), ("aligner.layers.2.bias", &b2)] {
+    for (k, v) in [
+        ("aligner.layers.0.weight", &w0),
+        ("aligner.layers.0.bias", &b0),
+        ("aligner.layers.2.weight", &w2),
+        ("aligner.layers.2.bias", &b2),
+    ] {
         tensors.insert(k.into(), v.clone());
     }
     let dir = tempfile::tempdir()?;
     write_checkpoint(dir.path(), &config, &tensors)?;
-    let mut pre: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("preprocessor_config.json"))?)?;
+    let mut pre: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("preprocessor_config.json"))?)?;
     pre["image_size"] = 384.into();
     std::fs::write(dir.path().join("preprocessor_config.json"), serde_json::to_vec(&pre)?)?;
 
@@ -164,7 +193,8 @@ fn siglip_only_tower_with_mlp_gelu_aligner() -> Result<()> {
 #[test]
 fn text_only_checkpoint_has_no_vision_tower() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let config = serde_json::json!({"model_type": "llama", "hidden_size": 128, "num_hidden_layers": 1});
+    let config =
+        serde_json::json!({"model_type": "llama", "hidden_size": 128, "num_hidden_layers": 1});
     write_checkpoint(dir.path(), &config, &tiny_tensors()?)?;
     let err = load_dir(dir.path(), DType::F32).err().context("expected an error")?;
     assert!(err.to_string().contains("text-only"), "{err}");

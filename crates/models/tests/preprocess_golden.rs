@@ -32,10 +32,17 @@ fn png_pixel_values_are_bit_exact() -> Result<()> {
     let golden = golden()?;
     let lut: Vec<f32> = golden["rescale_lut"].to_vec1()?;
     for (name, file) in PNGS {
-        let out = pre.preprocess_file(&golden_dir().join(file)).with_context(|| file.to_string())?;
-        let expected_u8: Vec<u8> = golden[&format!("{name}.pixel_values_u8")].flatten_all()?.to_vec1()?;
+        let out =
+            pre.preprocess_file(&golden_dir().join(file)).with_context(|| file.to_string())?;
+        let expected_u8: Vec<u8> =
+            golden[&format!("{name}.pixel_values_u8")].flatten_all()?.to_vec1()?;
         let expected: Vec<f32> = expected_u8.iter().map(|&v| lut[v as usize]).collect();
-        let mismatches = out.pixel_values.iter().zip(&expected).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        let mismatches = out
+            .pixel_values
+            .iter()
+            .zip(&expected)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
         assert_eq!(mismatches, 0, "{name}: {mismatches} pixel values differ from the reference");
     }
     Ok(())
@@ -45,7 +52,8 @@ fn png_pixel_values_are_bit_exact() -> Result<()> {
 #[test]
 fn geometry_matches_reference() -> Result<()> {
     let pre = preprocessor()?;
-    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(golden_dir().join("summary.json"))?)?;
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(golden_dir().join("summary.json"))?)?;
     for (name, info) in summary["images"].as_object().context("images")? {
         let file = info["file"].as_str().context("file")?;
         let out = pre.preprocess_file(&golden_dir().join(file))?;
@@ -53,7 +61,11 @@ fn geometry_matches_reference() -> Result<()> {
         let hw: Vec<u64> = serde_json::from_value(info["resized_hw"].clone())?;
         let off: Vec<u64> = serde_json::from_value(info["paste_offset_xy"].clone())?;
         assert_eq!((rh as u64, rw as u64), (hw[0], hw[1]), "{name} resized size");
-        assert_eq!((out.geometry.offset.0 as u64, out.geometry.offset.1 as u64), (off[0], off[1]), "{name} offset");
+        assert_eq!(
+            (out.geometry.offset.0 as u64, out.geometry.offset.1 as u64),
+            (off[0], off[1]),
+            "{name} offset"
+        );
     }
     Ok(())
 }
@@ -88,8 +100,10 @@ fn jpeg_resize_is_exact_and_decoder_difference_is_bounded() -> Result<()> {
     let (canvas, _) = pre.canvas_u8(&img);
     assert!(canvas == expected, "resize of the reference-decoded JPEG is not bit-exact");
 
-    let ours = decode_rgb(&std::fs::read(golden_dir().join("rocket.jpg"))?, &ImageLimits::default())?;
-    let decode_diff = ours.data.iter().zip(&img.data).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
+    let ours =
+        decode_rgb(&std::fs::read(golden_dir().join("rocket.jpg"))?, &ImageLimits::default())?;
+    let decode_diff =
+        ours.data.iter().zip(&img.data).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
     let (canvas, _) = pre.canvas_u8(&ours);
     let diffs: Vec<u8> = canvas.iter().zip(&expected).map(|(a, b)| a.abs_diff(*b)).collect();
     let max = diffs.iter().copied().max().unwrap_or(0);

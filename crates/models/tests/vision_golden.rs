@@ -93,4 +93,3 @@ fn bf16_agrees_with_f32() -> Result<()> {
     assert!(cosine > 0.999, "cosine similarity {cosine}");
     Ok(())
 }
-

@@ -58,7 +58,9 @@ impl WireTensor {
             DType::U8 => t.to_vec1::<u8>()?,
             DType::U32 => t.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
             DType::I64 => t.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::BF16 => t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::BF16 => {
+                t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()
+            }
             DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
             DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
             DType::F64 => t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -74,8 +76,12 @@ impl WireTensor {
             DType::U8 => Tensor::from_vec(b.clone(), b.len(), device)?,
             DType::U32 => Tensor::from_vec(le::<4, _>(b, u32::from_le_bytes), b.len() / 4, device)?,
             DType::I64 => Tensor::from_vec(le::<8, _>(b, i64::from_le_bytes), b.len() / 8, device)?,
-            DType::BF16 => Tensor::from_vec(le::<2, _>(b, half::bf16::from_le_bytes), b.len() / 2, device)?,
-            DType::F16 => Tensor::from_vec(le::<2, _>(b, half::f16::from_le_bytes), b.len() / 2, device)?,
+            DType::BF16 => {
+                Tensor::from_vec(le::<2, _>(b, half::bf16::from_le_bytes), b.len() / 2, device)?
+            }
+            DType::F16 => {
+                Tensor::from_vec(le::<2, _>(b, half::f16::from_le_bytes), b.len() / 2, device)?
+            }
             DType::F32 => Tensor::from_vec(le::<4, _>(b, f32::from_le_bytes), b.len() / 4, device)?,
             DType::F64 => Tensor::from_vec(le::<8, _>(b, f64::from_le_bytes), b.len() / 8, device)?,
             other => candle_core::bail!("dtype {other:?} cannot be received"),
@@ -122,7 +128,9 @@ impl Message {
         buf.extend_from_slice(&header);
         buf.extend_from_slice(&(self.tensors.len() as u32).to_le_bytes());
         for t in &self.tensors {
-            buf.push(dtype_code(t.dtype).ok_or_else(|| std::io::Error::other("unsupported dtype"))?);
+            buf.push(
+                dtype_code(t.dtype).ok_or_else(|| std::io::Error::other("unsupported dtype"))?,
+            );
             buf.push(t.dims.len() as u8);
             for d in &t.dims {
                 buf.extend_from_slice(&(*d as u64).to_le_bytes());
@@ -152,14 +160,18 @@ impl Message {
         }
         let mut header = vec![0u8; header_len];
         r.read_exact(&mut header)?;
-        let header = serde_json::from_slice(&header).map_err(|e| invalid(format!("header: {e}")))?;
+        let header =
+            serde_json::from_slice(&header).map_err(|e| invalid(format!("header: {e}")))?;
         let count = read_u32(r)?;
         let mut tensors = Vec::with_capacity(count.min(1024) as usize);
         for _ in 0..count {
             let mut tag = [0u8; 2];
             r.read_exact(&mut tag)?;
-            let dtype = code_dtype(tag[0]).ok_or_else(|| invalid(format!("dtype code {}", tag[0])))?;
-            let dims = (0..tag[1]).map(|_| read_u64(r).map(|d| d as usize)).collect::<std::io::Result<Vec<_>>>()?;
+            let dtype =
+                code_dtype(tag[0]).ok_or_else(|| invalid(format!("dtype code {}", tag[0])))?;
+            let dims = (0..tag[1])
+                .map(|_| read_u64(r).map(|d| d as usize))
+                .collect::<std::io::Result<Vec<_>>>()?;
             let len = read_u64(r)?;
             let expected = dims.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
             if len > MAX_TENSOR_BYTES || len != expected {
@@ -197,7 +209,11 @@ mod tests {
         let c = a.to_dtype(DType::BF16)?;
         let msg = Message {
             header: serde_json::json!({"kind": "plan", "n": 3}),
-            tensors: vec![WireTensor::from_tensor(&a)?, WireTensor::from_tensor(&b)?, WireTensor::from_tensor(&c)?],
+            tensors: vec![
+                WireTensor::from_tensor(&a)?,
+                WireTensor::from_tensor(&b)?,
+                WireTensor::from_tensor(&c)?,
+            ],
         };
         let mut buf = Vec::new();
         msg.write_to(&mut buf)?;

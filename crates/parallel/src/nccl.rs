@@ -7,8 +7,8 @@
 //! Collectives run as candle custom ops so they read and write device memory in place of
 //! copying through the host.
 
-use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::cuda_backend::CudaStorage;
 use candle_core::{CustomOp1, DType, Device, Layout, Shape, Tensor};
 
@@ -58,14 +58,21 @@ struct Collective<'a> {
 }
 
 impl Collective<'_> {
-    fn run<T>(&self, s: &CudaStorage, l: &Layout, world: usize) -> candle_core::Result<(CudaStorage, Shape)>
+    fn run<T>(
+        &self,
+        s: &CudaStorage,
+        l: &Layout,
+        world: usize,
+    ) -> candle_core::Result<(CudaStorage, Shape)>
     where
         T: candle_core::cuda_backend::CudaDType
             + candle_core::cuda_backend::cudarc::nccl::safe::NcclType
             + candle_core::cuda_backend::cudarc::driver::DeviceRepr
             + candle_core::cuda_backend::cudarc::driver::ValidAsZeroBits,
     {
-        let Some((start, end)) = l.contiguous_offsets() else { candle_core::bail!("nccl: contiguous tensors only") };
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("nccl: contiguous tensors only")
+        };
         let src = s.as_cuda_slice::<T>()?.slice(start..end);
         let n = end - start;
         let dev = &s.device;
@@ -95,7 +102,11 @@ impl CustomOp1 for Collective<'_> {
         }
     }
 
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, Shape)> {
         candle_core::bail!("NCCL collectives need CUDA tensors")
     }
 
@@ -125,7 +136,9 @@ impl Communicator for NcclCommunicator {
 
     fn all_gather_last_dim(&self, x: &Tensor) -> Result<Tensor, CommError> {
         // NCCL concatenates rank-major along a new leading axis; move it next to the last axis.
-        let gathered = x.contiguous()?.apply_op1_no_bwd(&Collective { comm: &self.comm, op: Op::AllGather })?;
+        let gathered = x
+            .contiguous()?
+            .apply_op1_no_bwd(&Collective { comm: &self.comm, op: Op::AllGather })?;
         // gathered: [world, d0, .., d(n-1)] -> [d0, .., d(n-2), world, d(n-1)].
         let dims = x.dims();
         let mut perm: Vec<usize> = (1..dims.len()).collect();

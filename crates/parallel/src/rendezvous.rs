@@ -76,22 +76,39 @@ impl Link {
     }
 
     /// Receives a message whose `kind` must be `kind`.
-    pub fn expect(&self, kind: &str, op: &'static str, timeout: Option<Duration>) -> Result<Message, CommError> {
+    pub fn expect(
+        &self,
+        kind: &str,
+        op: &'static str,
+        timeout: Option<Duration>,
+    ) -> Result<Message, CommError> {
         let msg = self.recv(op, timeout)?;
         if msg.kind() != kind {
-            return Err(CommError::Protocol(format!("rank {} sent `{}` during {op}, expected `{kind}`", self.peer, msg.kind())));
+            return Err(CommError::Protocol(format!(
+                "rank {} sent `{}` during {op}, expected `{kind}`",
+                self.peer,
+                msg.kind()
+            )));
         }
         Ok(msg)
     }
 
-    fn io_error(&self, e: std::io::Error, op: &'static str, timeout: Option<Duration>) -> CommError {
+    fn io_error(
+        &self,
+        e: std::io::Error,
+        op: &'static str,
+        timeout: Option<Duration>,
+    ) -> CommError {
         match e.kind() {
-            ErrorKind::WouldBlock | ErrorKind::TimedOut => {
-                CommError::Timeout { rank: self.peer, seconds: timeout.map_or(0.0, |t| t.as_secs_f64()), op }
-            }
-            ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe | ErrorKind::ConnectionAborted => {
-                CommError::Disconnected { rank: self.peer, op }
-            }
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => CommError::Timeout {
+                rank: self.peer,
+                seconds: timeout.map_or(0.0, |t| t.as_secs_f64()),
+                op,
+            },
+            ErrorKind::UnexpectedEof
+            | ErrorKind::ConnectionReset
+            | ErrorKind::BrokenPipe
+            | ErrorKind::ConnectionAborted => CommError::Disconnected { rank: self.peer, op },
             _ => CommError::Io { rank: self.peer, op, source: e },
         }
     }
@@ -182,7 +199,11 @@ impl LinkSet {
 /// # Errors
 /// [`CommError::Rendezvous`] on timeout, duplicate ranks, or a mismatched version, world size
 /// or tag (the offending worker is told why before it is dropped).
-pub fn lead(listener: &TcpListener, spec: &GroupSpec, extra: serde_json::Value) -> Result<LinkSet, CommError> {
+pub fn lead(
+    listener: &TcpListener,
+    spec: &GroupSpec,
+    extra: serde_json::Value,
+) -> Result<LinkSet, CommError> {
     if spec.world_size == 1 {
         return Ok(LinkSet::Single);
     }
@@ -190,7 +211,8 @@ pub fn lead(listener: &TcpListener, spec: &GroupSpec, extra: serde_json::Value) 
     listener.set_nonblocking(true).map_err(|e| CommError::Rendezvous(format!("listener: {e}")))?;
     let mut joined: Vec<Option<Link>> = (1..spec.world_size).map(|_| None).collect();
     while joined.iter().any(Option::is_none) {
-        let missing: Vec<usize> = joined.iter().enumerate().filter(|(_, l)| l.is_none()).map(|(i, _)| i + 1).collect();
+        let missing: Vec<usize> =
+            joined.iter().enumerate().filter(|(_, l)| l.is_none()).map(|(i, _)| i + 1).collect();
         let now = Instant::now();
         if now >= deadline {
             return Err(CommError::Rendezvous(format!(
@@ -207,7 +229,8 @@ pub fn lead(listener: &TcpListener, spec: &GroupSpec, extra: serde_json::Value) 
             Err(e) => return Err(CommError::Rendezvous(format!("accept: {e}"))),
         };
         stream.set_nonblocking(false).map_err(|e| CommError::Rendezvous(e.to_string()))?;
-        let link = Link::new(stream, usize::MAX).map_err(|e| CommError::Rendezvous(e.to_string()))?;
+        let link =
+            Link::new(stream, usize::MAX).map_err(|e| CommError::Rendezvous(e.to_string()))?;
         let hello = match link.expect("hello", "rendezvous", Some(deadline - now)) {
             Ok(h) => h,
             Err(e) => {
@@ -222,7 +245,10 @@ pub fn lead(listener: &TcpListener, spec: &GroupSpec, extra: serde_json::Value) 
         } else if h["world_size"].as_u64() != Some(spec.world_size as u64) {
             Some(format!("world size {} (leader has {})", h["world_size"], spec.world_size))
         } else if h["tag"].as_str() != Some(spec.tag.as_str()) {
-            Some(format!("group tag {} (leader has {:?}): different model or settings", h["tag"], spec.tag))
+            Some(format!(
+                "group tag {} (leader has {:?}): different model or settings",
+                h["tag"], spec.tag
+            ))
         } else if rank == 0 || rank >= spec.world_size {
             Some(format!("rank {rank} outside 1..{}", spec.world_size))
         } else if joined[rank - 1].is_some() {
@@ -231,11 +257,17 @@ pub fn lead(listener: &TcpListener, spec: &GroupSpec, extra: serde_json::Value) 
             None
         };
         if let Some(reason) = problem {
-            let _ = link.send(&Message::new(json!({"kind": "error", "reason": reason})), "rendezvous");
+            let _ =
+                link.send(&Message::new(json!({"kind": "error", "reason": reason})), "rendezvous");
             return Err(CommError::Rendezvous(reason));
         }
         let link = Link { peer: rank, ..link };
-        link.send(&Message::new(json!({"kind": "welcome", "world_size": spec.world_size, "extra": extra})), "rendezvous")?;
+        link.send(
+            &Message::new(
+                json!({"kind": "welcome", "world_size": spec.world_size, "extra": extra}),
+            ),
+            "rendezvous",
+        )?;
         tracing::info!(rank, "rank joined the group");
         joined[rank - 1] = Some(link);
     }
@@ -251,7 +283,9 @@ pub fn join(spec: &GroupSpec) -> Result<(LinkSet, serde_json::Value), CommError>
             Ok(a) => a.collect(),
             Err(_) => Vec::new(), // DNS may not be ready yet under Kubernetes
         };
-        if let Some(s) = addrs.iter().find_map(|a| TcpStream::connect_timeout(a, Duration::from_secs(2)).ok()) {
+        if let Some(s) =
+            addrs.iter().find_map(|a| TcpStream::connect_timeout(a, Duration::from_secs(2)).ok())
+        {
             break s;
         }
         if Instant::now() >= deadline {
@@ -266,8 +300,16 @@ pub fn join(spec: &GroupSpec) -> Result<(LinkSet, serde_json::Value), CommError>
     let link = Link::new(stream, 0).map_err(|e| CommError::Rendezvous(e.to_string()))?;
     let hello = json!({"kind": "hello", "version": PROTOCOL_VERSION, "rank": spec.rank, "world_size": spec.world_size, "tag": spec.tag});
     link.send(&Message::new(hello), "rendezvous")?;
-    let welcome = link.expect("welcome", "rendezvous", Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))))?;
+    let welcome = link.expect(
+        "welcome",
+        "rendezvous",
+        Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))),
+    )?;
     let extra = welcome.header["extra"].clone();
-    link.writer.lock().expect("fresh link").flush().map_err(|e| CommError::Rendezvous(e.to_string()))?;
+    link.writer
+        .lock()
+        .expect("fresh link")
+        .flush()
+        .map_err(|e| CommError::Rendezvous(e.to_string()))?;
     Ok((LinkSet::Worker { rank: spec.rank, world_size: spec.world_size, leader: link }, extra))
 }

@@ -27,28 +27,52 @@ impl TcpCommunicator {
         Self { links, timeout }
     }
 
-    fn exchange(&self, x: &Tensor, op: &'static str, combine: impl Fn(Vec<Tensor>) -> candle_core::Result<Tensor>) -> Result<Tensor, CommError> {
+    fn exchange(
+        &self,
+        x: &Tensor,
+        op: &'static str,
+        combine: impl Fn(Vec<Tensor>) -> candle_core::Result<Tensor>,
+    ) -> Result<Tensor, CommError> {
         let device = x.device().clone();
         match &*self.links {
             LinkSet::Single => Ok(x.clone()),
             LinkSet::Worker { leader, .. } => {
-                leader.send(&Message { header: json!({"kind": op}), tensors: vec![WireTensor::from_tensor(x)?] }, op)?;
+                leader.send(
+                    &Message {
+                        header: json!({"kind": op}),
+                        tensors: vec![WireTensor::from_tensor(x)?],
+                    },
+                    op,
+                )?;
                 let reply = leader.expect(op, op, Some(self.timeout))?;
-                let t = reply.tensors.first().ok_or_else(|| CommError::Protocol(format!("{op} reply without a tensor")))?;
+                let t = reply
+                    .tensors
+                    .first()
+                    .ok_or_else(|| CommError::Protocol(format!("{op} reply without a tensor")))?;
                 Ok(t.to_tensor(&device)?)
             }
             LinkSet::Leader { workers } => {
                 let mut parts = vec![x.clone()];
                 for w in workers {
                     let msg = w.expect(op, op, Some(self.timeout))?;
-                    let t = msg.tensors.first().ok_or_else(|| CommError::Protocol(format!("{op} from rank {} without a tensor", w.peer())))?;
+                    let t = msg.tensors.first().ok_or_else(|| {
+                        CommError::Protocol(format!("{op} from rank {} without a tensor", w.peer()))
+                    })?;
                     if t.dims() != x.dims() {
-                        return Err(CommError::Protocol(format!("{op}: rank {} sent {:?}, leader has {:?}", w.peer(), t.dims(), x.dims())));
+                        return Err(CommError::Protocol(format!(
+                            "{op}: rank {} sent {:?}, leader has {:?}",
+                            w.peer(),
+                            t.dims(),
+                            x.dims()
+                        )));
                     }
                     parts.push(t.to_tensor(&device)?);
                 }
                 let out = combine(parts)?;
-                let reply = Message { header: json!({"kind": op}), tensors: vec![WireTensor::from_tensor(&out)?] };
+                let reply = Message {
+                    header: json!({"kind": op}),
+                    tensors: vec![WireTensor::from_tensor(&out)?],
+                };
                 for w in workers {
                     w.send(&reply, op)?;
                 }

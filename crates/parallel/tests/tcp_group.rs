@@ -51,13 +51,21 @@ fn all_reduce_and_all_gather_agree_on_every_rank() -> Result<()> {
     let results = with_group(4, |rank, comm| {
         let x = Tensor::new(&[rank as f32, 1.0, 10.0 * rank as f32], &Device::Cpu).unwrap();
         let sum = comm.all_reduce_sum(&x).unwrap().to_vec1::<f32>().unwrap();
-        let gathered = comm.all_gather_last_dim(&x.reshape((1, 3)).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+        let gathered = comm
+            .all_gather_last_dim(&x.reshape((1, 3)).unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         (comm.rank(), comm.world_size(), sum, gathered)
     })?;
     for (rank, world, sum, gathered) in results {
         assert_eq!(world, 4);
         assert_eq!(sum, vec![6.0, 4.0, 60.0], "rank {rank}");
-        assert_eq!(gathered[0], vec![0., 1., 0., 1., 1., 10., 2., 1., 20., 3., 1., 30.], "rank {rank}");
+        assert_eq!(
+            gathered[0],
+            vec![0., 1., 0., 1., 1., 10., 2., 1., 20., 3., 1., 30.],
+            "rank {rank}"
+        );
     }
     Ok(())
 }
@@ -67,8 +75,12 @@ fn rendezvous_refuses_a_mismatched_tag() -> Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
     let a = addr.clone();
-    let worker = std::thread::spawn(move || join(&spec(2, 1, &a, "other-model")).err().map(|e| e.to_string()));
-    let err = lead(&listener, &spec(2, 0, &addr, "t"), serde_json::json!({})).err().expect("mismatch refused");
+    let worker = std::thread::spawn(move || {
+        join(&spec(2, 1, &a, "other-model")).err().map(|e| e.to_string())
+    });
+    let err = lead(&listener, &spec(2, 0, &addr, "t"), serde_json::json!({}))
+        .err()
+        .expect("mismatch refused");
     assert!(err.to_string().contains("group tag"), "{err}");
     let worker_err = worker.join().unwrap().expect("worker told why");
     assert!(worker_err.contains("group tag"), "{worker_err}");

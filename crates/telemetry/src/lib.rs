@@ -95,15 +95,26 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
                 .with_endpoint(endpoint.clone())
                 .build()
                 .map_err(|e| TelemetryError::Otlp(e.to_string()))?;
-            let resource = opentelemetry_sdk::Resource::builder().with_service_name(config.service_name.clone()).build();
-            Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+            let resource = opentelemetry_sdk::Resource::builder()
+                .with_service_name(config.service_name.clone())
+                .build();
+            Some(
+                SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(resource)
+                    .build(),
+            )
         }
         None => None,
     };
-    let otel = provider.as_ref().map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(config.service_name.clone())));
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(config.service_name.clone())));
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     let result = if config.json_logs {
-        registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init()
+        registry
+            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
+            .try_init()
     } else {
         registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init()
     };
@@ -134,7 +145,9 @@ struct MetadataInjector<'a>(&'a mut tonic::metadata::MetadataMap);
 
 impl Injector for MetadataInjector<'_> {
     fn set(&mut self, key: &str, value: String) {
-        if let (Ok(k), Ok(v)) = (tonic::metadata::MetadataKey::from_bytes(key.as_bytes()), value.parse()) {
+        if let (Ok(k), Ok(v)) =
+            (tonic::metadata::MetadataKey::from_bytes(key.as_bytes()), value.parse())
+        {
             self.0.insert(k, v);
         }
     }
@@ -142,14 +155,17 @@ impl Injector for MetadataInjector<'_> {
 
 /// Makes the incoming request's W3C trace context (if any) the parent of `span`.
 pub fn extract_trace_context(metadata: &tonic::metadata::MetadataMap, span: &tracing::Span) {
-    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
+    let parent =
+        opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
     let _ = span.set_parent(parent);
 }
 
 /// Writes the current span's trace context into outgoing gRPC metadata.
 pub fn inject_trace_context(metadata: &mut tonic::metadata::MetadataMap) {
     let ctx = tracing::Span::current().context();
-    opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&ctx, &mut MetadataInjector(metadata)));
+    opentelemetry::global::get_text_map_propagator(|p| {
+        p.inject_context(&ctx, &mut MetadataInjector(metadata))
+    });
 }
 
 /// Installs the global `metrics` recorder and serves `/metrics` on `addr` (Prometheus text
@@ -160,7 +176,10 @@ pub fn inject_trace_context(metadata: &mut tonic::metadata::MetadataMap) {
 pub fn serve_prometheus(addr: SocketAddr) -> Result<(), TelemetryError> {
     metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
-        .set_buckets(&[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
+        .set_buckets(&[
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            60.0,
+        ])
         .map_err(|e| TelemetryError::Prometheus(e.to_string()))?
         .install()
         .map_err(|e| TelemetryError::Prometheus(e.to_string()))
@@ -186,9 +205,15 @@ pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<std::time::Du
 /// When a server should answer a request that arrived at `started`: a little before the
 /// caller's deadline (5%, 2-20 ms), because the network and the caller's own timer started
 /// earlier; so the caller gets DEADLINE_EXCEEDED from us rather than a bare cancel.
-pub fn answer_by(meta: &tonic::metadata::MetadataMap, started: std::time::Instant) -> Option<std::time::Instant> {
+pub fn answer_by(
+    meta: &tonic::metadata::MetadataMap,
+    started: std::time::Instant,
+) -> Option<std::time::Instant> {
     use std::time::Duration;
-    grpc_timeout(meta).map(|d| started + d.saturating_sub((d / 20).clamp(Duration::from_millis(2), Duration::from_millis(20))))
+    grpc_timeout(meta).map(|d| {
+        started
+            + d.saturating_sub((d / 20).clamp(Duration::from_millis(2), Duration::from_millis(20)))
+    })
 }
 
 #[cfg(test)]
@@ -219,7 +244,8 @@ pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("install SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("install SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

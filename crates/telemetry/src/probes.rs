@@ -56,21 +56,36 @@ impl Drop for LivenessTask {
 }
 
 /// Spawns [`watch_liveness`] on the current runtime for as long as the returned task lives.
-pub fn spawn_liveness(health: HealthReporter, watchdogs: Vec<Arc<Watchdog>>, stall: Duration) -> LivenessTask {
+pub fn spawn_liveness(
+    health: HealthReporter,
+    watchdogs: Vec<Arc<Watchdog>>,
+    stall: Duration,
+) -> LivenessTask {
     LivenessTask(tokio::spawn(watch_liveness(health, watchdogs, stall)))
 }
 
 /// Keeps `liveness` up to date from `watchdogs` (checked every second) until the task is
 /// dropped or aborted: NOT_SERVING while any of them has been busy longer than `stall`.
-pub async fn watch_liveness(health: HealthReporter, watchdogs: Vec<Arc<Watchdog>>, stall: Duration) {
+pub async fn watch_liveness(
+    health: HealthReporter,
+    watchdogs: Vec<Arc<Watchdog>>,
+    stall: Duration,
+) {
     let mut alive = true;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
-        let stuck = watchdogs.iter().find_map(|w| w.busy_for().filter(|d| *d > stall).map(|d| (w.name(), d)));
+        let stuck = watchdogs
+            .iter()
+            .find_map(|w| w.busy_for().filter(|d| *d > stall).map(|d| (w.name(), d)));
         match (alive, stuck) {
             (true, Some((name, d))) => {
-                tracing::error!(thread = name, busy_secs = d.as_secs_f64(), stall_secs = stall.as_secs_f64(), "model thread stalled: liveness NOT_SERVING");
+                tracing::error!(
+                    thread = name,
+                    busy_secs = d.as_secs_f64(),
+                    stall_secs = stall.as_secs_f64(),
+                    "model thread stalled: liveness NOT_SERVING"
+                );
                 health.set_service_status(LIVENESS, ServingStatus::NotServing).await;
                 alive = false;
             }
@@ -91,23 +106,32 @@ mod tests {
     async fn status(health: &HealthReporter, service: &str) -> i32 {
         use tonic_health::pb::health_server::Health;
         let svc = tonic_health::server::HealthService::from_health_reporter(health.clone());
-        let req = tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: service.into() });
+        let req =
+            tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: service.into() });
         svc.check(req).await.expect("status is set").into_inner().status
     }
 
     const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
-    const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    const NOT_SERVING: i32 =
+        tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
 
     #[tokio::test]
     async fn a_stalled_thread_fails_liveness_and_recovers() {
         let health = HealthReporter::new();
         starting(&health).await;
-        assert_eq!((status(&health, STARTUP).await, status(&health, LIVENESS).await), (NOT_SERVING, SERVING));
+        assert_eq!(
+            (status(&health, STARTUP).await, status(&health, LIVENESS).await),
+            (NOT_SERVING, SERVING)
+        );
         started(&health).await;
         assert_eq!(status(&health, STARTUP).await, SERVING);
 
         let w = Watchdog::new("model");
-        let watcher = tokio::spawn(watch_liveness(health.clone(), vec![w.clone()], Duration::from_millis(300)));
+        let watcher = tokio::spawn(watch_liveness(
+            health.clone(),
+            vec![w.clone()],
+            Duration::from_millis(300),
+        ));
         let guard = w.busy();
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(status(&health, LIVENESS).await, NOT_SERVING, "busy 1.5 s > 0.3 s stall limit");

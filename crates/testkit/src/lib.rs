@@ -9,15 +9,24 @@ mod procs;
 
 use std::path::PathBuf;
 
-pub use llama::{copy_tokenizer_files, temp_llama_checkpoint, write_llama_checkpoint, LlamaLayout, LLAMA_TOKENIZER_FILES};
-pub use procs::{child_pids, free_port, http_get, metric_sum, pid_alive, Frozen, RedisCluster, RedisServer, ServiceProcess};
+pub use llama::{
+    copy_tokenizer_files, temp_llama_checkpoint, write_llama_checkpoint, LlamaLayout,
+    LLAMA_TOKENIZER_FILES,
+};
+pub use procs::{
+    child_pids, free_port, http_get, metric_sum, pid_alive, Frozen, RedisCluster, RedisServer,
+    ServiceProcess,
+};
 
 use anyhow::{ensure, Result};
 use candle_core::{DType, Tensor};
 
 /// Repository root.
 pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root exists")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("repository root exists")
 }
 
 /// `tests/fixtures/golden`: reference tensors made with the official DeepSeek-VL code.
@@ -42,8 +51,19 @@ pub struct Diff {
 }
 
 /// Compares `actual` to `expected` elementwise with `|a - e| <= atol + rtol * |e|`.
-pub fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, atol: f64, rtol: f64) -> Result<Diff> {
-    ensure!(actual.dims() == expected.dims(), "{name}: shape {:?} != expected {:?}", actual.dims(), expected.dims());
+pub fn assert_close(
+    name: &str,
+    actual: &Tensor,
+    expected: &Tensor,
+    atol: f64,
+    rtol: f64,
+) -> Result<Diff> {
+    ensure!(
+        actual.dims() == expected.dims(),
+        "{name}: shape {:?} != expected {:?}",
+        actual.dims(),
+        expected.dims()
+    );
     let a: Vec<f64> = actual.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
     let e: Vec<f64> = expected.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
     let mut diff = Diff { max_abs: 0.0, at: 0, worst_excess: f64::NEG_INFINITY };
@@ -81,7 +101,11 @@ pub fn png_header_only(width: u32, height: u32) -> Vec<u8> {
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
     png_chunk(&mut png, b"IHDR", &ihdr);
     // A valid zlib stream of one empty stored block: decoders must not get this far.
-    png_chunk(&mut png, b"IDAT", &[0x78, 0x01, 0x01, 0x00, 0x00, 0xff, 0xff, 0x00, 0x00, 0x00, 0x01]);
+    png_chunk(
+        &mut png,
+        b"IDAT",
+        &[0x78, 0x01, 0x01, 0x00, 0x00, 0xff, 0xff, 0x00, 0x00, 0x00, 0x01],
+    );
     png_chunk(&mut png, b"IEND", &[]);
     png
 }

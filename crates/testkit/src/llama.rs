@@ -29,7 +29,8 @@ pub struct LlamaLayout {
 
 /// The tokenizer side files a DeepSeek LLM checkpoint carries (no processor config: it has no
 /// vision tower).
-pub const LLAMA_TOKENIZER_FILES: [&str; 3] = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
+pub const LLAMA_TOKENIZER_FILES: [&str; 3] =
+    ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"];
 
 /// Writes the tiny model's decoder into `dir` in the plain `LlamaForCausalLM` layout; returns
 /// the shard file names (in order). `dir` must exist.
@@ -37,13 +38,17 @@ pub fn write_llama_checkpoint(dir: &Path, layout: LlamaLayout) -> Result<Vec<Str
     ensure!(layout.shards >= 1, "at least one shard");
     let src = tiny_model_dir();
     let vl_config: Value = serde_json::from_slice(&std::fs::read(src.join("config.json"))?)?;
-    let language = vl_config["language_config"].as_object().context("tiny config has a language_config")?;
+    let language =
+        vl_config["language_config"].as_object().context("tiny config has a language_config")?;
 
     let mut config = language.clone();
     if layout.rely_on_defaults {
         let defaults = json!({"hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false});
         for (k, v) in defaults.as_object().unwrap() {
-            ensure!(config.get(k) == Some(v), "tiny language_config `{k}` is not the LlamaConfig default {v}");
+            ensure!(
+                config.get(k) == Some(v),
+                "tiny language_config `{k}` is not the LlamaConfig default {v}"
+            );
             config.remove(k);
         }
         config.remove("attention_bias");
@@ -71,15 +76,21 @@ pub fn write_llama_checkpoint(dir: &Path, layout: LlamaLayout) -> Result<Vec<Str
     let mut tensors: Vec<(String, TensorView<'_>)> = st
         .tensors()
         .into_iter()
-        .filter_map(|(name, view)| name.strip_prefix("language_model.").map(|n| (n.to_string(), view)))
+        .filter_map(|(name, view)| {
+            name.strip_prefix("language_model.").map(|n| (n.to_string(), view))
+        })
         .collect();
     ensure!(tensors.iter().any(|(n, _)| n == "lm_head.weight"), "tiny model has an untied lm_head");
     // Older Llama exports carry the RoPE inverse frequencies as a tensor; loaders ignore it.
-    let head_dim = language["hidden_size"].as_u64().context("hidden_size")? / language["num_attention_heads"].as_u64().context("heads")?;
+    let head_dim = language["hidden_size"].as_u64().context("hidden_size")?
+        / language["num_attention_heads"].as_u64().context("heads")?;
     let inv_freq: Vec<u8> = (0..head_dim / 2)
         .flat_map(|i| (1.0f32 / 10000f32.powf(2.0 * i as f32 / head_dim as f32)).to_le_bytes())
         .collect();
-    tensors.push(("model.layers.0.self_attn.rotary_emb.inv_freq".into(), TensorView::new(Dtype::F32, vec![head_dim as usize / 2], &inv_freq)?));
+    tensors.push((
+        "model.layers.0.self_attn.rotary_emb.inv_freq".into(),
+        TensorView::new(Dtype::F32, vec![head_dim as usize / 2], &inv_freq)?,
+    ));
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
 
     let meta = Some(HashMap::from([("format".to_string(), "pt".to_string())]));
@@ -87,7 +98,9 @@ pub fn write_llama_checkpoint(dir: &Path, layout: LlamaLayout) -> Result<Vec<Str
         safetensors::serialize_to_file(tensors, meta, &dir.join("model.safetensors"))?;
         return Ok(vec!["model.safetensors".into()]);
     }
-    let names: Vec<String> = (1..=layout.shards).map(|i| format!("model-{i:05}-of-{:05}.safetensors", layout.shards)).collect();
+    let names: Vec<String> = (1..=layout.shards)
+        .map(|i| format!("model-{i:05}-of-{:05}.safetensors", layout.shards))
+        .collect();
     let mut per_shard: Vec<Vec<(String, TensorView<'_>)>> = vec![Vec::new(); layout.shards];
     let mut weight_map = BTreeMap::new();
     let mut total_size = 0usize;
@@ -107,7 +120,8 @@ pub fn write_llama_checkpoint(dir: &Path, layout: LlamaLayout) -> Result<Vec<Str
 /// Copies the tiny model's tokenizer files ([`LLAMA_TOKENIZER_FILES`]) into `dir`.
 pub fn copy_tokenizer_files(dir: &Path) -> Result<()> {
     for f in LLAMA_TOKENIZER_FILES {
-        std::fs::copy(tiny_model_dir().join(f), dir.join(f)).with_context(|| format!("copy {f}"))?;
+        std::fs::copy(tiny_model_dir().join(f), dir.join(f))
+            .with_context(|| format!("copy {f}"))?;
     }
     Ok(())
 }

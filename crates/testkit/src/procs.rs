@@ -10,7 +10,10 @@ use anyhow::{bail, Context, Result};
 
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind an ephemeral port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
 }
 
 /// A `redis-server` child process (installed by `scripts/setup`), no persistence.
@@ -45,7 +48,16 @@ impl RedisServer {
 
     fn spawn(&mut self) -> Result<()> {
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -85,7 +97,10 @@ impl RedisServer {
     /// returned guard drops (SIGCONT), so a failing test never leaves it frozen.
     pub fn freeze(&self) -> Result<Frozen> {
         let pid = self.child.as_ref().context("the server is not running")?.id();
-        anyhow::ensure!(Command::new("kill").args(["-STOP", &pid.to_string()]).status()?.success(), "SIGSTOP {pid}");
+        anyhow::ensure!(
+            Command::new("kill").args(["-STOP", &pid.to_string()]).status()?.success(),
+            "SIGSTOP {pid}"
+        );
         Ok(Frozen(pid))
     }
 
@@ -120,7 +135,12 @@ pub struct ServiceProcess {
 impl ServiceProcess {
     /// Spawns `program args`, logs to the test's stderr.
     pub fn spawn(program: &str, args: &[String]) -> Result<Self> {
-        let child = Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::inherit()).spawn().with_context(|| format!("cannot start {program}"))?;
+        let child = Command::new(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot start {program}"))?;
         Ok(Self { child })
     }
 
@@ -218,12 +238,20 @@ impl RedisCluster {
             ])?);
         }
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
-        let out = Command::new("redis-cli").arg("--cluster").arg("create").args(&addrs).args(["--cluster-replicas", "0", "--cluster-yes"]).output()?;
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()?;
         if !out.status.success() {
             bail!("redis-cli --cluster create failed: {}", String::from_utf8_lossy(&out.stdout));
         }
         let deadline = Instant::now() + Duration::from_secs(20);
-        while !nodes.iter().all(|n| n.command("CLUSTER INFO").is_ok_and(|r| r.contains("cluster_state:ok"))) {
+        while !nodes
+            .iter()
+            .all(|n| n.command("CLUSTER INFO").is_ok_and(|r| r.contains("cluster_state:ok")))
+        {
             if Instant::now() > deadline {
                 bail!("cluster never reached state ok");
             }
@@ -234,7 +262,8 @@ impl RedisCluster {
 
     /// `redis+cluster://127.0.0.1:P1,127.0.0.1:P2,127.0.0.1:P3`.
     pub fn url(&self) -> String {
-        let nodes: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let nodes: Vec<String> =
+            self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
         format!("redis+cluster://{}", nodes.join(","))
     }
 }
@@ -256,5 +285,6 @@ pub fn child_pids(pid: u32) -> Vec<u32> {
 
 /// Whether `pid` exists and is not a zombie.
 pub fn pid_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
 }

@@ -62,10 +62,16 @@ pub fn default_rules_path() -> PathBuf {
 /// (without `as` the served name depends on a regex; this project always names its metrics).
 pub fn served_metrics(path: &Path) -> Result<BTreeSet<String>, AdapterError> {
     let format = |message: String| AdapterError::Format { path: path.into(), message };
-    let text = std::fs::read_to_string(path).map_err(|source| AdapterError::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| AdapterError::Read { path: path.into(), source })?;
     let map: ConfigMap = serde_norway::from_str(&text).map_err(|e| format(e.to_string()))?;
-    let config = map.data.as_ref().and_then(|d| d.get("config.yaml")).ok_or_else(|| format("no data key config.yaml".into()))?;
-    let config: Config = serde_norway::from_str(config).map_err(|e| format(format!("config.yaml: {e}")))?;
+    let config = map
+        .data
+        .as_ref()
+        .and_then(|d| d.get("config.yaml"))
+        .ok_or_else(|| format("no data key config.yaml".into()))?;
+    let config: Config =
+        serde_norway::from_str(config).map_err(|e| format(format!("config.yaml: {e}")))?;
     let mut names = BTreeSet::new();
     for rule in config.rules {
         if rule.series_query.trim().is_empty() || rule.metrics_query.trim().is_empty() {
@@ -75,7 +81,12 @@ pub fn served_metrics(path: &Path) -> Result<BTreeSet<String>, AdapterError> {
             (Some(name), Some(_)) if !name.is_empty() => {
                 names.insert(name);
             }
-            _ => return Err(format(format!("rule for {:?} needs name.matches and name.as", rule.series_query))),
+            _ => {
+                return Err(format(format!(
+                    "rule for {:?} needs name.matches and name.as",
+                    rule.series_query
+                )))
+            }
         }
     }
     Ok(names)

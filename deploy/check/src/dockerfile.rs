@@ -83,7 +83,11 @@ pub fn instructions(text: &str) -> Vec<Instruction> {
             current = Some((line, text));
         } else if !text.is_empty() {
             let (keyword, args) = text.split_once(char::is_whitespace).unwrap_or((&text, ""));
-            out.push(Instruction { keyword: keyword.to_ascii_uppercase(), args: args.trim().to_string(), line });
+            out.push(Instruction {
+                keyword: keyword.to_ascii_uppercase(),
+                args: args.trim().to_string(),
+                line,
+            });
         }
     }
     out
@@ -113,7 +117,8 @@ pub fn check(text: &str) -> Vec<DockerViolation> {
         match ins.keyword.as_str() {
             "ARG" => {
                 if let Some((k, v)) = ins.args.split_once('=') {
-                    arg_defaults.insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
+                    arg_defaults
+                        .insert(k.trim().to_string(), v.trim().trim_matches('"').to_string());
                 }
             }
             "FROM" => {
@@ -125,7 +130,8 @@ pub fn check(text: &str) -> Vec<DockerViolation> {
                     }
                 }
                 let r = ImageRef::parse(&image);
-                let distro = matches!(r.short_name(), "debian" | "ubuntu") && r.tag.is_some_and(has_point_release);
+                let distro = matches!(r.short_name(), "debian" | "ubuntu")
+                    && r.tag.is_some_and(has_point_release);
                 let known = image == "scratch" || stages.contains(&image.to_ascii_lowercase());
                 if !known && (image.contains('$') || r.floats() || !(r.pinned() || distro)) {
                     out.push(DockerViolation::UnpinnedBase { line: ins.line, image });
@@ -135,9 +141,14 @@ pub fn check(text: &str) -> Vec<DockerViolation> {
             }
             "ADD" => {
                 for source in words(&ins.args).iter().rev().skip(1) {
-                    let remote = ["http://", "https://", "ftp://", "git@", "git://"].iter().any(|p| source.starts_with(p));
+                    let remote = ["http://", "https://", "ftp://", "git@", "git://"]
+                        .iter()
+                        .any(|p| source.starts_with(p));
                     if remote {
-                        out.push(DockerViolation::RemoteAdd { line: ins.line, source_ref: source.to_string() });
+                        out.push(DockerViolation::RemoteAdd {
+                            line: ins.line,
+                            source_ref: source.to_string(),
+                        });
                     }
                 }
             }
@@ -155,7 +166,9 @@ pub fn check(text: &str) -> Vec<DockerViolation> {
             }
         }
     }
-    let first_word = entrypoint.as_deref().map(|e| e.trim_start_matches(['[', ' ']).split([',', ' ']).next().unwrap_or("").trim_matches('"'));
+    let first_word = entrypoint.as_deref().map(|e| {
+        e.trim_start_matches(['[', ' ']).split([',', ' ']).next().unwrap_or("").trim_matches('"')
+    });
     if first_word.is_none_or(|w| w.rsplit('/').next() != Some("tini")) {
         out.push(DockerViolation::MissingInit);
     }
@@ -170,6 +183,9 @@ mod tests {
     fn continuations_and_comments() {
         let ins = instructions("# c\nFROM a:1.2.3 AS b\nRUN x \\\n  # inside\n  && y\n\nUSER 1\n");
         assert_eq!(ins.len(), 3);
-        assert_eq!((ins[1].keyword.as_str(), ins[1].args.as_str(), ins[1].line), ("RUN", "x && y", 3));
+        assert_eq!(
+            (ins[1].keyword.as_str(), ins[1].args.as_str(), ins[1].line),
+            ("RUN", "x && y", 3)
+        );
     }
 }

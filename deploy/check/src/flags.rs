@@ -66,7 +66,11 @@ impl Binary {
 
     /// Environment variables the binary reads (clap `env` fallbacks).
     pub fn env_names(self) -> BTreeSet<String> {
-        self.command().get_arguments().filter_map(|a| a.get_env()).map(|e| e.to_string_lossy().into_owned()).collect()
+        self.command()
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|e| e.to_string_lossy().into_owned())
+            .collect()
     }
 }
 
@@ -133,18 +137,26 @@ pub struct GroupFlags {
 /// binary), expanded, plus flags for the binary's environment variables set in the pod.
 pub fn argv(view: &PodView<'_>, container: &Container, binary: Binary) -> Vec<String> {
     let env = view.env(container);
-    let words: Vec<&String> = container.command.iter().flatten().chain(container.args.iter().flatten()).collect();
-    let start = words.iter().position(|w| w.rsplit('/').next() == Some(binary.name())).map_or(0, |i| i + 1);
+    let words: Vec<&String> =
+        container.command.iter().flatten().chain(container.args.iter().flatten()).collect();
+    let start =
+        words.iter().position(|w| w.rsplit('/').next() == Some(binary.name())).map_or(0, |i| i + 1);
     let mut argv = vec![binary.name().to_string()];
     argv.extend(words[start..].iter().map(|w| expand(w, &env)));
     let declared: BTreeMap<String, (String, bool)> = binary
         .command()
         .get_arguments()
-        .filter_map(|a| Some((a.get_env()?.to_string_lossy().into_owned(), (a.get_long()?.to_string(), a.get_action().takes_values()))))
+        .filter_map(|a| {
+            Some((
+                a.get_env()?.to_string_lossy().into_owned(),
+                (a.get_long()?.to_string(), a.get_action().takes_values()),
+            ))
+        })
         .collect();
     for var in container.env.iter().flatten() {
         let Some((long, takes_value)) = declared.get(&var.name) else { continue };
-        let given = argv.iter().any(|a| a == &format!("--{long}") || a.starts_with(&format!("--{long}=")));
+        let given =
+            argv.iter().any(|a| a == &format!("--{long}") || a.starts_with(&format!("--{long}=")));
         if given {
             continue;
         }
@@ -170,7 +182,8 @@ fn upstreams(flag: &'static str, endpoints: &[String]) -> Result<Vec<Upstream>, 
         .iter()
         .filter(|e| !e.trim().is_empty())
         .map(|e| {
-            let (host, port) = e.rsplit_once(':').ok_or_else(|| format!("--{flag} {e}: expected host:port"))?;
+            let (host, port) =
+                e.rsplit_once(':').ok_or_else(|| format!("--{flag} {e}: expected host:port"))?;
             let port = port.parse().map_err(|_| format!("--{flag} {e}: bad port"))?;
             Ok(Upstream { flag, host: host.to_string(), port })
         })
@@ -224,7 +237,14 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
             dsvl_decoder::DecoderConfig::try_from(&a).map_err(|e| e.to_string())?;
             let serves = !(a.worker || a.node_index > 0);
             let device = a.device.to_string();
-            let group = GroupFlags { tp: a.tp, nodes: a.nodes, model: a.model.clone(), dtype: a.dtype.as_str().to_string(), device: device.clone(), rendezvous_port: a.rendezvous_port };
+            let group = GroupFlags {
+                tp: a.tp,
+                nodes: a.nodes,
+                model: a.model.clone(),
+                dtype: a.dtype.as_str().to_string(),
+                device: device.clone(),
+                rendezvous_port: a.rendezvous_port,
+            };
             Ok(Settings {
                 binary,
                 serves,

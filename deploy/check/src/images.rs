@@ -20,7 +20,9 @@ impl<'a> ImageRef<'a> {
         };
         let slash = rest.rfind('/').map_or(0, |i| i + 1);
         match rest[slash..].split_once(':') {
-            Some((_, tag)) => Self { name: &rest[..rest.len() - tag.len() - 1], tag: Some(tag), digest },
+            Some((_, tag)) => {
+                Self { name: &rest[..rest.len() - tag.len() - 1], tag: Some(tag), digest }
+            }
             None => Self { name: rest, tag: None, digest },
         }
     }
@@ -64,11 +66,17 @@ mod tests {
 
     #[test]
     fn references_and_pins() {
-        assert_eq!(ImageRef::parse("registry:5000/dsvl/cpu"), ImageRef { name: "registry:5000/dsvl/cpu", tag: None, digest: false });
+        assert_eq!(
+            ImageRef::parse("registry:5000/dsvl/cpu"),
+            ImageRef { name: "registry:5000/dsvl/cpu", tag: None, digest: false }
+        );
         let r = ImageRef::parse("dsvl/cpu:0.1.0@sha256:ab");
         assert_eq!((r.name, r.tag, r.digest), ("dsvl/cpu", Some("0.1.0"), true));
         assert!(ImageRef::parse("redis:latest").floats() && ImageRef::parse("redis").floats());
-        assert!(ImageRef::parse("redis:7.4.2-bookworm").pinned() && !ImageRef::parse("rust:1.95-bookworm").pinned());
+        assert!(
+            ImageRef::parse("redis:7.4.2-bookworm").pinned()
+                && !ImageRef::parse("rust:1.95-bookworm").pinned()
+        );
         assert!(has_point_release("12.12-slim") && !has_point_release("bookworm-slim"));
         assert_eq!(ImageRef::parse("nvidia/cuda:13.0.2-runtime-ubuntu24.04").short_name(), "cuda");
     }

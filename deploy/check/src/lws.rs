@@ -133,10 +133,12 @@ impl LwsSchema {
     /// # Errors
     /// [`SchemaError`] when the file is missing or not a valid schema.
     pub fn load(path: &Path) -> Result<Self, SchemaError> {
-        let text = std::fs::read_to_string(path).map_err(|source| SchemaError::Read { path: path.into(), source })?;
-        let schema: Value = serde_json::from_str(&text).map_err(|source| SchemaError::Json { path: path.into(), source })?;
-        let validator =
-            jsonschema::validator_for(&schema).map_err(|e| SchemaError::Invalid { path: path.into(), message: e.to_string() })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| SchemaError::Read { path: path.into(), source })?;
+        let schema: Value = serde_json::from_str(&text)
+            .map_err(|source| SchemaError::Json { path: path.into(), source })?;
+        let validator = jsonschema::validator_for(&schema)
+            .map_err(|e| SchemaError::Invalid { path: path.into(), message: e.to_string() })?;
         Ok(Self { validator })
     }
 

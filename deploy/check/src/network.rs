@@ -15,7 +15,9 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyIngressRule, NetworkPolicyPeer,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -49,11 +51,11 @@ pub fn map_matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String
 /// one value): a pod it selects is then sure to carry that label.
 pub fn requires(selector: &LabelSelector, key: &str, value: &str) -> bool {
     selector.match_labels.as_ref().and_then(|m| m.get(key)).is_some_and(|v| v == value)
-        || selector
-            .match_expressions
-            .iter()
-            .flatten()
-            .any(|e| e.key == key && e.operator == "In" && e.values.as_deref() == Some(&[value.to_string()][..]))
+        || selector.match_expressions.iter().flatten().any(|e| {
+            e.key == key
+                && e.operator == "In"
+                && e.values.as_deref() == Some(&[value.to_string()][..])
+        })
 }
 
 /// A pod as the policies see it.
@@ -115,7 +117,10 @@ fn peer_matches(peer: &NetworkPolicyPeer, policy_namespace: &str, client: &Endpo
     let namespace_ok = match &peer.namespace_selector {
         None => client.namespace == policy_namespace,
         Some(sel) => {
-            let ns_labels = BTreeMap::from([("kubernetes.io/metadata.name".to_string(), client.namespace.clone())]);
+            let ns_labels = BTreeMap::from([(
+                "kubernetes.io/metadata.name".to_string(),
+                client.namespace.clone(),
+            )]);
             matches(sel, &ns_labels)
         }
     };
@@ -130,7 +135,8 @@ impl<'a> Policies<'a> {
             .iter()
             .filter_map(|o| match &o.typed {
                 Typed::NetworkPolicy(p) if governs_ingress(p) => {
-                    let ns = o.raw["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
+                    let ns =
+                        o.raw["metadata"]["namespace"].as_str().unwrap_or("default").to_string();
                     Some((&o.id, ns, p))
                 }
                 _ => None,
@@ -140,10 +146,14 @@ impl<'a> Policies<'a> {
     }
 
     /// Policies (reference, rules) that select `server`.
-    pub fn selecting<'s>(&'s self, server: &'s Endpoint) -> impl Iterator<Item = (&'a ObjectRef, &'a [NetworkPolicyIngressRule])> + 's {
+    pub fn selecting<'s>(
+        &'s self,
+        server: &'s Endpoint,
+    ) -> impl Iterator<Item = (&'a ObjectRef, &'a [NetworkPolicyIngressRule])> + 's {
         self.policies.iter().filter_map(move |(id, ns, p)| {
             let spec = p.spec.as_ref()?;
-            let selected = *ns == server.namespace && spec.pod_selector.as_ref().is_none_or(|s| matches(s, &server.labels));
+            let selected = *ns == server.namespace
+                && spec.pod_selector.as_ref().is_none_or(|s| matches(s, &server.labels));
             selected.then(|| (*id, spec.ingress.as_deref().unwrap_or(&[])))
         })
     }
@@ -155,7 +165,10 @@ impl<'a> Policies<'a> {
             isolated = true;
             let ns = self.namespace_of(id);
             let allowed = rules.iter().any(|r| {
-                rule_ports_include(r, port) && r.from.as_ref().is_none_or(|peers| peers.is_empty() || peers.iter().any(|p| peer_matches(p, ns, client)))
+                rule_ports_include(r, port)
+                    && r.from.as_ref().is_none_or(|peers| {
+                        peers.is_empty() || peers.iter().any(|p| peer_matches(p, ns, client))
+                    })
             });
             if allowed {
                 return true;
@@ -170,16 +183,29 @@ impl<'a> Policies<'a> {
 
     /// Policies that open `port` of `server` (a pod of LeaderWorkerSet `lws`, group `group`)
     /// to anything beyond the pods of that same group.
-    pub fn exposing(&self, server: &Endpoint, port: Port<'_>, lws: &str, group: usize) -> Vec<&'a ObjectRef> {
+    pub fn exposing(
+        &self,
+        server: &Endpoint,
+        port: Port<'_>,
+        lws: &str,
+        group: usize,
+    ) -> Vec<&'a ObjectRef> {
         let group = group.to_string();
         let own_group_only = |peer: &NetworkPolicyPeer| {
             peer.ip_block.is_none()
                 && peer.namespace_selector.is_none()
-                && peer.pod_selector.as_ref().is_some_and(|s| requires(s, LABEL_NAME, lws) && requires(s, LABEL_GROUP_INDEX, &group))
+                && peer.pod_selector.as_ref().is_some_and(|s| {
+                    requires(s, LABEL_NAME, lws) && requires(s, LABEL_GROUP_INDEX, &group)
+                })
         };
         self.selecting(server)
             .filter(|(_, rules)| {
-                rules.iter().any(|r| rule_ports_include(r, port) && r.from.as_ref().is_none_or(|peers| peers.is_empty() || !peers.iter().all(own_group_only)))
+                rules.iter().any(|r| {
+                    rule_ports_include(r, port)
+                        && r.from.as_ref().is_none_or(|peers| {
+                            peers.is_empty() || !peers.iter().all(own_group_only)
+                        })
+                })
             })
             .map(|(id, _)| id)
             .collect()
@@ -200,9 +226,14 @@ mod tests {
     fn selectors_match_like_the_api_server() {
         let pod = labels(&[("app", "x"), ("tier", "a")]);
         assert!(matches(&LabelSelector::default(), &pod));
-        let sel = LabelSelector { match_labels: Some(labels(&[("app", "x")])), ..Default::default() };
+        let sel =
+            LabelSelector { match_labels: Some(labels(&[("app", "x")])), ..Default::default() };
         assert!(matches(&sel, &pod));
-        let not_in = LabelSelectorRequirement { key: "tier".into(), operator: "NotIn".into(), values: Some(vec!["a".into()]) };
+        let not_in = LabelSelectorRequirement {
+            key: "tier".into(),
+            operator: "NotIn".into(),
+            values: Some(vec!["a".into()]),
+        };
         let sel = LabelSelector { match_expressions: Some(vec![not_in]), ..Default::default() };
         assert!(!matches(&sel, &pod));
         assert!(!map_matches(&BTreeMap::new(), &pod));

@@ -37,7 +37,10 @@ impl ObjectRef {
 
     /// The reference of a raw object (empty strings where fields are missing).
     pub fn of(raw: &Value) -> Self {
-        Self::new(raw["kind"].as_str().unwrap_or(""), raw["metadata"]["name"].as_str().unwrap_or(""))
+        Self::new(
+            raw["kind"].as_str().unwrap_or(""),
+            raw["metadata"]["name"].as_str().unwrap_or(""),
+        )
     }
 }
 
@@ -119,7 +122,10 @@ pub fn split_yaml(text: &str) -> Result<Vec<Value>, YamlError> {
     Ok(docs)
 }
 
-fn typed<T: serde::de::DeserializeOwned>(raw: &Value, wrap: fn(T) -> Typed) -> Result<Typed, String> {
+fn typed<T: serde::de::DeserializeOwned>(
+    raw: &Value,
+    wrap: fn(T) -> Typed,
+) -> Result<Typed, String> {
     serde_json::from_value::<T>(raw.clone()).map(wrap).map_err(|e| e.to_string())
 }
 
@@ -165,13 +171,18 @@ impl ManifestSet {
     }
 
     /// The objects of one typed variant, with their references.
-    pub fn iter<'a, T: 'a>(&'a self, pick: fn(&'a Typed) -> Option<&'a T>) -> impl Iterator<Item = (&'a ObjectRef, &'a T)> + 'a {
+    pub fn iter<'a, T: 'a>(
+        &'a self,
+        pick: fn(&'a Typed) -> Option<&'a T>,
+    ) -> impl Iterator<Item = (&'a ObjectRef, &'a T)> + 'a {
         self.objects.iter().filter_map(move |o| pick(&o.typed).map(|t| (&o.id, t)))
     }
 
     /// Whether an object of `kind` named `name` whose apiVersion's group is `group` exists.
     pub fn contains(&self, group: &str, kind: &str, name: &str) -> bool {
-        self.objects.iter().any(|o| o.id.kind == kind && o.id.name == name && api_group(&o.api_version) == group)
+        self.objects
+            .iter()
+            .any(|o| o.id.kind == kind && o.id.name == name && api_group(&o.api_version) == group)
     }
 }
 

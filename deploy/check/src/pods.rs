@@ -91,7 +91,8 @@ impl<'a> PodView<'a> {
     /// The labels a pod of this template carries, LWS labels included (`group` is the
     /// group index to assume for LWS pods).
     pub fn labels(&self, group: usize) -> BTreeMap<String, String> {
-        let mut labels = self.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
+        let mut labels =
+            self.template.metadata.as_ref().and_then(|m| m.labels.clone()).unwrap_or_default();
         if let Some(g) = &self.lws {
             labels.insert(LABEL_NAME.into(), g.name.clone());
             labels.insert(LABEL_GROUP_INDEX.into(), group.to_string());
@@ -108,7 +109,10 @@ impl<'a> PodView<'a> {
         let mut env = BTreeMap::new();
         if let Some(g) = &self.lws {
             env.insert("LWS_GROUP_SIZE".into(), g.size.to_string());
-            env.insert("LWS_WORKER_INDEX".into(), if self.id.role == Role::Leader { "0" } else { "1" }.into());
+            env.insert(
+                "LWS_WORKER_INDEX".into(),
+                if self.id.role == Role::Leader { "0" } else { "1" }.into(),
+            );
             env.insert("LWS_LEADER_ADDRESS".into(), format!("{0}-0.{0}.{1}", g.name, g.namespace));
         }
         for var in container.env.iter().flatten() {
@@ -134,21 +138,45 @@ pub fn pod_views(set: &ManifestSet) -> Vec<PodView<'_>> {
         match &o.typed {
             Typed::Deployment(d) => {
                 if let Some(s) = &d.spec {
-                    views.push(PodView { id: PodRef { owner: o.id.clone(), role: Role::Deployment }, template: &s.template, lws: None, namespace: namespace.clone() });
+                    views.push(PodView {
+                        id: PodRef { owner: o.id.clone(), role: Role::Deployment },
+                        template: &s.template,
+                        lws: None,
+                        namespace: namespace.clone(),
+                    });
                 }
             }
             Typed::StatefulSet(d) => {
                 if let Some(s) = &d.spec {
-                    views.push(PodView { id: PodRef { owner: o.id.clone(), role: Role::StatefulSet }, template: &s.template, lws: None, namespace: namespace.clone() });
+                    views.push(PodView {
+                        id: PodRef { owner: o.id.clone(), role: Role::StatefulSet },
+                        template: &s.template,
+                        lws: None,
+                        namespace: namespace.clone(),
+                    });
                 }
             }
             Typed::Lws(l) => {
-                let group = LwsGroup { name: l.name().to_string(), size: l.size(), namespace: namespace.clone() };
+                let group = LwsGroup {
+                    name: l.name().to_string(),
+                    size: l.size(),
+                    namespace: namespace.clone(),
+                };
                 let leader = PodRef { owner: o.id.clone(), role: Role::Leader };
-                views.push(PodView { id: leader, template: l.leader_template(), lws: Some(group.clone()), namespace: namespace.clone() });
+                views.push(PodView {
+                    id: leader,
+                    template: l.leader_template(),
+                    lws: Some(group.clone()),
+                    namespace: namespace.clone(),
+                });
                 if l.size() > 1 {
                     let worker = PodRef { owner: o.id.clone(), role: Role::Worker };
-                    views.push(PodView { id: worker, template: &l.spec.leader_worker_template.worker_template, lws: Some(group), namespace });
+                    views.push(PodView {
+                        id: worker,
+                        template: &l.spec.leader_worker_template.worker_template,
+                        lws: Some(group),
+                        namespace,
+                    });
                 }
             }
             _ => {}
@@ -168,7 +196,8 @@ pub fn expand(text: &str, env: &BTreeMap<String, String>) -> String {
         if let Some(after) = tail.strip_prefix("$$") {
             out.push('$');
             rest = after;
-        } else if let Some((name, after)) = tail.strip_prefix("$(").and_then(|t| t.split_once(')')) {
+        } else if let Some((name, after)) = tail.strip_prefix("$(").and_then(|t| t.split_once(')'))
+        {
             match env.get(name) {
                 Some(v) => out.push_str(v),
                 None => out.push_str(&tail[..name.len() + 3]),

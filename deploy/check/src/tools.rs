@@ -72,7 +72,9 @@ fn find(tool: &'static str, env: &'static str) -> Result<PathBuf, ToolError> {
     if venv.is_file() {
         return Ok(venv);
     }
-    let on_path = std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(tool)).find(|p| p.is_file()));
+    let on_path = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths).map(|d| d.join(tool)).find(|p| p.is_file())
+    });
     on_path.ok_or_else(|| ToolError::Missing { tool, env, venv: venv.display().to_string() })
 }
 
@@ -141,13 +143,21 @@ pub fn lws_pod_templates(docs: &[Value]) -> Vec<Value> {
 /// [`ToolError::Failed`] with the validator's report when an object does not validate.
 pub fn validate_strict(docs: &[Value]) -> Result<(), ToolError> {
     static SCRATCH: AtomicUsize = AtomicUsize::new(0);
-    let path = std::env::temp_dir().join(format!("dsvl-deploy-check-{}-{}.yaml", std::process::id(), SCRATCH.fetch_add(1, Ordering::SeqCst)));
+    let path = std::env::temp_dir().join(format!(
+        "dsvl-deploy-check-{}-{}.yaml",
+        std::process::id(),
+        SCRATCH.fetch_add(1, Ordering::SeqCst)
+    ));
     let mut text = String::new();
     for d in docs {
         text.push_str("---\n");
-        text.push_str(&serde_norway::to_string(d).expect("a JSON value always serialises to YAML. This is a bug."));
+        text.push_str(
+            &serde_norway::to_string(d)
+                .expect("a JSON value always serialises to YAML. This is a bug."),
+        );
     }
-    std::fs::write(&path, text).map_err(|source| ToolError::Scratch { path: path.clone(), source })?;
+    std::fs::write(&path, text)
+        .map_err(|source| ToolError::Scratch { path: path.clone(), source })?;
     let mut cmd = Command::new(kubernetes_validate()?);
     cmd.args(["--strict", "--quiet", "--no-warn", "-k", KUBERNETES_VERSION]).arg(&path);
     let result = run(cmd);

@@ -91,7 +91,9 @@ pub enum Violation {
         container: String,
     },
     /// `terminationGracePeriodSeconds` does not cover the preStop hook plus the drain.
-    #[error("{pod}: terminationGracePeriodSeconds {grace} < {needed} (preStop + drain + 5 s to exit)")]
+    #[error(
+        "{pod}: terminationGracePeriodSeconds {grace} < {needed} (preStop + drain + 5 s to exit)"
+    )]
     GraceTooShort {
         /// The pod template.
         pod: PodRef,
@@ -110,7 +112,9 @@ pub enum Violation {
     },
     /// `startupPolicy: LeaderReady` on a multi-pod group: the leader only turns ready once its
     /// workers have joined, and they would never start.
-    #[error("{object}: startupPolicy LeaderReady deadlocks a group of {size} pods; use LeaderCreated")]
+    #[error(
+        "{object}: startupPolicy LeaderReady deadlocks a group of {size} pods; use LeaderCreated"
+    )]
     LwsStartupPolicy {
         /// The object.
         object: ObjectRef,
@@ -190,7 +194,9 @@ pub enum Violation {
         device: String,
     },
     /// A container's GPU limit differs from the GPUs its ranks open.
-    #[error("{pod}: container {container} limits nvidia.com/gpu to {found}, its ranks use {expected}")]
+    #[error(
+        "{pod}: container {container} limits nvidia.com/gpu to {found}, its ranks use {expected}"
+    )]
     GpuCountMismatch {
         /// The pod template.
         pod: PodRef,

@@ -21,8 +21,12 @@ pub const WORKER: &str = "/spec/leaderWorkerTemplate/workerTemplate/spec";
 /// The rendered documents of `overlay` (rendered once per test process, on first use: under
 /// cargo-nextest every test is its own process, so only the overlays a test uses are rendered).
 pub fn rendered(overlay: &str) -> Vec<Value> {
-    static RENDERED: [OnceLock<Vec<Value>>; OVERLAYS.len()] = [const { OnceLock::new() }; OVERLAYS.len()];
-    let index = OVERLAYS.iter().position(|o| *o == overlay).unwrap_or_else(|| panic!("no overlay {overlay}"));
+    static RENDERED: [OnceLock<Vec<Value>>; OVERLAYS.len()] =
+        [const { OnceLock::new() }; OVERLAYS.len()];
+    let index = OVERLAYS
+        .iter()
+        .position(|o| *o == overlay)
+        .unwrap_or_else(|| panic!("no overlay {overlay}"));
     RENDERED[index]
         .get_or_init(|| {
             let dir = deploy_dir().join("k8s/overlays").join(overlay);
@@ -36,8 +40,10 @@ pub fn rendered(overlay: &str) -> Vec<Value> {
 pub fn context(overlay: &str) -> CheckContext {
     CheckContext {
         profile: Profile::of_overlay(overlay),
-        schema: LwsSchema::load_default().expect("deploy/schemas/leaderworkerset.v1.schema.json loads"),
-        adapter_metrics: adapter::served_metrics(&adapter::default_rules_path()).expect("the adapter rules parse"),
+        schema: LwsSchema::load_default()
+            .expect("deploy/schemas/leaderworkerset.v1.schema.json loads"),
+        adapter_metrics: adapter::served_metrics(&adapter::default_rules_path())
+            .expect("the adapter rules parse"),
     }
 }
 
@@ -57,17 +63,24 @@ pub fn object<'a>(docs: &'a mut [Value], kind: &str, name: &str) -> &'a mut Valu
 
 /// The value at `pointer` inside object `kind`/`name`.
 pub fn at<'a>(docs: &'a mut [Value], kind: &str, name: &str, pointer: &str) -> &'a mut Value {
-    object(docs, kind, name).pointer_mut(pointer).unwrap_or_else(|| panic!("{kind}/{name} has nothing at {pointer}"))
+    object(docs, kind, name)
+        .pointer_mut(pointer)
+        .unwrap_or_else(|| panic!("{kind}/{name} has nothing at {pointer}"))
 }
 
 /// The args of the first container at pod spec `pod` of `kind`/`name`, as a mutable list.
 pub fn args<'a>(docs: &'a mut [Value], kind: &str, name: &str, pod: &str) -> &'a mut Vec<Value> {
-    at(docs, kind, name, &format!("{pod}/containers/0/args")).as_array_mut().expect("args is a list")
+    at(docs, kind, name, &format!("{pod}/containers/0/args"))
+        .as_array_mut()
+        .expect("args is a list")
 }
 
 /// Replaces the arg starting with `prefix` by `new`.
 pub fn replace_arg(args: &mut [Value], prefix: &str, new: &str) {
-    let slot = args.iter_mut().find(|a| a.as_str().is_some_and(|s| s.starts_with(prefix))).unwrap_or_else(|| panic!("no arg {prefix}"));
+    let slot = args
+        .iter_mut()
+        .find(|a| a.as_str().is_some_and(|s| s.starts_with(prefix)))
+        .unwrap_or_else(|| panic!("no arg {prefix}"));
     *slot = Value::from(new);
 }
 

@@ -137,7 +137,14 @@ impl TryFrom<&Args> for DecoderConfig {
 
     fn try_from(a: &Args) -> Result<Self, ConfigError> {
         let bad = |field, reason: &str| Err(ConfigError { field, reason: reason.into() });
-        for (field, v) in [("tp", a.tp), ("nodes", a.nodes), ("kv-blocks", a.kv_blocks), ("block-size", a.block_size), ("max-num-seqs", a.max_num_seqs), ("max-batched-tokens", a.max_batched_tokens)] {
+        for (field, v) in [
+            ("tp", a.tp),
+            ("nodes", a.nodes),
+            ("kv-blocks", a.kv_blocks),
+            ("block-size", a.block_size),
+            ("max-num-seqs", a.max_num_seqs),
+            ("max-batched-tokens", a.max_batched_tokens),
+        ] {
             if v == 0 {
                 return bad(field, "must be at least 1");
             }
@@ -151,7 +158,11 @@ impl TryFrom<&Args> for DecoderConfig {
             device: a.device,
             tp: a.tp,
             nodes: a.nodes,
-            rendezvous_bind: if a.nodes == 1 { "127.0.0.1:0".into() } else { format!("0.0.0.0:{}", a.rendezvous_port) },
+            rendezvous_bind: if a.nodes == 1 {
+                "127.0.0.1:0".into()
+            } else {
+                format!("0.0.0.0:{}", a.rendezvous_port)
+            },
             redis: a.redis.clone().filter(|u| !u.is_empty()),
             kv_blocks: a.kv_blocks,
             block_size: a.block_size,

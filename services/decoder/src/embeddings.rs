@@ -14,18 +14,32 @@ use tonic::Status;
 
 use crate::group::ModelInfo;
 
-fn to_tensor(dtype: EmbeddingDType, payload: &[u8], rows: usize, hidden: usize) -> Result<Tensor, Status> {
+fn to_tensor(
+    dtype: EmbeddingDType,
+    payload: &[u8],
+    rows: usize,
+    hidden: usize,
+) -> Result<Tensor, Status> {
     let t = match dtype {
         EmbeddingDType::F32 => {
-            let v: Vec<f32> = payload.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+            let v: Vec<f32> = payload
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect();
             Tensor::from_vec(v, (rows, hidden), &Device::Cpu)
         }
         EmbeddingDType::BF16 => {
-            let v: Vec<half::bf16> = payload.chunks_exact(2).map(|b| half::bf16::from_le_bytes(b.try_into().expect("2 bytes"))).collect();
+            let v: Vec<half::bf16> = payload
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes(b.try_into().expect("2 bytes")))
+                .collect();
             Tensor::from_vec(v, (rows, hidden), &Device::Cpu)
         }
         EmbeddingDType::F16 => {
-            let v: Vec<half::f16> = payload.chunks_exact(2).map(|b| half::f16::from_le_bytes(b.try_into().expect("2 bytes"))).collect();
+            let v: Vec<half::f16> = payload
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes(b.try_into().expect("2 bytes")))
+                .collect();
             Tensor::from_vec(v, (rows, hidden), &Device::Cpu)
         }
     };
@@ -42,7 +56,11 @@ fn proto_dtype(d: i32) -> Option<EmbeddingDType> {
 }
 
 /// Resolves every slot to a `[tokens, hidden]` f32 tensor, in slot order.
-pub async fn fetch(slots: &[ImageSlot], info: &ModelInfo, cache: Option<&Arc<RedisCache>>) -> Result<Vec<Tensor>, Status> {
+pub async fn fetch(
+    slots: &[ImageSlot],
+    info: &ModelInfo,
+    cache: Option<&Arc<RedisCache>>,
+) -> Result<Vec<Tensor>, Status> {
     let Some((_, fingerprint)) = &info.vision else {
         return Err(Status::invalid_argument("this model is text-only: it cannot take images"));
     };
@@ -69,12 +87,18 @@ pub async fn fetch(slots: &[ImageSlot], info: &ModelInfo, cache: Option<&Arc<Red
         let (dtype, payload, fp): (EmbeddingDType, Vec<u8>, String) = match &slot.embedding {
             None => return Err(Status::invalid_argument(format!("image {i} has no embedding"))),
             Some(Source::Inline(e)) => {
-                let dt = proto_dtype(e.dtype).ok_or_else(|| Status::invalid_argument(format!("image {i}: unknown dtype {}", e.dtype)))?;
+                let dt = proto_dtype(e.dtype).ok_or_else(|| {
+                    Status::invalid_argument(format!("image {i}: unknown dtype {}", e.dtype))
+                })?;
                 if e.shape != [rows as u32, hidden as u32] {
                     return Err(Status::failed_precondition(format!("image {i}: embedding shape {:?}, this model takes [{rows}, {hidden}]: re-encode", e.shape)));
                 }
                 if e.data.len() != rows * hidden * dt.size() {
-                    return Err(Status::invalid_argument(format!("image {i}: {} bytes for shape {:?}", e.data.len(), e.shape)));
+                    return Err(Status::invalid_argument(format!(
+                        "image {i}: {} bytes for shape {:?}",
+                        e.data.len(),
+                        e.shape
+                    )));
                 }
                 (dt, e.data.to_vec(), e.model_fingerprint.clone())
             }
@@ -85,8 +109,12 @@ pub async fn fetch(slots: &[ImageSlot], info: &ModelInfo, cache: Option<&Arc<Red
                     None => return Err(Status::internal("fewer cache replies than references. This is a bug.")),
                 };
                 let (header, payload) = codec::decode(&value).map_err(|e| {
-                    metrics::counter!("dsvl_decoder_embedding_errors_total", "reason" => "corrupt").increment(1);
-                    Status::failed_precondition(format!("embedding {} is corrupt ({e}): re-encode the image", r.key))
+                    metrics::counter!("dsvl_decoder_embedding_errors_total", "reason" => "corrupt")
+                        .increment(1);
+                    Status::failed_precondition(format!(
+                        "embedding {} is corrupt ({e}): re-encode the image",
+                        r.key
+                    ))
                 })?;
                 if header.shape != [rows as u32, hidden as u32] {
                     return Err(Status::failed_precondition(format!("embedding {} has shape {:?}; this model takes [{rows}, {hidden}]: re-encode", r.key, header.shape)));
@@ -95,12 +123,17 @@ pub async fn fetch(slots: &[ImageSlot], info: &ModelInfo, cache: Option<&Arc<Red
             }
         };
         if &fp != fingerprint {
-            metrics::counter!("dsvl_decoder_embedding_errors_total", "reason" => "fingerprint").increment(1);
+            metrics::counter!("dsvl_decoder_embedding_errors_total", "reason" => "fingerprint")
+                .increment(1);
             return Err(Status::failed_precondition(format!(
                 "image {i} was encoded by another model (fingerprint {fp}, this decoder expects {fingerprint}): re-encode with the matching vision tier"
             )));
         }
-        out.push(to_tensor(dtype, &payload, rows, hidden)?.to_dtype(DType::F32).map_err(|e| Status::internal(e.to_string()))?);
+        out.push(
+            to_tensor(dtype, &payload, rows, hidden)?
+                .to_dtype(DType::F32)
+                .map_err(|e| Status::internal(e.to_string()))?,
+        );
     }
     Ok(out)
 }

@@ -8,11 +8,15 @@ use std::net::TcpListener;
 use std::process::Command;
 
 use dsvl_engine::blocks::BlockManager;
-use dsvl_engine::group::{die_with_parent, group_tag, lead_group, run_worker, GroupTimeouts, LocalWorkers};
+use dsvl_engine::group::{
+    die_with_parent, group_tag, lead_group, run_worker, GroupTimeouts, LocalWorkers,
+};
 use dsvl_engine::scheduler::{Scheduler, SchedulerConfig};
 use dsvl_models::checkpoint::{Checkpoint, ModelSource};
 use dsvl_models::device::{candle_dtype, open_device};
-use dsvl_models::llm::{DeepSeekLlm, KvStore, PagedKv, PagedKvConfig, SeqChunk, Shard, ShardRunner, StepPlan};
+use dsvl_models::llm::{
+    DeepSeekLlm, KvStore, PagedKv, PagedKvConfig, SeqChunk, Shard, ShardRunner, StepPlan,
+};
 use dsvl_models::vision::VisionEncoder;
 use dsvl_models::ModelError;
 use dsvl_parallel::GroupSpec;
@@ -47,7 +51,13 @@ fn device_for(base: dsvl_core::DeviceSpec, local_rank: usize) -> dsvl_core::Devi
     }
 }
 
-fn spec(world: usize, rank: usize, leader: String, tag: String, cfg_timeout: std::time::Duration) -> GroupSpec {
+fn spec(
+    world: usize,
+    rank: usize,
+    leader: String,
+    tag: String,
+    cfg_timeout: std::time::Duration,
+) -> GroupSpec {
     GroupSpec {
         world_size: world,
         rank,
@@ -62,20 +72,54 @@ fn paged_kv(model: &DeepSeekLlm, kv: PagedKvConfig) -> Result<Box<dyn KvStore + 
     let c = model.config();
     let shard = model.shard();
     let kv_heads = if shard.world >= c.num_kv_heads { 1 } else { c.num_kv_heads / shard.world };
-    Ok(Box::new(PagedKv::new(kv, c.num_layers, kv_heads, c.head_dim, model.dtype(), model.device())?))
+    Ok(Box::new(PagedKv::new(
+        kv,
+        c.num_layers,
+        kv_heads,
+        c.head_dim,
+        model.dtype(),
+        model.device(),
+    )?))
 }
 
 /// Commands starting this node's other ranks (`first_rank+1 .. first_rank+local`).
-fn local_worker_commands(args: &Args, leader: &str, first_rank: usize, local: usize) -> Result<Vec<Command>, ModelError> {
-    let exe = std::env::current_exe().map_err(|e| ModelError::Io { path: "current executable".into(), source: e })?;
+fn local_worker_commands(
+    args: &Args,
+    leader: &str,
+    first_rank: usize,
+    local: usize,
+) -> Result<Vec<Command>, ModelError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| ModelError::Io { path: "current executable".into(), source: e })?;
     Ok((1..local)
         .map(|i| {
             let mut c = Command::new(&exe);
-            c.args(["--worker", "--die-with-parent", "--rank", &(first_rank + i).to_string(), "--leader", leader, "--tp", &args.tp.to_string()]);
-            c.args(["--nodes", &args.nodes.to_string(), "--node-index", &args.node_index.to_string(), "--dtype", args.dtype.as_str()]);
+            c.args([
+                "--worker",
+                "--die-with-parent",
+                "--rank",
+                &(first_rank + i).to_string(),
+                "--leader",
+                leader,
+                "--tp",
+                &args.tp.to_string(),
+            ]);
+            c.args([
+                "--nodes",
+                &args.nodes.to_string(),
+                "--node-index",
+                &args.node_index.to_string(),
+                "--dtype",
+                args.dtype.as_str(),
+            ]);
             // The node's base device: the worker adds its local rank itself (see
             // `run_worker_process`), so passing an offset device here would apply it twice.
-            c.args(["--device", &args.device.to_string(), "--collective-timeout-secs", &args.collective_timeout_secs.to_string()]);
+            c.args([
+                "--device",
+                &args.device.to_string(),
+                "--collective-timeout-secs",
+                &args.collective_timeout_secs.to_string(),
+            ]);
             if let Some(m) = &args.model {
                 c.arg("--model").arg(m);
             }
@@ -86,30 +130,49 @@ fn local_worker_commands(args: &Args, leader: &str, first_rank: usize, local: us
 
 /// Leader: everything the engine thread owns. Runs on that thread (the communicator must not
 /// leave it). Also runs one warm-up step through every rank.
-pub fn build_leader(args: &Args, cfg: &DecoderConfig) -> Result<(ShardRunner, Scheduler, LocalWorkers, ModelInfo), ModelError> {
+pub fn build_leader(
+    args: &Args,
+    cfg: &DecoderConfig,
+) -> Result<(ShardRunner, Scheduler, LocalWorkers, ModelInfo), ModelError> {
     let ckpt = Checkpoint::open(&source(&cfg.model))?;
     let dtype = candle_dtype(cfg.dtype);
     let device = open_device(cfg.device)?;
-    let listener = TcpListener::bind(&cfg.rendezvous_bind).map_err(|e| ModelError::Io { path: cfg.rendezvous_bind.clone(), source: e })?;
-    let local_addr = listener.local_addr().map_err(|e| ModelError::Io { path: "rendezvous".into(), source: e })?;
-    let leader = if cfg.nodes == 1 { local_addr.to_string() } else { format!("{}:{}", args.leader_host, local_addr.port()) };
+    let listener = TcpListener::bind(&cfg.rendezvous_bind)
+        .map_err(|e| ModelError::Io { path: cfg.rendezvous_bind.clone(), source: e })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|e| ModelError::Io { path: "rendezvous".into(), source: e })?;
+    let leader = if cfg.nodes == 1 {
+        local_addr.to_string()
+    } else {
+        format!("{}:{}", args.leader_host, local_addr.port())
+    };
     let tag = group_tag(&ckpt, cfg.dtype.as_str());
     let local = cfg.tp / cfg.nodes;
-    let mut workers = LocalWorkers::spawn(local_worker_commands(args, &leader, 0, local)?).map_err(|e| ModelError::Io { path: "worker ranks".into(), source: e })?;
+    let mut workers = LocalWorkers::spawn(local_worker_commands(args, &leader, 0, local)?)
+        .map_err(|e| ModelError::Io { path: "worker ranks".into(), source: e })?;
     let kv = PagedKvConfig { num_blocks: cfg.kv_blocks, block_size: cfg.block_size };
     let timeouts = GroupTimeouts { collective: cfg.collective_timeout, ..GroupTimeouts::default() };
     let spec = spec(cfg.tp, 0, leader, tag, cfg.collective_timeout);
-    let mut runner = lead_group(&listener, &spec, timeouts, serde_json::json!({ "kv": kv }), &device, || {
-        let model = DeepSeekLlm::load(&ckpt, dtype, &device, Shard { rank: 0, world: cfg.tp }, None)?;
-        let kv = paged_kv(&model, kv)?;
-        Ok((model, kv))
-    })?;
+    let mut runner =
+        lead_group(&listener, &spec, timeouts, serde_json::json!({ "kv": kv }), &device, || {
+            let model =
+                DeepSeekLlm::load(&ckpt, dtype, &device, Shard { rank: 0, world: cfg.tp }, None)?;
+            let kv = paged_kv(&model, kv)?;
+            Ok((model, kv))
+        })?;
     if let Some(dead) = workers.exited() {
         return Err(ModelError::InvalidInput(dead));
     }
     // Warm-up through every rank: one token, block 0, then freed.
     let warm = StepPlan {
-        chunks: vec![SeqChunk { seq: u64::MAX, tokens: vec![0], start: 0, all_logits: false, blocks: vec![0] }],
+        chunks: vec![SeqChunk {
+            seq: u64::MAX,
+            tokens: vec![0],
+            start: 0,
+            all_logits: false,
+            blocks: vec![0],
+        }],
         ..StepPlan::default()
     };
     runner.lead_step(&warm)?;
@@ -117,19 +180,39 @@ pub fn build_leader(args: &Args, cfg: &DecoderConfig) -> Result<(ShardRunner, Sc
 
     let c = runner.model().config().clone();
     let vision = if ckpt.config().get("vision_config").is_some() {
-        let tok = ckpt.read_file("tokenizer.json")?.ok_or_else(|| ModelError::Config { file: "checkpoint".into(), message: "missing tokenizer.json".into() })?;
-        let tok = dsvl_chat::ChatTokenizer::from_bytes(&tok).map_err(|e| ModelError::Config { file: "tokenizer.json".into(), message: e.to_string() })?;
+        let tok = ckpt.read_file("tokenizer.json")?.ok_or_else(|| ModelError::Config {
+            file: "checkpoint".into(),
+            message: "missing tokenizer.json".into(),
+        })?;
+        let tok = dsvl_chat::ChatTokenizer::from_bytes(&tok).map_err(|e| ModelError::Config {
+            file: "tokenizer.json".into(),
+            message: e.to_string(),
+        })?;
         Some((tok.special().image, VisionEncoder::fingerprint(&ckpt)?))
     } else {
         None
     };
     let image_tokens = match ckpt.read_file("processor_config.json")? {
-        Some(b) => serde_json::from_slice::<serde_json::Value>(&b).ok().and_then(|v| v["num_image_tokens"].as_u64()).unwrap_or(576) as usize,
+        Some(b) => serde_json::from_slice::<serde_json::Value>(&b)
+            .ok()
+            .and_then(|v| v["num_image_tokens"].as_u64())
+            .unwrap_or(576) as usize,
         None => 576,
     };
-    let info = ModelInfo { vocab_size: c.vocab_size, max_positions: c.max_position_embeddings, hidden_size: c.hidden_size, vision, image_tokens, tp: cfg.tp };
+    let info = ModelInfo {
+        vocab_size: c.vocab_size,
+        max_positions: c.max_position_embeddings,
+        hidden_size: c.hidden_size,
+        vision,
+        image_tokens,
+        tp: cfg.tp,
+    };
     let sched = Scheduler::new(
-        SchedulerConfig { max_num_seqs: cfg.max_num_seqs, max_batched_tokens: cfg.max_batched_tokens, max_positions: c.max_position_embeddings },
+        SchedulerConfig {
+            max_num_seqs: cfg.max_num_seqs,
+            max_batched_tokens: cfg.max_batched_tokens,
+            max_positions: c.max_position_embeddings,
+        },
         BlockManager::new(cfg.kv_blocks, cfg.block_size),
     );
     Ok((runner, sched, workers, info))
@@ -143,12 +226,20 @@ pub fn run_worker_process(args: &Args) -> Result<(), ModelError> {
     }
     let local = args.tp / args.nodes.max(1);
     let (rank, leader) = if args.worker {
-        (args.rank, args.leader.clone().ok_or_else(|| ModelError::InvalidInput("--worker needs --leader".into()))?)
+        (
+            args.rank,
+            args.leader
+                .clone()
+                .ok_or_else(|| ModelError::InvalidInput("--worker needs --leader".into()))?,
+        )
     } else {
         (args.node_index * local, format!("{}:{}", args.leader_host, args.rendezvous_port))
     };
-    let _children = if args.worker { LocalWorkers::default() } else {
-        LocalWorkers::spawn(local_worker_commands(args, &leader, rank, local)?).map_err(|e| ModelError::Io { path: "worker ranks".into(), source: e })?
+    let _children = if args.worker {
+        LocalWorkers::default()
+    } else {
+        LocalWorkers::spawn(local_worker_commands(args, &leader, rank, local)?)
+            .map_err(|e| ModelError::Io { path: "worker ranks".into(), source: e })?
     };
     let ckpt = Checkpoint::open(&source(&args.model))?;
     let local_rank = rank % local.max(1);
@@ -158,7 +249,8 @@ pub fn run_worker_process(args: &Args) -> Result<(), ModelError> {
     let spec = spec(args.tp, rank, leader, group_tag(&ckpt, args.dtype.as_str()), timeout);
     let timeouts = GroupTimeouts { collective: timeout, ..GroupTimeouts::default() };
     run_worker(&spec, timeouts, &device, |extra| {
-        let kv: PagedKvConfig = serde_json::from_value(extra["kv"].clone()).map_err(|e| ModelError::InvalidInput(format!("leader sent no KV geometry: {e}")))?;
+        let kv: PagedKvConfig = serde_json::from_value(extra["kv"].clone())
+            .map_err(|e| ModelError::InvalidInput(format!("leader sent no KV geometry: {e}")))?;
         let model = DeepSeekLlm::load(&ckpt, dtype, &device, Shard { rank, world: args.tp }, None)?;
         let kv = paged_kv(&model, kv)?;
         Ok((model, kv))
@@ -180,16 +272,42 @@ mod tests {
     /// commands carry the base device and each worker adds its local rank.
     #[test]
     fn local_ranks_get_consecutive_devices() {
-        let args = Args::parse_from(["dsvl-decoder", "--tp", "8", "--nodes", "2", "--node-index", "1", "--device", "cuda:0"]);
+        let args = Args::parse_from([
+            "dsvl-decoder",
+            "--tp",
+            "8",
+            "--nodes",
+            "2",
+            "--node-index",
+            "1",
+            "--device",
+            "cuda:0",
+        ]);
         let cmds = local_worker_commands(&args, "leader:29500", 4, 4).expect("commands");
         assert_eq!(cmds.len(), 3);
         for (i, cmd) in cmds.iter().enumerate() {
             let rank: usize = arg_after(cmd, "--rank").expect("--rank").parse().expect("rank");
             assert_eq!(rank, 5 + i);
-            let device: dsvl_core::DeviceSpec = arg_after(cmd, "--device").expect("--device").parse().expect("device");
-            let worker = Args::parse_from(["dsvl-decoder", "--worker", "--tp", "8", "--nodes", "2", "--rank", &rank.to_string(), "--device", &device.to_string()]);
+            let device: dsvl_core::DeviceSpec =
+                arg_after(cmd, "--device").expect("--device").parse().expect("device");
+            let worker = Args::parse_from([
+                "dsvl-decoder",
+                "--worker",
+                "--tp",
+                "8",
+                "--nodes",
+                "2",
+                "--rank",
+                &rank.to_string(),
+                "--device",
+                &device.to_string(),
+            ]);
             let local = worker.tp / worker.nodes;
-            assert_eq!(device_for(worker.device, worker.rank % local), dsvl_core::DeviceSpec::Cuda(1 + i), "rank {rank}");
+            assert_eq!(
+                device_for(worker.device, worker.rank % local),
+                dsvl_core::DeviceSpec::Cuda(1 + i),
+                "rank {rank}"
+            );
         }
     }
 }

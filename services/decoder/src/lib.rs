@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use dsvl_cache::{RedisCache, RedisConfig};
 use dsvl_engine::engine::spawn_engine;
-use dsvl_telemetry::probes::{self, Watchdog};
 use dsvl_proto::v1::decoder_server::DecoderServer;
+use dsvl_telemetry::probes::{self, Watchdog};
 use tokio::net::TcpListener;
 
 pub use config::{Args, DecoderConfig};
@@ -52,12 +52,18 @@ pub enum DecoderError {
 /// joined, loaded its shard and run a warm-up step; `startup` and `liveness` serve the
 /// Kubernetes probes ([`dsvl_telemetry::probes`]): liveness fails when one engine step runs
 /// longer than `config.liveness_stall` or the group has failed.
-pub async fn run(args: Args, config: DecoderConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), DecoderError> {
+pub async fn run(
+    args: Args,
+    config: DecoderConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DecoderError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     probes::set_ready::<DecoderServer<DecoderService>>(&health, false).await;
     probes::starting(&health).await;
     let watchdog = Watchdog::new("decoder-engine");
-    let _liveness = probes::spawn_liveness(health.clone(), vec![watchdog.clone()], config.liveness_stall);
+    let _liveness =
+        probes::spawn_liveness(health.clone(), vec![watchdog.clone()], config.liveness_stall);
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(dsvl_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -71,12 +77,22 @@ pub async fn run(args: Args, config: DecoderConfig, listener: TcpListener, shutd
     let ready = Arc::new(std::sync::OnceLock::new());
     let draining = Arc::new(AtomicBool::new(false));
     let active = Arc::new(AtomicUsize::new(0));
-    let svc = DecoderService { ready: ready.clone(), cache, max_waiting: config.max_waiting, draining: draining.clone(), active: active.clone() };
+    let svc = DecoderService {
+        ready: ready.clone(),
+        cache,
+        max_waiting: config.max_waiting,
+        draining: draining.clone(),
+        active: active.clone(),
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(DecoderServer::new(svc).max_decoding_message_size(config.max_message_bytes).max_encoding_message_size(config.max_message_bytes))
+        .add_service(
+            DecoderServer::new(svc)
+                .max_decoding_message_size(config.max_message_bytes)
+                .max_encoding_message_size(config.max_message_bytes),
+        )
         .serve_with_incoming_shutdown(dsvl_telemetry::incoming_nodelay(listener), async {
             let _ = stop_rx.await;
         });
@@ -87,11 +103,15 @@ pub async fn run(args: Args, config: DecoderConfig, listener: TcpListener, shutd
     let (engine_args, engine_cfg) = (args.clone(), config.clone());
     let t = Instant::now();
     let mut starting = tokio::task::spawn_blocking(move || {
-        spawn_engine(move || {
-            let (runner, sched, workers, info) = group::build_leader(&engine_args, &engine_cfg)?;
-            let _ = info_tx.send((info, workers));
-            Ok((runner, sched))
-        }, watchdog)
+        spawn_engine(
+            move || {
+                let (runner, sched, workers, info) =
+                    group::build_leader(&engine_args, &engine_cfg)?;
+                let _ = info_tx.send((info, workers));
+                Ok((runner, sched))
+            },
+            watchdog,
+        )
     });
     tokio::pin!(shutdown);
     // Phase 1: the group starts (health NOT_SERVING, requests UNAVAILABLE).
@@ -104,13 +124,17 @@ pub async fn run(args: Args, config: DecoderConfig, listener: TcpListener, shutd
             Err(e) => return Err(DecoderError::Reflection(format!("engine start task: {e}"))),
         },
     };
-    let (info, workers) = info_rx.recv().map_err(|_| DecoderError::Reflection("engine started without model info".into()))?;
+    let (info, workers) = info_rx
+        .recv()
+        .map_err(|_| DecoderError::Reflection("engine started without model info".into()))?;
     tracing::info!(tp = info.tp, load_s = t.elapsed().as_secs_f64(), "decoder group ready");
     let _ = ready.set(service::Ready { engine, info });
     probes::set_ready::<DecoderServer<DecoderService>>(&health, true).await;
     probes::started(&health).await;
     let mut engine_done = tokio::task::spawn_blocking(move || {
-        join.join().unwrap_or_else(|_| Err(dsvl_models::ModelError::InvalidInput("engine thread panicked".into())))
+        join.join().unwrap_or_else(|_| {
+            Err(dsvl_models::ModelError::InvalidInput("engine thread panicked".into()))
+        })
     });
     // Phase 2: serving, until shutdown or a group failure.
     let failure = tokio::select! {

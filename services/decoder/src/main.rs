@@ -24,7 +24,9 @@ fn main() -> anyhow::Result<()> {
         dsvl_telemetry::serve_prometheus(addr)?;
     }
     tokio::runtime::Runtime::new()?.block_on(async {
-        let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
         tracing::info!(listen = %listener.local_addr()?, tp = args.tp, "dsvl-decoder starting");
         run(args.clone(), config, listener, dsvl_telemetry::shutdown_signal()).await?;
         tracing::info!("stopped");

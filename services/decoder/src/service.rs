@@ -13,7 +13,9 @@ use dsvl_engine::{FinishReason, SamplingParams};
 use dsvl_models::llm::ImageRows;
 use dsvl_proto::v1::decoder_server::Decoder;
 use dsvl_proto::v1::generate_response::Event as Out;
-use dsvl_proto::v1::{FinishEvent, GenerateRequest, GenerateResponse, LoadRequest, LoadResponse, TokenEvent, Usage};
+use dsvl_proto::v1::{
+    FinishEvent, GenerateRequest, GenerateResponse, LoadRequest, LoadResponse, TokenEvent, Usage,
+};
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
@@ -46,7 +48,9 @@ impl Drop for ActiveGuard {
 
 fn status_of(f: Failure) -> Status {
     match f {
-        Failure::DeadlineExceeded => Status::deadline_exceeded("the deadline passed before generation finished"),
+        Failure::DeadlineExceeded => {
+            Status::deadline_exceeded("the deadline passed before generation finished")
+        }
         Failure::Invalid(m) => Status::invalid_argument(m),
         Failure::Unavailable(m) => Status::unavailable(m),
     }
@@ -57,7 +61,10 @@ impl DecoderService {
         if self.draining.load(Ordering::SeqCst) {
             return Err(Status::unavailable("the decoder is draining"));
         }
-        let r = self.ready.get().ok_or_else(|| Status::unavailable("the decoder group is still starting"))?;
+        let r = self
+            .ready
+            .get()
+            .ok_or_else(|| Status::unavailable("the decoder group is still starting"))?;
         if !r.engine.is_alive() {
             return Err(Status::unavailable("the decoder group has failed"));
         }
@@ -72,10 +79,18 @@ impl Ready {
             return Err(Status::invalid_argument("empty prompt"));
         }
         if n + 1 > self.info.max_positions {
-            return Err(Status::invalid_argument(format!("the prompt has {n} tokens; the model takes at most {} positions", self.info.max_positions)));
+            return Err(Status::invalid_argument(format!(
+                "the prompt has {n} tokens; the model takes at most {} positions",
+                self.info.max_positions
+            )));
         }
-        if let Some(bad) = req.prompt_token_ids.iter().find(|&&t| t as usize >= self.info.vocab_size) {
-            return Err(Status::invalid_argument(format!("token id {bad} is outside the vocabulary of {}", self.info.vocab_size)));
+        if let Some(bad) =
+            req.prompt_token_ids.iter().find(|&&t| t as usize >= self.info.vocab_size)
+        {
+            return Err(Status::invalid_argument(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.info.vocab_size
+            )));
         }
         if let Some(s) = &req.sampling {
             let p = sampling(s);
@@ -85,25 +100,39 @@ impl Ready {
     }
 
     /// Image rows at their positions; checks the slots against the prompt.
-    async fn images(&self, req: &GenerateRequest, cache: Option<&Arc<RedisCache>>) -> Result<Option<ImageRows>, Status> {
+    async fn images(
+        &self,
+        req: &GenerateRequest,
+        cache: Option<&Arc<RedisCache>>,
+    ) -> Result<Option<ImageRows>, Status> {
         let image_token = self.info.vision.as_ref().map(|(t, _)| *t);
-        let slots_in_prompt = image_token.map_or(0, |t| req.prompt_token_ids.iter().filter(|&&x| x == t).count());
+        let slots_in_prompt =
+            image_token.map_or(0, |t| req.prompt_token_ids.iter().filter(|&&x| x == t).count());
         if req.images.is_empty() {
             if slots_in_prompt > 0 {
-                return Err(Status::invalid_argument(format!("the prompt has {slots_in_prompt} image-token positions but no images")));
+                return Err(Status::invalid_argument(format!(
+                    "the prompt has {slots_in_prompt} image-token positions but no images"
+                )));
             }
             return Ok(None);
         }
-        let Some(image_token) = image_token else { return Err(Status::invalid_argument("this model is text-only: it cannot take images")) };
+        let Some(image_token) = image_token else {
+            return Err(Status::invalid_argument("this model is text-only: it cannot take images"));
+        };
         let k = self.info.image_tokens;
         let mut slots = req.images.clone();
         slots.sort_by_key(|s| s.position);
         let mut positions = Vec::with_capacity(slots.len() * k);
         for s in &slots {
             let p = s.position as usize;
-            let run = req.prompt_token_ids.get(p..p + k).ok_or_else(|| Status::invalid_argument(format!("image at {p} runs past the prompt")))?;
+            let run = req.prompt_token_ids.get(p..p + k).ok_or_else(|| {
+                Status::invalid_argument(format!("image at {p} runs past the prompt"))
+            })?;
             if run.iter().any(|&t| t != image_token) {
-                return Err(Status::invalid_argument(format!("positions {p}..{} are not all image tokens ({image_token})", p + k)));
+                return Err(Status::invalid_argument(format!(
+                    "positions {p}..{} are not all image tokens ({image_token})",
+                    p + k
+                )));
             }
             if positions.last().is_some_and(|&last: &u32| last as usize >= p) {
                 return Err(Status::invalid_argument("image slots overlap"));
@@ -111,7 +140,11 @@ impl Ready {
             positions.extend((p..p + k).map(|x| x as u32));
         }
         if positions.len() != slots_in_prompt {
-            return Err(Status::invalid_argument(format!("{} image-token positions in the prompt but {} images", slots_in_prompt, slots.len())));
+            return Err(Status::invalid_argument(format!(
+                "{} image-token positions in the prompt but {} images",
+                slots_in_prompt,
+                slots.len()
+            )));
         }
         let rows = embeddings::fetch(&slots, &self.info, cache).await?;
         let rows = Tensor::cat(&rows, 0).map_err(|e| Status::internal(e.to_string()))?;
@@ -135,8 +168,15 @@ type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>
 impl Decoder for DecoderService {
     type GenerateStream = GenerateStream;
 
-    async fn generate(&self, request: Request<GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
-        let span = tracing::info_span!("decoder.generate", request_id = tracing::field::Empty, prompt_tokens = tracing::field::Empty);
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let span = tracing::info_span!(
+            "decoder.generate",
+            request_id = tracing::field::Empty,
+            prompt_tokens = tracing::field::Empty
+        );
         dsvl_telemetry::extract_trace_context(request.metadata(), &span);
         let started = Instant::now();
         let deadline = dsvl_telemetry::answer_by(request.metadata(), started);
@@ -146,11 +186,17 @@ impl Decoder for DecoderService {
         span.record("prompt_tokens", req.prompt_token_ids.len());
         ready.validate(&req)?;
         if ready.engine.load().occupancy.waiting >= self.max_waiting {
-            return Err(Status::resource_exhausted("too many requests waiting; retry later or elsewhere"));
+            return Err(Status::resource_exhausted(
+                "too many requests waiting; retry later or elsewhere",
+            ));
         }
         let image = ready.images(&req, self.cache.as_ref()).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let max_new = if req.max_new_tokens == 0 { ready.info.max_positions } else { req.max_new_tokens as usize };
+        let max_new = if req.max_new_tokens == 0 {
+            ready.info.max_positions
+        } else {
+            req.max_new_tokens as usize
+        };
         let new = NewRequest {
             prompt: req.prompt_token_ids.clone(),
             image,
@@ -161,7 +207,10 @@ impl Decoder for DecoderService {
             deadline,
             events: tx,
         };
-        ready.engine.submit(new).map_err(|_| Status::unavailable("the decoder group has failed"))?;
+        ready
+            .engine
+            .submit(new)
+            .map_err(|_| Status::unavailable("the decoder group has failed"))?;
         self.active.fetch_add(1, Ordering::SeqCst);
         let guard = ActiveGuard(self.active.clone());
         let logprobs = req.logprobs;
@@ -177,14 +226,20 @@ impl Decoder for DecoderService {
                 };
                 let item = match ev {
                     Event::Token { id, logprob } => {
-                        let e = TokenEvent { id, logprob: if logprobs { logprob.unwrap_or(0.0) } else { 0.0 }, index };
+                        let e = TokenEvent {
+                            id,
+                            logprob: if logprobs { logprob.unwrap_or(0.0) } else { 0.0 },
+                            index,
+                        };
                         index += 1;
                         Ok(GenerateResponse { event: Some(Out::Token(e)) })
                     }
                     Event::Finished { reason, usage } => {
                         let reason = match reason {
                             FinishReason::Stop => dsvl_proto::v1::FinishReason::Stop,
-                            FinishReason::Length | FinishReason::Cancelled => dsvl_proto::v1::FinishReason::Length,
+                            FinishReason::Length | FinishReason::Cancelled => {
+                                dsvl_proto::v1::FinishReason::Length
+                            }
                         };
                         Ok(GenerateResponse {
                             event: Some(Out::Finish(FinishEvent {

@@ -10,10 +10,12 @@ use dsvl_proto::v1::decoder_client::DecoderClient;
 use dsvl_proto::v1::generate_response::Event;
 use dsvl_proto::v1::image_slot::Embedding as Source;
 use dsvl_proto::v1::{EmbeddingRef, GenerateRequest, ImageSlot, LoadRequest};
-use dsvl_testkit::{child_pids, free_port, golden_dir, http_get, metric_sum, pid_alive, RedisServer, ServiceProcess};
+use dsvl_testkit::{
+    child_pids, free_port, golden_dir, http_get, metric_sum, pid_alive, RedisServer, ServiceProcess,
+};
 use tonic::transport::Channel;
-use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
 struct Decoder {
@@ -24,8 +26,10 @@ struct Decoder {
 
 impl Decoder {
     async fn start(extra: &[&str]) -> Result<Self> {
-        let (grpc, metrics) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
-        let mut args = vec!["--listen".to_string(), grpc.clone(), "--metrics-listen".into(), metrics.clone()];
+        let (grpc, metrics) =
+            (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
+        let mut args =
+            vec!["--listen".to_string(), grpc.clone(), "--metrics-listen".into(), metrics.clone()];
         args.extend(extra.iter().map(|s| s.to_string()));
         let proc = ServiceProcess::spawn(env!("CARGO_BIN_EXE_dsvl-decoder"), &args)?;
         let me = Self { proc, grpc, metrics };
@@ -55,7 +59,11 @@ async fn wait_serving(grpc: &str, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
     loop {
         if let Ok(ch) = channel(grpc).await {
-            if HealthClient::new(ch).check(HealthCheckRequest { service: String::new() }).await.is_ok_and(|r| r.into_inner().status == 1) {
+            if HealthClient::new(ch)
+                .check(HealthCheckRequest { service: String::new() })
+                .await
+                .is_ok_and(|r| r.into_inner().status == 1)
+            {
                 return Ok(());
             }
         }
@@ -65,13 +73,20 @@ async fn wait_serving(grpc: &str, limit: Duration) -> Result<()> {
 }
 
 /// Waits up to `limit` for `child` to exit.
-async fn exit_within(child: &mut std::process::Child, limit: Duration) -> Result<std::process::ExitStatus> {
+async fn exit_within(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Result<std::process::ExitStatus> {
     let t = Instant::now();
     loop {
         if let Some(s) = child.try_wait()? {
             return Ok(s);
         }
-        anyhow::ensure!(t.elapsed() < limit, "process {} still running after {limit:?}", child.id());
+        anyhow::ensure!(
+            t.elapsed() < limit,
+            "process {} still running after {limit:?}",
+            child.id()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -87,11 +102,19 @@ fn ids(t: &Tensor) -> Result<Vec<u32>> {
 }
 
 fn request(prompt: Vec<u32>, max_new: u32) -> GenerateRequest {
-    GenerateRequest { prompt_token_ids: prompt, max_new_tokens: max_new, stop_token_ids: vec![1001], ..Default::default() }
+    GenerateRequest {
+        prompt_token_ids: prompt,
+        max_new_tokens: max_new,
+        stop_token_ids: vec![1001],
+        ..Default::default()
+    }
 }
 
 /// Streams to the end; returns the token ids and the finish reason (or the status).
-async fn generate(client: &mut DecoderClient<Channel>, req: GenerateRequest) -> Result<(Vec<u32>, i32), tonic::Status> {
+async fn generate(
+    client: &mut DecoderClient<Channel>,
+    req: GenerateRequest,
+) -> Result<(Vec<u32>, i32), tonic::Status> {
     let mut stream = client.generate(req).await?.into_inner();
     let mut out = Vec::new();
     while let Some(msg) = stream.message().await? {
@@ -109,7 +132,9 @@ async fn generate(client: &mut DecoderClient<Channel>, req: GenerateRequest) -> 
 
 /// Distinct prompts of varying length from the tiny vocabulary.
 fn prompts(n: usize) -> Vec<Vec<u32>> {
-    (0..n).map(|i| (0..(20 + 7 * i)).map(|j| ((j * 37 + i * 101) % 990) as u32 + 1).collect()).collect()
+    (0..n)
+        .map(|i| (0..(20 + 7 * i)).map(|j| ((j * 37 + i * 101) % 990) as u32 + 1).collect())
+        .collect()
 }
 
 /// The golden text prompt streams the golden greedy ids (= `dsvl generate`), at TP 1 and 2.
@@ -118,7 +143,8 @@ async fn text_stream_matches_reference_at_tp_1_and_2() -> Result<()> {
     let (lm, _) = golden()?;
     for tp in ["1", "2"] {
         let d = Decoder::start(&["--tp", tp]).await?;
-        let (out, reason) = generate(&mut d.client().await?, request(ids(&lm["text.input_ids"])?, 16)).await?;
+        let (out, reason) =
+            generate(&mut d.client().await?, request(ids(&lm["text.input_ids"])?, 16)).await?;
         assert_eq!(out, ids(&lm["text.generated_ids"])?, "tp {tp}");
         assert_eq!(reason, dsvl_proto::v1::FinishReason::Length as i32);
         let load = d.client().await?.load(LoadRequest {}).await?.into_inner();
@@ -140,13 +166,18 @@ async fn image_stream_through_redis_matches_reference() -> Result<()> {
     let ckpt = Checkpoint::open(&ModelSource::Bundled)?;
     let fingerprint = dsvl_models::vision::VisionEncoder::fingerprint(&ckpt)?;
     let enc = dsvl_models::vision::VisionEncoder::load(&ckpt, DType::F32, &Device::Cpu, None)?;
-    let pre = candle_core::safetensors::load(golden_dir().join("preprocess.safetensors"), &Device::Cpu)?;
+    let pre =
+        candle_core::safetensors::load(golden_dir().join("preprocess.safetensors"), &Device::Cpu)?;
     let u8s = pre["photo_jpeg.pixel_values_u8"].flatten_all()?.to_dtype(DType::U32)?;
     let pixels = pre["rescale_lut"].index_select(&u8s, 0)?.reshape((1, 3, 1024, 1024))?;
     let emb = enc.forward(&pixels)?.flatten_all()?.to_vec1::<f32>()?;
     let payload: Vec<u8> = emb.iter().flat_map(|v| v.to_le_bytes()).collect();
     let store = |key: &str, fp: &str| -> Result<()> {
-        let header = dsvl_core::codec::EmbeddingHeader { dtype: dsvl_core::codec::EmbeddingDType::F32, shape: vec![576, 128], model_fingerprint: fp.into() };
+        let header = dsvl_core::codec::EmbeddingHeader {
+            dtype: dsvl_core::codec::EmbeddingDType::F32,
+            shape: vec![576, 128],
+            model_fingerprint: fp.into(),
+        };
         let value = dsvl_core::codec::encode(&header, &payload);
         let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port))?;
         use std::io::{Read, Write};
@@ -162,17 +193,37 @@ async fn image_stream_through_redis_matches_reference() -> Result<()> {
     store("dsvl:emb:v1:foreign", "another-model")?;
     let slot = |key: &str| ImageSlot {
         position: 54,
-        embedding: Some(Source::Ref(EmbeddingRef { key: key.into(), shape: vec![576, 128], dtype: 1, model_fingerprint: fingerprint.clone(), stored_bytes: 0 })),
+        embedding: Some(Source::Ref(EmbeddingRef {
+            key: key.into(),
+            shape: vec![576, 128],
+            dtype: 1,
+            model_fingerprint: fingerprint.clone(),
+            stored_bytes: 0,
+        })),
     };
     let prompt = ids(&lm["image.input_ids"])?;
     let mut c = d.client().await?;
-    let (out, _) = generate(&mut c, GenerateRequest { images: vec![slot("dsvl:emb:v1:golden")], ..request(prompt.clone(), 16) }).await?;
+    let (out, _) = generate(
+        &mut c,
+        GenerateRequest { images: vec![slot("dsvl:emb:v1:golden")], ..request(prompt.clone(), 16) },
+    )
+    .await?;
     assert_eq!(out, ids(&lm["image.generated_ids"])?);
 
-    let missing = generate(&mut c, GenerateRequest { images: vec![slot("dsvl:emb:v1:gone")], ..request(prompt.clone(), 4) }).await.unwrap_err();
+    let missing = generate(
+        &mut c,
+        GenerateRequest { images: vec![slot("dsvl:emb:v1:gone")], ..request(prompt.clone(), 4) },
+    )
+    .await
+    .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::FailedPrecondition);
     assert!(missing.message().contains("re-encode"), "{}", missing.message());
-    let foreign = generate(&mut c, GenerateRequest { images: vec![slot("dsvl:emb:v1:foreign")], ..request(prompt.clone(), 4) }).await.unwrap_err();
+    let foreign = generate(
+        &mut c,
+        GenerateRequest { images: vec![slot("dsvl:emb:v1:foreign")], ..request(prompt.clone(), 4) },
+    )
+    .await
+    .unwrap_err();
     assert_eq!(foreign.code(), tonic::Code::FailedPrecondition);
     assert!(foreign.message().contains("another model"), "{}", foreign.message());
     let no_image = generate(&mut c, request(prompt, 4)).await.unwrap_err();
@@ -203,7 +254,8 @@ async fn concurrent_streams_and_preemption_keep_outputs() -> Result<()> {
                 let grpc = grpc.clone();
                 let start = start.clone();
                 tasks.push(tokio::spawn(async move {
-                    let mut c = DecoderClient::connect(format!("http://{grpc}")).await.expect("connect");
+                    let mut c =
+                        DecoderClient::connect(format!("http://{grpc}")).await.expect("connect");
                     start.wait().await;
                     generate(&mut c, request(p, NEW)).await
                 }));
@@ -227,7 +279,10 @@ async fn concurrent_streams_and_preemption_keep_outputs() -> Result<()> {
     for (i, r) in run_all(&small).await.into_iter().enumerate() {
         assert_eq!(r?, solo[i], "stream {i} differs after preemption");
     }
-    assert!(small.counter("dsvl_decoder_preemptions_total")? > 0.0, "the small cache never preempted");
+    assert!(
+        small.counter("dsvl_decoder_preemptions_total")? > 0.0,
+        "the small cache never preempted"
+    );
     Ok(())
 }
 
@@ -268,7 +323,10 @@ async fn dead_worker_fails_the_group_fast() -> Result<()> {
     let workers = child_pids(d.proc.pid());
     assert_eq!(workers.len(), 1, "one worker rank process");
     // Health is watched from before the failure: the group must say NOT_SERVING before it goes.
-    let mut health = HealthClient::new(d.channel().await?).watch(HealthCheckRequest { service: "dsvl.v1.Decoder".into() }).await?.into_inner();
+    let mut health = HealthClient::new(d.channel().await?)
+        .watch(HealthCheckRequest { service: "dsvl.v1.Decoder".into() })
+        .await?
+        .into_inner();
     assert_eq!(health.message().await?.map(|m| m.status), Some(ServingStatus::Serving as i32));
     let mut streams = Vec::new();
     for p in prompts(3) {
@@ -290,7 +348,11 @@ async fn dead_worker_fails_the_group_fast() -> Result<()> {
     }
     assert!(t.elapsed() < Duration::from_secs(5), "streams ended after {:?}", t.elapsed());
     let update = tokio::time::timeout(Duration::from_secs(5), health.message()).await?;
-    assert_eq!(update?.map(|m| m.status), Some(ServingStatus::NotServing as i32), "health turned NOT_SERVING");
+    assert_eq!(
+        update?.map(|m| m.status),
+        Some(ServingStatus::NotServing as i32),
+        "health turned NOT_SERVING"
+    );
     let exit = loop {
         if let Some(s) = d.proc.try_wait()? {
             break s;
@@ -342,7 +404,8 @@ struct Pod {
     child: std::process::Child,
 }
 
-const GROUP_ENV: [&str; 5] = ["LWS_LEADER_ADDRESS", "LWS_GROUP_SIZE", "LWS_WORKER_INDEX", "DSVL_TP", "DSVL_RENDEZVOUS_PORT"];
+const GROUP_ENV: [&str; 5] =
+    ["LWS_LEADER_ADDRESS", "LWS_GROUP_SIZE", "LWS_WORKER_INDEX", "DSVL_TP", "DSVL_RENDEZVOUS_PORT"];
 
 impl Pod {
     fn spawn(args: &[&str], env: &[(&str, String)]) -> Result<Self> {
@@ -385,11 +448,16 @@ async fn golden_from(grpc: &str) -> Result<()> {
 async fn orchestrated_tp2_group_with_flags() -> Result<()> {
     let port = free_port().to_string();
     let grpc = format!("127.0.0.1:{}", free_port());
-    let group = ["--tp", "2", "--nodes", "2", "--leader-host", "127.0.0.1", "--rendezvous-port", &port];
+    let group =
+        ["--tp", "2", "--nodes", "2", "--leader-host", "127.0.0.1", "--rendezvous-port", &port];
     let mut worker = Pod::spawn(&[&group[..], &["--node-index", "1"]].concat(), &[])?;
-    let mut leader = Pod::spawn(&[&group[..], &["--node-index", "0", "--listen", &grpc]].concat(), &[])?;
+    let mut leader =
+        Pod::spawn(&[&group[..], &["--node-index", "0", "--listen", &grpc]].concat(), &[])?;
     wait_serving(&grpc, Duration::from_secs(60)).await?;
-    assert!(child_pids(leader.child.id()).is_empty(), "tp 2 over 2 nodes: the leader pod runs rank 0 only");
+    assert!(
+        child_pids(leader.child.id()).is_empty(),
+        "tp 2 over 2 nodes: the leader pod runs rank 0 only"
+    );
     assert!(child_pids(worker.child.id()).is_empty(), "the worker pod runs rank 1 only");
     golden_from(&grpc).await?;
 
@@ -419,7 +487,10 @@ async fn orchestrated_tp2_group_from_lws_env() -> Result<()> {
     let mut leader = Pod::spawn(&["--listen", &grpc], &env("0"))?;
     let mut worker = Pod::spawn(&[], &env("1"))?;
     wait_serving(&grpc, Duration::from_secs(60)).await?;
-    assert!(child_pids(leader.child.id()).is_empty() && child_pids(worker.child.id()).is_empty(), "one rank per pod");
+    assert!(
+        child_pids(leader.child.id()).is_empty() && child_pids(worker.child.id()).is_empty(),
+        "one rank per pod"
+    );
     golden_from(&grpc).await?;
 
     leader.sigkill();

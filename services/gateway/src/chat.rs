@@ -14,7 +14,9 @@ use std::time::Instant;
 use dsvl_chat::IncrementalDecoder;
 use dsvl_proto::v1::decoder_client::DecoderClient;
 use dsvl_proto::v1::generate_response::Event as DecoderEvent;
-use dsvl_proto::v1::{ChatDelta, ChatFinish, FinishReason, GenerateRequest, GenerateResponse, ImageSlot, Timing};
+use dsvl_proto::v1::{
+    ChatDelta, ChatFinish, FinishReason, GenerateRequest, GenerateResponse, ImageSlot, Timing,
+};
 use tokio::sync::mpsc;
 use tonic::{Code, Streaming};
 use tracing::Instrument;
@@ -78,13 +80,21 @@ impl Gateway {
     ///
     /// # Errors
     /// Anything that fails before the first token (the stream reports later failures).
-    pub async fn chat(self: &Arc<Self>, tenant: &Tenant, input: ChatInput, deadline: Instant, api: &'static str) -> Result<ChatStream, GatewayError> {
+    pub async fn chat(
+        self: &Arc<Self>,
+        tenant: &Tenant,
+        input: ChatInput,
+        deadline: Instant,
+        api: &'static str,
+    ) -> Result<ChatStream, GatewayError> {
         let started = Instant::now();
         let in_flight = InFlightRequest::new();
         let result = self.start(tenant, input, deadline, started, api, in_flight).await;
         if let Err(e) = &result {
-            metrics::counter!("dsvl_requests_total", "api" => api, "outcome" => e.outcome()).increment(1);
-            metrics::histogram!("dsvl_e2e_latency_seconds", "api" => api).record(started.elapsed().as_secs_f64());
+            metrics::counter!("dsvl_requests_total", "api" => api, "outcome" => e.outcome())
+                .increment(1);
+            metrics::histogram!("dsvl_e2e_latency_seconds", "api" => api)
+                .record(started.elapsed().as_secs_f64());
             tracing::Span::current().record("error.type", e.outcome());
         }
         result
@@ -100,13 +110,15 @@ impl Gateway {
         in_flight: InFlightRequest,
     ) -> Result<ChatStream, GatewayError> {
         let prep = prepare(&self.config, &self.model, input)?;
-        self.tenancy.admit(tenant, prep.images.len(), prep.prompt.ids.len() + prep.max_new_tokens as usize).map_err(|r| match r {
-            Refusal::Quota { what, retry_after } => GatewayError::Exhausted {
-                message: format!("tenant `{}` is over its {what} quota", tenant.id),
-                retry_after: std::time::Duration::from_secs_f64(retry_after),
-            },
-            Refusal::Unauthenticated => GatewayError::Unauthenticated,
-        })?;
+        self.tenancy
+            .admit(tenant, prep.images.len(), prep.prompt.ids.len() + prep.max_new_tokens as usize)
+            .map_err(|r| match r {
+                Refusal::Quota { what, retry_after } => GatewayError::Exhausted {
+                    message: format!("tenant `{}` is over its {what} quota", tenant.id),
+                    retry_after: std::time::Duration::from_secs_f64(retry_after),
+                },
+                Refusal::Unauthenticated => GatewayError::Unauthenticated,
+            })?;
         self.vision_retries.deposit();
         self.decoder_retries.deposit();
         let span = tracing::Span::current();
@@ -116,11 +128,16 @@ impl Gateway {
         let mut embedded = None;
         if !prep.images.is_empty() {
             if !self.vision.is_configured() {
-                return Err(GatewayError::Unavailable("this gateway has no vision tier configured".into()));
+                return Err(GatewayError::Unavailable(
+                    "this gateway has no vision tier configured".into(),
+                ));
             }
-            let e = tokio::time::timeout_at(deadline.into(), self.embed_images(&tenant.salt, &prep.images, false, deadline))
-                .await
-                .map_err(|_| deadline_error("image encoding"))??;
+            let e = tokio::time::timeout_at(
+                deadline.into(),
+                self.embed_images(&tenant.salt, &prep.images, false, deadline),
+            )
+            .await
+            .map_err(|_| deadline_error("image encoding"))??;
             embedded = Some(e);
         }
         let mut request = GenerateRequest {
@@ -137,23 +154,36 @@ impl Gateway {
         let opened = match self.open_decoder(&request, deadline).await {
             Ok(o) => o,
             Err(OpenError::Reencode(why)) if embedded.is_some() => {
-                tracing::info!(why, "decoder cannot read the embedding references; sending them inline");
+                tracing::info!(
+                    why,
+                    "decoder cannot read the embedding references; sending them inline"
+                );
                 metrics::counter!("dsvl_gateway_reencodes_total").increment(1);
-                let e = tokio::time::timeout_at(deadline.into(), self.embed_images(&tenant.salt, &prep.images, true, deadline))
-                    .await
-                    .map_err(|_| deadline_error("image encoding"))??;
+                let e = tokio::time::timeout_at(
+                    deadline.into(),
+                    self.embed_images(&tenant.salt, &prep.images, true, deadline),
+                )
+                .await
+                .map_err(|_| deadline_error("image encoding"))??;
                 request.images = slots(&prep, Some(&e));
                 embedded = Some(e);
                 match self.open_decoder(&request, deadline).await {
                     Ok(o) => o,
-                    Err(OpenError::Reencode(why)) => return Err(GatewayError::Internal(format!("decoder refused inline embeddings: {why}"))),
+                    Err(OpenError::Reencode(why)) => {
+                        return Err(GatewayError::Internal(format!(
+                            "decoder refused inline embeddings: {why}"
+                        )))
+                    }
                     Err(OpenError::Fatal(e)) => return Err(e),
                 }
             }
-            Err(OpenError::Reencode(why)) => return Err(GatewayError::Internal(format!("decoder: {why}"))),
+            Err(OpenError::Reencode(why)) => {
+                return Err(GatewayError::Internal(format!("decoder: {why}")))
+            }
             Err(OpenError::Fatal(e)) => return Err(e),
         };
-        metrics::histogram!("dsvl_time_to_first_token_seconds", "api" => api).record(started.elapsed().as_secs_f64());
+        metrics::histogram!("dsvl_time_to_first_token_seconds", "api" => api)
+            .record(started.elapsed().as_secs_f64());
         let timing = Timing {
             tokenize_seconds: prep.tokenize_seconds,
             vision_seconds,
@@ -171,8 +201,10 @@ impl Gateway {
                     Ok(()) => "ok",
                     Err(e) => e.outcome(),
                 };
-                metrics::counter!("dsvl_requests_total", "api" => api, "outcome" => label).increment(1);
-                metrics::histogram!("dsvl_e2e_latency_seconds", "api" => api).record(started.elapsed().as_secs_f64());
+                metrics::counter!("dsvl_requests_total", "api" => api, "outcome" => label)
+                    .increment(1);
+                metrics::histogram!("dsvl_e2e_latency_seconds", "api" => api)
+                    .record(started.elapsed().as_secs_f64());
                 if let Err(e) = outcome {
                     tracing::Span::current().record("error.type", e.outcome());
                     let _ = tx.send(Err(e)).await;
@@ -184,10 +216,16 @@ impl Gateway {
     }
 
     /// Opens a decoder stream on the least-loaded usable group and waits for its first token.
-    async fn open_decoder(&self, request: &GenerateRequest, deadline: Instant) -> Result<Opened, OpenError> {
+    async fn open_decoder(
+        &self,
+        request: &GenerateRequest,
+        deadline: Instant,
+    ) -> Result<Opened, OpenError> {
         let routing = Instant::now();
-        let candidates: Vec<Arc<Replica>> = self.decoder.by_least_work().into_iter().filter(|r| r.usable()).collect();
-        metrics::histogram!("dsvl_gateway_routing_seconds", "tier" => "decoder").record(routing.elapsed().as_secs_f64());
+        let candidates: Vec<Arc<Replica>> =
+            self.decoder.by_least_work().into_iter().filter(|r| r.usable()).collect();
+        metrics::histogram!("dsvl_gateway_routing_seconds", "tier" => "decoder")
+            .record(routing.elapsed().as_secs_f64());
         let mut last = GatewayError::Unavailable("no healthy decoder group".into());
         for (attempt, r) in candidates.into_iter().enumerate() {
             if attempt > 0 {
@@ -217,12 +255,16 @@ impl Gateway {
                 Ok(Ok((stream, Some(first)))) => {
                     r.breaker.success();
                     let first_token_seconds = t.elapsed().as_secs_f64();
-                    metrics::histogram!("dsvl_upstream_latency_seconds", "tier" => "decoder").record(first_token_seconds);
+                    metrics::histogram!("dsvl_upstream_latency_seconds", "tier" => "decoder")
+                        .record(first_token_seconds);
                     return Ok(Opened { stream, first, guard, first_token_seconds });
                 }
                 Ok(Ok((_, None))) => {
                     r.breaker.failure();
-                    last = GatewayError::Unavailable(format!("decoder {} closed the stream without a token", r.addr));
+                    last = GatewayError::Unavailable(format!(
+                        "decoder {} closed the stream without a token",
+                        r.addr
+                    ));
                 }
                 Ok(Err(s)) => match s.code() {
                     Code::Unavailable | Code::Unknown => {
@@ -231,7 +273,9 @@ impl Gateway {
                         last = GatewayError::from_upstream("decoder", &s);
                     }
                     Code::ResourceExhausted => last = GatewayError::from_upstream("decoder", &s),
-                    Code::FailedPrecondition => return Err(OpenError::Reencode(s.message().to_string())),
+                    Code::FailedPrecondition => {
+                        return Err(OpenError::Reencode(s.message().to_string()))
+                    }
                     _ => return Err(OpenError::Fatal(GatewayError::from_upstream("decoder", &s))),
                 },
             }
@@ -260,7 +304,8 @@ impl Gateway {
         let mut unsent_ids = Vec::new();
         let mut last_token: Option<Instant> = None;
         let mut next = Some(first);
-        let send = |ev: ChatEvent| async { tx.send(Ok(ev)).await.map_err(|_| GatewayError::Cancelled) };
+        let send =
+            |ev: ChatEvent| async { tx.send(Ok(ev)).await.map_err(|_| GatewayError::Cancelled) };
         let (reason, usage) = loop {
             let msg = match next.take() {
                 Some(m) => m,
@@ -278,15 +323,21 @@ impl Gateway {
                 Some(DecoderEvent::Token(t)) => {
                     let now = Instant::now();
                     if let Some(prev) = last_token.replace(now) {
-                        metrics::histogram!("dsvl_inter_token_latency_seconds", "api" => api).record((now - prev).as_secs_f64());
+                        metrics::histogram!("dsvl_inter_token_latency_seconds", "api" => api)
+                            .record((now - prev).as_secs_f64());
                     }
                     all_ids.push(t.id);
                     unsent_ids.push(t.id);
-                    let piece = detok.push(tok, t.id).map_err(|e| GatewayError::Internal(e.to_string()))?;
+                    let piece =
+                        detok.push(tok, t.id).map_err(|e| GatewayError::Internal(e.to_string()))?;
                     if let Some(piece) = piece {
                         let released = stops.push(&piece);
                         if !released.text.is_empty() || released.stopped {
-                            send(ChatEvent::Delta(ChatDelta { text: released.text, token_ids: std::mem::take(&mut unsent_ids) })).await?;
+                            send(ChatEvent::Delta(ChatDelta {
+                                text: released.text,
+                                token_ids: std::mem::take(&mut unsent_ids),
+                            }))
+                            .await?;
                         }
                         if released.stopped {
                             // Dropping the stream (on return) cancels the decoder's work.
@@ -296,15 +347,22 @@ impl Gateway {
                 }
                 Some(DecoderEvent::Finish(f)) => {
                     let mut text = String::new();
-                    if let Some(rest) = detok.finish(tok).map_err(|e| GatewayError::Internal(e.to_string()))? {
+                    if let Some(rest) =
+                        detok.finish(tok).map_err(|e| GatewayError::Internal(e.to_string()))?
+                    {
                         let r = stops.push(&rest);
                         text.push_str(&r.text);
                     }
                     text.push_str(&stops.finish());
                     if !text.is_empty() || !unsent_ids.is_empty() {
-                        send(ChatEvent::Delta(ChatDelta { text, token_ids: std::mem::take(&mut unsent_ids) })).await?;
+                        send(ChatEvent::Delta(ChatDelta {
+                            text,
+                            token_ids: std::mem::take(&mut unsent_ids),
+                        }))
+                        .await?;
                     }
-                    let reason = if f.reason == FinishReason::Length as i32 { "length" } else { "stop" };
+                    let reason =
+                        if f.reason == FinishReason::Length as i32 { "length" } else { "stop" };
                     break (reason, f.usage);
                 }
                 None => return Err(GatewayError::Internal("decoder sent an empty event".into())),
@@ -321,7 +379,11 @@ impl Gateway {
             completion_tokens: all_ids.len() as u32,
             timing: Some(timing),
             token_ids: all_ids,
-            prompt_token_ids: if prep.return_prompt_token_ids { prep.prompt.ids.clone() } else { Vec::new() },
+            prompt_token_ids: if prep.return_prompt_token_ids {
+                prep.prompt.ids.clone()
+            } else {
+                Vec::new()
+            },
         }))
         .await
     }
@@ -333,7 +395,10 @@ fn slots(prep: &Prepared, embedded: Option<&crate::images::Embedded>) -> Vec<Ima
         .image_spans
         .iter()
         .zip(&e.embeddings)
-        .map(|(&(start, _), emb)| ImageSlot { position: start as u32, embedding: Some(emb.clone()) })
+        .map(|(&(start, _), emb)| ImageSlot {
+            position: start as u32,
+            embedding: Some(emb.clone()),
+        })
         .collect()
 }
 
@@ -343,13 +408,22 @@ fn next_request_id() -> String {
     use std::sync::OnceLock;
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     static EPOCH: OnceLock<u64> = OnceLock::new();
-    let epoch = EPOCH.get_or_init(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64));
+    let epoch = EPOCH.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as u64)
+    });
     format!("gw-{epoch:x}-{}", COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 /// The request's span, with the OpenTelemetry GenAI attributes (prompt and image content are
 /// never recorded).
-pub fn request_span(served_model: &str, input: &ChatInput, tenant: &str, api: &'static str) -> tracing::Span {
+pub fn request_span(
+    served_model: &str,
+    input: &ChatInput,
+    tenant: &str,
+    api: &'static str,
+) -> tracing::Span {
     tracing::info_span!(
         "chat",
         otel.kind = "server",

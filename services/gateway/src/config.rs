@@ -136,7 +136,10 @@ fn parse_keys_file(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
             let mut it = l.split_whitespace();
             match (it.next(), it.next(), it.next()) {
                 (Some(k), Some(t), None) => Ok((k.to_string(), t.to_string())),
-                _ => Err(ConfigError { field: "api-keys-file", reason: format!("expected `key tenant`, got `{l}`") }),
+                _ => Err(ConfigError {
+                    field: "api-keys-file",
+                    reason: format!("expected `key tenant`, got `{l}`"),
+                }),
             }
         })
         .collect()
@@ -148,20 +151,30 @@ impl TryFrom<&Args> for GatewayConfig {
     fn try_from(a: &Args) -> Result<Self, ConfigError> {
         let mut api_keys = HashMap::new();
         if let Some(path) = &a.api_keys_file {
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError { field: "api-keys-file", reason: e.to_string() })?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError { field: "api-keys-file", reason: e.to_string() })?;
             api_keys.extend(parse_keys_file(&text)?);
         }
         if let Some(inline) = &a.api_keys {
             for pair in inline.split(',').filter(|p| !p.trim().is_empty()) {
-                let (k, t) = pair.split_once('=').ok_or_else(|| ConfigError { field: "api-keys", reason: "expected key=tenant pairs".into() })?;
+                let (k, t) = pair.split_once('=').ok_or_else(|| ConfigError {
+                    field: "api-keys",
+                    reason: "expected key=tenant pairs".into(),
+                })?;
                 api_keys.insert(k.trim().to_string(), t.trim().to_string());
             }
         }
         if a.decoder.iter().all(|d| d.trim().is_empty()) {
-            return Err(ConfigError { field: "decoder", reason: "at least one decoder endpoint is needed".into() });
+            return Err(ConfigError {
+                field: "decoder",
+                reason: "at least one decoder endpoint is needed".into(),
+            });
         }
         let model_name = a.model_name.clone().unwrap_or_else(|| match &a.model {
-            Some(p) => p.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| "deepseek-vl".into()),
+            Some(p) => p
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "deepseek-vl".into()),
             None => "tiny-dsvl".into(),
         });
         Ok(Self {

@@ -43,7 +43,9 @@ impl GatewayError {
         let msg = format!("{tier}: {}", s.message());
         match s.code() {
             Code::InvalidArgument | Code::OutOfRange => Self::InvalidArgument(msg),
-            Code::ResourceExhausted => Self::Exhausted { message: msg, retry_after: Duration::from_secs(1) },
+            Code::ResourceExhausted => {
+                Self::Exhausted { message: msg, retry_after: Duration::from_secs(1) }
+            }
             Code::DeadlineExceeded => Self::DeadlineExceeded(msg),
             Code::Cancelled => Self::Cancelled,
             Code::Unavailable | Code::Unknown | Code::Aborted => Self::Unavailable(msg),
@@ -118,7 +120,14 @@ mod tests {
         let cases = [
             (GatewayError::InvalidArgument("x".into()), Code::InvalidArgument, 400),
             (GatewayError::Unauthenticated, Code::Unauthenticated, 401),
-            (GatewayError::Exhausted { message: "q".into(), retry_after: Duration::from_millis(1500) }, Code::ResourceExhausted, 429),
+            (
+                GatewayError::Exhausted {
+                    message: "q".into(),
+                    retry_after: Duration::from_millis(1500),
+                },
+                Code::ResourceExhausted,
+                429,
+            ),
             (GatewayError::Unavailable("u".into()), Code::Unavailable, 503),
             (GatewayError::DeadlineExceeded("d".into()), Code::DeadlineExceeded, 504),
         ];
@@ -127,8 +136,15 @@ mod tests {
             assert_eq!(e.http_parts().0, http);
             assert_eq!(e.openai_body()["error"]["message"], e.to_string());
         }
-        let s = GatewayError::Exhausted { message: "q".into(), retry_after: Duration::from_millis(1500) }.to_status();
+        let s = GatewayError::Exhausted {
+            message: "q".into(),
+            retry_after: Duration::from_millis(1500),
+        }
+        .to_status();
         assert_eq!(s.metadata().get("retry-after").unwrap(), "2");
-        assert!(matches!(GatewayError::from_upstream("decoder", &Status::unavailable("x")), GatewayError::Unavailable(_)));
+        assert!(matches!(
+            GatewayError::from_upstream("decoder", &Status::unavailable("x")),
+            GatewayError::Unavailable(_)
+        ));
     }
 }

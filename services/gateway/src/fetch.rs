@@ -33,12 +33,16 @@ pub fn host_allowed(host: &str, allow: &[String]) -> bool {
 /// Not base64, malformed, or over `max_bytes`.
 pub fn decode_data_url(url: &str, max_bytes: usize) -> Result<Bytes, GatewayError> {
     let rest = url.strip_prefix("data:").ok_or_else(|| invalid("not a data: URL"))?;
-    let (meta, data) = rest.split_once(',').ok_or_else(|| invalid("malformed data: URL (no comma)"))?;
+    let (meta, data) =
+        rest.split_once(',').ok_or_else(|| invalid("malformed data: URL (no comma)"))?;
     if !meta.split(';').any(|p| p.eq_ignore_ascii_case("base64")) {
         return Err(invalid("data: URLs must be base64-encoded (data:image/png;base64,...)"));
     }
     if data.len() / 4 * 3 > max_bytes + 3 {
-        return Err(invalid(format!("image is about {} bytes; the limit is {max_bytes}", data.len() / 4 * 3)));
+        return Err(invalid(format!(
+            "image is about {} bytes; the limit is {max_bytes}",
+            data.len() / 4 * 3
+        )));
     }
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data.trim())
@@ -54,11 +58,17 @@ pub fn decode_data_url(url: &str, max_bytes: usize) -> Result<Bytes, GatewayErro
 /// # Errors
 /// INVALID_ARGUMENT for refused or unusable URLs; DEADLINE_EXCEEDED when the fetch outlives
 /// the request.
-pub async fn load_image_url(url: &str, allow: &[String], max_bytes: usize, deadline: Instant) -> Result<Bytes, GatewayError> {
+pub async fn load_image_url(
+    url: &str,
+    allow: &[String],
+    max_bytes: usize,
+    deadline: Instant,
+) -> Result<Bytes, GatewayError> {
     if url.starts_with("data:") {
         return decode_data_url(url, max_bytes);
     }
-    let uri: http::Uri = url.parse().map_err(|_| invalid("image_url is neither a data: URL nor a valid URL"))?;
+    let uri: http::Uri =
+        url.parse().map_err(|_| invalid("image_url is neither a data: URL nor a valid URL"))?;
     let host = uri.host().unwrap_or_default();
     match uri.scheme_str() {
         Some("http" | "https") if allow.is_empty() || !host_allowed(host, allow) => Err(invalid(format!(
@@ -70,13 +80,24 @@ pub async fn load_image_url(url: &str, allow: &[String], max_bytes: usize, deadl
     }
 }
 
-async fn fetch_http(uri: http::Uri, max_bytes: usize, deadline: Instant) -> Result<Bytes, GatewayError> {
-    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build_http::<Empty<Bytes>>();
+async fn fetch_http(
+    uri: http::Uri,
+    max_bytes: usize,
+    deadline: Instant,
+) -> Result<Bytes, GatewayError> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Empty<Bytes>>();
     let budget = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(30));
     let fetch = async {
-        let resp = client.get(uri.clone()).await.map_err(|e| invalid(format!("cannot fetch {uri}: {e}")))?;
+        let resp = client
+            .get(uri.clone())
+            .await
+            .map_err(|e| invalid(format!("cannot fetch {uri}: {e}")))?;
         if !resp.status().is_success() {
-            return Err(invalid(format!("fetching {uri} gave HTTP {} (redirects are not followed)", resp.status())));
+            return Err(invalid(format!(
+                "fetching {uri} gave HTTP {} (redirects are not followed)",
+                resp.status()
+            )));
         }
         let body = Limited::new(resp.into_body(), max_bytes)
             .collect()
@@ -84,7 +105,9 @@ async fn fetch_http(uri: http::Uri, max_bytes: usize, deadline: Instant) -> Resu
             .map_err(|e| invalid(format!("cannot read {uri}: {e} (limit {max_bytes} bytes)")))?;
         Ok(body.to_bytes())
     };
-    tokio::time::timeout(budget, fetch).await.map_err(|_| GatewayError::DeadlineExceeded(format!("fetching {uri} timed out")))?
+    tokio::time::timeout(budget, fetch)
+        .await
+        .map_err(|_| GatewayError::DeadlineExceeded(format!("fetching {uri} timed out")))?
 }
 
 #[cfg(test)]
@@ -113,7 +136,9 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(5);
         let e = load_image_url("https://example.com/a.png", &[], 100, later).await.unwrap_err();
         assert!(e.to_string().contains("data: URL"), "{e}");
-        let e = load_image_url("ftp://example.com/a.png", &["example.com".into()], 100, later).await.unwrap_err();
+        let e = load_image_url("ftp://example.com/a.png", &["example.com".into()], 100, later)
+            .await
+            .unwrap_err();
         assert!(matches!(e, GatewayError::InvalidArgument(_)));
     }
 
@@ -121,7 +146,10 @@ mod tests {
     async fn allow_listed_http_urls_are_fetched_with_a_size_cap() {
         let app = axum::Router::new()
             .route("/img", axum::routing::get(|| async { vec![7u8; 1000] }))
-            .route("/missing", axum::routing::get(|| async { (axum::http::StatusCode::NOT_FOUND, "no") }));
+            .route(
+                "/missing",
+                axum::routing::get(|| async { (axum::http::StatusCode::NOT_FOUND, "no") }),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -130,7 +158,11 @@ mod tests {
         let got = load_image_url(&format!("http://{addr}/img"), &allow, 4096, later).await.unwrap();
         assert_eq!(got.len(), 1000);
         assert!(load_image_url(&format!("http://{addr}/img"), &allow, 100, later).await.is_err());
-        assert!(load_image_url(&format!("http://{addr}/missing"), &allow, 4096, later).await.is_err());
-        assert!(load_image_url(&format!("http://{addr}/img"), &["other".into()], 4096, later).await.is_err());
+        assert!(load_image_url(&format!("http://{addr}/missing"), &allow, 4096, later)
+            .await
+            .is_err());
+        assert!(load_image_url(&format!("http://{addr}/img"), &["other".into()], 4096, later)
+            .await
+            .is_err());
     }
 }

@@ -35,7 +35,9 @@ fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
             .map(|p| match p.part {
                 Some(ProtoPart::Text(t)) => Ok(Part::Text(t)),
                 Some(ProtoPart::Image(b)) => Ok(Part::Image(b.into())),
-                None => Err(GatewayError::InvalidArgument("a content part has neither text nor image".into())),
+                None => Err(GatewayError::InvalidArgument(
+                    "a content part has neither text nor image".into(),
+                )),
             })
             .collect::<Result<_, _>>()?;
         messages.push(InMessage { role: Role::parse(&m.role)?, parts });
@@ -56,14 +58,22 @@ type ChatStream = Pin<Box<dyn Stream<Item = Result<ChatResponse, Status>> + Send
 impl Chat for ChatService {
     type GenerateStream = ChatStream;
 
-    async fn generate(&self, request: Request<ChatRequest>) -> Result<Response<ChatStream>, Status> {
+    async fn generate(
+        &self,
+        request: Request<ChatRequest>,
+    ) -> Result<Response<ChatStream>, Status> {
         let gw = &self.gateway;
         let started = Instant::now();
         // Answer a little before the caller's deadline so it gets our DEADLINE_EXCEEDED, not
         // tonic's bare cancel.
         let cap = started + gw.config.request_timeout;
-        let deadline = dsvl_telemetry::answer_by(request.metadata(), started).map_or(cap, |d| d.min(cap));
-        let auth = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let deadline =
+            dsvl_telemetry::answer_by(request.metadata(), started).map_or(cap, |d| d.min(cap));
+        let auth = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let tenant = gw.tenancy.authenticate(auth.as_deref()).map_err(|r| match r {
             Refusal::Unauthenticated => {
                 metrics::counter!("dsvl_requests_total", "api" => "grpc", "outcome" => "unauthenticated").increment(1);
@@ -75,7 +85,11 @@ impl Chat for ChatService {
         let input = to_input(request.into_inner()).map_err(|e| e.to_status())?;
         let span = request_span(&gw.model.name, &input, &tenant.id, "grpc");
         dsvl_telemetry::extract_trace_context(&metadata, &span);
-        let rx = gw.chat(&tenant, input, deadline, "grpc").instrument(span).await.map_err(|e| e.to_status())?;
+        let rx = gw
+            .chat(&tenant, input, deadline, "grpc")
+            .instrument(span)
+            .await
+            .map_err(|e| e.to_status())?;
         let stream = ReceiverStream::new(rx).map(|item| {
             item.map(|ev| ChatResponse {
                 event: Some(match ev {
@@ -88,9 +102,15 @@ impl Chat for ChatService {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn list_models(&self, request: Request<ListModelsRequest>) -> Result<Response<ListModelsResponse>, Status> {
+    async fn list_models(
+        &self,
+        request: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
         let auth = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        self.gateway.tenancy.authenticate(auth).map_err(|_| GatewayError::Unauthenticated.to_status())?;
+        self.gateway
+            .tenancy
+            .authenticate(auth)
+            .map_err(|_| GatewayError::Unauthenticated.to_status())?;
         Ok(Response::new(ListModelsResponse { models: vec![self.gateway.model_info()] }))
     }
 }
@@ -98,6 +118,10 @@ impl Chat for ChatService {
 impl Gateway {
     /// The served model for `ListModels` and `/v1/models`.
     pub fn model_info(&self) -> ModelInfo {
-        ModelInfo { id: self.model.name.clone(), vision: self.model.vision, max_positions: self.model.max_positions as u32 }
+        ModelInfo {
+            id: self.model.name.clone(),
+            vision: self.model.vision,
+            max_positions: self.model.max_positions as u32,
+        }
     }
 }

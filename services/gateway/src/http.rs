@@ -97,7 +97,11 @@ struct CompletionRequest {
 
 fn error_response(e: &GatewayError) -> Response {
     let (code, _, _) = e.http_parts();
-    let mut resp = (StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), Json(e.openai_body())).into_response();
+    let mut resp = (
+        StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        Json(e.openai_body()),
+    )
+        .into_response();
     if let GatewayError::Exhausted { retry_after, .. } = e {
         if let Ok(v) = HeaderValue::from_str(&retry_after_secs(*retry_after).to_string()) {
             resp.headers_mut().insert("retry-after", v);
@@ -120,13 +124,19 @@ fn deadline(h: &HeaderMap, default: Duration, started: Instant) -> Instant {
     started + asked.unwrap_or(default).min(default)
 }
 
-async fn to_input(gw: &Gateway, r: CompletionRequest, deadline: Instant) -> Result<ChatInput, GatewayError> {
+async fn to_input(
+    gw: &Gateway,
+    r: CompletionRequest,
+    deadline: Instant,
+) -> Result<ChatInput, GatewayError> {
     let invalid = |m: &str| GatewayError::InvalidArgument(m.to_string());
     if r.n.unwrap_or(1) != 1 {
         return Err(invalid("n must be 1"));
     }
     if r.presence_penalty.unwrap_or(0.0) != 0.0 || r.frequency_penalty.unwrap_or(0.0) != 0.0 {
-        return Err(invalid("presence_penalty and frequency_penalty are not supported; use repetition_penalty"));
+        return Err(invalid(
+            "presence_penalty and frequency_penalty are not supported; use repetition_penalty",
+        ));
     }
     if r.logprobs.unwrap_or(false) {
         return Err(invalid("logprobs are not supported"));
@@ -145,9 +155,15 @@ async fn to_input(gw: &Gateway, r: CompletionRequest, deadline: Instant) -> Resu
                 for p in ps {
                     out.push(match p {
                         ContentPart::Text { text } => Part::Text(text),
-                        ContentPart::ImageUrl { image_url } => {
-                            Part::Image(load_image_url(&image_url.url, &gw.config.image_url_allow, gw.config.max_image_bytes, deadline).await?)
-                        }
+                        ContentPart::ImageUrl { image_url } => Part::Image(
+                            load_image_url(
+                                &image_url.url,
+                                &gw.config.image_url_allow,
+                                gw.config.max_image_bytes,
+                                deadline,
+                            )
+                            .await?,
+                        ),
                     });
                 }
                 out
@@ -222,7 +238,11 @@ async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: B
     };
     let req: CompletionRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return error_response(&GatewayError::InvalidArgument(format!("malformed request body: {e}"))),
+        Err(e) => {
+            return error_response(&GatewayError::InvalidArgument(format!(
+                "malformed request body: {e}"
+            )))
+        }
     };
     let streaming = req.stream;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
@@ -231,7 +251,10 @@ async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: B
         Err(e) => return error_response(&e),
     };
     let span = request_span(&gw.model.name, &input, &tenant.id, "http");
-    dsvl_telemetry::extract_trace_context(&tonic::metadata::MetadataMap::from_headers(headers.clone()), &span);
+    dsvl_telemetry::extract_trace_context(
+        &tonic::metadata::MetadataMap::from_headers(headers.clone()),
+        &span,
+    );
     let rx = match gw.chat(&tenant, input, deadline, "http").instrument(span).await {
         Ok(rx) => rx,
         Err(e) => return error_response(&e),
@@ -264,7 +287,12 @@ async fn whole(mut rx: ChatStream, id: String, model: &str) -> Response {
     error_response(&GatewayError::Internal("the request ended without a result".into()))
 }
 
-fn sse(rx: ChatStream, id: String, model: String, include_usage: bool) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+fn sse(
+    rx: ChatStream,
+    id: String,
+    model: String,
+    include_usage: bool,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let created = unix_now();
     let chunk = move |choices: Value, extra: Option<(&str, Value)>| {
         let mut v = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": null, "choices": choices});
@@ -273,7 +301,10 @@ fn sse(rx: ChatStream, id: String, model: String, include_usage: bool) -> Sse<im
         }
         Event::default().data(v.to_string())
     };
-    let first = chunk(json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None);
+    let first = chunk(
+        json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+        None,
+    );
     let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |ev| match ev {
         Ok(ChatEvent::Delta(d)) => vec![chunk(
             json!([{"index": 0, "delta": {"content": d.text}, "logprobs": null, "finish_reason": null}]),
@@ -291,7 +322,8 @@ fn sse(rx: ChatStream, id: String, model: String, include_usage: bool) -> Sse<im
         // `error` event in the stream.
         Err(e) => vec![Event::default().data(e.openai_body().to_string())],
     });
-    let all = futures::stream::iter(vec![first]).chain(events.flat_map(futures::stream::iter)).map(Ok);
+    let all =
+        futures::stream::iter(vec![first]).chain(events.flat_map(futures::stream::iter)).map(Ok);
     Sse::new(all)
 }
 
@@ -307,7 +339,8 @@ async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response 
 async fn health(State(gw): State<Arc<Gateway>>) -> Response {
     let (ready, why) = gw.readiness();
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(json!({"status": if ready { "ok" } else { "unavailable" }, "detail": why}))).into_response()
+    (code, Json(json!({"status": if ready { "ok" } else { "unavailable" }, "detail": why})))
+        .into_response()
 }
 
 async fn not_found() -> Response {

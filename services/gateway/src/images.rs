@@ -17,7 +17,9 @@ use dsvl_core::cache_key::{embedding_key, image_digest, KeyParts, PREPROCESS_VER
 use dsvl_proto::v1::encode_result::Result as EncodeOutcome;
 use dsvl_proto::v1::image_slot::Embedding as SlotEmbedding;
 use dsvl_proto::v1::vision_encoder_client::VisionEncoderClient;
-use dsvl_proto::v1::{DType, EmbeddingRef, EncodeRequest, EncodeResponse, ImageInput, InfoRequest, InfoResponse};
+use dsvl_proto::v1::{
+    DType, EmbeddingRef, EncodeRequest, EncodeResponse, ImageInput, InfoRequest, InfoResponse,
+};
 use tonic::{Code, Status};
 
 use crate::error::GatewayError;
@@ -61,19 +63,33 @@ impl Gateway {
             let mut client = VisionEncoderClient::new(r.channel.clone());
             let call = client.info(InfoRequest {});
             if let Ok(Ok(info)) = tokio::time::timeout(Duration::from_secs(2), call).await {
-                *self.vision_info.write().expect("info lock poisoned. This is a bug.") = Some(info.into_inner());
+                *self.vision_info.write().expect("info lock poisoned. This is a bug.") =
+                    Some(info.into_inner());
                 return;
             }
         }
     }
 
     /// References for images whose key the shared cache already holds.
-    async fn probe_shared_cache(&self, salt: &[u8], images: &[Bytes], out: &mut [Option<SlotEmbedding>]) -> u32 {
+    async fn probe_shared_cache(
+        &self,
+        salt: &[u8],
+        images: &[Bytes],
+        out: &mut [Option<SlotEmbedding>],
+    ) -> u32 {
         let (Some(redis), Some(info)) = (&self.redis, self.vision_info()) else { return 0 };
         let Some(dtype) = dtype_name(info.dtype).filter(|_| info.shared_cache) else { return 0 };
         let keys: Vec<String> = images
             .iter()
-            .map(|img| embedding_key(&KeyParts { salt, model_fingerprint: &info.model_fingerprint, dtype, preprocess_version: PREPROCESS_VERSION, image: img }))
+            .map(|img| {
+                embedding_key(&KeyParts {
+                    salt,
+                    model_fingerprint: &info.model_fingerprint,
+                    dtype,
+                    preprocess_version: PREPROCESS_VERSION,
+                    image: img,
+                })
+            })
             .collect();
         // One round trip for all the request's images (a pipeline of EXISTS); an error leaves
         // every image to the vision tier.
@@ -94,8 +110,19 @@ impl Gateway {
         hits
     }
 
-    async fn call_encode(&self, r: &Replica, images: Vec<ImageInput>, salt: &[u8], inline: bool, deadline: Instant) -> Result<EncodeResponse, Status> {
-        let mut req = tonic::Request::new(EncodeRequest { images, cache_salt: salt.to_vec(), return_inline: inline });
+    async fn call_encode(
+        &self,
+        r: &Replica,
+        images: Vec<ImageInput>,
+        salt: &[u8],
+        inline: bool,
+        deadline: Instant,
+    ) -> Result<EncodeResponse, Status> {
+        let mut req = tonic::Request::new(EncodeRequest {
+            images,
+            cache_salt: salt.to_vec(),
+            return_inline: inline,
+        });
         req.set_timeout(deadline.saturating_duration_since(Instant::now()));
         dsvl_telemetry::inject_trace_context(req.metadata_mut());
         let mut client = VisionEncoderClient::new(r.channel.clone())
@@ -103,7 +130,8 @@ impl Gateway {
             .max_encoding_message_size(MAX_UPSTREAM_MESSAGE);
         let started = Instant::now();
         let result = client.encode(req).await.map(tonic::Response::into_inner);
-        metrics::histogram!("dsvl_upstream_latency_seconds", "tier" => "vision").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("dsvl_upstream_latency_seconds", "tier" => "vision")
+            .record(started.elapsed().as_secs_f64());
         result
     }
 
@@ -113,10 +141,17 @@ impl Gateway {
     /// # Errors
     /// A bad image (INVALID_ARGUMENT naming it), no usable vision replica, the retry budget
     /// spent, or the deadline.
-    pub async fn embed_images(&self, salt: &[u8], images: &[Bytes], inline: bool, deadline: Instant) -> Result<Embedded, GatewayError> {
+    pub async fn embed_images(
+        &self,
+        salt: &[u8],
+        images: &[Bytes],
+        inline: bool,
+        deadline: Instant,
+    ) -> Result<Embedded, GatewayError> {
         let n = images.len();
         let mut out: Vec<Option<SlotEmbedding>> = vec![None; n];
-        let mut cached = if inline { 0 } else { self.probe_shared_cache(salt, images, &mut out).await };
+        let mut cached =
+            if inline { 0 } else { self.probe_shared_cache(salt, images, &mut out).await };
         let digests: Vec<String> = images.iter().map(|b| image_digest(b)).collect();
         let mut tried: Vec<HashSet<String>> = vec![HashSet::new(); n];
         let mut first_round = true;
@@ -127,7 +162,9 @@ impl Gateway {
             }
             if !first_round {
                 if !self.vision_retries.withdraw() {
-                    return Err(GatewayError::Unavailable("vision tier: failed and the retry budget is spent".into()));
+                    return Err(GatewayError::Unavailable(
+                        "vision tier: failed and the retry budget is spent".into(),
+                    ));
                 }
                 metrics::counter!("dsvl_gateway_retries_total", "tier" => "vision").increment(1);
             }
@@ -140,13 +177,25 @@ impl Gateway {
                     .by_rendezvous(&digests[i])
                     .into_iter()
                     .find(|r| r.usable() && !tried[i].contains(&r.addr))
-                    .ok_or_else(|| GatewayError::Unavailable(format!("no healthy vision replica could take image {}", i + 1)))?;
+                    .ok_or_else(|| {
+                        GatewayError::Unavailable(format!(
+                            "no healthy vision replica could take image {}",
+                            i + 1
+                        ))
+                    })?;
                 groups.entry(r.addr.clone()).or_insert_with(|| (r, Vec::new())).1.push(i);
             }
-            metrics::histogram!("dsvl_gateway_routing_seconds", "tier" => "vision").record(routing.elapsed().as_secs_f64());
+            metrics::histogram!("dsvl_gateway_routing_seconds", "tier" => "vision")
+                .record(routing.elapsed().as_secs_f64());
             let digests = &digests;
             let calls = groups.into_values().map(|(r, idx)| async move {
-                let inputs = idx.iter().map(|&i| ImageInput { data: images[i].to_vec(), client_digest: digests[i].clone() }).collect();
+                let inputs = idx
+                    .iter()
+                    .map(|&i| ImageInput {
+                        data: images[i].to_vec(),
+                        client_digest: digests[i].clone(),
+                    })
+                    .collect();
                 let result = self.call_encode(&r, inputs, salt, inline, deadline).await;
                 (r, idx, result)
             });
@@ -160,15 +209,33 @@ impl Gateway {
                                 Some(EncodeOutcome::Ref(x)) => SlotEmbedding::Ref(x),
                                 Some(EncodeOutcome::Inline(x)) => SlotEmbedding::Inline(x),
                                 Some(EncodeOutcome::Error(e)) if e.code == "INVALID_ARGUMENT" => {
-                                    return Err(GatewayError::InvalidArgument(format!("image {}: {}", i + 1, e.message)));
+                                    return Err(GatewayError::InvalidArgument(format!(
+                                        "image {}: {}",
+                                        i + 1,
+                                        e.message
+                                    )));
                                 }
-                                Some(EncodeOutcome::Error(e)) => return Err(GatewayError::Unavailable(format!("image {}: {}", i + 1, e.message))),
-                                None => return Err(GatewayError::Internal("vision tier: empty result".into())),
+                                Some(EncodeOutcome::Error(e)) => {
+                                    return Err(GatewayError::Unavailable(format!(
+                                        "image {}: {}",
+                                        i + 1,
+                                        e.message
+                                    )))
+                                }
+                                None => {
+                                    return Err(GatewayError::Internal(
+                                        "vision tier: empty result".into(),
+                                    ))
+                                }
                             });
                         }
                     }
                     Ok(resp) => {
-                        return Err(GatewayError::Internal(format!("vision tier: {} results for {} images", resp.results.len(), idx.len())));
+                        return Err(GatewayError::Internal(format!(
+                            "vision tier: {} results for {} images",
+                            resp.results.len(),
+                            idx.len()
+                        )));
                     }
                     Err(s) if retryable(&s) => {
                         tracing::warn!(replica = %r.addr, code = ?s.code(), message = s.message(), "vision replica failed; retrying elsewhere");
@@ -183,6 +250,9 @@ impl Gateway {
                 }
             }
         }
-        Ok(Embedded { embeddings: out.into_iter().map(|e| e.expect("every image embedded")).collect(), cached })
+        Ok(Embedded {
+            embeddings: out.into_iter().map(|e| e.expect("every image embedded")).collect(),
+            cached,
+        })
     }
 }

@@ -96,7 +96,12 @@ impl Gateway {
             None => None,
         };
         Ok(Self {
-            tenancy: Tenancy::new(&config.api_keys, config.tenant_rpm, config.tenant_ipm, config.tenant_tpm),
+            tenancy: Tenancy::new(
+                &config.api_keys,
+                config.tenant_rpm,
+                config.tenant_ipm,
+                config.tenant_tpm,
+            ),
             vision: Pool::new(Tier::Vision, config.vision.clone()),
             decoder: Pool::new(Tier::Decoder, config.decoder.clone()),
             redis,
@@ -110,7 +115,8 @@ impl Gateway {
 
     /// Whether requests can be served now, and why not.
     pub fn readiness(&self) -> (bool, String) {
-        let healthy = |p: &Pool| p.replicas().iter().filter(|r| r.healthy.load(Ordering::SeqCst)).count();
+        let healthy =
+            |p: &Pool| p.replicas().iter().filter(|r| r.healthy.load(Ordering::SeqCst)).count();
         let decoders = healthy(&self.decoder);
         if decoders == 0 {
             return (false, "no healthy decoder group".into());
@@ -135,10 +141,19 @@ impl Gateway {
 ///
 /// # Errors
 /// The model cannot be read or a server fails.
-pub async fn run(config: GatewayConfig, grpc: TcpListener, http: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+pub async fn run(
+    config: GatewayConfig,
+    grpc: TcpListener,
+    http: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     let drain = config.drain;
     let refresh_every = config.refresh;
-    let gw = Arc::new(tokio::task::spawn_blocking(move || Gateway::new(config)).await.map_err(|e| RunError::Reflection(e.to_string()))??);
+    let gw = Arc::new(
+        tokio::task::spawn_blocking(move || Gateway::new(config))
+            .await
+            .map_err(|e| RunError::Reflection(e.to_string()))??,
+    );
     let (health, health_service) = tonic_health::server::health_reporter();
     probes::set_ready::<ChatServer<grpc::ChatService>>(&health, false).await;
     // No model to load: started at once, alive while the runtime answers (`probes`); readiness
@@ -182,10 +197,15 @@ pub async fn run(config: GatewayConfig, grpc: TcpListener, http: TcpListener, sh
     let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    let http_server = axum::serve(http, http::router(gw.clone())).with_graceful_shutdown(async move {
-        let _ = http_stop.wait_for(|s| *s).await;
-    });
-    let servers = async { tokio::try_join!(async { grpc_server.await.map_err(RunError::from) }, async { http_server.await.map_err(RunError::from) }) };
+    let http_server =
+        axum::serve(http, http::router(gw.clone())).with_graceful_shutdown(async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        });
+    let servers = async {
+        tokio::try_join!(async { grpc_server.await.map_err(RunError::from) }, async {
+            http_server.await.map_err(RunError::from)
+        })
+    };
     tokio::pin!(servers);
     tokio::pin!(shutdown);
     tokio::select! {

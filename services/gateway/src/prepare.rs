@@ -6,7 +6,9 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use dsvl_chat::{render_prompt, Message, Prompt, Role as TemplateRole, DEFAULT_SYSTEM_PROMPT, IMAGE_TAG};
+use dsvl_chat::{
+    render_prompt, Message, Prompt, Role as TemplateRole, DEFAULT_SYSTEM_PROMPT, IMAGE_TAG,
+};
 use dsvl_proto::v1::SamplingParams;
 
 use crate::config::GatewayConfig;
@@ -31,7 +33,9 @@ impl Role {
             "system" | "developer" => Ok(Self::System),
             "user" => Ok(Self::User),
             "assistant" => Ok(Self::Assistant),
-            other => Err(GatewayError::InvalidArgument(format!("unsupported message role `{other}` (use system, user or assistant)"))),
+            other => Err(GatewayError::InvalidArgument(format!(
+                "unsupported message role `{other}` (use system, user or assistant)"
+            ))),
         }
     }
 }
@@ -104,7 +108,10 @@ fn check_sampling(s: &SamplingParams) -> Result<(), GatewayError> {
         return Err(invalid(format!("top_p must be in (0, 1], got {}", s.top_p)));
     }
     if !s.repetition_penalty.is_finite() || s.repetition_penalty < 0.0 {
-        return Err(invalid(format!("repetition_penalty must be > 0, got {}", s.repetition_penalty)));
+        return Err(invalid(format!(
+            "repetition_penalty must be > 0, got {}",
+            s.repetition_penalty
+        )));
     }
     Ok(())
 }
@@ -113,10 +120,17 @@ fn check_sampling(s: &SamplingParams) -> Result<(), GatewayError> {
 ///
 /// # Errors
 /// [`GatewayError::InvalidArgument`] naming what is wrong.
-pub fn prepare(config: &GatewayConfig, model: &ServedModel, input: ChatInput) -> Result<Prepared, GatewayError> {
+pub fn prepare(
+    config: &GatewayConfig,
+    model: &ServedModel,
+    input: ChatInput,
+) -> Result<Prepared, GatewayError> {
     let started = Instant::now();
     if !input.model.is_empty() && input.model != model.name {
-        return Err(invalid(format!("model `{}` is not served here; this gateway serves `{}`", input.model, model.name)));
+        return Err(invalid(format!(
+            "model `{}` is not served here; this gateway serves `{}`",
+            input.model, model.name
+        )));
     }
     check_sampling(&input.sampling)?;
     if input.stop.len() > MAX_STOPS || input.stop.iter().any(String::is_empty) {
@@ -136,10 +150,18 @@ pub fn prepare(config: &GatewayConfig, model: &ServedModel, input: ChatInput) ->
                 Part::Text(t) => content.push_str(&t),
                 Part::Image(bytes) => {
                     if !model.vision {
-                        return Err(invalid(format!("model `{}` is text-only: it cannot take images", model.name)));
+                        return Err(invalid(format!(
+                            "model `{}` is text-only: it cannot take images",
+                            model.name
+                        )));
                     }
                     if bytes.len() > config.max_image_bytes {
-                        return Err(invalid(format!("image {} is {} bytes; the limit is {}", images.len() + 1, bytes.len(), config.max_image_bytes)));
+                        return Err(invalid(format!(
+                            "image {} is {} bytes; the limit is {}",
+                            images.len() + 1,
+                            bytes.len(),
+                            config.max_image_bytes
+                        )));
                     }
                     if bytes.is_empty() {
                         return Err(invalid(format!("image {} is empty", images.len() + 1)));
@@ -151,37 +173,75 @@ pub fn prepare(config: &GatewayConfig, model: &ServedModel, input: ChatInput) ->
             }
         }
         match m.role {
-            Role::System if !attached.is_empty() => return Err(invalid("system messages cannot carry images")),
-            Role::System => system = Some(match system.take() {
-                Some(prev) => format!("{prev}\n\n{content}"),
-                None => content,
-            }),
-            Role::User => messages.push(Message { role: TemplateRole::User, content, images: attached }),
-            Role::Assistant => messages.push(Message { role: TemplateRole::Assistant, content, images: attached }),
+            Role::System if !attached.is_empty() => {
+                return Err(invalid("system messages cannot carry images"))
+            }
+            Role::System => {
+                system = Some(match system.take() {
+                    Some(prev) => format!("{prev}\n\n{content}"),
+                    None => content,
+                })
+            }
+            Role::User => {
+                messages.push(Message { role: TemplateRole::User, content, images: attached })
+            }
+            Role::Assistant => {
+                messages.push(Message { role: TemplateRole::Assistant, content, images: attached })
+            }
         }
     }
     if images.len() > config.max_images {
-        return Err(invalid(format!("{} images; at most {} per request", images.len(), config.max_images)));
+        return Err(invalid(format!(
+            "{} images; at most {} per request",
+            images.len(),
+            config.max_images
+        )));
     }
     if messages.is_empty() {
         return Err(invalid("no user or assistant messages"));
     }
     // The reference appends an empty assistant turn to ask for the reply.
     if messages.last().is_some_and(|m| m.role == TemplateRole::User) {
-        messages.push(Message { role: TemplateRole::Assistant, content: String::new(), images: Vec::new() });
+        messages.push(Message {
+            role: TemplateRole::Assistant,
+            content: String::new(),
+            images: Vec::new(),
+        });
     }
-    let text = render_prompt(system.as_deref().unwrap_or(DEFAULT_SYSTEM_PROMPT), &messages).map_err(|e| invalid(e.to_string()))?;
-    let prompt = model.tokenizer.encode_prompt(&text, model.image_tokens).map_err(|e| GatewayError::Internal(format!("tokenizer: {e}")))?;
-    let limit = if config.max_prompt_tokens == 0 { model.max_positions } else { config.max_prompt_tokens.min(model.max_positions) };
+    let text = render_prompt(system.as_deref().unwrap_or(DEFAULT_SYSTEM_PROMPT), &messages)
+        .map_err(|e| invalid(e.to_string()))?;
+    let prompt = model
+        .tokenizer
+        .encode_prompt(&text, model.image_tokens)
+        .map_err(|e| GatewayError::Internal(format!("tokenizer: {e}")))?;
+    let limit = if config.max_prompt_tokens == 0 {
+        model.max_positions
+    } else {
+        config.max_prompt_tokens.min(model.max_positions)
+    };
     if prompt.ids.len() >= limit {
-        return Err(invalid(format!("the prompt is {} tokens (with {} per image); the limit is {}", prompt.ids.len(), model.image_tokens, limit - 1)));
+        return Err(invalid(format!(
+            "the prompt is {} tokens (with {} per image); the limit is {}",
+            prompt.ids.len(),
+            model.image_tokens,
+            limit - 1
+        )));
     }
     let room = (model.max_positions - prompt.ids.len()) as u32;
     let max_new_tokens = match input.max_tokens {
         Some(0) => return Err(invalid("max_tokens must be at least 1")),
-        Some(n) if n > config.max_new_tokens => return Err(invalid(format!("max_tokens {n} is over this gateway's limit of {}", config.max_new_tokens))),
+        Some(n) if n > config.max_new_tokens => {
+            return Err(invalid(format!(
+                "max_tokens {n} is over this gateway's limit of {}",
+                config.max_new_tokens
+            )))
+        }
         Some(n) if n > room => {
-            return Err(invalid(format!("prompt ({}) + max_tokens ({n}) exceeds the model's {} positions", prompt.ids.len(), model.max_positions)));
+            return Err(invalid(format!(
+                "prompt ({}) + max_tokens ({n}) exceeds the model's {} positions",
+                prompt.ids.len(),
+                model.max_positions
+            )));
         }
         Some(n) => n,
         None => config.max_new_tokens.min(room),

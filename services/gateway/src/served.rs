@@ -44,7 +44,9 @@ impl ServedModel {
     pub fn load(dir: Option<&Path>, name: String) -> Result<Self, ServedModelError> {
         let source = dir.map_or(ModelSource::Bundled, |d| ModelSource::Dir(d.to_path_buf()));
         let ckpt = Checkpoint::open(&source)?;
-        let json = ckpt.read_file("tokenizer.json")?.ok_or_else(|| ServedModelError::Files(format!("{source} has no tokenizer.json")))?;
+        let json = ckpt
+            .read_file("tokenizer.json")?
+            .ok_or_else(|| ServedModelError::Files(format!("{source} has no tokenizer.json")))?;
         let tokenizer = ChatTokenizer::from_bytes(&json)?;
         let image_tokens = match ckpt.read_file("processor_config.json")? {
             Some(b) => serde_json::from_slice::<serde_json::Value>(&b)
@@ -69,6 +71,9 @@ mod tests {
         let m = ServedModel::load(None, "tiny".into()).unwrap();
         assert!(m.vision);
         assert!(m.image_tokens > 0 && m.max_positions > 0);
-        assert_eq!(m.tokenizer.special().image, m.tokenizer.encode(dsvl_chat::IMAGE_TAG).unwrap()[1]);
+        assert_eq!(
+            m.tokenizer.special().image,
+            m.tokenizer.encode(dsvl_chat::IMAGE_TAG).unwrap()[1]
+        );
     }
 }

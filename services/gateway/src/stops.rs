@@ -59,7 +59,12 @@ impl StopText {
         let p = &self.pending;
         self.stops
             .iter()
-            .flat_map(|s| (1..s.len().min(p.len() + 1)).rev().filter(|&k| s.is_char_boundary(k) && p.ends_with(&s[..k])).take(1))
+            .flat_map(|s| {
+                (1..s.len().min(p.len() + 1))
+                    .rev()
+                    .filter(|&k| s.is_char_boundary(k) && p.ends_with(&s[..k]))
+                    .take(1)
+            })
             .max()
             .unwrap_or(0)
     }

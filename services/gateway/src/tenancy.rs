@@ -60,7 +60,14 @@ impl Tenancy {
     /// From a key → tenant table (empty: everyone is the `public` tenant).
     pub fn new(keys: &HashMap<String, String>, rpm: u32, ipm: u32, tpm: u32) -> Self {
         let keys = keys.iter().map(|(k, t)| (k.clone(), Tenant::new(t))).collect();
-        Self { keys, public: Tenant::new("public"), rpm, ipm, tpm, buckets: Mutex::new(HashMap::new()) }
+        Self {
+            keys,
+            public: Tenant::new("public"),
+            rpm,
+            ipm,
+            tpm,
+            buckets: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Resolves an `Authorization` header value (`Bearer <key>`).
@@ -68,18 +75,28 @@ impl Tenancy {
         if self.keys.is_empty() {
             return Ok(self.public.clone());
         }
-        let key = authorization.and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer "))).map(str::trim);
+        let key = authorization
+            .and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")))
+            .map(str::trim);
         key.and_then(|k| self.keys.get(k)).cloned().ok_or(Refusal::Unauthenticated)
     }
 
-    fn take(&self, tenant: &str, what: &'static str, per_minute: u32, amount: f64) -> Result<(), Refusal> {
+    fn take(
+        &self,
+        tenant: &str,
+        what: &'static str,
+        per_minute: u32,
+        amount: f64,
+    ) -> Result<(), Refusal> {
         if per_minute == 0 || amount == 0.0 {
             return Ok(());
         }
         let capacity = f64::from(per_minute);
         let rate = capacity / 60.0;
         let mut buckets = self.buckets.lock().expect("bucket lock poisoned. This is a bug.");
-        let b = buckets.entry((tenant.to_string(), what)).or_insert(Bucket { tokens: capacity, last: Instant::now() });
+        let b = buckets
+            .entry((tenant.to_string(), what))
+            .or_insert(Bucket { tokens: capacity, last: Instant::now() });
         let now = Instant::now();
         b.tokens = (b.tokens + now.duration_since(b.last).as_secs_f64() * rate).min(capacity);
         b.last = now;
@@ -122,7 +139,10 @@ mod tests {
 
     #[test]
     fn keys_map_to_tenants_with_distinct_salts() {
-        let keys = HashMap::from([("k1".to_string(), "acme".to_string()), ("k2".to_string(), "globex".to_string())]);
+        let keys = HashMap::from([
+            ("k1".to_string(), "acme".to_string()),
+            ("k2".to_string(), "globex".to_string()),
+        ]);
         let t = Tenancy::new(&keys, 0, 0, 0);
         let a = t.authenticate(Some("Bearer k1")).unwrap();
         let b = t.authenticate(Some("Bearer k2")).unwrap();
@@ -141,7 +161,9 @@ mod tests {
         assert!(t.admit(&p, 1, 10).is_ok());
         assert!(t.admit(&p, 2, 10).is_ok());
         match t.admit(&p, 0, 10) {
-            Err(Refusal::Quota { what: "requests", retry_after }) => assert!(retry_after > 0.0 && retry_after <= 30.0),
+            Err(Refusal::Quota { what: "requests", retry_after }) => {
+                assert!(retry_after > 0.0 && retry_after <= 30.0)
+            }
             other => panic!("{other:?}"),
         }
         let t = Tenancy::new(&HashMap::new(), 100, 3, 0);

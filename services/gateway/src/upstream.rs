@@ -61,7 +61,10 @@ impl Replica {
         Some(Self {
             addr,
             channel,
-            breaker: CircuitBreaker::new(BreakerConfig { failure_threshold: 3, open_for: Duration::from_secs(5) }),
+            breaker: CircuitBreaker::new(BreakerConfig {
+                failure_threshold: 3,
+                open_for: Duration::from_secs(5),
+            }),
             inflight: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
             load: Mutex::new(None),
@@ -128,12 +131,15 @@ impl Pool {
         for t in &self.targets {
             match tokio::net::lookup_host(t.as_str()).await {
                 Ok(found) => addrs.extend(found.map(|a| a.to_string())),
-                Err(e) => tracing::warn!(tier = self.tier.name(), target = %t, error = %e, "cannot resolve upstream"),
+                Err(e) => {
+                    tracing::warn!(tier = self.tier.name(), target = %t, error = %e, "cannot resolve upstream")
+                }
             }
         }
         addrs.sort();
         addrs.dedup();
-        let current: HashMap<String, Arc<Replica>> = self.replicas().into_iter().map(|r| (r.addr.clone(), r)).collect();
+        let current: HashMap<String, Arc<Replica>> =
+            self.replicas().into_iter().map(|r| (r.addr.clone(), r)).collect();
         let next: Vec<Arc<Replica>> = addrs
             .into_iter()
             .filter_map(|a| current.get(&a).cloned().or_else(|| Replica::new(a).map(Arc::new)))
@@ -143,7 +149,8 @@ impl Pool {
             let ok = match self.tier {
                 Tier::Vision => {
                     let mut client = HealthClient::new(r.channel.clone());
-                    let check = client.check(HealthCheckRequest { service: "dsvl.v1.VisionEncoder".into() });
+                    let check = client
+                        .check(HealthCheckRequest { service: "dsvl.v1.VisionEncoder".into() });
                     matches!(tokio::time::timeout(Duration::from_secs(2), check).await, Ok(Ok(resp)) if resp.get_ref().status == 1)
                 }
                 Tier::Decoder => {
@@ -176,7 +183,8 @@ impl Pool {
             (!r.usable(), std::cmp::Reverse(*score.as_bytes()))
         });
         if rs.len() > 1 {
-            let avg = rs.iter().map(|r| r.inflight.load(Ordering::SeqCst)).sum::<usize>() as f64 / rs.len() as f64;
+            let avg = rs.iter().map(|r| r.inflight.load(Ordering::SeqCst)).sum::<usize>() as f64
+                / rs.len() as f64;
             if rs[0].inflight.load(Ordering::SeqCst) as f64 > 2.0 * avg + 8.0 && rs[1].usable() {
                 rs.swap(0, 1);
             }
@@ -189,8 +197,17 @@ impl Pool {
     pub fn by_least_work(&self) -> Vec<Arc<Replica>> {
         let mut rs: Vec<_> = self.replicas();
         rs.sort_by_key(|r| {
-            let l = r.load.lock().expect("load lock poisoned. This is a bug.").clone().unwrap_or_default();
-            let kv = if l.kv_blocks_total == 0 { 0 } else { 1000 * l.kv_blocks_used / l.kv_blocks_total };
+            let l = r
+                .load
+                .lock()
+                .expect("load lock poisoned. This is a bug.")
+                .clone()
+                .unwrap_or_default();
+            let kv = if l.kv_blocks_total == 0 {
+                0
+            } else {
+                1000 * l.kv_blocks_used / l.kv_blocks_total
+            };
             (!r.usable(), r.inflight.load(Ordering::SeqCst) + (l.waiting + l.running) as usize, kv)
         });
         rs
@@ -249,11 +266,13 @@ mod tests {
     #[tokio::test]
     async fn rendezvous_order_is_stable_and_spreads() {
         let pool = Pool::new(Tier::Vision, vec![]);
-        *pool.replicas.write().unwrap() =
-            (0..4).map(|i| Arc::new(Replica::new(format!("127.0.0.1:{}", 9000 + i)).unwrap())).collect();
+        *pool.replicas.write().unwrap() = (0..4)
+            .map(|i| Arc::new(Replica::new(format!("127.0.0.1:{}", 9000 + i)).unwrap()))
+            .collect();
         let first = |d: &str| pool.by_rendezvous(d)[0].addr.clone();
         assert_eq!(first("abc"), first("abc"));
-        let spread: std::collections::HashSet<String> = (0..64).map(|i| first(&format!("img{i}"))).collect();
+        let spread: std::collections::HashSet<String> =
+            (0..64).map(|i| first(&format!("img{i}"))).collect();
         assert!(spread.len() >= 3, "64 digests landed on {} replicas", spread.len());
         // Removing a replica only moves the digests that lived there.
         let before: Vec<String> = (0..64).map(|i| first(&format!("img{i}"))).collect();

@@ -133,14 +133,17 @@ fn model_loop(
         let now = Instant::now();
         jobs.retain(|j| {
             if j.reply.is_closed() {
-                metrics::counter!("dsvl_vision_jobs_dropped_total", "reason" => "cancelled").increment(1);
+                metrics::counter!("dsvl_vision_jobs_dropped_total", "reason" => "cancelled")
+                    .increment(1);
                 return false;
             }
             true
         });
-        let (live, expired): (Vec<Job>, Vec<Job>) = jobs.into_iter().partition(|j| j.deadline.is_none_or(|d| d > now));
+        let (live, expired): (Vec<Job>, Vec<Job>) =
+            jobs.into_iter().partition(|j| j.deadline.is_none_or(|d| d > now));
         for j in expired {
-            metrics::counter!("dsvl_vision_jobs_dropped_total", "reason" => "deadline").increment(1);
+            metrics::counter!("dsvl_vision_jobs_dropped_total", "reason" => "deadline")
+                .increment(1);
             let _ = j.reply.send(Err(JobError::DeadlineExceeded));
         }
         if live.is_empty() {
@@ -177,17 +180,29 @@ fn model_loop(
 }
 
 /// One forward pass; each image's embedding as little-endian bytes in the working dtype.
-fn encode_batch(encoder: &VisionEncoder, jobs: &[Job]) -> Result<Vec<Vec<u8>>, dsvl_models::ModelError> {
+fn encode_batch(
+    encoder: &VisionEncoder,
+    jobs: &[Job],
+) -> Result<Vec<Vec<u8>>, dsvl_models::ModelError> {
     let refs: Vec<&Preprocessed> = jobs.iter().map(|j| &j.pixels).collect();
-    let emb = encoder.forward(&encoder.batch_pixels(&refs)?)?.to_device(&candle_core::Device::Cpu)?;
+    let emb =
+        encoder.forward(&encoder.batch_pixels(&refs)?)?.to_device(&candle_core::Device::Cpu)?;
     (0..jobs.len())
         .map(|i| {
             let e = emb.get(i)?.flatten_all()?;
             Ok(match e.dtype() {
                 DType::F32 => e.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                DType::BF16 => e.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                DType::F16 => e.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                other => return Err(dsvl_models::ModelError::Unsupported(format!("embedding dtype {other:?}"))),
+                DType::BF16 => {
+                    e.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()
+                }
+                DType::F16 => {
+                    e.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()
+                }
+                other => {
+                    return Err(dsvl_models::ModelError::Unsupported(format!(
+                        "embedding dtype {other:?}"
+                    )))
+                }
             })
         })
         .collect()

@@ -136,7 +136,10 @@ impl TryFrom<&Args> for VisionConfig {
         let max_image_bytes = a.max_image_mib << 20;
         let max_message_bytes = a.max_message_mib << 20;
         if max_message_bytes < max_image_bytes {
-            return Err(ConfigError { field: "max-message-mib", reason: "smaller than one image".into() });
+            return Err(ConfigError {
+                field: "max-message-mib",
+                reason: "smaller than one image".into(),
+            });
         }
         Ok(Self {
             model: a.model.clone(),

@@ -121,15 +121,17 @@ pub struct Pipeline {
 }
 
 fn cache_metric(tier: &'static str, outcome: &'static str) {
-    metrics::counter!("dsvl_vision_cache_requests_total", "tier" => tier, "outcome" => outcome).increment(1);
+    metrics::counter!("dsvl_vision_cache_requests_total", "tier" => tier, "outcome" => outcome)
+        .increment(1);
 }
 
 impl Pipeline {
     fn check(&self, value: Bytes, tier: &'static str) -> Option<Arc<Stored>> {
         match Stored::parse(value) {
-            Ok(s) if s.header.model_fingerprint == self.expected.fingerprint
-                && s.header.dtype == self.expected.dtype
-                && s.header.shape == self.expected.shape =>
+            Ok(s)
+                if s.header.model_fingerprint == self.expected.fingerprint
+                    && s.header.dtype == self.expected.dtype
+                    && s.header.shape == self.expected.shape =>
             {
                 Some(Arc::new(s))
             }
@@ -190,7 +192,10 @@ impl Pipeline {
                         Some(v) => match self.check(v, "shared") {
                             Some(s) => {
                                 cache_metric("shared", "hit");
-                                let _ = self.local.put(keys[i].as_ref(), s.value.clone(), self.ttl).await;
+                                let _ = self
+                                    .local
+                                    .put(keys[i].as_ref(), s.value.clone(), self.ttl)
+                                    .await;
                                 Lookup::Hit(s)
                             }
                             None => Lookup::Miss { shared_ok: true },
@@ -213,20 +218,38 @@ impl Pipeline {
 
     /// The embedding of `image` under `key`: from a cache, from a concurrent computation of
     /// the same key (here or, through the lease, on another replica), or encoded now.
-    pub async fn embed(self: &Arc<Self>, key: String, image: Bytes, deadline: Option<Instant>) -> Result<Outcome, Failure> {
+    pub async fn embed(
+        self: &Arc<Self>,
+        key: String,
+        image: Bytes,
+        deadline: Option<Instant>,
+    ) -> Result<Outcome, Failure> {
         match self.lookup_many(&[key.as_str()]).await.pop() {
-            Some(Lookup::Hit(stored)) => Ok(Outcome { stored, cache_hit: true, shared: self.shared.is_some() }),
-            Some(Lookup::Miss { shared_ok }) => self.embed_missed(key, image, deadline, shared_ok).await,
+            Some(Lookup::Hit(stored)) => {
+                Ok(Outcome { stored, cache_hit: true, shared: self.shared.is_some() })
+            }
+            Some(Lookup::Miss { shared_ok }) => {
+                self.embed_missed(key, image, deadline, shared_ok).await
+            }
             None => Err(Failure::Internal("lookup returned no result. This is a bug.".into())),
         }
     }
 
     /// [`Pipeline::embed`] after a [`Pipeline::lookup_many`] miss: joins a concurrent
     /// computation of `key` or computes it (`shared_ok` from the lookup).
-    pub async fn embed_missed(self: &Arc<Self>, key: String, image: Bytes, deadline: Option<Instant>, shared_ok: bool) -> Result<Outcome, Failure> {
+    pub async fn embed_missed(
+        self: &Arc<Self>,
+        key: String,
+        image: Bytes,
+        deadline: Option<Instant>,
+        shared_ok: bool,
+    ) -> Result<Outcome, Failure> {
         let me = self.clone();
         let k = key.clone();
-        let (result, led) = self.flights.run(key, || async move { me.compute(k, image, deadline, shared_ok).await }).await;
+        let (result, led) = self
+            .flights
+            .run(key, || async move { me.compute(k, image, deadline, shared_ok).await })
+            .await;
         if !led {
             metrics::counter!("dsvl_vision_single_flight_waits_total").increment(1);
             return result.map(|o| Outcome { cache_hit: true, ..o });
@@ -234,7 +257,13 @@ impl Pipeline {
         result
     }
 
-    async fn compute(&self, key: String, image: Bytes, deadline: Option<Instant>, shared_ok: bool) -> Result<Outcome, Failure> {
+    async fn compute(
+        &self,
+        key: String,
+        image: Bytes,
+        deadline: Option<Instant>,
+        shared_ok: bool,
+    ) -> Result<Outcome, Failure> {
         // No shared tier, or it just failed for this key: encode without touching Redis again.
         let Some(shared) = self.shared.as_ref().filter(|_| shared_ok) else {
             return self.encode_uncoordinated(&key, image, deadline).await;
@@ -250,7 +279,11 @@ impl Pipeline {
                     tokio::spawn(async move {
                         let _ = shared.release_lease(&lease, &token).await;
                     });
-                    return r.map(|(stored, in_shared)| Outcome { stored, cache_hit: false, shared: in_shared });
+                    return r.map(|(stored, in_shared)| Outcome {
+                        stored,
+                        cache_hit: false,
+                        shared: in_shared,
+                    });
                 }
                 // Nobody can coordinate through a failing Redis: encode (fail open).
                 Err(_) => return self.encode_uncoordinated(&key, image, deadline).await,
@@ -281,14 +314,25 @@ impl Pipeline {
     }
 
     /// Encodes and keeps the value in the local tier only.
-    async fn encode_uncoordinated(&self, key: &str, image: Bytes, deadline: Option<Instant>) -> Result<Outcome, Failure> {
+    async fn encode_uncoordinated(
+        &self,
+        key: &str,
+        image: Bytes,
+        deadline: Option<Instant>,
+    ) -> Result<Outcome, Failure> {
         let (stored, _) = self.encode_and_store(key, image, deadline, false).await?;
         Ok(Outcome { stored, cache_hit: false, shared: false })
     }
 
     /// Encodes `image` and stores it locally and, with `write_shared`, in the shared tier.
     /// Returns the value and whether it reached the shared tier.
-    async fn encode_and_store(&self, key: &str, image: Bytes, deadline: Option<Instant>, write_shared: bool) -> Result<(Arc<Stored>, bool), Failure> {
+    async fn encode_and_store(
+        &self,
+        key: &str,
+        image: Bytes,
+        deadline: Option<Instant>,
+        write_shared: bool,
+    ) -> Result<(Arc<Stored>, bool), Failure> {
         let pre = self.preprocessor.clone();
         let pixels = tokio::task::spawn_blocking(move || pre.preprocess_bytes(&image))
             .await
@@ -330,6 +374,11 @@ impl Pipeline {
 fn rand_token() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.finish()
 }

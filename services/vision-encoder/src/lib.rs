@@ -79,7 +79,15 @@ fn load_pipeline(cfg: &VisionConfig, watchdog: Arc<Watchdog>) -> Result<Pipeline
         None => None,
     };
     Ok(Pipeline {
-        batcher: Arc::new(Batcher::start(encoder, BatcherConfig { max_batch: cfg.max_batch, max_wait: cfg.max_wait, capacity: cfg.queue_capacity }, watchdog)),
+        batcher: Arc::new(Batcher::start(
+            encoder,
+            BatcherConfig {
+                max_batch: cfg.max_batch,
+                max_wait: cfg.max_wait,
+                capacity: cfg.queue_capacity,
+            },
+            watchdog,
+        )),
         preprocessor,
         expected: Expected { fingerprint, dtype, shape },
         local: Arc::new(MemoryCache::new(cfg.local_cache_bytes)),
@@ -99,15 +107,24 @@ fn load_pipeline(cfg: &VisionConfig, watchdog: Arc<Watchdog>) -> Result<Pipeline
 ///
 /// # Errors
 /// The model cannot be loaded, or the server fails.
-pub async fn run(config: VisionConfig, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), VisionError> {
+pub async fn run(
+    config: VisionConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), VisionError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     probes::set_ready::<VisionEncoderServer<VisionService>>(&health, false).await;
     probes::starting(&health).await;
     let watchdog = Watchdog::new("vision-model");
-    let _liveness = probes::spawn_liveness(health.clone(), vec![watchdog.clone()], config.liveness_stall);
+    let _liveness =
+        probes::spawn_liveness(health.clone(), vec![watchdog.clone()], config.liveness_stall);
     let pipeline = Arc::new(OnceLock::new());
     let draining = Arc::new(AtomicBool::new(false));
-    let svc = VisionService { pipeline: pipeline.clone(), max_images: config.max_images_per_request, draining: draining.clone() };
+    let svc = VisionService {
+        pipeline: pipeline.clone(),
+        max_images: config.max_images_per_request,
+        draining: draining.clone(),
+    };
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(dsvl_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

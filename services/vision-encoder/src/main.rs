@@ -19,7 +19,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(addr) = args.metrics_listen {
         dsvl_telemetry::serve_prometheus(addr)?;
     }
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, "dsvl-vision starting");
     run(config, listener, dsvl_telemetry::shutdown_signal()).await?;
     tracing::info!("stopped");

@@ -10,7 +10,8 @@ use dsvl_models::preprocess::PREPROCESS_VERSION;
 use dsvl_proto::v1::encode_result::Result as ResultKind;
 use dsvl_proto::v1::vision_encoder_server::VisionEncoder;
 use dsvl_proto::v1::{
-    DType, EmbeddingRef, EncodeRequest, EncodeResponse, EncodeResult, Embedding, ImageError, InfoRequest, InfoResponse,
+    DType, Embedding, EmbeddingRef, EncodeRequest, EncodeResponse, EncodeResult, ImageError,
+    InfoRequest, InfoResponse,
 };
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -37,18 +38,32 @@ impl VisionService {
         if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(Status::unavailable("the server is draining"));
         }
-        self.pipeline.get().cloned().ok_or_else(|| Status::unavailable("the model is still loading"))
+        self.pipeline
+            .get()
+            .cloned()
+            .ok_or_else(|| Status::unavailable("the model is still loading"))
     }
 }
 
 fn image_error(code: &str, message: String) -> EncodeResult {
-    EncodeResult { result: Some(ResultKind::Error(ImageError { code: code.into(), message })), cache_hit: false, key: String::new() }
+    EncodeResult {
+        result: Some(ResultKind::Error(ImageError { code: code.into(), message })),
+        cache_hit: false,
+        key: String::new(),
+    }
 }
 
 #[tonic::async_trait]
 impl VisionEncoder for VisionService {
-    async fn encode(&self, request: Request<EncodeRequest>) -> Result<Response<EncodeResponse>, Status> {
-        let span = tracing::info_span!("vision.encode", images = tracing::field::Empty, hits = tracing::field::Empty);
+    async fn encode(
+        &self,
+        request: Request<EncodeRequest>,
+    ) -> Result<Response<EncodeResponse>, Status> {
+        let span = tracing::info_span!(
+            "vision.encode",
+            images = tracing::field::Empty,
+            hits = tracing::field::Empty
+        );
         dsvl_telemetry::extract_trace_context(request.metadata(), &span);
         let started = Instant::now();
         // Answer a little before the caller's deadline (network and tonic's own timer start
@@ -60,7 +75,11 @@ impl VisionEncoder for VisionService {
             return Err(Status::invalid_argument("no images"));
         }
         if req.images.len() > self.max_images {
-            return Err(Status::invalid_argument(format!("{} images; at most {} per request", req.images.len(), self.max_images)));
+            return Err(Status::invalid_argument(format!(
+                "{} images; at most {} per request",
+                req.images.len(),
+                self.max_images
+            )));
         }
         span.record("images", req.images.len());
         let shared = pipeline.shared.is_some();
@@ -72,13 +91,22 @@ impl VisionEncoder for VisionService {
             .into_iter()
             .map(|img| {
                 let data = Bytes::from(img.data);
-                if !img.client_digest.is_empty() && !img.client_digest.eq_ignore_ascii_case(&image_digest(&data)) {
-                    return Err(image_error("INVALID_ARGUMENT", "client_digest does not match the image bytes".into()));
+                if !img.client_digest.is_empty()
+                    && !img.client_digest.eq_ignore_ascii_case(&image_digest(&data))
+                {
+                    return Err(image_error(
+                        "INVALID_ARGUMENT",
+                        "client_digest does not match the image bytes".into(),
+                    ));
                 }
                 if data.len() > pipeline.preprocessor.limits().max_input_bytes {
                     return Err(image_error(
                         "INVALID_ARGUMENT",
-                        format!("image is {} bytes, over the limit of {}", data.len(), pipeline.preprocessor.limits().max_input_bytes),
+                        format!(
+                            "image is {} bytes, over the limit of {}",
+                            data.len(),
+                            pipeline.preprocessor.limits().max_input_bytes
+                        ),
                     ));
                 }
                 let key = embedding_key(&KeyParts {
@@ -93,7 +121,8 @@ impl VisionEncoder for VisionService {
             .collect();
         let all = async {
             // Every key of the request in one lookup (one MGET to Redis for the local misses).
-            let keys: Vec<&str> = prepared.iter().filter_map(|p| p.as_ref().ok().map(|(k, _)| k.as_str())).collect();
+            let keys: Vec<&str> =
+                prepared.iter().filter_map(|p| p.as_ref().ok().map(|(k, _)| k.as_str())).collect();
             let mut found = pipeline.lookup_many(&keys).await.into_iter();
             let jobs: Vec<_> = prepared
                 .iter()
@@ -106,9 +135,15 @@ impl VisionEncoder for VisionService {
                             Ok(kd) => kd.clone(),
                         };
                         let outcome = match looked {
-                            Some(Lookup::Hit(stored)) => Ok(Outcome { stored, cache_hit: true, shared }),
-                            Some(Lookup::Miss { shared_ok }) => pipeline.embed_missed(key.clone(), data, deadline, shared_ok).await,
-                            None => Err(Failure::Internal("lookup returned too few results. This is a bug.".into())),
+                            Some(Lookup::Hit(stored)) => {
+                                Ok(Outcome { stored, cache_hit: true, shared })
+                            }
+                            Some(Lookup::Miss { shared_ok }) => {
+                                pipeline.embed_missed(key.clone(), data, deadline, shared_ok).await
+                            }
+                            None => Err(Failure::Internal(
+                                "lookup returned too few results. This is a bug.".into(),
+                            )),
                         };
                         match outcome {
                             Ok(Outcome { stored, cache_hit, shared: in_shared }) => {
@@ -145,7 +180,11 @@ impl VisionEncoder for VisionService {
             Some(d) => match tokio::time::timeout_at(d.into(), all).await {
                 Ok(o) => o,
                 // Dropping the futures cancels their queued jobs: nothing is encoded for nobody.
-                Err(_) => return Err(Status::deadline_exceeded("the deadline passed before the images were encoded")),
+                Err(_) => {
+                    return Err(Status::deadline_exceeded(
+                        "the deadline passed before the images were encoded",
+                    ))
+                }
             },
             None => all.await,
         };
@@ -153,14 +192,23 @@ impl VisionEncoder for VisionService {
         for o in outcomes {
             match o {
                 Ok(r) => results.push(r),
-                Err(Failure::QueueFull) => return Err(Status::resource_exhausted("the encode queue is full; retry with backoff")),
-                Err(Failure::Deadline) => return Err(Status::deadline_exceeded("the deadline passed before the images were encoded")),
+                Err(Failure::QueueFull) => {
+                    return Err(Status::resource_exhausted(
+                        "the encode queue is full; retry with backoff",
+                    ))
+                }
+                Err(Failure::Deadline) => {
+                    return Err(Status::deadline_exceeded(
+                        "the deadline passed before the images were encoded",
+                    ))
+                }
                 Err(Failure::Internal(m)) => return Err(Status::internal(m)),
                 Err(Failure::Image(m)) => results.push(image_error("INVALID_ARGUMENT", m)),
             }
         }
         span.record("hits", results.iter().filter(|r| r.cache_hit).count());
-        metrics::histogram!("dsvl_vision_request_duration_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("dsvl_vision_request_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         Ok(Response::new(EncodeResponse { results }))
     }
 

@@ -8,7 +8,9 @@ use anyhow::{bail, Context, Result};
 use dsvl_proto::v1::encode_result::Result as R;
 use dsvl_proto::v1::vision_encoder_client::VisionEncoderClient;
 use dsvl_proto::v1::{EncodeRequest, EncodeResponse, ImageInput};
-use dsvl_testkit::{free_port, golden_dir, http_get, metric_sum, repo_root, RedisServer, ServiceProcess};
+use dsvl_testkit::{
+    free_port, golden_dir, http_get, metric_sum, repo_root, RedisServer, ServiceProcess,
+};
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -24,7 +26,8 @@ impl Vision {
         let (gp, mp) = (free_port(), free_port());
         let grpc = format!("127.0.0.1:{gp}");
         let metrics = format!("127.0.0.1:{mp}");
-        let mut args = vec!["--listen".to_string(), grpc.clone(), "--metrics-listen".into(), metrics.clone()];
+        let mut args =
+            vec!["--listen".to_string(), grpc.clone(), "--metrics-listen".into(), metrics.clone()];
         args.extend(extra.iter().map(|s| s.to_string()));
         let proc = ServiceProcess::spawn(env!("CARGO_BIN_EXE_dsvl-vision"), &args)?;
         let me = Self { proc, grpc, metrics };
@@ -40,7 +43,9 @@ impl Vision {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if let Ok(ch) = self.channel().await {
-                let r = HealthClient::new(ch).check(HealthCheckRequest { service: "dsvl.v1.VisionEncoder".into() }).await;
+                let r = HealthClient::new(ch)
+                    .check(HealthCheckRequest { service: "dsvl.v1.VisionEncoder".into() })
+                    .await;
                 if r.is_ok_and(|r| r.into_inner().status == 1) {
                     return Ok(());
                 }
@@ -79,12 +84,21 @@ fn tiny_png(i: u32) -> Vec<u8> {
 fn image_png(rgb: &[u8], w: u32, h: u32) -> Vec<u8> {
     use image::ImageEncoder;
     let mut buf = Vec::new();
-    image::codecs::png::PngEncoder::new(&mut buf).write_image(rgb, w, h, image::ExtendedColorType::Rgb8).expect("png");
+    image::codecs::png::PngEncoder::new(&mut buf)
+        .write_image(rgb, w, h, image::ExtendedColorType::Rgb8)
+        .expect("png");
     buf
 }
 
 fn req(images: Vec<Vec<u8>>, salt: &[u8]) -> EncodeRequest {
-    EncodeRequest { images: images.into_iter().map(|data| ImageInput { data: data.into(), client_digest: String::new() }).collect(), cache_salt: salt.to_vec().into(), return_inline: false }
+    EncodeRequest {
+        images: images
+            .into_iter()
+            .map(|data| ImageInput { data: data.into(), client_digest: String::new() })
+            .collect(),
+        cache_salt: salt.to_vec().into(),
+        return_inline: false,
+    }
 }
 
 fn hits(r: &EncodeResponse) -> Vec<bool> {
@@ -101,7 +115,10 @@ async fn hit_miss_ttl_salt_and_fingerprint() -> Result<()> {
     let img = image("chelsea.png");
     let r1 = c.encode(req(vec![img.clone()], b"tenant-a")).await?.into_inner();
     assert_eq!(hits(&r1), [false]);
-    assert!(matches!(r1.results[0].result, Some(R::Ref(_))), "shared cache: a reference is returned");
+    assert!(
+        matches!(r1.results[0].result, Some(R::Ref(_))),
+        "shared cache: a reference is returned"
+    );
     let r2 = c.encode(req(vec![img.clone()], b"tenant-a")).await?.into_inner();
     assert_eq!(hits(&r2), [true]);
     assert_eq!(a.encoded()?, 1.0);
@@ -124,7 +141,10 @@ async fn hit_miss_ttl_salt_and_fingerprint() -> Result<()> {
         let f = f?;
         std::fs::copy(f.path(), dir.path().join(f.file_name()))?;
     }
-    let mut tensors = candle_core::safetensors::load(dir.path().join("model.safetensors"), &candle_core::Device::Cpu)?;
+    let mut tensors = candle_core::safetensors::load(
+        dir.path().join("model.safetensors"),
+        &candle_core::Device::Cpu,
+    )?;
     let b = tensors.get("aligner.layers.1.bias").context("bias")?.clone();
     tensors.insert("aligner.layers.1.bias".into(), (b + 0.01)?);
     candle_core::safetensors::save(&tensors, dir.path().join("model.safetensors"))?;
@@ -158,7 +178,8 @@ async fn one_encode_across_replicas() -> Result<()> {
     }
     assert_eq!(keys.len(), 1);
     assert_eq!(a.encoded()? + b.encoded()?, 1.0, "exactly one encode across both replicas");
-    let waits = a.counter("dsvl_vision_single_flight_waits_total", &[])? + b.counter("dsvl_vision_single_flight_waits_total", &[])?;
+    let waits = a.counter("dsvl_vision_single_flight_waits_total", &[])?
+        + b.counter("dsvl_vision_single_flight_waits_total", &[])?;
     assert!(waits > 0.0, "concurrent callers waited instead of encoding");
     Ok(())
 }
@@ -173,10 +194,17 @@ async fn survives_redis_outage_and_recovers() -> Result<()> {
     c.encode(req(vec![tiny_png(1)], b"t")).await?;
     redis.kill();
     for i in 2..8 {
-        let r = c.encode(req(vec![tiny_png(i)], b"t")).await.context("request during the outage")?.into_inner();
+        let r = c
+            .encode(req(vec![tiny_png(i)], b"t"))
+            .await
+            .context("request during the outage")?
+            .into_inner();
         assert!(r.results[0].result.is_some());
     }
-    assert!(v.counter("dsvl_vision_cache_requests_total", &[("tier", "shared"), ("outcome", "error")])? > 0.0);
+    assert!(
+        v.counter("dsvl_vision_cache_requests_total", &[("tier", "shared"), ("outcome", "error")])?
+            > 0.0
+    );
     redis.restart()?;
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut i = 100;
@@ -216,7 +244,8 @@ async fn concurrent_images_are_batched() -> Result<()> {
 /// DEADLINE_EXCEEDED and is never encoded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backpressure_and_deadlines() -> Result<()> {
-    let v = Vision::start(&["--max-batch", "1", "--queue-capacity", "1", "--max-wait-ms", "0"]).await?;
+    let v =
+        Vision::start(&["--max-batch", "1", "--queue-capacity", "1", "--max-wait-ms", "0"]).await?;
     let mut tasks = Vec::new();
     for i in 0..12 {
         let mut c = v.client().await?;
@@ -264,17 +293,31 @@ async fn corrupt_image_fails_alone_and_inline_matches_library() -> Result<()> {
     let mut bad = image("rocket.jpg");
     bad.truncate(bad.len() / 2);
     let r = v.client().await?.encode(req(vec![good.clone(), bad], b"")).await?.into_inner();
-    let Some(R::Inline(emb)) = &r.results[0].result else { bail!("no inline embedding: {:?}", r.results[0]) };
+    let Some(R::Inline(emb)) = &r.results[0].result else {
+        bail!("no inline embedding: {:?}", r.results[0])
+    };
     let Some(R::Error(err)) = &r.results[1].result else { bail!("corrupt image did not fail") };
     assert_eq!(err.code, "INVALID_ARGUMENT");
     assert!(err.message.contains("truncated"), "{}", err.message);
 
     use dsvl_models::checkpoint::{Checkpoint, ModelSource};
     let ckpt = Checkpoint::open(&ModelSource::Bundled)?;
-    let enc = dsvl_models::vision::VisionEncoder::load(&ckpt, candle_core::DType::F32, &candle_core::Device::Cpu, None)?;
-    let pre = dsvl_models::preprocess::Preprocessor::new(enc.preprocess_config().clone(), Default::default());
-    let want = enc.forward(&enc.batch_pixels(&[&pre.preprocess_bytes(&good)?])?)?.flatten_all()?.to_vec1::<f32>()?;
-    let got: Vec<f32> = emb.data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    let enc = dsvl_models::vision::VisionEncoder::load(
+        &ckpt,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+        None,
+    )?;
+    let pre = dsvl_models::preprocess::Preprocessor::new(
+        enc.preprocess_config().clone(),
+        Default::default(),
+    );
+    let want = enc
+        .forward(&enc.batch_pixels(&[&pre.preprocess_bytes(&good)?])?)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let got: Vec<f32> =
+        emb.data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
     assert_eq!(emb.shape, [576, 128]);
     assert_eq!(got, want, "service embedding differs from the library's");
     Ok(())
@@ -312,7 +355,11 @@ async fn takes_over_when_the_lease_holder_dies() -> Result<()> {
     let r = c.encode(req(vec![img], b"dead")).await?.into_inner();
     assert_eq!(r.results[0].key, key, "the test derives the same key as the service");
     assert!(matches!(r.results[0].result, Some(R::Ref(_))));
-    assert!(t.elapsed() >= Duration::from_millis(1000), "it waited for the planted lease ({:?})", t.elapsed());
+    assert!(
+        t.elapsed() >= Duration::from_millis(1000),
+        "it waited for the planted lease ({:?})",
+        t.elapsed()
+    );
     assert_eq!(v.encoded()?, 1.0, "after the lease expired it encoded the image itself");
     assert!(v.counter("dsvl_vision_lease_waits_total", &[])? >= 1.0);
     Ok(())
@@ -334,14 +381,19 @@ async fn corrupt_redis_value_is_a_miss_and_is_repaired() -> Result<()> {
     let img = tiny_png(5150);
     let first = c.encode(inline(img.clone(), b"t")).await?.into_inner();
     let key = first.results[0].key.clone();
-    let Some(R::Inline(want)) = first.results[0].result.clone() else { bail!("no inline embedding: {:?}", first.results[0]) };
+    let Some(R::Inline(want)) = first.results[0].result.clone() else {
+        bail!("no inline embedding: {:?}", first.results[0])
+    };
     assert!(!first.results[0].cache_hit);
     let again = c.encode(inline(img.clone(), b"t")).await?.into_inner();
     assert!(again.results[0].cache_hit, "a Redis hit before any corruption");
-    let corrupt = || v.counter("dsvl_vision_cache_requests_total", &[("tier", "shared"), ("outcome", "corrupt")]);
+    let corrupt = || {
+        v.counter("dsvl_vision_cache_requests_total", &[("tier", "shared"), ("outcome", "corrupt")])
+    };
     assert_eq!(corrupt()?, 0.0);
 
-    let len: usize = redis.command(&format!("STRLEN {key}"))?.trim().trim_start_matches(':').parse()?;
+    let len: usize =
+        redis.command(&format!("STRLEN {key}"))?.trim().trim_start_matches(':').parse()?;
     assert!(len > want.data.len(), "stored value = header + payload ({len} bytes)");
     let corruptions = [
         ("garbage", format!("SET {key} not-an-embedding")),
@@ -353,12 +405,18 @@ async fn corrupt_redis_value_is_a_miss_and_is_repaired() -> Result<()> {
         assert!(!reply.starts_with('-'), "{what}: {reply}");
         let r = c.encode(inline(img.clone(), b"t")).await?.into_inner();
         assert!(!r.results[0].cache_hit, "{what}: a corrupt value is not a hit");
-        let Some(R::Inline(got)) = &r.results[0].result else { bail!("{what}: no inline embedding: {:?}", r.results[0]) };
+        let Some(R::Inline(got)) = &r.results[0].result else {
+            bail!("{what}: no inline embedding: {:?}", r.results[0])
+        };
         assert_eq!(got.shape, want.shape);
-        assert!(got.data == want.data, "{what}: the re-encoded embedding differs from the first encode");
+        assert!(
+            got.data == want.data,
+            "{what}: the re-encoded embedding differs from the first encode"
+        );
         assert_eq!(corrupt()?, (n + 1) as f64, "{what}: counted as corrupt");
         assert_eq!(v.encoded()?, (n + 2) as f64, "{what}: encoded again");
-        let fixed: usize = redis.command(&format!("STRLEN {key}"))?.trim().trim_start_matches(':').parse()?;
+        let fixed: usize =
+            redis.command(&format!("STRLEN {key}"))?.trim().trim_start_matches(':').parse()?;
         assert_eq!(fixed, len, "{what}: the re-encode overwrote the corrupt value");
         let hit = c.encode(inline(img.clone(), b"t")).await?.into_inner();
         assert!(hit.results[0].cache_hit, "{what}: hit after the repair");
@@ -379,10 +437,18 @@ async fn stalled_redis_costs_at_most_one_timeout() -> Result<()> {
     // inside one timeout of slack.
     const TIMEOUT: Duration = Duration::from_millis(2500);
     let redis = RedisServer::start()?;
-    let v = Vision::start(&["--redis", &redis.url(), "--redis-timeout-ms", &TIMEOUT.as_millis().to_string(), "--local-cache-mib", "0"]).await?;
+    let v = Vision::start(&[
+        "--redis",
+        &redis.url(),
+        "--redis-timeout-ms",
+        &TIMEOUT.as_millis().to_string(),
+        "--local-cache-mib",
+        "0",
+    ])
+    .await?;
     let mut c = v.client().await?;
     c.encode(req(vec![tiny_png(6000)], b"t")).await?; // connected and warm
-    // An uncached encode with a healthy Redis (lookup, lease, write-back) for reference.
+                                                      // An uncached encode with a healthy Redis (lookup, lease, write-back) for reference.
     let t = Instant::now();
     let r = c.encode(req(vec![tiny_png(6001)], b"t")).await?.into_inner();
     let baseline = t.elapsed();
@@ -394,17 +460,39 @@ async fn stalled_redis_costs_at_most_one_timeout() -> Result<()> {
     let frozen = redis.freeze()?;
     for i in 0..3 {
         let t = Instant::now();
-        let r = c.encode(req(vec![tiny_png(6100 + i)], b"t")).await.context("request while Redis is stalled")?.into_inner();
+        let r = c
+            .encode(req(vec![tiny_png(6100 + i)], b"t"))
+            .await
+            .context("request while Redis is stalled")?
+            .into_inner();
         let took = t.elapsed();
-        assert!(took < bound, "request {i} took {took:?} with Redis stalled (bound {bound:?}, baseline {baseline:?})");
+        assert!(
+            took < bound,
+            "request {i} took {took:?} with Redis stalled (bound {bound:?}, baseline {baseline:?})"
+        );
         assert!(!r.results[0].cache_hit);
-        assert!(matches!(r.results[0].result, Some(R::Inline(_))), "not stored in Redis, so returned inline: {:?}", r.results[0].result.as_ref().map(|_| ()));
+        assert!(
+            matches!(r.results[0].result, Some(R::Inline(_))),
+            "not stored in Redis, so returned inline: {:?}",
+            r.results[0].result.as_ref().map(|_| ())
+        );
     }
-    assert!(v.counter("dsvl_vision_cache_requests_total", &[("tier", "shared"), ("outcome", "error")])? >= 3.0);
-    assert_eq!(v.counter("dsvl_cache_breaker_state", &[])?, 2.0, "three failed lookups opened the breaker");
+    assert!(
+        v.counter("dsvl_vision_cache_requests_total", &[("tier", "shared"), ("outcome", "error")])?
+            >= 3.0
+    );
+    assert_eq!(
+        v.counter("dsvl_cache_breaker_state", &[])?,
+        2.0,
+        "three failed lookups opened the breaker"
+    );
     let t = Instant::now();
     c.encode(req(vec![tiny_png(6200)], b"t")).await?;
-    assert!(t.elapsed() < TIMEOUT, "the open breaker answers without waiting for Redis ({:?})", t.elapsed());
+    assert!(
+        t.elapsed() < TIMEOUT,
+        "the open breaker answers without waiting for Redis ({:?})",
+        t.elapsed()
+    );
     assert_eq!(v.encoded()?, 6.0);
 
     drop(frozen);

@@ -5,9 +5,15 @@
 pub(crate) const FILES: &[(&str, &[u8])] = &[
     ("config.json", include_bytes!("../../../../assets/tiny-dsvl/config.json")),
     ("model.safetensors", include_bytes!("../../../../assets/tiny-dsvl/model.safetensors")),
-    ("preprocessor_config.json", include_bytes!("../../../../assets/tiny-dsvl/preprocessor_config.json")),
+    (
+        "preprocessor_config.json",
+        include_bytes!("../../../../assets/tiny-dsvl/preprocessor_config.json"),
+    ),
     ("processor_config.json", include_bytes!("../../../../assets/tiny-dsvl/processor_config.json")),
-    ("special_tokens_map.json", include_bytes!("../../../../assets/tiny-dsvl/special_tokens_map.json")),
+    (
+        "special_tokens_map.json",
+        include_bytes!("../../../../assets/tiny-dsvl/special_tokens_map.json"),
+    ),
     ("tokenizer.json", include_bytes!("../../../../assets/tiny-dsvl/tokenizer.json")),
     ("tokenizer_config.json", include_bytes!("../../../../assets/tiny-dsvl/tokenizer_config.json")),
 ];

@@ -69,7 +69,8 @@ impl Checkpoint {
 
     /// The bundled tiny model.
     pub fn bundled() -> Result<Self, ModelError> {
-        let config = parse_json("config.json", bundled::file("config.json").expect("bundled config.json"))?;
+        let config =
+            parse_json("config.json", bundled::file("config.json").expect("bundled config.json"))?;
         let bytes = bundled::file("model.safetensors").expect("bundled model.safetensors");
         let st = SafeTensors::deserialize(bytes)
             .map_err(|e| ModelError::config("bundled model.safetensors", e.to_string()))?;
@@ -78,7 +79,10 @@ impl Checkpoint {
 
     fn open_dir(dir: &Path) -> Result<Self, ModelError> {
         if !dir.is_dir() {
-            return Err(ModelError::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "not a model directory")));
+            return Err(ModelError::io(
+                dir,
+                std::io::Error::new(std::io::ErrorKind::NotFound, "not a model directory"),
+            ));
         }
         let config_path = dir.join("config.json");
         let text = std::fs::read(&config_path).map_err(|e| ModelError::io(&config_path, e))?;
@@ -86,8 +90,13 @@ impl Checkpoint {
         let files = weight_files(dir)?;
         // SAFETY: the files are memory-mapped read-only; like every safetensors loader we assume
         // nobody truncates them while the model is being loaded.
-        let mmap = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
-            .map_err(|e| ModelError::config(dir.display().to_string(), format!("cannot map safetensors: {e}")))?;
+        let mmap =
+            unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }.map_err(|e| {
+                ModelError::config(
+                    dir.display().to_string(),
+                    format!("cannot map safetensors: {e}"),
+                )
+            })?;
         Ok(Self::from_parts(ModelSource::Dir(dir.to_path_buf()), config, TensorSource::Mmap(mmap)))
     }
 
@@ -137,7 +146,11 @@ impl Checkpoint {
     /// BLAKE3 over the name, dtype, shape and bytes of every tensor whose name starts with one
     /// of `prefixes` (sorted by name): identifies the weights independently of file layout.
     pub fn digest_tensors(&self, prefixes: &[&str]) -> blake3::Hash {
-        let mut names: Vec<String> = self.tensor_names().into_iter().filter(|n| prefixes.iter().any(|p| n.starts_with(p))).collect();
+        let mut names: Vec<String> = self
+            .tensor_names()
+            .into_iter()
+            .filter(|n| prefixes.iter().any(|p| n.starts_with(p)))
+            .collect();
         names.sort();
         let mut h = blake3::Hasher::new();
         for name in names {
@@ -153,7 +166,10 @@ impl Checkpoint {
     }
 
     /// Parses a sub-config of `config.json` by key (`vision_config`, `language_config`, ...).
-    pub fn sub_config<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<Option<T>, ModelError> {
+    pub fn sub_config<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> Result<Option<T>, ModelError> {
         match self.config.get(key) {
             None | Some(serde_json::Value::Null) => Ok(None),
             Some(v) => serde_json::from_value(v.clone())

@@ -63,7 +63,11 @@ impl FirstError {
 
     /// The recorded error, or the candle error if none was recorded.
     pub(crate) fn take_or(&self, fallback: candle_core::Error) -> ModelError {
-        self.0.lock().expect("weight error slot poisoned. This is a bug.").take().unwrap_or(ModelError::Candle(fallback))
+        self.0
+            .lock()
+            .expect("weight error slot poisoned. This is a bug.")
+            .take()
+            .unwrap_or(ModelError::Candle(fallback))
     }
 }
 
@@ -78,14 +82,30 @@ pub(crate) struct WeightBackend<'a> {
 
 impl<'a> WeightBackend<'a> {
     /// `prefixes` select the tensors the progress total counts (e.g. the vision tower only).
-    pub(crate) fn new(source: &'a TensorSource, prefixes: &[&str], progress: Option<ProgressFn>, errors: Arc<FirstError>) -> Self {
-        let total = source.sizes().iter().filter(|(n, _)| prefixes.iter().any(|p| n.starts_with(p))).map(|(_, s)| s).sum();
+    pub(crate) fn new(
+        source: &'a TensorSource,
+        prefixes: &[&str],
+        progress: Option<ProgressFn>,
+        errors: Arc<FirstError>,
+    ) -> Self {
+        let total = source
+            .sizes()
+            .iter()
+            .filter(|(n, _)| prefixes.iter().any(|p| n.starts_with(p)))
+            .map(|(_, s)| s)
+            .sum();
         Self { source, errors, loaded: AtomicU64::new(0), total, progress }
     }
 
-    fn load(&self, view: &TensorView<'_>, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn load(
+        &self,
+        view: &TensorView<'_>,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let t = view.load(dev)?.to_dtype(dtype)?;
-        let done = self.loaded.fetch_add(view.data().len() as u64, Ordering::Relaxed) + view.data().len() as u64;
+        let done = self.loaded.fetch_add(view.data().len() as u64, Ordering::Relaxed)
+            + view.data().len() as u64;
         if let Some(p) = &self.progress {
             p(done, self.total.max(done));
         }
@@ -94,9 +114,19 @@ impl<'a> WeightBackend<'a> {
 }
 
 impl SimpleBackend for WeightBackend<'_> {
-    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let Some(view) = self.source.view(name) else {
-            return Err(self.errors.record(ModelError::MissingTensor { name: name.into(), expected: s.dims().to_vec() }));
+            return Err(self.errors.record(ModelError::MissingTensor {
+                name: name.into(),
+                expected: s.dims().to_vec(),
+            }));
         };
         if view.shape() != s.dims() {
             return Err(self.errors.record(ModelError::ShapeMismatch {
@@ -111,7 +141,9 @@ impl SimpleBackend for WeightBackend<'_> {
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         match self.source.view(name) {
             Some(view) => self.load(&view, dtype, dev),
-            None => Err(self.errors.record(ModelError::MissingTensor { name: name.into(), expected: vec![] })),
+            None => Err(self
+                .errors
+                .record(ModelError::MissingTensor { name: name.into(), expected: vec![] })),
         }
     }
 

@@ -113,8 +113,8 @@ impl LlmConfig {
 
     /// Resolves a raw Llama config; `prefix` is where its tensors live.
     pub fn from_json(raw: serde_json::Value, prefix: &str) -> Result<Self, ModelError> {
-        let r: RawLlamaConfig =
-            serde_json::from_value(raw).map_err(|e| ModelError::config("config.json", format!("language config: {e}")))?;
+        let r: RawLlamaConfig = serde_json::from_value(raw)
+            .map_err(|e| ModelError::config("config.json", format!("language config: {e}")))?;
         let bad = |m: String| Err(ModelError::Unsupported(format!("language model: {m}")));
         if r.hidden_act != "silu" {
             return bad(format!("hidden_act `{}` (DeepSeek LLM uses silu)", r.hidden_act));
@@ -127,7 +127,10 @@ impl LlmConfig {
         }
         let kv = r.num_key_value_heads.unwrap_or(r.num_attention_heads);
         if r.num_attention_heads == 0 || kv == 0 || r.num_attention_heads % kv != 0 {
-            return bad(format!("{} heads are not a multiple of {kv} key/value heads", r.num_attention_heads));
+            return bad(format!(
+                "{} heads are not a multiple of {kv} key/value heads",
+                r.num_attention_heads
+            ));
         }
         let head_dim = r.head_dim.unwrap_or(r.hidden_size / r.num_attention_heads);
         if head_dim % 2 != 0 {
@@ -151,7 +154,9 @@ impl LlmConfig {
 
     /// Checks that `world` ranks can split this model (heads, KV heads, MLP and vocab).
     pub fn check_tensor_parallel(&self, world: usize) -> Result<(), ModelError> {
-        let fail = |what: String| Err(ModelError::Unsupported(format!("tensor parallelism {world}: {what}")));
+        let fail = |what: String| {
+            Err(ModelError::Unsupported(format!("tensor parallelism {world}: {what}")))
+        };
         if world == 0 {
             return fail("needs at least one rank".into());
         }
@@ -159,7 +164,10 @@ impl LlmConfig {
             return fail(format!("{} attention heads are not divisible", self.num_heads));
         }
         if self.num_kv_heads % world != 0 && world % self.num_kv_heads != 0 {
-            return fail(format!("{} key/value heads neither divide nor are divided by it", self.num_kv_heads));
+            return fail(format!(
+                "{} key/value heads neither divide nor are divided by it",
+                self.num_kv_heads
+            ));
         }
         if self.intermediate_size % world != 0 {
             return fail(format!("intermediate size {} is not divisible", self.intermediate_size));
@@ -181,7 +189,10 @@ mod tests {
     fn vl7b_language_config_takes_llama_defaults() {
         let raw = serde_json::json!({"model_type": "llama", "num_hidden_layers": 30, "vocab_size": 102400, "max_position_embeddings": 16384});
         let c = LlmConfig::from_json(raw, "language_model.").unwrap();
-        assert_eq!((c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim), (4096, 11008, 32, 32, 128));
+        assert_eq!(
+            (c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim),
+            (4096, 11008, 32, 32, 128)
+        );
         assert_eq!((c.num_layers, c.vocab_size, c.max_position_embeddings), (30, 102400, 16384));
         assert_eq!((c.rms_norm_eps, c.rope_theta, c.tie_word_embeddings), (1e-6, 10000.0, false));
     }

@@ -19,7 +19,13 @@ pub trait KvStore {
     ///
     /// # Errors
     /// When `start` does not follow what is stored for the sequence, or the blocks are too few.
-    fn append(&mut self, layer: usize, chunk: &SeqChunk, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>;
+    fn append(
+        &mut self,
+        layer: usize,
+        chunk: &SeqChunk,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)>;
 
     /// Forgets a sequence.
     fn free(&mut self, seq: SeqId);
@@ -43,7 +49,13 @@ impl ContiguousKv {
 }
 
 impl KvStore for ContiguousKv {
-    fn append(&mut self, layer: usize, chunk: &SeqChunk, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn append(
+        &mut self,
+        layer: usize,
+        chunk: &SeqChunk,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let (seq, start) = (chunk.seq, chunk.start);
         let slots = self.layers.entry(seq).or_default();
         if slots.len() <= layer {

@@ -36,16 +36,28 @@ pub struct Linear {
 
 impl Linear {
     /// Rows `[start, start + len)` of the full `[out, in]` weight: a column-parallel shard.
-    pub fn column(vb: &VarBuilder, name: &str, (out, inp): (usize, usize), rows: (usize, usize)) -> Result<Self> {
+    pub fn column(
+        vb: &VarBuilder,
+        name: &str,
+        (out, inp): (usize, usize),
+        rows: (usize, usize),
+    ) -> Result<Self> {
         let w = vb.get((out, inp), name)?;
-        let weight = if rows == (0, out) { w } else { w.narrow(0, rows.0, rows.1)?.contiguous()? };
+        let weight =
+            if rows == (0, out) { w } else { w.narrow(0, rows.0, rows.1)?.contiguous()? };
         Ok(Self { weight })
     }
 
     /// Columns `[start, start + len)` of the full `[out, in]` weight: a row-parallel shard.
-    pub fn row(vb: &VarBuilder, name: &str, (out, inp): (usize, usize), cols: (usize, usize)) -> Result<Self> {
+    pub fn row(
+        vb: &VarBuilder,
+        name: &str,
+        (out, inp): (usize, usize),
+        cols: (usize, usize),
+    ) -> Result<Self> {
         let w = vb.get((out, inp), name)?;
-        let weight = if cols == (0, inp) { w } else { w.narrow(1, cols.0, cols.1)?.contiguous()? };
+        let weight =
+            if cols == (0, inp) { w } else { w.narrow(1, cols.0, cols.1)?.contiguous()? };
         Ok(Self { weight })
     }
 
@@ -55,7 +67,11 @@ impl Linear {
     /// `x W^T`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (rows, k) = x.dims2()?;
-        if rows == 1 && x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+        if rows == 1
+            && x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && self.weight.dtype() == DType::F32
+        {
             // Batch-1 decode: a bandwidth-bound GEMV that streams each weight row once.
             let n = self.weight.dim(0)?;
             let xs = x.flatten_all()?.to_vec1::<f32>()?;
@@ -92,7 +108,12 @@ pub struct VocabEmbedding {
 
 impl VocabEmbedding {
     /// Loads this rank's rows of `[vocab, hidden]`.
-    pub fn new(vb: &VarBuilder, name: &str, (vocab, hidden): (usize, usize), shard: Shard) -> Result<Self> {
+    pub fn new(
+        vb: &VarBuilder,
+        name: &str,
+        (vocab, hidden): (usize, usize),
+        shard: Shard,
+    ) -> Result<Self> {
         let (start, len) = shard.range(vocab);
         let full = vb.get((vocab, hidden), name)?;
         let table = if len == vocab { full } else { full.narrow(0, start, len)?.contiguous()? };
@@ -103,12 +124,25 @@ impl VocabEmbedding {
     /// other ranks.
     pub fn forward(&self, ids: &[u32]) -> Result<Tensor> {
         let dev = self.table.device();
-        let local: Vec<u32> = ids.iter().map(|&i| (i as usize).checked_sub(self.start).filter(|&l| l < self.len).unwrap_or(0) as u32).collect();
+        let local: Vec<u32> = ids
+            .iter()
+            .map(|&i| {
+                (i as usize).checked_sub(self.start).filter(|&l| l < self.len).unwrap_or(0) as u32
+            })
+            .collect();
         let rows = self.table.index_select(&Tensor::new(local, dev)?, 0)?;
-        if self.len == self.table.dim(0)? && self.start == 0 && ids.iter().all(|&i| (i as usize) < self.len) {
+        if self.len == self.table.dim(0)?
+            && self.start == 0
+            && ids.iter().all(|&i| (i as usize) < self.len)
+        {
             return Ok(rows);
         }
-        let mask: Vec<f32> = ids.iter().map(|&i| f32::from(u8::from((self.start..self.start + self.len).contains(&(i as usize))))).collect();
+        let mask: Vec<f32> = ids
+            .iter()
+            .map(|&i| {
+                f32::from(u8::from((self.start..self.start + self.len).contains(&(i as usize))))
+            })
+            .collect();
         let mask = Tensor::from_vec(mask, (ids.len(), 1), dev)?.to_dtype(rows.dtype())?;
         rows.broadcast_mul(&mask)
     }
@@ -155,9 +189,17 @@ pub struct Rope {
 impl Rope {
     /// `inv_freq[i] = 1 / theta^(2i/d)` and `freqs = pos * inv_freq`, in f32 like the reference,
     /// then cast to `dtype` (the reference's cos/sin are in the activation dtype).
-    pub fn new(head_dim: usize, max_pos: usize, theta: f64, dtype: DType, dev: &Device) -> Result<Self> {
+    pub fn new(
+        head_dim: usize,
+        max_pos: usize,
+        theta: f64,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Self> {
         let half = head_dim / 2;
-        let inv: Vec<f32> = (0..half).map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32)).collect();
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (theta as f32).powf((2 * i) as f32 / head_dim as f32))
+            .collect();
         let mut cos = Vec::with_capacity(max_pos * head_dim);
         let mut sin = Vec::with_capacity(max_pos * head_dim);
         for p in 0..max_pos {
@@ -193,7 +235,8 @@ mod tests {
 
     #[test]
     fn shard_ranges_cover_the_axis() {
-        let covered: Vec<(usize, usize)> = (0..4).map(|r| Shard { rank: r, world: 4 }.range(102400)).collect();
+        let covered: Vec<(usize, usize)> =
+            (0..4).map(|r| Shard { rank: r, world: 4 }.range(102400)).collect();
         assert_eq!(covered, vec![(0, 25600), (25600, 25600), (51200, 25600), (76800, 25600)]);
     }
 

@@ -26,11 +26,18 @@ impl DeepSeekLlm {
     ///
     /// # Errors
     /// Unsupported configs, a TP degree the model cannot be split by, missing or mis-shaped tensors.
-    pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device, shard: Shard, progress: Option<ProgressFn>) -> Result<Self, ModelError> {
+    pub fn load(
+        ckpt: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        shard: Shard,
+        progress: Option<ProgressFn>,
+    ) -> Result<Self, ModelError> {
         let cfg = LlmConfig::from_checkpoint(ckpt)?;
         cfg.check_tensor_parallel(shard.world)?;
         let prefix = if cfg.prefix.is_empty() { "" } else { cfg.prefix.as_str() };
-        let prefixes: Vec<&str> = if prefix.is_empty() { vec!["model.", "lm_head."] } else { vec![prefix] };
+        let prefixes: Vec<&str> =
+            if prefix.is_empty() { vec!["model.", "lm_head."] } else { vec![prefix] };
         ckpt.build(dtype, device, &prefixes, progress, |vb| DeepSeekLlm::new(&cfg, shard, vb))
     }
 }

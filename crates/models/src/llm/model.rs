@@ -59,10 +59,20 @@ impl Attention {
         };
         let kv_rows = (kv_first * d, kv_heads * d);
         Ok(Self {
-            q: Linear::column(vb, "q_proj.weight", (h * d, hidden), (shard.rank * heads * d, heads * d))?,
+            q: Linear::column(
+                vb,
+                "q_proj.weight",
+                (h * d, hidden),
+                (shard.rank * heads * d, heads * d),
+            )?,
             k: Linear::column(vb, "k_proj.weight", (cfg.num_kv_heads * d, hidden), kv_rows)?,
             v: Linear::column(vb, "v_proj.weight", (cfg.num_kv_heads * d, hidden), kv_rows)?,
-            o: Linear::row(vb, "o_proj.weight", (hidden, h * d), (shard.rank * heads * d, heads * d))?,
+            o: Linear::row(
+                vb,
+                "o_proj.weight",
+                (hidden, h * d),
+                (shard.rank * heads * d, heads * d),
+            )?,
             heads,
             kv_heads,
             head_dim: d,
@@ -75,20 +85,31 @@ impl Attention {
         let (t, l, d) = (q.dim(0)?, k.dim(0)?, self.head_dim);
         let (kvh, g) = (self.kv_heads, self.heads / self.kv_heads);
         // Query head h uses KV head h / g: group the g query heads of each KV head as rows.
-        let q = q.reshape((t, kvh, g, d))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((kvh, g * t, d))?;
+        let q = q.reshape((t, kvh, g, d))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((
+            kvh,
+            g * t,
+            d,
+        ))?;
         let k = k.transpose(0, 1)?.contiguous()?;
         let v = v.transpose(0, 1)?.contiguous()?;
         let mut scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
         if t > 1 {
             let start = l - t;
-            let mask: Vec<f32> =
-                (0..t).flat_map(|i| (0..l).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+            let mask: Vec<f32> = (0..t)
+                .flat_map(|i| {
+                    (0..l).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })
+                })
+                .collect();
             let mask = Tensor::from_vec(mask, (t, l), q.device())?.to_dtype(scores.dtype())?;
-            scores = scores.reshape((kvh, g, t, l))?.broadcast_add(&mask)?.reshape((kvh, g * t, l))?;
+            scores =
+                scores.reshape((kvh, g, t, l))?.broadcast_add(&mask)?.reshape((kvh, g * t, l))?;
         }
         let probs = softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?; // [kvh, g*t, d]
-        out.reshape((kvh, g, t, d))?.permute((2, 0, 1, 3))?.contiguous()?.reshape((t, self.heads * d))
+        out.reshape((kvh, g, t, d))?
+            .permute((2, 0, 1, 3))?
+            .contiguous()?
+            .reshape((t, self.heads * d))
     }
 }
 
@@ -149,7 +170,12 @@ impl DeepSeekLlm {
                 Ok(DecoderLayer {
                     input_norm: RmsNorm::new(&l, "input_layernorm.weight", h, cfg.rms_norm_eps)?,
                     attn: Attention::new(cfg, shard, &l.pp("self_attn"))?,
-                    post_norm: RmsNorm::new(&l, "post_attention_layernorm.weight", h, cfg.rms_norm_eps)?,
+                    post_norm: RmsNorm::new(
+                        &l,
+                        "post_attention_layernorm.weight",
+                        h,
+                        cfg.rms_norm_eps,
+                    )?,
                     mlp: Mlp::new(cfg, shard, &l.pp("mlp"))?,
                 })
             })
@@ -161,7 +187,13 @@ impl DeepSeekLlm {
         };
         Ok(Self {
             norm: RmsNorm::new(&m, "norm.weight", h, cfg.rms_norm_eps)?,
-            rope: Rope::new(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, vb.dtype(), vb.device())?,
+            rope: Rope::new(
+                cfg.head_dim,
+                cfg.max_position_embeddings,
+                cfg.rope_theta,
+                vb.dtype(),
+                vb.device(),
+            )?,
             dtype: vb.dtype(),
             device: vb.device().clone(),
             cfg: cfg.clone(),
@@ -198,7 +230,10 @@ impl DeepSeekLlm {
     /// [`ModelError::InvalidInput`] for an id outside the vocabulary.
     pub fn embed(&self, ids: &[u32], comm: &dyn Communicator) -> Result<Tensor, ModelError> {
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-            return Err(ModelError::InvalidInput(format!("token id {bad} is outside the vocabulary of {}", self.cfg.vocab_size)));
+            return Err(ModelError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            )));
         }
         let local = self.embed.forward(ids)?;
         Ok(comm.all_reduce_sum(&local)?)
@@ -218,7 +253,10 @@ impl DeepSeekLlm {
                 )));
             }
             if let Some(bad) = c.tokens.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-                return Err(ModelError::InvalidInput(format!("token id {bad} is outside the vocabulary of {}", self.cfg.vocab_size)));
+                return Err(ModelError::InvalidInput(format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    self.cfg.vocab_size
+                )));
             }
         }
         Ok(())
@@ -236,16 +274,25 @@ impl DeepSeekLlm {
         self.validate(chunks)?;
         let n: usize = chunks.iter().map(|c| c.tokens.len()).sum();
         if embeds.dims() != [n, self.cfg.hidden_size] {
-            return Err(ModelError::InvalidInput(format!("embeddings {:?}, expected [{n}, {}]", embeds.dims(), self.cfg.hidden_size)));
+            return Err(ModelError::InvalidInput(format!(
+                "embeddings {:?}, expected [{n}, {}]",
+                embeds.dims(),
+                self.cfg.hidden_size
+            )));
         }
-        let positions: Vec<u32> = chunks.iter().flat_map(|c| (c.start..c.start + c.tokens.len()).map(|p| p as u32)).collect();
+        let positions: Vec<u32> = chunks
+            .iter()
+            .flat_map(|c| (c.start..c.start + c.tokens.len()).map(|p| p as u32))
+            .collect();
         let positions = Tensor::new(positions, &self.device)?;
         let mut x = embeds.to_dtype(self.dtype)?;
-        let (hl, kvl, d) = (self.layers[0].attn.heads, self.layers[0].attn.kv_heads, self.cfg.head_dim);
+        let (hl, kvl, d) =
+            (self.layers[0].attn.heads, self.layers[0].attn.kv_heads, self.cfg.head_dim);
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
             let q = self.rope.apply(&layer.attn.q.forward(&h)?.reshape((n, hl, d))?, &positions)?;
-            let k = self.rope.apply(&layer.attn.k.forward(&h)?.reshape((n, kvl, d))?, &positions)?;
+            let k =
+                self.rope.apply(&layer.attn.k.forward(&h)?.reshape((n, kvl, d))?, &positions)?;
             let v = layer.attn.v.forward(&h)?.reshape((n, kvl, d))?;
             let mut outs = Vec::with_capacity(chunks.len());
             let mut off = 0;
@@ -255,7 +302,11 @@ impl DeepSeekLlm {
                 outs.push(layer.attn.attend(&q.narrow(0, off, t)?, &ks, &vs)?);
                 off += t;
             }
-            let attn = if outs.len() == 1 { outs.pop().expect("one chunk") } else { Tensor::cat(&outs, 0)? };
+            let attn = if outs.len() == 1 {
+                outs.pop().expect("one chunk")
+            } else {
+                Tensor::cat(&outs, 0)?
+            };
             x = (x + comm.all_reduce_sum(&layer.attn.o.forward(&attn)?)?)?;
             let m = layer.mlp.forward(&layer.post_norm.forward(&x)?)?;
             x = (x + comm.all_reduce_sum(&m)?)?;
@@ -311,8 +362,17 @@ impl ImageRows {
     ///
     /// # Errors
     /// When the number of image-token positions differs from the number of rows.
-    pub fn for_image_tokens(ids: &[u32], image_token: u32, rows: Tensor) -> Result<Self, ModelError> {
-        let positions: Vec<u32> = ids.iter().enumerate().filter(|(_, &t)| t == image_token).map(|(i, _)| i as u32).collect();
+    pub fn for_image_tokens(
+        ids: &[u32],
+        image_token: u32,
+        rows: Tensor,
+    ) -> Result<Self, ModelError> {
+        let positions: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == image_token)
+            .map(|(i, _)| i as u32)
+            .collect();
         let m = rows.dim(0)?;
         if positions.len() != m {
             return Err(ModelError::InvalidInput(format!(
@@ -329,7 +389,12 @@ impl ImageRows {
 ///
 /// # Errors
 /// [`ModelError::InvalidInput`] on a count or width mismatch.
-pub fn splice_image_rows(embeds: &Tensor, ids: &[u32], image_token: u32, images: &Tensor) -> Result<Tensor, ModelError> {
+pub fn splice_image_rows(
+    embeds: &Tensor,
+    ids: &[u32],
+    image_token: u32,
+    images: &Tensor,
+) -> Result<Tensor, ModelError> {
     let rows = ImageRows::for_image_tokens(ids, image_token, images.clone())?;
     splice_rows_at(embeds, &rows.positions, &rows.rows)
 }
@@ -338,17 +403,31 @@ pub fn splice_image_rows(embeds: &Tensor, ids: &[u32], image_token: u32, images:
 ///
 /// # Errors
 /// [`ModelError::InvalidInput`] for a count, width or position mismatch.
-pub fn splice_rows_at(embeds: &Tensor, positions: &[u32], rows: &Tensor) -> Result<Tensor, ModelError> {
+pub fn splice_rows_at(
+    embeds: &Tensor,
+    positions: &[u32],
+    rows: &Tensor,
+) -> Result<Tensor, ModelError> {
     let (m, hidden) = rows.dims2()?;
     let n = embeds.dim(0)?;
     if positions.len() != m {
-        return Err(ModelError::InvalidInput(format!("{} image positions but {m} image embedding rows", positions.len())));
+        return Err(ModelError::InvalidInput(format!(
+            "{} image positions but {m} image embedding rows",
+            positions.len()
+        )));
     }
     if hidden != embeds.dim(D::Minus1)? {
-        return Err(ModelError::InvalidInput(format!("image embeddings are {hidden} wide, the model is {}", embeds.dim(D::Minus1)?)));
+        return Err(ModelError::InvalidInput(format!(
+            "image embeddings are {hidden} wide, the model is {}",
+            embeds.dim(D::Minus1)?
+        )));
     }
-    if positions.windows(2).any(|w| w[0] >= w[1]) || positions.last().is_some_and(|&p| p as usize >= n) {
-        return Err(ModelError::InvalidInput("image positions must be ascending and inside the step".into()));
+    if positions.windows(2).any(|w| w[0] >= w[1])
+        || positions.last().is_some_and(|&p| p as usize >= n)
+    {
+        return Err(ModelError::InvalidInput(
+            "image positions must be ascending and inside the step".into(),
+        ));
     }
     if m == 0 {
         return Ok(embeds.clone());
@@ -362,7 +441,8 @@ pub fn splice_rows_at(embeds: &Tensor, positions: &[u32], rows: &Tensor) -> Resu
         if p > next {
             parts.push(embeds.narrow(0, next, p - next)?);
         }
-        let run = positions[i..].iter().enumerate().take_while(|(j, &q)| q as usize == p + j).count();
+        let run =
+            positions[i..].iter().enumerate().take_while(|(j, &q)| q as usize == p + j).count();
         parts.push(rows.narrow(0, i, run)?);
         next = p + run;
         i += run;

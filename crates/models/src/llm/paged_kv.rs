@@ -29,10 +29,22 @@ pub struct PagedKv {
 
 impl PagedKv {
     /// Allocates the pools (zeros) for `layers` layers of `kv_heads x head_dim` per token.
-    pub fn new(cfg: PagedKvConfig, layers: usize, kv_heads: usize, head_dim: usize, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn new(
+        cfg: PagedKvConfig,
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let slots = cfg.num_blocks * cfg.block_size;
         let pools = (0..layers)
-            .map(|_| Ok((Tensor::zeros((slots, kv_heads, head_dim), dtype, device)?, Tensor::zeros((slots, kv_heads, head_dim), dtype, device)?)))
+            .map(|_| {
+                Ok((
+                    Tensor::zeros((slots, kv_heads, head_dim), dtype, device)?,
+                    Tensor::zeros((slots, kv_heads, head_dim), dtype, device)?,
+                ))
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { cfg, pools, lens: Default::default() })
     }
@@ -44,7 +56,10 @@ impl PagedKv {
 
     fn slot(&self, blocks: &[u32], pos: usize) -> Result<usize> {
         let b = blocks.get(pos / self.cfg.block_size).copied().ok_or_else(|| {
-            candle_core::Error::Msg(format!("position {pos} has no block (table of {} blocks)", blocks.len()))
+            candle_core::Error::Msg(format!(
+                "position {pos} has no block (table of {} blocks)",
+                blocks.len()
+            ))
         })? as usize;
         if b >= self.cfg.num_blocks {
             candle_core::bail!("block {b} outside the pool of {}", self.cfg.num_blocks);
@@ -54,7 +69,13 @@ impl PagedKv {
 }
 
 impl KvStore for PagedKv {
-    fn append(&mut self, layer: usize, chunk: &SeqChunk, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn append(
+        &mut self,
+        layer: usize,
+        chunk: &SeqChunk,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let (start, t) = (chunk.start, k.dim(0)?);
         let bs = self.cfg.block_size;
         let (kp, vp) = &self.pools[layer];
@@ -69,7 +90,9 @@ impl KvStore for PagedKv {
             i += run;
         }
         let total = start + t;
-        let idx: Vec<u32> = (0..total).map(|p| self.slot(&chunk.blocks, p).map(|s| s as u32)).collect::<Result<_>>()?;
+        let idx: Vec<u32> = (0..total)
+            .map(|p| self.slot(&chunk.blocks, p).map(|s| s as u32))
+            .collect::<Result<_>>()?;
         let idx = Tensor::new(idx, kp.device())?;
         if layer == 0 {
             self.lens.insert(chunk.seq, total);
@@ -102,9 +125,17 @@ mod tests {
         let blocks = vec![5, 1, 7];
         let mut start = 0;
         for (i, len) in [5usize, 1, 1, 3].into_iter().enumerate() {
-            let k = Tensor::arange(0f32, (len * 6) as f32, &dev)?.reshape((len, 2, 3))?.affine(1.0, i as f64 * 100.0)?;
+            let k = Tensor::arange(0f32, (len * 6) as f32, &dev)?
+                .reshape((len, 2, 3))?
+                .affine(1.0, i as f64 * 100.0)?;
             let v = (k.clone() * -1.0)?;
-            let chunk = SeqChunk { seq: 9, tokens: vec![0; len], start, all_logits: false, blocks: blocks.clone() };
+            let chunk = SeqChunk {
+                seq: 9,
+                tokens: vec![0; len],
+                start,
+                all_logits: false,
+                blocks: blocks.clone(),
+            };
             for layer in 0..2 {
                 let (pk, pv) = paged.append(layer, &chunk, &k, &v)?;
                 let (fk, fv) = flat.append(layer, &chunk, &k, &v)?;

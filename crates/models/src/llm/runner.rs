@@ -43,13 +43,19 @@ impl StepPlan {
 
     fn from_message(msg: &Message, device: &candle_core::Device) -> Result<Self, ModelError> {
         let bad = |e: String| ModelError::InvalidInput(format!("malformed step plan: {e}"));
-        let chunks = serde_json::from_value(msg.header["chunks"].clone()).map_err(|e| bad(e.to_string()))?;
-        let free = serde_json::from_value(msg.header["free"].clone()).map_err(|e| bad(e.to_string()))?;
+        let chunks =
+            serde_json::from_value(msg.header["chunks"].clone()).map_err(|e| bad(e.to_string()))?;
+        let free =
+            serde_json::from_value(msg.header["free"].clone()).map_err(|e| bad(e.to_string()))?;
         let image = match msg.header.get("image_positions").filter(|v| !v.is_null()) {
             None => None,
             Some(p) => {
-                let positions = serde_json::from_value(p.clone()).map_err(|e| bad(e.to_string()))?;
-                let rows = msg.tensors.first().ok_or_else(|| bad("image positions without rows".into()))?;
+                let positions =
+                    serde_json::from_value(p.clone()).map_err(|e| bad(e.to_string()))?;
+                let rows = msg
+                    .tensors
+                    .first()
+                    .ok_or_else(|| bad("image positions without rows".into()))?;
                 Some(ImageRows { positions, rows: rows.to_tensor(device)? })
             }
         };
@@ -67,7 +73,12 @@ pub struct ShardRunner {
 
 impl ShardRunner {
     /// Wraps a loaded shard; collectives go over `links` (TCP) with `timeout`.
-    pub fn new(model: DeepSeekLlm, kv: Box<dyn KvStore + Send>, links: Arc<LinkSet>, timeout: std::time::Duration) -> Self {
+    pub fn new(
+        model: DeepSeekLlm,
+        kv: Box<dyn KvStore + Send>,
+        links: Arc<LinkSet>,
+        timeout: std::time::Duration,
+    ) -> Self {
         let comm: Box<dyn Communicator> = match &*links {
             LinkSet::Single => Box::new(SingleRank),
             _ => Box::new(TcpCommunicator::new(links.clone(), timeout)),
@@ -77,7 +88,12 @@ impl ShardRunner {
 
     /// The same, with a caller-provided communicator (NCCL, which must stay on the thread that
     /// created it: a runner is built and used on its rank's model thread).
-    pub fn with_communicator(model: DeepSeekLlm, kv: Box<dyn KvStore + Send>, links: Arc<LinkSet>, comm: Box<dyn Communicator>) -> Self {
+    pub fn with_communicator(
+        model: DeepSeekLlm,
+        kv: Box<dyn KvStore + Send>,
+        links: Arc<LinkSet>,
+        comm: Box<dyn Communicator>,
+    ) -> Self {
         Self { model, kv, links, comm }
     }
 
@@ -98,7 +114,9 @@ impl ShardRunner {
         if plan.chunks.is_empty() {
             return Ok(None);
         }
-        self.model.forward(&plan.chunks, plan.image.as_ref(), self.kv.as_mut(), self.comm.as_ref()).map(Some)
+        self.model
+            .forward(&plan.chunks, plan.image.as_ref(), self.kv.as_mut(), self.comm.as_ref())
+            .map(Some)
     }
 
     /// Leader: validates the plan, sends it to every worker and runs it locally. Returns the
@@ -133,11 +151,18 @@ impl ShardRunner {
                 "step" => {
                     let plan = StepPlan::from_message(&msg, self.model.device())?;
                     if let Err(e) = self.run(&plan) {
-                        let _ = link.send(&Message::new(json!({"kind": "error", "reason": e.to_string()})), "report");
+                        let _ = link.send(
+                            &Message::new(json!({"kind": "error", "reason": e.to_string()})),
+                            "report",
+                        );
                         return Err(e);
                     }
                 }
-                other => return Err(ModelError::InvalidInput(format!("unexpected `{other}` from the leader"))),
+                other => {
+                    return Err(ModelError::InvalidInput(format!(
+                        "unexpected `{other}` from the leader"
+                    )))
+                }
             }
         }
     }

@@ -42,7 +42,10 @@ pub fn decode_rgb(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, ImageE
         return Err(ImageError::Empty);
     }
     if bytes.len() > limits.max_input_bytes {
-        return Err(ImageError::InputTooLarge { bytes: bytes.len(), limit: limits.max_input_bytes });
+        return Err(ImageError::InputTooLarge {
+            bytes: bytes.len(),
+            limit: limits.max_input_bytes,
+        });
     }
     let format = image::guess_format(bytes).map_err(|_| ImageError::UnknownFormat)?;
     if !SUPPORTED.contains(&format) {
@@ -86,7 +89,10 @@ fn check_jpeg_complete(bytes: &[u8]) -> Result<(), ImageError> {
     let has_eoi_after = |start: usize| bytes[start..].windows(2).any(|w| w == [0xFF, 0xD9]);
     match sos {
         Some(pos) if has_eoi_after(pos + 2) => Ok(()),
-        _ => Err(ImageError::Corrupt { format: "Jpeg".into(), reason: "truncated: no end-of-image marker after the scan data".into() }),
+        _ => Err(ImageError::Corrupt {
+            format: "Jpeg".into(),
+            reason: "truncated: no end-of-image marker after the scan data".into(),
+        }),
     }
 }
 
@@ -94,17 +100,24 @@ fn map_decode_error(err: image::ImageError, format: ImageFormat) -> ImageError {
     use image::error::LimitErrorKind;
     match err {
         image::ImageError::Limits(l) => match l.kind() {
-            LimitErrorKind::DimensionError => ImageError::Corrupt { format: format!("{format:?}"), reason: "dimensions exceed the limits".into() },
+            LimitErrorKind::DimensionError => ImageError::Corrupt {
+                format: format!("{format:?}"),
+                reason: "dimensions exceed the limits".into(),
+            },
             _ => ImageError::AllocationLimit,
         },
-        image::ImageError::Unsupported(u) => ImageError::UnsupportedFormat(format!("{format:?}: {u}")),
+        image::ImageError::Unsupported(u) => {
+            ImageError::UnsupportedFormat(format!("{format:?}: {u}"))
+        }
         image::ImageError::IoError(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             ImageError::Corrupt { format: format!("{format:?}"), reason: "truncated".into() }
         }
         other => {
             let msg = other.to_string();
             let lower = msg.to_ascii_lowercase();
-            let truncated = ["not enough bytes", "eof", "end of file", "unexpected end"].iter().any(|p| lower.contains(p));
+            let truncated = ["not enough bytes", "eof", "end of file", "unexpected end"]
+                .iter()
+                .any(|p| lower.contains(p));
             let reason = if truncated { format!("truncated ({msg})") } else { msg };
             ImageError::Corrupt { format: format!("{format:?}"), reason }
         }
@@ -115,9 +128,13 @@ fn to_rgb_like_pillow(img: DynamicImage) -> Result<RgbImage, ImageError> {
     let (width, height) = (img.width() as usize, img.height() as usize);
     let data: Vec<u8> = match img {
         DynamicImage::ImageRgb8(b) => b.into_raw(),
-        DynamicImage::ImageRgba8(b) => b.into_raw().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+        DynamicImage::ImageRgba8(b) => {
+            b.into_raw().chunks_exact(4).flat_map(|p| [p[0], p[1], p[2]]).collect()
+        }
         DynamicImage::ImageLuma8(b) => b.into_raw().into_iter().flat_map(|v| [v, v, v]).collect(),
-        DynamicImage::ImageLumaA8(b) => b.into_raw().chunks_exact(2).flat_map(|p| [p[0]; 3]).collect(),
+        DynamicImage::ImageLumaA8(b) => {
+            b.into_raw().chunks_exact(2).flat_map(|p| [p[0]; 3]).collect()
+        }
         DynamicImage::ImageLuma16(b) => {
             b.into_raw().into_iter().flat_map(|v| [v.min(255) as u8; 3]).collect()
         }
@@ -130,7 +147,9 @@ fn to_rgb_like_pillow(img: DynamicImage) -> Result<RgbImage, ImageError> {
             .chunks_exact(4)
             .flat_map(|p| [(p[0] >> 8) as u8, (p[1] >> 8) as u8, (p[2] >> 8) as u8])
             .collect(),
-        other => return Err(ImageError::UnsupportedFormat(format!("pixel layout {:?}", other.color()))),
+        other => {
+            return Err(ImageError::UnsupportedFormat(format!("pixel layout {:?}", other.color())))
+        }
     };
     Ok(RgbImage { width, height, data })
 }

@@ -136,7 +136,10 @@ impl PreprocessConfig {
     /// reference's float64 arithmetic and `int()` truncation.
     pub fn resized_size(&self, width: usize, height: usize) -> (usize, usize) {
         let max_side = width.max(height) as f64;
-        let side = |v: usize| ((v as f64 / max_side * f64::from(self.image_size)) as usize).max(self.min_size as usize);
+        let side = |v: usize| {
+            ((v as f64 / max_side * f64::from(self.image_size)) as usize)
+                .max(self.min_size as usize)
+        };
         (side(width), side(height))
     }
 }
@@ -213,7 +216,8 @@ impl Preprocessor {
 
     /// Reads an image file and preprocesses it.
     pub fn preprocess_file(&self, path: &Path) -> Result<Preprocessed, ImageError> {
-        let bytes = std::fs::read(path).map_err(|source| ImageError::Io { path: path.display().to_string(), source })?;
+        let bytes = std::fs::read(path)
+            .map_err(|source| ImageError::Io { path: path.display().to_string(), source })?;
         self.preprocess_bytes(&bytes)
     }
 
@@ -236,7 +240,8 @@ impl Preprocessor {
                 }
             }
         }
-        let geometry = Geometry { original: (rgb.width, rgb.height), resized: (rw, rh), offset, side };
+        let geometry =
+            Geometry { original: (rgb.width, rgb.height), resized: (rw, rh), offset, side };
         (chw, geometry)
     }
 

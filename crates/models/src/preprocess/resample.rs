@@ -100,8 +100,18 @@ const CHANNELS: usize = 3;
 ///
 /// # Panics
 /// If `rgb.len() != width * height * 3` or any size is zero; callers validate sizes first.
-pub fn resize_bicubic_rgb8(rgb: &[u8], width: usize, height: usize, out_w: usize, out_h: usize) -> Vec<u8> {
-    assert_eq!(rgb.len(), width * height * CHANNELS, "RGB buffer size does not match its dimensions");
+pub fn resize_bicubic_rgb8(
+    rgb: &[u8],
+    width: usize,
+    height: usize,
+    out_w: usize,
+    out_h: usize,
+) -> Vec<u8> {
+    assert_eq!(
+        rgb.len(),
+        width * height * CHANNELS,
+        "RGB buffer size does not match its dimensions"
+    );
     assert!(width > 0 && height > 0 && out_w > 0 && out_h > 0, "image sizes must be positive");
     let need_horizontal = out_w != width;
     let need_vertical = out_h != height;
@@ -121,7 +131,8 @@ pub fn resize_bicubic_rgb8(rgb: &[u8], width: usize, height: usize, out_w: usize
         let rows = last_row - first_row;
         let mut tmp = vec![0u8; rows * out_w * CHANNELS];
         tmp.par_chunks_mut(out_w * CHANNELS).enumerate().for_each(|(r, out_row)| {
-            let src = &rgb[(first_row + r) * width * CHANNELS..(first_row + r + 1) * width * CHANNELS];
+            let src =
+                &rgb[(first_row + r) * width * CHANNELS..(first_row + r + 1) * width * CHANNELS];
             for (xx, px) in out_row.chunks_exact_mut(CHANNELS).enumerate() {
                 let (xmin, k) = horiz.taps(xx);
                 let mut acc = [HALF; CHANNELS];
@@ -199,7 +210,10 @@ mod tests {
             for xx in 0..o {
                 let (_, k) = c.taps(xx);
                 let sum: i64 = k.iter().map(|&w| i64::from(w)).sum();
-                assert!((sum - (1 << PRECISION_BITS)).abs() <= k.len() as i64, "{i}->{o} at {xx}: {sum}");
+                assert!(
+                    (sum - (1 << PRECISION_BITS)).abs() <= k.len() as i64,
+                    "{i}->{o} at {xx}: {sum}"
+                );
             }
         }
     }

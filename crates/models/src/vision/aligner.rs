@@ -42,7 +42,9 @@ impl Aligner {
             ProjectorType::LowHighHybridSplitMlpGelu => {
                 let high = candle_nn::linear(d_in, n / 2, vb.pp("high_up_proj"))?;
                 let low = candle_nn::linear(d_in, n / 2, vb.pp("low_up_proj"))?;
-                let layers = (1..cfg.depth).map(|i| candle_nn::linear(n, n, lp.pp(2 * i - 1))).collect::<Result<_>>()?;
+                let layers = (1..cfg.depth)
+                    .map(|i| candle_nn::linear(n, n, lp.pp(2 * i - 1)))
+                    .collect::<Result<_>>()?;
                 (Some((high, low)), layers)
             }
         };
@@ -56,7 +58,10 @@ impl Aligner {
                 (Tensor::cat(&[hp.forward(high)?, lp.forward(low)?], 2)?, true)
             }
             (AlignerInput::Single(x), None) => (x.clone(), false),
-            _ => candle_core::bail!("aligner {:?} got the wrong number of feature streams", self.cfg.projector_type),
+            _ => candle_core::bail!(
+                "aligner {:?} got the wrong number of feature streams",
+                self.cfg.projector_type
+            ),
         };
         for (i, layer) in self.layers.iter().enumerate() {
             if gelu_first || i > 0 {

@@ -132,7 +132,11 @@ impl SamConfig {
     pub fn resolve(p: &TowerParams) -> Result<Self, ModelError> {
         let (width, layers, heads, global) = match p.model_name.as_str() {
             "sam_b_downsample" => (768, 12, 12, vec![2, 5, 8, 11]),
-            other => return Err(ModelError::Unsupported(format!("SAM preset `{other}` (supported: sam_b_downsample)"))),
+            other => {
+                return Err(ModelError::Unsupported(format!(
+                    "SAM preset `{other}` (supported: sam_b_downsample)"
+                )))
+            }
         };
         p.require_same_features()?;
         let cfg = Self {
@@ -157,7 +161,10 @@ impl SamConfig {
             return bad(format!("width {} is not divisible by heads {}", self.width, self.heads));
         }
         if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
-            return bad(format!("image_size {} is not a multiple of patch_size {}", self.image_size, self.patch_size));
+            return bad(format!(
+                "image_size {} is not a multiple of patch_size {}",
+                self.image_size, self.patch_size
+            ));
         }
         if self.global_attn_indexes.is_empty() {
             return bad("the HD path needs at least one global-attention block".into());
@@ -233,7 +240,10 @@ impl SiglipConfig {
             normalize: p.normalize(),
         };
         if cfg.heads == 0 || cfg.width % cfg.heads != 0 {
-            return Err(ModelError::Unsupported(format!("SigLIP config: width {} not divisible by heads {}", cfg.width, cfg.heads)));
+            return Err(ModelError::Unsupported(format!(
+                "SigLIP config: width {} not divisible by heads {}",
+                cfg.width, cfg.heads
+            )));
         }
         if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
             return Err(ModelError::Unsupported(format!(
@@ -308,14 +318,17 @@ fn default_depth() -> usize {
 impl AlignerConfig {
     /// Parses `aligner_config`.
     pub fn resolve(c: &ComponentConfig) -> Result<Self, ModelError> {
-        let p: AlignerParams = serde_json::from_value(c.params.clone())
-            .map_err(|e| ModelError::config("config.json", format!("aligner_config.params: {e}")))?;
+        let p: AlignerParams = serde_json::from_value(c.params.clone()).map_err(|e| {
+            ModelError::config("config.json", format!("aligner_config.params: {e}"))
+        })?;
         let projector_type = match p.projector_type.as_str() {
             "identity" => ProjectorType::Identity,
             "linear" => ProjectorType::Linear,
             "mlp_gelu" => ProjectorType::MlpGelu,
             "low_high_hybrid_split_mlp_gelu" => ProjectorType::LowHighHybridSplitMlpGelu,
-            other => return Err(ModelError::Unsupported(format!("aligner projector_type `{other}`"))),
+            other => {
+                return Err(ModelError::Unsupported(format!("aligner projector_type `{other}`")))
+            }
         };
         Ok(Self { projector_type, depth: p.depth, input_dim: p.input_dim, n_embed: p.n_embed })
     }
@@ -336,19 +349,31 @@ fn default_concat() -> String {
 impl TowerConfig {
     /// Parses `vision_config`.
     pub fn resolve(c: &ComponentConfig) -> Result<Self, ModelError> {
-        let parse_err = |e: serde_json::Error| ModelError::config("config.json", format!("vision_config.params: {e}"));
+        let parse_err = |e: serde_json::Error| {
+            ModelError::config("config.json", format!("vision_config.params: {e}"))
+        };
         match c.cls.as_str() {
             "HybridVisionTower" => {
-                let p: HybridParams = serde_json::from_value(c.params.clone()).map_err(parse_err)?;
+                let p: HybridParams =
+                    serde_json::from_value(c.params.clone()).map_err(parse_err)?;
                 if p.concat_type != "tuple" {
-                    return Err(ModelError::Unsupported(format!("hybrid concat_type `{}` (only `tuple`)", p.concat_type)));
+                    return Err(ModelError::Unsupported(format!(
+                        "hybrid concat_type `{}` (only `tuple`)",
+                        p.concat_type
+                    )));
                 }
-                Ok(Self::Hybrid { high: SamConfig::resolve(&p.high_res_cfg)?, low: SiglipConfig::resolve(&p.low_res_cfg)? })
+                Ok(Self::Hybrid {
+                    high: SamConfig::resolve(&p.high_res_cfg)?,
+                    low: SiglipConfig::resolve(&p.low_res_cfg)?,
+                })
             }
             "CLIPVisionTower" => {
                 let p: TowerParams = serde_json::from_value(c.params.clone()).map_err(parse_err)?;
                 if !p.model_name.starts_with("siglip") {
-                    return Err(ModelError::Unsupported(format!("CLIPVisionTower model `{}` (only SigLIP)", p.model_name)));
+                    return Err(ModelError::Unsupported(format!(
+                        "CLIPVisionTower model `{}` (only SigLIP)",
+                        p.model_name
+                    )));
                 }
                 Ok(Self::Siglip(SiglipConfig::resolve(&p)?))
             }

@@ -24,8 +24,12 @@ struct FusedAttention {
 }
 
 fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, name: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else { candle_core::bail!("fused attention: {name} must be f32") };
-    let Some((a, b)) = l.contiguous_offsets() else { candle_core::bail!("fused attention: {name} must be contiguous") };
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("fused attention: {name} must be f32")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("fused attention: {name} must be contiguous")
+    };
     Ok(&data[a..b])
 }
 
@@ -38,7 +42,9 @@ impl FusedAttention {
         let s = self.side.unwrap_or(0);
         if let Some(rel) = rel {
             if s * s != n || rel.len() != bh * n * 2 * s {
-                candle_core::bail!("fused attention: relative-position terms do not match {n} tokens");
+                candle_core::bail!(
+                    "fused attention: relative-position terms do not match {n} tokens"
+                );
             }
         }
         let head = n * d;
@@ -47,7 +53,8 @@ impl FusedAttention {
         let rows = (TILE_ELEMS / n).clamp(1, n);
         let mut out = vec![0f32; bh * head];
         out.par_chunks_mut(head).enumerate().for_each(|(b, out_h)| {
-            let (q, k, v) = (&q[b * head..][..head], &k[b * head..][..head], &v[b * head..][..head]);
+            let (q, k, v) =
+                (&q[b * head..][..head], &k[b * head..][..head], &v[b * head..][..head]);
             let mut scores = vec![0f32; rows * n];
             for r0 in (0..n).step_by(rows) {
                 let nr = rows.min(n - r0);
@@ -56,11 +63,25 @@ impl FusedAttention {
                 // score tile nr x n, v n x d, and out rows [r0, r0 + nr) x d.
                 unsafe {
                     gemm::gemm(
-                        nr, n, d,
-                        scores.as_mut_ptr(), 1, n as isize, false,
-                        q.as_ptr().add(r0 * d), 1, d as isize,
-                        k.as_ptr(), d as isize, 1,
-                        0.0, self.scale, false, false, false, Parallelism::None,
+                        nr,
+                        n,
+                        d,
+                        scores.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        false,
+                        q.as_ptr().add(r0 * d),
+                        1,
+                        d as isize,
+                        k.as_ptr(),
+                        d as isize,
+                        1,
+                        0.0,
+                        self.scale,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
                     );
                 }
                 for (i, row) in scores[..nr * n].chunks_exact_mut(n).enumerate() {
@@ -74,11 +95,25 @@ impl FusedAttention {
                 }
                 unsafe {
                     gemm::gemm(
-                        nr, d, n,
-                        out_h.as_mut_ptr().add(r0 * d), 1, d as isize, false,
-                        scores.as_ptr(), 1, n as isize,
-                        v.as_ptr(), 1, d as isize,
-                        0.0, 1.0, false, false, false, Parallelism::None,
+                        nr,
+                        d,
+                        n,
+                        out_h.as_mut_ptr().add(r0 * d),
+                        1,
+                        d as isize,
+                        false,
+                        scores.as_ptr(),
+                        1,
+                        n as isize,
+                        v.as_ptr(),
+                        1,
+                        d as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        Parallelism::None,
                     );
                 }
             }
@@ -102,7 +137,13 @@ impl CustomOp2 for FusedAttention {
         "fused-attention-relpos"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         self.run(contiguous(s1, l1, "qkv")?, l1, Some(contiguous(s2, l2, "rel")?))
     }
 }
@@ -118,6 +159,9 @@ pub fn fused_attention(qkv: &Tensor, rel: Option<(&Tensor, usize)>, scale: f64) 
     let qkv = qkv.contiguous()?;
     match rel {
         None => qkv.apply_op1_no_bwd(&FusedAttention { scale: scale as f32, side: None }),
-        Some((rel, side)) => qkv.apply_op2_no_bwd(&rel.contiguous()?, &FusedAttention { scale: scale as f32, side: Some(side) }),
+        Some((rel, side)) => qkv.apply_op2_no_bwd(
+            &rel.contiguous()?,
+            &FusedAttention { scale: scale as f32, side: Some(side) },
+        ),
     }
 }

@@ -44,8 +44,10 @@ impl PatchEmbed {
 /// dtype and the subtract and divide run in it, as the reference does under bf16.
 pub fn normalize(x: &Tensor, n: &Normalize) -> Result<Tensor> {
     let dev = x.device();
-    let mean = Tensor::new(&n.mean.map(|v| v as f32), dev)?.to_dtype(x.dtype())?.reshape((1, 3, 1, 1))?;
-    let std = Tensor::new(&n.std.map(|v| v as f32), dev)?.to_dtype(x.dtype())?.reshape((1, 3, 1, 1))?;
+    let mean =
+        Tensor::new(&n.mean.map(|v| v as f32), dev)?.to_dtype(x.dtype())?.reshape((1, 3, 1, 1))?;
+    let std =
+        Tensor::new(&n.std.map(|v| v as f32), dev)?.to_dtype(x.dtype())?.reshape((1, 3, 1, 1))?;
     x.broadcast_sub(&mean)?.broadcast_div(&std)
 }
 
@@ -82,7 +84,6 @@ impl Module for LayerNorm2d {
 fn mean_over_channels(x: &Tensor) -> Result<Tensor> {
     x.to_dtype(DType::F32)?.mean_keepdim(1)?.to_dtype(x.dtype())
 }
-
 
 /// A 1-D linear resampling as a dense `[out, in]` matrix; two of them make a separable 2-D
 /// resize that runs as matmuls on any device.
@@ -124,7 +125,11 @@ impl ResampleMatrix {
             let taps: Vec<f32> = (xmin..xmax)
                 .map(|j| {
                     let x = ((j as f32 - center + 0.5) * invscale).abs();
-                    if x < 1.0 { 1.0 - x } else { 0.0 }
+                    if x < 1.0 {
+                        1.0 - x
+                    } else {
+                        0.0
+                    }
                 })
                 .collect();
             let total: f32 = taps.iter().sum();
@@ -158,7 +163,8 @@ pub fn resize_2d(x: &Tensor, rows: &ResampleMatrix, cols: &ResampleMatrix) -> Re
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let x = cols.apply_last(&x)?;
-    let x = rows.apply_last(&x.transpose(D::Minus1, D::Minus2)?)?.transpose(D::Minus1, D::Minus2)?;
+    let x =
+        rows.apply_last(&x.transpose(D::Minus1, D::Minus2)?)?.transpose(D::Minus1, D::Minus2)?;
     x.contiguous()?.to_dtype(dtype)
 }
 
@@ -173,7 +179,13 @@ pub struct Conv2d {
 
 impl Conv2d {
     /// Loads `weight` `[out, in, k, k]`.
-    pub fn no_bias(in_ch: usize, out_ch: usize, k: usize, cfg: Conv2dConfig, vb: VarBuilder) -> Result<Self> {
+    pub fn no_bias(
+        in_ch: usize,
+        out_ch: usize,
+        k: usize,
+        cfg: Conv2dConfig,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         Ok(Self { weight: vb.get((out_ch, in_ch, k, k), "weight")?, cfg })
     }
 }
@@ -182,7 +194,13 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
         if x.dtype() == DType::BF16 && x.device().is_cpu() {
-            let y = x.to_dtype(DType::F32)?.conv2d(&self.weight.to_dtype(DType::F32)?, c.padding, c.stride, c.dilation, c.groups)?;
+            let y = x.to_dtype(DType::F32)?.conv2d(
+                &self.weight.to_dtype(DType::F32)?,
+                c.padding,
+                c.stride,
+                c.dilation,
+                c.groups,
+            )?;
             return y.to_dtype(DType::BF16);
         }
         x.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)

@@ -60,19 +60,29 @@ impl VisionEncoder {
     ///
     /// # Errors
     /// A text-only checkpoint, unsupported tower variants, missing or mis-shaped tensors.
-    pub fn load(ckpt: &Checkpoint, dtype: DType, device: &Device, progress: Option<ProgressFn>) -> Result<Self, ModelError> {
+    pub fn load(
+        ckpt: &Checkpoint,
+        dtype: DType,
+        device: &Device,
+        progress: Option<ProgressFn>,
+    ) -> Result<Self, ModelError> {
         let vision: ComponentConfig = ckpt.sub_config("vision_config")?.ok_or_else(|| {
-            ModelError::Unsupported(format!("{} has no vision_config: it is a text-only model", ckpt.source()))
+            ModelError::Unsupported(format!(
+                "{} has no vision_config: it is a text-only model",
+                ckpt.source()
+            ))
         })?;
-        let aligner: ComponentConfig = ckpt
-            .sub_config("aligner_config")?
-            .ok_or_else(|| ModelError::config("config.json", "vision_config without aligner_config"))?;
+        let aligner: ComponentConfig = ckpt.sub_config("aligner_config")?.ok_or_else(|| {
+            ModelError::config("config.json", "vision_config without aligner_config")
+        })?;
         let tower_config = TowerConfig::resolve(&vision)?;
         let aligner_config = AlignerConfig::resolve(&aligner)?;
         let preprocess = load_preprocess_config(ckpt, &tower_config)?;
         check_dims(&tower_config, &aligner_config)?;
 
-        ckpt.build(dtype, device, &VISION_PREFIXES, progress, |vb| Self::new(tower_config, aligner_config, preprocess, vb))
+        ckpt.build(dtype, device, &VISION_PREFIXES, progress, |vb| {
+            Self::new(tower_config, aligner_config, preprocess, vb)
+        })
     }
 
     /// Builds the encoder from explicit configs and a `VarBuilder` rooted at the checkpoint
@@ -90,12 +100,26 @@ impl VisionEncoder {
             TowerConfig::Hybrid { high, low } => Tower::Hybrid {
                 sam: SamEncoder::new(high, vm.pp("vision_tower_high.vision_tower"))?,
                 siglip: SiglipEncoder::new(low, vm.pp("vision_tower_low.vision_tower"))?,
-                low_resize: ResampleMatrix::bilinear_antialias(high.image_size, low.image_size, &device)?,
+                low_resize: ResampleMatrix::bilinear_antialias(
+                    high.image_size,
+                    low.image_size,
+                    &device,
+                )?,
             },
-            TowerConfig::Siglip(cfg) => Tower::Siglip(SiglipEncoder::new(cfg, vm.pp("vision_tower"))?),
+            TowerConfig::Siglip(cfg) => {
+                Tower::Siglip(SiglipEncoder::new(cfg, vm.pp("vision_tower"))?)
+            }
         };
         let aligner = Aligner::new(&aligner_config, vb.pp("aligner"))?;
-        Ok(Self { tower, aligner, tower_config, aligner_config, preprocess, dtype: vb.dtype(), device })
+        Ok(Self {
+            tower,
+            aligner,
+            tower_config,
+            aligner_config,
+            preprocess,
+            dtype: vb.dtype(),
+            device,
+        })
     }
 
     /// Identifies the vision tower + aligner of `ckpt`: BLAKE3 over the vision, aligner and
@@ -155,7 +179,10 @@ impl VisionEncoder {
         let mut data = Vec::with_capacity(images.len() * 3 * s * s);
         for img in images {
             if img.geometry.side != s {
-                return Err(ModelError::InvalidInput(format!("pixel side {} but the model expects {s}", img.geometry.side)));
+                return Err(ModelError::InvalidInput(format!(
+                    "pixel side {} but the model expects {s}",
+                    img.geometry.side
+                )));
             }
             data.extend_from_slice(&img.pixel_values);
         }
@@ -172,7 +199,11 @@ impl VisionEncoder {
         let s = self.image_size();
         match pixels.dims() {
             [_, 3, h, w] if *h == s && *w == s => {}
-            other => return Err(ModelError::InvalidInput(format!("pixel batch has shape {other:?}, expected [B, 3, {s}, {s}]"))),
+            other => {
+                return Err(ModelError::InvalidInput(format!(
+                    "pixel batch has shape {other:?}, expected [B, 3, {s}, {s}]"
+                )))
+            }
         }
         let pixels = pixels.to_dtype(self.dtype)?;
         match &self.tower {
@@ -181,7 +212,14 @@ impl VisionEncoder {
                 let sam_out = sam.forward(&pixels)?;
                 let siglip_out = siglip.forward(&low_res)?;
                 let emb = self.aligner.forward(AlignerInput::Pair(&sam_out.tokens, &siglip_out))?;
-                Ok((emb, VisionTrace { low_res_pixels: Some(low_res), sam: Some(sam_out), siglip: siglip_out }))
+                Ok((
+                    emb,
+                    VisionTrace {
+                        low_res_pixels: Some(low_res),
+                        sam: Some(sam_out),
+                        siglip: siglip_out,
+                    },
+                ))
             }
             Tower::Siglip(siglip) => {
                 let out = siglip.forward(&pixels)?;
@@ -192,16 +230,26 @@ impl VisionEncoder {
     }
 }
 
-fn load_preprocess_config(ckpt: &Checkpoint, tower: &TowerConfig) -> Result<PreprocessConfig, ModelError> {
+fn load_preprocess_config(
+    ckpt: &Checkpoint,
+    tower: &TowerConfig,
+) -> Result<PreprocessConfig, ModelError> {
     let bytes = ckpt.read_file("preprocessor_config.json")?.ok_or_else(|| {
-        ModelError::config(ckpt.source().to_string(), "missing preprocessor_config.json (the image processor settings)")
+        ModelError::config(
+            ckpt.source().to_string(),
+            "missing preprocessor_config.json (the image processor settings)",
+        )
     })?;
-    let cfg: PreprocessConfig =
-        serde_json::from_slice(&bytes).map_err(|e| ModelError::config("preprocessor_config.json", e.to_string()))?;
+    let cfg: PreprocessConfig = serde_json::from_slice(&bytes)
+        .map_err(|e| ModelError::config("preprocessor_config.json", e.to_string()))?;
     if cfg.image_size as usize != tower.image_size() {
         return Err(ModelError::config(
             "preprocessor_config.json",
-            format!("image_size {} but the vision tower takes {}", cfg.image_size, tower.image_size()),
+            format!(
+                "image_size {} but the vision tower takes {}",
+                cfg.image_size,
+                tower.image_size()
+            ),
         ));
     }
     Ok(cfg)
@@ -213,7 +261,11 @@ fn check_dims(tower: &TowerConfig, aligner: &AlignerConfig) -> Result<(), ModelE
             if high.num_tokens() != low.num_tokens() {
                 return Err(ModelError::config(
                     "config.json",
-                    format!("SAM gives {} tokens but SigLIP {}", high.num_tokens(), low.num_tokens()),
+                    format!(
+                        "SAM gives {} tokens but SigLIP {}",
+                        high.num_tokens(),
+                        low.num_tokens()
+                    ),
                 ));
             }
             vec![high.out_dim(), low.width]
@@ -223,7 +275,10 @@ fn check_dims(tower: &TowerConfig, aligner: &AlignerConfig) -> Result<(), ModelE
     if let Some(w) = widths.iter().find(|&&w| w != aligner.input_dim) {
         return Err(ModelError::config(
             "config.json",
-            format!("aligner input_dim {} does not match a tower output width {w}", aligner.input_dim),
+            format!(
+                "aligner input_dim {} does not match a tower output width {w}",
+                aligner.input_dim
+            ),
         ));
     }
     Ok(())

@@ -33,7 +33,9 @@ impl CustomOp3 for RelPosSoftmax {
     ) -> Result<(CpuStorage, Shape)> {
         let s = self.side;
         let n = s * s;
-        let (CpuStorage::F32(scores), CpuStorage::F32(rel_h), CpuStorage::F32(rel_w)) = (scores, rel_h, rel_w) else {
+        let (CpuStorage::F32(scores), CpuStorage::F32(rel_h), CpuStorage::F32(rel_w)) =
+            (scores, rel_h, rel_w)
+        else {
             candle_core::bail!("{}: f32 only", self.name());
         };
         let (Some((s0, s1)), Some((h0, h1)), Some((w0, w1))) =
@@ -53,11 +55,20 @@ impl CustomOp3 for RelPosSoftmax {
 
 /// `softmax(scores + rel_h[..., :, None] + rel_w[..., None, :])` for `scores` `[BH, N, N]`,
 /// `rel_h`, `rel_w` `[BH, S, S, S]` indexed `[b, h, w, k]` (query `(h, w)`, key row or column `k`).
-pub fn relpos_softmax(scores: &Tensor, rel_h: &Tensor, rel_w: &Tensor, side: usize) -> Result<Tensor> {
+pub fn relpos_softmax(
+    scores: &Tensor,
+    rel_h: &Tensor,
+    rel_w: &Tensor,
+    side: usize,
+) -> Result<Tensor> {
     let dtype = scores.dtype();
     if scores.device().is_cpu() {
         let f32c = |t: &Tensor| t.to_dtype(DType::F32).and_then(|t| t.contiguous());
-        let out = f32c(scores)?.apply_op3_no_bwd(&f32c(rel_h)?, &f32c(rel_w)?, &RelPosSoftmax { side })?;
+        let out = f32c(scores)?.apply_op3_no_bwd(
+            &f32c(rel_h)?,
+            &f32c(rel_w)?,
+            &RelPosSoftmax { side },
+        )?;
         return out.to_dtype(dtype);
     }
     let (bh, n, _) = scores.dims3()?;

@@ -13,9 +13,9 @@ use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
 use super::config::SamConfig;
 use super::fused_attention;
+use super::layers::{normalize, resize_2d, Conv2d, LayerNorm2d, PatchEmbed, ResampleMatrix};
 use super::relpos_softmax::relpos_softmax;
 use crate::ops::gelu_erf;
-use super::layers::{normalize, resize_2d, Conv2d, LayerNorm2d, PatchEmbed, ResampleMatrix};
 
 /// LayerNorm eps of every SAM norm.
 const EPS: f64 = 1e-6;
@@ -39,7 +39,8 @@ impl Attention {
     fn new(dim: usize, heads: usize, side: usize, vb: VarBuilder) -> Result<Self> {
         let head_dim = dim / heads;
         let table = 2 * side - 1;
-        let idx: Vec<u32> = (0..side).flat_map(|i| (0..side).map(move |j| (i + side - 1 - j) as u32)).collect();
+        let idx: Vec<u32> =
+            (0..side).flat_map(|i| (0..side).map(move |j| (i + side - 1 - j) as u32)).collect();
         Ok(Self {
             qkv: candle_nn::linear(dim, 3 * dim, vb.pp("qkv"))?,
             proj: candle_nn::linear(dim, dim, vb.pp("proj"))?,
@@ -60,7 +61,11 @@ impl Attention {
         let bh = b * self.heads;
         // [B, N, 3, heads, hd] -> [3, B*heads, N, hd]
         let qkv = self.qkv.forward(&x.reshape((b, n, c))?)?;
-        let qkv = qkv.reshape((b, n, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?.contiguous()?.reshape((3, bh, n, hd))?;
+        let qkv = qkv
+            .reshape((b, n, 3, self.heads, hd))?
+            .permute((2, 0, 3, 1, 4))?
+            .contiguous()?
+            .reshape((3, bh, n, hd))?;
         // Rh[i, j, :] = rel_pos_h[i - j + S - 1]: [S, S, hd].
         let rh = self.rel_pos_h.index_select(&self.rel_index, 0)?.reshape((s, s, hd))?;
         let rw = self.rel_pos_w.index_select(&self.rel_index, 0)?.reshape((s, s, hd))?;
@@ -72,19 +77,30 @@ impl Attention {
         } else {
             self.attention_tiled(&qkv, &rel_h, &rel_w, s)?
         };
-        let out = out.reshape((b, self.heads, s, s, hd))?.permute((0, 2, 3, 1, 4))?.contiguous()?.reshape((b, s, s, c))?;
+        let out = out
+            .reshape((b, self.heads, s, s, hd))?
+            .permute((0, 2, 3, 1, 4))?
+            .contiguous()?
+            .reshape((b, s, s, c))?;
         self.proj.forward(&out)
     }
 
     /// Portable attention from candle ops (any device and dtype), tiled over heads and query
     /// rows so no `[heads, N, N]` tensor is materialised at once.
-    fn attention_tiled(&self, qkv: &Tensor, rel_h: &Tensor, rel_w: &Tensor, s: usize) -> Result<Tensor> {
+    fn attention_tiled(
+        &self,
+        qkv: &Tensor,
+        rel_h: &Tensor,
+        rel_w: &Tensor,
+        s: usize,
+    ) -> Result<Tensor> {
         let (_, bh, n, _) = qkv.dims4()?;
         let q = (qkv.get(0)? * self.scale)?;
         let kt = qkv.get(1)?.t()?;
         let v = qkv.get(2)?;
         let heads_per_tile = (MAX_TILE_ELEMS / (n * n)).clamp(1, bh);
-        let rows_per_tile = if heads_per_tile > 1 { s } else { (MAX_TILE_ELEMS / (n * s)).clamp(1, s) };
+        let rows_per_tile =
+            if heads_per_tile > 1 { s } else { (MAX_TILE_ELEMS / (n * s)).clamp(1, s) };
         let mut outs = Vec::with_capacity(bh.div_ceil(heads_per_tile));
         for b0 in (0..bh).step_by(heads_per_tile) {
             let nb = heads_per_tile.min(bh - b0);
@@ -94,10 +110,19 @@ impl Attention {
             for h0 in (0..s).step_by(rows_per_tile) {
                 let nh = rows_per_tile.min(s - h0);
                 let scores = q.narrow(1, h0 * s, nh * s)?.matmul(&kt)?;
-                let probs = relpos_softmax(&scores, &rel_h.narrow(1, h0, nh)?, &rel_w.narrow(1, h0, nh)?, s)?;
+                let probs = relpos_softmax(
+                    &scores,
+                    &rel_h.narrow(1, h0, nh)?,
+                    &rel_w.narrow(1, h0, nh)?,
+                    s,
+                )?;
                 rows.push(probs.matmul(&v)?);
             }
-            outs.push(if rows.len() == 1 { rows.pop().expect("one tile") } else { Tensor::cat(&rows, 1)? });
+            outs.push(if rows.len() == 1 {
+                rows.pop().expect("one tile")
+            } else {
+                Tensor::cat(&rows, 1)?
+            });
         }
         Tensor::cat(&outs, 0)
     }
@@ -117,7 +142,7 @@ fn decomposed_rel_pos(q: &Tensor, rh: &Tensor, rw: &Tensor, s: usize) -> Result<
         .matmul(&rh.transpose(1, 2)?)?
         .reshape((s, bh, s, s))?
         .permute((1, 0, 2, 3))?; // [BH, h, w, kh]
-    // rel_w: batch over the query column w.
+                                 // rel_w: batch over the query column w.
     let rel_w = rq
         .permute((2, 0, 1, 3))?
         .contiguous()?
@@ -173,7 +198,11 @@ impl Block {
 fn window_partition(x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize))> {
     let (b, h, w, c) = x.dims4()?;
     let (ph, pw) = ((ws - h % ws) % ws, (ws - w % ws) % ws);
-    let x = if ph > 0 || pw > 0 { x.pad_with_zeros(1, 0, ph)?.pad_with_zeros(2, 0, pw)? } else { x.clone() };
+    let x = if ph > 0 || pw > 0 {
+        x.pad_with_zeros(1, 0, ph)?.pad_with_zeros(2, 0, pw)?
+    } else {
+        x.clone()
+    };
     let (hp, wp) = (h + ph, w + pw);
     let windows = x
         .reshape((b, hp / ws, ws, wp / ws, ws, c))?
@@ -183,7 +212,12 @@ fn window_partition(x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize))> {
     Ok((windows, (hp, wp)))
 }
 
-fn window_unpartition(windows: &Tensor, ws: usize, (hp, wp): (usize, usize), (h, w): (usize, usize)) -> Result<Tensor> {
+fn window_unpartition(
+    windows: &Tensor,
+    ws: usize,
+    (hp, wp): (usize, usize),
+    (h, w): (usize, usize),
+) -> Result<Tensor> {
     let c = windows.dim(D::Minus1)?;
     let b = windows.dim(0)? / (hp / ws * (wp / ws));
     let x = windows
@@ -265,7 +299,13 @@ impl SamEncoder {
         let mut downsamples = Vec::new();
         let mut in_ch = cfg.prompt_embed_dim;
         for (i, &out_ch) in cfg.downsample_channels.iter().enumerate() {
-            downsamples.push(Conv2d::no_bias(in_ch, out_ch, 3, stride2, vb.pp(format!("downsamples.{i}")))?);
+            downsamples.push(Conv2d::no_bias(
+                in_ch,
+                out_ch,
+                3,
+                stride2,
+                vb.pp(format!("downsamples.{i}")),
+            )?);
             in_ch = out_ch;
         }
         Ok(Self {

@@ -41,13 +41,19 @@ impl Block {
     fn attention(&self, x: &Tensor) -> Result<Tensor> {
         let (b, n, c) = x.dims3()?;
         let hd = c / self.heads;
-        let qkv = self.qkv.forward(x)?.reshape((b, n, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?;
+        let qkv =
+            self.qkv.forward(x)?.reshape((b, n, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?;
         let scale = (hd as f64).powf(-0.5);
         let out = if fused_attention::is_supported(x) {
-            fused_attention::fused_attention(&qkv.contiguous()?.reshape((3, b * self.heads, n, hd))?, None, scale)?
-                .reshape((b, self.heads, n, hd))?
+            fused_attention::fused_attention(
+                &qkv.contiguous()?.reshape((3, b * self.heads, n, hd))?,
+                None,
+                scale,
+            )?
+            .reshape((b, self.heads, n, hd))?
         } else {
-            let (q, k, v) = (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
+            let (q, k, v) =
+                (qkv.get(0)?.contiguous()?, qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?);
             softmax_last_dim(&(q * scale)?.matmul(&k.t()?)?)?.matmul(&v)?
         };
         let out = out.transpose(1, 2)?.contiguous()?.reshape((b, n, c))?;
@@ -74,7 +80,9 @@ impl SiglipEncoder {
     /// Loads the tower from `vb` (prefix `...vision_tower_low.vision_tower` or
     /// `vision_model.vision_tower`).
     pub fn new(cfg: &SiglipConfig, vb: VarBuilder) -> Result<Self> {
-        let blocks = (0..cfg.depth).map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}")))).collect::<Result<Vec<_>>>()?;
+        let blocks = (0..cfg.depth)
+            .map(|i| Block::new(cfg, vb.pp(format!("blocks.{i}"))))
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             patch_embed: PatchEmbed::new(cfg.width, cfg.patch_size, vb.pp("patch_embed"))?,
             pos_embed: vb.get((1, cfg.num_tokens(), cfg.width), "pos_embed")?,
@@ -91,7 +99,8 @@ impl SiglipEncoder {
             None => pixels.clone(),
         };
         let b = x.dim(0)?;
-        let mut x = self.patch_embed.forward(&x)?.reshape((b, self.cfg.num_tokens(), self.cfg.width))?;
+        let mut x =
+            self.patch_embed.forward(&x)?.reshape((b, self.cfg.num_tokens(), self.cfg.width))?;
         x = x.broadcast_add(&self.pos_embed)?;
         for block in &self.blocks {
             x = block.forward(&x)?;

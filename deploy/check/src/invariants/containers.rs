@@ -25,9 +25,25 @@ pub const EXIT_MARGIN_SECS: i64 = 5;
 const DEFAULT_GRACE_SECS: i64 = 30;
 
 /// Substrings of environment variable names that hold secrets.
-const SECRET_NAMES: [&str; 9] = ["PASSWORD", "PASSWD", "TOKEN", "SECRET", "API_KEY", "APIKEY", "CREDENTIAL", "PRIVATE_KEY", "ACCESS_KEY"];
+const SECRET_NAMES: [&str; 9] = [
+    "PASSWORD",
+    "PASSWD",
+    "TOKEN",
+    "SECRET",
+    "API_KEY",
+    "APIKEY",
+    "CREDENTIAL",
+    "PRIVATE_KEY",
+    "ACCESS_KEY",
+];
 
-pub(crate) fn check(profile: Profile, view: &PodView<'_>, c: &Container, settings: Option<&Settings>, out: &mut Vec<Violation>) {
+pub(crate) fn check(
+    profile: Profile,
+    view: &PodView<'_>,
+    c: &Container,
+    settings: Option<&Settings>,
+    out: &mut Vec<Violation>,
+) {
     let pod = || view.id.clone();
     let name = || c.name.clone();
     let Some(spec) = view.spec() else { return };
@@ -38,7 +54,9 @@ pub(crate) fn check(profile: Profile, view: &PodView<'_>, c: &Container, setting
     check_literal_secrets(view, c, out);
     let Some(s) = settings else {
         // Not a dsvl service (Redis): it still has to report readiness and liveness.
-        for (probe, p) in [(Probe::Readiness, &c.readiness_probe), (Probe::Liveness, &c.liveness_probe)] {
+        for (probe, p) in
+            [(Probe::Readiness, &c.readiness_probe), (Probe::Liveness, &c.liveness_probe)]
+        {
             if p.is_none() {
                 out.push(Violation::MissingProbe { pod: pod(), container: name(), probe });
             }
@@ -47,14 +65,23 @@ pub(crate) fn check(profile: Profile, view: &PodView<'_>, c: &Container, setting
     };
     let binary = s.binary;
     if s.serves {
-        let probes = [(Probe::Startup, &c.startup_probe), (Probe::Readiness, &c.readiness_probe), (Probe::Liveness, &c.liveness_probe)];
+        let probes = [
+            (Probe::Startup, &c.startup_probe),
+            (Probe::Readiness, &c.readiness_probe),
+            (Probe::Liveness, &c.liveness_probe),
+        ];
         for (probe, p) in probes {
             let Some(p) = p else {
                 out.push(Violation::MissingProbe { pod: pod(), container: name(), probe });
                 continue;
             };
             if !is_grpc_on(p, s.grpc_port) {
-                out.push(Violation::ProbeNotGrpc { pod: pod(), container: name(), probe, listen: s.grpc_port });
+                out.push(Violation::ProbeNotGrpc {
+                    pod: pod(),
+                    container: name(),
+                    probe,
+                    listen: s.grpc_port,
+                });
                 continue;
             }
             let found = p.grpc.as_ref().and_then(|g| g.service.clone()).unwrap_or_default();
@@ -64,8 +91,15 @@ pub(crate) fn check(profile: Profile, view: &PodView<'_>, c: &Container, setting
                 Probe::Readiness => &["", binary.api_service()],
             };
             if !expected.contains(&found.as_str()) {
-                let expected = expected.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>().join(" or ");
-                out.push(Violation::ProbeWrongService { pod: pod(), container: name(), probe, found, expected });
+                let expected =
+                    expected.iter().map(|e| format!("{e:?}")).collect::<Vec<_>>().join(" or ");
+                out.push(Violation::ProbeWrongService {
+                    pod: pod(),
+                    container: name(),
+                    probe,
+                    found,
+                    expected,
+                });
             }
         }
         if c.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()).is_none() {
@@ -80,20 +114,32 @@ pub(crate) fn check(profile: Profile, view: &PodView<'_>, c: &Container, setting
     let found = gpu_limit(c);
     match (s.gpus, found) {
         (0, 0) => {}
-        (_, 0) => out.push(Violation::GpuMissing { pod: pod(), container: name(), device: s.device.clone() }),
-        (expected, found) if expected != found => out.push(Violation::GpuCountMismatch { pod: pod(), container: name(), expected, found }),
+        (_, 0) => out.push(Violation::GpuMissing {
+            pod: pod(),
+            container: name(),
+            device: s.device.clone(),
+        }),
+        (expected, found) if expected != found => {
+            out.push(Violation::GpuCountMismatch { pod: pod(), container: name(), expected, found })
+        }
         _ => {}
     }
     if binary == Binary::Decoder && !has_memory_shm(spec, c) {
         out.push(Violation::ShmMissing { pod: pod(), container: name() });
     }
     let known = binary.env_names();
-    for var in c.env.iter().flatten().filter(|v| v.name.starts_with("DSVL_") && !known.contains(&v.name)) {
+    for var in
+        c.env.iter().flatten().filter(|v| v.name.starts_with("DSVL_") && !known.contains(&v.name))
+    {
         out.push(Violation::UnknownEnv { pod: pod(), container: name(), name: var.name.clone() });
     }
     if let Some(path) = &s.api_keys_file {
         if !on_secret_volume(spec, c, &path.to_string_lossy()) {
-            out.push(Violation::SecretFileNotMounted { pod: pod(), container: name(), path: path.display().to_string() });
+            out.push(Violation::SecretFileNotMounted {
+                pod: pod(),
+                container: name(),
+                path: path.display().to_string(),
+            });
         }
     }
 }
@@ -119,39 +165,66 @@ fn pre_stop_secs(c: &Container) -> i64 {
     }
     let words = hook.exec.as_ref().and_then(|e| e.command.as_deref()).unwrap_or(&[]);
     match words {
-        [cmd, secs] if cmd.rsplit('/').next() == Some("sleep") => secs.parse::<f64>().map_or(0, |s| s.ceil() as i64),
+        [cmd, secs] if cmd.rsplit('/').next() == Some("sleep") => {
+            secs.parse::<f64>().map_or(0, |s| s.ceil() as i64)
+        }
         _ => 0,
     }
 }
 
 fn gpu_limit(c: &Container) -> u32 {
     let r = c.resources.as_ref();
-    let q = r.and_then(|r| r.limits.as_ref()).and_then(|l| l.get("nvidia.com/gpu")).or_else(|| r.and_then(|r| r.requests.as_ref()).and_then(|l| l.get("nvidia.com/gpu")));
+    let q = r
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get("nvidia.com/gpu"))
+        .or_else(|| r.and_then(|r| r.requests.as_ref()).and_then(|l| l.get("nvidia.com/gpu")));
     q.and_then(|q| q.0.parse().ok()).unwrap_or(0)
 }
 
 fn has_memory_shm(spec: &PodSpec, c: &Container) -> bool {
-    c.volume_mounts.iter().flatten().filter(|m| m.mount_path.trim_end_matches('/') == "/dev/shm").any(|m| {
-        spec.volumes.iter().flatten().any(|v| v.name == m.name && v.empty_dir.as_ref().is_some_and(|e| e.medium.as_deref() == Some("Memory")))
-    })
+    c.volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| m.mount_path.trim_end_matches('/') == "/dev/shm")
+        .any(|m| {
+            spec.volumes.iter().flatten().any(|v| {
+                v.name == m.name
+                    && v.empty_dir.as_ref().is_some_and(|e| e.medium.as_deref() == Some("Memory"))
+            })
+        })
 }
 
 fn on_secret_volume(spec: &PodSpec, c: &Container, path: &str) -> bool {
-    c.volume_mounts.iter().flatten().filter(|m| path.starts_with(&format!("{}/", m.mount_path.trim_end_matches('/')))).any(|m| {
-        spec.volumes.iter().flatten().any(|v| {
-            v.name == m.name
-                && (v.secret.is_some() || v.projected.as_ref().is_some_and(|p| p.sources.iter().flatten().any(|s| s.secret.is_some())))
+    c.volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| path.starts_with(&format!("{}/", m.mount_path.trim_end_matches('/'))))
+        .any(|m| {
+            spec.volumes.iter().flatten().any(|v| {
+                v.name == m.name
+                    && (v.secret.is_some()
+                        || v.projected.as_ref().is_some_and(|p| {
+                            p.sources.iter().flatten().any(|s| s.secret.is_some())
+                        }))
+            })
         })
-    })
 }
 
 fn check_image(profile: Profile, view: &PodView<'_>, c: &Container, out: &mut Vec<Violation>) {
     let image = c.image.clone().unwrap_or_default();
     let r = ImageRef::parse(&image);
     if r.floats() {
-        out.push(Violation::FloatingImage { pod: view.id.clone(), container: c.name.clone(), image });
+        out.push(Violation::FloatingImage {
+            pod: view.id.clone(),
+            container: c.name.clone(),
+            image,
+        });
     } else if profile == Profile::Prod && !r.pinned() {
-        out.push(Violation::UnpinnedImage { pod: view.id.clone(), container: c.name.clone(), image });
+        out.push(Violation::UnpinnedImage {
+            pod: view.id.clone(),
+            container: c.name.clone(),
+            image,
+        });
     }
 }
 
@@ -160,7 +233,10 @@ fn check_image(profile: Profile, view: &PodView<'_>, c: &Container, out: &mut Ve
 pub(crate) fn url_with_password(text: &str) -> bool {
     text.match_indices("://").any(|(i, _)| {
         let authority = text[i + 3..].split('/').next().unwrap_or("");
-        authority.rsplit_once('@').and_then(|(userinfo, _)| userinfo.split_once(':')).is_some_and(|(_, pw)| !pw.is_empty() && !pw.starts_with("$("))
+        authority
+            .rsplit_once('@')
+            .and_then(|(userinfo, _)| userinfo.split_once(':'))
+            .is_some_and(|(_, pw)| !pw.is_empty() && !pw.starts_with("$("))
     })
 }
 
@@ -169,15 +245,29 @@ fn check_literal_secrets(view: &PodView<'_>, c: &Container, out: &mut Vec<Violat
     for var in c.env.iter().flatten() {
         let Some(value) = var.value.as_deref().filter(|v| !v.is_empty()) else { continue };
         let upper = var.name.to_ascii_uppercase();
-        if SECRET_NAMES.iter().any(|s| upper.contains(s)) || url_with_password(value) || value.contains("PRIVATE KEY-----") {
-            out.push(Violation::LiteralSecret { object: object(), location: format!("container {} env {}", c.name, var.name) });
+        if SECRET_NAMES.iter().any(|s| upper.contains(s))
+            || url_with_password(value)
+            || value.contains("PRIVATE KEY-----")
+        {
+            out.push(Violation::LiteralSecret {
+                object: object(),
+                location: format!("container {} env {}", c.name, var.name),
+            });
         }
     }
     let words = c.command.iter().flatten().chain(c.args.iter().flatten());
     for word in words {
         let flag = word.split('=').next().unwrap_or(word);
-        if url_with_password(word) || matches!(flag, "--api-keys" | "--requirepass" | "--masterauth" | "--password" | "--token") {
-            out.push(Violation::LiteralSecret { object: object(), location: format!("container {} args", c.name) });
+        if url_with_password(word)
+            || matches!(
+                flag,
+                "--api-keys" | "--requirepass" | "--masterauth" | "--password" | "--token"
+            )
+        {
+            out.push(Violation::LiteralSecret {
+                object: object(),
+                location: format!("container {} args", c.name),
+            });
         }
     }
 }
@@ -190,6 +280,9 @@ mod tests {
     fn urls_with_passwords() {
         assert!(url_with_password("redis://:hunter2@dsvl-redis:6379"));
         assert!(!url_with_password("redis://:$(REDIS_PASSWORD)@dsvl-redis:6379"));
-        assert!(!url_with_password("redis://dsvl-redis:6379") && !url_with_password("http://user@host/"));
+        assert!(
+            !url_with_password("redis://dsvl-redis:6379")
+                && !url_with_password("http://user@host/")
+        );
     }
 }

@@ -17,9 +17,9 @@ use serde_json::Value;
 
 use crate::flags::{self, Binary, Settings};
 use crate::lws::LwsSchema;
+use crate::network::map_matches;
 use crate::objects::{api_group, ManifestSet, ObjectRef, Typed};
 use crate::pods::{pod_views, PodRef, PodView, Role};
-use crate::network::map_matches;
 use crate::Violation;
 
 /// How strict image pinning is.
@@ -60,7 +60,10 @@ pub(crate) type SettingsMap = BTreeMap<(PodRef, String), Settings>;
 /// parse (or has an unknown kind), only the parse errors are reported.
 pub fn check(docs: &[Value], ctx: &CheckContext) -> Vec<Violation> {
     let (set, mut out) = ManifestSet::parse(docs, &ctx.schema);
-    if out.iter().any(|v| matches!(v, Violation::InvalidObject { .. } | Violation::UnknownKind { .. })) {
+    if out
+        .iter()
+        .any(|v| matches!(v, Violation::InvalidObject { .. } | Violation::UnknownKind { .. }))
+    {
         // Objects are missing from the set: every rule that looks for them would report a
         // consequence of the parse error instead of its cause.
         out.sort();
@@ -73,7 +76,13 @@ pub fn check(docs: &[Value], ctx: &CheckContext) -> Vec<Violation> {
             if let Some(s) = service_settings(view, c, &mut out) {
                 settings.insert((view.id.clone(), c.name.clone()), s);
             }
-            containers::check(ctx.profile, view, c, settings.get(&(view.id.clone(), c.name.clone())), &mut out);
+            containers::check(
+                ctx.profile,
+                view,
+                c,
+                settings.get(&(view.id.clone(), c.name.clone())),
+                &mut out,
+            );
         }
     }
     check_lws(&set, &settings, &mut out);
@@ -86,12 +95,20 @@ pub fn check(docs: &[Value], ctx: &CheckContext) -> Vec<Violation> {
     out
 }
 
-fn service_settings(view: &PodView<'_>, c: &Container, out: &mut Vec<Violation>) -> Option<Settings> {
+fn service_settings(
+    view: &PodView<'_>,
+    c: &Container,
+    out: &mut Vec<Violation>,
+) -> Option<Settings> {
     let binary = Binary::of(c)?;
     match flags::parse(binary, &flags::argv(view, c, binary)) {
         Ok(s) => Some(s),
         Err(error) => {
-            out.push(Violation::BadFlags { pod: view.id.clone(), container: c.name.clone(), error: error.trim().to_string() });
+            out.push(Violation::BadFlags {
+                pod: view.id.clone(),
+                container: c.name.clone(),
+                error: error.trim().to_string(),
+            });
             None
         }
     }
@@ -101,13 +118,21 @@ fn check_lws(set: &ManifestSet, settings: &SettingsMap, out: &mut Vec<Violation>
     for (id, lws) in set.iter(|t| if let Typed::Lws(l) = t { Some(l) } else { None }) {
         let template = &lws.spec.leader_worker_template;
         if template.restart_policy.as_deref() != Some("RecreateGroupOnPodRestart") {
-            out.push(Violation::LwsRestartPolicy { object: id.clone(), found: template.restart_policy.clone() });
+            out.push(Violation::LwsRestartPolicy {
+                object: id.clone(),
+                found: template.restart_policy.clone(),
+            });
         }
         if lws.size() > 1 && lws.spec.startup_policy.as_deref() == Some("LeaderReady") {
             out.push(Violation::LwsStartupPolicy { object: id.clone(), size: lws.size() });
         }
         let group_of = |role| {
-            settings.iter().find(|((pod, _), s)| pod.owner == *id && pod.role == role && s.binary == Binary::Decoder).and_then(|(_, s)| s.group.clone())
+            settings
+                .iter()
+                .find(|((pod, _), s)| {
+                    pod.owner == *id && pod.role == role && s.binary == Binary::Decoder
+                })
+                .and_then(|(_, s)| s.group.clone())
         };
         let Some(leader) = group_of(Role::Leader) else { continue };
         if leader.nodes != lws.size() as usize {
@@ -135,7 +160,10 @@ fn check_hpas(set: &ManifestSet, ctx: &CheckContext, out: &mut Vec<Violation>) {
         let target = &spec.scale_target_ref;
         let group = api_group(target.api_version.as_deref().unwrap_or(""));
         if !set.contains(group, &target.kind, &target.name) {
-            out.push(Violation::DanglingScaleTarget { hpa: id.clone(), target: format!("{group}/{}/{}", target.kind, target.name) });
+            out.push(Violation::DanglingScaleTarget {
+                hpa: id.clone(),
+                target: format!("{group}/{}/{}", target.kind, target.name),
+            });
         }
         for m in spec.metrics.iter().flatten() {
             let name = match m.type_.as_str() {
@@ -157,7 +185,8 @@ fn sets_password(line: &str) -> bool {
     let l = line.trim().to_ascii_lowercase();
     l.starts_with("requirepass ")
         || l.starts_with("masterauth ")
-        || (l.starts_with("user ") && l.split_whitespace().any(|w| w.starts_with('>') && w.len() > 1))
+        || (l.starts_with("user ")
+            && l.split_whitespace().any(|w| w.starts_with('>') && w.len() > 1))
         || ["password", "passwd", "token", "secret", "api_key", "apikey"].iter().any(|k| {
             l.strip_prefix(k).is_some_and(|rest| {
                 let rest = rest.trim_start();
@@ -171,16 +200,25 @@ fn check_stored_secrets(set: &ManifestSet, out: &mut Vec<Violation>) {
         match &o.typed {
             Typed::Secret(s) => {
                 if s.data.as_ref().is_some_and(|d| !d.is_empty()) {
-                    out.push(Violation::LiteralSecret { object: o.id.clone(), location: "data".into() });
+                    out.push(Violation::LiteralSecret {
+                        object: o.id.clone(),
+                        location: "data".into(),
+                    });
                 }
                 if s.string_data.as_ref().is_some_and(|d| !d.is_empty()) {
-                    out.push(Violation::LiteralSecret { object: o.id.clone(), location: "stringData".into() });
+                    out.push(Violation::LiteralSecret {
+                        object: o.id.clone(),
+                        location: "stringData".into(),
+                    });
                 }
             }
             Typed::ConfigMap(m) => {
                 for (key, value) in m.data.iter().flatten() {
                     if value.lines().any(sets_password) {
-                        out.push(Violation::LiteralSecret { object: o.id.clone(), location: format!("data key {key}") });
+                        out.push(Violation::LiteralSecret {
+                            object: o.id.clone(),
+                            location: format!("data key {key}"),
+                        });
                     }
                 }
             }
@@ -192,7 +230,12 @@ fn check_stored_secrets(set: &ManifestSet, out: &mut Vec<Violation>) {
 fn check_service_selectors(set: &ManifestSet, views: &[PodView<'_>], out: &mut Vec<Violation>) {
     for (id, svc) in set.iter(|t| if let Typed::Service(s) = t { Some(s) } else { None }) {
         let Some(sel) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()) else { continue };
-        let ns = set.objects.iter().find(|o| &o.id == id).and_then(|o| o.raw["metadata"]["namespace"].as_str()).unwrap_or("default");
+        let ns = set
+            .objects
+            .iter()
+            .find(|o| &o.id == id)
+            .and_then(|o| o.raw["metadata"]["namespace"].as_str())
+            .unwrap_or("default");
         if !views.iter().any(|v| v.namespace == ns && map_matches(sel, &v.labels(0))) {
             out.push(Violation::ServiceSelectsNothing { service: ObjectRef::clone(id) });
         }
