@@ -17,14 +17,12 @@ use dsvl_gateway::upstream::{Pool, Tier};
 use dsvl_gateway::{Args as GatewayArgs, GatewayConfig};
 use dsvl_proto::v1::chat_response::Event as ChatEvent;
 use dsvl_proto::v1::content_part::Part as ProtoPart;
-use dsvl_proto::v1::decoder_client::DecoderClient;
-use dsvl_proto::v1::encode_result::Result as EncodeResult;
-use dsvl_proto::v1::image_slot::Embedding;
-use dsvl_proto::v1::vision_encoder_client::VisionEncoderClient;
-use dsvl_proto::v1::{
-    ChatMessage, ChatRequest, ContentPart, EncodeRequest, GenerateRequest, ImageInput, ImageSlot,
-    SamplingParams,
-};
+use dsvl_proto::internal::decoder_client::DecoderClient;
+use dsvl_proto::internal::encode_result::Result as EncodeResult;
+use dsvl_proto::internal::image_slot::Embedding;
+use dsvl_proto::internal::vision_encoder_client::VisionEncoderClient;
+use dsvl_proto::v1::{ChatMessage, ChatRequest, ContentPart};
+use dsvl_proto::internal::{EncodeRequest, GenerateRequest, ImageInput, ImageSlot};
 use tonic::transport::Channel;
 
 /// Arguments of `dsvl-bench gateway`.
@@ -67,12 +65,12 @@ impl Clients {
     async fn through_gateway(&mut self, r: &Request, new_tokens: u32) -> Result<usize> {
         let mut content = Vec::new();
         if let Some(img) = &r.image {
-            content.push(ContentPart { part: Some(ProtoPart::Image(img.clone())) });
+            content.push(ContentPart { part: Some(ProtoPart::Image(img.clone().into())) });
         }
         content.push(ContentPart { part: Some(ProtoPart::Text(r.text.clone())) });
         let req = ChatRequest {
             messages: vec![ChatMessage { role: "user".into(), content }],
-            sampling: Some(SamplingParams::default()),
+            sampling: Some(dsvl_proto::v1::SamplingParams { temperature: Some(0.0), ..Default::default() }),
             max_tokens: new_tokens,
             ..Default::default()
         };
@@ -94,7 +92,7 @@ impl Clients {
         parts.push(Part::Text(r.text.clone()));
         let input = ChatInput {
             messages: vec![InMessage { role: Role::User, parts }],
-            sampling: SamplingParams::default(),
+            sampling: dsvl_core::SamplingRequest { temperature: Some(0.0), ..Default::default() },
             max_tokens: Some(new_tokens),
             ..Default::default()
         };
@@ -104,7 +102,7 @@ impl Clients {
             let resp = self
                 .vision
                 .encode(EncodeRequest {
-                    images: vec![ImageInput { data: img.clone(), client_digest: String::new() }],
+                    images: vec![ImageInput { data: img.clone().into(), client_digest: String::new() }],
                     ..Default::default()
                 })
                 .await?
@@ -123,7 +121,7 @@ impl Clients {
             request_id: String::new(),
             prompt_token_ids: prep.prompt.ids.clone(),
             images,
-            sampling: Some(prep.sampling),
+            sampling: Some((&prep.sampling).into()),
             stop_token_ids: vec![self.model.tokenizer.special().eos],
             max_new_tokens: prep.max_new_tokens,
             logprobs: false,
@@ -131,7 +129,7 @@ impl Clients {
         let mut stream = self.decoder.generate(req).await?.into_inner();
         let mut n = 0;
         while let Some(m) = stream.message().await? {
-            if let Some(dsvl_proto::v1::generate_response::Event::Token(_)) = m.event {
+            if let Some(dsvl_proto::internal::generate_response::Event::Token(_)) = m.event {
                 n += 1;
             }
         }

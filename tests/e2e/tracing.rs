@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use dsvl_e2e::{golden_image, Cluster, Options};
 use dsvl_proto::v1::content_part::Part;
-use dsvl_proto::v1::{ChatMessage, ChatRequest, ContentPart, SamplingParams};
+use dsvl_proto::v1::{ChatMessage, ChatRequest, ContentPart};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -100,11 +100,12 @@ async fn trace_context_flows_through_every_tier() -> Result<()> {
         messages: vec![ChatMessage {
             role: "user".into(),
             content: vec![
-                ContentPart { part: Some(Part::Image(golden_image("chelsea.png")?)) },
+                ContentPart { part: Some(Part::Image(golden_image("chelsea.png")?.into())) },
                 ContentPart { part: Some(Part::Text("What is this?".into())) },
             ],
         }],
-        sampling: Some(SamplingParams::default()),
+        // Greedy: the golden ids.
+        sampling: Some(dsvl_proto::v1::SamplingParams { temperature: Some(0.0), ..Default::default() }),
         max_tokens: 3,
         ..Default::default()
     });

@@ -130,9 +130,9 @@ impl Cluster {
         dec_args.extend(redis_flags.clone());
         let mut decoder = Svc::spawn("dsvl-decoder", "--listen", dec_args)?;
         for v in &mut vision {
-            v.wait_serving("dsvl.v1.VisionEncoder", Duration::from_secs(120)).await?;
+            v.wait_serving("dsvl.internal.v1.VisionEncoder", Duration::from_secs(120)).await?;
         }
-        decoder.wait_serving("dsvl.v1.Decoder", Duration::from_secs(120)).await?;
+        decoder.wait_serving("dsvl.internal.v1.Decoder", Duration::from_secs(120)).await?;
         let http = format!("127.0.0.1:{}", free_port());
         let mut args = vec![
             "--http-listen".to_string(),
@@ -233,6 +233,57 @@ pub fn http_post(
     let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
     let status = head.split_whitespace().nth(1).context("no status")?.parse()?;
     Ok(HttpResponse { status, headers: head.to_string(), body: body.to_string() })
+}
+
+/// One kept-alive HTTP/1.1 connection: requests go one after another on the same socket, so a
+/// test can show that the server still serves a connection after a hostile request. Bodies
+/// must come with a `Content-Length` (non-streaming responses).
+pub struct HttpConn {
+    stream: std::io::BufReader<TcpStream>,
+    addr: String,
+}
+
+impl HttpConn {
+    /// Connects to `addr`.
+    pub fn connect(addr: &str) -> Result<Self> {
+        let s = TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(120)))?;
+        Ok(Self { stream: std::io::BufReader::new(s), addr: addr.to_string() })
+    }
+
+    /// `POST path` with a JSON body; reads exactly one response.
+    pub fn post(&mut self, path: &str, headers: &[(&str, &str)], body: &Value) -> Result<HttpResponse> {
+        use std::io::BufRead;
+        let body = serde_json::to_vec(body)?;
+        let mut req = format!("POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", self.addr, body.len());
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        let s = self.stream.get_mut();
+        s.write_all(req.as_bytes())?;
+        s.write_all(&body)?;
+        let mut head = String::new();
+        loop {
+            let mut line = String::new();
+            ensure_read(self.stream.read_line(&mut line)?)?;
+            if line == "\r\n" {
+                break;
+            }
+            head.push_str(&line);
+        }
+        let status = head.split_whitespace().nth(1).context("no status")?.parse()?;
+        let resp = HttpResponse { status, headers: head, body: String::new() };
+        let len: usize = resp.header("content-length").context("no content-length")?.parse()?;
+        let mut buf = vec![0; len];
+        self.stream.read_exact(&mut buf)?;
+        Ok(HttpResponse { body: String::from_utf8(buf)?, ..resp })
+    }
+}
+
+fn ensure_read(n: usize) -> Result<()> {
+    anyhow::ensure!(n > 0, "the server closed the connection");
+    Ok(())
 }
 
 /// A golden case of `chat.json`.

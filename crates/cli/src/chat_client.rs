@@ -12,7 +12,7 @@ use dsvl_chat::{Message, Role, IMAGE_TAG};
 use dsvl_proto::v1::chat_client::ChatClient;
 use dsvl_proto::v1::chat_response::Event;
 use dsvl_proto::v1::content_part::Part;
-use dsvl_proto::v1::{ChatFinish, ChatMessage, ChatRequest, ContentPart, SamplingParams};
+use dsvl_proto::v1::{ChatFinish, ChatMessage, ChatRequest, ContentPart};
 
 use crate::generate::{read_chat, SamplingArgs};
 
@@ -73,7 +73,7 @@ pub fn to_proto_messages(
             if i > 0 {
                 let path = &m.images[i - 1];
                 let bytes = std::fs::read(path).with_context(|| format!("cannot read {path}"))?;
-                content.push(ContentPart { part: Some(Part::Image(bytes)) });
+                content.push(ContentPart { part: Some(Part::Image(bytes.into())) });
             }
             if !text.is_empty() {
                 content.push(ContentPart { part: Some(Part::Text((*text).to_string())) });
@@ -91,13 +91,14 @@ pub fn to_proto_messages(
 /// Runs the command.
 pub fn run(args: ChatArgs) -> Result<()> {
     let messages = read_chat(&args.chat)?;
-    let p = args.sampling.params();
+    args.sampling.params()?;
+    let p = args.sampling.request();
     let request = ChatRequest {
         model: String::new(),
         messages: to_proto_messages(&messages, args.system_prompt.as_deref())?,
-        sampling: Some(SamplingParams {
+        sampling: Some(dsvl_proto::v1::SamplingParams {
             temperature: p.temperature,
-            top_k: p.top_k as u32,
+            top_k: p.top_k,
             top_p: p.top_p,
             repetition_penalty: p.repetition_penalty,
             seed: p.seed,

@@ -101,8 +101,8 @@ impl Cluster {
         )?;
 
         eprintln!("waiting for the vision-encoder ({vision_addr}) and the decoder ({decoder_addr}, tp {}) to load the model…", spec.tp);
-        vision.wait_serving("dsvl.v1.VisionEncoder", START_LIMIT).await?;
-        decoder.wait_serving("dsvl.v1.Decoder", START_LIMIT).await?;
+        vision.wait_serving("dsvl.internal.v1.VisionEncoder", START_LIMIT).await?;
+        decoder.wait_serving("dsvl.internal.v1.Decoder", START_LIMIT).await?;
 
         let mut args = vec![
             "--grpc-listen".to_string(),

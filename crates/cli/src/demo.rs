@@ -14,7 +14,7 @@ use clap::Args;
 use dsvl_proto::v1::chat_client::ChatClient;
 use dsvl_proto::v1::chat_response::Event;
 use dsvl_proto::v1::content_part::Part;
-use dsvl_proto::v1::{ChatMessage, ChatRequest, ContentPart, SamplingParams};
+use dsvl_proto::v1::{ChatMessage, ChatRequest, ContentPart};
 
 use crate::cluster::{Cluster, ClusterSpec};
 use crate::model_args::ModelArgs;
@@ -83,11 +83,12 @@ async fn run_async(args: DemoArgs) -> Result<()> {
             messages: vec![ChatMessage {
                 role: "user".into(),
                 content: vec![
-                    ContentPart { part: Some(Part::Image(image.clone())) },
+                    ContentPart { part: Some(Part::Image(image.clone().into())) },
                     ContentPart { part: Some(Part::Text(args.prompt.clone())) },
                 ],
             }],
-            sampling: Some(SamplingParams::default()),
+            // Greedy, so the two requests give the same reply.
+            sampling: Some(dsvl_proto::v1::SamplingParams { temperature: Some(0.0), ..Default::default() }),
             max_tokens: args.max_new_tokens,
             ..Default::default()
         };

@@ -13,7 +13,8 @@ use clap::Args;
 use dsvl_chat::{render_prompt, ChatTokenizer, IncrementalDecoder, Message, DEFAULT_SYSTEM_PROMPT};
 use dsvl_core::ImageLimits;
 use dsvl_engine::group::{contiguous_kv, group_tag, lead_group, GroupTimeouts, LocalWorkers};
-use dsvl_engine::{generate, GenerationRequest, SamplingParams};
+use dsvl_core::sampling::{SamplingParams, SamplingRequest};
+use dsvl_engine::{generate, GenerationRequest};
 use dsvl_models::checkpoint::Checkpoint;
 use dsvl_models::device::{candle_dtype, open_device};
 use dsvl_models::llm::{DeepSeekLlm, ImageRows, LlmConfig, Shard};
@@ -37,9 +38,9 @@ pub struct SamplingArgs {
     /// Nucleus sampling threshold.
     #[arg(long)]
     pub top_p: Option<f32>,
-    /// Keep only the k most likely tokens (the reference's implicit default is 50).
+    /// Keep only the k most likely tokens (default 0: no limit).
     #[arg(long)]
-    pub top_k: Option<usize>,
+    pub top_k: Option<u32>,
     /// Penalty on tokens already generated (1.0 = none).
     #[arg(long)]
     pub repetition_penalty: Option<f32>,
@@ -49,18 +50,27 @@ pub struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    /// The resolved parameters.
-    pub fn params(&self) -> SamplingParams {
-        match self.temperature {
-            Some(t) if t > 0.0 && !self.greedy => SamplingParams {
-                temperature: t,
-                top_k: self.top_k.unwrap_or(50),
-                top_p: self.top_p.unwrap_or(1.0),
-                repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
-                seed: self.seed.unwrap_or(0),
-            },
-            _ => SamplingParams::greedy(),
+    /// The flags as a request: like every API's (`dsvl_core::sampling`), except that the CLI
+    /// is greedy unless `--temperature` is given, so its output is reproducible by default.
+    pub fn request(&self) -> SamplingRequest {
+        let temperature = if self.greedy { Some(0.0) } else { Some(self.temperature.unwrap_or(0.0)) };
+        SamplingRequest {
+            temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
         }
+    }
+
+    /// The resolved parameters.
+    ///
+    /// # Errors
+    /// A value out of range, naming its flag.
+    pub fn params(&self) -> Result<SamplingParams> {
+        self.request()
+            .resolve()
+            .map_err(|e| anyhow::anyhow!("invalid --{}: {}", e.field.replace('_', "-"), e.reason))
     }
 }
 
@@ -126,7 +136,7 @@ pub fn load_tokenizer(ckpt: &Checkpoint) -> Result<(ChatTokenizer, usize)> {
 /// Runs the command.
 pub fn run(args: GenerateArgs) -> Result<()> {
     ensure!(args.tp >= 1, "--tp must be at least 1");
-    let params = args.sampling.params();
+    let params = args.sampling.params()?;
     params.validate().map_err(anyhow::Error::msg)?;
     let ckpt = args.model.open()?;
     let (tok, n_image_tokens) = load_tokenizer(&ckpt)?;

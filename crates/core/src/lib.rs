@@ -2,7 +2,8 @@
 //!
 //! Everything here is small, dependency-light and used by more than one tier: which device and
 //! dtype a model runs on ([`DeviceSpec`], [`WeightDType`]), the limits applied to untrusted images
-//! ([`ImageLimits`]), the content-addressed embedding cache key and its codec, a bad service flag
+//! ([`ImageLimits`]), token selection ([`sampling`]: one type, defaults and validator for every
+//! API), the content-addressed embedding cache key and its codec, a bad service flag
 //! ([`ConfigError`]) and the model-thread [`watchdog`] behind the liveness probes. Keeping these
 //! out of the model crate lets the gateway (which never links candle) agree with the vision and
 //! decoder tiers on names, limits and keys.
@@ -10,12 +11,14 @@
 
 pub mod cache_key;
 pub mod codec;
+pub mod sampling;
 mod device;
 mod limits;
 pub mod watchdog;
 
 pub use device::{DeviceSpec, ParseError, WeightDType};
 pub use limits::ImageLimits;
+pub use sampling::{InvalidSampling, SamplingParams, SamplingRequest};
 
 /// A service flag whose value makes no sense (the same error for every service's config).
 #[derive(Debug, thiserror::Error)]

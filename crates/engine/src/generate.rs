@@ -71,7 +71,7 @@ pub fn generate(
     seq: SeqId,
     on_token: &mut dyn FnMut(u32) -> bool,
 ) -> Result<GenerationOutput, ModelError> {
-    req.params.validate().map_err(ModelError::InvalidInput)?;
+    req.params.validate().map_err(|e| ModelError::InvalidInput(e.to_string()))?;
     if req.prompt.is_empty() {
         return Err(ModelError::InvalidInput("empty prompt".into()));
     }

@@ -1,58 +1,12 @@
 //! Next-token selection with the semantics of `transformers`' `generate` as the reference calls
 //! it (spec §7): greedy is a plain argmax (first index on ties, like `torch.argmax`); sampling
 //! applies, in this order, the repetition penalty over the *generated* tokens only (generation
-//! starts from `inputs_embeds`, so the prompt is not in `input_ids`), temperature, top-k (50 by
-//! default, the `GenerationConfig` default nobody overrides), and top-p, then draws from the
-//! softmax with a seeded generator, so a seed reproduces its output.
+//! starts from `inputs_embeds`, so the prompt is not in `input_ids`), temperature, top-k and
+//! top-p, then draws from the
+//! softmax with a seeded generator, so a seed reproduces its output. The parameters, their
+//! defaults and their validation are [`dsvl_core::sampling`]'s, shared with every API.
 
-use serde::{Deserialize, Serialize};
-
-/// How to pick tokens.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SamplingParams {
-    /// 0 (or `greedy`) means argmax.
-    pub temperature: f32,
-    /// Keep the `top_k` most likely tokens (0 disables).
-    pub top_k: usize,
-    /// Keep the smallest set whose probability reaches `top_p` (1.0 disables).
-    pub top_p: f32,
-    /// `> 1` discourages tokens already generated (1.0 disables).
-    pub repetition_penalty: f32,
-    /// Seed of the sampling generator.
-    pub seed: u64,
-}
-
-impl SamplingParams {
-    /// Greedy decoding (the reference's `do_sample=False`; repetition penalty not applied).
-    pub fn greedy() -> Self {
-        Self { temperature: 0.0, top_k: 50, top_p: 1.0, repetition_penalty: 1.0, seed: 0 }
-    }
-
-    /// Whether this is greedy decoding.
-    pub fn is_greedy(&self) -> bool {
-        self.temperature <= 0.0
-    }
-
-    /// Rejects values that make no sense, naming the field.
-    pub fn validate(&self) -> Result<(), String> {
-        if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
-        }
-        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
-        }
-        Ok(())
-    }
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        Self::greedy()
-    }
-}
+pub use dsvl_core::sampling::SamplingParams;
 
 /// SplitMix64: small, fast, and stable across versions (reproducible seeds matter more here
 /// than statistical strength).
@@ -117,9 +71,10 @@ pub fn sample(logits: &[f32], params: &SamplingParams, generated: &[u32], rng: &
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
     let mut keep = order.len();
-    if params.top_k > 0 && params.top_k < keep {
+    let top_k = params.top_k as usize;
+    if top_k > 0 && top_k < keep {
         // Ties with the k-th value are kept, as `scores < topk_values[-1]` removes only lower ones.
-        let kth = scores[order[params.top_k - 1]];
+        let kth = scores[order[top_k - 1]];
         keep = order.iter().take_while(|&&i| scores[i] >= kth).count();
     }
     let max = scores[order[0]];
@@ -231,6 +186,6 @@ mod tests {
     #[test]
     fn validation_names_the_field() {
         let p = SamplingParams { top_p: 0.0, ..SamplingParams::greedy() };
-        assert!(p.validate().unwrap_err().contains("top_p"));
+        assert_eq!(p.validate().unwrap_err().field, "top_p");
     }
 }

@@ -5,10 +5,15 @@
 //! * [`extract_trace_context`] / [`inject_trace_context`]: W3C `traceparent`/`tracestate` in gRPC
 //!   metadata, so a request keeps one trace across the gateway and both tiers.
 //! * [`serve_prometheus`]: the `/metrics` endpoint on its own port.
+//! * [`deadline`]: deadlines from `grpc-timeout` and the HTTP timeout headers, capped, never
+//!   panicking on hostile values.
 //! * [`probes`]: `startup` / readiness / `liveness` on grpc.health.v1 for Kubernetes probes.
 #![deny(missing_docs)]
 
+pub mod deadline;
 pub mod probes;
+
+pub use deadline::{answer_by, grpc_timeout, DeadlineError, MAX_DEADLINE};
 
 use std::net::SocketAddr;
 
@@ -183,57 +188,6 @@ pub fn serve_prometheus(addr: SocketAddr) -> Result<(), TelemetryError> {
         .map_err(|e| TelemetryError::Prometheus(e.to_string()))?
         .install()
         .map_err(|e| TelemetryError::Prometheus(e.to_string()))
-}
-
-/// Remaining time from the caller's `grpc-timeout` header (e.g. `500m`, `2S`).
-pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<std::time::Duration> {
-    use std::time::Duration;
-    let v = meta.get("grpc-timeout")?.to_str().ok()?;
-    let (num, unit) = v.split_at(v.len().checked_sub(1)?);
-    let n: u64 = num.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
-/// When a server should answer a request that arrived at `started`: a little before the
-/// caller's deadline (5%, 2-20 ms), because the network and the caller's own timer started
-/// earlier; so the caller gets DEADLINE_EXCEEDED from us rather than a bare cancel.
-pub fn answer_by(
-    meta: &tonic::metadata::MetadataMap,
-    started: std::time::Instant,
-) -> Option<std::time::Instant> {
-    use std::time::Duration;
-    grpc_timeout(meta).map(|d| {
-        started
-            + d.saturating_sub((d / 20).clamp(Duration::from_millis(2), Duration::from_millis(20)))
-    })
-}
-
-#[cfg(test)]
-mod deadline_tests {
-    use super::*;
-
-    #[test]
-    fn parses_grpc_timeouts() {
-        let mut m = tonic::metadata::MetadataMap::new();
-        assert_eq!(grpc_timeout(&m), None);
-        m.insert("grpc-timeout", "250m".parse().unwrap());
-        assert_eq!(grpc_timeout(&m), Some(std::time::Duration::from_millis(250)));
-        m.insert("grpc-timeout", "3S".parse().unwrap());
-        assert_eq!(grpc_timeout(&m), Some(std::time::Duration::from_secs(3)));
-        m.insert("grpc-timeout", "3x".parse().unwrap());
-        assert_eq!(grpc_timeout(&m), None);
-        let now = std::time::Instant::now();
-        m.insert("grpc-timeout", "1S".parse().unwrap());
-        assert_eq!(answer_by(&m, now), Some(now + std::time::Duration::from_millis(980)));
-    }
 }
 
 /// Resolves on SIGINT or SIGTERM: the shutdown future every service's `main` passes to `run`.

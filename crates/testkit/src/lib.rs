@@ -4,11 +4,13 @@
 //! Fixtures live in the repository (`tests/fixtures/golden`, `assets/tiny-dsvl`); they were
 //! copied from the team's shared fixture set, see `tests/fixtures/README.md` for provenance.
 
+mod hostile;
 mod llama;
 mod procs;
 
 use std::path::PathBuf;
 
+pub use hostile::{HOSTILE_GRPC_TIMEOUTS, HOSTILE_HTTP_TIMEOUTS};
 pub use llama::{
     copy_tokenizer_files, temp_llama_checkpoint, write_llama_checkpoint, LlamaLayout,
     LLAMA_TOKENIZER_FILES,

@@ -42,8 +42,8 @@ impl Binary {
     pub fn api_service(self) -> &'static str {
         match self {
             Self::Gateway => "dsvl.v1.Chat",
-            Self::Vision => "dsvl.v1.VisionEncoder",
-            Self::Decoder => "dsvl.v1.Decoder",
+            Self::Vision => "dsvl.internal.v1.VisionEncoder",
+            Self::Decoder => "dsvl.internal.v1.Decoder",
         }
     }
 

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use dsvl_cache::RedisCache;
 use dsvl_core::codec::{self, EmbeddingDType};
-use dsvl_proto::v1::image_slot::Embedding as Source;
-use dsvl_proto::v1::ImageSlot;
+use dsvl_proto::internal::image_slot::Embedding as Source;
+use dsvl_proto::internal::ImageSlot;
 use tonic::Status;
 
 use crate::group::ModelInfo;

@@ -1,4 +1,4 @@
-//! The decoder tier as a library: [`run`] serves `dsvl.v1.Decoder` for one tensor-parallel group
+//! The decoder tier as a library: [`run`] serves `dsvl.internal.v1.Decoder` for one tensor-parallel group
 //! until a shutdown future resolves; `main.rs` parses flags, sets up telemetry, and runs either
 //! this (rank 0) or a worker rank ([`group::run_worker_process`]).
 //!
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use dsvl_cache::{RedisCache, RedisConfig};
 use dsvl_engine::engine::spawn_engine;
-use dsvl_proto::v1::decoder_server::DecoderServer;
+use dsvl_proto::internal::decoder_server::DecoderServer;
 use dsvl_telemetry::probes::{self, Watchdog};
 use tokio::net::TcpListener;
 
@@ -48,7 +48,7 @@ pub enum DecoderError {
 /// NOT_SERVING, new requests UNAVAILABLE, in-flight streams finish within `config.drain`) or the
 /// group fails (error).
 ///
-/// Health (`grpc.health.v1`, `dsvl.v1.Decoder` and `""`) is SERVING only once every rank has
+/// Health (`grpc.health.v1`, `dsvl.internal.v1.Decoder` and `""`) is SERVING only once every rank has
 /// joined, loaded its shard and run a warm-up step; `startup` and `liveness` serve the
 /// Kubernetes probes ([`dsvl_telemetry::probes`]): liveness fails when one engine step runs
 /// longer than `config.liveness_stall` or the group has failed.
@@ -65,7 +65,7 @@ pub async fn run(
     let _liveness =
         probes::spawn_liveness(health.clone(), vec![watchdog.clone()], config.liveness_stall);
     let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(dsvl_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(dsvl_proto::internal::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| DecoderError::Reflection(e.to_string()))?;

@@ -1,4 +1,4 @@
-//! The `dsvl.v1.Decoder` gRPC service: validation, embeddings in, the engine's event stream out.
+//! The `dsvl.internal.v1.Decoder` gRPC service: validation, embeddings in, the engine's event stream out.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -11,11 +11,9 @@ use dsvl_engine::engine::EngineHandle;
 use dsvl_engine::scheduler::{Event, Failure, NewRequest};
 use dsvl_engine::{FinishReason, SamplingParams};
 use dsvl_models::llm::ImageRows;
-use dsvl_proto::v1::decoder_server::Decoder;
-use dsvl_proto::v1::generate_response::Event as Out;
-use dsvl_proto::v1::{
-    FinishEvent, GenerateRequest, GenerateResponse, LoadRequest, LoadResponse, TokenEvent, Usage,
-};
+use dsvl_proto::internal::decoder_server::Decoder;
+use dsvl_proto::internal::generate_response::Event as Out;
+use dsvl_proto::internal::{FinishEvent, GenerateRequest, GenerateResponse, LoadRequest, LoadResponse, TokenEvent, Usage};
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
@@ -92,10 +90,13 @@ impl Ready {
                 self.info.vocab_size
             )));
         }
-        if let Some(s) = &req.sampling {
-            let p = sampling(s);
-            p.validate().map_err(Status::invalid_argument)?;
-        }
+        let sampling = req
+            .sampling
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("sampling is required"))?;
+        SamplingParams::from(sampling)
+            .validate()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(())
     }
 
@@ -152,16 +153,6 @@ impl Ready {
     }
 }
 
-fn sampling(s: &dsvl_proto::v1::SamplingParams) -> SamplingParams {
-    SamplingParams {
-        temperature: s.temperature,
-        top_k: s.top_k as usize,
-        top_p: if s.top_p == 0.0 { 1.0 } else { s.top_p },
-        repetition_penalty: if s.repetition_penalty == 0.0 { 1.0 } else { s.repetition_penalty },
-        seed: s.seed,
-    }
-}
-
 type GenerateStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -179,7 +170,8 @@ impl Decoder for DecoderService {
         );
         dsvl_telemetry::extract_trace_context(request.metadata(), &span);
         let started = Instant::now();
-        let deadline = dsvl_telemetry::answer_by(request.metadata(), started);
+        let deadline = dsvl_telemetry::answer_by(request.metadata(), started)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let ready = self.state()?;
         let req = request.into_inner();
         span.record("request_id", req.request_id.as_str());
@@ -200,7 +192,7 @@ impl Decoder for DecoderService {
         let new = NewRequest {
             prompt: req.prompt_token_ids.clone(),
             image,
-            params: req.sampling.as_ref().map(sampling).unwrap_or_default(),
+            params: req.sampling.as_ref().map(SamplingParams::from).unwrap_or_default(),
             max_new_tokens: max_new,
             stop_ids: req.stop_token_ids.clone(),
             logprobs: req.logprobs,
@@ -236,9 +228,9 @@ impl Decoder for DecoderService {
                     }
                     Event::Finished { reason, usage } => {
                         let reason = match reason {
-                            FinishReason::Stop => dsvl_proto::v1::FinishReason::Stop,
+                            FinishReason::Stop => dsvl_proto::internal::FinishReason::Stop,
                             FinishReason::Length | FinishReason::Cancelled => {
-                                dsvl_proto::v1::FinishReason::Length
+                                dsvl_proto::internal::FinishReason::Length
                             }
                         };
                         Ok(GenerateResponse {

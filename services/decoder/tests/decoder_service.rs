@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
-use dsvl_proto::v1::decoder_client::DecoderClient;
-use dsvl_proto::v1::generate_response::Event;
-use dsvl_proto::v1::image_slot::Embedding as Source;
-use dsvl_proto::v1::{EmbeddingRef, GenerateRequest, ImageSlot, LoadRequest};
+use dsvl_proto::internal::decoder_client::DecoderClient;
+use dsvl_proto::internal::generate_response::Event;
+use dsvl_proto::internal::image_slot::Embedding as Source;
+use dsvl_proto::internal::{EmbeddingRef, GenerateRequest, ImageSlot, LoadRequest};
 use dsvl_testkit::{
     child_pids, free_port, golden_dir, http_get, metric_sum, pid_alive, RedisServer, ServiceProcess,
 };
@@ -106,6 +106,7 @@ fn request(prompt: Vec<u32>, max_new: u32) -> GenerateRequest {
         prompt_token_ids: prompt,
         max_new_tokens: max_new,
         stop_token_ids: vec![1001],
+        sampling: Some((&dsvl_core::SamplingParams::greedy()).into()),
         ..Default::default()
     }
 }
@@ -146,7 +147,7 @@ async fn text_stream_matches_reference_at_tp_1_and_2() -> Result<()> {
         let (out, reason) =
             generate(&mut d.client().await?, request(ids(&lm["text.input_ids"])?, 16)).await?;
         assert_eq!(out, ids(&lm["text.generated_ids"])?, "tp {tp}");
-        assert_eq!(reason, dsvl_proto::v1::FinishReason::Length as i32);
+        assert_eq!(reason, dsvl_proto::internal::FinishReason::Length as i32);
         let load = d.client().await?.load(LoadRequest {}).await?.into_inner();
         assert_eq!(load.tensor_parallel.to_string(), tp);
     }
@@ -324,7 +325,7 @@ async fn dead_worker_fails_the_group_fast() -> Result<()> {
     assert_eq!(workers.len(), 1, "one worker rank process");
     // Health is watched from before the failure: the group must say NOT_SERVING before it goes.
     let mut health = HealthClient::new(d.channel().await?)
-        .watch(HealthCheckRequest { service: "dsvl.v1.Decoder".into() })
+        .watch(HealthCheckRequest { service: "dsvl.internal.v1.Decoder".into() })
         .await?
         .into_inner();
     assert_eq!(health.message().await?.map(|m| m.status), Some(ServingStatus::Serving as i32));
@@ -496,5 +497,31 @@ async fn orchestrated_tp2_group_from_lws_env() -> Result<()> {
     leader.sigkill();
     let exit = exit_within(&mut worker.child, Duration::from_secs(10)).await?;
     assert!(!exit.success(), "the worker pod exits non-zero when its leader dies: {exit:?}");
+    Ok(())
+}
+
+/// Deadline headers of absurd size are capped, garbage is INVALID_ARGUMENT; neither panics the
+/// handler, and the same connection serves the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_deadline_headers_never_panic() -> Result<()> {
+    let d = Decoder::start(&["--tp", "1"]).await?;
+    let mut c = d.client().await?;
+    let prompt = prompts(1).remove(0);
+    for &(value, accepted) in dsvl_testkit::HOSTILE_GRPC_TIMEOUTS {
+        let mut r = tonic::Request::new(request(prompt.clone(), 2));
+        r.metadata_mut().insert("grpc-timeout", value.parse()?);
+        match c.generate(r).await {
+            Ok(stream) if accepted => {
+                let mut stream = stream.into_inner();
+                while stream.message().await?.is_some() {}
+            }
+            Err(s) if !accepted && s.code() == tonic::Code::InvalidArgument => {
+                assert!(s.message().contains("grpc-timeout"), "{s:?}")
+            }
+            other => bail!("grpc-timeout {value:?}: unexpected {:?}", other.map(|_| "a stream")),
+        }
+        let (out, _) = generate(&mut c, request(prompt.clone(), 2)).await?;
+        assert_eq!(out.len(), 2, "grpc-timeout {value:?}: the next request");
+    }
     Ok(())
 }

@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dsvl_chat::IncrementalDecoder;
-use dsvl_proto::v1::decoder_client::DecoderClient;
-use dsvl_proto::v1::generate_response::Event as DecoderEvent;
-use dsvl_proto::v1::{
-    ChatDelta, ChatFinish, FinishReason, GenerateRequest, GenerateResponse, ImageSlot, Timing,
-};
+use dsvl_core::sampling::SamplingParams;
+use dsvl_proto::internal::decoder_client::DecoderClient;
+use dsvl_proto::internal::generate_response::Event as DecoderEvent;
+use dsvl_proto::v1::{ChatDelta, ChatFinish, Timing};
+use dsvl_proto::internal::{FinishReason, GenerateRequest, GenerateResponse, ImageSlot};
 use tokio::sync::mpsc;
 use tonic::{Code, Streaming};
 use tracing::Instrument;
@@ -144,7 +144,7 @@ impl Gateway {
             request_id: next_request_id(),
             prompt_token_ids: prep.prompt.ids.clone(),
             images: slots(&prep, embedded.as_ref()),
-            sampling: Some(prep.sampling),
+            sampling: Some((&prep.sampling).into()),
             stop_token_ids: vec![self.model.tokenizer.special().eos],
             max_new_tokens: prep.max_new_tokens,
             logprobs: false,
@@ -432,8 +432,8 @@ pub fn request_span(
         gen_ai.request.model = if input.model.is_empty() { served_model } else { input.model.as_str() },
         gen_ai.response.model = served_model,
         gen_ai.request.max_tokens = input.max_tokens.unwrap_or(0),
-        gen_ai.request.temperature = f64::from(input.sampling.temperature),
-        gen_ai.request.top_p = f64::from(if input.sampling.top_p == 0.0 { 1.0 } else { input.sampling.top_p }),
+        gen_ai.request.temperature = f64::from(input.sampling.temperature.unwrap_or(SamplingParams::DEFAULTS.temperature)),
+        gen_ai.request.top_p = f64::from(input.sampling.top_p.unwrap_or(SamplingParams::DEFAULTS.top_p)),
         gen_ai.response.id = tracing::field::Empty,
         gen_ai.usage.input_tokens = tracing::field::Empty,
         gen_ai.usage.output_tokens = tracing::field::Empty,

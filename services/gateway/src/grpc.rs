@@ -9,6 +9,7 @@ use dsvl_proto::v1::chat_response::Event;
 use dsvl_proto::v1::chat_server::Chat;
 use dsvl_proto::v1::content_part::Part as ProtoPart;
 use dsvl_proto::v1::{ChatRequest, ChatResponse, ListModelsRequest, ListModelsResponse, ModelInfo};
+use dsvl_core::sampling::SamplingRequest;
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -45,7 +46,7 @@ fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
     Ok(ChatInput {
         model: req.model,
         messages,
-        sampling: req.sampling.unwrap_or_default(),
+        sampling: req.sampling.as_ref().map(SamplingRequest::from).unwrap_or_default(),
         stop: req.stop,
         max_tokens: (req.max_tokens > 0).then_some(req.max_tokens),
         return_prompt_token_ids: req.return_prompt_token_ids,
@@ -67,8 +68,9 @@ impl Chat for ChatService {
         // Answer a little before the caller's deadline so it gets our DEADLINE_EXCEEDED, not
         // tonic's bare cancel.
         let cap = started + gw.config.request_timeout;
-        let deadline =
-            dsvl_telemetry::answer_by(request.metadata(), started).map_or(cap, |d| d.min(cap));
+        let deadline = dsvl_telemetry::answer_by(request.metadata(), started)
+            .map_err(|e| GatewayError::InvalidArgument(e.to_string()).to_status())?
+            .map_or(cap, |d| d.min(cap));
         let auth = request
             .metadata()
             .get("authorization")

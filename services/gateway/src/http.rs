@@ -18,7 +18,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
-use dsvl_proto::v1::{ChatFinish, SamplingParams};
+use dsvl_proto::v1::ChatFinish;
+use dsvl_core::sampling::SamplingRequest;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -114,14 +115,18 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-fn deadline(h: &HeaderMap, default: Duration, started: Instant) -> Instant {
-    let asked = ["x-request-timeout", "x-stainless-timeout"]
-        .iter()
-        .filter_map(|n| header(h, n)?.trim().parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .map(Duration::from_secs_f64)
-        .min();
-    started + asked.unwrap_or(default).min(default)
+/// The request's deadline: the shorter of the OpenAI clients' timeout headers, capped at the
+/// gateway's own request timeout. A header that is not a positive number of seconds is a 400.
+fn deadline(h: &HeaderMap, default: Duration, started: Instant) -> Result<Instant, GatewayError> {
+    let mut timeout = default;
+    for name in ["x-request-timeout", "x-stainless-timeout"] {
+        let Some(v) = h.get(name) else { continue };
+        let v = v.to_str().unwrap_or("<non-ASCII>");
+        let asked = dsvl_telemetry::deadline::http_timeout_secs(name, v)
+            .map_err(|e| GatewayError::InvalidArgument(e.to_string()))?;
+        timeout = timeout.min(asked);
+    }
+    Ok(started + timeout)
 }
 
 async fn to_input(
@@ -179,13 +184,13 @@ async fn to_input(
     Ok(ChatInput {
         model: r.model,
         messages,
-        // OpenAI's defaults: temperature 1, top_p 1 (no top-k).
-        sampling: SamplingParams {
-            temperature: r.temperature.unwrap_or(1.0),
-            top_k: r.top_k.unwrap_or(0),
-            top_p: r.top_p.unwrap_or(1.0),
-            repetition_penalty: r.repetition_penalty.unwrap_or(1.0),
-            seed: r.seed.unwrap_or(0),
+        // Unset fields take the defaults shared by every API (OpenAI's: temperature 1, top_p 1).
+        sampling: SamplingRequest {
+            temperature: r.temperature,
+            top_k: r.top_k,
+            top_p: r.top_p,
+            repetition_penalty: r.repetition_penalty,
+            seed: r.seed,
         },
         stop,
         max_tokens: r.max_completion_tokens.or(r.max_tokens),
@@ -228,13 +233,16 @@ fn extension(f: &ChatFinish) -> Value {
 
 async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
     let started = Instant::now();
-    let deadline = deadline(&headers, gw.config.request_timeout, started);
     let tenant = match gw.tenancy.authenticate(header(&headers, "authorization")) {
         Ok(t) => t,
         Err(_) => {
             metrics::counter!("dsvl_requests_total", "api" => "http", "outcome" => "unauthenticated").increment(1);
             return error_response(&GatewayError::Unauthenticated);
         }
+    };
+    let deadline = match deadline(&headers, gw.config.request_timeout, started) {
+        Ok(d) => d,
+        Err(e) => return error_response(&e),
     };
     let req: CompletionRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,

@@ -14,12 +14,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dsvl_core::cache_key::{embedding_key, image_digest, KeyParts, PREPROCESS_VERSION};
-use dsvl_proto::v1::encode_result::Result as EncodeOutcome;
-use dsvl_proto::v1::image_slot::Embedding as SlotEmbedding;
-use dsvl_proto::v1::vision_encoder_client::VisionEncoderClient;
-use dsvl_proto::v1::{
-    DType, EmbeddingRef, EncodeRequest, EncodeResponse, ImageInput, InfoRequest, InfoResponse,
-};
+use dsvl_proto::internal::encode_result::Result as EncodeOutcome;
+use dsvl_proto::internal::image_slot::Embedding as SlotEmbedding;
+use dsvl_proto::internal::vision_encoder_client::VisionEncoderClient;
+use dsvl_proto::internal::{DType, EmbeddingRef, EncodeRequest, EncodeResponse, ImageInput, InfoRequest, InfoResponse};
 use tonic::{Code, Status};
 
 use crate::error::GatewayError;
@@ -120,7 +118,7 @@ impl Gateway {
     ) -> Result<EncodeResponse, Status> {
         let mut req = tonic::Request::new(EncodeRequest {
             images,
-            cache_salt: salt.to_vec(),
+            cache_salt: Bytes::copy_from_slice(salt),
             return_inline: inline,
         });
         req.set_timeout(deadline.saturating_duration_since(Instant::now()));
@@ -192,7 +190,7 @@ impl Gateway {
                 let inputs = idx
                     .iter()
                     .map(|&i| ImageInput {
-                        data: images[i].to_vec(),
+                        data: images[i].clone(),
                         client_digest: digests[i].clone(),
                     })
                     .collect();

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use dsvl_cache::{BreakerConfig, RedisCache, RedisConfig};
 use dsvl_proto::v1::chat_server::ChatServer;
-use dsvl_proto::v1::InfoResponse;
+use dsvl_proto::internal::InfoResponse;
 use tokio::net::TcpListener;
 
 pub use config::{Args, GatewayConfig};

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use dsvl_chat::{
     render_prompt, Message, Prompt, Role as TemplateRole, DEFAULT_SYSTEM_PROMPT, IMAGE_TAG,
 };
-use dsvl_proto::v1::SamplingParams;
+use dsvl_core::sampling::{SamplingParams, SamplingRequest};
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
@@ -65,8 +65,8 @@ pub struct ChatInput {
     pub model: String,
     /// Conversation.
     pub messages: Vec<InMessage>,
-    /// Token selection (temperature 0: greedy).
-    pub sampling: SamplingParams,
+    /// Token selection as asked (unset fields take the shared defaults in [`prepare`]).
+    pub sampling: SamplingRequest,
     /// Stop strings.
     pub stop: Vec<String>,
     /// Most new tokens (None: the gateway default, capped by the positions left).
@@ -82,7 +82,7 @@ pub struct Prepared {
     pub prompt: Prompt,
     /// Images in placeholder order.
     pub images: Vec<Bytes>,
-    /// Sampling parameters.
+    /// Sampling parameters, resolved and validated.
     pub sampling: SamplingParams,
     /// Stop strings.
     pub stop: Vec<String>,
@@ -98,22 +98,6 @@ const MAX_STOPS: usize = 16;
 
 fn invalid(msg: impl Into<String>) -> GatewayError {
     GatewayError::InvalidArgument(msg.into())
-}
-
-fn check_sampling(s: &SamplingParams) -> Result<(), GatewayError> {
-    if !s.temperature.is_finite() || s.temperature < 0.0 || s.temperature > 100.0 {
-        return Err(invalid(format!("temperature must be in [0, 100], got {}", s.temperature)));
-    }
-    if !s.top_p.is_finite() || !(0.0..=1.0).contains(&s.top_p) {
-        return Err(invalid(format!("top_p must be in (0, 1], got {}", s.top_p)));
-    }
-    if !s.repetition_penalty.is_finite() || s.repetition_penalty < 0.0 {
-        return Err(invalid(format!(
-            "repetition_penalty must be > 0, got {}",
-            s.repetition_penalty
-        )));
-    }
-    Ok(())
 }
 
 /// Validates `input` against the limits and the model, renders the template and tokenizes.
@@ -132,7 +116,7 @@ pub fn prepare(
             input.model, model.name
         )));
     }
-    check_sampling(&input.sampling)?;
+    let sampling = input.sampling.resolve().map_err(|e| invalid(e.to_string()))?;
     if input.stop.len() > MAX_STOPS || input.stop.iter().any(String::is_empty) {
         return Err(invalid(format!("at most {MAX_STOPS} non-empty stop strings")));
     }
@@ -249,7 +233,7 @@ pub fn prepare(
     Ok(Prepared {
         prompt,
         images,
-        sampling: input.sampling,
+        sampling,
         stop: input.stop,
         max_new_tokens,
         tokenize_seconds: started.elapsed().as_secs_f64(),

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use dsvl_cache::{BreakerConfig, CircuitBreaker};
-use dsvl_proto::v1::decoder_client::DecoderClient;
-use dsvl_proto::v1::LoadResponse;
+use dsvl_proto::internal::decoder_client::DecoderClient;
+use dsvl_proto::internal::LoadResponse;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -150,12 +150,12 @@ impl Pool {
                 Tier::Vision => {
                     let mut client = HealthClient::new(r.channel.clone());
                     let check = client
-                        .check(HealthCheckRequest { service: "dsvl.v1.VisionEncoder".into() });
+                        .check(HealthCheckRequest { service: "dsvl.internal.v1.VisionEncoder".into() });
                     matches!(tokio::time::timeout(Duration::from_secs(2), check).await, Ok(Ok(resp)) if resp.get_ref().status == 1)
                 }
                 Tier::Decoder => {
                     let mut client = DecoderClient::new(r.channel.clone());
-                    let load = client.load(dsvl_proto::v1::LoadRequest {});
+                    let load = client.load(dsvl_proto::internal::LoadRequest {});
                     match tokio::time::timeout(Duration::from_secs(2), load).await {
                         Ok(Ok(resp)) => {
                             let l = resp.into_inner();

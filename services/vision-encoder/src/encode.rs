@@ -45,6 +45,11 @@ impl Stored {
     pub fn payload(&self) -> &[u8] {
         &self.value[self.payload_at..]
     }
+
+    /// The tensor bytes as a shared slice of the stored value (no copy).
+    pub fn payload_bytes(&self) -> Bytes {
+        self.value.slice(self.payload_at..)
+    }
 }
 
 /// Why one image could not be encoded.

@@ -1,4 +1,4 @@
-//! The vision-encoder tier as a library: [`run`] serves `dsvl.v1.VisionEncoder` on a listener
+//! The vision-encoder tier as a library: [`run`] serves `dsvl.internal.v1.VisionEncoder` on a listener
 //! until a shutdown future resolves; `main.rs` only parses flags, sets up telemetry and calls it.
 //!
 //! Layout: [`config`] (flags and validation), [`batcher`] (queue + model thread), [`encode`]
@@ -20,7 +20,7 @@ use dsvl_models::checkpoint::{Checkpoint, ModelSource};
 use dsvl_models::device::{candle_dtype, open_device};
 use dsvl_models::preprocess::{Preprocessor, RgbImage};
 use dsvl_models::vision::VisionEncoder;
-use dsvl_proto::v1::vision_encoder_server::VisionEncoderServer;
+use dsvl_proto::internal::vision_encoder_server::VisionEncoderServer;
 use dsvl_telemetry::probes::{self, Watchdog};
 use tokio::net::TcpListener;
 
@@ -101,7 +101,7 @@ fn load_pipeline(cfg: &VisionConfig, watchdog: Arc<Watchdog>) -> Result<Pipeline
 /// Serves the vision encoder on `listener` until `shutdown` resolves, then drains: health goes
 /// NOT_SERVING, new requests get UNAVAILABLE, in-flight ones finish within `config.drain`.
 ///
-/// Health (`grpc.health.v1`, service `dsvl.v1.VisionEncoder` and `""`) is NOT_SERVING until the
+/// Health (`grpc.health.v1`, service `dsvl.internal.v1.VisionEncoder` and `""`) is NOT_SERVING until the
 /// model is loaded and a warm-up forward pass has run; `startup` and `liveness` serve the
 /// Kubernetes probes ([`dsvl_telemetry::probes`]).
 ///
@@ -126,7 +126,7 @@ pub async fn run(
         draining: draining.clone(),
     };
     let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(dsvl_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(dsvl_proto::internal::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| VisionError::Reflection(e.to_string()))?;

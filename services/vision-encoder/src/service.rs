@@ -1,4 +1,4 @@
-//! The `dsvl.v1.VisionEncoder` gRPC service.
+//! The `dsvl.internal.v1.VisionEncoder` gRPC service.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
@@ -7,12 +7,9 @@ use bytes::Bytes;
 use dsvl_core::cache_key::{embedding_key, image_digest, KeyParts};
 use dsvl_core::codec::EmbeddingDType;
 use dsvl_models::preprocess::PREPROCESS_VERSION;
-use dsvl_proto::v1::encode_result::Result as ResultKind;
-use dsvl_proto::v1::vision_encoder_server::VisionEncoder;
-use dsvl_proto::v1::{
-    DType, Embedding, EmbeddingRef, EncodeRequest, EncodeResponse, EncodeResult, ImageError,
-    InfoRequest, InfoResponse,
-};
+use dsvl_proto::internal::encode_result::Result as ResultKind;
+use dsvl_proto::internal::vision_encoder_server::VisionEncoder;
+use dsvl_proto::internal::{DType, Embedding, EmbeddingRef, EncodeRequest, EncodeResponse, EncodeResult, ImageError, InfoRequest, InfoResponse};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
@@ -68,7 +65,8 @@ impl VisionEncoder for VisionService {
         let started = Instant::now();
         // Answer a little before the caller's deadline (network and tonic's own timer start
         // earlier), so the client gets DEADLINE_EXCEEDED from us rather than a bare cancel.
-        let deadline = dsvl_telemetry::answer_by(request.metadata(), started);
+        let deadline = dsvl_telemetry::answer_by(request.metadata(), started)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         let pipeline = self.ready()?;
         let req = request.into_inner();
         if req.images.is_empty() {
@@ -161,7 +159,7 @@ impl VisionEncoder for VisionService {
                                     ResultKind::Inline(Embedding {
                                         shape: stored.header.shape.clone(),
                                         dtype: proto_dtype(stored.header.dtype) as i32,
-                                        data: stored.payload().to_vec(),
+                                        data: stored.payload_bytes(),
                                         model_fingerprint: stored.header.model_fingerprint.clone(),
                                     })
                                 };

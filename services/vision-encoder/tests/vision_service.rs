@@ -5,9 +5,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use dsvl_proto::v1::encode_result::Result as R;
-use dsvl_proto::v1::vision_encoder_client::VisionEncoderClient;
-use dsvl_proto::v1::{EncodeRequest, EncodeResponse, ImageInput};
+use dsvl_proto::internal::encode_result::Result as R;
+use dsvl_proto::internal::vision_encoder_client::VisionEncoderClient;
+use dsvl_proto::internal::{EncodeRequest, EncodeResponse, ImageInput};
 use dsvl_testkit::{
     free_port, golden_dir, http_get, metric_sum, repo_root, RedisServer, ServiceProcess,
 };
@@ -44,7 +44,7 @@ impl Vision {
         while Instant::now() < deadline {
             if let Ok(ch) = self.channel().await {
                 let r = HealthClient::new(ch)
-                    .check(HealthCheckRequest { service: "dsvl.v1.VisionEncoder".into() })
+                    .check(HealthCheckRequest { service: "dsvl.internal.v1.VisionEncoder".into() })
                     .await;
                 if r.is_ok_and(|r| r.into_inner().status == 1) {
                     return Ok(());
@@ -339,7 +339,7 @@ async fn takes_over_when_the_lease_holder_dies() -> Result<()> {
     let redis = RedisServer::start()?;
     let v = Vision::start(&["--redis", &redis.url(), "--lease-ms", "5000"]).await?;
     let mut c = v.client().await?;
-    let info = c.info(dsvl_proto::v1::InfoRequest {}).await?.into_inner();
+    let info = c.info(dsvl_proto::internal::InfoRequest {}).await?.into_inner();
     let img = tiny_png(4242);
     let key = dsvl_core::cache_key::embedding_key(&dsvl_core::cache_key::KeyParts {
         salt: b"dead",
@@ -512,5 +512,28 @@ async fn stalled_redis_costs_at_most_one_timeout() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(v.counter("dsvl_cache_breaker_state", &[])?, 0.0, "breaker closed again");
+    Ok(())
+}
+
+/// Deadline headers of absurd size are capped, garbage is INVALID_ARGUMENT; neither panics the
+/// handler, and the same connection serves the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_deadline_headers_never_panic() -> Result<()> {
+    let v = Vision::start(&[]).await?;
+    let mut c = v.client().await?;
+    for (i, &(value, accepted)) in dsvl_testkit::HOSTILE_GRPC_TIMEOUTS.iter().enumerate() {
+        let mut r = tonic::Request::new(req(vec![tiny_png(5000 + i as u32)], b""));
+        r.metadata_mut().insert("grpc-timeout", value.parse()?);
+        match c.encode(r).await {
+            Ok(resp) if accepted => assert_eq!(resp.into_inner().results.len(), 1),
+            Err(s) if !accepted && s.code() == tonic::Code::InvalidArgument => {
+                assert!(s.message().contains("grpc-timeout"), "{s:?}")
+            }
+            other => bail!("grpc-timeout {value:?}: unexpected {other:?}"),
+        }
+        // The connection still serves a plain request.
+        let ok = c.encode(req(vec![tiny_png(5100 + i as u32)], b"")).await?;
+        assert_eq!(ok.into_inner().results.len(), 1);
+    }
     Ok(())
 }
