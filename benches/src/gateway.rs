@@ -15,14 +15,14 @@ use dsvl_gateway::prepare::{prepare, ChatInput, InMessage, Part, Role};
 use dsvl_gateway::served::ServedModel;
 use dsvl_gateway::upstream::{Pool, Tier};
 use dsvl_gateway::{Args as GatewayArgs, GatewayConfig};
-use dsvl_proto::v1::chat_response::Event as ChatEvent;
-use dsvl_proto::v1::content_part::Part as ProtoPart;
 use dsvl_proto::internal::decoder_client::DecoderClient;
 use dsvl_proto::internal::encode_result::Result as EncodeResult;
 use dsvl_proto::internal::image_slot::Embedding;
 use dsvl_proto::internal::vision_encoder_client::VisionEncoderClient;
-use dsvl_proto::v1::{ChatMessage, ChatRequest, ContentPart};
 use dsvl_proto::internal::{EncodeRequest, GenerateRequest, ImageInput, ImageSlot};
+use dsvl_proto::v1::chat_response::Event as ChatEvent;
+use dsvl_proto::v1::content_part::Part as ProtoPart;
+use dsvl_proto::v1::{ChatMessage, ChatRequest, ContentPart};
 use tonic::transport::Channel;
 
 /// Arguments of `dsvl-bench gateway`.
@@ -70,7 +70,10 @@ impl Clients {
         content.push(ContentPart { part: Some(ProtoPart::Text(r.text.clone())) });
         let req = ChatRequest {
             messages: vec![ChatMessage { role: "user".into(), content }],
-            sampling: Some(dsvl_proto::v1::SamplingParams { temperature: Some(0.0), ..Default::default() }),
+            sampling: Some(dsvl_proto::v1::SamplingParams {
+                temperature: Some(0.0),
+                ..Default::default()
+            }),
             max_tokens: new_tokens,
             ..Default::default()
         };
@@ -102,7 +105,10 @@ impl Clients {
             let resp = self
                 .vision
                 .encode(EncodeRequest {
-                    images: vec![ImageInput { data: img.clone().into(), client_digest: String::new() }],
+                    images: vec![ImageInput {
+                        data: img.clone().into(),
+                        client_digest: String::new(),
+                    }],
                     ..Default::default()
                 })
                 .await?

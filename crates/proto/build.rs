@@ -6,8 +6,14 @@
 
 use std::path::{Path, PathBuf};
 
-fn compile(root: &Path, dir: &str, files: &[&str], descriptor: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let files: Vec<PathBuf> = files.iter().map(|f| root.join(dir).join(format!("{f}.proto"))).collect();
+fn compile(
+    root: &Path,
+    dir: &str,
+    files: &[&str],
+    descriptor: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let files: Vec<PathBuf> =
+        files.iter().map(|f| root.join(dir).join(format!("{f}.proto"))).collect();
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .bytes(".")
@@ -28,6 +34,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     compile(&root, "dsvl/v1", &["chat"], "dsvl_public_descriptor.bin")?;
-    compile(&root, "dsvl/internal/v1", &["common", "vision", "decoder"], "dsvl_internal_descriptor.bin")?;
+    compile(
+        &root,
+        "dsvl/internal/v1",
+        &["common", "vision", "decoder"],
+        "dsvl_internal_descriptor.bin",
+    )?;
     Ok(())
 }

@@ -7,14 +7,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use base64::Engine;
-use dsvl_e2e::{
-    golden_case, golden_generated, golden_image, http_post, Cluster, HttpConn, Options,
-};
+use dsvl_e2e::{golden_case, golden_generated, golden_image, http_post, Cluster, Options};
+use dsvl_proto::internal::decoder_client::DecoderClient;
+use dsvl_proto::internal::LoadRequest;
 use dsvl_proto::v1::chat_response::Event;
 use dsvl_proto::v1::content_part::Part;
-use dsvl_proto::internal::decoder_client::DecoderClient;
 use dsvl_proto::v1::{ChatFinish, ChatMessage, ChatRequest, ContentPart};
-use dsvl_proto::internal::LoadRequest;
 use serde_json::{json, Value};
 use tonic::Code;
 
@@ -31,7 +29,9 @@ fn grpc_messages(conv: &Value) -> Result<Vec<ChatMessage>> {
         let mut content = Vec::new();
         for (i, text) in m["content"].as_str().unwrap_or("").split(IMAGE_TAG).enumerate() {
             if i > 0 {
-                content.push(ContentPart { part: Some(Part::Image(golden_image(images[i - 1])?.into())) });
+                content.push(ContentPart {
+                    part: Some(Part::Image(golden_image(images[i - 1])?.into())),
+                });
             }
             if !text.is_empty() {
                 content.push(ContentPart { part: Some(Part::Text(text.into())) });
@@ -70,7 +70,10 @@ fn greedy_request(messages: Vec<ChatMessage>, max_tokens: u32) -> ChatRequest {
     ChatRequest {
         messages,
         // Greedy: the golden ids.
-        sampling: Some(dsvl_proto::v1::SamplingParams { temperature: Some(0.0), ..Default::default() }),
+        sampling: Some(dsvl_proto::v1::SamplingParams {
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
         max_tokens,
         return_prompt_token_ids: true,
         ..Default::default()
@@ -377,56 +380,5 @@ async fn keys_quotas_and_validation() -> Result<()> {
     assert!(err.metadata().get("retry-after").is_some());
     // Another tenant is not affected.
     grpc_chat(&cluster, req(), Duration::from_secs(60), Some("sk-globex")).await?;
-    Ok(())
-}
-
-/// Deadline headers of absurd size are capped, garbage is a 400 / INVALID_ARGUMENT naming the
-/// header; nothing panics, and the same connection (HTTP keep-alive, one gRPC channel) serves
-/// the next request.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn hostile_deadline_headers_never_panic() -> Result<()> {
-    let opts = Options { vision_replicas: 1, tp: 1, redis: false, ..Options::default() };
-    let cluster = Cluster::start(opts).await?;
-    let body =
-        json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 2});
-    let mut conn = HttpConn::connect(&cluster.http)?;
-    for &(name, value, accepted) in dsvl_testkit::HOSTILE_HTTP_TIMEOUTS {
-        let r = conn.post("/v1/chat/completions", &[(name, value)], &body)?;
-        if accepted {
-            assert_eq!(r.status, 200, "{name}: {value}: {}", r.body);
-        } else {
-            assert_eq!(r.status, 400, "{name}: {value}: {}", r.body);
-            let msg = r.json()?["error"]["message"].as_str().unwrap_or_default().to_lowercase();
-            assert!(msg.contains(&name.to_lowercase()), "{msg}");
-        }
-        let r = conn.post("/v1/chat/completions", &[], &body)?;
-        assert_eq!(r.status, 200, "after {name}: {value}: {}", r.body);
-    }
-    let mut client = cluster.chat().await?;
-    let req = || {
-        greedy_request(
-            vec![ChatMessage {
-                role: "user".into(),
-                content: vec![ContentPart { part: Some(Part::Text("Hi".into())) }],
-            }],
-            2,
-        )
-    };
-    for &(value, accepted) in dsvl_testkit::HOSTILE_GRPC_TIMEOUTS {
-        let mut r = tonic::Request::new(req());
-        r.metadata_mut().insert("grpc-timeout", value.parse()?);
-        match client.generate(r).await {
-            Ok(stream) if accepted => {
-                let mut stream = stream.into_inner();
-                while stream.message().await?.is_some() {}
-            }
-            Err(s) if !accepted && s.code() == Code::InvalidArgument => {
-                assert!(s.message().contains("grpc-timeout"), "{s:?}")
-            }
-            other => anyhow::bail!("grpc-timeout {value:?}: {:?}", other.map(|_| "a stream")),
-        }
-        let mut stream = client.generate(req()).await?.into_inner();
-        while stream.message().await?.is_some() {}
-    }
     Ok(())
 }

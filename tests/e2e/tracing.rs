@@ -105,7 +105,10 @@ async fn trace_context_flows_through_every_tier() -> Result<()> {
             ],
         }],
         // Greedy: the golden ids.
-        sampling: Some(dsvl_proto::v1::SamplingParams { temperature: Some(0.0), ..Default::default() }),
+        sampling: Some(dsvl_proto::v1::SamplingParams {
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
         max_tokens: 3,
         ..Default::default()
     });

@@ -252,7 +252,12 @@ impl HttpConn {
     }
 
     /// `POST path` with a JSON body; reads exactly one response.
-    pub fn post(&mut self, path: &str, headers: &[(&str, &str)], body: &Value) -> Result<HttpResponse> {
+    pub fn post(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &Value,
+    ) -> Result<HttpResponse> {
         use std::io::BufRead;
         let body = serde_json::to_vec(body)?;
         let mut req = format!("POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", self.addr, body.len());
@@ -284,6 +289,27 @@ impl HttpConn {
 fn ensure_read(n: usize) -> Result<()> {
     anyhow::ensure!(n > 0, "the server closed the connection");
     Ok(())
+}
+
+/// The services a gRPC server lists on reflection (v1).
+pub async fn reflection_services(addr: &str) -> Result<Vec<String>> {
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let channel = Channel::from_shared(format!("http://{addr}"))?.connect().await?;
+    let mut client = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = client.server_reflection_info(tokio_stream::iter([req])).await?.into_inner();
+    match resp.message().await?.and_then(|m| m.message_response) {
+        Some(MessageResponse::ListServicesResponse(l)) => {
+            Ok(l.service.into_iter().map(|s| s.name).collect())
+        }
+        other => bail!("reflection on {addr}: unexpected answer {other:?}"),
+    }
 }
 
 /// A golden case of `chat.json`.

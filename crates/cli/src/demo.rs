@@ -88,7 +88,10 @@ async fn run_async(args: DemoArgs) -> Result<()> {
                 ],
             }],
             // Greedy, so the two requests give the same reply.
-            sampling: Some(dsvl_proto::v1::SamplingParams { temperature: Some(0.0), ..Default::default() }),
+            sampling: Some(dsvl_proto::v1::SamplingParams {
+                temperature: Some(0.0),
+                ..Default::default()
+            }),
             max_tokens: args.max_new_tokens,
             ..Default::default()
         };

@@ -11,9 +11,9 @@ use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use clap::Args;
 use dsvl_chat::{render_prompt, ChatTokenizer, IncrementalDecoder, Message, DEFAULT_SYSTEM_PROMPT};
+use dsvl_core::sampling::{SamplingParams, SamplingRequest};
 use dsvl_core::ImageLimits;
 use dsvl_engine::group::{contiguous_kv, group_tag, lead_group, GroupTimeouts, LocalWorkers};
-use dsvl_core::sampling::{SamplingParams, SamplingRequest};
 use dsvl_engine::{generate, GenerationRequest};
 use dsvl_models::checkpoint::Checkpoint;
 use dsvl_models::device::{candle_dtype, open_device};
@@ -53,7 +53,8 @@ impl SamplingArgs {
     /// The flags as a request: like every API's (`dsvl_core::sampling`), except that the CLI
     /// is greedy unless `--temperature` is given, so its output is reproducible by default.
     pub fn request(&self) -> SamplingRequest {
-        let temperature = if self.greedy { Some(0.0) } else { Some(self.temperature.unwrap_or(0.0)) };
+        let temperature =
+            if self.greedy { Some(0.0) } else { Some(self.temperature.unwrap_or(0.0)) };
         SamplingRequest {
             temperature,
             top_k: self.top_k,
@@ -70,7 +71,7 @@ impl SamplingArgs {
     pub fn params(&self) -> Result<SamplingParams> {
         self.request()
             .resolve()
-            .map_err(|e| anyhow::anyhow!("invalid --{}: {}", e.field.replace('_', "-"), e.reason))
+            .map_err(|e| anyhow::anyhow!("invalid --{}: {e}", e.field.replace('_', "-")))
     }
 }
 

@@ -11,9 +11,9 @@
 
 pub mod cache_key;
 pub mod codec;
-pub mod sampling;
 mod device;
 mod limits;
+pub mod sampling;
 pub mod watchdog;
 
 pub use device::{DeviceSpec, ParseError, WeightDType};

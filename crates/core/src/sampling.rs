@@ -147,13 +147,19 @@ mod tests {
         // by another; now they are refused, naming the field.
         let cases = [
             (SamplingRequest { top_p: Some(0.0), ..Default::default() }, "top_p"),
-            (SamplingRequest { repetition_penalty: Some(0.0), ..Default::default() }, "repetition_penalty"),
+            (
+                SamplingRequest { repetition_penalty: Some(0.0), ..Default::default() },
+                "repetition_penalty",
+            ),
             (SamplingRequest { temperature: Some(-0.1), ..Default::default() }, "temperature"),
             (SamplingRequest { temperature: Some(f32::NAN), ..Default::default() }, "temperature"),
             (SamplingRequest { temperature: Some(101.0), ..Default::default() }, "temperature"),
             (SamplingRequest { top_p: Some(1.5), ..Default::default() }, "top_p"),
             (SamplingRequest { top_p: Some(f32::NAN), ..Default::default() }, "top_p"),
-            (SamplingRequest { repetition_penalty: Some(f32::INFINITY), ..Default::default() }, "repetition_penalty"),
+            (
+                SamplingRequest { repetition_penalty: Some(f32::INFINITY), ..Default::default() },
+                "repetition_penalty",
+            ),
         ];
         for (req, field) in cases {
             let e = req.resolve().unwrap_err();

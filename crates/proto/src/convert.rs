@@ -51,7 +51,13 @@ mod tests {
 
     #[test]
     fn resolved_parameters_round_trip_the_internal_wire() {
-        let p = SamplingParams { temperature: 0.7, top_k: 5, top_p: 0.9, repetition_penalty: 1.1, seed: 42 };
+        let p = SamplingParams {
+            temperature: 0.7,
+            top_k: 5,
+            top_p: 0.9,
+            repetition_penalty: 1.1,
+            seed: 42,
+        };
         assert_eq!(SamplingParams::from(&internal::SamplingParams::from(&p)), p);
     }
 

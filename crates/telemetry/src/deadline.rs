@@ -40,7 +40,9 @@ const GRPC_EXPECTED: &str = "expected digits followed by one of H, M, S, m, u, n
 ///
 /// # Errors
 /// When the header is present but is not digits followed by a unit.
-pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Result<Option<Duration>, DeadlineError> {
+pub fn grpc_timeout(
+    meta: &tonic::metadata::MetadataMap,
+) -> Result<Option<Duration>, DeadlineError> {
     const H: &str = "grpc-timeout";
     let Some(raw) = meta.get(H) else { return Ok(None) };
     let v = raw.to_str().map_err(|_| DeadlineError::new(H, "<non-ASCII>", GRPC_EXPECTED))?;
@@ -80,7 +82,8 @@ pub fn answer_by(
     started: Instant,
 ) -> Result<Option<Instant>, DeadlineError> {
     Ok(grpc_timeout(meta)?.map(|d| {
-        started + d.saturating_sub((d / 20).clamp(Duration::from_millis(2), Duration::from_millis(20)))
+        started
+            + d.saturating_sub((d / 20).clamp(Duration::from_millis(2), Duration::from_millis(20)))
     }))
 }
 
@@ -124,7 +127,8 @@ mod tests {
 
     #[test]
     fn huge_grpc_timeouts_are_capped() {
-        for v in ["9223372036854775807S", "99999999999999999H", "99999999H", "25H", &"9".repeat(200)]
+        for v in
+            ["9223372036854775807S", "99999999999999999H", "99999999H", "25H", &"9".repeat(200)]
         {
             let v = format!("{v}{}", if v.ends_with(['S', 'H']) { "" } else { "S" });
             assert_eq!(grpc_timeout(&meta(&v)), Ok(Some(MAX_DEADLINE)), "{v}");

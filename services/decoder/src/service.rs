@@ -13,7 +13,9 @@ use dsvl_engine::{FinishReason, SamplingParams};
 use dsvl_models::llm::ImageRows;
 use dsvl_proto::internal::decoder_server::Decoder;
 use dsvl_proto::internal::generate_response::Event as Out;
-use dsvl_proto::internal::{FinishEvent, GenerateRequest, GenerateResponse, LoadRequest, LoadResponse, TokenEvent, Usage};
+use dsvl_proto::internal::{
+    FinishEvent, GenerateRequest, GenerateResponse, LoadRequest, LoadResponse, TokenEvent, Usage,
+};
 use futures::Stream;
 use tonic::{Request, Response, Status};
 

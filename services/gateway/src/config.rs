@@ -170,6 +170,13 @@ impl TryFrom<&Args> for GatewayConfig {
                 reason: "at least one decoder endpoint is needed".into(),
             });
         }
+        let max_timeout = dsvl_telemetry::MAX_DEADLINE.as_secs();
+        if !(1..=max_timeout).contains(&a.request_timeout_secs) {
+            return Err(ConfigError {
+                field: "request-timeout-secs",
+                reason: format!("must be in [1, {max_timeout}], got {}", a.request_timeout_secs),
+            });
+        }
         let model_name = a.model_name.clone().unwrap_or_else(|| match &a.model {
             Some(p) => p
                 .file_name()
@@ -193,7 +200,7 @@ impl TryFrom<&Args> for GatewayConfig {
             max_prompt_tokens: a.max_prompt_tokens,
             max_new_tokens: a.max_new_tokens.max(1),
             image_url_allow: a.image_url_allow.iter().filter(|h| !h.is_empty()).cloned().collect(),
-            request_timeout: Duration::from_secs(a.request_timeout_secs.max(1)),
+            request_timeout: Duration::from_secs(a.request_timeout_secs),
             refresh: Duration::from_secs(a.refresh_secs.max(1)),
         })
     }

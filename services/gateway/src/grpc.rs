@@ -5,11 +5,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
+use dsvl_core::sampling::SamplingRequest;
 use dsvl_proto::v1::chat_response::Event;
 use dsvl_proto::v1::chat_server::Chat;
 use dsvl_proto::v1::content_part::Part as ProtoPart;
 use dsvl_proto::v1::{ChatRequest, ChatResponse, ListModelsRequest, ListModelsResponse, ModelInfo};
-use dsvl_core::sampling::SamplingRequest;
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};

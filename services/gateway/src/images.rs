@@ -17,7 +17,9 @@ use dsvl_core::cache_key::{embedding_key, image_digest, KeyParts, PREPROCESS_VER
 use dsvl_proto::internal::encode_result::Result as EncodeOutcome;
 use dsvl_proto::internal::image_slot::Embedding as SlotEmbedding;
 use dsvl_proto::internal::vision_encoder_client::VisionEncoderClient;
-use dsvl_proto::internal::{DType, EmbeddingRef, EncodeRequest, EncodeResponse, ImageInput, InfoRequest, InfoResponse};
+use dsvl_proto::internal::{
+    DType, EmbeddingRef, EncodeRequest, EncodeResponse, ImageInput, InfoRequest, InfoResponse,
+};
 use tonic::{Code, Status};
 
 use crate::error::GatewayError;

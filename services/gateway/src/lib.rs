@@ -27,8 +27,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use dsvl_cache::{BreakerConfig, RedisCache, RedisConfig};
-use dsvl_proto::v1::chat_server::ChatServer;
 use dsvl_proto::internal::InfoResponse;
+use dsvl_proto::v1::chat_server::ChatServer;
 use tokio::net::TcpListener;
 
 pub use config::{Args, GatewayConfig};

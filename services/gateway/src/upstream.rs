@@ -149,8 +149,9 @@ impl Pool {
             let ok = match self.tier {
                 Tier::Vision => {
                     let mut client = HealthClient::new(r.channel.clone());
-                    let check = client
-                        .check(HealthCheckRequest { service: "dsvl.internal.v1.VisionEncoder".into() });
+                    let check = client.check(HealthCheckRequest {
+                        service: "dsvl.internal.v1.VisionEncoder".into(),
+                    });
                     matches!(tokio::time::timeout(Duration::from_secs(2), check).await, Ok(Ok(resp)) if resp.get_ref().status == 1)
                 }
                 Tier::Decoder => {

@@ -9,7 +9,10 @@ use dsvl_core::codec::EmbeddingDType;
 use dsvl_models::preprocess::PREPROCESS_VERSION;
 use dsvl_proto::internal::encode_result::Result as ResultKind;
 use dsvl_proto::internal::vision_encoder_server::VisionEncoder;
-use dsvl_proto::internal::{DType, Embedding, EmbeddingRef, EncodeRequest, EncodeResponse, EncodeResult, ImageError, InfoRequest, InfoResponse};
+use dsvl_proto::internal::{
+    DType, Embedding, EmbeddingRef, EncodeRequest, EncodeResponse, EncodeResult, ImageError,
+    InfoRequest, InfoResponse,
+};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 

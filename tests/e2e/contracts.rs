@@ -1,0 +1,131 @@
+//! The gateway's contracts at its edge: the public gRPC package alone on reflection, one
+//! sampling validator for both protocols (out-of-range values refused by name, never
+//! replaced), and hostile metadata that never panics a handler.
+
+use anyhow::Result;
+use dsvl_e2e::{http_post, reflection_services, Cluster, HttpConn, Options};
+use dsvl_proto::v1::content_part::Part;
+use dsvl_proto::v1::{ChatMessage, ChatRequest, ContentPart, SamplingParams};
+use serde_json::json;
+use tonic::Code;
+
+async fn small_cluster() -> Result<Cluster> {
+    Cluster::start(Options { vision_replicas: 1, tp: 1, redis: false, ..Options::default() }).await
+}
+
+fn hi(sampling: Option<SamplingParams>) -> ChatRequest {
+    ChatRequest {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: vec![ContentPart { part: Some(Part::Text("Hi".into())) }],
+        }],
+        sampling,
+        max_tokens: 2,
+        ..Default::default()
+    }
+}
+
+/// Reflection on the gateway lists the public package, health and itself, nothing internal; the
+/// vision and decoder tiers list their internal service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_only_the_served_packages() -> Result<()> {
+    let cluster = small_cluster().await?;
+    let mut gateway = reflection_services(&cluster.gateway.addr).await?;
+    gateway.sort();
+    assert_eq!(
+        gateway,
+        ["dsvl.v1.Chat", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"],
+        "gateway reflection"
+    );
+    let decoder = reflection_services(&cluster.decoder.addr).await?;
+    assert!(decoder.contains(&"dsvl.internal.v1.Decoder".to_string()), "{decoder:?}");
+    assert!(!decoder.iter().any(|s| s.starts_with("dsvl.v1.")), "{decoder:?}");
+    Ok(())
+}
+
+/// Sampling values are resolved and validated once, with the same rules for HTTP and gRPC:
+/// 0 is a value (refused where out of range), and the error names the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_sampling_is_refused_by_name() -> Result<()> {
+    let cluster = small_cluster().await?;
+    let cases: &[(&str, serde_json::Value, SamplingParams)] = &[
+        (
+            "repetition_penalty",
+            json!(0),
+            SamplingParams { repetition_penalty: Some(0.0), ..Default::default() },
+        ),
+        ("top_p", json!(0), SamplingParams { top_p: Some(0.0), ..Default::default() }),
+        ("top_p", json!(1.5), SamplingParams { top_p: Some(1.5), ..Default::default() }),
+        (
+            "temperature",
+            json!(-1),
+            SamplingParams { temperature: Some(-1.0), ..Default::default() },
+        ),
+        (
+            "temperature",
+            json!(1000),
+            SamplingParams { temperature: Some(1000.0), ..Default::default() },
+        ),
+    ];
+    let mut client = cluster.chat().await?;
+    for (field, value, grpc) in cases {
+        let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, *field: value});
+        let r = http_post(&cluster.http, "/v1/chat/completions", &[], &body)?;
+        assert_eq!(r.status, 400, "{field}={value}: {}", r.body);
+        let msg = r.json()?["error"]["message"].as_str().unwrap_or_default().to_string();
+        assert!(msg.contains(field), "{field}={value}: {msg}");
+        let err = client.generate(hi(Some(*grpc))).await.err();
+        let err = err.ok_or_else(|| anyhow::anyhow!("gRPC accepted {field}={value}"))?;
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(field), "{err:?}");
+    }
+    // Unset fields take the defaults on both protocols (temperature 1: a sampled reply).
+    let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "seed": 3});
+    let r = http_post(&cluster.http, "/v1/chat/completions", &[], &body)?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut stream = client.generate(hi(None)).await?.into_inner();
+    while stream.message().await?.is_some() {}
+    Ok(())
+}
+
+/// Deadline headers of absurd size are capped, garbage is a 400 / INVALID_ARGUMENT naming the
+/// header; nothing panics, and the same connection (HTTP keep-alive, one gRPC channel) serves
+/// the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_deadline_headers_never_panic() -> Result<()> {
+    let cluster = small_cluster().await?;
+    let body =
+        json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 2});
+    let mut conn = HttpConn::connect(&cluster.http)?;
+    for &(name, value, accepted) in dsvl_testkit::HOSTILE_HTTP_TIMEOUTS {
+        let r = conn.post("/v1/chat/completions", &[(name, value)], &body)?;
+        if accepted {
+            assert_eq!(r.status, 200, "{name}: {value}: {}", r.body);
+        } else {
+            assert_eq!(r.status, 400, "{name}: {value}: {}", r.body);
+            let msg = r.json()?["error"]["message"].as_str().unwrap_or_default().to_lowercase();
+            assert!(msg.contains(&name.to_lowercase()), "{msg}");
+        }
+        let r = conn.post("/v1/chat/completions", &[], &body)?;
+        assert_eq!(r.status, 200, "after {name}: {value}: {}", r.body);
+    }
+    let mut client = cluster.chat().await?;
+    let req = || hi(Some(SamplingParams { temperature: Some(0.0), ..Default::default() }));
+    for &(value, accepted) in dsvl_testkit::HOSTILE_GRPC_TIMEOUTS {
+        let mut r = tonic::Request::new(req());
+        r.metadata_mut().insert("grpc-timeout", value.parse()?);
+        match client.generate(r).await {
+            Ok(stream) if accepted => {
+                let mut stream = stream.into_inner();
+                while stream.message().await?.is_some() {}
+            }
+            Err(s) if !accepted && s.code() == Code::InvalidArgument => {
+                assert!(s.message().contains("grpc-timeout"), "{s:?}")
+            }
+            other => anyhow::bail!("grpc-timeout {value:?}: {:?}", other.map(|_| "a stream")),
+        }
+        let mut stream = client.generate(req()).await?.into_inner();
+        while stream.message().await?.is_some() {}
+    }
+    Ok(())
+}
