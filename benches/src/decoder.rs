@@ -20,7 +20,7 @@ use crate::reference::{print_table, Reference, Row};
 
 const TAG: &str = "dsvl-bench-decoder";
 
-/// The VL-1.3B language model's config (spec §4.1).
+/// The VL-1.3B language model's config.
 pub fn vl13b_lm_config() -> Result<LlmConfig> {
     Ok(LlmConfig::from_json(
         json!({"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 16,

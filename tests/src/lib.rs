@@ -1,6 +1,7 @@
 //! Harness of the cross-service tests: starts the real service binaries (built next to the test
 //! executable: `cargo build --workspace --bins`, which `scripts/test` runs first) and a real
 //! `redis-server`, all on loopback with free ports; plus small gRPC/HTTP client helpers.
+#![deny(missing_docs)]
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -43,12 +43,13 @@ pub struct EngineHandle {
 }
 
 impl EngineHandle {
-    /// Hands a request to the scheduler. Fails when the engine is gone.
-    pub fn submit(&self, req: NewRequest) -> Result<(), NewRequest> {
+    /// Hands a request to the scheduler. Fails, giving the request back, when the engine is
+    /// gone.
+    pub fn submit(&self, req: NewRequest) -> Result<(), Box<NewRequest>> {
         if !self.is_alive() {
-            return Err(req);
+            return Err(Box::new(req));
         }
-        self.tx.send(req).map_err(|e| e.0)
+        self.tx.send(req).map_err(|e| Box::new(e.0))
     }
 
     /// Whether the group still works.

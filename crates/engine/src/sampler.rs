@@ -1,5 +1,5 @@
 //! Next-token selection with the semantics of `transformers`' `generate` as the reference calls
-//! it (spec §7): greedy is a plain argmax (first index on ties, like `torch.argmax`); sampling
+//! it: greedy is a plain argmax (first index on ties, like `torch.argmax`); sampling
 //! applies, in this order, the repetition penalty over the *generated* tokens only (generation
 //! starts from `inputs_embeds`, so the prompt is not in `input_ids`), temperature, top-k and
 //! top-p, then draws from the

@@ -24,7 +24,7 @@ pub fn exp_f32(x: f32) -> f32 {
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
         + 1.666_666_5e-1)
         * r
-        + 5.000_000_1e-1;
+        + 5e-1;
     let y = p * r2 + r + 1.0;
     // 2^n without a float-to-int conversion (Rust's saturating `as` blocks vectorisation):
     // adding MAGIC leaves the integer n + 127 in the low mantissa bits; shifting by 23 moves it
@@ -138,8 +138,8 @@ fn erfc_nonneg(z: f32) -> f32 {
                 + t * (0.096_784_18
                     + t * (-0.186_288_06
                         + t * (0.278_868_07
-                            + t * (-1.135_203_98
-                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+                            + t * (-1.135_204
+                                + t * (1.488_515_9 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
     t * exp_f32(-z * z + poly)
 }
 

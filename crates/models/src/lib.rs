@@ -7,8 +7,9 @@
 //!   `[B, 576, H]` image embeddings from `[B, 3, S, S]` pixels.
 //! * [`llm`]: the DeepSeek LLM decoder with tensor parallelism over a [`dsvl_parallel::Communicator`].
 //!
-//! Every module mirrors the reference's op order where it matters for parity (the traps are in
-//! `deepseek-vl-spec.md` §8 and repeated at the place they apply).
+//! Every module mirrors the reference's op order where it matters for parity; each trap (a place
+//! where a plain port would differ from the reference) is documented where it applies.
+#![deny(missing_docs)]
 
 pub mod checkpoint;
 pub mod device;

@@ -13,6 +13,7 @@
 //!
 //! Every blocking read has a deadline: a dead peer is an immediate error (EOF), a hung one a
 //! [`CommError::Timeout`], so a group fails fast instead of hanging.
+#![deny(missing_docs)]
 
 mod comm;
 mod frame;

@@ -67,7 +67,7 @@ fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     // The spec allows 8 digits; longer runs of digits are still "a very long time": cap them.
     let cap = MAX_DEADLINE.as_nanos();
     let n: u128 = if digits.len() > 30 { u128::MAX } else { digits.parse().ok()? };
-    let nanos = n.checked_mul(nanos_per_unit).unwrap_or(u128::MAX).min(cap);
+    let nanos = n.saturating_mul(nanos_per_unit).min(cap);
     Some(Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX)))
 }
 

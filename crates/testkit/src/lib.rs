@@ -3,6 +3,7 @@
 //!
 //! Fixtures live in the repository (`tests/fixtures/golden`, `assets/tiny-dsvl`); they were
 //! copied from the team's shared fixture set, see `tests/fixtures/README.md` for provenance.
+#![deny(missing_docs)]
 
 mod hostile;
 mod llama;

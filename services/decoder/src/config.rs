@@ -149,7 +149,7 @@ impl TryFrom<&Args> for DecoderConfig {
                 return bad(field, "must be at least 1");
             }
         }
-        if a.tp % a.nodes != 0 {
+        if !a.tp.is_multiple_of(a.nodes) {
             return bad("nodes", "the tensor-parallel degree must split evenly over the nodes");
         }
         Ok(Self {

@@ -2,7 +2,7 @@
 //! until a shutdown future resolves; `main.rs` parses flags, sets up telemetry, and runs either
 //! this (rank 0) or a worker rank ([`group::run_worker_process`]).
 //!
-//! Failure semantics (RELIABILITY R9): the group serves as a unit. If any rank dies or a
+//! Failure semantics: the group serves as a unit. If any rank dies or a
 //! collective times out, every in-flight stream ends with UNAVAILABLE, health turns
 //! NOT_SERVING, [`run`] returns an error (the process exits non-zero so the orchestrator
 //! recreates the group) and the local worker ranks are killed on the way out.

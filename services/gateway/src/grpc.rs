@@ -35,7 +35,7 @@ fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
             .into_iter()
             .map(|p| match p.part {
                 Some(ProtoPart::Text(t)) => Ok(Part::Text(t)),
-                Some(ProtoPart::Image(b)) => Ok(Part::Image(b.into())),
+                Some(ProtoPart::Image(b)) => Ok(Part::Image(b)),
                 None => Err(GatewayError::InvalidArgument(
                     "a content part has neither text nor image".into(),
                 )),

@@ -214,7 +214,7 @@ fn usage(f: &ChatFinish) -> Value {
 }
 
 fn extension(f: &ChatFinish) -> Value {
-    let t = f.timing.clone().unwrap_or_default();
+    let t = f.timing.unwrap_or_default();
     let mut v = json!({
         "token_ids": f.token_ids,
         "timing": {

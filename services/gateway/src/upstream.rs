@@ -198,17 +198,9 @@ impl Pool {
     pub fn by_least_work(&self) -> Vec<Arc<Replica>> {
         let mut rs: Vec<_> = self.replicas();
         rs.sort_by_key(|r| {
-            let l = r
-                .load
-                .lock()
-                .expect("load lock poisoned. This is a bug.")
-                .clone()
-                .unwrap_or_default();
-            let kv = if l.kv_blocks_total == 0 {
-                0
-            } else {
-                1000 * l.kv_blocks_used / l.kv_blocks_total
-            };
+            let l =
+                (*r.load.lock().expect("load lock poisoned. This is a bug.")).unwrap_or_default();
+            let kv = (1000 * l.kv_blocks_used).checked_div(l.kv_blocks_total).unwrap_or(0);
             (!r.usable(), r.inflight.load(Ordering::SeqCst) + (l.waiting + l.running) as usize, kv)
         });
         rs

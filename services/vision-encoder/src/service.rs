@@ -55,6 +55,8 @@ fn image_error(code: &str, message: String) -> EncodeResult {
 
 #[tonic::async_trait]
 impl VisionEncoder for VisionService {
+    // Per-image failures are whole `EncodeResult`s (large, built once per bad image).
+    #[allow(clippy::result_large_err)]
     async fn encode(
         &self,
         request: Request<EncodeRequest>,
@@ -84,14 +86,14 @@ impl VisionEncoder for VisionService {
         }
         span.record("images", req.images.len());
         let shared = pipeline.shared.is_some();
-        let salt = Bytes::from(req.cache_salt);
+        let salt = req.cache_salt;
         let return_inline = req.return_inline;
         // Per image: a key, or an error that fails that image alone.
         let prepared: Vec<Result<(String, Bytes), EncodeResult>> = req
             .images
             .into_iter()
             .map(|img| {
-                let data = Bytes::from(img.data);
+                let data = img.data;
                 if !img.client_digest.is_empty()
                     && !img.client_digest.eq_ignore_ascii_case(&image_digest(&data))
                 {

@@ -1,6 +1,6 @@
 //! The language model's config: `language_config` inside a DeepSeek-VL `config.json`, or the
 //! whole `config.json` of a DeepSeek LLM checkpoint, with the `transformers` `LlamaConfig`
-//! defaults the reference relies on when keys are missing (spec §4.1, trap 12): the released
+//! defaults the reference relies on when keys are missing: the released
 //! VL-7B `language_config` only sets layers, vocab and max positions.
 
 use serde::Deserialize;
@@ -126,14 +126,14 @@ impl LlmConfig {
             return bad("biases in attention or MLP (DeepSeek LLM has none)".into());
         }
         let kv = r.num_key_value_heads.unwrap_or(r.num_attention_heads);
-        if r.num_attention_heads == 0 || kv == 0 || r.num_attention_heads % kv != 0 {
+        if r.num_attention_heads == 0 || kv == 0 || !r.num_attention_heads.is_multiple_of(kv) {
             return bad(format!(
                 "{} heads are not a multiple of {kv} key/value heads",
                 r.num_attention_heads
             ));
         }
         let head_dim = r.head_dim.unwrap_or(r.hidden_size / r.num_attention_heads);
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return bad(format!("odd head_dim {head_dim}"));
         }
         Ok(Self {
@@ -160,19 +160,19 @@ impl LlmConfig {
         if world == 0 {
             return fail("needs at least one rank".into());
         }
-        if self.num_heads % world != 0 {
+        if !self.num_heads.is_multiple_of(world) {
             return fail(format!("{} attention heads are not divisible", self.num_heads));
         }
-        if self.num_kv_heads % world != 0 && world % self.num_kv_heads != 0 {
+        if !self.num_kv_heads.is_multiple_of(world) && !world.is_multiple_of(self.num_kv_heads) {
             return fail(format!(
                 "{} key/value heads neither divide nor are divided by it",
                 self.num_kv_heads
             ));
         }
-        if self.intermediate_size % world != 0 {
+        if !self.intermediate_size.is_multiple_of(world) {
             return fail(format!("intermediate size {} is not divisible", self.intermediate_size));
         }
-        if self.vocab_size % world != 0 {
+        if !self.vocab_size.is_multiple_of(world) {
             return fail(format!("vocabulary {} is not divisible", self.vocab_size));
         }
         Ok(())

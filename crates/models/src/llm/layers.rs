@@ -1,4 +1,4 @@
-//! Tensor-parallel building blocks of the decoder (Megatron layout, spec §6): column-parallel
+//! Tensor-parallel building blocks of the decoder (Megatron layout): column-parallel
 //! linears split the output features, row-parallel ones the input features (their partial sums
 //! are all-reduced by the caller), and the embedding and lm_head are split over the vocabulary.
 

@@ -5,7 +5,7 @@
 //! tokens go through the linears together as one `[N, hidden]` matrix (that is what continuous
 //! batching buys); attention runs per chunk against that sequence's cached keys and values.
 //!
-//! Per layer (spec §4.2): `h += o_proj(attn(rope(q), rope(k), v))`, all-reduced over ranks after
+//! Per layer: `h += o_proj(attn(rope(q), rope(k), v))`, all-reduced over ranks after
 //! `o_proj`; `h += down(silu(gate(n)) * up(n))`, all-reduced after `down_proj`. Logits are f32.
 
 use candle_core::{DType, Device, Tensor, D};

@@ -157,10 +157,10 @@ impl SamConfig {
 
     fn validate(&self) -> Result<(), ModelError> {
         let bad = |m: String| Err(ModelError::Unsupported(format!("SAM config: {m}")));
-        if self.heads == 0 || self.width % self.heads != 0 {
+        if self.heads == 0 || !self.width.is_multiple_of(self.heads) {
             return bad(format!("width {} is not divisible by heads {}", self.width, self.heads));
         }
-        if self.patch_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.patch_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return bad(format!(
                 "image_size {} is not a multiple of patch_size {}",
                 self.image_size, self.patch_size
@@ -239,13 +239,13 @@ impl SiglipConfig {
             mlp_hidden: (width as f64 * mlp_ratio) as usize,
             normalize: p.normalize(),
         };
-        if cfg.heads == 0 || cfg.width % cfg.heads != 0 {
+        if cfg.heads == 0 || !cfg.width.is_multiple_of(cfg.heads) {
             return Err(ModelError::Unsupported(format!(
                 "SigLIP config: width {} not divisible by heads {}",
                 cfg.width, cfg.heads
             )));
         }
-        if cfg.patch_size == 0 || cfg.image_size % cfg.patch_size != 0 {
+        if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
             return Err(ModelError::Unsupported(format!(
                 "SigLIP config: image_size {} is not a multiple of patch_size {}",
                 cfg.image_size, cfg.patch_size

@@ -26,6 +26,8 @@ use crate::preprocess::{PreprocessConfig, Preprocessed};
 use crate::ModelError;
 use layers::{resize_2d, ResampleMatrix};
 
+// One tower per process: the size difference between the variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Tower {
     Hybrid { sam: SamEncoder, siglip: SiglipEncoder, low_resize: ResampleMatrix },
     Siglip(SiglipEncoder),

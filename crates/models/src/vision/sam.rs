@@ -4,7 +4,7 @@
 //! global block's output through its own neck (`neck_hd`) and the same downsamples, scaled by the
 //! learned `hd_alpha_downsamples`.
 //!
-//! Traps reproduced here (spec §8): window blocks zero-pad the *normed* tokens to a multiple of
+//! Traps reproduced here (where a plain port would differ from the reference): window blocks zero-pad the *normed* tokens to a multiple of
 //! the window and do not mask the padding; relative positions use the unscaled q; the neck's
 //! LayerNorm2d is plain element-wise maths; resizes run in f32.
 
