@@ -10,14 +10,14 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::Tensor;
 use clap::Args;
-use dsvl_chat::{render_prompt, ChatTokenizer, IncrementalDecoder, Message, DEFAULT_SYSTEM_PROMPT};
+use dsvl_chat::{render_prompt, IncrementalDecoder, Message, DEFAULT_SYSTEM_PROMPT};
+use dsvl_checkpoint::{Fingerprint, ServedFacts, DEFAULT_IMAGE_TOKENS};
 use dsvl_core::sampling::{SamplingParams, SamplingRequest};
 use dsvl_core::ImageLimits;
 use dsvl_engine::group::{contiguous_kv, group_tag, lead_group, GroupTimeouts, LocalWorkers};
 use dsvl_engine::{generate, GenerationRequest};
-use dsvl_models::checkpoint::Checkpoint;
 use dsvl_models::device::{candle_dtype, open_device};
-use dsvl_models::llm::{DeepSeekLlm, ImageRows, LlmConfig, Shard};
+use dsvl_models::llm::{DeepSeekLlm, ImageRows, Shard};
 use dsvl_models::preprocess::{Preprocessed, Preprocessor};
 use dsvl_models::vision::VisionEncoder;
 use dsvl_parallel::GroupSpec;
@@ -119,29 +119,15 @@ pub fn read_chat(path: &Path) -> Result<Vec<Message>> {
     Ok(messages)
 }
 
-/// Tokenizer and image-token count of a checkpoint.
-pub fn load_tokenizer(ckpt: &Checkpoint) -> Result<(ChatTokenizer, usize)> {
-    let bytes = ckpt
-        .read_file("tokenizer.json")?
-        .with_context(|| format!("{} has no tokenizer.json", ckpt.source()))?;
-    let tok = ChatTokenizer::from_bytes(&bytes)?;
-    let n = match ckpt.read_file("processor_config.json")? {
-        Some(b) => serde_json::from_slice::<serde_json::Value>(&b)?["num_image_tokens"]
-            .as_u64()
-            .unwrap_or(576) as usize,
-        None => 576,
-    };
-    Ok((tok, n))
-}
-
 /// Runs the command.
 pub fn run(args: GenerateArgs) -> Result<()> {
     ensure!(args.tp >= 1, "--tp must be at least 1");
     let params = args.sampling.params()?;
-    params.validate().map_err(anyhow::Error::msg)?;
     let ckpt = args.model.open()?;
-    let (tok, n_image_tokens) = load_tokenizer(&ckpt)?;
-    let llm_cfg = LlmConfig::from_checkpoint(&ckpt)?;
+    let facts = ServedFacts::read(&ckpt, Fingerprint::Skip)?;
+    // A text-only model gets no image tokens; images are refused when its tower is loaded.
+    let n_image_tokens = facts.vision.as_ref().map_or(DEFAULT_IMAGE_TOKENS, |v| v.image_tokens);
+    let (tok, llm_cfg) = (facts.tokenizer, facts.llm);
     llm_cfg.check_tensor_parallel(args.tp)?;
 
     let messages = read_chat(&args.chat)?;

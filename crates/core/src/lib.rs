@@ -5,7 +5,7 @@
 //! ([`ImageLimits`]), token selection ([`sampling`]: one type, defaults and validator for every
 //! API), the content-addressed embedding cache key and its codec, a bad service flag
 //! ([`ConfigError`]) and the model-thread [`watchdog`] behind the liveness probes. Keeping these
-//! out of the model crate lets the gateway (which never links candle) agree with the vision and
+//! out of the model crate lets the gateway (which links no tensor library) agree with the vision and
 //! decoder tiers on names, limits and keys.
 #![deny(missing_docs)]
 

@@ -70,8 +70,15 @@ impl ModelError {
     pub(crate) fn config(file: impl Into<String>, message: impl Into<String>) -> Self {
         Self::Config { file: file.into(), message: message.into() }
     }
+}
 
-    pub(crate) fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
-        Self::Io { path: path.as_ref().display().to_string(), source }
+impl From<dsvl_checkpoint::CheckpointError> for ModelError {
+    fn from(e: dsvl_checkpoint::CheckpointError) -> Self {
+        use dsvl_checkpoint::CheckpointError as C;
+        match e {
+            C::Io { path, source } => Self::Io { path, source },
+            C::Config { file, message } => Self::Config { file, message },
+            C::Unsupported(m) => Self::Unsupported(m),
+        }
     }
 }

@@ -7,6 +7,7 @@
 use std::net::TcpListener;
 use std::process::Command;
 
+use dsvl_checkpoint::{Fingerprint, ServedFacts};
 use dsvl_engine::blocks::BlockManager;
 use dsvl_engine::group::{
     die_with_parent, group_tag, lead_group, run_worker, GroupTimeouts, LocalWorkers,
@@ -17,7 +18,6 @@ use dsvl_models::device::{candle_dtype, open_device};
 use dsvl_models::llm::{
     DeepSeekLlm, KvStore, PagedKv, PagedKvConfig, SeqChunk, Shard, ShardRunner, StepPlan,
 };
-use dsvl_models::vision::VisionEncoder;
 use dsvl_models::ModelError;
 use dsvl_parallel::GroupSpec;
 
@@ -179,32 +179,19 @@ pub fn build_leader(
     runner.lead_step(&StepPlan { free: vec![u64::MAX], ..StepPlan::default() })?;
 
     let c = runner.model().config().clone();
-    let vision = if ckpt.config().get("vision_config").is_some() {
-        let tok = ckpt.read_file("tokenizer.json")?.ok_or_else(|| ModelError::Config {
-            file: "checkpoint".into(),
-            message: "missing tokenizer.json".into(),
-        })?;
-        let tok = dsvl_chat::ChatTokenizer::from_bytes(&tok).map_err(|e| ModelError::Config {
-            file: "tokenizer.json".into(),
-            message: e.to_string(),
-        })?;
-        Some((tok.special().image, VisionEncoder::fingerprint(&ckpt)?))
-    } else {
-        None
-    };
-    let image_tokens = match ckpt.read_file("processor_config.json")? {
-        Some(b) => serde_json::from_slice::<serde_json::Value>(&b)
-            .ok()
-            .and_then(|v| v["num_image_tokens"].as_u64())
-            .unwrap_or(576) as usize,
-        None => 576,
-    };
+    // The served facts, the same reader as the gateway's and the CLI's; the fingerprint is
+    // what embeddings are checked against.
+    let facts = ServedFacts::read(&ckpt, Fingerprint::Compute)?;
+    let vision = facts
+        .vision
+        .as_ref()
+        .map(|v| (v.image_token_id, v.fingerprint.clone().unwrap_or_default()));
     let info = ModelInfo {
         vocab_size: c.vocab_size,
         max_positions: c.max_position_embeddings,
         hidden_size: c.hidden_size,
         vision,
-        image_tokens,
+        image_tokens: facts.image_tokens(),
         tp: cfg.tp,
     };
     let sched = Scheduler::new(

@@ -64,7 +64,7 @@ pub struct Gateway {
 pub enum RunError {
     /// The tokenizer or model config could not be read.
     #[error("model: {0}")]
-    Model(#[from] served::ServedModelError),
+    Model(#[from] dsvl_checkpoint::CheckpointError),
     /// The Redis URL is unusable.
     #[error("cache: {0}")]
     Cache(#[from] dsvl_cache::CacheError),

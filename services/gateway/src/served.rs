@@ -1,11 +1,11 @@
 //! The served model as the gateway sees it: tokenizer, chat template inputs and limits, read
-//! from the same checkpoint directory the decoder loads (weights are only indexed, not read).
+//! from the same checkpoint directory the decoder loads (weights are only indexed, not read;
+//! no tensor library is linked).
 
 use std::path::Path;
 
 use dsvl_chat::ChatTokenizer;
-use dsvl_models::checkpoint::{Checkpoint, ModelSource};
-use dsvl_models::llm::LlmConfig;
+use dsvl_checkpoint::{Checkpoint, CheckpointError, Fingerprint, ModelSource, ServedFacts};
 
 /// What the gateway needs to know about the model.
 #[derive(Clone)]
@@ -22,43 +22,23 @@ pub struct ServedModel {
     pub max_positions: usize,
 }
 
-/// The model could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum ServedModelError {
-    /// Checkpoint or config problem.
-    #[error(transparent)]
-    Model(#[from] dsvl_models::ModelError),
-    /// Tokenizer problem.
-    #[error("tokenizer: {0}")]
-    Tokenizer(#[from] dsvl_chat::ChatError),
-    /// Missing or malformed side file.
-    #[error("{0}")]
-    Files(String),
-}
-
 impl ServedModel {
-    /// Reads `dir` (or the bundled tiny model).
+    /// Reads `dir` (or the bundled tiny model) through [`ServedFacts::read`], the one reader
+    /// every binary uses; the vision weights are not hashed here (the vision tier reports its
+    /// fingerprint).
     ///
     /// # Errors
-    /// Unreadable checkpoint, missing `tokenizer.json`, malformed `processor_config.json`.
-    pub fn load(dir: Option<&Path>, name: String) -> Result<Self, ServedModelError> {
+    /// As [`ServedFacts::read`].
+    pub fn load(dir: Option<&Path>, name: String) -> Result<Self, CheckpointError> {
         let source = dir.map_or(ModelSource::Bundled, |d| ModelSource::Dir(d.to_path_buf()));
-        let ckpt = Checkpoint::open(&source)?;
-        let json = ckpt
-            .read_file("tokenizer.json")?
-            .ok_or_else(|| ServedModelError::Files(format!("{source} has no tokenizer.json")))?;
-        let tokenizer = ChatTokenizer::from_bytes(&json)?;
-        let image_tokens = match ckpt.read_file("processor_config.json")? {
-            Some(b) => serde_json::from_slice::<serde_json::Value>(&b)
-                .map_err(|e| ServedModelError::Files(format!("processor_config.json: {e}")))?
-                .get("num_image_tokens")
-                .and_then(serde_json::Value::as_u64)
-                .unwrap_or(576) as usize,
-            None => 576,
-        };
-        let vision = ckpt.config().get("vision_config").is_some();
-        let max_positions = LlmConfig::from_checkpoint(&ckpt)?.max_position_embeddings;
-        Ok(Self { name, tokenizer, image_tokens, vision, max_positions })
+        let facts = ServedFacts::read(&Checkpoint::open(&source)?, Fingerprint::Skip)?;
+        Ok(Self {
+            name,
+            image_tokens: facts.image_tokens(),
+            vision: facts.vision.is_some(),
+            max_positions: facts.max_positions(),
+            tokenizer: facts.tokenizer,
+        })
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use dsvl_cache::{BreakerConfig, MemoryCache, RedisCache, RedisConfig, SingleFlight};
+use dsvl_checkpoint::{Fingerprint, ServedFacts};
 use dsvl_core::codec::EmbeddingDType;
 use dsvl_models::checkpoint::{Checkpoint, ModelSource};
 use dsvl_models::device::{candle_dtype, open_device};
@@ -52,11 +53,29 @@ pub enum VisionError {
 
 fn load_pipeline(cfg: &VisionConfig, watchdog: Arc<Watchdog>) -> Result<Pipeline, VisionError> {
     let source = cfg.model.clone().map_or(ModelSource::Bundled, ModelSource::Dir);
-    let ckpt = Checkpoint::open(&source)?;
+    let ckpt = Checkpoint::open(&source).map_err(dsvl_models::ModelError::from)?;
     let device = open_device(cfg.device)?;
     let t = std::time::Instant::now();
     let encoder = VisionEncoder::load(&ckpt, candle_dtype(cfg.dtype), &device, None)?;
-    let fingerprint = VisionEncoder::fingerprint(&ckpt)?;
+    // The served facts, the same reader as the gateway's and the decoder's: the fingerprint
+    // goes into every cache key, and the tower must give what the language model takes.
+    let facts =
+        ServedFacts::read(&ckpt, Fingerprint::Compute).map_err(dsvl_models::ModelError::from)?;
+    let vision = facts.vision.as_ref().expect("VisionEncoder::load refuses text-only models");
+    if (encoder.num_tokens(), encoder.hidden_size()) != (vision.image_tokens, facts.llm.hidden_size)
+    {
+        return Err(VisionError::Model(dsvl_models::ModelError::Config {
+            file: "config.json".into(),
+            message: format!(
+                "the vision tower gives {} x {} embeddings, but processor_config.json and the language model take {} x {}",
+                encoder.num_tokens(),
+                encoder.hidden_size(),
+                vision.image_tokens,
+                facts.llm.hidden_size
+            ),
+        }));
+    }
+    let fingerprint = vision.fingerprint.clone().unwrap_or_default();
     let preprocessor = Preprocessor::new(encoder.preprocess_config().clone(), cfg.image_limits);
     // Warm-up: one forward pass, so the first request does not pay for lazy initialisation and
     // health only turns SERVING once the model demonstrably works.

@@ -1,50 +1,22 @@
-//! A candle `VarBuilder` backend over safetensors (memory-mapped files or embedded bytes) that
+//! A candle `VarBuilder` backend over a checkpoint's safetensors (memory-mapped files or
+//! embedded bytes) that
 //! names the tensor and both shapes on a mismatch, converts dtypes on load, and reports
 //! progress in bytes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use candle_core::safetensors::{Load, MmapedSafetensors};
+use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use safetensors::tensor::TensorView;
-use safetensors::SafeTensors;
+
+use dsvl_checkpoint::Checkpoint;
 
 use crate::ModelError;
 
 /// Called after each tensor is loaded with `(bytes loaded, bytes to load)`.
 pub type ProgressFn = Arc<dyn Fn(u64, u64) + Send + Sync>;
-
-/// Where the tensors live.
-pub(crate) enum TensorSource {
-    /// One or more memory-mapped `.safetensors` files (sharded checkpoints).
-    Mmap(MmapedSafetensors),
-    /// A safetensors buffer compiled into the binary (the bundled tiny model).
-    Static(SafeTensors<'static>),
-}
-
-impl TensorSource {
-    pub(crate) fn view_of(&self, name: &str) -> Option<TensorView<'_>> {
-        self.view(name)
-    }
-
-    fn view(&self, name: &str) -> Option<TensorView<'_>> {
-        match self {
-            Self::Mmap(m) => m.get(name).ok(),
-            Self::Static(s) => s.tensor(name).ok(),
-        }
-    }
-
-    /// Names and byte sizes of every tensor.
-    pub(crate) fn sizes(&self) -> Vec<(String, u64)> {
-        let list: Vec<(String, TensorView<'_>)> = match self {
-            Self::Mmap(m) => m.tensors(),
-            Self::Static(s) => s.tensors(),
-        };
-        list.into_iter().map(|(n, v)| (n, v.data().len() as u64)).collect()
-    }
-}
 
 /// The first weight problem hit while building a model; candle's error type cannot carry a
 /// typed payload, so the backend parks it here and the loader reports it after construction.
@@ -73,7 +45,7 @@ impl FirstError {
 
 /// `SimpleBackend` implementation; see the module docs.
 pub(crate) struct WeightBackend<'a> {
-    source: &'a TensorSource,
+    source: &'a Checkpoint,
     errors: Arc<FirstError>,
     loaded: AtomicU64,
     total: u64,
@@ -83,13 +55,13 @@ pub(crate) struct WeightBackend<'a> {
 impl<'a> WeightBackend<'a> {
     /// `prefixes` select the tensors the progress total counts (e.g. the vision tower only).
     pub(crate) fn new(
-        source: &'a TensorSource,
+        source: &'a Checkpoint,
         prefixes: &[&str],
         progress: Option<ProgressFn>,
         errors: Arc<FirstError>,
     ) -> Self {
         let total = source
-            .sizes()
+            .tensor_sizes()
             .iter()
             .filter(|(n, _)| prefixes.iter().any(|p| n.starts_with(p)))
             .map(|(_, s)| s)
@@ -122,7 +94,7 @@ impl SimpleBackend for WeightBackend<'_> {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let Some(view) = self.source.view(name) else {
+        let Some(view) = self.source.tensor(name) else {
             return Err(self.errors.record(ModelError::MissingTensor {
                 name: name.into(),
                 expected: s.dims().to_vec(),
@@ -139,7 +111,7 @@ impl SimpleBackend for WeightBackend<'_> {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        match self.source.view(name) {
+        match self.source.tensor(name) {
             Some(view) => self.load(&view, dtype, dev),
             None => Err(self
                 .errors
@@ -148,6 +120,6 @@ impl SimpleBackend for WeightBackend<'_> {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.source.view(name).is_some()
+        self.source.tensor(name).is_some()
     }
 }

@@ -1,14 +1,14 @@
-//! The DeepSeek LLM decoder: config resolution, tensor-parallel layers, the model and its
+//! The DeepSeek LLM decoder (its config, [`LlmConfig`], is read by `dsvl_checkpoint`):
+//! tensor-parallel layers, the model and its
 //! key/value storage interface.
 
-pub mod config;
 pub mod kv;
 pub mod layers;
 pub mod model;
 pub mod paged_kv;
 pub mod runner;
 
-pub use config::LlmConfig;
+pub use dsvl_checkpoint::LlmConfig;
 pub use kv::{ContiguousKv, KvStore, SeqId};
 pub use layers::Shard;
 pub use model::{splice_image_rows, splice_rows_at, DeepSeekLlm, ImageRows, SeqChunk};
@@ -17,7 +17,7 @@ pub use runner::{ShardRunner, StepPlan};
 
 use candle_core::{DType, Device};
 
-use crate::checkpoint::{Checkpoint, ProgressFn};
+use crate::checkpoint::{BuildModel, Checkpoint, ProgressFn};
 use crate::ModelError;
 
 impl DeepSeekLlm {

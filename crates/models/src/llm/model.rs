@@ -12,11 +12,11 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use dsvl_parallel::Communicator;
 
-use super::config::LlmConfig;
 use super::kv::{KvStore, SeqId};
 use super::layers::{Linear, RmsNorm, Rope, Shard, VocabEmbedding};
 use crate::ops::softmax_last_dim;
 use crate::ModelError;
+use dsvl_checkpoint::LlmConfig;
 
 /// New tokens of one sequence in one step.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -21,7 +21,7 @@ pub use config::{AlignerConfig, ComponentConfig, TowerConfig};
 pub use sam::{SamEncoder, SamOutput};
 pub use siglip::SiglipEncoder;
 
-use crate::checkpoint::{Checkpoint, ProgressFn};
+use crate::checkpoint::{BuildModel, Checkpoint, ProgressFn};
 use crate::preprocess::{PreprocessConfig, Preprocessed};
 use crate::ModelError;
 use layers::{resize_2d, ResampleMatrix};
@@ -55,7 +55,7 @@ pub struct VisionEncoder {
 }
 
 /// Prefixes of the vision weights inside a DeepSeek-VL checkpoint.
-pub const VISION_PREFIXES: [&str; 2] = ["vision_model.", "aligner."];
+pub use dsvl_checkpoint::VISION_PREFIXES;
 
 impl VisionEncoder {
     /// Loads the vision tower and aligner of `ckpt` in `dtype` on `device`.
@@ -124,22 +124,11 @@ impl VisionEncoder {
         })
     }
 
-    /// Identifies the vision tower + aligner of `ckpt`: BLAKE3 over the vision, aligner and
-    /// preprocessor configs and every `vision_model.*` / `aligner.*` tensor (names, shapes,
-    /// bytes). Part of every embedding cache key, so a new checkpoint revision never serves
-    /// embeddings of the old one. Hex, 32 digits.
+    /// Identifies the vision tower + aligner of `ckpt` ([`dsvl_checkpoint::vision_fingerprint`]):
+    /// part of every embedding cache key, so a new checkpoint revision never serves embeddings
+    /// of the old one.
     pub fn fingerprint(ckpt: &Checkpoint) -> Result<String, ModelError> {
-        let mut h = blake3::Hasher::new();
-        for key in ["vision_config", "aligner_config"] {
-            let v = ckpt.config().get(key).map(|v| v.to_string()).unwrap_or_default();
-            h.update(&(v.len() as u64).to_le_bytes());
-            h.update(v.as_bytes());
-        }
-        let pre = ckpt.read_file("preprocessor_config.json")?.unwrap_or_default();
-        h.update(&(pre.len() as u64).to_le_bytes());
-        h.update(&pre);
-        h.update(ckpt.digest_tensors(&VISION_PREFIXES).as_bytes());
-        Ok(h.finalize().to_hex()[..32].to_string())
+        Ok(dsvl_checkpoint::vision_fingerprint(ckpt)?)
     }
 
     /// Side of the square pixel input.

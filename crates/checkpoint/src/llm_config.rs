@@ -5,8 +5,7 @@
 
 use serde::Deserialize;
 
-use crate::checkpoint::Checkpoint;
-use crate::ModelError;
+use crate::{Checkpoint, CheckpointError};
 
 /// Raw keys with `LlamaConfig` (transformers 4.38) defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -103,7 +102,7 @@ pub struct LlmConfig {
 impl LlmConfig {
     /// Reads the decoder config of a checkpoint: `language_config` when present (DeepSeek-VL),
     /// otherwise the top-level config (DeepSeek LLM).
-    pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Self, ModelError> {
+    pub fn from_checkpoint(ckpt: &Checkpoint) -> Result<Self, CheckpointError> {
         let (raw, prefix) = match ckpt.config().get("language_config") {
             Some(v) => (v.clone(), "language_model."),
             None => (ckpt.config().clone(), ""),
@@ -112,10 +111,10 @@ impl LlmConfig {
     }
 
     /// Resolves a raw Llama config; `prefix` is where its tensors live.
-    pub fn from_json(raw: serde_json::Value, prefix: &str) -> Result<Self, ModelError> {
+    pub fn from_json(raw: serde_json::Value, prefix: &str) -> Result<Self, CheckpointError> {
         let r: RawLlamaConfig = serde_json::from_value(raw)
-            .map_err(|e| ModelError::config("config.json", format!("language config: {e}")))?;
-        let bad = |m: String| Err(ModelError::Unsupported(format!("language model: {m}")));
+            .map_err(|e| CheckpointError::config("config.json", format!("language config: {e}")))?;
+        let bad = |m: String| Err(CheckpointError::Unsupported(format!("language model: {m}")));
         if r.hidden_act != "silu" {
             return bad(format!("hidden_act `{}` (DeepSeek LLM uses silu)", r.hidden_act));
         }
@@ -153,9 +152,9 @@ impl LlmConfig {
     }
 
     /// Checks that `world` ranks can split this model (heads, KV heads, MLP and vocab).
-    pub fn check_tensor_parallel(&self, world: usize) -> Result<(), ModelError> {
+    pub fn check_tensor_parallel(&self, world: usize) -> Result<(), CheckpointError> {
         let fail = |what: String| {
-            Err(ModelError::Unsupported(format!("tensor parallelism {world}: {what}")))
+            Err(CheckpointError::Unsupported(format!("tensor parallelism {world}: {what}")))
         };
         if world == 0 {
             return fail("needs at least one rank".into());
