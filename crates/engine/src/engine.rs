@@ -95,7 +95,7 @@ pub fn spawn_engine(
                     thread_shared.alive.store(false, Ordering::SeqCst);
                     let msg = e.to_string();
                     let _ = ready_tx.send(Err(e));
-                    return Err(ModelError::InvalidInput(msg));
+                    return Err(ModelError::GroupFailed(msg));
                 }
             };
             let result = engine_loop(&mut runner, &mut sched, &rx, &thread_shared, &watchdog);
@@ -115,7 +115,7 @@ pub fn spawn_engine(
             let _ = join.join();
             Err(e)
         }
-        Err(_) => Err(ModelError::InvalidInput("the engine thread died while starting".into())),
+        Err(_) => Err(ModelError::GroupFailed("the engine thread died while starting".into())),
     }
 }
 

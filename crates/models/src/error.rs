@@ -58,6 +58,10 @@ pub enum ModelError {
     /// An image could not be decoded.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// The tensor-parallel group or its engine stopped working (a rank or the engine thread
+    /// died, or the engine stopped): it cannot serve anymore. Never a problem of the input.
+    #[error("the decoder group failed: {0}")]
+    GroupFailed(String),
     /// A collective or the group's control channel failed.
     #[error("tensor-parallel group failed: {0}")]
     Comm(#[from] dsvl_parallel::CommError),

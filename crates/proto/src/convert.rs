@@ -1,6 +1,7 @@
 //! The one mapping between the wire messages and the workspace's own types. Every service
 //! converts through these functions, so a field is interpreted in one place.
 
+use dsvl_core::codec::EmbeddingDType;
 use dsvl_core::sampling::{SamplingParams, SamplingRequest};
 
 use crate::{internal, v1};
@@ -45,6 +46,51 @@ impl From<&internal::SamplingParams> for SamplingParams {
     }
 }
 
+/// The embedding dtype on the wire.
+impl From<EmbeddingDType> for internal::DType {
+    fn from(d: EmbeddingDType) -> Self {
+        match d {
+            EmbeddingDType::F32 => Self::DtypeF32,
+            EmbeddingDType::F16 => Self::DtypeF16,
+            EmbeddingDType::BF16 => Self::DtypeBf16,
+        }
+    }
+}
+
+/// The embedding dtype off the wire (`None` for unspecified or unknown values).
+pub fn embedding_dtype(wire: i32) -> Option<EmbeddingDType> {
+    match internal::DType::try_from(wire).ok()? {
+        internal::DType::DtypeF32 => Some(EmbeddingDType::F32),
+        internal::DType::DtypeF16 => Some(EmbeddingDType::F16),
+        internal::DType::DtypeBf16 => Some(EmbeddingDType::BF16),
+        internal::DType::DtypeUnspecified => None,
+    }
+}
+
+/// The Decoder's "re-encode these images and send them inline" answer: FAILED_PRECONDITION
+/// with a typed [`internal::DecoderErrorDetail`] in the status details.
+pub fn embedding_unavailable(message: impl Into<String>) -> tonic::Status {
+    use prost::Message;
+    let detail = internal::DecoderErrorDetail {
+        reason: internal::decoder_error_detail::Reason::EmbeddingUnavailable as i32,
+    };
+    tonic::Status::with_details(
+        tonic::Code::FailedPrecondition,
+        message,
+        detail.encode_to_vec().into(),
+    )
+}
+
+/// Whether a Decoder status asks the caller to re-encode the request's images (see
+/// [`embedding_unavailable`]); a bare FAILED_PRECONDITION does not.
+pub fn asks_to_reencode(status: &tonic::Status) -> bool {
+    use prost::Message;
+    status.code() == tonic::Code::FailedPrecondition
+        && internal::DecoderErrorDetail::decode(status.details()).is_ok_and(|d| {
+            d.reason == internal::decoder_error_detail::Reason::EmbeddingUnavailable as i32
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,6 +105,15 @@ mod tests {
             seed: 42,
         };
         assert_eq!(SamplingParams::from(&internal::SamplingParams::from(&p)), p);
+    }
+
+    #[test]
+    fn dtypes_round_trip_the_wire() {
+        for d in [EmbeddingDType::F32, EmbeddingDType::F16, EmbeddingDType::BF16] {
+            assert_eq!(embedding_dtype(internal::DType::from(d) as i32), Some(d));
+        }
+        assert_eq!(embedding_dtype(0), None);
+        assert_eq!(embedding_dtype(99), None);
     }
 
     #[test]

@@ -1,16 +1,16 @@
 //! Image embeddings in: references are read from the shared cache and verified (checksum,
 //! shape, model fingerprint); inline embeddings are checked the same way. Anything missing or
-//! made by another model is refused with FAILED_PRECONDITION and a reason the gateway acts on
-//! (re-encode), never replaced by zeros.
+//! made by another model is refused with [`ServiceError::EmbeddingUnavailable`] (the typed
+//! re-encode signal the gateway acts on), never replaced by zeros.
 
 use std::sync::Arc;
 
+use crate::error::ServiceError;
 use candle_core::{DType, Device, Tensor};
 use dsvl_cache::RedisCache;
 use dsvl_core::codec::{self, EmbeddingDType};
 use dsvl_proto::internal::image_slot::Embedding as Source;
 use dsvl_proto::internal::ImageSlot;
-use tonic::Status;
 
 use crate::group::ModelInfo;
 
@@ -19,7 +19,7 @@ fn to_tensor(
     payload: &[u8],
     rows: usize,
     hidden: usize,
-) -> Result<Tensor, Status> {
+) -> Result<Tensor, ServiceError> {
     let t = match dtype {
         EmbeddingDType::F32 => {
             let v: Vec<f32> = payload
@@ -43,16 +43,7 @@ fn to_tensor(
             Tensor::from_vec(v, (rows, hidden), &Device::Cpu)
         }
     };
-    t.map_err(|e| Status::internal(e.to_string()))
-}
-
-fn proto_dtype(d: i32) -> Option<EmbeddingDType> {
-    match d {
-        1 => Some(EmbeddingDType::F32),
-        2 => Some(EmbeddingDType::F16),
-        3 => Some(EmbeddingDType::BF16),
-        _ => None,
-    }
+    t.map_err(|e| ServiceError::Internal(e.to_string()))
 }
 
 /// Resolves every slot to a `[tokens, hidden]` f32 tensor, in slot order.
@@ -60,9 +51,11 @@ pub async fn fetch(
     slots: &[ImageSlot],
     info: &ModelInfo,
     cache: Option<&Arc<RedisCache>>,
-) -> Result<Vec<Tensor>, Status> {
+) -> Result<Vec<Tensor>, ServiceError> {
     let Some((_, fingerprint)) = &info.vision else {
-        return Err(Status::invalid_argument("this model is text-only: it cannot take images"));
+        return Err(ServiceError::InvalidArgument(
+            "this model is text-only: it cannot take images".into(),
+        ));
     };
     let (rows, hidden) = (info.image_tokens, info.hidden_size);
     // Every referenced embedding of the request in one MGET.
@@ -76,25 +69,27 @@ pub async fn fetch(
     let mut fetched = if ref_keys.is_empty() {
         Vec::new()
     } else {
-        let cache = cache.ok_or_else(|| Status::failed_precondition("embedding references need a shared cache; send the embedding inline or configure --redis"))?;
+        let cache = cache.ok_or_else(|| ServiceError::EmbeddingUnavailable("embedding references need a shared cache; send the embedding inline or configure --redis".into()))?;
         cache.get_many(&ref_keys).await.map_err(|e| {
-            Status::failed_precondition(format!("embeddings {} could not be read ({e}): re-encode or send them inline", ref_keys.join(", ")))
+            ServiceError::EmbeddingUnavailable(format!("embeddings {} could not be read ({e}): re-encode or send them inline", ref_keys.join(", ")))
         })?
     }
     .into_iter();
     let mut out = Vec::with_capacity(slots.len());
     for (i, slot) in slots.iter().enumerate() {
         let (dtype, payload, fp): (EmbeddingDType, Vec<u8>, String) = match &slot.embedding {
-            None => return Err(Status::invalid_argument(format!("image {i} has no embedding"))),
+            None => {
+                return Err(ServiceError::InvalidArgument(format!("image {i} has no embedding")))
+            }
             Some(Source::Inline(e)) => {
-                let dt = proto_dtype(e.dtype).ok_or_else(|| {
-                    Status::invalid_argument(format!("image {i}: unknown dtype {}", e.dtype))
+                let dt = dsvl_proto::convert::embedding_dtype(e.dtype).ok_or_else(|| {
+                    ServiceError::InvalidArgument(format!("image {i}: unknown dtype {}", e.dtype))
                 })?;
                 if e.shape != [rows as u32, hidden as u32] {
-                    return Err(Status::failed_precondition(format!("image {i}: embedding shape {:?}, this model takes [{rows}, {hidden}]: re-encode", e.shape)));
+                    return Err(ServiceError::EmbeddingUnavailable(format!("image {i}: embedding shape {:?}, this model takes [{rows}, {hidden}]: re-encode", e.shape)));
                 }
                 if e.data.len() != rows * hidden * dt.size() {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(ServiceError::InvalidArgument(format!(
                         "image {i}: {} bytes for shape {:?}",
                         e.data.len(),
                         e.shape
@@ -105,19 +100,19 @@ pub async fn fetch(
             Some(Source::Ref(r)) => {
                 let value = match fetched.next() {
                     Some(Some(v)) => v,
-                    Some(None) => return Err(Status::failed_precondition(format!("embedding {} is not in the cache (expired or evicted): re-encode the image", r.key))),
-                    None => return Err(Status::internal("fewer cache replies than references. This is a bug.")),
+                    Some(None) => return Err(ServiceError::EmbeddingUnavailable(format!("embedding {} is not in the cache (expired or evicted): re-encode the image", r.key))),
+                    None => return Err(ServiceError::Internal("fewer cache replies than references. This is a bug.".into())),
                 };
                 let (header, payload) = codec::decode(&value).map_err(|e| {
                     metrics::counter!("dsvl_decoder_embedding_errors_total", "reason" => "corrupt")
                         .increment(1);
-                    Status::failed_precondition(format!(
+                    ServiceError::EmbeddingUnavailable(format!(
                         "embedding {} is corrupt ({e}): re-encode the image",
                         r.key
                     ))
                 })?;
                 if header.shape != [rows as u32, hidden as u32] {
-                    return Err(Status::failed_precondition(format!("embedding {} has shape {:?}; this model takes [{rows}, {hidden}]: re-encode", r.key, header.shape)));
+                    return Err(ServiceError::EmbeddingUnavailable(format!("embedding {} has shape {:?}; this model takes [{rows}, {hidden}]: re-encode", r.key, header.shape)));
                 }
                 (header.dtype, payload.to_vec(), header.model_fingerprint)
             }
@@ -125,14 +120,14 @@ pub async fn fetch(
         if &fp != fingerprint {
             metrics::counter!("dsvl_decoder_embedding_errors_total", "reason" => "fingerprint")
                 .increment(1);
-            return Err(Status::failed_precondition(format!(
+            return Err(ServiceError::EmbeddingUnavailable(format!(
                 "image {i} was encoded by another model (fingerprint {fp}, this decoder expects {fingerprint}): re-encode with the matching vision tier"
             )));
         }
         out.push(
             to_tensor(dtype, &payload, rows, hidden)?
                 .to_dtype(DType::F32)
-                .map_err(|e| Status::internal(e.to_string()))?,
+                .map_err(|e| ServiceError::Internal(e.to_string()))?,
         );
     }
     Ok(out)

@@ -162,7 +162,7 @@ pub fn build_leader(
             Ok((model, kv))
         })?;
     if let Some(dead) = workers.exited() {
-        return Err(ModelError::InvalidInput(dead));
+        return Err(ModelError::GroupFailed(dead));
     }
     // Warm-up through every rank: one token, block 0, then freed.
     let warm = StepPlan {

@@ -10,6 +10,7 @@
 
 pub mod config;
 mod embeddings;
+pub mod error;
 pub mod group;
 mod service;
 
@@ -133,7 +134,7 @@ pub async fn run(
     probes::started(&health).await;
     let mut engine_done = tokio::task::spawn_blocking(move || {
         join.join().unwrap_or_else(|_| {
-            Err(dsvl_models::ModelError::InvalidInput("engine thread panicked".into()))
+            Err(dsvl_models::ModelError::GroupFailed("engine thread panicked".into()))
         })
     });
     // Phase 2: serving, until shutdown or a group failure.
@@ -141,9 +142,9 @@ pub async fn run(
         r = &mut server => return r.map_err(DecoderError::from),
         () = &mut shutdown => None,
         r = &mut engine_done => Some(match r {
-            Ok(Ok(())) => dsvl_models::ModelError::InvalidInput("the engine stopped".into()),
+            Ok(Ok(())) => dsvl_models::ModelError::GroupFailed("the engine stopped".into()),
             Ok(Err(e)) => e,
-            Err(e) => dsvl_models::ModelError::InvalidInput(format!("engine thread: {e}")),
+            Err(e) => dsvl_models::ModelError::GroupFailed(format!("engine thread: {e}")),
         }),
     };
     probes::set_ready::<DecoderServer<DecoderService>>(&health, false).await;

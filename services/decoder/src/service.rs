@@ -8,7 +8,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use dsvl_cache::RedisCache;
 use dsvl_engine::engine::EngineHandle;
-use dsvl_engine::scheduler::{Event, Failure, NewRequest};
+use dsvl_engine::scheduler::{Event, NewRequest};
 use dsvl_engine::{FinishReason, SamplingParams};
 use dsvl_models::llm::ImageRows;
 use dsvl_proto::internal::decoder_server::Decoder;
@@ -20,6 +20,7 @@ use futures::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::embeddings;
+use crate::error::ServiceError;
 use crate::group::ModelInfo;
 
 /// The running group, once it has started.
@@ -46,40 +47,27 @@ impl Drop for ActiveGuard {
     }
 }
 
-fn status_of(f: Failure) -> Status {
-    match f {
-        Failure::DeadlineExceeded => {
-            Status::deadline_exceeded("the deadline passed before generation finished")
-        }
-        Failure::Invalid(m) => Status::invalid_argument(m),
-        Failure::Unavailable(m) => Status::unavailable(m),
-    }
-}
-
 impl DecoderService {
-    fn state(&self) -> Result<&Ready, Status> {
+    fn state(&self) -> Result<&Ready, ServiceError> {
         if self.draining.load(Ordering::SeqCst) {
-            return Err(Status::unavailable("the decoder is draining"));
+            return Err(ServiceError::Draining);
         }
-        let r = self
-            .ready
-            .get()
-            .ok_or_else(|| Status::unavailable("the decoder group is still starting"))?;
+        let r = self.ready.get().ok_or(ServiceError::Starting)?;
         if !r.engine.is_alive() {
-            return Err(Status::unavailable("the decoder group has failed"));
+            return Err(ServiceError::GroupFailed);
         }
         Ok(r)
     }
 }
 
 impl Ready {
-    fn validate(&self, req: &GenerateRequest) -> Result<(), Status> {
+    fn validate(&self, req: &GenerateRequest) -> Result<(), ServiceError> {
         let n = req.prompt_token_ids.len();
         if n == 0 {
-            return Err(Status::invalid_argument("empty prompt"));
+            return Err(ServiceError::InvalidArgument("empty prompt".into()));
         }
         if n + 1 > self.info.max_positions {
-            return Err(Status::invalid_argument(format!(
+            return Err(ServiceError::InvalidArgument(format!(
                 "the prompt has {n} tokens; the model takes at most {} positions",
                 self.info.max_positions
             )));
@@ -87,7 +75,7 @@ impl Ready {
         if let Some(bad) =
             req.prompt_token_ids.iter().find(|&&t| t as usize >= self.info.vocab_size)
         {
-            return Err(Status::invalid_argument(format!(
+            return Err(ServiceError::InvalidArgument(format!(
                 "token id {bad} is outside the vocabulary of {}",
                 self.info.vocab_size
             )));
@@ -95,10 +83,10 @@ impl Ready {
         let sampling = req
             .sampling
             .as_ref()
-            .ok_or_else(|| Status::invalid_argument("sampling is required"))?;
+            .ok_or_else(|| ServiceError::InvalidArgument("sampling is required".into()))?;
         SamplingParams::from(sampling)
             .validate()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
         Ok(())
     }
 
@@ -107,20 +95,22 @@ impl Ready {
         &self,
         req: &GenerateRequest,
         cache: Option<&Arc<RedisCache>>,
-    ) -> Result<Option<ImageRows>, Status> {
+    ) -> Result<Option<ImageRows>, ServiceError> {
         let image_token = self.info.vision.as_ref().map(|(t, _)| *t);
         let slots_in_prompt =
             image_token.map_or(0, |t| req.prompt_token_ids.iter().filter(|&&x| x == t).count());
         if req.images.is_empty() {
             if slots_in_prompt > 0 {
-                return Err(Status::invalid_argument(format!(
+                return Err(ServiceError::InvalidArgument(format!(
                     "the prompt has {slots_in_prompt} image-token positions but no images"
                 )));
             }
             return Ok(None);
         }
         let Some(image_token) = image_token else {
-            return Err(Status::invalid_argument("this model is text-only: it cannot take images"));
+            return Err(ServiceError::InvalidArgument(
+                "this model is text-only: it cannot take images".into(),
+            ));
         };
         let k = self.info.image_tokens;
         let mut slots = req.images.clone();
@@ -129,28 +119,28 @@ impl Ready {
         for s in &slots {
             let p = s.position as usize;
             let run = req.prompt_token_ids.get(p..p + k).ok_or_else(|| {
-                Status::invalid_argument(format!("image at {p} runs past the prompt"))
+                ServiceError::InvalidArgument(format!("image at {p} runs past the prompt"))
             })?;
             if run.iter().any(|&t| t != image_token) {
-                return Err(Status::invalid_argument(format!(
+                return Err(ServiceError::InvalidArgument(format!(
                     "positions {p}..{} are not all image tokens ({image_token})",
                     p + k
                 )));
             }
             if positions.last().is_some_and(|&last: &u32| last as usize >= p) {
-                return Err(Status::invalid_argument("image slots overlap"));
+                return Err(ServiceError::InvalidArgument("image slots overlap".into()));
             }
             positions.extend((p..p + k).map(|x| x as u32));
         }
         if positions.len() != slots_in_prompt {
-            return Err(Status::invalid_argument(format!(
+            return Err(ServiceError::InvalidArgument(format!(
                 "{} image-token positions in the prompt but {} images",
                 slots_in_prompt,
                 slots.len()
             )));
         }
         let rows = embeddings::fetch(&slots, &self.info, cache).await?;
-        let rows = Tensor::cat(&rows, 0).map_err(|e| Status::internal(e.to_string()))?;
+        let rows = Tensor::cat(&rows, 0).map_err(|e| ServiceError::Internal(e.to_string()))?;
         Ok(Some(ImageRows { positions, rows }))
     }
 }
@@ -172,17 +162,15 @@ impl Decoder for DecoderService {
         );
         dsvl_telemetry::extract_trace_context(request.metadata(), &span);
         let started = Instant::now();
-        let deadline = dsvl_telemetry::answer_by(request.metadata(), started)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let deadline =
+            dsvl_telemetry::answer_by(request.metadata(), started).map_err(ServiceError::from)?;
         let ready = self.state()?;
         let req = request.into_inner();
         span.record("request_id", req.request_id.as_str());
         span.record("prompt_tokens", req.prompt_token_ids.len());
         ready.validate(&req)?;
         if ready.engine.load().occupancy.waiting >= self.max_waiting {
-            return Err(Status::resource_exhausted(
-                "too many requests waiting; retry later or elsewhere",
-            ));
+            return Err(ServiceError::Overloaded.into());
         }
         let image = ready.images(&req, self.cache.as_ref()).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -201,10 +189,7 @@ impl Decoder for DecoderService {
             deadline,
             events: tx,
         };
-        ready
-            .engine
-            .submit(new)
-            .map_err(|_| Status::unavailable("the decoder group has failed"))?;
+        ready.engine.submit(new).map_err(|_| Status::from(ServiceError::GroupFailed))?;
         self.active.fetch_add(1, Ordering::SeqCst);
         let guard = ActiveGuard(self.active.clone());
         let logprobs = req.logprobs;
@@ -247,7 +232,7 @@ impl Decoder for DecoderService {
                             })),
                         })
                     }
-                    Event::Failed(f) => Err(status_of(f)),
+                    Event::Failed(f) => Err(ServiceError::from(f).into()),
                 };
                 let last = !matches!(item, Ok(GenerateResponse { event: Some(Out::Token(_)) }));
                 if yield_tx.send(item).await.is_err() || last {

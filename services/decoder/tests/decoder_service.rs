@@ -219,6 +219,8 @@ async fn image_stream_through_redis_matches_reference() -> Result<()> {
     .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::FailedPrecondition);
     assert!(missing.message().contains("re-encode"), "{}", missing.message());
+    // The re-encode signal is typed (status details), not a convention on the code.
+    assert!(dsvl_proto::convert::asks_to_reencode(&missing), "{missing:?}");
     let foreign = generate(
         &mut c,
         GenerateRequest { images: vec![slot("dsvl:emb:v1:foreign")], ..request(prompt.clone(), 4) },
@@ -227,8 +229,10 @@ async fn image_stream_through_redis_matches_reference() -> Result<()> {
     .unwrap_err();
     assert_eq!(foreign.code(), tonic::Code::FailedPrecondition);
     assert!(foreign.message().contains("another model"), "{}", foreign.message());
+    assert!(dsvl_proto::convert::asks_to_reencode(&foreign), "{foreign:?}");
     let no_image = generate(&mut c, request(prompt, 4)).await.unwrap_err();
     assert_eq!(no_image.code(), tonic::Code::InvalidArgument);
+    assert!(!dsvl_proto::convert::asks_to_reencode(&no_image));
     Ok(())
 }
 

@@ -266,6 +266,9 @@ impl Gateway {
                         r.addr
                     ));
                 }
+                Ok(Err(s)) if dsvl_proto::convert::asks_to_reencode(&s) => {
+                    return Err(OpenError::Reencode(s.message().to_string()))
+                }
                 Ok(Err(s)) => match s.code() {
                     Code::Unavailable | Code::Unknown => {
                         tracing::warn!(replica = %r.addr, message = s.message(), "decoder group failed before the first token; retrying elsewhere");
@@ -273,9 +276,6 @@ impl Gateway {
                         last = GatewayError::from_upstream("decoder", &s);
                     }
                     Code::ResourceExhausted => last = GatewayError::from_upstream("decoder", &s),
-                    Code::FailedPrecondition => {
-                        return Err(OpenError::Reencode(s.message().to_string()))
-                    }
                     _ => return Err(OpenError::Fatal(GatewayError::from_upstream("decoder", &s))),
                 },
             }

@@ -14,11 +14,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dsvl_core::cache_key::{embedding_key, image_digest, KeyParts, PREPROCESS_VERSION};
+use dsvl_proto::convert::embedding_dtype;
 use dsvl_proto::internal::encode_result::Result as EncodeOutcome;
 use dsvl_proto::internal::image_slot::Embedding as SlotEmbedding;
 use dsvl_proto::internal::vision_encoder_client::VisionEncoderClient;
 use dsvl_proto::internal::{
-    DType, EmbeddingRef, EncodeRequest, EncodeResponse, ImageInput, InfoRequest, InfoResponse,
+    EmbeddingRef, EncodeRequest, EncodeResponse, ImageErrorCode, ImageInput, InfoRequest,
+    InfoResponse,
 };
 use tonic::{Code, Status};
 
@@ -33,15 +35,6 @@ pub struct Embedded {
     pub embeddings: Vec<SlotEmbedding>,
     /// Images that needed no encoding (shared-cache probe or a vision-side cache hit).
     pub cached: u32,
-}
-
-fn dtype_name(d: i32) -> Option<&'static str> {
-    match DType::try_from(d).ok()? {
-        DType::DtypeF32 => Some("f32"),
-        DType::DtypeF16 => Some("f16"),
-        DType::DtypeBf16 => Some("bf16"),
-        DType::DtypeUnspecified => None,
-    }
 }
 
 fn retryable(s: &Status) -> bool {
@@ -78,7 +71,12 @@ impl Gateway {
         out: &mut [Option<SlotEmbedding>],
     ) -> u32 {
         let (Some(redis), Some(info)) = (&self.redis, self.vision_info()) else { return 0 };
-        let Some(dtype) = dtype_name(info.dtype).filter(|_| info.shared_cache) else { return 0 };
+        // The same dtype name the vision tier puts into its keys (`EmbeddingDType::name`).
+        let Some(dtype) =
+            embedding_dtype(info.dtype).map(|d| d.name()).filter(|_| info.shared_cache)
+        else {
+            return 0;
+        };
         let keys: Vec<String> = images
             .iter()
             .map(|img| {
@@ -208,7 +206,9 @@ impl Gateway {
                             out[i] = Some(match res.result {
                                 Some(EncodeOutcome::Ref(x)) => SlotEmbedding::Ref(x),
                                 Some(EncodeOutcome::Inline(x)) => SlotEmbedding::Inline(x),
-                                Some(EncodeOutcome::Error(e)) if e.code == "INVALID_ARGUMENT" => {
+                                Some(EncodeOutcome::Error(e))
+                                    if e.code() == ImageErrorCode::InvalidImage =>
+                                {
                                     return Err(GatewayError::InvalidArgument(format!(
                                         "image {}: {}",
                                         i + 1,

@@ -8,6 +8,7 @@
 pub mod batcher;
 pub mod config;
 pub mod encode;
+pub mod error;
 pub mod service;
 
 use std::future::Future;

@@ -5,18 +5,18 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use dsvl_core::cache_key::{embedding_key, image_digest, KeyParts};
-use dsvl_core::codec::EmbeddingDType;
 use dsvl_models::preprocess::PREPROCESS_VERSION;
 use dsvl_proto::internal::encode_result::Result as ResultKind;
 use dsvl_proto::internal::vision_encoder_server::VisionEncoder;
 use dsvl_proto::internal::{
-    DType, Embedding, EmbeddingRef, EncodeRequest, EncodeResponse, EncodeResult, ImageError,
+    DType, Embedding, EmbeddingRef, EncodeRequest, EncodeResponse, EncodeResult, ImageErrorCode,
     InfoRequest, InfoResponse,
 };
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::encode::{Failure, Lookup, Outcome, Pipeline};
+use crate::error::{image_error, request_failure, ServiceError};
 
 /// State shared by all requests. The pipeline appears once the model is loaded and warm.
 pub struct VisionService {
@@ -25,31 +25,12 @@ pub struct VisionService {
     pub(crate) draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
-fn proto_dtype(d: EmbeddingDType) -> DType {
-    match d {
-        EmbeddingDType::F32 => DType::DtypeF32,
-        EmbeddingDType::F16 => DType::DtypeF16,
-        EmbeddingDType::BF16 => DType::DtypeBf16,
-    }
-}
-
 impl VisionService {
-    fn ready(&self) -> Result<Arc<Pipeline>, Status> {
+    fn ready(&self) -> Result<Arc<Pipeline>, ServiceError> {
         if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(Status::unavailable("the server is draining"));
+            return Err(ServiceError::Draining);
         }
-        self.pipeline
-            .get()
-            .cloned()
-            .ok_or_else(|| Status::unavailable("the model is still loading"))
-    }
-}
-
-fn image_error(code: &str, message: String) -> EncodeResult {
-    EncodeResult {
-        result: Some(ResultKind::Error(ImageError { code: code.into(), message })),
-        cache_hit: false,
-        key: String::new(),
+        self.pipeline.get().cloned().ok_or(ServiceError::Loading)
     }
 }
 
@@ -61,6 +42,30 @@ impl VisionEncoder for VisionService {
         &self,
         request: Request<EncodeRequest>,
     ) -> Result<Response<EncodeResponse>, Status> {
+        Ok(Response::new(self.encode_images(request).await?))
+    }
+
+    async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        let p = self.ready()?;
+        Ok(Response::new(InfoResponse {
+            model_fingerprint: p.expected.fingerprint.clone(),
+            tokens_per_image: p.expected.shape[0],
+            hidden_size: p.expected.shape[1],
+            dtype: DType::from(p.expected.dtype) as i32,
+            queued_images: p.batcher.queued() as u64,
+            images_per_second: p.batcher.images_per_second(),
+            shared_cache: p.shared.is_some(),
+        }))
+    }
+}
+
+impl VisionService {
+    // Per-image failures are whole `EncodeResult`s (large, built once per bad image).
+    #[allow(clippy::result_large_err)]
+    async fn encode_images(
+        &self,
+        request: Request<EncodeRequest>,
+    ) -> Result<EncodeResponse, ServiceError> {
         let span = tracing::info_span!(
             "vision.encode",
             images = tracing::field::Empty,
@@ -70,19 +75,17 @@ impl VisionEncoder for VisionService {
         let started = Instant::now();
         // Answer a little before the caller's deadline (network and tonic's own timer start
         // earlier), so the client gets DEADLINE_EXCEEDED from us rather than a bare cancel.
-        let deadline = dsvl_telemetry::answer_by(request.metadata(), started)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let deadline = dsvl_telemetry::answer_by(request.metadata(), started)?;
         let pipeline = self.ready()?;
         let req = request.into_inner();
         if req.images.is_empty() {
-            return Err(Status::invalid_argument("no images"));
+            return Err(ServiceError::NoImages);
         }
         if req.images.len() > self.max_images {
-            return Err(Status::invalid_argument(format!(
-                "{} images; at most {} per request",
-                req.images.len(),
-                self.max_images
-            )));
+            return Err(ServiceError::TooManyImages {
+                count: req.images.len(),
+                max: self.max_images,
+            });
         }
         span.record("images", req.images.len());
         let shared = pipeline.shared.is_some();
@@ -98,13 +101,13 @@ impl VisionEncoder for VisionService {
                     && !img.client_digest.eq_ignore_ascii_case(&image_digest(&data))
                 {
                     return Err(image_error(
-                        "INVALID_ARGUMENT",
+                        ImageErrorCode::InvalidImage,
                         "client_digest does not match the image bytes".into(),
                     ));
                 }
                 if data.len() > pipeline.preprocessor.limits().max_input_bytes {
                     return Err(image_error(
-                        "INVALID_ARGUMENT",
+                        ImageErrorCode::InvalidImage,
                         format!(
                             "image is {} bytes, over the limit of {}",
                             data.len(),
@@ -156,21 +159,23 @@ impl VisionEncoder for VisionService {
                                     ResultKind::Ref(EmbeddingRef {
                                         key: key.clone(),
                                         shape: stored.header.shape.clone(),
-                                        dtype: proto_dtype(stored.header.dtype) as i32,
+                                        dtype: DType::from(stored.header.dtype) as i32,
                                         model_fingerprint: stored.header.model_fingerprint.clone(),
                                         stored_bytes: stored.value.len() as u64,
                                     })
                                 } else {
                                     ResultKind::Inline(Embedding {
                                         shape: stored.header.shape.clone(),
-                                        dtype: proto_dtype(stored.header.dtype) as i32,
+                                        dtype: DType::from(stored.header.dtype) as i32,
                                         data: stored.payload_bytes(),
                                         model_fingerprint: stored.header.model_fingerprint.clone(),
                                     })
                                 };
                                 Ok(EncodeResult { result: Some(result), cache_hit, key })
                             }
-                            Err(Failure::Image(msg)) => Ok(image_error("INVALID_ARGUMENT", msg)),
+                            Err(Failure::Image(msg)) => {
+                                Ok(image_error(ImageErrorCode::InvalidImage, msg))
+                            }
                             Err(other) => Err(other),
                         }
                     }
@@ -183,48 +188,20 @@ impl VisionEncoder for VisionService {
             Some(d) => match tokio::time::timeout_at(d.into(), all).await {
                 Ok(o) => o,
                 // Dropping the futures cancels their queued jobs: nothing is encoded for nobody.
-                Err(_) => {
-                    return Err(Status::deadline_exceeded(
-                        "the deadline passed before the images were encoded",
-                    ))
-                }
+                Err(_) => return Err(ServiceError::DeadlineExceeded),
             },
             None => all.await,
         };
         let mut results = Vec::with_capacity(outcomes.len());
         for o in outcomes {
-            match o {
-                Ok(r) => results.push(r),
-                Err(Failure::QueueFull) => {
-                    return Err(Status::resource_exhausted(
-                        "the encode queue is full; retry with backoff",
-                    ))
-                }
-                Err(Failure::Deadline) => {
-                    return Err(Status::deadline_exceeded(
-                        "the deadline passed before the images were encoded",
-                    ))
-                }
-                Err(Failure::Internal(m)) => return Err(Status::internal(m)),
-                Err(Failure::Image(m)) => results.push(image_error("INVALID_ARGUMENT", m)),
-            }
+            results.push(match o {
+                Ok(r) => r,
+                Err(f) => request_failure(f)?,
+            });
         }
         span.record("hits", results.iter().filter(|r| r.cache_hit).count());
         metrics::histogram!("dsvl_vision_request_duration_seconds")
             .record(started.elapsed().as_secs_f64());
-        Ok(Response::new(EncodeResponse { results }))
-    }
-
-    async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
-        let p = self.ready()?;
-        Ok(Response::new(InfoResponse {
-            model_fingerprint: p.expected.fingerprint.clone(),
-            tokens_per_image: p.expected.shape[0],
-            hidden_size: p.expected.shape[1],
-            dtype: proto_dtype(p.expected.dtype) as i32,
-            queued_images: p.batcher.queued() as u64,
-            images_per_second: p.batcher.images_per_second(),
-            shared_cache: p.shared.is_some(),
-        }))
+        Ok(EncodeResponse { results })
     }
 }

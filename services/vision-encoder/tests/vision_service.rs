@@ -297,7 +297,7 @@ async fn corrupt_image_fails_alone_and_inline_matches_library() -> Result<()> {
         bail!("no inline embedding: {:?}", r.results[0])
     };
     let Some(R::Error(err)) = &r.results[1].result else { bail!("corrupt image did not fail") };
-    assert_eq!(err.code, "INVALID_ARGUMENT");
+    assert_eq!(err.code(), dsvl_proto::internal::ImageErrorCode::InvalidImage);
     assert!(err.message.contains("truncated"), "{}", err.message);
 
     use dsvl_models::checkpoint::{Checkpoint, ModelSource};
