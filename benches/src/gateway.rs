@@ -167,7 +167,7 @@ fn routing_decision_ns() -> Result<(f64, f64)> {
     let vision = Pool::from_addresses(Tier::Vision, &addrs);
     let decoder = Pool::from_addresses(Tier::Decoder, &addrs);
     let digests: Vec<String> = (0..1024)
-        .map(|i| dsvl_core::cache_key::image_digest(format!("image {i}").as_bytes()))
+        .map(|i| dsvl_core::cache_key::ImageDigest::of(format!("image {i}").as_bytes()).to_hex())
         .collect();
     let n = 50_000;
     let t = Instant::now();

@@ -68,7 +68,7 @@ fn pipeline(
 }
 
 fn key(i: u32) -> String {
-    format!("dsvl:emb:v1:bench{i:08}")
+    format!("dsvl:emb:v2:bench{i:08}")
 }
 
 /// Runs the benchmark.

@@ -21,25 +21,25 @@ fn config(url: String) -> RedisConfig {
 
 async fn exercise(cache: &RedisCache) -> Result<()> {
     for i in 0..20 {
-        let key = format!("dsvl:emb:v1:test{i}");
+        let key = format!("dsvl:emb:v2:test{i}");
         assert_eq!(cache.get(&key).await?, None);
         cache.put(&key, Bytes::from(vec![i as u8; 1000 + i]), Duration::from_secs(30)).await?;
         assert_eq!(cache.get(&key).await?.map(|b| b.len()), Some(1000 + i));
     }
-    assert!(cache.try_lease("dsvl:lease:v1:x", "me", Duration::from_secs(5)).await?);
+    assert!(cache.try_lease("dsvl:lease:v2:x", "me", Duration::from_secs(5)).await?);
     assert!(
-        !cache.try_lease("dsvl:lease:v1:x", "you", Duration::from_secs(5)).await?,
+        !cache.try_lease("dsvl:lease:v2:x", "you", Duration::from_secs(5)).await?,
         "lease is exclusive"
     );
-    cache.release_lease("dsvl:lease:v1:x", "you").await?; // not the holder: no effect
-    assert!(!cache.try_lease("dsvl:lease:v1:x", "you", Duration::from_secs(5)).await?);
-    cache.release_lease("dsvl:lease:v1:x", "me").await?;
-    assert!(cache.try_lease("dsvl:lease:v1:x", "you", Duration::from_secs(5)).await?);
+    cache.release_lease("dsvl:lease:v2:x", "you").await?; // not the holder: no effect
+    assert!(!cache.try_lease("dsvl:lease:v2:x", "you", Duration::from_secs(5)).await?);
+    cache.release_lease("dsvl:lease:v2:x", "me").await?;
+    assert!(cache.try_lease("dsvl:lease:v2:x", "you", Duration::from_secs(5)).await?);
 
     // Batched reads: one MGET / one EXISTS pipeline (split per slot on a cluster), in order,
     // with absent keys and duplicates.
     let keys: Vec<String> =
-        [3, 999, 7, 3, 12].iter().map(|i| format!("dsvl:emb:v1:test{i}")).collect();
+        [3, 999, 7, 3, 12].iter().map(|i| format!("dsvl:emb:v2:test{i}")).collect();
     let values = cache.get_many(&keys).await?;
     let lens: Vec<Option<usize>> = values.iter().map(|v| v.as_ref().map(Bytes::len)).collect();
     assert_eq!(lens, [Some(1003), None, Some(1007), Some(1003), Some(1012)]);
@@ -60,17 +60,17 @@ async fn stalled_server_costs_at_most_the_response_timeout() -> Result<()> {
         breaker: BreakerConfig { failure_threshold: 6, open_for: Duration::from_millis(300) },
         ..config(redis.url())
     })?);
-    cache.put("dsvl:emb:v1:a", Bytes::from_static(b"1"), Duration::from_secs(30)).await?;
+    cache.put("dsvl:emb:v2:a", Bytes::from_static(b"1"), Duration::from_secs(30)).await?;
     let frozen = redis.freeze()?;
     // One response timeout (300 ms) plus slack for a loaded machine; three calls one after
     // another would take 900 ms.
     let bound = Duration::from_millis(300 + 400);
     let t = Instant::now();
-    assert!(cache.get("dsvl:emb:v1:a").await.is_err());
+    assert!(cache.get("dsvl:emb:v2:a").await.is_err());
     assert!(t.elapsed() < bound, "GET took {:?}", t.elapsed());
     let t = Instant::now();
-    assert!(cache.get_many(&["dsvl:emb:v1:a", "dsvl:emb:v1:b"]).await.is_err());
-    assert!(cache.exists_many(&["dsvl:emb:v1:a", "dsvl:emb:v1:b"]).await.is_err());
+    assert!(cache.get_many(&["dsvl:emb:v2:a", "dsvl:emb:v2:b"]).await.is_err());
+    assert!(cache.exists_many(&["dsvl:emb:v2:a", "dsvl:emb:v2:b"]).await.is_err());
     assert!(t.elapsed() < bound * 2, "MGET + EXISTS took {:?}", t.elapsed());
     // Concurrent callers wait in parallel, not one after another.
     let t = Instant::now();
@@ -80,7 +80,7 @@ async fn stalled_server_costs_at_most_the_response_timeout() -> Result<()> {
             tokio::spawn(async move {
                 cache
                     .put(
-                        &format!("dsvl:emb:v1:c{i}"),
+                        &format!("dsvl:emb:v2:c{i}"),
                         Bytes::from_static(b"x"),
                         Duration::from_secs(30),
                     )
@@ -100,7 +100,7 @@ async fn stalled_server_costs_at_most_the_response_timeout() -> Result<()> {
     let calls: Vec<_> = (0..3)
         .map(|_| {
             let fresh = fresh.clone();
-            tokio::spawn(async move { fresh.get("dsvl:emb:v1:a").await })
+            tokio::spawn(async move { fresh.get("dsvl:emb:v2:a").await })
         })
         .collect();
     for c in calls {
@@ -110,7 +110,7 @@ async fn stalled_server_costs_at_most_the_response_timeout() -> Result<()> {
     drop(frozen);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Ok(v) = cache.get_many(&["dsvl:emb:v1:a"]).await {
+        if let Ok(v) = cache.get_many(&["dsvl:emb:v2:a"]).await {
             assert_eq!(
                 v,
                 [Some(Bytes::from_static(b"1"))],
@@ -130,9 +130,9 @@ async fn single_node_values_ttl_and_leases() -> Result<()> {
     let redis = RedisServer::start()?;
     let cache = RedisCache::new(config(redis.url()))?;
     exercise(&cache).await?;
-    cache.put("dsvl:emb:v1:short", Bytes::from_static(b"v"), Duration::from_millis(100)).await?;
+    cache.put("dsvl:emb:v2:short", Bytes::from_static(b"v"), Duration::from_millis(100)).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(cache.get("dsvl:emb:v1:short").await?, None, "TTL expired");
+    assert_eq!(cache.get("dsvl:emb:v2:short").await?, None, "TTL expired");
     Ok(())
 }
 
@@ -142,20 +142,20 @@ async fn single_node_values_ttl_and_leases() -> Result<()> {
 async fn outage_opens_the_breaker_and_recovery_closes_it() -> Result<()> {
     let mut redis = RedisServer::start()?;
     let cache = RedisCache::new(config(redis.url()))?;
-    cache.put("dsvl:emb:v1:a", Bytes::from_static(b"1"), Duration::from_secs(30)).await?;
+    cache.put("dsvl:emb:v2:a", Bytes::from_static(b"1"), Duration::from_secs(30)).await?;
     redis.kill();
     for _ in 0..2 {
         let t = Instant::now();
-        assert!(cache.get("dsvl:emb:v1:a").await.is_err());
+        assert!(cache.get("dsvl:emb:v2:a").await.is_err());
         assert!(t.elapsed() < Duration::from_secs(2), "bounded by the timeouts");
     }
     assert_eq!(cache.breaker().state(), BreakerState::Open);
     let t = Instant::now();
-    assert!(matches!(cache.get("dsvl:emb:v1:a").await, Err(CacheError::BreakerOpen)));
+    assert!(matches!(cache.get("dsvl:emb:v2:a").await, Err(CacheError::BreakerOpen)));
     assert!(t.elapsed() < Duration::from_millis(50), "an open breaker does not touch the network");
     redis.restart()?;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while cache.get("dsvl:emb:v1:a").await.is_err() {
+    while cache.get("dsvl:emb:v2:a").await.is_err() {
         anyhow::ensure!(Instant::now() < deadline, "never recovered");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -8,55 +8,10 @@
 //! byte anywhere passes. Decoding checks every length and the checksum: a corrupt or truncated value is an error
 //! (the caller counts it and treats it as a miss), never a wrong embedding.
 
+pub use crate::embedding::EmbeddingDType;
+
 const MAGIC: &[u8; 8] = b"DSVLEMB\0";
 const VERSION: u16 = 1;
-
-/// Element types an embedding can be stored in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EmbeddingDType {
-    /// 32-bit float.
-    F32,
-    /// IEEE half.
-    F16,
-    /// bfloat16.
-    BF16,
-}
-
-impl EmbeddingDType {
-    fn code(self) -> u8 {
-        match self {
-            Self::F32 => 1,
-            Self::F16 => 2,
-            Self::BF16 => 3,
-        }
-    }
-
-    fn from_code(c: u8) -> Option<Self> {
-        Some(match c {
-            1 => Self::F32,
-            2 => Self::F16,
-            3 => Self::BF16,
-            _ => return None,
-        })
-    }
-
-    /// Bytes per element.
-    pub fn size(self) -> usize {
-        match self {
-            Self::F32 => 4,
-            Self::F16 | Self::BF16 => 2,
-        }
-    }
-
-    /// Lower-case name (`f32`, `f16`, `bf16`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::F16 => "f16",
-            Self::BF16 => "bf16",
-        }
-    }
-}
 
 /// What a stored value says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]

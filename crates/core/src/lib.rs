@@ -12,11 +12,13 @@
 pub mod cache_key;
 pub mod codec;
 mod device;
+pub mod embedding;
 mod limits;
 pub mod sampling;
 pub mod watchdog;
 
 pub use device::{DeviceSpec, ParseError, WeightDType};
+pub use embedding::{Embedding, EmbeddingDType};
 pub use limits::ImageLimits;
 pub use sampling::{InvalidSampling, SamplingParams, SamplingRequest};
 

@@ -10,6 +10,8 @@ use std::io::{Read, Write};
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::tensor_bytes;
+
 const MAGIC: &[u8; 4] = b"DSVL";
 /// Refuse absurd frames instead of allocating them (a corrupt or hostile peer).
 const MAX_HEADER: usize = 64 << 20;
@@ -53,50 +55,19 @@ impl WireTensor {
     /// Copies a tensor (from any device) into wire form.
     pub fn from_tensor(t: &Tensor) -> candle_core::Result<Self> {
         let dims = t.dims().to_vec();
-        let t = t.to_device(&Device::Cpu)?.flatten_all()?;
-        let bytes = match t.dtype() {
-            DType::U8 => t.to_vec1::<u8>()?,
-            DType::U32 => t.to_vec1::<u32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::I64 => t.to_vec1::<i64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::BF16 => {
-                t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()
-            }
-            DType::F16 => t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            DType::F64 => t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            other => candle_core::bail!("dtype {other:?} cannot be sent"),
-        };
+        let bytes = tensor_bytes::to_le_bytes(&t.to_device(&Device::Cpu)?)?;
         Ok(Self { dtype: t.dtype(), dims, bytes })
     }
 
     /// Restores the tensor on `device`, with the original shape.
     pub fn to_tensor(&self, device: &Device) -> candle_core::Result<Tensor> {
-        let b = &self.bytes;
-        let t = match self.dtype {
-            DType::U8 => Tensor::from_vec(b.clone(), b.len(), device)?,
-            DType::U32 => Tensor::from_vec(le::<4, _>(b, u32::from_le_bytes), b.len() / 4, device)?,
-            DType::I64 => Tensor::from_vec(le::<8, _>(b, i64::from_le_bytes), b.len() / 8, device)?,
-            DType::BF16 => {
-                Tensor::from_vec(le::<2, _>(b, half::bf16::from_le_bytes), b.len() / 2, device)?
-            }
-            DType::F16 => {
-                Tensor::from_vec(le::<2, _>(b, half::f16::from_le_bytes), b.len() / 2, device)?
-            }
-            DType::F32 => Tensor::from_vec(le::<4, _>(b, f32::from_le_bytes), b.len() / 4, device)?,
-            DType::F64 => Tensor::from_vec(le::<8, _>(b, f64::from_le_bytes), b.len() / 8, device)?,
-            other => candle_core::bail!("dtype {other:?} cannot be received"),
-        };
-        t.reshape(self.dims.as_slice())
+        tensor_bytes::from_le_bytes(&self.bytes, self.dtype, &self.dims, device)
     }
 
     /// Shape of the tensor.
     pub fn dims(&self) -> &[usize] {
         &self.dims
     }
-}
-
-fn le<const N: usize, T>(bytes: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
-    bytes.chunks_exact(N).map(|c| f(c.try_into().expect("chunks_exact yields N bytes"))).collect()
 }
 
 /// One control-channel message.

@@ -21,6 +21,7 @@ mod frame;
 mod nccl;
 pub mod rendezvous;
 mod tcp;
+pub mod tensor_bytes;
 
 pub use comm::{CommError, Communicator, SingleRank};
 pub use frame::{Message, WireTensor};

@@ -1,8 +1,9 @@
 //! The one mapping between the wire messages and the workspace's own types. Every service
 //! converts through these functions, so a field is interpreted in one place.
 
-use dsvl_core::codec::EmbeddingDType;
+use dsvl_core::codec::CodecError;
 use dsvl_core::sampling::{SamplingParams, SamplingRequest};
+use dsvl_core::{Embedding, EmbeddingDType};
 
 use crate::{internal, v1};
 
@@ -67,6 +68,28 @@ pub fn embedding_dtype(wire: i32) -> Option<EmbeddingDType> {
     }
 }
 
+/// An embedding onto the wire (the payload is shared, not copied).
+impl From<&Embedding> for internal::Embedding {
+    fn from(e: &Embedding) -> Self {
+        Self {
+            shape: e.shape.clone(),
+            dtype: internal::DType::from(e.dtype) as i32,
+            data: e.payload.clone(),
+            model_fingerprint: e.model_fingerprint.clone(),
+        }
+    }
+}
+
+/// An embedding off the wire: dtype known, payload length matching the shape.
+impl TryFrom<internal::Embedding> for Embedding {
+    type Error = CodecError;
+    fn try_from(e: internal::Embedding) -> Result<Self, CodecError> {
+        let dtype = embedding_dtype(e.dtype)
+            .ok_or_else(|| CodecError::Format(format!("unknown dtype {}", e.dtype)))?;
+        Embedding::new(dtype, e.shape, e.model_fingerprint, e.data)
+    }
+}
+
 /// The Decoder's "re-encode these images and send them inline" answer: FAILED_PRECONDITION
 /// with a typed [`internal::DecoderErrorDetail`] in the status details.
 pub fn embedding_unavailable(message: impl Into<String>) -> tonic::Status {
@@ -105,6 +128,17 @@ mod tests {
             seed: 42,
         };
         assert_eq!(SamplingParams::from(&internal::SamplingParams::from(&p)), p);
+    }
+
+    #[test]
+    fn embeddings_round_trip_the_wire() {
+        let e = Embedding::new(EmbeddingDType::BF16, vec![2, 3], "fp".into(), vec![7u8; 12].into())
+            .unwrap();
+        let wire = internal::Embedding::from(&e);
+        assert_eq!(wire.data.as_ptr(), e.payload.as_ptr(), "shared, not copied");
+        assert_eq!(Embedding::try_from(wire.clone()).unwrap(), e);
+        assert!(Embedding::try_from(internal::Embedding { dtype: 0, ..wire.clone() }).is_err());
+        assert!(Embedding::try_from(internal::Embedding { shape: vec![2, 4], ..wire }).is_err());
     }
 
     #[test]

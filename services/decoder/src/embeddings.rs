@@ -5,52 +5,24 @@
 
 use std::sync::Arc;
 
-use crate::error::ServiceError;
 use candle_core::{DType, Device, Tensor};
 use dsvl_cache::RedisCache;
-use dsvl_core::codec::{self, EmbeddingDType};
+use dsvl_core::Embedding;
+use dsvl_parallel::tensor_bytes;
 use dsvl_proto::internal::image_slot::Embedding as Source;
 use dsvl_proto::internal::ImageSlot;
 
+use crate::error::ServiceError;
 use crate::group::ModelInfo;
 
-fn to_tensor(
-    dtype: EmbeddingDType,
-    payload: &[u8],
-    rows: usize,
-    hidden: usize,
-) -> Result<Tensor, ServiceError> {
-    let t = match dtype {
-        EmbeddingDType::F32 => {
-            let v: Vec<f32> = payload
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-                .collect();
-            Tensor::from_vec(v, (rows, hidden), &Device::Cpu)
-        }
-        EmbeddingDType::BF16 => {
-            let v: Vec<half::bf16> = payload
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes(b.try_into().expect("2 bytes")))
-                .collect();
-            Tensor::from_vec(v, (rows, hidden), &Device::Cpu)
-        }
-        EmbeddingDType::F16 => {
-            let v: Vec<half::f16> = payload
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes(b.try_into().expect("2 bytes")))
-                .collect();
-            Tensor::from_vec(v, (rows, hidden), &Device::Cpu)
-        }
-    };
-    t.map_err(|e| ServiceError::Internal(e.to_string()))
-}
-
-/// Resolves every slot to a `[tokens, hidden]` f32 tensor, in slot order.
+/// Resolves every slot to a `[tokens, hidden]` tensor in the model's working dtype (`dtype`), in
+/// slot order. An embedding already in that dtype (bf16 from a bf16 vision tier for a bf16
+/// decoder) is never converted, and travels to the worker ranks at that width.
 pub async fn fetch(
     slots: &[ImageSlot],
     info: &ModelInfo,
     cache: Option<&Arc<RedisCache>>,
+    dtype: DType,
 ) -> Result<Vec<Tensor>, ServiceError> {
     let Some((_, fingerprint)) = &info.vision else {
         return Err(ServiceError::InvalidArgument(
@@ -77,25 +49,19 @@ pub async fn fetch(
     .into_iter();
     let mut out = Vec::with_capacity(slots.len());
     for (i, slot) in slots.iter().enumerate() {
-        let (dtype, payload, fp): (EmbeddingDType, Vec<u8>, String) = match &slot.embedding {
+        let emb: Embedding = match &slot.embedding {
             None => {
                 return Err(ServiceError::InvalidArgument(format!("image {i} has no embedding")))
             }
             Some(Source::Inline(e)) => {
-                let dt = dsvl_proto::convert::embedding_dtype(e.dtype).ok_or_else(|| {
-                    ServiceError::InvalidArgument(format!("image {i}: unknown dtype {}", e.dtype))
-                })?;
                 if e.shape != [rows as u32, hidden as u32] {
-                    return Err(ServiceError::EmbeddingUnavailable(format!("image {i}: embedding shape {:?}, this model takes [{rows}, {hidden}]: re-encode", e.shape)));
-                }
-                if e.data.len() != rows * hidden * dt.size() {
-                    return Err(ServiceError::InvalidArgument(format!(
-                        "image {i}: {} bytes for shape {:?}",
-                        e.data.len(),
+                    return Err(ServiceError::EmbeddingUnavailable(format!(
+                        "image {i}: embedding shape {:?}, this model takes [{rows}, {hidden}]: re-encode",
                         e.shape
                     )));
                 }
-                (dt, e.data.to_vec(), e.model_fingerprint.clone())
+                Embedding::try_from(e.clone())
+                    .map_err(|e| ServiceError::InvalidArgument(format!("image {i}: {e}")))?
             }
             Some(Source::Ref(r)) => {
                 let value = match fetched.next() {
@@ -103,7 +69,7 @@ pub async fn fetch(
                     Some(None) => return Err(ServiceError::EmbeddingUnavailable(format!("embedding {} is not in the cache (expired or evicted): re-encode the image", r.key))),
                     None => return Err(ServiceError::Internal("fewer cache replies than references. This is a bug.".into())),
                 };
-                let (header, payload) = codec::decode(&value).map_err(|e| {
+                let emb = Embedding::from_value(value).map_err(|e| {
                     metrics::counter!("dsvl_decoder_embedding_errors_total", "reason" => "corrupt")
                         .increment(1);
                     ServiceError::EmbeddingUnavailable(format!(
@@ -111,24 +77,29 @@ pub async fn fetch(
                         r.key
                     ))
                 })?;
-                if header.shape != [rows as u32, hidden as u32] {
-                    return Err(ServiceError::EmbeddingUnavailable(format!("embedding {} has shape {:?}; this model takes [{rows}, {hidden}]: re-encode", r.key, header.shape)));
+                if emb.shape != [rows as u32, hidden as u32] {
+                    return Err(ServiceError::EmbeddingUnavailable(format!("embedding {} has shape {:?}; this model takes [{rows}, {hidden}]: re-encode", r.key, emb.shape)));
                 }
-                (header.dtype, payload.to_vec(), header.model_fingerprint)
+                emb
             }
         };
-        if &fp != fingerprint {
+        if &emb.model_fingerprint != fingerprint {
             metrics::counter!("dsvl_decoder_embedding_errors_total", "reason" => "fingerprint")
                 .increment(1);
             return Err(ServiceError::EmbeddingUnavailable(format!(
-                "image {i} was encoded by another model (fingerprint {fp}, this decoder expects {fingerprint}): re-encode with the matching vision tier"
+                "image {i} was encoded by another model (fingerprint {}, this decoder expects {fingerprint}): re-encode with the matching vision tier",
+                emb.model_fingerprint
             )));
         }
-        out.push(
-            to_tensor(dtype, &payload, rows, hidden)?
-                .to_dtype(DType::F32)
-                .map_err(|e| ServiceError::Internal(e.to_string()))?,
-        );
+        let t = tensor_bytes::from_le_bytes(
+            &emb.payload,
+            tensor_bytes::candle_dtype(emb.dtype),
+            &[rows, hidden],
+            &Device::Cpu,
+        )
+        .and_then(|t| if t.dtype() == dtype { Ok(t) } else { t.to_dtype(dtype) })
+        .map_err(|e| ServiceError::Internal(e.to_string()))?;
+        out.push(t);
     }
     Ok(out)
 }

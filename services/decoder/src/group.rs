@@ -38,6 +38,8 @@ pub struct ModelInfo {
     pub image_tokens: usize,
     /// Tensor-parallel degree.
     pub tp: usize,
+    /// The model's working dtype: image rows are handed to the ranks in it.
+    pub dtype: candle_core::DType,
 }
 
 fn source(model: &Option<std::path::PathBuf>) -> ModelSource {
@@ -193,6 +195,7 @@ pub fn build_leader(
         vision,
         image_tokens: facts.image_tokens(),
         tp: cfg.tp,
+        dtype,
     };
     let sched = Scheduler::new(
         SchedulerConfig {

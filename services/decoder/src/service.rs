@@ -139,7 +139,7 @@ impl Ready {
                 slots.len()
             )));
         }
-        let rows = embeddings::fetch(&slots, &self.info, cache).await?;
+        let rows = embeddings::fetch(&slots, &self.info, cache, self.info.dtype).await?;
         let rows = Tensor::cat(&rows, 0).map_err(|e| ServiceError::Internal(e.to_string()))?;
         Ok(Some(ImageRows { positions, rows }))
     }

@@ -174,12 +174,13 @@ async fn image_stream_through_redis_matches_reference() -> Result<()> {
     let emb = enc.forward(&pixels)?.flatten_all()?.to_vec1::<f32>()?;
     let payload: Vec<u8> = emb.iter().flat_map(|v| v.to_le_bytes()).collect();
     let store = |key: &str, fp: &str| -> Result<()> {
-        let header = dsvl_core::codec::EmbeddingHeader {
-            dtype: dsvl_core::codec::EmbeddingDType::F32,
-            shape: vec![576, 128],
-            model_fingerprint: fp.into(),
-        };
-        let value = dsvl_core::codec::encode(&header, &payload);
+        let value = dsvl_core::Embedding::new(
+            dsvl_core::EmbeddingDType::F32,
+            vec![576, 128],
+            fp.into(),
+            payload.clone().into(),
+        )?
+        .to_value();
         let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port))?;
         use std::io::{Read, Write};
         write!(s, "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n", key.len(), value.len())?;
@@ -190,8 +191,8 @@ async fn image_stream_through_redis_matches_reference() -> Result<()> {
         anyhow::ensure!(buf[..n].starts_with(b"+OK"), "SET failed");
         Ok(())
     };
-    store("dsvl:emb:v1:golden", &fingerprint)?;
-    store("dsvl:emb:v1:foreign", "another-model")?;
+    store("dsvl:emb:v2:golden", &fingerprint)?;
+    store("dsvl:emb:v2:foreign", "another-model")?;
     let slot = |key: &str| ImageSlot {
         position: 54,
         embedding: Some(Source::Ref(EmbeddingRef {
@@ -206,14 +207,14 @@ async fn image_stream_through_redis_matches_reference() -> Result<()> {
     let mut c = d.client().await?;
     let (out, _) = generate(
         &mut c,
-        GenerateRequest { images: vec![slot("dsvl:emb:v1:golden")], ..request(prompt.clone(), 16) },
+        GenerateRequest { images: vec![slot("dsvl:emb:v2:golden")], ..request(prompt.clone(), 16) },
     )
     .await?;
     assert_eq!(out, ids(&lm["image.generated_ids"])?);
 
     let missing = generate(
         &mut c,
-        GenerateRequest { images: vec![slot("dsvl:emb:v1:gone")], ..request(prompt.clone(), 4) },
+        GenerateRequest { images: vec![slot("dsvl:emb:v2:gone")], ..request(prompt.clone(), 4) },
     )
     .await
     .unwrap_err();
@@ -223,7 +224,7 @@ async fn image_stream_through_redis_matches_reference() -> Result<()> {
     assert!(dsvl_proto::convert::asks_to_reencode(&missing), "{missing:?}");
     let foreign = generate(
         &mut c,
-        GenerateRequest { images: vec![slot("dsvl:emb:v1:foreign")], ..request(prompt.clone(), 4) },
+        GenerateRequest { images: vec![slot("dsvl:emb:v2:foreign")], ..request(prompt.clone(), 4) },
     )
     .await
     .unwrap_err();

@@ -134,7 +134,7 @@ impl Gateway {
             }
             let e = tokio::time::timeout_at(
                 deadline.into(),
-                self.embed_images(&tenant.salt, &prep.images, false, deadline),
+                self.embed_images(&tenant.salt, &prep.images, &prep.image_digests, false, deadline),
             )
             .await
             .map_err(|_| deadline_error("image encoding"))??;
@@ -161,7 +161,13 @@ impl Gateway {
                 metrics::counter!("dsvl_gateway_reencodes_total").increment(1);
                 let e = tokio::time::timeout_at(
                     deadline.into(),
-                    self.embed_images(&tenant.salt, &prep.images, true, deadline),
+                    self.embed_images(
+                        &tenant.salt,
+                        &prep.images,
+                        &prep.image_digests,
+                        true,
+                        deadline,
+                    ),
                 )
                 .await
                 .map_err(|_| deadline_error("image encoding"))??;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use dsvl_core::cache_key::{embedding_key, image_digest, KeyParts, PREPROCESS_VERSION};
+use dsvl_core::cache_key::{embedding_key, ImageDigest, KeyParts, PREPROCESS_VERSION};
 use dsvl_proto::convert::embedding_dtype;
 use dsvl_proto::internal::encode_result::Result as EncodeOutcome;
 use dsvl_proto::internal::image_slot::Embedding as SlotEmbedding;
@@ -67,7 +67,7 @@ impl Gateway {
     async fn probe_shared_cache(
         &self,
         salt: &[u8],
-        images: &[Bytes],
+        digests: &[ImageDigest],
         out: &mut [Option<SlotEmbedding>],
     ) -> u32 {
         let (Some(redis), Some(info)) = (&self.redis, self.vision_info()) else { return 0 };
@@ -77,15 +77,15 @@ impl Gateway {
         else {
             return 0;
         };
-        let keys: Vec<String> = images
+        let keys: Vec<String> = digests
             .iter()
-            .map(|img| {
+            .map(|image| {
                 embedding_key(&KeyParts {
                     salt,
                     model_fingerprint: &info.model_fingerprint,
                     dtype,
                     preprocess_version: PREPROCESS_VERSION,
-                    image: img,
+                    image,
                 })
             })
             .collect();
@@ -143,14 +143,16 @@ impl Gateway {
         &self,
         salt: &[u8],
         images: &[Bytes],
+        image_digests: &[ImageDigest],
         inline: bool,
         deadline: Instant,
     ) -> Result<Embedded, GatewayError> {
         let n = images.len();
         let mut out: Vec<Option<SlotEmbedding>> = vec![None; n];
         let mut cached =
-            if inline { 0 } else { self.probe_shared_cache(salt, images, &mut out).await };
-        let digests: Vec<String> = images.iter().map(|b| image_digest(b)).collect();
+            if inline { 0 } else { self.probe_shared_cache(salt, image_digests, &mut out).await };
+        // Hex for routing and `client_digest`: formatting, not hashing again.
+        let digests: Vec<String> = image_digests.iter().map(ImageDigest::to_hex).collect();
         let mut tried: Vec<HashSet<String>> = vec![HashSet::new(); n];
         let mut first_round = true;
         loop {

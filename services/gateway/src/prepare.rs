@@ -9,6 +9,7 @@ use bytes::Bytes;
 use dsvl_chat::{
     render_prompt, Message, Prompt, Role as TemplateRole, DEFAULT_SYSTEM_PROMPT, IMAGE_TAG,
 };
+use dsvl_core::cache_key::ImageDigest;
 use dsvl_core::sampling::{SamplingParams, SamplingRequest};
 
 use crate::config::GatewayConfig;
@@ -82,6 +83,8 @@ pub struct Prepared {
     pub prompt: Prompt,
     /// Images in placeholder order.
     pub images: Vec<Bytes>,
+    /// Their digests (BLAKE3), computed once here: routing, `client_digest` and cache keys.
+    pub image_digests: Vec<ImageDigest>,
     /// Sampling parameters, resolved and validated.
     pub sampling: SamplingParams,
     /// Stop strings.
@@ -230,9 +233,11 @@ pub fn prepare(
         Some(n) => n,
         None => config.max_new_tokens.min(room),
     };
+    let image_digests = images.iter().map(|b| ImageDigest::of(b)).collect();
     Ok(Prepared {
         prompt,
         images,
+        image_digests,
         sampling,
         stop: input.stop,
         max_new_tokens,

@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use candle_core::DType;
+use bytes::Bytes;
 use dsvl_models::preprocess::Preprocessed;
 use dsvl_models::vision::VisionEncoder;
+use dsvl_parallel::tensor_bytes;
 use dsvl_telemetry::probes::Watchdog;
 use tokio::sync::oneshot;
 
@@ -34,7 +35,7 @@ pub struct Job {
     /// Drop instead of encoding after this instant.
     pub deadline: Option<Instant>,
     /// Where the embedding bytes (row-major, little-endian, stored dtype) go.
-    pub reply: oneshot::Sender<Result<Vec<u8>, JobError>>,
+    pub reply: oneshot::Sender<Result<Bytes, JobError>>,
 }
 
 /// Batching knobs.
@@ -179,31 +180,20 @@ fn model_loop(
     }
 }
 
-/// One forward pass; each image's embedding as little-endian bytes in the working dtype.
+/// One forward pass; each image's embedding as little-endian bytes in the working dtype (the
+/// workspace's one tensor codec, `dsvl_parallel::tensor_bytes`).
 fn encode_batch(
     encoder: &VisionEncoder,
     jobs: &[Job],
-) -> Result<Vec<Vec<u8>>, dsvl_models::ModelError> {
+) -> Result<Vec<Bytes>, dsvl_models::ModelError> {
     let refs: Vec<&Preprocessed> = jobs.iter().map(|j| &j.pixels).collect();
     let emb =
         encoder.forward(&encoder.batch_pixels(&refs)?)?.to_device(&candle_core::Device::Cpu)?;
-    (0..jobs.len())
-        .map(|i| {
-            let e = emb.get(i)?.flatten_all()?;
-            Ok(match e.dtype() {
-                DType::F32 => e.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                DType::BF16 => {
-                    e.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()
-                }
-                DType::F16 => {
-                    e.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect()
-                }
-                other => {
-                    return Err(dsvl_models::ModelError::Unsupported(format!(
-                        "embedding dtype {other:?}"
-                    )))
-                }
-            })
-        })
-        .collect()
+    if tensor_bytes::embedding_dtype(emb.dtype()).is_none() {
+        return Err(dsvl_models::ModelError::Unsupported(format!(
+            "embedding dtype {:?}",
+            emb.dtype()
+        )));
+    }
+    (0..jobs.len()).map(|i| Ok(Bytes::from(tensor_bytes::to_le_bytes(&emb.get(i)?)?))).collect()
 }

@@ -16,39 +16,34 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use dsvl_cache::{EmbeddingCache, MemoryCache, RedisCache, SingleFlight};
 use dsvl_core::cache_key::lease_key;
-use dsvl_core::codec::{self, EmbeddingDType, EmbeddingHeader};
+use dsvl_core::codec;
+use dsvl_core::{Embedding, EmbeddingDType};
 use dsvl_models::preprocess::Preprocessor;
 use tokio::sync::oneshot;
 
 use crate::batcher::{Batcher, Job, JobError};
 
-/// An embedding as stored (encoded value) plus where its payload starts.
+/// An embedding as stored: the encoded value (what the caches hold) and the embedding, whose
+/// payload is a slice of the value (no second copy).
 #[derive(Debug)]
 pub struct Stored {
     /// The encoded value (header + payload), as in the cache.
     pub value: Bytes,
-    /// The decoded header.
-    pub header: EmbeddingHeader,
-    /// Offset of the payload in `value`.
-    pub payload_at: usize,
+    /// The embedding, sharing the value's payload bytes.
+    pub embedding: Embedding,
 }
 
 impl Stored {
     /// Verifies `value` and keeps it.
     pub fn parse(value: Bytes) -> Result<Self, codec::CodecError> {
-        let (header, payload) = codec::decode(&value)?;
-        let payload_at = value.len() - payload.len();
-        Ok(Self { header, payload_at, value })
+        Ok(Self { embedding: Embedding::from_value(value.clone())?, value })
     }
 
-    /// The tensor bytes.
-    pub fn payload(&self) -> &[u8] {
-        &self.value[self.payload_at..]
-    }
-
-    /// The tensor bytes as a shared slice of the stored value (no copy).
-    pub fn payload_bytes(&self) -> Bytes {
-        self.value.slice(self.payload_at..)
+    /// Stores `embedding`: encodes its value once and points the payload into it.
+    pub fn new(embedding: Embedding) -> Self {
+        let value = embedding.to_value();
+        let payload = value.slice(value.len() - embedding.payload.len()..);
+        Self { embedding: Embedding { payload, ..embedding }, value }
     }
 }
 
@@ -134,9 +129,9 @@ impl Pipeline {
     fn check(&self, value: Bytes, tier: &'static str) -> Option<Arc<Stored>> {
         match Stored::parse(value) {
             Ok(s)
-                if s.header.model_fingerprint == self.expected.fingerprint
-                    && s.header.dtype == self.expected.dtype
-                    && s.header.shape == self.expected.shape =>
+                if s.embedding.model_fingerprint == self.expected.fingerprint
+                    && s.embedding.dtype == self.expected.dtype
+                    && s.embedding.shape == self.expected.shape =>
             {
                 Some(Arc::new(s))
             }
@@ -354,12 +349,15 @@ impl Pipeline {
             Ok(Err(JobError::Model(e))) => return Err(Failure::Internal(e)),
             Err(_) => return Err(Failure::Internal("the model thread stopped".into())),
         };
-        let header = EmbeddingHeader {
-            dtype: self.expected.dtype,
-            shape: self.expected.shape.clone(),
-            model_fingerprint: self.expected.fingerprint.clone(),
-        };
-        let value = Bytes::from(codec::encode(&header, &payload));
+        let embedding = Embedding::new(
+            self.expected.dtype,
+            self.expected.shape.clone(),
+            self.expected.fingerprint.clone(),
+            payload,
+        )
+        .map_err(|e| Failure::Internal(format!("the model gave a malformed embedding: {e}")))?;
+        let stored = Stored::new(embedding);
+        let value = stored.value.clone();
         let _ = self.local.put(key, value.clone(), self.ttl).await;
         let mut in_shared = false;
         if let Some(shared) = self.shared.as_ref().filter(|_| write_shared) {
@@ -370,8 +368,7 @@ impl Pipeline {
         } else if self.shared.is_some() {
             cache_metric("shared", "write_skipped");
         }
-        let payload_at = value.len() - payload.len();
-        Ok((Arc::new(Stored { value, header, payload_at }), in_shared))
+        Ok((Arc::new(stored), in_shared))
     }
 }
 

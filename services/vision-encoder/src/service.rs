@@ -4,13 +4,13 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
-use dsvl_core::cache_key::{embedding_key, image_digest, KeyParts};
+use dsvl_core::cache_key::{embedding_key, ImageDigest, KeyParts};
 use dsvl_models::preprocess::PREPROCESS_VERSION;
 use dsvl_proto::internal::encode_result::Result as ResultKind;
 use dsvl_proto::internal::vision_encoder_server::VisionEncoder;
 use dsvl_proto::internal::{
-    DType, Embedding, EmbeddingRef, EncodeRequest, EncodeResponse, EncodeResult, ImageErrorCode,
-    InfoRequest, InfoResponse,
+    DType, EmbeddingRef, EncodeRequest, EncodeResponse, EncodeResult, ImageErrorCode, InfoRequest,
+    InfoResponse,
 };
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -97,8 +97,11 @@ impl VisionService {
             .into_iter()
             .map(|img| {
                 let data = img.data;
+                // One hash of the image in this process: it checks the caller's digest and
+                // goes into the key.
+                let digest = ImageDigest::of(&data);
                 if !img.client_digest.is_empty()
-                    && !img.client_digest.eq_ignore_ascii_case(&image_digest(&data))
+                    && ImageDigest::from_hex(&img.client_digest) != Some(digest)
                 {
                     return Err(image_error(
                         ImageErrorCode::InvalidImage,
@@ -120,7 +123,7 @@ impl VisionService {
                     model_fingerprint: &pipeline.expected.fingerprint,
                     dtype: pipeline.expected.dtype.name(),
                     preprocess_version: PREPROCESS_VERSION,
-                    image: &data,
+                    image: &digest,
                 });
                 Ok((key, data))
             })
@@ -156,20 +159,16 @@ impl VisionService {
                                 // A reference only when the value is in the shared cache; otherwise
                                 // (no Redis, or Redis failed for this image) the bytes travel inline.
                                 let result = if shared && in_shared && !return_inline {
+                                    let e = &stored.embedding;
                                     ResultKind::Ref(EmbeddingRef {
                                         key: key.clone(),
-                                        shape: stored.header.shape.clone(),
-                                        dtype: DType::from(stored.header.dtype) as i32,
-                                        model_fingerprint: stored.header.model_fingerprint.clone(),
+                                        shape: e.shape.clone(),
+                                        dtype: DType::from(e.dtype) as i32,
+                                        model_fingerprint: e.model_fingerprint.clone(),
                                         stored_bytes: stored.value.len() as u64,
                                     })
                                 } else {
-                                    ResultKind::Inline(Embedding {
-                                        shape: stored.header.shape.clone(),
-                                        dtype: DType::from(stored.header.dtype) as i32,
-                                        data: stored.payload_bytes(),
-                                        model_fingerprint: stored.header.model_fingerprint.clone(),
-                                    })
+                                    ResultKind::Inline((&stored.embedding).into())
                                 };
                                 Ok(EncodeResult { result: Some(result), cache_hit, key })
                             }

@@ -346,7 +346,7 @@ async fn takes_over_when_the_lease_holder_dies() -> Result<()> {
         model_fingerprint: &info.model_fingerprint,
         dtype: "f32",
         preprocess_version: dsvl_models::preprocess::PREPROCESS_VERSION,
-        image: &img,
+        image: &dsvl_core::cache_key::ImageDigest::of(&img),
     });
     let lease = dsvl_core::cache_key::lease_key(&key);
     let planted = redis.command(&format!("SET {lease} dead-replica PX 1200"))?;
