@@ -11,6 +11,8 @@ pub mod generate;
 pub mod group;
 pub mod sampler;
 pub mod scheduler;
+#[cfg(test)]
+mod scheduler_tests;
 
 pub use generate::{generate, FinishReason, GenerationOutput, GenerationRequest, StepExecutor};
 pub use sampler::{Rng, SamplingParams};

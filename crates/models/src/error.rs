@@ -5,22 +5,10 @@ use crate::preprocess::ImageError;
 /// Everything that can go wrong loading or running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    /// A checkpoint file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Io {
-        /// The file or directory.
-        path: String,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// A config file is malformed or inconsistent.
-    #[error("invalid {file}: {message}")]
-    Config {
-        /// Which file.
-        file: String,
-        /// What is wrong.
-        message: String,
-    },
+    /// The checkpoint could not be read or does not describe a supported model (I/O, a
+    /// malformed config, an unsupported variant).
+    #[error(transparent)]
+    Checkpoint(#[from] dsvl_checkpoint::CheckpointError),
     /// The checkpoint lacks a tensor the model needs.
     #[error("checkpoint has no tensor `{name}` (the model expects shape {expected:?})")]
     MissingTensor {
@@ -41,9 +29,6 @@ pub enum ModelError {
         /// Shape the config implies.
         expected: Vec<usize>,
     },
-    /// A model variant, preset or option this build does not implement.
-    #[error("unsupported: {0}")]
-    Unsupported(String),
     /// The requested device cannot be used.
     #[error("device {device}: {reason}")]
     Device {
@@ -71,18 +56,18 @@ pub enum ModelError {
 }
 
 impl ModelError {
-    pub(crate) fn config(file: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Config { file: file.into(), message: message.into() }
+    /// A malformed or inconsistent config file.
+    pub fn config(file: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Checkpoint(dsvl_checkpoint::CheckpointError::config(file, message))
     }
-}
 
-impl From<dsvl_checkpoint::CheckpointError> for ModelError {
-    fn from(e: dsvl_checkpoint::CheckpointError) -> Self {
-        use dsvl_checkpoint::CheckpointError as C;
-        match e {
-            C::Io { path, source } => Self::Io { path, source },
-            C::Config { file, message } => Self::Config { file, message },
-            C::Unsupported(m) => Self::Unsupported(m),
-        }
+    /// An OS error on `path` (a file, a socket, a child process).
+    pub fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
+        Self::Checkpoint(dsvl_checkpoint::CheckpointError::io(path, source))
+    }
+
+    /// A model variant, preset or option this build does not implement.
+    pub fn unsupported(message: impl Into<String>) -> Self {
+        Self::Checkpoint(dsvl_checkpoint::CheckpointError::Unsupported(message.into()))
     }
 }

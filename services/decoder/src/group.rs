@@ -91,8 +91,7 @@ fn local_worker_commands(
     first_rank: usize,
     local: usize,
 ) -> Result<Vec<Command>, ModelError> {
-    let exe = std::env::current_exe()
-        .map_err(|e| ModelError::Io { path: "current executable".into(), source: e })?;
+    let exe = std::env::current_exe().map_err(|e| ModelError::io("current executable", e))?;
     Ok((1..local)
         .map(|i| {
             let mut c = Command::new(&exe);
@@ -140,10 +139,8 @@ pub fn build_leader(
     let dtype = candle_dtype(cfg.dtype);
     let device = open_device(cfg.device)?;
     let listener = TcpListener::bind(&cfg.rendezvous_bind)
-        .map_err(|e| ModelError::Io { path: cfg.rendezvous_bind.clone(), source: e })?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|e| ModelError::Io { path: "rendezvous".into(), source: e })?;
+        .map_err(|e| ModelError::io(cfg.rendezvous_bind.clone(), e))?;
+    let local_addr = listener.local_addr().map_err(|e| ModelError::io("rendezvous", e))?;
     let leader = if cfg.nodes == 1 {
         local_addr.to_string()
     } else {
@@ -152,7 +149,7 @@ pub fn build_leader(
     let tag = group_tag(&ckpt, cfg.dtype.as_str());
     let local = cfg.tp / cfg.nodes;
     let mut workers = LocalWorkers::spawn(local_worker_commands(args, &leader, 0, local)?)
-        .map_err(|e| ModelError::Io { path: "worker ranks".into(), source: e })?;
+        .map_err(|e| ModelError::io("worker ranks", e))?;
     let kv = PagedKvConfig { num_blocks: cfg.kv_blocks, block_size: cfg.block_size };
     let timeouts = GroupTimeouts { collective: cfg.collective_timeout, ..GroupTimeouts::default() };
     let spec = spec(cfg.tp, 0, leader, tag, cfg.collective_timeout);
@@ -229,7 +226,7 @@ pub fn run_worker_process(args: &Args) -> Result<(), ModelError> {
         LocalWorkers::default()
     } else {
         LocalWorkers::spawn(local_worker_commands(args, &leader, rank, local)?)
-            .map_err(|e| ModelError::Io { path: "worker ranks".into(), source: e })?
+            .map_err(|e| ModelError::io("worker ranks", e))?
     };
     let ckpt = Checkpoint::open(&source(&args.model))?;
     let local_rank = rank % local.max(1);

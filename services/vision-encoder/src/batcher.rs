@@ -190,7 +190,7 @@ fn encode_batch(
     let emb =
         encoder.forward(&encoder.batch_pixels(&refs)?)?.to_device(&candle_core::Device::Cpu)?;
     if tensor_bytes::embedding_dtype(emb.dtype()).is_none() {
-        return Err(dsvl_models::ModelError::Unsupported(format!(
+        return Err(dsvl_models::ModelError::unsupported(format!(
             "embedding dtype {:?}",
             emb.dtype()
         )));

@@ -65,16 +65,17 @@ fn load_pipeline(cfg: &VisionConfig, watchdog: Arc<Watchdog>) -> Result<Pipeline
     let vision = facts.vision.as_ref().expect("VisionEncoder::load refuses text-only models");
     if (encoder.num_tokens(), encoder.hidden_size()) != (vision.image_tokens, facts.llm.hidden_size)
     {
-        return Err(VisionError::Model(dsvl_models::ModelError::Config {
-            file: "config.json".into(),
-            message: format!(
-                "the vision tower gives {} x {} embeddings, but processor_config.json and the language model take {} x {}",
+        return Err(VisionError::Model(dsvl_models::ModelError::config(
+            "config.json",
+            format!(
+                "the vision tower gives {} x {} embeddings, but processor_config.json and the \
+                 language model take {} x {}",
                 encoder.num_tokens(),
                 encoder.hidden_size(),
                 vision.image_tokens,
                 facts.llm.hidden_size
             ),
-        }));
+        )));
     }
     let fingerprint = vision.fingerprint.clone().unwrap_or_default();
     let preprocessor = Preprocessor::new(encoder.preprocess_config().clone(), cfg.image_limits);

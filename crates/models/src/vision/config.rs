@@ -91,7 +91,7 @@ impl TowerParams {
     fn require_same_features(&self) -> Result<(), ModelError> {
         match self.select_feature.as_deref() {
             None | Some("same") => Ok(()),
-            Some(other) => Err(ModelError::Unsupported(format!(
+            Some(other) => Err(ModelError::unsupported(format!(
                 "vision tower {}: select_feature `{other}` (only `same` is used by DeepSeek-VL)",
                 self.model_name
             ))),
@@ -133,7 +133,7 @@ impl SamConfig {
         let (width, layers, heads, global) = match p.model_name.as_str() {
             "sam_b_downsample" => (768, 12, 12, vec![2, 5, 8, 11]),
             other => {
-                return Err(ModelError::Unsupported(format!(
+                return Err(ModelError::unsupported(format!(
                     "SAM preset `{other}` (supported: sam_b_downsample)"
                 )))
             }
@@ -156,7 +156,7 @@ impl SamConfig {
     }
 
     fn validate(&self) -> Result<(), ModelError> {
-        let bad = |m: String| Err(ModelError::Unsupported(format!("SAM config: {m}")));
+        let bad = |m: String| Err(ModelError::unsupported(format!("SAM config: {m}")));
         if self.heads == 0 || !self.width.is_multiple_of(self.heads) {
             return bad(format!("width {} is not divisible by heads {}", self.width, self.heads));
         }
@@ -216,7 +216,7 @@ impl SiglipConfig {
             "siglip_large_patch16_384" => (1024, 24, 16, 16, 4.0),
             "siglip_so400m_patch14_384" | "siglip_so400m_patch14_224" => (1152, 27, 16, 14, 3.7362),
             other => {
-                return Err(ModelError::Unsupported(format!(
+                return Err(ModelError::unsupported(format!(
                     "SigLIP preset `{other}` (supported: siglip_large_patch16_384, siglip_so400m_patch14_384/224)"
                 )))
             }
@@ -240,13 +240,13 @@ impl SiglipConfig {
             normalize: p.normalize(),
         };
         if cfg.heads == 0 || !cfg.width.is_multiple_of(cfg.heads) {
-            return Err(ModelError::Unsupported(format!(
+            return Err(ModelError::unsupported(format!(
                 "SigLIP config: width {} not divisible by heads {}",
                 cfg.width, cfg.heads
             )));
         }
         if cfg.patch_size == 0 || !cfg.image_size.is_multiple_of(cfg.patch_size) {
-            return Err(ModelError::Unsupported(format!(
+            return Err(ModelError::unsupported(format!(
                 "SigLIP config: image_size {} is not a multiple of patch_size {}",
                 cfg.image_size, cfg.patch_size
             )));
@@ -327,7 +327,7 @@ impl AlignerConfig {
             "mlp_gelu" => ProjectorType::MlpGelu,
             "low_high_hybrid_split_mlp_gelu" => ProjectorType::LowHighHybridSplitMlpGelu,
             other => {
-                return Err(ModelError::Unsupported(format!("aligner projector_type `{other}`")))
+                return Err(ModelError::unsupported(format!("aligner projector_type `{other}`")))
             }
         };
         Ok(Self { projector_type, depth: p.depth, input_dim: p.input_dim, n_embed: p.n_embed })
@@ -357,7 +357,7 @@ impl TowerConfig {
                 let p: HybridParams =
                     serde_json::from_value(c.params.clone()).map_err(parse_err)?;
                 if p.concat_type != "tuple" {
-                    return Err(ModelError::Unsupported(format!(
+                    return Err(ModelError::unsupported(format!(
                         "hybrid concat_type `{}` (only `tuple`)",
                         p.concat_type
                     )));
@@ -370,14 +370,14 @@ impl TowerConfig {
             "CLIPVisionTower" => {
                 let p: TowerParams = serde_json::from_value(c.params.clone()).map_err(parse_err)?;
                 if !p.model_name.starts_with("siglip") {
-                    return Err(ModelError::Unsupported(format!(
+                    return Err(ModelError::unsupported(format!(
                         "CLIPVisionTower model `{}` (only SigLIP)",
                         p.model_name
                     )));
                 }
                 Ok(Self::Siglip(SiglipConfig::resolve(&p)?))
             }
-            other => Err(ModelError::Unsupported(format!("vision tower class `{other}`"))),
+            other => Err(ModelError::unsupported(format!("vision tower class `{other}`"))),
         }
     }
 

@@ -69,7 +69,7 @@ impl VisionEncoder {
         progress: Option<ProgressFn>,
     ) -> Result<Self, ModelError> {
         let vision: ComponentConfig = ckpt.sub_config("vision_config")?.ok_or_else(|| {
-            ModelError::Unsupported(format!(
+            ModelError::unsupported(format!(
                 "{} has no vision_config: it is a text-only model",
                 ckpt.source()
             ))
