@@ -38,12 +38,15 @@ fn expected(prompt: &[u32], n: usize) -> Vec<u32> {
     h[prompt.len()..].to_vec()
 }
 
+/// One plan as the fake saw it: chunks as `(seq, start, tokens)`, and the freed sequences.
+type PlanSummary = (Vec<(SeqId, usize, usize)>, Vec<SeqId>);
+
 #[derive(Default)]
 struct FakeModel {
     /// What the KV cache holds per sequence.
     cache: HashMap<SeqId, Vec<u32>>,
     /// Every plan, for assertions: (chunks as (seq, start, len), freed).
-    plans: Vec<(Vec<(SeqId, usize, usize)>, Vec<SeqId>)>,
+    plans: Vec<PlanSummary>,
 }
 
 impl StepExecutor for FakeModel {
