@@ -7,11 +7,14 @@
 //! * [`serve_prometheus`]: the `/metrics` endpoint on its own port.
 //! * [`deadline`]: deadlines from `grpc-timeout` and the HTTP timeout headers, capped, never
 //!   panicking on hostile values.
+//! * [`server`]: the gRPC server skeleton (health, probes, reflection) and the one drain
+//!   mechanism of every service.
 //! * [`probes`]: `startup` / readiness / `liveness` on grpc.health.v1 for Kubernetes probes.
 #![deny(missing_docs)]
 
 pub mod deadline;
 pub mod probes;
+pub mod server;
 
 pub use deadline::{answer_by, grpc_timeout, DeadlineError, MAX_DEADLINE};
 
@@ -35,6 +38,9 @@ pub enum TelemetryError {
     /// The Prometheus endpoint could not be started.
     #[error("Prometheus endpoint: {0}")]
     Prometheus(String),
+    /// gRPC reflection could not be set up.
+    #[error("reflection: {0}")]
+    Reflection(String),
 }
 
 /// Keeps the tracer provider alive; flushes pending spans on drop.

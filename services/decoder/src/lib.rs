@@ -15,7 +15,6 @@ pub mod group;
 mod service;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,6 +22,7 @@ use dsvl_cache::{RedisCache, RedisConfig};
 use dsvl_engine::engine::spawn_engine;
 use dsvl_proto::internal::decoder_server::DecoderServer;
 use dsvl_telemetry::probes::{self, Watchdog};
+use dsvl_telemetry::server::GrpcBase;
 use tokio::net::TcpListener;
 
 pub use config::{Args, DecoderConfig};
@@ -59,44 +59,33 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DecoderError> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    probes::set_ready::<DecoderServer<DecoderService>>(&health, false).await;
-    probes::starting(&health).await;
+    let GrpcBase { health, drain, router } = GrpcBase::new::<DecoderServer<DecoderService>>(&[
+        dsvl_proto::internal::FILE_DESCRIPTOR_SET,
+    ])
+    .await
+    .map_err(|e| DecoderError::Reflection(e.to_string()))?;
     let watchdog = Watchdog::new("decoder-engine");
     let _liveness =
         probes::spawn_liveness(health.clone(), vec![watchdog.clone()], config.liveness_stall);
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(dsvl_proto::internal::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| DecoderError::Reflection(e.to_string()))?;
 
     let cache = match &config.redis {
         Some(url) => Some(Arc::new(RedisCache::new(RedisConfig::new(url.clone()))?)),
         None => None,
     };
     let ready = Arc::new(std::sync::OnceLock::new());
-    let draining = Arc::new(AtomicBool::new(false));
-    let active = Arc::new(AtomicUsize::new(0));
     let svc = DecoderService {
         ready: ready.clone(),
         cache,
         max_waiting: config.max_waiting,
-        draining: draining.clone(),
-        active: active.clone(),
+        drain: drain.clone(),
     };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
+    let server = router
         .add_service(
             DecoderServer::new(svc)
                 .max_decoding_message_size(config.max_message_bytes)
                 .max_encoding_message_size(config.max_message_bytes),
         )
-        .serve_with_incoming_shutdown(dsvl_telemetry::incoming_nodelay(listener), async {
-            let _ = stop_rx.await;
-        });
+        .serve_with_incoming_shutdown(dsvl_telemetry::incoming_nodelay(listener), drain.stopped());
     tokio::pin!(server);
 
     // The group starts on the engine thread (its communicator never leaves that thread).
@@ -147,26 +136,25 @@ pub async fn run(
             Err(e) => dsvl_models::ModelError::GroupFailed(format!("engine thread: {e}")),
         }),
     };
-    probes::set_ready::<DecoderServer<DecoderService>>(&health, false).await;
-    draining.store(true, Ordering::SeqCst);
     if let Some(e) = failure {
+        probes::set_ready::<DecoderServer<DecoderService>>(&health, false).await;
         // The process is about to exit; liveness tells the same to anyone still asking.
         drop(_liveness);
         health.set_service_status(probes::LIVENESS, tonic_health::ServingStatus::NotServing).await;
         // Streams already ended with UNAVAILABLE; stop serving and let the process exit
         // non-zero. Dropping `workers` kills any rank still alive.
-        let _ = stop_tx.send(());
+        drain.stop();
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut server).await;
         drop(workers);
         return Err(e.into());
     }
-    tracing::info!("draining");
-    let deadline = Instant::now() + config.drain;
-    while active.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // The drain every service shares: refuse new work, wait for the streams in flight.
+    if let Some(r) = drain
+        .drain::<DecoderServer<DecoderService>, _, _>(&health, server.as_mut(), config.drain)
+        .await
+    {
+        r?;
     }
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), &mut server).await;
     // The engine stops once idle and tells the workers to exit.
     if let Some(r) = ready.get() {
         r.engine.shutdown();

@@ -1,7 +1,6 @@
 //! The `dsvl.internal.v1.Decoder` gRPC service: validation, embeddings in, the engine's event stream out.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,22 +33,12 @@ pub struct DecoderService {
     pub(crate) ready: Arc<std::sync::OnceLock<Ready>>,
     pub(crate) cache: Option<Arc<RedisCache>>,
     pub(crate) max_waiting: usize,
-    pub(crate) draining: Arc<AtomicBool>,
-    pub(crate) active: Arc<AtomicUsize>,
-}
-
-/// Decrements the active-stream count when a response stream ends or is dropped.
-struct ActiveGuard(Arc<AtomicUsize>);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
+    pub(crate) drain: Arc<dsvl_telemetry::server::Drain>,
 }
 
 impl DecoderService {
     fn state(&self) -> Result<&Ready, ServiceError> {
-        if self.draining.load(Ordering::SeqCst) {
+        if self.drain.is_draining() {
             return Err(ServiceError::Draining);
         }
         let r = self.ready.get().ok_or(ServiceError::Starting)?;
@@ -190,8 +179,7 @@ impl Decoder for DecoderService {
             events: tx,
         };
         ready.engine.submit(new).map_err(|_| Status::from(ServiceError::GroupFailed))?;
-        self.active.fetch_add(1, Ordering::SeqCst);
-        let guard = ActiveGuard(self.active.clone());
+        let guard = self.drain.track();
         let logprobs = req.logprobs;
         let stream = async_stream_from(move |yield_tx| async move {
             let _guard = guard;
@@ -254,7 +242,7 @@ impl Decoder for DecoderService {
             kv_blocks_used: l.occupancy.blocks_used as u32,
             kv_blocks_total: l.occupancy.blocks_total as u32,
             tokens_per_second: l.tokens_per_second,
-            ready: r.engine.is_alive() && !self.draining.load(Ordering::SeqCst),
+            ready: r.engine.is_alive() && !self.drain.is_draining(),
             tensor_parallel: r.info.tp as u32,
             max_positions: r.info.max_positions as u32,
         }))

@@ -54,14 +54,14 @@ enum OpenError {
     Fatal(GatewayError),
 }
 
-/// Counts one request in `dsvl_gateway_requests_in_flight` from admission until its stream
-/// ends (the gateway's autoscaling signal: work in progress, whatever its size).
-struct InFlightRequest;
+/// Counts one request in `dsvl_gateway_requests_in_flight` (the gateway's autoscaling signal:
+/// work in progress, whatever its size) and in the drain, from admission until its stream ends.
+struct InFlightRequest(#[allow(dead_code)] dsvl_telemetry::server::InFlight);
 
 impl InFlightRequest {
-    fn new() -> Self {
+    fn new(drain: &Arc<dsvl_telemetry::server::Drain>) -> Self {
         metrics::gauge!("dsvl_gateway_requests_in_flight").increment(1.0);
-        Self
+        Self(drain.track())
     }
 }
 
@@ -88,7 +88,10 @@ impl Gateway {
         api: &'static str,
     ) -> Result<ChatStream, GatewayError> {
         let started = Instant::now();
-        let in_flight = InFlightRequest::new();
+        if self.drain.is_draining() {
+            return Err(GatewayError::Unavailable("the gateway is draining".into()));
+        }
+        let in_flight = InFlightRequest::new(&self.drain);
         let result = self.start(tenant, input, deadline, started, api, in_flight).await;
         if let Err(e) = &result {
             metrics::counter!("dsvl_requests_total", "api" => api, "outcome" => e.outcome())

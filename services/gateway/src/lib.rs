@@ -21,6 +21,7 @@ pub mod tenancy;
 pub mod upstream;
 
 use dsvl_telemetry::probes;
+use dsvl_telemetry::server::GrpcBase;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
@@ -57,6 +58,8 @@ pub struct Gateway {
     pub vision_retries: RetryBudget,
     /// Retry budget of decoder calls (before the first token only).
     pub decoder_retries: RetryBudget,
+    /// Draining state (new requests are refused while draining; shared with both listeners).
+    pub drain: Arc<dsvl_telemetry::server::Drain>,
 }
 
 /// Why the gateway stopped.
@@ -84,7 +87,10 @@ impl Gateway {
     ///
     /// # Errors
     /// The model directory or the Redis URL is unusable.
-    pub fn new(config: GatewayConfig) -> Result<Self, RunError> {
+    pub fn new(
+        config: GatewayConfig,
+        drain: Arc<dsvl_telemetry::server::Drain>,
+    ) -> Result<Self, RunError> {
         let model = ServedModel::load(config.model.as_deref(), config.model_name.clone())?;
         let redis = match &config.redis {
             Some(url) => Some(Arc::new(RedisCache::new(RedisConfig {
@@ -108,6 +114,7 @@ impl Gateway {
             vision_info: RwLock::new(None),
             vision_retries: RetryBudget::new(0.2, 10.0),
             decoder_retries: RetryBudget::new(0.2, 10.0),
+            drain,
             model,
             config,
         })
@@ -147,18 +154,20 @@ pub async fn run(
     http: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let drain = config.drain;
+    let drain_time = config.drain;
     let refresh_every = config.refresh;
+    let GrpcBase { health, drain, router } =
+        GrpcBase::new::<ChatServer<grpc::ChatService>>(&[dsvl_proto::v1::FILE_DESCRIPTOR_SET])
+            .await
+            .map_err(|e| RunError::Reflection(e.to_string()))?;
+    let gw_drain = drain.clone();
     let gw = Arc::new(
-        tokio::task::spawn_blocking(move || Gateway::new(config))
+        tokio::task::spawn_blocking(move || Gateway::new(config, gw_drain))
             .await
             .map_err(|e| RunError::Reflection(e.to_string()))??,
     );
-    let (health, health_service) = tonic_health::server::health_reporter();
-    probes::set_ready::<ChatServer<grpc::ChatService>>(&health, false).await;
     // No model to load: started at once, alive while the runtime answers (`probes`); readiness
     // (`""`) follows the upstreams.
-    probes::starting(&health).await;
     probes::started(&health).await;
 
     // Background: re-resolve endpoints, poll health and load, follow readiness.
@@ -168,59 +177,42 @@ pub async fn run(
         tokio::spawn(async move {
             loop {
                 gw.refresh().await;
-                probes::set_ready::<ChatServer<grpc::ChatService>>(&health, gw.readiness().0).await;
+                if !gw.drain.is_draining() {
+                    let ready = gw.readiness().0;
+                    probes::set_ready::<ChatServer<grpc::ChatService>>(&health, ready).await;
+                }
                 tokio::time::sleep(refresh_every).await;
             }
         })
     };
 
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(dsvl_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| RunError::Reflection(e.to_string()))?;
     let max_message = gw.config.max_images.max(1) * gw.config.max_image_bytes + (4 << 20);
     let chat = ChatServer::new(grpc::ChatService { gateway: gw.clone() })
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut grpc_stop = stop_rx.clone();
-    let grpc_server = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
+    let grpc_server = router
         .add_service(chat)
-        .serve_with_incoming_shutdown(dsvl_telemetry::incoming_nodelay(grpc), async move {
-            let _ = grpc_stop.wait_for(|s| *s).await;
-        });
-    let mut http_stop = stop_rx;
+        .serve_with_incoming_shutdown(dsvl_telemetry::incoming_nodelay(grpc), drain.stopped());
     let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
         let _ = tcp.set_nodelay(true);
     });
     let http_server =
-        axum::serve(http, http::router(gw.clone())).with_graceful_shutdown(async move {
-            let _ = http_stop.wait_for(|s| *s).await;
-        });
+        axum::serve(http, http::router(gw.clone())).with_graceful_shutdown(drain.stopped());
     let servers = async {
         tokio::try_join!(async { grpc_server.await.map_err(RunError::from) }, async {
             http_server.await.map_err(RunError::from)
         })
+        .map(|_| ())
     };
     tokio::pin!(servers);
     tokio::pin!(shutdown);
     tokio::select! {
-        r = &mut servers => { refresher.abort(); return r.map(|_| ()); }
+        r = &mut servers => { refresher.abort(); return r; }
         () = &mut shutdown => {}
     }
-    tracing::info!("draining");
+    let result = drain
+        .drain::<ChatServer<grpc::ChatService>, _, _>(&health, servers.as_mut(), drain_time)
+        .await;
     refresher.abort();
-    probes::set_ready::<ChatServer<grpc::ChatService>>(&health, false).await;
-    let _ = stop_tx.send(true);
-    match tokio::time::timeout(drain, &mut servers).await {
-        Ok(r) => r.map(|_| ()),
-        Err(_) => {
-            tracing::warn!("drain timeout reached; stopping with requests still in flight");
-            Ok(())
-        }
-    }
+    result.unwrap_or(Ok(()))
 }

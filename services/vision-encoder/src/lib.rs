@@ -12,7 +12,6 @@ pub mod error;
 pub mod service;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use dsvl_cache::{BreakerConfig, MemoryCache, RedisCache, RedisConfig, SingleFlight};
@@ -24,6 +23,7 @@ use dsvl_models::preprocess::{Preprocessor, RgbImage};
 use dsvl_models::vision::VisionEncoder;
 use dsvl_proto::internal::vision_encoder_server::VisionEncoderServer;
 use dsvl_telemetry::probes::{self, Watchdog};
+use dsvl_telemetry::server::GrpcBase;
 use tokio::net::TcpListener;
 
 pub use config::{Args, VisionConfig};
@@ -133,36 +133,27 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), VisionError> {
-    let (health, health_service) = tonic_health::server::health_reporter();
-    probes::set_ready::<VisionEncoderServer<VisionService>>(&health, false).await;
-    probes::starting(&health).await;
+    let base = GrpcBase::new::<VisionEncoderServer<VisionService>>(&[
+        dsvl_proto::internal::FILE_DESCRIPTOR_SET,
+    ])
+    .await
+    .map_err(|e| VisionError::Reflection(e.to_string()))?;
+    let GrpcBase { health, drain, router } = base;
     let watchdog = Watchdog::new("vision-model");
     let _liveness =
         probes::spawn_liveness(health.clone(), vec![watchdog.clone()], config.liveness_stall);
     let pipeline = Arc::new(OnceLock::new());
-    let draining = Arc::new(AtomicBool::new(false));
     let svc = VisionService {
         pipeline: pipeline.clone(),
         max_images: config.max_images_per_request,
-        draining: draining.clone(),
+        drain: drain.clone(),
     };
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(dsvl_proto::internal::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| VisionError::Reflection(e.to_string()))?;
     let server_svc = VisionEncoderServer::new(svc)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
+    let server = router
         .add_service(server_svc)
-        .serve_with_incoming_shutdown(dsvl_telemetry::incoming_nodelay(listener), async {
-            let _ = stop_rx.await;
-        });
+        .serve_with_incoming_shutdown(dsvl_telemetry::incoming_nodelay(listener), drain.stopped());
     tokio::pin!(server);
 
     let load_cfg = config.clone();
@@ -187,15 +178,11 @@ pub async fn run(
             () = &mut shutdown => break,
         }
     }
-    tracing::info!("draining");
-    draining.store(true, Ordering::SeqCst);
-    probes::set_ready::<VisionEncoderServer<VisionService>>(&health, false).await;
-    let _ = stop_tx.send(());
-    match tokio::time::timeout(config.drain, &mut server).await {
-        Ok(r) => r.map_err(VisionError::from),
-        Err(_) => {
-            tracing::warn!("drain timeout reached; stopping with requests still in flight");
-            Ok(())
-        }
+    match drain
+        .drain::<VisionEncoderServer<VisionService>, _, _>(&health, server.as_mut(), config.drain)
+        .await
+    {
+        Some(r) => r.map_err(VisionError::from),
+        None => Ok(()),
     }
 }

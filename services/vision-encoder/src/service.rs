@@ -22,12 +22,12 @@ use crate::error::{image_error, request_failure, ServiceError};
 pub struct VisionService {
     pub(crate) pipeline: Arc<OnceLock<Arc<Pipeline>>>,
     pub(crate) max_images: usize,
-    pub(crate) draining: Arc<std::sync::atomic::AtomicBool>,
+    pub(crate) drain: Arc<dsvl_telemetry::server::Drain>,
 }
 
 impl VisionService {
     fn ready(&self) -> Result<Arc<Pipeline>, ServiceError> {
-        if self.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.drain.is_draining() {
             return Err(ServiceError::Draining);
         }
         self.pipeline.get().cloned().ok_or(ServiceError::Loading)
@@ -42,6 +42,7 @@ impl VisionEncoder for VisionService {
         &self,
         request: Request<EncodeRequest>,
     ) -> Result<Response<EncodeResponse>, Status> {
+        let _in_flight = self.drain.track();
         Ok(Response::new(self.encode_images(request).await?))
     }
 

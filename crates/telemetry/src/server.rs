@@ -1,0 +1,214 @@
+//! The one gRPC server skeleton of the three services, and their one drain mechanism.
+//!
+//! [`GrpcBase::new`] sets up `grpc.health.v1` with the probe names ([`crate::probes`]: the API
+//! service and `""` NOT_SERVING, `startup` NOT_SERVING, `liveness` SERVING) and reflection for
+//! exactly the packages the server serves; [`GrpcBase::router`] is a tonic router with both, to
+//! which a service adds its API and serves with [`incoming_nodelay`](crate::incoming_nodelay)
+//! until [`Drain::stopped`].
+//!
+//! Draining ([`Drain::drain`]), the same in every service: new work is refused
+//! ([`Drain::is_draining`], answered UNAVAILABLE by the service), readiness turns NOT_SERVING,
+//! requests in flight (each holds an [`InFlight`] guard from [`Drain::track`]) get up to the
+//! drain time to finish, then the listeners stop.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tonic_health::server::HealthReporter;
+
+use crate::{probes, TelemetryError};
+
+/// Draining state shared by a service's handlers and its `run` function.
+#[derive(Debug)]
+pub struct Drain {
+    draining: AtomicBool,
+    in_flight: AtomicUsize,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// Counts one request (or stream) in flight until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<Drain>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Drain {
+    /// Not draining, nothing in flight.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            draining: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            stop: tokio::sync::watch::channel(false).0,
+        })
+    }
+
+    /// Whether new work must be refused.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Marks a request in flight until the guard is dropped (hold it for a stream's lifetime).
+    pub fn track(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.clone())
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once the listeners should stop (pass to `serve_with_incoming_shutdown` and to
+    /// axum's graceful shutdown).
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        let mut rx = self.stop.subscribe();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
+    /// Stops the listeners now (no drain: the service is failing).
+    pub fn stop(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.stop.send_replace(true);
+    }
+
+    /// Drains: refuses new work, readiness of `S` NOT_SERVING, waits up to `within` for the
+    /// requests in flight, then stops the listeners and waits a little for `server` to close
+    /// its connections. Returns the server's own result if it ended first.
+    pub async fn drain<S, F, E>(
+        &self,
+        health: &HealthReporter,
+        mut server: Pin<&mut F>,
+        within: Duration,
+    ) -> Option<Result<(), E>>
+    where
+        S: tonic::server::NamedService,
+        F: Future<Output = Result<(), E>>,
+    {
+        tracing::info!(in_flight = self.in_flight(), "draining");
+        self.draining.store(true, Ordering::SeqCst);
+        probes::set_ready::<S>(health, false).await;
+        let deadline = Instant::now() + within;
+        while self.in_flight() > 0 && Instant::now() < deadline {
+            tokio::select! {
+                r = &mut server => return Some(r),
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+        }
+        if self.in_flight() > 0 {
+            tracing::warn!(
+                in_flight = self.in_flight(),
+                "drain time over; stopping with requests in flight"
+            );
+        }
+        self.stop.send_replace(true);
+        // Graceful close of the connections; a client that holds one open cannot delay exit.
+        tokio::time::timeout(Duration::from_secs(5), server).await.ok()
+    }
+}
+
+/// Health and reflection of one gRPC server, set up the same way in every service.
+pub struct GrpcBase {
+    /// The health reporter (readiness, `startup`, `liveness`).
+    pub health: HealthReporter,
+    /// The server's drain state.
+    pub drain: Arc<Drain>,
+    /// A router already serving health and reflection: add the API service and serve it
+    /// until [`Drain::stopped`].
+    pub router: tonic::transport::server::Router,
+}
+
+impl GrpcBase {
+    /// Health with `S` (the API service) and `""` NOT_SERVING, `startup` NOT_SERVING and
+    /// `liveness` SERVING; reflection (v1) listing the services of `descriptors` and health.
+    ///
+    /// # Errors
+    /// A descriptor set that does not parse.
+    pub async fn new<S: tonic::server::NamedService>(
+        descriptors: &[&'static [u8]],
+    ) -> Result<Self, TelemetryError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        probes::set_ready::<S>(&health, false).await;
+        probes::starting(&health).await;
+        let mut builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        for d in descriptors {
+            builder = builder.register_encoded_file_descriptor_set(d);
+        }
+        let reflection =
+            builder.build_v1().map_err(|e| TelemetryError::Reflection(e.to_string()))?;
+        let router =
+            tonic::transport::Server::builder().add_service(health_service).add_service(reflection);
+        Ok(Self { health, drain: Drain::new(), router })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn drain_waits_for_work_in_flight_then_stops() {
+        let drain = Drain::new();
+        let (health, _) = tonic_health::server::health_reporter();
+        let guard = drain.track();
+        let stopped = drain.stopped();
+        let server = async move {
+            stopped.await;
+            Ok::<(), ()>(())
+        };
+        tokio::pin!(server);
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            drop(guard);
+        });
+        let t = Instant::now();
+        let r = drain
+            .drain::<tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>, _, _>(
+                &health,
+                server.as_mut(),
+                Duration::from_secs(5),
+            )
+            .await;
+        release.await.unwrap();
+        assert!(drain.is_draining());
+        assert_eq!(r, Some(Ok(())), "the server stopped once the work was done");
+        let waited = t.elapsed();
+        assert!(
+            waited >= Duration::from_millis(90) && waited < Duration::from_secs(2),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn drain_time_bounds_the_wait() {
+        let drain = Drain::new();
+        let (health, _) = tonic_health::server::health_reporter();
+        let _stuck = drain.track();
+        let stopped = drain.stopped();
+        let server = async move {
+            stopped.await;
+            Ok::<(), ()>(())
+        };
+        tokio::pin!(server);
+        let t = Instant::now();
+        let r = drain
+            .drain::<tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>, _, _>(
+                &health,
+                server.as_mut(),
+                Duration::from_millis(100),
+            )
+            .await;
+        assert_eq!(r, Some(Ok(())));
+        assert!(t.elapsed() < Duration::from_secs(2));
+        assert_eq!(drain.in_flight(), 1, "still in flight: the drain time ran out");
+    }
+}
