@@ -129,3 +129,58 @@ async fn hostile_deadline_headers_never_panic() -> Result<()> {
     }
     Ok(())
 }
+
+/// SIGTERM to the gateway: new requests are refused (UNAVAILABLE) while the open stream runs to
+/// its end, then the process exits 0: the drain every service shares (`dsvl_telemetry::server`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_drains_open_streams_on_sigterm() -> Result<()> {
+    use dsvl_proto::internal::decoder_client::DecoderClient;
+    use dsvl_proto::internal::LoadRequest;
+    use dsvl_proto::v1::chat_response::Event;
+    let opts = Options {
+        vision_replicas: 1,
+        tp: 1,
+        redis: false,
+        gateway_args: vec![
+            "--max-new-tokens".into(),
+            "4000".into(),
+            "--drain-secs".into(),
+            "60".into(),
+        ],
+    };
+    let mut cluster = Cluster::start(opts).await?;
+    let mut client = cluster.chat().await?;
+    let greedy = Some(SamplingParams { temperature: Some(0.0), ..Default::default() });
+    let mut long = hi(greedy);
+    long.max_tokens = 2000;
+    long.messages[0].content[0].part = Some(Part::Text("Tell me a long story.".into()));
+    let mut stream = client.generate(long).await?.into_inner();
+    stream.message().await?.ok_or_else(|| anyhow::anyhow!("no first delta"))?;
+    let mut load = DecoderClient::connect(format!("http://{}", cluster.decoder.addr)).await?;
+    assert_eq!(load.load(LoadRequest {}).await?.into_inner().running, 1, "still generating");
+    let pid = cluster.gateway.proc.pid().to_string();
+    std::process::Command::new("kill").args(["-TERM", &pid]).status()?;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let refused = client.generate(hi(greedy)).await.err();
+    let refused =
+        refused.ok_or_else(|| anyhow::anyhow!("a new request was accepted while draining"))?;
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    let mut finished = false;
+    while let Some(m) = stream.message().await? {
+        finished |= matches!(m.event, Some(Event::Finish(_)));
+    }
+    assert!(finished, "the open stream ended without its final message");
+    let t = std::time::Instant::now();
+    loop {
+        if let Some(status) = cluster.gateway.proc.try_wait()? {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        anyhow::ensure!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "the gateway did not exit"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
