@@ -4,13 +4,14 @@
 //! rank processes on loopback (the TCP communicator's overhead).
 
 use std::net::TcpListener;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
-use dsvl_engine::group::{contiguous_kv, lead_group, run_worker, GroupTimeouts, LocalWorkers};
+use dsvl_engine::group::{
+    contiguous_kv, lead_group, run_worker, GroupTimeouts, LocalWorkers, RankLaunch,
+};
 use dsvl_models::llm::{DeepSeekLlm, LlmConfig, SeqChunk, Shard, ShardRunner, StepPlan};
 use dsvl_parallel::GroupSpec;
 use serde_json::json;
@@ -61,6 +62,13 @@ pub struct WorkerArgs {
     rank: usize,
     #[arg(long)]
     world_size: usize,
+    /// `RankLaunch`'s convention (this benchmark runs on the CPU only).
+    #[arg(long, default_value_t = 0)]
+    local_rank: usize,
+    #[arg(long, default_value = "cpu")]
+    device: dsvl_core::DeviceSpec,
+    #[arg(long)]
+    die_with_parent: bool,
 }
 
 fn spec(world: usize, rank: usize, leader: &str) -> GroupSpec {
@@ -78,7 +86,13 @@ fn spec(world: usize, rank: usize, leader: &str) -> GroupSpec {
 pub fn worker(args: WorkerArgs) -> Result<()> {
     let cfg = vl13b_lm_config()?;
     let shard = Shard { rank: args.rank, world: args.world_size };
-    dsvl_engine::group::die_with_parent();
+    if args.die_with_parent {
+        dsvl_engine::group::die_with_parent();
+    }
+    anyhow::ensure!(
+        dsvl_engine::group::device_for(args.device, args.local_rank) == dsvl_core::DeviceSpec::Cpu,
+        "the decoder benchmark runs on the CPU"
+    );
     run_worker(
         &spec(args.world_size, args.rank, &args.leader),
         GroupTimeouts::default(),
@@ -151,23 +165,15 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
     let exe = std::env::current_exe()?;
-    let commands = (1..args.tp)
-        .map(|r| {
-            let mut c = Command::new(&exe);
-            c.args([
-                "--threads",
-                &threads.to_string(),
-                "decoder-worker",
-                "--leader",
-                &addr,
-                "--rank",
-                &r.to_string(),
-                "--world-size",
-                &args.tp.to_string(),
-            ]);
-            c
-        })
-        .collect();
+    let commands = RankLaunch {
+        program: exe,
+        mode: vec!["--threads".into(), threads.to_string(), "decoder-worker".into()],
+        leader: addr.clone(),
+        world: args.tp,
+        base_device: dsvl_core::DeviceSpec::Cpu,
+        extra: vec![],
+    }
+    .commands(0, args.tp);
     let _workers = LocalWorkers::spawn(commands).context("cannot start worker ranks")?;
     let shard = Shard { rank: 0, world: args.tp };
     let mut runner = lead_group(

@@ -24,7 +24,7 @@ use dsvl_parallel::GroupSpec;
 
 use crate::model_args::ModelArgs;
 use crate::progress;
-use crate::worker::worker_command;
+use crate::worker::rank_launch;
 
 /// Token selection flags, shared with `dsvl chat`.
 #[derive(Args, Debug, Clone)]
@@ -190,9 +190,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         collective_timeout: std::time::Duration::from_secs(60),
         tag: tag.clone(),
     };
-    let commands = (1..args.tp)
-        .map(|r| worker_command(&args.model, &addr, r, args.tp, &tag))
-        .collect::<Result<Vec<_>>>()?;
+    let mut commands = rank_launch(&args.model, &addr, args.tp, &tag)?.commands(0, args.tp);
+    for c in &mut commands {
+        // The leader already said that the bundled model is used.
+        c.env("DSVL_QUIET_BUNDLED", "1");
+    }
     let mut workers =
         LocalWorkers::spawn(commands).context("cannot start the tensor-parallel workers")?;
     let t_load = Instant::now();

@@ -2,11 +2,11 @@
 //! --tp N`, the decoder service) or by an orchestrator. It joins the leader's rendezvous,
 //! loads its shard and executes step plans until told to stop.
 
-use std::process::Command;
-
 use anyhow::{Context, Result};
 use clap::Args;
-use dsvl_engine::group::{contiguous_kv, die_with_parent, run_worker, GroupTimeouts};
+use dsvl_engine::group::{
+    contiguous_kv, device_for, die_with_parent, run_worker, GroupTimeouts, RankLaunch,
+};
 use dsvl_models::device::{candle_dtype, open_device};
 use dsvl_models::llm::{DeepSeekLlm, Shard};
 use dsvl_parallel::GroupSpec;
@@ -24,6 +24,9 @@ pub struct WorkerArgs {
     /// This rank (1..world-size).
     #[arg(long)]
     rank: usize,
+    /// Rank on this node: the device is `--device` + this (`RankLaunch`'s convention).
+    #[arg(long, default_value_t = 0)]
+    local_rank: usize,
     /// Ranks in the group.
     #[arg(long)]
     world_size: usize,
@@ -35,38 +38,21 @@ pub struct WorkerArgs {
     die_with_parent: bool,
 }
 
-/// The command line that starts rank `rank` of a local group.
-pub fn worker_command(
-    model: &ModelArgs,
-    leader: &str,
-    rank: usize,
-    world: usize,
-    tag: &str,
-) -> Result<Command> {
-    let exe = std::env::current_exe().context("cannot find the dsvl executable")?;
-    let mut c = Command::new(exe);
-    c.arg("rank-worker").args([
-        "--leader",
-        leader,
-        "--rank",
-        &rank.to_string(),
-        "--world-size",
-        &world.to_string(),
-        "--tag",
-        tag,
-    ]);
-    c.arg("--die-with-parent");
+/// The launcher of `dsvl generate`'s local ranks (`dsvl rank-worker`).
+pub fn rank_launch(model: &ModelArgs, leader: &str, world: usize, tag: &str) -> Result<RankLaunch> {
+    let mut extra =
+        vec!["--tag".to_string(), tag.into(), "--dtype".into(), model.dtype.as_str().into()];
     if let Some(m) = &model.model {
-        c.arg("--model").arg(m);
+        extra.extend(["--model".to_string(), m.to_string_lossy().into_owned()]);
     }
-    c.args(["--dtype", model.dtype.as_str()]);
-    let device = match model.device {
-        dsvl_core::DeviceSpec::Cpu => "cpu".to_string(),
-        dsvl_core::DeviceSpec::Cuda(n) => format!("cuda:{}", n + rank),
-    };
-    c.args(["--device", &device]);
-    c.env("DSVL_QUIET_BUNDLED", "1");
-    Ok(c)
+    Ok(RankLaunch {
+        program: std::env::current_exe().context("cannot find the dsvl executable")?,
+        mode: vec!["rank-worker".into()],
+        leader: leader.into(),
+        world,
+        base_device: model.device,
+        extra,
+    })
 }
 
 /// Runs one worker rank until the leader shuts the group down.
@@ -83,7 +69,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         collective_timeout: std::time::Duration::from_secs(60),
         tag: args.tag.clone(),
     };
-    let device = open_device(args.model.device)?;
+    let device = open_device(device_for(args.model.device, args.local_rank))?;
     let dtype = candle_dtype(args.model.dtype);
     let shard = Shard { rank: args.rank, world: args.world_size };
     run_worker(&spec, GroupTimeouts::default(), &device, |_| {

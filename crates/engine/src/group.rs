@@ -75,6 +75,59 @@ impl Drop for LocalWorkers {
     }
 }
 
+/// How a process starts the other ranks of its node: the one launcher of every binary that
+/// forms groups (`dsvl generate`, the decoder service that `dsvl up` starts, the benchmarks).
+///
+/// One device convention: each command carries the node's **base** device and the rank's
+/// **local** rank (`--device`, `--local-rank`); the worker opens [`device_for`] of the two.
+/// Every worker understands `--leader --rank --world-size --local-rank --device
+/// --die-with-parent`, plus what `mode` and `extra` add.
+#[derive(Debug, Clone)]
+pub struct RankLaunch {
+    /// The executable (usually `std::env::current_exe()`).
+    pub program: std::path::PathBuf,
+    /// Arguments that put it in worker mode (`rank-worker`, `--worker`, ...), first.
+    pub mode: Vec<String>,
+    /// The leader's rendezvous address.
+    pub leader: String,
+    /// Ranks in the group.
+    pub world: usize,
+    /// The node's base device.
+    pub base_device: dsvl_core::DeviceSpec,
+    /// Further arguments every rank gets (model, dtype, timeouts, tag).
+    pub extra: Vec<String>,
+}
+
+impl RankLaunch {
+    /// Commands for ranks `first_rank + 1 .. first_rank + local` (the node's first rank is
+    /// the calling process), each exiting with its parent.
+    pub fn commands(&self, first_rank: usize, local: usize) -> Vec<Command> {
+        (1..local)
+            .map(|i| {
+                let mut c = Command::new(&self.program);
+                c.args(&self.mode);
+                c.args(["--leader", &self.leader]);
+                c.args(["--rank", &(first_rank + i).to_string()]);
+                c.args(["--world-size", &self.world.to_string()]);
+                c.args(["--local-rank", &i.to_string()]);
+                c.args(["--device", &self.base_device.to_string()]);
+                c.arg("--die-with-parent");
+                c.args(&self.extra);
+                c
+            })
+            .collect()
+    }
+}
+
+/// The device of local rank `local_rank` on a node whose first rank uses `base`: consecutive
+/// GPUs (`cuda:N+local_rank`), the CPU for every rank of a CPU group.
+pub fn device_for(base: dsvl_core::DeviceSpec, local_rank: usize) -> dsvl_core::DeviceSpec {
+    match base {
+        dsvl_core::DeviceSpec::Cpu => dsvl_core::DeviceSpec::Cpu,
+        dsvl_core::DeviceSpec::Cuda(n) => dsvl_core::DeviceSpec::Cuda(n + local_rank),
+    }
+}
+
 /// Makes the calling process receive SIGKILL when its parent dies (Linux), so a worker never
 /// outlives a leader that was killed without cleaning up. No-op elsewhere.
 pub fn die_with_parent() {
@@ -181,4 +234,41 @@ pub fn run_worker(
     leader.send(&Message::new(json!({"kind": "ready"})), "ready")?;
     let comm = collectives::communicator(device, &links, timeouts.collective, &extra)?;
     ShardRunner::with_communicator(model, kv, links.clone(), comm).serve()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arg_after(cmd: &Command, flag: &str) -> Option<String> {
+        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1).cloned())
+    }
+
+    /// Ranks 5..7 of the second node of a TP 8 group on `cuda:0`: each command carries the base
+    /// device and its local rank, and the worker's device is counted once from them.
+    #[test]
+    fn one_device_convention() {
+        let launch = RankLaunch {
+            program: "dsvl-decoder".into(),
+            mode: vec!["--worker".into()],
+            leader: "leader:29500".into(),
+            world: 8,
+            base_device: dsvl_core::DeviceSpec::Cuda(0),
+            extra: vec!["--dtype".into(), "bf16".into()],
+        };
+        let cmds = launch.commands(4, 4);
+        assert_eq!(cmds.len(), 3);
+        for (i, cmd) in cmds.iter().enumerate() {
+            assert_eq!(cmd.get_args().next().unwrap(), "--worker", "the mode comes first");
+            assert_eq!(arg_after(cmd, "--rank").unwrap(), (5 + i).to_string());
+            assert_eq!(arg_after(cmd, "--world-size").unwrap(), "8");
+            let base: dsvl_core::DeviceSpec = arg_after(cmd, "--device").unwrap().parse().unwrap();
+            let local: usize = arg_after(cmd, "--local-rank").unwrap().parse().unwrap();
+            assert_eq!(base, dsvl_core::DeviceSpec::Cuda(0), "the base device, not an offset one");
+            assert_eq!(device_for(base, local), dsvl_core::DeviceSpec::Cuda(1 + i));
+            assert_eq!(arg_after(cmd, "--dtype").unwrap(), "bf16");
+        }
+        assert_eq!(device_for(dsvl_core::DeviceSpec::Cpu, 3), dsvl_core::DeviceSpec::Cpu);
+    }
 }

@@ -28,7 +28,7 @@ pub struct Args {
     #[arg(long, env = "DSVL_DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
     /// Tensor-parallel degree (ranks in the group).
-    #[arg(long, env = "DSVL_TP", default_value_t = 1)]
+    #[arg(long, alias = "world-size", env = "DSVL_TP", default_value_t = 1)]
     pub tp: usize,
     /// Nodes (pods) the group spans; ranks are split evenly (LeaderWorkerSet group size).
     #[arg(long, env = "LWS_GROUP_SIZE", default_value_t = 1)]
@@ -85,6 +85,10 @@ pub struct Args {
     /// Internal (worker): rank.
     #[arg(long, hide = true, default_value_t = 0)]
     pub rank: usize,
+    /// Internal (worker): rank on this node; the device is `--device` + this
+    /// (`dsvl_engine::group::RankLaunch`).
+    #[arg(long, hide = true, default_value_t = 0)]
+    pub local_rank: usize,
     /// Internal (worker): leader rendezvous address.
     #[arg(long, hide = true)]
     pub leader: Option<String>,

@@ -10,7 +10,8 @@ use std::process::Command;
 use dsvl_checkpoint::{Fingerprint, ServedFacts};
 use dsvl_engine::blocks::BlockManager;
 use dsvl_engine::group::{
-    die_with_parent, group_tag, lead_group, run_worker, GroupTimeouts, LocalWorkers,
+    device_for, die_with_parent, group_tag, lead_group, run_worker, GroupTimeouts, LocalWorkers,
+    RankLaunch,
 };
 use dsvl_engine::scheduler::{Scheduler, SchedulerConfig};
 use dsvl_models::checkpoint::{Checkpoint, ModelSource};
@@ -44,13 +45,6 @@ pub struct ModelInfo {
 
 fn source(model: &Option<std::path::PathBuf>) -> ModelSource {
     model.clone().map_or(ModelSource::Bundled, ModelSource::Dir)
-}
-
-fn device_for(base: dsvl_core::DeviceSpec, local_rank: usize) -> dsvl_core::DeviceSpec {
-    match base {
-        dsvl_core::DeviceSpec::Cpu => dsvl_core::DeviceSpec::Cpu,
-        dsvl_core::DeviceSpec::Cuda(n) => dsvl_core::DeviceSpec::Cuda(n + local_rank),
-    }
 }
 
 fn spec(
@@ -91,42 +85,28 @@ fn local_worker_commands(
     first_rank: usize,
     local: usize,
 ) -> Result<Vec<Command>, ModelError> {
-    let exe = std::env::current_exe().map_err(|e| ModelError::io("current executable", e))?;
-    Ok((1..local)
-        .map(|i| {
-            let mut c = Command::new(&exe);
-            c.args([
-                "--worker",
-                "--die-with-parent",
-                "--rank",
-                &(first_rank + i).to_string(),
-                "--leader",
-                leader,
-                "--tp",
-                &args.tp.to_string(),
-            ]);
-            c.args([
-                "--nodes",
-                &args.nodes.to_string(),
-                "--node-index",
-                &args.node_index.to_string(),
-                "--dtype",
-                args.dtype.as_str(),
-            ]);
-            // The node's base device: the worker adds its local rank itself (see
-            // `run_worker_process`), so passing an offset device here would apply it twice.
-            c.args([
-                "--device",
-                &args.device.to_string(),
-                "--collective-timeout-secs",
-                &args.collective_timeout_secs.to_string(),
-            ]);
-            if let Some(m) = &args.model {
-                c.arg("--model").arg(m);
-            }
-            c
-        })
-        .collect())
+    let mut extra = vec![
+        "--nodes".to_string(),
+        args.nodes.to_string(),
+        "--node-index".into(),
+        args.node_index.to_string(),
+        "--dtype".into(),
+        args.dtype.as_str().into(),
+        "--collective-timeout-secs".into(),
+        args.collective_timeout_secs.to_string(),
+    ];
+    if let Some(m) = &args.model {
+        extra.extend(["--model".to_string(), m.to_string_lossy().into_owned()]);
+    }
+    let launch = RankLaunch {
+        program: std::env::current_exe().map_err(|e| ModelError::io("current executable", e))?,
+        mode: vec!["--worker".into()],
+        leader: leader.into(),
+        world: args.tp,
+        base_device: args.device,
+        extra,
+    };
+    Ok(launch.commands(first_rank, local))
 }
 
 /// Leader: everything the engine thread owns. Runs on that thread (the communicator must not
@@ -229,7 +209,8 @@ pub fn run_worker_process(args: &Args) -> Result<(), ModelError> {
             .map_err(|e| ModelError::io("worker ranks", e))?
     };
     let ckpt = Checkpoint::open(&source(&args.model))?;
-    let local_rank = rank % local.max(1);
+    // The one device convention (`RankLaunch`): base device + local rank.
+    let local_rank = if args.worker { args.local_rank } else { 0 };
     let device = open_device(device_for(args.device, local_rank))?;
     let dtype = candle_dtype(args.dtype);
     let timeout = std::time::Duration::from_secs(args.collective_timeout_secs.max(1));
@@ -250,13 +231,8 @@ mod tests {
 
     use super::*;
 
-    fn arg_after(cmd: &Command, flag: &str) -> Option<String> {
-        let args: Vec<String> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
-        args.iter().position(|a| a == flag).and_then(|i| args.get(i + 1).cloned())
-    }
-
     /// Rank r of a node uses the node's base device + its local rank, counted once: the
-    /// commands carry the base device and each worker adds its local rank.
+    /// commands carry the base device and the local rank, and the worker adds them.
     #[test]
     fn local_ranks_get_consecutive_devices() {
         let args = Args::parse_from([
@@ -273,27 +249,18 @@ mod tests {
         let cmds = local_worker_commands(&args, "leader:29500", 4, 4).expect("commands");
         assert_eq!(cmds.len(), 3);
         for (i, cmd) in cmds.iter().enumerate() {
-            let rank: usize = arg_after(cmd, "--rank").expect("--rank").parse().expect("rank");
-            assert_eq!(rank, 5 + i);
-            let device: dsvl_core::DeviceSpec =
-                arg_after(cmd, "--device").expect("--device").parse().expect("device");
-            let worker = Args::parse_from([
-                "dsvl-decoder",
-                "--worker",
-                "--tp",
-                "8",
-                "--nodes",
-                "2",
-                "--rank",
-                &rank.to_string(),
-                "--device",
-                &device.to_string(),
-            ]);
-            let local = worker.tp / worker.nodes;
+            // The worker parses its own command line with the service's flags.
+            let argv: Vec<String> = std::iter::once("dsvl-decoder".to_string())
+                .chain(cmd.get_args().map(|a| a.to_string_lossy().into_owned()))
+                .collect();
+            let worker = Args::parse_from(argv);
+            assert!(worker.worker && worker.die_with_parent);
+            assert_eq!((worker.rank, worker.tp), (5 + i, 8));
             assert_eq!(
-                device_for(worker.device, worker.rank % local),
+                device_for(worker.device, worker.local_rank),
                 dsvl_core::DeviceSpec::Cuda(1 + i),
-                "rank {rank}"
+                "rank {}",
+                worker.rank
             );
         }
     }

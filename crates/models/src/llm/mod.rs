@@ -17,7 +17,7 @@ pub use runner::{ShardRunner, StepPlan};
 
 use candle_core::{DType, Device};
 
-use crate::checkpoint::{BuildModel, Checkpoint, ProgressFn};
+use crate::checkpoint::{build_model, Checkpoint, ProgressFn};
 use crate::ModelError;
 
 impl DeepSeekLlm {
@@ -38,6 +38,8 @@ impl DeepSeekLlm {
         let prefix = if cfg.prefix.is_empty() { "" } else { cfg.prefix.as_str() };
         let prefixes: Vec<&str> =
             if prefix.is_empty() { vec!["model.", "lm_head."] } else { vec![prefix] };
-        ckpt.build(dtype, device, &prefixes, progress, |vb| DeepSeekLlm::new(&cfg, shard, vb))
+        build_model(ckpt, dtype, device, &prefixes, progress, |vb| {
+            DeepSeekLlm::new(&cfg, shard, vb)
+        })
     }
 }

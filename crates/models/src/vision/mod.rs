@@ -21,7 +21,7 @@ pub use config::{AlignerConfig, ComponentConfig, TowerConfig};
 pub use sam::{SamEncoder, SamOutput};
 pub use siglip::SiglipEncoder;
 
-use crate::checkpoint::{BuildModel, Checkpoint, ProgressFn};
+use crate::checkpoint::{build_model, Checkpoint, ProgressFn};
 use crate::preprocess::{PreprocessConfig, Preprocessed};
 use crate::ModelError;
 use layers::{resize_2d, ResampleMatrix};
@@ -82,7 +82,7 @@ impl VisionEncoder {
         let preprocess = load_preprocess_config(ckpt, &tower_config)?;
         check_dims(&tower_config, &aligner_config)?;
 
-        ckpt.build(dtype, device, &VISION_PREFIXES, progress, |vb| {
+        build_model(ckpt, dtype, device, &VISION_PREFIXES, progress, |vb| {
             Self::new(tower_config, aligner_config, preprocess, vb)
         })
     }
