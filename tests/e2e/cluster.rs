@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use base64::Engine;
-use dsvl_e2e::{golden_case, golden_generated, golden_image, http_post, Cluster, Options};
+use dsvl_e2e::{
+    golden_case, golden_generated, golden_image, grpc_messages, http_post, Cluster, Options,
+};
 use dsvl_proto::internal::decoder_client::DecoderClient;
 use dsvl_proto::internal::LoadRequest;
 use dsvl_proto::v1::chat_response::Event;
@@ -17,30 +19,6 @@ use serde_json::{json, Value};
 use tonic::Code;
 
 const IMAGE_TAG: &str = "<image_placeholder>";
-
-/// A golden conversation as gRPC messages (parts split at the placeholders).
-fn grpc_messages(conv: &Value) -> Result<Vec<ChatMessage>> {
-    let mut out = Vec::new();
-    for m in conv.as_array().context("conversation")? {
-        let images: Vec<&str> = m["images"]
-            .as_array()
-            .map(|a| a.iter().filter_map(Value::as_str).collect())
-            .unwrap_or_default();
-        let mut content = Vec::new();
-        for (i, text) in m["content"].as_str().unwrap_or("").split(IMAGE_TAG).enumerate() {
-            if i > 0 {
-                content.push(ContentPart {
-                    part: Some(Part::Image(golden_image(images[i - 1])?.into())),
-                });
-            }
-            if !text.is_empty() {
-                content.push(ContentPart { part: Some(Part::Text(text.into())) });
-            }
-        }
-        out.push(ChatMessage { role: m["role"].as_str().unwrap_or("").to_lowercase(), content });
-    }
-    Ok(out)
-}
 
 /// The same conversation in OpenAI's format (images as base64 data URLs).
 fn openai_messages(conv: &Value) -> Result<Value> {

@@ -313,6 +313,39 @@ pub async fn reflection_services(addr: &str) -> Result<Vec<String>> {
     }
 }
 
+/// A golden conversation as gRPC messages (parts split at the placeholders).
+pub fn grpc_messages(conv: &Value) -> Result<Vec<dsvl_proto::v1::ChatMessage>> {
+    let mut out = Vec::new();
+    for m in conv.as_array().context("conversation")? {
+        let images: Vec<&str> = m["images"]
+            .as_array()
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        let mut content = Vec::new();
+        for (i, text) in
+            m["content"].as_str().unwrap_or("").split("<image_placeholder>").enumerate()
+        {
+            if i > 0 {
+                content.push(dsvl_proto::v1::ContentPart {
+                    part: Some(dsvl_proto::v1::content_part::Part::Image(
+                        golden_image(images[i - 1])?.into(),
+                    )),
+                });
+            }
+            if !text.is_empty() {
+                content.push(dsvl_proto::v1::ContentPart {
+                    part: Some(dsvl_proto::v1::content_part::Part::Text(text.into())),
+                });
+            }
+        }
+        out.push(dsvl_proto::v1::ChatMessage {
+            role: m["role"].as_str().unwrap_or("").to_lowercase(),
+            content,
+        });
+    }
+    Ok(out)
+}
+
 /// A golden case of `chat.json`.
 pub fn golden_case(name: &str) -> Result<Value> {
     let chat: Value = serde_json::from_slice(&std::fs::read(golden_dir().join("chat.json"))?)?;
