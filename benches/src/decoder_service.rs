@@ -89,6 +89,7 @@ pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
                     stop_ids: vec![],
                     logprobs: false,
                     deadline: None,
+                    keep_logits: false,
                     events: tx,
                 })
                 .map_err(|_| anyhow::anyhow!("engine gone"))?;
@@ -114,6 +115,7 @@ pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
                                 count += 1;
                             }
                             Event::Finished { .. } | Event::Failed(_) => break,
+                            Event::PromptLogits(_) => {}
                         }
                     }
                     (first, gaps, count)

@@ -231,7 +231,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let streaming = !args.json;
     let t_gen = Instant::now();
     let mut first_token_s = None;
-    let result = generate(&mut runner, &req, 0, &mut |id| {
+    let result = generate(&mut runner, &req, &mut |id| {
         first_token_s.get_or_insert(t_gen.elapsed().as_secs_f64());
         if streaming {
             if let Ok(Some(piece)) = decoder.push(&tok, id) {

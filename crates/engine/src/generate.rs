@@ -1,12 +1,16 @@
-//! One sequence from prompt to stop: a prefill step over the whole prompt (with the image
-//! embeddings spliced in), then one decode step per new token, stopping on EOS, a stop id, the
-//! token budget, or when the caller's callback says so.
+//! One sequence from prompt to stop, for `dsvl generate` and the parity tests: the decoder
+//! service's [`Scheduler`] with that one sequence (so the CLI and the service share one
+//! generation loop): a prefill step over the whole prompt (with the image embeddings spliced
+//! in), then one decode step per new token, stopping on EOS, a stop id, the token budget, or
+//! when the caller's callback says so.
 
 use candle_core::Tensor;
-use dsvl_models::llm::{ImageRows, SeqChunk, SeqId, ShardRunner, StepPlan};
+use dsvl_models::llm::{ImageRows, ShardRunner, StepPlan};
 use dsvl_models::ModelError;
 
-use crate::sampler::{sample, Rng, SamplingParams};
+use crate::blocks::BlockManager;
+use crate::sampler::SamplingParams;
+use crate::scheduler::{Event, NewRequest, Scheduler, SchedulerConfig};
 
 /// Anything that runs a [`StepPlan`] for the whole group and returns the logits.
 pub trait StepExecutor {
@@ -62,83 +66,94 @@ pub struct GenerationOutput {
     pub step_logits: Vec<Vec<f32>>,
 }
 
-/// Generates for `req` as sequence `seq`; `on_token` sees each new token (a final stop id too)
-/// and returns whether to continue. The sequence's cache is freed at the end, also on error paths that leave the group
-/// usable.
+/// Generates for `req` through a [`Scheduler`] holding this one sequence; `on_token` sees each
+/// new token (a final stop id too) and returns whether to continue. The sequence's cache is
+/// freed on the ranks at the end, also on error paths that leave the group usable.
+///
+/// # Errors
+/// Invalid parameters or inputs, or a failed step.
 pub fn generate(
     exec: &mut dyn StepExecutor,
     req: &GenerationRequest,
-    seq: SeqId,
     on_token: &mut dyn FnMut(u32) -> bool,
 ) -> Result<GenerationOutput, ModelError> {
     req.params.validate().map_err(|e| ModelError::InvalidInput(e.to_string()))?;
     if req.prompt.is_empty() {
         return Err(ModelError::InvalidInput("empty prompt".into()));
     }
-    let result = run(exec, req, seq, on_token);
-    let _ = exec.step(&StepPlan { free: vec![seq], ..StepPlan::default() });
+    // Room for the whole sequence: the model's own position limit is checked by the step.
+    const BLOCK: usize = 16;
+    let positions = req.prompt.len() + req.max_new_tokens + 2;
+    let cfg = SchedulerConfig {
+        max_num_seqs: 1,
+        max_batched_tokens: positions,
+        max_positions: positions,
+    };
+    let mut sched = Scheduler::new(cfg, BlockManager::new(positions.div_ceil(BLOCK), BLOCK));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    sched.add(NewRequest {
+        prompt: req.prompt.clone(),
+        image: req.image.clone(),
+        params: req.params,
+        max_new_tokens: req.max_new_tokens,
+        stop_ids: req.stop_ids.clone(),
+        logprobs: false,
+        deadline: None,
+        keep_logits: req.keep_logits,
+        events: tx,
+    });
+    let result = drive(exec, &mut sched, &mut rx, &req.stop_ids, on_token);
+    // Free the sequence on every rank, however it ended.
+    drop(rx);
+    sched.cancel_all();
+    while sched.has_work() {
+        if sched.step(exec).is_err() {
+            break;
+        }
+    }
     result
 }
 
-fn run(
+fn drive(
     exec: &mut dyn StepExecutor,
-    req: &GenerationRequest,
-    seq: SeqId,
+    sched: &mut Scheduler,
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<Event>,
+    stop_ids: &[u32],
     on_token: &mut dyn FnMut(u32) -> bool,
 ) -> Result<GenerationOutput, ModelError> {
-    let mut rng = Rng::new(req.params.seed);
     let mut out = GenerationOutput {
         tokens: Vec::new(),
         finish: FinishReason::Length,
         prompt_logits: None,
         step_logits: Vec::new(),
     };
-    let mut plan = StepPlan {
-        chunks: vec![SeqChunk {
-            seq,
-            tokens: req.prompt.clone(),
-            start: 0,
-            all_logits: req.keep_logits,
-            blocks: Vec::new(),
-        }],
-        free: Vec::new(),
-        image: req.image.clone(),
-    };
-    let mut pos = req.prompt.len();
-    while out.tokens.len() < req.max_new_tokens {
-        let logits = exec
-            .step(&plan)?
-            .ok_or_else(|| ModelError::InvalidInput("step returned no logits".into()))?;
-        if req.keep_logits && out.prompt_logits.is_none() {
-            out.prompt_logits = Some(logits.clone());
+    loop {
+        if !sched.has_work() {
+            return Err(ModelError::InvalidInput("generation ended without a result".into()));
         }
-        let last: Vec<f32> = logits.get(logits.dim(0)? - 1)?.to_vec1()?;
-        let token = sample(&last, &req.params, &out.tokens, &mut rng);
-        if req.keep_logits {
-            out.step_logits.push(last);
+        sched.step(exec)?;
+        while let Ok(ev) = rx.try_recv() {
+            match ev {
+                Event::PromptLogits(t) => out.prompt_logits = Some(t),
+                Event::Token { id, logits, .. } => {
+                    out.tokens.push(id);
+                    out.step_logits.extend(logits);
+                    if !on_token(id) {
+                        // A stop id ends with `Stop` whatever the callback says.
+                        out.finish = if stop_ids.contains(&id) {
+                            FinishReason::Stop
+                        } else {
+                            FinishReason::Cancelled
+                        };
+                        return Ok(out);
+                    }
+                }
+                Event::Finished { reason, .. } => {
+                    out.finish = reason;
+                    return Ok(out);
+                }
+                Event::Failed(f) => return Err(ModelError::InvalidInput(format!("{f:?}"))),
+            }
         }
-        out.tokens.push(token);
-        let keep_going = on_token(token);
-        if req.stop_ids.contains(&token) {
-            out.finish = FinishReason::Stop;
-            break;
-        }
-        if !keep_going {
-            out.finish = FinishReason::Cancelled;
-            break;
-        }
-        plan = StepPlan {
-            chunks: vec![SeqChunk {
-                seq,
-                tokens: vec![token],
-                start: pos,
-                all_logits: false,
-                blocks: Vec::new(),
-            }],
-            free: Vec::new(),
-            image: None,
-        };
-        pos += 1;
     }
-    Ok(out)
 }

@@ -55,7 +55,7 @@ pub enum Failure {
 }
 
 /// What a request's stream receives.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Event {
     /// One generated token.
     Token {
@@ -63,7 +63,11 @@ pub enum Event {
         id: u32,
         /// Log-probability under the model's (unprocessed) distribution, when asked for.
         logprob: Option<f32>,
+        /// With `keep_logits`: the logits row the token was chosen from.
+        logits: Option<Vec<f32>>,
     },
+    /// With `keep_logits`: `[prompt_len, vocab]` logits of the prefill, before the first token.
+    PromptLogits(Tensor),
     /// Generation ended normally.
     Finished {
         /// Why.
@@ -91,6 +95,9 @@ pub struct NewRequest {
     pub logprobs: bool,
     /// Give up after this instant.
     pub deadline: Option<Instant>,
+    /// Send the prefill's logits of every prompt position and each token's logits row (parity
+    /// checks; costs memory and host copies).
+    pub keep_logits: bool,
     /// Where events go; closing the receiver cancels the sequence at the next step.
     pub events: UnboundedSender<Event>,
 }
@@ -216,6 +223,15 @@ impl Scheduler {
         }
     }
 
+    /// Drops every sequence without an event (the caller stopped listening): their blocks are
+    /// freed, on the ranks too at the next [`step`](Self::step).
+    pub fn cancel_all(&mut self) {
+        let all: Vec<Seq> = self.running.drain(..).chain(self.waiting.drain(..)).collect();
+        for s in &all {
+            self.drop_seq(s);
+        }
+    }
+
     /// Ends every sequence with `failure` (the group broke).
     pub fn fail_all(&mut self, failure: Failure) {
         for s in self.running.drain(..).chain(self.waiting.drain(..)) {
@@ -334,7 +350,8 @@ impl Scheduler {
                     seq: s.id,
                     tokens,
                     start: 0,
-                    all_logits: false,
+                    // Every prompt position's logits on the first prefill, when asked for.
+                    all_logits: s.req.keep_logits && s.generated.is_empty(),
                     blocks: self.blocks.table(s.id).to_vec(),
                 }
             } else {
@@ -372,15 +389,24 @@ impl Scheduler {
         let logits = exec
             .step(&plan)?
             .ok_or_else(|| ModelError::InvalidInput("the step returned no logits".into()))?;
-        let logits: Vec<Vec<f32>> = logits.to_vec2()?;
+        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
 
         let now = Instant::now();
         let mut finished = Vec::new();
-        for ((s, chunk), row) in self.running.iter_mut().zip(&plan.chunks).zip(&logits) {
+        // One logits row per chunk, or one per token of an `all_logits` chunk.
+        let mut at = 0;
+        for (s, chunk) in self.running.iter_mut().zip(&plan.chunks) {
+            let n = if chunk.all_logits { chunk.tokens.len() } else { 1 };
+            if chunk.all_logits {
+                let _ = s.req.events.send(Event::PromptLogits(logits.narrow(0, at, n)?));
+            }
+            let row = &rows[at + n - 1];
+            at += n;
             s.cached = chunk.start + chunk.tokens.len();
             let token = sample(row, &s.req.params, &s.generated, &mut s.rng);
             s.generated.push(token);
             let logprob = s.req.logprobs.then(|| log_softmax_at(row, token as usize));
+            let kept = s.req.keep_logits.then(|| row.clone());
             match s.last_token {
                 None => {
                     s.first_token = Some(now);
@@ -391,7 +417,7 @@ impl Scheduler {
                     .record(now.duration_since(prev).as_secs_f64()),
             }
             s.last_token = Some(now);
-            let _ = s.req.events.send(Event::Token { id: token, logprob });
+            let _ = s.req.events.send(Event::Token { id: token, logprob, logits: kept });
             let reason = if s.req.stop_ids.contains(&token) {
                 Some(FinishReason::Stop)
             } else if s.generated.len() >= s.req.max_new_tokens

@@ -99,6 +99,7 @@ fn request(prompt: Vec<u32>, max_new: usize) -> (NewRequest, UnboundedReceiver<E
         stop_ids: vec![],
         logprobs: false,
         deadline: None,
+        keep_logits: false,
         events: tx,
     };
     (req, rx)

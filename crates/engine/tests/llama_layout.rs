@@ -105,7 +105,7 @@ fn check_against_golden(ckpt: &Checkpoint, prefix: &str, image: Option<Tensor>) 
         stop_ids: vec![tok.special().eos],
         keep_logits: true,
     };
-    let out = generate(&mut runner, &req, 1, &mut |_| true)?;
+    let out = generate(&mut runner, &req, &mut |_| true)?;
     let logits = out.prompt_logits.context("prompt logits")?.unsqueeze(0)?;
     let d = assert_close(
         &format!("{prefix} full-sequence logits"),

@@ -94,7 +94,7 @@ fn check_case(prefix: &str, image: Option<Tensor>) -> Result<()> {
         stop_ids: vec![f.tok.special().eos],
         keep_logits: true,
     };
-    let out = generate(&mut runner, &req, 1, &mut |_| true)?;
+    let out = generate(&mut runner, &req, &mut |_| true)?;
     let logits = out.prompt_logits.context("prompt logits")?.unsqueeze(0)?;
     let d = assert_close(
         "full-sequence logits",
@@ -160,10 +160,10 @@ fn invalid_inputs_are_refused() -> Result<()> {
         stop_ids: vec![],
         keep_logits: false,
     };
-    let err = generate(&mut runner, &req, 1, &mut |_| true).unwrap_err();
+    let err = generate(&mut runner, &req, &mut |_| true).unwrap_err();
     assert!(err.to_string().contains("token id 5000 is outside the vocabulary of 1024"), "{err}");
     req.prompt = vec![5; 16385];
-    let err = generate(&mut runner, &req, 2, &mut |_| true).unwrap_err();
+    let err = generate(&mut runner, &req, &mut |_| true).unwrap_err();
     assert!(err.to_string().contains("beyond the model's 16384 positions"), "{err}");
     Ok(())
 }

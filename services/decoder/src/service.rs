@@ -176,6 +176,7 @@ impl Decoder for DecoderService {
             stop_ids: req.stop_token_ids.clone(),
             logprobs: req.logprobs,
             deadline,
+            keep_logits: false,
             events: tx,
         };
         ready.engine.submit(new).map_err(|_| Status::from(ServiceError::GroupFailed))?;
@@ -192,7 +193,9 @@ impl Decoder for DecoderService {
                     () = yield_tx.closed() => break,
                 };
                 let item = match ev {
-                    Event::Token { id, logprob } => {
+                    // Never asked for by the service.
+                    Event::PromptLogits(_) => continue,
+                    Event::Token { id, logprob, .. } => {
                         let e = TokenEvent {
                             id,
                             logprob: if logprobs { logprob.unwrap_or(0.0) } else { 0.0 },
