@@ -49,6 +49,29 @@ pub struct BatcherConfig {
     pub capacity: usize,
 }
 
+/// What the model thread runs: one forward pass over a batch of preprocessed images, giving
+/// `[batch, tokens, hidden]` embeddings. [`VisionEncoder`] in production; tests use fakes to
+/// exercise batching, deadlines and cancellation without a model.
+pub trait VisionModel: Send + 'static {
+    /// Embeds `pixels` in one batch.
+    ///
+    /// # Errors
+    /// The forward pass failed.
+    fn embed(
+        &self,
+        pixels: &[&Preprocessed],
+    ) -> Result<candle_core::Tensor, dsvl_models::ModelError>;
+}
+
+impl VisionModel for VisionEncoder {
+    fn embed(
+        &self,
+        pixels: &[&Preprocessed],
+    ) -> Result<candle_core::Tensor, dsvl_models::ModelError> {
+        self.forward(&self.batch_pixels(pixels)?)
+    }
+}
+
 /// Handle to the model thread. Dropping it closes the queue and joins the thread.
 pub struct Batcher {
     tx: Option<SyncSender<Job>>,
@@ -60,7 +83,7 @@ pub struct Batcher {
 impl Batcher {
     /// Starts the model thread with `encoder`.
     /// `watchdog` sees each batch (the `liveness` probe).
-    pub fn start(encoder: VisionEncoder, cfg: BatcherConfig, watchdog: Arc<Watchdog>) -> Self {
+    pub fn start(encoder: impl VisionModel, cfg: BatcherConfig, watchdog: Arc<Watchdog>) -> Self {
         let (tx, rx) = sync_channel::<Job>(cfg.capacity);
         let queued = Arc::new(AtomicUsize::new(0));
         let rate = Arc::new(Mutex::new(0.0));
@@ -109,7 +132,7 @@ impl Drop for Batcher {
 }
 
 fn model_loop(
-    encoder: VisionEncoder,
+    encoder: impl VisionModel,
     rx: std::sync::mpsc::Receiver<Job>,
     cfg: BatcherConfig,
     queued: Arc<AtomicUsize>,
@@ -183,12 +206,11 @@ fn model_loop(
 /// One forward pass; each image's embedding as little-endian bytes in the working dtype (the
 /// workspace's one tensor codec, `dsvl_parallel::tensor_bytes`).
 fn encode_batch(
-    encoder: &VisionEncoder,
+    encoder: &impl VisionModel,
     jobs: &[Job],
 ) -> Result<Vec<Bytes>, dsvl_models::ModelError> {
     let refs: Vec<&Preprocessed> = jobs.iter().map(|j| &j.pixels).collect();
-    let emb =
-        encoder.forward(&encoder.batch_pixels(&refs)?)?.to_device(&candle_core::Device::Cpu)?;
+    let emb = encoder.embed(&refs)?.to_device(&candle_core::Device::Cpu)?;
     if tensor_bytes::embedding_dtype(emb.dtype()).is_none() {
         return Err(dsvl_models::ModelError::unsupported(format!(
             "embedding dtype {:?}",
@@ -196,4 +218,132 @@ fn encode_batch(
         )));
     }
     (0..jobs.len()).map(|i| Ok(Bytes::from(tensor_bytes::to_le_bytes(&emb.get(i)?)?))).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    //! The model thread against a fake model: batching up to `max_batch`, answers in job order,
+    //! expired and cancelled jobs dropped before the forward pass, a full queue refused, and a
+    //! model error reaching every job of its batch.
+
+    use std::sync::Mutex;
+
+    use candle_core::{Device, Tensor};
+    use dsvl_models::preprocess::Geometry;
+
+    use super::*;
+
+    /// Embeds each image as 2 x 3 copies of its first pixel value; records the batch sizes.
+    struct FakeModel {
+        batches: Arc<Mutex<Vec<usize>>>,
+        delay: Duration,
+        fail: bool,
+    }
+
+    impl VisionModel for FakeModel {
+        fn embed(&self, pixels: &[&Preprocessed]) -> Result<Tensor, dsvl_models::ModelError> {
+            self.batches.lock().unwrap().push(pixels.len());
+            std::thread::sleep(self.delay);
+            if self.fail {
+                return Err(dsvl_models::ModelError::InvalidInput("fake failure".into()));
+            }
+            let v: Vec<f32> = pixels.iter().flat_map(|p| [p.pixel_values[0]; 6]).collect();
+            Ok(Tensor::from_vec(v, (pixels.len(), 2, 3), &Device::Cpu)?)
+        }
+    }
+
+    fn image(v: f32) -> Preprocessed {
+        let geometry = Geometry { original: (1, 1), resized: (1, 1), offset: (0, 0), side: 1 };
+        Preprocessed { pixel_values: vec![v, 0.0, 0.0], geometry }
+    }
+
+    fn start(
+        max_batch: usize,
+        capacity: usize,
+        delay_ms: u64,
+        fail: bool,
+    ) -> (Batcher, Arc<Mutex<Vec<usize>>>) {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let model =
+            FakeModel { batches: batches.clone(), delay: Duration::from_millis(delay_ms), fail };
+        let cfg = BatcherConfig { max_batch, max_wait: Duration::from_millis(50), capacity };
+        (Batcher::start(model, cfg, Watchdog::new("test")), batches)
+    }
+
+    fn job(v: f32, deadline: Option<Instant>) -> (Job, oneshot::Receiver<Result<Bytes, JobError>>) {
+        let (tx, rx) = oneshot::channel();
+        (Job { pixels: image(v), deadline, reply: tx }, rx)
+    }
+
+    fn value_of(bytes: &Bytes) -> f32 {
+        f32::from_le_bytes(bytes[..4].try_into().unwrap())
+    }
+
+    #[tokio::test]
+    async fn batches_up_to_max_batch_and_answers_each_job() {
+        let (b, batches) = start(4, 16, 0, false);
+        let mut rxs = Vec::new();
+        for i in 0..6 {
+            let (j, rx) = job(i as f32, None);
+            b.submit(j).map_err(|_| "queue full").unwrap();
+            rxs.push(rx);
+        }
+        for (i, rx) in rxs.into_iter().enumerate() {
+            let bytes = rx.await.unwrap().unwrap();
+            assert_eq!(bytes.len(), 6 * 4, "one [2, 3] f32 embedding");
+            assert_eq!(value_of(&bytes), i as f32, "job {i} got its own embedding");
+        }
+        let sizes = batches.lock().unwrap().clone();
+        assert_eq!(sizes.iter().sum::<usize>(), 6);
+        assert!(sizes.iter().all(|&n| n <= 4), "{sizes:?}");
+        assert!(sizes.len() < 6, "no batching happened: {sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn expired_and_cancelled_jobs_are_never_encoded() {
+        let (b, batches) = start(8, 16, 0, false);
+        let (expired, rx_expired) = job(1.0, Some(Instant::now()));
+        let (cancelled, rx_cancelled) = job(2.0, None);
+        let (live, rx_live) = job(3.0, None);
+        drop(rx_cancelled);
+        for j in [expired, cancelled, live] {
+            b.submit(j).map_err(|_| "queue full").unwrap();
+        }
+        assert!(matches!(rx_expired.await.unwrap(), Err(JobError::DeadlineExceeded)));
+        assert_eq!(value_of(&rx_live.await.unwrap().unwrap()), 3.0);
+        assert_eq!(batches.lock().unwrap().iter().sum::<usize>(), 1, "only the live job ran");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_gives_the_job_back() {
+        // The model thread is busy for 300 ms with the first job; the queue holds one more.
+        // (The model thread took the first job once `queued` is back to 0.)
+        let (b, _) = start(1, 1, 300, false);
+        let (first, _rx1) = job(1.0, None);
+        b.submit(first).map_err(|_| "queue full").unwrap();
+        let t = Instant::now();
+        while b.queued() > 0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "the model thread never took the job");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (second, _rx2) = job(2.0, None);
+        b.submit(second).map_err(|_| "queue full").unwrap();
+        let (third, _rx3) = job(3.0, None);
+        assert!(b.submit(third).is_err(), "the third job found room in a queue of one");
+    }
+
+    #[tokio::test]
+    async fn a_model_error_reaches_every_job_of_the_batch() {
+        let (b, _) = start(4, 16, 0, true);
+        let (j1, rx1) = job(1.0, None);
+        let (j2, rx2) = job(2.0, None);
+        b.submit(j1).map_err(|_| "queue full").unwrap();
+        b.submit(j2).map_err(|_| "queue full").unwrap();
+        for rx in [rx1, rx2] {
+            match rx.await.unwrap() {
+                Err(JobError::Model(m)) => assert!(m.contains("fake failure"), "{m}"),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
 }
