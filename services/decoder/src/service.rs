@@ -69,6 +69,10 @@ impl Ready {
                 self.info.vocab_size
             )));
         }
+        if req.max_new_tokens == 0 {
+            // Resolved by the caller (the gateway resolves its API's "unset"): no default here.
+            return Err(ServiceError::InvalidArgument("max_new_tokens must be at least 1".into()));
+        }
         let sampling = req
             .sampling
             .as_ref()
@@ -163,11 +167,7 @@ impl Decoder for DecoderService {
         }
         let image = ready.images(&req, self.cache.as_ref()).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let max_new = if req.max_new_tokens == 0 {
-            ready.info.max_positions
-        } else {
-            req.max_new_tokens as usize
-        };
+        let max_new = req.max_new_tokens as usize;
         let new = NewRequest {
             prompt: req.prompt_token_ids.clone(),
             image,

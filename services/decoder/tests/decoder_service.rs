@@ -528,5 +528,9 @@ async fn hostile_deadline_headers_never_panic() -> Result<()> {
         let (out, _) = generate(&mut c, request(prompt.clone(), 2)).await?;
         assert_eq!(out.len(), 2, "grpc-timeout {value:?}: the next request");
     }
+    // Internal requests carry resolved values: a zero budget is refused, not defaulted.
+    let zero = generate(&mut c, request(prompt, 0)).await.unwrap_err();
+    assert_eq!(zero.code(), tonic::Code::InvalidArgument, "{zero:?}");
+    assert!(zero.message().contains("max_new_tokens"), "{zero:?}");
     Ok(())
 }
