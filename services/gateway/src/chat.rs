@@ -16,7 +16,6 @@ use dsvl_core::sampling::SamplingParams;
 use dsvl_proto::internal::decoder_client::DecoderClient;
 use dsvl_proto::internal::generate_response::Event as DecoderEvent;
 use dsvl_proto::internal::{FinishReason, GenerateRequest, GenerateResponse, ImageSlot};
-use dsvl_proto::v1::{ChatDelta, ChatFinish, Timing};
 use tokio::sync::mpsc;
 use tonic::{Code, Streaming};
 use tracing::Instrument;
@@ -29,13 +28,55 @@ use crate::tenancy::{Refusal, Tenant};
 use crate::upstream::{InflightGuard, Replica};
 use crate::Gateway;
 
-/// What the transport sends to the client.
+/// What the transport sends to the client: the gateway's own types, converted to each
+/// protocol's messages at its edge (`grpc.rs`, `http.rs`).
 #[derive(Debug, Clone)]
 pub enum ChatEvent {
     /// New text and the ids that produced it.
-    Delta(ChatDelta),
+    Delta(Delta),
     /// The end: reason, usage, timing, all ids.
-    Finish(ChatFinish),
+    Finish(Finish),
+}
+
+/// New text (complete UTF-8 characters only) and the token ids generated since the last one.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Delta {
+    /// Text.
+    pub text: String,
+    /// Token ids.
+    pub token_ids: Vec<u32>,
+}
+
+/// Where a request's time went, in seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timing {
+    /// Template + tokenization.
+    pub tokenize_seconds: f64,
+    /// Image encoding (vision tier or cache).
+    pub vision_seconds: f64,
+    /// From the decoder call to its first token.
+    pub decoder_first_token_seconds: f64,
+    /// The whole request at the gateway.
+    pub total_seconds: f64,
+    /// Images served from the embedding cache without encoding.
+    pub images_cached: u32,
+}
+
+/// The end of a reply.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Finish {
+    /// `stop` (EOS or a stop string) or `length`.
+    pub finish_reason: String,
+    /// Prompt tokens.
+    pub prompt_tokens: u32,
+    /// Generated tokens.
+    pub completion_tokens: u32,
+    /// Where the time went.
+    pub timing: Timing,
+    /// Every generated token id, in order.
+    pub token_ids: Vec<u32>,
+    /// The prompt's ids, when asked for (else empty).
+    pub prompt_token_ids: Vec<u32>,
 }
 
 /// The stream of a started request.
@@ -342,7 +383,7 @@ impl Gateway {
                     if let Some(piece) = piece {
                         let released = stops.push(&piece);
                         if !released.text.is_empty() || released.stopped {
-                            send(ChatEvent::Delta(ChatDelta {
+                            send(ChatEvent::Delta(Delta {
                                 text: released.text,
                                 token_ids: std::mem::take(&mut unsent_ids),
                             }))
@@ -364,7 +405,7 @@ impl Gateway {
                     }
                     text.push_str(&stops.finish());
                     if !text.is_empty() || !unsent_ids.is_empty() {
-                        send(ChatEvent::Delta(ChatDelta {
+                        send(ChatEvent::Delta(Delta {
                             text,
                             token_ids: std::mem::take(&mut unsent_ids),
                         }))
@@ -382,11 +423,11 @@ impl Gateway {
         span.record("gen_ai.usage.output_tokens", all_ids.len());
         span.record("gen_ai.response.finish_reasons", reason);
         let prompt_tokens = usage.map_or(prep.prompt.ids.len() as u32, |u| u.prompt_tokens);
-        send(ChatEvent::Finish(ChatFinish {
+        send(ChatEvent::Finish(Finish {
             finish_reason: reason.into(),
             prompt_tokens,
             completion_tokens: all_ids.len() as u32,
-            timing: Some(timing),
+            timing,
             token_ids: all_ids,
             prompt_token_ids: if prep.return_prompt_token_ids {
                 prep.prompt.ids.clone()

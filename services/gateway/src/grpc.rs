@@ -9,13 +9,16 @@ use dsvl_core::sampling::SamplingRequest;
 use dsvl_proto::v1::chat_response::Event;
 use dsvl_proto::v1::chat_server::Chat;
 use dsvl_proto::v1::content_part::Part as ProtoPart;
-use dsvl_proto::v1::{ChatRequest, ChatResponse, ListModelsRequest, ListModelsResponse, ModelInfo};
+use dsvl_proto::v1::{
+    ChatDelta, ChatFinish, ChatRequest, ChatResponse, ListModelsRequest, ListModelsResponse,
+    ModelInfo, Timing as ProtoTiming,
+};
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::chat::{request_span, ChatEvent};
+use crate::chat::{request_span, ChatEvent, Finish};
 use crate::error::GatewayError;
 use crate::prepare::{ChatInput, InMessage, Part, Role};
 use crate::tenancy::Refusal;
@@ -51,6 +54,25 @@ fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
         max_tokens: (req.max_tokens > 0).then_some(req.max_tokens),
         return_prompt_token_ids: req.return_prompt_token_ids,
     })
+}
+
+/// The public message of a finished reply.
+fn finish_message(f: Finish) -> ChatFinish {
+    let t = f.timing;
+    ChatFinish {
+        finish_reason: f.finish_reason,
+        prompt_tokens: f.prompt_tokens,
+        completion_tokens: f.completion_tokens,
+        timing: Some(ProtoTiming {
+            tokenize_seconds: t.tokenize_seconds,
+            vision_seconds: t.vision_seconds,
+            decoder_first_token_seconds: t.decoder_first_token_seconds,
+            total_seconds: t.total_seconds,
+            images_cached: t.images_cached,
+        }),
+        token_ids: f.token_ids,
+        prompt_token_ids: f.prompt_token_ids,
+    }
 }
 
 type ChatStream = Pin<Box<dyn Stream<Item = Result<ChatResponse, Status>> + Send>>;
@@ -95,8 +117,10 @@ impl Chat for ChatService {
         let stream = ReceiverStream::new(rx).map(|item| {
             item.map(|ev| ChatResponse {
                 event: Some(match ev {
-                    ChatEvent::Delta(d) => Event::Delta(d),
-                    ChatEvent::Finish(f) => Event::Finish(f),
+                    ChatEvent::Delta(d) => {
+                        Event::Delta(ChatDelta { text: d.text, token_ids: d.token_ids })
+                    }
+                    ChatEvent::Finish(f) => Event::Finish(finish_message(f)),
                 }),
             })
             .map_err(|e| e.to_status())

@@ -19,13 +19,12 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use dsvl_core::sampling::SamplingRequest;
-use dsvl_proto::v1::ChatFinish;
 use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tracing::Instrument;
 
-use crate::chat::{request_span, ChatEvent, ChatStream};
+use crate::chat::{request_span, ChatEvent, ChatStream, Finish};
 use crate::error::{retry_after_secs, GatewayError};
 use crate::fetch::load_image_url;
 use crate::prepare::{ChatInput, InMessage, Part, Role};
@@ -209,12 +208,12 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn usage(f: &ChatFinish) -> Value {
+fn usage(f: &Finish) -> Value {
     json!({"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens, "total_tokens": f.prompt_tokens + f.completion_tokens})
 }
 
-fn extension(f: &ChatFinish) -> Value {
-    let t = f.timing.unwrap_or_default();
+fn extension(f: &Finish) -> Value {
+    let t = f.timing;
     let mut v = json!({
         "token_ids": f.token_ids,
         "timing": {
