@@ -384,3 +384,128 @@ fn rand_token() -> u64 {
     );
     h.finish()
 }
+
+#[cfg(test)]
+mod tests {
+    //! The pipeline with a fake model and the in-process cache: single flight, cache hits,
+    //! corrupt values treated as misses and repaired, bad images failing alone.
+
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use candle_core::{Device, Tensor};
+    use dsvl_cache::{EmbeddingCache, MemoryCache, SingleFlight};
+    use dsvl_core::ImageLimits;
+    use dsvl_models::preprocess::{PreprocessConfig, Preprocessed, Preprocessor};
+    use dsvl_telemetry::probes::Watchdog;
+
+    use super::*;
+    use crate::batcher::{Batcher, BatcherConfig, VisionModel};
+
+    /// Embeds each image as 2 x 3 copies of its first pixel value, slowly enough for requests
+    /// to overlap; counts the images it embedded.
+    struct FakeModel(Arc<AtomicUsize>);
+
+    impl VisionModel for FakeModel {
+        fn embed(&self, pixels: &[&Preprocessed]) -> Result<Tensor, dsvl_models::ModelError> {
+            self.0.fetch_add(pixels.len(), Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(100));
+            let v: Vec<f32> = pixels.iter().flat_map(|p| [p.pixel_values[0]; 6]).collect();
+            Ok(Tensor::from_vec(v, (pixels.len(), 2, 3), &Device::Cpu)?)
+        }
+    }
+
+    fn pipeline() -> (Arc<Pipeline>, Arc<AtomicUsize>) {
+        let embedded = Arc::new(AtomicUsize::new(0));
+        let cfg = BatcherConfig { max_batch: 4, max_wait: Duration::from_millis(5), capacity: 16 };
+        let batcher = Batcher::start(FakeModel(embedded.clone()), cfg, Watchdog::new("test"));
+        let pre = PreprocessConfig::from_json(include_str!(
+            "../../../assets/tiny-dsvl/preprocessor_config.json"
+        ))
+        .expect("bundled preprocessor config");
+        let p = Pipeline {
+            batcher: Arc::new(batcher),
+            preprocessor: Preprocessor::new(pre, ImageLimits::default()),
+            expected: Expected {
+                fingerprint: "fake".into(),
+                dtype: EmbeddingDType::F32,
+                shape: vec![2, 3],
+            },
+            local: Arc::new(MemoryCache::new(1 << 20)),
+            shared: None,
+            flights: SingleFlight::new(),
+            ttl: Duration::from_secs(60),
+            lease: Duration::from_secs(1),
+        };
+        (Arc::new(p), embedded)
+    }
+
+    fn png(shade: u8) -> Bytes {
+        use image::ImageEncoder;
+        let mut buf = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut buf)
+            .write_image(&[shade, 10, 20, shade, 30, 40], 2, 1, image::ExtendedColorType::Rgb8)
+            .expect("png");
+        buf.into()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_requests_for_one_image_encode_it_once() {
+        let (p, embedded) = pipeline();
+        let jobs: Vec<_> = (0..4)
+            .map(|_| {
+                let p = p.clone();
+                tokio::spawn(async move { p.embed("k1".into(), png(200), None).await })
+            })
+            .collect();
+        let mut hits = 0;
+        for j in jobs {
+            let o = j.await.unwrap().map_err(|e| format!("{e:?}")).unwrap();
+            assert_eq!(o.stored.embedding.shape, [2, 3]);
+            hits += usize::from(o.cache_hit);
+        }
+        assert_eq!(embedded.load(Ordering::SeqCst), 1, "one encode for four requests");
+        assert_eq!(hits, 3, "the three waiters are served from the leader's result");
+        // Now cached: no encode; another image: one more.
+        assert!(
+            p.embed("k1".into(), png(200), None)
+                .await
+                .map_err(|e| format!("{e:?}"))
+                .unwrap()
+                .cache_hit
+        );
+        p.embed("k2".into(), png(100), None).await.map_err(|e| format!("{e:?}")).unwrap();
+        assert_eq!(embedded.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn corrupt_values_are_misses_and_are_repaired() {
+        let (p, embedded) = pipeline();
+        p.local
+            .put("k", Bytes::from_static(b"not an embedding"), Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(p.lookup("k").await.is_none(), "a corrupt value is a miss");
+        let o = p.embed("k".into(), png(7), None).await.map_err(|e| format!("{e:?}")).unwrap();
+        assert!(!o.cache_hit);
+        assert_eq!(embedded.load(Ordering::SeqCst), 1);
+        let again = p.lookup("k").await.expect("repaired by the re-encode");
+        assert_eq!(again.embedding, o.stored.embedding);
+        // A value made by another model under the key is a miss too.
+        let foreign = Stored::new(Embedding {
+            model_fingerprint: "other".into(),
+            ..o.stored.embedding.clone()
+        });
+        p.local.put("k", foreign.value.clone(), Duration::from_secs(60)).await.unwrap();
+        assert!(p.lookup("k").await.is_none(), "another model's value is a miss");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_undecodable_image_fails_alone() {
+        let (p, embedded) = pipeline();
+        match p.embed("bad".into(), Bytes::from_static(b"\x89PNG garbage"), None).await {
+            Err(Failure::Image(m)) => assert!(!m.is_empty()),
+            other => panic!("{:?}", other.map(|o| o.cache_hit)),
+        }
+        assert_eq!(embedded.load(Ordering::SeqCst), 0, "nothing reached the model");
+    }
+}
