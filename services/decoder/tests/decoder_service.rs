@@ -165,7 +165,7 @@ async fn image_stream_through_redis_matches_reference() -> Result<()> {
 
     use dsvl_models::checkpoint::{Checkpoint, ModelSource};
     let ckpt = Checkpoint::open(&ModelSource::Bundled)?;
-    let fingerprint = dsvl_models::vision::VisionEncoder::fingerprint(&ckpt)?;
+    let fingerprint = dsvl_checkpoint::vision_fingerprint(&ckpt)?;
     let enc = dsvl_models::vision::VisionEncoder::load(&ckpt, DType::F32, &Device::Cpu, None)?;
     let pre =
         candle_core::safetensors::load(golden_dir().join("preprocess.safetensors"), &Device::Cpu)?;

@@ -97,12 +97,14 @@ enum OpenError {
 
 /// Counts one request in `dsvl_gateway_requests_in_flight` (the gateway's autoscaling signal:
 /// work in progress, whatever its size) and in the drain, from admission until its stream ends.
-struct InFlightRequest(#[allow(dead_code)] dsvl_telemetry::server::InFlight);
+struct InFlightRequest {
+    _drain: dsvl_telemetry::server::InFlight,
+}
 
 impl InFlightRequest {
     fn new(drain: &Arc<dsvl_telemetry::server::Drain>) -> Self {
         metrics::gauge!("dsvl_gateway_requests_in_flight").increment(1.0);
-        Self(drain.track())
+        Self { _drain: drain.track() }
     }
 }
 

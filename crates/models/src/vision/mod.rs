@@ -124,13 +124,6 @@ impl VisionEncoder {
         })
     }
 
-    /// Identifies the vision tower + aligner of `ckpt` ([`dsvl_checkpoint::vision_fingerprint`]):
-    /// part of every embedding cache key, so a new checkpoint revision never serves embeddings
-    /// of the old one.
-    pub fn fingerprint(ckpt: &Checkpoint) -> Result<String, ModelError> {
-        Ok(dsvl_checkpoint::vision_fingerprint(ckpt)?)
-    }
-
     /// Side of the square pixel input.
     pub fn image_size(&self) -> usize {
         self.tower_config.image_size()
