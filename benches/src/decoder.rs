@@ -10,9 +10,11 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
 use dsvl_engine::group::{
-    contiguous_kv, lead_group, run_worker, GroupTimeouts, LocalWorkers, RankLaunch,
+    kv_from_welcome, lead_group, run_worker, with_kv_pool, GroupTimeouts, LocalWorkers, RankLaunch,
 };
-use dsvl_models::llm::{DeepSeekLlm, LlmConfig, SeqChunk, Shard, ShardRunner, StepPlan};
+use dsvl_models::llm::{
+    DeepSeekLlm, LlmConfig, PagedKvConfig, SeqChunk, Shard, ShardRunner, StepPlan,
+};
 use dsvl_parallel::GroupSpec;
 use serde_json::json;
 
@@ -97,18 +99,32 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         &spec(args.world_size, args.rank, &args.leader),
         GroupTimeouts::default(),
         &Device::Cpu,
-        |_| {
-            contiguous_kv(DeepSeekLlm::new(
-                &cfg,
-                shard,
-                random::var_builder(DType::F32, &Device::Cpu),
-            )?)
+        |extra| {
+            let kv = kv_from_welcome(extra)?;
+            with_kv_pool(
+                DeepSeekLlm::new(&cfg, shard, random::var_builder(DType::F32, &Device::Cpu))?,
+                kv,
+            )
         },
     )?;
     Ok(())
 }
 
-fn chunks(batch: usize, len: usize, start: usize, seq0: u64, step: u64) -> Vec<SeqChunk> {
+/// Blocks per sequence: room for the prompt, the timed decode steps and one more.
+fn blocks_per_seq(prompt_len: usize, steps: usize) -> usize {
+    (prompt_len + steps + 1).div_ceil(PagedKvConfig::DEFAULT_BLOCK_SIZE)
+}
+
+/// Batch slot `i` owns blocks `[i * per_seq, (i + 1) * per_seq)` of the pool (every round
+/// reuses them: the benchmark's sequences never outlive their round).
+pub fn chunks(
+    batch: usize,
+    len: usize,
+    start: usize,
+    seq0: u64,
+    step: u64,
+    per_seq: usize,
+) -> Vec<SeqChunk> {
     (0..batch)
         .map(|i| SeqChunk {
             seq: seq0 + i as u64,
@@ -116,16 +132,25 @@ fn chunks(batch: usize, len: usize, start: usize, seq0: u64, step: u64) -> Vec<S
                 .map(|t| ((t as u64 * 7919 + i as u64 * 104729 + step * 31) % 100_000) as u32)
                 .collect(),
             start,
-            all_logits: false,
-            blocks: Vec::new(),
+            blocks: (i * per_seq..(i + 1) * per_seq).map(|b| b as u32).collect(),
+            ..SeqChunk::default()
         })
         .collect()
 }
 
 /// Prefill tokens/s for `batch` fresh sequences of `len` tokens.
-fn prefill(runner: &mut ShardRunner, batch: usize, len: usize, seq0: u64) -> Result<f64> {
+fn prefill(
+    runner: &mut ShardRunner,
+    batch: usize,
+    len: usize,
+    seq0: u64,
+    per_seq: usize,
+) -> Result<f64> {
     let t = Instant::now();
-    runner.lead_step(&StepPlan { chunks: chunks(batch, len, 0, seq0, 0), ..Default::default() })?;
+    runner.lead_step(&StepPlan {
+        chunks: chunks(batch, len, 0, seq0, 0, per_seq),
+        ..Default::default()
+    })?;
     let tps = (batch * len) as f64 / t.elapsed().as_secs_f64();
     runner.lead_step(&StepPlan {
         free: (seq0..seq0 + batch as u64).collect(),
@@ -141,12 +166,16 @@ fn decode(
     len: usize,
     steps: usize,
     seq0: u64,
+    per_seq: usize,
 ) -> Result<(f64, f64)> {
-    runner.lead_step(&StepPlan { chunks: chunks(batch, len, 0, seq0, 0), ..Default::default() })?;
+    runner.lead_step(&StepPlan {
+        chunks: chunks(batch, len, 0, seq0, 0, per_seq),
+        ..Default::default()
+    })?;
     let t = Instant::now();
     for s in 0..steps {
         runner.lead_step(&StepPlan {
-            chunks: chunks(batch, 1, len + s, seq0, s as u64 + 1),
+            chunks: chunks(batch, 1, len + s, seq0, s as u64 + 1, per_seq),
             ..Default::default()
         })?;
     }
@@ -176,18 +205,21 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
     .commands(0, args.tp);
     let _workers = LocalWorkers::spawn(commands).context("cannot start worker ranks")?;
     let shard = Shard { rank: 0, world: args.tp };
+    let per_seq = blocks_per_seq(args.prompt_len.max(16), args.steps);
+    let most = args.batches.iter().copied().max().unwrap_or(1);
+    let kv =
+        PagedKvConfig { num_blocks: most * per_seq, block_size: PagedKvConfig::DEFAULT_BLOCK_SIZE };
     let mut runner = lead_group(
         &listener,
         &spec(args.tp, 0, &addr),
         GroupTimeouts::default(),
-        json!({}),
+        json!({ "kv": kv }),
         &Device::Cpu,
         || {
-            contiguous_kv(DeepSeekLlm::new(
-                &cfg,
-                shard,
-                random::var_builder(DType::F32, &Device::Cpu),
-            )?)
+            with_kv_pool(
+                DeepSeekLlm::new(&cfg, shard, random::var_builder(DType::F32, &Device::Cpu))?,
+                kv,
+            )
         },
     )?;
     let mut reference = if args.no_reference || args.tp > 1 {
@@ -195,7 +227,7 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
     } else {
         Some(Reference::start("decoder_reference.py", &["--threads".into(), threads.to_string()])?)
     };
-    prefill(&mut runner, 1, 16, 1_000_000)?; // warm-up
+    prefill(&mut runner, 1, 16, 1_000_000, per_seq)?; // warm-up
 
     let mut rows = Vec::new();
     let mut step_ms = Vec::new();
@@ -209,7 +241,7 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
         let mut ms = Vec::new();
         for round in 0..args.rounds {
             let seq0 = (round * 1000) as u64;
-            pre.ours.push(prefill(&mut runner, b, args.prompt_len, seq0)?);
+            pre.ours.push(prefill(&mut runner, b, args.prompt_len, seq0, per_seq)?);
             if let Some(r) = &mut reference {
                 pre.theirs.push(
                     r.call(json!({"op": "prefill", "batch": b, "prompt_len": args.prompt_len}))?
@@ -218,7 +250,8 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
                         .unwrap_or(f64::NAN),
                 );
             }
-            let (tps, secs) = decode(&mut runner, b, args.prompt_len, args.steps, seq0 + 500)?;
+            let (tps, secs) =
+                decode(&mut runner, b, args.prompt_len, args.steps, seq0 + 500, per_seq)?;
             dec.ours.push(tps);
             ms.push(secs * 1e3);
             if let Some(r) = &mut reference {

@@ -13,7 +13,7 @@ use dsvl_engine::blocks::BlockManager;
 use dsvl_engine::engine::spawn_engine;
 use dsvl_engine::scheduler::{Event, NewRequest, Scheduler, SchedulerConfig};
 use dsvl_engine::SamplingParams;
-use dsvl_models::llm::{DeepSeekLlm, KvStore, PagedKv, PagedKvConfig, Shard, ShardRunner};
+use dsvl_models::llm::{DeepSeekLlm, PagedKvConfig, Shard, ShardRunner};
 use dsvl_parallel::LinkSet;
 
 use crate::decoder::vl13b_lm_config;
@@ -44,7 +44,7 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 /// Runs the benchmark.
 pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
     let cfg = vl13b_lm_config()?;
-    let kv = PagedKvConfig { num_blocks: 256, block_size: 16 };
+    let kv = PagedKvConfig { num_blocks: 256, block_size: PagedKvConfig::DEFAULT_BLOCK_SIZE };
     let max_positions = cfg.max_position_embeddings;
     let (engine, _join) = spawn_engine(
         move || {
@@ -53,14 +53,7 @@ pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
                 Shard::SINGLE,
                 random::var_builder(DType::F32, &Device::Cpu),
             )?;
-            let store: Box<dyn KvStore + Send> = Box::new(PagedKv::new(
-                kv,
-                cfg.num_layers,
-                cfg.num_kv_heads,
-                cfg.head_dim,
-                DType::F32,
-                &Device::Cpu,
-            )?);
+            let store = model.kv_pool(kv)?;
             let runner =
                 ShardRunner::new(model, store, Arc::new(LinkSet::Single), Duration::from_secs(600));
             let sched = Scheduler::new(

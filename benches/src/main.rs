@@ -7,6 +7,7 @@ mod decoder_service;
 mod gateway;
 mod random;
 mod reference;
+mod step;
 mod vision;
 mod vision_service;
 
@@ -39,6 +40,8 @@ enum Command {
     VisionService(vision_service::ServiceArgs),
     /// Decoder engine: tokens/s at 1/4/16 concurrent streams, TTFT and ITL percentiles.
     DecoderService(decoder_service::ServiceArgs),
+    /// One decode step's wall time at several batch sizes (per-sequence overhead).
+    Step(step::StepArgs),
     /// Gateway overhead: the same requests through the gateway and straight to the tiers.
     Gateway(gateway::GatewayBenchArgs),
     /// A worker rank of `decoder --tp N` (internal).
@@ -60,6 +63,7 @@ fn main() -> Result<()> {
         Command::VisionService(args) => vision_service::run(args, cli.threads),
         Command::DecoderService(args) => decoder_service::run(args, cli.threads),
         Command::Gateway(args) => gateway::run(args),
+        Command::Step(args) => step::run(args),
         Command::DecoderWorker(args) => decoder::worker(args),
     }
 }

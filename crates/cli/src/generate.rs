@@ -14,10 +14,10 @@ use dsvl_chat::{render_prompt, IncrementalDecoder, Message, DEFAULT_SYSTEM_PROMP
 use dsvl_checkpoint::{Fingerprint, ServedFacts, DEFAULT_IMAGE_TOKENS};
 use dsvl_core::sampling::{SamplingParams, SamplingRequest};
 use dsvl_core::ImageLimits;
-use dsvl_engine::group::{contiguous_kv, group_tag, lead_group, GroupTimeouts, LocalWorkers};
+use dsvl_engine::group::{group_tag, lead_group, with_kv_pool, GroupTimeouts, LocalWorkers};
 use dsvl_engine::{generate, GenerationRequest};
 use dsvl_models::device::{candle_dtype, open_device};
-use dsvl_models::llm::{DeepSeekLlm, ImageRows, Shard};
+use dsvl_models::llm::{DeepSeekLlm, ImageRows, PagedKvConfig, Shard};
 use dsvl_models::preprocess::{Preprocessed, Preprocessor};
 use dsvl_models::vision::VisionEncoder;
 use dsvl_parallel::GroupSpec;
@@ -95,6 +95,10 @@ pub struct GenerateArgs {
     /// Tensor-parallel ranks (processes on this machine).
     #[arg(long, default_value_t = 1)]
     tp: usize,
+    /// Prefill the prompt in chunks of at most this many tokens (default: in one step); the
+    /// output is the same either way, as the decoder service's chunked prefill is.
+    #[arg(long)]
+    max_batched_tokens: Option<usize>,
     /// Print one JSON object {prompt_token_ids, generated_token_ids, text} instead of streaming.
     #[arg(long)]
     json: bool,
@@ -199,20 +203,26 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         LocalWorkers::spawn(commands).context("cannot start the tensor-parallel workers")?;
     let t_load = Instant::now();
     let shard = Shard { rank: 0, world: args.tp };
+    // A pool for this one sequence: the prompt, the new tokens and the slot of the last one.
+    let kv = PagedKvConfig::for_tokens(
+        prompt.ids.len() + args.max_new_tokens + 2,
+        PagedKvConfig::DEFAULT_BLOCK_SIZE,
+    );
     let mut runner = lead_group(
         &listener,
         &spec,
         GroupTimeouts::default(),
-        serde_json::json!({}),
+        serde_json::json!({ "kv": kv }),
         &device,
         || {
-            contiguous_kv(DeepSeekLlm::load(
+            let model = DeepSeekLlm::load(
                 &ckpt,
                 dtype,
                 &device,
                 shard,
                 progress::loading("language model", ckpt.weight_bytes()),
-            )?)
+            )?;
+            with_kv_pool(model, kv)
         },
     )
     .context("cannot start the language model group")?;
@@ -225,6 +235,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         max_new_tokens: args.max_new_tokens,
         stop_ids: vec![tok.special().eos],
         keep_logits: args.logits_out.is_some(),
+        max_batched_tokens: args.max_batched_tokens,
     };
     let mut decoder = IncrementalDecoder::new(true);
     let mut stdout = std::io::stdout().lock();

@@ -5,7 +5,8 @@
 use anyhow::{Context, Result};
 use clap::Args;
 use dsvl_engine::group::{
-    contiguous_kv, device_for, die_with_parent, run_worker, GroupTimeouts, RankLaunch,
+    device_for, die_with_parent, kv_from_welcome, run_worker, with_kv_pool, GroupTimeouts,
+    RankLaunch,
 };
 use dsvl_models::device::{candle_dtype, open_device};
 use dsvl_models::llm::{DeepSeekLlm, Shard};
@@ -72,8 +73,9 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     let device = open_device(device_for(args.model.device, args.local_rank))?;
     let dtype = candle_dtype(args.model.dtype);
     let shard = Shard { rank: args.rank, world: args.world_size };
-    run_worker(&spec, GroupTimeouts::default(), &device, |_| {
-        contiguous_kv(DeepSeekLlm::load(&ckpt, dtype, &device, shard, None)?)
+    run_worker(&spec, GroupTimeouts::default(), &device, |extra| {
+        let kv = kv_from_welcome(extra)?;
+        with_kv_pool(DeepSeekLlm::load(&ckpt, dtype, &device, shard, None)?, kv)
     })
     .with_context(|| format!("rank {} of {}", args.rank, args.world_size))?;
     Ok(())

@@ -1,11 +1,11 @@
 //! One sequence from prompt to stop, for `dsvl generate` and the parity tests: the decoder
 //! service's [`Scheduler`] with that one sequence (so the CLI and the service share one
-//! generation loop): a prefill step over the whole prompt (with the image embeddings spliced
-//! in), then one decode step per new token, stopping on EOS, a stop id, the token budget, or
+//! generation loop): the prompt's prefill (with the image embeddings spliced in; in one step, or
+//! in chunks of `max_batched_tokens`), then one decode step per new token, stopping on EOS, a stop id, the token budget, or
 //! when the caller's callback says so.
 
 use candle_core::Tensor;
-use dsvl_models::llm::{ImageRows, ShardRunner, StepPlan};
+use dsvl_models::llm::{ImageRows, PagedKvConfig, ShardRunner, StepPlan};
 use dsvl_models::ModelError;
 
 use crate::blocks::BlockManager;
@@ -16,11 +16,18 @@ use crate::scheduler::{Event, NewRequest, Scheduler, SchedulerConfig};
 pub trait StepExecutor {
     /// Runs one step (see [`ShardRunner::lead_step`]).
     fn step(&mut self, plan: &StepPlan) -> Result<Option<Tensor>, ModelError>;
+
+    /// The geometry of the group's KV pool (what block tables may name).
+    fn kv_config(&self) -> PagedKvConfig;
 }
 
 impl StepExecutor for ShardRunner {
     fn step(&mut self, plan: &StepPlan) -> Result<Option<Tensor>, ModelError> {
         self.lead_step(plan)
+    }
+
+    fn kv_config(&self) -> PagedKvConfig {
+        ShardRunner::kv_config(self)
     }
 }
 
@@ -39,6 +46,8 @@ pub struct GenerationRequest {
     pub stop_ids: Vec<u32>,
     /// Keep the full-prompt logits and every step's logits (parity checks; costs memory).
     pub keep_logits: bool,
+    /// Prefill the prompt in chunks of at most this many tokens (`None`: in one step).
+    pub max_batched_tokens: Option<usize>,
 }
 
 /// Why generation ended.
@@ -81,15 +90,16 @@ pub fn generate(
     if req.prompt.is_empty() {
         return Err(ModelError::InvalidInput("empty prompt".into()));
     }
-    // Room for the whole sequence: the model's own position limit is checked by the step.
-    const BLOCK: usize = 16;
+    // Room for the whole sequence: the model's own position limit is checked by the step, the
+    // pool's size by the scheduler (a prompt that cannot fit fails with a clear message).
     let positions = req.prompt.len() + req.max_new_tokens + 2;
+    let kv = exec.kv_config();
     let cfg = SchedulerConfig {
         max_num_seqs: 1,
-        max_batched_tokens: positions,
+        max_batched_tokens: req.max_batched_tokens.unwrap_or(positions).max(1),
         max_positions: positions,
     };
-    let mut sched = Scheduler::new(cfg, BlockManager::new(positions.div_ceil(BLOCK), BLOCK));
+    let mut sched = Scheduler::new(cfg, BlockManager::new(kv.num_blocks, kv.block_size));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     sched.add(NewRequest {
         prompt: req.prompt.clone(),

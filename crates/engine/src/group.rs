@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::Device;
-use dsvl_models::llm::{ContiguousKv, DeepSeekLlm, KvStore, ShardRunner};
+use dsvl_models::llm::{DeepSeekLlm, PagedKv, PagedKvConfig, ShardRunner};
 use dsvl_models::ModelError;
 use dsvl_parallel::rendezvous::{self, GroupSpec};
 use dsvl_parallel::{LinkSet, Message};
@@ -179,7 +179,7 @@ pub fn lead_group(
     timeouts: GroupTimeouts,
     mut extra: serde_json::Value,
     device: &Device,
-    load: impl FnOnce() -> Result<(DeepSeekLlm, Box<dyn KvStore + Send>), ModelError>,
+    load: impl FnOnce() -> Result<(DeepSeekLlm, PagedKv), ModelError>,
 ) -> Result<ShardRunner, ModelError> {
     collectives::prepare_welcome(device, spec.world_size, &mut extra)?;
     let links = Arc::new(rendezvous::lead(listener, spec, extra.clone())?);
@@ -200,11 +200,23 @@ pub fn lead_group(
     Ok(ShardRunner::with_communicator(model, kv, links, comm))
 }
 
-/// A [`lead_group`] loader for the simple contiguous KV store (`dsvl generate`).
-pub fn contiguous_kv(
+/// A [`lead_group`] / [`run_worker`] loader: the model with a KV pool of geometry `kv`.
+pub fn with_kv_pool(
     model: DeepSeekLlm,
-) -> Result<(DeepSeekLlm, Box<dyn KvStore + Send>), ModelError> {
-    Ok((model, Box::new(ContiguousKv::new())))
+    kv: PagedKvConfig,
+) -> Result<(DeepSeekLlm, PagedKv), ModelError> {
+    let pool = model.kv_pool(kv)?;
+    Ok((model, pool))
+}
+
+/// The KV pool geometry the leader put in its welcome (`{"kv": {...}}`), so every rank
+/// allocates the same pool.
+///
+/// # Errors
+/// A welcome without a well-formed `kv` entry.
+pub fn kv_from_welcome(extra: &serde_json::Value) -> Result<PagedKvConfig, ModelError> {
+    serde_json::from_value(extra["kv"].clone())
+        .map_err(|e| ModelError::InvalidInput(format!("the leader sent no KV pool geometry: {e}")))
 }
 
 /// Worker side: join the leader, load the shard and KV store with `load` (given the leader's
@@ -214,7 +226,7 @@ pub fn run_worker(
     spec: &GroupSpec,
     timeouts: GroupTimeouts,
     device: &Device,
-    load: impl FnOnce(&serde_json::Value) -> Result<(DeepSeekLlm, Box<dyn KvStore + Send>), ModelError>,
+    load: impl FnOnce(&serde_json::Value) -> Result<(DeepSeekLlm, PagedKv), ModelError>,
 ) -> Result<(), ModelError> {
     let (links, extra) = rendezvous::join(spec)?;
     let links = Arc::new(links);

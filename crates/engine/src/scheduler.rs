@@ -4,14 +4,18 @@
 //! blocks freed in this very step); every running sequence gets a slot for its next token,
 //! preempting the most recently admitted sequence when blocks run out (it goes back to the
 //! front of the queue and is recomputed from its prompt plus what it generated, without
-//! re-streaming anything); then waiting sequences are admitted strictly in arrival order while
-//! `max_num_seqs`, `max_batched_tokens` and free blocks allow. One forward pass runs all of it.
+//! re-streaming anything). The step's token budget (`max_batched_tokens`) goes to the running
+//! decodes first, then to prompts being prefilled, then to waiting sequences, admitted strictly
+//! in arrival order while `max_num_seqs` and free blocks allow; a prompt longer than what is
+//! left of the budget is prefilled over several steps (chunked prefill, as vLLM and SGLang do by
+//! default), so a long image prompt never stalls the running streams for its whole prefill.
+//! One forward pass runs all of it.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
 use candle_core::Tensor;
-use dsvl_models::llm::{ImageRows, SeqChunk, SeqId, StepPlan};
+use dsvl_models::llm::{ImageRows, LogitRows, SeqChunk, SeqId, StepPlan};
 use dsvl_models::ModelError;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -24,7 +28,7 @@ use crate::sampler::{sample, Rng, SamplingParams};
 pub struct SchedulerConfig {
     /// Most sequences in a batch.
     pub max_num_seqs: usize,
-    /// Most new tokens per step (a single prompt longer than this still runs, alone).
+    /// Most new tokens per step (decodes always run; prompts are chunked to fit).
     pub max_batched_tokens: usize,
     /// The model's position limit.
     pub max_positions: usize,
@@ -107,8 +111,10 @@ struct Seq {
     req: NewRequest,
     generated: Vec<u32>,
     rng: Rng,
-    /// Tokens in the KV cache (0: needs a full prefill).
+    /// Tokens in the KV cache (0: nothing yet, or preempted).
     cached: usize,
+    /// With `keep_logits`: the prefill's logits so far, one tensor per chunk.
+    prompt_logits: Vec<Tensor>,
     arrived: Instant,
     admitted: Option<Instant>,
     first_token: Option<Instant>,
@@ -116,8 +122,28 @@ struct Seq {
 }
 
 impl Seq {
+    /// Prompt plus generated tokens.
     fn tokens(&self) -> usize {
         self.req.prompt.len() + self.generated.len()
+    }
+
+    /// Tokens still to run through the model before the next one can be chosen (1 for a
+    /// sequence that is decoding).
+    fn remaining(&self) -> usize {
+        self.tokens() - self.cached
+    }
+
+    /// Tokens `from..to` of prompt + generated.
+    fn token_range(&self, from: usize, to: usize) -> Vec<u32> {
+        let p = self.req.prompt.len();
+        let mut out = Vec::with_capacity(to - from);
+        if from < p {
+            out.extend_from_slice(&self.req.prompt[from..to.min(p)]);
+        }
+        if to > p {
+            out.extend_from_slice(&self.generated[from.max(p) - p..to - p]);
+        }
+        out
     }
 }
 
@@ -200,6 +226,7 @@ impl Scheduler {
             generated: Vec::new(),
             rng,
             cached: 0,
+            prompt_logits: Vec::new(),
             arrived: Instant::now(),
             admitted: None,
             first_token: None,
@@ -304,6 +331,7 @@ impl Scheduler {
             let mut victim = self.running.pop().expect("non-empty");
             self.drop_seq(&victim);
             victim.cached = 0;
+            victim.prompt_logits.clear();
             self.preemptions += 1;
             preempted = true;
             metrics::counter!("dsvl_decoder_preemptions_total").increment(1);
@@ -311,15 +339,26 @@ impl Scheduler {
             self.waiting.push_front(victim);
         }
 
+        // The step's token budget: running decodes first (one token each), then the prompts
+        // being prefilled, in admission order, then new admissions; a prompt longer than what
+        // is left is prefilled over several steps (chunked prefill).
+        let decodes = self.running.iter().filter(|s| s.remaining() == 1).count();
+        let mut budget = self.cfg.max_batched_tokens.saturating_sub(decodes);
+        let mut work: Vec<(usize, usize)> = Vec::with_capacity(self.running.len());
+        for (i, s) in self.running.iter().enumerate() {
+            let left = s.remaining();
+            if left == 1 {
+                work.push((i, 1));
+            } else if budget > 0 {
+                let n = left.min(budget);
+                budget -= n;
+                work.push((i, n));
+            }
+        }
         // Admit in arrival order (not while preempting: that would only thrash).
-        let mut batched: usize =
-            self.running.iter().map(|s| if s.cached == 0 { s.tokens() } else { 1 }).sum();
-        while !preempted && self.running.len() < self.cfg.max_num_seqs {
+        while !preempted && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
             let Some(front) = self.waiting.front() else { break };
             let need = front.tokens();
-            if batched > 0 && batched + need > self.cfg.max_batched_tokens {
-                break;
-            }
             if !self.blocks.grow(front.id, need + 1) {
                 break;
             }
@@ -329,43 +368,47 @@ impl Scheduler {
                 metrics::histogram!("dsvl_decoder_queue_seconds")
                     .record(now.duration_since(s.arrived).as_secs_f64());
             }
-            batched += need;
+            let n = need.min(budget);
+            budget -= n;
+            work.push((self.running.len(), n));
             self.running.push(s);
         }
 
-        // One chunk per running sequence: a (re)prefill or one decode token.
-        let mut chunks = Vec::with_capacity(self.running.len());
+        let mut chunks = Vec::with_capacity(work.len());
         let mut positions = Vec::new();
         let mut rows: Vec<Tensor> = Vec::new();
         let mut offset = 0u32;
-        for s in &self.running {
-            let chunk = if s.cached == 0 {
-                if let Some(img) = &s.req.image {
-                    positions.extend(img.positions.iter().map(|p| p + offset));
-                    rows.push(img.rows.clone());
+        for &(i, n) in &work {
+            let s = &self.running[i];
+            let (from, to) = (s.cached, s.cached + n);
+            if let Some(img) = &s.req.image {
+                // The image rows whose prompt positions fall in this chunk.
+                let first = img.positions.partition_point(|&p| (p as usize) < from);
+                let end = img.positions.partition_point(|&p| (p as usize) < to);
+                if end > first {
+                    positions.extend(
+                        img.positions[first..end].iter().map(|&p| p - from as u32 + offset),
+                    );
+                    rows.push(img.rows.narrow(0, first, end - first)?);
                 }
-                let mut tokens = s.req.prompt.clone();
-                tokens.extend_from_slice(&s.generated);
-                SeqChunk {
-                    seq: s.id,
-                    tokens,
-                    start: 0,
-                    // Every prompt position's logits on the first prefill, when asked for.
-                    all_logits: s.req.keep_logits && s.generated.is_empty(),
-                    blocks: self.blocks.table(s.id).to_vec(),
-                }
+            }
+            let finishing = to == s.tokens();
+            let logits = if s.req.keep_logits && s.generated.is_empty() {
+                // Every prompt position's logits on the first prefill, when asked for.
+                LogitRows::All
+            } else if finishing {
+                LogitRows::Last
             } else {
-                let last = *s.generated.last().expect("a cached sequence has generated a token");
-                SeqChunk {
-                    seq: s.id,
-                    tokens: vec![last],
-                    start: s.cached,
-                    all_logits: false,
-                    blocks: self.blocks.table(s.id).to_vec(),
-                }
+                LogitRows::None
             };
-            offset += chunk.tokens.len() as u32;
-            chunks.push(chunk);
+            chunks.push(SeqChunk {
+                seq: s.id,
+                tokens: s.token_range(from, to),
+                start: from,
+                logits,
+                blocks: self.blocks.table(s.id).to_vec(),
+            });
+            offset += n as u32;
         }
         let image = if rows.is_empty() {
             None
@@ -389,20 +432,30 @@ impl Scheduler {
         let logits = exec
             .step(&plan)?
             .ok_or_else(|| ModelError::InvalidInput("the step returned no logits".into()))?;
-        let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+        let host: Vec<Vec<f32>> = logits.to_vec2()?;
 
         let now = Instant::now();
         let mut finished = Vec::new();
-        // One logits row per chunk, or one per token of an `all_logits` chunk.
+        let mut sampled = 0u64;
+        // Per chunk, in order, the rows its `LogitRows` asked for.
         let mut at = 0;
-        for (s, chunk) in self.running.iter_mut().zip(&plan.chunks) {
-            let n = if chunk.all_logits { chunk.tokens.len() } else { 1 };
-            if chunk.all_logits {
-                let _ = s.req.events.send(Event::PromptLogits(logits.narrow(0, at, n)?));
+        for (&(i, _), chunk) in work.iter().zip(&plan.chunks) {
+            let s = &mut self.running[i];
+            let n = chunk.logits.count(chunk.tokens.len());
+            if chunk.logits == LogitRows::All {
+                s.prompt_logits.push(logits.narrow(0, at, n)?);
             }
-            let row = &rows[at + n - 1];
             at += n;
             s.cached = chunk.start + chunk.tokens.len();
+            if s.cached < s.tokens() {
+                continue; // a prefill chunk that does not end the prompt
+            }
+            if !s.prompt_logits.is_empty() {
+                let parts = std::mem::take(&mut s.prompt_logits);
+                let _ = s.req.events.send(Event::PromptLogits(Tensor::cat(&parts, 0)?));
+            }
+            sampled += 1;
+            let row = &host[at - 1];
             let token = sample(row, &s.req.params, &s.generated, &mut s.rng);
             s.generated.push(token);
             let logprob = s.req.logprobs.then(|| log_softmax_at(row, token as usize));
@@ -443,8 +496,7 @@ impl Scheduler {
                 finished.push(s.id);
             }
         }
-        metrics::counter!("dsvl_decoder_generated_tokens_total")
-            .increment(plan.chunks.len() as u64);
+        metrics::counter!("dsvl_decoder_generated_tokens_total").increment(sampled);
         if !finished.is_empty() {
             let (done, keep): (Vec<Seq>, Vec<Seq>) = std::mem::take(&mut self.running)
                 .into_iter()

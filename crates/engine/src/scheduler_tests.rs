@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
-use dsvl_models::llm::{SeqId, StepPlan};
+use dsvl_models::llm::{PagedKvConfig, SeqId, StepPlan};
 use dsvl_models::ModelError;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -55,6 +55,7 @@ impl StepExecutor for FakeModel {
             self.cache.remove(id);
         }
         let mut logits = Vec::with_capacity(plan.chunks.len() * VOCAB);
+        let mut rows = 0;
         for c in &plan.chunks {
             let cached = self.cache.entry(c.seq).or_default();
             assert_eq!(
@@ -70,17 +71,26 @@ impl StepExecutor for FakeModel {
                 "seq {}: blocks do not cover the tokens",
                 c.seq
             );
+            let n = c.logits.count(c.tokens.len());
+            for i in c.tokens.len() - n..c.tokens.len() {
+                let mut row = vec![0f32; VOCAB];
+                let history: Vec<u32> = cached.iter().chain(&c.tokens[..=i]).copied().collect();
+                row[next_token(&history) as usize] = 10.0;
+                logits.extend(row);
+            }
+            rows += n;
             cached.extend_from_slice(&c.tokens);
-            let mut row = vec![0f32; VOCAB];
-            row[next_token(cached) as usize] = 10.0;
-            logits.extend(row);
         }
         let summary = plan.chunks.iter().map(|c| (c.seq, c.start, c.tokens.len())).collect();
         self.plans.push((summary, plan.free.clone()));
         if plan.chunks.is_empty() {
             return Ok(None);
         }
-        Ok(Some(Tensor::from_vec(logits, (plan.chunks.len(), VOCAB), &Device::Cpu)?))
+        Ok(Some(Tensor::from_vec(logits, (rows, VOCAB), &Device::Cpu)?))
+    }
+
+    fn kv_config(&self) -> PagedKvConfig {
+        PagedKvConfig { num_blocks: 64, block_size: BLOCK }
     }
 }
 
@@ -156,11 +166,11 @@ fn admits_in_arrival_order_within_the_sequence_limit() {
 }
 
 #[test]
-fn token_budget_caps_a_step_but_a_long_prompt_runs_alone() {
+fn token_budget_caps_every_step_and_long_prompts_are_chunked() {
     let mut s = scheduler(8, 10, 64);
     let mut model = FakeModel::default();
     let mut rxs = Vec::new();
-    for (i, len) in [6, 6, 15, 3].into_iter().enumerate() {
+    for (i, len) in [6, 6, 25, 3].into_iter().enumerate() {
         let (req, rx) = request(prompt(i as u32, len), 3);
         s.add(req);
         rxs.push((rx, len));
@@ -168,11 +178,40 @@ fn token_budget_caps_a_step_but_a_long_prompt_runs_alone() {
     run_to_end(&mut s, &mut model);
     for (chunks, _) in &model.plans {
         let tokens: usize = chunks.iter().map(|c| c.2).sum();
-        assert!(tokens <= 10 || chunks.len() == 1, "a step of {tokens} tokens: {chunks:?}");
+        assert!(tokens <= 10, "a step of {tokens} tokens: {chunks:?}");
     }
+    let long = 3; // the third request's sequence id
+    let parts = model.plans.iter().flat_map(|(c, _)| c.iter()).filter(|c| c.0 == long).count();
+    assert!(parts >= 3 + 3, "25 tokens in chunks of at most 10, then decodes: {parts} chunks");
     for (i, (rx, len)) in rxs.iter_mut().enumerate() {
         assert_eq!(drain(rx).0, expected(&prompt(i as u32, *len), 3), "request {i}");
     }
+}
+
+#[test]
+fn running_streams_decode_in_every_step_of_a_long_prefill() {
+    let mut s = scheduler(8, 8, 64);
+    let mut model = FakeModel::default();
+    let (req, mut rx_running) = request(prompt(1, 4), 30);
+    s.add(req);
+    for _ in 0..3 {
+        s.step(&mut model).unwrap();
+    }
+    let (req, mut rx_long) = request(prompt(2, 40), 2);
+    s.add(req);
+    let before = model.plans.len();
+    run_to_end(&mut s, &mut model);
+    // While the 40-token prompt is prefilled (7 tokens a step), sequence 1 decodes every step.
+    let during: Vec<_> = model.plans[before..]
+        .iter()
+        .take_while(|(c, _)| c.iter().any(|x| x.0 == 2 && x.1 + x.2 < 40))
+        .collect();
+    assert!(during.len() >= 5, "the prompt was not chunked: {during:?}");
+    for (chunks, _) in during {
+        assert!(chunks.iter().any(|x| x.0 == 1 && x.2 == 1), "no decode in {chunks:?}");
+    }
+    assert_eq!(drain(&mut rx_running).0, expected(&prompt(1, 4), 30));
+    assert_eq!(drain(&mut rx_long).0, expected(&prompt(2, 40), 2));
 }
 
 #[test]

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use dsvl_chat::{render_prompt, ChatTokenizer, Message};
 use dsvl_engine::{generate, GenerationRequest, SamplingParams};
 use dsvl_models::checkpoint::{Checkpoint, ModelSource};
-use dsvl_models::llm::{ContiguousKv, DeepSeekLlm, ImageRows, LlmConfig, Shard, ShardRunner};
+use dsvl_models::llm::{DeepSeekLlm, ImageRows, LlmConfig, PagedKvConfig, Shard, ShardRunner};
 use dsvl_models::vision::VisionEncoder;
 use dsvl_parallel::LinkSet;
 use dsvl_testkit::{assert_close, golden_dir, temp_llama_checkpoint, tiny_model_dir, LlamaLayout};
@@ -88,12 +88,9 @@ fn check_against_golden(ckpt: &Checkpoint, prefix: &str, image: Option<Tensor>) 
     let ids = case_ids(&tok, if image.is_some() { "one_image" } else { "text_only" })?;
     assert_eq!(ids, golden_ids(&lm[&format!("{prefix}.input_ids")])?, "prompt ids");
     let model = DeepSeekLlm::load(ckpt, DType::F32, &Device::Cpu, Shard::SINGLE, None)?;
-    let mut runner = ShardRunner::new(
-        model,
-        Box::new(ContiguousKv::new()),
-        Arc::new(LinkSet::Single),
-        std::time::Duration::from_secs(5),
-    );
+    let pool = model.kv_pool(PagedKvConfig::for_tokens(4096, PagedKvConfig::DEFAULT_BLOCK_SIZE))?;
+    let mut runner =
+        ShardRunner::new(model, pool, Arc::new(LinkSet::Single), std::time::Duration::from_secs(5));
     let image_token = tok.special().image;
     let req = GenerationRequest {
         prompt: ids.clone(),
@@ -104,6 +101,7 @@ fn check_against_golden(ckpt: &Checkpoint, prefix: &str, image: Option<Tensor>) 
         max_new_tokens: 16,
         stop_ids: vec![tok.special().eos],
         keep_logits: true,
+        max_batched_tokens: None,
     };
     let out = generate(&mut runner, &req, &mut |_| true)?;
     let logits = out.prompt_logits.context("prompt logits")?.unsqueeze(0)?;

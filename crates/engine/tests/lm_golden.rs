@@ -12,7 +12,7 @@ use dsvl_chat::{render_prompt, ChatTokenizer, Message};
 use dsvl_engine::{generate, GenerationRequest, SamplingParams};
 use dsvl_models::checkpoint::{Checkpoint, ModelSource};
 use dsvl_models::llm::{
-    splice_image_rows, ContiguousKv, DeepSeekLlm, ImageRows, Shard, ShardRunner,
+    splice_image_rows, DeepSeekLlm, ImageRows, PagedKvConfig, Shard, ShardRunner,
 };
 use dsvl_models::vision::VisionEncoder;
 use dsvl_parallel::{LinkSet, SingleRank};
@@ -77,14 +77,12 @@ fn check_case(prefix: &str, image: Option<Tensor>) -> Result<()> {
     )?;
     println!("{prefix} inputs_embeds max |diff| {:.2e}", d.max_abs);
 
-    let mut runner = ShardRunner::new(
-        model,
-        Box::new(ContiguousKv::new()),
-        Arc::new(LinkSet::Single),
-        std::time::Duration::from_secs(5),
-    );
+    let pool =
+        model.kv_pool(PagedKvConfig::for_tokens(16_448, PagedKvConfig::DEFAULT_BLOCK_SIZE))?;
+    let mut runner =
+        ShardRunner::new(model, pool, Arc::new(LinkSet::Single), std::time::Duration::from_secs(5));
     let req_ids = ids.clone();
-    let req = GenerationRequest {
+    let mut req = GenerationRequest {
         prompt: ids,
         image: image
             .map(|rows| ImageRows::for_image_tokens(&req_ids, image_token, rows))
@@ -93,27 +91,35 @@ fn check_case(prefix: &str, image: Option<Tensor>) -> Result<()> {
         max_new_tokens: 16,
         stop_ids: vec![f.tok.special().eos],
         keep_logits: true,
+        max_batched_tokens: None,
     };
-    let out = generate(&mut runner, &req, &mut |_| true)?;
-    let logits = out.prompt_logits.context("prompt logits")?.unsqueeze(0)?;
-    let d = assert_close(
-        "full-sequence logits",
-        &logits,
-        &f.lm[&format!("{prefix}.logits")],
-        1e-3,
-        0.0,
-    )?;
-    println!("{prefix} logits max |diff| {:.2e}", d.max_abs);
-    assert_eq!(out.tokens, golden_ids(&f.lm[&format!("{prefix}.generated_ids")])?, "greedy ids");
-    let steps = Tensor::new(out.step_logits, &Device::Cpu)?;
-    let d = assert_close(
-        "step logits",
-        &steps,
-        &f.lm[&format!("{prefix}.generated_step_logits")],
-        1e-3,
-        0.0,
-    )?;
-    println!("{prefix} step logits max |diff| {:.2e}", d.max_abs);
+    // The prompt in one step, then prefilled in chunks of 37 tokens (chunk edges fall inside
+    // KV blocks and inside the image's rows): both must match the reference.
+    for chunk in [None, Some(37)] {
+        req.max_batched_tokens = chunk;
+        let out = generate(&mut runner, &req, &mut |_| true)?;
+        let what = format!("{prefix} chunks {chunk:?}");
+        let logits = out.prompt_logits.context("prompt logits")?.unsqueeze(0)?;
+        let d = assert_close(
+            &format!("{what}: full-sequence logits"),
+            &logits,
+            &f.lm[&format!("{prefix}.logits")],
+            1e-3,
+            0.0,
+        )?;
+        println!("{what}: logits max |diff| {:.2e}", d.max_abs);
+        let want = golden_ids(&f.lm[&format!("{prefix}.generated_ids")])?;
+        assert_eq!(out.tokens, want, "{what}: greedy ids");
+        let steps = Tensor::new(out.step_logits, &Device::Cpu)?;
+        let d = assert_close(
+            &format!("{what}: step logits"),
+            &steps,
+            &f.lm[&format!("{prefix}.generated_step_logits")],
+            1e-3,
+            0.0,
+        )?;
+        println!("{what}: step logits max |diff| {:.2e}", d.max_abs);
+    }
     Ok(())
 }
 
@@ -146,12 +152,10 @@ fn image_count_mismatch_is_an_error() -> Result<()> {
 fn invalid_inputs_are_refused() -> Result<()> {
     let f = fixture()?;
     let model = DeepSeekLlm::load(&f.ckpt, DType::F32, &Device::Cpu, Shard::SINGLE, None)?;
-    let mut runner = ShardRunner::new(
-        model,
-        Box::new(ContiguousKv::new()),
-        Arc::new(LinkSet::Single),
-        std::time::Duration::from_secs(5),
-    );
+    let pool =
+        model.kv_pool(PagedKvConfig::for_tokens(16_448, PagedKvConfig::DEFAULT_BLOCK_SIZE))?;
+    let mut runner =
+        ShardRunner::new(model, pool, Arc::new(LinkSet::Single), std::time::Duration::from_secs(5));
     let mut req = GenerationRequest {
         prompt: vec![1000, 5000],
         image: None,
@@ -159,6 +163,7 @@ fn invalid_inputs_are_refused() -> Result<()> {
         max_new_tokens: 4,
         stop_ids: vec![],
         keep_logits: false,
+        max_batched_tokens: None,
     };
     let err = generate(&mut runner, &req, &mut |_| true).unwrap_err();
     assert!(err.to_string().contains("token id 5000 is outside the vocabulary of 1024"), "{err}");

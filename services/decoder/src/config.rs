@@ -45,17 +45,21 @@ pub struct Args {
     /// Shared cache for embedding references from the vision tier.
     #[arg(long, env = "DSVL_REDIS_URL")]
     pub redis: Option<String>,
-    /// KV cache blocks per rank.
-    #[arg(long, env = "DSVL_KV_BLOCKS", default_value_t = 1024)]
-    pub kv_blocks: usize,
-    /// Tokens per KV block.
-    #[arg(long, env = "DSVL_BLOCK_SIZE", default_value_t = 16)]
+    /// KV cache blocks per rank; overrides the sizing from memory (`--kv-cache-gib`).
+    #[arg(long, env = "DSVL_KV_BLOCKS")]
+    pub kv_blocks: Option<usize>,
+    /// KV cache budget per rank, in GiB (CPU; the pool's pages are only touched as it fills).
+    #[arg(long, env = "DSVL_KV_CACHE_GIB", default_value_t = 4.0)]
+    pub kv_cache_gib: f64,
+    /// Tokens per KV block (a multiple of 32 for the CUDA paged-attention kernel).
+    #[arg(long, env = "DSVL_BLOCK_SIZE", default_value_t = 32)]
     pub block_size: usize,
     /// Most sequences in a batch.
     #[arg(long, env = "DSVL_MAX_NUM_SEQS", default_value_t = 64)]
     pub max_num_seqs: usize,
-    /// Most new tokens per step.
-    #[arg(long, env = "DSVL_MAX_BATCHED_TOKENS", default_value_t = 4096)]
+    /// Token budget of one step: running decodes first, then prompts, prefilled in chunks of
+    /// what is left (chunked prefill: a long prompt never stalls the running streams).
+    #[arg(long, env = "DSVL_MAX_BATCHED_TOKENS", default_value_t = 512)]
     pub max_batched_tokens: usize,
     /// Most requests waiting for admission; beyond it RESOURCE_EXHAUSTED.
     #[arg(long, env = "DSVL_MAX_WAITING", default_value_t = 256)]
@@ -114,8 +118,8 @@ pub struct DecoderConfig {
     pub rendezvous_bind: String,
     /// Shared cache URL.
     pub redis: Option<String>,
-    /// KV blocks per rank.
-    pub kv_blocks: usize,
+    /// KV pool size per rank.
+    pub kv: KvSizing,
     /// Tokens per block.
     pub block_size: usize,
     /// Batch limits.
@@ -136,6 +140,15 @@ pub struct DecoderConfig {
 
 pub use dsvl_core::ConfigError;
 
+/// How big the KV pool of each rank is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KvSizing {
+    /// Exactly this many blocks (`--kv-blocks`).
+    Blocks(usize),
+    /// As many blocks as fit in this many bytes (`--kv-cache-gib`).
+    Bytes(u64),
+}
+
 impl TryFrom<&Args> for DecoderConfig {
     type Error = ConfigError;
 
@@ -144,7 +157,7 @@ impl TryFrom<&Args> for DecoderConfig {
         for (field, v) in [
             ("tp", a.tp),
             ("nodes", a.nodes),
-            ("kv-blocks", a.kv_blocks),
+            ("kv-blocks", a.kv_blocks.unwrap_or(1)),
             ("block-size", a.block_size),
             ("max-num-seqs", a.max_num_seqs),
             ("max-batched-tokens", a.max_batched_tokens),
@@ -152,6 +165,9 @@ impl TryFrom<&Args> for DecoderConfig {
             if v == 0 {
                 return bad(field, "must be at least 1");
             }
+        }
+        if !(a.kv_cache_gib > 0.0 && a.kv_cache_gib.is_finite()) {
+            return bad("kv-cache-gib", "must be a positive number of GiB");
         }
         if !a.tp.is_multiple_of(a.nodes) {
             return bad("nodes", "the tensor-parallel degree must split evenly over the nodes");
@@ -168,7 +184,10 @@ impl TryFrom<&Args> for DecoderConfig {
                 format!("0.0.0.0:{}", a.rendezvous_port)
             },
             redis: a.redis.clone().filter(|u| !u.is_empty()),
-            kv_blocks: a.kv_blocks,
+            kv: match a.kv_blocks {
+                Some(n) => KvSizing::Blocks(n),
+                None => KvSizing::Bytes((a.kv_cache_gib * f64::from(1u32 << 30)) as u64),
+            },
             block_size: a.block_size,
             max_num_seqs: a.max_num_seqs,
             max_batched_tokens: a.max_batched_tokens,

@@ -10,19 +10,20 @@ use std::process::Command;
 use dsvl_checkpoint::{Fingerprint, ServedFacts};
 use dsvl_engine::blocks::BlockManager;
 use dsvl_engine::group::{
-    device_for, die_with_parent, group_tag, lead_group, run_worker, GroupTimeouts, LocalWorkers,
-    RankLaunch,
+    device_for, die_with_parent, group_tag, kv_from_welcome, lead_group, run_worker, with_kv_pool,
+    GroupTimeouts, LocalWorkers, RankLaunch,
 };
 use dsvl_engine::scheduler::{Scheduler, SchedulerConfig};
 use dsvl_models::checkpoint::{Checkpoint, ModelSource};
 use dsvl_models::device::{candle_dtype, open_device};
 use dsvl_models::llm::{
-    DeepSeekLlm, KvStore, PagedKv, PagedKvConfig, SeqChunk, Shard, ShardRunner, StepPlan,
+    kv_bytes_per_token, kv_heads_per_rank, DeepSeekLlm, LlmConfig, PagedKvConfig, SeqChunk, Shard,
+    ShardRunner, StepPlan,
 };
 use dsvl_models::ModelError;
 use dsvl_parallel::GroupSpec;
 
-use crate::config::{Args, DecoderConfig};
+use crate::config::{Args, DecoderConfig, KvSizing};
 
 /// What the service needs to know about the model it serves.
 #[derive(Debug, Clone)]
@@ -64,18 +65,37 @@ fn spec(
     }
 }
 
-fn paged_kv(model: &DeepSeekLlm, kv: PagedKvConfig) -> Result<Box<dyn KvStore + Send>, ModelError> {
-    let c = model.config();
-    let shard = model.shard();
-    let kv_heads = if shard.world >= c.num_kv_heads { 1 } else { c.num_kv_heads / shard.world };
-    Ok(Box::new(PagedKv::new(
-        kv,
-        c.num_layers,
-        kv_heads,
-        c.head_dim,
-        model.dtype(),
-        model.device(),
-    )?))
+/// The KV pool geometry every rank allocates: `--kv-blocks`, or what fits in the byte budget,
+/// never more than `max_num_seqs` sequences of the model's full length could use.
+pub fn kv_geometry(cfg: &DecoderConfig, llm: &LlmConfig) -> Result<PagedKvConfig, ModelError> {
+    let geometry = match cfg.kv {
+        KvSizing::Blocks(n) => PagedKvConfig { num_blocks: n, block_size: cfg.block_size },
+        KvSizing::Bytes(bytes) => {
+            let per_token = kv_bytes_per_token(
+                llm.num_layers,
+                kv_heads_per_rank(llm, cfg.tp),
+                llm.head_dim,
+                candle_dtype(cfg.dtype),
+            );
+            let fit = PagedKvConfig::for_bytes(bytes, per_token, cfg.block_size);
+            let useful = PagedKvConfig::for_tokens(
+                cfg.max_num_seqs * llm.max_position_embeddings,
+                cfg.block_size,
+            );
+            if fit.num_blocks < useful.num_blocks {
+                fit
+            } else {
+                useful
+            }
+        }
+    };
+    if geometry.num_blocks == 0 {
+        return Err(ModelError::InvalidInput(format!(
+            "a KV budget of {:?} holds no block of {} tokens",
+            cfg.kv, cfg.block_size
+        )));
+    }
+    Ok(geometry)
 }
 
 /// Commands starting this node's other ranks (`first_rank+1 .. first_rank+local`).
@@ -130,27 +150,36 @@ pub fn build_leader(
     let local = cfg.tp / cfg.nodes;
     let mut workers = LocalWorkers::spawn(local_worker_commands(args, &leader, 0, local)?)
         .map_err(|e| ModelError::io("worker ranks", e))?;
-    let kv = PagedKvConfig { num_blocks: cfg.kv_blocks, block_size: cfg.block_size };
+    let kv = kv_geometry(cfg, &LlmConfig::from_checkpoint(&ckpt)?)?;
+    tracing::info!(
+        blocks = kv.num_blocks,
+        block_size = kv.block_size,
+        tokens = kv.tokens(),
+        "KV cache per rank"
+    );
+    metrics::gauge!("dsvl_decoder_kv_cache_tokens").set(kv.tokens() as f64);
     let timeouts = GroupTimeouts { collective: cfg.collective_timeout, ..GroupTimeouts::default() };
     let spec = spec(cfg.tp, 0, leader, tag, cfg.collective_timeout);
     let mut runner =
         lead_group(&listener, &spec, timeouts, serde_json::json!({ "kv": kv }), &device, || {
             let model =
                 DeepSeekLlm::load(&ckpt, dtype, &device, Shard { rank: 0, world: cfg.tp }, None)?;
-            let kv = paged_kv(&model, kv)?;
-            Ok((model, kv))
+            with_kv_pool(model, kv)
         })?;
     if let Some(dead) = workers.exited() {
         return Err(ModelError::GroupFailed(dead));
     }
-    // Warm-up through every rank: one token, block 0, then freed.
+    // Warm-up through every rank at the largest step the budget allows (the peak of the
+    // activations), then freed.
+    let max_positions = runner.model().config().max_position_embeddings;
+    let n = cfg.max_batched_tokens.min(kv.tokens()).min(max_positions);
     let warm = StepPlan {
         chunks: vec![SeqChunk {
             seq: u64::MAX,
-            tokens: vec![0],
+            tokens: vec![0; n],
             start: 0,
-            all_logits: false,
-            blocks: vec![0],
+            blocks: (0..n.div_ceil(kv.block_size) as u32).collect(),
+            ..SeqChunk::default()
         }],
         ..StepPlan::default()
     };
@@ -180,7 +209,7 @@ pub fn build_leader(
             max_batched_tokens: cfg.max_batched_tokens,
             max_positions: c.max_position_embeddings,
         },
-        BlockManager::new(cfg.kv_blocks, cfg.block_size),
+        BlockManager::new(kv.num_blocks, kv.block_size),
     );
     Ok((runner, sched, workers, info))
 }
@@ -217,11 +246,9 @@ pub fn run_worker_process(args: &Args) -> Result<(), ModelError> {
     let spec = spec(args.tp, rank, leader, group_tag(&ckpt, args.dtype.as_str()), timeout);
     let timeouts = GroupTimeouts { collective: timeout, ..GroupTimeouts::default() };
     run_worker(&spec, timeouts, &device, |extra| {
-        let kv: PagedKvConfig = serde_json::from_value(extra["kv"].clone())
-            .map_err(|e| ModelError::InvalidInput(format!("leader sent no KV geometry: {e}")))?;
+        let kv = kv_from_welcome(extra)?;
         let model = DeepSeekLlm::load(&ckpt, dtype, &device, Shard { rank, world: args.tp }, None)?;
-        let kv = paged_kv(&model, kv)?;
-        Ok((model, kv))
+        with_kv_pool(model, kv)
     })
 }
 

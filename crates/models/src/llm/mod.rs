@@ -2,17 +2,20 @@
 //! tensor-parallel layers, the model and its
 //! key/value storage interface.
 
-pub mod kv;
+mod cpu_attention;
 pub mod layers;
 pub mod model;
 pub mod paged_kv;
 pub mod runner;
+pub mod step;
 
 pub use dsvl_checkpoint::LlmConfig;
-pub use kv::{ContiguousKv, KvStore, SeqId};
 pub use layers::Shard;
-pub use model::{splice_image_rows, splice_rows_at, DeepSeekLlm, ImageRows, SeqChunk};
-pub use paged_kv::{PagedKv, PagedKvConfig};
+pub use model::{
+    kv_heads_per_rank, splice_image_rows, splice_rows_at, DeepSeekLlm, ImageRows, LogitRows,
+    SeqChunk, SeqId,
+};
+pub use paged_kv::{kv_bytes_per_token, PagedKv, PagedKvConfig};
 pub use runner::{ShardRunner, StepPlan};
 
 use candle_core::{DType, Device};

@@ -3,7 +3,9 @@
 //! One forward call runs a *batch of chunks*: each chunk is a run of new tokens of one sequence
 //! (a whole prompt, part of a prompt, or a single decode token) at known positions. All chunks'
 //! tokens go through the linears together as one `[N, hidden]` matrix (that is what continuous
-//! batching buys); attention runs per chunk against that sequence's cached keys and values.
+//! batching buys), and so does attention: one paged-attention call per layer for the whole
+//! step, over the keys and values in the pool ([`PagedKv`]), with the step's metadata
+//! ([`super::step::StepMeta`]) built once and shared by every layer.
 //!
 //! Per layer: `h += o_proj(attn(rope(q), rope(k), v))`, all-reduced over ranks after
 //! `o_proj`; `h += down(silu(gate(n)) * up(n))`, all-reduced after `down_proj`. Logits are f32.
@@ -12,26 +14,52 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use dsvl_parallel::Communicator;
 
-use super::kv::{KvStore, SeqId};
 use super::layers::{Linear, RmsNorm, Rope, Shard, VocabEmbedding};
-use crate::ops::softmax_last_dim;
+use super::paged_kv::PagedKv;
 use crate::ModelError;
 use dsvl_checkpoint::LlmConfig;
 
+/// Identifies a sequence across steps (and across ranks: every rank keeps its own shard of the
+/// same sequence's keys and values under the same id).
+pub type SeqId = u64;
+
+/// Which logits rows a chunk returns.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogitRows {
+    /// Its last token's (the next token is chosen from it).
+    #[default]
+    Last,
+    /// Every token's (parity checks).
+    All,
+    /// None (a prefill chunk that does not end the prompt).
+    None,
+}
+
+impl LogitRows {
+    /// Rows returned for a chunk of `tokens` tokens.
+    pub fn count(self, tokens: usize) -> usize {
+        match self {
+            Self::Last => 1,
+            Self::All => tokens,
+            Self::None => 0,
+        }
+    }
+}
+
 /// New tokens of one sequence in one step.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SeqChunk {
-    /// Which sequence (keys the KV store).
+    /// Which sequence.
     pub seq: SeqId,
     /// Token ids to append.
     pub tokens: Vec<u32>,
     /// Position of `tokens[0]` (= tokens already cached for this sequence).
     pub start: usize,
-    /// Return logits for every token (parity checks) instead of only the last.
+    /// Which logits rows to return.
     #[serde(default)]
-    pub all_logits: bool,
-    /// Paged KV stores: the blocks holding this sequence, in order (empty otherwise).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logits: LogitRows,
+    /// The blocks holding this sequence, in order (enough for `start + tokens.len()`).
     pub blocks: Vec<u32>,
 }
 
@@ -42,7 +70,6 @@ struct Attention {
     o: Linear,
     heads: usize,
     kv_heads: usize,
-    head_dim: usize,
 }
 
 impl Attention {
@@ -51,11 +78,11 @@ impl Attention {
         let heads = h / shard.world;
         // GQA rule (vLLM's QKVParallelLinear): with more ranks than KV heads each rank holds one
         // KV head, replicated; rank r takes head r / (world / kv).
-        let (kv_first, kv_heads) = if shard.world >= cfg.num_kv_heads {
-            (shard.rank / (shard.world / cfg.num_kv_heads), 1)
+        let kv_heads = kv_heads_per_rank(cfg, shard.world);
+        let kv_first = if shard.world >= cfg.num_kv_heads {
+            shard.rank / (shard.world / cfg.num_kv_heads)
         } else {
-            let n = cfg.num_kv_heads / shard.world;
-            (shard.rank * n, n)
+            shard.rank * kv_heads
         };
         let kv_rows = (kv_first * d, kv_heads * d);
         Ok(Self {
@@ -75,41 +102,17 @@ impl Attention {
             )?,
             heads,
             kv_heads,
-            head_dim: d,
         })
     }
+}
 
-    /// Causal attention of `q` `[T, heads, d]` over `k`, `v` `[L, kv_heads, d]` where the new
-    /// tokens sit at positions `[L - T, L)`. Returns `[T, heads * d]`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> candle_core::Result<Tensor> {
-        let (t, l, d) = (q.dim(0)?, k.dim(0)?, self.head_dim);
-        let (kvh, g) = (self.kv_heads, self.heads / self.kv_heads);
-        // Query head h uses KV head h / g: group the g query heads of each KV head as rows.
-        let q = q.reshape((t, kvh, g, d))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((
-            kvh,
-            g * t,
-            d,
-        ))?;
-        let k = k.transpose(0, 1)?.contiguous()?;
-        let v = v.transpose(0, 1)?.contiguous()?;
-        let mut scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?;
-        if t > 1 {
-            let start = l - t;
-            let mask: Vec<f32> = (0..t)
-                .flat_map(|i| {
-                    (0..l).map(move |j| if j > start + i { f32::NEG_INFINITY } else { 0.0 })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (t, l), q.device())?.to_dtype(scores.dtype())?;
-            scores =
-                scores.reshape((kvh, g, t, l))?.broadcast_add(&mask)?.reshape((kvh, g * t, l))?;
-        }
-        let probs = softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?; // [kvh, g*t, d]
-        out.reshape((kvh, g, t, d))?
-            .permute((2, 0, 1, 3))?
-            .contiguous()?
-            .reshape((t, self.heads * d))
+/// KV heads each of `world` ranks holds: an equal share, or one (replicated) when ranks
+/// outnumber the model's KV heads.
+pub fn kv_heads_per_rank(cfg: &LlmConfig, world: usize) -> usize {
+    if world >= cfg.num_kv_heads {
+        1
+    } else {
+        cfg.num_kv_heads / world
     }
 }
 
@@ -224,6 +227,36 @@ impl DeepSeekLlm {
         &self.device
     }
 
+    /// KV heads this rank holds (one, replicated, when ranks outnumber the model's KV heads).
+    pub fn local_kv_heads(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.attn.kv_heads)
+    }
+
+    /// Bytes of KV cache one token takes on this rank.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        super::paged_kv::kv_bytes_per_token(
+            self.cfg.num_layers,
+            self.local_kv_heads(),
+            self.cfg.head_dim,
+            self.dtype,
+        )
+    }
+
+    /// A KV pool of geometry `cfg` for this shard, on its device and in its dtype.
+    ///
+    /// # Errors
+    /// An empty geometry, or the device is out of memory.
+    pub fn kv_pool(&self, cfg: super::PagedKvConfig) -> Result<PagedKv, ModelError> {
+        Ok(PagedKv::new(
+            cfg,
+            self.cfg.num_layers,
+            self.local_kv_heads(),
+            self.cfg.head_dim,
+            self.dtype,
+            &self.device,
+        )?)
+    }
+
     /// Token embeddings `[N, hidden]` (all-reduced over the vocabulary shards).
     ///
     /// # Errors
@@ -263,12 +296,12 @@ impl DeepSeekLlm {
     }
 
     /// Runs the layers on `embeds` (`[N, hidden]`, the chunks' tokens in order) and returns f32
-    /// logits: one row per chunk (its last token), or one per token for `all_logits` chunks.
+    /// logits: per chunk in order, the rows its [`LogitRows`] asks for.
     pub fn forward_embeds(
         &self,
         embeds: &Tensor,
         chunks: &[SeqChunk],
-        kv: &mut dyn KvStore,
+        kv: &PagedKv,
         comm: &dyn Communicator,
     ) -> Result<Tensor, ModelError> {
         self.validate(chunks)?;
@@ -280,33 +313,20 @@ impl DeepSeekLlm {
                 self.cfg.hidden_size
             )));
         }
-        let positions: Vec<u32> = chunks
-            .iter()
-            .flat_map(|c| (c.start..c.start + c.tokens.len()).map(|p| p as u32))
-            .collect();
-        let positions = Tensor::new(positions, &self.device)?;
+        // Built once for the step; every layer shares it.
+        let meta = kv.step_meta(chunks, &self.device)?;
         let mut x = embeds.to_dtype(self.dtype)?;
         let (hl, kvl, d) =
             (self.layers[0].attn.heads, self.layers[0].attn.kv_heads, self.cfg.head_dim);
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
-            let q = self.rope.apply(&layer.attn.q.forward(&h)?.reshape((n, hl, d))?, &positions)?;
-            let k =
-                self.rope.apply(&layer.attn.k.forward(&h)?.reshape((n, kvl, d))?, &positions)?;
+            let pos = &meta.positions;
+            let q = self.rope.apply(&layer.attn.q.forward(&h)?.reshape((n, hl, d))?, pos)?;
+            let k = self.rope.apply(&layer.attn.k.forward(&h)?.reshape((n, kvl, d))?, pos)?;
             let v = layer.attn.v.forward(&h)?.reshape((n, kvl, d))?;
-            let mut outs = Vec::with_capacity(chunks.len());
-            let mut off = 0;
-            for c in chunks {
-                let t = c.tokens.len();
-                let (ks, vs) = kv.append(li, c, &k.narrow(0, off, t)?, &v.narrow(0, off, t)?)?;
-                outs.push(layer.attn.attend(&q.narrow(0, off, t)?, &ks, &vs)?);
-                off += t;
-            }
-            let attn = if outs.len() == 1 {
-                outs.pop().expect("one chunk")
-            } else {
-                Tensor::cat(&outs, 0)?
-            };
+            kv.write(li, &meta, &k, &v)?;
+            let attn = kv.attend(li, &meta, &q, scale)?;
             x = (x + comm.all_reduce_sum(&layer.attn.o.forward(&attn)?)?)?;
             let m = layer.mlp.forward(&layer.post_norm.forward(&x)?)?;
             x = (x + comm.all_reduce_sum(&m)?)?;
@@ -315,12 +335,12 @@ impl DeepSeekLlm {
         let mut off = 0u32;
         for c in chunks {
             let t = c.tokens.len() as u32;
-            if c.all_logits {
-                rows.extend(off..off + t);
-            } else {
-                rows.push(off + t - 1);
-            }
+            let r = c.logits.count(c.tokens.len()) as u32;
+            rows.extend(off + t - r..off + t);
             off += t;
+        }
+        if rows.is_empty() {
+            return Ok(Tensor::zeros((0, self.cfg.vocab_size), DType::F32, &self.device)?);
         }
         let x = x.index_select(&Tensor::new(rows, &self.device)?, 0)?;
         let local = self.lm_head.forward(&self.norm.forward(&x)?)?;
@@ -333,7 +353,7 @@ impl DeepSeekLlm {
         &self,
         chunks: &[SeqChunk],
         image: Option<&ImageRows>,
-        kv: &mut dyn KvStore,
+        kv: &PagedKv,
         comm: &dyn Communicator,
     ) -> Result<Tensor, ModelError> {
         self.validate(chunks)?;

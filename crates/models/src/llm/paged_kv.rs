@@ -1,13 +1,22 @@
 //! Paged key/value storage: every layer owns one pool of `num_blocks * block_size` token slots
 //! per rank; a sequence's tokens live in the blocks its block table lists (allocated by the
-//! leader's block manager and sent with each step), in order. Appending writes rows in place;
-//! attention gathers the sequence's rows. Memory is fixed up front, so running out is a
-//! scheduling decision (preemption), never an allocation failure in the middle of a step.
+//! leader's block manager and sent with each step), in order. Memory is fixed up front, so
+//! running out is a scheduling decision (preemption), never an allocation failure in the middle
+//! of a step.
+//!
+//! Per layer and step there is one write of the step's new rows (in place) and one attention
+//! call over the whole step, reading the pool in place through the block tables:
+//! - CPU: our kernel ([`super::cpu_attention`]), threads over sequences and heads;
+//! - CUDA with the `flash-attn` feature: `candle-flash-attn`'s paged varlen kernel (the pool is
+//!   already its `[num_blocks, block_size, kv_heads, head_dim]` layout);
+//! - any other device: a portable fallback built from candle ops that gathers each sequence's
+//!   history (correct, slow; logged once so nobody serves with it by accident).
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::kv::{KvStore, SeqId};
-use super::model::SeqChunk;
+use super::cpu_attention::{self, PagedAttention, WriteKv};
+use super::step::StepMeta;
+use crate::ops::softmax_last_dim;
 
 /// Geometry of the pool, identical on every rank of a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -18,13 +27,39 @@ pub struct PagedKvConfig {
     pub block_size: usize,
 }
 
+impl PagedKvConfig {
+    /// Default tokens per block (a multiple of 32, as the paged flash-attention kernel needs).
+    pub const DEFAULT_BLOCK_SIZE: usize = 32;
+
+    /// Enough blocks of `block_size` for `tokens` tokens.
+    pub fn for_tokens(tokens: usize, block_size: usize) -> Self {
+        Self { num_blocks: tokens.div_ceil(block_size).max(1), block_size }
+    }
+
+    /// Blocks of `block_size` that fit in `bytes`, at `bytes_per_token` (all layers, K and V).
+    pub fn for_bytes(bytes: u64, bytes_per_token: u64, block_size: usize) -> Self {
+        let per_block = bytes_per_token.max(1) * block_size as u64;
+        Self { num_blocks: (bytes / per_block) as usize, block_size }
+    }
+
+    /// Token slots in the pool.
+    pub fn tokens(&self) -> usize {
+        self.num_blocks * self.block_size
+    }
+}
+
 /// Per-rank paged store.
 pub struct PagedKv {
     cfg: PagedKvConfig,
+    kv_heads: usize,
+    head_dim: usize,
     /// Per layer: keys and values, `[num_blocks * block_size, kv_heads, head_dim]`.
     pools: Vec<(Tensor, Tensor)>,
-    /// Tokens written per sequence (layer 0 view, for `len`).
-    lens: std::collections::HashMap<SeqId, usize>,
+}
+
+/// Bytes of KV cache one token takes on one rank (`layers` layers, keys and values).
+pub fn kv_bytes_per_token(layers: usize, kv_heads: usize, head_dim: usize, dtype: DType) -> u64 {
+    (2 * layers * kv_heads * head_dim * dtype.size_in_bytes()) as u64
 }
 
 impl PagedKv {
@@ -37,7 +72,10 @@ impl PagedKv {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
-        let slots = cfg.num_blocks * cfg.block_size;
+        if cfg.num_blocks == 0 || cfg.block_size == 0 {
+            candle_core::bail!("a KV pool needs at least one block of at least one slot");
+        }
+        let slots = cfg.tokens();
         let pools = (0..layers)
             .map(|_| {
                 Ok((
@@ -46,7 +84,7 @@ impl PagedKv {
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { cfg, pools, lens: Default::default() })
+        Ok(Self { cfg, kv_heads, head_dim, pools })
     }
 
     /// Pool geometry.
@@ -54,100 +92,154 @@ impl PagedKv {
         self.cfg
     }
 
-    fn slot(&self, blocks: &[u32], pos: usize) -> Result<usize> {
-        let b = blocks.get(pos / self.cfg.block_size).copied().ok_or_else(|| {
-            candle_core::Error::Msg(format!(
-                "position {pos} has no block (table of {} blocks)",
-                blocks.len()
-            ))
-        })? as usize;
-        if b >= self.cfg.num_blocks {
-            candle_core::bail!("block {b} outside the pool of {}", self.cfg.num_blocks);
-        }
-        Ok(b * self.cfg.block_size + pos % self.cfg.block_size)
+    /// Step metadata for this pool (see [`StepMeta::new`]).
+    ///
+    /// # Errors
+    /// Block tables that do not cover the chunks or leave the pool.
+    pub fn step_meta(
+        &self,
+        chunks: &[super::SeqChunk],
+        device: &Device,
+    ) -> std::result::Result<StepMeta, crate::ModelError> {
+        StepMeta::new(
+            chunks,
+            self.cfg.block_size,
+            self.cfg.num_blocks,
+            self.kv_heads * self.head_dim,
+            device,
+        )
     }
-}
 
-impl KvStore for PagedKv {
-    fn append(
-        &mut self,
-        layer: usize,
-        chunk: &SeqChunk,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<(Tensor, Tensor)> {
-        let (start, t) = (chunk.start, k.dim(0)?);
-        let bs = self.cfg.block_size;
+    /// Writes the step's new keys and values (`[N, kv_heads, head_dim]`, rotated) of `layer`
+    /// into their slots: one in-place write per pool.
+    pub fn write(&self, layer: usize, meta: &StepMeta, k: &Tensor, v: &Tensor) -> Result<()> {
         let (kp, vp) = &self.pools[layer];
-        // Write runs of consecutive slots (a run never crosses a block boundary).
-        let mut i = 0;
-        while i < t {
-            let pos = start + i;
-            let run = (bs - pos % bs).min(t - i);
-            let slot = self.slot(&chunk.blocks, pos)?;
-            kp.slice_set(&k.narrow(0, i, run)?.contiguous()?, 0, slot)?;
-            vp.slice_set(&v.narrow(0, i, run)?.contiguous()?, 0, slot)?;
-            i += run;
+        let k = k.contiguous()?;
+        let v = v.contiguous()?;
+        if kp.device().is_cpu() {
+            let op = WriteKv { meta };
+            kp.inplace_op2(&k, &op)?;
+            return vp.inplace_op2(&v, &op);
         }
-        let total = start + t;
-        let idx: Vec<u32> = (0..total)
-            .map(|p| self.slot(&chunk.blocks, p).map(|s| s as u32))
-            .collect::<Result<_>>()?;
-        let idx = Tensor::new(idx, kp.device())?;
-        if layer == 0 {
-            self.lens.insert(chunk.seq, total);
-        }
-        Ok((kp.index_select(&idx, 0)?, vp.index_select(&idx, 0)?))
+        let Some(dm) = &meta.device else {
+            candle_core::bail!("step metadata was built for the CPU, the pool is on a device")
+        };
+        let width = self.kv_heads * self.head_dim;
+        let rows = |t: &Tensor| t.reshape((meta.num_tokens, width));
+        kp.reshape((self.cfg.tokens(), width))?.scatter_set(&dm.scatter_index, &rows(&k)?, 0)?;
+        vp.reshape((self.cfg.tokens(), width))?.scatter_set(&dm.scatter_index, &rows(&v)?, 0)
     }
 
-    fn free(&mut self, seq: SeqId) {
-        // Blocks belong to the leader's block manager; nothing to release here.
-        self.lens.remove(&seq);
+    /// Causal attention of the step's queries `q` (`[N, heads, head_dim]`) over `layer`'s pool,
+    /// scaled by `scale`. Returns `[N, heads * head_dim]`.
+    pub fn attend(&self, layer: usize, meta: &StepMeta, q: &Tensor, scale: f32) -> Result<Tensor> {
+        let (n, heads, d) = q.dims3()?;
+        let (kp, vp) = &self.pools[layer];
+        if kp.device().is_cpu() && cpu_attention::supports(q.dtype()) {
+            let op = PagedAttention { meta, heads, kv_heads: self.kv_heads, head_dim: d, scale };
+            return q.contiguous()?.apply_op3_no_bwd(kp, vp, &op)?.reshape((n, heads * d));
+        }
+        #[cfg(feature = "flash-attn")]
+        if kp.device().is_cuda() && self.cfg.block_size % 32 == 0 {
+            return self.flash(kp, vp, meta, q, scale)?.reshape((n, heads * d));
+        }
+        self.gathered(kp, vp, meta, q, scale)
     }
 
-    fn len(&self, seq: SeqId) -> usize {
-        self.lens.get(&seq).copied().unwrap_or(0)
+    #[cfg(feature = "flash-attn")]
+    fn flash(
+        &self,
+        kp: &Tensor,
+        vp: &Tensor,
+        meta: &StepMeta,
+        q: &Tensor,
+        scale: f32,
+    ) -> Result<Tensor> {
+        let Some(dm) = &meta.device else {
+            candle_core::bail!("step metadata was built for the CPU, the pool is on a device")
+        };
+        let paged = (self.cfg.num_blocks, self.cfg.block_size, self.kv_heads, self.head_dim);
+        candle_flash_attn::flash_attn_varlen_paged_windowed(
+            &q.contiguous()?,
+            &kp.reshape(paged)?,
+            &vp.reshape(paged)?,
+            &dm.cu_seqlens_q,
+            &dm.cu_seqlens_k,
+            &dm.block_table,
+            None,
+            dm.max_seqlen_q,
+            dm.max_seqlen_k,
+            scale,
+            None,
+            Some(0), // causal: no key to the right of the query's position
+            self.cfg.block_size,
+            None,
+        )
+    }
+
+    /// Portable fallback for devices without a paged kernel: per sequence, gathers its history
+    /// and attends with candle ops (the causal mask is built on the device for prefill rows).
+    fn gathered(
+        &self,
+        kp: &Tensor,
+        vp: &Tensor,
+        meta: &StepMeta,
+        q: &Tensor,
+        scale: f32,
+    ) -> Result<Tensor> {
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            tracing::warn!(
+                device = ?kp.device().location(),
+                "no paged attention kernel for this device in this build: using the slow \
+                 gathering fallback (build CUDA with the flash-attn feature)"
+            )
+        });
+        let (_, heads, d) = q.dims3()?;
+        let (kvh, g) = (self.kv_heads, heads / self.kv_heads);
+        let bs = self.cfg.block_size;
+        let mut outs = Vec::with_capacity(meta.seqs.len());
+        for s in &meta.seqs {
+            let idx: Vec<u32> =
+                (0..s.ctx_len).map(|p| (s.blocks[p / bs] as usize * bs + p % bs) as u32).collect();
+            let idx = Tensor::new(idx, kp.device())?;
+            let k = kp.index_select(&idx, 0)?.transpose(0, 1)?.contiguous()?;
+            let v = vp.index_select(&idx, 0)?.transpose(0, 1)?.contiguous()?;
+            let (t, l) = (s.q_len, s.ctx_len);
+            let qs = q.narrow(0, s.q_start, t)?;
+            let qs = qs.reshape((t, kvh, g, d))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((
+                kvh,
+                g * t,
+                d,
+            ))?;
+            let mut scores = (qs.matmul(&k.t()?)? * f64::from(scale))?;
+            if t > 1 {
+                let rows =
+                    Tensor::arange((l - t) as u32, l as u32, kp.device())?.reshape((t, 1))?;
+                let cols = Tensor::arange(0u32, l as u32, kp.device())?.reshape((1, l))?;
+                let masked = cols.broadcast_gt(&rows)?;
+                let ninf = Tensor::full(f32::NEG_INFINITY, (t, l), kp.device())?
+                    .to_dtype(scores.dtype())?;
+                let zero = ninf.zeros_like()?;
+                let mask = masked.where_cond(&ninf, &zero)?;
+                scores = scores.reshape((kvh, g, t, l))?.broadcast_add(&mask)?.reshape((
+                    kvh,
+                    g * t,
+                    l,
+                ))?;
+            }
+            let out = softmax_last_dim(&scores)?.matmul(&v)?;
+            outs.push(
+                out.reshape((kvh, g, t, d))?
+                    .permute((2, 0, 1, 3))?
+                    .contiguous()?
+                    .reshape((t, heads * d))?,
+            );
+        }
+        Tensor::cat(&outs, 0)
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::llm::kv::ContiguousKv;
-
-    /// Same keys/values as the contiguous store, whatever the (scattered) block order.
-    #[test]
-    fn gathers_what_was_appended() -> Result<()> {
-        let dev = Device::Cpu;
-        let cfg = PagedKvConfig { num_blocks: 8, block_size: 4 };
-        let mut paged = PagedKv::new(cfg, 2, 2, 3, DType::F32, &dev)?;
-        let mut flat = ContiguousKv::new();
-        let blocks = vec![5, 1, 7];
-        let mut start = 0;
-        for (i, len) in [5usize, 1, 1, 3].into_iter().enumerate() {
-            let k = Tensor::arange(0f32, (len * 6) as f32, &dev)?
-                .reshape((len, 2, 3))?
-                .affine(1.0, i as f64 * 100.0)?;
-            let v = (k.clone() * -1.0)?;
-            let chunk = SeqChunk {
-                seq: 9,
-                tokens: vec![0; len],
-                start,
-                all_logits: false,
-                blocks: blocks.clone(),
-            };
-            for layer in 0..2 {
-                let (pk, pv) = paged.append(layer, &chunk, &k, &v)?;
-                let (fk, fv) = flat.append(layer, &chunk, &k, &v)?;
-                assert_eq!(pk.to_vec3::<f32>()?, fk.to_vec3::<f32>()?);
-                assert_eq!(pv.to_vec3::<f32>()?, fv.to_vec3::<f32>()?);
-            }
-            start += len;
-        }
-        assert_eq!(paged.len(9), 10);
-        let too_far = SeqChunk { seq: 9, tokens: vec![0; 3], start: 10, all_logits: false, blocks };
-        let k = Tensor::zeros((3, 2, 3), DType::F32, &dev)?;
-        assert!(paged.append(0, &too_far, &k, &k).is_err(), "position 12 needs a fourth block");
-        Ok(())
-    }
-}
+#[path = "paged_kv_tests.rs"]
+mod tests;

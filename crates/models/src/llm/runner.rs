@@ -12,8 +12,8 @@ use candle_core::Tensor;
 use dsvl_parallel::{Communicator, LinkSet, Message, SingleRank, TcpCommunicator, WireTensor};
 use serde_json::json;
 
-use super::kv::{KvStore, SeqId};
-use super::model::{DeepSeekLlm, ImageRows, SeqChunk};
+use super::model::{DeepSeekLlm, ImageRows, SeqChunk, SeqId};
+use super::paged_kv::{PagedKv, PagedKvConfig};
 use crate::ModelError;
 
 /// One step for the whole group.
@@ -66,7 +66,7 @@ impl StepPlan {
 /// This rank's model, key/value store and group links.
 pub struct ShardRunner {
     model: DeepSeekLlm,
-    kv: Box<dyn KvStore + Send>,
+    kv: PagedKv,
     links: Arc<LinkSet>,
     comm: Box<dyn Communicator>,
 }
@@ -75,7 +75,7 @@ impl ShardRunner {
     /// Wraps a loaded shard; collectives go over `links` (TCP) with `timeout`.
     pub fn new(
         model: DeepSeekLlm,
-        kv: Box<dyn KvStore + Send>,
+        kv: PagedKv,
         links: Arc<LinkSet>,
         timeout: std::time::Duration,
     ) -> Self {
@@ -90,7 +90,7 @@ impl ShardRunner {
     /// created it: a runner is built and used on its rank's model thread).
     pub fn with_communicator(
         model: DeepSeekLlm,
-        kv: Box<dyn KvStore + Send>,
+        kv: PagedKv,
         links: Arc<LinkSet>,
         comm: Box<dyn Communicator>,
     ) -> Self {
@@ -107,15 +107,20 @@ impl ShardRunner {
         &self.links
     }
 
+    /// The KV pool's geometry.
+    pub fn kv_config(&self) -> PagedKvConfig {
+        self.kv.config()
+    }
+
     fn run(&mut self, plan: &StepPlan) -> Result<Option<Tensor>, ModelError> {
-        for &seq in &plan.free {
-            self.kv.free(seq);
-        }
+        // Blocks belong to the leader's block manager: freeing a sequence needs nothing here
+        // yet (`free` is where per-sequence state on the ranks will be dropped).
+        let _ = &plan.free;
         if plan.chunks.is_empty() {
             return Ok(None);
         }
         self.model
-            .forward(&plan.chunks, plan.image.as_ref(), self.kv.as_mut(), self.comm.as_ref())
+            .forward(&plan.chunks, plan.image.as_ref(), &self.kv, self.comm.as_ref())
             .map(Some)
     }
 
@@ -127,6 +132,8 @@ impl ShardRunner {
     /// an error): the group is then unusable.
     pub fn lead_step(&mut self, plan: &StepPlan) -> Result<Option<Tensor>, ModelError> {
         self.model.validate(&plan.chunks)?;
+        let kv = self.kv.config();
+        super::step::check_block_tables(&plan.chunks, kv.block_size, kv.num_blocks)?;
         if let LinkSet::Leader { workers } = &*self.links {
             let msg = plan.to_message()?;
             for w in workers {
