@@ -31,6 +31,16 @@ pub struct ServiceArgs {
     /// New tokens per stream.
     #[arg(long, default_value_t = 32)]
     new_tokens: usize,
+    /// Step token budget (chunked prefill).
+    #[arg(long, default_value_t = dsvl_engine::scheduler::DEFAULT_MAX_BATCHED_TOKENS_CPU)]
+    max_batched_tokens: usize,
+    /// Pace guard (see `dsvl-decoder --max-step-stretch`; 0: off).
+    #[arg(long, default_value_t = dsvl_engine::scheduler::DEFAULT_MAX_STEP_STRETCH_CPU)]
+    max_step_stretch: f64,
+    /// Then: a prompt of this many images (576 rows each, random) arriving while 4 streams
+    /// decode; reports its TTFT and the streams' inter-token gaps around it (0: skip).
+    #[arg(long, default_value_t = 1)]
+    late_images: usize,
 }
 
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
@@ -57,7 +67,12 @@ pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
             let runner =
                 ShardRunner::new(model, store, Arc::new(LinkSet::Single), Duration::from_secs(600));
             let sched = Scheduler::new(
-                SchedulerConfig { max_num_seqs: 64, max_batched_tokens: 4096, max_positions },
+                SchedulerConfig {
+                    max_num_seqs: 64,
+                    max_batched_tokens: args.max_batched_tokens,
+                    max_positions,
+                    max_step_stretch: Some(args.max_step_stretch).filter(|&x| x > 0.0),
+                },
                 BlockManager::new(kv.num_blocks, kv.block_size),
             );
             Ok((runner, sched))
@@ -146,6 +161,108 @@ pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
             percentile(itl, 0.99)
         );
     }
+    if args.late_images > 0 {
+        late_image_prompt(&engine, &rt, &args)?;
+    }
     drop(engine);
+    Ok(())
+}
+
+/// Token arrival times of one stream.
+async fn arrivals(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Vec<Instant> {
+    let mut times = Vec::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Token { .. } => times.push(Instant::now()),
+            Event::Finished { .. } | Event::Failed(_) => break,
+            Event::PromptLogits(_) => {}
+        }
+    }
+    times
+}
+
+/// Four decoding streams; once they run, a prompt of `late_images` images arrives. Prints its
+/// TTFT and the running streams' inter-token gaps before it and while it is prefilled.
+fn late_image_prompt(
+    engine: &dsvl_engine::engine::EngineHandle,
+    rt: &tokio::runtime::Runtime,
+    args: &ServiceArgs,
+) -> Result<()> {
+    let cfg = vl13b_lm_config()?;
+    let submit = |prompt: Vec<u32>, image, max_new| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        engine
+            .submit(NewRequest {
+                prompt,
+                image,
+                params: SamplingParams::greedy(),
+                max_new_tokens: max_new,
+                stop_ids: vec![],
+                logprobs: false,
+                deadline: None,
+                keep_logits: false,
+                events: tx,
+            })
+            .map_err(|_| anyhow::anyhow!("engine gone"))?;
+        anyhow::Ok(rx)
+    };
+    let streams: Vec<_> = (0..4)
+        .map(|i| {
+            submit(
+                (0..args.prompt_len).map(|j| ((j * 31 + i * 7) % 1000) as u32).collect(),
+                None,
+                64,
+            )
+        })
+        .collect::<Result<_>>()?;
+    let tasks: Vec<_> = streams.into_iter().map(|rx| rt.spawn(arrivals(rx))).collect();
+    std::thread::sleep(Duration::from_secs(2));
+    const IMAGE_TOKEN: u32 = 100_015;
+    let mut prompt: Vec<u32> = (0..32).map(|j| j + 10).collect();
+    for _ in 0..args.late_images {
+        prompt.extend(std::iter::repeat_n(IMAGE_TOKEN, 576));
+    }
+    prompt.extend((0..16).map(|j| j + 50));
+    let rows = candle_core::Tensor::randn(
+        0f32,
+        1.0,
+        (args.late_images * 576, cfg.hidden_size),
+        &Device::Cpu,
+    )?;
+    let image = dsvl_models::llm::ImageRows::for_image_tokens(&prompt, IMAGE_TOKEN, rows)?;
+    let arrived = Instant::now();
+    let late = rt.spawn(arrivals(submit(prompt, Some(image), 4)?));
+    let late = rt.block_on(late)?;
+    let first = *late.first().ok_or_else(|| anyhow::anyhow!("the image prompt got no token"))?;
+    let (mut before, mut during) = (Vec::new(), Vec::new());
+    for task in tasks {
+        let times = rt.block_on(task)?;
+        for w in times.windows(2) {
+            let gap = w[1].duration_since(w[0]).as_secs_f64();
+            if w[1] <= arrived {
+                before.push(gap);
+            } else if w[0] < first {
+                during.push(gap);
+            }
+        }
+    }
+    println!(
+        "\nA {}-image prompt ({} tokens) arriving while 4 streams decode, step budget {} tokens, \
+         step stretch {}:",
+        args.late_images,
+        args.late_images * 576 + 48,
+        args.max_batched_tokens,
+        args.max_step_stretch
+    );
+    println!("  its TTFT: {:.2}s", first.duration_since(arrived).as_secs_f64());
+    for (name, gaps) in [("before it", before), ("during its prefill", during)] {
+        println!(
+            "  running streams' inter-token gap {name}: p50 {:.3}s  p90 {:.3}s  max {:.3}s ({} gaps)",
+            percentile(gaps.clone(), 0.5),
+            percentile(gaps.clone(), 0.9),
+            percentile(gaps.clone(), 1.0),
+            gaps.len()
+        );
+    }
     Ok(())
 }

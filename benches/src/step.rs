@@ -54,6 +54,13 @@ pub fn run(args: StepArgs) -> Result<()> {
     let ckpt = Checkpoint::open(&source)?;
     let device = open_device(args.device)?;
     let model = DeepSeekLlm::load(&ckpt, candle_dtype(args.dtype), &device, Shard::SINGLE, None)?;
+    let vocab = model.config().vocab_size as u32;
+    let in_vocab = |mut plan: Vec<dsvl_models::llm::SeqChunk>| {
+        for c in &mut plan {
+            c.tokens.iter_mut().for_each(|t| *t %= vocab);
+        }
+        plan
+    };
     let bs = PagedKvConfig::DEFAULT_BLOCK_SIZE;
     let per_seq = (args.context + args.steps + 1).div_ceil(bs);
     let most = args.batches.iter().copied().max().unwrap_or(1);
@@ -72,7 +79,7 @@ pub fn run(args: StepArgs) -> Result<()> {
         let group = (8192 / args.context).clamp(1, b);
         for first in (0..b).step_by(group) {
             let n = group.min(b - first);
-            let mut plan = chunks(b, args.context, 0, 0, 0, per_seq);
+            let mut plan = in_vocab(chunks(b, args.context, 0, 0, 0, per_seq));
             plan.drain(..first);
             plan.truncate(n);
             runner.lead_step(&StepPlan { chunks: plan, ..StepPlan::default() })?;
@@ -80,7 +87,7 @@ pub fn run(args: StepArgs) -> Result<()> {
         let mut times = Vec::with_capacity(args.steps);
         for s in 0..args.steps {
             let plan = StepPlan {
-                chunks: chunks(b, 1, args.context + s, 0, s as u64 + 1, per_seq),
+                chunks: in_vocab(chunks(b, 1, args.context + s, 0, s as u64 + 1, per_seq)),
                 ..StepPlan::default()
             };
             let t = Instant::now();
@@ -90,10 +97,7 @@ pub fn run(args: StepArgs) -> Result<()> {
         runner.lead_step(&StepPlan { free: (0..b as u64).collect(), ..StepPlan::default() })?;
         let ms = median(times);
         if args.json {
-            println!(
-                "{}",
-                serde_json::json!({"batch": b, "context": args.context, "step_ms": ms})
-            );
+            println!("{}", serde_json::json!({"batch": b, "context": args.context, "step_ms": ms}));
         } else {
             println!("  batch {b:>4}: {ms:>9.3} ms/step");
         }

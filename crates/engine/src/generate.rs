@@ -98,6 +98,7 @@ pub fn generate(
         max_num_seqs: 1,
         max_batched_tokens: req.max_batched_tokens.unwrap_or(positions).max(1),
         max_positions: positions,
+        max_step_stretch: None,
     };
     let mut sched = Scheduler::new(cfg, BlockManager::new(kv.num_blocks, kv.block_size));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -1,4 +1,4 @@
-//! Decoding on top of the model crate: token selection ([`sampler`]) and the generation loop
+//! Decoding on top of the model crate: token selection ([`sampler`], [`select`]) and the generation loop
 //! ([`generate`]) shared by `dsvl generate` and the decoder service, and tensor-parallel process
 //! groups ([`group`]); for the decoder service, continuous batching over paged KV blocks
 //! ([`scheduler`], [`blocks`]) on a dedicated model thread ([`engine`]).
@@ -13,6 +13,7 @@ pub mod sampler;
 pub mod scheduler;
 #[cfg(test)]
 mod scheduler_tests;
+pub mod select;
 
 pub use generate::{generate, FinishReason, GenerationOutput, GenerationRequest, StepExecutor};
 pub use sampler::{Rng, SamplingParams};

@@ -14,14 +14,28 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use candle_core::Tensor;
+use candle_core::{Device, Tensor};
 use dsvl_models::llm::{ImageRows, LogitRows, SeqChunk, SeqId, StepPlan};
 use dsvl_models::ModelError;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::blocks::BlockManager;
 use crate::generate::{FinishReason, StepExecutor};
-use crate::sampler::{sample, Rng, SamplingParams};
+use crate::sampler::{Rng, SamplingParams};
+use crate::select::{Ask, StepLogits};
+
+/// Default step token budget on GPUs: a 2,048-token step costs about what a decode step does
+/// there (both are bound by reading the weights), as vLLM's default budget assumes.
+pub const DEFAULT_MAX_BATCHED_TOKENS_GPU: usize = 2048;
+
+/// Default step token budget on the CPU (with no decode running; while streams decode, the
+/// CPU's default [`DEFAULT_MAX_STEP_STRETCH_CPU`] sizes prefill chunks by their cost).
+pub const DEFAULT_MAX_BATCHED_TOKENS_CPU: usize = 512;
+
+/// Default `max_step_stretch` on the CPU, where a step's cost grows with its tokens: a step
+/// carrying a prefill chunk aims at 1.3x a decode-only step, so running streams keep their
+/// pace (within 2x) while a long image prompt is prefilled.
+pub const DEFAULT_MAX_STEP_STRETCH_CPU: f64 = 1.3;
 
 /// Limits of one scheduler.
 #[derive(Debug, Clone, Copy)]
@@ -32,6 +46,12 @@ pub struct SchedulerConfig {
     pub max_batched_tokens: usize,
     /// The model's position limit.
     pub max_positions: usize,
+    /// With running decodes, keep a step that carries prefill tokens within this multiple of a
+    /// decode-only step: prefill chunks are sized from the measured cost of mixed steps
+    /// (Sarathi-Serve's stall-free batching, with the budget steered by the measured pace
+    /// instead of profiled up front). `None`: the token budget alone decides, as on GPUs, where a chunk
+    /// of `max_batched_tokens` costs about a decode step anyway.
+    pub max_step_stretch: Option<f64>,
 }
 
 /// Token accounting sent with the final event.
@@ -156,6 +176,44 @@ pub struct Scheduler {
     next_id: SeqId,
     to_free: Vec<SeqId>,
     preemptions: u64,
+    pace: Pace,
+}
+
+/// The pace guard of `max_step_stretch`: the decode-only step's cost (moving average) and the
+/// current prefill cap, steered by each mixed step's measured cost: shrunk in proportion when a
+/// step overshoots, grown by a quarter when it has room (fixed per-step costs and the context
+/// growing under a long prompt are both absorbed by the measurement).
+#[derive(Debug, Default, Clone, Copy)]
+struct Pace {
+    /// Seconds of a decode-only step.
+    decode: Option<f64>,
+    /// Prefill tokens a mixed step may carry.
+    cap: Option<usize>,
+}
+
+impl Pace {
+    /// First chunk before any mixed step was measured.
+    const PROBE_TOKENS: usize = 16;
+
+    fn prefill_cap(&self) -> usize {
+        self.cap.unwrap_or(Self::PROBE_TOKENS)
+    }
+
+    fn record(&mut self, secs: f64, prefill_tokens: usize, decodes: usize, stretch: f64) {
+        if prefill_tokens == 0 {
+            self.decode = Some(self.decode.map_or(secs, |d| d + 0.2 * (secs - d)));
+            return;
+        }
+        let (Some(d), true) = (self.decode, decodes > 0) else { return };
+        let ratio = secs / d.max(1e-9);
+        let cap = self.prefill_cap().min(prefill_tokens.max(1)) as f64;
+        let next = if ratio > stretch {
+            cap * (stretch - 1.0) / (ratio - 1.0).max(1e-9) * 0.9
+        } else {
+            cap * 1.25 + 1.0
+        };
+        self.cap = Some(next.clamp(1.0, 1e9) as usize);
+    }
 }
 
 /// Queue and cache occupancy, for `Load` reports and metrics.
@@ -173,12 +231,6 @@ pub struct Occupancy {
     pub preemptions: u64,
 }
 
-fn log_softmax_at(row: &[f32], i: usize) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = row.iter().map(|v| f64::from(v - max).exp()).sum::<f64>().ln() as f32 + max;
-    row[i] - lse
-}
-
 impl Scheduler {
     /// A scheduler over `blocks`.
     pub fn new(cfg: SchedulerConfig, blocks: BlockManager) -> Self {
@@ -190,6 +242,7 @@ impl Scheduler {
             next_id: 1,
             to_free: Vec::new(),
             preemptions: 0,
+            pace: Pace::default(),
         }
     }
 
@@ -344,6 +397,9 @@ impl Scheduler {
         // is left is prefilled over several steps (chunked prefill).
         let decodes = self.running.iter().filter(|s| s.remaining() == 1).count();
         let mut budget = self.cfg.max_batched_tokens.saturating_sub(decodes);
+        if self.cfg.max_step_stretch.is_some() && decodes > 0 {
+            budget = budget.min(self.pace.prefill_cap());
+        }
         let mut work: Vec<(usize, usize)> = Vec::with_capacity(self.running.len());
         for (i, s) in self.running.iter().enumerate() {
             let left = s.remaining();
@@ -429,10 +485,16 @@ impl Scheduler {
             }
             return Ok(());
         }
-        let logits = exec
-            .step(&plan)?
+        let prefill_tokens: usize =
+            plan.chunks.iter().map(|c| c.tokens.len()).sum::<usize>() - decodes;
+        let started = Instant::now();
+        let logits = exec.step(&plan);
+        if let Some(stretch) = self.cfg.max_step_stretch {
+            self.pace.record(started.elapsed().as_secs_f64(), prefill_tokens, decodes, stretch);
+        }
+        let logits = logits?
             .ok_or_else(|| ModelError::InvalidInput("the step returned no logits".into()))?;
-        let host: Vec<Vec<f32>> = logits.to_vec2()?;
+        let mut step_logits = StepLogits::new(logits);
 
         let now = Instant::now();
         let mut finished = Vec::new();
@@ -443,7 +505,8 @@ impl Scheduler {
             let s = &mut self.running[i];
             let n = chunk.logits.count(chunk.tokens.len());
             if chunk.logits == LogitRows::All {
-                s.prompt_logits.push(logits.narrow(0, at, n)?);
+                s.prompt_logits
+                    .push(step_logits.tensor().narrow(0, at, n)?.to_device(&Device::Cpu)?);
             }
             at += n;
             s.cached = chunk.start + chunk.tokens.len();
@@ -455,11 +518,18 @@ impl Scheduler {
                 let _ = s.req.events.send(Event::PromptLogits(Tensor::cat(&parts, 0)?));
             }
             sampled += 1;
-            let row = &host[at - 1];
-            let token = sample(row, &s.req.params, &s.generated, &mut s.rng);
+            let choice = step_logits.choose(
+                at - 1,
+                Ask {
+                    params: &s.req.params,
+                    generated: &s.generated,
+                    rng: &mut s.rng,
+                    logprob: s.req.logprobs,
+                    keep_row: s.req.keep_logits,
+                },
+            )?;
+            let (token, logprob, kept) = (choice.id, choice.logprob, choice.row);
             s.generated.push(token);
-            let logprob = s.req.logprobs.then(|| log_softmax_at(row, token as usize));
-            let kept = s.req.keep_logits.then(|| row.clone());
             match s.last_token {
                 None => {
                     s.first_token = Some(now);

@@ -95,7 +95,12 @@ impl StepExecutor for FakeModel {
 }
 
 fn scheduler(max_num_seqs: usize, max_batched_tokens: usize, blocks: usize) -> Scheduler {
-    let cfg = SchedulerConfig { max_num_seqs, max_batched_tokens, max_positions: 64 };
+    let cfg = SchedulerConfig {
+        max_num_seqs,
+        max_batched_tokens,
+        max_positions: 64,
+        max_step_stretch: None,
+    };
     Scheduler::new(cfg, BlockManager::new(blocks, BLOCK))
 }
 

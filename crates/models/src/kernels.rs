@@ -179,7 +179,7 @@ pub fn gelu_slice(dst: &mut [f32], src: &[f32]) {
 }
 
 #[inline(always)]
-fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     let mut ca = a.chunks_exact(LANES);
     let mut cb = b.chunks_exact(LANES);
@@ -190,24 +190,6 @@ fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
     }
     let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
     acc.iter().sum::<f32>() + tail
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_impl(a, b)
-}
-
-/// `sum(a[i] * b[i])` over the shorter of the two, in 8 partial sums.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the features the function was compiled for.
-            return unsafe { dot_avx2(a, b) };
-        }
-    }
-    dot_impl(a, b)
 }
 
 #[inline(always)]

@@ -58,9 +58,14 @@ pub struct Args {
     #[arg(long, env = "DSVL_MAX_NUM_SEQS", default_value_t = 64)]
     pub max_num_seqs: usize,
     /// Token budget of one step: running decodes first, then prompts, prefilled in chunks of
-    /// what is left (chunked prefill: a long prompt never stalls the running streams).
-    #[arg(long, env = "DSVL_MAX_BATCHED_TOKENS", default_value_t = 512)]
-    pub max_batched_tokens: usize,
+    /// what is left (chunked prefill: a long prompt never stalls the running streams). Default:
+    /// 2048 on GPUs, 64 on the CPU.
+    #[arg(long, env = "DSVL_MAX_BATCHED_TOKENS")]
+    pub max_batched_tokens: Option<usize>,
+    /// While streams decode, size prefill chunks so a step costs at most this multiple of a
+    /// decode-only step (measured as it runs). Default: 1.5 on the CPU, off on GPUs (0: off).
+    #[arg(long, env = "DSVL_MAX_STEP_STRETCH")]
+    pub max_step_stretch: Option<f64>,
     /// Most requests waiting for admission; beyond it RESOURCE_EXHAUSTED.
     #[arg(long, env = "DSVL_MAX_WAITING", default_value_t = 256)]
     pub max_waiting: usize,
@@ -126,6 +131,8 @@ pub struct DecoderConfig {
     pub max_num_seqs: usize,
     /// Step token budget.
     pub max_batched_tokens: usize,
+    /// Pace guard of running streams during prefill (`None`: off).
+    pub max_step_stretch: Option<f64>,
     /// Admission queue bound.
     pub max_waiting: usize,
     /// Collective deadline.
@@ -160,7 +167,7 @@ impl TryFrom<&Args> for DecoderConfig {
             ("kv-blocks", a.kv_blocks.unwrap_or(1)),
             ("block-size", a.block_size),
             ("max-num-seqs", a.max_num_seqs),
-            ("max-batched-tokens", a.max_batched_tokens),
+            ("max-batched-tokens", a.max_batched_tokens.unwrap_or(1)),
         ] {
             if v == 0 {
                 return bad(field, "must be at least 1");
@@ -168,6 +175,9 @@ impl TryFrom<&Args> for DecoderConfig {
         }
         if !(a.kv_cache_gib > 0.0 && a.kv_cache_gib.is_finite()) {
             return bad("kv-cache-gib", "must be a positive number of GiB");
+        }
+        if a.max_step_stretch.is_some_and(|x| !(x == 0.0 || (x > 1.0 && x.is_finite()))) {
+            return bad("max-step-stretch", "must be above 1 (or 0 to turn it off)");
         }
         if !a.tp.is_multiple_of(a.nodes) {
             return bad("nodes", "the tensor-parallel degree must split evenly over the nodes");
@@ -190,7 +200,17 @@ impl TryFrom<&Args> for DecoderConfig {
             },
             block_size: a.block_size,
             max_num_seqs: a.max_num_seqs,
-            max_batched_tokens: a.max_batched_tokens,
+            max_batched_tokens: a.max_batched_tokens.unwrap_or(match a.device {
+                DeviceSpec::Cpu => dsvl_engine::scheduler::DEFAULT_MAX_BATCHED_TOKENS_CPU,
+                _ => dsvl_engine::scheduler::DEFAULT_MAX_BATCHED_TOKENS_GPU,
+            }),
+            max_step_stretch: match (a.max_step_stretch, a.device) {
+                (Some(x), _) => Some(x).filter(|&x| x > 0.0),
+                (None, DeviceSpec::Cpu) => {
+                    Some(dsvl_engine::scheduler::DEFAULT_MAX_STEP_STRETCH_CPU)
+                }
+                (None, _) => None,
+            },
             max_waiting: a.max_waiting,
             collective_timeout: Duration::from_secs(a.collective_timeout_secs.max(1)),
             drain: Duration::from_secs(a.drain_secs),

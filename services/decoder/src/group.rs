@@ -207,6 +207,7 @@ pub fn build_leader(
         SchedulerConfig {
             max_num_seqs: cfg.max_num_seqs,
             max_batched_tokens: cfg.max_batched_tokens,
+            max_step_stretch: cfg.max_step_stretch,
             max_positions: c.max_position_embeddings,
         },
         BlockManager::new(kv.num_blocks, kv.block_size),

@@ -2,7 +2,8 @@
 //! (one in-place copy per layer), and causal attention of the whole step's queries over the
 //! pool, read in place through the block tables.
 //!
-//! Attention threads over (sequence, query head, block of query rows); a work item computes its
+//! Attention threads over (sequence, KV head, block of query rows); a work item computes, for
+//! the query heads sharing that KV head (read once for all of them), its
 //! score rows against the sequence's context only (positions `0..=p` of query at position `p`,
 //! so the causal mask is the loop bound: nothing is masked, built or uploaded). Scores, softmax
 //! and the weighted sum run in f32; for bf16/f16 models the intermediate results are rounded to
@@ -15,7 +16,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::step::StepMeta;
-use crate::kernels::{dot, softmax_row};
+use crate::kernels::{dot_impl, softmax_row};
 
 /// Element types of the pool and the activations.
 trait Elem: Copy + Send + Sync + 'static {
@@ -63,6 +64,25 @@ impl Elem for f16 {
     fn store(x: f32) -> Self {
         f16::from_f32(x)
     }
+}
+
+#[inline(always)]
+fn is_f32<T: 'static>() -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+}
+
+/// `src` as f32: the slice itself for f32 data, else converted into `buf` (which must then be
+/// as long as `src`).
+#[inline(always)]
+fn as_f32<'a, T: Elem>(src: &'a [T], buf: &'a mut [f32]) -> &'a [f32] {
+    if is_f32::<T>() {
+        // SAFETY: T is f32 (checked just above): same size, alignment and bit validity.
+        return unsafe { std::slice::from_raw_parts(src.as_ptr().cast(), src.len()) };
+    }
+    for (f, &x) in buf.iter_mut().zip(src) {
+        *f = x.load();
+    }
+    buf
 }
 
 fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
@@ -141,22 +161,39 @@ pub(crate) struct PagedAttention<'a> {
 /// large enough that a decode token is one item.
 const ROWS_PER_ITEM: usize = 16;
 
+/// Query rows (x heads) up to which scores are plain dot products; above, keys are transposed
+/// a block at a time and scores accumulated as vectorised runs.
+const FEW_ROWS: usize = 16;
+
+/// Keys per register-resident run of scores in the prefill path.
+const KEYS: usize = 32;
+
+/// One work item: rows `first_row..first_row + rows` of sequence `seq`, for the query heads
+/// that share KV head `kv_head` (their keys and values are read once for all of them).
 struct Item {
     seq: usize,
-    head: usize,
+    kv_head: usize,
     first_row: usize,
     rows: usize,
 }
+
+/// The output buffer, written by the work items at disjoint spans.
+struct Out<T>(*mut T);
+
+// SAFETY: items write disjoint spans (distinct (row, KV head) pairs) and the buffer outlives
+// the parallel loop.
+unsafe impl<T: Send> Send for Out<T> {}
+unsafe impl<T: Send> Sync for Out<T> {}
 
 impl PagedAttention<'_> {
     fn items(&self) -> Vec<Item> {
         let mut items = Vec::new();
         for (seq, s) in self.meta.seqs.iter().enumerate() {
-            for head in 0..self.heads {
+            for kv_head in 0..self.kv_heads {
                 let mut first_row = 0;
                 while first_row < s.q_len {
                     let rows = ROWS_PER_ITEM.min(s.q_len - first_row);
-                    items.push(Item { seq, head, first_row, rows });
+                    items.push(Item { seq, kv_head, first_row, rows });
                     first_row += rows;
                 }
             }
@@ -164,60 +201,134 @@ impl PagedAttention<'_> {
         items
     }
 
-    /// The output rows of one item, `[rows, head_dim]`.
+    /// Computes one item and writes its `[rows, group, head_dim]` outputs into `out`.
+    ///
+    /// Keys and values are read a block at a time, converted to f32 once per block; scores are
+    /// accumulated as `q[r][c] * k^T[c][..]` runs (vectorised over the block's keys, no
+    /// horizontal sums), for all the item's query rows and heads against each block.
     #[inline(always)]
-    fn item<T: Elem>(&self, it: &Item, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
-        let (d, kvh, bs) = (self.head_dim, self.kv_heads, self.meta.block_size);
+    fn item<T: Elem>(&self, it: &Item, q: &[T], k: &[T], v: &[T], out: &Out<T>) {
+        let (d, kvh, bs, h) = (self.head_dim, self.kv_heads, self.meta.block_size, self.heads);
+        let group = h / kvh;
         let s = &self.meta.seqs[it.seq];
-        let g = it.head / (self.heads / kvh);
-        let mut out = Vec::with_capacity(it.rows * d);
-        let (mut qf, mut kf, mut acc) = (vec![0f32; d], vec![0f32; d], vec![0f32; d]);
-        let mut scores = Vec::with_capacity(s.ctx_len);
-        for i in it.first_row..it.first_row + it.rows {
-            let row = s.q_start + i;
-            for (f, &x) in qf.iter_mut().zip(&q[(row * self.heads + it.head) * d..][..d]) {
+        let rows = it.rows * group; // row r: query row first_row + r / group, head r % group
+                                    // Row r attends to positions 0..len(r).
+        let base_len = s.ctx_len - s.q_len + it.first_row + 1;
+        let len = |r: usize| base_len + r / group;
+        let width = len(rows - 1);
+        let mut qf = vec![0f32; rows * d];
+        for i in 0..it.rows {
+            let at = ((s.q_start + it.first_row + i) * h + it.kv_head * group) * d;
+            for (f, &x) in qf[i * group * d..][..group * d].iter_mut().zip(&q[at..at + group * d]) {
                 *f = x.load();
             }
-            let last = s.ctx_len - s.q_len + i; // attends to positions 0..=last
-            scores.clear();
-            for (b, &block) in s.blocks.iter().enumerate() {
-                let first = b * bs;
-                if first > last {
-                    break;
-                }
-                let base = block as usize * bs;
-                for slot in base..base + bs.min(last + 1 - first) {
-                    let key = &k[(slot * kvh + g) * d..][..d];
-                    let raw = if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
-                        // SAFETY: T is f32 (checked just above); same layout.
-                        dot(&qf, unsafe { std::slice::from_raw_parts(key.as_ptr().cast(), d) })
-                    } else {
-                        for (f, &x) in kf.iter_mut().zip(key) {
-                            *f = x.load();
-                        }
-                        dot(&qf, &kf)
-                    };
-                    scores.push(T::round(T::round(raw) * self.scale));
-                }
-            }
-            softmax_row(&mut scores);
-            acc.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
-                let slot = s.blocks[j / bs] as usize * bs + j % bs;
-                let p = T::round(p);
-                for (a, &x) in acc.iter_mut().zip(&v[(slot * kvh + g) * d..][..d]) {
-                    *a += p * x.load();
-                }
-            }
-            out.extend(acc.iter().map(|&a| T::store(a)));
         }
-        out
+        let mut scores = vec![0f32; rows * width];
+        let mut block_f32 = vec![0f32; bs * d];
+        let mut kt = vec![0f32; d * bs];
+        for (b, &block) in s.blocks.iter().enumerate() {
+            let j0 = b * bs;
+            if j0 >= width {
+                break;
+            }
+            let nb = bs.min(width - j0);
+            let key_at = |j: usize| ((block as usize * bs + j) * kvh + it.kv_head) * d;
+            if rows <= FEW_ROWS {
+                // Decode: a dot product per key and row (transposing would cost as much).
+                for j in 0..nb {
+                    let key = as_f32(&k[key_at(j)..][..d], &mut block_f32[..d]);
+                    for r in 0..rows {
+                        if j0 + j < len(r) {
+                            scores[r * width + j0 + j] = dot_impl(&qf[r * d..(r + 1) * d], key);
+                        }
+                    }
+                }
+                continue;
+            }
+            // Prefill: the block's keys of this KV head, transposed (kt[c][j]), then runs of
+            // `q[r][c] * kt[c][..]` over the block's keys.
+            for j in 0..nb {
+                for (c, &x) in k[key_at(j)..][..d].iter().enumerate() {
+                    kt[c * bs + j] = x.load();
+                }
+            }
+            for r in 0..rows {
+                let n = nb.min(len(r).saturating_sub(j0));
+                let q_row = &qf[r * d..(r + 1) * d];
+                let row = &mut scores[r * width + j0..][..n];
+                let mut j = 0;
+                // 32 keys at a time in a fixed-size accumulator (four vector registers).
+                while j + KEYS <= n {
+                    let mut sums = [0f32; KEYS];
+                    for (c, &a) in q_row.iter().enumerate() {
+                        let keys: &[f32; KEYS] =
+                            kt[c * bs + j..c * bs + j + KEYS].try_into().expect("KEYS long");
+                        for (sv, &kv) in sums.iter_mut().zip(keys) {
+                            *sv += a * kv;
+                        }
+                    }
+                    row[j..j + KEYS].copy_from_slice(&sums);
+                    j += KEYS;
+                }
+                for (c, &a) in q_row.iter().enumerate() {
+                    for (sv, &kv) in row[j..].iter_mut().zip(&kt[c * bs + j..c * bs + n]) {
+                        *sv += a * kv;
+                    }
+                }
+            }
+        }
+        for r in 0..rows {
+            let row = &mut scores[r * width..r * width + len(r)];
+            for sv in row.iter_mut() {
+                *sv = T::round(T::round(*sv) * self.scale);
+            }
+            softmax_row(row);
+            for sv in row.iter_mut() {
+                *sv = T::round(*sv);
+            }
+        }
+        let mut acc = vec![0f32; rows * d];
+        for (b, &block) in s.blocks.iter().enumerate() {
+            let j0 = b * bs;
+            if j0 >= width {
+                break;
+            }
+            let nb = bs.min(width - j0);
+            let value_at = |j: usize| ((block as usize * bs + j) * kvh + it.kv_head) * d;
+            if !is_f32::<T>() {
+                for j in 0..nb {
+                    as_f32(&v[value_at(j)..][..d], &mut block_f32[j * d..(j + 1) * d]);
+                }
+            }
+            for r in 0..rows {
+                let n = nb.min(len(r).saturating_sub(j0));
+                let a = &mut acc[r * d..(r + 1) * d];
+                for (j, &p) in scores[r * width + j0..][..n].iter().enumerate() {
+                    let value = if is_f32::<T>() {
+                        as_f32(&v[value_at(j)..][..d], &mut [])
+                    } else {
+                        &block_f32[j * d..(j + 1) * d]
+                    };
+                    for (x, &y) in a.iter_mut().zip(value) {
+                        *x += p * y;
+                    }
+                }
+            }
+        }
+        for i in 0..it.rows {
+            let at = ((s.q_start + it.first_row + i) * h + it.kv_head * group) * d;
+            // SAFETY: this item alone writes these heads of this query row.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(at), group * d) };
+            for (o, &a) in dst.iter_mut().zip(&acc[i * group * d..(i + 1) * group * d]) {
+                *o = T::store(a);
+            }
+        }
     }
 
     fn run<T: Elem>(&self, q: &[T], k: &[T], v: &[T]) -> Result<Vec<T>> {
         let (d, h) = (self.head_dim, self.heads);
         let n = self.meta.num_tokens;
-        if q.len() != n * h * d {
+        if q.len() != n * h * d || self.kv_heads == 0 || h % self.kv_heads != 0 {
             candle_core::bail!("paged attention: {} query values for {n} tokens", q.len());
         }
         let slots = k.len() / (self.kv_heads * d);
@@ -232,34 +343,32 @@ impl PagedAttention<'_> {
         if reach > slots || v.len() != k.len() {
             candle_core::bail!("paged attention: block tables reach past the pool of {slots}");
         }
-        let items = self.items();
-        let parts: Vec<Vec<T>> = items.par_iter().map(|it| self.dispatch(it, q, k, v)).collect();
         let mut out = vec![T::store(0.0); n * h * d];
-        for (it, part) in items.iter().zip(parts) {
-            let s = &self.meta.seqs[it.seq];
-            for (r, row) in part.chunks_exact(d).enumerate() {
-                let at = ((s.q_start + it.first_row + r) * h + it.head) * d;
-                out[at..at + d].copy_from_slice(row);
-            }
+        let dst = Out(out.as_mut_ptr());
+        let items = self.items();
+        if items.len() == 1 {
+            self.dispatch(&items[0], q, k, v, &dst);
+        } else {
+            items.par_iter().for_each(|it| self.dispatch(it, q, k, v, &dst));
         }
         Ok(out)
     }
 
-    fn dispatch<T: Elem>(&self, it: &Item, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
+    fn dispatch<T: Elem>(&self, it: &Item, q: &[T], k: &[T], v: &[T], out: &Out<T>) {
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
                 // SAFETY: the CPU supports the features the function was compiled for.
-                return unsafe { self.item_avx2(it, q, k, v) };
+                return unsafe { self.item_avx2(it, q, k, v, out) };
             }
         }
-        self.item(it, q, k, v)
+        self.item(it, q, k, v, out)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn item_avx2<T: Elem>(&self, it: &Item, q: &[T], k: &[T], v: &[T]) -> Vec<T> {
-        self.item(it, q, k, v)
+    unsafe fn item_avx2<T: Elem>(&self, it: &Item, q: &[T], k: &[T], v: &[T], out: &Out<T>) {
+        self.item(it, q, k, v, out)
     }
 }
 

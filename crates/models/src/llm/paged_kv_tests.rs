@@ -19,14 +19,11 @@ fn chunk(seq: u64, start: usize, len: usize, blocks: Vec<u32>) -> SeqChunk {
     SeqChunk { seq, tokens: vec![0; len], start, blocks, ..SeqChunk::default() }
 }
 
-/// Runs `steps` through both attention paths (writing K/V each step) and compares outputs.
-fn compare(dtype: DType, tol: f32) -> Result<()> {
-    let dev = Device::Cpu;
-    let cfg = PagedKvConfig { num_blocks: 12, block_size: 4 };
-    let kv = PagedKv::new(cfg, 1, KV_HEADS, D, dtype, &dev)?;
+/// Small blocks: prefill chunks, a chunk across a block edge, decodes.
+fn small_blocks() -> (PagedKvConfig, Vec<Vec<SeqChunk>>) {
     let a = vec![7, 2, 9, 0];
     let b = vec![5, 11, 1];
-    let steps = [
+    let steps = vec![
         // A prefill of 6 and of 3 in one step.
         vec![chunk(1, 0, 6, a.clone()), chunk(2, 0, 3, b.clone())],
         // A decode token for 1, the rest of 2's prompt (a second chunk across a block edge).
@@ -34,8 +31,32 @@ fn compare(dtype: DType, tol: f32) -> Result<()> {
         // Decodes for both.
         vec![chunk(2, 9, 1, b.clone()), chunk(1, 7, 1, a.clone())],
     ];
+    (PagedKvConfig { num_blocks: 12, block_size: 4 }, steps)
+}
+
+/// The default block size with long prompts: the prefill path's 32-key runs and partial runs.
+fn long_blocks() -> (PagedKvConfig, Vec<Vec<SeqChunk>>) {
+    let a = vec![3, 0, 5];
+    let b = vec![1, 4];
+    let steps = vec![
+        vec![chunk(1, 0, 70, a.clone()), chunk(2, 0, 20, b.clone())],
+        vec![chunk(2, 20, 23, b.clone()), chunk(1, 70, 1, a.clone())],
+        vec![chunk(1, 71, 1, a.clone()), chunk(2, 43, 1, b.clone())],
+    ];
+    (PagedKvConfig { num_blocks: 6, block_size: 32 }, steps)
+}
+
+/// Runs `steps` through both attention paths (writing K/V each step) and compares outputs.
+fn compare(
+    dtype: DType,
+    tol: f32,
+    (cfg, steps): (PagedKvConfig, Vec<Vec<SeqChunk>>),
+) -> Result<()> {
+    let dev = Device::Cpu;
+    let kv = PagedKv::new(cfg, 1, KV_HEADS, D, dtype, &dev)?;
     for (i, chunks) in steps.iter().enumerate() {
-        let meta = kv.step_meta(chunks, &dev).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let meta =
+            kv.step_meta(chunks, &dev).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let n = meta.num_tokens;
         let t = |len: usize, shape: (usize, usize, usize), seed: u32| {
             Tensor::from_vec(values(len, seed), shape, &dev)?.to_dtype(dtype)
@@ -56,19 +77,22 @@ fn compare(dtype: DType, tol: f32) -> Result<()> {
 
 #[test]
 fn cpu_kernel_matches_gathered_attention_f32() -> Result<()> {
-    compare(DType::F32, 1e-5)
+    compare(DType::F32, 1e-5, small_blocks())?;
+    compare(DType::F32, 1e-5, long_blocks())
 }
 
 #[test]
 fn cpu_kernel_matches_gathered_attention_bf16() -> Result<()> {
     // One bf16 ulp of the outputs (|x| <= 1): both round at the same points.
-    compare(DType::BF16, 8e-3)
+    compare(DType::BF16, 8e-3, small_blocks())?;
+    compare(DType::BF16, 8e-3, long_blocks())
 }
 
 #[test]
 fn writes_land_in_the_block_table_slots() -> Result<()> {
     let dev = Device::Cpu;
-    let kv = PagedKv::new(PagedKvConfig { num_blocks: 4, block_size: 2 }, 1, 1, 1, DType::F32, &dev)?;
+    let kv =
+        PagedKv::new(PagedKvConfig { num_blocks: 4, block_size: 2 }, 1, 1, 1, DType::F32, &dev)?;
     let chunks = [chunk(1, 1, 3, vec![3, 0])];
     let meta = kv.step_meta(&chunks, &dev).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     let rows = Tensor::new(&[[[1f32]], [[2.]], [[3.]]], &dev)?;
