@@ -169,11 +169,17 @@ pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
 }
 
 /// Token arrival times of one stream.
-async fn arrivals(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Vec<Instant> {
+async fn arrivals(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    count: Arc<std::sync::atomic::AtomicUsize>,
+) -> Vec<Instant> {
     let mut times = Vec::new();
     while let Some(ev) = rx.recv().await {
         match ev {
-            Event::Token { .. } => times.push(Instant::now()),
+            Event::Token { .. } => {
+                times.push(Instant::now());
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             Event::Finished { .. } | Event::Failed(_) => break,
             Event::PromptLogits(_) => {}
         }
@@ -215,8 +221,13 @@ fn late_image_prompt(
             )
         })
         .collect::<Result<_>>()?;
-    let tasks: Vec<_> = streams.into_iter().map(|rx| rt.spawn(arrivals(rx))).collect();
-    std::thread::sleep(Duration::from_secs(2));
+    let counts: Vec<_> = (0..4).map(|_| Arc::new(std::sync::atomic::AtomicUsize::new(0))).collect();
+    let tasks: Vec<_> =
+        streams.into_iter().zip(&counts).map(|(rx, c)| rt.spawn(arrivals(rx, c.clone()))).collect();
+    // The image prompt arrives once every stream has decoded a few tokens.
+    while counts.iter().any(|c| c.load(std::sync::atomic::Ordering::SeqCst) < 4) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     const IMAGE_TOKEN: u32 = 100_015;
     let mut prompt: Vec<u32> = (0..32).map(|j| j + 10).collect();
     for _ in 0..args.late_images {
@@ -231,7 +242,7 @@ fn late_image_prompt(
     )?;
     let image = dsvl_models::llm::ImageRows::for_image_tokens(&prompt, IMAGE_TOKEN, rows)?;
     let arrived = Instant::now();
-    let late = rt.spawn(arrivals(submit(prompt, Some(image), 4)?));
+    let late = rt.spawn(arrivals(submit(prompt, Some(image), 4)?, Arc::default()));
     let late = rt.block_on(late)?;
     let first = *late.first().ok_or_else(|| anyhow::anyhow!("the image prompt got no token"))?;
     let (mut before, mut during) = (Vec::new(), Vec::new());

@@ -194,25 +194,55 @@ struct Pace {
 impl Pace {
     /// First chunk before any mixed step was measured.
     const PROBE_TOKENS: usize = 16;
+    /// Prompts with more tokens left to prefill than this are paced.
+    const LONG_PROMPT: usize = 256;
 
     fn prefill_cap(&self) -> usize {
         self.cap.unwrap_or(Self::PROBE_TOKENS)
     }
 
-    fn record(&mut self, secs: f64, prefill_tokens: usize, decodes: usize, stretch: f64) {
-        if prefill_tokens == 0 {
+    /// Learns from a step: its time, its prefill tokens, those of paced (long) prompts.
+    fn record(&mut self, secs: f64, prefill: usize, paced: usize, decodes: usize, stretch: f64) {
+        if prefill == 0 {
             self.decode = Some(self.decode.map_or(secs, |d| d + 0.2 * (secs - d)));
             return;
         }
-        let (Some(d), true) = (self.decode, decodes > 0) else { return };
+        let (Some(d), true) = (self.decode, decodes > 0 && paced > 0) else { return };
         let ratio = secs / d.max(1e-9);
-        let cap = self.prefill_cap().min(prefill_tokens.max(1)) as f64;
+        let cap = self.prefill_cap();
         let next = if ratio > stretch {
-            cap * (stretch - 1.0) / (ratio - 1.0).max(1e-9) * 0.9
+            paced as f64 * (stretch - 1.0) / (ratio - 1.0).max(1e-9) * 0.9
+        } else if paced >= cap {
+            // The cap bound this step and there was room: grow it.
+            cap as f64 * 1.25 + 1.0
         } else {
-            cap * 1.25 + 1.0
+            cap as f64
         };
         self.cap = Some(next.clamp(1.0, 1e9) as usize);
+    }
+}
+
+/// What is left of a step's token budget, and of the paced share for long prompts.
+struct StepBudget {
+    tokens: usize,
+    paced: usize,
+    /// Tokens given to long (paced) prompts.
+    paced_used: usize,
+}
+
+impl StepBudget {
+    /// Tokens a prompt with `left` tokens to prefill gets this step. The pace guard limits
+    /// long prompts only (like vLLM's long-prefill threshold): a short prompt costs one
+    /// slightly longer step, a long one would stall the streams for many.
+    fn take(&mut self, left: usize) -> usize {
+        let mut n = left.min(self.tokens);
+        if left > Pace::LONG_PROMPT {
+            n = n.min(self.paced);
+            self.paced -= n;
+            self.paced_used += n;
+        }
+        self.tokens -= n;
+        n
     }
 }
 
@@ -396,23 +426,29 @@ impl Scheduler {
         // being prefilled, in admission order, then new admissions; a prompt longer than what
         // is left is prefilled over several steps (chunked prefill).
         let decodes = self.running.iter().filter(|s| s.remaining() == 1).count();
-        let mut budget = self.cfg.max_batched_tokens.saturating_sub(decodes);
-        if self.cfg.max_step_stretch.is_some() && decodes > 0 {
-            budget = budget.min(self.pace.prefill_cap());
-        }
+        let mut budget = StepBudget {
+            tokens: self.cfg.max_batched_tokens.saturating_sub(decodes),
+            paced: if self.cfg.max_step_stretch.is_some() && decodes > 0 {
+                self.pace.prefill_cap()
+            } else {
+                usize::MAX
+            },
+            paced_used: 0,
+        };
         let mut work: Vec<(usize, usize)> = Vec::with_capacity(self.running.len());
         for (i, s) in self.running.iter().enumerate() {
             let left = s.remaining();
             if left == 1 {
                 work.push((i, 1));
-            } else if budget > 0 {
-                let n = left.min(budget);
-                budget -= n;
-                work.push((i, n));
+            } else {
+                let n = budget.take(left);
+                if n > 0 {
+                    work.push((i, n));
+                }
             }
         }
         // Admit in arrival order (not while preempting: that would only thrash).
-        while !preempted && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
+        while !preempted && budget.tokens > 0 && self.running.len() < self.cfg.max_num_seqs {
             let Some(front) = self.waiting.front() else { break };
             let need = front.tokens();
             if !self.blocks.grow(front.id, need + 1) {
@@ -424,8 +460,12 @@ impl Scheduler {
                 metrics::histogram!("dsvl_decoder_queue_seconds")
                     .record(now.duration_since(s.arrived).as_secs_f64());
             }
-            let n = need.min(budget);
-            budget -= n;
+            let n = budget.take(need);
+            if n == 0 {
+                // Admitted (its blocks are held) but paced out of this step.
+                self.running.push(s);
+                break;
+            }
             work.push((self.running.len(), n));
             self.running.push(s);
         }
@@ -490,7 +530,8 @@ impl Scheduler {
         let started = Instant::now();
         let logits = exec.step(&plan);
         if let Some(stretch) = self.cfg.max_step_stretch {
-            self.pace.record(started.elapsed().as_secs_f64(), prefill_tokens, decodes, stretch);
+            let secs = started.elapsed().as_secs_f64();
+            self.pace.record(secs, prefill_tokens, budget.paced_used, decodes, stretch);
         }
         let logits = logits?
             .ok_or_else(|| ModelError::InvalidInput("the step returned no logits".into()))?;
