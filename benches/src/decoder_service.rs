@@ -12,7 +12,6 @@ use clap::Args;
 use dsvl_engine::blocks::BlockManager;
 use dsvl_engine::engine::spawn_engine;
 use dsvl_engine::scheduler::{Event, NewRequest, Scheduler, SchedulerConfig};
-use dsvl_engine::SamplingParams;
 use dsvl_models::llm::{DeepSeekLlm, PagedKvConfig, Shard, ShardRunner};
 use dsvl_parallel::LinkSet;
 
@@ -85,22 +84,10 @@ pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
         let t = Instant::now();
         let mut receivers = Vec::new();
         for i in 0..n {
-            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let prompt =
                 (0..args.prompt_len).map(|j| ((j * 7919 + i * 104_729) % 100_000) as u32).collect();
-            engine
-                .submit(NewRequest {
-                    prompt,
-                    image: None,
-                    params: SamplingParams::greedy(),
-                    max_new_tokens: args.new_tokens,
-                    stop_ids: vec![],
-                    logprobs: false,
-                    deadline: None,
-                    keep_logits: false,
-                    events: tx,
-                })
-                .map_err(|_| anyhow::anyhow!("engine gone"))?;
+            let (req, rx) = NewRequest::greedy(prompt, None, args.new_tokens);
+            engine.submit(req).map_err(|_| anyhow::anyhow!("engine gone"))?;
             receivers.push(rx);
         }
         let (ttft, itl, tokens) = rt.block_on(async {
@@ -196,20 +183,8 @@ fn late_image_prompt(
 ) -> Result<()> {
     let cfg = vl13b_lm_config()?;
     let submit = |prompt: Vec<u32>, image, max_new| {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        engine
-            .submit(NewRequest {
-                prompt,
-                image,
-                params: SamplingParams::greedy(),
-                max_new_tokens: max_new,
-                stop_ids: vec![],
-                logprobs: false,
-                deadline: None,
-                keep_logits: false,
-                events: tx,
-            })
-            .map_err(|_| anyhow::anyhow!("engine gone"))?;
+        let (req, rx) = NewRequest::greedy(prompt, image, max_new);
+        engine.submit(req).map_err(|_| anyhow::anyhow!("engine gone"))?;
         anyhow::Ok(rx)
     };
     let streams: Vec<_> = (0..4)

@@ -126,6 +126,30 @@ pub struct NewRequest {
     pub events: UnboundedSender<Event>,
 }
 
+impl NewRequest {
+    /// A greedy request for `max_new_tokens` tokens of `prompt` (no stop ids, logprobs,
+    /// deadline or kept logits), and the receiver of its events.
+    pub fn greedy(
+        prompt: Vec<u32>,
+        image: Option<ImageRows>,
+        max_new_tokens: usize,
+    ) -> (Self, tokio::sync::mpsc::UnboundedReceiver<Event>) {
+        let (events, rx) = tokio::sync::mpsc::unbounded_channel();
+        let req = Self {
+            prompt,
+            image,
+            params: SamplingParams::greedy(),
+            max_new_tokens,
+            stop_ids: vec![],
+            logprobs: false,
+            deadline: None,
+            keep_logits: false,
+            events,
+        };
+        (req, rx)
+    }
+}
+
 struct Seq {
     id: SeqId,
     req: NewRequest,

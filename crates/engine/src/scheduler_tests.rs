@@ -13,11 +13,10 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use dsvl_models::llm::{PagedKvConfig, SeqId, StepPlan};
 use dsvl_models::ModelError;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::blocks::BlockManager;
 use crate::generate::{FinishReason, StepExecutor};
-use crate::sampler::SamplingParams;
 use crate::scheduler::{Event, Failure, NewRequest, Scheduler, SchedulerConfig};
 
 const VOCAB: usize = 50;
@@ -105,19 +104,7 @@ fn scheduler(max_num_seqs: usize, max_batched_tokens: usize, blocks: usize) -> S
 }
 
 fn request(prompt: Vec<u32>, max_new: usize) -> (NewRequest, UnboundedReceiver<Event>) {
-    let (tx, rx) = unbounded_channel();
-    let req = NewRequest {
-        prompt,
-        image: None,
-        params: SamplingParams::greedy(),
-        max_new_tokens: max_new,
-        stop_ids: vec![],
-        logprobs: false,
-        deadline: None,
-        keep_logits: false,
-        events: tx,
-    };
-    (req, rx)
+    NewRequest::greedy(prompt, None, max_new)
 }
 
 fn prompt(i: u32, len: usize) -> Vec<u32> {

@@ -13,12 +13,11 @@ use dsvl_engine::scheduler::{
     Event, NewRequest, Scheduler, SchedulerConfig, DEFAULT_MAX_BATCHED_TOKENS_CPU,
     DEFAULT_MAX_STEP_STRETCH_CPU,
 };
-use dsvl_engine::SamplingParams;
 use dsvl_models::checkpoint::{Checkpoint, ModelSource};
 use dsvl_models::llm::{DeepSeekLlm, ImageRows, PagedKvConfig, Shard, ShardRunner};
 use dsvl_parallel::LinkSet;
 use dsvl_testkit::tiny_model_dir;
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::UnboundedReceiver;
 
 const IMAGE_TOKEN: u32 = 100;
 const IMAGES: usize = 2;
@@ -31,19 +30,7 @@ fn request(
     image: Option<ImageRows>,
     max_new: usize,
 ) -> (NewRequest, UnboundedReceiver<Event>) {
-    let (tx, rx) = unbounded_channel();
-    let req = NewRequest {
-        prompt,
-        image,
-        params: SamplingParams::greedy(),
-        max_new_tokens: max_new,
-        stop_ids: vec![],
-        logprobs: false,
-        deadline: None,
-        keep_logits: false,
-        events: tx,
-    };
-    (req, rx)
+    NewRequest::greedy(prompt, image, max_new)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
