@@ -121,9 +121,7 @@ impl PagedKv {
             kp.inplace_op2(&k, &op)?;
             return vp.inplace_op2(&v, &op);
         }
-        let Some(dm) = &meta.device else {
-            candle_core::bail!("step metadata was built for the CPU, the pool is on a device")
-        };
+        let dm = meta.on_device()?;
         let width = self.kv_heads * self.head_dim;
         let rows = |t: &Tensor| t.reshape((meta.num_tokens, width));
         kp.reshape((self.cfg.tokens(), width))?.scatter_set(&dm.scatter_index, &rows(&k)?, 0)?;
@@ -155,9 +153,7 @@ impl PagedKv {
         q: &Tensor,
         scale: f32,
     ) -> Result<Tensor> {
-        let Some(dm) = &meta.device else {
-            candle_core::bail!("step metadata was built for the CPU, the pool is on a device")
-        };
+        let dm = meta.on_device()?;
         let paged = (self.cfg.num_blocks, self.cfg.block_size, self.kv_heads, self.head_dim);
         candle_flash_attn::flash_attn_varlen_paged_windowed(
             &q.contiguous()?,

@@ -107,6 +107,17 @@ impl StepMeta {
     }
 }
 
+impl StepMeta {
+    /// The device-side tensors (an error when the metadata was built for the CPU).
+    pub fn on_device(&self) -> candle_core::Result<&DeviceMeta> {
+        self.device.as_ref().ok_or_else(|| {
+            candle_core::Error::Msg(
+                "step metadata was built for the CPU, the pool is on a device".into(),
+            )
+        })
+    }
+}
+
 /// Checks that every chunk's block table covers its positions inside a pool of `num_blocks`
 /// blocks (the leader runs this before a plan is sent, so no rank fails on its own).
 ///
