@@ -131,6 +131,7 @@ impl Clients {
             stop_token_ids: vec![self.model.tokenizer.special().eos],
             max_new_tokens: prep.max_new_tokens,
             logprobs: false,
+            cache_salt: Default::default(),
         };
         let mut stream = self.decoder.generate(req).await?.into_inner();
         let mut n = 0;

@@ -101,7 +101,12 @@ impl Decoder for FakeDecoder {
         let mut events: Vec<Result<GenerateResponse, Status>> = (0..3)
             .map(|i| {
                 Ok(GenerateResponse {
-                    event: Some(GenEvent::Token(TokenEvent { id: 10 + i, logprob: 0.0, index: i })),
+                    event: Some(GenEvent::Token(TokenEvent {
+                        id: 10 + i,
+                        logprob: 0.0,
+                        index: i,
+                        cached_tokens: 0,
+                    })),
                 })
             })
             .collect();

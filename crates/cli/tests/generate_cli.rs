@@ -109,15 +109,46 @@ fn run_json(chat: &Path, tp: usize, logits: Option<&Path>) -> Result<(Value, Out
     run_json_with(&repo_root().join("assets/tiny-dsvl"), chat, tp, logits)
 }
 
+/// The TP / chunking runs of a golden case: TP 1, 2 and 4 with the whole prompt in one step,
+/// then TP 2 with the prompt prefilled in 37-token chunks (chunk edges inside KV blocks and
+/// inside the image's rows).
+const RUNS: [(usize, Option<usize>); 4] = [(1, None), (2, None), (4, None), (2, Some(37))];
+
+fn run_json_chunked(
+    chat: &Path,
+    tp: usize,
+    chunk: Option<usize>,
+    logits: &Path,
+) -> Result<(Value, Output)> {
+    match chunk {
+        None => run_json(chat, tp, Some(logits)),
+        Some(n) => {
+            let model = repo_root().join("assets/tiny-dsvl");
+            run_json_args(&model, chat, tp, Some(logits), &["--max-batched-tokens", &n.to_string()])
+        }
+    }
+}
+
 fn run_json_with(
     model: &Path,
     chat: &Path,
     tp: usize,
     logits: Option<&Path>,
 ) -> Result<(Value, Output)> {
+    run_json_args(model, chat, tp, logits, &[])
+}
+
+fn run_json_args(
+    model: &Path,
+    chat: &Path,
+    tp: usize,
+    logits: Option<&Path>,
+    extra: &[&str],
+) -> Result<(Value, Output)> {
     let mut c = dsvl();
     c.args(["generate", "--json", "--max-new-tokens", "16", "--tp", &tp.to_string(), "--chat"])
-        .arg(chat);
+        .arg(chat)
+        .args(extra);
     c.arg("--model").arg(model);
     if let Some(l) = logits {
         c.arg("--logits-out").arg(l);
@@ -132,9 +163,9 @@ fn run_json_with(
     Ok((serde_json::from_str(line.trim())?, out))
 }
 
-/// Text prompt: golden ids at TP 1, 2 and 4 (4 ranks > 2 KV heads: KV heads replicated);
-/// TP 1 logits (full sequence and every step) within 1e-3 of golden, TP 2 and 4 within 1e-3
-/// of TP 1.
+/// Text prompt: golden ids at TP 1, 2 and 4 (4 ranks > 2 KV heads: KV heads replicated) and
+/// at TP 2 with chunked prefill; TP 1 logits (full sequence and every step) within 1e-3 of
+/// golden, the other runs within 1e-3 of TP 1.
 #[test]
 fn text_prompt_golden_ids_at_tp_1_2_4() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -143,11 +174,11 @@ fn text_prompt_golden_ids_at_tp_1_2_4() -> Result<()> {
     let golden = golden_generated("text")?;
     let prompt: Vec<u64> = serde_json::from_value(case["input_ids"].clone())?;
     let mut reference: Option<(Tensor, Tensor)> = None;
-    for tp in [1, 2, 4] {
-        let logits_path = dir.path().join(format!("logits-{tp}.safetensors"));
-        let (obj, _) = run_json(&chat, tp, Some(&logits_path))?;
+    for (tp, chunk) in RUNS {
+        let logits_path = dir.path().join(format!("logits-{tp}-{chunk:?}.safetensors"));
+        let (obj, _) = run_json_chunked(&chat, tp, chunk, &logits_path)?;
         let ids: Vec<u64> = serde_json::from_value(obj["generated_token_ids"].clone())?;
-        assert_eq!(ids, golden, "tp {tp}: greedy ids");
+        assert_eq!(ids, golden, "tp {tp} chunks {chunk:?}: greedy ids");
         let p: Vec<u64> = serde_json::from_value(obj["prompt_token_ids"].clone())?;
         assert_eq!(p, prompt, "tp {tp}: prompt ids");
         let logits = read_logits(&logits_path)?;
@@ -162,7 +193,8 @@ fn text_prompt_golden_ids_at_tp_1_2_4() -> Result<()> {
     Ok(())
 }
 
-/// Image prompt with rocket.jpg decoded by our JPEG decoder: golden ids at TP 1, 2 and 4, TP 1
+/// Image prompt with rocket.jpg decoded by our JPEG decoder: golden ids at TP 1, 2 and 4 and
+/// at TP 2 with chunked prefill, TP 1
 /// step logits within 1e-3 of golden and so are its prompt logits outside the 576 image rows
 /// [54, 630); TP 2 and 4 logits (all rows) within 1e-3 of TP 1. The image rows themselves
 /// carry the documented JPEG decoder difference (libjpeg-turbo vs ours, up to 2 levels per
@@ -175,11 +207,11 @@ fn image_prompt_golden_ids() -> Result<()> {
     let golden = golden_generated("image")?;
     let lm = golden_lm()?;
     let mut reference: Option<(Tensor, Tensor)> = None;
-    for tp in [1, 2, 4] {
-        let logits_path = dir.path().join(format!("logits-{tp}.safetensors"));
-        let (obj, _) = run_json(&chat, tp, Some(&logits_path))?;
+    for (tp, chunk) in RUNS {
+        let logits_path = dir.path().join(format!("logits-{tp}-{chunk:?}.safetensors"));
+        let (obj, _) = run_json_chunked(&chat, tp, chunk, &logits_path)?;
         let ids: Vec<u64> = serde_json::from_value(obj["generated_token_ids"].clone())?;
-        assert_eq!(ids, golden, "tp {tp}");
+        assert_eq!(ids, golden, "tp {tp} chunks {chunk:?}");
         assert_eq!(obj["prompt_token_ids"].as_array().unwrap().len(), 643);
         let logits = read_logits(&logits_path)?;
         match &reference {

@@ -3,7 +3,8 @@
 //! Everything here is small, dependency-light and used by more than one tier: which device and
 //! dtype a model runs on ([`DeviceSpec`], [`WeightDType`]), the limits applied to untrusted images
 //! ([`ImageLimits`]), token selection ([`sampling`]: one type, defaults and validator for every
-//! API), the content-addressed embedding cache key and its codec, a bad service flag
+//! API), the content-addressed embedding cache key and its codec, the KV block hashes of
+//! prefix caching ([`prefix`]), a bad service flag
 //! ([`ConfigError`]) and the model-thread [`watchdog`] behind the liveness probes. Keeping these
 //! out of the model crate lets the gateway (which links no tensor library) agree with the vision and
 //! decoder tiers on names, limits and keys.
@@ -14,6 +15,7 @@ pub mod codec;
 mod device;
 pub mod embedding;
 mod limits;
+pub mod prefix;
 pub mod sampling;
 pub mod watchdog;
 

@@ -1,8 +1,17 @@
-//! The leader's KV block manager: fixed-size blocks from a free list, a table per sequence.
-//! Workers never allocate; the tables travel with each step.
+//! The leader's KV block manager: fixed-size blocks with reference counts, a table per
+//! sequence, and the prefix cache. Workers never allocate; the tables travel with each step.
+//!
+//! Prefix caching (vLLM's automatic prefix caching, with SGLang's effect): a full block whose
+//! KV has been computed is registered under its chained hash ([`dsvl_core::prefix`]). When its
+//! last sequence lets go of it, it is not freed but kept, evictable, and a later sequence
+//! whose prompt starts with the same blocks adopts them instead of computing them again.
+//! Evictable blocks are reused least recently released first (a sequence's tail blocks before
+//! its head, so shared prefixes live longest) only when the free list is empty. A block is
+//! *used* while a sequence holds it, *cached* while only the cache does, *free* otherwise.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
+use dsvl_core::prefix::BlockHash;
 use dsvl_models::llm::SeqId;
 
 /// Allocation state of the paged KV pool.
@@ -10,20 +19,51 @@ use dsvl_models::llm::SeqId;
 pub struct BlockManager {
     block_size: usize,
     total: usize,
+    prefix_cache: bool,
+    /// Blocks holding nothing (never registered, or evicted).
     free: Vec<u32>,
+    /// Sequences holding each block.
+    refs: Vec<u32>,
+    /// The hash each registered block is cached under.
+    hash_of: Vec<Option<BlockHash>>,
+    by_hash: HashMap<BlockHash, u32>,
+    /// Registered blocks no sequence holds, by release tick (oldest first).
+    evictable: BTreeMap<u64, u32>,
+    /// Each evictable block's key in `evictable`.
+    released_at: Vec<u64>,
+    tick: u64,
     tables: HashMap<SeqId, Vec<u32>>,
 }
 
 impl BlockManager {
-    /// `num_blocks` blocks of `block_size` token slots.
+    /// `num_blocks` blocks of `block_size` token slots, with prefix caching on.
     pub fn new(num_blocks: usize, block_size: usize) -> Self {
         // Pop from the end: hand out low block ids first (stable, easy to read in traces).
         Self {
             block_size,
             total: num_blocks,
+            prefix_cache: true,
             free: (0..num_blocks as u32).rev().collect(),
+            refs: vec![0; num_blocks],
+            hash_of: vec![None; num_blocks],
+            by_hash: HashMap::new(),
+            evictable: BTreeMap::new(),
+            released_at: vec![0; num_blocks],
+            tick: 0,
             tables: HashMap::new(),
         }
+    }
+
+    /// Turns prefix caching on or off (off: nothing is registered or adopted, and released
+    /// blocks are free at once).
+    pub fn with_prefix_cache(mut self, on: bool) -> Self {
+        self.prefix_cache = on;
+        self
+    }
+
+    /// Whether prefix caching is on.
+    pub fn prefix_cache(&self) -> bool {
+        self.prefix_cache
     }
 
     /// Token slots per block.
@@ -41,23 +81,104 @@ impl BlockManager {
         self.blocks_for(tokens).saturating_sub(self.tables.get(&seq).map_or(0, Vec::len))
     }
 
+    /// Blocks a new allocation can take: free ones, then cached ones (evicted).
+    fn available(&self) -> usize {
+        self.free.len() + self.evictable.len()
+    }
+
+    fn take_block(&mut self) -> u32 {
+        if let Some(b) = self.free.pop() {
+            return b;
+        }
+        let (_, b) = self.evictable.pop_first().expect("callers check available()");
+        if let Some(h) = self.hash_of[b as usize].take() {
+            self.by_hash.remove(&h);
+        }
+        metrics::counter!("dsvl_decoder_prefix_cache_evictions_total").increment(1);
+        b
+    }
+
     /// Grows `seq`'s table to hold `tokens` tokens; `false` (and no change) if blocks are short.
     pub fn grow(&mut self, seq: SeqId, tokens: usize) -> bool {
         let need = self.missing(seq, tokens);
-        if need > self.free.len() {
+        if need > self.available() {
             return false;
         }
-        let table = self.tables.entry(seq).or_default();
+        let mut table = self.tables.remove(&seq).unwrap_or_default();
         for _ in 0..need {
-            table.push(self.free.pop().expect("checked above"));
+            let b = self.take_block();
+            self.refs[b as usize] = 1;
+            table.push(b);
         }
+        self.tables.insert(seq, table);
         true
     }
 
-    /// Returns `seq`'s blocks to the free list.
+    /// How many leading `hashes` are cached.
+    pub fn lookup(&self, hashes: &[BlockHash]) -> usize {
+        if !self.prefix_cache {
+            return 0;
+        }
+        hashes.iter().take_while(|h| self.by_hash.contains_key(*h)).count()
+    }
+
+    /// Starts `seq` (which holds no blocks) on the cached blocks of the longest matching prefix
+    /// of `hashes` and grows its table to `tokens` tokens, if the blocks suffice; returns the
+    /// number of cached blocks it took, or `None` (and no change).
+    pub fn admit(&mut self, seq: SeqId, hashes: &[BlockHash], tokens: usize) -> Option<usize> {
+        debug_assert!(self.table(seq).is_empty(), "admit starts a sequence");
+        let hit = self.lookup(hashes);
+        let matched: Vec<u32> = hashes[..hit].iter().map(|h| self.by_hash[h]).collect();
+        // Matched blocks that only the cache holds stop being available for new ones.
+        let reclaimed = matched.iter().filter(|&&b| self.refs[b as usize] == 0).count();
+        let need = self.blocks_for(tokens).saturating_sub(hit);
+        if need > self.available() - reclaimed {
+            return None;
+        }
+        for &b in &matched {
+            if self.refs[b as usize] == 0 {
+                self.evictable.remove(&self.released_at[b as usize]);
+            }
+            self.refs[b as usize] += 1;
+        }
+        self.tables.insert(seq, matched);
+        let grown = self.grow(seq, tokens);
+        debug_assert!(grown, "capacity checked above");
+        Some(hit)
+    }
+
+    /// Registers block `index` of `seq` (full, its KV computed) under `hash`. A block already
+    /// registered, or a hash already held by another block (two sequences computed the same
+    /// prefix at once), is left as it is.
+    pub fn register(&mut self, seq: SeqId, index: usize, hash: BlockHash) {
+        if !self.prefix_cache {
+            return;
+        }
+        let Some(&b) = self.tables.get(&seq).and_then(|t| t.get(index)) else { return };
+        if self.hash_of[b as usize].is_some() || self.by_hash.contains_key(&hash) {
+            return;
+        }
+        self.hash_of[b as usize] = Some(hash);
+        self.by_hash.insert(hash, b);
+    }
+
+    /// Lets go of `seq`'s blocks: registered ones nobody else holds become cached (tail
+    /// blocks first in eviction order), the rest free.
     pub fn release(&mut self, seq: SeqId) {
-        if let Some(t) = self.tables.remove(&seq) {
-            self.free.extend(t);
+        let Some(table) = self.tables.remove(&seq) else { return };
+        for &b in table.iter().rev() {
+            let r = &mut self.refs[b as usize];
+            *r -= 1;
+            if *r > 0 {
+                continue;
+            }
+            if self.hash_of[b as usize].is_some() {
+                self.tick += 1;
+                self.released_at[b as usize] = self.tick;
+                self.evictable.insert(self.tick, b);
+            } else {
+                self.free.push(b);
+            }
         }
     }
 
@@ -66,9 +187,14 @@ impl BlockManager {
         self.tables.get(&seq).map_or(&[], Vec::as_slice)
     }
 
-    /// Blocks in use.
+    /// Blocks held by sequences.
     pub fn used(&self) -> usize {
-        self.total - self.free.len()
+        self.total - self.available()
+    }
+
+    /// Blocks only the prefix cache holds (evictable).
+    pub fn cached(&self) -> usize {
+        self.evictable.len()
     }
 
     /// Blocks in the pool.
@@ -76,29 +202,12 @@ impl BlockManager {
         self.total
     }
 
-    /// Free blocks.
+    /// Blocks a new allocation can take (free or evictable).
     pub fn free(&self) -> usize {
-        self.free.len()
+        self.available()
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grows_releases_and_refuses_when_short() {
-        let mut m = BlockManager::new(4, 16);
-        assert!(m.grow(1, 17)); // 2 blocks
-        assert_eq!(m.table(1).len(), 2);
-        assert!(m.grow(1, 32)); // still 2
-        assert_eq!(m.used(), 2);
-        assert!(!m.grow(2, 49), "needs 4, only 2 free");
-        assert_eq!(m.used(), 2, "a failed grow allocates nothing");
-        assert!(m.grow(2, 32));
-        assert_eq!(m.free(), 0);
-        m.release(1);
-        assert_eq!(m.free(), 2);
-        assert!(m.table(1).is_empty());
-    }
-}
+#[path = "blocks_tests.rs"]
+mod tests;

@@ -164,6 +164,7 @@ fn engine_loop(
         metrics::gauge!("dsvl_decoder_running").set(occ.running as f64);
         metrics::gauge!("dsvl_decoder_kv_blocks_used").set(occ.blocks_used as f64);
         metrics::gauge!("dsvl_decoder_kv_blocks_total").set(occ.blocks_total as f64);
+        metrics::gauge!("dsvl_decoder_prefix_cache_blocks").set(occ.blocks_cached as f64);
         metrics::gauge!("dsvl_decoder_kv_usage_ratio")
             .set(occ.blocks_used as f64 / occ.blocks_total.max(1) as f64);
         metrics::gauge!("dsvl_decoder_tokens_per_second").set(rate);

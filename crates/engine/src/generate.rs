@@ -112,6 +112,7 @@ pub fn generate(
         deadline: None,
         keep_logits: req.keep_logits,
         events: tx,
+        prefix: Default::default(),
     });
     let result = drive(exec, &mut sched, &mut rx, &req.stop_ids, on_token);
     // Free the sequence on every rank, however it ended.

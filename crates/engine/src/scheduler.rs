@@ -10,11 +10,18 @@
 //! left of the budget is prefilled over several steps (chunked prefill, as vLLM and SGLang do by
 //! default), so a long image prompt never stalls the running streams for its whole prefill.
 //! One forward pass runs all of it.
+//!
+//! Prefix caching: a sequence is admitted on the longest run of cached KV blocks that starts
+//! its prompt (block hashes that know the tenant and the images, [`dsvl_core::prefix`]), so
+//! only the rest is prefilled; every block it fills is registered for later requests (the
+//! [`BlockManager`] keeps released blocks until it needs them). At least the prompt's last
+//! token is always computed, since its logits choose the first new token.
 
 use std::collections::VecDeque;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
+use dsvl_core::prefix::{self, BlockHash, ImageSpan};
 use dsvl_models::llm::{ImageRows, LogitRows, SeqChunk, SeqId, StepPlan};
 use dsvl_models::ModelError;
 use tokio::sync::mpsc::UnboundedSender;
@@ -65,6 +72,8 @@ pub struct Usage {
     pub queue_seconds: f64,
     /// Time from arrival to the first token.
     pub time_to_first_token_seconds: f64,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: usize,
 }
 
 /// Why a sequence could not complete.
@@ -89,8 +98,11 @@ pub enum Event {
         logprob: Option<f32>,
         /// With `keep_logits`: the logits row the token was chosen from.
         logits: Option<Vec<f32>>,
+        /// On the first token only: prompt tokens taken from the prefix cache.
+        cached_tokens: Option<usize>,
     },
-    /// With `keep_logits`: `[prompt_len, vocab]` logits of the prefill, before the first token.
+    /// With `keep_logits`: `[prompt_len - cached, vocab]` logits of the prefill's computed
+    /// positions (those after the prefix taken from the cache), before the first token.
     PromptLogits(Tensor),
     /// Generation ended normally.
     Finished {
@@ -101,6 +113,15 @@ pub enum Event {
     },
     /// Generation failed.
     Failed(Failure),
+}
+
+/// What a request's KV blocks are cached under (see [`dsvl_core::prefix`]).
+#[derive(Debug, Clone, Default)]
+pub struct PrefixKey {
+    /// The tenant's cache salt (empty: the deployment's shared space).
+    pub salt: Vec<u8>,
+    /// The prompt's images, sorted by start, with their content keys.
+    pub images: Vec<ImageSpan>,
 }
 
 /// A request handed to the scheduler.
@@ -124,6 +145,8 @@ pub struct NewRequest {
     pub keep_logits: bool,
     /// Where events go; closing the receiver cancels the sequence at the next step.
     pub events: UnboundedSender<Event>,
+    /// The tenant and images its cached KV blocks are keyed by.
+    pub prefix: PrefixKey,
 }
 
 impl NewRequest {
@@ -145,6 +168,7 @@ impl NewRequest {
             deadline: None,
             keep_logits: false,
             events,
+            prefix: PrefixKey::default(),
         };
         (req, rx)
     }
@@ -157,6 +181,13 @@ struct Seq {
     rng: Rng,
     /// Tokens in the KV cache (0: nothing yet, or preempted).
     cached: usize,
+    /// Hashes of the sequence's first blocks, as far as they are known (the chain continues
+    /// from the last).
+    hashes: Vec<BlockHash>,
+    /// Of those, how many are registered in (or were adopted from) the block manager.
+    registered: usize,
+    /// Prompt tokens taken from the prefix cache at the first admission.
+    cached_tokens: usize,
     /// With `keep_logits`: the prefill's logits so far, one tensor per chunk.
     prompt_logits: Vec<Tensor>,
     arrived: Instant,
@@ -189,6 +220,20 @@ impl Seq {
         }
         out
     }
+
+    /// Extends `hashes` to the first `blocks` blocks (their tokens must be known).
+    fn hash_blocks(&mut self, blocks: usize, block_size: usize) {
+        while self.hashes.len() < blocks {
+            let b = self.hashes.len();
+            let parent = match self.hashes.last() {
+                Some(h) => *h,
+                None => prefix::root_hash(&self.req.prefix.salt),
+            };
+            let tokens = self.token_range(b * block_size, (b + 1) * block_size);
+            let h = prefix::block_hash(&parent, b * block_size, &tokens, &self.req.prefix.images);
+            self.hashes.push(h);
+        }
+    }
 }
 
 /// Scheduler state.
@@ -201,6 +246,8 @@ pub struct Scheduler {
     to_free: Vec<SeqId>,
     preemptions: u64,
     pace: Pace,
+    prefix_queried: u64,
+    prefix_hits: u64,
 }
 
 /// The pace guard of `max_step_stretch`: the decode-only step's cost (moving average) and the
@@ -281,8 +328,14 @@ pub struct Occupancy {
     pub blocks_used: usize,
     /// KV blocks in the pool.
     pub blocks_total: usize,
+    /// KV blocks only the prefix cache holds (evictable; not in `blocks_used`).
+    pub blocks_cached: usize,
     /// Preemptions so far.
     pub preemptions: u64,
+    /// Prompt tokens looked up in the prefix cache so far (first admissions).
+    pub prefix_queried_tokens: u64,
+    /// Of those, tokens found cached.
+    pub prefix_hit_tokens: u64,
 }
 
 impl Scheduler {
@@ -297,6 +350,8 @@ impl Scheduler {
             to_free: Vec::new(),
             preemptions: 0,
             pace: Pace::default(),
+            prefix_queried: 0,
+            prefix_hits: 0,
         }
     }
 
@@ -333,6 +388,9 @@ impl Scheduler {
             generated: Vec::new(),
             rng,
             cached: 0,
+            hashes: Vec::new(),
+            registered: 0,
+            cached_tokens: 0,
             prompt_logits: Vec::new(),
             arrived: Instant::now(),
             admitted: None,
@@ -353,7 +411,10 @@ impl Scheduler {
             running: self.running.len(),
             blocks_used: self.blocks.used(),
             blocks_total: self.blocks.total(),
+            blocks_cached: self.blocks.cached(),
             preemptions: self.preemptions,
+            prefix_queried_tokens: self.prefix_queried,
+            prefix_hit_tokens: self.prefix_hits,
         }
     }
 
@@ -438,6 +499,7 @@ impl Scheduler {
             let mut victim = self.running.pop().expect("non-empty");
             self.drop_seq(&victim);
             victim.cached = 0;
+            victim.registered = 0;
             victim.prompt_logits.clear();
             self.preemptions += 1;
             preempted = true;
@@ -473,17 +535,32 @@ impl Scheduler {
         }
         // Admit in arrival order (not while preempting: that would only thrash).
         while !preempted && budget.tokens > 0 && self.running.len() < self.cfg.max_num_seqs {
-            let Some(front) = self.waiting.front() else { break };
+            let bs = self.blocks.block_size();
+            let Some(front) = self.waiting.front_mut() else { break };
             let need = front.tokens();
-            if !self.blocks.grow(front.id, need + 1) {
+            // The cached prefix it may start from: whole blocks, short of its last token
+            // (whose logits choose the first new token).
+            let reusable = if self.blocks.prefix_cache() { (need - 1) / bs } else { 0 };
+            front.hash_blocks(reusable, bs);
+            let Some(hit) = self.blocks.admit(front.id, &front.hashes[..reusable], need + 1) else {
                 break;
-            }
+            };
             let mut s = self.waiting.pop_front().expect("front exists");
+            s.cached = hit * bs;
+            s.registered = hit;
             if s.admitted.is_none() {
                 s.admitted = Some(now);
+                s.cached_tokens = s.cached;
+                self.prefix_queried += s.req.prompt.len() as u64;
+                self.prefix_hits += s.cached as u64;
+                metrics::counter!("dsvl_decoder_prefix_cache_queries_total")
+                    .increment(s.req.prompt.len() as u64);
+                metrics::counter!("dsvl_decoder_prefix_cache_hits_total")
+                    .increment(s.cached as u64);
                 metrics::histogram!("dsvl_decoder_queue_seconds")
                     .record(now.duration_since(s.arrived).as_secs_f64());
             }
+            let need = s.remaining();
             let n = budget.take(need);
             if n == 0 {
                 // Admitted (its blocks are held) but paced out of this step.
@@ -575,6 +652,13 @@ impl Scheduler {
             }
             at += n;
             s.cached = chunk.start + chunk.tokens.len();
+            // Blocks this step filled are now reusable by later requests.
+            let bs = self.blocks.block_size();
+            s.hash_blocks(s.cached / bs, bs);
+            for b in s.registered..s.cached / bs {
+                self.blocks.register(s.id, b, s.hashes[b]);
+            }
+            s.registered = s.registered.max(s.cached / bs);
             if s.cached < s.tokens() {
                 continue; // a prefill chunk that does not end the prompt
             }
@@ -605,7 +689,9 @@ impl Scheduler {
                     .record(now.duration_since(prev).as_secs_f64()),
             }
             s.last_token = Some(now);
-            let _ = s.req.events.send(Event::Token { id: token, logprob, logits: kept });
+            let cached_tokens = (s.generated.len() == 1).then_some(s.cached_tokens);
+            let _ =
+                s.req.events.send(Event::Token { id: token, logprob, logits: kept, cached_tokens });
             let reason = if s.req.stop_ids.contains(&token) {
                 Some(FinishReason::Stop)
             } else if s.generated.len() >= s.req.max_new_tokens
@@ -625,6 +711,7 @@ impl Scheduler {
                     time_to_first_token_seconds: s
                         .first_token
                         .map_or(0.0, |f| f.duration_since(s.arrived).as_secs_f64()),
+                    cached_tokens: s.cached_tokens,
                 };
                 let _ = s.req.events.send(Event::Finished { reason, usage });
                 metrics::counter!("dsvl_decoder_requests_total", "outcome" => "ok").increment(1);

@@ -1,9 +1,10 @@
 //! The scheduler against a fake model: admission, FIFO order, token and sequence limits,
 //! preemption by recomputation, reaping of cancelled and expired sequences, and refusals.
 //!
-//! [`FakeModel`] is a [`StepExecutor`] whose "KV cache" is each sequence's token history: it
-//! checks every plan the scheduler sends (a decode step needs the history the cache should
-//! hold, block tables must cover the tokens, freed sequences lose their state) and answers with
+//! [`FakeModel`] is a [`StepExecutor`] whose "KV pool" holds, per block slot, the token whose
+//! KV was written there: it reads each chunk's history through its block table (a position
+//! never written is a bug; a block overwritten by another sequence gives a wrong history and
+//! so wrong tokens), checks that tables cover the tokens, and answers with
 //! logits whose argmax is a fixed function of the history, so the expected greedy output of any
 //! prompt is known without a model.
 
@@ -40,36 +41,42 @@ fn expected(prompt: &[u32], n: usize) -> Vec<u32> {
 /// One plan as the fake saw it: chunks as `(seq, start, tokens)`, and the freed sequences.
 type PlanSummary = (Vec<(SeqId, usize, usize)>, Vec<SeqId>);
 
+/// What one KV slot holds: the token written there.
+type Slots = [Option<u32>; BLOCK];
+
 #[derive(Default)]
 struct FakeModel {
-    /// What the KV cache holds per sequence.
-    cache: HashMap<SeqId, Vec<u32>>,
+    /// The paged pool: what each block's slots hold (the token whose KV was written there).
+    pool: HashMap<u32, Slots>,
     /// Every plan, for assertions: (chunks as (seq, start, len), freed).
     plans: Vec<PlanSummary>,
 }
 
 impl StepExecutor for FakeModel {
     fn step(&mut self, plan: &StepPlan) -> Result<Option<Tensor>, ModelError> {
-        for id in &plan.free {
-            self.cache.remove(id);
-        }
         let mut logits = Vec::with_capacity(plan.chunks.len() * VOCAB);
         let mut rows = 0;
         for c in &plan.chunks {
-            let cached = self.cache.entry(c.seq).or_default();
-            assert_eq!(
-                cached.len(),
-                c.start,
-                "seq {}: cache holds {} tokens, step starts at {}",
-                c.seq,
-                cached.len(),
-                c.start
-            );
             assert!(
                 c.blocks.len() * BLOCK >= c.start + c.tokens.len(),
                 "seq {}: blocks do not cover the tokens",
                 c.seq
             );
+            // The history the kernel reads through the block table: every position before the
+            // chunk must have been written (by this sequence or by the one whose cached blocks
+            // it adopted).
+            let cached: Vec<u32> = (0..c.start)
+                .map(|p| {
+                    self.pool
+                        .get(&c.blocks[p / BLOCK])
+                        .and_then(|s| s[p % BLOCK])
+                        .unwrap_or_else(|| panic!("seq {}: position {p} was never written", c.seq))
+                })
+                .collect();
+            for (i, &t) in c.tokens.iter().enumerate() {
+                let p = c.start + i;
+                self.pool.entry(c.blocks[p / BLOCK]).or_default()[p % BLOCK] = Some(t);
+            }
             let n = c.logits.count(c.tokens.len());
             for i in c.tokens.len() - n..c.tokens.len() {
                 let mut row = vec![0f32; VOCAB];
@@ -78,7 +85,6 @@ impl StepExecutor for FakeModel {
                 logits.extend(row);
             }
             rows += n;
-            cached.extend_from_slice(&c.tokens);
         }
         let summary = plan.chunks.iter().map(|c| (c.seq, c.start, c.tokens.len())).collect();
         self.plans.push((summary, plan.free.clone()));
@@ -252,7 +258,113 @@ fn cancelled_and_expired_sequences_are_reaped_and_freed() {
     run_to_end(&mut s, &mut model);
     assert_eq!(drain(&mut rx_keep).0, expected(&prompt(3, 5), 5));
     assert_eq!(s.occupancy().blocks_used, 0);
-    assert!(model.cache.is_empty(), "every sequence's state was freed on the model");
+    let mut freed: Vec<SeqId> = model.plans.iter().flat_map(|(_, f)| f.clone()).collect();
+    freed.sort_unstable();
+    assert_eq!(freed, vec![1, 2, 3], "every sequence was freed on the ranks, once");
+}
+
+/// Runs `prompt` to the end alone; returns its tokens and how many prompt tokens came from
+/// the prefix cache.
+fn answer(
+    s: &mut Scheduler,
+    model: &mut FakeModel,
+    prompt: Vec<u32>,
+    n: usize,
+) -> (Vec<u32>, usize) {
+    let (req, mut rx) = request(prompt, n);
+    s.add(req);
+    run_to_end(s, model);
+    let mut cached_first = None;
+    let mut tokens = Vec::new();
+    while let Ok(ev) = rx.try_recv() {
+        match ev {
+            Event::Token { id, cached_tokens, .. } => {
+                if tokens.is_empty() {
+                    cached_first = cached_tokens;
+                }
+                tokens.push(id);
+            }
+            Event::Finished { usage, .. } => {
+                assert_eq!(Some(usage.cached_tokens), cached_first, "first token and usage agree");
+                return (tokens, usage.cached_tokens);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    panic!("no finish");
+}
+
+#[test]
+fn prefix_cache_reuses_finished_blocks_and_keeps_outputs() {
+    let mut s = scheduler(4, 1000, 64);
+    let mut model = FakeModel::default();
+    let p = prompt(1, 10);
+    assert_eq!(answer(&mut s, &mut model, p.clone(), 6), (expected(&p, 6), 0), "cold");
+    // The same prompt again: two full blocks (8 tokens) cached, the rest computed.
+    assert_eq!(answer(&mut s, &mut model, p.clone(), 6), (expected(&p, 6), 8));
+    let (chunks, _) = model.plans.iter().rev().find(|(c, _)| c.iter().any(|x| x.2 > 1)).unwrap();
+    assert_eq!(chunks[0].1, 8, "the prefill started after the cached blocks: {chunks:?}");
+    // A prompt of exactly two blocks keeps its last token to compute: one block cached.
+    assert_eq!(answer(&mut s, &mut model, p[..8].to_vec(), 3).1, 4);
+    // The next turn of the conversation: prompt + answer + a new message. The blocks filled
+    // while generating are cached too (16 tokens computed, 4 full blocks).
+    let mut turn2 = p.clone();
+    turn2.extend(expected(&p, 6));
+    turn2.extend([3, 1, 4, 1, 5]);
+    let (tokens, cached) = answer(&mut s, &mut model, turn2.clone(), 5);
+    assert_eq!(tokens, expected(&turn2, 5));
+    assert_eq!(cached, 12, "blocks 0-2 (block 3 holds the last answer token, never computed)");
+    // A different prompt shares nothing.
+    assert_eq!(answer(&mut s, &mut model, prompt(2, 10), 2).1, 0);
+    let occ = s.occupancy();
+    assert_eq!(occ.blocks_used, 0, "nothing held once every request ended");
+    assert!(occ.blocks_cached > 0, "the finished blocks stay cached");
+    assert_eq!(occ.prefix_hit_tokens, 8 + 4 + 12);
+}
+
+#[test]
+fn prefix_cache_off_computes_everything() {
+    let cfg = SchedulerConfig {
+        max_num_seqs: 4,
+        max_batched_tokens: 1000,
+        max_positions: 64,
+        max_step_stretch: None,
+    };
+    let mut s = Scheduler::new(cfg, BlockManager::new(64, BLOCK).with_prefix_cache(false));
+    let mut model = FakeModel::default();
+    let p = prompt(1, 10);
+    for _ in 0..2 {
+        assert_eq!(answer(&mut s, &mut model, p.clone(), 4), (expected(&p, 4), 0));
+    }
+    assert_eq!(s.occupancy().blocks_cached, 0);
+}
+
+#[test]
+fn cached_blocks_are_evicted_under_pressure_and_outputs_hold() {
+    // 8 blocks of 4: each 10 + 6 token request needs 4. Many distinct prompts and repeats
+    // churn the cache through eviction; every answer must stay exact.
+    let mut s = scheduler(2, 1000, 8);
+    let mut model = FakeModel::default();
+    for round in 0..3 {
+        for i in 0..4u32 {
+            let p = prompt(i, 10);
+            let (tokens, _) = answer(&mut s, &mut model, p.clone(), 6);
+            assert_eq!(tokens, expected(&p, 6), "round {round} prompt {i}");
+        }
+    }
+    assert_eq!(s.occupancy().blocks_used, 0);
+    assert!(s.occupancy().blocks_cached <= 8);
+    // Concurrent identical prompts share blocks and still answer exactly.
+    let mut rxs = Vec::new();
+    for _ in 0..2 {
+        let (req, rx) = request(prompt(9, 10), 6);
+        s.add(req);
+        rxs.push(rx);
+    }
+    run_to_end(&mut s, &mut model);
+    for rx in &mut rxs {
+        assert_eq!(drain(rx).0, expected(&prompt(9, 10), 6));
+    }
 }
 
 #[test]

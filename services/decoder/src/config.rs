@@ -57,13 +57,18 @@ pub struct Args {
     /// Most sequences in a batch.
     #[arg(long, env = "DSVL_MAX_NUM_SEQS", default_value_t = 64)]
     pub max_num_seqs: usize,
+    /// Turn off prefix caching (on by default: KV blocks of finished requests stay cached,
+    /// keyed by tenant, tokens and images, and later prompts that start the same way reuse
+    /// them instead of prefilling them again).
+    #[arg(long, env = "DSVL_NO_PREFIX_CACHE")]
+    pub no_prefix_cache: bool,
     /// Token budget of one step: running decodes first, then prompts, prefilled in chunks of
     /// what is left (chunked prefill: a long prompt never stalls the running streams). Default:
-    /// 2048 on GPUs, 64 on the CPU.
+    /// 2048 on GPUs, 512 on the CPU.
     #[arg(long, env = "DSVL_MAX_BATCHED_TOKENS")]
     pub max_batched_tokens: Option<usize>,
     /// While streams decode, size prefill chunks so a step costs at most this multiple of a
-    /// decode-only step (measured as it runs). Default: 1.5 on the CPU, off on GPUs (0: off).
+    /// decode-only step (measured as it runs). Default: 1.3 on the CPU, off on GPUs (0: off).
     #[arg(long, env = "DSVL_MAX_STEP_STRETCH")]
     pub max_step_stretch: Option<f64>,
     /// Most requests waiting for admission; beyond it RESOURCE_EXHAUSTED.
@@ -129,6 +134,8 @@ pub struct DecoderConfig {
     pub block_size: usize,
     /// Batch limits.
     pub max_num_seqs: usize,
+    /// Prefix caching on.
+    pub prefix_cache: bool,
     /// Step token budget.
     pub max_batched_tokens: usize,
     /// Pace guard of running streams during prefill (`None`: off).
@@ -200,6 +207,7 @@ impl TryFrom<&Args> for DecoderConfig {
             },
             block_size: a.block_size,
             max_num_seqs: a.max_num_seqs,
+            prefix_cache: !a.no_prefix_cache,
             max_batched_tokens: a.max_batched_tokens.unwrap_or(match a.device {
                 DeviceSpec::Cpu => dsvl_engine::scheduler::DEFAULT_MAX_BATCHED_TOKENS_CPU,
                 _ => dsvl_engine::scheduler::DEFAULT_MAX_BATCHED_TOKENS_GPU,

@@ -42,6 +42,8 @@ pub struct ModelInfo {
     pub tp: usize,
     /// The model's working dtype: image rows are handed to the ranks in it.
     pub dtype: candle_core::DType,
+    /// Tokens per KV block (the granularity of prefix-cache hashes).
+    pub block_size: usize,
 }
 
 fn source(model: &Option<std::path::PathBuf>) -> ModelSource {
@@ -202,6 +204,7 @@ pub fn build_leader(
         image_tokens: facts.image_tokens(),
         tp: cfg.tp,
         dtype,
+        block_size: kv.block_size,
     };
     let sched = Scheduler::new(
         SchedulerConfig {
@@ -210,7 +213,7 @@ pub fn build_leader(
             max_step_stretch: cfg.max_step_stretch,
             max_positions: c.max_position_embeddings,
         },
-        BlockManager::new(kv.num_blocks, kv.block_size),
+        BlockManager::new(kv.num_blocks, kv.block_size).with_prefix_cache(cfg.prefix_cache),
     );
     Ok((runner, sched, workers, info))
 }

@@ -6,12 +6,14 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use dsvl_cache::RedisCache;
+use dsvl_core::prefix::{image_key_hash, ImageSpan};
 use dsvl_engine::engine::EngineHandle;
-use dsvl_engine::scheduler::{Event, NewRequest};
+use dsvl_engine::scheduler::{Event, NewRequest, PrefixKey};
 use dsvl_engine::{FinishReason, SamplingParams};
 use dsvl_models::llm::ImageRows;
 use dsvl_proto::internal::decoder_server::Decoder;
 use dsvl_proto::internal::generate_response::Event as Out;
+use dsvl_proto::internal::image_slot::Embedding as Source;
 use dsvl_proto::internal::{
     FinishEvent, GenerateRequest, GenerateResponse, LoadRequest, LoadResponse, TokenEvent, Usage,
 };
@@ -83,12 +85,14 @@ impl Ready {
         Ok(())
     }
 
-    /// Image rows at their positions; checks the slots against the prompt.
+    /// Image rows at their positions, and each image's span with its content key (for the
+    /// prefix cache: the embedding-cache key of a ref, the BLAKE3 of inline data); checks the
+    /// slots against the prompt.
     async fn images(
         &self,
         req: &GenerateRequest,
         cache: Option<&Arc<RedisCache>>,
-    ) -> Result<Option<ImageRows>, ServiceError> {
+    ) -> Result<Option<(ImageRows, Vec<ImageSpan>)>, ServiceError> {
         let image_token = self.info.vision.as_ref().map(|(t, _)| *t);
         let slots_in_prompt =
             image_token.map_or(0, |t| req.prompt_token_ids.iter().filter(|&&x| x == t).count());
@@ -132,9 +136,20 @@ impl Ready {
                 slots.len()
             )));
         }
+        let spans = slots
+            .iter()
+            .map(|s| {
+                let key = match &s.embedding {
+                    Some(Source::Ref(r)) => image_key_hash(r.key.as_bytes()),
+                    Some(Source::Inline(e)) => image_key_hash(blake3::hash(&e.data).as_bytes()),
+                    None => image_key_hash(b""),
+                };
+                ImageSpan { start: s.position as usize, len: k, key }
+            })
+            .collect();
         let rows = embeddings::fetch(&slots, &self.info, cache, self.info.dtype).await?;
         let rows = Tensor::cat(&rows, 0).map_err(|e| ServiceError::Internal(e.to_string()))?;
-        Ok(Some(ImageRows { positions, rows }))
+        Ok(Some((ImageRows { positions, rows }, spans)))
     }
 }
 
@@ -165,7 +180,10 @@ impl Decoder for DecoderService {
         if ready.engine.load().occupancy.waiting >= self.max_waiting {
             return Err(ServiceError::Overloaded.into());
         }
-        let image = ready.images(&req, self.cache.as_ref()).await?;
+        let (image, images) = match ready.images(&req, self.cache.as_ref()).await? {
+            Some((rows, spans)) => (Some(rows), spans),
+            None => (None, Vec::new()),
+        };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let max_new = req.max_new_tokens as usize;
         let new = NewRequest {
@@ -178,6 +196,7 @@ impl Decoder for DecoderService {
             deadline,
             keep_logits: false,
             events: tx,
+            prefix: PrefixKey { salt: req.cache_salt.to_vec(), images },
         };
         ready.engine.submit(new).map_err(|_| Status::from(ServiceError::GroupFailed))?;
         let guard = self.drain.track();
@@ -195,11 +214,12 @@ impl Decoder for DecoderService {
                 let item = match ev {
                     // Never asked for by the service.
                     Event::PromptLogits(_) => continue,
-                    Event::Token { id, logprob, .. } => {
+                    Event::Token { id, logprob, cached_tokens, .. } => {
                         let e = TokenEvent {
                             id,
                             logprob: if logprobs { logprob.unwrap_or(0.0) } else { 0.0 },
                             index,
+                            cached_tokens: cached_tokens.unwrap_or(0) as u32,
                         };
                         index += 1;
                         Ok(GenerateResponse { event: Some(Out::Token(e)) })
@@ -219,6 +239,7 @@ impl Decoder for DecoderService {
                                     completion_tokens: usage.completion_tokens as u32,
                                     queue_seconds: usage.queue_seconds,
                                     time_to_first_token_seconds: usage.time_to_first_token_seconds,
+                                    cached_tokens: usage.cached_tokens as u32,
                                 }),
                             })),
                         })
@@ -248,6 +269,10 @@ impl Decoder for DecoderService {
             ready: r.engine.is_alive() && !self.drain.is_draining(),
             tensor_parallel: r.info.tp as u32,
             max_positions: r.info.max_positions as u32,
+            kv_blocks_cached: l.occupancy.blocks_cached as u32,
+            prefix_cache_queried_tokens: l.occupancy.prefix_queried_tokens,
+            prefix_cache_hit_tokens: l.occupancy.prefix_hit_tokens,
+            kv_block_size: r.info.block_size as u32,
         }))
     }
 }

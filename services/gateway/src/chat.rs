@@ -77,6 +77,8 @@ pub struct Finish {
     pub token_ids: Vec<u32>,
     /// The prompt's ids, when asked for (else empty).
     pub prompt_token_ids: Vec<u32>,
+    /// Prompt tokens answered from the decoder's prefix cache.
+    pub cached_tokens: u32,
 }
 
 /// The stream of a started request.
@@ -194,6 +196,7 @@ impl Gateway {
             stop_token_ids: vec![self.model.tokenizer.special().eos],
             max_new_tokens: prep.max_new_tokens,
             logprobs: false,
+            cache_salt: tenant.salt.clone().into(),
         };
         let vision_seconds = t_vision.elapsed().as_secs_f64();
         span.record("gen_ai.response.id", request.request_id.as_str());
@@ -355,6 +358,7 @@ impl Gateway {
         let mut all_ids = Vec::new();
         let mut unsent_ids = Vec::new();
         let mut last_token: Option<Instant> = None;
+        let mut cached_tokens = 0;
         let mut next = Some(first);
         let send =
             |ev: ChatEvent| async { tx.send(Ok(ev)).await.map_err(|_| GatewayError::Cancelled) };
@@ -373,6 +377,9 @@ impl Gateway {
             };
             match msg.event {
                 Some(DecoderEvent::Token(t)) => {
+                    if t.index == 0 {
+                        cached_tokens = t.cached_tokens;
+                    }
                     let now = Instant::now();
                     if let Some(prev) = last_token.replace(now) {
                         metrics::histogram!("dsvl_inter_token_latency_seconds", "api" => api)
@@ -436,6 +443,7 @@ impl Gateway {
             } else {
                 Vec::new()
             },
+            cached_tokens: usage.map_or(cached_tokens, |u| u.cached_tokens),
         }))
         .await
     }

@@ -72,6 +72,7 @@ fn finish_message(f: Finish) -> ChatFinish {
         }),
         token_ids: f.token_ids,
         prompt_token_ids: f.prompt_token_ids,
+        cached_tokens: f.cached_tokens,
     }
 }
 

@@ -209,7 +209,12 @@ fn unix_now() -> u64 {
 }
 
 fn usage(f: &Finish) -> Value {
-    json!({"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens, "total_tokens": f.prompt_tokens + f.completion_tokens})
+    json!({
+        "prompt_tokens": f.prompt_tokens,
+        "completion_tokens": f.completion_tokens,
+        "total_tokens": f.prompt_tokens + f.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": f.cached_tokens},
+    })
 }
 
 fn extension(f: &Finish) -> Value {
