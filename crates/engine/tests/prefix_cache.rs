@@ -72,14 +72,16 @@ impl Engine {
         let model = DeepSeekLlm::load(&f.ckpt, DType::F32, &Device::Cpu, Shard::SINGLE, None)?;
         let kv = PagedKvConfig::for_tokens(8192, PagedKvConfig::DEFAULT_BLOCK_SIZE);
         let pool = model.kv_pool(kv)?;
-        let runner = ShardRunner::new(model, pool, Arc::new(LinkSet::Single), Duration::from_secs(30));
+        let runner =
+            ShardRunner::new(model, pool, Arc::new(LinkSet::Single), Duration::from_secs(30));
         let cfg = SchedulerConfig {
             max_num_seqs: 4,
             max_batched_tokens: 4096,
             max_positions: 16384,
             max_step_stretch: None,
         };
-        let blocks = BlockManager::new(kv.num_blocks, kv.block_size).with_prefix_cache(prefix_cache);
+        let blocks =
+            BlockManager::new(kv.num_blocks, kv.block_size).with_prefix_cache(prefix_cache);
         Ok(Self { runner, sched: Scheduler::new(cfg, blocks) })
     }
 
@@ -150,9 +152,8 @@ impl Answer {
 fn golden_from_warm_cache(prefix: &str, case: &str, image: Option<Tensor>) -> Result<()> {
     let f = fixture()?;
     let ids = case_ids(&f, case)?;
-    let rows = image
-        .map(|r| ImageRows::for_image_tokens(&ids, f.tok.special().image, r))
-        .transpose()?;
+    let rows =
+        image.map(|r| ImageRows::for_image_tokens(&ids, f.tok.special().image, r)).transpose()?;
     let mut e = Engine::new(&f, true)?;
     let want = golden_ids(&f.lm[&format!("{prefix}.generated_ids")])?;
     let n = want.len();
