@@ -189,7 +189,7 @@ pub fn run(args: GatewayBenchArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         eprintln!("starting the cluster (redis, vision-encoder, decoder, gateway)…");
-        let cluster = Cluster::start(Options { vision_replicas: 1, tp: 1, redis: true, gateway_args: Vec::new() }).await?;
+        let cluster = Cluster::start(Options { vision_replicas: 1, tp: 1, redis: true, ..Options::default() }).await?;
         let mut c = clients(&cluster).await?;
         let kinds = [
             ("text", Request { image: None, text: "Hello! What can you do? Count: 1, 22, 333, 4444.".into() }),

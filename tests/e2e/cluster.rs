@@ -310,6 +310,7 @@ async fn keys_quotas_and_validation() -> Result<()> {
             "--tenant-requests-per-minute".into(),
             "3".into(),
         ],
+        ..Options::default()
     };
     let cluster = Cluster::start(opts).await?;
     let body =

@@ -147,6 +147,7 @@ async fn gateway_drains_open_streams_on_sigterm() -> Result<()> {
             "--drain-secs".into(),
             "60".into(),
         ],
+        ..Options::default()
     };
     let mut cluster = Cluster::start(opts).await?;
     let mut client = cluster.chat().await?;

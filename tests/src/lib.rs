@@ -90,15 +90,17 @@ pub struct Options {
     pub redis: bool,
     /// Extra gateway flags.
     pub gateway_args: Vec<String>,
+    /// Decoder groups (each of `tp` ranks).
+    pub decoder_groups: usize,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { vision_replicas: 2, tp: 2, redis: true, gateway_args: Vec::new() }
+        Self { vision_replicas: 2, tp: 2, redis: true, gateway_args: Vec::new(), decoder_groups: 1 }
     }
 }
 
-/// Gateway + vision replicas + one decoder group (+ Redis).
+/// Gateway + vision replicas + decoder groups (+ Redis).
 pub struct Cluster {
     /// The gateway (gRPC at `addr`).
     pub gateway: Svc,
@@ -106,8 +108,10 @@ pub struct Cluster {
     pub http: String,
     /// Vision replicas.
     pub vision: Vec<Svc>,
-    /// Decoder rank 0.
+    /// Decoder rank 0 (of the first group).
     pub decoder: Svc,
+    /// Rank 0 of the other decoder groups.
+    pub more_decoders: Vec<Svc>,
     /// Shared cache, when asked for.
     pub redis: Option<RedisServer>,
 }
@@ -122,24 +126,31 @@ impl Cluster {
         for _ in 0..opts.vision_replicas {
             vision.push(Svc::spawn("dsvl-vision", "--listen", redis_flags.clone())?);
         }
-        let mut dec_args = vec![
-            "--tp".to_string(),
-            opts.tp.to_string(),
-            "--rendezvous-port".into(),
-            free_port().to_string(),
-        ];
-        dec_args.extend(redis_flags.clone());
-        let mut decoder = Svc::spawn("dsvl-decoder", "--listen", dec_args)?;
+        let mut decoders = Vec::new();
+        for _ in 0..opts.decoder_groups.max(1) {
+            let mut dec_args = vec![
+                "--tp".to_string(),
+                opts.tp.to_string(),
+                "--rendezvous-port".into(),
+                free_port().to_string(),
+            ];
+            dec_args.extend(redis_flags.clone());
+            decoders.push(Svc::spawn("dsvl-decoder", "--listen", dec_args)?);
+        }
         for v in &mut vision {
             v.wait_serving("dsvl.internal.v1.VisionEncoder", Duration::from_secs(120)).await?;
         }
-        decoder.wait_serving("dsvl.internal.v1.Decoder", Duration::from_secs(120)).await?;
+        for d in &mut decoders {
+            d.wait_serving("dsvl.internal.v1.Decoder", Duration::from_secs(120)).await?;
+        }
+        let decoder_addrs = decoders.iter().map(|d| d.addr.clone()).collect::<Vec<_>>().join(",");
+        let decoder = decoders.remove(0);
         let http = format!("127.0.0.1:{}", free_port());
         let mut args = vec![
             "--http-listen".to_string(),
             http.clone(),
             "--decoder".into(),
-            decoder.addr.clone(),
+            decoder_addrs,
             "--refresh-secs".into(),
             "1".into(),
         ];
@@ -153,7 +164,7 @@ impl Cluster {
         args.extend(opts.gateway_args);
         let mut gateway = Svc::spawn("dsvl-gateway", "--grpc-listen", args)?;
         gateway.wait_serving("dsvl.v1.Chat", Duration::from_secs(60)).await?;
-        Ok(Self { gateway, http, vision, decoder, redis })
+        Ok(Self { gateway, http, vision, decoder, more_decoders: decoders, redis })
     }
 
     /// A gRPC Chat client.

@@ -36,6 +36,11 @@ pub fn image_key_hash(key: &[u8]) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
+/// The content key of an image embedding carried inline (no cache key): its bytes' BLAKE3.
+pub fn inline_image_key(data: &[u8]) -> [u8; 32] {
+    image_key_hash(blake3::hash(data).as_bytes())
+}
+
 /// The parent of a prompt's first block: a function of the tenant's cache salt only.
 pub fn root_hash(salt: &[u8]) -> BlockHash {
     let mut h = blake3::Hasher::new();

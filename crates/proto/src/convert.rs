@@ -114,6 +114,32 @@ pub fn asks_to_reencode(status: &tonic::Status) -> bool {
         })
 }
 
+/// The prefix-cache spans of a request's images ([`dsvl_core::prefix`]): each slot's run of
+/// `tokens_per_image` positions, keyed by its embedding-cache key, or for an inline embedding
+/// by its bytes. The decoder caches KV blocks under these and the gateway routes by them, so
+/// both read them here. Sorted by position.
+pub fn prefix_spans(
+    slots: &[internal::ImageSlot],
+    tokens_per_image: usize,
+) -> Vec<dsvl_core::prefix::ImageSpan> {
+    use dsvl_core::prefix::{image_key_hash, inline_image_key, ImageSpan};
+    use internal::image_slot::Embedding as Source;
+    let mut spans: Vec<ImageSpan> = slots
+        .iter()
+        .map(|s| ImageSpan {
+            start: s.position as usize,
+            len: tokens_per_image,
+            key: match &s.embedding {
+                Some(Source::Ref(r)) => image_key_hash(r.key.as_bytes()),
+                Some(Source::Inline(e)) => inline_image_key(&e.data),
+                None => image_key_hash(b""),
+            },
+        })
+        .collect();
+    spans.sort_by_key(|s| s.start);
+    spans
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

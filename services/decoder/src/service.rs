@@ -6,14 +6,13 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use dsvl_cache::RedisCache;
-use dsvl_core::prefix::{image_key_hash, ImageSpan};
+use dsvl_core::prefix::ImageSpan;
 use dsvl_engine::engine::EngineHandle;
 use dsvl_engine::scheduler::{Event, NewRequest, PrefixKey};
 use dsvl_engine::{FinishReason, SamplingParams};
 use dsvl_models::llm::ImageRows;
 use dsvl_proto::internal::decoder_server::Decoder;
 use dsvl_proto::internal::generate_response::Event as Out;
-use dsvl_proto::internal::image_slot::Embedding as Source;
 use dsvl_proto::internal::{
     FinishEvent, GenerateRequest, GenerateResponse, LoadRequest, LoadResponse, TokenEvent, Usage,
 };
@@ -136,17 +135,7 @@ impl Ready {
                 slots.len()
             )));
         }
-        let spans = slots
-            .iter()
-            .map(|s| {
-                let key = match &s.embedding {
-                    Some(Source::Ref(r)) => image_key_hash(r.key.as_bytes()),
-                    Some(Source::Inline(e)) => image_key_hash(blake3::hash(&e.data).as_bytes()),
-                    None => image_key_hash(b""),
-                };
-                ImageSpan { start: s.position as usize, len: k, key }
-            })
-            .collect();
+        let spans = dsvl_proto::convert::prefix_spans(&slots, k);
         let rows = embeddings::fetch(&slots, &self.info, cache, self.info.dtype).await?;
         let rows = Tensor::cat(&rows, 0).map_err(|e| ServiceError::Internal(e.to_string()))?;
         Ok(Some((ImageRows { positions, rows }, spans)))

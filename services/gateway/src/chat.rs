@@ -20,8 +20,11 @@ use tokio::sync::mpsc;
 use tonic::{Code, Streaming};
 use tracing::Instrument;
 
+use dsvl_core::prefix::BlockHash;
+
 use crate::error::GatewayError;
 use crate::images::MAX_UPSTREAM_MESSAGE;
+use crate::prefix_route::{self, RouteKey};
 use crate::prepare::{prepare, ChatInput, Prepared};
 use crate::stops::StopText;
 use crate::tenancy::{Refusal, Tenant};
@@ -270,19 +273,49 @@ impl Gateway {
         Ok(rx)
     }
 
-    /// Opens a decoder stream on the least-loaded usable group and waits for its first token.
+    /// The usable decoder groups in the order to try them, each with the prompt's block
+    /// hashes at its block size: least outstanding work first, except that with prefix-aware
+    /// routing the group holding the longest prefix goes first unless it is much busier.
+    fn decoder_order(&self, request: &GenerateRequest) -> Vec<(Arc<Replica>, Vec<BlockHash>)> {
+        let groups: Vec<Arc<Replica>> =
+            self.decoder.by_least_work().into_iter().filter(|r| r.usable()).collect();
+        let key = RouteKey {
+            salt: request.cache_salt.to_vec(),
+            tokens: request.prompt_token_ids.clone(),
+            images: dsvl_proto::convert::prefix_spans(&request.images, self.model.image_tokens),
+        };
+        let hashes = prefix_route::hashes_by_group(&key, &groups);
+        let mut order: Vec<_> = groups.into_iter().zip(hashes).collect();
+        if let Some(imbalance) = self.config.prefix_routing.filter(|_| order.len() > 1) {
+            let work: Vec<usize> = order.iter().map(|(r, _)| self.decoder.work(r)).collect();
+            let matched: Vec<usize> = order
+                .iter()
+                .map(|(r, h)| {
+                    r.prefix.lock().expect("prefix lock poisoned. This is a bug.").matched(h)
+                })
+                .collect();
+            let (first, why) = prefix_route::choose(&work, &matched, imbalance);
+            metrics::counter!("dsvl_gateway_prefix_routes_total", "choice" => why.label())
+                .increment(1);
+            let chosen = order.remove(first);
+            order.insert(0, chosen);
+        }
+        order
+    }
+
+    /// Opens a decoder stream on the group [`Self::decoder_order`] puts first (the next ones
+    /// on retryable failures) and waits for its first token.
     async fn open_decoder(
         &self,
         request: &GenerateRequest,
         deadline: Instant,
     ) -> Result<Opened, OpenError> {
         let routing = Instant::now();
-        let candidates: Vec<Arc<Replica>> =
-            self.decoder.by_least_work().into_iter().filter(|r| r.usable()).collect();
+        let candidates = self.decoder_order(request);
         metrics::histogram!("dsvl_gateway_routing_seconds", "tier" => "decoder")
             .record(routing.elapsed().as_secs_f64());
         let mut last = GatewayError::Unavailable("no healthy decoder group".into());
-        for (attempt, r) in candidates.into_iter().enumerate() {
+        for (attempt, (r, hashes)) in candidates.into_iter().enumerate() {
             if attempt > 0 {
                 if !self.decoder_retries.withdraw() {
                     break;
@@ -309,6 +342,8 @@ impl Gateway {
                 Err(_) => return Err(OpenError::Fatal(deadline_error("the decoder's prefill"))),
                 Ok(Ok((stream, Some(first)))) => {
                     r.breaker.success();
+                    // The group now holds (or soon will) this prompt's blocks.
+                    r.prefix.lock().expect("prefix lock poisoned. This is a bug.").insert(&hashes);
                     let first_token_seconds = t.elapsed().as_secs_f64();
                     metrics::histogram!("dsvl_upstream_latency_seconds", "tier" => "decoder")
                         .record(first_token_seconds);

@@ -76,6 +76,14 @@ pub struct Args {
     /// Deadline of a request without one, in seconds.
     #[arg(long, env = "DSVL_REQUEST_TIMEOUT_SECS", default_value_t = 300)]
     pub request_timeout_secs: u64,
+    /// How requests pick a decoder group: `prefix` (the group most likely to hold the prompt's
+    /// KV blocks in its prefix cache, unless it is much busier) or `least-work`.
+    #[arg(long, env = "DSVL_DECODER_ROUTING", default_value = "prefix", value_parser = ["prefix", "least-work"])]
+    pub decoder_routing: String,
+    /// With prefix routing, the group holding the longest prefix is skipped for the least
+    /// loaded one when it has more than this many more sequences outstanding.
+    #[arg(long, env = "DSVL_PREFIX_ROUTING_MAX_IMBALANCE", default_value_t = 8)]
+    pub prefix_routing_max_imbalance: usize,
     /// Seconds between endpoint re-resolution and load polls.
     #[arg(long, env = "DSVL_REFRESH_SECS", default_value_t = 2)]
     pub refresh_secs: u64,
@@ -118,6 +126,8 @@ pub struct GatewayConfig {
     pub max_prompt_tokens: usize,
     /// Most new tokens.
     pub max_new_tokens: u32,
+    /// Prefix-aware decoder routing and its imbalance threshold (`None`: least work).
+    pub prefix_routing: Option<usize>,
     /// Hosts image URLs may come from.
     pub image_url_allow: Vec<String>,
     /// Default deadline.
@@ -199,6 +209,8 @@ impl TryFrom<&Args> for GatewayConfig {
             max_image_bytes: a.max_image_mib << 20,
             max_prompt_tokens: a.max_prompt_tokens,
             max_new_tokens: a.max_new_tokens.max(1),
+            prefix_routing: (a.decoder_routing == "prefix")
+                .then_some(a.prefix_routing_max_imbalance),
             image_url_allow: a.image_url_allow.iter().filter(|h| !h.is_empty()).cloned().collect(),
             request_timeout: Duration::from_secs(a.request_timeout_secs),
             refresh: Duration::from_secs(a.refresh_secs.max(1)),

@@ -2,7 +2,8 @@
 //! HTTP API until a shutdown future resolves; `main.rs` parses flags and sets up telemetry.
 //!
 //! Layout: [`config`] (flags), [`tenancy`] (keys, quotas, cache salt), [`upstream`] (replica
-//! pools, health, routing, retry budget), [`prepare`] (validation, template, tokenization),
+//! pools, health, least-work and rendezvous routing, retry budget), [`prefix_route`]
+//! (prefix-aware decoder routing), [`prepare`] (validation, template, tokenization),
 //! [`images`] (vision stage), [`chat`] (decoder stage and streaming), [`stops`], [`fetch`]
 //! (image URLs), [`grpc`] and [`http`] (the two front ends), [`error`] (status mappings).
 #![deny(missing_docs)]
@@ -14,6 +15,7 @@ pub mod fetch;
 pub mod grpc;
 pub mod http;
 pub mod images;
+pub mod prefix_route;
 pub mod prepare;
 pub mod served;
 pub mod stops;

@@ -16,6 +16,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+use crate::prefix_route::PrefixRecord;
+
 /// Which tier a pool talks to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tier {
@@ -48,6 +50,8 @@ pub struct Replica {
     pub healthy: AtomicBool,
     /// Last `Load` report (decoders).
     pub load: Mutex<Option<LoadResponse>>,
+    /// The prompts' block hashes this gateway sent here (decoders, prefix-aware routing).
+    pub prefix: Mutex<PrefixRecord>,
 }
 
 impl Replica {
@@ -68,6 +72,7 @@ impl Replica {
             inflight: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
             load: Mutex::new(None),
+            prefix: Mutex::new(PrefixRecord::default()),
         })
     }
 
@@ -193,15 +198,21 @@ impl Pool {
         rs
     }
 
-    /// Decoder: usable replicas ordered by outstanding work (this gateway's in-flight requests
-    /// plus the group's reported waiting and running sequences), then KV usage.
+    /// Decoder: a group's outstanding work, in sequences: this gateway's requests in flight
+    /// there plus the group's last reported waiting and running sequences.
+    pub fn work(&self, r: &Replica) -> usize {
+        let l = (*r.load.lock().expect("load lock poisoned. This is a bug.")).unwrap_or_default();
+        r.inflight.load(Ordering::SeqCst) + (l.waiting + l.running) as usize
+    }
+
+    /// Decoder: usable replicas ordered by outstanding work ([`Self::work`]), then KV usage.
     pub fn by_least_work(&self) -> Vec<Arc<Replica>> {
         let mut rs: Vec<_> = self.replicas();
         rs.sort_by_key(|r| {
             let l =
                 (*r.load.lock().expect("load lock poisoned. This is a bug.")).unwrap_or_default();
             let kv = (1000 * l.kv_blocks_used).checked_div(l.kv_blocks_total).unwrap_or(0);
-            (!r.usable(), r.inflight.load(Ordering::SeqCst) + (l.waiting + l.running) as usize, kv)
+            (!r.usable(), self.work(r), kv)
         });
         rs
     }
