@@ -1,35 +1,40 @@
 //! `dsvl-bench decoder`: prefill and decode tokens/s of the DeepSeek LLM decoder at the
-//! DeepSeek-VL-1.3B language-model dimensions (random weights, f32, CPU), alternating rounds
-//! with `transformers`' `LlamaForCausalLM`; and, with `--tp 2`, the same group split over two
-//! rank processes on loopback (the TCP communicator's overhead).
+//! DeepSeek-VL-1.3B language-model dimensions (random weights, f32, CPU by default), alternating
+//! rounds with `transformers`' `LlamaForCausalLM`; and, with `--tp 2`, the same group split over
+//! two rank processes on loopback (the TCP communicator's overhead). With `--dims vl-7b --device
+//! cuda:N --dtype bf16 --no-reference --json` it is the decoder step of `scripts/gpu-check`: one
+//! JSON line per batch size with tokens/s and the share of the HBM roofline (see `roofline.rs`).
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device};
 use clap::Args;
+use dsvl_core::{DeviceSpec, WeightDType};
 use dsvl_engine::group::{
-    kv_from_welcome, lead_group, run_worker, with_kv_pool, GroupTimeouts, LocalWorkers, RankLaunch,
+    device_for, kv_from_welcome, lead_group, run_worker, with_kv_pool, GroupTimeouts, LocalWorkers,
+    RankLaunch,
 };
+use dsvl_models::device::{candle_dtype, open_device};
 use dsvl_models::llm::{
     DeepSeekLlm, LlmConfig, PagedKvConfig, SeqChunk, Shard, ShardRunner, StepPlan,
 };
 use dsvl_parallel::GroupSpec;
 use serde_json::json;
 
+use crate::dims::Dims;
 use crate::random;
-use crate::reference::{print_table, Reference, Row};
+use crate::reference::{median, print_table, Reference, Row};
+use crate::roofline::{
+    decoder_flops_per_token, decoder_weight_params, kv_bytes_per_token_all, Peak,
+};
 
 const TAG: &str = "dsvl-bench-decoder";
 
 /// The VL-1.3B language model's config.
 pub fn vl13b_lm_config() -> Result<LlmConfig> {
-    Ok(LlmConfig::from_json(
-        json!({"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 24, "num_attention_heads": 16,
-               "num_key_value_heads": 16, "vocab_size": 102400, "max_position_embeddings": 16384}),
-        "",
-    )?)
+    Dims::Vl13b.lm_config()
 }
 
 /// Arguments of `dsvl-bench decoder`.
@@ -53,6 +58,18 @@ pub struct DecoderArgs {
     /// Skip the PyTorch reference.
     #[arg(long)]
     no_reference: bool,
+    /// Language-model dimensions (random weights).
+    #[arg(long, value_enum, default_value = "vl-1.3b")]
+    dims: Dims,
+    /// Working dtype (weights, activations, KV cache).
+    #[arg(long, default_value = "f32")]
+    dtype: WeightDType,
+    /// Device of rank 0 (cpu or cuda:N; rank i uses cuda:N+i).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// One JSON object per batch size (tokens/s, bytes per step, HBM share on CUDA).
+    #[arg(long)]
+    json: bool,
 }
 
 /// Arguments of the hidden worker rank.
@@ -64,13 +81,17 @@ pub struct WorkerArgs {
     rank: usize,
     #[arg(long)]
     world_size: usize,
-    /// `RankLaunch`'s convention (this benchmark runs on the CPU only).
+    /// `RankLaunch`'s convention: the node's base device and this rank's offset from it.
     #[arg(long, default_value_t = 0)]
     local_rank: usize,
     #[arg(long, default_value = "cpu")]
-    device: dsvl_core::DeviceSpec,
+    device: DeviceSpec,
     #[arg(long)]
     die_with_parent: bool,
+    #[arg(long, value_enum, default_value = "vl-1.3b")]
+    dims: Dims,
+    #[arg(long, default_value = "f32")]
+    dtype: WeightDType,
 }
 
 fn spec(world: usize, rank: usize, leader: &str) -> GroupSpec {
@@ -86,25 +107,20 @@ fn spec(world: usize, rank: usize, leader: &str) -> GroupSpec {
 
 /// Runs a worker rank with random weights.
 pub fn worker(args: WorkerArgs) -> Result<()> {
-    let cfg = vl13b_lm_config()?;
+    let cfg = args.dims.lm_config()?;
     let shard = Shard { rank: args.rank, world: args.world_size };
     if args.die_with_parent {
         dsvl_engine::group::die_with_parent();
     }
-    anyhow::ensure!(
-        dsvl_engine::group::device_for(args.device, args.local_rank) == dsvl_core::DeviceSpec::Cpu,
-        "the decoder benchmark runs on the CPU"
-    );
+    let device = open_device(device_for(args.device, args.local_rank))?;
+    let dtype = candle_dtype(args.dtype);
     run_worker(
         &spec(args.world_size, args.rank, &args.leader),
         GroupTimeouts::default(),
-        &Device::Cpu,
+        &device,
         |extra| {
             let kv = kv_from_welcome(extra)?;
-            with_kv_pool(
-                DeepSeekLlm::new(&cfg, shard, random::var_builder(DType::F32, &Device::Cpu))?,
-                kv,
-            )
+            with_kv_pool(DeepSeekLlm::new(&cfg, shard, random::var_builder(dtype, &device))?, kv)
         },
     )?;
     Ok(())
@@ -138,6 +154,21 @@ pub fn chunks(
         .collect()
 }
 
+/// `chunks`' token ids folded into the model's vocabulary (the tiny model has 1,024 ids; the
+/// VL presets' 102,400 leave them unchanged).
+fn in_vocab(runner: &ShardRunner, mut plan: Vec<SeqChunk>) -> Vec<SeqChunk> {
+    let vocab = runner.model().config().vocab_size as u32;
+    for c in &mut plan {
+        c.tokens.iter_mut().for_each(|t| *t %= vocab);
+    }
+    plan
+}
+
+/// The leader's device (GPU work is asynchronous: timings synchronise with it).
+fn runner_device(runner: &ShardRunner) -> Device {
+    runner.model().device().clone()
+}
+
 /// Prefill tokens/s for `batch` fresh sequences of `len` tokens.
 fn prefill(
     runner: &mut ShardRunner,
@@ -146,11 +177,14 @@ fn prefill(
     seq0: u64,
     per_seq: usize,
 ) -> Result<f64> {
+    let device = runner_device(runner);
+    device.synchronize()?;
     let t = Instant::now();
     runner.lead_step(&StepPlan {
-        chunks: chunks(batch, len, 0, seq0, 0, per_seq),
+        chunks: in_vocab(runner, chunks(batch, len, 0, seq0, 0, per_seq)),
         ..Default::default()
     })?;
+    device.synchronize()?;
     let tps = (batch * len) as f64 / t.elapsed().as_secs_f64();
     runner.lead_step(&StepPlan {
         free: (seq0..seq0 + batch as u64).collect(),
@@ -169,16 +203,19 @@ fn decode(
     per_seq: usize,
 ) -> Result<(f64, f64)> {
     runner.lead_step(&StepPlan {
-        chunks: chunks(batch, len, 0, seq0, 0, per_seq),
+        chunks: in_vocab(runner, chunks(batch, len, 0, seq0, 0, per_seq)),
         ..Default::default()
     })?;
+    let device = runner_device(runner);
+    device.synchronize()?;
     let t = Instant::now();
     for s in 0..steps {
         runner.lead_step(&StepPlan {
-            chunks: chunks(batch, 1, len + s, seq0, s as u64 + 1, per_seq),
+            chunks: in_vocab(runner, chunks(batch, 1, len + s, seq0, s as u64 + 1, per_seq)),
             ..Default::default()
         })?;
     }
+    device.synchronize()?;
     let secs = t.elapsed().as_secs_f64();
     runner.lead_step(&StepPlan {
         free: (seq0..seq0 + batch as u64).collect(),
@@ -189,8 +226,17 @@ fn decode(
 
 /// Runs the benchmark.
 pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
-    let cfg = vl13b_lm_config()?;
+    ensure!(args.rounds > 0 && args.steps > 0 && !args.batches.is_empty(), "empty measurement");
+    let cfg = args.dims.lm_config()?;
     cfg.check_tensor_parallel(args.tp)?;
+    let dtype = candle_dtype(args.dtype);
+    let with_reference = !args.no_reference && args.tp == 1;
+    ensure!(
+        !with_reference
+            || (args.dims == Dims::Vl13b && dtype == DType::F32 && args.device == DeviceSpec::Cpu),
+        "the PyTorch reference runs at vl-1.3b dimensions, f32, on the CPU: add --no-reference"
+    );
+    let device = open_device(args.device)?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
     let exe = std::env::current_exe()?;
@@ -199,8 +245,13 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
         mode: vec!["--threads".into(), threads.to_string(), "decoder-worker".into()],
         leader: addr.clone(),
         world: args.tp,
-        base_device: dsvl_core::DeviceSpec::Cpu,
-        extra: vec![],
+        base_device: args.device,
+        extra: vec![
+            "--dims".into(),
+            args.dims.name().into(),
+            "--dtype".into(),
+            args.dtype.to_string(),
+        ],
     }
     .commands(0, args.tp);
     let _workers = LocalWorkers::spawn(commands).context("cannot start worker ranks")?;
@@ -214,18 +265,13 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
         &spec(args.tp, 0, &addr),
         GroupTimeouts::default(),
         json!({ "kv": kv }),
-        &Device::Cpu,
-        || {
-            with_kv_pool(
-                DeepSeekLlm::new(&cfg, shard, random::var_builder(DType::F32, &Device::Cpu))?,
-                kv,
-            )
-        },
+        &device,
+        || with_kv_pool(DeepSeekLlm::new(&cfg, shard, random::var_builder(dtype, &device))?, kv),
     )?;
-    let mut reference = if args.no_reference || args.tp > 1 {
-        None
-    } else {
+    let mut reference = if with_reference {
         Some(Reference::start("decoder_reference.py", &["--threads".into(), threads.to_string()])?)
+    } else {
+        None
     };
     prefill(&mut runner, 1, 16, 1_000_000, per_seq)?; // warm-up
 
@@ -263,13 +309,27 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
             }
             eprintln!("batch {b}: round {}/{} done", round + 1, args.rounds);
         }
-        step_ms.push((b, crate::reference::median(ms)));
+        step_ms.push((b, median(ms)));
         rows.push(pre);
         rows.push(dec);
     }
     runner.shutdown();
+    if args.json {
+        for (i, &(b, ms)) in step_ms.iter().enumerate() {
+            let (pre, dec) =
+                (median(rows[2 * i].ours.clone()), median(rows[2 * i + 1].ours.clone()));
+            println!("{}", figures(&args, &cfg, b, [ms, pre, dec]));
+        }
+        return Ok(());
+    }
     print_table(
-        &format!("DeepSeek LLM decoder at VL-1.3B dims, f32, CPU, TP {} x {threads} threads (random weights)", args.tp),
+        &format!(
+            "DeepSeek LLM decoder at {} dims, {}, {}, TP {} x {threads} threads (random weights)",
+            args.dims.name(),
+            args.dtype,
+            args.device,
+            args.tp
+        ),
         &rows,
     );
     for (b, ms) in step_ms {
@@ -282,4 +342,35 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// One batch size's JSON line: tokens/s, and what a decode step moves (weights + the KV it
+/// reads) against the HBM roofline, and prefill FLOPs against the peak (CUDA only).
+fn figures(
+    args: &DecoderArgs,
+    cfg: &LlmConfig,
+    batch: usize,
+    times: [f64; 3],
+) -> serde_json::Value {
+    let [step_ms, prefill_tps, decode_tps] = times;
+    let dtype = candle_dtype(args.dtype);
+    let peak = Peak::for_device(args.device != DeviceSpec::Cpu, dtype);
+    // Step s of the timed decode attends to prompt_len + s + 1 positions.
+    let context = args.prompt_len as f64 + (args.steps as f64 + 1.0) / 2.0;
+    let weight_bytes = decoder_weight_params(cfg) * dtype.size_in_bytes() as f64;
+    let kv_bytes = batch as f64 * context * kv_bytes_per_token_all(cfg, dtype);
+    let bytes_per_s = (weight_bytes + kv_bytes) / (step_ms / 1e3);
+    // A causal prompt's tokens attend to half of it on average.
+    let prefill_flops_per_s =
+        prefill_tps * decoder_flops_per_token(cfg, args.prompt_len as f64 / 2.0);
+    json!({
+        "bench": "decoder", "dims": args.dims.name(), "device": args.device.to_string(),
+        "dtype": args.dtype.to_string(), "tp": args.tp, "batch": batch,
+        "prompt_len": args.prompt_len, "steps": args.steps, "rounds": args.rounds,
+        "prefill_tokens_per_s": prefill_tps, "decode_tokens_per_s": decode_tps,
+        "decode_step_ms": step_ms, "weight_gb": weight_bytes / 1e9,
+        "kv_gb_read_per_step": kv_bytes / 1e9, "achieved_gb_per_s": bytes_per_s / 1e9,
+        "hbm_roofline_share": Peak::hbm_share(peak, bytes_per_s),
+        "prefill_mfu": Peak::mfu(peak, prefill_flops_per_s),
+    })
 }

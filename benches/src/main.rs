@@ -4,9 +4,15 @@
 
 mod decoder;
 mod decoder_service;
+mod dims;
 mod gateway;
+mod gpu_summary;
+mod parity;
+mod parity_cli;
+mod prefix_cache;
 mod random;
 mod reference;
+mod roofline;
 mod step;
 mod vision;
 mod vision_service;
@@ -40,10 +46,17 @@ enum Command {
     VisionService(vision_service::ServiceArgs),
     /// Decoder engine: tokens/s at 1/4/16 concurrent streams, TTFT and ITL percentiles.
     DecoderService(decoder_service::ServiceArgs),
+    /// Multi-turn image conversations: TTFT per turn with the prefix cache on and off, and
+    /// the throughput of concurrent conversations.
+    PrefixCache(prefix_cache::PrefixArgs),
     /// One decode step's wall time at several batch sizes (per-sequence overhead).
     Step(step::StepArgs),
     /// Gateway overhead: the same requests through the gateway and straight to the tiers.
     Gateway(gateway::GatewayBenchArgs),
+    /// The tiny model against the golden tensors on any device and dtype (scripts/gpu-check).
+    Parity(parity::ParityArgs),
+    /// Summarises a `scripts/gpu-check` output folder into summary.json (used by the script).
+    GpuCheckSummary(gpu_summary::SummaryArgs),
     /// A worker rank of `decoder --tp N` (internal).
     #[command(hide = true)]
     DecoderWorker(decoder::WorkerArgs),
@@ -64,6 +77,9 @@ fn main() -> Result<()> {
         Command::DecoderService(args) => decoder_service::run(args, cli.threads),
         Command::Gateway(args) => gateway::run(args),
         Command::Step(args) => step::run(args),
+        Command::PrefixCache(args) => prefix_cache::run(args, cli.threads),
+        Command::Parity(args) => parity::run(args),
+        Command::GpuCheckSummary(args) => gpu_summary::run(args),
         Command::DecoderWorker(args) => decoder::worker(args),
     }
 }

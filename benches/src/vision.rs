@@ -1,20 +1,23 @@
 //! `dsvl-bench vision`: preprocessing images/s on the bundled images, and encoder + aligner
-//! images/s at the real DeepSeek-VL-7B dimensions (random weights, f32, CPU) at several batch
-//! sizes, alternating rounds with the PyTorch reference.
+//! images/s at the real DeepSeek-VL-7B dimensions (random weights, f32, CPU by default) at
+//! several batch sizes, alternating rounds with the PyTorch reference. With `--device cuda:N
+//! --dtype bf16 --no-reference --json` it is the vision step of `scripts/gpu-check`: one JSON
+//! line per batch size with images/s and the model FLOP utilisation (see `roofline.rs`).
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use dsvl_core::ImageLimits;
+use dsvl_core::{DeviceSpec, ImageLimits, WeightDType};
+use dsvl_models::device::{candle_dtype, open_device};
 use dsvl_models::preprocess::Preprocessor;
-use dsvl_models::vision::config::{AlignerConfig, ComponentConfig, TowerConfig};
 use dsvl_models::vision::VisionEncoder;
 use serde_json::json;
 
-use crate::random;
-use crate::reference::{print_table, repo_root, Reference, Row};
+use crate::dims::Dims;
+use crate::reference::{median, print_table, repo_root, Reference, Row};
+use crate::roofline::{vision_flops_per_image, Peak};
 
 /// Arguments of `dsvl-bench vision`.
 #[derive(Args)]
@@ -25,12 +28,24 @@ pub struct VisionArgs {
     /// Alternating rounds per measurement (medians are reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// Seconds per preprocessing round.
+    /// Seconds per preprocessing round (0: no preprocessing measurement).
     #[arg(long, default_value_t = 2.0)]
     preprocess_seconds: f64,
     /// Skip the PyTorch reference.
     #[arg(long)]
     no_reference: bool,
+    /// Model dimensions (random weights): vl-7b or tiny.
+    #[arg(long, value_enum, default_value = "vl-7b")]
+    dims: Dims,
+    /// Working dtype.
+    #[arg(long, default_value = "f32")]
+    dtype: WeightDType,
+    /// Device (cpu or cuda:N).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    /// One JSON object per batch size (images/s, FLOPs, MFU on CUDA) instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 fn images() -> Vec<std::path::PathBuf> {
@@ -40,64 +55,91 @@ fn images() -> Vec<std::path::PathBuf> {
 
 /// Builds the VL-7B vision tower with random weights.
 pub fn vl7b_encoder(dtype: DType, device: &Device) -> Result<VisionEncoder> {
-    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(
-        repo_root().join("benches/configs/deepseek-vl-7b-chat.json"),
-    )?)?;
-    let tower = TowerConfig::resolve(&serde_json::from_value::<ComponentConfig>(
-        config["vision_config"].clone(),
-    )?)?;
-    let aligner = AlignerConfig::resolve(&serde_json::from_value::<ComponentConfig>(
-        config["aligner_config"].clone(),
-    )?)?;
-    let pre_cfg =
-        serde_json::from_slice(include_bytes!("../../assets/tiny-dsvl/preprocessor_config.json"))?;
-    Ok(VisionEncoder::new(tower, aligner, pre_cfg, random::var_builder(dtype, device))?)
+    Dims::Vl7b.vision_encoder(dtype, device)
 }
 
-/// Runs the benchmark and prints the table.
+/// Runs the benchmark and prints the table (or JSON lines).
 pub fn run(args: VisionArgs, threads: usize) -> Result<()> {
-    let mut reference = if args.no_reference {
-        None
-    } else {
+    ensure!(args.rounds > 0 && !args.batches.is_empty(), "--rounds and --batches must be given");
+    let dtype = candle_dtype(args.dtype);
+    let with_reference = !args.no_reference;
+    ensure!(
+        !with_reference
+            || (args.dims == Dims::Vl7b && dtype == DType::F32 && args.device == DeviceSpec::Cpu),
+        "the PyTorch reference runs at vl-7b dimensions, f32, on the CPU: add --no-reference"
+    );
+    let mut reference = if with_reference {
         let mut a = vec!["--threads".to_string(), threads.to_string(), "--images".into()];
         a.extend(images().iter().map(|p| p.display().to_string()));
         Some(Reference::start("vision_reference.py", &a)?)
+    } else {
+        None
     };
-    let device = Device::Cpu;
-    let encoder = vl7b_encoder(DType::F32, &device)?;
+    let device = open_device(args.device)?;
+    let (tower, aligner) = args.dims.vision()?;
+    let flops_per_image = vision_flops_per_image(&tower, &aligner);
+    let peak = Peak::for_device(device.is_cuda(), dtype);
+    let side = tower.image_size();
+    let encoder = args.dims.vision_encoder(dtype, &device)?;
     let pre = Preprocessor::new(encoder.preprocess_config().clone(), ImageLimits::default());
-    encoder.forward(&Tensor::rand(0f32, 1.0, (1, 3, 1024, 1024), &device)?)?; // warm-up
-    let files: Vec<Vec<u8>> = images().iter().map(std::fs::read).collect::<std::io::Result<_>>()?;
+    let pixels = |b: usize| Tensor::rand(0f32, 1.0, (b, 3, side, side), &device);
+    encoder.forward(&pixels(1)?)?; // warm-up
+    if device.is_cuda() {
+        // Kernel selection and the allocator's pools, per shape, before anything is timed.
+        for &b in &args.batches {
+            encoder.forward(&pixels(b)?)?;
+        }
+    }
+    device.synchronize()?;
+    let preprocess = args.preprocess_seconds > 0.0;
+    let files: Vec<Vec<u8>> = if preprocess {
+        images().iter().map(std::fs::read).collect::<std::io::Result<_>>()?
+    } else {
+        vec![]
+    };
 
-    let mut rows = vec![Row { name: "preprocess images/s".into(), ours: vec![], theirs: vec![] }];
+    let mut rows = Vec::new();
+    if preprocess {
+        rows.push(Row { name: "preprocess images/s".into(), ours: vec![], theirs: vec![] });
+    }
+    let first_encode = rows.len();
     rows.extend(args.batches.iter().map(|b| Row {
         name: format!("encode batch {b} images/s"),
         ours: vec![],
         theirs: vec![],
     }));
     for round in 0..args.rounds {
-        let (mut n, t0) = (0usize, Instant::now());
-        while t0.elapsed().as_secs_f64() < args.preprocess_seconds {
-            pre.preprocess_bytes(&files[n % files.len()])?;
-            n += 1;
-        }
-        rows[0].ours.push(n as f64 / t0.elapsed().as_secs_f64());
-        if let Some(r) = &mut reference {
-            rows[0].theirs.push(
-                r.call(json!({"op": "preprocess", "seconds": args.preprocess_seconds}))?
-                    ["images_per_s"]
-                    .as_f64()
-                    .unwrap_or(f64::NAN),
-            );
+        if preprocess {
+            let (mut n, t0) = (0usize, Instant::now());
+            while t0.elapsed().as_secs_f64() < args.preprocess_seconds {
+                pre.preprocess_bytes(&files[n % files.len()])?;
+                n += 1;
+            }
+            rows[0].ours.push(n as f64 / t0.elapsed().as_secs_f64());
+            if let Some(r) = &mut reference {
+                rows[0].theirs.push(
+                    r.call(json!({"op": "preprocess", "seconds": args.preprocess_seconds}))?
+                        ["images_per_s"]
+                        .as_f64()
+                        .unwrap_or(f64::NAN),
+                );
+            }
         }
         for (i, &b) in args.batches.iter().enumerate() {
-            let x = Tensor::rand(0f32, 1.0, (b, 3, 1024, 1024), &device)?;
+            let x = pixels(b)?;
+            device.synchronize()?;
             let t = Instant::now();
             let out = encoder.forward(&x)?;
-            anyhow::ensure!(out.dims() == [b, 576, 4096], "unexpected output {:?}", out.dims());
-            rows[i + 1].ours.push(b as f64 / t.elapsed().as_secs_f64());
+            device.synchronize()?;
+            let secs = t.elapsed().as_secs_f64();
+            ensure!(
+                out.dim(0)? == b && out.dim(2)? == aligner.n_embed,
+                "unexpected output {:?}",
+                out.dims()
+            );
+            rows[first_encode + i].ours.push(b as f64 / secs);
             if let Some(r) = &mut reference {
-                rows[i + 1].theirs.push(
+                rows[first_encode + i].theirs.push(
                     r.call(json!({"op": "encode", "batch": b}))?["images_per_s"]
                         .as_f64()
                         .unwrap_or(f64::NAN),
@@ -106,9 +148,26 @@ pub fn run(args: VisionArgs, threads: usize) -> Result<()> {
         }
         eprintln!("round {}/{} done", round + 1, args.rounds);
     }
+    if args.json {
+        for (row, &b) in rows[first_encode..].iter().zip(&args.batches) {
+            let images_per_s = median(row.ours.clone());
+            let flops_per_s = images_per_s * flops_per_image;
+            println!(
+                "{}",
+                json!({"bench": "vision", "dims": args.dims.name(), "device": args.device.to_string(),
+                       "dtype": args.dtype.to_string(), "batch": b, "rounds": args.rounds,
+                       "images_per_s": images_per_s, "gflop_per_image": flops_per_image / 1e9,
+                       "achieved_tflops": flops_per_s / 1e12, "mfu": Peak::mfu(peak, flops_per_s)})
+            );
+        }
+        return Ok(());
+    }
     print_table(
         &format!(
-            "DeepSeek-VL-7B vision tower + aligner, f32, CPU, {threads} threads (random weights)"
+            "DeepSeek-VL {} vision tower + aligner, {}, {}, {threads} threads (random weights)",
+            args.dims.name(),
+            args.dtype,
+            args.device
         ),
         &rows,
     );

@@ -49,7 +49,16 @@ async fn official_openai_client_works_unmodified() -> Result<()> {
     assert_eq!(v["finish_reason"], "length");
     assert_eq!(v["stream_finish_reason"], "length");
     assert_eq!(v["usage"]["completion_tokens"], want.len());
-    assert_eq!(v["stream_usage"], v["usage"]);
+    // The streamed request repeats the first: the official client reads the prefix cache's
+    // count (`usage.prompt_tokens_details.cached_tokens`), 0 the first time, then every whole
+    // 32-token block short of the prompt's last token.
+    let cached = |k: &str| v[k]["prompt_tokens_details"]["cached_tokens"].as_u64();
+    let prompt = v["usage"]["prompt_tokens"].as_u64().context("prompt_tokens")?;
+    assert_eq!(cached("usage"), Some(0));
+    assert_eq!(cached("stream_usage"), Some((prompt - 1) / 32 * 32));
+    for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(v["stream_usage"][k], v["usage"][k], "{k}");
+    }
     assert_eq!(v["bad_key"], 401);
     assert_eq!(v["remote_url"], 400);
     Ok(())
