@@ -132,6 +132,7 @@ impl Clients {
             max_new_tokens: prep.max_new_tokens,
             logprobs: false,
             cache_salt: Default::default(),
+            constraint: None,
         };
         let mut stream = self.decoder.generate(req).await?.into_inner();
         let mut n = 0;

@@ -2,6 +2,7 @@
 //! on the same machine and thread count, and report ratios. Results and commands are recorded
 //! in `benches/README.md`.
 
+mod constraint;
 mod decoder;
 mod decoder_service;
 mod dims;
@@ -46,6 +47,8 @@ enum Command {
     VisionService(vision_service::ServiceArgs),
     /// Decoder engine: tokens/s at 1/4/16 concurrent streams, TTFT and ITL percentiles.
     DecoderService(decoder_service::ServiceArgs),
+    /// Grammar mask cost per token of structured outputs (llguidance).
+    Constraint(constraint::ConstraintArgs),
     /// Multi-turn image conversations: TTFT per turn with the prefix cache on and off, and
     /// the throughput of concurrent conversations.
     PrefixCache(prefix_cache::PrefixArgs),
@@ -77,6 +80,7 @@ fn main() -> Result<()> {
         Command::DecoderService(args) => decoder_service::run(args, cli.threads),
         Command::Gateway(args) => gateway::run(args),
         Command::Step(args) => step::run(args),
+        Command::Constraint(args) => constraint::run(args),
         Command::PrefixCache(args) => prefix_cache::run(args, cli.threads),
         Command::Parity(args) => parity::run(args),
         Command::GpuCheckSummary(args) => gpu_summary::run(args),

@@ -106,6 +106,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         stop: args.stop.clone(),
         max_tokens: args.max_new_tokens,
         return_prompt_token_ids: args.json,
+        output_format: None,
     };
     tokio::runtime::Runtime::new()?.block_on(stream_chat(&args, request))
 }

@@ -113,6 +113,7 @@ pub fn generate(
         keep_logits: req.keep_logits,
         events: tx,
         prefix: Default::default(),
+        constraint: None,
     });
     let result = drive(exec, &mut sched, &mut rx, &req.stop_ids, on_token);
     // Free the sequence on every rank, however it ended.

@@ -6,6 +6,7 @@
 
 pub mod blocks;
 pub mod collectives;
+pub mod constraint;
 pub mod engine;
 pub mod generate;
 pub mod group;

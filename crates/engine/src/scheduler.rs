@@ -17,7 +17,7 @@
 //! [`BlockManager`] keeps released blocks until it needs them). At least the prompt's last
 //! token is always computed, since its logits choose the first new token.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
@@ -27,6 +27,7 @@ use dsvl_models::ModelError;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::blocks::BlockManager;
+use crate::constraint::Constraint;
 use crate::generate::{FinishReason, StepExecutor};
 use crate::sampler::{Rng, SamplingParams};
 use crate::select::{Ask, StepLogits};
@@ -147,6 +148,8 @@ pub struct NewRequest {
     pub events: UnboundedSender<Event>,
     /// The tenant and images its cached KV blocks are keyed by.
     pub prefix: PrefixKey,
+    /// A grammar the output must match (compiled by [`crate::constraint::ConstraintCompiler`]).
+    pub constraint: Option<Constraint>,
 }
 
 impl NewRequest {
@@ -169,6 +172,7 @@ impl NewRequest {
             keep_logits: false,
             events,
             prefix: PrefixKey::default(),
+            constraint: None,
         };
         (req, rx)
     }
@@ -629,7 +633,34 @@ impl Scheduler {
         let prefill_tokens: usize =
             plan.chunks.iter().map(|c| c.tokens.len()).sum::<usize>() - decodes;
         let started = Instant::now();
-        let logits = exec.step(&plan);
+        // Grammar masks of the constrained sequences that choose a token this step, computed
+        // on another thread while the model runs the step.
+        let choosing: Vec<usize> = work
+            .iter()
+            .filter(|&&(i, n)| {
+                let s = &self.running[i];
+                s.cached + n == s.tokens() && s.req.constraint.is_some()
+            })
+            .map(|&(i, _)| i)
+            .collect();
+        let (logits, mut masks) = if choosing.is_empty() {
+            (exec.step(&plan), HashMap::new())
+        } else {
+            let constraints: Vec<(usize, &mut Constraint)> = self
+                .running
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| choosing.contains(i))
+                .filter_map(|(i, s)| s.req.constraint.as_mut().map(|c| (i, c)))
+                .collect();
+            std::thread::scope(|scope| {
+                let masking = scope.spawn(move || {
+                    constraints.into_iter().map(|(i, c)| (i, c.mask())).collect::<HashMap<_, _>>()
+                });
+                let logits = exec.step(&plan);
+                (logits, masking.join().expect("the grammar mask thread panicked. This is a bug."))
+            })
+        };
         if let Some(stretch) = self.cfg.max_step_stretch {
             let secs = started.elapsed().as_secs_f64();
             self.pace.record(secs, prefill_tokens, budget.paced_used, decodes, stretch);
@@ -640,6 +671,7 @@ impl Scheduler {
 
         let now = Instant::now();
         let mut finished = Vec::new();
+        let mut failed = Vec::new();
         let mut sampled = 0u64;
         // Per chunk, in order, the rows its `LogitRows` asked for.
         let mut at = 0;
@@ -667,6 +699,15 @@ impl Scheduler {
                 let _ = s.req.events.send(Event::PromptLogits(Tensor::cat(&parts, 0)?));
             }
             sampled += 1;
+            let mask = match masks.remove(&i) {
+                Some(Err(e)) => {
+                    let _ = s.req.events.send(Event::Failed(Failure::Invalid(e.to_string())));
+                    failed.push(s.id);
+                    continue;
+                }
+                Some(Ok(m)) => Some(m),
+                None => None,
+            };
             let choice = step_logits.choose(
                 at - 1,
                 Ask {
@@ -675,9 +716,19 @@ impl Scheduler {
                     rng: &mut s.rng,
                     logprob: s.req.logprobs,
                     keep_row: s.req.keep_logits,
+                    mask: mask.as_ref(),
                 },
             )?;
             let (token, logprob, kept) = (choice.id, choice.logprob, choice.row);
+            let mut complete = false;
+            if let Some(c) = s.req.constraint.as_mut() {
+                if let Err(e) = c.consume(token) {
+                    let _ = s.req.events.send(Event::Failed(Failure::Invalid(e.to_string())));
+                    failed.push(s.id);
+                    continue;
+                }
+                complete = c.is_complete();
+            }
             s.generated.push(token);
             match s.last_token {
                 None => {
@@ -692,7 +743,7 @@ impl Scheduler {
             let cached_tokens = (s.generated.len() == 1).then_some(s.cached_tokens);
             let _ =
                 s.req.events.send(Event::Token { id: token, logprob, logits: kept, cached_tokens });
-            let reason = if s.req.stop_ids.contains(&token) {
+            let reason = if s.req.stop_ids.contains(&token) || complete {
                 Some(FinishReason::Stop)
             } else if s.generated.len() >= s.req.max_new_tokens
                 || s.cached + 1 >= self.cfg.max_positions
@@ -719,6 +770,11 @@ impl Scheduler {
             }
         }
         metrics::counter!("dsvl_decoder_generated_tokens_total").increment(sampled);
+        if !failed.is_empty() {
+            metrics::counter!("dsvl_decoder_requests_total", "outcome" => "grammar_error")
+                .increment(failed.len() as u64);
+            finished.extend(failed);
+        }
         if !finished.is_empty() {
             let (done, keep): (Vec<Seq>, Vec<Seq>) = std::mem::take(&mut self.running)
                 .into_iter()

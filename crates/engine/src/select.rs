@@ -7,6 +7,7 @@
 
 use candle_core::{DType, Tensor, D};
 
+use crate::constraint::Mask;
 use crate::sampler::{sample, Rng, SamplingParams};
 
 /// What a sequence's next token is chosen from, and how.
@@ -21,6 +22,8 @@ pub struct Ask<'a> {
     pub logprob: bool,
     /// Return the whole logits row (parity checks).
     pub keep_row: bool,
+    /// The tokens a grammar allows (others are set to minus infinity before choosing).
+    pub mask: Option<&'a Mask>,
 }
 
 /// The chosen token.
@@ -65,7 +68,7 @@ impl StepLogits {
     /// # Errors
     /// A device error reading the logits.
     pub fn choose(&mut self, row: usize, ask: Ask<'_>) -> candle_core::Result<Choice> {
-        if ask.params.is_greedy() && !ask.keep_row {
+        if ask.params.is_greedy() && !ask.keep_row && ask.mask.is_none() {
             if self.argmax.is_none() {
                 self.argmax = Some(self.logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
             }
@@ -84,7 +87,14 @@ impl StepLogits {
             return Ok(Choice { id, logprob, row: None });
         }
         let values = self.logits.get(row)?.to_vec1::<f32>()?;
-        let id = sample(&values, ask.params, ask.generated, ask.rng);
+        let id = match ask.mask {
+            None => sample(&values, ask.params, ask.generated, ask.rng),
+            Some(mask) => {
+                let mut allowed = values.clone();
+                mask.apply(&mut allowed);
+                sample(&allowed, ask.params, ask.generated, ask.rng)
+            }
+        };
         let logprob = ask.logprob.then(|| log_softmax_at(&values, id as usize));
         Ok(Choice { id, logprob, row: ask.keep_row.then_some(values) })
     }
@@ -110,6 +120,7 @@ mod tests {
                 rng: &mut rng,
                 logprob: true,
                 keep_row: false,
+                mask: None,
             };
             let c = step.choose(i, ask)?;
             assert_eq!(c.id, crate::sampler::argmax(r), "first index on ties");

@@ -4,6 +4,7 @@
 //! ranks of a group are split over `nodes` pods: each pod runs `tp / nodes` ranks, pod 0 holds
 //! rank 0.
 
+use dsvl_engine::constraint::ConstraintCompiler;
 use std::net::TcpListener;
 use std::process::Command;
 
@@ -44,6 +45,8 @@ pub struct ModelInfo {
     pub dtype: candle_core::DType,
     /// Tokens per KV block (the granularity of prefix-cache hashes).
     pub block_size: usize,
+    /// Compiles requests' grammars (structured outputs) for this tokenizer and vocabulary.
+    pub constraints: ConstraintCompiler,
 }
 
 fn source(model: &Option<std::path::PathBuf>) -> ModelSource {
@@ -205,6 +208,12 @@ pub fn build_leader(
         tp: cfg.tp,
         dtype,
         block_size: kv.block_size,
+        constraints: ConstraintCompiler::from_tokenizer_json(
+            &ckpt.read_file("tokenizer.json")?.unwrap_or_default(),
+            c.vocab_size,
+            facts.tokenizer.special().eos,
+        )
+        .map_err(|e| ModelError::InvalidInput(e.to_string()))?,
     };
     let sched = Scheduler::new(
         SchedulerConfig {

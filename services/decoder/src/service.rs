@@ -7,6 +7,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use dsvl_cache::RedisCache;
 use dsvl_core::prefix::ImageSpan;
+use dsvl_engine::constraint::{Constraint, Grammar};
 use dsvl_engine::engine::EngineHandle;
 use dsvl_engine::scheduler::{Event, NewRequest, PrefixKey};
 use dsvl_engine::{FinishReason, SamplingParams};
@@ -82,6 +83,31 @@ impl Ready {
             .validate()
             .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
         Ok(())
+    }
+
+    /// The request's grammar compiled (on a blocking thread: a large schema takes a while), or
+    /// INVALID_ARGUMENT naming what is wrong with it.
+    async fn constraint(&self, req: &GenerateRequest) -> Result<Option<Constraint>, ServiceError> {
+        use dsvl_proto::internal::constraint::Kind;
+        let Some(kind) = req.constraint.as_ref().and_then(|c| c.kind.clone()) else {
+            return Ok(None);
+        };
+        let grammar = match kind {
+            Kind::JsonSchema(text) => {
+                Grammar::JsonSchema(serde_json::from_str(&text).map_err(|e| {
+                    ServiceError::InvalidArgument(format!("invalid JSON schema: not JSON: {e}"))
+                })?)
+            }
+            Kind::JsonObject(_) => Grammar::JsonObject,
+            Kind::Regex(rx) => Grammar::Regex(rx),
+            Kind::Lark(lark) => Grammar::Lark(lark),
+        };
+        let compiler = self.info.constraints.clone();
+        tokio::task::spawn_blocking(move || compiler.compile(&grammar))
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))?
+            .map(Some)
+            .map_err(|e| ServiceError::InvalidArgument(e.to_string()))
     }
 
     /// Image rows at their positions, and each image's span with its content key (for the
@@ -169,6 +195,7 @@ impl Decoder for DecoderService {
         if ready.engine.load().occupancy.waiting >= self.max_waiting {
             return Err(ServiceError::Overloaded.into());
         }
+        let constraint = ready.constraint(&req).await?;
         let (image, images) = match ready.images(&req, self.cache.as_ref()).await? {
             Some((rows, spans)) => (Some(rows), spans),
             None => (None, Vec::new()),
@@ -186,6 +213,7 @@ impl Decoder for DecoderService {
             keep_logits: false,
             events: tx,
             prefix: PrefixKey { salt: req.cache_salt.to_vec(), images },
+            constraint,
         };
         ready.engine.submit(new).map_err(|_| Status::from(ServiceError::GroupFailed))?;
         let guard = self.drain.track();

@@ -200,6 +200,7 @@ impl Gateway {
             max_new_tokens: prep.max_new_tokens,
             logprobs: false,
             cache_salt: tenant.salt.clone().into(),
+            constraint: prep.constraint.clone(),
         };
         let vision_seconds = t_vision.elapsed().as_secs_f64();
         span.record("gen_ai.response.id", request.request_id.as_str());

@@ -53,6 +53,18 @@ fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
         stop: req.stop,
         max_tokens: (req.max_tokens > 0).then_some(req.max_tokens),
         return_prompt_token_ids: req.return_prompt_token_ids,
+        constraint: req.output_format.and_then(|f| f.kind).map(|k| {
+            use dsvl_proto::internal::constraint::Kind;
+            use dsvl_proto::v1::output_format::Kind as Public;
+            dsvl_proto::internal::Constraint {
+                kind: Some(match k {
+                    Public::JsonSchema(s) => Kind::JsonSchema(s),
+                    Public::JsonObject(b) => Kind::JsonObject(b),
+                    Public::Regex(r) => Kind::Regex(r),
+                    Public::Lark(l) => Kind::Lark(l),
+                }),
+            }
+        }),
     })
 }
 

@@ -7,6 +7,8 @@
 //! the response and in stream chunks. The deadline comes from `X-Request-Timeout` (seconds) or
 //! the OpenAI client's `X-Stainless-Timeout`, capped by the gateway's own.
 
+use dsvl_proto::internal::constraint::Kind;
+use dsvl_proto::internal::Constraint;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -93,6 +95,56 @@ struct CompletionRequest {
     tools: Option<Value>,
     #[serde(default)]
     return_prompt_token_ids: bool,
+    /// OpenAI's structured outputs: `text`, `json_object`, `json_schema`.
+    response_format: Option<Value>,
+    /// vLLM's extensions: the reply matches a regular expression / a Lark grammar.
+    guided_regex: Option<String>,
+    guided_grammar: Option<String>,
+}
+
+/// The decoder constraint of `response_format` / `guided_regex` / `guided_grammar` (at most
+/// one), or a 400 naming the field. `json_schema` is enforced whether `strict` is set or not.
+fn constraint(r: &CompletionRequest) -> Result<Option<Constraint>, GatewayError> {
+    let invalid = |m: String| GatewayError::InvalidArgument(m);
+    let from_format = match &r.response_format {
+        None | Some(Value::Null) => None,
+        Some(f) => match f.get("type").and_then(Value::as_str) {
+            Some("text") => None,
+            Some("json_object") => Some(Kind::JsonObject(true)),
+            Some("json_schema") => {
+                let schema =
+                    f.get("json_schema").and_then(|j| j.get("schema")).ok_or_else(|| {
+                        invalid("response_format.json_schema.schema is required".into())
+                    })?;
+                if !schema.is_object() {
+                    return Err(invalid(
+                        "response_format.json_schema.schema must be an object".into(),
+                    ));
+                }
+                Some(Kind::JsonSchema(schema.to_string()))
+            }
+            other => {
+                return Err(invalid(format!(
+                    "response_format.type must be text, json_object or json_schema, not {other:?}"
+                )))
+            }
+        },
+    };
+    let asked: Vec<Kind> = [
+        from_format,
+        r.guided_regex.clone().map(Kind::Regex),
+        r.guided_grammar.clone().map(Kind::Lark),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    match asked.len() {
+        0 => Ok(None),
+        1 => Ok(Some(Constraint { kind: asked.into_iter().next() })),
+        _ => Err(invalid(
+            "response_format, guided_regex and guided_grammar exclude each other".into(),
+        )),
+    }
 }
 
 fn error_response(e: &GatewayError) -> Response {
@@ -148,6 +200,7 @@ async fn to_input(
     if r.tools.as_ref().is_some_and(|t| !t.is_null()) {
         return Err(invalid("tools are not supported by this model"));
     }
+    let constraint = constraint(&r)?;
     let mut messages = Vec::with_capacity(r.messages.len());
     for m in r.messages {
         let role = Role::parse(&m.role)?;
@@ -194,6 +247,7 @@ async fn to_input(
         stop,
         max_tokens: r.max_completion_tokens.or(r.max_tokens),
         return_prompt_token_ids: r.return_prompt_token_ids,
+        constraint,
     })
 }
 

@@ -74,6 +74,8 @@ pub struct ChatInput {
     pub max_tokens: Option<u32>,
     /// Return the prompt ids in the final message.
     pub return_prompt_token_ids: bool,
+    /// What the reply must match (structured outputs), passed to the decoder as is.
+    pub constraint: Option<dsvl_proto::internal::Constraint>,
 }
 
 /// A validated, tokenized request.
@@ -95,6 +97,8 @@ pub struct Prepared {
     pub tokenize_seconds: f64,
     /// Whether to echo the prompt ids.
     pub return_prompt_token_ids: bool,
+    /// What the reply must match.
+    pub constraint: Option<dsvl_proto::internal::Constraint>,
 }
 
 const MAX_STOPS: usize = 16;
@@ -243,5 +247,6 @@ pub fn prepare(
         max_new_tokens,
         tokenize_seconds: started.elapsed().as_secs_f64(),
         return_prompt_token_ids: input.return_prompt_token_ids,
+        constraint: input.constraint,
     })
 }
