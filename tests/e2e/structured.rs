@@ -1,7 +1,7 @@
 //! Structured outputs through the gateway, real binaries: OpenAI's `response_format`
 //! (`json_schema`, `json_object`) and vLLM's `guided_regex` over HTTP, `output_format` over
 //! gRPC; the replies parse and match on the bundled random-weight model and finish with `stop`;
-//! an invalid schema is a 400 naming the problem.
+//! an invalid schema, and any field the gateway does not honour, is a 400 naming the problem.
 
 use std::time::Duration;
 
@@ -75,6 +75,16 @@ async fn structured_outputs_over_http_and_grpc() -> Result<()> {
     let (status, v) = ask(&cluster, json!({"response_format": {"type": "yaml"}}))?;
     assert_eq!(status, 400, "{v}");
     assert!(v["error"]["message"].as_str().unwrap_or("").contains("response_format.type"), "{v}");
+
+    // No silent drops: a field the gateway does not honour is a 400 naming it.
+    let (status, v) = ask(&cluster, json!({"logit_bias": {"5": 10}}))?;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap_or("").contains("`logit_bias`"), "{v}");
+    let (status, v) = ask(&cluster, json!({"temprature": 0.5}))?;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap_or("").contains("unknown field `temprature`"));
+    let (status, v) = ask(&cluster, json!({"user": "u-1", "store": false}))?;
+    assert_eq!(status, 200, "documented no-ops are accepted: {v}");
 
     // gRPC: a Lark grammar.
     let mut client = cluster.chat().await?;

@@ -93,6 +93,7 @@ struct CompletionRequest {
     frequency_penalty: Option<f32>,
     logprobs: Option<bool>,
     tools: Option<Value>,
+    tool_choice: Option<Value>,
     #[serde(default)]
     return_prompt_token_ids: bool,
     /// OpenAI's structured outputs: `text`, `json_object`, `json_schema`.
@@ -197,8 +198,12 @@ async fn to_input(
     if r.logprobs.unwrap_or(false) {
         return Err(invalid("logprobs are not supported"));
     }
-    if r.tools.as_ref().is_some_and(|t| !t.is_null()) {
+    if r.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
+    {
         return Err(invalid("tools are not supported by this model"));
+    }
+    if r.tool_choice.as_ref().is_some_and(|c| !c.is_null() && c != "none") {
+        return Err(invalid("tool_choice must be \"none\": tools are not supported by this model"));
     }
     let constraint = constraint(&r)?;
     let mut messages = Vec::with_capacity(r.messages.len());
@@ -302,13 +307,20 @@ async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: B
         Ok(d) => d,
         Err(e) => return error_response(&e),
     };
-    let req: CompletionRequest = match serde_json::from_slice(&body) {
+    let malformed = |e: serde_json::Error| {
+        GatewayError::InvalidArgument(format!("malformed request body: {e}"))
+    };
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return error_response(&malformed(e)),
+    };
+    // No silent drops: a field this gateway does not honour is a 400 naming it.
+    if let Err(why) = crate::openai_fields::check(&value) {
+        return error_response(&GatewayError::InvalidArgument(why));
+    }
+    let req: CompletionRequest = match serde_json::from_value(value) {
         Ok(r) => r,
-        Err(e) => {
-            return error_response(&GatewayError::InvalidArgument(format!(
-                "malformed request body: {e}"
-            )))
-        }
+        Err(e) => return error_response(&malformed(e)),
     };
     let streaming = req.stream;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);

@@ -5,7 +5,8 @@
 //! pools, health, least-work and rendezvous routing, retry budget), [`prefix_route`]
 //! (prefix-aware decoder routing), [`prepare`] (validation, template, tokenization),
 //! [`images`] (vision stage), [`chat`] (decoder stage and streaming), [`stops`], [`fetch`]
-//! (image URLs), [`grpc`] and [`http`] (the two front ends), [`error`] (status mappings).
+//! (image URLs), [`grpc`] and [`http`] (the two front ends), [`openai_fields`] (what each
+//! OpenAI request field does here), [`error`] (status mappings).
 #![deny(missing_docs)]
 
 pub mod chat;
@@ -15,6 +16,7 @@ pub mod fetch;
 pub mod grpc;
 pub mod http;
 pub mod images;
+pub mod openai_fields;
 pub mod prefix_route;
 pub mod prepare;
 pub mod served;

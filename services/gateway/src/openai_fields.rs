@@ -1,0 +1,201 @@
+//! Every field of OpenAI's chat-completions request, and what the gateway does with it:
+//! honoured, accepted as a no-op (it cannot change the output of these models), or refused
+//! with a 400 naming it. A field not in this table is refused too, so nothing a client sends is
+//! silently dropped. `services/OPENAI_FIELDS.md` is generated from this table (a test keeps the
+//! two equal).
+
+use serde_json::Value;
+
+/// What the gateway does with a field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Treatment {
+    /// Used as OpenAI defines it (possibly only some values; the others are refused).
+    Honoured,
+    /// Accepted and ignored: it cannot change the output here.
+    NoOp,
+    /// A 400 naming the field whenever it is present and not null.
+    Refused,
+}
+
+/// One request field: where it sits, its treatment, why.
+pub struct Field {
+    /// Dotted path (`messages[].name`).
+    pub path: &'static str,
+    /// Treatment.
+    pub treatment: Treatment,
+    /// Why, for the reference page.
+    pub why: &'static str,
+}
+
+use Treatment::{Honoured, NoOp, Refused};
+
+macro_rules! fields {
+    ($(($path:literal, $t:ident, $why:literal)),* $(,)?) => {
+        /// The table.
+        pub const FIELDS: &[Field] = &[$(Field { path: $path, treatment: $t, why: $why }),*];
+    };
+}
+
+fields![
+    ("messages", Honoured, "the conversation; roles system, user, assistant"),
+    ("model", Honoured, "must be the served model's name, or empty"),
+    ("max_tokens", Honoured, "new-token budget"),
+    ("max_completion_tokens", Honoured, "new-token budget (wins over max_tokens)"),
+    ("temperature", Honoured, "0 is greedy"),
+    ("top_p", Honoured, "nucleus sampling"),
+    ("seed", Honoured, "same seed, request and model: same tokens"),
+    ("stop", Honoured, "up to 16 strings; the text is cut before them"),
+    ("stream", Honoured, "server-sent events"),
+    ("stream_options", Honoured, "include_usage"),
+    (
+        "response_format",
+        Honoured,
+        "text, json_object, json_schema (enforced with or without strict)"
+    ),
+    ("n", Honoured, "1 only; other values are refused"),
+    ("logprobs", Honoured, "false only; true is refused"),
+    ("presence_penalty", Honoured, "0 only; use repetition_penalty"),
+    ("frequency_penalty", Honoured, "0 only; use repetition_penalty"),
+    ("tools", Honoured, "absent or empty only: tool calls are not supported yet"),
+    ("tool_choice", Honoured, "\"none\" only"),
+    ("user", NoOp, "an end-user id for the caller's own abuse tracking; never changes the output"),
+    ("safety_identifier", NoOp, "like user"),
+    ("metadata", NoOp, "caller's tags for stored completions; nothing is stored here"),
+    ("store", NoOp, "nothing is ever stored here"),
+    (
+        "prompt_cache_key",
+        NoOp,
+        "a routing hint for OpenAI's cache; dsvl's prefix cache is automatic"
+    ),
+    ("service_tier", NoOp, "one tier here"),
+    ("parallel_tool_calls", NoOp, "no tools are called"),
+    ("logit_bias", Refused, "not implemented yet"),
+    ("top_logprobs", Refused, "not implemented yet"),
+    ("audio", Refused, "text output only"),
+    ("modalities", Refused, "text output only"),
+    ("prediction", Refused, "predicted outputs are not implemented"),
+    ("reasoning_effort", Refused, "these are not reasoning models"),
+    ("verbosity", Refused, "not a parameter of these models"),
+    ("web_search_options", Refused, "no web search"),
+    ("functions", Refused, "deprecated function calling is not supported"),
+    ("function_call", Refused, "deprecated function calling is not supported"),
+    ("top_k", Honoured, "dsvl/vLLM extension: keep the k most likely tokens"),
+    ("repetition_penalty", Honoured, "dsvl/vLLM extension: Hugging Face's repetition penalty"),
+    ("guided_regex", Honoured, "vLLM extension: the reply matches this regular expression"),
+    ("guided_grammar", Honoured, "vLLM extension: the reply matches this Lark grammar"),
+    ("return_prompt_token_ids", Honoured, "dsvl extension: echo the prompt's token ids"),
+    ("messages[].role", Honoured, "system, user or assistant"),
+    ("messages[].content", Honoured, "a string, or text and image_url parts"),
+    ("messages[].name", Refused, "the DeepSeek-VL template has no speaker names"),
+    ("messages[].tool_calls", Refused, "tool calls are not supported yet"),
+    ("messages[].tool_call_id", Refused, "tool calls are not supported yet"),
+    ("messages[].refusal", NoOp, "an assistant turn's refusal text is not part of the prompt"),
+    ("messages[].audio", Refused, "text output only"),
+    ("messages[].content[].type", Honoured, "text or image_url"),
+    ("messages[].content[].text", Honoured, "text"),
+    ("messages[].content[].image_url", Honoured, "data: URLs, or http(s) URLs from allowed hosts"),
+    ("messages[].content[].image_url.url", Honoured, "the image"),
+    (
+        "messages[].content[].image_url.detail",
+        NoOp,
+        "every image is resized to the model's 1024x1024 input"
+    ),
+];
+
+fn treatment(path: &str) -> Option<Treatment> {
+    FIELDS.iter().find(|f| f.path == path).map(|f| f.treatment)
+}
+
+fn check_object(obj: &serde_json::Map<String, Value>, prefix: &str) -> Result<(), String> {
+    for (k, v) in obj {
+        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match treatment(&path) {
+            Some(Honoured) | Some(NoOp) => {}
+            Some(Refused) if v.is_null() => {}
+            Some(Refused) => {
+                let why = FIELDS.iter().find(|f| f.path == path).map_or("", |f| f.why);
+                return Err(format!("`{path}` is not supported: {why}"));
+            }
+            None => return Err(format!("unknown field `{path}`")),
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a request body that carries a refused or unknown field, naming it.
+pub fn check(body: &Value) -> Result<(), String> {
+    let Some(top) = body.as_object() else { return Ok(()) };
+    check_object(top, "")?;
+    for m in top.get("messages").and_then(Value::as_array).into_iter().flatten() {
+        let Some(m) = m.as_object() else { continue };
+        check_object(m, "messages[]")?;
+        for p in m.get("content").and_then(Value::as_array).into_iter().flatten() {
+            let Some(p) = p.as_object() else { continue };
+            check_object(p, "messages[].content[]")?;
+            if let Some(img) = p.get("image_url").and_then(Value::as_object) {
+                check_object(img, "messages[].content[].image_url")?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The reference page, in Markdown.
+pub fn reference_page() -> String {
+    let mut out = String::from(
+        "# OpenAI request fields\n\nGenerated from `services/gateway/src/openai_fields.rs` (a test \
+         keeps this file equal to it). Every field of a `POST /v1/chat/completions` body, and \
+         what the gateway does with it. A field not listed here is refused with a 400 naming it, \
+         as is a refused field that is present and not null; a no-op is accepted and cannot \
+         change the output of these models.\n\n| field | treatment | why |\n|---|---|---|\n",
+    );
+    for f in FIELDS {
+        let t = match f.treatment {
+            Honoured => "honoured",
+            NoOp => "accepted, no-op",
+            Refused => "refused (400)",
+        };
+        out.push_str(&format!("| `{}` | {t} | {} |\n", f.path, f.why));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn unknown_and_refused_fields_are_named() {
+        let ok = json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:,", "detail": "high"}}]}],
+            "user": "u1", "logit_bias": null});
+        assert_eq!(check(&ok), Ok(()));
+        let e = check(&json!({"messages": [], "logit_bias": {"5": 1}})).unwrap_err();
+        assert!(e.starts_with("`logit_bias` is not supported"), "{e}");
+        let e = check(&json!({"messages": [], "frobnicate": 1})).unwrap_err();
+        assert_eq!(e, "unknown field `frobnicate`");
+        let e = check(&json!({"messages": [{"role": "user", "name": "bob", "content": "hi"}]}))
+            .unwrap_err();
+        assert!(e.starts_with("`messages[].name` is not supported"), "{e}");
+        let e = check(&json!({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "x", "cache_control": {}}]}]}))
+        .unwrap_err();
+        assert_eq!(e, "unknown field `messages[].content[].cache_control`");
+    }
+
+    #[test]
+    fn the_reference_page_is_current() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../OPENAI_FIELDS.md");
+        let page = reference_page();
+        if std::env::var_os("DSVL_WRITE_REFERENCE").is_some() {
+            std::fs::write(path, &page).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            on_disk == page,
+            "services/OPENAI_FIELDS.md is stale: run `DSVL_WRITE_REFERENCE=1 cargo test -p dsvl-gateway openai_fields`"
+        );
+    }
+}
