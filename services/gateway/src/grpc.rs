@@ -53,6 +53,7 @@ fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
         stop: req.stop,
         max_tokens: (req.max_tokens > 0).then_some(req.max_tokens),
         return_prompt_token_ids: req.return_prompt_token_ids,
+        raw_prompt: None,
         constraint: req.output_format.and_then(|f| f.kind).map(|k| {
             use dsvl_proto::internal::constraint::Kind;
             use dsvl_proto::v1::output_format::Kind as Public;

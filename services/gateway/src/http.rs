@@ -106,8 +106,17 @@ struct CompletionRequest {
 /// The decoder constraint of `response_format` / `guided_regex` / `guided_grammar` (at most
 /// one), or a 400 naming the field. `json_schema` is enforced whether `strict` is set or not.
 fn constraint(r: &CompletionRequest) -> Result<Option<Constraint>, GatewayError> {
+    constraint_of(&r.response_format, &r.guided_regex, &r.guided_grammar)
+}
+
+/// [`constraint`] from its three fields (shared with `/v1/completions`).
+pub(crate) fn constraint_of(
+    response_format: &Option<Value>,
+    guided_regex: &Option<String>,
+    guided_grammar: &Option<String>,
+) -> Result<Option<Constraint>, GatewayError> {
     let invalid = |m: String| GatewayError::InvalidArgument(m);
-    let from_format = match &r.response_format {
+    let from_format = match response_format {
         None | Some(Value::Null) => None,
         Some(f) => match f.get("type").and_then(Value::as_str) {
             Some("text") => None,
@@ -133,8 +142,8 @@ fn constraint(r: &CompletionRequest) -> Result<Option<Constraint>, GatewayError>
     };
     let asked: Vec<Kind> = [
         from_format,
-        r.guided_regex.clone().map(Kind::Regex),
-        r.guided_grammar.clone().map(Kind::Lark),
+        guided_regex.clone().map(Kind::Regex),
+        guided_grammar.clone().map(Kind::Lark),
     ]
     .into_iter()
     .flatten()
@@ -148,7 +157,7 @@ fn constraint(r: &CompletionRequest) -> Result<Option<Constraint>, GatewayError>
     }
 }
 
-fn error_response(e: &GatewayError) -> Response {
+pub(crate) fn error_response(e: &GatewayError) -> Response {
     let (code, _, _) = e.http_parts();
     let mut resp = (
         StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -163,13 +172,17 @@ fn error_response(e: &GatewayError) -> Response {
     resp
 }
 
-fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
 /// The request's deadline: the shorter of the OpenAI clients' timeout headers, capped at the
 /// gateway's own request timeout. A header that is not a positive number of seconds is a 400.
-fn deadline(h: &HeaderMap, default: Duration, started: Instant) -> Result<Instant, GatewayError> {
+pub(crate) fn deadline(
+    h: &HeaderMap,
+    default: Duration,
+    started: Instant,
+) -> Result<Instant, GatewayError> {
     let mut timeout = default;
     for name in ["x-request-timeout", "x-stainless-timeout"] {
         let Some(v) = h.get(name) else { continue };
@@ -253,6 +266,7 @@ async fn to_input(
         max_tokens: r.max_completion_tokens.or(r.max_tokens),
         return_prompt_token_ids: r.return_prompt_token_ids,
         constraint,
+        raw_prompt: None,
     })
 }
 
@@ -263,11 +277,11 @@ fn completion_id() -> String {
     format!("chatcmpl-{:x}{:04x}", t.as_micros(), N.fetch_add(1, Ordering::Relaxed) & 0xffff)
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn usage(f: &Finish) -> Value {
+pub(crate) fn usage(f: &Finish) -> Value {
     json!({
         "prompt_tokens": f.prompt_tokens,
         "completion_tokens": f.completion_tokens,
@@ -276,7 +290,7 @@ fn usage(f: &Finish) -> Value {
     })
 }
 
-fn extension(f: &Finish) -> Value {
+pub(crate) fn extension(f: &Finish) -> Value {
     let t = f.timing;
     let mut v = json!({
         "token_ids": f.token_ids,
@@ -410,7 +424,7 @@ async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response 
         return error_response(&GatewayError::Unauthenticated);
     }
     let m = gw.model_info();
-    Json(json!({"object": "list", "data": [{"id": m.id, "object": "model", "created": 0, "owned_by": "dsvl", "vision": m.vision, "max_positions": m.max_positions}]}))
+    Json(json!({"object": "list", "data": [{"id": m.id, "object": "model", "created": 0, "owned_by": "dsvl", "vision": m.vision, "max_positions": m.max_positions, "max_model_len": m.max_positions}]}))
         .into_response()
 }
 
@@ -431,6 +445,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
     let body_limit = gw.config.max_images.max(1) * gw.config.max_image_bytes / 3 * 4 + (4 << 20);
     Router::new()
         .route("/v1/chat/completions", post(completions))
+        .route("/v1/completions", post(crate::http_completions::completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .fallback(not_found)

@@ -15,6 +15,7 @@ pub mod error;
 pub mod fetch;
 pub mod grpc;
 pub mod http;
+pub mod http_completions;
 pub mod images;
 pub mod openai_fields;
 pub mod prefix_route;

@@ -30,13 +30,15 @@ pub struct Field {
 use Treatment::{Honoured, NoOp, Refused};
 
 macro_rules! fields {
-    ($(($path:literal, $t:ident, $why:literal)),* $(,)?) => {
-        /// The table.
-        pub const FIELDS: &[Field] = &[$(Field { path: $path, treatment: $t, why: $why }),*];
+    ($(#[$doc:meta])* $name:ident: $(($path:literal, $t:ident, $why:literal)),* $(,)?) => {
+        $(#[$doc])*
+        pub const $name: &[Field] = &[$(Field { path: $path, treatment: $t, why: $why }),*];
     };
 }
 
 fields![
+    /// `POST /v1/chat/completions`.
+    FIELDS:
     ("messages", Honoured, "the conversation; roles system, user, assistant"),
     ("model", Honoured, "must be the served model's name, or empty"),
     ("max_tokens", Honoured, "new-token budget"),
@@ -95,45 +97,71 @@ fields![
     ("messages[].content[].text", Honoured, "text"),
     ("messages[].content[].image_url", Honoured, "data: URLs, or http(s) URLs from allowed hosts"),
     ("messages[].content[].image_url.url", Honoured, "the image"),
-    (
-        "messages[].content[].image_url.detail",
-        NoOp,
-        "every image is resized to the model's 1024x1024 input"
-    ),
+    ("messages[].content[].image_url.detail", NoOp, "every image is resized to the model's 1024x1024 input"),
 ];
 
-fn treatment(path: &str) -> Option<Treatment> {
-    FIELDS.iter().find(|f| f.path == path).map(|f| f.treatment)
-}
+fields![
+    /// `POST /v1/completions`.
+    COMPLETION_FIELDS:
+    ("prompt", Honoured, "one string (no chat template; BOS added) or one list of token ids"),
+    ("model", Honoured, "must be the served model's name, or empty"),
+    ("max_tokens", Honoured, "new-token budget (default 16, as OpenAI's)"),
+    ("temperature", Honoured, "0 is greedy"),
+    ("top_p", Honoured, "nucleus sampling"),
+    ("seed", Honoured, "same seed, request and model: same tokens"),
+    ("stop", Honoured, "up to 16 strings"),
+    ("stream", Honoured, "server-sent events"),
+    ("stream_options", Honoured, "include_usage"),
+    ("n", Honoured, "1 only"),
+    ("best_of", Honoured, "1 only"),
+    ("logprobs", Honoured, "null only"),
+    ("echo", Honoured, "false only"),
+    ("suffix", Honoured, "null or empty only (no fill-in-the-middle)"),
+    ("presence_penalty", Honoured, "0 only; use repetition_penalty"),
+    ("frequency_penalty", Honoured, "0 only; use repetition_penalty"),
+    ("user", NoOp, "an end-user id for the caller's own abuse tracking"),
+    ("logit_bias", Refused, "not implemented yet"),
+    ("top_k", Honoured, "dsvl/vLLM extension"),
+    ("repetition_penalty", Honoured, "dsvl/vLLM extension"),
+    ("response_format", Honoured, "vLLM extension: json_object or json_schema"),
+    ("guided_regex", Honoured, "vLLM extension"),
+    ("guided_grammar", Honoured, "vLLM extension (Lark)"),
+    ("return_prompt_token_ids", Honoured, "dsvl extension"),
+];
 
-fn check_object(obj: &serde_json::Map<String, Value>, prefix: &str) -> Result<(), String> {
+fn check_object(
+    table: &[Field],
+    obj: &serde_json::Map<String, Value>,
+    prefix: &str,
+) -> Result<(), String> {
     for (k, v) in obj {
         let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
-        match treatment(&path) {
-            Some(Honoured) | Some(NoOp) => {}
-            Some(Refused) if v.is_null() => {}
-            Some(Refused) => {
-                let why = FIELDS.iter().find(|f| f.path == path).map_or("", |f| f.why);
-                return Err(format!("`{path}` is not supported: {why}"));
-            }
+        match table.iter().find(|f| f.path == path) {
+            Some(f) if f.treatment != Refused || v.is_null() => {}
+            Some(f) => return Err(format!("`{path}` is not supported: {}", f.why)),
             None => return Err(format!("unknown field `{path}`")),
         }
     }
     Ok(())
 }
 
+/// [`check`] for a `/v1/completions` body.
+pub fn check_completions(body: &Value) -> Result<(), String> {
+    body.as_object().map_or(Ok(()), |top| check_object(COMPLETION_FIELDS, top, ""))
+}
+
 /// Refuses a request body that carries a refused or unknown field, naming it.
 pub fn check(body: &Value) -> Result<(), String> {
     let Some(top) = body.as_object() else { return Ok(()) };
-    check_object(top, "")?;
+    check_object(FIELDS, top, "")?;
     for m in top.get("messages").and_then(Value::as_array).into_iter().flatten() {
         let Some(m) = m.as_object() else { continue };
-        check_object(m, "messages[]")?;
+        check_object(FIELDS, m, "messages[]")?;
         for p in m.get("content").and_then(Value::as_array).into_iter().flatten() {
             let Some(p) = p.as_object() else { continue };
-            check_object(p, "messages[].content[]")?;
+            check_object(FIELDS, p, "messages[].content[]")?;
             if let Some(img) = p.get("image_url").and_then(Value::as_object) {
-                check_object(img, "messages[].content[].image_url")?;
+                check_object(FIELDS, img, "messages[].content[].image_url")?;
             }
         }
     }
@@ -144,18 +172,23 @@ pub fn check(body: &Value) -> Result<(), String> {
 pub fn reference_page() -> String {
     let mut out = String::from(
         "# OpenAI request fields\n\nGenerated from `services/gateway/src/openai_fields.rs` (a test \
-         keeps this file equal to it). Every field of a `POST /v1/chat/completions` body, and \
-         what the gateway does with it. A field not listed here is refused with a 400 naming it, \
-         as is a refused field that is present and not null; a no-op is accepted and cannot \
-         change the output of these models.\n\n| field | treatment | why |\n|---|---|---|\n",
+         keeps this file equal to it). Every field of a request body, and what the gateway does \
+         with it. A field not listed here is refused with a 400 naming it, as is a refused field \
+         that is present and not null; a no-op is accepted and cannot change the output of these \
+         models.\n",
     );
-    for f in FIELDS {
-        let t = match f.treatment {
-            Honoured => "honoured",
-            NoOp => "accepted, no-op",
-            Refused => "refused (400)",
-        };
-        out.push_str(&format!("| `{}` | {t} | {} |\n", f.path, f.why));
+    for (title, table) in
+        [("POST /v1/chat/completions", FIELDS), ("POST /v1/completions", COMPLETION_FIELDS)]
+    {
+        out.push_str(&format!("\n## `{title}`\n\n| field | treatment | why |\n|---|---|---|\n"));
+        for f in table {
+            let t = match f.treatment {
+                Honoured => "honoured",
+                NoOp => "accepted, no-op",
+                Refused => "refused (400)",
+            };
+            out.push_str(&format!("| `{}` | {t} | {} |\n", f.path, f.why));
+        }
     }
     out
 }

@@ -76,6 +76,37 @@ pub struct ChatInput {
     pub return_prompt_token_ids: bool,
     /// What the reply must match (structured outputs), passed to the decoder as is.
     pub constraint: Option<dsvl_proto::internal::Constraint>,
+    /// `/v1/completions`: the prompt as is (no chat template; `messages` must be empty).
+    pub raw_prompt: Option<RawPrompt>,
+}
+
+/// A completion prompt: text (tokenized with BOS, no template) or token ids (used as given).
+#[derive(Debug, Clone)]
+pub enum RawPrompt {
+    /// Text.
+    Text(String),
+    /// Token ids.
+    Ids(Vec<u32>),
+}
+
+/// The ids of a raw prompt; text must not ask for images (completions take none).
+fn raw_prompt(model: &ServedModel, raw: RawPrompt) -> Result<Prompt, GatewayError> {
+    let ids = match raw {
+        RawPrompt::Text(t) if t.contains(IMAGE_TAG) => {
+            return Err(invalid(format!(
+                "a completion prompt cannot hold `{IMAGE_TAG}`: completions take no images"
+            )))
+        }
+        RawPrompt::Text(t) => model
+            .tokenizer
+            .encode(&t)
+            .map_err(|e| GatewayError::Internal(format!("tokenizer: {e}")))?,
+        RawPrompt::Ids(ids) => ids,
+    };
+    if ids.is_empty() {
+        return Err(invalid("the prompt is empty"));
+    }
+    Ok(Prompt { ids_before_expansion: ids.clone(), ids, image_spans: Vec::new() })
 }
 
 /// A validated, tokenized request.
@@ -127,10 +158,34 @@ pub fn prepare(
     if input.stop.len() > MAX_STOPS || input.stop.iter().any(String::is_empty) {
         return Err(invalid(format!("at most {MAX_STOPS} non-empty stop strings")));
     }
+    let (prompt, images) = match input.raw_prompt {
+        Some(raw) => (raw_prompt(model, raw)?, Vec::new()),
+        None => chat_prompt(config, model, input.messages)?,
+    };
+    finish(
+        config,
+        model,
+        started,
+        prompt,
+        images,
+        sampling,
+        input.stop,
+        input.max_tokens,
+        input.return_prompt_token_ids,
+        input.constraint,
+    )
+}
+
+/// The chat template's prompt of `messages`, and their images in order.
+fn chat_prompt(
+    config: &GatewayConfig,
+    model: &ServedModel,
+    in_messages: Vec<InMessage>,
+) -> Result<(Prompt, Vec<Bytes>), GatewayError> {
     let mut system: Option<String> = None;
-    let mut messages = Vec::with_capacity(input.messages.len());
+    let mut messages = Vec::with_capacity(in_messages.len());
     let mut images = Vec::new();
-    for (i, m) in input.messages.into_iter().enumerate() {
+    for (i, m) in in_messages.into_iter().enumerate() {
         let mut content = String::new();
         let mut attached = Vec::new();
         for part in m.parts {
@@ -205,6 +260,23 @@ pub fn prepare(
         .tokenizer
         .encode_prompt(&text, model.image_tokens)
         .map_err(|e| GatewayError::Internal(format!("tokenizer: {e}")))?;
+    Ok((prompt, images))
+}
+
+/// The limits every prompt passes, and the new-token budget.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    config: &GatewayConfig,
+    model: &ServedModel,
+    started: Instant,
+    prompt: Prompt,
+    images: Vec<Bytes>,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    max_tokens: Option<u32>,
+    return_prompt_token_ids: bool,
+    constraint: Option<dsvl_proto::internal::Constraint>,
+) -> Result<Prepared, GatewayError> {
     let limit = if config.max_prompt_tokens == 0 {
         model.max_positions
     } else {
@@ -219,7 +291,7 @@ pub fn prepare(
         )));
     }
     let room = (model.max_positions - prompt.ids.len()) as u32;
-    let max_new_tokens = match input.max_tokens {
+    let max_new_tokens = match max_tokens {
         Some(0) => return Err(invalid("max_tokens must be at least 1")),
         Some(n) if n > config.max_new_tokens => {
             return Err(invalid(format!(
@@ -243,10 +315,10 @@ pub fn prepare(
         images,
         image_digests,
         sampling,
-        stop: input.stop,
+        stop,
         max_new_tokens,
         tokenize_seconds: started.elapsed().as_secs_f64(),
-        return_prompt_token_ids: input.return_prompt_token_ids,
-        constraint: input.constraint,
+        return_prompt_token_ids,
+        constraint,
     })
 }

@@ -1,0 +1,232 @@
+//! `POST /v1/completions`, OpenAI's (legacy) text completions: the prompt is used as given, a
+//! string (tokenized with BOS, no chat template) or token ids, one prompt per request; the
+//! reply streams as `text_completion` chunks or comes as one object. Sampling, stop strings,
+//! structured outputs and limits are the chat endpoint's. Fields follow the same rule as chat:
+//! honoured, a documented no-op, or a 400 naming them (`services/OPENAI_FIELDS.md`).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use bytes::Bytes;
+use dsvl_core::sampling::SamplingRequest;
+use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tracing::Instrument;
+
+use crate::chat::{request_span, ChatEvent, ChatStream};
+use crate::error::GatewayError;
+use crate::http::{constraint_of, deadline, error_response, extension, header, unix_now, usage};
+use crate::prepare::{ChatInput, RawPrompt};
+use crate::Gateway;
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PromptField {
+    Text(String),
+    Ids(Vec<u32>),
+    Texts(Vec<String>),
+    Batches(Vec<Vec<u32>>),
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct LegacyRequest {
+    #[serde(default)]
+    model: String,
+    prompt: PromptField,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<Value>,
+    max_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<u32>,
+    repetition_penalty: Option<f32>,
+    seed: Option<u64>,
+    stop: Option<Stop>,
+    n: Option<u32>,
+    best_of: Option<u32>,
+    logprobs: Option<u32>,
+    echo: Option<bool>,
+    suffix: Option<String>,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    response_format: Option<Value>,
+    guided_regex: Option<String>,
+    guided_grammar: Option<String>,
+    #[serde(default)]
+    return_prompt_token_ids: bool,
+}
+
+fn to_input(r: LegacyRequest) -> Result<(ChatInput, bool, bool), GatewayError> {
+    let invalid = |m: &str| GatewayError::InvalidArgument(m.to_string());
+    if r.n.unwrap_or(1) != 1 || r.best_of.unwrap_or(1) != 1 {
+        return Err(invalid("n and best_of must be 1"));
+    }
+    if r.logprobs.is_some() {
+        return Err(invalid("logprobs are not supported"));
+    }
+    if r.echo.unwrap_or(false) {
+        return Err(invalid("echo is not supported"));
+    }
+    if r.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
+        return Err(invalid("suffix is not supported (no fill-in-the-middle)"));
+    }
+    if r.presence_penalty.unwrap_or(0.0) != 0.0 || r.frequency_penalty.unwrap_or(0.0) != 0.0 {
+        return Err(invalid(
+            "presence_penalty and frequency_penalty are not supported; use repetition_penalty",
+        ));
+    }
+    let raw = match r.prompt {
+        PromptField::Text(t) => RawPrompt::Text(t),
+        PromptField::Ids(ids) => RawPrompt::Ids(ids),
+        PromptField::Texts(mut v) if v.len() == 1 => RawPrompt::Text(v.remove(0)),
+        PromptField::Batches(mut v) if v.len() == 1 => RawPrompt::Ids(v.remove(0)),
+        _ => return Err(invalid("prompt: one prompt per request (a string or token ids)")),
+    };
+    let include_usage = r
+        .stream_options
+        .as_ref()
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let input = ChatInput {
+        model: r.model,
+        messages: Vec::new(),
+        sampling: SamplingRequest {
+            temperature: r.temperature,
+            top_k: r.top_k,
+            top_p: r.top_p,
+            repetition_penalty: r.repetition_penalty,
+            seed: r.seed,
+        },
+        stop: match r.stop {
+            None => Vec::new(),
+            Some(Stop::One(s)) => vec![s],
+            Some(Stop::Many(v)) => v,
+        },
+        // OpenAI's default for completions is 16 new tokens.
+        max_tokens: Some(r.max_tokens.unwrap_or(16)),
+        return_prompt_token_ids: r.return_prompt_token_ids,
+        constraint: constraint_of(&r.response_format, &r.guided_regex, &r.guided_grammar)?,
+        raw_prompt: Some(raw),
+    };
+    Ok((input, r.stream, include_usage))
+}
+
+fn completion_id() -> String {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    format!("cmpl-{:x}", t.as_micros())
+}
+
+/// The handler.
+pub async fn completions(
+    State(gw): State<Arc<Gateway>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let Ok(tenant) = gw.tenancy.authenticate(header(&headers, "authorization")) else {
+        return error_response(&GatewayError::Unauthenticated);
+    };
+    let deadline = match deadline(&headers, gw.config.request_timeout, started) {
+        Ok(d) => d,
+        Err(e) => return error_response(&e),
+    };
+    let malformed = |e: serde_json::Error| {
+        GatewayError::InvalidArgument(format!("malformed request body: {e}"))
+    };
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return error_response(&malformed(e)),
+    };
+    if let Err(why) = crate::openai_fields::check_completions(&value) {
+        return error_response(&GatewayError::InvalidArgument(why));
+    }
+    let (input, streaming, include_usage) =
+        match serde_json::from_value(value).map_err(malformed).and_then(to_input) {
+            Ok(x) => x,
+            Err(e) => return error_response(&e),
+        };
+    let span = request_span(&gw.model.name, &input, &tenant.id, "http");
+    let rx = match gw.chat(&tenant, input, deadline, "http").instrument(span).await {
+        Ok(rx) => rx,
+        Err(e) => return error_response(&e),
+    };
+    let (id, model) = (completion_id(), gw.model.name.clone());
+    if streaming {
+        stream(rx, id, model, include_usage).into_response()
+    } else {
+        whole(rx, id, &model).await
+    }
+}
+
+async fn whole(mut rx: ChatStream, id: String, model: &str) -> Response {
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Ok(ChatEvent::Delta(d)) => text.push_str(&d.text),
+            Ok(ChatEvent::Finish(f)) => {
+                return Json(json!({
+                    "id": id, "object": "text_completion", "created": unix_now(), "model": model,
+                    "system_fingerprint": null,
+                    "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": f.finish_reason}],
+                    "usage": usage(&f),
+                    "dsvl": extension(&f),
+                }))
+                .into_response();
+            }
+            Err(e) => return error_response(&e),
+        }
+    }
+    error_response(&GatewayError::Internal("the request ended without a result".into()))
+}
+
+fn stream(
+    rx: ChatStream,
+    id: String,
+    model: String,
+    include_usage: bool,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let created = unix_now();
+    let chunk = move |choices: Value, extra: Option<(&str, Value)>| {
+        let mut v = json!({"id": id, "object": "text_completion", "created": created,
+                           "model": model, "system_fingerprint": null, "choices": choices});
+        if let Some((k, x)) = extra {
+            v[k] = x;
+        }
+        Event::default().data(v.to_string())
+    };
+    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |ev| match ev {
+        Ok(ChatEvent::Delta(d)) => vec![chunk(
+            json!([{"index": 0, "text": d.text, "logprobs": null, "finish_reason": null}]),
+            Some(("dsvl", json!({"token_ids": d.token_ids}))),
+        )],
+        Ok(ChatEvent::Finish(f)) => {
+            let mut out = vec![chunk(
+                json!([{"index": 0, "text": "", "logprobs": null, "finish_reason": f.finish_reason}]),
+                Some(("dsvl", extension(&f))),
+            )];
+            if include_usage {
+                out.push(chunk(json!([]), Some(("usage", usage(&f)))));
+            }
+            out.push(Event::default().data("[DONE]"));
+            out
+        }
+        Err(e) => vec![Event::default().data(e.openai_body().to_string())],
+    });
+    Sse::new(events.flat_map(futures::stream::iter).map(Ok))
+}

@@ -1,0 +1,69 @@
+//! `POST /v1/completions` through the real gateway and decoder: the golden text prompt's token
+//! ids as a raw prompt give the golden greedy ids, streamed or not; a text prompt is tokenized
+//! without the chat template; refused fields are 400s naming them; `/v1/models` reports the
+//! context length.
+
+use anyhow::{Context, Result};
+use dsvl_e2e::{golden_case, golden_generated, http_post, Cluster, Options};
+use serde_json::{json, Value};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_with_token_ids_and_text() -> Result<()> {
+    let cluster =
+        Cluster::start(Options { vision_replicas: 0, tp: 1, redis: false, ..Options::default() })
+            .await?;
+    let ids: Vec<u32> = serde_json::from_value(golden_case("text_only")?["input_ids"].clone())?;
+    let want = golden_generated("text")?;
+    let body = json!({"prompt": ids, "temperature": 0, "max_tokens": want.len()});
+    let r = http_post(&cluster.http, "/v1/completions", &[], &body)?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json()?;
+    assert_eq!(v["object"], "text_completion");
+    let got: Vec<u32> = serde_json::from_value(v["dsvl"]["token_ids"].clone())?;
+    assert_eq!(got, want, "raw ids = the chat template's ids: the golden reply");
+    assert_eq!(v["usage"]["prompt_tokens"], ids.len());
+    let text = v["choices"][0]["text"].as_str().context("text")?.to_string();
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let r = http_post(&cluster.http, "/v1/completions", &[], &streamed)?;
+    assert_eq!(r.status, 200);
+    let events = r.sse_data();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e))
+        .collect::<Result<_, _>>()?;
+    let joined: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert_eq!(joined, text, "streamed text = whole text");
+    assert!(chunks.iter().all(|c| c["object"] == "text_completion"));
+
+    // A text prompt: BOS + its tokens, no template; OpenAI's default of 16 new tokens.
+    let r = http_post(
+        &cluster.http,
+        "/v1/completions",
+        &[],
+        &json!({"prompt": "Once upon a time", "temperature": 0, "return_prompt_token_ids": true}),
+    )?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json()?;
+    assert_eq!(v["usage"]["completion_tokens"], 16);
+    let prompt_ids = v["dsvl"]["prompt_token_ids"].as_array().context("prompt ids")?;
+    assert_eq!(prompt_ids[0], 1000, "BOS first");
+    // The chat template alone (system prompt, roles) is over 40 tokens here.
+    assert!(prompt_ids.len() < 30, "no chat template around the text: {prompt_ids:?}");
+
+    for (bad, field) in [
+        (json!({"prompt": "x", "echo": true}), "echo"),
+        (json!({"prompt": "x", "logit_bias": {"1": 2}}), "`logit_bias`"),
+        (json!({"prompt": ["a", "b"]}), "one prompt per request"),
+        (json!({"prompt": "x", "frobnicate": 1}), "unknown field `frobnicate`"),
+    ] {
+        let r = http_post(&cluster.http, "/v1/completions", &[], &bad)?;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+        assert!(r.json()?["error"]["message"].as_str().unwrap_or("").contains(field), "{}", r.body);
+    }
+    let m = dsvl_testkit::http_get(&cluster.http, "/v1/models")?;
+    assert!(m.contains("\"max_model_len\":16384"), "{m}");
+    Ok(())
+}
