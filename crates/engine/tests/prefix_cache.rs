@@ -5,61 +5,23 @@
 //! TP 2 (rank processes) is checked through the decoder service in
 //! `services/decoder/tests/prefix_cache_service.rs`.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use dsvl_chat::{render_prompt, ChatTokenizer, Message};
 use dsvl_core::prefix::{image_key_hash, ImageSpan};
 use dsvl_engine::blocks::BlockManager;
 use dsvl_engine::scheduler::{Event, NewRequest, PrefixKey, Scheduler, SchedulerConfig};
-use dsvl_models::checkpoint::{Checkpoint, ModelSource};
 use dsvl_models::llm::{DeepSeekLlm, ImageRows, PagedKvConfig, Shard, ShardRunner};
-use dsvl_models::vision::VisionEncoder;
 use dsvl_parallel::LinkSet;
-use dsvl_testkit::{assert_close, golden_dir, tiny_model_dir};
+use dsvl_testkit::assert_close;
+
+mod golden;
+use golden::{case_ids, fixture, golden_ids, image_rows, Fixture};
 
 /// The golden logits tolerance (tests/fixtures/golden/README.md).
 const LOGITS_ATOL: f64 = 1e-3;
-
-struct Fixture {
-    ckpt: Checkpoint,
-    tok: ChatTokenizer,
-    lm: HashMap<String, Tensor>,
-    chat: serde_json::Value,
-}
-
-fn fixture() -> Result<Fixture> {
-    let ckpt = Checkpoint::open(&ModelSource::Dir(tiny_model_dir()))?;
-    let tok = ChatTokenizer::from_bytes(&std::fs::read(tiny_model_dir().join("tokenizer.json"))?)?;
-    let lm = candle_core::safetensors::load(golden_dir().join("lm.safetensors"), &Device::Cpu)?;
-    let chat = serde_json::from_slice(&std::fs::read(golden_dir().join("chat.json"))?)?;
-    Ok(Fixture { ckpt, tok, lm, chat })
-}
-
-fn case_ids(f: &Fixture, name: &str) -> Result<Vec<u32>> {
-    let case =
-        f.chat["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).context("case")?;
-    let messages: Vec<Message> = serde_json::from_value(case["conversation"].clone())?;
-    let prompt = render_prompt(case["system_prompt"].as_str().unwrap(), &messages)?;
-    Ok(f.tok.encode_prompt(&prompt, 576)?.ids)
-}
-
-fn golden_ids(t: &Tensor) -> Result<Vec<u32>> {
-    Ok(t.flatten_all()?.to_vec1::<i64>()?.into_iter().map(|v| v as u32).collect())
-}
-
-/// The golden pixels of photo_jpeg through our vision encoder.
-fn image_rows(f: &Fixture) -> Result<Tensor> {
-    let pre =
-        candle_core::safetensors::load(golden_dir().join("preprocess.safetensors"), &Device::Cpu)?;
-    let u8s = pre["photo_jpeg.pixel_values_u8"].flatten_all()?.to_dtype(DType::U32)?;
-    let pixels = pre["rescale_lut"].index_select(&u8s, 0)?.reshape((1, 3, 1024, 1024))?;
-    let enc = VisionEncoder::load(&f.ckpt, DType::F32, &Device::Cpu, None)?;
-    Ok(enc.forward(&pixels)?.reshape((576, 128))?)
-}
 
 /// A scheduler over the tiny model with the prefix cache on or off.
 struct Engine {
