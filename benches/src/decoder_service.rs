@@ -10,7 +10,7 @@ use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::Args;
 use dsvl_engine::blocks::BlockManager;
-use dsvl_engine::engine::spawn_engine;
+use dsvl_engine::engine::{spawn_engine, EngineHandle};
 use dsvl_engine::scheduler::{Event, NewRequest, Scheduler, SchedulerConfig};
 use dsvl_models::llm::{DeepSeekLlm, PagedKvConfig, Shard, ShardRunner};
 use dsvl_parallel::LinkSet;
@@ -42,6 +42,42 @@ pub struct ServiceArgs {
     late_images: usize,
 }
 
+/// The decoder engine thread at the VL-1.3B LM dimensions, random f32 weights, on the CPU,
+/// with `kv_blocks` blocks of 32 tokens.
+pub fn vl13b_engine(
+    kv_blocks: usize,
+    max_batched_tokens: usize,
+    max_step_stretch: Option<f64>,
+    prefix_cache: bool,
+) -> Result<(EngineHandle, std::thread::JoinHandle<Result<(), dsvl_models::ModelError>>)> {
+    let cfg = vl13b_lm_config()?;
+    let kv = PagedKvConfig { num_blocks: kv_blocks, block_size: PagedKvConfig::DEFAULT_BLOCK_SIZE };
+    let max_positions = cfg.max_position_embeddings;
+    Ok(spawn_engine(
+        move || {
+            let model = DeepSeekLlm::new(
+                &cfg,
+                Shard::SINGLE,
+                random::var_builder(DType::F32, &Device::Cpu),
+            )?;
+            let pool = model.kv_pool(kv)?;
+            let runner =
+                ShardRunner::new(model, pool, Arc::new(LinkSet::Single), Duration::from_secs(600));
+            let sched = Scheduler::new(
+                SchedulerConfig {
+                    max_num_seqs: 64,
+                    max_batched_tokens,
+                    max_positions,
+                    max_step_stretch,
+                },
+                BlockManager::new(kv.num_blocks, kv.block_size).with_prefix_cache(prefix_cache),
+            );
+            Ok((runner, sched))
+        },
+        dsvl_core::watchdog::Watchdog::new("bench"),
+    )?)
+}
+
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -52,31 +88,11 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 
 /// Runs the benchmark.
 pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
-    let cfg = vl13b_lm_config()?;
-    let kv = PagedKvConfig { num_blocks: 256, block_size: PagedKvConfig::DEFAULT_BLOCK_SIZE };
-    let max_positions = cfg.max_position_embeddings;
-    let (engine, _join) = spawn_engine(
-        move || {
-            let model = DeepSeekLlm::new(
-                &cfg,
-                Shard::SINGLE,
-                random::var_builder(DType::F32, &Device::Cpu),
-            )?;
-            let store = model.kv_pool(kv)?;
-            let runner =
-                ShardRunner::new(model, store, Arc::new(LinkSet::Single), Duration::from_secs(600));
-            let sched = Scheduler::new(
-                SchedulerConfig {
-                    max_num_seqs: 64,
-                    max_batched_tokens: args.max_batched_tokens,
-                    max_positions,
-                    max_step_stretch: Some(args.max_step_stretch).filter(|&x| x > 0.0),
-                },
-                BlockManager::new(kv.num_blocks, kv.block_size),
-            );
-            Ok((runner, sched))
-        },
-        dsvl_core::watchdog::Watchdog::new("bench"),
+    let (engine, _join) = vl13b_engine(
+        256,
+        args.max_batched_tokens,
+        Some(args.max_step_stretch).filter(|&x| x > 0.0),
+        true,
     )?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let mut rows = Vec::new();

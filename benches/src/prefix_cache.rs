@@ -9,20 +9,17 @@
 //! the cache on (and off with `--throughput-off`: slow, every turn prefills everything again).
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use clap::Args;
 use dsvl_core::prefix::{image_key_hash, ImageSpan};
-use dsvl_engine::blocks::BlockManager;
-use dsvl_engine::engine::{spawn_engine, EngineHandle};
-use dsvl_engine::scheduler::{Event, NewRequest, PrefixKey, Scheduler, SchedulerConfig};
-use dsvl_models::llm::{DeepSeekLlm, ImageRows, PagedKvConfig, Shard, ShardRunner};
-use dsvl_parallel::LinkSet;
+use dsvl_engine::engine::EngineHandle;
+use dsvl_engine::scheduler::{Event, NewRequest, PrefixKey};
+use dsvl_models::llm::ImageRows;
 
 use crate::decoder::vl13b_lm_config;
-use crate::random;
 
 /// Arguments of `dsvl-bench prefix-cache`.
 #[derive(Args)]
@@ -51,33 +48,8 @@ const IMAGE_TOKEN: u32 = 100_015;
 const IMAGE_ROWS: usize = 576;
 
 fn engine(kv_blocks: usize, prefix_cache: bool) -> Result<EngineHandle> {
-    let cfg = vl13b_lm_config()?;
-    let kv = PagedKvConfig { num_blocks: kv_blocks, block_size: PagedKvConfig::DEFAULT_BLOCK_SIZE };
-    let max_positions = cfg.max_position_embeddings;
-    let (engine, _join) = spawn_engine(
-        move || {
-            let model = DeepSeekLlm::new(
-                &cfg,
-                Shard::SINGLE,
-                random::var_builder(DType::F32, &Device::Cpu),
-            )?;
-            let pool = model.kv_pool(kv)?;
-            let runner =
-                ShardRunner::new(model, pool, Arc::new(LinkSet::Single), Duration::from_secs(600));
-            let sched = Scheduler::new(
-                SchedulerConfig {
-                    max_num_seqs: 64,
-                    max_batched_tokens: dsvl_engine::scheduler::DEFAULT_MAX_BATCHED_TOKENS_CPU,
-                    max_positions,
-                    max_step_stretch: None,
-                },
-                BlockManager::new(kv.num_blocks, kv.block_size).with_prefix_cache(prefix_cache),
-            );
-            Ok((runner, sched))
-        },
-        dsvl_core::watchdog::Watchdog::new("bench"),
-    )?;
-    Ok(engine)
+    let max_batched = dsvl_engine::scheduler::DEFAULT_MAX_BATCHED_TOKENS_CPU;
+    Ok(crate::decoder_service::vl13b_engine(kv_blocks, max_batched, None, prefix_cache)?.0)
 }
 
 /// One conversation: its image and the prompt so far.

@@ -280,6 +280,10 @@ impl Gateway {
     fn decoder_order(&self, request: &GenerateRequest) -> Vec<(Arc<Replica>, Vec<BlockHash>)> {
         let groups: Vec<Arc<Replica>> =
             self.decoder.by_least_work().into_iter().filter(|r| r.usable()).collect();
+        // Hashing and recording only matter when there is a choice to make by prefix.
+        let Some(imbalance) = self.config.prefix_routing.filter(|_| groups.len() > 1) else {
+            return groups.into_iter().map(|r| (r, Vec::new())).collect();
+        };
         let key = RouteKey {
             salt: request.cache_salt.to_vec(),
             tokens: request.prompt_token_ids.clone(),
@@ -287,20 +291,15 @@ impl Gateway {
         };
         let hashes = prefix_route::hashes_by_group(&key, &groups);
         let mut order: Vec<_> = groups.into_iter().zip(hashes).collect();
-        if let Some(imbalance) = self.config.prefix_routing.filter(|_| order.len() > 1) {
-            let work: Vec<usize> = order.iter().map(|(r, _)| self.decoder.work(r)).collect();
-            let matched: Vec<usize> = order
-                .iter()
-                .map(|(r, h)| {
-                    r.prefix.lock().expect("prefix lock poisoned. This is a bug.").matched(h)
-                })
-                .collect();
-            let (first, why) = prefix_route::choose(&work, &matched, imbalance);
-            metrics::counter!("dsvl_gateway_prefix_routes_total", "choice" => why.label())
-                .increment(1);
-            let chosen = order.remove(first);
-            order.insert(0, chosen);
-        }
+        let work: Vec<usize> = order.iter().map(|(r, _)| self.decoder.work(r)).collect();
+        let matched: Vec<usize> = order
+            .iter()
+            .map(|(r, h)| r.prefix.lock().expect("prefix lock poisoned. This is a bug.").matched(h))
+            .collect();
+        let (first, why) = prefix_route::choose(&work, &matched, imbalance);
+        metrics::counter!("dsvl_gateway_prefix_routes_total", "choice" => why.label()).increment(1);
+        let chosen = order.remove(first);
+        order.insert(0, chosen);
         order
     }
 
@@ -344,7 +343,12 @@ impl Gateway {
                 Ok(Ok((stream, Some(first)))) => {
                     r.breaker.success();
                     // The group now holds (or soon will) this prompt's blocks.
-                    r.prefix.lock().expect("prefix lock poisoned. This is a bug.").insert(&hashes);
+                    if !hashes.is_empty() {
+                        r.prefix
+                            .lock()
+                            .expect("prefix lock poisoned. This is a bug.")
+                            .insert(&hashes);
+                    }
                     let first_token_seconds = t.elapsed().as_secs_f64();
                     metrics::histogram!("dsvl_upstream_latency_seconds", "tier" => "decoder")
                         .record(first_token_seconds);

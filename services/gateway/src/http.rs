@@ -277,11 +277,11 @@ fn completion_id() -> String {
     format!("chatcmpl-{:x}{:04x}", t.as_micros(), N.fetch_add(1, Ordering::Relaxed) & 0xffff)
 }
 
-pub(crate) fn unix_now() -> u64 {
+fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-pub(crate) fn usage(f: &Finish) -> Value {
+fn usage(f: &Finish) -> Value {
     json!({
         "prompt_tokens": f.prompt_tokens,
         "completion_tokens": f.completion_tokens,
@@ -290,7 +290,7 @@ pub(crate) fn usage(f: &Finish) -> Value {
     })
 }
 
-pub(crate) fn extension(f: &Finish) -> Value {
+fn extension(f: &Finish) -> Value {
     let t = f.timing;
     let mut v = json!({
         "token_ids": f.token_ids,
@@ -353,21 +353,69 @@ async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: B
     };
     let id = completion_id();
     if streaming {
-        sse(rx, id, gw.model.name.clone(), include_usage).into_response()
+        sse(rx, id, gw.model.name.clone(), include_usage, Shape::Chat).into_response()
     } else {
-        whole(rx, id, &gw.model.name).await
+        whole(rx, id, &gw.model.name, Shape::Chat).await
     }
 }
 
-async fn whole(mut rx: ChatStream, id: String, model: &str) -> Response {
+/// How a reply is framed: OpenAI's chat completions or its (legacy) text completions. The
+/// stream of events, the usage and the `dsvl` extension are the same for both.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Shape {
+    /// `chat.completion` / `chat.completion.chunk`, text under `message` / `delta`.
+    Chat,
+    /// `text_completion`, text under `text`.
+    Text,
+}
+
+impl Shape {
+    fn object(self, chunk: bool) -> &'static str {
+        match (self, chunk) {
+            (Self::Chat, false) => "chat.completion",
+            (Self::Chat, true) => "chat.completion.chunk",
+            (Self::Text, _) => "text_completion",
+        }
+    }
+
+    /// The one choice of a whole reply.
+    fn whole_choice(self, text: String, finish: &str) -> Value {
+        match self {
+            Self::Chat => {
+                json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish})
+            }
+            Self::Text => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+            }
+        }
+    }
+
+    /// The one choice of a stream chunk: new text, or the end (`finish`, no text).
+    fn chunk_choice(self, text: &str, finish: Option<&str>) -> Value {
+        match (self, finish) {
+            (Self::Chat, None) => {
+                json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null})
+            }
+            (Self::Chat, Some(f)) => {
+                json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": f})
+            }
+            (Self::Text, f) => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": f})
+            }
+        }
+    }
+}
+
+/// The whole reply as one JSON object.
+pub(crate) async fn whole(mut rx: ChatStream, id: String, model: &str, shape: Shape) -> Response {
     let mut text = String::new();
     while let Some(ev) = rx.recv().await {
         match ev {
             Ok(ChatEvent::Delta(d)) => text.push_str(&d.text),
             Ok(ChatEvent::Finish(f)) => {
                 return Json(json!({
-                    "id": id, "object": "chat.completion", "created": unix_now(), "model": model, "system_fingerprint": null,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": f.finish_reason}],
+                    "id": id, "object": shape.object(false), "created": unix_now(), "model": model, "system_fingerprint": null,
+                    "choices": [shape.whole_choice(text, &f.finish_reason)],
                     "usage": usage(&f),
                     "dsvl": extension(&f),
                 }))
@@ -379,31 +427,40 @@ async fn whole(mut rx: ChatStream, id: String, model: &str) -> Response {
     error_response(&GatewayError::Internal("the request ended without a result".into()))
 }
 
-fn sse(
+/// The reply as server-sent events framed like OpenAI's (`[DONE]` last).
+pub(crate) fn sse(
     rx: ChatStream,
     id: String,
     model: String,
     include_usage: bool,
+    shape: Shape,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let created = unix_now();
     let chunk = move |choices: Value, extra: Option<(&str, Value)>| {
-        let mut v = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model, "system_fingerprint": null, "choices": choices});
+        let mut v = json!({"id": id, "object": shape.object(true), "created": created, "model": model, "system_fingerprint": null, "choices": choices});
         if let Some((k, x)) = extra {
             v[k] = x;
         }
         Event::default().data(v.to_string())
     };
-    let first = chunk(
-        json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
-        None,
-    );
+    // Chat streams open with the assistant's role.
+    let first = match shape {
+        Shape::Chat => vec![chunk(
+            json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+            None,
+        )],
+        Shape::Text => Vec::new(),
+    };
     let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |ev| match ev {
         Ok(ChatEvent::Delta(d)) => vec![chunk(
-            json!([{"index": 0, "delta": {"content": d.text}, "logprobs": null, "finish_reason": null}]),
+            json!([shape.chunk_choice(&d.text, None)]),
             Some(("dsvl", json!({"token_ids": d.token_ids}))),
         )],
         Ok(ChatEvent::Finish(f)) => {
-            let mut out = vec![chunk(json!([{"index": 0, "delta": {}, "logprobs": null, "finish_reason": f.finish_reason}]), Some(("dsvl", extension(&f))))];
+            let mut out = vec![chunk(
+                json!([shape.chunk_choice("", Some(&f.finish_reason))]),
+                Some(("dsvl", extension(&f))),
+            )];
             if include_usage {
                 out.push(chunk(json!([]), Some(("usage", usage(&f)))));
             }
@@ -414,8 +471,7 @@ fn sse(
         // `error` event in the stream.
         Err(e) => vec![Event::default().data(e.openai_body().to_string())],
     });
-    let all =
-        futures::stream::iter(vec![first]).chain(events.flat_map(futures::stream::iter)).map(Ok);
+    let all = futures::stream::iter(first).chain(events.flat_map(futures::stream::iter)).map(Ok);
     Sse::new(all)
 }
 

@@ -4,25 +4,21 @@
 //! structured outputs and limits are the chat endpoint's. Fields follow the same rule as chat:
 //! honoured, a documented no-op, or a 400 naming them (`services/OPENAI_FIELDS.md`).
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use bytes::Bytes;
 use dsvl_core::sampling::SamplingRequest;
-use futures::StreamExt;
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tracing::Instrument;
 
-use crate::chat::{request_span, ChatEvent, ChatStream};
+use crate::chat::request_span;
 use crate::error::GatewayError;
-use crate::http::{constraint_of, deadline, error_response, extension, header, unix_now, usage};
+use crate::http::{constraint_of, deadline, error_response, header, sse, whole, Shape};
 use crate::prepare::{ChatInput, RawPrompt};
 use crate::Gateway;
 
@@ -168,65 +164,8 @@ pub async fn completions(
     };
     let (id, model) = (completion_id(), gw.model.name.clone());
     if streaming {
-        stream(rx, id, model, include_usage).into_response()
+        sse(rx, id, model, include_usage, Shape::Text).into_response()
     } else {
-        whole(rx, id, &model).await
+        whole(rx, id, &model, Shape::Text).await
     }
-}
-
-async fn whole(mut rx: ChatStream, id: String, model: &str) -> Response {
-    let mut text = String::new();
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Ok(ChatEvent::Delta(d)) => text.push_str(&d.text),
-            Ok(ChatEvent::Finish(f)) => {
-                return Json(json!({
-                    "id": id, "object": "text_completion", "created": unix_now(), "model": model,
-                    "system_fingerprint": null,
-                    "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": f.finish_reason}],
-                    "usage": usage(&f),
-                    "dsvl": extension(&f),
-                }))
-                .into_response();
-            }
-            Err(e) => return error_response(&e),
-        }
-    }
-    error_response(&GatewayError::Internal("the request ended without a result".into()))
-}
-
-fn stream(
-    rx: ChatStream,
-    id: String,
-    model: String,
-    include_usage: bool,
-) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
-    let created = unix_now();
-    let chunk = move |choices: Value, extra: Option<(&str, Value)>| {
-        let mut v = json!({"id": id, "object": "text_completion", "created": created,
-                           "model": model, "system_fingerprint": null, "choices": choices});
-        if let Some((k, x)) = extra {
-            v[k] = x;
-        }
-        Event::default().data(v.to_string())
-    };
-    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |ev| match ev {
-        Ok(ChatEvent::Delta(d)) => vec![chunk(
-            json!([{"index": 0, "text": d.text, "logprobs": null, "finish_reason": null}]),
-            Some(("dsvl", json!({"token_ids": d.token_ids}))),
-        )],
-        Ok(ChatEvent::Finish(f)) => {
-            let mut out = vec![chunk(
-                json!([{"index": 0, "text": "", "logprobs": null, "finish_reason": f.finish_reason}]),
-                Some(("dsvl", extension(&f))),
-            )];
-            if include_usage {
-                out.push(chunk(json!([]), Some(("usage", usage(&f)))));
-            }
-            out.push(Event::default().data("[DONE]"));
-            out
-        }
-        Err(e) => vec![Event::default().data(e.openai_body().to_string())],
-    });
-    Sse::new(events.flat_map(futures::stream::iter).map(Ok))
 }

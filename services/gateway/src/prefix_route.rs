@@ -85,7 +85,10 @@ pub fn hashes_by_group(key: &RouteKey, groups: &[Arc<Replica>]) -> Vec<Vec<Block
     let mut by_size: HashMap<usize, Vec<BlockHash>> = HashMap::new();
     groups
         .iter()
-        .map(|r| by_size.entry(block_size(r)).or_insert_with(|| key.hashes(block_size(r))).clone())
+        .map(|r| {
+            let bs = block_size(r);
+            by_size.entry(bs).or_insert_with(|| key.hashes(bs)).clone()
+        })
         .collect()
 }
 
