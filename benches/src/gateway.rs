@@ -133,6 +133,7 @@ impl Clients {
             logprobs: false,
             cache_salt: Default::default(),
             constraint: None,
+            top_logprobs: 0,
         };
         let mut stream = self.decoder.generate(req).await?.into_inner();
         let mut n = 0;

@@ -55,7 +55,11 @@ async fn completions_with_token_ids_and_text() -> Result<()> {
 
     for (bad, field) in [
         (json!({"prompt": "x", "echo": true}), "echo"),
-        (json!({"prompt": "x", "logit_bias": {"1": 2}}), "`logit_bias`"),
+        (json!({"prompt": "x", "best_of": 2}), "best_of"),
+        (json!({"prompt": "x", "logit_bias": {"999999": 2}}), "logit_bias token id 999999"),
+        (json!({"prompt": "x", "logit_bias": {"a": 2}}), "logit_bias: key `a`"),
+        (json!({"prompt": "x", "logprobs": 21}), "top_logprobs is 21"),
+        (json!({"prompt": "x", "n": 99}), "at most 8"),
         (json!({"prompt": ["a", "b"]}), "one prompt per request"),
         (json!({"prompt": "x", "frobnicate": 1}), "unknown field `frobnicate`"),
     ] {

@@ -74,7 +74,7 @@ async fn out_of_range_sampling_is_refused_by_name() -> Result<()> {
         assert_eq!(r.status, 400, "{field}={value}: {}", r.body);
         let msg = r.json()?["error"]["message"].as_str().unwrap_or_default().to_string();
         assert!(msg.contains(field), "{field}={value}: {msg}");
-        let err = client.generate(hi(Some(*grpc))).await.err();
+        let err = client.generate(hi(Some(grpc.clone()))).await.err();
         let err = err.ok_or_else(|| anyhow::anyhow!("gRPC accepted {field}={value}"))?;
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
         assert!(err.message().contains(field), "{err:?}");
@@ -152,7 +152,7 @@ async fn gateway_drains_open_streams_on_sigterm() -> Result<()> {
     let mut cluster = Cluster::start(opts).await?;
     let mut client = cluster.chat().await?;
     let greedy = Some(SamplingParams { temperature: Some(0.0), ..Default::default() });
-    let mut long = hi(greedy);
+    let mut long = hi(greedy.clone());
     long.max_tokens = 2000;
     long.messages[0].content[0].part = Some(Part::Text("Tell me a long story.".into()));
     let mut stream = client.generate(long).await?.into_inner();

@@ -106,6 +106,7 @@ impl Decoder for FakeDecoder {
                         logprob: 0.0,
                         index: i,
                         cached_tokens: 0,
+                        top_logprobs: vec![],
                     })),
                 })
             })

@@ -102,11 +102,13 @@ pub fn run(args: ChatArgs) -> Result<()> {
             top_p: p.top_p,
             repetition_penalty: p.repetition_penalty,
             seed: p.seed,
+            ..Default::default()
         }),
         stop: args.stop.clone(),
         max_tokens: args.max_new_tokens,
         return_prompt_token_ids: args.json,
         output_format: None,
+        ..Default::default()
     };
     tokio::runtime::Runtime::new()?.block_on(stream_chat(&args, request))
 }

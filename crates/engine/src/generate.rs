@@ -105,10 +105,11 @@ pub fn generate(
     sched.add(NewRequest {
         prompt: req.prompt.clone(),
         image: req.image.clone(),
-        params: req.params,
+        params: req.params.clone(),
         max_new_tokens: req.max_new_tokens,
         stop_ids: req.stop_ids.clone(),
         logprobs: false,
+        top_logprobs: 0,
         deadline: None,
         keep_logits: req.keep_logits,
         events: tx,

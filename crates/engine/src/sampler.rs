@@ -1,12 +1,13 @@
 //! Next-token selection with the semantics of `transformers`' `generate` as the reference calls
-//! it: greedy is a plain argmax (first index on ties, like `torch.argmax`); sampling
-//! applies, in this order, the repetition penalty over the *generated* tokens only (generation
-//! starts from `inputs_embeds`, so the prompt is not in `input_ids`), temperature, top-k and
-//! top-p, then draws from the
-//! softmax with a seeded generator, so a seed reproduces its output. Only the head of the
-//! distribution that the draw reaches is ever ordered (partial selection, not a sort of the
-//! vocabulary). The parameters, their
-//! defaults and their validation are [`dsvl_core::sampling`]'s, shared with every API.
+//! it, plus OpenAI's processors, in vLLM's order: the logit processors first (`logit_bias`,
+//! then the repetition penalty and OpenAI's presence and frequency penalties, all over the
+//! *generated* tokens only: generation starts from `inputs_embeds`, so the prompt is not in
+//! `input_ids`); greedy is then an argmax (first index on ties, like `torch.argmax`; a plain
+//! argmax of the model's logits when no processor is set). Sampling goes on with temperature,
+//! `min_p`, top-k and top-p, then draws from the softmax with a seeded generator, so a seed
+//! reproduces its output. Only the head of the distribution that the draw reaches is ever
+//! ordered (partial selection, not a sort of the vocabulary). The parameters, their defaults
+//! and their validation are [`dsvl_core::sampling`]'s, shared with every API.
 
 pub use dsvl_core::sampling::SamplingParams;
 
@@ -89,29 +90,60 @@ impl<'a> Ranked<'a> {
     }
 }
 
+/// Applies the logit processors in place: `logit_bias`, then the repetition penalty (HF's
+/// sign rule: a positive logit is divided, a negative one multiplied; once per distinct
+/// token), then OpenAI's `logit -= count * frequency_penalty + (count > 0) * presence_penalty`.
+pub fn process(scores: &mut [f32], params: &SamplingParams, generated: &[u32]) {
+    for &(id, bias) in &params.logit_bias {
+        if let Some(s) = scores.get_mut(id as usize) {
+            *s += bias;
+        }
+    }
+    let occurrence = params.presence_penalty != 0.0 || params.frequency_penalty != 0.0;
+    if params.repetition_penalty == 1.0 && !occurrence {
+        return;
+    }
+    let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+    for &t in generated {
+        *counts.entry(t).or_default() += 1;
+    }
+    for (&t, &count) in &counts {
+        let Some(s) = scores.get_mut(t as usize) else { continue };
+        if params.repetition_penalty != 1.0 {
+            *s = if *s < 0.0 {
+                *s * params.repetition_penalty
+            } else {
+                *s / params.repetition_penalty
+            };
+        }
+        if occurrence {
+            *s -= count as f32 * params.frequency_penalty + params.presence_penalty;
+        }
+    }
+}
+
 /// Picks the next token from one row of logits.
 pub fn sample(logits: &[f32], params: &SamplingParams, generated: &[u32], rng: &mut Rng) -> u32 {
-    if params.is_greedy() {
+    if params.is_greedy() && !params.processes_logits() {
         return argmax(logits);
     }
     let mut scores = logits.to_vec();
-    if params.repetition_penalty != 1.0 {
-        let mut seen = std::collections::HashSet::new();
-        for &t in generated {
-            // HF gathers then scatters: a repeated token is penalised once.
-            if seen.insert(t) {
-                if let Some(s) = scores.get_mut(t as usize) {
-                    *s = if *s < 0.0 {
-                        *s * params.repetition_penalty
-                    } else {
-                        *s / params.repetition_penalty
-                    };
-                }
-            }
-        }
+    process(&mut scores, params, generated);
+    if params.is_greedy() {
+        return argmax(&scores);
     }
     for s in &mut scores {
         *s /= params.temperature;
+    }
+    if params.min_p > 0.0 {
+        // p_i >= min_p * p_max  <=>  s_i >= s_max + ln(min_p); the most likely token stays.
+        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let floor = max + params.min_p.ln();
+        for s in &mut scores {
+            if *s < floor {
+                *s = f32::NEG_INFINITY;
+            }
+        }
     }
     let n = scores.len();
     let mut ranked = Ranked::new(&scores);
@@ -145,15 +177,37 @@ pub fn sample(logits: &[f32], params: &SamplingParams, generated: &[u32], rng: &
     }
     let total: f64 = if keep < n { (0..keep).map(|j| prob(ranked.at(j))).sum() } else { total };
     let mut u = rng.uniform() * total;
+    let mut last = ranked.at(0);
     for j in 0..keep {
         let i = ranked.at(j);
         let p = prob(i);
         if u < p {
             return i as u32;
         }
+        if p > 0.0 {
+            last = i;
+        }
         u -= p;
     }
-    ranked.at(keep - 1) as u32
+    // Rounding left `u` past the end: the last token that had any probability.
+    last as u32
+}
+
+/// The `k` most likely tokens of a raw logits row with their log-probabilities, most likely
+/// first (ties by ascending id).
+pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    if k == 0 || logits.is_empty() {
+        return Vec::new();
+    }
+    let mut ranked = Ranked::new(logits);
+    let max = logits[ranked.at(0)];
+    let lse = logits.iter().map(|v| f64::from(v - max).exp()).sum::<f64>().ln() as f32 + max;
+    (0..k.min(logits.len()))
+        .map(|j| {
+            let i = ranked.at(j);
+            (i as u32, logits[i] - lse)
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -176,6 +230,7 @@ mod tests {
             top_p: 1.0,
             repetition_penalty: 1.0,
             seed: 7,
+            ..SamplingParams::DEFAULTS
         };
         let run = |seed| {
             let mut rng = Rng::new(seed);
@@ -194,6 +249,7 @@ mod tests {
             top_p: 1.0,
             repetition_penalty: 1.0,
             seed: 1,
+            ..SamplingParams::DEFAULTS
         };
         let mut rng = Rng::new(3);
         assert!((0..50).all(|_| sample(&logits, &p, &[], &mut rng) == 1));
@@ -209,6 +265,7 @@ mod tests {
             top_p: 0.7,
             repetition_penalty: 1.0,
             seed: 1,
+            ..SamplingParams::DEFAULTS
         };
         let mut rng = Rng::new(11);
         let picks: Vec<u32> = (0..400).map(|_| sample(&logits, &p, &[], &mut rng)).collect();
@@ -227,6 +284,7 @@ mod tests {
             top_p: 1.0,
             repetition_penalty: 2.0,
             seed: 0,
+            ..SamplingParams::DEFAULTS
         };
         let mut rng = Rng::new(0);
         assert_eq!(sample(&logits, &p, &[0, 0], &mut rng), 2);
@@ -305,6 +363,7 @@ mod tests {
                 top_p: [1.0, 0.9, 0.3, 0.999][case as usize % 4],
                 repetition_penalty: if case % 2 == 0 { 1.0 } else { 1.3 },
                 seed: case,
+                ..SamplingParams::DEFAULTS
             };
             let generated: Vec<u32> = (0..20).map(|i| (i * 37 % vocab) as u32).collect();
             let (mut a, mut b) = (Rng::new(case), Rng::new(case));
@@ -315,6 +374,74 @@ mod tests {
             }
         }
         assert_eq!(draws, 1500);
+    }
+
+    #[test]
+    fn occurrence_penalties_follow_openai_definition() {
+        // logit -= count * frequency + (count > 0) * presence; greedy sees them too.
+        let logits = [5.0f32, 4.0, 3.5];
+        let generated = [0, 0, 0, 1];
+        let p = SamplingParams {
+            presence_penalty: 0.4,
+            frequency_penalty: 0.6,
+            ..SamplingParams::greedy()
+        };
+        let mut scores = logits.to_vec();
+        process(&mut scores, &p, &generated);
+        let want = [5.0 - 3.0 * 0.6 - 0.4, 4.0 - 0.6 - 0.4, 3.5];
+        for (a, b) in scores.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{scores:?} vs {want:?}");
+        }
+        let mut rng = Rng::new(0);
+        assert_eq!(sample(&logits, &p, &generated, &mut rng), 2, "3.5 beats 2.8 and 3.0");
+        assert_eq!(sample(&logits, &p, &[], &mut rng), 0, "nothing generated: no penalty");
+        // Negative values encourage repetition.
+        let p = SamplingParams { presence_penalty: -2.0, ..SamplingParams::greedy() };
+        assert_eq!(sample(&[1.0, 2.0], &p, &[0], &mut rng), 0);
+    }
+
+    #[test]
+    fn logit_bias_applies_to_greedy_and_sampling() {
+        let logits = [0.0f32, 1.0, 2.0, 3.0];
+        let greedy =
+            SamplingParams { logit_bias: vec![(0, 10.0), (3, -100.0)], ..SamplingParams::greedy() };
+        let mut rng = Rng::new(5);
+        assert_eq!(sample(&logits, &greedy, &[], &mut rng), 0);
+        // -100 bans a token in practice; +100 forces it.
+        let banned =
+            SamplingParams { logit_bias: vec![(3, -100.0)], seed: 5, ..SamplingParams::DEFAULTS };
+        assert!((0..300).all(|_| sample(&logits, &banned, &[], &mut rng) != 3));
+        let forced = SamplingParams { logit_bias: vec![(1, 100.0)], ..SamplingParams::DEFAULTS };
+        assert!((0..300).all(|_| sample(&logits, &forced, &[], &mut rng) == 1));
+    }
+
+    #[test]
+    fn min_p_drops_the_unlikely_tail() {
+        // Probabilities ~ [0.64, 0.24, 0.09, 0.03]: min_p 0.3 keeps tokens with p >= 0.19.
+        let logits = [3.0f32, 2.0, 1.0, 0.0];
+        let p = SamplingParams { min_p: 0.3, ..SamplingParams::DEFAULTS };
+        let mut rng = Rng::new(1);
+        let picks: Vec<u32> = (0..400).map(|_| sample(&logits, &p, &[], &mut rng)).collect();
+        assert!(picks.iter().all(|&t| t < 2), "only tokens 0 and 1 may be drawn");
+        assert!(picks.contains(&1) && picks.contains(&0));
+        // Without it the tail is drawn.
+        let free: Vec<u32> =
+            (0..400).map(|_| sample(&logits, &SamplingParams::DEFAULTS, &[], &mut rng)).collect();
+        assert!(free.iter().any(|&t| t >= 2));
+    }
+
+    #[test]
+    fn top_logprobs_are_the_head_of_the_raw_distribution() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let top = top_logprobs(&logits, 3);
+        let ids: Vec<u32> = top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 3, 2], "ties by ascending id");
+        let total: f32 = logits.iter().map(|v| v.exp()).sum();
+        for (id, lp) in top {
+            assert!((lp - (logits[id as usize].exp() / total).ln()).abs() < 1e-6);
+        }
+        assert_eq!(top_logprobs(&logits, 10).len(), 4);
+        assert!(top_logprobs(&logits, 0).is_empty());
     }
 
     #[test]

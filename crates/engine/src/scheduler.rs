@@ -30,7 +30,7 @@ use crate::blocks::BlockManager;
 use crate::constraint::Constraint;
 use crate::generate::{FinishReason, StepExecutor};
 use crate::sampler::{Rng, SamplingParams};
-use crate::select::{Ask, StepLogits};
+use crate::select::{Ask, Choice, StepLogits};
 
 /// Default step token budget on GPUs: a 2,048-token step costs about what a decode step does
 /// there (both are bound by reading the weights), as vLLM's default budget assumes.
@@ -97,6 +97,8 @@ pub enum Event {
         id: u32,
         /// Log-probability under the model's (unprocessed) distribution, when asked for.
         logprob: Option<f32>,
+        /// With `top_logprobs`: the most likely tokens and their log-probabilities.
+        top: Vec<(u32, f32)>,
         /// With `keep_logits`: the logits row the token was chosen from.
         logits: Option<Vec<f32>>,
         /// On the first token only: prompt tokens taken from the prefix cache.
@@ -139,6 +141,8 @@ pub struct NewRequest {
     pub stop_ids: Vec<u32>,
     /// Report log-probabilities.
     pub logprobs: bool,
+    /// Report this many most likely tokens at each step (0: none).
+    pub top_logprobs: usize,
     /// Give up after this instant.
     pub deadline: Option<Instant>,
     /// Send the prefill's logits of every prompt position and each token's logits row (parity
@@ -168,6 +172,7 @@ impl NewRequest {
             max_new_tokens,
             stop_ids: vec![],
             logprobs: false,
+            top_logprobs: 0,
             deadline: None,
             keep_logits: false,
             events,
@@ -537,19 +542,33 @@ impl Scheduler {
                 }
             }
         }
-        // Admit in arrival order (not while preempting: that would only thrash).
+        // Admit in arrival order (not while preempting: that would only thrash). A request
+        // whose next uncached block a running sequence is prefilling right now waits for it
+        // (the n choices of one request, or identical prompts arriving together, prefill the
+        // shared prompt once); the requests behind it go ahead.
+        let mut w = 0;
         while !preempted && budget.tokens > 0 && self.running.len() < self.cfg.max_num_seqs {
             let bs = self.blocks.block_size();
-            let Some(front) = self.waiting.front_mut() else { break };
-            let need = front.tokens();
+            let Some(cand) = self.waiting.get_mut(w) else { break };
+            let need = cand.tokens();
             // The cached prefix it may start from: whole blocks, short of its last token
             // (whose logits choose the first new token).
             let reusable = if self.blocks.prefix_cache() { (need - 1) / bs } else { 0 };
-            front.hash_blocks(reusable, bs);
-            let Some(hit) = self.blocks.admit(front.id, &front.hashes[..reusable], need + 1) else {
+            cand.hash_blocks(reusable, bs);
+            let hashes = &cand.hashes[..reusable];
+            let hit_now = self.blocks.lookup(hashes);
+            if hit_now < reusable
+                && self.running.iter().any(|r| {
+                    r.registered <= hit_now && r.hashes.get(hit_now) == hashes.get(hit_now)
+                })
+            {
+                w += 1;
+                continue;
+            }
+            let Some(hit) = self.blocks.admit(cand.id, hashes, need + 1) else {
                 break;
             };
-            let mut s = self.waiting.pop_front().expect("front exists");
+            let mut s = self.waiting.remove(w).expect("candidate exists");
             s.cached = hit * bs;
             s.registered = hit;
             if s.admitted.is_none() {
@@ -715,11 +734,12 @@ impl Scheduler {
                     generated: &s.generated,
                     rng: &mut s.rng,
                     logprob: s.req.logprobs,
+                    top_logprobs: s.req.top_logprobs,
                     keep_row: s.req.keep_logits,
                     mask: mask.as_ref(),
                 },
             )?;
-            let (token, logprob, kept) = (choice.id, choice.logprob, choice.row);
+            let Choice { id: token, logprob, top, row: kept } = choice;
             let mut complete = false;
             if let Some(c) = s.req.constraint.as_mut() {
                 if let Err(e) = c.consume(token) {
@@ -741,8 +761,13 @@ impl Scheduler {
             }
             s.last_token = Some(now);
             let cached_tokens = (s.generated.len() == 1).then_some(s.cached_tokens);
-            let _ =
-                s.req.events.send(Event::Token { id: token, logprob, logits: kept, cached_tokens });
+            let _ = s.req.events.send(Event::Token {
+                id: token,
+                logprob,
+                top,
+                logits: kept,
+                cached_tokens,
+            });
             let reason = if s.req.stop_ids.contains(&token) || complete {
                 Some(FinishReason::Stop)
             } else if s.generated.len() >= s.req.max_new_tokens

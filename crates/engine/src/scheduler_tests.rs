@@ -402,3 +402,56 @@ fn stop_ids_end_with_stop_and_report_usage() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn identical_prompts_arriving_together_prefill_once() {
+    // Three copies of a 22-token prompt (the n choices of one request) and a different prompt
+    // behind them: the first copy prefills, the others wait for its blocks and take 20 cached
+    // tokens; the different prompt is not held up. Every answer stays exact.
+    let mut s = scheduler(8, 1000, 64);
+    let mut model = FakeModel::default();
+    let p = prompt(3, 22);
+    let mut rxs = Vec::new();
+    for _ in 0..3 {
+        let (req, rx) = request(p.clone(), 5);
+        s.add(req);
+        rxs.push(rx);
+    }
+    let other = prompt(40, 9);
+    let (req, mut other_rx) = request(other.clone(), 5);
+    s.add(req);
+    s.step(&mut model).unwrap();
+    let first: Vec<_> = model.plans[0].0.iter().map(|&(_, start, len)| (start, len)).collect();
+    assert_eq!(first, [(0, 22), (0, 9)], "one copy and the other prompt prefill in step 1");
+    run_to_end(&mut s, &mut model);
+    let cached: Vec<usize> = rxs
+        .iter_mut()
+        .map(|rx| match drain(rx) {
+            (tokens, Some(Event::Finished { usage, .. })) => {
+                assert_eq!(tokens, expected(&p, 5));
+                usage.cached_tokens
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(cached, [0, 20, 20]);
+    assert_eq!(drain(&mut other_rx).0, expected(&other, 5));
+    // With the cache off there is nothing to wait for: all prefill at once.
+    let mut s = Scheduler::new(
+        SchedulerConfig {
+            max_num_seqs: 8,
+            max_batched_tokens: 1000,
+            max_positions: 1000,
+            max_step_stretch: None,
+        },
+        BlockManager::new(64, BLOCK).with_prefix_cache(false),
+    );
+    let mut model = FakeModel::default();
+    for _ in 0..3 {
+        let (req, rx) = request(p.clone(), 5);
+        s.add(req);
+        std::mem::forget(rx);
+    }
+    s.step(&mut model).unwrap();
+    assert_eq!(model.plans[0].0.len(), 3);
+}

@@ -8,7 +8,7 @@
 use candle_core::{DType, Tensor, D};
 
 use crate::constraint::Mask;
-use crate::sampler::{sample, Rng, SamplingParams};
+use crate::sampler::{sample, top_logprobs, Rng, SamplingParams};
 
 /// What a sequence's next token is chosen from, and how.
 pub struct Ask<'a> {
@@ -20,6 +20,8 @@ pub struct Ask<'a> {
     pub rng: &'a mut Rng,
     /// Report the chosen token's log-probability.
     pub logprob: bool,
+    /// Also report this many most likely tokens with their log-probabilities (0: none).
+    pub top_logprobs: usize,
     /// Return the whole logits row (parity checks).
     pub keep_row: bool,
     /// The tokens a grammar allows (others are set to minus infinity before choosing).
@@ -33,6 +35,9 @@ pub struct Choice {
     pub id: u32,
     /// Its log-probability under the unprocessed distribution, when asked for.
     pub logprob: Option<f32>,
+    /// The most likely tokens of the unprocessed distribution and their log-probabilities,
+    /// most likely first, when asked for (else empty).
+    pub top: Vec<(u32, f32)>,
     /// The logits row, when asked for.
     pub row: Option<Vec<f32>>,
 }
@@ -68,7 +73,12 @@ impl StepLogits {
     /// # Errors
     /// A device error reading the logits.
     pub fn choose(&mut self, row: usize, ask: Ask<'_>) -> candle_core::Result<Choice> {
-        if ask.params.is_greedy() && !ask.keep_row && ask.mask.is_none() {
+        if ask.params.is_greedy()
+            && !ask.params.processes_logits()
+            && ask.top_logprobs == 0
+            && !ask.keep_row
+            && ask.mask.is_none()
+        {
             if self.argmax.is_none() {
                 self.argmax = Some(self.logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
             }
@@ -84,7 +94,7 @@ impl StepLogits {
             } else {
                 None
             };
-            return Ok(Choice { id, logprob, row: None });
+            return Ok(Choice { id, logprob, top: Vec::new(), row: None });
         }
         let values = self.logits.get(row)?.to_vec1::<f32>()?;
         let id = match ask.mask {
@@ -96,7 +106,8 @@ impl StepLogits {
             }
         };
         let logprob = ask.logprob.then(|| log_softmax_at(&values, id as usize));
-        Ok(Choice { id, logprob, row: ask.keep_row.then_some(values) })
+        let top = top_logprobs(&values, ask.top_logprobs);
+        Ok(Choice { id, logprob, top, row: ask.keep_row.then_some(values) })
     }
 }
 
@@ -119,6 +130,7 @@ mod tests {
                 generated: &[],
                 rng: &mut rng,
                 logprob: true,
+                top_logprobs: 0,
                 keep_row: false,
                 mask: None,
             };

@@ -16,6 +16,10 @@ impl From<&v1::SamplingParams> for SamplingRequest {
             top_p: p.top_p,
             repetition_penalty: p.repetition_penalty,
             seed: p.seed,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            min_p: p.min_p,
+            logit_bias: p.logit_bias.iter().map(|(&id, &bias)| (id, bias)).collect(),
         }
     }
 }
@@ -29,6 +33,14 @@ impl From<&SamplingParams> for internal::SamplingParams {
             top_p: p.top_p,
             repetition_penalty: p.repetition_penalty,
             seed: p.seed,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            min_p: p.min_p,
+            logit_bias: p
+                .logit_bias
+                .iter()
+                .map(|&(token_id, bias)| internal::LogitBias { token_id, bias })
+                .collect(),
         }
     }
 }
@@ -43,6 +55,10 @@ impl From<&internal::SamplingParams> for SamplingParams {
             top_p: p.top_p,
             repetition_penalty: p.repetition_penalty,
             seed: p.seed,
+            presence_penalty: p.presence_penalty,
+            frequency_penalty: p.frequency_penalty,
+            min_p: p.min_p,
+            logit_bias: p.logit_bias.iter().map(|b| (b.token_id, b.bias)).collect(),
         }
     }
 }
@@ -152,6 +168,10 @@ mod tests {
             top_p: 0.9,
             repetition_penalty: 1.1,
             seed: 42,
+            presence_penalty: -0.5,
+            frequency_penalty: 1.5,
+            min_p: 0.05,
+            logit_bias: vec![(3, -100.0), (17, 2.5)],
         };
         assert_eq!(SamplingParams::from(&internal::SamplingParams::from(&p)), p);
     }

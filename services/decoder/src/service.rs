@@ -7,6 +7,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use dsvl_cache::RedisCache;
 use dsvl_core::prefix::ImageSpan;
+use dsvl_core::sampling::MAX_TOP_LOGPROBS;
 use dsvl_engine::constraint::{Constraint, Grammar};
 use dsvl_engine::engine::EngineHandle;
 use dsvl_engine::scheduler::{Event, NewRequest, PrefixKey};
@@ -15,7 +16,8 @@ use dsvl_models::llm::ImageRows;
 use dsvl_proto::internal::decoder_server::Decoder;
 use dsvl_proto::internal::generate_response::Event as Out;
 use dsvl_proto::internal::{
-    FinishEvent, GenerateRequest, GenerateResponse, LoadRequest, LoadResponse, TokenEvent, Usage,
+    FinishEvent, GenerateRequest, GenerateResponse, LoadRequest, LoadResponse, TokenEvent,
+    TopLogprob, Usage,
 };
 use futures::Stream;
 use tonic::{Request, Response, Status};
@@ -79,9 +81,17 @@ impl Ready {
             .sampling
             .as_ref()
             .ok_or_else(|| ServiceError::InvalidArgument("sampling is required".into()))?;
-        SamplingParams::from(sampling)
+        let params = SamplingParams::from(sampling);
+        params
             .validate()
+            .and_then(|()| params.validate_vocab(self.info.vocab_size))
             .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        if req.top_logprobs > MAX_TOP_LOGPROBS {
+            return Err(ServiceError::InvalidArgument(format!(
+                "top_logprobs is {}; at most {MAX_TOP_LOGPROBS}",
+                req.top_logprobs
+            )));
+        }
         Ok(())
     }
 
@@ -209,6 +219,7 @@ impl Decoder for DecoderService {
             max_new_tokens: max_new,
             stop_ids: req.stop_token_ids.clone(),
             logprobs: req.logprobs,
+            top_logprobs: req.top_logprobs as usize,
             deadline,
             keep_logits: false,
             events: tx,
@@ -231,12 +242,16 @@ impl Decoder for DecoderService {
                 let item = match ev {
                     // Never asked for by the service.
                     Event::PromptLogits(_) => continue,
-                    Event::Token { id, logprob, cached_tokens, .. } => {
+                    Event::Token { id, logprob, top, cached_tokens, .. } => {
                         let e = TokenEvent {
                             id,
                             logprob: if logprobs { logprob.unwrap_or(0.0) } else { 0.0 },
                             index,
                             cached_tokens: cached_tokens.unwrap_or(0) as u32,
+                            top_logprobs: top
+                                .into_iter()
+                                .map(|(id, logprob)| TopLogprob { id, logprob })
+                                .collect(),
                         };
                         index += 1;
                         Ok(GenerateResponse { event: Some(Out::Token(e)) })

@@ -2,6 +2,11 @@
 //! retried only before the first token) → incremental detokenization and stop strings →
 //! events for the transport.
 //!
+//! A request for `n` choices opens choice 0 as above, then the others on the same decoder
+//! group at once: the prompt's KV blocks are in its prefix cache by then, so they share the
+//! prefill. Each choice is relayed on its own and ends with its own [`Finish`]; the events
+//! carry the choice's index.
+//!
 //! The decoder call is opened and its first token awaited before [`Gateway::chat`] returns,
 //! so every failure before the first byte reaches the client as a proper status (HTTP code or
 //! gRPC status) and can still be retried elsewhere. After that, events flow through a channel;
@@ -44,10 +49,35 @@ pub enum ChatEvent {
 /// New text (complete UTF-8 characters only) and the token ids generated since the last one.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Delta {
+    /// The choice (0-based, below the request's `n`).
+    pub index: u32,
     /// Text.
     pub text: String,
     /// Token ids.
     pub token_ids: Vec<u32>,
+    /// With `logprobs`: one entry per id in `token_ids`.
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// A generated token's log-probability under the model's unprocessed distribution, with the
+/// most likely alternatives when asked for.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenLogprob {
+    /// The token.
+    pub token: Alternative,
+    /// Most likely first.
+    pub top: Vec<Alternative>,
+}
+
+/// A token, its text alone, and its log-probability.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Alternative {
+    /// Id.
+    pub id: u32,
+    /// Its text decoded alone (U+FFFD where a character spans several tokens).
+    pub text: String,
+    /// Log-probability.
+    pub logprob: f32,
 }
 
 /// Where a request's time went, in seconds.
@@ -68,6 +98,8 @@ pub struct Timing {
 /// The end of a reply.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Finish {
+    /// The choice that ended.
+    pub index: u32,
     /// `stop` (EOS or a stop string) or `length`.
     pub finish_reason: String,
     /// Prompt tokens.
@@ -92,6 +124,7 @@ struct Opened {
     first: GenerateResponse,
     guard: InflightGuard,
     first_token_seconds: f64,
+    replica: Arc<Replica>,
 }
 
 enum OpenError {
@@ -161,15 +194,14 @@ impl Gateway {
         in_flight: InFlightRequest,
     ) -> Result<ChatStream, GatewayError> {
         let prep = prepare(&self.config, &self.model, input)?;
-        self.tenancy
-            .admit(tenant, prep.images.len(), prep.prompt.ids.len() + prep.max_new_tokens as usize)
-            .map_err(|r| match r {
-                Refusal::Quota { what, retry_after } => GatewayError::Exhausted {
-                    message: format!("tenant `{}` is over its {what} quota", tenant.id),
-                    retry_after: std::time::Duration::from_secs_f64(retry_after),
-                },
-                Refusal::Unauthenticated => GatewayError::Unauthenticated,
-            })?;
+        let tokens = prep.prompt.ids.len() + prep.output.n as usize * prep.max_new_tokens as usize;
+        self.tenancy.admit(tenant, prep.images.len(), tokens).map_err(|r| match r {
+            Refusal::Quota { what, retry_after } => GatewayError::Exhausted {
+                message: format!("tenant `{}` is over its {what} quota", tenant.id),
+                retry_after: std::time::Duration::from_secs_f64(retry_after),
+            },
+            Refusal::Unauthenticated => GatewayError::Unauthenticated,
+        })?;
         self.vision_retries.deposit();
         self.decoder_retries.deposit();
         let span = tracing::Span::current();
@@ -196,11 +228,12 @@ impl Gateway {
             prompt_token_ids: prep.prompt.ids.clone(),
             images: slots(&prep, embedded.as_ref()),
             sampling: Some((&prep.sampling).into()),
-            stop_token_ids: vec![self.model.tokenizer.special().eos],
+            stop_token_ids: stop_ids(&prep, self.model.tokenizer.special().eos),
             max_new_tokens: prep.max_new_tokens,
-            logprobs: false,
+            logprobs: prep.output.logprobs,
             cache_salt: tenant.salt.clone().into(),
             constraint: prep.constraint.clone(),
+            top_logprobs: prep.output.top_logprobs,
         };
         let vision_seconds = t_vision.elapsed().as_secs_f64();
         span.record("gen_ai.response.id", request.request_id.as_str());
@@ -250,12 +283,24 @@ impl Gateway {
             total_seconds: 0.0,
             images_cached: embedded.as_ref().map_or(0, |e| e.cached),
         };
+        let mut choices = vec![opened];
+        if prep.output.n > 1 {
+            choices
+                .extend(self.open_siblings(&choices[0].replica, &request, &prep, deadline).await?);
+        }
         let (tx, rx) = mpsc::channel(64);
         let gw = self.clone();
         tokio::spawn(
             async move {
                 let _in_flight = in_flight;
-                let outcome = gw.relay(opened, &prep, timing, deadline, started, api, &tx).await;
+                let relays = choices.into_iter().enumerate().map(|(i, opened)| {
+                    gw.relay(opened, i as u32, &prep, timing, deadline, started, api, &tx)
+                });
+                let outcome = futures::future::join_all(relays)
+                    .await
+                    .into_iter()
+                    .collect::<Result<Vec<()>, GatewayError>>()
+                    .map(|_| ());
                 let label = match &outcome {
                     Ok(()) => "ok",
                     Err(e) => e.outcome(),
@@ -326,19 +371,8 @@ impl Gateway {
                 continue;
             }
             let guard = InflightGuard::new(r.clone());
-            let mut req = tonic::Request::new(request.clone());
-            req.set_timeout(deadline.saturating_duration_since(Instant::now()));
-            dsvl_telemetry::inject_trace_context(req.metadata_mut());
-            let mut client = DecoderClient::new(r.channel.clone())
-                .max_decoding_message_size(MAX_UPSTREAM_MESSAGE)
-                .max_encoding_message_size(MAX_UPSTREAM_MESSAGE);
             let t = Instant::now();
-            let call = async {
-                let mut stream = client.generate(req).await?.into_inner();
-                let first = stream.message().await?;
-                Ok::<_, tonic::Status>((stream, first))
-            };
-            match tokio::time::timeout_at(deadline.into(), call).await {
+            match call_decoder(&r, request, deadline).await {
                 Err(_) => return Err(OpenError::Fatal(deadline_error("the decoder's prefill"))),
                 Ok(Ok((stream, Some(first)))) => {
                     r.breaker.success();
@@ -352,7 +386,7 @@ impl Gateway {
                     let first_token_seconds = t.elapsed().as_secs_f64();
                     metrics::histogram!("dsvl_upstream_latency_seconds", "tier" => "decoder")
                         .record(first_token_seconds);
-                    return Ok(Opened { stream, first, guard, first_token_seconds });
+                    return Ok(Opened { stream, first, guard, first_token_seconds, replica: r });
                 }
                 Ok(Ok((_, None))) => {
                     r.breaker.failure();
@@ -378,12 +412,52 @@ impl Gateway {
         Err(OpenError::Fatal(last))
     }
 
+    /// Choices 1..n of a request whose choice 0 is open on `replica`: the same prompt (its
+    /// blocks now in that group's prefix cache) with seeds `seed + i`, opened at once. No
+    /// retry elsewhere: another group would prefill the prompt again.
+    async fn open_siblings(
+        &self,
+        replica: &Arc<Replica>,
+        request: &GenerateRequest,
+        prep: &Prepared,
+        deadline: Instant,
+    ) -> Result<Vec<Opened>, GatewayError> {
+        let opens = (1..prep.output.n).map(|i| {
+            let mut req = request.clone();
+            req.request_id = format!("{}.{i}", request.request_id);
+            if let Some(s) = req.sampling.as_mut() {
+                s.seed = s.seed.wrapping_add(u64::from(i));
+            }
+            async move {
+                let guard = InflightGuard::new(replica.clone());
+                let t = Instant::now();
+                match call_decoder(replica, &req, deadline).await {
+                    Err(_) => Err(deadline_error("the decoder's prefill")),
+                    Ok(Ok((stream, Some(first)))) => Ok(Opened {
+                        stream,
+                        first,
+                        guard,
+                        first_token_seconds: t.elapsed().as_secs_f64(),
+                        replica: replica.clone(),
+                    }),
+                    Ok(Ok((_, None))) => Err(GatewayError::Unavailable(format!(
+                        "decoder {} closed the stream without a token",
+                        replica.addr
+                    ))),
+                    Ok(Err(s)) => Err(GatewayError::from_upstream("decoder", &s)),
+                }
+            }
+        });
+        futures::future::join_all(opens).await.into_iter().collect()
+    }
+
     /// Streams the decoder's tokens to `tx` as text deltas until the end, a stop string, the
     /// deadline, or the client leaving.
     #[allow(clippy::too_many_arguments)]
     async fn relay(
         &self,
         opened: Opened,
+        index: u32,
         prep: &Prepared,
         mut timing: Timing,
         deadline: Instant,
@@ -397,6 +471,7 @@ impl Gateway {
         let mut stops = StopText::new(&prep.stop);
         let mut all_ids = Vec::new();
         let mut unsent_ids = Vec::new();
+        let mut unsent_logprobs = Vec::new();
         let mut last_token: Option<Instant> = None;
         let mut cached_tokens = 0;
         let mut next = Some(first);
@@ -427,14 +502,19 @@ impl Gateway {
                     }
                     all_ids.push(t.id);
                     unsent_ids.push(t.id);
+                    if prep.output.logprobs {
+                        unsent_logprobs.push(self.token_logprob(&t));
+                    }
                     let piece =
                         detok.push(tok, t.id).map_err(|e| GatewayError::Internal(e.to_string()))?;
                     if let Some(piece) = piece {
                         let released = stops.push(&piece);
                         if !released.text.is_empty() || released.stopped {
                             send(ChatEvent::Delta(Delta {
+                                index,
                                 text: released.text,
                                 token_ids: std::mem::take(&mut unsent_ids),
+                                logprobs: std::mem::take(&mut unsent_logprobs),
                             }))
                             .await?;
                         }
@@ -455,8 +535,10 @@ impl Gateway {
                     text.push_str(&stops.finish());
                     if !text.is_empty() || !unsent_ids.is_empty() {
                         send(ChatEvent::Delta(Delta {
+                            index,
                             text,
                             token_ids: std::mem::take(&mut unsent_ids),
+                            logprobs: std::mem::take(&mut unsent_logprobs),
                         }))
                         .await?;
                     }
@@ -473,6 +555,7 @@ impl Gateway {
         span.record("gen_ai.response.finish_reasons", reason);
         let prompt_tokens = usage.map_or(prep.prompt.ids.len() as u32, |u| u.prompt_tokens);
         send(ChatEvent::Finish(Finish {
+            index,
             finish_reason: reason.into(),
             prompt_tokens,
             completion_tokens: all_ids.len() as u32,
@@ -487,6 +570,56 @@ impl Gateway {
         }))
         .await
     }
+}
+
+impl Gateway {
+    /// A token event's log-probabilities with the tokens' texts.
+    fn token_logprob(&self, t: &dsvl_proto::internal::TokenEvent) -> TokenLogprob {
+        let alt = |id: u32, logprob: f32| Alternative {
+            id,
+            text: self.model.tokenizer.decode(&[id], false).unwrap_or_default(),
+            logprob,
+        };
+        TokenLogprob {
+            token: alt(t.id, t.logprob),
+            top: t.top_logprobs.iter().map(|a| alt(a.id, a.logprob)).collect(),
+        }
+    }
+}
+
+/// The ids that end generation: EOS (unless `ignore_eos`) and the request's `stop_token_ids`.
+fn stop_ids(prep: &Prepared, eos: u32) -> Vec<u32> {
+    let mut ids = prep.output.stop_token_ids.clone();
+    if !prep.output.ignore_eos {
+        ids.push(eos);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// Opens a `Generate` stream on `r` and waits for its first message; `Err` when the deadline
+/// passes first.
+async fn call_decoder(
+    r: &Replica,
+    request: &GenerateRequest,
+    deadline: Instant,
+) -> Result<
+    Result<(Streaming<GenerateResponse>, Option<GenerateResponse>), tonic::Status>,
+    tokio::time::error::Elapsed,
+> {
+    let mut req = tonic::Request::new(request.clone());
+    req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+    dsvl_telemetry::inject_trace_context(req.metadata_mut());
+    let mut client = DecoderClient::new(r.channel.clone())
+        .max_decoding_message_size(MAX_UPSTREAM_MESSAGE)
+        .max_encoding_message_size(MAX_UPSTREAM_MESSAGE);
+    let call = async {
+        let mut stream = client.generate(req).await?.into_inner();
+        let first = stream.message().await?;
+        Ok::<_, tonic::Status>((stream, first))
+    };
+    tokio::time::timeout_at(deadline.into(), call).await
 }
 
 fn slots(prep: &Prepared, embedded: Option<&crate::images::Embedded>) -> Vec<ImageSlot> {

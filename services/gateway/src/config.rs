@@ -69,6 +69,9 @@ pub struct Args {
     /// Most new tokens a request may ask for, and the default when it asks for none.
     #[arg(long, env = "DSVL_MAX_NEW_TOKENS", default_value_t = 1024)]
     pub max_new_tokens: u32,
+    /// Most choices (`n`) one request may ask for; they share the prompt's prefill.
+    #[arg(long, env = "DSVL_MAX_N", default_value_t = 8)]
+    pub max_n: u32,
     /// Hosts (exact, or `*.suffix`) from which `image_url` http(s) URLs may be fetched. Empty:
     /// only `data:` URLs are accepted.
     #[arg(long, env = "DSVL_IMAGE_URL_ALLOW", value_delimiter = ',')]
@@ -126,6 +129,8 @@ pub struct GatewayConfig {
     pub max_prompt_tokens: usize,
     /// Most new tokens.
     pub max_new_tokens: u32,
+    /// Most choices per request.
+    pub max_n: u32,
     /// Prefix-aware decoder routing and its imbalance threshold (`None`: least work).
     pub prefix_routing: Option<usize>,
     /// Hosts image URLs may come from.
@@ -209,6 +214,7 @@ impl TryFrom<&Args> for GatewayConfig {
             max_image_bytes: a.max_image_mib << 20,
             max_prompt_tokens: a.max_prompt_tokens,
             max_new_tokens: a.max_new_tokens.max(1),
+            max_n: a.max_n.max(1),
             prefix_routing: (a.decoder_routing == "prefix")
                 .then_some(a.prefix_routing_max_imbalance),
             image_url_allow: a.image_url_allow.iter().filter(|h| !h.is_empty()).cloned().collect(),

@@ -11,16 +11,16 @@ use dsvl_proto::v1::chat_server::Chat;
 use dsvl_proto::v1::content_part::Part as ProtoPart;
 use dsvl_proto::v1::{
     ChatDelta, ChatFinish, ChatRequest, ChatResponse, ListModelsRequest, ListModelsResponse,
-    ModelInfo, Timing as ProtoTiming,
+    ModelInfo, Timing as ProtoTiming, TokenLogprob, TopLogprob,
 };
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::chat::{request_span, ChatEvent, Finish};
+use crate::chat::{request_span, Alternative, ChatEvent, Finish};
 use crate::error::GatewayError;
-use crate::prepare::{ChatInput, InMessage, Part, Role};
+use crate::prepare::{ChatInput, InMessage, OutputOptions, Part, Role};
 use crate::tenancy::Refusal;
 use crate::Gateway;
 
@@ -54,6 +54,13 @@ fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
         max_tokens: (req.max_tokens > 0).then_some(req.max_tokens),
         return_prompt_token_ids: req.return_prompt_token_ids,
         raw_prompt: None,
+        output: OutputOptions {
+            n: req.n,
+            logprobs: req.logprobs,
+            top_logprobs: req.top_logprobs,
+            stop_token_ids: req.stop_token_ids,
+            ignore_eos: req.ignore_eos,
+        },
         constraint: req.output_format.and_then(|f| f.kind).map(|k| {
             use dsvl_proto::internal::constraint::Kind;
             use dsvl_proto::v1::output_format::Kind as Public;
@@ -67,6 +74,10 @@ fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
             }
         }),
     })
+}
+
+fn top_logprob(a: Alternative) -> TopLogprob {
+    TopLogprob { id: a.id, token: a.text, logprob: a.logprob }
 }
 
 /// The public message of a finished reply.
@@ -129,13 +140,27 @@ impl Chat for ChatService {
             .await
             .map_err(|e| e.to_status())?;
         let stream = ReceiverStream::new(rx).map(|item| {
-            item.map(|ev| ChatResponse {
-                event: Some(match ev {
-                    ChatEvent::Delta(d) => {
-                        Event::Delta(ChatDelta { text: d.text, token_ids: d.token_ids })
-                    }
-                    ChatEvent::Finish(f) => Event::Finish(finish_message(f)),
-                }),
+            item.map(|ev| match ev {
+                ChatEvent::Delta(d) => ChatResponse {
+                    index: d.index,
+                    event: Some(Event::Delta(ChatDelta {
+                        text: d.text,
+                        token_ids: d.token_ids,
+                        logprobs: d
+                            .logprobs
+                            .into_iter()
+                            .map(|l| TokenLogprob {
+                                id: l.token.id,
+                                token: l.token.text,
+                                logprob: l.token.logprob,
+                                top: l.top.into_iter().map(top_logprob).collect(),
+                            })
+                            .collect(),
+                    })),
+                },
+                ChatEvent::Finish(f) => {
+                    ChatResponse { index: f.index, event: Some(Event::Finish(finish_message(f))) }
+                }
             })
             .map_err(|e| e.to_status())
         });

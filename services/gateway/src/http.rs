@@ -2,9 +2,11 @@
 //! server-sent events framed exactly like OpenAI's, or one JSON object), `GET /v1/models`,
 //! `GET /health`. Errors use OpenAI's `{"error": {...}}` shape with the matching status code.
 //!
-//! Extensions, ignored by OpenAI clients: `top_k`, `repetition_penalty` and
+//! Extensions, ignored by OpenAI clients: vLLM's `top_k`, `min_p`, `repetition_penalty`,
+//! `stop_token_ids`, `ignore_eos`, `guided_regex` and `guided_grammar`, and
 //! `return_prompt_token_ids` in the request; a `dsvl` object (token ids, per-tier timing) in
-//! the response and in stream chunks. The deadline comes from `X-Request-Timeout` (seconds) or
+//! the response and in stream chunks. `n` choices stream interleaved, each chunk naming its
+//! choice's index, each choice ending with its own `finish_reason`. The deadline comes from `X-Request-Timeout` (seconds) or
 //! the OpenAI client's `X-Stainless-Timeout`, capped by the gateway's own.
 
 use dsvl_proto::internal::constraint::Kind;
@@ -26,10 +28,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tracing::Instrument;
 
-use crate::chat::{request_span, ChatEvent, ChatStream, Finish};
+use crate::chat::{request_span, Alternative, ChatEvent, ChatStream, Finish, TokenLogprob};
 use crate::error::{retry_after_secs, GatewayError};
 use crate::fetch::load_image_url;
-use crate::prepare::{ChatInput, InMessage, Part, Role};
+use crate::prepare::{ChatInput, InMessage, OutputOptions, Part, Role};
 use crate::Gateway;
 
 #[derive(Deserialize)]
@@ -91,7 +93,13 @@ struct CompletionRequest {
     n: Option<u32>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
+    min_p: Option<f32>,
+    logit_bias: Option<std::collections::HashMap<String, f32>>,
     logprobs: Option<bool>,
+    top_logprobs: Option<u32>,
+    stop_token_ids: Option<Vec<u32>>,
+    #[serde(default)]
+    ignore_eos: bool,
     tools: Option<Value>,
     tool_choice: Option<Value>,
     #[serde(default)]
@@ -200,17 +208,6 @@ async fn to_input(
     deadline: Instant,
 ) -> Result<ChatInput, GatewayError> {
     let invalid = |m: &str| GatewayError::InvalidArgument(m.to_string());
-    if r.n.unwrap_or(1) != 1 {
-        return Err(invalid("n must be 1"));
-    }
-    if r.presence_penalty.unwrap_or(0.0) != 0.0 || r.frequency_penalty.unwrap_or(0.0) != 0.0 {
-        return Err(invalid(
-            "presence_penalty and frequency_penalty are not supported; use repetition_penalty",
-        ));
-    }
-    if r.logprobs.unwrap_or(false) {
-        return Err(invalid("logprobs are not supported"));
-    }
     if r.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
     {
         return Err(invalid("tools are not supported by this model"));
@@ -261,13 +258,38 @@ async fn to_input(
             top_p: r.top_p,
             repetition_penalty: r.repetition_penalty,
             seed: r.seed,
+            presence_penalty: r.presence_penalty,
+            frequency_penalty: r.frequency_penalty,
+            min_p: r.min_p,
+            logit_bias: logit_bias(r.logit_bias)?,
         },
         stop,
         max_tokens: r.max_completion_tokens.or(r.max_tokens),
         return_prompt_token_ids: r.return_prompt_token_ids,
         constraint,
         raw_prompt: None,
+        output: OutputOptions {
+            n: r.n.unwrap_or(1),
+            logprobs: r.logprobs.unwrap_or(false),
+            top_logprobs: r.top_logprobs.unwrap_or(0),
+            stop_token_ids: r.stop_token_ids.unwrap_or_default(),
+            ignore_eos: r.ignore_eos,
+        },
     })
+}
+
+/// OpenAI's `logit_bias` (token ids as JSON object keys) as `(id, bias)` pairs.
+pub(crate) fn logit_bias(
+    m: Option<std::collections::HashMap<String, f32>>,
+) -> Result<Vec<(u32, f32)>, GatewayError> {
+    m.unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| {
+            k.parse::<u32>().map(|id| (id, v)).map_err(|_| {
+                GatewayError::InvalidArgument(format!("logit_bias: key `{k}` is not a token id"))
+            })
+        })
+        .collect()
 }
 
 fn completion_id() -> String {
@@ -281,12 +303,15 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn usage(f: &Finish) -> Value {
+/// Usage over every choice: the prompt once (choice 0's cache figure), the completions summed.
+fn usage(finishes: &[Finish]) -> Value {
+    let first = finishes.iter().min_by_key(|f| f.index).cloned().unwrap_or_default();
+    let completion: u32 = finishes.iter().map(|f| f.completion_tokens).sum();
     json!({
-        "prompt_tokens": f.prompt_tokens,
-        "completion_tokens": f.completion_tokens,
-        "total_tokens": f.prompt_tokens + f.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": f.cached_tokens},
+        "prompt_tokens": first.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": first.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
     })
 }
 
@@ -342,6 +367,7 @@ async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: B
         Ok(i) => i,
         Err(e) => return error_response(&e),
     };
+    let reply = Reply::new(&input, Shape::Chat, gw.model.name.clone(), completion_id());
     let span = request_span(&gw.model.name, &input, &tenant.id, "http");
     dsvl_telemetry::extract_trace_context(
         &tonic::metadata::MetadataMap::from_headers(headers.clone()),
@@ -351,11 +377,31 @@ async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: B
         Ok(rx) => rx,
         Err(e) => return error_response(&e),
     };
-    let id = completion_id();
     if streaming {
-        sse(rx, id, gw.model.name.clone(), include_usage, Shape::Chat).into_response()
+        sse(rx, reply, include_usage).into_response()
     } else {
-        whole(rx, id, &gw.model.name, Shape::Chat).await
+        whole(rx, reply).await
+    }
+}
+
+/// How to frame one request's reply.
+pub(crate) struct Reply {
+    /// Chat or text completion.
+    pub shape: Shape,
+    /// Completion id.
+    pub id: String,
+    /// Served model name.
+    pub model: String,
+    /// Choices to wait for.
+    pub n: u32,
+    /// Whether choices carry `logprobs`.
+    pub logprobs: bool,
+}
+
+impl Reply {
+    /// The framing of `input`'s reply.
+    pub(crate) fn new(input: &ChatInput, shape: Shape, model: String, id: String) -> Self {
+        Self { shape, id, model, n: input.output.n.max(1), logprobs: input.output.logprobs }
     }
 }
 
@@ -378,46 +424,118 @@ impl Shape {
         }
     }
 
-    /// The one choice of a whole reply.
-    fn whole_choice(self, text: String, finish: &str) -> Value {
+    /// A choice's `logprobs` for `tokens` (`null` when not asked for): chat's `content` list,
+    /// or the legacy completions' parallel lists (`text_offset` counts characters from
+    /// `offset`, the characters of the choice's earlier tokens).
+    fn logprobs(self, asked: bool, tokens: &[TokenLogprob], offset: usize) -> Value {
+        if !asked {
+            return Value::Null;
+        }
+        let entry = |a: &Alternative| json!({"token": a.text, "logprob": a.logprob, "bytes": a.text.as_bytes()});
         match self {
-            Self::Chat => {
-                json!({"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": null, "finish_reason": finish})
-            }
+            Self::Chat => json!({"content": tokens.iter().map(|t| {
+                let mut e = entry(&t.token);
+                e["top_logprobs"] = t.top.iter().map(entry).collect();
+                e
+            }).collect::<Vec<_>>()}),
             Self::Text => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+                let mut at = offset;
+                let offsets: Vec<usize> = tokens
+                    .iter()
+                    .map(|t| {
+                        let o = at;
+                        at += t.token.text.chars().count();
+                        o
+                    })
+                    .collect();
+                json!({
+                    "tokens": tokens.iter().map(|t| t.token.text.clone()).collect::<Vec<_>>(),
+                    "token_logprobs": tokens.iter().map(|t| t.token.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": tokens.iter().map(|t| t.top.iter().map(|a| (a.text.clone(), json!(a.logprob))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+                    "text_offset": offsets,
+                })
             }
         }
     }
 
-    /// The one choice of a stream chunk: new text, or the end (`finish`, no text).
-    fn chunk_choice(self, text: &str, finish: Option<&str>) -> Value {
+    /// A choice of a whole reply.
+    fn whole_choice(self, index: u32, text: String, logprobs: Value, finish: &str) -> Value {
+        match self {
+            Self::Chat => {
+                json!({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish})
+            }
+            Self::Text => {
+                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+            }
+        }
+    }
+
+    /// A choice of a stream chunk: new text, or the end (`finish`, no text).
+    fn chunk_choice(self, index: u32, text: &str, logprobs: Value, finish: Option<&str>) -> Value {
         match (self, finish) {
             (Self::Chat, None) => {
-                json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": null})
+                json!({"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null})
             }
             (Self::Chat, Some(f)) => {
-                json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": f})
+                json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": f})
             }
             (Self::Text, f) => {
-                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": f})
+                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": f})
             }
         }
     }
 }
 
+/// The `dsvl` extension of a whole reply: choice 0's, plus every choice's ids when n > 1.
+fn extensions(finishes: &[Finish]) -> Value {
+    let mut v = extension(&finishes[0]);
+    if finishes.len() > 1 {
+        v["choices_token_ids"] = finishes.iter().map(|f| json!(f.token_ids)).collect();
+    }
+    v
+}
+
+/// What one choice has accumulated.
+#[derive(Default)]
+struct Choice {
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    finish: Option<Finish>,
+}
+
 /// The whole reply as one JSON object.
-pub(crate) async fn whole(mut rx: ChatStream, id: String, model: &str, shape: Shape) -> Response {
-    let mut text = String::new();
+pub(crate) async fn whole(mut rx: ChatStream, reply: Reply) -> Response {
+    let mut choices: Vec<Choice> = (0..reply.n).map(|_| Choice::default()).collect();
+    let mut finished = 0;
     while let Some(ev) = rx.recv().await {
         match ev {
-            Ok(ChatEvent::Delta(d)) => text.push_str(&d.text),
+            Ok(ChatEvent::Delta(d)) => {
+                let c = &mut choices[d.index as usize];
+                c.text.push_str(&d.text);
+                c.logprobs.extend(d.logprobs);
+            }
             Ok(ChatEvent::Finish(f)) => {
+                let i = f.index as usize;
+                choices[i].finish = Some(f);
+                finished += 1;
+                if finished < choices.len() {
+                    continue;
+                }
+                let finishes: Vec<Finish> =
+                    choices.iter_mut().filter_map(|c| c.finish.take()).collect();
+                let body: Vec<Value> = choices
+                    .into_iter()
+                    .zip(&finishes)
+                    .map(|(c, f)| {
+                        let lp = reply.shape.logprobs(reply.logprobs, &c.logprobs, 0);
+                        reply.shape.whole_choice(f.index, c.text, lp, &f.finish_reason)
+                    })
+                    .collect();
                 return Json(json!({
-                    "id": id, "object": shape.object(false), "created": unix_now(), "model": model, "system_fingerprint": null,
-                    "choices": [shape.whole_choice(text, &f.finish_reason)],
-                    "usage": usage(&f),
-                    "dsvl": extension(&f),
+                    "id": reply.id, "object": reply.shape.object(false), "created": unix_now(), "model": reply.model, "system_fingerprint": null,
+                    "choices": body,
+                    "usage": usage(&finishes),
+                    "dsvl": extensions(&finishes),
                 }))
                 .into_response();
             }
@@ -427,15 +545,15 @@ pub(crate) async fn whole(mut rx: ChatStream, id: String, model: &str, shape: Sh
     error_response(&GatewayError::Internal("the request ended without a result".into()))
 }
 
-/// The reply as server-sent events framed like OpenAI's (`[DONE]` last).
+/// The reply as server-sent events framed like OpenAI's (`[DONE]` last, after every choice's
+/// end).
 pub(crate) fn sse(
     rx: ChatStream,
-    id: String,
-    model: String,
+    reply: Reply,
     include_usage: bool,
-    shape: Shape,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let created = unix_now();
+    let Reply { shape, id, model, n, logprobs } = reply;
     let chunk = move |choices: Value, extra: Option<(&str, Value)>| {
         let mut v = json!({"id": id, "object": shape.object(true), "created": created, "model": model, "system_fingerprint": null, "choices": choices});
         if let Some((k, x)) = extra {
@@ -443,28 +561,42 @@ pub(crate) fn sse(
         }
         Event::default().data(v.to_string())
     };
-    // Chat streams open with the assistant's role.
-    let first = match shape {
-        Shape::Chat => vec![chunk(
-            json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
-            None,
-        )],
+    // Chat streams open each choice with the assistant's role.
+    let first: Vec<Event> = match shape {
+        Shape::Chat => (0..n)
+            .map(|i| {
+                chunk(
+                    json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+                    None,
+                )
+            })
+            .collect(),
         Shape::Text => Vec::new(),
     };
+    let mut finishes: Vec<Finish> = Vec::new();
+    let mut chars = vec![0usize; n as usize];
     let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |ev| match ev {
-        Ok(ChatEvent::Delta(d)) => vec![chunk(
-            json!([shape.chunk_choice(&d.text, None)]),
-            Some(("dsvl", json!({"token_ids": d.token_ids}))),
-        )],
+        Ok(ChatEvent::Delta(d)) => {
+            let at = &mut chars[d.index as usize];
+            let lp = shape.logprobs(logprobs, &d.logprobs, *at);
+            *at += d.logprobs.iter().map(|t| t.token.text.chars().count()).sum::<usize>();
+            vec![chunk(
+                json!([shape.chunk_choice(d.index, &d.text, lp, None)]),
+                Some(("dsvl", json!({"token_ids": d.token_ids}))),
+            )]
+        }
         Ok(ChatEvent::Finish(f)) => {
             let mut out = vec![chunk(
-                json!([shape.chunk_choice("", Some(&f.finish_reason))]),
+                json!([shape.chunk_choice(f.index, "", Value::Null, Some(&f.finish_reason))]),
                 Some(("dsvl", extension(&f))),
             )];
-            if include_usage {
-                out.push(chunk(json!([]), Some(("usage", usage(&f)))));
+            finishes.push(f);
+            if finishes.len() == n as usize {
+                if include_usage {
+                    out.push(chunk(json!([]), Some(("usage", usage(&finishes)))));
+                }
+                out.push(Event::default().data("[DONE]"));
             }
-            out.push(Event::default().data("[DONE]"));
             out
         }
         // After the first byte the status code is sent; OpenAI reports late errors as an

@@ -18,8 +18,10 @@ use tracing::Instrument;
 
 use crate::chat::request_span;
 use crate::error::GatewayError;
-use crate::http::{constraint_of, deadline, error_response, header, sse, whole, Shape};
-use crate::prepare::{ChatInput, RawPrompt};
+use crate::http::{
+    constraint_of, deadline, error_response, header, logit_bias, sse, whole, Reply, Shape,
+};
+use crate::prepare::{ChatInput, OutputOptions, RawPrompt};
 use crate::Gateway;
 
 #[derive(Deserialize)]
@@ -60,6 +62,11 @@ struct LegacyRequest {
     suffix: Option<String>,
     presence_penalty: Option<f32>,
     frequency_penalty: Option<f32>,
+    min_p: Option<f32>,
+    logit_bias: Option<std::collections::HashMap<String, f32>>,
+    stop_token_ids: Option<Vec<u32>>,
+    #[serde(default)]
+    ignore_eos: bool,
     response_format: Option<Value>,
     guided_regex: Option<String>,
     guided_grammar: Option<String>,
@@ -69,22 +76,15 @@ struct LegacyRequest {
 
 fn to_input(r: LegacyRequest) -> Result<(ChatInput, bool, bool), GatewayError> {
     let invalid = |m: &str| GatewayError::InvalidArgument(m.to_string());
-    if r.n.unwrap_or(1) != 1 || r.best_of.unwrap_or(1) != 1 {
-        return Err(invalid("n and best_of must be 1"));
-    }
-    if r.logprobs.is_some() {
-        return Err(invalid("logprobs are not supported"));
+    let n = r.n.unwrap_or(1);
+    if r.best_of.is_some_and(|b| b != n) {
+        return Err(invalid("best_of must be absent or equal to n (no server-side ranking)"));
     }
     if r.echo.unwrap_or(false) {
         return Err(invalid("echo is not supported"));
     }
     if r.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(invalid("suffix is not supported (no fill-in-the-middle)"));
-    }
-    if r.presence_penalty.unwrap_or(0.0) != 0.0 || r.frequency_penalty.unwrap_or(0.0) != 0.0 {
-        return Err(invalid(
-            "presence_penalty and frequency_penalty are not supported; use repetition_penalty",
-        ));
     }
     let raw = match r.prompt {
         PromptField::Text(t) => RawPrompt::Text(t),
@@ -108,6 +108,10 @@ fn to_input(r: LegacyRequest) -> Result<(ChatInput, bool, bool), GatewayError> {
             top_p: r.top_p,
             repetition_penalty: r.repetition_penalty,
             seed: r.seed,
+            presence_penalty: r.presence_penalty,
+            frequency_penalty: r.frequency_penalty,
+            min_p: r.min_p,
+            logit_bias: logit_bias(r.logit_bias)?,
         },
         stop: match r.stop {
             None => Vec::new(),
@@ -119,6 +123,14 @@ fn to_input(r: LegacyRequest) -> Result<(ChatInput, bool, bool), GatewayError> {
         return_prompt_token_ids: r.return_prompt_token_ids,
         constraint: constraint_of(&r.response_format, &r.guided_regex, &r.guided_grammar)?,
         raw_prompt: Some(raw),
+        // The legacy `logprobs: k` asks for the chosen token's and the k most likely ones'.
+        output: OutputOptions {
+            n,
+            logprobs: r.logprobs.is_some(),
+            top_logprobs: r.logprobs.unwrap_or(0),
+            stop_token_ids: r.stop_token_ids.unwrap_or_default(),
+            ignore_eos: r.ignore_eos,
+        },
     };
     Ok((input, r.stream, include_usage))
 }
@@ -158,14 +170,14 @@ pub async fn completions(
             Err(e) => return error_response(&e),
         };
     let span = request_span(&gw.model.name, &input, &tenant.id, "http");
+    let reply = Reply::new(&input, Shape::Text, gw.model.name.clone(), completion_id());
     let rx = match gw.chat(&tenant, input, deadline, "http").instrument(span).await {
         Ok(rx) => rx,
         Err(e) => return error_response(&e),
     };
-    let (id, model) = (completion_id(), gw.model.name.clone());
     if streaming {
-        sse(rx, id, model, include_usage, Shape::Text).into_response()
+        sse(rx, reply, include_usage).into_response()
     } else {
-        whole(rx, id, &model, Shape::Text).await
+        whole(rx, reply).await
     }
 }

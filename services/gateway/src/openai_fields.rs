@@ -54,10 +54,32 @@ fields![
         Honoured,
         "text, json_object, json_schema (enforced with or without strict)"
     ),
-    ("n", Honoured, "1 only; other values are refused"),
-    ("logprobs", Honoured, "false only; true is refused"),
-    ("presence_penalty", Honoured, "0 only; use repetition_penalty"),
-    ("frequency_penalty", Honoured, "0 only; use repetition_penalty"),
+    (
+        "n",
+        Honoured,
+        "up to the gateway's --max-n (default 8); the choices share the prompt's prefill; choice i samples with seed + i"
+    ),
+    (
+        "logprobs",
+        Honoured,
+        "each token's log-probability under the model's unprocessed distribution"
+    ),
+    ("top_logprobs", Honoured, "up to 20 alternatives per token; needs logprobs"),
+    (
+        "presence_penalty",
+        Honoured,
+        "OpenAI's definition, over the generated tokens; in [-2, 2]; greedy too"
+    ),
+    (
+        "frequency_penalty",
+        Honoured,
+        "OpenAI's definition, over the generated tokens; in [-2, 2]; greedy too"
+    ),
+    (
+        "logit_bias",
+        Honoured,
+        "up to 300 token ids, values in [-100, 100], added before anything else (greedy too)"
+    ),
     ("tools", Honoured, "absent or empty only: tool calls are not supported yet"),
     ("tool_choice", Honoured, "\"none\" only"),
     ("user", NoOp, "an end-user id for the caller's own abuse tracking; never changes the output"),
@@ -71,8 +93,6 @@ fields![
     ),
     ("service_tier", NoOp, "one tier here"),
     ("parallel_tool_calls", NoOp, "no tools are called"),
-    ("logit_bias", Refused, "not implemented yet"),
-    ("top_logprobs", Refused, "not implemented yet"),
     ("audio", Refused, "text output only"),
     ("modalities", Refused, "text output only"),
     ("prediction", Refused, "predicted outputs are not implemented"),
@@ -83,6 +103,9 @@ fields![
     ("function_call", Refused, "deprecated function calling is not supported"),
     ("top_k", Honoured, "dsvl/vLLM extension: keep the k most likely tokens"),
     ("repetition_penalty", Honoured, "dsvl/vLLM extension: Hugging Face's repetition penalty"),
+    ("min_p", Honoured, "vLLM extension: drop tokens below min_p times the most likely one's probability"),
+    ("stop_token_ids", Honoured, "vLLM extension: up to 64 ids that also end generation (kept)"),
+    ("ignore_eos", Honoured, "vLLM extension: do not stop at the end-of-sequence token"),
     ("guided_regex", Honoured, "vLLM extension: the reply matches this regular expression"),
     ("guided_grammar", Honoured, "vLLM extension: the reply matches this Lark grammar"),
     ("return_prompt_token_ids", Honoured, "dsvl extension: echo the prompt's token ids"),
@@ -112,17 +135,24 @@ fields![
     ("stop", Honoured, "up to 16 strings"),
     ("stream", Honoured, "server-sent events"),
     ("stream_options", Honoured, "include_usage"),
-    ("n", Honoured, "1 only"),
-    ("best_of", Honoured, "1 only"),
-    ("logprobs", Honoured, "null only"),
+    ("n", Honoured, "up to the gateway's --max-n; the choices share the prompt's prefill"),
+    ("best_of", Honoured, "absent or equal to n (no server-side ranking)"),
+    (
+        "logprobs",
+        Honoured,
+        "0 to 20: the chosen token's log-probability and that many alternatives"
+    ),
     ("echo", Honoured, "false only"),
     ("suffix", Honoured, "null or empty only (no fill-in-the-middle)"),
-    ("presence_penalty", Honoured, "0 only; use repetition_penalty"),
-    ("frequency_penalty", Honoured, "0 only; use repetition_penalty"),
+    ("presence_penalty", Honoured, "OpenAI's definition; in [-2, 2]"),
+    ("frequency_penalty", Honoured, "OpenAI's definition; in [-2, 2]"),
+    ("logit_bias", Honoured, "as in chat"),
     ("user", NoOp, "an end-user id for the caller's own abuse tracking"),
-    ("logit_bias", Refused, "not implemented yet"),
     ("top_k", Honoured, "dsvl/vLLM extension"),
     ("repetition_penalty", Honoured, "dsvl/vLLM extension"),
+    ("min_p", Honoured, "vLLM extension"),
+    ("stop_token_ids", Honoured, "vLLM extension"),
+    ("ignore_eos", Honoured, "vLLM extension"),
     ("response_format", Honoured, "vLLM extension: json_object or json_schema"),
     ("guided_regex", Honoured, "vLLM extension"),
     ("guided_grammar", Honoured, "vLLM extension (Lark)"),
@@ -203,10 +233,10 @@ mod tests {
     fn unknown_and_refused_fields_are_named() {
         let ok = json!({"messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:,", "detail": "high"}}]}],
-            "user": "u1", "logit_bias": null});
+            "user": "u1", "audio": null});
         assert_eq!(check(&ok), Ok(()));
-        let e = check(&json!({"messages": [], "logit_bias": {"5": 1}})).unwrap_err();
-        assert!(e.starts_with("`logit_bias` is not supported"), "{e}");
+        let e = check(&json!({"messages": [], "audio": {"voice": "x"}})).unwrap_err();
+        assert!(e.starts_with("`audio` is not supported"), "{e}");
         let e = check(&json!({"messages": [], "frobnicate": 1})).unwrap_err();
         assert_eq!(e, "unknown field `frobnicate`");
         let e = check(&json!({"messages": [{"role": "user", "name": "bob", "content": "hi"}]}))

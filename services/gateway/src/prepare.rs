@@ -10,7 +10,7 @@ use dsvl_chat::{
     render_prompt, Message, Prompt, Role as TemplateRole, DEFAULT_SYSTEM_PROMPT, IMAGE_TAG,
 };
 use dsvl_core::cache_key::ImageDigest;
-use dsvl_core::sampling::{SamplingParams, SamplingRequest};
+use dsvl_core::sampling::{SamplingParams, SamplingRequest, MAX_TOP_LOGPROBS};
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
@@ -78,6 +78,51 @@ pub struct ChatInput {
     pub constraint: Option<dsvl_proto::internal::Constraint>,
     /// `/v1/completions`: the prompt as is (no chat template; `messages` must be empty).
     pub raw_prompt: Option<RawPrompt>,
+    /// Choices, log-probabilities and stop ids.
+    pub output: OutputOptions,
+}
+
+/// What to generate besides the token selection: how many choices, which log-probabilities,
+/// where to stop.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OutputOptions {
+    /// Independent choices (0 is read as 1; at most the gateway's `max_n`). Choice `i` samples
+    /// with seed `seed + i`.
+    pub n: u32,
+    /// Report each token's log-probability.
+    pub logprobs: bool,
+    /// With `logprobs`: this many most likely alternatives per token (at most 20).
+    pub top_logprobs: u32,
+    /// Token ids that also end generation (kept in the output).
+    pub stop_token_ids: Vec<u32>,
+    /// Do not stop at the end-of-sequence token.
+    pub ignore_eos: bool,
+}
+
+/// Most `stop_token_ids` per request.
+pub const MAX_STOP_TOKEN_IDS: usize = 64;
+
+impl OutputOptions {
+    /// Checks the options against the gateway's limits; `n` comes back at least 1.
+    fn validated(mut self, max_n: u32) -> Result<Self, GatewayError> {
+        self.n = self.n.max(1);
+        if self.n > max_n {
+            return Err(invalid(format!("n is {}; this gateway allows at most {max_n}", self.n)));
+        }
+        if self.top_logprobs > MAX_TOP_LOGPROBS {
+            return Err(invalid(format!(
+                "top_logprobs is {}; at most {MAX_TOP_LOGPROBS}",
+                self.top_logprobs
+            )));
+        }
+        if self.top_logprobs > 0 && !self.logprobs {
+            return Err(invalid("top_logprobs needs logprobs set to true"));
+        }
+        if self.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(invalid(format!("at most {MAX_STOP_TOKEN_IDS} stop_token_ids")));
+        }
+        Ok(self)
+    }
 }
 
 /// A completion prompt: text (tokenized with BOS, no template) or token ids (used as given).
@@ -130,6 +175,8 @@ pub struct Prepared {
     pub return_prompt_token_ids: bool,
     /// What the reply must match.
     pub constraint: Option<dsvl_proto::internal::Constraint>,
+    /// Choices, log-probabilities and stop ids (validated; `n` at least 1).
+    pub output: OutputOptions,
 }
 
 const MAX_STOPS: usize = 16;
@@ -155,6 +202,7 @@ pub fn prepare(
         )));
     }
     let sampling = input.sampling.resolve().map_err(|e| invalid(e.to_string()))?;
+    let output = input.output.validated(config.max_n)?;
     if input.stop.len() > MAX_STOPS || input.stop.iter().any(String::is_empty) {
         return Err(invalid(format!("at most {MAX_STOPS} non-empty stop strings")));
     }
@@ -173,6 +221,7 @@ pub fn prepare(
         input.max_tokens,
         input.return_prompt_token_ids,
         input.constraint,
+        output,
     )
 }
 
@@ -276,6 +325,7 @@ fn finish(
     max_tokens: Option<u32>,
     return_prompt_token_ids: bool,
     constraint: Option<dsvl_proto::internal::Constraint>,
+    output: OutputOptions,
 ) -> Result<Prepared, GatewayError> {
     let limit = if config.max_prompt_tokens == 0 {
         model.max_positions
@@ -320,5 +370,6 @@ fn finish(
         tokenize_seconds: started.elapsed().as_secs_f64(),
         return_prompt_token_ids,
         constraint,
+        output,
     })
 }
