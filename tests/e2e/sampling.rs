@@ -1,0 +1,191 @@
+//! The sampling and output parameters through the public gRPC API, all real binaries: each
+//! parameter is checked against what it must do to the tokens of the bundled random-weight
+//! model (exact where the rule allows it, against a counterfactual otherwise, so a parameter
+//! that is dropped on the way fails): `logprobs`/`top_logprobs`, `logit_bias`, the presence and
+//! frequency penalties, `min_p`, `seed`, `n` (choices share the prefill), `stop_token_ids`,
+//! `ignore_eos`, and the refusals of values out of range.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+use dsvl_e2e::{Cluster, Options};
+use dsvl_proto::v1::chat_response::Event;
+use dsvl_proto::v1::content_part::Part;
+use dsvl_proto::v1::{ChatMessage, ChatRequest, ContentPart, SamplingParams, TokenLogprob};
+use tonic::Code;
+
+/// One choice of a reply: its ids, per-token log-probabilities, finish reason, cached tokens.
+#[derive(Debug, Default, Clone)]
+struct Choice {
+    ids: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
+    finish: String,
+    cached: u32,
+    prompt_tokens: u32,
+}
+
+fn ask(text: &str, max_tokens: u32, sampling: SamplingParams) -> ChatRequest {
+    ChatRequest {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: vec![ContentPart { part: Some(Part::Text(text.into())) }],
+        }],
+        sampling: Some(sampling),
+        max_tokens,
+        ..Default::default()
+    }
+}
+
+fn greedy() -> SamplingParams {
+    SamplingParams { temperature: Some(0.0), ..Default::default() }
+}
+
+fn sampled(seed: u64) -> SamplingParams {
+    SamplingParams { temperature: Some(1.0), seed: Some(seed), ..Default::default() }
+}
+
+async fn run(cluster: &Cluster, req: ChatRequest) -> Result<Vec<Choice>, tonic::Status> {
+    let mut client = cluster.chat().await.map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut choices: HashMap<u32, Choice> = HashMap::new();
+    while let Some(m) = stream.message().await? {
+        let c = choices.entry(m.index).or_default();
+        match m.event {
+            Some(Event::Delta(d)) => c.logprobs.extend(d.logprobs),
+            Some(Event::Finish(f)) => {
+                c.ids = f.token_ids;
+                c.finish = f.finish_reason;
+                c.cached = f.cached_tokens;
+                c.prompt_tokens = f.prompt_tokens;
+            }
+            None => {}
+        }
+    }
+    let mut out: Vec<(u32, Choice)> = choices.into_iter().collect();
+    out.sort_by_key(|(i, _)| *i);
+    Ok(out.into_iter().map(|(_, c)| c).collect())
+}
+
+async fn one(cluster: &Cluster, req: ChatRequest) -> Result<Choice> {
+    let mut v = run(cluster, req).await?;
+    anyhow::ensure!(v.len() == 1, "one choice expected, got {}", v.len());
+    Ok(v.remove(0))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_and_output_parameters_over_grpc() -> Result<()> {
+    let cluster =
+        Cluster::start(Options { vision_replicas: 1, tp: 1, redis: false, ..Options::default() })
+            .await?;
+    let eos = dsvl_gateway::served::ServedModel::load(None, "tiny".into())?.tokenizer.special().eos;
+    let prompt = "Tell me about rockets.";
+    let base = one(&cluster, ask(prompt, 16, greedy())).await?;
+    assert_eq!(base.ids.len(), 16, "{base:?}");
+
+    // logprobs + top_logprobs: one entry per token; greedy picks the head of the list.
+    let req = ChatRequest { logprobs: true, top_logprobs: 5, ..ask(prompt, 16, greedy()) };
+    let c = one(&cluster, req).await?;
+    assert_eq!(c.ids, base.ids, "asking for logprobs does not change the tokens");
+    assert_eq!(c.logprobs.len(), c.ids.len());
+    for (lp, &id) in c.logprobs.iter().zip(&c.ids) {
+        assert_eq!(lp.id, id);
+        assert_eq!(lp.top.len(), 5);
+        assert_eq!(lp.top[0].id, id, "greedy takes the most likely token");
+        assert!((lp.top[0].logprob - lp.logprob).abs() < 1e-5, "{lp:?}");
+        assert!(lp.top.windows(2).all(|w| w[0].logprob >= w[1].logprob), "{lp:?}");
+        assert!(lp.logprob <= 0.0 && lp.top.iter().all(|t| !t.token.is_empty() || t.id == eos));
+    }
+
+    // logit_bias: +100 forces a token (greedy too), -100 bans the greedy one.
+    let forced = (0..200u32).find(|t| !base.ids.contains(t) && *t != eos).context("a token")?;
+    let biased = |bias: HashMap<u32, f32>| SamplingParams { logit_bias: bias, ..greedy() };
+    let c = one(&cluster, ask(prompt, 6, biased(HashMap::from([(forced, 100.0)])))).await?;
+    assert_eq!(c.ids, vec![forced; 6]);
+    let c = one(&cluster, ask(prompt, 6, biased(HashMap::from([(base.ids[0], -100.0)])))).await?;
+    assert_ne!(c.ids[0], base.ids[0]);
+
+    // Presence and frequency penalties (greedy), negative here: they reward repeating, and
+    // this model's unpenalised reply repeats no token. Every chosen token is the argmax of the
+    // penalised scores among the 20 most likely raw ones, and the reply now repeats.
+    let (freq, pres) = (-1.5f32, -2.0f32);
+    let distinct = |ids: &[u32]| ids.iter().collect::<std::collections::HashSet<_>>().len();
+    assert_eq!(distinct(&base.ids), base.ids.len(), "{:?}", base.ids);
+    let penalised =
+        SamplingParams { presence_penalty: Some(pres), frequency_penalty: Some(freq), ..greedy() };
+    let req = ChatRequest { logprobs: true, top_logprobs: 20, ..ask(prompt, 16, penalised) };
+    let c = one(&cluster, req).await?;
+    assert!(distinct(&c.ids) < c.ids.len() / 2, "the penalties make it repeat: {:?}", c.ids);
+    let mut counts: HashMap<u32, f32> = HashMap::new();
+    for lp in &c.logprobs {
+        let score = |id: u32, raw: f32| {
+            let n = counts.get(&id).copied().unwrap_or(0.0);
+            raw - n * freq - if n > 0.0 { pres } else { 0.0 }
+        };
+        let chosen = score(lp.id, lp.logprob);
+        for alt in &lp.top {
+            assert!(chosen >= score(alt.id, alt.logprob) - 1e-4, "{lp:?} with {counts:?}");
+        }
+        *counts.entry(lp.id).or_default() += 1.0;
+    }
+
+    // seed: the same seed gives the same tokens, another seed others; min_p 1 keeps only the
+    // most likely token, so sampling at temperature 1 becomes greedy.
+    let s7 = one(&cluster, ask(prompt, 16, sampled(7))).await?;
+    assert_eq!(one(&cluster, ask(prompt, 16, sampled(7))).await?.ids, s7.ids);
+    assert_ne!(one(&cluster, ask(prompt, 16, sampled(8))).await?.ids, s7.ids);
+    assert_ne!(s7.ids, base.ids, "sampling at temperature 1 is not greedy here");
+    let min_p = SamplingParams { min_p: Some(1.0), ..sampled(7) };
+    assert_eq!(one(&cluster, ask(prompt, 16, min_p)).await?.ids, base.ids);
+
+    // n: three choices of a new prompt; choice i samples with seed + i, and choices 1 and 2
+    // take the prompt's whole blocks from the prefix cache.
+    let other = "Why is the sky blue on a clear day?";
+    let choices = run(&cluster, ChatRequest { n: 3, ..ask(other, 10, sampled(40)) }).await?;
+    assert_eq!(choices.len(), 3);
+    let whole_blocks = (choices[0].prompt_tokens - 1) / 32 * 32;
+    // Choice 0 finds at most the system prompt's block from the earlier requests.
+    assert!(choices[0].cached < whole_blocks, "{choices:?}");
+    for (i, c) in choices.iter().enumerate() {
+        let alone = one(&cluster, ask(other, 10, sampled(40 + i as u64))).await?;
+        assert_eq!(c.ids, alone.ids, "choice {i}");
+        if i > 0 {
+            assert_eq!(c.cached, whole_blocks, "choice {i} shares the prefill");
+        }
+    }
+    assert_ne!(choices[0].ids, choices[1].ids);
+
+    // stop_token_ids end the reply after the id (kept), as stop.
+    let stop = base.ids[3];
+    let cut = base.ids.iter().position(|&t| t == stop).context("stop")? + 1;
+    let c = one(&cluster, ChatRequest { stop_token_ids: vec![stop], ..ask(prompt, 16, greedy()) })
+        .await?;
+    assert_eq!((c.ids.as_slice(), c.finish.as_str()), (&base.ids[..cut], "stop"));
+
+    // ignore_eos: with EOS forced, the reply ends at once, unless EOS is ignored.
+    let to_eos = || biased(HashMap::from([(eos, 100.0)]));
+    let c = one(&cluster, ask(prompt, 4, to_eos())).await?;
+    assert_eq!((c.ids.as_slice(), c.finish.as_str()), (&[eos][..], "stop"));
+    let c = one(&cluster, ChatRequest { ignore_eos: true, ..ask(prompt, 4, to_eos()) }).await?;
+    assert_eq!((c.ids.as_slice(), c.finish.as_str()), (&[eos; 4][..], "length"));
+
+    // Out of range: INVALID_ARGUMENT naming the field.
+    for (req, field) in [
+        (
+            ask(prompt, 4, SamplingParams { presence_penalty: Some(2.5), ..greedy() }),
+            "presence_penalty",
+        ),
+        (ask(prompt, 4, SamplingParams { min_p: Some(1.5), ..greedy() }), "min_p"),
+        (ask(prompt, 4, biased(HashMap::from([(1 << 30, 1.0)]))), "logit_bias"),
+        (
+            ChatRequest { logprobs: true, top_logprobs: 21, ..ask(prompt, 4, greedy()) },
+            "top_logprobs",
+        ),
+        (ChatRequest { top_logprobs: 2, ..ask(prompt, 4, greedy()) }, "top_logprobs"),
+        (ChatRequest { n: 9, ..ask(prompt, 4, greedy()) }, "n is 9"),
+    ] {
+        let e = run(&cluster, req).await.expect_err(field);
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(e.message().contains(field), "{field}: {}", e.message());
+    }
+    Ok(())
+}
