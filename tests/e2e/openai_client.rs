@@ -1,7 +1,11 @@
 //! The official `openai` Python client (PyPI, installed into `tests/python/.venv` by
 //! `scripts/setup`), unmodified, against the gateway's HTTP API: models, a multimodal
 //! completion streamed and not, authentication and bad-request errors as the client's typed
-//! exceptions. Greedy ids must equal the reference's.
+//! exceptions. Greedy ids must equal the reference's. Then every sampling and output parameter
+//! as the client sends it (OpenAI's as arguments, vLLM's through `extra_body`): `n` with
+//! `logprobs`/`top_logprobs`, streamed and not, `seed`, the presence and frequency penalties,
+//! `logit_bias`, `min_p`, `stop_token_ids`, `ignore_eos`, and the legacy completions'
+//! `logprobs`.
 
 use std::process::Command;
 
@@ -23,6 +27,9 @@ async fn official_openai_client_works_unmodified() -> Result<()> {
     let script = repo_root().join("tests/python/openai_client_check.py");
     let image = golden_dir().join("rocket.jpg");
     let base = format!("http://{}/v1", cluster.http);
+    let eos = dsvl_gateway::served::ServedModel::load(None, "tiny".into())?.tokenizer.special().eos;
+    // A token no greedy reply here starts with, to force with logit_bias.
+    let forced = 150u32;
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .arg(script)
@@ -30,6 +37,8 @@ async fn official_openai_client_works_unmodified() -> Result<()> {
             .arg("sk-test")
             .arg(image)
             .arg(want.len().to_string())
+            .arg(eos.to_string())
+            .arg(forced.to_string())
             .output()
     })
     .await??;
@@ -61,5 +70,71 @@ async fn official_openai_client_works_unmodified() -> Result<()> {
     }
     assert_eq!(v["bad_key"], 401);
     assert_eq!(v["remote_url"], 400);
+    check_sampling(&v["sampling"], eos, forced)
+}
+
+fn check_sampling(s: &Value, eos: u32, forced: u32) -> Result<()> {
+    let ids = |v: &Value| -> Result<Vec<u32>> { Ok(serde_json::from_value(v.clone())?) };
+    let greedy = ids(&s["greedy"])?;
+    assert_eq!(greedy.len(), 16);
+    // n = 2 with logprobs: choice i is what seed 11 + i gives alone; 3 alternatives per token,
+    // the chosen token's log-probability never above the best one's.
+    let n = s["n"].as_array().context("n")?;
+    assert_eq!(n.len(), 2);
+    let choice_ids: Vec<Vec<u32>> = serde_json::from_value(s["n_ids"].clone())?;
+    assert_eq!(ids(&s["seed_11"])?, choice_ids[0], "choice 0 samples with the seed");
+    assert_eq!(ids(&s["seed_12"])?, choice_ids[1], "choice 1 with seed + 1");
+    for (i, c) in n.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["finish_reason"], "length");
+        let lps = c["logprobs"].as_array().context("logprobs")?;
+        assert_eq!(lps.len(), 6);
+        let top = c["top"].as_array().context("top")?;
+        for (lp, alts) in lps.iter().zip(top) {
+            let alts = alts.as_array().context("alternatives")?;
+            assert_eq!(alts.len(), 3);
+            assert!(lp.as_f64() <= alts[0].as_f64().map(|a| a + 1e-5), "{lp} vs {alts:?}");
+        }
+        let tokens: String =
+            c["tokens"].as_array().context("tokens")?.iter().filter_map(Value::as_str).collect();
+        assert_eq!(Some(tokens.as_str()), c["content"].as_str(), "the tokens spell the content");
+    }
+    assert_eq!(s["n_usage"]["completion_tokens"], 12, "usage counts both choices");
+    for i in ["0", "1"] {
+        let streamed = &s["stream_n"][i];
+        let whole = &n[i.parse::<usize>()?];
+        assert_eq!(streamed["content"], whole["content"], "choice {i} streamed");
+        assert_eq!(streamed["logprobs"], whole["logprobs"], "choice {i} streamed logprobs");
+        assert_eq!(streamed["finish_reason"], "length");
+    }
+    // Negative penalties make this model repeat (its greedy reply repeats nothing).
+    let distinct = |v: &[u32]| v.iter().collect::<std::collections::HashSet<_>>().len();
+    assert_eq!(distinct(&greedy), greedy.len());
+    let penalised = ids(&s["penalised"])?;
+    assert!(distinct(&penalised) < penalised.len() / 2, "{penalised:?}");
+    assert_eq!(ids(&s["forced"])?, vec![forced; 4]);
+    assert_eq!(ids(&s["min_p"])?, greedy, "min_p 1 keeps only the most likely token");
+    let cut = greedy.iter().position(|&t| t == greedy[3]).context("stop")? + 1;
+    assert_eq!(ids(&s["stopped"][0])?, greedy[..cut]);
+    assert_eq!(s["stopped"][1], "stop");
+    assert_eq!(ids(&s["ignore_eos"][0])?, vec![eos; 4]);
+    assert_eq!(s["ignore_eos"][1], "length");
+    // Legacy completions: logprobs 2 is the chosen token's and two alternatives.
+    let legacy = s["legacy"].as_array().context("legacy")?;
+    assert_eq!(legacy.len(), 2);
+    for c in legacy {
+        assert_eq!(c["token_logprobs"].as_array().map(Vec::len), Some(5), "{c}");
+        assert_eq!(c["top"], serde_json::json!([2, 2, 2, 2, 2]), "{c}");
+        let tokens: Vec<&str> =
+            c["tokens"].as_array().context("tokens")?.iter().filter_map(Value::as_str).collect();
+        let offsets = ids(&c["offsets"])?;
+        assert_eq!(offsets[0], 0);
+        assert_eq!(
+            offsets[4] as usize,
+            tokens[..4].iter().map(|t| t.chars().count()).sum::<usize>()
+        );
+    }
+    assert_ne!(legacy[0]["tokens"], legacy[1]["tokens"], "two different samples");
+    assert_eq!(s["too_many_top"], 400);
     Ok(())
 }

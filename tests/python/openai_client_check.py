@@ -1,6 +1,6 @@
 """Drives the gateway's OpenAI-compatible API with the unmodified official `openai` client.
 
-Usage: openai_client_check.py BASE_URL API_KEY IMAGE_PATH MAX_TOKENS
+Usage: openai_client_check.py BASE_URL API_KEY IMAGE_PATH MAX_TOKENS EOS_ID FORCED_ID
 Prints one JSON object with what the client saw; the Rust test (tests/e2e/openai_client.rs)
 checks it against the golden ids. Exits non-zero on any client-side failure.
 """
@@ -11,6 +11,7 @@ import sys
 import openai
 
 base_url, api_key, image_path, max_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+eos_id, forced_id = int(sys.argv[5]), int(sys.argv[6])
 client = openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=120)
 with open(image_path, "rb") as f:
     data_url = "data:image/jpeg;base64," + base64.b64encode(f.read()).decode()
@@ -62,5 +63,57 @@ try:
     out["remote_url"] = "accepted"
 except openai.BadRequestError as e:
     out["remote_url"] = e.status_code
+
+# Sampling and output parameters: OpenAI's as keyword arguments, vLLM's through extra_body.
+model = out["models"][0]
+text = [{"role": "user", "content": "Tell me about rockets."}]
+ids = lambda r: r.model_extra["dsvl"]["token_ids"]
+s = {}
+s["greedy"] = ids(client.chat.completions.create(model=model, messages=text, temperature=0, max_tokens=16))
+r = client.chat.completions.create(model=model, messages=text, temperature=1, seed=11, n=2, max_tokens=6,
+                                   logprobs=True, top_logprobs=3)
+s["n"] = [{"index": c.index, "finish_reason": c.finish_reason, "content": c.message.content,
+           "tokens": [t.token for t in c.logprobs.content],
+           "logprobs": [t.logprob for t in c.logprobs.content],
+           "top": [[a.logprob for a in t.top_logprobs] for t in c.logprobs.content]} for c in r.choices]
+s["n_ids"] = r.model_extra["dsvl"]["choices_token_ids"]
+s["n_usage"] = r.usage.model_dump()
+s["seed_11"] = ids(client.chat.completions.create(model=model, messages=text, temperature=1, seed=11, max_tokens=6))
+s["seed_12"] = ids(client.chat.completions.create(model=model, messages=text, temperature=1, seed=12, max_tokens=6))
+stream = client.chat.completions.create(model=model, messages=text, temperature=1, seed=11, n=2, max_tokens=6,
+                                        logprobs=True, top_logprobs=3, stream=True)
+streamed = {}
+for chunk in stream:
+    for c in chunk.choices:
+        e = streamed.setdefault(str(c.index), {"content": "", "logprobs": [], "finish_reason": None})
+        e["content"] += c.delta.content or ""
+        if c.logprobs is not None:
+            e["logprobs"] += [t.logprob for t in c.logprobs.content]
+        if c.finish_reason is not None:
+            e["finish_reason"] = c.finish_reason
+s["stream_n"] = streamed
+s["penalised"] = ids(client.chat.completions.create(model=model, messages=text, temperature=0, max_tokens=16,
+                                                    presence_penalty=-2, frequency_penalty=-1.5))
+s["forced"] = ids(client.chat.completions.create(model=model, messages=text, temperature=0, max_tokens=4,
+                                                 logit_bias={str(forced_id): 100}))
+s["min_p"] = ids(client.chat.completions.create(model=model, messages=text, temperature=1, seed=7, max_tokens=16,
+                                                extra_body={"min_p": 1.0}))
+r = client.chat.completions.create(model=model, messages=text, temperature=0, max_tokens=16,
+                                   extra_body={"stop_token_ids": [s["greedy"][3]]})
+s["stopped"] = [ids(r), r.choices[0].finish_reason]
+r = client.chat.completions.create(model=model, messages=text, temperature=0, max_tokens=4,
+                                   logit_bias={str(eos_id): 100}, extra_body={"ignore_eos": True})
+s["ignore_eos"] = [ids(r), r.choices[0].finish_reason]
+r = client.completions.create(model=model, prompt="Once upon a time", temperature=1, seed=3, n=2, max_tokens=5,
+                              logprobs=2)
+s["legacy"] = [{"index": c.index, "tokens": c.logprobs.tokens, "token_logprobs": c.logprobs.token_logprobs,
+                "top": [len(t) for t in c.logprobs.top_logprobs], "offsets": c.logprobs.text_offset, "text": c.text}
+               for c in r.choices]
+try:
+    client.chat.completions.create(model=model, messages=text, max_tokens=1, top_logprobs=21, logprobs=True)
+    s["too_many_top"] = "accepted"
+except openai.BadRequestError as e:
+    s["too_many_top"] = e.status_code
+out["sampling"] = s
 
 print(json.dumps(out))
