@@ -22,6 +22,19 @@ use serde::Deserialize;
 use crate::bundled;
 use crate::CheckpointError;
 
+/// The name a model is served under when none is given: the checkpoint directory's name, or
+/// `tiny-dsvl` for the bundled model (one rule for the gateway's API and every tier's
+/// `model_name` metric label).
+pub fn default_model_name(dir: Option<&Path>) -> String {
+    match dir {
+        Some(p) => p
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "deepseek-vl".into()),
+        None => "tiny-dsvl".into(),
+    }
+}
+
 /// Where a checkpoint comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {

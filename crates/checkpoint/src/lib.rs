@@ -19,7 +19,7 @@ mod error;
 mod facts;
 mod llm_config;
 
-pub use checkpoint::{Checkpoint, ModelSource};
+pub use checkpoint::{default_model_name, Checkpoint, ModelSource};
 pub use error::CheckpointError;
 pub use facts::{
     vision_fingerprint, Fingerprint, ServedFacts, DEFAULT_IMAGE_TOKENS, VISION_PREFIXES,

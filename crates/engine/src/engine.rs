@@ -160,14 +160,7 @@ fn engine_loop(
             rate = if rate == 0.0 { r } else { 0.9 * rate + 0.1 * r };
         }
         let occ = sched.occupancy();
-        metrics::gauge!("dsvl_decoder_waiting").set(occ.waiting as f64);
-        metrics::gauge!("dsvl_decoder_running").set(occ.running as f64);
-        metrics::gauge!("dsvl_decoder_kv_blocks_used").set(occ.blocks_used as f64);
-        metrics::gauge!("dsvl_decoder_kv_blocks_total").set(occ.blocks_total as f64);
-        metrics::gauge!("dsvl_decoder_prefix_cache_blocks").set(occ.blocks_cached as f64);
-        metrics::gauge!("dsvl_decoder_kv_usage_ratio")
-            .set(occ.blocks_used as f64 / occ.blocks_total.max(1) as f64);
-        metrics::gauge!("dsvl_decoder_tokens_per_second").set(rate);
+        crate::request_metrics::occupancy(&occ, rate);
         *shared.load.lock().expect("load lock poisoned. This is a bug.") =
             LoadReport { occupancy: occ, tokens_per_second: rate };
     }

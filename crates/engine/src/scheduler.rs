@@ -29,6 +29,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::blocks::BlockManager;
 use crate::constraint::Constraint;
 use crate::generate::{FinishReason, StepExecutor};
+use crate::request_metrics;
 use crate::sampler::{Rng, SamplingParams};
 use crate::select::{Ask, Choice, StepLogits};
 
@@ -228,6 +229,15 @@ impl Seq {
             out.extend_from_slice(&self.generated[from.max(p) - p..to - p]);
         }
         out
+    }
+
+    /// Its times, for the request metrics.
+    fn times(&self) -> request_metrics::Times {
+        request_metrics::Times {
+            arrived: self.arrived,
+            admitted: self.admitted,
+            first_token: self.first_token,
+        }
     }
 
     /// Extends `hashes` to the first `blocks` blocks (their tokens must be known).
@@ -439,6 +449,8 @@ impl Scheduler {
     /// Ends every sequence with `failure` (the group broke).
     pub fn fail_all(&mut self, failure: Failure) {
         for s in self.running.drain(..).chain(self.waiting.drain(..)) {
+            let (prompt, generated) = (s.req.prompt.len(), s.generated.len());
+            request_metrics::finished("failed", "abort", prompt, generated, &s.times());
             let _ = s.req.events.send(Event::Failed(failure.clone()));
         }
     }
@@ -484,7 +496,13 @@ impl Scheduler {
     }
 
     fn finish_gone(&self, s: &Seq, reason: &'static str) {
-        metrics::counter!("dsvl_decoder_requests_total", "outcome" => reason).increment(1);
+        request_metrics::finished(
+            reason,
+            "abort",
+            s.req.prompt.len(),
+            s.generated.len(),
+            &s.times(),
+        );
         if reason == "deadline" {
             let _ = s.req.events.send(Event::Failed(Failure::DeadlineExceeded));
         }
@@ -512,7 +530,7 @@ impl Scheduler {
             victim.prompt_logits.clear();
             self.preemptions += 1;
             preempted = true;
-            metrics::counter!("dsvl_decoder_preemptions_total").increment(1);
+            request_metrics::preempted();
             tracing::debug!(seq = victim.id, "preempted (recompute)");
             self.waiting.push_front(victim);
         }
@@ -576,12 +594,11 @@ impl Scheduler {
                 s.cached_tokens = s.cached;
                 self.prefix_queried += s.req.prompt.len() as u64;
                 self.prefix_hits += s.cached as u64;
-                metrics::counter!("dsvl_decoder_prefix_cache_queries_total")
-                    .increment(s.req.prompt.len() as u64);
-                metrics::counter!("dsvl_decoder_prefix_cache_hits_total")
-                    .increment(s.cached as u64);
-                metrics::histogram!("dsvl_decoder_queue_seconds")
-                    .record(now.duration_since(s.arrived).as_secs_f64());
+                request_metrics::admitted(
+                    s.req.prompt.len(),
+                    s.cached,
+                    now.duration_since(s.arrived).as_secs_f64(),
+                );
             }
             let need = s.remaining();
             let n = budget.take(need);
@@ -753,11 +770,9 @@ impl Scheduler {
             match s.last_token {
                 None => {
                     s.first_token = Some(now);
-                    metrics::histogram!("dsvl_decoder_time_to_first_token_seconds")
-                        .record(now.duration_since(s.arrived).as_secs_f64());
+                    request_metrics::first_token(now.duration_since(s.arrived).as_secs_f64());
                 }
-                Some(prev) => metrics::histogram!("dsvl_decoder_inter_token_latency_seconds")
-                    .record(now.duration_since(prev).as_secs_f64()),
+                Some(prev) => request_metrics::next_token(now.duration_since(prev).as_secs_f64()),
             }
             s.last_token = Some(now);
             let cached_tokens = (s.generated.len() == 1).then_some(s.cached_tokens);
@@ -790,14 +805,23 @@ impl Scheduler {
                     cached_tokens: s.cached_tokens,
                 };
                 let _ = s.req.events.send(Event::Finished { reason, usage });
-                metrics::counter!("dsvl_decoder_requests_total", "outcome" => "ok").increment(1);
+                let label = if reason == FinishReason::Stop { "stop" } else { "length" };
+                request_metrics::finished(
+                    "ok",
+                    label,
+                    s.req.prompt.len(),
+                    s.generated.len(),
+                    &s.times(),
+                );
                 finished.push(s.id);
             }
         }
-        metrics::counter!("dsvl_decoder_generated_tokens_total").increment(sampled);
+        request_metrics::generated(sampled);
         if !failed.is_empty() {
-            metrics::counter!("dsvl_decoder_requests_total", "outcome" => "grammar_error")
-                .increment(failed.len() as u64);
+            for s in self.running.iter().filter(|s| failed.contains(&s.id)) {
+                let (prompt, generated) = (s.req.prompt.len(), s.generated.len());
+                request_metrics::finished("grammar_error", "abort", prompt, generated, &s.times());
+            }
             finished.extend(failed);
         }
         if !finished.is_empty() {

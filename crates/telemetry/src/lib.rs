@@ -4,7 +4,8 @@
 //!   on stderr, and, when an OTLP endpoint is configured, spans exported over OTLP/gRPC.
 //! * [`extract_trace_context`] / [`inject_trace_context`]: W3C `traceparent`/`tracestate` in gRPC
 //!   metadata, so a request keeps one trace across the gateway and both tiers.
-//! * [`serve_prometheus`]: the `/metrics` endpoint on its own port.
+//! * [`serve_prometheus`]: the `/metrics` endpoint on its own port, every metric described
+//!   from [`catalog`] (the one list of every tier's metrics).
 //! * [`deadline`]: deadlines from `grpc-timeout` and the HTTP timeout headers, capped, never
 //!   panicking on hostile values.
 //! * [`server`]: the gRPC server skeleton (health, probes, reflection) and the one drain
@@ -12,6 +13,7 @@
 //! * [`probes`]: `startup` / readiness / `liveness` on grpc.health.v1 for Kubernetes probes.
 #![deny(missing_docs)]
 
+pub mod catalog;
 pub mod deadline;
 pub mod probes;
 pub mod server;
@@ -180,20 +182,40 @@ pub fn inject_trace_context(metadata: &mut tonic::metadata::MetadataMap) {
 }
 
 /// Installs the global `metrics` recorder and serves `/metrics` on `addr` (Prometheus text
-/// format). Latency histograms get buckets from 1 ms to 60 s.
+/// format) for `tier`, with `global_labels` on every series (the decoder and the gateway pass
+/// `model_name`) and every metric of the tier described ([`catalog::describe`]). Latency
+/// histograms get buckets from 1 ms to 60 s, token counts and batch sizes their own.
 ///
 /// # Errors
 /// When the port cannot be bound or a recorder is already installed.
-pub fn serve_prometheus(addr: SocketAddr) -> Result<(), TelemetryError> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
+pub fn serve_prometheus(
+    addr: SocketAddr,
+    tier: catalog::Tier,
+    global_labels: &[(&str, &str)],
+) -> Result<(), TelemetryError> {
+    use metrics_exporter_prometheus::Matcher;
+    let err =
+        |e: metrics_exporter_prometheus::BuildError| TelemetryError::Prometheus(e.to_string());
+    let mut builder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets(&[
             0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
             60.0,
         ])
-        .map_err(|e| TelemetryError::Prometheus(e.to_string()))?
-        .install()
-        .map_err(|e| TelemetryError::Prometheus(e.to_string()))
+        .map_err(err)?
+        .set_buckets_for_metric(Matcher::Suffix("_tokens".into()), catalog::TOKEN_BUCKETS)
+        .map_err(err)?
+        .set_buckets_for_metric(
+            Matcher::Full("dsvl_vision_batch_size".into()),
+            catalog::BATCH_BUCKETS,
+        )
+        .map_err(err)?;
+    for (k, v) in global_labels {
+        builder = builder.add_global_label(*k, *v);
+    }
+    builder.install().map_err(err)?;
+    catalog::describe(tier);
+    Ok(())
 }
 
 /// Resolves on SIGINT or SIGTERM: the shutdown future every service's `main` passes to `run`.

@@ -21,6 +21,10 @@ pub struct Args {
     /// Checkpoint directory; the bundled tiny model when absent.
     #[arg(long, env = "DSVL_MODEL")]
     pub model: Option<PathBuf>,
+    /// Name the model is served under, the `model_name` label of every metric (default: the
+    /// checkpoint directory's name, as the gateway's).
+    #[arg(long, env = "DSVL_MODEL_NAME")]
+    pub model_name: Option<String>,
     /// Working dtype.
     #[arg(long, env = "DSVL_DTYPE", default_value = "f32")]
     pub dtype: WeightDType,
@@ -225,5 +229,14 @@ impl TryFrom<&Args> for DecoderConfig {
             liveness_stall: Duration::from_secs(a.liveness_stall_secs),
             max_message_bytes: a.max_message_mib << 20,
         })
+    }
+}
+
+impl Args {
+    /// The served model name (`--model-name`, else the gateway's default rule).
+    pub fn served_model_name(&self) -> String {
+        self.model_name
+            .clone()
+            .unwrap_or_else(|| dsvl_checkpoint::default_model_name(self.model.as_deref()))
     }
 }

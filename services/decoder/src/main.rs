@@ -21,7 +21,12 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(addr) = args.metrics_listen {
-        dsvl_telemetry::serve_prometheus(addr)?;
+        let name = args.served_model_name();
+        dsvl_telemetry::serve_prometheus(
+            addr,
+            dsvl_telemetry::catalog::Tier::Decoder,
+            &[("model_name", &name)],
+        )?;
     }
     tokio::runtime::Runtime::new()?.block_on(async {
         let listener = tokio::net::TcpListener::bind(args.listen)

@@ -192,13 +192,10 @@ impl TryFrom<&Args> for GatewayConfig {
                 reason: format!("must be in [1, {max_timeout}], got {}", a.request_timeout_secs),
             });
         }
-        let model_name = a.model_name.clone().unwrap_or_else(|| match &a.model {
-            Some(p) => p
-                .file_name()
-                .map(|f| f.to_string_lossy().into_owned())
-                .unwrap_or_else(|| "deepseek-vl".into()),
-            None => "tiny-dsvl".into(),
-        });
+        let model_name = a
+            .model_name
+            .clone()
+            .unwrap_or_else(|| dsvl_checkpoint::default_model_name(a.model.as_deref()));
         Ok(Self {
             model: a.model.clone(),
             model_name,

@@ -16,7 +16,11 @@ fn main() -> anyhow::Result<()> {
     })?;
     let config = GatewayConfig::try_from(&args)?;
     if let Some(addr) = args.metrics_listen {
-        dsvl_telemetry::serve_prometheus(addr)?;
+        dsvl_telemetry::serve_prometheus(
+            addr,
+            dsvl_telemetry::catalog::Tier::Gateway,
+            &[("model_name", &config.model_name)],
+        )?;
     }
     tokio::runtime::Runtime::new()?.block_on(async {
         let grpc = tokio::net::TcpListener::bind(args.grpc_listen).await.with_context(|| format!("cannot listen on {}", args.grpc_listen))?;

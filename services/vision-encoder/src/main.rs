@@ -17,7 +17,7 @@ async fn main() -> anyhow::Result<()> {
     })?;
     let config = VisionConfig::try_from(&args)?;
     if let Some(addr) = args.metrics_listen {
-        dsvl_telemetry::serve_prometheus(addr)?;
+        dsvl_telemetry::serve_prometheus(addr, dsvl_telemetry::catalog::Tier::Vision, &[])?;
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
