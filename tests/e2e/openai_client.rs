@@ -5,7 +5,9 @@
 //! as the client sends it (OpenAI's as arguments, vLLM's through `extra_body`): `n` with
 //! `logprobs`/`top_logprobs`, streamed and not, `seed`, the presence and frequency penalties,
 //! `logit_bias`, `min_p`, `stop_token_ids`, `ignore_eos`, and the legacy completions'
-//! `logprobs`.
+//! `logprobs`. Then tool calls: `required` and a named function (grammar-constrained, streamed
+//! and not) parse into the client's `tool_calls`, a later turn with the role `tool` renders as
+//! documented, `auto` answers in text here.
 
 use std::process::Command;
 
@@ -70,7 +72,69 @@ async fn official_openai_client_works_unmodified() -> Result<()> {
     }
     assert_eq!(v["bad_key"], 401);
     assert_eq!(v["remote_url"], 400);
-    check_sampling(&v["sampling"], eos, forced)
+    check_sampling(&v["sampling"], eos, forced)?;
+    check_tools(&v["tools"])
+}
+
+fn check_tools(t: &Value) -> Result<()> {
+    let r = &t["required"];
+    assert_eq!(r["finish_reason"], "tool_calls", "{r}");
+    assert_eq!(r["content"], Value::Null);
+    let calls = r["calls"].as_array().context("calls")?;
+    assert!(!calls.is_empty());
+    for c in calls {
+        assert_eq!(c["type"], "function");
+        assert!(c["id"].as_str().is_some_and(|i| i.starts_with("call_")), "{c}");
+        match c["name"].as_str() {
+            Some("get_weather") => {
+                assert!(c["arguments"]["city"].as_str().is_some_and(|s| s.chars().count() <= 12))
+            }
+            Some("get_time") => {
+                assert!(["utc", "local"].contains(&c["arguments"]["zone"].as_str().unwrap_or("")))
+            }
+            other => panic!("not a listed tool: {other:?}"),
+        }
+    }
+    let named = &t["named_stream"];
+    assert_eq!(named["finish_reason"], "tool_calls", "{named}");
+    assert_eq!(named["content"], "", "a call streams no content");
+    let calls = named["calls"].as_array().context("calls")?;
+    assert_eq!(calls.len(), 1, "{named}");
+    assert_eq!(calls[0]["name"], "get_time");
+    assert!(["utc", "local"].contains(&calls[0]["arguments"]["zone"].as_str().unwrap_or("")));
+    // The later turn's prompt, as documented: the tools at the end of the system prompt, the
+    // call as the reply format, the result in a user turn.
+    let f = &t["follow_up"];
+    assert!(f["content"].as_str().is_some(), "{f}");
+    let ids: Vec<u32> = serde_json::from_value(f["prompt_ids"].clone())?;
+    let tok = dsvl_gateway::served::ServedModel::load(None, "tiny".into())?.tokenizer;
+    let prompt = tok.decode(&ids, false)?;
+    let id = f["call_id"].as_str().context("id")?;
+    for piece in [
+        "You can call the following tools.",
+        r#""name":"get_weather""#,
+        r#""description":"Weather in a city""#,
+        r#"Assistant: {"tool_calls":[{"#,
+        &format!(
+            "User: Tool result ({}, {id}):
+Sunny, 21 C",
+            calls_name(t)
+        ),
+    ] {
+        assert!(
+            prompt.contains(piece),
+            "`{piece}` not in the prompt:
+{prompt}"
+        );
+    }
+    assert_eq!(t["auto"]["tool_calls"], Value::Null, "{}", t["auto"]);
+    assert!(t["auto"]["content"].as_str().is_some_and(|c| !c.is_empty()));
+    assert_eq!(t["unknown_call"], 400);
+    Ok(())
+}
+
+fn calls_name(t: &Value) -> String {
+    t["required"]["calls"][0]["name"].as_str().unwrap_or_default().to_string()
 }
 
 fn check_sampling(s: &Value, eos: u32, forced: u32) -> Result<()> {

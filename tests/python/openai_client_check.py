@@ -116,4 +116,62 @@ except openai.BadRequestError as e:
     s["too_many_top"] = e.status_code
 out["sampling"] = s
 
+# Tools: required (constrained: always parses), a named function streamed, the role tool in a
+# later turn, and auto.
+tools = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+     "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                    "required": ["city"], "additionalProperties": False}}},
+    {"type": "function", "function": {"name": "get_time", "description": "Local time",
+     "parameters": {"type": "object", "properties": {"zone": {"enum": ["utc", "local"]}},
+                    "required": ["zone"], "additionalProperties": False}}},
+]
+ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+t = {}
+r = client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice="required",
+                                   temperature=1, seed=5, max_tokens=200)
+msg = r.choices[0].message
+t["required"] = {"finish_reason": r.choices[0].finish_reason, "content": msg.content,
+                 "calls": [{"id": c.id, "type": c.type, "name": c.function.name,
+                            "arguments": json.loads(c.function.arguments)} for c in (msg.tool_calls or [])]}
+stream = client.chat.completions.create(model=model, messages=ask, tools=tools, max_tokens=200, temperature=1,
+                                        seed=6, tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                        stream=True)
+calls, finish, content = {}, None, ""
+for chunk in stream:
+    for c in chunk.choices:
+        content += c.delta.content or ""
+        for tc in c.delta.tool_calls or []:
+            e = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+            e["id"] = tc.id or e["id"]
+            e["name"] += tc.function.name or ""
+            e["arguments"] += tc.function.arguments or ""
+        if c.finish_reason is not None:
+            finish = c.finish_reason
+t["named_stream"] = {"finish_reason": finish, "content": content,
+                     "calls": [{"id": c["id"], "name": c["name"], "arguments": json.loads(c["arguments"])}
+                               for c in calls.values()]}
+first = t["required"]["calls"][0]
+follow = ask + [
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": first["id"], "type": "function",
+         "function": {"name": first["name"], "arguments": json.dumps(first["arguments"])}}]},
+    {"role": "tool", "tool_call_id": first["id"], "content": "Sunny, 21 C"},
+]
+r = client.chat.completions.create(model=model, messages=follow, tools=tools, temperature=0, max_tokens=6,
+                                   extra_body={"return_prompt_token_ids": True})
+t["follow_up"] = {"finish_reason": r.choices[0].finish_reason, "content": r.choices[0].message.content,
+                  "prompt_ids": r.model_extra["dsvl"]["prompt_token_ids"], "call_id": first["id"]}
+r = client.chat.completions.create(model=model, messages=ask, tools=tools, tool_choice="auto", temperature=0,
+                                   max_tokens=6)
+t["auto"] = {"finish_reason": r.choices[0].finish_reason, "content": r.choices[0].message.content,
+             "tool_calls": r.choices[0].message.tool_calls}
+try:
+    client.chat.completions.create(model=model, messages=follow[:2] + [{"role": "tool", "tool_call_id": "call_x",
+                                   "content": "?"}], max_tokens=1)
+    t["unknown_call"] = "accepted"
+except openai.BadRequestError as e:
+    t["unknown_call"] = e.status_code
+out["tools"] = t
+
 print(json.dumps(out))

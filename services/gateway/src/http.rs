@@ -11,28 +11,28 @@
 
 use dsvl_proto::internal::constraint::Kind;
 use dsvl_proto::internal::Constraint;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use dsvl_core::sampling::SamplingRequest;
-use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tracing::Instrument;
 
-use crate::chat::{request_span, Alternative, ChatEvent, ChatStream, Finish, TokenLogprob};
+use crate::chat::request_span;
 use crate::error::{retry_after_secs, GatewayError};
 use crate::fetch::load_image_url;
+use crate::http_reply::{sse, whole, Reply, Shape};
 use crate::prepare::{ChatInput, InMessage, OutputOptions, Part, Role};
+use crate::tools::Tools;
 use crate::Gateway;
+use dsvl_chat::DEFAULT_SYSTEM_PROMPT;
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -58,6 +58,23 @@ struct OaMessage {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    /// An assistant turn's earlier calls.
+    #[serde(default)]
+    tool_calls: Vec<OaToolCall>,
+    /// A `tool` message's call.
+    tool_call_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct OaToolCall {
+    id: String,
+    function: OaFunction,
+}
+
+#[derive(Deserialize)]
+struct OaFunction {
+    name: String,
+    arguments: String,
 }
 
 #[derive(Deserialize)]
@@ -102,6 +119,7 @@ struct CompletionRequest {
     ignore_eos: bool,
     tools: Option<Value>,
     tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
     #[serde(default)]
     return_prompt_token_ids: bool,
     /// OpenAI's structured outputs: `text`, `json_object`, `json_schema`.
@@ -206,20 +224,56 @@ async fn to_input(
     gw: &Gateway,
     r: CompletionRequest,
     deadline: Instant,
-) -> Result<ChatInput, GatewayError> {
+) -> Result<(ChatInput, Option<Tools>), GatewayError> {
     let invalid = |m: &str| GatewayError::InvalidArgument(m.to_string());
-    if r.tools.as_ref().is_some_and(|t| !t.is_null() && t.as_array().is_none_or(|a| !a.is_empty()))
-    {
-        return Err(invalid("tools are not supported by this model"));
+    let tools = Tools::parse(r.tools.as_ref(), r.tool_choice.as_ref(), r.parallel_tool_calls)?;
+    let mut constraint = constraint(&r)?;
+    if let Some(schema) = tools.as_ref().and_then(Tools::schema) {
+        if constraint.is_some() {
+            return Err(invalid(
+                "tool_choice required or a named function excludes response_format, guided_regex and guided_grammar",
+            ));
+        }
+        constraint = Some(Constraint { kind: Some(Kind::JsonSchema(schema.to_string())) });
     }
-    if r.tool_choice.as_ref().is_some_and(|c| !c.is_null() && c != "none") {
-        return Err(invalid("tool_choice must be \"none\": tools are not supported by this model"));
-    }
-    let constraint = constraint(&r)?;
-    let mut messages = Vec::with_capacity(r.messages.len());
+    let mut messages: Vec<InMessage> = Vec::with_capacity(r.messages.len() + 1);
+    // Names of earlier calls by id, for the tool results.
+    let mut called: std::collections::HashMap<String, String> = Default::default();
+    let mut last_was_tool = false;
     for m in r.messages {
+        if m.role == "tool" {
+            let id = m.tool_call_id.ok_or_else(|| invalid("a tool message needs tool_call_id"))?;
+            let name = called.get(&id).cloned().ok_or_else(|| {
+                GatewayError::InvalidArgument(format!(
+                    "tool_call_id `{id}` answers no earlier assistant tool call"
+                ))
+            })?;
+            let content = match m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t,
+                Some(Content::Parts(ps)) => ps
+                    .into_iter()
+                    .map(|p| match p {
+                        ContentPart::Text { text } => Ok(text),
+                        ContentPart::ImageUrl { .. } => Err(invalid("tool results are text only")),
+                    })
+                    .collect::<Result<String, _>>()?,
+            };
+            let text = crate::tools::render_result(&name, &id, &content);
+            // A run of tool results is one user turn.
+            match messages.last_mut() {
+                Some(last) if last_was_tool => last.parts.push(Part::Text(format!("\n\n{text}"))),
+                _ => messages.push(InMessage { role: Role::User, parts: vec![Part::Text(text)] }),
+            }
+            last_was_tool = true;
+            continue;
+        }
+        last_was_tool = false;
         let role = Role::parse(&m.role)?;
-        let parts = match m.content {
+        if !m.tool_calls.is_empty() && role != Role::Assistant {
+            return Err(invalid("only assistant messages carry tool_calls"));
+        }
+        let mut parts = match m.content {
             None => Vec::new(),
             Some(Content::Text(t)) => vec![Part::Text(t)],
             Some(Content::Parts(ps)) => {
@@ -241,14 +295,34 @@ async fn to_input(
                 out
             }
         };
+        if !m.tool_calls.is_empty() {
+            let calls: Vec<(String, String)> = m
+                .tool_calls
+                .into_iter()
+                .map(|c| {
+                    called.insert(c.id, c.function.name.clone());
+                    (c.function.name, c.function.arguments)
+                })
+                .collect();
+            let sep = if parts.is_empty() { "" } else { "\n" };
+            parts.push(Part::Text(format!("{sep}{}", crate::tools::render_calls(&calls))));
+        }
         messages.push(InMessage { role, parts });
+    }
+    if let Some(t) = &tools {
+        // The tools go to the end of the system prompt (the default one when none is given).
+        let system = |text: String| InMessage { role: Role::System, parts: vec![Part::Text(text)] };
+        if !messages.iter().any(|m| m.role == Role::System) {
+            messages.insert(0, system(DEFAULT_SYSTEM_PROMPT.to_string()));
+        }
+        messages.push(system(t.system_block()));
     }
     let stop = match r.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s],
         Some(Stop::Many(v)) => v,
     };
-    Ok(ChatInput {
+    let input = ChatInput {
         model: r.model,
         messages,
         // Unset fields take the defaults shared by every API (OpenAI's: temperature 1, top_p 1).
@@ -275,7 +349,8 @@ async fn to_input(
             stop_token_ids: r.stop_token_ids.unwrap_or_default(),
             ignore_eos: r.ignore_eos,
         },
-    })
+    };
+    Ok((input, tools))
 }
 
 /// OpenAI's `logit_bias` (token ids as JSON object keys) as `(id, bias)` pairs.
@@ -297,40 +372,6 @@ fn completion_id() -> String {
     static N: AtomicU64 = AtomicU64::new(0);
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     format!("chatcmpl-{:x}{:04x}", t.as_micros(), N.fetch_add(1, Ordering::Relaxed) & 0xffff)
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// Usage over every choice: the prompt once (choice 0's cache figure), the completions summed.
-fn usage(finishes: &[Finish]) -> Value {
-    let first = finishes.iter().min_by_key(|f| f.index).cloned().unwrap_or_default();
-    let completion: u32 = finishes.iter().map(|f| f.completion_tokens).sum();
-    json!({
-        "prompt_tokens": first.prompt_tokens,
-        "completion_tokens": completion,
-        "total_tokens": first.prompt_tokens + completion,
-        "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
-    })
-}
-
-fn extension(f: &Finish) -> Value {
-    let t = f.timing;
-    let mut v = json!({
-        "token_ids": f.token_ids,
-        "timing": {
-            "tokenize_seconds": t.tokenize_seconds,
-            "vision_seconds": t.vision_seconds,
-            "decoder_first_token_seconds": t.decoder_first_token_seconds,
-            "total_seconds": t.total_seconds,
-            "images_cached": t.images_cached,
-        },
-    });
-    if !f.prompt_token_ids.is_empty() {
-        v["prompt_token_ids"] = json!(f.prompt_token_ids);
-    }
-    v
 }
 
 async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -363,11 +404,12 @@ async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: B
     };
     let streaming = req.stream;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let input = match to_input(&gw, req, deadline).await {
+    let (input, tools) = match to_input(&gw, req, deadline).await {
         Ok(i) => i,
         Err(e) => return error_response(&e),
     };
-    let reply = Reply::new(&input, Shape::Chat, gw.model.name.clone(), completion_id());
+    let mut reply = Reply::new(&input, Shape::Chat, gw.model.name.clone(), completion_id());
+    reply.tools = tools.map(Arc::new);
     let span = request_span(&gw.model.name, &input, &tenant.id, "http");
     dsvl_telemetry::extract_trace_context(
         &tonic::metadata::MetadataMap::from_headers(headers.clone()),
@@ -382,229 +424,6 @@ async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: B
     } else {
         whole(rx, reply).await
     }
-}
-
-/// How to frame one request's reply.
-pub(crate) struct Reply {
-    /// Chat or text completion.
-    pub shape: Shape,
-    /// Completion id.
-    pub id: String,
-    /// Served model name.
-    pub model: String,
-    /// Choices to wait for.
-    pub n: u32,
-    /// Whether choices carry `logprobs`.
-    pub logprobs: bool,
-}
-
-impl Reply {
-    /// The framing of `input`'s reply.
-    pub(crate) fn new(input: &ChatInput, shape: Shape, model: String, id: String) -> Self {
-        Self { shape, id, model, n: input.output.n.max(1), logprobs: input.output.logprobs }
-    }
-}
-
-/// How a reply is framed: OpenAI's chat completions or its (legacy) text completions. The
-/// stream of events, the usage and the `dsvl` extension are the same for both.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Shape {
-    /// `chat.completion` / `chat.completion.chunk`, text under `message` / `delta`.
-    Chat,
-    /// `text_completion`, text under `text`.
-    Text,
-}
-
-impl Shape {
-    fn object(self, chunk: bool) -> &'static str {
-        match (self, chunk) {
-            (Self::Chat, false) => "chat.completion",
-            (Self::Chat, true) => "chat.completion.chunk",
-            (Self::Text, _) => "text_completion",
-        }
-    }
-
-    /// A choice's `logprobs` for `tokens` (`null` when not asked for): chat's `content` list,
-    /// or the legacy completions' parallel lists (`text_offset` counts characters from
-    /// `offset`, the characters of the choice's earlier tokens).
-    fn logprobs(self, asked: bool, tokens: &[TokenLogprob], offset: usize) -> Value {
-        if !asked {
-            return Value::Null;
-        }
-        let entry = |a: &Alternative| json!({"token": a.text, "logprob": a.logprob, "bytes": a.text.as_bytes()});
-        match self {
-            Self::Chat => json!({"content": tokens.iter().map(|t| {
-                let mut e = entry(&t.token);
-                e["top_logprobs"] = t.top.iter().map(entry).collect();
-                e
-            }).collect::<Vec<_>>()}),
-            Self::Text => {
-                let mut at = offset;
-                let offsets: Vec<usize> = tokens
-                    .iter()
-                    .map(|t| {
-                        let o = at;
-                        at += t.token.text.chars().count();
-                        o
-                    })
-                    .collect();
-                json!({
-                    "tokens": tokens.iter().map(|t| t.token.text.clone()).collect::<Vec<_>>(),
-                    "token_logprobs": tokens.iter().map(|t| t.token.logprob).collect::<Vec<_>>(),
-                    "top_logprobs": tokens.iter().map(|t| t.top.iter().map(|a| (a.text.clone(), json!(a.logprob))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
-                    "text_offset": offsets,
-                })
-            }
-        }
-    }
-
-    /// A choice of a whole reply.
-    fn whole_choice(self, index: u32, text: String, logprobs: Value, finish: &str) -> Value {
-        match self {
-            Self::Chat => {
-                json!({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish})
-            }
-            Self::Text => {
-                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
-            }
-        }
-    }
-
-    /// A choice of a stream chunk: new text, or the end (`finish`, no text).
-    fn chunk_choice(self, index: u32, text: &str, logprobs: Value, finish: Option<&str>) -> Value {
-        match (self, finish) {
-            (Self::Chat, None) => {
-                json!({"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null})
-            }
-            (Self::Chat, Some(f)) => {
-                json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": f})
-            }
-            (Self::Text, f) => {
-                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": f})
-            }
-        }
-    }
-}
-
-/// The `dsvl` extension of a whole reply: choice 0's, plus every choice's ids when n > 1.
-fn extensions(finishes: &[Finish]) -> Value {
-    let mut v = extension(&finishes[0]);
-    if finishes.len() > 1 {
-        v["choices_token_ids"] = finishes.iter().map(|f| json!(f.token_ids)).collect();
-    }
-    v
-}
-
-/// What one choice has accumulated.
-#[derive(Default)]
-struct Choice {
-    text: String,
-    logprobs: Vec<TokenLogprob>,
-    finish: Option<Finish>,
-}
-
-/// The whole reply as one JSON object.
-pub(crate) async fn whole(mut rx: ChatStream, reply: Reply) -> Response {
-    let mut choices: Vec<Choice> = (0..reply.n).map(|_| Choice::default()).collect();
-    let mut finished = 0;
-    while let Some(ev) = rx.recv().await {
-        match ev {
-            Ok(ChatEvent::Delta(d)) => {
-                let c = &mut choices[d.index as usize];
-                c.text.push_str(&d.text);
-                c.logprobs.extend(d.logprobs);
-            }
-            Ok(ChatEvent::Finish(f)) => {
-                let i = f.index as usize;
-                choices[i].finish = Some(f);
-                finished += 1;
-                if finished < choices.len() {
-                    continue;
-                }
-                let finishes: Vec<Finish> =
-                    choices.iter_mut().filter_map(|c| c.finish.take()).collect();
-                let body: Vec<Value> = choices
-                    .into_iter()
-                    .zip(&finishes)
-                    .map(|(c, f)| {
-                        let lp = reply.shape.logprobs(reply.logprobs, &c.logprobs, 0);
-                        reply.shape.whole_choice(f.index, c.text, lp, &f.finish_reason)
-                    })
-                    .collect();
-                return Json(json!({
-                    "id": reply.id, "object": reply.shape.object(false), "created": unix_now(), "model": reply.model, "system_fingerprint": null,
-                    "choices": body,
-                    "usage": usage(&finishes),
-                    "dsvl": extensions(&finishes),
-                }))
-                .into_response();
-            }
-            Err(e) => return error_response(&e),
-        }
-    }
-    error_response(&GatewayError::Internal("the request ended without a result".into()))
-}
-
-/// The reply as server-sent events framed like OpenAI's (`[DONE]` last, after every choice's
-/// end).
-pub(crate) fn sse(
-    rx: ChatStream,
-    reply: Reply,
-    include_usage: bool,
-) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
-    let created = unix_now();
-    let Reply { shape, id, model, n, logprobs } = reply;
-    let chunk = move |choices: Value, extra: Option<(&str, Value)>| {
-        let mut v = json!({"id": id, "object": shape.object(true), "created": created, "model": model, "system_fingerprint": null, "choices": choices});
-        if let Some((k, x)) = extra {
-            v[k] = x;
-        }
-        Event::default().data(v.to_string())
-    };
-    // Chat streams open each choice with the assistant's role.
-    let first: Vec<Event> = match shape {
-        Shape::Chat => (0..n)
-            .map(|i| {
-                chunk(
-                    json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
-                    None,
-                )
-            })
-            .collect(),
-        Shape::Text => Vec::new(),
-    };
-    let mut finishes: Vec<Finish> = Vec::new();
-    let mut chars = vec![0usize; n as usize];
-    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |ev| match ev {
-        Ok(ChatEvent::Delta(d)) => {
-            let at = &mut chars[d.index as usize];
-            let lp = shape.logprobs(logprobs, &d.logprobs, *at);
-            *at += d.logprobs.iter().map(|t| t.token.text.chars().count()).sum::<usize>();
-            vec![chunk(
-                json!([shape.chunk_choice(d.index, &d.text, lp, None)]),
-                Some(("dsvl", json!({"token_ids": d.token_ids}))),
-            )]
-        }
-        Ok(ChatEvent::Finish(f)) => {
-            let mut out = vec![chunk(
-                json!([shape.chunk_choice(f.index, "", Value::Null, Some(&f.finish_reason))]),
-                Some(("dsvl", extension(&f))),
-            )];
-            finishes.push(f);
-            if finishes.len() == n as usize {
-                if include_usage {
-                    out.push(chunk(json!([]), Some(("usage", usage(&finishes)))));
-                }
-                out.push(Event::default().data("[DONE]"));
-            }
-            out
-        }
-        // After the first byte the status code is sent; OpenAI reports late errors as an
-        // `error` event in the stream.
-        Err(e) => vec![Event::default().data(e.openai_body().to_string())],
-    });
-    let all = futures::stream::iter(first).chain(events.flat_map(futures::stream::iter)).map(Ok);
-    Sse::new(all)
 }
 
 async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {

@@ -18,9 +18,8 @@ use tracing::Instrument;
 
 use crate::chat::request_span;
 use crate::error::GatewayError;
-use crate::http::{
-    constraint_of, deadline, error_response, header, logit_bias, sse, whole, Reply, Shape,
-};
+use crate::http::{constraint_of, deadline, error_response, header, logit_bias};
+use crate::http_reply::{sse, whole, Reply, Shape};
 use crate::prepare::{ChatInput, OutputOptions, RawPrompt};
 use crate::Gateway;
 

@@ -16,6 +16,7 @@ pub mod fetch;
 pub mod grpc;
 pub mod http;
 pub mod http_completions;
+pub mod http_reply;
 pub mod images;
 pub mod openai_fields;
 pub mod prefix_route;
@@ -23,6 +24,7 @@ pub mod prepare;
 pub mod served;
 pub mod stops;
 pub mod tenancy;
+pub mod tools;
 pub mod upstream;
 
 use dsvl_telemetry::probes;

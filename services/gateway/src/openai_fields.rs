@@ -80,8 +80,16 @@ fields![
         Honoured,
         "up to 300 token ids, values in [-100, 100], added before anything else (greedy too)"
     ),
-    ("tools", Honoured, "absent or empty only: tool calls are not supported yet"),
-    ("tool_choice", Honoured, "\"none\" only"),
+    (
+        "tools",
+        Honoured,
+        "functions (type function; name, description, parameters); rendered into the system prompt as services/README.md says"
+    ),
+    (
+        "tool_choice",
+        Honoured,
+        "none, auto (the reply is parsed), required or a named function (both grammar-constrained, so they always parse)"
+    ),
     ("user", NoOp, "an end-user id for the caller's own abuse tracking; never changes the output"),
     ("safety_identifier", NoOp, "like user"),
     ("metadata", NoOp, "caller's tags for stored completions; nothing is stored here"),
@@ -92,7 +100,7 @@ fields![
         "a routing hint for OpenAI's cache; dsvl's prefix cache is automatic"
     ),
     ("service_tier", NoOp, "one tier here"),
-    ("parallel_tool_calls", NoOp, "no tools are called"),
+    ("parallel_tool_calls", Honoured, "false: at most one call per reply"),
     ("audio", Refused, "text output only"),
     ("modalities", Refused, "text output only"),
     ("prediction", Refused, "predicted outputs are not implemented"),
@@ -109,11 +117,11 @@ fields![
     ("guided_regex", Honoured, "vLLM extension: the reply matches this regular expression"),
     ("guided_grammar", Honoured, "vLLM extension: the reply matches this Lark grammar"),
     ("return_prompt_token_ids", Honoured, "dsvl extension: echo the prompt's token ids"),
-    ("messages[].role", Honoured, "system, user or assistant"),
+    ("messages[].role", Honoured, "system, user, assistant or tool"),
     ("messages[].content", Honoured, "a string, or text and image_url parts"),
     ("messages[].name", Refused, "the DeepSeek-VL template has no speaker names"),
-    ("messages[].tool_calls", Refused, "tool calls are not supported yet"),
-    ("messages[].tool_call_id", Refused, "tool calls are not supported yet"),
+    ("messages[].tool_calls", Honoured, "an assistant turn's calls, rendered as the reply format"),
+    ("messages[].tool_call_id", Honoured, "a tool message's call (it must answer an earlier call)"),
     ("messages[].refusal", NoOp, "an assistant turn's refusal text is not part of the prompt"),
     ("messages[].audio", Refused, "text output only"),
     ("messages[].content[].type", Honoured, "text or image_url"),

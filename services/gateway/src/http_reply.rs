@@ -1,0 +1,358 @@
+//! How a reply goes out over HTTP: OpenAI's chat completion or (legacy) text completion,
+//! as one JSON object or as server-sent events, for every choice of the request (`n`), with
+//! log-probabilities when asked for, and tool calls parsed out of the text
+//! ([`crate::tools`]).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use crate::chat::{Alternative, ChatEvent, ChatStream, Finish, TokenLogprob};
+use crate::error::GatewayError;
+use crate::http::error_response;
+use crate::prepare::ChatInput;
+use crate::tools::Tools;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Usage over every choice: the prompt once (choice 0's cache figure), the completions summed.
+pub(crate) fn usage(finishes: &[Finish]) -> Value {
+    let first = finishes.iter().min_by_key(|f| f.index).cloned().unwrap_or_default();
+    let completion: u32 = finishes.iter().map(|f| f.completion_tokens).sum();
+    json!({
+        "prompt_tokens": first.prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": first.prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
+    })
+}
+
+fn extension(f: &Finish) -> Value {
+    let t = f.timing;
+    let mut v = json!({
+        "token_ids": f.token_ids,
+        "timing": {
+            "tokenize_seconds": t.tokenize_seconds,
+            "vision_seconds": t.vision_seconds,
+            "decoder_first_token_seconds": t.decoder_first_token_seconds,
+            "total_seconds": t.total_seconds,
+            "images_cached": t.images_cached,
+        },
+    });
+    if !f.prompt_token_ids.is_empty() {
+        v["prompt_token_ids"] = json!(f.prompt_token_ids);
+    }
+    v
+}
+
+/// How to frame one request's reply.
+pub(crate) struct Reply {
+    /// Chat or text completion.
+    pub shape: Shape,
+    /// Completion id.
+    pub id: String,
+    /// Served model name.
+    pub model: String,
+    /// Choices to wait for.
+    pub n: u32,
+    /// Whether choices carry `logprobs`.
+    pub logprobs: bool,
+    /// The tools a chat reply may call (its text is parsed into `tool_calls`).
+    pub tools: Option<Arc<Tools>>,
+}
+
+impl Reply {
+    /// The framing of `input`'s reply.
+    pub(crate) fn new(input: &ChatInput, shape: Shape, model: String, id: String) -> Self {
+        let (n, logprobs) = (input.output.n.max(1), input.output.logprobs);
+        Self { shape, id, model, n, logprobs, tools: None }
+    }
+}
+
+/// How a reply is framed: OpenAI's chat completions or its (legacy) text completions. The
+/// stream of events, the usage and the `dsvl` extension are the same for both.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Shape {
+    /// `chat.completion` / `chat.completion.chunk`, text under `message` / `delta`.
+    Chat,
+    /// `text_completion`, text under `text`.
+    Text,
+}
+
+impl Shape {
+    fn object(self, chunk: bool) -> &'static str {
+        match (self, chunk) {
+            (Self::Chat, false) => "chat.completion",
+            (Self::Chat, true) => "chat.completion.chunk",
+            (Self::Text, _) => "text_completion",
+        }
+    }
+
+    /// A choice's `logprobs` for `tokens` (`null` when not asked for): chat's `content` list,
+    /// or the legacy completions' parallel lists (`text_offset` counts characters from
+    /// `offset`, the characters of the choice's earlier tokens).
+    fn logprobs(self, asked: bool, tokens: &[TokenLogprob], offset: usize) -> Value {
+        if !asked {
+            return Value::Null;
+        }
+        let entry = |a: &Alternative| json!({"token": a.text, "logprob": a.logprob, "bytes": a.text.as_bytes()});
+        match self {
+            Self::Chat => json!({"content": tokens.iter().map(|t| {
+                let mut e = entry(&t.token);
+                e["top_logprobs"] = t.top.iter().map(entry).collect();
+                e
+            }).collect::<Vec<_>>()}),
+            Self::Text => {
+                let mut at = offset;
+                let offsets: Vec<usize> = tokens
+                    .iter()
+                    .map(|t| {
+                        let o = at;
+                        at += t.token.text.chars().count();
+                        o
+                    })
+                    .collect();
+                json!({
+                    "tokens": tokens.iter().map(|t| t.token.text.clone()).collect::<Vec<_>>(),
+                    "token_logprobs": tokens.iter().map(|t| t.token.logprob).collect::<Vec<_>>(),
+                    "top_logprobs": tokens.iter().map(|t| t.top.iter().map(|a| (a.text.clone(), json!(a.logprob))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+                    "text_offset": offsets,
+                })
+            }
+        }
+    }
+
+    /// A choice of a whole reply.
+    fn whole_choice(self, index: u32, text: String, logprobs: Value, finish: &str) -> Value {
+        match self {
+            Self::Chat => {
+                json!({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish})
+            }
+            Self::Text => {
+                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+            }
+        }
+    }
+
+    /// A choice of a stream chunk: new text, or the end (`finish`, no text).
+    fn chunk_choice(self, index: u32, text: &str, logprobs: Value, finish: Option<&str>) -> Value {
+        match (self, finish) {
+            (Self::Chat, None) => {
+                json!({"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null})
+            }
+            (Self::Chat, Some(f)) => {
+                json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": f})
+            }
+            (Self::Text, f) => {
+                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": f})
+            }
+        }
+    }
+}
+
+/// The `dsvl` extension of a whole reply: choice 0's, plus every choice's ids when n > 1.
+fn extensions(finishes: &[Finish]) -> Value {
+    let mut v = extension(&finishes[0]);
+    if finishes.len() > 1 {
+        v["choices_token_ids"] = finishes.iter().map(|f| json!(f.token_ids)).collect();
+    }
+    v
+}
+
+/// A chat choice's message: the text, or the tool calls parsed out of it (then `content` is
+/// null and the finish reason `tool_calls`, when generation stopped by itself).
+fn message(tools: Option<&Tools>, text: String, finish: &str) -> (Value, String) {
+    if let Some(calls) = tools.and_then(|t| t.parse_reply(&text)) {
+        let reason = if finish == "stop" { "tool_calls" } else { finish };
+        return (
+            json!({"role": "assistant", "content": null, "tool_calls": tool_calls_json(&calls)}),
+            reason.into(),
+        );
+    }
+    (json!({"role": "assistant", "content": text}), finish.into())
+}
+
+fn tool_calls_json(calls: &[crate::tools::ToolCall]) -> Vec<Value> {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| json!({"index": i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+        .collect()
+}
+
+/// What one choice has accumulated.
+#[derive(Default)]
+struct Choice {
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    finish: Option<Finish>,
+}
+
+/// The whole reply as one JSON object.
+pub(crate) async fn whole(mut rx: ChatStream, reply: Reply) -> Response {
+    let mut choices: Vec<Choice> = (0..reply.n).map(|_| Choice::default()).collect();
+    let mut finished = 0;
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Ok(ChatEvent::Delta(d)) => {
+                let c = &mut choices[d.index as usize];
+                c.text.push_str(&d.text);
+                c.logprobs.extend(d.logprobs);
+            }
+            Ok(ChatEvent::Finish(f)) => {
+                let i = f.index as usize;
+                choices[i].finish = Some(f);
+                finished += 1;
+                if finished < choices.len() {
+                    continue;
+                }
+                let finishes: Vec<Finish> =
+                    choices.iter_mut().filter_map(|c| c.finish.take()).collect();
+                let body: Vec<Value> = choices
+                    .into_iter()
+                    .zip(&finishes)
+                    .map(|(c, f)| {
+                        let lp = reply.shape.logprobs(reply.logprobs, &c.logprobs, 0);
+                        match reply.shape {
+                            Shape::Chat => {
+                                let (msg, reason) =
+                                    message(reply.tools.as_deref(), c.text, &f.finish_reason);
+                                json!({"index": f.index, "message": msg, "logprobs": lp, "finish_reason": reason})
+                            }
+                            Shape::Text => reply.shape.whole_choice(f.index, c.text, lp, &f.finish_reason),
+                        }
+                    })
+                    .collect();
+                return Json(json!({
+                    "id": reply.id, "object": reply.shape.object(false), "created": unix_now(), "model": reply.model, "system_fingerprint": null,
+                    "choices": body,
+                    "usage": usage(&finishes),
+                    "dsvl": extensions(&finishes),
+                }))
+                .into_response();
+            }
+            Err(e) => return error_response(&e),
+        }
+    }
+    error_response(&GatewayError::Internal("the request ended without a result".into()))
+}
+
+/// A streamed chat choice under tools: text is held back while it may be a tool call (always
+/// for `required` and named calls; for `auto`, once its first non-blank character is `{`),
+/// then sent as `tool_calls` or, when it does not parse, as content at the end.
+#[derive(Default)]
+struct Held {
+    /// Known to be plain text: streaming as usual.
+    streaming: bool,
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+}
+
+/// The reply as server-sent events framed like OpenAI's (`[DONE]` last, after every choice's
+/// end).
+pub(crate) fn sse(
+    rx: ChatStream,
+    reply: Reply,
+    include_usage: bool,
+) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
+    let created = unix_now();
+    let Reply { shape, id, model, n, logprobs, tools } = reply;
+    let chunk = move |choices: Value, extra: Option<(&str, Value)>| {
+        let mut v = json!({"id": id, "object": shape.object(true), "created": created, "model": model, "system_fingerprint": null, "choices": choices});
+        if let Some((k, x)) = extra {
+            v[k] = x;
+        }
+        Event::default().data(v.to_string())
+    };
+    // Chat streams open each choice with the assistant's role.
+    let first: Vec<Event> = match shape {
+        Shape::Chat => (0..n)
+            .map(|i| {
+                chunk(
+                    json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+                    None,
+                )
+            })
+            .collect(),
+        Shape::Text => Vec::new(),
+    };
+    let tools = tools.filter(|_| matches!(shape, Shape::Chat));
+    let always = tools.as_ref().is_some_and(|t| t.schema().is_some());
+    let mut held: Vec<Held> = (0..n).map(|_| Held::default()).collect();
+    let mut finishes: Vec<Finish> = Vec::new();
+    let mut chars = vec![0usize; n as usize];
+    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |ev| match ev {
+        Ok(ChatEvent::Delta(d)) => {
+            let (mut text, mut lps) = (d.text, d.logprobs);
+            let h = &mut held[d.index as usize];
+            if tools.is_some() && !h.streaming {
+                h.text.push_str(&text);
+                h.logprobs.append(&mut lps);
+                let start = h.text.trim_start();
+                if always || start.is_empty() || start.starts_with('{') {
+                    return Vec::new(); // blank so far, or maybe a call: hold
+                }
+                // `auto` and plain text: stream from here on, the held text first.
+                h.streaming = true;
+                text = std::mem::take(&mut h.text);
+                lps = std::mem::take(&mut h.logprobs);
+            }
+            let at = &mut chars[d.index as usize];
+            let lp = shape.logprobs(logprobs, &lps, *at);
+            *at += lps.iter().map(|t| t.token.text.chars().count()).sum::<usize>();
+            vec![chunk(
+                json!([shape.chunk_choice(d.index, &text, lp, None)]),
+                Some(("dsvl", json!({"token_ids": d.token_ids}))),
+            )]
+        }
+        Ok(ChatEvent::Finish(f)) => {
+            let mut out = Vec::new();
+            let mut reason = f.finish_reason.clone();
+            let h = &mut held[f.index as usize];
+            if !h.text.is_empty() {
+                let text = std::mem::take(&mut h.text);
+                let lps = std::mem::take(&mut h.logprobs);
+                match tools.as_deref().and_then(|t| t.parse_reply(&text)) {
+                    Some(calls) => {
+                        if reason == "stop" {
+                            reason = "tool_calls".into();
+                        }
+                        let lp = shape.logprobs(logprobs, &lps, 0);
+                        out.push(chunk(
+                            json!([{"index": f.index, "delta": {"tool_calls": tool_calls_json(&calls)}, "logprobs": lp, "finish_reason": null}]),
+                            None,
+                        ));
+                    }
+                    None => {
+                        let lp = shape.logprobs(logprobs, &lps, chars[f.index as usize]);
+                        out.push(chunk(json!([shape.chunk_choice(f.index, &text, lp, None)]), None));
+                    }
+                }
+            }
+            out.push(chunk(
+                json!([shape.chunk_choice(f.index, "", Value::Null, Some(&reason))]),
+                Some(("dsvl", extension(&f))),
+            ));
+            finishes.push(f);
+            if finishes.len() == n as usize {
+                if include_usage {
+                    out.push(chunk(json!([]), Some(("usage", usage(&finishes)))));
+                }
+                out.push(Event::default().data("[DONE]"));
+            }
+            out
+        }
+        // After the first byte the status code is sent; OpenAI reports late errors as an
+        // `error` event in the stream.
+        Err(e) => vec![Event::default().data(e.openai_body().to_string())],
+    });
+    let all = futures::stream::iter(first).chain(events.flat_map(futures::stream::iter)).map(Ok);
+    Sse::new(all)
+}
