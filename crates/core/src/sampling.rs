@@ -110,18 +110,8 @@ impl SamplingParams {
     };
 
     /// Greedy decoding (the reference's `do_sample=False`).
-    pub const fn greedy() -> Self {
-        Self {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            repetition_penalty: 1.0,
-            seed: 0,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            min_p: 0.0,
-            logit_bias: Vec::new(),
-        }
+    pub fn greedy() -> Self {
+        Self { temperature: 0.0, ..Self::DEFAULTS }
     }
 
     /// Whether this is greedy decoding.
