@@ -151,6 +151,7 @@ async fn clients(cluster: &Cluster) -> Result<Clients> {
         "bench",
         "--decoder",
         "unused:1",
+        "--allow-unauthenticated",
     ])?)?;
     Ok(Clients {
         chat: cluster.chat().await?,

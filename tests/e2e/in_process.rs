@@ -93,6 +93,7 @@ async fn whole_cluster_in_one_process() -> Result<()> {
             &decoder_addr,
             "--refresh-secs",
             "1",
+            "--allow-unauthenticated",
         ]);
         let cfg = dsvl_gateway::GatewayConfig::try_from(&args).expect("gateway config");
         dsvl_gateway::run(cfg, grpc, http, shutdown)

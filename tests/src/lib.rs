@@ -161,6 +161,10 @@ impl Cluster {
             ]);
         }
         args.extend(redis_flags);
+        // The gateway fails closed: tests without keys serve the public tenant on purpose.
+        if !opts.gateway_args.iter().any(|a| a.starts_with("--api-keys")) {
+            args.push("--allow-unauthenticated".into());
+        }
         args.extend(opts.gateway_args);
         let mut gateway = Svc::spawn("dsvl-gateway", "--grpc-listen", args)?;
         gateway.wait_serving("dsvl.v1.Chat", Duration::from_secs(60)).await?;

@@ -118,6 +118,10 @@ impl Cluster {
         ];
         args.extend(model_flags(spec));
         args.extend(redis_flags(spec));
+        // Without keys the local cluster serves everyone as `public`, on purpose (loopback).
+        if !spec.gateway_args.iter().any(|a| a.starts_with("--api-keys")) {
+            args.push("--allow-unauthenticated".into());
+        }
         args.extend(spec.gateway_args.iter().cloned());
         let mut gateway = Service::spawn(
             "gateway",

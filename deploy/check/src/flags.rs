@@ -199,6 +199,11 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
         Binary::Gateway => {
             let mut a = dsvl_gateway::Args::try_parse_from(argv).map_err(|e| e.to_string())?;
             let api_keys_file = a.api_keys_file.take(); // a mounted Secret: not readable here
+                                                        // The real binary reads the keys from it; validate the rest as if they were there.
+            let open = std::mem::replace(&mut a.allow_unauthenticated, api_keys_file.is_some());
+            if open {
+                return Err("--allow-unauthenticated: the gateway must require API keys".into());
+            }
             dsvl_gateway::GatewayConfig::try_from(&a).map_err(|e| e.to_string())?;
             let mut ups = upstreams("vision", &a.vision)?;
             ups.extend(upstreams("decoder", &a.decoder)?);

@@ -545,3 +545,19 @@ fn a_group_the_network_policies_leave_apart() {
     });
     assert_eq!(v, [Violation::GroupPolicyMissing { lws, group: 2 }]);
 }
+
+#[test]
+fn an_open_gateway_is_refused() {
+    // The gateway fails closed; a manifest that opens it (--allow-unauthenticated) is caught.
+    let v = planted("dev", |d| {
+        args(d, "Deployment", "dsvl-gateway", POD).push(json!("--allow-unauthenticated"))
+    });
+    assert_eq!(
+        v,
+        [Violation::BadFlags {
+            pod: gateway(),
+            container: "gateway".into(),
+            error: "--allow-unauthenticated: the gateway must require API keys".into(),
+        }]
+    );
+}

@@ -45,6 +45,10 @@ pub struct Args {
     /// API keys inline: `key=tenant,key2=tenant2`.
     #[arg(long, env = "DSVL_API_KEYS", hide_env_values = true)]
     pub api_keys: Option<String>,
+    /// Serve without API keys (everyone is the `public` tenant). Without keys and without this
+    /// flag the gateway refuses to start: an empty or missing key file never means open access.
+    #[arg(long, env = "DSVL_ALLOW_UNAUTHENTICATED")]
+    pub allow_unauthenticated: bool,
     /// Requests per minute per tenant (0: unlimited).
     #[arg(long, env = "DSVL_TENANT_RPM", default_value_t = 0)]
     pub tenant_requests_per_minute: u32,
@@ -111,8 +115,15 @@ pub struct GatewayConfig {
     pub decoder: Vec<String>,
     /// Shared cache.
     pub redis: Option<String>,
-    /// API key → tenant (empty: open access, single tenant "public").
+    /// API key → tenant at start (the file's and the inline ones; empty only with
+    /// `allow_unauthenticated`).
     pub api_keys: HashMap<String, String>,
+    /// The keys file, re-read when it changes (keys rotate without a restart).
+    pub api_keys_file: Option<PathBuf>,
+    /// The inline keys (kept across reloads of the file).
+    pub api_keys_inline: HashMap<String, String>,
+    /// Serve everyone as `public` while no key is configured.
+    pub allow_unauthenticated: bool,
     /// Per-tenant request rate.
     pub tenant_rpm: u32,
     /// Per-tenant image rate.
@@ -143,6 +154,24 @@ pub struct GatewayConfig {
 
 pub use dsvl_core::ConfigError;
 
+/// The key table: the file's keys (when a file is given) and the inline ones.
+///
+/// # Errors
+/// The file cannot be read or has a malformed line.
+pub fn read_keys(
+    file: Option<&std::path::Path>,
+    inline: &HashMap<String, String>,
+) -> Result<HashMap<String, String>, ConfigError> {
+    let mut keys = HashMap::new();
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { field: "api-keys-file", reason: e.to_string() })?;
+        keys.extend(parse_keys_file(&text)?);
+    }
+    keys.extend(inline.iter().map(|(k, t)| (k.clone(), t.clone())));
+    Ok(keys)
+}
+
 fn parse_keys_file(text: &str) -> Result<Vec<(String, String)>, ConfigError> {
     text.lines()
         .map(str::trim)
@@ -164,20 +193,22 @@ impl TryFrom<&Args> for GatewayConfig {
     type Error = ConfigError;
 
     fn try_from(a: &Args) -> Result<Self, ConfigError> {
-        let mut api_keys = HashMap::new();
-        if let Some(path) = &a.api_keys_file {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| ConfigError { field: "api-keys-file", reason: e.to_string() })?;
-            api_keys.extend(parse_keys_file(&text)?);
-        }
+        let mut api_keys_inline = HashMap::new();
         if let Some(inline) = &a.api_keys {
             for pair in inline.split(',').filter(|p| !p.trim().is_empty()) {
                 let (k, t) = pair.split_once('=').ok_or_else(|| ConfigError {
                     field: "api-keys",
                     reason: "expected key=tenant pairs".into(),
                 })?;
-                api_keys.insert(k.trim().to_string(), t.trim().to_string());
+                api_keys_inline.insert(k.trim().to_string(), t.trim().to_string());
             }
+        }
+        let api_keys = read_keys(a.api_keys_file.as_deref(), &api_keys_inline)?;
+        if api_keys.is_empty() && !a.allow_unauthenticated {
+            return Err(ConfigError {
+                field: "api-keys",
+                reason: "no API keys configured (--api-keys-file, --api-keys): refusing to serve everyone; pass --allow-unauthenticated to do so on purpose".into(),
+            });
         }
         if a.decoder.iter().all(|d| d.trim().is_empty()) {
             return Err(ConfigError {
@@ -203,6 +234,9 @@ impl TryFrom<&Args> for GatewayConfig {
             decoder: a.decoder.iter().filter(|v| !v.trim().is_empty()).cloned().collect(),
             redis: a.redis.clone().filter(|u| !u.is_empty()),
             api_keys,
+            api_keys_file: a.api_keys_file.clone(),
+            api_keys_inline,
+            allow_unauthenticated: a.allow_unauthenticated,
             tenant_rpm: a.tenant_requests_per_minute,
             tenant_ipm: a.tenant_images_per_minute,
             tenant_tpm: a.tenant_tokens_per_minute,
@@ -230,5 +264,26 @@ mod tests {
         let keys = parse_keys_file("# comment\nsk-1 acme\n\nsk-2 globex\n").unwrap();
         assert_eq!(keys, vec![("sk-1".into(), "acme".into()), ("sk-2".into(), "globex".into())]);
         assert!(parse_keys_file("just-a-key\n").is_err());
+    }
+
+    fn config(extra: &[&str]) -> Result<GatewayConfig, ConfigError> {
+        use clap::Parser;
+        let mut argv = vec!["dsvl-gateway", "--decoder", "127.0.0.1:1"];
+        argv.extend(extra);
+        GatewayConfig::try_from(&Args::parse_from(argv))
+    }
+
+    #[test]
+    fn no_keys_refuses_to_start_unless_asked() {
+        let e = config(&[]).unwrap_err();
+        assert_eq!(e.field, "api-keys");
+        assert!(e.reason.contains("--allow-unauthenticated"), "{e}");
+        let empty = std::env::temp_dir().join(format!("dsvl-empty-keys-{}", std::process::id()));
+        std::fs::write(&empty, "# nobody yet\n").unwrap();
+        let e = config(&["--api-keys-file", empty.to_str().unwrap()]).unwrap_err();
+        assert_eq!(e.field, "api-keys", "an empty file is not open access");
+        std::fs::remove_file(&empty).unwrap();
+        assert!(config(&["--allow-unauthenticated"]).unwrap().api_keys.is_empty());
+        assert_eq!(config(&["--api-keys", "sk-1=acme"]).unwrap().api_keys.len(), 1);
     }
 }

@@ -111,6 +111,7 @@ impl Gateway {
         Ok(Self {
             tenancy: Tenancy::new(
                 &config.api_keys,
+                config.allow_unauthenticated,
                 config.tenant_rpm,
                 config.tenant_ipm,
                 config.tenant_tpm,
@@ -193,6 +194,12 @@ pub async fn run(
         })
     };
 
+    let key_reload = gw
+        .config
+        .api_keys_file
+        .clone()
+        .map(|file| tokio::spawn(watch_keys(gw.clone(), file, KEY_RELOAD_PERIOD)));
+
     let max_message = gw.config.max_images.max(1) * gw.config.max_image_bytes + (4 << 20);
     let chat = ChatServer::new(grpc::ChatService { gateway: gw.clone() })
         .max_decoding_message_size(max_message)
@@ -214,12 +221,95 @@ pub async fn run(
     tokio::pin!(servers);
     tokio::pin!(shutdown);
     tokio::select! {
-        r = &mut servers => { refresher.abort(); return r; }
+        r = &mut servers => {
+            refresher.abort();
+            key_reload.iter().for_each(tokio::task::JoinHandle::abort);
+            return r;
+        }
         () = &mut shutdown => {}
     }
     let result = drain
         .drain::<ChatServer<grpc::ChatService>, _, _>(&health, servers.as_mut(), drain_time)
         .await;
     refresher.abort();
+    key_reload.iter().for_each(tokio::task::JoinHandle::abort);
     result.unwrap_or(Ok(()))
+}
+
+/// How often the keys file is checked for changes.
+const KEY_RELOAD_PERIOD: Duration = Duration::from_secs(2);
+
+/// Re-reads the keys file whenever its modification time or size changes (a rotated Secret:
+/// Kubernetes swaps the mounted file atomically) and swaps the key table. A file that cannot
+/// be read or parsed keeps the current keys and is logged; an emptied file refuses everyone
+/// (unless `--allow-unauthenticated`).
+pub fn watch_keys(
+    gw: Arc<Gateway>,
+    file: std::path::PathBuf,
+    period: Duration,
+) -> impl Future<Output = ()> + Send + 'static {
+    let stamp =
+        |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| (m.modified().ok(), m.len()));
+    // Taken now, not when the task first runs: any change from here on is seen.
+    let mut last = stamp(&file);
+    async move {
+        loop {
+            tokio::time::sleep(period).await;
+            let now = stamp(&file);
+            if now == last {
+                continue;
+            }
+            last = now;
+            match config::read_keys(Some(&file), &gw.config.api_keys_inline) {
+                Ok(keys) => {
+                    gw.tenancy.replace_keys(&keys);
+                    tracing::info!(keys = keys.len(), file = %file.display(), "API keys reloaded");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "API keys file unusable; keeping the current keys")
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod key_reload_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_rotated_keys_file_applies_without_a_restart() {
+        use clap::Parser;
+        let file = std::env::temp_dir().join(format!("dsvl-keys-{}", std::process::id()));
+        std::fs::write(&file, "sk-old acme\n").unwrap();
+        let args = Args::parse_from([
+            "dsvl-gateway",
+            "--decoder",
+            "127.0.0.1:1",
+            "--api-keys-file",
+            file.to_str().unwrap(),
+            "--api-keys",
+            "sk-inline=globex",
+        ]);
+        let config = GatewayConfig::try_from(&args).unwrap();
+        let gw = Arc::new(Gateway::new(config, dsvl_telemetry::server::Drain::new()).unwrap());
+        let auth = |k: &str| gw.tenancy.authenticate(Some(&format!("Bearer {k}"))).map(|t| t.id);
+        assert_eq!(auth("sk-old").unwrap(), "acme");
+        let watcher = tokio::spawn(watch_keys(gw.clone(), file.clone(), Duration::from_millis(20)));
+        std::fs::write(&file, "sk-new acme\nsk-more initech\n").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while auth("sk-new").is_err() {
+            assert!(std::time::Instant::now() < deadline, "the new key never applied");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(auth("sk-old").is_err(), "the rotated-out key is refused");
+        assert_eq!(auth("sk-more").unwrap(), "initech");
+        assert_eq!(auth("sk-inline").unwrap(), "globex", "inline keys stay");
+        // A broken file keeps the current keys.
+        std::fs::write(&file, "not a valid line at all\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(auth("sk-new").unwrap(), "acme");
+        watcher.abort();
+        std::fs::remove_file(&file).unwrap();
+    }
 }

@@ -5,7 +5,7 @@
 //! cached embeddings.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::Instant;
 
 /// An authenticated caller.
@@ -47,7 +47,9 @@ struct Bucket {
 
 /// Keys, tenants and quotas.
 pub struct Tenancy {
-    keys: HashMap<String, Tenant>,
+    keys: RwLock<HashMap<String, Tenant>>,
+    /// Whether an empty key table lets everyone in as `public` (`--allow-unauthenticated`).
+    open: bool,
     public: Tenant,
     /// Capacity per minute of requests, images and tokens (prompt + max new); 0 disables.
     rpm: u32,
@@ -57,11 +59,12 @@ pub struct Tenancy {
 }
 
 impl Tenancy {
-    /// From a key → tenant table (empty: everyone is the `public` tenant).
-    pub fn new(keys: &HashMap<String, String>, rpm: u32, ipm: u32, tpm: u32) -> Self {
-        let keys = keys.iter().map(|(k, t)| (k.clone(), Tenant::new(t))).collect();
+    /// From a key → tenant table. An empty table refuses everyone unless `open`, when
+    /// everyone is the `public` tenant.
+    pub fn new(keys: &HashMap<String, String>, open: bool, rpm: u32, ipm: u32, tpm: u32) -> Self {
         Self {
-            keys,
+            keys: RwLock::new(Self::table(keys)),
+            open,
             public: Tenant::new("public"),
             rpm,
             ipm,
@@ -70,15 +73,25 @@ impl Tenancy {
         }
     }
 
+    fn table(keys: &HashMap<String, String>) -> HashMap<String, Tenant> {
+        keys.iter().map(|(k, t)| (k.clone(), Tenant::new(t))).collect()
+    }
+
+    /// Replaces the key table (a rotated keys file); requests in flight keep their tenant.
+    pub fn replace_keys(&self, keys: &HashMap<String, String>) {
+        *self.keys.write().expect("keys lock poisoned. This is a bug.") = Self::table(keys);
+    }
+
     /// Resolves an `Authorization` header value (`Bearer <key>`).
     pub fn authenticate(&self, authorization: Option<&str>) -> Result<Tenant, Refusal> {
-        if self.keys.is_empty() {
-            return Ok(self.public.clone());
+        let keys = self.keys.read().expect("keys lock poisoned. This is a bug.");
+        if keys.is_empty() {
+            return if self.open { Ok(self.public.clone()) } else { Err(Refusal::Unauthenticated) };
         }
         let key = authorization
             .and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")))
             .map(str::trim);
-        key.and_then(|k| self.keys.get(k)).cloned().ok_or(Refusal::Unauthenticated)
+        key.and_then(|k| keys.get(k)).cloned().ok_or(Refusal::Unauthenticated)
     }
 
     fn take(
@@ -143,20 +156,32 @@ mod tests {
             ("k1".to_string(), "acme".to_string()),
             ("k2".to_string(), "globex".to_string()),
         ]);
-        let t = Tenancy::new(&keys, 0, 0, 0);
+        let t = Tenancy::new(&keys, true, 0, 0, 0);
         let a = t.authenticate(Some("Bearer k1")).unwrap();
         let b = t.authenticate(Some("Bearer k2")).unwrap();
         assert_eq!(a.id, "acme");
         assert_ne!(a.salt, b.salt);
         assert_eq!(t.authenticate(Some("Bearer nope")), Err(Refusal::Unauthenticated));
         assert_eq!(t.authenticate(None), Err(Refusal::Unauthenticated));
-        let open = Tenancy::new(&HashMap::new(), 0, 0, 0);
+        let open = Tenancy::new(&HashMap::new(), true, 0, 0, 0);
         assert_eq!(open.authenticate(None).unwrap().id, "public");
+        // Keys configured: the flag does not open anything; rotated keys apply at once.
+        assert_eq!(t.authenticate(None), Err(Refusal::Unauthenticated));
+        t.replace_keys(&HashMap::from([("k3".to_string(), "acme".to_string())]));
+        assert_eq!(t.authenticate(Some("Bearer k3")).unwrap(), a);
+        assert_eq!(t.authenticate(Some("Bearer k1")), Err(Refusal::Unauthenticated));
+    }
+
+    #[test]
+    fn an_empty_table_is_closed_unless_opened() {
+        let closed = Tenancy::new(&HashMap::new(), false, 0, 0, 0);
+        assert_eq!(closed.authenticate(None), Err(Refusal::Unauthenticated));
+        assert_eq!(closed.authenticate(Some("Bearer anything")), Err(Refusal::Unauthenticated));
     }
 
     #[test]
     fn buckets_refuse_with_a_retry_hint() {
-        let t = Tenancy::new(&HashMap::new(), 2, 3, 0);
+        let t = Tenancy::new(&HashMap::new(), true, 2, 3, 0);
         let p = t.authenticate(None).unwrap();
         assert!(t.admit(&p, 1, 10).is_ok());
         assert!(t.admit(&p, 2, 10).is_ok());
@@ -166,11 +191,11 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let t = Tenancy::new(&HashMap::new(), 100, 3, 0);
+        let t = Tenancy::new(&HashMap::new(), true, 100, 3, 0);
         assert!(t.admit(&p, 3, 0).is_ok());
         assert!(matches!(t.admit(&p, 1, 0), Err(Refusal::Quota { what: "images", .. })));
         // A refused request charges nothing: the request and image tokens come back.
-        let t = Tenancy::new(&HashMap::new(), 100, 100, 50);
+        let t = Tenancy::new(&HashMap::new(), true, 100, 100, 50);
         assert!(t.admit(&p, 1, 40).is_ok());
         assert!(matches!(t.admit(&p, 1, 40), Err(Refusal::Quota { what: "tokens", .. })));
         assert!(t.admit(&p, 1, 10).is_ok());
