@@ -126,14 +126,50 @@ pub struct GrpcBase {
     pub router: tonic::transport::server::Router,
 }
 
+/// Connection limits of a gRPC server (HTTP/2 and TCP).
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Most concurrent streams a client may open on one connection (advertised in SETTINGS).
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 PING interval on idle connections, and how long to wait for the answer before
+    /// closing (dead peers and half-open connections go away).
+    pub keepalive: (Duration, Duration),
+    /// TCP keep-alive.
+    pub tcp_keepalive: Duration,
+}
+
+impl ServerLimits {
+    /// Internal tiers: one gateway connection carries every request to a replica, so many
+    /// streams.
+    pub const INTERNAL: Self = Self {
+        max_concurrent_streams: 4096,
+        keepalive: (Duration::from_secs(30), Duration::from_secs(10)),
+        tcp_keepalive: Duration::from_secs(60),
+    };
+    /// The public edge (Envoy's default stream limit is 100; grpc-go's keep-alive options).
+    pub const PUBLIC: Self = Self { max_concurrent_streams: 128, ..Self::INTERNAL };
+}
+
 impl GrpcBase {
-    /// Health with `S` (the API service) and `""` NOT_SERVING, `startup` NOT_SERVING and
-    /// `liveness` SERVING; reflection (v1) listing the services of `descriptors` and health.
+    /// [`Self::with_limits`] with [`ServerLimits::INTERNAL`].
     ///
     /// # Errors
     /// A descriptor set that does not parse.
     pub async fn new<S: tonic::server::NamedService>(
         descriptors: &[&'static [u8]],
+    ) -> Result<Self, TelemetryError> {
+        Self::with_limits::<S>(descriptors, ServerLimits::INTERNAL).await
+    }
+
+    /// Health with `S` (the API service) and `""` NOT_SERVING, `startup` NOT_SERVING and
+    /// `liveness` SERVING; reflection (v1) listing the services of `descriptors` and health;
+    /// connections bounded by `limits`.
+    ///
+    /// # Errors
+    /// A descriptor set that does not parse.
+    pub async fn with_limits<S: tonic::server::NamedService>(
+        descriptors: &[&'static [u8]],
+        limits: ServerLimits,
     ) -> Result<Self, TelemetryError> {
         let (health, health_service) = tonic_health::server::health_reporter();
         probes::set_ready::<S>(&health, false).await;
@@ -145,8 +181,13 @@ impl GrpcBase {
         }
         let reflection =
             builder.build_v1().map_err(|e| TelemetryError::Reflection(e.to_string()))?;
-        let router =
-            tonic::transport::Server::builder().add_service(health_service).add_service(reflection);
+        let router = tonic::transport::Server::builder()
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .http2_keepalive_interval(Some(limits.keepalive.0))
+            .http2_keepalive_timeout(Some(limits.keepalive.1))
+            .tcp_keepalive(Some(limits.tcp_keepalive))
+            .add_service(health_service)
+            .add_service(reflection);
         Ok(Self { health, drain: Drain::new(), router })
     }
 }

@@ -134,21 +134,43 @@ enum OpenError {
 }
 
 /// Counts one request in `dsvl_gateway_requests_in_flight` (the gateway's autoscaling signal:
-/// work in progress, whatever its size) and in the drain, from admission until its stream ends.
+/// work in progress, whatever its size), against the gateway's and the tenant's in-flight
+/// caps, and in the drain, from admission until its stream ends.
 struct InFlightRequest {
+    gw: Arc<Gateway>,
+    tenant: String,
     _drain: dsvl_telemetry::server::InFlight,
 }
 
 impl InFlightRequest {
-    fn new(drain: &Arc<dsvl_telemetry::server::Drain>) -> Self {
+    fn new(gw: &Arc<Gateway>, tenant: &str) -> Result<Self, GatewayError> {
+        use std::sync::atomic::Ordering;
+        let busy = |message: String| GatewayError::Exhausted {
+            message,
+            retry_after: std::time::Duration::from_secs(1),
+        };
+        let max = gw.config.max_in_flight;
+        if gw.in_flight.fetch_add(1, Ordering::SeqCst) >= max {
+            gw.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(busy(format!("the gateway has its limit of {max} requests in flight")));
+        }
+        if !gw.tenancy.enter(tenant) {
+            gw.in_flight.fetch_sub(1, Ordering::SeqCst);
+            return Err(busy(format!(
+                "tenant `{tenant}` has its limit of {} requests in flight",
+                gw.config.tenant_max_concurrency
+            )));
+        }
         metrics::gauge!("dsvl_gateway_requests_in_flight").increment(1.0);
-        Self { _drain: drain.track() }
+        Ok(Self { gw: gw.clone(), tenant: tenant.to_string(), _drain: gw.drain.track() })
     }
 }
 
 impl Drop for InFlightRequest {
     fn drop(&mut self) {
         metrics::gauge!("dsvl_gateway_requests_in_flight").decrement(1.0);
+        self.gw.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.gw.tenancy.leave(&self.tenant);
     }
 }
 
@@ -172,8 +194,10 @@ impl Gateway {
         if self.drain.is_draining() {
             return Err(GatewayError::Unavailable("the gateway is draining".into()));
         }
-        let in_flight = InFlightRequest::new(&self.drain);
-        let result = self.start(tenant, input, deadline, started, api, in_flight).await;
+        let result = match InFlightRequest::new(self, &tenant.id) {
+            Ok(in_flight) => self.start(tenant, input, deadline, started, api, in_flight).await,
+            Err(e) => Err(e),
+        };
         if let Err(e) = &result {
             metrics::counter!("dsvl_requests_total", "api" => api, "outcome" => e.outcome())
                 .increment(1);
@@ -675,4 +699,44 @@ pub fn request_span(
         dsvl.api = api,
         dsvl.tenant = tenant,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[test]
+    fn in_flight_caps_refuse_with_resource_exhausted_and_free_on_drop() {
+        let args = crate::Args::parse_from([
+            "dsvl-gateway",
+            "--decoder",
+            "127.0.0.1:1",
+            "--allow-unauthenticated",
+            "--max-in-flight",
+            "3",
+            "--tenant-max-concurrency",
+            "2",
+        ]);
+        let config = crate::GatewayConfig::try_from(&args).unwrap();
+        let gw = Arc::new(Gateway::new(config, dsvl_telemetry::server::Drain::new()).unwrap());
+        let a1 = InFlightRequest::new(&gw, "acme").unwrap();
+        let _a2 = InFlightRequest::new(&gw, "acme").unwrap();
+        let e = InFlightRequest::new(&gw, "acme").err().expect("tenant cap");
+        assert!(
+            matches!(&e, GatewayError::Exhausted { message, .. } if message.contains("tenant `acme`")),
+            "{e:?}"
+        );
+        let _g1 = InFlightRequest::new(&gw, "globex").unwrap();
+        let e = InFlightRequest::new(&gw, "globex").err().expect("gateway cap");
+        assert!(
+            matches!(&e, GatewayError::Exhausted { message, .. } if message.contains("limit of 3")),
+            "{e:?}"
+        );
+        assert_eq!(e.to_status().code(), tonic::Code::ResourceExhausted);
+        assert_eq!(e.http_parts().0, 429);
+        drop(a1);
+        let _a3 = InFlightRequest::new(&gw, "acme").expect("a slot came back");
+    }
 }

@@ -73,6 +73,13 @@ pub struct Args {
     /// Most new tokens a request may ask for, and the default when it asks for none.
     #[arg(long, env = "DSVL_MAX_NEW_TOKENS", default_value_t = 1024)]
     pub max_new_tokens: u32,
+    /// Most requests in flight in this gateway; more are refused (HTTP 429 /
+    /// RESOURCE_EXHAUSTED) at once instead of queueing without bound.
+    #[arg(long, env = "DSVL_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub max_in_flight: usize,
+    /// Most requests in flight per tenant (0: no cap below --max-in-flight).
+    #[arg(long, env = "DSVL_TENANT_MAX_CONCURRENCY", default_value_t = 256)]
+    pub tenant_max_concurrency: usize,
     /// Most choices (`n`) one request may ask for; they share the prompt's prefill.
     #[arg(long, env = "DSVL_MAX_N", default_value_t = 8)]
     pub max_n: u32,
@@ -142,6 +149,10 @@ pub struct GatewayConfig {
     pub max_new_tokens: u32,
     /// Most choices per request.
     pub max_n: u32,
+    /// Most requests in flight.
+    pub max_in_flight: usize,
+    /// Most requests in flight per tenant (0: no cap).
+    pub tenant_max_concurrency: usize,
     /// Prefix-aware decoder routing and its imbalance threshold (`None`: least work).
     pub prefix_routing: Option<usize>,
     /// Hosts image URLs may come from.
@@ -246,6 +257,8 @@ impl TryFrom<&Args> for GatewayConfig {
             max_prompt_tokens: a.max_prompt_tokens,
             max_new_tokens: a.max_new_tokens.max(1),
             max_n: a.max_n.max(1),
+            max_in_flight: a.max_in_flight.max(1),
+            tenant_max_concurrency: a.tenant_max_concurrency,
             prefix_routing: (a.decoder_routing == "prefix")
                 .then_some(a.prefix_routing_max_imbalance),
             image_url_allow: a.image_url_allow.iter().filter(|h| !h.is_empty()).cloned().collect(),

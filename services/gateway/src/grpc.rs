@@ -21,7 +21,7 @@ use tracing::Instrument;
 use crate::chat::{request_span, Alternative, ChatEvent, Finish};
 use crate::error::GatewayError;
 use crate::prepare::{ChatInput, InMessage, OutputOptions, Part, Role};
-use crate::tenancy::Refusal;
+use crate::tenancy::Tenant;
 use crate::Gateway;
 
 /// The gRPC front end.
@@ -80,6 +80,36 @@ fn top_logprob(a: Alternative) -> TopLogprob {
     TopLogprob { id: a.id, token: a.text, logprob: a.logprob }
 }
 
+/// The interceptor in front of [`ChatService`]: the API key is checked from the metadata
+/// before tonic reads and decodes the request's message (up to tens of MiB), and the tenant
+/// rides in the request's extensions.
+pub fn authenticate(
+    gw: Arc<Gateway>,
+) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+    move |mut request: Request<()>| {
+        let auth = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        match gw.tenancy.authenticate(auth) {
+            Ok(tenant) => {
+                request.extensions_mut().insert(tenant);
+                Ok(request)
+            }
+            Err(_) => {
+                metrics::counter!("dsvl_requests_total", "api" => "grpc", "outcome" => "unauthenticated").increment(1);
+                Err(GatewayError::Unauthenticated.to_status())
+            }
+        }
+    }
+}
+
+/// The tenant [`authenticate`] put in the request.
+fn authenticated<T>(request: &Request<T>) -> Result<Tenant, Status> {
+    request
+        .extensions()
+        .get::<Tenant>()
+        .cloned()
+        .ok_or_else(|| Status::internal("no tenant: the authentication interceptor did not run"))
+}
+
 /// The public message of a finished reply.
 fn finish_message(f: Finish) -> ChatFinish {
     let t = f.timing;
@@ -118,18 +148,7 @@ impl Chat for ChatService {
         let deadline = dsvl_telemetry::answer_by(request.metadata(), started)
             .map_err(|e| GatewayError::InvalidArgument(e.to_string()).to_status())?
             .map_or(cap, |d| d.min(cap));
-        let auth = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let tenant = gw.tenancy.authenticate(auth.as_deref()).map_err(|r| match r {
-            Refusal::Unauthenticated => {
-                metrics::counter!("dsvl_requests_total", "api" => "grpc", "outcome" => "unauthenticated").increment(1);
-                GatewayError::Unauthenticated.to_status()
-            }
-            Refusal::Quota { .. } => Status::internal("unexpected quota refusal during authentication"),
-        })?;
+        let tenant = authenticated(&request)?;
         let metadata = request.metadata().clone();
         let input = to_input(request.into_inner()).map_err(|e| e.to_status())?;
         let span = request_span(&gw.model.name, &input, &tenant.id, "grpc");
@@ -171,11 +190,7 @@ impl Chat for ChatService {
         &self,
         request: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
-        let auth = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
-        self.gateway
-            .tenancy
-            .authenticate(auth)
-            .map_err(|_| GatewayError::Unauthenticated.to_status())?;
+        authenticated(&request)?;
         Ok(Response::new(ListModelsResponse { models: vec![self.gateway.model_info()] }))
     }
 }

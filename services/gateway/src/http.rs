@@ -18,7 +18,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use dsvl_core::sampling::SamplingRequest;
 use serde::Deserialize;
@@ -30,6 +30,7 @@ use crate::error::{retry_after_secs, GatewayError};
 use crate::fetch::load_image_url;
 use crate::http_reply::{sse, whole, Reply, Shape};
 use crate::prepare::{ChatInput, InMessage, OutputOptions, Part, Role};
+use crate::tenancy::Tenant;
 use crate::tools::Tools;
 use crate::Gateway;
 use dsvl_chat::DEFAULT_SYSTEM_PROMPT;
@@ -374,15 +375,13 @@ fn completion_id() -> String {
     format!("chatcmpl-{:x}{:04x}", t.as_micros(), N.fetch_add(1, Ordering::Relaxed) & 0xffff)
 }
 
-async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn completions(
+    State(gw): State<Arc<Gateway>>,
+    Extension(tenant): Extension<Tenant>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let started = Instant::now();
-    let tenant = match gw.tenancy.authenticate(header(&headers, "authorization")) {
-        Ok(t) => t,
-        Err(_) => {
-            metrics::counter!("dsvl_requests_total", "api" => "http", "outcome" => "unauthenticated").increment(1);
-            return error_response(&GatewayError::Unauthenticated);
-        }
-    };
     let deadline = match deadline(&headers, gw.config.request_timeout, started) {
         Ok(d) => d,
         Err(e) => return error_response(&e),
@@ -426,10 +425,7 @@ async fn completions(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: B
     }
 }
 
-async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
-    if gw.tenancy.authenticate(header(&headers, "authorization")).is_err() {
-        return error_response(&GatewayError::Unauthenticated);
-    }
+async fn models(State(gw): State<Arc<Gateway>>) -> Response {
     let m = gw.model_info();
     Json(json!({"object": "list", "data": [{"id": m.id, "object": "model", "created": 0, "owned_by": "dsvl", "vision": m.vision, "max_positions": m.max_positions, "max_model_len": m.max_positions}]}))
         .into_response()
@@ -447,13 +443,35 @@ async fn not_found() -> Response {
         .into_response()
 }
 
+/// Checks the API key from the headers before anything reads the body (which may be tens of
+/// MiB), and hands the tenant to the handler.
+async fn require_key(
+    State(gw): State<Arc<Gateway>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match gw.tenancy.authenticate(header(request.headers(), "authorization")) {
+        Ok(tenant) => {
+            request.extensions_mut().insert(tenant);
+            next.run(request).await
+        }
+        Err(_) => {
+            metrics::counter!("dsvl_requests_total", "api" => "http", "outcome" => "unauthenticated").increment(1);
+            error_response(&GatewayError::Unauthenticated)
+        }
+    }
+}
+
 /// The HTTP routes.
 pub fn router(gw: Arc<Gateway>) -> Router {
     let body_limit = gw.config.max_images.max(1) * gw.config.max_image_bytes / 3 * 4 + (4 << 20);
-    Router::new()
+    let api = Router::new()
         .route("/v1/chat/completions", post(completions))
         .route("/v1/completions", post(crate::http_completions::completions))
         .route("/v1/models", get(models))
+        .route_layer(axum::middleware::from_fn_with_state(gw.clone(), require_key));
+    Router::new()
+        .merge(api)
         .route("/health", get(health))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))

@@ -10,6 +10,7 @@ use std::time::Instant;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use axum::Extension;
 use bytes::Bytes;
 use dsvl_core::sampling::SamplingRequest;
 use serde::Deserialize;
@@ -18,9 +19,10 @@ use tracing::Instrument;
 
 use crate::chat::request_span;
 use crate::error::GatewayError;
-use crate::http::{constraint_of, deadline, error_response, header, logit_bias};
+use crate::http::{constraint_of, deadline, error_response, logit_bias};
 use crate::http_reply::{sse, whole, Reply, Shape};
 use crate::prepare::{ChatInput, OutputOptions, RawPrompt};
+use crate::tenancy::Tenant;
 use crate::Gateway;
 
 #[derive(Deserialize)]
@@ -142,13 +144,11 @@ fn completion_id() -> String {
 /// The handler.
 pub async fn completions(
     State(gw): State<Arc<Gateway>>,
+    Extension(tenant): Extension<Tenant>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let started = Instant::now();
-    let Ok(tenant) = gw.tenancy.authenticate(header(&headers, "authorization")) else {
-        return error_response(&GatewayError::Unauthenticated);
-    };
     let deadline = match deadline(&headers, gw.config.request_timeout, started) {
         Ok(d) => d,
         Err(e) => return error_response(&e),

@@ -67,6 +67,8 @@ pub struct Gateway {
     pub decoder_retries: RetryBudget,
     /// Draining state (new requests are refused while draining; shared with both listeners).
     pub drain: Arc<dsvl_telemetry::server::Drain>,
+    /// Requests in flight (capped by `max_in_flight`).
+    pub in_flight: std::sync::atomic::AtomicUsize,
 }
 
 /// Why the gateway stopped.
@@ -115,7 +117,9 @@ impl Gateway {
                 config.tenant_rpm,
                 config.tenant_ipm,
                 config.tenant_tpm,
-            ),
+            )
+            .with_max_concurrency(config.tenant_max_concurrency),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
             vision: Pool::new(Tier::Vision, config.vision.clone()),
             decoder: Pool::new(Tier::Decoder, config.decoder.clone()),
             redis,
@@ -165,9 +169,12 @@ pub async fn run(
     let drain_time = config.drain;
     let refresh_every = config.refresh;
     let GrpcBase { health, drain, router } =
-        GrpcBase::new::<ChatServer<grpc::ChatService>>(&[dsvl_proto::v1::FILE_DESCRIPTOR_SET])
-            .await
-            .map_err(|e| RunError::Reflection(e.to_string()))?;
+        GrpcBase::with_limits::<ChatServer<grpc::ChatService>>(
+            &[dsvl_proto::v1::FILE_DESCRIPTOR_SET],
+            dsvl_telemetry::server::ServerLimits::PUBLIC,
+        )
+        .await
+        .map_err(|e| RunError::Reflection(e.to_string()))?;
     let gw_drain = drain.clone();
     let gw = Arc::new(
         tokio::task::spawn_blocking(move || Gateway::new(config, gw_drain))
@@ -204,6 +211,8 @@ pub async fn run(
     let chat = ChatServer::new(grpc::ChatService { gateway: gw.clone() })
         .max_decoding_message_size(max_message)
         .max_encoding_message_size(max_message);
+    let chat =
+        tonic::service::interceptor::InterceptedService::new(chat, grpc::authenticate(gw.clone()));
     let grpc_server = router
         .add_service(chat)
         .serve_with_incoming_shutdown(dsvl_telemetry::incoming_nodelay(grpc), drain.stopped());

@@ -56,6 +56,9 @@ pub struct Tenancy {
     ipm: u32,
     tpm: u32,
     buckets: Mutex<HashMap<(String, &'static str), Bucket>>,
+    /// Requests in flight per tenant, and the cap (0: none).
+    running: Mutex<HashMap<String, usize>>,
+    max_concurrency: usize,
 }
 
 impl Tenancy {
@@ -70,6 +73,37 @@ impl Tenancy {
             ipm,
             tpm,
             buckets: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            max_concurrency: 0,
+        }
+    }
+
+    /// Caps each tenant's requests in flight (0: no cap).
+    pub fn with_max_concurrency(mut self, max: usize) -> Self {
+        self.max_concurrency = max;
+        self
+    }
+
+    /// Counts a request of `tenant` in flight, or refuses when the tenant is at its cap;
+    /// [`Self::leave`] undoes it.
+    pub fn enter(&self, tenant: &str) -> bool {
+        let mut running = self.running.lock().expect("running lock poisoned. This is a bug.");
+        let n = running.entry(tenant.to_string()).or_default();
+        if self.max_concurrency > 0 && *n >= self.max_concurrency {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// A request of `tenant` ended.
+    pub fn leave(&self, tenant: &str) {
+        let mut running = self.running.lock().expect("running lock poisoned. This is a bug.");
+        if let Some(n) = running.get_mut(tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                running.remove(tenant);
+            }
         }
     }
 
@@ -170,6 +204,16 @@ mod tests {
         t.replace_keys(&HashMap::from([("k3".to_string(), "acme".to_string())]));
         assert_eq!(t.authenticate(Some("Bearer k3")).unwrap(), a);
         assert_eq!(t.authenticate(Some("Bearer k1")), Err(Refusal::Unauthenticated));
+    }
+
+    #[test]
+    fn concurrency_is_capped_per_tenant() {
+        let t = Tenancy::new(&HashMap::new(), true, 0, 0, 0).with_max_concurrency(2);
+        assert!(t.enter("acme") && t.enter("acme"));
+        assert!(!t.enter("acme"), "a third request in flight is refused");
+        assert!(t.enter("globex"), "other tenants are not affected");
+        t.leave("acme");
+        assert!(t.enter("acme"));
     }
 
     #[test]

@@ -1,0 +1,61 @@
+//! The public edge refuses a caller without a valid key before it reads what the caller sends:
+//! over HTTP the key is checked from the headers while an 80 MB body is still only announced,
+//! over gRPC before tonic decodes a message larger than the server accepts. A valid key then
+//! meets the size limit, which shows the order.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use dsvl_e2e::{Cluster, Options};
+use dsvl_proto::v1::content_part::Part;
+use dsvl_proto::v1::{ChatMessage, ChatRequest, ContentPart};
+use tonic::Code;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_checked_before_bodies_and_messages_are_read() -> Result<()> {
+    let cluster = Cluster::start(Options {
+        vision_replicas: 1,
+        tp: 1,
+        redis: false,
+        gateway_args: ["--api-keys", "sk-good=acme", "--max-images", "1", "--max-image-mib", "1"]
+            .map(String::from)
+            .to_vec(),
+        ..Options::default()
+    })
+    .await?;
+
+    // HTTP: headers announcing 80 MB, no body: 401 at once (the body is never waited for).
+    let mut s = TcpStream::connect(&cluster.http)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let t = Instant::now();
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-bad\r\nContent-Type: application/json\r\nContent-Length: 80000000\r\n\r\n"
+    )?;
+    let mut head = [0u8; 64];
+    let n = s.read(&mut head).context("no answer before the body")?;
+    let status = String::from_utf8_lossy(&head[..n]).to_string();
+    assert!(status.starts_with("HTTP/1.1 401"), "{status}");
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+
+    // gRPC: a 6 MiB message (over the 5 MiB this gateway decodes) with a bad key is
+    // UNAUTHENTICATED; with the good key the size limit answers instead.
+    let big = || ChatRequest {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: vec![ContentPart { part: Some(Part::Image(vec![7u8; 6 << 20].into())) }],
+        }],
+        max_tokens: 1,
+        ..Default::default()
+    };
+    for (key, want) in [("sk-bad", Code::Unauthenticated), ("sk-good", Code::OutOfRange)] {
+        let mut client = cluster.chat().await?.max_encoding_message_size(64 << 20);
+        let mut req = tonic::Request::new(big());
+        req.metadata_mut().insert("authorization", format!("Bearer {key}").parse()?);
+        let e = client.generate(req).await.err().context("refused")?;
+        assert_eq!(e.code(), want, "{key}: {e:?}");
+    }
+    Ok(())
+}
