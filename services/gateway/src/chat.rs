@@ -217,7 +217,11 @@ impl Gateway {
         api: &'static str,
         in_flight: InFlightRequest,
     ) -> Result<ChatStream, GatewayError> {
-        let prep = prepare(&self.config, &self.model, input)?;
+        // Template and tokenizer work off the async runtime's threads.
+        let gw = self.clone();
+        let prep = tokio::task::spawn_blocking(move || prepare(&gw.config, &gw.model, input))
+            .await
+            .map_err(|e| GatewayError::Internal(format!("prepare: {e}")))??;
         let tokens = prep.prompt.ids.len() + prep.output.n as usize * prep.max_new_tokens as usize;
         self.tenancy.admit(tenant, prep.images.len(), tokens).map_err(|r| match r {
             Refusal::Quota { what, retry_after } => GatewayError::Exhausted {

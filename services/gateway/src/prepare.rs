@@ -180,6 +180,78 @@ pub struct Prepared {
 }
 
 const MAX_STOPS: usize = 16;
+/// Longest stop string, in bytes.
+const MAX_STOP_BYTES: usize = 256;
+/// Most messages in a conversation.
+pub const MAX_MESSAGES: usize = 512;
+/// Most content parts in one message.
+pub const MAX_PARTS: usize = 64;
+/// Text bytes allowed per prompt position: the text of a prompt that fits the model is far
+/// below this (a token is a few bytes), so the bound only stops text no prompt could hold
+/// from being tokenized at all.
+const TEXT_BYTES_PER_POSITION: usize = 32;
+
+/// The cheap refusals, before any tokenizing, fetching or charging: message, part, text,
+/// stop-string and image counts and sizes.
+fn check_shape(
+    config: &GatewayConfig,
+    model: &ServedModel,
+    input: &ChatInput,
+) -> Result<(), GatewayError> {
+    if input.messages.len() > MAX_MESSAGES {
+        return Err(invalid(format!("{} messages; at most {MAX_MESSAGES}", input.messages.len())));
+    }
+    let positions = if config.max_prompt_tokens == 0 {
+        model.max_positions
+    } else {
+        config.max_prompt_tokens.min(model.max_positions)
+    };
+    let text_budget = positions * TEXT_BYTES_PER_POSITION;
+    let mut text = 0;
+    let mut images = 0;
+    for (i, m) in input.messages.iter().enumerate() {
+        if m.parts.len() > MAX_PARTS {
+            return Err(invalid(format!(
+                "message {i} has {} parts; at most {MAX_PARTS}",
+                m.parts.len()
+            )));
+        }
+        for p in &m.parts {
+            match p {
+                Part::Text(t) => text += t.len(),
+                Part::Image(_) => images += 1,
+            }
+        }
+    }
+    if let Some(RawPrompt::Text(t)) = &input.raw_prompt {
+        text += t.len();
+    }
+    if let Some(RawPrompt::Ids(ids)) = &input.raw_prompt {
+        if ids.len() >= positions {
+            return Err(invalid(format!(
+                "the prompt is {} tokens; the limit is {}",
+                ids.len(),
+                positions - 1
+            )));
+        }
+    }
+    if text > text_budget {
+        return Err(invalid(format!(
+            "the text is {text} bytes; a prompt of at most {positions} tokens cannot hold more than {text_budget}"
+        )));
+    }
+    if images > config.max_images {
+        return Err(invalid(format!("{images} images; at most {} per request", config.max_images)));
+    }
+    if input.stop.len() > MAX_STOPS
+        || input.stop.iter().any(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+    {
+        return Err(invalid(format!(
+            "at most {MAX_STOPS} stop strings, each 1 to {MAX_STOP_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
 
 fn invalid(msg: impl Into<String>) -> GatewayError {
     GatewayError::InvalidArgument(msg.into())
@@ -201,11 +273,9 @@ pub fn prepare(
             input.model, model.name
         )));
     }
+    check_shape(config, model, &input)?;
     let sampling = input.sampling.resolve().map_err(|e| invalid(e.to_string()))?;
     let output = input.output.validated(config.max_n)?;
-    if input.stop.len() > MAX_STOPS || input.stop.iter().any(String::is_empty) {
-        return Err(invalid(format!("at most {MAX_STOPS} non-empty stop strings")));
-    }
     let (prompt, images) = match input.raw_prompt {
         Some(raw) => (raw_prompt(model, raw)?, Vec::new()),
         None => chat_prompt(config, model, input.messages)?,
@@ -372,4 +442,83 @@ fn finish(
         constraint,
         output,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn setup() -> (GatewayConfig, ServedModel) {
+        let args = crate::Args::parse_from([
+            "dsvl-gateway",
+            "--decoder",
+            "127.0.0.1:1",
+            "--allow-unauthenticated",
+            "--max-prompt-tokens",
+            "100",
+        ]);
+        (GatewayConfig::try_from(&args).unwrap(), ServedModel::load(None, "tiny".into()).unwrap())
+    }
+
+    fn user(parts: Vec<Part>) -> InMessage {
+        InMessage { role: Role::User, parts }
+    }
+
+    #[test]
+    fn shapes_are_refused_before_tokenizing() {
+        let (config, model) = setup();
+        let text = |n: usize| Part::Text("x".repeat(n));
+        let cases = [
+            (
+                ChatInput {
+                    messages: (0..=MAX_MESSAGES).map(|_| user(vec![text(1)])).collect(),
+                    ..Default::default()
+                },
+                "messages; at most",
+            ),
+            (
+                ChatInput {
+                    messages: vec![user((0..=MAX_PARTS).map(|_| text(1)).collect())],
+                    ..Default::default()
+                },
+                "parts; at most",
+            ),
+            (
+                ChatInput {
+                    messages: vec![user(vec![text(100 * TEXT_BYTES_PER_POSITION + 1)])],
+                    ..Default::default()
+                },
+                "cannot hold more than 3200",
+            ),
+            (
+                ChatInput {
+                    messages: vec![user(vec![Part::Image(vec![1u8].into()); 5])],
+                    ..Default::default()
+                },
+                "5 images; at most 4",
+            ),
+            (
+                ChatInput {
+                    messages: vec![user(vec![text(1)])],
+                    stop: vec!["s".repeat(MAX_STOP_BYTES + 1)],
+                    ..Default::default()
+                },
+                "stop strings",
+            ),
+            (
+                ChatInput { raw_prompt: Some(RawPrompt::Ids(vec![1; 100])), ..Default::default() },
+                "the limit is 99",
+            ),
+        ];
+        for (input, want) in cases {
+            let e = prepare(&config, &model, input).unwrap_err().to_string();
+            assert!(e.contains(want), "{e} (wanted `{want}`)");
+        }
+        // Within the bounds the usual checks follow (here: the token limit after tokenizing).
+        let input = ChatInput { messages: vec![user(vec![text(3000)])], ..Default::default() };
+        let e = prepare(&config, &model, input).unwrap_err().to_string();
+        assert!(e.contains("tokens"), "{e}");
+    }
 }
