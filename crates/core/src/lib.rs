@@ -21,7 +21,7 @@ pub mod watchdog;
 
 pub use device::{DeviceSpec, ParseError, WeightDType};
 pub use embedding::{Embedding, EmbeddingDType};
-pub use limits::ImageLimits;
+pub use limits::{ImageLimits, PILLOW_MAX_IMAGE_PIXELS};
 pub use sampling::{InvalidSampling, SamplingParams, SamplingRequest};
 
 /// A service flag whose value makes no sense (the same error for every service's config).

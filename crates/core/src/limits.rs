@@ -13,7 +13,13 @@ pub struct ImageLimits {
     pub max_height: u32,
     /// Largest allocation a decoder may make, in bytes.
     pub max_alloc: u64,
+    /// Most pixels (width x height) an image may have: the decompression-bomb budget, checked
+    /// from the header like Pillow's `MAX_IMAGE_PIXELS`.
+    pub max_pixels: u64,
 }
+
+/// Pillow's `Image.MAX_IMAGE_PIXELS` (about 89.5 Mpx, a 3-channel 8-bit image of 256 MiB).
+pub const PILLOW_MAX_IMAGE_PIXELS: u64 = 89_478_485;
 
 impl Default for ImageLimits {
     /// 32 MiB of encoded bytes and 16384 px a side (Pillow's own bomb threshold is ~89 Mpx; a
@@ -24,6 +30,7 @@ impl Default for ImageLimits {
             max_width: 16_384,
             max_height: 16_384,
             max_alloc: 1 << 30,
+            max_pixels: PILLOW_MAX_IMAGE_PIXELS,
         }
     }
 }

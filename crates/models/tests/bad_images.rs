@@ -124,3 +124,36 @@ fn extreme_aspect_ratios_match_pillow() -> Result<()> {
     }
     Ok(())
 }
+
+/// A real, complete 16384 x 16384 PNG (a quarter GiB of grey, under 2 MB on the wire, which
+/// the default limits would otherwise decode into 768 MiB of RGB) is refused from its header by
+/// the pixel budget (Pillow's `MAX_IMAGE_PIXELS`), at once and before any pixel buffer exists.
+#[test]
+fn a_real_16k_png_is_refused_by_the_pixel_budget() {
+    use image::ImageEncoder;
+    let side = 16_384u32;
+    let mut png = Vec::new();
+    image::codecs::png::PngEncoder::new_with_quality(
+        &mut png,
+        image::codecs::png::CompressionType::Default,
+        image::codecs::png::FilterType::NoFilter,
+    )
+    .write_image(&vec![128u8; (side * side) as usize], side, side, image::ExtendedColorType::L8)
+    .unwrap();
+    assert!(png.len() < 2 << 20, "{} bytes", png.len());
+    let t = std::time::Instant::now();
+    let err = decode_rgb(&png, &ImageLimits::default()).unwrap_err();
+    assert!(t.elapsed() < std::time::Duration::from_millis(100), "{:?}", t.elapsed());
+    match err {
+        ImageError::TooManyPixels { width, height, pixels, max_pixels } => {
+            assert_eq!((width, height, pixels), (side, side, u64::from(side * side)));
+            assert_eq!(max_pixels, dsvl_core::PILLOW_MAX_IMAGE_PIXELS);
+        }
+        other => panic!("expected TooManyPixels, got {other}"),
+    }
+    // Raising the budget lets the same header through to the decoder's own allocation fence.
+    let limits =
+        ImageLimits { max_pixels: u64::MAX, max_alloc: 64 << 20, ..ImageLimits::default() };
+    let err = decode_rgb(&png, &limits).unwrap_err();
+    assert!(matches!(err, ImageError::AllocationLimit | ImageError::Corrupt { .. }), "{err}");
+}

@@ -61,6 +61,10 @@ pub struct Args {
     /// Largest image side in pixels.
     #[arg(long, env = "DSVL_MAX_IMAGE_SIDE", default_value_t = 16_384)]
     pub max_image_side: u32,
+    /// Most pixels (width x height) per image, checked from the header before decoding
+    /// (default: Pillow's MAX_IMAGE_PIXELS).
+    #[arg(long, env = "DSVL_MAX_IMAGE_PIXELS", default_value_t = dsvl_core::PILLOW_MAX_IMAGE_PIXELS)]
+    pub max_image_pixels: u64,
     /// Largest gRPC message, in MiB (requests carry images, responses may carry embeddings).
     #[arg(long, env = "DSVL_MAX_MESSAGE_MIB", default_value_t = 128)]
     pub max_message_mib: usize,
@@ -158,7 +162,9 @@ impl TryFrom<&Args> for VisionConfig {
                 max_input_bytes: max_image_bytes,
                 max_width: a.max_image_side,
                 max_height: a.max_image_side,
-                max_alloc: u64::from(a.max_image_side).pow(2) * 4 + (64 << 20),
+                max_alloc: a.max_image_pixels.min(u64::from(a.max_image_side).pow(2)) * 4
+                    + (64 << 20),
+                max_pixels: a.max_image_pixels,
             },
             max_message_bytes,
             drain: Duration::from_secs(a.drain_secs),

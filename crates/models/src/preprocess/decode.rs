@@ -66,6 +66,15 @@ pub fn decode_rgb(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, ImageE
         });
     }
 
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > limits.max_pixels {
+        return Err(ImageError::TooManyPixels {
+            width,
+            height,
+            pixels,
+            max_pixels: limits.max_pixels,
+        });
+    }
     if format == ImageFormat::Jpeg {
         check_jpeg_complete(bytes)?;
     }

@@ -49,6 +49,19 @@ pub enum ImageError {
         /// Allowed height.
         max_height: u32,
     },
+    /// The header claims more pixels than the budget (a decompression bomb); refused before
+    /// decoding.
+    #[error("image is {width}x{height} ({pixels} pixels), over the budget of {max_pixels} pixels")]
+    TooManyPixels {
+        /// Claimed width.
+        width: u32,
+        /// Claimed height.
+        height: u32,
+        /// Their product.
+        pixels: u64,
+        /// The budget.
+        max_pixels: u64,
+    },
     /// The header claims an empty image.
     #[error("image has no pixels ({width}x{height})")]
     ZeroSized {
