@@ -49,6 +49,32 @@ impl Svc {
         Ok(Self { proc, addr, metrics })
     }
 
+    /// Waits until `service` is SERVING; when the process exited during start-up (most often a
+    /// port that `free_port` handed out was taken by another test before the service bound
+    /// it), starts it again on fresh ports with `extra` arguments, up to three times in all.
+    pub async fn serving_or_respawn(
+        &mut self,
+        bin: &str,
+        listen_flag: &str,
+        extra: impl Fn() -> Vec<String>,
+        service: &str,
+        limit: Duration,
+    ) -> Result<()> {
+        for attempt in 1.. {
+            match self.wait_serving(service, limit).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < 3 && self.proc.try_wait()?.is_some() => {
+                    eprintln!(
+                        "{bin} exited during start-up ({e}); starting it again on fresh ports"
+                    );
+                    *self = Self::spawn(bin, listen_flag, extra())?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
     /// Waits for grpc.health.v1 SERVING on `service`.
     pub async fn wait_serving(&mut self, service: &str, limit: Duration) -> Result<()> {
         let deadline = Instant::now() + limit;
@@ -126,29 +152,34 @@ impl Cluster {
         for _ in 0..opts.vision_replicas {
             vision.push(Svc::spawn("dsvl-vision", "--listen", redis_flags.clone())?);
         }
-        let mut decoders = Vec::new();
-        for _ in 0..opts.decoder_groups.max(1) {
-            let mut dec_args = vec![
+        let dec_args = || {
+            let mut a = vec![
                 "--tp".to_string(),
                 opts.tp.to_string(),
                 "--rendezvous-port".into(),
                 free_port().to_string(),
             ];
-            dec_args.extend(redis_flags.clone());
-            decoders.push(Svc::spawn("dsvl-decoder", "--listen", dec_args)?);
+            a.extend(redis_flags.clone());
+            a
+        };
+        let mut decoders = Vec::new();
+        for _ in 0..opts.decoder_groups.max(1) {
+            decoders.push(Svc::spawn("dsvl-decoder", "--listen", dec_args())?);
         }
+        let limit = Duration::from_secs(120);
         for v in &mut vision {
-            v.wait_serving("dsvl.internal.v1.VisionEncoder", Duration::from_secs(120)).await?;
+            let (bin, api) = ("dsvl-vision", "dsvl.internal.v1.VisionEncoder");
+            v.serving_or_respawn(bin, "--listen", || redis_flags.clone(), api, limit).await?;
         }
         for d in &mut decoders {
-            d.wait_serving("dsvl.internal.v1.Decoder", Duration::from_secs(120)).await?;
+            let (bin, api) = ("dsvl-decoder", "dsvl.internal.v1.Decoder");
+            d.serving_or_respawn(bin, "--listen", dec_args, api, limit).await?;
         }
         let decoder_addrs = decoders.iter().map(|d| d.addr.clone()).collect::<Vec<_>>().join(",");
         let decoder = decoders.remove(0);
-        let http = format!("127.0.0.1:{}", free_port());
         let mut args = vec![
             "--http-listen".to_string(),
-            http.clone(),
+            format!("127.0.0.1:{}", free_port()),
             "--decoder".into(),
             decoder_addrs,
             "--refresh-secs".into(),
@@ -166,8 +197,20 @@ impl Cluster {
             args.push("--allow-unauthenticated".into());
         }
         args.extend(opts.gateway_args);
-        let mut gateway = Svc::spawn("dsvl-gateway", "--grpc-listen", args)?;
-        gateway.wait_serving("dsvl.v1.Chat", Duration::from_secs(60)).await?;
+        // A fresh HTTP port on every start (args[1] is --http-listen's value).
+        let http_port = std::sync::Mutex::new(args[1].clone());
+        let gateway_args = || {
+            let mut a = args.clone();
+            a[1] = format!("127.0.0.1:{}", free_port());
+            *http_port.lock().expect("lock") = a[1].clone();
+            a
+        };
+        let mut gateway = Svc::spawn("dsvl-gateway", "--grpc-listen", args.clone())?;
+        let (bin, api) = ("dsvl-gateway", "dsvl.v1.Chat");
+        gateway
+            .serving_or_respawn(bin, "--grpc-listen", gateway_args, api, Duration::from_secs(60))
+            .await?;
+        let http = http_port.into_inner().expect("lock");
         Ok(Self { gateway, http, vision, decoder, more_decoders: decoders, redis })
     }
 
