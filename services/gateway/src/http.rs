@@ -368,11 +368,31 @@ pub(crate) fn logit_bias(
         .collect()
 }
 
-fn completion_id() -> String {
+/// A process-unique id: `prefix`, the time in microseconds, a counter (completions, tool calls).
+pub(crate) fn unique_id(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    format!("chatcmpl-{:x}{:04x}", t.as_micros(), N.fetch_add(1, Ordering::Relaxed) & 0xffff)
+    format!("{prefix}{:x}{:06x}", t.as_micros(), N.fetch_add(1, Ordering::Relaxed) & 0xff_ffff)
+}
+
+/// The preamble of both OpenAI handlers: the deadline from the headers, the body parsed, its
+/// fields checked by `check` (no silent drops: a field the gateway does not honour is a 400
+/// naming it), then deserialized.
+pub(crate) fn read_request<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &[u8],
+    timeout: Duration,
+    started: Instant,
+    check: fn(&Value) -> Result<(), String>,
+) -> Result<(Instant, T), GatewayError> {
+    let deadline = deadline(headers, timeout, started)?;
+    let malformed = |e: serde_json::Error| {
+        GatewayError::InvalidArgument(format!("malformed request body: {e}"))
+    };
+    let value: Value = serde_json::from_slice(body).map_err(malformed)?;
+    check(&value).map_err(GatewayError::InvalidArgument)?;
+    Ok((deadline, serde_json::from_value(value).map_err(malformed)?))
 }
 
 async fn completions(
@@ -382,32 +402,20 @@ async fn completions(
     body: Bytes,
 ) -> Response {
     let started = Instant::now();
-    let deadline = match deadline(&headers, gw.config.request_timeout, started) {
-        Ok(d) => d,
-        Err(e) => return error_response(&e),
-    };
-    let malformed = |e: serde_json::Error| {
-        GatewayError::InvalidArgument(format!("malformed request body: {e}"))
-    };
-    let value: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => return error_response(&malformed(e)),
-    };
-    // No silent drops: a field this gateway does not honour is a 400 naming it.
-    if let Err(why) = crate::openai_fields::check(&value) {
-        return error_response(&GatewayError::InvalidArgument(why));
-    }
-    let req: CompletionRequest = match serde_json::from_value(value) {
-        Ok(r) => r,
-        Err(e) => return error_response(&malformed(e)),
-    };
+    let timeout = gw.config.request_timeout;
+    let check = crate::openai_fields::check;
+    let (deadline, req): (Instant, CompletionRequest) =
+        match read_request(&headers, &body, timeout, started, check) {
+            Ok(x) => x,
+            Err(e) => return error_response(&e),
+        };
     let streaming = req.stream;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
     let (input, tools) = match to_input(&gw, req, deadline).await {
         Ok(i) => i,
         Err(e) => return error_response(&e),
     };
-    let mut reply = Reply::new(&input, Shape::Chat, gw.model.name.clone(), completion_id());
+    let mut reply = Reply::new(&input, Shape::Chat, gw.model.name.clone(), unique_id("chatcmpl-"));
     reply.tools = tools.map(Arc::new);
     let span = request_span(&gw.model.name, &input, &tenant.id, "http");
     dsvl_telemetry::extract_trace_context(

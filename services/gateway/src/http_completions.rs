@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use crate::chat::request_span;
 use crate::error::GatewayError;
-use crate::http::{constraint_of, deadline, error_response, logit_bias};
+use crate::http::{constraint_of, error_response, logit_bias, read_request, unique_id};
 use crate::http_reply::{sse, whole, Reply, Shape};
 use crate::prepare::{ChatInput, OutputOptions, RawPrompt};
 use crate::tenancy::Tenant;
@@ -136,11 +136,6 @@ fn to_input(r: LegacyRequest) -> Result<(ChatInput, bool, bool), GatewayError> {
     Ok((input, r.stream, include_usage))
 }
 
-fn completion_id() -> String {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    format!("cmpl-{:x}", t.as_micros())
-}
-
 /// The handler.
 pub async fn completions(
     State(gw): State<Arc<Gateway>>,
@@ -149,27 +144,16 @@ pub async fn completions(
     body: Bytes,
 ) -> Response {
     let started = Instant::now();
-    let deadline = match deadline(&headers, gw.config.request_timeout, started) {
-        Ok(d) => d,
-        Err(e) => return error_response(&e),
-    };
-    let malformed = |e: serde_json::Error| {
-        GatewayError::InvalidArgument(format!("malformed request body: {e}"))
-    };
-    let value: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => return error_response(&malformed(e)),
-    };
-    if let Err(why) = crate::openai_fields::check_completions(&value) {
-        return error_response(&GatewayError::InvalidArgument(why));
-    }
-    let (input, streaming, include_usage) =
-        match serde_json::from_value(value).map_err(malformed).and_then(to_input) {
+    let timeout = gw.config.request_timeout;
+    let check = crate::openai_fields::check_completions;
+    let read = read_request::<LegacyRequest>(&headers, &body, timeout, started, check);
+    let (deadline, (input, streaming, include_usage)) =
+        match read.and_then(|(d, r)| Ok((d, to_input(r)?))) {
             Ok(x) => x,
             Err(e) => return error_response(&e),
         };
     let span = request_span(&gw.model.name, &input, &tenant.id, "http");
-    let reply = Reply::new(&input, Shape::Text, gw.model.name.clone(), completion_id());
+    let reply = Reply::new(&input, Shape::Text, gw.model.name.clone(), unique_id("cmpl-"));
     let rx = match gw.chat(&tenant, input, deadline, "http").instrument(span).await {
         Ok(rx) => rx,
         Err(e) => return error_response(&e),

@@ -284,7 +284,7 @@ pub(crate) fn sse(
         Shape::Text => Vec::new(),
     };
     let tools = tools.filter(|_| matches!(shape, Shape::Chat));
-    let always = tools.as_ref().is_some_and(|t| t.schema().is_some());
+    let always = tools.as_ref().is_some_and(|t| t.choice != crate::tools::Choice::Auto);
     let mut held: Vec<Held> = (0..n).map(|_| Held::default()).collect();
     let mut finishes: Vec<Finish> = Vec::new();
     let mut chars = vec![0usize; n as usize];

@@ -175,7 +175,7 @@ impl Tools {
                 let name = c.get("name")?.as_str()?;
                 let args = c.get("arguments").filter(|a| a.is_object())?;
                 self.tools.iter().any(|t| t.name == name).then(|| ToolCall {
-                    id: call_id(),
+                    id: crate::http::unique_id("call_"),
                     name: name.to_string(),
                     arguments: args.to_string(),
                 })
@@ -225,14 +225,6 @@ pub fn render_calls(calls: &[(String, String)]) -> String {
 /// How a tool's result appears in the prompt (inside a user turn).
 pub fn render_result(name: &str, id: &str, content: &str) -> String {
     format!("Tool result ({name}, {id}):\n{content}")
-}
-
-/// A process-unique call id.
-fn call_id() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    format!("call_{:x}{:06x}", t.as_micros(), N.fetch_add(1, Ordering::Relaxed) & 0xff_ffff)
 }
 
 #[cfg(test)]
