@@ -20,7 +20,7 @@ use dsvl_models::device::{candle_dtype, open_device};
 use dsvl_models::llm::{
     DeepSeekLlm, LlmConfig, PagedKvConfig, SeqChunk, Shard, ShardRunner, StepPlan,
 };
-use dsvl_parallel::GroupSpec;
+use dsvl_parallel::{GroupKey, GroupSpec};
 use serde_json::json;
 
 use crate::dims::Dims;
@@ -94,7 +94,7 @@ pub struct WorkerArgs {
     dtype: WeightDType,
 }
 
-fn spec(world: usize, rank: usize, leader: &str) -> GroupSpec {
+fn spec(world: usize, rank: usize, leader: &str, key: GroupKey) -> GroupSpec {
     GroupSpec {
         world_size: world,
         rank,
@@ -102,6 +102,7 @@ fn spec(world: usize, rank: usize, leader: &str) -> GroupSpec {
         rendezvous_timeout: Duration::from_secs(300),
         collective_timeout: Duration::from_secs(600),
         tag: TAG.into(),
+        key: Some(key),
     }
 }
 
@@ -115,7 +116,13 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
     let device = open_device(device_for(args.device, args.local_rank))?;
     let dtype = candle_dtype(args.dtype);
     run_worker(
-        &spec(args.world_size, args.rank, &args.leader),
+        &spec(
+            args.world_size,
+            args.rank,
+            &args.leader,
+            GroupKey::from_env()?
+                .context("decoder-worker is started by its leader, which hands it the group key")?,
+        ),
         GroupTimeouts::default(),
         &device,
         |extra| {
@@ -240,6 +247,7 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
     let exe = std::env::current_exe()?;
+    let key = GroupKey::random();
     let commands = RankLaunch {
         program: exe,
         mode: vec!["--threads".into(), threads.to_string(), "decoder-worker".into()],
@@ -252,6 +260,7 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
             "--dtype".into(),
             args.dtype.to_string(),
         ],
+        key: Some(key.clone()),
     }
     .commands(0, args.tp);
     let _workers = LocalWorkers::spawn(commands).context("cannot start worker ranks")?;
@@ -262,7 +271,7 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
         PagedKvConfig { num_blocks: most * per_seq, block_size: PagedKvConfig::DEFAULT_BLOCK_SIZE };
     let mut runner = lead_group(
         &listener,
-        &spec(args.tp, 0, &addr),
+        &spec(args.tp, 0, &addr, key),
         GroupTimeouts::default(),
         json!({ "kv": kv }),
         &device,

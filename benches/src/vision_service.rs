@@ -59,11 +59,13 @@ fn pipeline(
             dtype: EmbeddingDType::F32,
             shape: vec![576, 4096],
         },
+        seal: dsvl_core::EmbeddingSeal::keyed(&dsvl_core::ClusterSecret::random()),
         local: Arc::new(MemoryCache::new(local_bytes)),
         shared,
         flights: SingleFlight::new(),
         ttl: Duration::from_secs(3600),
         lease: Duration::from_secs(600),
+        decode_slots: Arc::new(tokio::sync::Semaphore::new(16)),
     })
 }
 

@@ -2,6 +2,10 @@
 //! worker ranks it starts itself) and gateway, wired together on loopback; used by `dsvl up`
 //! and `dsvl demo`. Services start in dependency order and each must report SERVING before
 //! the next one starts; dropping the [`Cluster`] stops them gateway first.
+//!
+//! The vision-encoder and the decoder share a cluster secret (sealing shared-cache embeddings,
+//! authenticating the decoder's ranks): `DSVL_CLUSTER_SECRET_FILE` when set, else a throwaway
+//! one made for this cluster, readable only by its owner, removed when the cluster stops.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +40,8 @@ pub struct ClusterSpec {
 pub struct Cluster {
     /// Gateway, decoder, vision: the drop order.
     services: Vec<Service>,
+    /// The throwaway cluster secret (removed on drop, after the services).
+    _secret: Option<tempfile::TempPath>,
     /// Gateway gRPC endpoint (`http://host:port`).
     pub grpc_url: String,
     /// Gateway HTTP endpoint.
@@ -62,6 +68,18 @@ fn redis_flags(spec: &ClusterSpec) -> Vec<String> {
     spec.redis.iter().flat_map(|r| ["--redis".to_string(), r.clone()]).collect()
 }
 
+/// A fresh cluster secret in a file only this user can read (unless the environment names
+/// one, which the services then read themselves).
+fn throwaway_secret() -> Result<Option<tempfile::TempPath>> {
+    use std::io::Write;
+    if std::env::var_os("DSVL_CLUSTER_SECRET_FILE").is_some() {
+        return Ok(None);
+    }
+    let mut f = tempfile::Builder::new().prefix("dsvl-cluster-secret-").tempfile()?;
+    f.write_all(dsvl_core::ClusterSecret::random().to_file_contents().as_bytes())?;
+    Ok(Some(f.into_temp_path()))
+}
+
 impl Cluster {
     /// Starts everything and waits until the gateway is SERVING.
     ///
@@ -69,11 +87,17 @@ impl Cluster {
     /// A binary is missing, a service exits during start-up or does not become ready.
     pub async fn start(spec: &ClusterSpec) -> Result<Self> {
         let t = Instant::now();
+        let secret = throwaway_secret()?;
+        let secret_flags: Vec<String> = secret
+            .iter()
+            .flat_map(|p| ["--cluster-secret-file".to_string(), p.display().to_string()])
+            .collect();
         let vision_addr = format!("127.0.0.1:{}", free_port()?);
         let mut args = vec!["--listen".to_string(), vision_addr.clone()];
         args.extend(model_flags(spec));
         args.extend(device_flags(spec));
         args.extend(redis_flags(spec));
+        args.extend(secret_flags.iter().cloned());
         let mut vision = Service::spawn(
             "vision-encoder",
             &sibling_binary("dsvl-vision")?,
@@ -93,6 +117,7 @@ impl Cluster {
         args.extend(model_flags(spec));
         args.extend(device_flags(spec));
         args.extend(redis_flags(spec));
+        args.extend(secret_flags.iter().cloned());
         let mut decoder = Service::spawn(
             "decoder",
             &sibling_binary("dsvl-decoder")?,
@@ -133,6 +158,7 @@ impl Cluster {
         eprintln!("cluster ready in {:.1}s", t.elapsed().as_secs_f64());
         Ok(Self {
             services: vec![gateway, decoder, vision],
+            _secret: secret,
             grpc_url: format!("http://{}", spec.grpc_addr),
             http_url: format!("http://{}", spec.http_addr),
             vision_addr,

@@ -20,7 +20,7 @@ use dsvl_models::device::{candle_dtype, open_device};
 use dsvl_models::llm::{DeepSeekLlm, ImageRows, PagedKvConfig, Shard};
 use dsvl_models::preprocess::{Preprocessed, Preprocessor};
 use dsvl_models::vision::VisionEncoder;
-use dsvl_parallel::GroupSpec;
+use dsvl_parallel::{GroupKey, GroupSpec};
 
 use crate::model_args::ModelArgs;
 use crate::progress;
@@ -194,8 +194,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         rendezvous_timeout: std::time::Duration::from_secs(120),
         collective_timeout: std::time::Duration::from_secs(60),
         tag: tag.clone(),
+        key: Some(GroupKey::random()),
     };
-    let mut commands = rank_launch(&args.model, &addr, args.tp, &tag)?.commands(0, args.tp);
+    let key = spec.key.as_ref().expect("set above");
+    let mut commands = rank_launch(&args.model, &addr, args.tp, &tag, key)?.commands(0, args.tp);
     for c in &mut commands {
         // The leader already said that the bundled model is used.
         c.env("DSVL_QUIET_BUNDLED", "1");

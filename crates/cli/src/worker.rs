@@ -10,7 +10,7 @@ use dsvl_engine::group::{
 };
 use dsvl_models::device::{candle_dtype, open_device};
 use dsvl_models::llm::{DeepSeekLlm, Shard};
-use dsvl_parallel::GroupSpec;
+use dsvl_parallel::{GroupKey, GroupSpec};
 
 use crate::model_args::ModelArgs;
 
@@ -40,7 +40,13 @@ pub struct WorkerArgs {
 }
 
 /// The launcher of `dsvl generate`'s local ranks (`dsvl rank-worker`).
-pub fn rank_launch(model: &ModelArgs, leader: &str, world: usize, tag: &str) -> Result<RankLaunch> {
+pub fn rank_launch(
+    model: &ModelArgs,
+    leader: &str,
+    world: usize,
+    tag: &str,
+    key: &GroupKey,
+) -> Result<RankLaunch> {
     let mut extra =
         vec!["--tag".to_string(), tag.into(), "--dtype".into(), model.dtype.as_str().into()];
     if let Some(m) = &model.model {
@@ -53,6 +59,7 @@ pub fn rank_launch(model: &ModelArgs, leader: &str, world: usize, tag: &str) -> 
         world,
         base_device: model.device,
         extra,
+        key: Some(key.clone()),
     })
 }
 
@@ -62,14 +69,18 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         die_with_parent();
     }
     let ckpt = args.model.open()?;
-    let spec = GroupSpec {
-        world_size: args.world_size,
-        rank: args.rank,
-        leader_addr: args.leader.clone(),
-        rendezvous_timeout: std::time::Duration::from_secs(120),
-        collective_timeout: std::time::Duration::from_secs(60),
-        tag: args.tag.clone(),
-    };
+    let spec =
+        GroupSpec {
+            world_size: args.world_size,
+            rank: args.rank,
+            leader_addr: args.leader.clone(),
+            rendezvous_timeout: std::time::Duration::from_secs(120),
+            collective_timeout: std::time::Duration::from_secs(60),
+            tag: args.tag.clone(),
+            key: Some(GroupKey::from_env()?.context(
+                "rank-worker is started by `dsvl generate`, which hands it the group key",
+            )?),
+        };
     let device = open_device(device_for(args.model.device, args.local_rank))?;
     let dtype = candle_dtype(args.model.dtype);
     let shard = Shard { rank: args.rank, world: args.world_size };

@@ -1,17 +1,23 @@
 //! The stored form of an embedding: a small self-describing header, then the raw tensor.
 //!
 //! ```text
-//! "DSVLEMB\0" | u16 version=1 | u8 dtype | u8 ndim | u32 dims[ndim] | u16 fp_len | fingerprint |
-//! u64 payload_len | [32] BLAKE3(everything before the checksum, then the payload) | payload
+//! "DSVLEMB\0" | u16 version=2 | u8 dtype | u8 ndim | u32 dims[ndim] | u16 fp_len | fingerprint |
+//! u64 payload_len | [32] seal | payload
 //! ```
-//! Payload elements are little-endian. The checksum covers the header too, so no corrupted
-//! byte anywhere passes. Decoding checks every length and the checksum: a corrupt or truncated value is an error
-//! (the caller counts it and treats it as a miss), never a wrong embedding.
+//! Payload elements are little-endian. The seal is a keyed BLAKE3 MAC
+//! ([`EmbeddingSeal::mac`]) over the cache key the value is stored under, everything before the
+//! seal and the payload: no corrupted byte anywhere passes, a value copied under another key
+//! (another tenant's) does not verify, and without the cluster secret no value can be forged.
+//! Decoding checks every length, the seal, and that every element is finite: a corrupt,
+//! misplaced, forged or NaN/Inf value is an error (the caller counts it and treats it as a
+//! miss), never a wrong embedding.
+
+use crate::secret::EmbeddingSeal;
 
 pub use crate::embedding::EmbeddingDType;
 
 const MAGIC: &[u8; 8] = b"DSVLEMB\0";
-const VERSION: u16 = 1;
+const VERSION: u16 = 2;
 
 /// What a stored value says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,16 +39,31 @@ pub enum CodecError {
     /// Not an embedding value, or an unknown version.
     #[error("not a dsvl embedding value: {0}")]
     Format(String),
-    /// The payload does not match its checksum.
-    #[error("checksum mismatch")]
-    Checksum,
+    /// The seal does not verify: corrupted, stored under another key, or forged without the
+    /// cluster secret.
+    #[error(
+        "seal mismatch (corrupted, copied from another key, or written without the cluster secret)"
+    )]
+    Seal,
+    /// An element is NaN or infinite.
+    #[error("element {index} is not finite")]
+    NotFinite {
+        /// The first such element.
+        index: usize,
+    },
 }
 
-/// Serialises `payload` (row-major little-endian elements) with its header.
+/// Serialises `payload` (row-major little-endian elements) with its header, sealed for
+/// storage under `cache_key`.
 ///
 /// # Panics
 /// When the payload length does not match the shape and dtype (a caller bug).
-pub fn encode(header: &EmbeddingHeader, payload: &[u8]) -> Vec<u8> {
+pub fn encode(
+    header: &EmbeddingHeader,
+    payload: &[u8],
+    seal: &EmbeddingSeal,
+    cache_key: &str,
+) -> Vec<u8> {
     let elems: usize = header.shape.iter().map(|&d| d as usize).product();
     assert_eq!(
         elems * header.dtype.size(),
@@ -61,17 +82,10 @@ pub fn encode(header: &EmbeddingHeader, payload: &[u8]) -> Vec<u8> {
     out.extend_from_slice(&(fp.len() as u16).to_le_bytes());
     out.extend_from_slice(fp);
     out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-    let sum = checksum(&out, payload);
+    let sum = seal.mac(cache_key, &out, payload);
     out.extend_from_slice(sum.as_bytes());
     out.extend_from_slice(payload);
     out
-}
-
-fn checksum(header: &[u8], payload: &[u8]) -> blake3::Hash {
-    let mut h = blake3::Hasher::new();
-    h.update(header);
-    h.update(payload);
-    h.finalize()
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -87,8 +101,15 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// Parses and verifies a stored value; returns the header and the payload.
-pub fn decode(value: &[u8]) -> Result<(EmbeddingHeader, &[u8]), CodecError> {
+/// Parses and verifies a value read from under `cache_key`; returns the header and the payload.
+///
+/// # Errors
+/// Truncated, malformed, a seal that does not verify, or a NaN/Inf element.
+pub fn decode<'v>(
+    value: &'v [u8],
+    seal: &EmbeddingSeal,
+    cache_key: &str,
+) -> Result<(EmbeddingHeader, &'v [u8]), CodecError> {
     let mut r = Reader(value);
     if r.take(8, "magic")? != MAGIC {
         return Err(CodecError::Format("bad magic".into()));
@@ -110,7 +131,7 @@ pub fn decode(value: &[u8]) -> Result<(EmbeddingHeader, &[u8]), CodecError> {
         .map_err(|_| CodecError::Format("fingerprint is not UTF-8".into()))?;
     let len = u64::from_le_bytes(r.take(8, "payload length")?.try_into().expect("8 bytes"));
     let header = &value[..value.len() - r.0.len()];
-    let sum: [u8; 32] = r.take(32, "checksum")?.try_into().expect("32 bytes");
+    let sum: [u8; 32] = r.take(32, "seal")?.try_into().expect("32 bytes");
     let elems = shape
         .iter()
         .try_fold(1u64, |a, &d| a.checked_mul(u64::from(d)))
@@ -125,15 +146,39 @@ pub fn decode(value: &[u8]) -> Result<(EmbeddingHeader, &[u8]), CodecError> {
     if !r.0.is_empty() {
         return Err(CodecError::Format(format!("{} trailing bytes", r.0.len())));
     }
-    if checksum(header, payload).as_bytes() != &sum {
-        return Err(CodecError::Checksum);
+    // `blake3::Hash` compares in constant time.
+    if seal.mac(cache_key, header, payload) != blake3::Hash::from_bytes(sum) {
+        return Err(CodecError::Seal);
     }
+    check_finite(dtype, payload)?;
     Ok((EmbeddingHeader { dtype, shape, model_fingerprint: fp.to_string() }, payload))
+}
+
+/// Refuses a payload holding NaN or an infinity (a poisoned or broken producer): one such row
+/// would turn every later hidden state of the sequence into NaN.
+///
+/// # Errors
+/// [`CodecError::NotFinite`] with the first offending element.
+pub fn check_finite(dtype: EmbeddingDType, payload: &[u8]) -> Result<(), CodecError> {
+    // An element is NaN or infinite exactly when its exponent bits are all ones.
+    let bad = match dtype {
+        EmbeddingDType::F32 => payload.chunks_exact(4).position(|b| {
+            u32::from_le_bytes(b.try_into().expect("4 bytes")) & 0x7f80_0000 == 0x7f80_0000
+        }),
+        EmbeddingDType::BF16 => payload
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
+        EmbeddingDType::F16 => payload
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 == 0x7c00),
+    };
+    bad.map_or(Ok(()), |index| Err(CodecError::NotFinite { index }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::secret::ClusterSecret;
 
     fn sample() -> (EmbeddingHeader, Vec<u8>) {
         let h = EmbeddingHeader {
@@ -147,25 +192,67 @@ mod tests {
     #[test]
     fn round_trips() {
         let (h, p) = sample();
-        let v = encode(&h, &p);
-        let (h2, p2) = decode(&v).unwrap();
+        let seal = EmbeddingSeal::keyed(&ClusterSecret::random());
+        let v = encode(&h, &p, &seal, "k");
+        let (h2, p2) = decode(&v, &seal, "k").unwrap();
         assert_eq!((h2, p2), (h, p.as_slice()));
     }
 
     #[test]
     fn every_truncation_and_any_flipped_bit_is_rejected() {
         let (h, p) = sample();
-        let v = encode(&h, &p);
+        let seal = EmbeddingSeal::public();
+        let v = encode(&h, &p, &seal, "k");
         for n in 0..v.len() {
-            assert!(decode(&v[..n]).is_err(), "truncated to {n}");
+            assert!(decode(&v[..n], &seal, "k").is_err(), "truncated to {n}");
         }
         for i in 0..v.len() {
             let mut w = v.clone();
             w[i] ^= 0x10;
-            assert!(decode(&w).is_err(), "flip at {i} accepted");
+            assert!(decode(&w, &seal, "k").is_err(), "flip at {i} accepted");
         }
         let mut long = v.clone();
         long.push(0);
-        assert!(decode(&long).is_err());
+        assert!(decode(&long, &seal, "k").is_err());
+    }
+
+    #[test]
+    fn moved_or_forged_values_do_not_verify() {
+        let (h, p) = sample();
+        let ours = EmbeddingSeal::keyed(&ClusterSecret::random());
+        let v = encode(&h, &p, &ours, "tenant-a:img");
+        assert_eq!(decode(&v, &ours, "tenant-b:img").unwrap_err(), CodecError::Seal);
+        // Written by someone without our secret (with another one, or none at all).
+        for forger in [EmbeddingSeal::keyed(&ClusterSecret::random()), EmbeddingSeal::public()] {
+            let forged = encode(&h, &p, &forger, "tenant-a:img");
+            assert_eq!(decode(&forged, &ours, "tenant-a:img").unwrap_err(), CodecError::Seal);
+        }
+    }
+
+    #[test]
+    fn nan_and_inf_are_refused_even_when_sealed() {
+        let seal = EmbeddingSeal::public();
+        let cases: [(EmbeddingDType, Vec<u8>); 4] = [
+            (
+                EmbeddingDType::F32,
+                [1.0f32, f32::NAN].iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+            (
+                EmbeddingDType::F32,
+                [f32::NEG_INFINITY, 0.0].iter().flat_map(|x| x.to_le_bytes()).collect(),
+            ),
+            (EmbeddingDType::BF16, vec![0x80, 0x3f, 0xc0, 0x7f]), // 1.0, NaN
+            (EmbeddingDType::F16, vec![0x00, 0x7c, 0x00, 0x3c]),  // +Inf, 1.0
+        ];
+        for (dtype, payload) in cases {
+            let h = EmbeddingHeader { dtype, shape: vec![1, 2], model_fingerprint: "fp".into() };
+            let v = encode(&h, &payload, &seal, "k");
+            assert!(
+                matches!(decode(&v, &seal, "k"), Err(CodecError::NotFinite { .. })),
+                "{dtype:?}"
+            );
+        }
+        let fine: Vec<u8> = [f32::MAX, -0.0].iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert!(check_finite(EmbeddingDType::F32, &fine).is_ok());
     }
 }

@@ -9,6 +9,7 @@
 use bytes::Bytes;
 
 use crate::codec::{self, CodecError, EmbeddingHeader};
+use crate::secret::EmbeddingSeal;
 
 /// Element types an embedding can be stored in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,22 +109,28 @@ impl Embedding {
         Ok(Self { dtype, shape, model_fingerprint, payload })
     }
 
-    /// The stored form (header with checksum, then the payload): one copy of the payload.
-    pub fn to_value(&self) -> Bytes {
+    /// The stored form under `cache_key` (header with its seal, then the payload): one copy of
+    /// the payload.
+    pub fn to_value(&self, seal: &EmbeddingSeal, cache_key: &str) -> Bytes {
         let header = EmbeddingHeader {
             dtype: self.dtype,
             shape: self.shape.clone(),
             model_fingerprint: self.model_fingerprint.clone(),
         };
-        Bytes::from(codec::encode(&header, &self.payload))
+        Bytes::from(codec::encode(&header, &self.payload, seal, cache_key))
     }
 
-    /// Parses and verifies a stored value; the payload is a slice of `value` (no copy).
+    /// Parses and verifies a value read from under `cache_key`; the payload is a slice of
+    /// `value` (no copy).
     ///
     /// # Errors
-    /// Truncated, malformed or corrupted values ([`codec::decode`]).
-    pub fn from_value(value: Bytes) -> Result<Self, CodecError> {
-        let (header, payload) = codec::decode(&value)?;
+    /// Truncated, malformed, misplaced, forged or non-finite values ([`codec::decode`]).
+    pub fn from_value(
+        value: Bytes,
+        seal: &EmbeddingSeal,
+        cache_key: &str,
+    ) -> Result<Self, CodecError> {
+        let (header, payload) = codec::decode(&value, seal, cache_key)?;
         let start = value.len() - payload.len();
         Ok(Self {
             dtype: header.dtype,
@@ -151,8 +158,9 @@ mod tests {
     #[test]
     fn value_round_trip_shares_the_payload() {
         let e = sample();
-        let value = e.to_value();
-        let back = Embedding::from_value(value.clone()).unwrap();
+        let seal = EmbeddingSeal::public();
+        let value = e.to_value(&seal, "k");
+        let back = Embedding::from_value(value.clone(), &seal, "k").unwrap();
         assert_eq!(back, e);
         // The payload is a view into the value, not a copy.
         let end = value.as_ptr() as usize + value.len();

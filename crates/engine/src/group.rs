@@ -15,6 +15,7 @@ use candle_core::Device;
 use dsvl_models::llm::{DeepSeekLlm, PagedKv, PagedKvConfig, ShardRunner};
 use dsvl_models::ModelError;
 use dsvl_parallel::rendezvous::{self, GroupSpec};
+use dsvl_parallel::GroupKey;
 use dsvl_parallel::{LinkSet, Message};
 use serde_json::json;
 
@@ -96,6 +97,9 @@ pub struct RankLaunch {
     pub base_device: dsvl_core::DeviceSpec,
     /// Further arguments every rank gets (model, dtype, timeouts, tag).
     pub extra: Vec<String>,
+    /// The group key, handed to each rank in its environment ([`GroupKey::ENV`]), never on
+    /// its command line.
+    pub key: Option<GroupKey>,
 }
 
 impl RankLaunch {
@@ -113,6 +117,10 @@ impl RankLaunch {
                 c.args(["--device", &self.base_device.to_string()]);
                 c.arg("--die-with-parent");
                 c.args(&self.extra);
+                match &self.key {
+                    Some(k) => c.env(GroupKey::ENV, k.to_hex()),
+                    None => c.env_remove(GroupKey::ENV),
+                };
                 c
             })
             .collect()
@@ -268,6 +276,7 @@ mod tests {
             world: 8,
             base_device: dsvl_core::DeviceSpec::Cuda(0),
             extra: vec!["--dtype".into(), "bf16".into()],
+            key: Some(GroupKey::random()),
         };
         let cmds = launch.commands(4, 4);
         assert_eq!(cmds.len(), 3);
@@ -280,6 +289,12 @@ mod tests {
             assert_eq!(base, dsvl_core::DeviceSpec::Cuda(0), "the base device, not an offset one");
             assert_eq!(device_for(base, local), dsvl_core::DeviceSpec::Cuda(1 + i));
             assert_eq!(arg_after(cmd, "--dtype").unwrap(), "bf16");
+            let key = launch.key.as_ref().unwrap().to_hex();
+            assert!(cmd.get_args().all(|a| a.to_string_lossy() != key), "not on the command line");
+            let env: Vec<_> = cmd.get_envs().collect();
+            assert!(env
+                .iter()
+                .any(|(k, v)| *k == GroupKey::ENV && v.is_some_and(|v| v == key.as_str())));
         }
         assert_eq!(device_for(dsvl_core::DeviceSpec::Cpu, 3), dsvl_core::DeviceSpec::Cpu);
     }

@@ -13,9 +13,37 @@ use candle_core::{DType, Device, Tensor};
 use crate::tensor_bytes;
 
 const MAGIC: &[u8; 4] = b"DSVL";
-/// Refuse absurd frames instead of allocating them (a corrupt or hostile peer).
-const MAX_HEADER: usize = 64 << 20;
-const MAX_TENSOR_BYTES: u64 = 16 << 30;
+
+/// How large a frame may be. Lengths on the wire are checked against these before anything
+/// is allocated, and buffers grow only as bytes actually arrive, so a peer that announces a
+/// huge frame and sends nothing costs nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameLimits {
+    /// Largest JSON header.
+    pub max_header: usize,
+    /// Most tensors in one frame.
+    pub max_tensors: u32,
+    /// Largest tensor.
+    pub max_tensor_bytes: u64,
+}
+
+impl FrameLimits {
+    /// Between members of a running group (plans, activations, KV geometry).
+    pub const GROUP: Self =
+        Self { max_header: 64 << 20, max_tensors: 4096, max_tensor_bytes: 16 << 30 };
+    /// Before a peer has proved membership: a small header, no tensors.
+    pub const HANDSHAKE: Self = Self { max_header: 64 << 10, max_tensors: 0, max_tensor_bytes: 0 };
+}
+
+/// Reads exactly `len` bytes, growing the buffer as they arrive (at most 64 MiB ahead).
+fn read_len(r: &mut impl Read, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(len.min(64 << 20));
+    let got = r.take(len as u64).read_to_end(&mut buf)?;
+    if got != len {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok(buf)
+}
 
 /// A tensor as bytes on the wire.
 #[derive(Debug, Clone)]
@@ -117,8 +145,13 @@ impl Message {
         w.flush()
     }
 
-    /// Reads one message from `r`.
+    /// Reads one message from a group member ([`FrameLimits::GROUP`]).
     pub fn read_from(r: &mut impl Read) -> std::io::Result<Self> {
+        Self::read_limited(r, FrameLimits::GROUP)
+    }
+
+    /// Reads one message from `r`, refusing frames beyond `limits` before allocating them.
+    pub fn read_limited(r: &mut impl Read, limits: FrameLimits) -> std::io::Result<Self> {
         let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
         let mut magic = [0u8; 4];
         r.read_exact(&mut magic)?;
@@ -126,14 +159,16 @@ impl Message {
             return Err(invalid(format!("bad frame magic {magic:?}")));
         }
         let header_len = read_u32(r)? as usize;
-        if header_len > MAX_HEADER {
+        if header_len > limits.max_header {
             return Err(invalid(format!("header of {header_len} bytes")));
         }
-        let mut header = vec![0u8; header_len];
-        r.read_exact(&mut header)?;
+        let header = read_len(r, header_len)?;
         let header =
             serde_json::from_slice(&header).map_err(|e| invalid(format!("header: {e}")))?;
         let count = read_u32(r)?;
+        if count > limits.max_tensors {
+            return Err(invalid(format!("{count} tensors in one frame")));
+        }
         let mut tensors = Vec::with_capacity(count.min(1024) as usize);
         for _ in 0..count {
             let mut tag = [0u8; 2];
@@ -144,12 +179,12 @@ impl Message {
                 .map(|_| read_u64(r).map(|d| d as usize))
                 .collect::<std::io::Result<Vec<_>>>()?;
             let len = read_u64(r)?;
-            let expected = dims.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
-            if len > MAX_TENSOR_BYTES || len != expected {
+            let expected =
+                dims.iter().try_fold(dtype.size_in_bytes() as u64, |a, &d| a.checked_mul(d as u64));
+            if len > limits.max_tensor_bytes || Some(len) != expected {
                 return Err(invalid(format!("tensor of {len} bytes for shape {dims:?} {dtype:?}")));
             }
-            let mut bytes = vec![0u8; len as usize];
-            r.read_exact(&mut bytes)?;
+            let bytes = read_len(r, len as usize)?;
             tensors.push(WireTensor { dtype, dims, bytes });
         }
         Ok(Self { header, tensors })
@@ -194,6 +229,35 @@ mod tests {
         assert_eq!(back.tensors[1].to_tensor(&dev)?.to_vec1::<u32>()?, vec![1, 2, 3]);
         assert_eq!(back.tensors[2].to_tensor(&dev)?.dtype(), DType::BF16);
         Ok(())
+    }
+
+    #[test]
+    fn announced_sizes_are_bounded_before_allocation() {
+        // A header claiming 4 GiB, a tensor claiming 16 EiB: refused from the length alone.
+        let mut huge = b"DSVL".to_vec();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Message::read_limited(&mut huge.as_slice(), FrameLimits::GROUP).is_err());
+        let mut frame = Vec::new();
+        Message::new(serde_json::json!({"kind": "x"})).write_to(&mut frame).unwrap();
+        frame.truncate(frame.len() - 4);
+        frame.extend_from_slice(&1u32.to_le_bytes()); // one tensor
+        frame.extend_from_slice(&[5, 2]); // f32, rank 2
+        frame.extend_from_slice(&(1u64 << 62).to_le_bytes());
+        frame.extend_from_slice(&(1u64 << 62).to_le_bytes()); // overflows
+        frame.extend_from_slice(&0u64.to_le_bytes());
+        let e = Message::read_limited(&mut frame.as_slice(), FrameLimits::GROUP).unwrap_err();
+        assert!(e.to_string().contains("tensor of 0 bytes"), "{e}");
+        // Before authentication a frame may carry no tensors and only a small header.
+        let mut with_tensor = Vec::new();
+        let t = WireTensor::from_tensor(&Tensor::new(&[1f32], &Device::Cpu).unwrap()).unwrap();
+        Message { header: serde_json::json!({}), tensors: vec![t] }
+            .write_to(&mut with_tensor)
+            .unwrap();
+        assert!(Message::read_limited(&mut with_tensor.as_slice(), FrameLimits::HANDSHAKE).is_err());
+        let mut big = Vec::new();
+        Message::new(serde_json::json!({"pad": "x".repeat(70_000)})).write_to(&mut big).unwrap();
+        assert!(Message::read_limited(&mut big.as_slice(), FrameLimits::HANDSHAKE).is_err());
+        assert!(Message::read_limited(&mut big.as_slice(), FrameLimits::GROUP).is_ok());
     }
 
     #[test]

@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 use dsvl_parallel::rendezvous::{join, lead, GroupSpec};
-use dsvl_parallel::{CommError, Communicator, LinkSet, TcpCommunicator};
+use dsvl_parallel::{CommError, Communicator, GroupKey, LinkSet, TcpCommunicator};
+
+/// The key every rank of these groups holds.
+static KEY: std::sync::LazyLock<GroupKey> = std::sync::LazyLock::new(GroupKey::random);
 
 fn spec(world: usize, rank: usize, addr: &str, tag: &str) -> GroupSpec {
     GroupSpec {
@@ -19,6 +22,7 @@ fn spec(world: usize, rank: usize, addr: &str, tag: &str) -> GroupSpec {
         rendezvous_timeout: Duration::from_secs(10),
         collective_timeout: Duration::from_secs(2),
         tag: tag.into(),
+        key: Some(KEY.clone()),
     }
 }
 

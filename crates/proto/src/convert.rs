@@ -96,13 +96,16 @@ impl From<&Embedding> for internal::Embedding {
     }
 }
 
-/// An embedding off the wire: dtype known, payload length matching the shape.
+/// An embedding off the wire: dtype known, payload length matching the shape, every element
+/// finite (a NaN row would poison the whole sequence).
 impl TryFrom<internal::Embedding> for Embedding {
     type Error = CodecError;
     fn try_from(e: internal::Embedding) -> Result<Self, CodecError> {
         let dtype = embedding_dtype(e.dtype)
             .ok_or_else(|| CodecError::Format(format!("unknown dtype {}", e.dtype)))?;
-        Embedding::new(dtype, e.shape, e.model_fingerprint, e.data)
+        let emb = Embedding::new(dtype, e.shape, e.model_fingerprint, e.data)?;
+        dsvl_core::codec::check_finite(dtype, &emb.payload)?;
+        Ok(emb)
     }
 }
 
@@ -184,7 +187,15 @@ mod tests {
         assert_eq!(wire.data.as_ptr(), e.payload.as_ptr(), "shared, not copied");
         assert_eq!(Embedding::try_from(wire.clone()).unwrap(), e);
         assert!(Embedding::try_from(internal::Embedding { dtype: 0, ..wire.clone() }).is_err());
-        assert!(Embedding::try_from(internal::Embedding { shape: vec![2, 4], ..wire }).is_err());
+        assert!(
+            Embedding::try_from(internal::Embedding { shape: vec![2, 4], ..wire.clone() }).is_err()
+        );
+        let mut nan = wire.data.to_vec();
+        nan[4..6].copy_from_slice(&[0xc0, 0x7f]); // bf16 NaN as element 2
+        assert_eq!(
+            Embedding::try_from(internal::Embedding { data: nan.into(), ..wire }).unwrap_err(),
+            CodecError::NotFinite { index: 2 }
+        );
     }
 
     #[test]

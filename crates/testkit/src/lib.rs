@@ -17,8 +17,8 @@ pub use llama::{
     LLAMA_TOKENIZER_FILES,
 };
 pub use procs::{
-    child_pids, free_port, http_get, metric_sum, pid_alive, Frozen, RedisCluster, RedisServer,
-    ServiceProcess,
+    child_pids, cluster_secret_file, free_port, http_get, metric_sum, pid_alive, Frozen,
+    RedisCluster, RedisServer, ServiceProcess,
 };
 
 use anyhow::{ensure, Result};

@@ -16,6 +16,19 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral port")
 }
 
+/// The cluster secret every service started by this test process shares (a fresh random one
+/// per process, in a file that lives as long as the process), so services that share a Redis
+/// or form a group across "nodes" trust each other as in a real cluster.
+pub fn cluster_secret_file() -> &'static std::path::Path {
+    static FILE: std::sync::OnceLock<tempfile::TempPath> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let mut f = tempfile::NamedTempFile::new().expect("temporary secret file");
+        let secret = dsvl_core::ClusterSecret::random().to_file_contents();
+        f.write_all(secret.as_bytes()).expect("write the secret");
+        f.into_temp_path()
+    })
+}
+
 /// A `redis-server` child process (installed by `scripts/setup`), no persistence.
 pub struct RedisServer {
     child: Option<Child>,
@@ -137,6 +150,7 @@ impl ServiceProcess {
     pub fn spawn(program: &str, args: &[String]) -> Result<Self> {
         let child = Command::new(program)
             .args(args)
+            .env("DSVL_CLUSTER_SECRET_FILE", cluster_secret_file())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

@@ -110,8 +110,9 @@ pub struct Settings {
     pub group: Option<GroupFlags>,
     /// Gateway upstreams.
     pub upstreams: Vec<Upstream>,
-    /// `--api-keys-file`.
-    pub api_keys_file: Option<PathBuf>,
+    /// Files the binary reads secrets from (`--api-keys-file`, `--cluster-secret-file`): each
+    /// must come from a Secret volume.
+    pub secret_files: Vec<PathBuf>,
     /// Whether a Redis URL is configured.
     pub redis: bool,
 }
@@ -190,6 +191,21 @@ fn upstreams(flag: &'static str, endpoints: &[String]) -> Result<Vec<Upstream>, 
         .collect()
 }
 
+/// Takes `--cluster-secret-file` out of the flags (a mounted Secret, not readable here) so the
+/// rest validates as if the secret were there; refuses `--insecure`.
+fn without_secret_file(
+    file: &mut Option<PathBuf>,
+    insecure: &mut bool,
+) -> Result<Option<PathBuf>, String> {
+    if *insecure {
+        return Err("--insecure: internal links must be protected by the cluster secret".into());
+    }
+    let taken = file.take();
+    // With the file present the binary has its secret: validate as if it did.
+    *insecure = taken.is_some();
+    Ok(taken)
+}
+
 /// Parses `argv` with the binary's own flag parser and config validation.
 ///
 /// # Errors
@@ -216,12 +232,13 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
                 gpus: 0,
                 group: None,
                 upstreams: ups,
-                api_keys_file,
+                secret_files: api_keys_file.into_iter().collect(),
                 redis: a.redis.is_some(),
             })
         }
         Binary::Vision => {
-            let a = dsvl_vision::Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+            let mut a = dsvl_vision::Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+            let secret = without_secret_file(&mut a.cluster_secret_file, &mut a.insecure)?;
             dsvl_vision::VisionConfig::try_from(&a).map_err(|e| e.to_string())?;
             let device = a.device.to_string();
             Ok(Settings {
@@ -233,12 +250,13 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
                 device,
                 group: None,
                 upstreams: Vec::new(),
-                api_keys_file: None,
+                secret_files: secret.into_iter().collect(),
                 redis: a.redis.is_some(),
             })
         }
         Binary::Decoder => {
-            let a = dsvl_decoder::Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+            let mut a = dsvl_decoder::Args::try_parse_from(argv).map_err(|e| e.to_string())?;
+            let secret = without_secret_file(&mut a.cluster_secret_file, &mut a.insecure)?;
             dsvl_decoder::DecoderConfig::try_from(&a).map_err(|e| e.to_string())?;
             let serves = !(a.worker || a.node_index > 0);
             let device = a.device.to_string();
@@ -259,7 +277,7 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
                 device,
                 group: Some(group),
                 upstreams: Vec::new(),
-                api_keys_file: None,
+                secret_files: secret.into_iter().collect(),
                 redis: a.redis.is_some(),
             })
         }

@@ -561,3 +561,45 @@ fn an_open_gateway_is_refused() {
         }]
     );
 }
+
+#[test]
+fn internal_tiers_need_the_cluster_secret() {
+    // `--insecure` is refused outright.
+    let v = planted("dev", |d| args(d, "Deployment", "dsvl-vision", POD).push(json!("--insecure")));
+    assert_eq!(
+        v,
+        [Violation::BadFlags {
+            pod: vision(),
+            container: "vision".into(),
+            error: "--insecure: internal links must be protected by the cluster secret".into(),
+        }]
+    );
+    // Without the file, a tier with Redis would refuse to start.
+    let v = planted("dev", |d| {
+        let env = at(d, "Deployment", "dsvl-vision", &format!("{POD}/containers/0/env"))
+            .as_array_mut()
+            .expect("list");
+        env.retain(|e| e["name"] != "DSVL_CLUSTER_SECRET_FILE");
+    });
+    assert!(
+        matches!(&v[..], [Violation::BadFlags { error, .. }] if error.contains("cluster secret")),
+        "{v:?}"
+    );
+    // The file must come from a Secret volume.
+    let v = planted("dev", |d| {
+        let env = at(d, "Deployment", "dsvl-vision", &format!("{POD}/containers/0/env"))
+            .as_array_mut()
+            .expect("list");
+        for e in env.iter_mut().filter(|e| e["name"] == "DSVL_CLUSTER_SECRET_FILE") {
+            e["value"] = json!("/tmp/secret");
+        }
+    });
+    assert_eq!(
+        v,
+        [Violation::SecretFileNotMounted {
+            pod: vision(),
+            container: "vision".into(),
+            path: "/tmp/secret".into()
+        }]
+    );
+}

@@ -97,6 +97,15 @@ pub struct Args {
     /// JSON logs.
     #[arg(long, env = "DSVL_JSON_LOGS")]
     pub json_logs: bool,
+    /// The cluster secret (at least 32 bytes): verifies the embeddings read from the shared
+    /// cache and authenticates the ranks of a group. Required with `--redis` or `--nodes` > 1
+    /// unless `--insecure` (a group on one node makes a throwaway key for its ranks).
+    #[arg(long, env = "DSVL_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Run internal links without their protection (no cluster secret with a shared cache or a
+    /// group spanning nodes).
+    #[arg(long, env = "DSVL_INSECURE")]
+    pub insecure: bool,
     /// Internal: run as worker rank `--rank` of a group led at `--leader`.
     #[arg(long, hide = true)]
     pub worker: bool,
@@ -154,6 +163,8 @@ pub struct DecoderConfig {
     pub max_message_bytes: usize,
     /// Longest one engine step may take before `liveness` fails.
     pub liveness_stall: Duration,
+    /// The cluster secret; `None` only where nothing needs it or with `--insecure`.
+    pub secret: Option<dsvl_core::ClusterSecret>,
 }
 
 pub use dsvl_core::ConfigError;
@@ -193,7 +204,18 @@ impl TryFrom<&Args> for DecoderConfig {
         if !a.tp.is_multiple_of(a.nodes) {
             return bad("nodes", "the tensor-parallel degree must split evenly over the nodes");
         }
+        let redis = a.redis.clone().filter(|u| !u.is_empty());
+        let needs = if redis.is_some() {
+            Some("the shared cache (--redis)")
+        } else if a.nodes > 1 {
+            Some("a group spanning nodes (--nodes)")
+        } else {
+            None
+        };
+        let secret =
+            dsvl_core::secret::cluster_secret(a.cluster_secret_file.as_deref(), a.insecure, needs)?;
         Ok(Self {
+            secret,
             model: a.model.clone(),
             dtype: a.dtype,
             device: a.device,
@@ -204,7 +226,7 @@ impl TryFrom<&Args> for DecoderConfig {
             } else {
                 format!("0.0.0.0:{}", a.rendezvous_port)
             },
-            redis: a.redis.clone().filter(|u| !u.is_empty()),
+            redis,
             kv: match a.kv_blocks {
                 Some(n) => KvSizing::Blocks(n),
                 None => KvSizing::Bytes((a.kv_cache_gib * f64::from(1u32 << 30)) as u64),

@@ -1,5 +1,6 @@
-//! Image embeddings in: references are read from the shared cache and verified (checksum,
-//! shape, model fingerprint); inline embeddings are checked the same way. Anything missing or
+//! Image embeddings in: references are read from the shared cache and verified (the seal binding
+//! the value to its key and the cluster secret, shape, model fingerprint, finite elements);
+//! inline embeddings are checked the same way. Anything missing or
 //! made by another model is refused with [`ServiceError::EmbeddingUnavailable`] (the typed
 //! re-encode signal the gateway acts on), never replaced by zeros.
 
@@ -7,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use dsvl_cache::RedisCache;
-use dsvl_core::Embedding;
+use dsvl_core::{Embedding, EmbeddingSeal};
 use dsvl_parallel::tensor_bytes;
 use dsvl_proto::internal::image_slot::Embedding as Source;
 use dsvl_proto::internal::ImageSlot;
@@ -22,6 +23,7 @@ pub async fn fetch(
     slots: &[ImageSlot],
     info: &ModelInfo,
     cache: Option<&Arc<RedisCache>>,
+    seal: &EmbeddingSeal,
     dtype: DType,
 ) -> Result<Vec<Tensor>, ServiceError> {
     let Some((_, fingerprint)) = &info.vision else {
@@ -69,7 +71,7 @@ pub async fn fetch(
                     Some(None) => return Err(ServiceError::EmbeddingUnavailable(format!("embedding {} is not in the cache (expired or evicted): re-encode the image", r.key))),
                     None => return Err(ServiceError::Internal("fewer cache replies than references. This is a bug.".into())),
                 };
-                let emb = Embedding::from_value(value).map_err(|e| {
+                let emb = Embedding::from_value(value, seal, &r.key).map_err(|e| {
                     metrics::counter!("dsvl_decoder_embedding_errors_total", "reason" => "corrupt")
                         .increment(1);
                     ServiceError::EmbeddingUnavailable(format!(

@@ -9,6 +9,7 @@ use std::net::TcpListener;
 use std::process::Command;
 
 use dsvl_checkpoint::{Fingerprint, ServedFacts};
+use dsvl_core::ClusterSecret;
 use dsvl_engine::blocks::BlockManager;
 use dsvl_engine::group::{
     device_for, die_with_parent, group_tag, kv_from_welcome, lead_group, run_worker, with_kv_pool,
@@ -22,7 +23,7 @@ use dsvl_models::llm::{
     ShardRunner, StepPlan,
 };
 use dsvl_models::ModelError;
-use dsvl_parallel::GroupSpec;
+use dsvl_parallel::{GroupKey, GroupSpec};
 
 use crate::config::{Args, DecoderConfig, KvSizing};
 
@@ -59,6 +60,7 @@ fn spec(
     leader: String,
     tag: String,
     cfg_timeout: std::time::Duration,
+    key: Option<GroupKey>,
 ) -> GroupSpec {
     GroupSpec {
         world_size: world,
@@ -67,6 +69,22 @@ fn spec(
         rendezvous_timeout: std::time::Duration::from_secs(600),
         collective_timeout: cfg_timeout,
         tag,
+        key,
+    }
+}
+
+/// The key of this process's group: from the cluster secret (every node of a multi-node
+/// group holds it); for a group on one node without one, a throwaway key the leader hands to
+/// the ranks it starts; `None` (unauthenticated) only for a multi-node group under
+/// `--insecure`.
+fn group_key(secret: Option<&ClusterSecret>, nodes: usize) -> Option<GroupKey> {
+    match secret {
+        Some(s) => Some(GroupKey::from_secret(s)),
+        None if nodes == 1 => Some(GroupKey::random()),
+        None => {
+            tracing::warn!("--insecure: the tensor-parallel rendezvous accepts any rank that connects, and the NCCL id travels in the clear");
+            None
+        }
     }
 }
 
@@ -109,6 +127,7 @@ fn local_worker_commands(
     leader: &str,
     first_rank: usize,
     local: usize,
+    key: Option<GroupKey>,
 ) -> Result<Vec<Command>, ModelError> {
     let mut extra = vec![
         "--nodes".to_string(),
@@ -130,6 +149,7 @@ fn local_worker_commands(
         world: args.tp,
         base_device: args.device,
         extra,
+        key,
     };
     Ok(launch.commands(first_rank, local))
 }
@@ -153,8 +173,10 @@ pub fn build_leader(
     };
     let tag = group_tag(&ckpt, cfg.dtype.as_str());
     let local = cfg.tp / cfg.nodes;
-    let mut workers = LocalWorkers::spawn(local_worker_commands(args, &leader, 0, local)?)
-        .map_err(|e| ModelError::io("worker ranks", e))?;
+    let key = if cfg.tp > 1 { group_key(cfg.secret.as_ref(), cfg.nodes) } else { None };
+    let mut workers =
+        LocalWorkers::spawn(local_worker_commands(args, &leader, 0, local, key.clone())?)
+            .map_err(|e| ModelError::io("worker ranks", e))?;
     let kv = kv_geometry(cfg, &LlmConfig::from_checkpoint(&ckpt)?)?;
     tracing::info!(
         blocks = kv.num_blocks,
@@ -164,7 +186,7 @@ pub fn build_leader(
     );
     metrics::gauge!("dsvl_decoder_kv_cache_tokens").set(kv.tokens() as f64);
     let timeouts = GroupTimeouts { collective: cfg.collective_timeout, ..GroupTimeouts::default() };
-    let spec = spec(cfg.tp, 0, leader, tag, cfg.collective_timeout);
+    let spec = spec(cfg.tp, 0, leader, tag, cfg.collective_timeout, key);
     let mut runner =
         lead_group(&listener, &spec, timeouts, serde_json::json!({ "kv": kv }), &device, || {
             let model =
@@ -244,10 +266,24 @@ pub fn run_worker_process(args: &Args) -> Result<(), ModelError> {
     } else {
         (args.node_index * local, format!("{}:{}", args.leader_host, args.rendezvous_port))
     };
+    // A rank started by its node's first process has the key in its environment; a node's
+    // first process derives it from the cluster secret.
+    let key = match GroupKey::from_env().map_err(|e| ModelError::InvalidInput(e.to_string()))? {
+        Some(k) => Some(k),
+        None => {
+            let secret = dsvl_core::secret::cluster_secret(
+                args.cluster_secret_file.as_deref(),
+                args.insecure,
+                Some("a rank of a group spanning nodes"),
+            )
+            .map_err(|e| ModelError::InvalidInput(e.to_string()))?;
+            group_key(secret.as_ref(), args.nodes)
+        }
+    };
     let _children = if args.worker {
         LocalWorkers::default()
     } else {
-        LocalWorkers::spawn(local_worker_commands(args, &leader, rank, local)?)
+        LocalWorkers::spawn(local_worker_commands(args, &leader, rank, local, key.clone())?)
             .map_err(|e| ModelError::io("worker ranks", e))?
     };
     let ckpt = Checkpoint::open(&source(&args.model))?;
@@ -256,7 +292,7 @@ pub fn run_worker_process(args: &Args) -> Result<(), ModelError> {
     let device = open_device(device_for(args.device, local_rank))?;
     let dtype = candle_dtype(args.dtype);
     let timeout = std::time::Duration::from_secs(args.collective_timeout_secs.max(1));
-    let spec = spec(args.tp, rank, leader, group_tag(&ckpt, args.dtype.as_str()), timeout);
+    let spec = spec(args.tp, rank, leader, group_tag(&ckpt, args.dtype.as_str()), timeout, key);
     let timeouts = GroupTimeouts { collective: timeout, ..GroupTimeouts::default() };
     run_worker(&spec, timeouts, &device, |extra| {
         let kv = kv_from_welcome(extra)?;
@@ -286,7 +322,7 @@ mod tests {
             "--device",
             "cuda:0",
         ]);
-        let cmds = local_worker_commands(&args, "leader:29500", 4, 4).expect("commands");
+        let cmds = local_worker_commands(&args, "leader:29500", 4, 4, None).expect("commands");
         assert_eq!(cmds.len(), 3);
         for (i, cmd) in cmds.iter().enumerate() {
             // The worker parses its own command line with the service's flags.

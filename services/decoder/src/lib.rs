@@ -72,10 +72,14 @@ pub async fn run(
         Some(url) => Some(Arc::new(RedisCache::new(RedisConfig::new(url.clone()))?)),
         None => None,
     };
+    if cache.is_some() && config.secret.is_none() {
+        tracing::warn!("--insecure: shared-cache embeddings are verified without the cluster secret; anyone who can write to Redis can forge them");
+    }
     let ready = Arc::new(std::sync::OnceLock::new());
     let svc = DecoderService {
         ready: ready.clone(),
         cache,
+        seal: dsvl_core::EmbeddingSeal::from_secret(config.secret.as_ref()),
         max_waiting: config.max_waiting,
         drain: drain.clone(),
     };

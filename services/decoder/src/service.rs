@@ -36,6 +36,7 @@ pub struct Ready {
 pub struct DecoderService {
     pub(crate) ready: Arc<std::sync::OnceLock<Ready>>,
     pub(crate) cache: Option<Arc<RedisCache>>,
+    pub(crate) seal: dsvl_core::EmbeddingSeal,
     pub(crate) max_waiting: usize,
     pub(crate) drain: Arc<dsvl_telemetry::server::Drain>,
 }
@@ -127,6 +128,7 @@ impl Ready {
         &self,
         req: &GenerateRequest,
         cache: Option<&Arc<RedisCache>>,
+        seal: &dsvl_core::EmbeddingSeal,
     ) -> Result<Option<(ImageRows, Vec<ImageSpan>)>, ServiceError> {
         let image_token = self.info.vision.as_ref().map(|(t, _)| *t);
         let slots_in_prompt =
@@ -145,6 +147,13 @@ impl Ready {
             ));
         };
         let k = self.info.image_tokens;
+        // The count first, before anything is sized from the request's slot list.
+        if req.images.len().checked_mul(k) != Some(slots_in_prompt) {
+            return Err(ServiceError::InvalidArgument(format!(
+                "{slots_in_prompt} image-token positions in the prompt but {} images of {k} tokens",
+                req.images.len()
+            )));
+        }
         let mut slots = req.images.clone();
         slots.sort_by_key(|s| s.position);
         let mut positions = Vec::with_capacity(slots.len() * k);
@@ -172,7 +181,7 @@ impl Ready {
             )));
         }
         let spans = dsvl_proto::convert::prefix_spans(&slots, k);
-        let rows = embeddings::fetch(&slots, &self.info, cache, self.info.dtype).await?;
+        let rows = embeddings::fetch(&slots, &self.info, cache, seal, self.info.dtype).await?;
         let rows = Tensor::cat(&rows, 0).map_err(|e| ServiceError::Internal(e.to_string()))?;
         Ok(Some((ImageRows { positions, rows }, spans)))
     }
@@ -206,7 +215,7 @@ impl Decoder for DecoderService {
             return Err(ServiceError::Overloaded.into());
         }
         let constraint = ready.constraint(&req).await?;
-        let (image, images) = match ready.images(&req, self.cache.as_ref()).await? {
+        let (image, images) = match ready.images(&req, self.cache.as_ref(), &self.seal).await? {
             Some((rows, spans)) => (Some(rows), spans),
             None => (None, Vec::new()),
         };

@@ -173,14 +173,23 @@ async fn image_stream_through_redis_matches_reference() -> Result<()> {
     let pixels = pre["rescale_lut"].index_select(&u8s, 0)?.reshape((1, 3, 1024, 1024))?;
     let emb = enc.forward(&pixels)?.flatten_all()?.to_vec1::<f32>()?;
     let payload: Vec<u8> = emb.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let store = |key: &str, fp: &str| -> Result<()> {
+    // Sealed with the cluster secret the decoder was started with (the vision tier's job).
+    let ours = dsvl_core::EmbeddingSeal::keyed(&dsvl_core::ClusterSecret::from_file(
+        dsvl_testkit::cluster_secret_file(),
+    )?);
+    let store_sealed = |key: &str,
+                        fp: &str,
+                        seal: &dsvl_core::EmbeddingSeal,
+                        sealed_for: &str,
+                        payload: &[u8]|
+     -> Result<()> {
         let value = dsvl_core::Embedding::new(
             dsvl_core::EmbeddingDType::F32,
             vec![576, 128],
             fp.into(),
-            payload.clone().into(),
+            payload.to_vec().into(),
         )?
-        .to_value();
+        .to_value(seal, sealed_for);
         let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port))?;
         use std::io::{Read, Write};
         write!(s, "*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${}\r\n", key.len(), value.len())?;
@@ -191,8 +200,17 @@ async fn image_stream_through_redis_matches_reference() -> Result<()> {
         anyhow::ensure!(buf[..n].starts_with(b"+OK"), "SET failed");
         Ok(())
     };
+    let store = |key: &str, fp: &str| store_sealed(key, fp, &ours, key, &payload);
     store("dsvl:emb:v2:golden", &fingerprint)?;
     store("dsvl:emb:v2:foreign", "another-model")?;
+    // Poisoned entries: a good value copied under another key, one sealed without the secret,
+    // one whose producer put a NaN in it.
+    store_sealed("dsvl:emb:v2:moved", &fingerprint, &ours, "dsvl:emb:v2:golden", &payload)?;
+    let public = dsvl_core::EmbeddingSeal::public();
+    store_sealed("dsvl:emb:v2:forged", &fingerprint, &public, "dsvl:emb:v2:forged", &payload)?;
+    let mut nan = payload.clone();
+    nan[400..404].copy_from_slice(&f32::NAN.to_le_bytes());
+    store_sealed("dsvl:emb:v2:nan", &fingerprint, &ours, "dsvl:emb:v2:nan", &nan)?;
     let slot = |key: &str| ImageSlot {
         position: 54,
         embedding: Some(Source::Ref(EmbeddingRef {
@@ -231,6 +249,53 @@ async fn image_stream_through_redis_matches_reference() -> Result<()> {
     assert_eq!(foreign.code(), tonic::Code::FailedPrecondition);
     assert!(foreign.message().contains("another model"), "{}", foreign.message());
     assert!(dsvl_proto::convert::asks_to_reencode(&foreign), "{foreign:?}");
+    for (key, why) in [
+        ("dsvl:emb:v2:moved", "seal mismatch"),
+        ("dsvl:emb:v2:forged", "seal mismatch"),
+        ("dsvl:emb:v2:nan", "not finite"),
+    ] {
+        let e = generate(
+            &mut c,
+            GenerateRequest { images: vec![slot(key)], ..request(prompt.clone(), 4) },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{key}: {e:?}");
+        assert!(e.message().contains(why), "{key}: {}", e.message());
+        assert!(dsvl_proto::convert::asks_to_reencode(&e), "{key}: repaired by re-encoding");
+    }
+    let corrupt = dsvl_testkit::metric_sum(
+        &dsvl_testkit::http_get(&d.metrics, "/metrics")?,
+        "dsvl_decoder_embedding_errors_total",
+        &[("reason", "corrupt")],
+    );
+    assert!(corrupt >= 3.0, "counted: {corrupt}");
+    // The same NaN inline is refused too, as a bad argument.
+    let inline_nan = ImageSlot {
+        position: 54,
+        embedding: Some(Source::Inline(dsvl_proto::internal::Embedding {
+            dtype: 1,
+            shape: vec![576, 128],
+            model_fingerprint: fingerprint.clone(),
+            data: nan.clone().into(),
+        })),
+    };
+    let e = generate(
+        &mut c,
+        GenerateRequest { images: vec![inline_nan], ..request(prompt.clone(), 4) },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("not finite"), "{}", e.message());
+    // A million image slots (a few MB on the wire) are refused from their count, before anything is sized by them.
+    let t = std::time::Instant::now();
+    let many = vec![ImageSlot { position: 54, embedding: None }; 1_000_000];
+    let e = generate(&mut c, GenerateRequest { images: many, ..request(prompt.clone(), 4) })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     let no_image = generate(&mut c, request(prompt, 4)).await.unwrap_err();
     assert_eq!(no_image.code(), tonic::Code::InvalidArgument);
     assert!(!dsvl_proto::convert::asks_to_reencode(&no_image));
@@ -420,6 +485,7 @@ impl Pod {
         for v in GROUP_ENV {
             cmd.env_remove(v);
         }
+        cmd.env("DSVL_CLUSTER_SECRET_FILE", dsvl_testkit::cluster_secret_file());
         cmd.envs(env.iter().map(|(k, v)| (*k, v)));
         Ok(Self { child: cmd.spawn()? })
     }
@@ -532,5 +598,45 @@ async fn hostile_deadline_headers_never_panic() -> Result<()> {
     let zero = generate(&mut c, request(prompt, 0)).await.unwrap_err();
     assert_eq!(zero.code(), tonic::Code::InvalidArgument, "{zero:?}");
     assert!(zero.message().contains("max_new_tokens"), "{zero:?}");
+    Ok(())
+}
+
+/// Fail closed: a shared cache or a group spanning nodes without the cluster secret is refused
+/// at start-up (unless `--insecure`), and a worker pod holding another secret cannot join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_secret_is_required_and_checked() -> Result<()> {
+    for flags in [&["--redis", "redis://127.0.0.1:1"][..], &["--tp", "2", "--nodes", "2"][..]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dsvl-decoder"))
+            .args(flags)
+            .env_remove("DSVL_CLUSTER_SECRET_FILE")
+            .env_remove("DSVL_INSECURE")
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} started without a secret");
+        assert!(err.contains("cluster secret") && err.contains("--insecure"), "{flags:?}: {err}");
+    }
+
+    // A worker pod with another cluster secret proves nothing; it gives up with the reason.
+    let other = tempfile::NamedTempFile::new()?;
+    std::fs::write(other.path(), dsvl_core::ClusterSecret::random().to_file_contents())?;
+    let port = free_port().to_string();
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let group =
+        ["--tp", "2", "--nodes", "2", "--leader-host", "127.0.0.1", "--rendezvous-port", &port];
+    let _leader =
+        Pod::spawn(&[&group[..], &["--node-index", "0", "--listen", &grpc]].concat(), &[])?;
+    let mut stranger = std::process::Command::new(env!("CARGO_BIN_EXE_dsvl-decoder"))
+        .args([&group[..], &["--node-index", "1"]].concat())
+        .env("DSVL_CLUSTER_SECRET_FILE", other.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let exit = exit_within(&mut stranger, Duration::from_secs(30)).await?;
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut stranger.stderr.take().expect("piped"), &mut err)?;
+    assert!(!exit.success());
+    assert!(err.contains("same group key"), "{err}");
+    // The leader is still waiting for its rank 1 (not serving, not dead).
+    assert!(wait_serving(&grpc, Duration::from_millis(500)).await.is_err());
     Ok(())
 }

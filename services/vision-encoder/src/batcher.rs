@@ -78,6 +78,7 @@ pub struct Batcher {
     queued: Arc<AtomicUsize>,
     rate: Arc<Mutex<f64>>,
     thread: Option<JoinHandle<()>>,
+    capacity: usize,
 }
 
 impl Batcher {
@@ -92,7 +93,7 @@ impl Batcher {
             .name("vision-model".into())
             .spawn(move || model_loop(encoder, rx, cfg, q, r, &watchdog))
             .expect("cannot start the model thread");
-        Self { tx: Some(tx), queued, rate, thread: Some(thread) }
+        Self { tx: Some(tx), queued, rate, thread: Some(thread), capacity: cfg.capacity }
     }
 
     /// Queues a job; gives it back when the queue is full.
@@ -109,6 +110,12 @@ impl Batcher {
                 Err(job)
             }
         }
+    }
+
+    /// Whether a job submitted now would be refused (checked before decoding an image, so a
+    /// full queue does not cost a decode).
+    pub fn is_full(&self) -> bool {
+        self.queued() >= self.capacity
     }
 
     /// Images waiting for the model.

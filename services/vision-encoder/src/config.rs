@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use dsvl_core::{DeviceSpec, ImageLimits, WeightDType};
+use dsvl_core::{ClusterSecret, DeviceSpec, ImageLimits, WeightDType};
 
 /// `dsvl-vision`: the DeepSeek-VL vision-encoder service.
 #[derive(Parser, Debug, Clone)]
@@ -65,6 +65,10 @@ pub struct Args {
     /// (default: Pillow's MAX_IMAGE_PIXELS).
     #[arg(long, env = "DSVL_MAX_IMAGE_PIXELS", default_value_t = dsvl_core::PILLOW_MAX_IMAGE_PIXELS)]
     pub max_image_pixels: u64,
+    /// Images decoded and preprocessed at once (each may take up to `--max-image-pixels` x 4
+    /// bytes while decoding); more wait, within their deadline, before anything is decoded.
+    #[arg(long, env = "DSVL_MAX_CONCURRENT_DECODES", default_value_t = 4)]
+    pub max_concurrent_decodes: usize,
     /// Largest gRPC message, in MiB (requests carry images, responses may carry embeddings).
     #[arg(long, env = "DSVL_MAX_MESSAGE_MIB", default_value_t = 128)]
     pub max_message_mib: usize,
@@ -75,6 +79,13 @@ pub struct Args {
     /// step longer than this, in seconds (a hung GPU or a deadlock; an idle thread is alive).
     #[arg(long, env = "DSVL_LIVENESS_STALL_SECS", default_value_t = 600)]
     pub liveness_stall_secs: u64,
+    /// The cluster secret (at least 32 bytes): seals the embeddings this replica writes to the
+    /// shared cache and verifies those it reads. Required with `--redis` unless `--insecure`.
+    #[arg(long, env = "DSVL_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+    /// Run internal links without their protection (no cluster secret with a shared cache).
+    #[arg(long, env = "DSVL_INSECURE")]
+    pub insecure: bool,
     /// OTLP/gRPC endpoint for traces (also OTEL_EXPORTER_OTLP_ENDPOINT).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -112,12 +123,17 @@ pub struct VisionConfig {
     pub max_images_per_request: usize,
     /// Limits on each image.
     pub image_limits: ImageLimits,
+    /// Images decoded at once.
+    pub max_concurrent_decodes: usize,
     /// Largest gRPC message in bytes.
     pub max_message_bytes: usize,
     /// Drain bound.
     pub drain: Duration,
     /// Longest one unit of model work may take before `liveness` fails.
     pub liveness_stall: Duration,
+    /// The cluster secret (sealing shared-cache values); `None` only without a shared cache
+    /// or with `--insecure`.
+    pub secret: Option<ClusterSecret>,
 }
 
 pub use dsvl_core::ConfigError;
@@ -137,6 +153,7 @@ impl TryFrom<&Args> for VisionConfig {
         positive("queue-capacity", a.queue_capacity)?;
         positive("max-images-per-request", a.max_images_per_request)?;
         positive("max-image-mib", a.max_image_mib)?;
+        positive("max-concurrent-decodes", a.max_concurrent_decodes)?;
         let max_image_bytes = a.max_image_mib << 20;
         let max_message_bytes = a.max_message_mib << 20;
         if max_message_bytes < max_image_bytes {
@@ -145,11 +162,18 @@ impl TryFrom<&Args> for VisionConfig {
                 reason: "smaller than one image".into(),
             });
         }
+        let redis = a.redis.clone().filter(|u| !u.is_empty());
+        let secret = dsvl_core::secret::cluster_secret(
+            a.cluster_secret_file.as_deref(),
+            a.insecure,
+            redis.is_some().then_some("the shared cache (--redis)"),
+        )?;
         Ok(Self {
+            secret,
             model: a.model.clone(),
             dtype: a.dtype,
             device: a.device,
-            redis: a.redis.clone().filter(|u| !u.is_empty()),
+            redis,
             cache_ttl: Duration::from_secs(a.cache_ttl_secs.max(1)),
             local_cache_bytes: a.local_cache_mib << 20,
             redis_timeout: Duration::from_millis(a.redis_timeout_ms.max(1)),
@@ -158,6 +182,7 @@ impl TryFrom<&Args> for VisionConfig {
             max_wait: Duration::from_millis(a.max_wait_ms),
             queue_capacity: a.queue_capacity,
             max_images_per_request: a.max_images_per_request,
+            max_concurrent_decodes: a.max_concurrent_decodes,
             image_limits: ImageLimits {
                 max_input_bytes: max_image_bytes,
                 max_width: a.max_image_side,

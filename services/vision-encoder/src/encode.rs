@@ -17,7 +17,7 @@ use bytes::Bytes;
 use dsvl_cache::{EmbeddingCache, MemoryCache, RedisCache, SingleFlight};
 use dsvl_core::cache_key::lease_key;
 use dsvl_core::codec;
-use dsvl_core::{Embedding, EmbeddingDType};
+use dsvl_core::{Embedding, EmbeddingDType, EmbeddingSeal};
 use dsvl_models::preprocess::Preprocessor;
 use tokio::sync::oneshot;
 
@@ -34,14 +34,14 @@ pub struct Stored {
 }
 
 impl Stored {
-    /// Verifies `value` and keeps it.
-    pub fn parse(value: Bytes) -> Result<Self, codec::CodecError> {
-        Ok(Self { embedding: Embedding::from_value(value.clone())?, value })
+    /// Verifies `value`, read from under `key`, and keeps it.
+    pub fn parse(value: Bytes, seal: &EmbeddingSeal, key: &str) -> Result<Self, codec::CodecError> {
+        Ok(Self { embedding: Embedding::from_value(value.clone(), seal, key)?, value })
     }
 
-    /// Stores `embedding`: encodes its value once and points the payload into it.
-    pub fn new(embedding: Embedding) -> Self {
-        let value = embedding.to_value();
+    /// Stores `embedding` under `key`: encodes its value once and points the payload into it.
+    pub fn new(embedding: Embedding, seal: &EmbeddingSeal, key: &str) -> Self {
+        let value = embedding.to_value(seal, key);
         let payload = value.slice(value.len() - embedding.payload.len()..);
         Self { embedding: Embedding { payload, ..embedding }, value }
     }
@@ -108,6 +108,8 @@ pub struct Pipeline {
     pub preprocessor: Preprocessor,
     /// Expected header of stored values.
     pub expected: Expected,
+    /// Seals values to their key and the cluster secret.
+    pub seal: EmbeddingSeal,
     /// First tier.
     pub local: Arc<MemoryCache>,
     /// Shared tier.
@@ -118,6 +120,9 @@ pub struct Pipeline {
     pub ttl: Duration,
     /// Cross-replica lease lifetime.
     pub lease: Duration,
+    /// Images being decoded and preprocessed at once: a decoded image may take up to the pixel
+    /// budget times four bytes, so this bounds the tier's peak image memory.
+    pub decode_slots: Arc<tokio::sync::Semaphore>,
 }
 
 fn cache_metric(tier: &'static str, outcome: &'static str) {
@@ -126,8 +131,8 @@ fn cache_metric(tier: &'static str, outcome: &'static str) {
 }
 
 impl Pipeline {
-    fn check(&self, value: Bytes, tier: &'static str) -> Option<Arc<Stored>> {
-        match Stored::parse(value) {
+    fn check(&self, key: &str, value: Bytes, tier: &'static str) -> Option<Arc<Stored>> {
+        match Stored::parse(value, &self.seal, key) {
             Ok(s)
                 if s.embedding.model_fingerprint == self.expected.fingerprint
                     && s.embedding.dtype == self.expected.dtype
@@ -163,7 +168,7 @@ impl Pipeline {
         for (i, key) in keys.iter().enumerate() {
             let key = key.as_ref();
             let local = match self.local.get(key).await {
-                Ok(Some(v)) => self.check(v, "local"),
+                Ok(Some(v)) => self.check(key, v, "local"),
                 _ => {
                     cache_metric("local", "miss");
                     None
@@ -189,7 +194,7 @@ impl Pipeline {
             Ok(values) => {
                 for (&i, value) in missing.iter().zip(values) {
                     out[i] = match value {
-                        Some(v) => match self.check(v, "shared") {
+                        Some(v) => match self.check(keys[i].as_ref(), v, "shared") {
                             Some(s) => {
                                 cache_metric("shared", "hit");
                                 let _ = self
@@ -298,7 +303,7 @@ impl Pipeline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 match shared.get(&key).await {
                     Ok(Some(v)) => {
-                        if let Some(stored) = self.check(v, "shared") {
+                        if let Some(stored) = self.check(&key, v, "shared") {
                             let _ = self.local.put(&key, stored.value.clone(), self.ttl).await;
                             return Ok(Outcome { stored, cache_hit: true, shared: true });
                         }
@@ -333,6 +338,19 @@ impl Pipeline {
         deadline: Option<Instant>,
         write_shared: bool,
     ) -> Result<(Arc<Stored>, bool), Failure> {
+        // Refusals that cost nothing come before the decode: a full model queue, then a decode
+        // slot (waited for until the deadline).
+        if self.batcher.is_full() {
+            return Err(Failure::QueueFull);
+        }
+        let slot = self.decode_slots.clone().acquire_owned();
+        let _slot = match deadline {
+            Some(d) => {
+                tokio::time::timeout_at(d.into(), slot).await.map_err(|_| Failure::Deadline)?
+            }
+            None => slot.await,
+        }
+        .map_err(|_| Failure::Internal("the decode slots are closed".into()))?;
         let pre = self.preprocessor.clone();
         let pixels = tokio::task::spawn_blocking(move || pre.preprocess_bytes(&image))
             .await
@@ -356,7 +374,7 @@ impl Pipeline {
             payload,
         )
         .map_err(|e| Failure::Internal(format!("the model gave a malformed embedding: {e}")))?;
-        let stored = Stored::new(embedding);
+        let stored = Stored::new(embedding, &self.seal, key);
         let value = stored.value.clone();
         let _ = self.local.put(key, value.clone(), self.ttl).await;
         let mut in_shared = false;
@@ -430,11 +448,13 @@ mod tests {
                 dtype: EmbeddingDType::F32,
                 shape: vec![2, 3],
             },
+            seal: EmbeddingSeal::keyed(&dsvl_core::ClusterSecret::random()),
             local: Arc::new(MemoryCache::new(1 << 20)),
             shared: None,
             flights: SingleFlight::new(),
             ttl: Duration::from_secs(60),
             lease: Duration::from_secs(1),
+            decode_slots: Arc::new(tokio::sync::Semaphore::new(2)),
         };
         (Arc::new(p), embedded)
     }
@@ -491,12 +511,41 @@ mod tests {
         let again = p.lookup("k").await.expect("repaired by the re-encode");
         assert_eq!(again.embedding, o.stored.embedding);
         // A value made by another model under the key is a miss too.
-        let foreign = Stored::new(Embedding {
-            model_fingerprint: "other".into(),
-            ..o.stored.embedding.clone()
-        });
+        let foreign = Stored::new(
+            Embedding { model_fingerprint: "other".into(), ..o.stored.embedding.clone() },
+            &p.seal,
+            "k",
+        );
         p.local.put("k", foreign.value.clone(), Duration::from_secs(60)).await.unwrap();
         assert!(p.lookup("k").await.is_none(), "another model's value is a miss");
+        // A good value copied from another key, or sealed without our secret, is a miss too.
+        let elsewhere = Stored::new(o.stored.embedding.clone(), &p.seal, "other-key");
+        p.local.put("k", elsewhere.value.clone(), Duration::from_secs(60)).await.unwrap();
+        assert!(p.lookup("k").await.is_none(), "a value moved from another key is a miss");
+        let forged = Stored::new(o.stored.embedding.clone(), &EmbeddingSeal::public(), "k");
+        p.local.put("k", forged.value.clone(), Duration::from_secs(60)).await.unwrap();
+        assert!(p.lookup("k").await.is_none(), "a value forged without the secret is a miss");
+        let o = p.embed("k".into(), png(7), None).await.map_err(|e| format!("{e:?}")).unwrap();
+        assert!(!o.cache_hit, "and is repaired by encoding again");
+        assert!(p.lookup("k").await.is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn decoding_waits_for_a_slot_and_gives_up_at_the_deadline() {
+        let (p, embedded) = pipeline();
+        let held = p.decode_slots.clone().acquire_many_owned(2).await.unwrap();
+        let deadline = Instant::now() + Duration::from_millis(200);
+        match p.embed("busy".into(), png(9), Some(deadline)).await {
+            Err(Failure::Deadline) => {}
+            other => panic!("{:?}", other.map(|o| o.cache_hit)),
+        }
+        assert_eq!(embedded.load(Ordering::SeqCst), 0, "nothing was decoded without a slot");
+        drop(held);
+        p.embed("busy".into(), png(9), Some(Instant::now() + Duration::from_secs(5)))
+            .await
+            .map_err(|e| format!("{e:?}"))
+            .unwrap();
+        assert_eq!(embedded.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

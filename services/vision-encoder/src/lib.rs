@@ -17,6 +17,7 @@ use std::sync::{Arc, OnceLock};
 use dsvl_cache::{BreakerConfig, MemoryCache, RedisCache, RedisConfig, SingleFlight};
 use dsvl_checkpoint::{Fingerprint, ServedFacts};
 use dsvl_core::codec::EmbeddingDType;
+use dsvl_core::EmbeddingSeal;
 use dsvl_models::checkpoint::{Checkpoint, ModelSource};
 use dsvl_models::device::{candle_dtype, open_device};
 use dsvl_models::preprocess::{Preprocessor, RgbImage};
@@ -90,6 +91,9 @@ fn load_pipeline(cfg: &VisionConfig, watchdog: Arc<Watchdog>) -> Result<Pipeline
         dsvl_core::WeightDType::F16 => EmbeddingDType::F16,
         dsvl_core::WeightDType::BF16 => EmbeddingDType::BF16,
     };
+    if cfg.redis.is_some() && cfg.secret.is_none() {
+        tracing::warn!("--insecure: shared-cache values are sealed without the cluster secret; anyone who can write to Redis can forge embeddings");
+    }
     let shared = match &cfg.redis {
         Some(url) => Some(Arc::new(RedisCache::new(RedisConfig {
             url: url.clone(),
@@ -111,11 +115,13 @@ fn load_pipeline(cfg: &VisionConfig, watchdog: Arc<Watchdog>) -> Result<Pipeline
         )),
         preprocessor,
         expected: Expected { fingerprint, dtype, shape },
+        seal: EmbeddingSeal::from_secret(cfg.secret.as_ref()),
         local: Arc::new(MemoryCache::new(cfg.local_cache_bytes)),
         shared,
         flights: SingleFlight::new(),
         ttl: cfg.cache_ttl,
         lease: cfg.lease,
+        decode_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_decodes)),
     })
 }
 

@@ -537,3 +537,27 @@ async fn hostile_deadline_headers_never_panic() -> Result<()> {
     }
     Ok(())
 }
+
+/// Fail closed: a shared cache without the cluster secret (which seals what this tier writes)
+/// is refused at start-up unless `--insecure`.
+#[test]
+fn a_shared_cache_needs_the_cluster_secret() -> Result<()> {
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dsvl-vision"))
+            .args(["--redis", "redis://127.0.0.1:1", "--listen", "127.0.0.1:1"])
+            .args(extra)
+            .env_remove("DSVL_CLUSTER_SECRET_FILE")
+            .env_remove("DSVL_INSECURE")
+            .output()
+    };
+    let out = run(&[])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("cluster secret") && err.contains("--insecure"), "{err}");
+    let short = tempfile::NamedTempFile::new()?;
+    std::fs::write(short.path(), "too short")?;
+    let out = run(&["--cluster-secret-file", short.path().to_str().unwrap_or_default()])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at least 32"), "{err}");
+    Ok(())
+}

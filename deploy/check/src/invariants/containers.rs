@@ -133,7 +133,7 @@ pub(crate) fn check(
     {
         out.push(Violation::UnknownEnv { pod: pod(), container: name(), name: var.name.clone() });
     }
-    if let Some(path) = &s.api_keys_file {
+    for path in &s.secret_files {
         if !on_secret_volume(spec, c, &path.to_string_lossy()) {
             out.push(Violation::SecretFileNotMounted {
                 pod: pod(),
@@ -245,7 +245,9 @@ fn check_literal_secrets(view: &PodView<'_>, c: &Container, out: &mut Vec<Violat
     for var in c.env.iter().flatten() {
         let Some(value) = var.value.as_deref().filter(|v| !v.is_empty()) else { continue };
         let upper = var.name.to_ascii_uppercase();
-        if SECRET_NAMES.iter().any(|s| upper.contains(s))
+        // `*_FILE` holding an absolute path names where a secret is mounted, not the secret.
+        let names_a_file = upper.ends_with("_FILE") && value.starts_with('/');
+        if (SECRET_NAMES.iter().any(|s| upper.contains(s)) && !names_a_file)
             || url_with_password(value)
             || value.contains("PRIVATE KEY-----")
         {
