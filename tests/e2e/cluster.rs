@@ -361,3 +361,62 @@ async fn keys_quotas_and_validation() -> Result<()> {
     grpc_chat(&cluster, req(), Duration::from_secs(60), Some("sk-globex")).await?;
     Ok(())
 }
+
+/// Quotas are the tenant's across gateway replicas (buckets in the shared Redis), and output
+/// tokens charged up front but not generated come back when the request ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotas_are_shared_by_gateway_replicas_and_reconciled() -> Result<()> {
+    let opts = Options {
+        vision_replicas: 0,
+        tp: 1,
+        redis: true,
+        gateway_replicas: 2,
+        gateway_args: vec![
+            "--api-keys".into(),
+            "sk-acme=acme,sk-globex=globex".into(),
+            "--tenant-quotas".into(),
+            "acme:rpm=4,globex:tpm=2000".into(),
+        ],
+        ..Options::default()
+    };
+    let cluster = Cluster::start(opts).await?;
+    let gateways = [cluster.http.clone(), cluster.more_gateways[0].1.clone()];
+    let acme = [("Authorization", "Bearer sk-acme")];
+    let body =
+        json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 2});
+    // Four requests spread over both replicas use acme's four per minute; a fifth is refused
+    // on either (each replica alone would still have two).
+    for i in 0..4 {
+        let r = http_post(&gateways[i % 2], "/v1/chat/completions", &acme, &body)?;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    for g in &gateways {
+        let r = http_post(g, "/v1/chat/completions", &acme, &body)?;
+        assert_eq!(r.status, 429, "{}", r.body);
+    }
+
+    // globex has 2000 tokens per minute; a request reserves its prompt + 1000 output tokens.
+    // With the end-of-sentence token forced first, each generates at most one token, and the
+    // unused reservation comes back before the reply: five such requests fit in the minute,
+    // where without the credit the second would already be refused.
+    let tokenizer: Value = serde_json::from_slice(&std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/tiny-dsvl/tokenizer.json"),
+    )?)?;
+    let eos = tokenizer["added_tokens"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["content"] == "<｜end▁of▁sentence｜>"))
+        .and_then(|t| t["id"].as_u64())
+        .expect("the bundled tokenizer has an end-of-sentence token");
+    let globex = [("Authorization", "Bearer sk-globex")];
+    let short = json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0,
+        "max_tokens": 1000, "logit_bias": {eos.to_string(): 100}});
+    for i in 0..5 {
+        let r = http_post(&gateways[i % 2], "/v1/chat/completions", &globex, &short)?;
+        assert_eq!(r.status, 200, "request {i}: {}", r.body);
+        let usage = &r.json()?["usage"];
+        assert!(usage["completion_tokens"].as_u64().is_some_and(|n| n <= 1), "{}", r.body);
+        let prompt = usage["prompt_tokens"].as_u64().expect("usage");
+        assert!(2 * (prompt + 1000) > 2000, "without the credit the second would fit anyway");
+    }
+    Ok(())
+}

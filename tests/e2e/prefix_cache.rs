@@ -102,6 +102,7 @@ async fn conversations(routing: &str) -> Result<(f64, Vec<u64>)> {
         redis: false,
         decoder_groups: 2,
         gateway_args: vec!["--decoder-routing".into(), routing.into()],
+        ..Options::default()
     })
     .await?;
     let cluster = std::sync::Arc::new(cluster);

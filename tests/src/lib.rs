@@ -118,11 +118,20 @@ pub struct Options {
     pub gateway_args: Vec<String>,
     /// Decoder groups (each of `tp` ranks).
     pub decoder_groups: usize,
+    /// Gateway replicas (the same flags, their own ports).
+    pub gateway_replicas: usize,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { vision_replicas: 2, tp: 2, redis: true, gateway_args: Vec::new(), decoder_groups: 1 }
+        Self {
+            vision_replicas: 2,
+            tp: 2,
+            redis: true,
+            gateway_args: Vec::new(),
+            decoder_groups: 1,
+            gateway_replicas: 1,
+        }
     }
 }
 
@@ -138,6 +147,8 @@ pub struct Cluster {
     pub decoder: Svc,
     /// Rank 0 of the other decoder groups.
     pub more_decoders: Vec<Svc>,
+    /// The other gateway replicas, each with its HTTP address.
+    pub more_gateways: Vec<(Svc, String)>,
     /// Shared cache, when asked for.
     pub redis: Option<RedisServer>,
 }
@@ -210,8 +221,15 @@ impl Cluster {
         gateway
             .serving_or_respawn(bin, "--grpc-listen", gateway_args, api, Duration::from_secs(60))
             .await?;
-        let http = http_port.into_inner().expect("lock");
-        Ok(Self { gateway, http, vision, decoder, more_decoders: decoders, redis })
+        let http = http_port.lock().expect("lock").clone();
+        let mut more_gateways = Vec::new();
+        for _ in 1..opts.gateway_replicas.max(1) {
+            let mut g = Svc::spawn("dsvl-gateway", "--grpc-listen", gateway_args())?;
+            g.serving_or_respawn(bin, "--grpc-listen", gateway_args, api, Duration::from_secs(60))
+                .await?;
+            more_gateways.push((g, http_port.lock().expect("lock").clone()));
+        }
+        Ok(Self { gateway, http, vision, decoder, more_decoders: decoders, redis, more_gateways })
     }
 
     /// A gRPC Chat client.

@@ -187,6 +187,21 @@ impl RedisCache {
         Ok(values.into_iter().map(|v| v.map(Bytes::from)).collect())
     }
 
+    /// Runs the Lua `script` atomically on `keys` (which must share a hash slot on a cluster:
+    /// give them one `{hash tag}`) with `args` (`EVAL`; the scripts are small).
+    ///
+    /// # Errors
+    /// Redis unreachable, timed out, the script failed, or the breaker is open.
+    pub async fn eval<T: redis::FromRedisValue + Send + 'static>(
+        &self,
+        script: &str,
+        keys: &[String],
+        args: &[String],
+    ) -> Result<T, CacheError> {
+        let cmd = redis::cmd("EVAL").arg(script).arg(keys.len()).arg(keys).arg(args).clone();
+        self.run(|c| async move { c.query(&cmd).await }).await
+    }
+
     async fn connect(&self) -> redis::RedisResult<Conn> {
         let c = &self.config;
         if let Some(nodes) = c.url.strip_prefix("redis+cluster://") {

@@ -75,6 +75,7 @@ pub const METRICS: &[Metric] = &[
     m!("dsvl_time_to_first_token_seconds", Histogram, ["api"], [Gateway], "From arrival at the gateway to the first token."),
     m!("dsvl_inter_token_latency_seconds", Histogram, ["api"], [Gateway], "Gap between consecutive tokens of a reply, at the gateway."),
     m!("dsvl_gateway_requests_in_flight", Gauge, [], [Gateway], "Requests admitted and not yet finished (the autoscaling signal)."),
+    m!("dsvl_gateway_quota_fallbacks_total", Counter, [], [Gateway], "Quota checks made against this replica's own buckets because the shared ones in Redis could not be asked."),
     m!("dsvl_gateway_routing_seconds", Histogram, ["tier"], [Gateway], "Time to choose an upstream replica."),
     m!("dsvl_upstream_latency_seconds", Histogram, ["tier"], [Gateway], "Upstream call latency (vision: whole call; decoder: to the first token)."),
     m!("dsvl_gateway_retries_total", Counter, ["tier"], [Gateway], "Upstream calls retried on another replica."),

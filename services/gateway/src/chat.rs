@@ -208,6 +208,36 @@ impl Gateway {
         result
     }
 
+    /// Charges the tenant's quotas: the shared buckets when there are some and Redis answers,
+    /// else this replica's own.
+    async fn admit(&self, tenant: &Tenant, images: usize, tokens: usize) -> Result<(), Refusal> {
+        if let Some(shared) = &self.quotas {
+            let limits = self.tenancy.limits_of(&tenant.id);
+            match shared.admit(&tenant.id, limits, images, tokens).await {
+                Ok(decision) => return decision,
+                Err(e) => {
+                    tracing::debug!(error = %e, "shared quotas unreachable; local buckets");
+                    metrics::counter!("dsvl_gateway_quota_fallbacks_total").increment(1);
+                }
+            }
+        }
+        self.tenancy.admit(tenant, images, tokens)
+    }
+
+    /// Gives back output tokens a request was charged for and did not generate.
+    async fn credit(&self, tenant: &str, tokens: usize) {
+        if tokens == 0 {
+            return;
+        }
+        if let Some(shared) = &self.quotas {
+            let limits = self.tenancy.limits_of(tenant);
+            if shared.credit(tenant, limits, tokens).await.is_ok() {
+                return;
+            }
+        }
+        self.tenancy.credit(tenant, tokens);
+    }
+
     async fn start(
         self: &Arc<Self>,
         tenant: &Tenant,
@@ -223,7 +253,7 @@ impl Gateway {
             .await
             .map_err(|e| GatewayError::Internal(format!("prepare: {e}")))??;
         let tokens = prep.prompt.ids.len() + prep.output.n as usize * prep.max_new_tokens as usize;
-        self.tenancy.admit(tenant, prep.images.len(), tokens).map_err(|r| match r {
+        self.admit(tenant, prep.images.len(), tokens).await.map_err(|r| match r {
             Refusal::Quota { what, retry_after } => GatewayError::Exhausted {
                 message: format!("tenant `{}` is over its {what} quota", tenant.id),
                 retry_after: std::time::Duration::from_secs_f64(retry_after),
@@ -318,11 +348,14 @@ impl Gateway {
         }
         let (tx, rx) = mpsc::channel(64);
         let gw = self.clone();
+        let tenant_id = tenant.id.clone();
         tokio::spawn(
             async move {
                 let _in_flight = in_flight;
                 let relays = choices.into_iter().enumerate().map(|(i, opened)| {
-                    gw.relay(opened, i as u32, &prep, timing, deadline, started, api, &tx)
+                    gw.relay(
+                        opened, i as u32, &prep, timing, deadline, started, api, &tx, &tenant_id,
+                    )
                 });
                 let outcome = futures::future::join_all(relays)
                     .await
@@ -492,6 +525,7 @@ impl Gateway {
         started: Instant,
         api: &'static str,
         tx: &mpsc::Sender<Result<ChatEvent, GatewayError>>,
+        tenant: &str,
     ) -> Result<(), GatewayError> {
         let Opened { mut stream, first, guard: _guard, .. } = opened;
         let tok = &self.model.tokenizer;
@@ -582,6 +616,9 @@ impl Gateway {
         span.record("gen_ai.usage.output_tokens", all_ids.len());
         span.record("gen_ai.response.finish_reasons", reason);
         let prompt_tokens = usage.map_or(prep.prompt.ids.len() as u32, |u| u.prompt_tokens);
+        // Reconcile before the client hears of the end (its next request sees the credit):
+        // the tenant paid for `max_new_tokens` of output up front.
+        self.credit(tenant, (prep.max_new_tokens as usize).saturating_sub(all_ids.len())).await;
         send(ChatEvent::Finish(Finish {
             index,
             finish_reason: reason.into(),

@@ -80,6 +80,11 @@ pub struct Args {
     /// Most requests in flight per tenant (0: no cap below --max-in-flight).
     #[arg(long, env = "DSVL_TENANT_MAX_CONCURRENCY", default_value_t = 256)]
     pub tenant_max_concurrency: usize,
+    /// Tenants with their own quotas: `tenant:rpm=N:ipm=N:tpm=N` entries separated by commas
+    /// (a limit left out keeps the default; 0: unlimited). With `--redis` every quota is shared
+    /// by all gateway replicas.
+    #[arg(long, env = "DSVL_TENANT_QUOTAS", default_value = "")]
+    pub tenant_quotas: String,
     /// Most choices (`n`) one request may ask for; they share the prompt's prefill.
     #[arg(long, env = "DSVL_MAX_N", default_value_t = 8)]
     pub max_n: u32,
@@ -137,6 +142,8 @@ pub struct GatewayConfig {
     pub tenant_ipm: u32,
     /// Per-tenant token rate.
     pub tenant_tpm: u32,
+    /// Tenants with their own limits.
+    pub tenant_quotas: HashMap<String, crate::tenancy::Limits>,
     /// Drain time on shutdown.
     pub drain: Duration,
     /// Most images per request.
@@ -251,6 +258,15 @@ impl TryFrom<&Args> for GatewayConfig {
             tenant_rpm: a.tenant_requests_per_minute,
             tenant_ipm: a.tenant_images_per_minute,
             tenant_tpm: a.tenant_tokens_per_minute,
+            tenant_quotas: crate::tenancy::Limits::parse_overrides(
+                &a.tenant_quotas,
+                crate::tenancy::Limits {
+                    rpm: a.tenant_requests_per_minute,
+                    ipm: a.tenant_images_per_minute,
+                    tpm: a.tenant_tokens_per_minute,
+                },
+            )
+            .map_err(|reason| ConfigError { field: "tenant-quotas", reason })?,
             drain: Duration::from_secs(a.drain_secs),
             max_images: a.max_images,
             max_image_bytes: a.max_image_mib << 20,

@@ -21,6 +21,7 @@ pub mod images;
 pub mod openai_fields;
 pub mod prefix_route;
 pub mod prepare;
+pub mod quota;
 pub mod served;
 pub mod stops;
 pub mod tenancy;
@@ -59,6 +60,8 @@ pub struct Gateway {
     pub decoder: Arc<Pool>,
     /// Shared embedding cache, for the skip-if-present probe.
     pub redis: Option<Arc<RedisCache>>,
+    /// Quotas shared by every replica (with `--redis`).
+    pub quotas: Option<quota::SharedBuckets>,
     /// The vision tier's model info (fingerprint, dtype, shape), refreshed in the background.
     pub vision_info: RwLock<Option<InfoResponse>>,
     /// Retry budget of vision calls.
@@ -118,7 +121,9 @@ impl Gateway {
                 config.tenant_ipm,
                 config.tenant_tpm,
             )
-            .with_max_concurrency(config.tenant_max_concurrency),
+            .with_max_concurrency(config.tenant_max_concurrency)
+            .with_tenant_limits(config.tenant_quotas.clone()),
+            quotas: redis.clone().map(quota::SharedBuckets::new),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             vision: Pool::new(Tier::Vision, config.vision.clone()),
             decoder: Pool::new(Tier::Decoder, config.decoder.clone()),

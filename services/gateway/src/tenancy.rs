@@ -38,6 +38,50 @@ pub enum Refusal {
     },
 }
 
+/// Per-minute quotas of one tenant (0: unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    /// Requests per minute.
+    pub rpm: u32,
+    /// Images per minute.
+    pub ipm: u32,
+    /// Tokens (prompt + requested output) per minute.
+    pub tpm: u32,
+}
+
+impl Limits {
+    /// Parses `--tenant-quotas`: `tenant:rpm=N:ipm=N:tpm=N` entries separated by commas; a
+    /// limit left out keeps the default.
+    ///
+    /// # Errors
+    /// A malformed entry.
+    pub fn parse_overrides(
+        spec: &str,
+        defaults: Limits,
+    ) -> Result<HashMap<String, Limits>, String> {
+        let mut out = HashMap::new();
+        for entry in spec.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let mut parts = entry.split(':');
+            let tenant =
+                parts.next().filter(|t| !t.is_empty()).ok_or("an entry without a tenant")?;
+            let mut l = defaults;
+            for p in parts {
+                let (k, v) =
+                    p.split_once('=').ok_or_else(|| format!("`{p}`: expected name=value"))?;
+                let v: u32 = v.parse().map_err(|_| format!("`{p}`: not a count"))?;
+                match k {
+                    "rpm" => l.rpm = v,
+                    "ipm" => l.ipm = v,
+                    "tpm" => l.tpm = v,
+                    _ => return Err(format!("`{k}`: expected rpm, ipm or tpm")),
+                }
+            }
+            out.insert(tenant.to_string(), l);
+        }
+        Ok(out)
+    }
+}
+
 /// A token bucket refilled continuously at `rate` per second up to `capacity`.
 #[derive(Debug)]
 struct Bucket {
@@ -52,9 +96,9 @@ pub struct Tenancy {
     open: bool,
     public: Tenant,
     /// Capacity per minute of requests, images and tokens (prompt + max new); 0 disables.
-    rpm: u32,
-    ipm: u32,
-    tpm: u32,
+    defaults: Limits,
+    /// Tenants with their own limits.
+    overrides: HashMap<String, Limits>,
     buckets: Mutex<HashMap<(String, &'static str), Bucket>>,
     /// Requests in flight per tenant, and the cap (0: none).
     running: Mutex<HashMap<String, usize>>,
@@ -69,13 +113,23 @@ impl Tenancy {
             keys: RwLock::new(Self::table(keys)),
             open,
             public: Tenant::new("public"),
-            rpm,
-            ipm,
-            tpm,
+            defaults: Limits { rpm, ipm, tpm },
+            overrides: HashMap::new(),
             buckets: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             max_concurrency: 0,
         }
+    }
+
+    /// Gives some tenants their own limits.
+    pub fn with_tenant_limits(mut self, overrides: HashMap<String, Limits>) -> Self {
+        self.overrides = overrides;
+        self
+    }
+
+    /// The quotas of `tenant`.
+    pub fn limits_of(&self, tenant: &str) -> Limits {
+        self.overrides.get(tenant).copied().unwrap_or(self.defaults)
     }
 
     /// Caps each tenant's requests in flight (0: no cap).
@@ -158,18 +212,25 @@ impl Tenancy {
     /// Charges one request, `images` images and `tokens` tokens to the tenant, or refuses
     /// with a retry hint (charging nothing).
     pub fn admit(&self, tenant: &Tenant, images: usize, tokens: usize) -> Result<(), Refusal> {
-        self.take(&tenant.id, "requests", self.rpm, 1.0)?;
-        if let Err(e) = self.take(&tenant.id, "images", self.ipm, images as f64) {
+        let l = self.limits_of(&tenant.id);
+        self.take(&tenant.id, "requests", l.rpm, 1.0)?;
+        if let Err(e) = self.take(&tenant.id, "images", l.ipm, images as f64) {
             // Give the request token back: nothing was served.
-            let _ = self.refund(&tenant.id, "requests", self.rpm, 1.0);
+            let _ = self.refund(&tenant.id, "requests", l.rpm, 1.0);
             return Err(e);
         }
-        if let Err(e) = self.take(&tenant.id, "tokens", self.tpm, tokens as f64) {
-            let _ = self.refund(&tenant.id, "requests", self.rpm, 1.0);
-            let _ = self.refund(&tenant.id, "images", self.ipm, images as f64);
+        if let Err(e) = self.take(&tenant.id, "tokens", l.tpm, tokens as f64) {
+            let _ = self.refund(&tenant.id, "requests", l.rpm, 1.0);
+            let _ = self.refund(&tenant.id, "images", l.ipm, images as f64);
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Gives `tokens` back to the tenant's local token bucket (charged, not generated).
+    pub fn credit(&self, tenant: &str, tokens: usize) {
+        let tpm = self.limits_of(tenant).tpm;
+        let _ = self.refund(tenant, "tokens", tpm, tokens as f64);
     }
 
     fn refund(&self, tenant: &str, what: &'static str, per_minute: u32, amount: f64) -> Option<()> {
@@ -243,5 +304,26 @@ mod tests {
         assert!(t.admit(&p, 1, 40).is_ok());
         assert!(matches!(t.admit(&p, 1, 40), Err(Refusal::Quota { what: "tokens", .. })));
         assert!(t.admit(&p, 1, 10).is_ok());
+        // Output charged but not generated comes back.
+        t.credit("public", 40);
+        assert!(t.admit(&p, 1, 40).is_ok());
+    }
+
+    #[test]
+    fn tenants_can_have_their_own_limits() {
+        let defaults = Limits { rpm: 60, ipm: 10, tpm: 1000 };
+        let o = Limits::parse_overrides("acme:rpm=600:tpm=0, globex:ipm=1", defaults).unwrap();
+        assert_eq!(o["acme"], Limits { rpm: 600, ipm: 10, tpm: 0 });
+        assert_eq!(o["globex"], Limits { rpm: 60, ipm: 1, tpm: 1000 });
+        for bad in ["acme:rpm", "acme:rpm=x", ":rpm=1", "acme:qps=1"] {
+            assert!(Limits::parse_overrides(bad, defaults).is_err(), "{bad}");
+        }
+        let t = Tenancy::new(&HashMap::new(), true, 60, 10, 1000).with_tenant_limits(o);
+        assert_eq!(t.limits_of("acme").rpm, 600);
+        assert_eq!(t.limits_of("initech"), defaults);
+        let p = t.authenticate(None).unwrap();
+        let g = Tenant { id: "globex".into(), ..p };
+        assert!(t.admit(&g, 1, 0).is_ok());
+        assert!(matches!(t.admit(&g, 1, 0), Err(Refusal::Quota { what: "images", .. })));
     }
 }
