@@ -59,3 +59,69 @@ async fn keys_are_checked_before_bodies_and_messages_are_read() -> Result<()> {
     }
     Ok(())
 }
+
+/// Slow clients: headers trickled past the header timeout get the connection closed, a body
+/// that stops mid-way fails after the idle timeout, and an honest request is answered quickly
+/// all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_and_stalled_bodies_are_cut_off() -> Result<()> {
+    let cluster = Cluster::start(Options {
+        vision_replicas: 0,
+        tp: 1,
+        redis: false,
+        gateway_args: [
+            "--api-keys",
+            "sk-good=acme",
+            "--http-header-timeout-secs",
+            "1",
+            "--http-body-idle-secs",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Options::default()
+    })
+    .await?;
+    let read_all = |mut s: TcpStream| -> Result<(String, Duration)> {
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let t = Instant::now();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        Ok((String::from_utf8_lossy(&got).into_owned(), t.elapsed()))
+    };
+
+    // 50 connections that never finish their headers.
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut s = TcpStream::connect(&cluster.http)?;
+        write!(s, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")?;
+        slow.push(s);
+    }
+    // A body that stops after 10 of its announced 1000 bytes (authenticated, so it is read).
+    let mut stalled = TcpStream::connect(&cluster.http)?;
+    write!(
+        stalled,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-good\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"messages"
+    )?;
+    // Meanwhile an honest request is answered at once.
+    let t = Instant::now();
+    let body = serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    let r = dsvl_e2e::http_post(
+        &cluster.http,
+        "/v1/chat/completions",
+        &[("Authorization", "Bearer sk-good")],
+        &body,
+    )?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+
+    let (answer, took) = read_all(stalled)?;
+    assert!(took < Duration::from_secs(4), "the stalled body held on for {took:?}");
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 4"), "{answer}");
+    for s in slow {
+        let (answer, took) = read_all(s)?;
+        assert!(took < Duration::from_secs(4), "slow headers held on for {took:?}");
+        assert!(!answer.starts_with("HTTP/1.1 2"), "{answer}");
+    }
+    Ok(())
+}

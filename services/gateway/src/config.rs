@@ -85,6 +85,12 @@ pub struct Args {
     /// by all gateway replicas.
     #[arg(long, env = "DSVL_TENANT_QUOTAS", default_value = "")]
     pub tenant_quotas: String,
+    /// Longest an HTTP connection may take to send a request's headers, in seconds.
+    #[arg(long, env = "DSVL_HTTP_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub http_header_timeout_secs: u64,
+    /// Longest an HTTP request body may pause between chunks, in seconds.
+    #[arg(long, env = "DSVL_HTTP_BODY_IDLE_SECS", default_value_t = 30)]
+    pub http_body_idle_secs: u64,
     /// Most choices (`n`) one request may ask for; they share the prompt's prefill.
     #[arg(long, env = "DSVL_MAX_N", default_value_t = 8)]
     pub max_n: u32,
@@ -144,6 +150,8 @@ pub struct GatewayConfig {
     pub tenant_tpm: u32,
     /// Tenants with their own limits.
     pub tenant_quotas: HashMap<String, crate::tenancy::Limits>,
+    /// Slow-client bounds of the HTTP listener.
+    pub http_timeouts: crate::http_server::HttpTimeouts,
     /// Drain time on shutdown.
     pub drain: Duration,
     /// Most images per request.
@@ -258,6 +266,10 @@ impl TryFrom<&Args> for GatewayConfig {
             tenant_rpm: a.tenant_requests_per_minute,
             tenant_ipm: a.tenant_images_per_minute,
             tenant_tpm: a.tenant_tokens_per_minute,
+            http_timeouts: crate::http_server::HttpTimeouts {
+                header_read: Duration::from_secs(a.http_header_timeout_secs.max(1)),
+                body_idle: Duration::from_secs(a.http_body_idle_secs.max(1)),
+            },
             tenant_quotas: crate::tenancy::Limits::parse_overrides(
                 &a.tenant_quotas,
                 crate::tenancy::Limits {

@@ -483,5 +483,9 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/health", get(health))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            gw.config.http_timeouts.body_idle,
+            crate::http_server::body_idle_timeout,
+        ))
         .with_state(gw)
 }

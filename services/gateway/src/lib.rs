@@ -21,6 +21,7 @@ pub mod images;
 pub mod openai_fields;
 pub mod prefix_route;
 pub mod prepare;
+pub mod http_server;
 pub mod quota;
 pub mod served;
 pub mod stops;
@@ -221,11 +222,12 @@ pub async fn run(
     let grpc_server = router
         .add_service(chat)
         .serve_with_incoming_shutdown(dsvl_telemetry::incoming_nodelay(grpc), drain.stopped());
-    let http = axum::serve::ListenerExt::tap_io(http, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let http_server =
-        axum::serve(http, http::router(gw.clone())).with_graceful_shutdown(drain.stopped());
+    let http_server = http_server::serve(
+        http,
+        http::router(gw.clone()),
+        gw.config.http_timeouts,
+        drain.stopped(),
+    );
     let servers = async {
         tokio::try_join!(async { grpc_server.await.map_err(RunError::from) }, async {
             http_server.await.map_err(RunError::from)
