@@ -105,7 +105,8 @@ async fn slow_headers_and_stalled_bodies_are_cut_off() -> Result<()> {
     )?;
     // Meanwhile an honest request is answered at once.
     let t = Instant::now();
-    let body = serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    let body =
+        serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
     let r = dsvl_e2e::http_post(
         &cluster.http,
         "/v1/chat/completions",

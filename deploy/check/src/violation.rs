@@ -243,6 +243,16 @@ pub enum Violation {
         /// The container.
         container: String,
     },
+    /// A container without one of the hardening settings every dsvl container has.
+    #[error("{pod}: container {container} is not hardened: {missing}")]
+    NotHardened {
+        /// The pod template.
+        pod: PodRef,
+        /// The container.
+        container: String,
+        /// The setting that is missing.
+        missing: &'static str,
+    },
     /// A Service that selects no pod of the overlay.
     #[error("{service}: selector matches no pod")]
     ServiceSelectsNothing {

@@ -603,3 +603,41 @@ fn internal_tiers_need_the_cluster_secret() {
         }]
     );
 }
+
+#[test]
+fn every_container_is_hardened() {
+    // A writable root filesystem, a service-account token, and the seccomp profile removed.
+    let v = planted("dev", |d| {
+        let c = at(d, "Deployment", "dsvl-vision", &format!("{POD}/containers/0/securityContext"));
+        c["readOnlyRootFilesystem"] = json!(false);
+        *at(d, "Deployment", "dsvl-vision", &format!("{POD}/automountServiceAccountToken")) =
+            json!(true);
+        let pod = at(d, "Deployment", "dsvl-vision", &format!("{POD}/securityContext"));
+        pod.as_object_mut().expect("object").remove("seccompProfile");
+    });
+    let mut missing: Vec<&str> = v
+        .iter()
+        .map(|x| match x {
+            Violation::NotHardened { container, missing, .. } if container == "vision" => *missing,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    missing.sort_unstable();
+    assert_eq!(
+        missing,
+        [
+            "automountServiceAccountToken: false",
+            "readOnlyRootFilesystem: true",
+            "seccompProfile: RuntimeDefault"
+        ]
+    );
+    // Capabilities kept on the Redis container.
+    let v = planted("dev", |d| {
+        let c = at(d, "StatefulSet", "dsvl-redis", &format!("{POD}/containers/0/securityContext"));
+        c.as_object_mut().expect("object").remove("capabilities");
+    });
+    assert!(
+        matches!(&v[..], [Violation::NotHardened { missing: "capabilities.drop: [ALL]", .. }]),
+        "{v:?}"
+    );
+}

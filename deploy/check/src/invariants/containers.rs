@@ -1,6 +1,7 @@
 //! Rules for one container of one pod template.
 //!
-//! Every container: non-root, no floating image (pinned in prod), no secret in env values or
+//! Every container: non-root and hardened (read-only root filesystem, no privilege escalation,
+//! every capability dropped, RuntimeDefault seccomp, no service-account token), no floating image (pinned in prod), no secret in env values or
 //! arguments, readiness and liveness probes. Service containers, with their flags as the
 //! binary parses them: all three probes, `grpc:` on the gRPC port with the health service names
 //! the services report for them (`startup`, `""` or the API service for readiness, `liveness`,
@@ -49,6 +50,9 @@ pub(crate) fn check(
     let Some(spec) = view.spec() else { return };
     if !runs_as_non_root(spec, c) {
         out.push(Violation::RunsAsRoot { pod: pod(), container: name() });
+    }
+    for missing in hardening_gaps(spec, c) {
+        out.push(Violation::NotHardened { pod: pod(), container: name(), missing });
     }
     check_image(profile, view, c, out);
     check_literal_secrets(view, c, out);
@@ -150,6 +154,38 @@ fn runs_as_non_root(spec: &PodSpec, c: &Container) -> bool {
     let non_root = own.and_then(|s| s.run_as_non_root).or(pod.and_then(|s| s.run_as_non_root));
     let user = own.and_then(|s| s.run_as_user).or(pod.and_then(|s| s.run_as_user));
     non_root == Some(true) && user != Some(0)
+}
+
+/// What a container lacks of: a read-only root filesystem, no privilege escalation, every
+/// capability dropped, the RuntimeDefault (or a Localhost) seccomp profile, and no
+/// service-account token mounted (nothing in dsvl talks to the Kubernetes API).
+fn hardening_gaps(spec: &PodSpec, c: &Container) -> Vec<&'static str> {
+    let own = c.security_context.as_ref();
+    let mut gaps = Vec::new();
+    if own.and_then(|s| s.read_only_root_filesystem) != Some(true) {
+        gaps.push("readOnlyRootFilesystem: true");
+    }
+    if own.and_then(|s| s.allow_privilege_escalation) != Some(false) {
+        gaps.push("allowPrivilegeEscalation: false");
+    }
+    let drops_all = own
+        .and_then(|s| s.capabilities.as_ref())
+        .and_then(|c| c.drop.as_ref())
+        .is_some_and(|d| d.iter().any(|x| x == "ALL"));
+    if !drops_all {
+        gaps.push("capabilities.drop: [ALL]");
+    }
+    let profile = own
+        .and_then(|s| s.seccomp_profile.as_ref())
+        .or(spec.security_context.as_ref().and_then(|s| s.seccomp_profile.as_ref()))
+        .map(|p| p.type_.as_str());
+    if !matches!(profile, Some("RuntimeDefault" | "Localhost")) {
+        gaps.push("seccompProfile: RuntimeDefault");
+    }
+    if spec.automount_service_account_token != Some(false) {
+        gaps.push("automountServiceAccountToken: false");
+    }
+    gaps
 }
 
 fn is_grpc_on(p: &K8sProbe, port: u16) -> bool {
