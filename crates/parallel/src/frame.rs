@@ -31,13 +31,15 @@ impl FrameLimits {
     /// Between members of a running group (plans, activations, KV geometry).
     pub const GROUP: Self =
         Self { max_header: 64 << 20, max_tensors: 4096, max_tensor_bytes: 16 << 30 };
+    /// The leader's welcome, read before its proof is checked: KV geometry and the NCCL id.
+    pub const WELCOME: Self = Self { max_header: 1 << 20, max_tensors: 0, max_tensor_bytes: 0 };
     /// Before a peer has proved membership: a small header, no tensors.
     pub const HANDSHAKE: Self = Self { max_header: 64 << 10, max_tensors: 0, max_tensor_bytes: 0 };
 }
 
-/// Reads exactly `len` bytes, growing the buffer as they arrive (at most 64 MiB ahead).
+/// Reads exactly `len` bytes, growing the buffer as they arrive (1 MiB reserved ahead).
 fn read_len(r: &mut impl Read, len: usize) -> std::io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(len.min(64 << 20));
+    let mut buf = Vec::with_capacity(len.min(1 << 20));
     let got = r.take(len as u64).read_to_end(&mut buf)?;
     if got != len {
         return Err(std::io::ErrorKind::UnexpectedEof.into());

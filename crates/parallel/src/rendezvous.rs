@@ -227,6 +227,30 @@ impl LinkSet {
     }
 }
 
+/// Connections still handshaking, each with when it was accepted. A read timeout bounds each
+/// read, not the whole handshake (a stranger could trickle a byte at a time), so the leader
+/// shuts down any that run past [`HANDSHAKE_TIMEOUT`], and all of them when it returns.
+#[derive(Default)]
+struct Unproven(std::collections::HashMap<std::net::SocketAddr, (Instant, TcpStream)>);
+
+impl Unproven {
+    fn expire(&mut self) {
+        for (accepted, s) in self.0.values() {
+            if accepted.elapsed() > HANDSHAKE_TIMEOUT {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+    }
+}
+
+impl Drop for Unproven {
+    fn drop(&mut self) {
+        for (_, s) in self.0.values() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
 /// A connection that said hello (and, with a key, proved membership).
 struct Hello {
     link: Link,
@@ -283,7 +307,7 @@ pub fn lead(
     let deadline = Instant::now() + spec.rendezvous_timeout;
     listener.set_nonblocking(true).map_err(|e| CommError::Rendezvous(format!("listener: {e}")))?;
     let (tx, rx) = mpsc::channel::<(std::net::SocketAddr, Result<Hello, String>)>();
-    let mut pending = 0usize;
+    let mut pending = Unproven::default();
     let mut joined: Vec<Option<Link>> = (1..spec.world_size).map(|_| None).collect();
     while joined.iter().any(Option::is_none) {
         let now = Instant::now();
@@ -299,12 +323,16 @@ pub fn lead(
                 spec.rendezvous_timeout.as_secs_f64()
             )));
         }
+        pending.expire();
         match listener.accept() {
-            Ok((_, peer)) if pending >= MAX_PENDING_HANDSHAKES => {
+            Ok((_, peer)) if pending.0.len() >= MAX_PENDING_HANDSHAKES => {
                 tracing::warn!(%peer, "rendezvous: too many unproven connections; closing this one");
             }
             Ok((stream, peer)) => {
-                pending += 1;
+                match stream.try_clone() {
+                    Ok(watch) => pending.0.insert(peer, (Instant::now(), watch)),
+                    Err(_) => continue,
+                };
                 let (tx, key) = (tx.clone(), spec.key.clone());
                 let timeout = HANDSHAKE_TIMEOUT.min(deadline - now).max(Duration::from_millis(100));
                 std::thread::spawn(move || {
@@ -319,7 +347,7 @@ pub fn lead(
             Ok(r) => r,
             Err(_) => continue,
         };
-        pending -= 1;
+        pending.0.remove(&peer);
         let Hello { link, header: h, nonce_l, nonce_w } = match hello {
             Ok(h) => h,
             Err(reason) => {
@@ -405,7 +433,7 @@ pub fn join(spec: &GroupSpec) -> Result<(LinkSet, serde_json::Value), CommError>
     }
     link.send(&Message::new(hello), "rendezvous")?;
     let welcome = link
-        .expect_limited("welcome", "rendezvous", Some(left()), FrameLimits::GROUP)
+        .expect_limited("welcome", "rendezvous", Some(left()), FrameLimits::WELCOME)
         .map_err(|e| match e {
             CommError::Disconnected { .. } if spec.key.is_some() => CommError::Rendezvous(format!(
                 "the leader at {} dropped this rank after its proof of membership: the two do not hold the same group key (different cluster secrets), or it is not our leader",

@@ -144,3 +144,30 @@ fn a_flood_of_connections_is_capped_and_the_group_still_forms() -> Result<()> {
     assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
     Ok(())
 }
+
+#[test]
+fn a_trickling_stranger_is_cut_off_after_the_handshake_time() -> Result<()> {
+    // One byte every 300 ms never trips a per-read timeout; the handshake's total time does.
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let a = addr.clone();
+    let leader = std::thread::spawn(move || {
+        let mut s = spec(2, 0, &a, Some(GroupKey::random()));
+        s.rendezvous_timeout = Duration::from_secs(12);
+        lead(&listener, &s, json!({})).map(|_| ())
+    });
+    let mut trickle = TcpStream::connect(&addr)?;
+    // A well-formed start (magic, a 60,000-byte header announced), then the header trickles.
+    trickle.write_all(b"DSVL")?;
+    trickle.write_all(&60_000u32.to_le_bytes())?;
+    let t = Instant::now();
+    let cut_after = loop {
+        if trickle.write_all(b"D").is_err() || t.elapsed() > Duration::from_secs(11) {
+            break t.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(cut_after < Duration::from_secs(9), "held for {cut_after:?}");
+    assert!(leader.join().expect("leader").is_err(), "rank 1 never came");
+    Ok(())
+}

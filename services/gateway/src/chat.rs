@@ -260,6 +260,25 @@ impl Gateway {
             },
             Refusal::Unauthenticated => GatewayError::Unauthenticated,
         })?;
+        let result = self.start_admitted(tenant, prep, deadline, started, api, in_flight).await;
+        if result.is_err() {
+            // Nothing was generated: the tokens come back (the request and its images stay
+            // charged, as the work up to the failure was done).
+            self.credit(&tenant.id, tokens).await;
+        }
+        result
+    }
+
+    /// [`Self::start`] once the tenant has been charged: images, decoder, relays.
+    async fn start_admitted(
+        self: &Arc<Self>,
+        tenant: &Tenant,
+        prep: Prepared,
+        deadline: Instant,
+        started: Instant,
+        api: &'static str,
+        in_flight: InFlightRequest,
+    ) -> Result<ChatStream, GatewayError> {
         self.vision_retries.deposit();
         self.decoder_retries.deposit();
         let span = tracing::Span::current();

@@ -88,6 +88,9 @@ pub struct Args {
     /// Longest an HTTP connection may take to send a request's headers, in seconds.
     #[arg(long, env = "DSVL_HTTP_HEADER_TIMEOUT_SECS", default_value_t = 10)]
     pub http_header_timeout_secs: u64,
+    /// Most open HTTP connections; beyond it new ones wait in the listen backlog.
+    #[arg(long, env = "DSVL_HTTP_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub http_max_connections: usize,
     /// Longest an HTTP request body may pause between chunks, in seconds.
     #[arg(long, env = "DSVL_HTTP_BODY_IDLE_SECS", default_value_t = 30)]
     pub http_body_idle_secs: u64,
@@ -269,6 +272,7 @@ impl TryFrom<&Args> for GatewayConfig {
             http_timeouts: crate::http_server::HttpTimeouts {
                 header_read: Duration::from_secs(a.http_header_timeout_secs.max(1)),
                 body_idle: Duration::from_secs(a.http_body_idle_secs.max(1)),
+                max_connections: a.http_max_connections.max(1),
             },
             tenant_quotas: crate::tenancy::Limits::parse_overrides(
                 &a.tenant_quotas,

@@ -24,32 +24,41 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 
-/// Time bounds of the public HTTP listener.
+/// Bounds of the public HTTP listener.
 #[derive(Debug, Clone, Copy)]
 pub struct HttpTimeouts {
-    /// Longest a connection may take to send a request's headers.
+    /// Longest a connection may take to send a request's headers (from the moment it opens,
+    /// and again for each request on a kept-alive connection).
     pub header_read: Duration,
     /// Longest a request body may pause between chunks.
     pub body_idle: Duration,
+    /// Most open connections; beyond it the listener stops accepting until one closes.
+    pub max_connections: usize,
 }
 
 impl Default for HttpTimeouts {
     fn default() -> Self {
-        Self { header_read: Duration::from_secs(10), body_idle: Duration::from_secs(30) }
+        Self {
+            header_read: Duration::from_secs(10),
+            body_idle: Duration::from_secs(30),
+            max_connections: 4096,
+        }
     }
 }
 
-/// A request body that fails when no chunk arrives for `idle`.
+/// A request body that fails when no chunk arrives for `idle` while it is being read (the
+/// clock starts when the handler first waits for it, so `Expect: 100-continue` is not
+/// penalised).
 pub struct IdleTimeoutBody {
     inner: Body,
     idle: Duration,
-    timer: Pin<Box<tokio::time::Sleep>>,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl IdleTimeoutBody {
     /// Wraps `inner`.
     pub fn new(inner: Body, idle: Duration) -> Self {
-        Self { inner, idle, timer: Box::pin(tokio::time::sleep(idle)) }
+        Self { inner, idle, timer: None }
     }
 }
 
@@ -64,11 +73,15 @@ impl HttpBody for IdleTimeoutBody {
         let this = &mut *self;
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
-                let deadline = tokio::time::Instant::now() + this.idle;
-                this.timer.as_mut().reset(deadline);
+                this.timer = None;
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
-            Poll::Pending => match this.timer.as_mut().poll(cx) {
+            Poll::Pending => match this
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(this.idle)))
+                .as_mut()
+                .poll(cx)
+            {
                 Poll::Ready(()) => Poll::Ready(Some(Err(format!(
                     "the request body sent nothing for {:.0}s",
                     this.idle.as_secs_f64()
@@ -100,6 +113,10 @@ pub async fn body_idle_timeout(
 
 /// Serves `app` on `listener` until `stopped` resolves, then lets every connection finish.
 ///
+/// HTTP/1.1 only (the OpenAI-compatible API; gRPC has its own port), so no protocol sniffing
+/// runs without a timeout; a connection that sends nothing is closed after the header timeout
+/// too. An idle kept-alive connection between requests is bounded only by `max_connections`.
+///
 /// # Errors
 /// Never today (accept errors are logged and retried); the signature leaves room.
 pub async fn serve(
@@ -108,17 +125,17 @@ pub async fn serve(
     timeouts: HttpTimeouts,
     stopped: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder.http1().timer(TokioTimer::new()).header_read_timeout(timeouts.header_read);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(10));
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(timeouts.max_connections));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut connections = tokio::task::JoinSet::new();
     tokio::pin!(stopped);
     loop {
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s.expect("never closed"),
+            () = &mut stopped => break,
+        };
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -133,7 +150,16 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let (builder, app, mut stop) = (builder.clone(), app.clone(), stop_rx.clone());
+        let first_byte = timeouts.header_read;
         connections.spawn(async move {
+            let _slot = slot;
+            // hyper's header timer starts with the first bytes: a connection that sends
+            // nothing at all gets the same time to start.
+            let mut probe = [0u8; 1];
+            if !matches!(tokio::time::timeout(first_byte, stream.peek(&mut probe)).await, Ok(Ok(1)))
+            {
+                return;
+            }
             let service = TowerToHyperService::new(app);
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             tokio::pin!(conn);

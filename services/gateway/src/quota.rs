@@ -22,6 +22,7 @@ use crate::tenancy::{Limits, Refusal};
 /// answer the first short bucket and the seconds until it would have enough).
 /// ARGV: per bucket `capacity, rate per second, amount`, then the key lifetime in ms.
 const TAKE: &str = r"
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local level = {}
@@ -46,6 +47,7 @@ return {0, '0'}
 /// Gives `amount` back to one bucket (never above its capacity).
 /// ARGV: capacity, rate per second, amount, key lifetime in ms.
 const CREDIT: &str = r"
+if redis.replicate_commands then redis.replicate_commands() end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local cap, rate, amount = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -112,7 +114,12 @@ impl SharedBuckets {
             0 => Ok(()),
             i => Err(Refusal::Quota {
                 what: active.get(i - 1).map_or("requests", |(w, _, _)| *w),
-                retry_after: retry_after.parse().unwrap_or(1.0),
+                // A hint from Redis is data: only a finite, sane number of seconds is used.
+                retry_after: retry_after
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|s| s.is_finite())
+                    .map_or(1.0, |s| s.clamp(0.0, 3600.0)),
             }),
         })
     }

@@ -374,6 +374,10 @@ impl Pipeline {
             payload,
         )
         .map_err(|e| Failure::Internal(format!("the model gave a malformed embedding: {e}")))?;
+        // Never seal (and cache) what every reader would refuse.
+        codec::check_finite(embedding.dtype, &embedding.payload).map_err(|e| {
+            Failure::Internal(format!("the model gave a non-finite embedding: {e}"))
+        })?;
         let stored = Stored::new(embedding, &self.seal, key);
         let value = stored.value.clone();
         let _ = self.local.put(key, value.clone(), self.ttl).await;
