@@ -238,8 +238,11 @@ async fn disconnects_free_the_slot_and_deadlines_are_reported() -> Result<()> {
         ..Options::default()
     };
     let cluster = Cluster::start(opts).await?;
+    // End-of-sentence banned: greedy tokens of random weights differ with the processor's GEMM
+    // path, and a stream that ends early would prove nothing.
+    let eos = dsvl_gateway::served::ServedModel::load(None, "tiny".into())?.tokenizer.special().eos;
     let text = |max| {
-        greedy_request(
+        let mut request = greedy_request(
             vec![ChatMessage {
                 role: "user".into(),
                 content: vec![ContentPart {
@@ -247,7 +250,11 @@ async fn disconnects_free_the_slot_and_deadlines_are_reported() -> Result<()> {
                 }],
             }],
             max,
-        )
+        );
+        if let Some(sampling) = request.sampling.as_mut() {
+            sampling.logit_bias.insert(eos, -100.0);
+        }
+        request
     };
     let mut load = DecoderClient::connect(format!("http://{}", cluster.decoder.addr)).await?;
 

@@ -152,8 +152,15 @@ async fn gateway_drains_open_streams_on_sigterm() -> Result<()> {
     let mut cluster = Cluster::start(opts).await?;
     let mut client = cluster.chat().await?;
     let greedy = Some(SamplingParams { temperature: Some(0.0), ..Default::default() });
-    let mut long = hi(greedy.clone());
-    long.max_tokens = 2000;
+    // The end-of-sentence token is banned so the stream is long on every processor: greedy
+    // tokens of a random-weight model differ with the GEMM path (AVX2 or AVX-512), and one of
+    // them may end early.
+    let eos = dsvl_gateway::served::ServedModel::load(None, "tiny".into())?.tokenizer.special().eos;
+    let mut long = hi(Some(SamplingParams {
+        logit_bias: [(eos, -100.0)].into(),
+        ..greedy.clone().unwrap_or_default()
+    }));
+    long.max_tokens = 4000;
     long.messages[0].content[0].part = Some(Part::Text("Tell me a long story.".into()));
     let mut stream = client.generate(long).await?.into_inner();
     stream.message().await?.ok_or_else(|| anyhow::anyhow!("no first delta"))?;
