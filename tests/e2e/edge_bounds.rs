@@ -126,3 +126,85 @@ async fn slow_headers_and_stalled_bodies_are_cut_off() -> Result<()> {
     }
     Ok(())
 }
+
+/// A local image server counting the requests it answers: a 32x32 PNG at any path.
+fn counting_image_server() -> Result<(u16, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let png = dsvl_testkit::png_rgb8(32, 32, &[90u8; 32 * 32 * 3]);
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).is_ok_and(|n| n == 1) {
+                head.push(byte[0]);
+            }
+            counted.fetch_add(1, Ordering::SeqCst);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                png.len()
+            );
+            let _ = s.write_all(&png);
+        }
+    });
+    Ok((port, hits))
+}
+
+/// Image URLs are fetched only once the request has passed the count limit and the tenant's
+/// image quota: refused requests never reach the image server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_urls_are_fetched_only_after_counts_and_quotas() -> Result<()> {
+    use std::sync::atomic::Ordering;
+    let (port, hits) = counting_image_server()?;
+    let cluster = Cluster::start(Options {
+        vision_replicas: 1,
+        tp: 1,
+        redis: false,
+        gateway_args: [
+            "--api-keys",
+            "sk-good=acme",
+            "--max-images",
+            "1",
+            "--tenant-images-per-minute",
+            "1",
+            "--image-url-allow",
+            "localhost",
+            "--image-url-allow-internal",
+            "--image-url-ports",
+            &port.to_string(),
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Options::default()
+    })
+    .await?;
+    let url = format!("http://localhost:{port}/cat.png");
+    let ask = |images: usize| {
+        let mut content = vec![serde_json::json!({"type": "text", "text": "What is this?"})];
+        content.extend(
+            (0..images)
+                .map(|_| serde_json::json!({"type": "image_url", "image_url": {"url": url}})),
+        );
+        let body = serde_json::json!({"messages": [{"role": "user", "content": content}], "max_tokens": 2});
+        dsvl_e2e::http_post(
+            &cluster.http,
+            "/v1/chat/completions",
+            &[("Authorization", "Bearer sk-good")],
+            &body,
+        )
+    };
+    let r = ask(2)?;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "fetched before the count check");
+    let r = ask(1)?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    let r = ask(1)?;
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "fetched before the quota check");
+    Ok(())
+}

@@ -273,7 +273,7 @@ impl Gateway {
     async fn start_admitted(
         self: &Arc<Self>,
         tenant: &Tenant,
-        prep: Prepared,
+        mut prep: Prepared,
         deadline: Instant,
         started: Instant,
         api: &'static str,
@@ -291,6 +291,11 @@ impl Gateway {
                 return Err(GatewayError::Unavailable(
                     "this gateway has no vision tier configured".into(),
                 ));
+            }
+            if !prep.remote_images.is_empty() {
+                let urls: Vec<_> = prep.remote_images.iter().map(|(_, u)| u.clone()).collect();
+                let fetched = self.fetcher.fetch_all(&urls, deadline).await?;
+                prep.fill_remote_images(fetched);
             }
             let e = tokio::time::timeout_at(
                 deadline.into(),
@@ -365,6 +370,9 @@ impl Gateway {
             choices
                 .extend(self.open_siblings(&choices[0].replica, &request, &prep, deadline).await?);
         }
+        // Every choice's decoder has the images' embeddings: the bytes (up to --max-image-mib
+        // each) are not held for the rest of the generation.
+        prep.images = Vec::new();
         let (tx, rx) = mpsc::channel(64);
         let gw = self.clone();
         let tenant_id = tenant.id.clone();

@@ -97,10 +97,24 @@ pub struct Args {
     /// Most choices (`n`) one request may ask for; they share the prompt's prefill.
     #[arg(long, env = "DSVL_MAX_N", default_value_t = 8)]
     pub max_n: u32,
-    /// Hosts (exact, or `*.suffix`) from which `image_url` http(s) URLs may be fetched. Empty:
-    /// only `data:` URLs are accepted.
+    /// Hosts from which `image_url` http(s) URLs may be fetched: exact names (compared without
+    /// case or a trailing dot) or `*.suffix` for subdomains. Empty: only `data:` URLs.
     #[arg(long, env = "DSVL_IMAGE_URL_ALLOW", value_delimiter = ',')]
     pub image_url_allow: Vec<String>,
+    /// Let image URLs reach internal addresses (loopback, private, link-local, ...): only for
+    /// image servers inside a trusted network.
+    #[arg(long, env = "DSVL_IMAGE_URL_ALLOW_INTERNAL")]
+    pub image_url_allow_internal: bool,
+    /// Ports image URLs may use.
+    #[arg(long, env = "DSVL_IMAGE_URL_PORTS", value_delimiter = ',', default_values_t = [80, 443])]
+    pub image_url_ports: Vec<u16>,
+    /// PEM file of extra certificate authorities trusted for https image URLs (besides the
+    /// system's).
+    #[arg(long, env = "DSVL_IMAGE_URL_CA_FILE")]
+    pub image_url_ca_file: Option<std::path::PathBuf>,
+    /// Longest fetch of one image URL, in seconds (the request's deadline also bounds it).
+    #[arg(long, env = "DSVL_IMAGE_URL_TIMEOUT_SECS", default_value_t = 10)]
+    pub image_url_timeout_secs: u64,
     /// Deadline of a request without one, in seconds.
     #[arg(long, env = "DSVL_REQUEST_TIMEOUT_SECS", default_value_t = 300)]
     pub request_timeout_secs: u64,
@@ -121,6 +135,21 @@ pub struct Args {
     /// JSON logs.
     #[arg(long, env = "DSVL_JSON_LOGS")]
     pub json_logs: bool,
+}
+
+/// Where remote `image_url`s may be fetched from (see [`crate::fetch`]).
+#[derive(Debug, Clone)]
+pub struct ImageUrlPolicy {
+    /// Allowed hosts: exact names, or `*.suffix` for subdomains (empty: no remote URLs).
+    pub allow: Vec<String>,
+    /// Whether internal addresses may be reached.
+    pub allow_internal: bool,
+    /// Allowed ports.
+    pub ports: Vec<u16>,
+    /// Extra trusted certificate authorities (PEM).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Longest fetch of one URL.
+    pub timeout: Duration,
 }
 
 /// Validated configuration.
@@ -173,8 +202,8 @@ pub struct GatewayConfig {
     pub tenant_max_concurrency: usize,
     /// Prefix-aware decoder routing and its imbalance threshold (`None`: least work).
     pub prefix_routing: Option<usize>,
-    /// Hosts image URLs may come from.
-    pub image_url_allow: Vec<String>,
+    /// Where remote image URLs may be fetched from.
+    pub image_urls: ImageUrlPolicy,
     /// Default deadline.
     pub request_timeout: Duration,
     /// Endpoint refresh period.
@@ -293,7 +322,13 @@ impl TryFrom<&Args> for GatewayConfig {
             tenant_max_concurrency: a.tenant_max_concurrency,
             prefix_routing: (a.decoder_routing == "prefix")
                 .then_some(a.prefix_routing_max_imbalance),
-            image_url_allow: a.image_url_allow.iter().filter(|h| !h.is_empty()).cloned().collect(),
+            image_urls: ImageUrlPolicy {
+                allow: a.image_url_allow.iter().filter(|h| !h.is_empty()).cloned().collect(),
+                allow_internal: a.image_url_allow_internal,
+                ports: a.image_url_ports.clone(),
+                ca_file: a.image_url_ca_file.clone(),
+                timeout: Duration::from_secs(a.image_url_timeout_secs.max(1)),
+            },
             request_timeout: Duration::from_secs(a.request_timeout_secs),
             refresh: Duration::from_secs(a.refresh_secs.max(1)),
         })

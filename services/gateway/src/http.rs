@@ -27,7 +27,6 @@ use tracing::Instrument;
 
 use crate::chat::request_span;
 use crate::error::{retry_after_secs, GatewayError};
-use crate::fetch::load_image_url;
 use crate::http_reply::{sse, whole, Reply, Shape};
 use crate::prepare::{ChatInput, InMessage, OutputOptions, Part, Role};
 use crate::tenancy::Tenant;
@@ -221,11 +220,7 @@ pub(crate) fn deadline(
     Ok(started + timeout)
 }
 
-async fn to_input(
-    gw: &Gateway,
-    r: CompletionRequest,
-    deadline: Instant,
-) -> Result<(ChatInput, Option<Tools>), GatewayError> {
+fn to_input(r: CompletionRequest) -> Result<(ChatInput, Option<Tools>), GatewayError> {
     let invalid = |m: &str| GatewayError::InvalidArgument(m.to_string());
     let tools = Tools::parse(r.tools.as_ref(), r.tool_choice.as_ref(), r.parallel_tool_calls)?;
     let mut constraint = constraint(&r)?;
@@ -282,15 +277,7 @@ async fn to_input(
                 for p in ps {
                     out.push(match p {
                         ContentPart::Text { text } => Part::Text(text),
-                        ContentPart::ImageUrl { image_url } => Part::Image(
-                            load_image_url(
-                                &image_url.url,
-                                &gw.config.image_url_allow,
-                                gw.config.max_image_bytes,
-                                deadline,
-                            )
-                            .await?,
-                        ),
+                        ContentPart::ImageUrl { image_url } => Part::ImageUrl(image_url.url),
                     });
                 }
                 out
@@ -411,7 +398,7 @@ async fn completions(
         };
     let streaming = req.stream;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let (input, tools) = match to_input(&gw, req, deadline).await {
+    let (input, tools) = match to_input(req) {
         Ok(i) => i,
         Err(e) => return error_response(&e),
     };

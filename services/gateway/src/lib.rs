@@ -9,6 +9,7 @@
 //! OpenAI request field does here), [`error`] (status mappings).
 #![deny(missing_docs)]
 
+pub mod address_policy;
 pub mod chat;
 pub mod config;
 pub mod error;
@@ -73,6 +74,8 @@ pub struct Gateway {
     pub drain: Arc<dsvl_telemetry::server::Drain>,
     /// Requests in flight (capped by `max_in_flight`).
     pub in_flight: std::sync::atomic::AtomicUsize,
+    /// Fetches remote `image_url`s.
+    pub fetcher: fetch::ImageFetcher,
 }
 
 /// Why the gateway stopped.
@@ -93,6 +96,9 @@ pub enum RunError {
     /// Reflection setup failed.
     #[error("reflection: {0}")]
     Reflection(String),
+    /// The image-URL trust roots could not be read.
+    #[error("image URLs: {0}")]
+    ImageFetch(String),
 }
 
 impl Gateway {
@@ -114,7 +120,9 @@ impl Gateway {
             })?)),
             None => None,
         };
+        let fetcher = fetch::ImageFetcher::new(&config).map_err(RunError::ImageFetch)?;
         Ok(Self {
+            fetcher,
             tenancy: Tenancy::new(
                 &config.api_keys,
                 config.allow_unauthenticated,

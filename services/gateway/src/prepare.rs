@@ -14,6 +14,7 @@ use dsvl_core::sampling::{SamplingParams, SamplingRequest, MAX_TOP_LOGPROBS};
 
 use crate::config::GatewayConfig;
 use crate::error::GatewayError;
+use crate::fetch::{decode_data_url, RemoteImage};
 use crate::served::ServedModel;
 
 /// Who speaks.
@@ -48,6 +49,9 @@ pub enum Part {
     Text(String),
     /// Encoded image bytes.
     Image(Bytes),
+    /// An OpenAI `image_url`: a `data:` URL (decoded with the other cheap work) or a remote URL
+    /// (checked against the fetch policy here, fetched once the request is admitted).
+    ImageUrl(String),
 }
 
 /// One message.
@@ -163,6 +167,8 @@ pub struct Prepared {
     pub images: Vec<Bytes>,
     /// Their digests (BLAKE3), computed once here: routing, `client_digest` and cache keys.
     pub image_digests: Vec<ImageDigest>,
+    /// Images still to fetch, by index into `images` (empty there until fetched).
+    pub remote_images: Vec<(usize, RemoteImage)>,
     /// Sampling parameters, resolved and validated.
     pub sampling: SamplingParams,
     /// Stop strings.
@@ -219,7 +225,7 @@ fn check_shape(
         for p in &m.parts {
             match p {
                 Part::Text(t) => text += t.len(),
-                Part::Image(_) => images += 1,
+                Part::Image(_) | Part::ImageUrl(_) => images += 1,
             }
         }
     }
@@ -276,11 +282,11 @@ pub fn prepare(
     check_shape(config, model, &input)?;
     let sampling = input.sampling.resolve().map_err(|e| invalid(e.to_string()))?;
     let output = input.output.validated(config.max_n)?;
-    let (prompt, images) = match input.raw_prompt {
-        Some(raw) => (raw_prompt(model, raw)?, Vec::new()),
+    let (prompt, images, remote_images) = match input.raw_prompt {
+        Some(raw) => (raw_prompt(model, raw)?, Vec::new(), Vec::new()),
         None => chat_prompt(config, model, input.messages)?,
     };
-    finish(
+    let mut prepared = finish(
         config,
         model,
         started,
@@ -292,18 +298,33 @@ pub fn prepare(
         input.return_prompt_token_ids,
         input.constraint,
         output,
-    )
+    )?;
+    prepared.remote_images = remote_images;
+    Ok(prepared)
 }
 
-/// The chat template's prompt of `messages`, and their images in order.
+impl Prepared {
+    /// Puts the fetched bytes of [`Self::remote_images`] in place, with their digests.
+    pub fn fill_remote_images(&mut self, fetched: Vec<Bytes>) {
+        for ((i, _), bytes) in std::mem::take(&mut self.remote_images).into_iter().zip(fetched) {
+            self.image_digests[i] = ImageDigest::of(&bytes);
+            self.images[i] = bytes;
+        }
+    }
+}
+
+/// The chat template's prompt of `messages`, their images in order (empty where still to be
+/// fetched), and the remote images to fetch.
+#[allow(clippy::type_complexity)]
 fn chat_prompt(
     config: &GatewayConfig,
     model: &ServedModel,
     in_messages: Vec<InMessage>,
-) -> Result<(Prompt, Vec<Bytes>), GatewayError> {
+) -> Result<(Prompt, Vec<Bytes>, Vec<(usize, RemoteImage)>), GatewayError> {
     let mut system: Option<String> = None;
     let mut messages = Vec::with_capacity(in_messages.len());
     let mut images = Vec::new();
+    let mut remote = Vec::new();
     for (i, m) in in_messages.into_iter().enumerate() {
         let mut content = String::new();
         let mut attached = Vec::new();
@@ -313,7 +334,24 @@ fn chat_prompt(
                     return Err(invalid(format!("message {i}: text may not contain `{IMAGE_TAG}`; send images as image parts")));
                 }
                 Part::Text(t) => content.push_str(&t),
-                Part::Image(bytes) => {
+                Part::ImageUrl(url) if !url.starts_with("data:") => {
+                    if !model.vision {
+                        return Err(invalid(format!(
+                            "model `{}` is text-only: it cannot take images",
+                            model.name
+                        )));
+                    }
+                    remote.push((images.len(), RemoteImage::parse(&url, config)?));
+                    content.push_str(IMAGE_TAG);
+                    attached.push(format!("image-{}", images.len()));
+                    images.push(Bytes::new());
+                }
+                Part::Image(_) | Part::ImageUrl(_) => {
+                    let bytes = match part {
+                        Part::ImageUrl(url) => decode_data_url(&url, config.max_image_bytes)?,
+                        Part::Image(bytes) => bytes,
+                        Part::Text(_) => unreachable!("matched above"),
+                    };
                     if !model.vision {
                         return Err(invalid(format!(
                             "model `{}` is text-only: it cannot take images",
@@ -379,7 +417,7 @@ fn chat_prompt(
         .tokenizer
         .encode_prompt(&text, model.image_tokens)
         .map_err(|e| GatewayError::Internal(format!("tokenizer: {e}")))?;
-    Ok((prompt, images))
+    Ok((prompt, images, remote))
 }
 
 /// The limits every prompt passes, and the new-token budget.
@@ -434,6 +472,7 @@ fn finish(
         prompt,
         images,
         image_digests,
+        remote_images: Vec::new(),
         sampling,
         stop,
         max_new_tokens,
