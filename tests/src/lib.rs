@@ -28,10 +28,26 @@ pub fn binary(name: &str) -> Result<PathBuf> {
         .with_context(|| format!("{name} is missing next to {}: build the services first (`cargo build --workspace --bins`; scripts/test does)", exe.display()))
 }
 
+/// A lazily connected gRPC channel to `addr`, over TLS with `tls`.
+pub fn channel(addr: &str, tls: Option<&dsvl_tls::ClientFiles>) -> Result<Channel> {
+    let endpoint =
+        Channel::from_shared(format!("http://{addr}"))?.connect_timeout(Duration::from_secs(2));
+    Ok(match tls {
+        Some(files) => dsvl_tls::lazy_channel(
+            endpoint,
+            dsvl_tls::Reloading::fixed(dsvl_tls::client_config(files, &[dsvl_tls::ALPN_H2])?),
+            dsvl_tls::server_name(addr)?,
+        ),
+        None => endpoint.connect_lazy(),
+    })
+}
+
 /// One running service.
 pub struct Svc {
     /// The process (SIGTERM, then SIGKILL, on drop).
     pub proc: ServiceProcess,
+    /// How to reach it over mutual TLS (`None`: plain text).
+    pub tls: Option<dsvl_tls::ClientFiles>,
     /// gRPC address.
     pub addr: String,
     /// Prometheus address.
@@ -46,7 +62,12 @@ impl Svc {
             vec![listen_flag.to_string(), addr.clone(), "--metrics-listen".into(), metrics.clone()];
         args.extend(extra);
         let proc = ServiceProcess::spawn(binary(bin)?.to_str().context("path")?, &args)?;
-        Ok(Self { proc, addr, metrics })
+        Ok(Self { proc, addr, metrics, tls: None })
+    }
+
+    /// A gRPC channel to the service (over mutual TLS when it speaks it), connected lazily.
+    pub fn channel(&self) -> Result<Channel> {
+        channel(&self.addr, self.tls.as_ref())
     }
 
     /// Waits until `service` is SERVING; when the process exited during start-up (most often a
@@ -67,7 +88,9 @@ impl Svc {
                     eprintln!(
                         "{bin} exited during start-up ({e}); starting it again on fresh ports"
                     );
+                    let tls = self.tls.take();
                     *self = Self::spawn(bin, listen_flag, extra())?;
+                    self.tls = tls;
                 }
                 Err(e) => return Err(e),
             }
@@ -82,13 +105,11 @@ impl Svc {
             if let Some(st) = self.proc.try_wait()? {
                 bail!("{} exited during start-up: {st}", self.addr);
             }
-            if let Ok(ch) = Channel::from_shared(format!("http://{}", self.addr))?.connect().await {
-                let r = HealthClient::new(ch)
-                    .check(HealthCheckRequest { service: service.into() })
-                    .await;
-                if r.is_ok_and(|r| r.into_inner().status == 1) {
-                    return Ok(());
-                }
+            let r = HealthClient::new(self.channel()?)
+                .check(HealthCheckRequest { service: service.into() })
+                .await;
+            if r.is_ok_and(|r| r.into_inner().status == 1) {
+                return Ok(());
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
@@ -120,6 +141,9 @@ pub struct Options {
     pub decoder_groups: usize,
     /// Gateway replicas (the same flags, their own ports).
     pub gateway_replicas: usize,
+    /// Mutual TLS on every internal hop and TLS on the gateway's public listeners, with
+    /// certificates from a throwaway authority ([`Pki`]).
+    pub tls: bool,
 }
 
 impl Default for Options {
@@ -131,6 +155,7 @@ impl Default for Options {
             gateway_args: Vec::new(),
             decoder_groups: 1,
             gateway_replicas: 1,
+            tls: false,
         }
     }
 }
@@ -151,6 +176,73 @@ pub struct Cluster {
     pub more_gateways: Vec<(Svc, String)>,
     /// Shared cache, when asked for.
     pub redis: Option<RedisServer>,
+    /// The certificates, with [`Options::tls`].
+    pub pki: Option<Pki>,
+}
+
+/// A throwaway certificate authority and one leaf per tier (all valid for 127.0.0.1), in a
+/// temporary directory removed on drop.
+pub struct Pki {
+    /// The directory.
+    pub dir: tempfile::TempDir,
+    /// The vision replicas' certificate.
+    pub vision: dsvl_tls::dev_ca::LeafFiles,
+    /// The decoder groups' certificate.
+    pub decoder: dsvl_tls::dev_ca::LeafFiles,
+    /// The gateway's certificate (public listeners and calls to the tiers).
+    pub gateway: dsvl_tls::dev_ca::LeafFiles,
+    /// A client's certificate (tests calling the tiers directly).
+    pub client: dsvl_tls::dev_ca::LeafFiles,
+}
+
+impl Pki {
+    /// A new authority and its leaves.
+    pub fn new() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let ca = dsvl_tls::DevCa::new("dsvl test CA")?;
+        let names = ["127.0.0.1", "localhost"];
+        let leaf = |name: &str| ca.write_leaf(dir.path(), name, &names);
+        Ok(Self {
+            vision: leaf("vision")?,
+            decoder: leaf("decoder")?,
+            gateway: leaf("gateway")?,
+            client: leaf("client")?,
+            dir,
+        })
+    }
+
+    /// A server's flags for `leaf` (mutual TLS).
+    pub fn server_flags(leaf: &dsvl_tls::dev_ca::LeafFiles) -> Vec<String> {
+        [
+            "--tls-cert-file",
+            &leaf.cert.display().to_string(),
+            "--tls-key-file",
+            &leaf.key.display().to_string(),
+            "--tls-client-ca-file",
+            &leaf.ca.display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// The gateway's flags: TLS on its listeners (no client certificates), mutual TLS upstream.
+    pub fn gateway_flags(&self) -> Vec<String> {
+        let g = &self.gateway;
+        [
+            "--tls-cert-file",
+            &g.cert.display().to_string(),
+            "--tls-key-file",
+            &g.key.display().to_string(),
+            "--upstream-ca-file",
+            &g.ca.display().to_string(),
+            "--upstream-cert-file",
+            &g.cert.display().to_string(),
+            "--upstream-key-file",
+            &g.key.display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
 }
 
 impl Cluster {
@@ -159,9 +251,15 @@ impl Cluster {
         let redis = if opts.redis { Some(RedisServer::start()?) } else { None };
         let redis_flags: Vec<String> =
             redis.iter().flat_map(|r| ["--redis".to_string(), r.url()]).collect();
+        let pki = if opts.tls { Some(Pki::new()?) } else { None };
+        let client_tls = pki.as_ref().map(|p| p.client.client());
+        let mut vision_flags = redis_flags.clone();
+        vision_flags.extend(pki.iter().flat_map(|p| Pki::server_flags(&p.vision)));
         let mut vision = Vec::new();
         for _ in 0..opts.vision_replicas {
-            vision.push(Svc::spawn("dsvl-vision", "--listen", redis_flags.clone())?);
+            let mut v = Svc::spawn("dsvl-vision", "--listen", vision_flags.clone())?;
+            v.tls = client_tls.clone();
+            vision.push(v);
         }
         let dec_args = || {
             let mut a = vec![
@@ -171,16 +269,19 @@ impl Cluster {
                 free_port().to_string(),
             ];
             a.extend(redis_flags.clone());
+            a.extend(pki.iter().flat_map(|p| Pki::server_flags(&p.decoder)));
             a
         };
         let mut decoders = Vec::new();
         for _ in 0..opts.decoder_groups.max(1) {
-            decoders.push(Svc::spawn("dsvl-decoder", "--listen", dec_args())?);
+            let mut d = Svc::spawn("dsvl-decoder", "--listen", dec_args())?;
+            d.tls = client_tls.clone();
+            decoders.push(d);
         }
         let limit = Duration::from_secs(120);
         for v in &mut vision {
             let (bin, api) = ("dsvl-vision", "dsvl.internal.v1.VisionEncoder");
-            v.serving_or_respawn(bin, "--listen", || redis_flags.clone(), api, limit).await?;
+            v.serving_or_respawn(bin, "--listen", || vision_flags.clone(), api, limit).await?;
         }
         for d in &mut decoders {
             let (bin, api) = ("dsvl-decoder", "dsvl.internal.v1.Decoder");
@@ -203,6 +304,7 @@ impl Cluster {
             ]);
         }
         args.extend(redis_flags);
+        args.extend(pki.iter().flat_map(Pki::gateway_flags));
         // The gateway fails closed: tests without keys serve the public tenant on purpose.
         if !opts.gateway_args.iter().any(|a| a.starts_with("--api-keys")) {
             args.push("--allow-unauthenticated".into());
@@ -216,7 +318,11 @@ impl Cluster {
             *http_port.lock().expect("lock") = a[1].clone();
             a
         };
+        // Callers of the public listeners only need the authority (no client certificate).
+        let public_tls =
+            pki.as_ref().map(|p| dsvl_tls::ClientFiles { ca: p.client.ca.clone(), identity: None });
         let mut gateway = Svc::spawn("dsvl-gateway", "--grpc-listen", args.clone())?;
+        gateway.tls = public_tls.clone();
         let (bin, api) = ("dsvl-gateway", "dsvl.v1.Chat");
         gateway
             .serving_or_respawn(bin, "--grpc-listen", gateway_args, api, Duration::from_secs(60))
@@ -225,18 +331,26 @@ impl Cluster {
         let mut more_gateways = Vec::new();
         for _ in 1..opts.gateway_replicas.max(1) {
             let mut g = Svc::spawn("dsvl-gateway", "--grpc-listen", gateway_args())?;
+            g.tls = public_tls.clone();
             g.serving_or_respawn(bin, "--grpc-listen", gateway_args, api, Duration::from_secs(60))
                 .await?;
             more_gateways.push((g, http_port.lock().expect("lock").clone()));
         }
-        Ok(Self { gateway, http, vision, decoder, more_decoders: decoders, redis, more_gateways })
+        Ok(Self {
+            gateway,
+            http,
+            vision,
+            decoder,
+            more_decoders: decoders,
+            redis,
+            more_gateways,
+            pki,
+        })
     }
 
-    /// A gRPC Chat client.
+    /// A gRPC Chat client (over TLS with [`Options::tls`]).
     pub async fn chat(&self) -> Result<ChatClient<Channel>> {
-        Ok(ChatClient::connect(format!("http://{}", self.gateway.addr))
-            .await?
-            .max_encoding_message_size(64 << 20))
+        Ok(ChatClient::new(self.gateway.channel()?).max_encoding_message_size(64 << 20))
     }
 
     /// Images encoded by the vision tier so far (all replicas that still answer).

@@ -6,6 +6,12 @@
 //! The vision-encoder and the decoder share a cluster secret (sealing shared-cache embeddings,
 //! authenticating the decoder's ranks): `DSVL_CLUSTER_SECRET_FILE` when set, else a throwaway
 //! one made for this cluster, readable only by its owner, removed when the cluster stops.
+//!
+//! Every internal hop uses mutual TLS: a throwaway certificate authority made for this cluster
+//! ([`dsvl_tls::DevCa`], in a private temporary directory removed when the cluster stops)
+//! issues one certificate per tier; the vision-encoder and the decoder require a client
+//! certificate from it, and the gateway presents its own. The gateway's public listeners stay
+//! plain text on loopback unless given a certificate (`--tls-cert-file`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,6 +48,8 @@ pub struct Cluster {
     services: Vec<Service>,
     /// The throwaway cluster secret (removed on drop, after the services).
     _secret: Option<tempfile::TempPath>,
+    /// The throwaway certificate authority and certificates (removed on drop).
+    _pki: tempfile::TempDir,
     /// Gateway gRPC endpoint (`http://host:port`).
     pub grpc_url: String,
     /// Gateway HTTP endpoint.
@@ -54,6 +62,18 @@ pub struct Cluster {
 
 /// Loading a real checkpoint can take minutes; the tiny one takes about a second.
 const START_LIMIT: Duration = Duration::from_secs(1800);
+
+/// A server's mutual-TLS flags for `leaf`.
+fn server_tls_flags(leaf: &dsvl_tls::dev_ca::LeafFiles) -> Vec<String> {
+    [
+        ("--tls-cert-file", &leaf.cert),
+        ("--tls-key-file", &leaf.key),
+        ("--tls-client-ca-file", &leaf.ca),
+    ]
+    .into_iter()
+    .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
+    .collect()
+}
 
 fn model_flags(spec: &ClusterSpec) -> Vec<String> {
     spec.model.iter().flat_map(|m| ["--model".to_string(), m.display().to_string()]).collect()
@@ -92,18 +112,26 @@ impl Cluster {
             .iter()
             .flat_map(|p| ["--cluster-secret-file".to_string(), p.display().to_string()])
             .collect();
+        let pki = tempfile::Builder::new().prefix("dsvl-pki-").tempdir()?;
+        let ca = dsvl_tls::DevCa::new("dsvl local cluster CA")?;
+        let names = ["127.0.0.1", "localhost"];
+        let vision_tls = ca.write_leaf(pki.path(), "vision", &names)?;
+        let decoder_tls = ca.write_leaf(pki.path(), "decoder", &names)?;
+        let gateway_tls = ca.write_leaf(pki.path(), "gateway", &names)?;
         let vision_addr = format!("127.0.0.1:{}", free_port()?);
         let mut args = vec!["--listen".to_string(), vision_addr.clone()];
         args.extend(model_flags(spec));
         args.extend(device_flags(spec));
         args.extend(redis_flags(spec));
         args.extend(secret_flags.iter().cloned());
+        args.extend(server_tls_flags(&vision_tls));
         let mut vision = Service::spawn(
             "vision-encoder",
             &sibling_binary("dsvl-vision")?,
             vision_addr.clone(),
             &args,
         )?;
+        vision.tls = Some(gateway_tls.client());
 
         let decoder_addr = format!("127.0.0.1:{}", free_port()?);
         let mut args = vec![
@@ -118,12 +146,14 @@ impl Cluster {
         args.extend(device_flags(spec));
         args.extend(redis_flags(spec));
         args.extend(secret_flags.iter().cloned());
+        args.extend(server_tls_flags(&decoder_tls));
         let mut decoder = Service::spawn(
             "decoder",
             &sibling_binary("dsvl-decoder")?,
             decoder_addr.clone(),
             &args,
         )?;
+        decoder.tls = Some(gateway_tls.client());
 
         eprintln!("waiting for the vision-encoder ({vision_addr}) and the decoder ({decoder_addr}, tp {}) to load the model…", spec.tp);
         vision.wait_serving("dsvl.internal.v1.VisionEncoder", START_LIMIT).await?;
@@ -143,6 +173,13 @@ impl Cluster {
         ];
         args.extend(model_flags(spec));
         args.extend(redis_flags(spec));
+        for (flag, path) in [
+            ("--upstream-ca-file", &gateway_tls.ca),
+            ("--upstream-cert-file", &gateway_tls.cert),
+            ("--upstream-key-file", &gateway_tls.key),
+        ] {
+            args.extend([flag.to_string(), path.display().to_string()]);
+        }
         // Without keys the local cluster serves everyone as `public`, on purpose (loopback).
         if !spec.gateway_args.iter().any(|a| a.starts_with("--api-keys")) {
             args.push("--allow-unauthenticated".into());
@@ -159,6 +196,7 @@ impl Cluster {
         Ok(Self {
             services: vec![gateway, decoder, vision],
             _secret: secret,
+            _pki: pki,
             grpc_url: format!("http://{}", spec.grpc_addr),
             http_url: format!("http://{}", spec.http_addr),
             vision_addr,

@@ -36,6 +36,8 @@ pub struct Service {
     pub name: String,
     /// gRPC address.
     pub addr: String,
+    /// How to reach it over mutual TLS (`None`: plain text).
+    pub tls: Option<dsvl_tls::ClientFiles>,
     child: Child,
 }
 
@@ -62,7 +64,7 @@ impl Service {
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))?;
-        Ok(Self { name: name.into(), addr, child })
+        Ok(Self { name: name.into(), addr, tls: None, child })
     }
 
     /// Waits until health `service` reports SERVING (or the process exits, or `limit` passes).
@@ -72,19 +74,31 @@ impl Service {
             if let Some(status) = self.child.try_wait()? {
                 bail!("{} exited during start-up ({status})", self.name);
             }
-            if let Ok(ch) = Channel::from_shared(format!("http://{}", self.addr))?.connect().await {
-                let r = HealthClient::new(ch)
-                    .check(HealthCheckRequest { service: service.into() })
-                    .await;
-                if r.is_ok_and(|r| r.into_inner().status == 1) {
-                    return Ok(());
-                }
+            let r = HealthClient::new(self.channel()?)
+                .check(HealthCheckRequest { service: service.into() })
+                .await;
+            if r.is_ok_and(|r| r.into_inner().status == 1) {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 bail!("{} did not become ready within {limit:?}", self.name);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// A lazily connected channel to the service (over mutual TLS when it speaks it).
+    pub fn channel(&self) -> Result<Channel> {
+        let endpoint = Channel::from_shared(format!("http://{}", self.addr))?
+            .connect_timeout(Duration::from_secs(2));
+        Ok(match &self.tls {
+            Some(files) => dsvl_tls::lazy_channel(
+                endpoint,
+                dsvl_tls::Reloading::fixed(dsvl_tls::client_config(files, &[dsvl_tls::ALPN_H2])?),
+                dsvl_tls::server_name(&self.addr)?,
+            ),
+            None => endpoint.connect_lazy(),
+        })
     }
 
     /// Whether the process has exited (and how).

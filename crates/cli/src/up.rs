@@ -60,6 +60,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         );
         println!("  HTTP   {}/v1/chat/completions   (OpenAI-compatible)", cluster.http_url);
         println!("  health {}/health", cluster.http_url);
+        println!("  internal links: mutual TLS (a throwaway certificate authority for this run)");
         if args.api_keys_file.is_none() {
             println!(
                 "  no API keys (--api-keys-file): the gateway serves everyone, started with --allow-unauthenticated"

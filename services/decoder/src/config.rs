@@ -106,6 +106,9 @@ pub struct Args {
     /// group spanning nodes).
     #[arg(long, env = "DSVL_INSECURE")]
     pub insecure: bool,
+    /// TLS on the gRPC port (mutual: clients need a certificate from --tls-client-ca-file).
+    #[command(flatten)]
+    pub tls: dsvl_tls::ServerTlsArgs,
     /// Internal: run as worker rank `--rank` of a group led at `--leader`.
     #[arg(long, hide = true)]
     pub worker: bool,
@@ -165,6 +168,8 @@ pub struct DecoderConfig {
     pub liveness_stall: Duration,
     /// The cluster secret; `None` only where nothing needs it or with `--insecure`.
     pub secret: Option<dsvl_core::ClusterSecret>,
+    /// Mutual TLS on the gRPC port (`None`: plain text).
+    pub tls: Option<dsvl_tls::ServerFiles>,
 }
 
 pub use dsvl_core::ConfigError;
@@ -214,7 +219,15 @@ impl TryFrom<&Args> for DecoderConfig {
         };
         let secret =
             dsvl_core::secret::cluster_secret(a.cluster_secret_file.as_deref(), a.insecure, needs)?;
+        let tls = a.tls.files();
+        if tls.as_ref().is_some_and(|t| t.client_ca.is_none()) {
+            return Err(ConfigError {
+                field: "tls-client-ca-file",
+                reason: "an internal tier authenticates its clients: give the certificate authority of their certificates (mutual TLS)".into(),
+            });
+        }
         Ok(Self {
+            tls,
             secret,
             model: a.model.clone(),
             dtype: a.dtype,

@@ -31,6 +31,9 @@ use service::DecoderService;
 /// Why the decoder stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum DecoderError {
+    /// The TLS files are unusable.
+    #[error("TLS: {0}")]
+    Tls(#[from] dsvl_tls::TlsError),
     /// The group could not start or failed while serving.
     #[error("decoder group: {0}")]
     Group(#[from] dsvl_models::ModelError),
@@ -83,13 +86,15 @@ pub async fn run(
         max_waiting: config.max_waiting,
         drain: drain.clone(),
     };
+    let tls =
+        config.tls.clone().map(|f| dsvl_tls::watch_server(f, &[dsvl_tls::ALPN_H2])).transpose()?;
     let server = router
         .add_service(
             DecoderServer::new(svc)
                 .max_decoding_message_size(config.max_message_bytes)
                 .max_encoding_message_size(config.max_message_bytes),
         )
-        .serve_with_incoming_shutdown(dsvl_telemetry::incoming_nodelay(listener), drain.stopped());
+        .serve_with_incoming_shutdown(dsvl_tls::connections(listener, tls), drain.stopped());
     tokio::pin!(server);
 
     // The group starts on the engine thread (its communicator never leaves that thread).

@@ -49,6 +49,13 @@ pub struct Args {
     /// flag the gateway refuses to start: an empty or missing key file never means open access.
     #[arg(long, env = "DSVL_ALLOW_UNAUTHENTICATED")]
     pub allow_unauthenticated: bool,
+    /// TLS on the public gRPC and HTTP listeners (--tls-client-ca-file: clients need a
+    /// certificate too).
+    #[command(flatten)]
+    pub tls: dsvl_tls::ServerTlsArgs,
+    /// Mutual TLS to the vision and decoder tiers.
+    #[command(flatten)]
+    pub upstream_tls: dsvl_tls::UpstreamTlsArgs,
     /// Requests per minute per tenant (0: unlimited).
     #[arg(long, env = "DSVL_TENANT_RPM", default_value_t = 0)]
     pub tenant_requests_per_minute: u32,
@@ -174,6 +181,10 @@ pub struct GatewayConfig {
     pub api_keys_inline: HashMap<String, String>,
     /// Serve everyone as `public` while no key is configured.
     pub allow_unauthenticated: bool,
+    /// TLS on the public listeners (`None`: plain text).
+    pub tls: Option<dsvl_tls::ServerFiles>,
+    /// Mutual TLS to the internal tiers (`None`: plain text).
+    pub upstream_tls: Option<dsvl_tls::ClientFiles>,
     /// Per-tenant request rate.
     pub tenant_rpm: u32,
     /// Per-tenant image rate.
@@ -295,6 +306,8 @@ impl TryFrom<&Args> for GatewayConfig {
             api_keys_file: a.api_keys_file.clone(),
             api_keys_inline,
             allow_unauthenticated: a.allow_unauthenticated,
+            tls: a.tls.files(),
+            upstream_tls: a.upstream_tls.files(),
             tenant_rpm: a.tenant_requests_per_minute,
             tenant_ipm: a.tenant_images_per_minute,
             tenant_tpm: a.tenant_tokens_per_minute,

@@ -123,6 +123,7 @@ pub async fn serve(
     listener: TcpListener,
     app: axum::Router,
     timeouts: HttpTimeouts,
+    tls: Option<dsvl_tls::Reloading<rustls::ServerConfig>>,
     stopped: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
@@ -149,8 +150,9 @@ pub async fn serve(
             () = &mut stopped => break,
         };
         let _ = stream.set_nodelay(true);
-        let (builder, app, mut stop) = (builder.clone(), app.clone(), stop_rx.clone());
+        let (builder, app, stop) = (builder.clone(), app.clone(), stop_rx.clone());
         let first_byte = timeouts.header_read;
+        let tls = tls.clone();
         connections.spawn(async move {
             let _slot = slot;
             // hyper's header timer starts with the first bytes: a connection that sends
@@ -160,15 +162,13 @@ pub async fn serve(
             {
                 return;
             }
-            let service = TowerToHyperService::new(app);
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+            match tls {
+                // The handshake gets what is left of the header time.
+                Some(tls) => match dsvl_tls::accept(&tls, stream, first_byte).await {
+                    Ok(stream) => serve_connection(&builder, stream, app, stop).await,
+                    Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
+                },
+                None => serve_connection(&builder, stream, app, stop).await,
             }
         });
         // Reap finished connections so the set does not grow with the server's lifetime.
@@ -178,4 +178,25 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     while connections.join_next().await.is_some() {}
     Ok(())
+}
+
+/// One HTTP connection until it ends, or until `stop` changes and its last request is done.
+async fn serve_connection<IO>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: IO,
+    app: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = TowerToHyperService::new(app);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
 }

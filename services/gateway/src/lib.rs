@@ -96,6 +96,9 @@ pub enum RunError {
     /// Reflection setup failed.
     #[error("reflection: {0}")]
     Reflection(String),
+    /// The TLS files are unusable.
+    #[error("TLS: {0}")]
+    Tls(#[from] dsvl_tls::TlsError),
     /// The image-URL trust roots could not be read.
     #[error("image URLs: {0}")]
     ImageFetch(String),
@@ -121,6 +124,11 @@ impl Gateway {
             None => None,
         };
         let fetcher = fetch::ImageFetcher::new(&config).map_err(RunError::ImageFetch)?;
+        let upstream_tls = config
+            .upstream_tls
+            .clone()
+            .map(|f| dsvl_tls::watch_client(f, &[dsvl_tls::ALPN_H2]))
+            .transpose()?;
         Ok(Self {
             fetcher,
             tenancy: Tenancy::new(
@@ -134,8 +142,8 @@ impl Gateway {
             .with_tenant_limits(config.tenant_quotas.clone()),
             quotas: redis.clone().map(quota::SharedBuckets::new),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
-            vision: Pool::new(Tier::Vision, config.vision.clone()),
-            decoder: Pool::new(Tier::Decoder, config.decoder.clone()),
+            vision: Pool::with_tls(Tier::Vision, config.vision.clone(), upstream_tls.clone()),
+            decoder: Pool::with_tls(Tier::Decoder, config.decoder.clone(), upstream_tls),
             redis,
             vision_info: RwLock::new(None),
             vision_retries: RetryBudget::new(0.2, 10.0),
@@ -221,6 +229,13 @@ pub async fn run(
         .clone()
         .map(|file| tokio::spawn(watch_keys(gw.clone(), file, KEY_RELOAD_PERIOD)));
 
+    let (grpc_tls, http_tls) = match gw.config.tls.clone() {
+        Some(files) => (
+            Some(dsvl_tls::watch_server(files.clone(), &[dsvl_tls::ALPN_H2])?),
+            Some(dsvl_tls::watch_server(files, &[dsvl_tls::ALPN_HTTP1])?),
+        ),
+        None => (None, None),
+    };
     let max_message = gw.config.max_images.max(1) * gw.config.max_image_bytes + (4 << 20);
     let chat = ChatServer::new(grpc::ChatService { gateway: gw.clone() })
         .max_decoding_message_size(max_message)
@@ -229,11 +244,12 @@ pub async fn run(
         tonic::service::interceptor::InterceptedService::new(chat, grpc::authenticate(gw.clone()));
     let grpc_server = router
         .add_service(chat)
-        .serve_with_incoming_shutdown(dsvl_telemetry::incoming_nodelay(grpc), drain.stopped());
+        .serve_with_incoming_shutdown(dsvl_tls::connections(grpc, grpc_tls), drain.stopped());
     let http_server = http_server::serve(
         http,
         http::router(gw.clone()),
         gw.config.http_timeouts,
+        http_tls,
         drain.stopped(),
     );
     let servers = async {

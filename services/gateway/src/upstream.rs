@@ -12,6 +12,7 @@ use std::time::Duration;
 use dsvl_cache::{BreakerConfig, CircuitBreaker};
 use dsvl_proto::internal::decoder_client::DecoderClient;
 use dsvl_proto::internal::LoadResponse;
+use dsvl_tls::Reloading;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -55,13 +56,28 @@ pub struct Replica {
 }
 
 impl Replica {
-    fn new(addr: String) -> Option<Self> {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+    /// A replica at `addr`, resolved from `target`; over TLS the server's certificate is
+    /// verified for `target`'s host.
+    fn new(
+        addr: String,
+        target: &str,
+        tls: Option<&Reloading<rustls::ClientConfig>>,
+    ) -> Option<Self> {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .ok()?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .connect_lazy();
+            .http2_keep_alive_interval(Duration::from_secs(20));
+        let channel = match tls {
+            Some(tls) => match dsvl_tls::server_name(target) {
+                Ok(name) => dsvl_tls::lazy_channel(endpoint, tls.clone(), name),
+                Err(e) => {
+                    tracing::warn!(%target, error = %e, "cannot verify this upstream over TLS");
+                    return None;
+                }
+            },
+            None => endpoint.connect_lazy(),
+        };
         Some(Self {
             addr,
             channel,
@@ -103,20 +119,32 @@ impl Drop for InflightGuard {
 pub struct Pool {
     tier: Tier,
     targets: Vec<String>,
+    /// Mutual TLS to the replicas (`None`: plain text).
+    tls: Option<Reloading<rustls::ClientConfig>>,
     replicas: RwLock<Vec<Arc<Replica>>>,
 }
 
 impl Pool {
     /// A pool over `targets` (`host:port`); call [`Pool::refresh`] to populate it.
     pub fn new(tier: Tier, targets: Vec<String>) -> Arc<Self> {
-        Arc::new(Self { tier, targets, replicas: RwLock::new(Vec::new()) })
+        Self::with_tls(tier, targets, None)
+    }
+
+    /// [`Self::new`], speaking TLS with `tls` when given.
+    pub fn with_tls(
+        tier: Tier,
+        targets: Vec<String>,
+        tls: Option<Reloading<rustls::ClientConfig>>,
+    ) -> Arc<Self> {
+        Arc::new(Self { tier, targets, tls, replicas: RwLock::new(Vec::new()) })
     }
 
     /// A pool over fixed resolved addresses, without DNS or health polling (benchmarks and
     /// tests of the routing policies). Needs a tokio runtime (channels connect lazily).
     pub fn from_addresses(tier: Tier, addrs: &[String]) -> Arc<Self> {
-        let replicas = addrs.iter().filter_map(|a| Replica::new(a.clone()).map(Arc::new)).collect();
-        Arc::new(Self { tier, targets: addrs.to_vec(), replicas: RwLock::new(replicas) })
+        let replicas =
+            addrs.iter().filter_map(|a| Replica::new(a.clone(), a, None).map(Arc::new)).collect();
+        Arc::new(Self { tier, targets: addrs.to_vec(), tls: None, replicas: RwLock::new(replicas) })
     }
 
     /// Whether any endpoint is configured.
@@ -135,19 +163,24 @@ impl Pool {
         let mut addrs = Vec::new();
         for t in &self.targets {
             match tokio::net::lookup_host(t.as_str()).await {
-                Ok(found) => addrs.extend(found.map(|a| a.to_string())),
+                Ok(found) => addrs.extend(found.map(|a| (a.to_string(), t.as_str()))),
                 Err(e) => {
                     tracing::warn!(tier = self.tier.name(), target = %t, error = %e, "cannot resolve upstream")
                 }
             }
         }
         addrs.sort();
-        addrs.dedup();
+        addrs.dedup_by(|a, b| a.0 == b.0);
         let current: HashMap<String, Arc<Replica>> =
             self.replicas().into_iter().map(|r| (r.addr.clone(), r)).collect();
         let next: Vec<Arc<Replica>> = addrs
             .into_iter()
-            .filter_map(|a| current.get(&a).cloned().or_else(|| Replica::new(a).map(Arc::new)))
+            .filter_map(|(a, target)| {
+                current
+                    .get(&a)
+                    .cloned()
+                    .or_else(|| Replica::new(a, target, self.tls.as_ref()).map(Arc::new))
+            })
             .collect();
         *self.replicas.write().expect("pool lock poisoned. This is a bug.") = next.clone();
         for r in next {
@@ -271,7 +304,10 @@ mod tests {
     async fn rendezvous_order_is_stable_and_spreads() {
         let pool = Pool::new(Tier::Vision, vec![]);
         *pool.replicas.write().unwrap() = (0..4)
-            .map(|i| Arc::new(Replica::new(format!("127.0.0.1:{}", 9000 + i)).unwrap()))
+            .map(|i| {
+                let addr = format!("127.0.0.1:{}", 9000 + i);
+                Arc::new(Replica::new(addr.clone(), &addr, None).unwrap())
+            })
             .collect();
         let first = |d: &str| pool.by_rendezvous(d)[0].addr.clone();
         assert_eq!(first("abc"), first("abc"));

@@ -86,6 +86,9 @@ pub struct Args {
     /// Run internal links without their protection (no cluster secret with a shared cache).
     #[arg(long, env = "DSVL_INSECURE")]
     pub insecure: bool,
+    /// TLS on the gRPC port (mutual: clients need a certificate from --tls-client-ca-file).
+    #[command(flatten)]
+    pub tls: dsvl_tls::ServerTlsArgs,
     /// OTLP/gRPC endpoint for traces (also OTEL_EXPORTER_OTLP_ENDPOINT).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -134,6 +137,8 @@ pub struct VisionConfig {
     /// The cluster secret (sealing shared-cache values); `None` only without a shared cache
     /// or with `--insecure`.
     pub secret: Option<ClusterSecret>,
+    /// Mutual TLS on the gRPC port (`None`: plain text).
+    pub tls: Option<dsvl_tls::ServerFiles>,
 }
 
 pub use dsvl_core::ConfigError;
@@ -168,7 +173,15 @@ impl TryFrom<&Args> for VisionConfig {
             a.insecure,
             redis.is_some().then_some("the shared cache (--redis)"),
         )?;
+        let tls = a.tls.files();
+        if tls.as_ref().is_some_and(|t| t.client_ca.is_none()) {
+            return Err(ConfigError {
+                field: "tls-client-ca-file",
+                reason: "an internal tier authenticates its clients: give the certificate authority of their certificates (mutual TLS)".into(),
+            });
+        }
         Ok(Self {
+            tls,
             secret,
             model: a.model.clone(),
             dtype: a.dtype,

@@ -36,6 +36,9 @@ use service::VisionService;
 /// Why the service stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum VisionError {
+    /// The TLS files are unusable.
+    #[error("TLS: {0}")]
+    Tls(#[from] dsvl_tls::TlsError),
     /// The model could not be loaded or warmed up.
     #[error("model: {0}")]
     Model(#[from] dsvl_models::ModelError),
@@ -154,12 +157,14 @@ pub async fn run(
         max_images: config.max_images_per_request,
         drain: drain.clone(),
     };
+    let tls =
+        config.tls.clone().map(|f| dsvl_tls::watch_server(f, &[dsvl_tls::ALPN_H2])).transpose()?;
     let server_svc = VisionEncoderServer::new(svc)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
     let server = router
         .add_service(server_svc)
-        .serve_with_incoming_shutdown(dsvl_telemetry::incoming_nodelay(listener), drain.stopped());
+        .serve_with_incoming_shutdown(dsvl_tls::connections(listener, tls), drain.stopped());
     tokio::pin!(server);
 
     let load_cfg = config.clone();

@@ -1,0 +1,98 @@
+//! The TLS flags every service shares (each with a `DSVL_*` environment fallback).
+
+use std::path::PathBuf;
+
+use crate::{client_config, server_config, ClientFiles, Reloading, ServerFiles, TlsError, ALPN_H2};
+
+/// How a server's listener speaks TLS.
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerTlsArgs {
+    /// PEM certificate chain of this server's gRPC listener (with --tls-key-file: TLS; the
+    /// files are re-read when they change).
+    #[arg(long, env = "DSVL_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --tls-cert-file.
+    #[arg(long, env = "DSVL_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM certificate authority that clients must present a certificate from (mutual TLS).
+    #[arg(long, env = "DSVL_TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
+    pub tls_client_ca_file: Option<PathBuf>,
+}
+
+impl ServerTlsArgs {
+    /// The files, when TLS is configured.
+    pub fn files(&self) -> Option<ServerFiles> {
+        Some(ServerFiles {
+            cert: self.tls_cert_file.clone()?,
+            key: self.tls_key_file.clone()?,
+            client_ca: self.tls_client_ca_file.clone(),
+        })
+    }
+
+    /// The gRPC (HTTP/2) server configuration, reloaded on change; `None` for plain text.
+    ///
+    /// # Errors
+    /// The files are unusable.
+    pub fn grpc(&self) -> Result<Option<Reloading<rustls::ServerConfig>>, TlsError> {
+        self.files().map(|f| watch_server(f, &[ALPN_H2])).transpose()
+    }
+}
+
+/// A server configuration from `files` offering `alpn`, reloaded when they change.
+///
+/// # Errors
+/// The files are unusable.
+pub fn watch_server(
+    files: ServerFiles,
+    alpn: &'static [&'static [u8]],
+) -> Result<Reloading<rustls::ServerConfig>, TlsError> {
+    Reloading::watch("server", files.paths(), crate::reload::POLL, move || {
+        server_config(&files, alpn)
+    })
+}
+
+/// A client configuration from `files` offering `alpn`, reloaded when they change.
+///
+/// # Errors
+/// The files are unusable.
+pub fn watch_client(
+    files: ClientFiles,
+    alpn: &'static [&'static [u8]],
+) -> Result<Reloading<rustls::ClientConfig>, TlsError> {
+    Reloading::watch("client", files.paths(), crate::reload::POLL, move || {
+        client_config(&files, alpn)
+    })
+}
+
+/// How a client reaches the internal tiers over mutual TLS.
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct UpstreamTlsArgs {
+    /// PEM certificate authority the internal tiers' certificates chain to (with it: TLS to
+    /// the vision and decoder tiers, verified for the names given to --vision and --decoder).
+    #[arg(long, env = "DSVL_UPSTREAM_CA_FILE")]
+    pub upstream_ca_file: Option<PathBuf>,
+    /// PEM certificate chain this client presents to them (mutual TLS).
+    #[arg(long, env = "DSVL_UPSTREAM_CERT_FILE", requires_all = ["upstream_key_file", "upstream_ca_file"])]
+    pub upstream_cert_file: Option<PathBuf>,
+    /// PEM private key of --upstream-cert-file.
+    #[arg(long, env = "DSVL_UPSTREAM_KEY_FILE", requires = "upstream_cert_file")]
+    pub upstream_key_file: Option<PathBuf>,
+}
+
+impl UpstreamTlsArgs {
+    /// The files, when TLS to the upstreams is configured.
+    pub fn files(&self) -> Option<ClientFiles> {
+        Some(ClientFiles {
+            ca: self.upstream_ca_file.clone()?,
+            identity: self.upstream_cert_file.clone().zip(self.upstream_key_file.clone()),
+        })
+    }
+
+    /// The gRPC client configuration, reloaded on change; `None` for plain text.
+    ///
+    /// # Errors
+    /// The files are unusable.
+    pub fn grpc(&self) -> Result<Option<Reloading<rustls::ClientConfig>>, TlsError> {
+        self.files().map(|f| watch_client(f, &[ALPN_H2])).transpose()
+    }
+}

@@ -1,0 +1,122 @@
+//! Mutual TLS end to end through tonic: a server from [`dsvl_tls::incoming`] answers clients
+//! with a certificate from its authority and refuses the rest (no certificate, another
+//! authority, plain text); when its files are replaced, new connections use the new ones.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dsvl_tls::dev_ca::LeafFiles;
+use dsvl_tls::{
+    client_config, incoming, lazy_channel, server_config, server_name, ClientFiles, DevCa,
+    Reloading, ALPN_H2,
+};
+use tonic::transport::Endpoint;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dsvl-mtls-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+async fn serve(files: &LeafFiles) -> (String, Reloading<rustls::ServerConfig>) {
+    let server = files.server();
+    let tls = Reloading::watch("server", server.paths(), Duration::from_millis(50), move || {
+        server_config(&server, &[ALPN_H2])
+    })
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    let conns = incoming(listener, tls.clone(), Duration::from_secs(2));
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming(conns)
+            .await
+            .unwrap()
+    });
+    (addr, tls)
+}
+
+async fn check(addr: &str, client: Option<&ClientFiles>) -> Result<(), String> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(3));
+    let channel = match client {
+        Some(files) => {
+            let config = client_config(files, &[ALPN_H2]).map_err(|e| e.to_string())?;
+            lazy_channel(endpoint, Reloading::fixed(config), server_name(addr).unwrap())
+        }
+        None => endpoint.connect_lazy(),
+    };
+    HealthClient::new(channel)
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+fn replace(from: &Path, to: &Path) {
+    std::fs::copy(from, to).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_clients_of_the_authority_get_in_and_rotation_takes_effect() {
+    let dir = temp_dir("rotate");
+    let ca = DevCa::new("test CA").unwrap();
+    let server = ca.write_leaf(&dir, "server", &["127.0.0.1", "localhost"]).unwrap();
+    let client = ca.write_leaf(&dir, "client", &["client"]).unwrap();
+    let (addr, _tls) = serve(&server).await;
+
+    check(&addr, Some(&client.client())).await.expect("a client of the authority");
+    let no_cert = ClientFiles { ca: client.ca.clone(), identity: None };
+    assert!(check(&addr, Some(&no_cert)).await.is_err(), "no client certificate");
+    assert!(check(&addr, None).await.is_err(), "plain text");
+    let other = DevCa::new("other CA").unwrap();
+    let stranger = other.write_leaf(&temp_dir("other"), "client", &["client"]).unwrap();
+    let e = check(&addr, Some(&stranger.client())).await.expect_err("another authority");
+    assert!(!e.is_empty());
+
+    // The server's files now come from the other authority: new connections follow.
+    let rotated = other.write_leaf(&temp_dir("rotated"), "server", &["127.0.0.1"]).unwrap();
+    replace(&rotated.cert, &server.cert);
+    replace(&rotated.key, &server.key);
+    replace(&rotated.ca, &server.ca);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while check(&addr, Some(&stranger.client())).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "the rotated files were not picked up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(check(&addr, Some(&client.client())).await.is_err(), "the old authority is gone");
+    for d in ["rotate", "other", "rotated"] {
+        let _ = std::fs::remove_dir_all(temp_dir(d));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_does_not_hold_up_others() {
+    let dir = temp_dir("silent");
+    let ca = DevCa::new("test CA").unwrap();
+    let server = ca.write_leaf(&dir, "server", &["127.0.0.1"]).unwrap();
+    let client = ca.write_leaf(&dir, "client", &["client"]).unwrap();
+    let (addr, _tls) = serve(&server).await;
+    let _silent: Vec<_> = (0..20).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    let t = std::time::Instant::now();
+    check(&addr, Some(&client.client())).await.expect("served beside silent connections");
+    assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn server_names_come_from_the_configured_host() {
+    assert_eq!(
+        format!("{:?}", server_name("dsvl-vision:50051").unwrap()),
+        format!("{:?}", server_name("dsvl-vision").unwrap())
+    );
+    assert!(server_name("[::1]:50051").is_ok());
+    assert!(server_name("127.0.0.1:1").is_ok());
+    assert!(server_name("bad name:1").is_err());
+}

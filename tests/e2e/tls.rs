@@ -1,0 +1,124 @@
+//! Every hop over TLS: the vision replica and the decoder group (two ranks) serve mutual TLS,
+//! the gateway calls them with its own certificate and serves TLS on its public gRPC and HTTP
+//! listeners. The golden greedy ids come back through both public APIs, and the internal tiers
+//! refuse callers without a certificate from the cluster's authority.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use dsvl_e2e::{golden_case, golden_generated, grpc_messages, Cluster, Options, Svc};
+use dsvl_proto::v1::chat_response::Event;
+use dsvl_proto::v1::{ChatRequest, SamplingParams};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+/// `POST path` over HTTPS (HTTP/1.0, so the answer ends with the connection), trusting `ca`.
+fn https_post(
+    addr: &str,
+    ca: &std::path::Path,
+    path: &str,
+    body: &serde_json::Value,
+) -> Result<String> {
+    let config = dsvl_tls::client_config(
+        &dsvl_tls::ClientFiles { ca: ca.to_path_buf(), identity: None },
+        &[dsvl_tls::ALPN_HTTP1],
+    )?;
+    let name = dsvl_tls::server_name(addr)?;
+    let conn = rustls::ClientConnection::new(Arc::new(config), name)?;
+    let tcp = std::net::TcpStream::connect(addr)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut tls = rustls::StreamOwned::new(conn, tcp);
+    let body = serde_json::to_vec(body)?;
+    write!(
+        tls,
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )?;
+    tls.write_all(&body)?;
+    let mut answer = Vec::new();
+    // A peer that closes without close_notify still delivered the whole HTTP/1.0 answer.
+    match tls.read_to_end(&mut answer) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        Err(e) => return Err(e.into()),
+    }
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+async fn health(svc: &Svc, tls: Option<dsvl_tls::ClientFiles>) -> Result<i32> {
+    let mut client = HealthClient::new(dsvl_e2e::channel(&svc.addr, tls.as_ref())?);
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.check(HealthCheckRequest { service: String::new() }),
+    )
+    .await
+    .context("health check hung")??;
+    Ok(r.into_inner().status)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_hop_speaks_tls_and_the_tiers_refuse_strangers() -> Result<()> {
+    let cluster = Cluster::start(Options {
+        vision_replicas: 1,
+        tp: 2,
+        redis: false,
+        tls: true,
+        ..Options::default()
+    })
+    .await?;
+    let pki = cluster.pki.as_ref().context("pki")?;
+
+    // The golden conversation with an image, greedy, through gRPC over TLS.
+    let golden = golden_case("one_image")?;
+    let want = golden_generated("image")?;
+    let request = ChatRequest {
+        messages: grpc_messages(&golden["conversation"])?,
+        sampling: Some(SamplingParams { temperature: Some(0.0), ..Default::default() }),
+        max_tokens: want.len() as u32,
+        ..Default::default()
+    };
+    let mut stream = cluster.chat().await?.generate(request).await?.into_inner();
+    let mut ids = Vec::new();
+    while let Some(m) = stream.message().await? {
+        if let Some(Event::Finish(f)) = m.event {
+            ids = f.token_ids;
+        }
+    }
+    assert_eq!(ids, want, "greedy ids over TLS");
+
+    // The same over HTTPS.
+    let body = serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 3});
+    let answer = tokio::task::spawn_blocking({
+        let (http, ca) = (cluster.http.clone(), pki.client.ca.clone());
+        move || https_post(&http, &ca, "/v1/chat/completions", &body)
+    })
+    .await??;
+    assert!(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("chat.completion"), "{answer}");
+    // Plain HTTP to the TLS listener gets no HTTP answer.
+    let plain = dsvl_e2e::http_post(&cluster.http, "/v1/models", &[], &serde_json::json!({}));
+    assert!(plain.is_err() || plain.is_ok_and(|r| r.status == 0), "plain text was served");
+
+    // The internal tiers: a certificate from the authority gets in; no certificate, another
+    // authority's certificate or plain text do not.
+    let stranger = {
+        let dir = tempfile::tempdir()?;
+        let other = dsvl_tls::DevCa::new("another CA")?;
+        let leaf = other.write_leaf(dir.path(), "client", &["127.0.0.1"])?;
+        (dir, leaf)
+    };
+    for svc in [&cluster.vision[0], &cluster.decoder] {
+        assert_eq!(health(svc, Some(pki.client.client())).await?, 1, "{}: member", svc.addr);
+        let no_cert = dsvl_tls::ClientFiles { ca: pki.client.ca.clone(), identity: None };
+        assert!(health(svc, Some(no_cert)).await.is_err(), "{}: no certificate", svc.addr);
+        let other = dsvl_tls::ClientFiles {
+            ca: pki.client.ca.clone(),
+            identity: Some((stranger.1.cert.clone(), stranger.1.key.clone())),
+        };
+        assert!(health(svc, Some(other)).await.is_err(), "{}: another authority", svc.addr);
+        assert!(health(svc, None).await.is_err(), "{}: plain text", svc.addr);
+    }
+    Ok(())
+}
