@@ -150,7 +150,7 @@ where
 {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?.to_string();
-    let GrpcBase { health, drain, router } = GrpcBase::new::<S>(&[]).await?;
+    let GrpcBase { health, drain, router, .. } = GrpcBase::new::<S>(&[]).await?;
     dsvl_telemetry::probes::set_ready::<S>(&health, true).await;
     tokio::spawn(async move {
         let _keep = health;

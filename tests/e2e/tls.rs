@@ -122,3 +122,56 @@ async fn every_hop_speaks_tls_and_the_tiers_refuse_strangers() -> Result<()> {
     }
     Ok(())
 }
+
+/// As in Kubernetes: every service has an internal health port in plain text (kubelet's gRPC
+/// probes present no certificate) while its main port is mutual TLS; the gateway's public gRPC
+/// port then serves only the Chat API (no health watches, no reflection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_reflection_live_on_the_internal_port() -> Result<()> {
+    let cluster = Cluster::start(Options {
+        vision_replicas: 1,
+        tp: 1,
+        redis: false,
+        tls: true,
+        health_ports: true,
+        ..Options::default()
+    })
+    .await?;
+    // The cluster started, so every health port answered SERVING in plain text.
+    for svc in [&cluster.gateway, &cluster.vision[0], &cluster.decoder] {
+        let health = svc.health.as_deref().context("a health port")?;
+        assert!(!dsvl_e2e::reflection_services(health).await?.is_empty(), "{health}");
+    }
+    let gateway_health = cluster.gateway.health.as_deref().context("gateway health port")?;
+    let listed = dsvl_e2e::reflection_services(gateway_health).await?;
+    assert!(listed.contains(&"dsvl.v1.Chat".to_string()), "{listed:?}");
+    assert!(listed.contains(&"grpc.health.v1.Health".to_string()), "{listed:?}");
+
+    // The public port: Chat answers, health and reflection do not exist there.
+    let public = cluster.gateway.channel()?;
+    let e = HealthClient::new(public.clone())
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .expect_err("health on the public port");
+    assert_eq!(e.code(), tonic::Code::Unimplemented, "{e:?}");
+    assert!(
+        dsvl_e2e::reflection_services_on(public, "public").await.is_err(),
+        "reflection on the public port"
+    );
+    let request = ChatRequest {
+        messages: vec![dsvl_proto::v1::ChatMessage {
+            role: "user".into(),
+            content: vec![dsvl_proto::v1::ContentPart {
+                part: Some(dsvl_proto::v1::content_part::Part::Text("Hi".into())),
+            }],
+        }],
+        max_tokens: 2,
+        ..Default::default()
+    };
+    let mut stream = cluster.chat().await?.generate(request).await?.into_inner();
+    while stream.message().await?.is_some() {}
+
+    // The vision tier's main port still refuses plain text.
+    assert!(health(&cluster.vision[0], None).await.is_err(), "plain text on the main port");
+    Ok(())
+}

@@ -48,6 +48,8 @@ pub struct Svc {
     pub proc: ServiceProcess,
     /// How to reach it over mutual TLS (`None`: plain text).
     pub tls: Option<dsvl_tls::ClientFiles>,
+    /// Its internal health port (`--health-listen`), when it has one.
+    pub health: Option<String>,
     /// gRPC address.
     pub addr: String,
     /// Prometheus address.
@@ -55,14 +57,24 @@ pub struct Svc {
 }
 
 impl Svc {
-    fn spawn(bin: &str, listen_flag: &str, extra: Vec<String>) -> Result<Self> {
+    fn spawn(bin: &str, listen_flag: &str, mut extra: Vec<String>) -> Result<Self> {
+        // `--health-listen auto`: a free port of its own.
+        if let Some(i) = extra.iter().position(|a| a == "--health-listen") {
+            if extra.get(i + 1).is_some_and(|v| v == "auto") {
+                extra[i + 1] = format!("127.0.0.1:{}", free_port());
+            }
+        }
         let (addr, metrics) =
             (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
         let mut args =
             vec![listen_flag.to_string(), addr.clone(), "--metrics-listen".into(), metrics.clone()];
-        args.extend(extra);
+        args.extend(extra.iter().cloned());
         let proc = ServiceProcess::spawn(binary(bin)?.to_str().context("path")?, &args)?;
-        Ok(Self { proc, addr, metrics, tls: None })
+        let health = extra
+            .iter()
+            .position(|a| a == "--health-listen")
+            .and_then(|i| extra.get(i + 1).cloned());
+        Ok(Self { proc, addr, metrics, tls: None, health })
     }
 
     /// A gRPC channel to the service (over mutual TLS when it speaks it), connected lazily.
@@ -105,7 +117,12 @@ impl Svc {
             if let Some(st) = self.proc.try_wait()? {
                 bail!("{} exited during start-up: {st}", self.addr);
             }
-            let r = HealthClient::new(self.channel()?)
+            // The internal health port when there is one (plain text, as kubelet probes it).
+            let channel = match &self.health {
+                Some(addr) => channel(addr, None)?,
+                None => self.channel()?,
+            };
+            let r = HealthClient::new(channel)
                 .check(HealthCheckRequest { service: service.into() })
                 .await;
             if r.is_ok_and(|r| r.into_inner().status == 1) {
@@ -144,6 +161,9 @@ pub struct Options {
     /// Mutual TLS on every internal hop and TLS on the gateway's public listeners, with
     /// certificates from a throwaway authority ([`Pki`]).
     pub tls: bool,
+    /// Every service gets an internal health port (`--health-listen`, [`Svc::health`]), as in
+    /// Kubernetes; the gateway's public gRPC port then serves only the Chat API.
+    pub health_ports: bool,
 }
 
 impl Default for Options {
@@ -156,6 +176,7 @@ impl Default for Options {
             decoder_groups: 1,
             gateway_replicas: 1,
             tls: false,
+            health_ports: false,
         }
     }
 }
@@ -253,7 +274,13 @@ impl Cluster {
             redis.iter().flat_map(|r| ["--redis".to_string(), r.url()]).collect();
         let pki = if opts.tls { Some(Pki::new()?) } else { None };
         let client_tls = pki.as_ref().map(|p| p.client.client());
+        let health_flags: Vec<String> = if opts.health_ports {
+            vec!["--health-listen".into(), "auto".into()]
+        } else {
+            Vec::new()
+        };
         let mut vision_flags = redis_flags.clone();
+        vision_flags.extend(health_flags.iter().cloned());
         vision_flags.extend(pki.iter().flat_map(|p| Pki::server_flags(&p.vision)));
         let mut vision = Vec::new();
         for _ in 0..opts.vision_replicas {
@@ -270,6 +297,7 @@ impl Cluster {
             ];
             a.extend(redis_flags.clone());
             a.extend(pki.iter().flat_map(|p| Pki::server_flags(&p.decoder)));
+            a.extend(health_flags.iter().cloned());
             a
         };
         let mut decoders = Vec::new();
@@ -305,6 +333,7 @@ impl Cluster {
         }
         args.extend(redis_flags);
         args.extend(pki.iter().flat_map(Pki::gateway_flags));
+        args.extend(health_flags.iter().cloned());
         // The gateway fails closed: tests without keys serve the public tenant on purpose.
         if !opts.gateway_args.iter().any(|a| a.starts_with("--api-keys")) {
             args.push("--allow-unauthenticated".into());
@@ -484,11 +513,17 @@ fn ensure_read(n: usize) -> Result<()> {
 
 /// The services a gRPC server lists on reflection (v1).
 pub async fn reflection_services(addr: &str) -> Result<Vec<String>> {
+    let channel = Channel::from_shared(format!("http://{addr}"))?.connect().await?;
+    reflection_services_on(channel, addr).await
+}
+
+/// [`reflection_services`] on an existing channel (`label` names it in errors).
+pub async fn reflection_services_on(channel: Channel, label: &str) -> Result<Vec<String>> {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
-    let channel = Channel::from_shared(format!("http://{addr}"))?.connect().await?;
+    let addr = label;
     let mut client = ServerReflectionClient::new(channel);
     let req = ServerReflectionRequest {
         host: String::new(),

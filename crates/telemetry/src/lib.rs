@@ -43,6 +43,9 @@ pub enum TelemetryError {
     /// gRPC reflection could not be set up.
     #[error("reflection: {0}")]
     Reflection(String),
+    /// The internal health port could not be served.
+    #[error("health port: {0}")]
+    Listen(String),
 }
 
 /// Keeps the tracer provider alive; flushes pending spans on drop.

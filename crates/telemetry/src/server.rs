@@ -121,9 +121,33 @@ pub struct GrpcBase {
     pub health: HealthReporter,
     /// The server's drain state.
     pub drain: Arc<Drain>,
-    /// A router already serving health and reflection: add the API service and serve it
-    /// until [`Drain::stopped`].
+    /// A router for the main port, serving health and reflection unless built with
+    /// `health_on_main` false: add the API service and serve it until [`Drain::stopped`].
     pub router: tonic::transport::server::Router,
+    /// Health and reflection alone, in plain text, for an internal port (`--health-listen`):
+    /// kubelet's gRPC probes present no client certificate, and the public port of the gateway
+    /// should not carry health watches or reflection. Serve it with [`serve_internal`].
+    pub internal: tonic::transport::server::Router,
+}
+
+/// Serves `internal` (from [`GrpcBase`]) on `addr` until `stopped`; nothing without an address.
+///
+/// # Errors
+/// The address cannot be bound or the server fails.
+pub async fn serve_internal(
+    internal: tonic::transport::server::Router,
+    addr: Option<std::net::SocketAddr>,
+    stopped: impl Future<Output = ()>,
+) -> Result<(), TelemetryError> {
+    let Some(addr) = addr else { return Ok(()) };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| TelemetryError::Listen(format!("--health-listen {addr}: {e}")))?;
+    tracing::info!(%addr, "health and reflection on the internal port");
+    internal
+        .serve_with_incoming_shutdown(crate::incoming_nodelay(listener), stopped)
+        .await
+        .map_err(|e| TelemetryError::Listen(format!("--health-listen {addr}: {e}")))
 }
 
 /// Connection limits of a gRPC server (HTTP/2 and TCP).
@@ -158,18 +182,20 @@ impl GrpcBase {
     pub async fn new<S: tonic::server::NamedService>(
         descriptors: &[&'static [u8]],
     ) -> Result<Self, TelemetryError> {
-        Self::with_limits::<S>(descriptors, ServerLimits::INTERNAL).await
+        Self::with_limits::<S>(descriptors, ServerLimits::INTERNAL, true).await
     }
 
     /// Health with `S` (the API service) and `""` NOT_SERVING, `startup` NOT_SERVING and
-    /// `liveness` SERVING; reflection (v1) listing the services of `descriptors` and health;
-    /// connections bounded by `limits`.
+    /// `liveness` SERVING; reflection (v1) listing the services of `descriptors` and health,
+    /// on the main router when `health_on_main` and always on [`Self::internal`]; the main
+    /// router's connections bounded by `limits`.
     ///
     /// # Errors
     /// A descriptor set that does not parse.
     pub async fn with_limits<S: tonic::server::NamedService>(
         descriptors: &[&'static [u8]],
         limits: ServerLimits,
+        health_on_main: bool,
     ) -> Result<Self, TelemetryError> {
         let (health, health_service) = tonic_health::server::health_reporter();
         probes::set_ready::<S>(&health, false).await;
@@ -181,14 +207,31 @@ impl GrpcBase {
         }
         let reflection =
             builder.build_v1().map_err(|e| TelemetryError::Reflection(e.to_string()))?;
-        let router = tonic::transport::Server::builder()
-            .max_concurrent_streams(limits.max_concurrent_streams)
-            .http2_keepalive_interval(Some(limits.keepalive.0))
-            .http2_keepalive_timeout(Some(limits.keepalive.1))
-            .tcp_keepalive(Some(limits.tcp_keepalive))
+        let main = || {
+            tonic::transport::Server::builder()
+                .max_concurrent_streams(limits.max_concurrent_streams)
+                .http2_keepalive_interval(Some(limits.keepalive.0))
+                .http2_keepalive_timeout(Some(limits.keepalive.1))
+                .tcp_keepalive(Some(limits.tcp_keepalive))
+        };
+        let router = if health_on_main {
+            main().add_service(health_service.clone()).add_service(reflection.clone())
+        } else {
+            // A router needs one service to exist; the API service is added next.
+            main().add_optional_service(
+                None::<
+                    tonic_health::pb::health_server::HealthServer<
+                        tonic_health::server::HealthService,
+                    >,
+                >,
+            )
+        };
+        let internal = tonic::transport::Server::builder()
+            .max_concurrent_streams(ServerLimits::INTERNAL.max_concurrent_streams)
+            .tcp_keepalive(Some(ServerLimits::INTERNAL.tcp_keepalive))
             .add_service(health_service)
             .add_service(reflection);
-        Ok(Self { health, drain: Drain::new(), router })
+        Ok(Self { health, drain: Drain::new(), router, internal })
     }
 }
 

@@ -18,6 +18,9 @@ pub struct Args {
     /// Prometheus `/metrics` listen address.
     #[arg(long, env = "DSVL_DECODER_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Internal port: plain-text grpc.health.v1 and reflection for probes (kubelet's gRPC probes present no client certificate); the main port keeps them too.
+    #[arg(long, env = "DSVL_DECODER_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// Checkpoint directory; the bundled tiny model when absent.
     #[arg(long, env = "DSVL_MODEL")]
     pub model: Option<PathBuf>,
@@ -130,6 +133,8 @@ pub struct Args {
 /// Validated decoder configuration.
 #[derive(Debug, Clone)]
 pub struct DecoderConfig {
+    /// Internal health and reflection port (`--health-listen`).
+    pub health_listen: Option<SocketAddr>,
     /// Checkpoint.
     pub model: Option<PathBuf>,
     /// Working dtype.
@@ -227,6 +232,7 @@ impl TryFrom<&Args> for DecoderConfig {
             });
         }
         Ok(Self {
+            health_listen: a.health_listen,
             tls,
             secret,
             model: a.model.clone(),

@@ -62,11 +62,12 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), DecoderError> {
-    let GrpcBase { health, drain, router } = GrpcBase::new::<DecoderServer<DecoderService>>(&[
-        dsvl_proto::internal::FILE_DESCRIPTOR_SET,
-    ])
-    .await
-    .map_err(|e| DecoderError::Reflection(e.to_string()))?;
+    let GrpcBase { health, drain, router, internal } =
+        GrpcBase::new::<DecoderServer<DecoderService>>(&[
+            dsvl_proto::internal::FILE_DESCRIPTOR_SET,
+        ])
+        .await
+        .map_err(|e| DecoderError::Reflection(e.to_string()))?;
     let watchdog = Watchdog::new("decoder-engine");
     let _liveness =
         probes::spawn_liveness(health.clone(), vec![watchdog.clone()], config.liveness_stall);
@@ -95,6 +96,14 @@ pub async fn run(
                 .max_encoding_message_size(config.max_message_bytes),
         )
         .serve_with_incoming_shutdown(dsvl_tls::connections(listener, tls), drain.stopped());
+    let internal =
+        dsvl_telemetry::server::serve_internal(internal, config.health_listen, drain.stopped());
+    let server = async {
+        tokio::try_join!(async { server.await.map_err(DecoderError::from) }, async {
+            internal.await.map_err(|e| DecoderError::Reflection(e.to_string()))
+        })
+        .map(|_| ())
+    };
     tokio::pin!(server);
 
     // The group starts on the engine thread (its communicator never leaves that thread).
@@ -115,7 +124,7 @@ pub async fn run(
     tokio::pin!(shutdown);
     // Phase 1: the group starts (health NOT_SERVING, requests UNAVAILABLE).
     let (engine, join) = tokio::select! {
-        r = &mut server => return r.map_err(DecoderError::from),
+        r = &mut server => return r,
         () = &mut shutdown => return Ok(()),
         r = &mut starting => match r {
             Ok(Ok(v)) => v,
@@ -137,7 +146,7 @@ pub async fn run(
     });
     // Phase 2: serving, until shutdown or a group failure.
     let failure = tokio::select! {
-        r = &mut server => return r.map_err(DecoderError::from),
+        r = &mut server => return r,
         () = &mut shutdown => None,
         r = &mut engine_done => Some(match r {
             Ok(Ok(())) => dsvl_models::ModelError::GroupFailed("the engine stopped".into()),

@@ -20,6 +20,9 @@ pub struct Args {
     /// Prometheus `/metrics` listen address.
     #[arg(long, env = "DSVL_GATEWAY_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Internal port: grpc.health.v1 and reflection move here, off the public gRPC port (which then serves only dsvl.v1.Chat).
+    #[arg(long, env = "DSVL_GATEWAY_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// Checkpoint directory for the tokenizer and chat template (the decoder's model); the
     /// bundled tiny model when absent.
     #[arg(long, env = "DSVL_MODEL")]
@@ -162,6 +165,8 @@ pub struct ImageUrlPolicy {
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
+    /// Internal health and reflection port (`--health-listen`).
+    pub health_listen: Option<SocketAddr>,
     /// Tokenizer/template checkpoint.
     pub model: Option<PathBuf>,
     /// Served model name.
@@ -297,6 +302,7 @@ impl TryFrom<&Args> for GatewayConfig {
             .clone()
             .unwrap_or_else(|| dsvl_checkpoint::default_model_name(a.model.as_deref()));
         Ok(Self {
+            health_listen: a.health_listen,
             model: a.model.clone(),
             model_name,
             vision: a.vision.iter().filter(|v| !v.trim().is_empty()).cloned().collect(),

@@ -190,10 +190,15 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let drain_time = config.drain;
     let refresh_every = config.refresh;
-    let GrpcBase { health, drain, router } =
+    let health_listen = config.health_listen;
+    if health_listen.is_none() {
+        tracing::warn!("health and reflection are served on the public gRPC port; give --health-listen to move them to an internal one");
+    }
+    let GrpcBase { health, drain, router, internal } =
         GrpcBase::with_limits::<ChatServer<grpc::ChatService>>(
             &[dsvl_proto::v1::FILE_DESCRIPTOR_SET],
             dsvl_telemetry::server::ServerLimits::PUBLIC,
+            health_listen.is_none(),
         )
         .await
         .map_err(|e| RunError::Reflection(e.to_string()))?;
@@ -252,10 +257,13 @@ pub async fn run(
         http_tls,
         drain.stopped(),
     );
+    let internal = dsvl_telemetry::server::serve_internal(internal, health_listen, drain.stopped());
     let servers = async {
-        tokio::try_join!(async { grpc_server.await.map_err(RunError::from) }, async {
-            http_server.await.map_err(RunError::from)
-        })
+        tokio::try_join!(
+            async { grpc_server.await.map_err(RunError::from) },
+            async { http_server.await.map_err(RunError::from) },
+            async { internal.await.map_err(|e| RunError::Reflection(e.to_string())) },
+        )
         .map(|_| ())
     };
     tokio::pin!(servers);

@@ -17,6 +17,9 @@ pub struct Args {
     /// Prometheus `/metrics` listen address (off when empty).
     #[arg(long, env = "DSVL_VISION_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Internal port: plain-text grpc.health.v1 and reflection for probes (kubelet's gRPC probes present no client certificate); the main port keeps them too.
+    #[arg(long, env = "DSVL_VISION_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
     /// Checkpoint directory (Hugging Face layout); the bundled tiny model when absent.
     #[arg(long, env = "DSVL_MODEL")]
     pub model: Option<PathBuf>,
@@ -100,6 +103,8 @@ pub struct Args {
 /// Validated configuration of one vision-encoder replica.
 #[derive(Debug, Clone)]
 pub struct VisionConfig {
+    /// Internal health and reflection port (`--health-listen`).
+    pub health_listen: Option<SocketAddr>,
     /// Checkpoint directory, or the bundled model.
     pub model: Option<PathBuf>,
     /// Working dtype.
@@ -181,6 +186,7 @@ impl TryFrom<&Args> for VisionConfig {
             });
         }
         Ok(Self {
+            health_listen: a.health_listen,
             tls,
             secret,
             model: a.model.clone(),

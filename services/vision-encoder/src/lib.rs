@@ -147,7 +147,7 @@ pub async fn run(
     ])
     .await
     .map_err(|e| VisionError::Reflection(e.to_string()))?;
-    let GrpcBase { health, drain, router } = base;
+    let GrpcBase { health, drain, router, internal } = base;
     let watchdog = Watchdog::new("vision-model");
     let _liveness =
         probes::spawn_liveness(health.clone(), vec![watchdog.clone()], config.liveness_stall);
@@ -162,9 +162,17 @@ pub async fn run(
     let server_svc = VisionEncoderServer::new(svc)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    let server = router
+    let main = router
         .add_service(server_svc)
         .serve_with_incoming_shutdown(dsvl_tls::connections(listener, tls), drain.stopped());
+    let internal =
+        dsvl_telemetry::server::serve_internal(internal, config.health_listen, drain.stopped());
+    let server = async {
+        tokio::try_join!(async { main.await.map_err(VisionError::from) }, async {
+            internal.await.map_err(|e| VisionError::Reflection(e.to_string()))
+        })
+        .map(|_| ())
+    };
     tokio::pin!(server);
 
     let load_cfg = config.clone();
@@ -173,7 +181,7 @@ pub async fn run(
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
-            r = &mut server => return r.map_err(VisionError::from),
+            r = &mut server => return r,
             r = &mut loading, if !loaded => {
                 loaded = true;
                 match r {
@@ -193,7 +201,7 @@ pub async fn run(
         .drain::<VisionEncoderServer<VisionService>, _, _>(&health, server.as_mut(), config.drain)
         .await
     {
-        Some(r) => r.map_err(VisionError::from),
+        Some(r) => r,
         None => Ok(()),
     }
 }
