@@ -94,7 +94,8 @@ async fn grpc_chat(
 /// encoded once for all of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn golden_ids_through_grpc_and_http_with_one_encode() -> Result<()> {
-    let mut cluster = Cluster::start(Options::default()).await?;
+    // Each tier logs in to Redis as its own least-privilege user (dsvl_cache::acl).
+    let mut cluster = Cluster::start(Options { redis_acl: true, ..Options::default() }).await?;
     // The Kubernetes probes' health names (deploy/k8s): every service reports `startup` and
     // `liveness` once started.
     for probe in ["startup", "liveness"] {
@@ -377,6 +378,7 @@ async fn quotas_are_shared_by_gateway_replicas_and_reconciled() -> Result<()> {
         vision_replicas: 0,
         tp: 1,
         redis: true,
+        redis_acl: true,
         gateway_replicas: 2,
         gateway_args: vec![
             "--api-keys".into(),

@@ -161,6 +161,8 @@ pub struct Options {
     /// Mutual TLS on every internal hop and TLS on the gateway's public listeners, with
     /// certificates from a throwaway authority ([`Pki`]).
     pub tls: bool,
+    /// Each tier logs in to Redis as its own least-privilege user ([`dsvl_cache::acl`]).
+    pub redis_acl: bool,
     /// Every service gets an internal health port (`--health-listen`, [`Svc::health`]), as in
     /// Kubernetes; the gateway's public gRPC port then serves only the Chat API.
     pub health_ports: bool,
@@ -177,6 +179,7 @@ impl Default for Options {
             gateway_replicas: 1,
             tls: false,
             health_ports: false,
+            redis_acl: false,
         }
     }
 }
@@ -270,8 +273,28 @@ impl Cluster {
     /// Starts everything on the bundled tiny model and waits until the gateway serves.
     pub async fn start(opts: Options) -> Result<Self> {
         let redis = if opts.redis { Some(RedisServer::start()?) } else { None };
-        let redis_flags: Vec<String> =
-            redis.iter().flat_map(|r| ["--redis".to_string(), r.url()]).collect();
+        // With `redis_acl`, each tier logs in as its own least-privilege user.
+        if let (Some(r), true) = (&redis, opts.redis_acl) {
+            for tier in dsvl_cache::acl::TierUser::ALL {
+                let line = tier.acl_line(&format!("pw-{}", tier.name()));
+                let reply = r.command(&line.replacen("user ", "ACL SETUSER ", 1))?;
+                anyhow::ensure!(reply.starts_with("+OK"), "{line}: {reply}");
+            }
+        }
+        let redis_url = |tier: dsvl_cache::acl::TierUser| -> Vec<String> {
+            redis
+                .iter()
+                .flat_map(|r| {
+                    let url = if opts.redis_acl {
+                        let login = format!("redis://{}:pw-{}@", tier.name(), tier.name());
+                        r.url().replacen("redis://", &login, 1)
+                    } else {
+                        r.url()
+                    };
+                    ["--redis".to_string(), url]
+                })
+                .collect()
+        };
         let pki = if opts.tls { Some(Pki::new()?) } else { None };
         let client_tls = pki.as_ref().map(|p| p.client.client());
         let health_flags: Vec<String> = if opts.health_ports {
@@ -279,7 +302,7 @@ impl Cluster {
         } else {
             Vec::new()
         };
-        let mut vision_flags = redis_flags.clone();
+        let mut vision_flags = redis_url(dsvl_cache::acl::TierUser::Vision);
         vision_flags.extend(health_flags.iter().cloned());
         vision_flags.extend(pki.iter().flat_map(|p| Pki::server_flags(&p.vision)));
         let mut vision = Vec::new();
@@ -295,7 +318,7 @@ impl Cluster {
                 "--rendezvous-port".into(),
                 free_port().to_string(),
             ];
-            a.extend(redis_flags.clone());
+            a.extend(redis_url(dsvl_cache::acl::TierUser::Decoder));
             a.extend(pki.iter().flat_map(|p| Pki::server_flags(&p.decoder)));
             a.extend(health_flags.iter().cloned());
             a
@@ -331,7 +354,7 @@ impl Cluster {
                 vision.iter().map(|v| v.addr.clone()).collect::<Vec<_>>().join(","),
             ]);
         }
-        args.extend(redis_flags);
+        args.extend(redis_url(dsvl_cache::acl::TierUser::Gateway));
         args.extend(pki.iter().flat_map(Pki::gateway_flags));
         args.extend(health_flags.iter().cloned());
         // The gateway fails closed: tests without keys serve the public tenant on purpose.

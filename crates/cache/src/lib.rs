@@ -11,6 +11,7 @@
 //! Values are opaque bytes here; their format and verification live in `dsvl_core::codec`.
 #![deny(missing_docs)]
 
+pub mod acl;
 mod breaker;
 mod memory;
 mod redis_cache;

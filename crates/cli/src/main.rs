@@ -9,6 +9,7 @@ mod generate;
 mod model_args;
 mod procs;
 mod progress;
+mod redis_acl;
 mod up;
 mod worker;
 
@@ -35,6 +36,9 @@ enum Command {
     Encode(encode::EncodeArgs),
     /// Generate a reply to a conversation (CHAT.json), optionally tensor-parallel over --tp ranks.
     Generate(generate::GenerateArgs),
+    /// Print the Redis ACL file of a deployment: one least-privilege user per tier, passwords
+    /// from DSVL_REDIS_{GATEWAY,VISION,DECODER}_PASSWORD.
+    RedisAcl(redis_acl::RedisAclArgs),
     /// One rank of a tensor-parallel group (started by a leader; not for direct use).
     #[command(hide = true)]
     RankWorker(worker::WorkerArgs),
@@ -54,6 +58,7 @@ fn main() {
         Command::Chat(args) => chat_client::run(args),
         Command::Encode(args) => encode::run(args),
         Command::Generate(args) => generate::run(args),
+        Command::RedisAcl(args) => redis_acl::run(args),
         Command::RankWorker(args) => worker::run(args),
     };
     if let Err(err) = result {

@@ -38,6 +38,16 @@ impl Binary {
         }
     }
 
+    /// The key of the `dsvl-redis` Secret holding this tier's Redis URL: each tier logs in as
+    /// its own least-privilege ACL user (`dsvl_cache::acl`).
+    pub fn redis_user_key(self) -> &'static str {
+        match self {
+            Self::Gateway => "gateway-url",
+            Self::Vision => "vision-url",
+            Self::Decoder => "decoder-url",
+        }
+    }
+
     /// The gRPC API service whose health status is the service's readiness.
     pub fn api_service(self) -> &'static str {
         match self {

@@ -253,6 +253,21 @@ pub enum Violation {
         /// The setting that is missing.
         missing: &'static str,
     },
+    /// A tier logs in to Redis with another tier's credentials (or a shared one): each has its
+    /// own least-privilege ACL user, under its own key of the `dsvl-redis` Secret.
+    #[error(
+        "{pod}: container {container} takes DSVL_REDIS_URL from key {key:?}, expected {expected:?}"
+    )]
+    SharedRedisUser {
+        /// The pod template.
+        pod: PodRef,
+        /// The container.
+        container: String,
+        /// The Secret key it uses.
+        key: String,
+        /// Its own key.
+        expected: &'static str,
+    },
     /// A Service that selects no pod of the overlay.
     #[error("{service}: selector matches no pod")]
     ServiceSelectsNothing {

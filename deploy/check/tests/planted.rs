@@ -641,3 +641,26 @@ fn every_container_is_hardened() {
         "{v:?}"
     );
 }
+
+#[test]
+fn a_tier_using_another_tiers_redis_user() {
+    let v = planted("dev", |d| {
+        let env = at(d, "Deployment", "dsvl-vision", "/spec/template/spec/containers/0/env");
+        let redis = env
+            .as_array_mut()
+            .expect("env")
+            .iter_mut()
+            .find(|e| e["name"] == "DSVL_REDIS_URL")
+            .expect("DSVL_REDIS_URL");
+        redis["valueFrom"]["secretKeyRef"]["key"] = json!("gateway-url");
+    });
+    assert_eq!(
+        v,
+        [Violation::SharedRedisUser {
+            pod: vision(),
+            container: "vision".into(),
+            key: "gateway-url".into(),
+            expected: "vision-url",
+        }]
+    );
+}

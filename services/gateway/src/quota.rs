@@ -67,7 +67,7 @@ pub struct SharedBuckets {
 
 fn key(tenant: &str, what: &str) -> String {
     let digest = blake3::hash(tenant.as_bytes()).to_hex();
-    format!("dsvl:quota:{{{}}}:{what}", &digest[..32])
+    format!("{}{{{}}}:{what}", dsvl_cache::acl::QUOTA_PREFIX, &digest[..32])
 }
 
 /// A bucket's script arguments: capacity and rate from a per-minute limit.

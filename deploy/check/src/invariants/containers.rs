@@ -131,6 +131,12 @@ pub(crate) fn check(
     if binary == Binary::Decoder && !has_memory_shm(spec, c) {
         out.push(Violation::ShmMissing { pod: pod(), container: name() });
     }
+    if let Some(key) = redis_secret_key(c) {
+        let expected = binary.redis_user_key();
+        if key != expected {
+            out.push(Violation::SharedRedisUser { pod: pod(), container: name(), key, expected });
+        }
+    }
     let known = binary.env_names();
     for var in
         c.env.iter().flatten().filter(|v| v.name.starts_with("DSVL_") && !known.contains(&v.name))
@@ -186,6 +192,15 @@ fn hardening_gaps(spec: &PodSpec, c: &Container) -> Vec<&'static str> {
         gaps.push("automountServiceAccountToken: false");
     }
     gaps
+}
+
+/// The `dsvl-redis` Secret key the container's `DSVL_REDIS_URL` comes from, if it does.
+fn redis_secret_key(c: &Container) -> Option<String> {
+    c.env
+        .iter()
+        .flatten()
+        .filter(|v| v.name == "DSVL_REDIS_URL")
+        .find_map(|v| v.value_from.as_ref()?.secret_key_ref.as_ref().map(|r| r.key.clone()))
 }
 
 fn is_grpc_on(p: &K8sProbe, port: u16) -> bool {
