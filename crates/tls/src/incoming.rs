@@ -1,11 +1,13 @@
-//! Accepting TLS connections for servers.
+//! Accepting connections for servers, in TLS or plain text.
 //!
-//! [`incoming`] turns a listener into the stream of connections that
-//! `tonic::transport::Server::serve_with_incoming_shutdown` takes. Each handshake runs on its
-//! own task, within a time limit, and at most [`MAX_HANDSHAKES`] run at once: a client that
-//! opens a connection and sends nothing neither blocks the accept loop nor holds memory for
-//! long. Failed handshakes (no client certificate, one from another authority, plain text) are
-//! counted in `dsvl_tls_handshake_failures_total` and logged at debug level.
+//! [`connections`] turns a listener into the stream of connections that
+//! `tonic::transport::Server::serve_with_incoming_shutdown` takes, bounded as
+//! [`ConnectionLimits`] says: at most `max_connections` are open at once (more wait in the
+//! listen backlog), and a new connection has `first_bytes` to send its first bytes and, with
+//! TLS, to finish its handshake, on its own task: a client that opens connections and sends
+//! nothing neither blocks the accept loop nor holds a slot for long. Failed handshakes (no
+//! client certificate, one from another authority, plain text) are counted in
+//! `dsvl_tls_handshake_failures_total` and logged at debug level.
 
 use std::io;
 use std::net::SocketAddr;
@@ -17,21 +19,41 @@ use std::time::Duration;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
 
 use crate::Reloading;
 
-/// Most TLS handshakes in progress at once per listener.
-pub const MAX_HANDSHAKES: usize = 256;
-
-/// A TLS connection accepted by [`incoming`].
-pub struct TlsConn {
-    stream: TlsStream<TcpStream>,
-    remote: SocketAddr,
+/// Bounds on a server's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Most open connections (handshakes included); beyond it new ones wait in the backlog.
+    pub max_connections: usize,
+    /// Time a new connection has to send its first bytes and, with TLS, finish its handshake.
+    pub first_bytes: Duration,
 }
 
-impl TlsConn {
+impl ConnectionLimits {
+    /// Internal tiers: few callers (gateways), many streams each.
+    pub const INTERNAL: Self =
+        Self { max_connections: 16384, first_bytes: Duration::from_secs(10) };
+    /// A public listener.
+    pub const PUBLIC: Self = Self { max_connections: 4096, first_bytes: Duration::from_secs(10) };
+}
+
+enum Io {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// A connection accepted by [`connections`]; its slot frees when it is dropped.
+pub struct Conn {
+    io: Io,
+    remote: SocketAddr,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Conn {
     /// The address of the peer.
     pub fn remote_addr(&self) -> SocketAddr {
         self.remote
@@ -39,57 +61,9 @@ impl TlsConn {
 
     /// The certificate chain the client presented (mutual TLS), leaf first.
     pub fn peer_certificates(&self) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
-        self.stream.get_ref().1.peer_certificates()
-    }
-}
-
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for TlsConn {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-}
-
-impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        tonic::transport::server::TcpConnectInfo {
-            local_addr: self.stream.get_ref().0.local_addr().ok(),
-            remote_addr: Some(self.remote),
+        match &self.io {
+            Io::Tls(s) => s.get_ref().1.peer_certificates(),
+            Io::Plain(_) => None,
         }
     }
 }
@@ -117,27 +91,27 @@ pub async fn accept(
     }
 }
 
-/// The TLS connections accepted on `listener`, each handshake within `limit`; the accept loop
-/// ends when the stream is dropped.
-pub fn incoming(
+/// The connections of `listener` for a tonic server, TLS ones with `tls`, within `limits`; the
+/// accept loop ends when the stream is dropped.
+pub fn connections(
     listener: TcpListener,
-    tls: Reloading<ServerConfig>,
-    limit: Duration,
-) -> impl futures::Stream<Item = io::Result<TlsConn>> + Send + 'static {
+    tls: Option<Reloading<ServerConfig>>,
+    limits: ConnectionLimits,
+) -> Pin<Box<dyn futures::Stream<Item = io::Result<Conn>> + Send>> {
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(accept_loop(listener, tls, limit, tx));
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    tokio::spawn(accept_loop(listener, tls, limits, tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 async fn accept_loop(
     listener: TcpListener,
-    tls: Reloading<ServerConfig>,
-    limit: Duration,
-    tx: mpsc::Sender<io::Result<TlsConn>>,
+    tls: Option<Reloading<ServerConfig>>,
+    limits: ConnectionLimits,
+    tx: mpsc::Sender<io::Result<Conn>>,
 ) {
-    let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     loop {
-        let permit = tokio::select! {
+        let slot = tokio::select! {
             _ = tx.closed() => return,
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
         };
@@ -156,45 +130,26 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let (tls, tx) = (tls.clone(), tx.clone());
         tokio::spawn(async move {
-            let _permit = permit;
-            match accept(&tls, tcp, limit).await {
-                Ok(stream) => {
-                    let _ = tx.send(Ok(TlsConn { stream, remote })).await;
+            let io = match tls {
+                Some(tls) => match accept(&tls, tcp, limits.first_bytes).await {
+                    Ok(stream) => Io::Tls(Box::new(stream)),
+                    Err(e) => {
+                        tracing::debug!(%remote, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                },
+                None => {
+                    // tonic starts no timer before the HTTP/2 preface: a silent connection
+                    // would hold its slot forever.
+                    let mut first = [0u8; 1];
+                    match tokio::time::timeout(limits.first_bytes, tcp.peek(&mut first)).await {
+                        Ok(Ok(1)) => Io::Plain(tcp),
+                        _ => return,
+                    }
                 }
-                Err(e) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
-            }
+            };
+            let _ = tx.send(Ok(Conn { io, remote, _slot: slot })).await;
         });
-    }
-}
-
-/// Longest TLS handshake a server waits for.
-pub const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
-
-/// A connection of a server that speaks TLS or plain text, as configured.
-pub enum Conn {
-    /// Plain TCP (`--insecure` or no certificate configured).
-    Plain(TcpStream),
-    /// TLS.
-    Tls(Box<TlsConn>),
-}
-
-/// The connections of `listener` for a tonic server: TLS ones with `tls`, plain TCP ones
-/// (no Nagle delay) without.
-pub fn connections(
-    listener: TcpListener,
-    tls: Option<Reloading<ServerConfig>>,
-) -> Pin<Box<dyn futures::Stream<Item = io::Result<Conn>> + Send>> {
-    use futures::StreamExt;
-    match tls {
-        Some(tls) => Box::pin(
-            incoming(listener, tls, HANDSHAKE_LIMIT).map(|c| c.map(|c| Conn::Tls(Box::new(c)))),
-        ),
-        None => Box::pin(tokio_stream::wrappers::TcpListenerStream::new(listener).map(|c| {
-            c.map(|c| {
-                let _ = c.set_nodelay(true);
-                Conn::Plain(c)
-            })
-        })),
     }
 }
 
@@ -204,9 +159,9 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -217,9 +172,9 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -228,30 +183,30 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Conn::Plain(s) => s.is_write_vectored(),
-            Conn::Tls(s) => s.is_write_vectored(),
+        match &self.io {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -260,9 +215,10 @@ impl tonic::transport::server::Connected for Conn {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        match self {
-            Conn::Plain(s) => s.connect_info(),
-            Conn::Tls(s) => s.connect_info(),
-        }
+        let local_addr = match &self.io {
+            Io::Plain(s) => s.local_addr().ok(),
+            Io::Tls(s) => s.get_ref().0.local_addr().ok(),
+        };
+        tonic::transport::server::TcpConnectInfo { local_addr, remote_addr: Some(self.remote) }
     }
 }

@@ -4,8 +4,9 @@
 //!   its key, and the certificate authority that peers must be signed by);
 //! - [`reload`]: a configuration rebuilt when its files change, as cert-manager rotates them in
 //!   place; connections made after the change use the new files, open ones keep theirs;
-//! - [`incoming`]: a stream of accepted TLS connections for tonic servers (handshakes run
-//!   concurrently, bounded in number and time, so a slow client cannot hold up the others);
+//! - [`incoming`]: the stream of accepted connections for tonic servers, TLS or plain text,
+//!   bounded in number, each with a time limit for its first bytes and handshake, run
+//!   concurrently so a slow client cannot hold up the others;
 //! - [`connector`]: tonic channels over TLS that verify the peer for the name the tier was
 //!   configured with (not the address a headless service resolved to);
 //! - [`dev_ca`]: a throwaway certificate authority for `dsvl up` and tests.
@@ -26,7 +27,7 @@ pub use args::{watch_client, watch_server, ServerTlsArgs, UpstreamTlsArgs};
 pub use connector::{lazy_channel, server_name};
 pub use dev_ca::DevCa;
 pub use files::{client_config, server_config, ClientFiles, ServerFiles};
-pub use incoming::{accept, connections, incoming, Conn, TlsConn};
+pub use incoming::{accept, connections, Conn, ConnectionLimits};
 pub use reload::Reloading;
 
 /// ALPN for gRPC (HTTP/2).

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use dsvl_tls::dev_ca::LeafFiles;
 use dsvl_tls::{
-    client_config, incoming, lazy_channel, server_config, server_name, ClientFiles, DevCa,
-    Reloading, ALPN_H2,
+    client_config, connections, lazy_channel, server_config, server_name, ClientFiles,
+    ConnectionLimits, DevCa, Reloading, ALPN_H2,
 };
 use tonic::transport::Endpoint;
 use tonic_health::pb::health_client::HealthClient;
@@ -26,10 +26,19 @@ async fn serve(files: &LeafFiles) -> (String, Reloading<rustls::ServerConfig>) {
         server_config(&server, &[ALPN_H2])
     })
     .unwrap();
+    let limits = ConnectionLimits { max_connections: 64, first_bytes: Duration::from_secs(2) };
+    (serve_with(Some(tls.clone()), limits).await, tls)
+}
+
+/// A health server on a fresh port, TLS with `tls`; its address.
+async fn serve_with(
+    tls: Option<Reloading<rustls::ServerConfig>>,
+    limits: ConnectionLimits,
+) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let (_reporter, health) = tonic_health::server::health_reporter();
-    let conns = incoming(listener, tls.clone(), Duration::from_secs(2));
+    let conns = connections(listener, tls, limits);
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(health)
@@ -37,7 +46,7 @@ async fn serve(files: &LeafFiles) -> (String, Reloading<rustls::ServerConfig>) {
             .await
             .unwrap()
     });
-    (addr, tls)
+    addr
 }
 
 async fn check(addr: &str, client: Option<&ClientFiles>) -> Result<(), String> {
@@ -119,4 +128,28 @@ fn server_names_come_from_the_configured_host() {
     assert!(server_name("[::1]:50051").is_ok());
     assert!(server_name("127.0.0.1:1").is_ok());
     assert!(server_name("bad name:1").is_err());
+}
+
+/// Plain text too: at most `max_connections` are open, and one that sends nothing is closed
+/// after `first_bytes`, so silent connections cannot keep the others out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_cut_and_the_count_is_bounded() {
+    let limits = ConnectionLimits { max_connections: 3, first_bytes: Duration::from_millis(500) };
+    let addr = serve_with(None, limits).await;
+    let silent: Vec<_> = (0..3).map(|_| std::net::TcpStream::connect(&addr).unwrap()).collect();
+    // All three slots are held: a real client waits in the backlog...
+    let t = std::time::Instant::now();
+    check(&addr, None).await.expect("served once a silent connection is cut");
+    let waited = t.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+        "the client should wait for a slot, then get one: {waited:?}"
+    );
+    // ...and the silent ones were closed by the server.
+    for mut s in silent {
+        use std::io::Read;
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "a silent connection is still open");
+    }
 }

@@ -95,7 +95,10 @@ pub async fn run(
                 .max_decoding_message_size(config.max_message_bytes)
                 .max_encoding_message_size(config.max_message_bytes),
         )
-        .serve_with_incoming_shutdown(dsvl_tls::connections(listener, tls), drain.stopped());
+        .serve_with_incoming_shutdown(
+            dsvl_tls::connections(listener, tls, dsvl_tls::ConnectionLimits::INTERNAL),
+            drain.stopped(),
+        );
     let internal =
         dsvl_telemetry::server::serve_internal(internal, config.health_listen, drain.stopped());
     let server = async {

@@ -98,6 +98,10 @@ pub struct Args {
     /// Longest an HTTP connection may take to send a request's headers, in seconds.
     #[arg(long, env = "DSVL_HTTP_HEADER_TIMEOUT_SECS", default_value_t = 10)]
     pub http_header_timeout_secs: u64,
+    /// Most open connections on the public gRPC port (each has 10 s to send its first bytes);
+    /// beyond it new ones wait in the listen backlog.
+    #[arg(long, env = "DSVL_GRPC_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub grpc_max_connections: usize,
     /// Most open HTTP connections; beyond it new ones wait in the listen backlog.
     #[arg(long, env = "DSVL_HTTP_MAX_CONNECTIONS", default_value_t = 4096)]
     pub http_max_connections: usize,
@@ -165,6 +169,8 @@ pub struct ImageUrlPolicy {
 /// Validated configuration.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
+    /// Most open connections on the public gRPC port.
+    pub grpc_max_connections: usize,
     /// Internal health and reflection port (`--health-listen`).
     pub health_listen: Option<SocketAddr>,
     /// Tokenizer/template checkpoint.
@@ -302,6 +308,7 @@ impl TryFrom<&Args> for GatewayConfig {
             .clone()
             .unwrap_or_else(|| dsvl_checkpoint::default_model_name(a.model.as_deref()));
         Ok(Self {
+            grpc_max_connections: a.grpc_max_connections.max(1),
             health_listen: a.health_listen,
             model: a.model.clone(),
             model_name,

@@ -247,9 +247,17 @@ pub async fn run(
         .max_encoding_message_size(max_message);
     let chat =
         tonic::service::interceptor::InterceptedService::new(chat, grpc::authenticate(gw.clone()));
-    let grpc_server = router
-        .add_service(chat)
-        .serve_with_incoming_shutdown(dsvl_tls::connections(grpc, grpc_tls), drain.stopped());
+    let grpc_server = router.add_service(chat).serve_with_incoming_shutdown(
+        dsvl_tls::connections(
+            grpc,
+            grpc_tls,
+            dsvl_tls::ConnectionLimits {
+                max_connections: gw.config.grpc_max_connections,
+                ..dsvl_tls::ConnectionLimits::PUBLIC
+            },
+        ),
+        drain.stopped(),
+    );
     let http_server = http_server::serve(
         http,
         http::router(gw.clone()),

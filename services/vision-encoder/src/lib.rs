@@ -162,9 +162,10 @@ pub async fn run(
     let server_svc = VisionEncoderServer::new(svc)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    let main = router
-        .add_service(server_svc)
-        .serve_with_incoming_shutdown(dsvl_tls::connections(listener, tls), drain.stopped());
+    let main = router.add_service(server_svc).serve_with_incoming_shutdown(
+        dsvl_tls::connections(listener, tls, dsvl_tls::ConnectionLimits::INTERNAL),
+        drain.stopped(),
+    );
     let internal =
         dsvl_telemetry::server::serve_internal(internal, config.health_listen, drain.stopped());
     let server = async {
