@@ -46,9 +46,11 @@ impl TierUser {
 
     /// The user's permissions, in `ACL SETUSER` syntax (without `on` and the password).
     pub fn rules(self) -> String {
-        // Nothing but PING besides the tier's own commands (redis-rs's `CLIENT SETINFO` on
-        // connect may be refused: it ignores the answer, as older servers lack the command).
-        let common = "resetkeys resetchannels -@all +ping";
+        // PING and what a Redis Cluster client needs to learn the slot map and read from
+        // replicas, besides the tier's own commands (redis-rs's `CLIENT SETINFO` on connect may
+        // be refused: it ignores the answer, as older servers lack the command).
+        let common =
+            "resetkeys resetchannels -@all +ping +cluster|slots +cluster|shards +readonly +asking";
         let tier = match self {
             Self::Gateway => format!(
                 "%R~{KEY_PREFIX}* ~{QUOTA_PREFIX}* +exists +eval +evalsha +time +hmget +hset +pexpire"

@@ -144,8 +144,9 @@ pub async fn serve_internal(
         .await
         .map_err(|e| TelemetryError::Listen(format!("--health-listen {addr}: {e}")))?;
     tracing::info!(%addr, "health and reflection on the internal port");
+    let connections = dsvl_tls::connections(listener, None, dsvl_tls::ConnectionLimits::INTERNAL);
     internal
-        .serve_with_incoming_shutdown(crate::incoming_nodelay(listener), stopped)
+        .serve_with_incoming_shutdown(connections, stopped)
         .await
         .map_err(|e| TelemetryError::Listen(format!("--health-listen {addr}: {e}")))
 }
@@ -228,6 +229,8 @@ impl GrpcBase {
         };
         let internal = tonic::transport::Server::builder()
             .max_concurrent_streams(ServerLimits::INTERNAL.max_concurrent_streams)
+            .http2_keepalive_interval(Some(ServerLimits::INTERNAL.keepalive.0))
+            .http2_keepalive_timeout(Some(ServerLimits::INTERNAL.keepalive.1))
             .tcp_keepalive(Some(ServerLimits::INTERNAL.tcp_keepalive))
             .add_service(health_service)
             .add_service(reflection);

@@ -3,9 +3,9 @@
 //! [`connections`] turns a listener into the stream of connections that
 //! `tonic::transport::Server::serve_with_incoming_shutdown` takes, bounded as
 //! [`ConnectionLimits`] says: at most `max_connections` are open at once (more wait in the
-//! listen backlog), and a new connection has `first_bytes` to send its first bytes and, with
-//! TLS, to finish its handshake, on its own task: a client that opens connections and sends
-//! nothing neither blocks the accept loop nor holds a slot for long. Failed handshakes (no
+//! listen backlog), and a new connection has `first_bytes` to finish its TLS handshake (with
+//! TLS) and send the whole HTTP/2 preface, on its own task: a client that opens connections and
+//! sends nothing, or a byte, neither blocks the accept loop nor holds a slot for long. Failed handshakes (no
 //! client certificate, one from another authority, plain text) are counted in
 //! `dsvl_tls_handshake_failures_total` and logged at debug level.
 
@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::server::TlsStream;
@@ -29,7 +29,7 @@ use crate::Reloading;
 pub struct ConnectionLimits {
     /// Most open connections (handshakes included); beyond it new ones wait in the backlog.
     pub max_connections: usize,
-    /// Time a new connection has to send its first bytes and, with TLS, finish its handshake.
+    /// Time a new connection has to finish its TLS handshake and send the HTTP/2 preface.
     pub first_bytes: Duration,
 }
 
@@ -46,10 +46,15 @@ enum Io {
     Tls(Box<TlsStream<TcpStream>>),
 }
 
+/// The first bytes of every HTTP/2 connection (RFC 9113, section 3.4).
+const HTTP2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// A connection accepted by [`connections`]; its slot frees when it is dropped.
 pub struct Conn {
     io: Io,
     remote: SocketAddr,
+    /// How much of the preface, already read to check it, the server has been given back.
+    replayed: usize,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -130,25 +135,40 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let (tls, tx) = (tls.clone(), tx.clone());
         tokio::spawn(async move {
+            // hyper starts no timer before the HTTP/2 preface: a connection that sends a byte,
+            // or finishes its TLS handshake, and then nothing would hold its slot forever. So
+            // the handshake and the whole preface must arrive within `first_bytes`; the preface
+            // is then replayed to the server.
+            let deadline = tokio::time::Instant::now() + limits.first_bytes;
+            let mut preface = [0u8; 24];
             let io = match tls {
                 Some(tls) => match accept(&tls, tcp, limits.first_bytes).await {
-                    Ok(stream) => Io::Tls(Box::new(stream)),
+                    Ok(mut stream) => {
+                        let read = stream.read_exact(&mut preface);
+                        if !matches!(tokio::time::timeout_at(deadline, read).await, Ok(Ok(_))) {
+                            return;
+                        }
+                        Io::Tls(Box::new(stream))
+                    }
                     Err(e) => {
                         tracing::debug!(%remote, error = %e, "TLS handshake failed");
                         return;
                     }
                 },
                 None => {
-                    // tonic starts no timer before the HTTP/2 preface: a silent connection
-                    // would hold its slot forever.
-                    let mut first = [0u8; 1];
-                    match tokio::time::timeout(limits.first_bytes, tcp.peek(&mut first)).await {
-                        Ok(Ok(1)) => Io::Plain(tcp),
-                        _ => return,
+                    let mut tcp = tcp;
+                    let read = tcp.read_exact(&mut preface);
+                    if !matches!(tokio::time::timeout_at(deadline, read).await, Ok(Ok(_))) {
+                        return;
                     }
+                    Io::Plain(tcp)
                 }
             };
-            let _ = tx.send(Ok(Conn { io, remote, _slot: slot })).await;
+            if &preface != HTTP2_PREFACE {
+                tracing::debug!(%remote, "not HTTP/2: closed");
+                return;
+            }
+            let _ = tx.send(Ok(Conn { io, remote, replayed: 0, _slot: slot })).await;
         });
     }
 }
@@ -159,7 +179,15 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        if this.replayed < HTTP2_PREFACE.len() {
+            let rest = &HTTP2_PREFACE[this.replayed..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.replayed += n;
+            return Poll::Ready(Ok(()));
+        }
+        match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }

@@ -255,15 +255,13 @@ pub enum Violation {
     },
     /// A tier logs in to Redis with another tier's credentials (or a shared one): each has its
     /// own least-privilege ACL user, under its own key of the `dsvl-redis` Secret.
-    #[error(
-        "{pod}: container {container} takes DSVL_REDIS_URL from key {key:?}, expected {expected:?}"
-    )]
+    #[error("{pod}: container {container} takes DSVL_REDIS_URL from {key:?}, expected key {expected:?} of Secret dsvl-redis")]
     SharedRedisUser {
         /// The pod template.
         pod: PodRef,
         /// The container.
         container: String,
-        /// The Secret key it uses.
+        /// Where it takes the URL from: `secret/key`.
         key: String,
         /// Its own key.
         expected: &'static str,

@@ -654,12 +654,31 @@ fn a_tier_using_another_tiers_redis_user() {
             .expect("DSVL_REDIS_URL");
         redis["valueFrom"]["secretKeyRef"]["key"] = json!("gateway-url");
     });
+    let other_secret = planted("dev", |d| {
+        let env = at(d, "Deployment", "dsvl-vision", "/spec/template/spec/containers/0/env");
+        let redis = env
+            .as_array_mut()
+            .expect("env")
+            .iter_mut()
+            .find(|e| e["name"] == "DSVL_REDIS_URL")
+            .expect("DSVL_REDIS_URL");
+        redis["valueFrom"]["secretKeyRef"]["name"] = json!("some-other-secret");
+    });
+    assert_eq!(
+        other_secret,
+        [Violation::SharedRedisUser {
+            pod: vision(),
+            container: "vision".into(),
+            key: "some-other-secret/vision-url".into(),
+            expected: "vision-url",
+        }]
+    );
     assert_eq!(
         v,
         [Violation::SharedRedisUser {
             pod: vision(),
             container: "vision".into(),
-            key: "gateway-url".into(),
+            key: "dsvl-redis/gateway-url".into(),
             expected: "vision-url",
         }]
     );

@@ -4,7 +4,9 @@
 //! cluster's own Redis, the cloud metadata service or the node's loopback. So every address a
 //! name resolves to is classified here, and the fetch connects to a vetted address itself (no
 //! second resolution that a rebinding DNS server could answer differently). Addresses that
-//! embed an IPv4 address (IPv4-mapped, IPv4-compatible, NAT64, 6to4) are judged by it.
+//! embed an IPv4 address (IPv4-mapped, IPv4-compatible, well-known NAT64, 6to4) are judged by
+//! it; local-use NAT64, SIIT and Teredo addresses, whose IPv4 part cannot be judged, are
+//! internal. Cloud metadata endpoints are link-local (covered) except Azure's, listed.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -32,6 +34,7 @@ fn v4_internal(a: Ipv4Addr) -> bool {
         || (o0 == 192 && o1 == 0 && o2 == 0) // 192.0.0.0/24, IETF protocol assignments
         || (o0 == 198 && (o1 & 0xfe) == 18) // 198.18.0.0/15, benchmarking
         || o0 >= 240 // reserved
+        || a == Ipv4Addr::new(168, 63, 129, 16) // Azure's platform endpoint (public range)
 }
 
 fn v6_internal(a: Ipv6Addr) -> bool {
@@ -49,6 +52,9 @@ fn v6_internal(a: Ipv6Addr) -> bool {
         || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
         || (s[0..6] == [0; 6] && v4_internal(embedded(s[6], s[7]))) // IPv4-compatible
         || (s[0..6] == [0x64, 0xff9b, 0, 0, 0, 0] && v4_internal(embedded(s[6], s[7]))) // NAT64
+        || (s[0..3] == [0x64, 0xff9b, 1]) // 64:ff9b:1::/48, local-use NAT64: any IPv4 behind it
+        || (s[0..6] == [0, 0, 0, 0, 0xffff, 0]) // ::ffff:0:0:0/96, SIIT-translated IPv4
+        || (s[0] == 0x2001 && s[1] == 0) // 2001::/32, Teredo (the IPv4 inside is obfuscated)
         || (s[0] == 0x2002 && v4_internal(embedded(s[1], s[2]))) // 6to4
 }
 
@@ -133,6 +139,10 @@ mod tests {
             "64:ff9b::a9fe:a9fe",
             "2002:7f00:1::1",
             "2001:db8::1",
+            "64:ff9b:1::a00:1",
+            "::ffff:0:7f00:1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "168.63.129.16",
         ] {
             assert!(internal(ip), "{ip} should be internal");
         }

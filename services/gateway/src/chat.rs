@@ -178,6 +178,28 @@ fn deadline_error(stage: &str) -> GatewayError {
     GatewayError::DeadlineExceeded(format!("the deadline passed during {stage}"))
 }
 
+/// Gives a request's charged tokens back when dropped armed (see [`Gateway::start`]).
+struct Refund {
+    gw: Option<Arc<Gateway>>,
+    tenant: String,
+    tokens: usize,
+}
+
+impl Refund {
+    fn disarm(mut self) {
+        self.gw = None;
+    }
+}
+
+impl Drop for Refund {
+    fn drop(&mut self) {
+        if let Some(gw) = self.gw.take() {
+            let (tenant, tokens) = (std::mem::take(&mut self.tenant), self.tokens);
+            tokio::spawn(async move { gw.credit(&tenant, tokens).await });
+        }
+    }
+}
+
 impl Gateway {
     /// Starts a chat request for `tenant`; returns once the first token is in.
     ///
@@ -260,11 +282,13 @@ impl Gateway {
             },
             Refusal::Unauthenticated => GatewayError::Unauthenticated,
         })?;
+        // Until the stream is handed over, a failure or the caller going away (this future
+        // dropped while fetching images or encoding them) gives the tokens back: nothing was
+        // generated. The request and its images stay charged, as that work was done.
+        let refund = Refund { gw: Some(self.clone()), tenant: tenant.id.clone(), tokens };
         let result = self.start_admitted(tenant, prep, deadline, started, api, in_flight).await;
-        if result.is_err() {
-            // Nothing was generated: the tokens come back (the request and its images stay
-            // charged, as the work up to the failure was done).
-            self.credit(&tenant.id, tokens).await;
+        if result.is_ok() {
+            refund.disarm();
         }
         result
     }

@@ -197,11 +197,8 @@ impl ImageFetcher {
             }
         }
         let tcp = stream.ok_or_else(|| {
-            invalid(format!(
-                "cannot connect to {} ({})",
-                image.host,
-                last_error.unwrap_or_default()
-            ))
+            tracing::info!(host = %image.host, error = %last_error.unwrap_or_default(), "image URL unreachable");
+            invalid(format!("cannot connect to {}", image.host))
         })?;
         if !image.https {
             return self.get(tcp, image).await;
@@ -228,11 +225,12 @@ impl ImageFetcher {
         let usable: Vec<SocketAddr> =
             all.iter().copied().filter(|a| self.allow_internal || !is_internal(a.ip())).collect();
         if usable.is_empty() {
+            // The addresses go to the log, not to the caller (no map of the internal network).
             let listed: Vec<String> = all.iter().map(|a| a.ip().to_string()).collect();
+            tracing::info!(host = %image.host, addresses = %listed.join(", "), "image URL refused: internal addresses only");
             return Err(invalid(format!(
-                "`{}` resolves to internal addresses only ({}); image URLs may not reach them",
-                image.host,
-                listed.join(", ")
+                "`{}` resolves to internal addresses only; image URLs may not reach them",
+                image.host
             )));
         }
         Ok(usable)

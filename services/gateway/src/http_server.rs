@@ -157,6 +157,7 @@ pub async fn serve(
             let _slot = slot;
             // hyper's header timer starts with the first bytes: a connection that sends
             // nothing at all gets the same time to start.
+            let opened = tokio::time::Instant::now();
             let mut probe = [0u8; 1];
             if !matches!(tokio::time::timeout(first_byte, stream.peek(&mut probe)).await, Ok(Ok(1)))
             {
@@ -164,7 +165,13 @@ pub async fn serve(
             }
             match tls {
                 // The handshake gets what is left of the header time.
-                Some(tls) => match dsvl_tls::accept(&tls, stream, first_byte).await {
+                Some(tls) => match dsvl_tls::accept(
+                    &tls,
+                    stream,
+                    first_byte.saturating_sub(opened.elapsed()),
+                )
+                .await
+                {
                     Ok(stream) => serve_connection(&builder, stream, app, stop).await,
                     Err(e) => tracing::debug!(error = %e, "TLS handshake failed"),
                 },

@@ -43,6 +43,14 @@ fn app(hits: Arc<AtomicUsize>) -> Router {
         )
         .route("/stall", get(|| async { std::future::pending::<Vec<u8>>().await }))
         .route(
+            "/chunked",
+            // No Content-Length: only the streaming bound can stop it.
+            get(|| async {
+                let chunks = (0..48).map(|_| Ok::<_, std::io::Error>(vec![2u8; 64 << 10]));
+                axum::body::Body::from_stream(futures::stream::iter(chunks))
+            }),
+        )
+        .route(
             "/redirect",
             get(|| async { (axum::http::StatusCode::FOUND, [("location", "/img")], "") }),
         )
@@ -138,6 +146,7 @@ async fn allowed_fetches_are_bounded_in_size_time_and_redirects() {
     assert_eq!(fetcher.fetch(&image("/img"), later()).await.unwrap().len(), 1000);
     refused(fetcher.fetch(&image("/redirect"), later()).await, "redirects are not followed");
     refused(fetcher.fetch(&image("/big"), later()).await, "limit");
+    refused(fetcher.fetch(&image("/chunked"), later()).await, "limit");
     let t = Instant::now();
     refused(fetcher.fetch(&image("/stall"), later()).await, "longer than 1 s");
     assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());

@@ -133,7 +133,7 @@ pub(crate) fn check(
     }
     if let Some(key) = redis_secret_key(c) {
         let expected = binary.redis_user_key();
-        if key != expected {
+        if key != format!("dsvl-redis/{expected}") {
             out.push(Violation::SharedRedisUser { pod: pod(), container: name(), key, expected });
         }
     }
@@ -194,13 +194,12 @@ fn hardening_gaps(spec: &PodSpec, c: &Container) -> Vec<&'static str> {
     gaps
 }
 
-/// The `dsvl-redis` Secret key the container's `DSVL_REDIS_URL` comes from, if it does.
+/// The Secret and key the container's `DSVL_REDIS_URL` comes from, as `secret/key`
+/// (`dsvl-redis/vision-url`). A URL written into the manifest is the literal-secret rule's.
 fn redis_secret_key(c: &Container) -> Option<String> {
-    c.env
-        .iter()
-        .flatten()
-        .filter(|v| v.name == "DSVL_REDIS_URL")
-        .find_map(|v| v.value_from.as_ref()?.secret_key_ref.as_ref().map(|r| r.key.clone()))
+    let var = c.env.iter().flatten().find(|v| v.name == "DSVL_REDIS_URL")?;
+    let r = var.value_from.as_ref()?.secret_key_ref.as_ref()?;
+    Some(format!("{}/{}", r.name, r.key))
 }
 
 fn is_grpc_on(p: &K8sProbe, port: u16) -> bool {
