@@ -30,16 +30,7 @@ pub fn binary(name: &str) -> Result<PathBuf> {
 
 /// A lazily connected gRPC channel to `addr`, over TLS with `tls`.
 pub fn channel(addr: &str, tls: Option<&dsvl_tls::ClientFiles>) -> Result<Channel> {
-    let endpoint =
-        Channel::from_shared(format!("http://{addr}"))?.connect_timeout(Duration::from_secs(2));
-    Ok(match tls {
-        Some(files) => dsvl_tls::lazy_channel(
-            endpoint,
-            dsvl_tls::Reloading::fixed(dsvl_tls::client_config(files, &[dsvl_tls::ALPN_H2])?),
-            dsvl_tls::server_name(addr)?,
-        ),
-        None => endpoint.connect_lazy(),
-    })
+    Ok(dsvl_tls::channel_to(addr, tls, Duration::from_secs(2))?)
 }
 
 /// One running service.

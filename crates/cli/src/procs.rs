@@ -89,16 +89,7 @@ impl Service {
 
     /// A lazily connected channel to the service (over mutual TLS when it speaks it).
     pub fn channel(&self) -> Result<Channel> {
-        let endpoint = Channel::from_shared(format!("http://{}", self.addr))?
-            .connect_timeout(Duration::from_secs(2));
-        Ok(match &self.tls {
-            Some(files) => dsvl_tls::lazy_channel(
-                endpoint,
-                dsvl_tls::Reloading::fixed(dsvl_tls::client_config(files, &[dsvl_tls::ALPN_H2])?),
-                dsvl_tls::server_name(&self.addr)?,
-            ),
-            None => endpoint.connect_lazy(),
-        })
+        Ok(dsvl_tls::channel_to(&self.addr, self.tls.as_ref(), Duration::from_secs(2))?)
     }
 
     /// Whether the process has exited (and how).

@@ -52,3 +52,26 @@ pub fn lazy_channel(
     });
     endpoint.connect_with_connector_lazy(connect)
 }
+
+/// A lazily connected channel to `addr` (`host:port`), over TLS verified for `addr`'s host
+/// with `tls`, in plain text without: for clients and tools that reach one service directly.
+///
+/// # Errors
+/// `addr` is not a valid endpoint, or the TLS files are unusable.
+pub fn channel_to(
+    addr: &str,
+    tls: Option<&crate::ClientFiles>,
+    connect_timeout: std::time::Duration,
+) -> Result<Channel, TlsError> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| TlsError::Other(format!("`{addr}`: {e}")))?
+        .connect_timeout(connect_timeout);
+    Ok(match tls {
+        Some(files) => lazy_channel(
+            endpoint,
+            Reloading::fixed(crate::client_config(files, &[crate::ALPN_H2])?),
+            server_name(addr)?,
+        ),
+        None => endpoint.connect_lazy(),
+    })
+}

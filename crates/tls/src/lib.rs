@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 pub use args::{watch_client, watch_server, ServerTlsArgs, UpstreamTlsArgs};
-pub use connector::{lazy_channel, server_name};
+pub use connector::{channel_to, lazy_channel, server_name};
 pub use dev_ca::DevCa;
 pub use files::{client_config, server_config, ClientFiles, ServerFiles};
 pub use incoming::{accept, connections, Conn, ConnectionLimits};

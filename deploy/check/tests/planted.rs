@@ -642,28 +642,23 @@ fn every_container_is_hardened() {
     );
 }
 
+/// The `secretKeyRef` of the vision container's `DSVL_REDIS_URL`.
+fn vision_redis_secret(d: &mut [Value]) -> &mut Value {
+    let env = at(d, "Deployment", "dsvl-vision", &format!("{POD}/containers/0/env"));
+    let redis = env
+        .as_array_mut()
+        .expect("env")
+        .iter_mut()
+        .find(|e| e["name"] == "DSVL_REDIS_URL")
+        .expect("DSVL_REDIS_URL");
+    &mut redis["valueFrom"]["secretKeyRef"]
+}
+
 #[test]
 fn a_tier_using_another_tiers_redis_user() {
-    let v = planted("dev", |d| {
-        let env = at(d, "Deployment", "dsvl-vision", "/spec/template/spec/containers/0/env");
-        let redis = env
-            .as_array_mut()
-            .expect("env")
-            .iter_mut()
-            .find(|e| e["name"] == "DSVL_REDIS_URL")
-            .expect("DSVL_REDIS_URL");
-        redis["valueFrom"]["secretKeyRef"]["key"] = json!("gateway-url");
-    });
-    let other_secret = planted("dev", |d| {
-        let env = at(d, "Deployment", "dsvl-vision", "/spec/template/spec/containers/0/env");
-        let redis = env
-            .as_array_mut()
-            .expect("env")
-            .iter_mut()
-            .find(|e| e["name"] == "DSVL_REDIS_URL")
-            .expect("DSVL_REDIS_URL");
-        redis["valueFrom"]["secretKeyRef"]["name"] = json!("some-other-secret");
-    });
+    let v = planted("dev", |d| vision_redis_secret(d)["key"] = json!("gateway-url"));
+    let other_secret =
+        planted("dev", |d| vision_redis_secret(d)["name"] = json!("some-other-secret"));
     assert_eq!(
         other_secret,
         [Violation::SharedRedisUser {
