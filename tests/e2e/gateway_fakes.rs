@@ -179,6 +179,7 @@ async fn gateway(vision: &str, decoder: &str) -> Result<String> {
         "--refresh-secs",
         "1",
         "--allow-unauthenticated",
+        "--insecure",
     ]);
     let cfg = dsvl_gateway::GatewayConfig::try_from(&args)?;
     tokio::spawn(dsvl_gateway::run(cfg, grpc, http, std::future::pending()));

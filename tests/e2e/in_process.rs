@@ -68,14 +68,21 @@ impl<E: Send + 'static> InProcess<E> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_cluster_in_one_process() -> Result<()> {
     let vision = InProcess::spawn(|listener, shutdown| {
-        let cfg =
-            dsvl_vision::VisionConfig::try_from(&dsvl_vision::Args::parse_from(["dsvl-vision"]))
-                .expect("vision config");
+        let cfg = dsvl_vision::VisionConfig::try_from(&dsvl_vision::Args::parse_from([
+            "dsvl-vision",
+            "--insecure",
+        ]))
+        .expect("vision config");
         dsvl_vision::run(cfg, listener, shutdown)
     })
     .await?;
     let decoder = InProcess::spawn(|listener, shutdown| {
-        let args = dsvl_decoder::Args::parse_from(["dsvl-decoder", "--rendezvous-port", "0"]);
+        let args = dsvl_decoder::Args::parse_from([
+            "dsvl-decoder",
+            "--rendezvous-port",
+            "0",
+            "--insecure",
+        ]);
         let cfg = dsvl_decoder::DecoderConfig::try_from(&args).expect("decoder config");
         dsvl_decoder::run(args, cfg, listener, shutdown)
     })
@@ -94,6 +101,7 @@ async fn whole_cluster_in_one_process() -> Result<()> {
             "--refresh-secs",
             "1",
             "--allow-unauthenticated",
+            "--insecure",
         ]);
         let cfg = dsvl_gateway::GatewayConfig::try_from(&args).expect("gateway config");
         dsvl_gateway::run(cfg, grpc, http, shutdown)

@@ -1,6 +1,6 @@
 //! Every hop over TLS: the vision replica and the decoder group (two ranks) serve mutual TLS,
 //! the gateway calls them with its own certificate and serves TLS on its public gRPC and HTTP
-//! listeners. The golden greedy ids come back through both public APIs, and the internal tiers
+//! listeners, and every tier reaches Redis over mutual TLS as its own ACL user. The golden greedy ids come back through both public APIs, and the internal tiers
 //! refuse callers without a certificate from the cluster's authority.
 
 use std::io::{Read, Write};
@@ -63,12 +63,15 @@ async fn every_hop_speaks_tls_and_the_tiers_refuse_strangers() -> Result<()> {
     let cluster = Cluster::start(Options {
         vision_replicas: 1,
         tp: 2,
-        redis: false,
+        redis: true,
+        redis_acl: true,
         tls: true,
         ..Options::default()
     })
     .await?;
     let pki = cluster.pki.as_ref().context("pki")?;
+    let redis = cluster.redis.as_ref().context("redis")?;
+    assert!(redis.tls_port.is_some(), "the tiers reach Redis on its TLS port");
 
     // The golden conversation with an image, greedy, through gRPC over TLS.
     let golden = golden_case("one_image")?;
@@ -87,6 +90,11 @@ async fn every_hop_speaks_tls_and_the_tiers_refuse_strangers() -> Result<()> {
         }
     }
     assert_eq!(ids, want, "greedy ids over TLS");
+    // The embedding went to Redis over TLS (as the vision tier's ACL user) and the decoder
+    // read it back from there.
+    assert!(redis.dbsize()? > 0, "nothing reached Redis over TLS");
+    assert_eq!(cluster.vision[0].metric("dsvl_cache_errors_total", &[])?, 0.0);
+    assert_eq!(cluster.decoder.metric("dsvl_cache_errors_total", &[])?, 0.0);
 
     // The same over HTTPS.
     let body = serde_json::json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": 0, "max_tokens": 3});

@@ -208,6 +208,8 @@ pub struct Pki {
     pub gateway: dsvl_tls::dev_ca::LeafFiles,
     /// A client's certificate (tests calling the tiers directly).
     pub client: dsvl_tls::dev_ca::LeafFiles,
+    /// Redis's certificate (its TLS port).
+    pub redis: dsvl_tls::dev_ca::LeafFiles,
 }
 
 impl Pki {
@@ -222,6 +224,7 @@ impl Pki {
             decoder: leaf("decoder")?,
             gateway: leaf("gateway")?,
             client: leaf("client")?,
+            redis: leaf("redis")?,
             dir,
         })
     }
@@ -235,6 +238,20 @@ impl Pki {
             &leaf.key.display().to_string(),
             "--tls-client-ca-file",
             &leaf.ca.display().to_string(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// A tier's flags for Redis over TLS, presenting `leaf`.
+    pub fn redis_flags(leaf: &dsvl_tls::dev_ca::LeafFiles) -> Vec<String> {
+        [
+            "--redis-ca-file",
+            &leaf.ca.display().to_string(),
+            "--redis-cert-file",
+            &leaf.cert.display().to_string(),
+            "--redis-key-file",
+            &leaf.key.display().to_string(),
         ]
         .map(String::from)
         .to_vec()
@@ -263,7 +280,18 @@ impl Pki {
 impl Cluster {
     /// Starts everything on the bundled tiny model and waits until the gateway serves.
     pub async fn start(opts: Options) -> Result<Self> {
-        let redis = if opts.redis { Some(RedisServer::start()?) } else { None };
+        let pki = if opts.tls { Some(Pki::new()?) } else { None };
+        // With TLS, the tiers reach Redis on its TLS port (the plain one stays for the
+        // test's own admin commands); without, every service runs `--insecure` on purpose.
+        let redis = match (opts.redis, &pki) {
+            (false, _) => None,
+            (true, Some(p)) => {
+                Some(RedisServer::start_tls(&p.redis.cert, &p.redis.key, &p.redis.ca)?)
+            }
+            (true, None) => Some(RedisServer::start()?),
+        };
+        let insecure: Vec<String> =
+            if pki.is_none() { vec!["--insecure".into()] } else { Vec::new() };
         // With `redis_acl`, each tier logs in as its own least-privilege user.
         if let (Some(r), true) = (&redis, opts.redis_acl) {
             for tier in dsvl_cache::acl::TierUser::ALL {
@@ -273,20 +301,23 @@ impl Cluster {
             }
         }
         let redis_url = |tier: dsvl_cache::acl::TierUser| -> Vec<String> {
-            redis
-                .iter()
-                .flat_map(|r| {
-                    let url = if opts.redis_acl {
-                        let login = format!("redis://{}:pw-{}@", tier.name(), tier.name());
-                        r.url().replacen("redis://", &login, 1)
-                    } else {
-                        r.url()
-                    };
-                    ["--redis".to_string(), url]
-                })
-                .collect()
+            let Some(r) = &redis else { return Vec::new() };
+            let url = r.tls_url().unwrap_or_else(|| r.url());
+            let url = if opts.redis_acl {
+                let (scheme, rest) = url.split_once("://").expect("a URL");
+                format!("{scheme}://{}:pw-{}@{rest}", tier.name(), tier.name())
+            } else {
+                url
+            };
+            let leaf = pki.as_ref().map(|p| match tier {
+                dsvl_cache::acl::TierUser::Gateway => &p.gateway,
+                dsvl_cache::acl::TierUser::Vision => &p.vision,
+                dsvl_cache::acl::TierUser::Decoder => &p.decoder,
+            });
+            let mut flags = vec!["--redis".to_string(), url];
+            flags.extend(leaf.into_iter().flat_map(Pki::redis_flags));
+            flags
         };
-        let pki = if opts.tls { Some(Pki::new()?) } else { None };
         let client_tls = pki.as_ref().map(|p| p.client.client());
         let health_flags: Vec<String> = if opts.health_ports {
             vec!["--health-listen".into(), "auto".into()]
@@ -294,6 +325,7 @@ impl Cluster {
             Vec::new()
         };
         let mut vision_flags = redis_url(dsvl_cache::acl::TierUser::Vision);
+        vision_flags.extend(insecure.iter().cloned());
         vision_flags.extend(health_flags.iter().cloned());
         vision_flags.extend(pki.iter().flat_map(|p| Pki::server_flags(&p.vision)));
         let mut vision = Vec::new();
@@ -310,6 +342,7 @@ impl Cluster {
                 free_port().to_string(),
             ];
             a.extend(redis_url(dsvl_cache::acl::TierUser::Decoder));
+            a.extend(insecure.iter().cloned());
             a.extend(pki.iter().flat_map(|p| Pki::server_flags(&p.decoder)));
             a.extend(health_flags.iter().cloned());
             a
@@ -346,6 +379,7 @@ impl Cluster {
             ]);
         }
         args.extend(redis_url(dsvl_cache::acl::TierUser::Gateway));
+        args.extend(insecure.iter().cloned());
         args.extend(pki.iter().flat_map(Pki::gateway_flags));
         args.extend(health_flags.iter().cloned());
         // The gateway fails closed: tests without keys serve the public tenant on purpose.

@@ -6,6 +6,7 @@
 //! * [`RedisCache`]: redis-rs async through a `ConnectionManager` (single node) or a cluster
 //!   connection, with connect and response timeouts and a [`CircuitBreaker`]: every Redis error
 //!   is a miss for the caller and a metric, never a failed request.
+//! * [`link`]: TLS to Redis (`rediss://`), plain text only with `--insecure`.
 //! * [`SingleFlight`]: concurrent requests for one key in a process share one computation.
 //!
 //! Values are opaque bytes here; their format and verification live in `dsvl_core::codec`.
@@ -13,6 +14,7 @@
 
 pub mod acl;
 mod breaker;
+pub mod link;
 mod memory;
 mod redis_cache;
 mod singleflight;
@@ -23,6 +25,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+pub use link::{check_link, redis_link, RedisTls};
 pub use memory::MemoryCache;
 pub use redis_cache::{RedisCache, RedisConfig};
 pub use singleflight::SingleFlight;

@@ -26,13 +26,27 @@ use redis::cluster_async::ClusterConnection;
 use tokio::sync::Mutex;
 
 use crate::breaker::{BreakerConfig, CircuitBreaker};
+use crate::link::RedisTls;
 use crate::{CacheError, EmbeddingCache};
+
+/// How often the TLS files are checked for rotation.
+const TLS_POLL: Duration = Duration::from_secs(2);
+
+/// The TLS files as they were when the current connection was made, and when they were last
+/// compared with the disk.
+struct TlsSeen {
+    signature: Vec<Option<(std::time::SystemTime, u64)>>,
+    checked: std::time::Instant,
+}
 
 /// Connection settings.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
-    /// `redis://host:port[/db]`, or `redis+cluster://host:port[,host:port...]` for a cluster.
+    /// `redis://host:port[/db]`, or `redis+cluster://host:port[,host:port...]` for a cluster;
+    /// `rediss://` and `rediss+cluster://` over TLS.
     pub url: String,
+    /// Certificate authority and client certificate for a TLS URL.
+    pub tls: RedisTls,
     /// Deadline for establishing a connection.
     pub connect_timeout: Duration,
     /// Deadline for any single command.
@@ -46,6 +60,7 @@ impl RedisConfig {
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            tls: RedisTls::default(),
             connect_timeout: Duration::from_millis(500),
             response_timeout: Duration::from_millis(500),
             breaker: BreakerConfig::default(),
@@ -96,6 +111,7 @@ pub struct RedisCache {
     config: RedisConfig,
     conn: Mutex<Option<Conn>>,
     breaker: Arc<CircuitBreaker>,
+    tls_seen: std::sync::Mutex<TlsSeen>,
 }
 
 const RELEASE_SCRIPT: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
@@ -106,14 +122,31 @@ impl RedisCache {
     /// # Errors
     /// A malformed URL.
     pub fn new(config: RedisConfig) -> Result<Self, CacheError> {
-        if !(config.url.starts_with("redis://")
-            || config.url.starts_with("rediss://")
-            || config.url.starts_with("redis+cluster://"))
+        if !["redis://", "rediss://", "redis+cluster://", "rediss+cluster://"]
+            .iter()
+            .any(|scheme| config.url.starts_with(scheme))
         {
             return Err(CacheError::Config(format!("unsupported Redis URL `{}`", config.url)));
         }
+        if config.tls.has_files() && !crate::link::is_tls_url(&config.url) {
+            return Err(CacheError::Config("TLS files given for a plain-text Redis URL".into()));
+        }
+        // Unreadable files are a configuration error now, not a miss on every request.
+        if config.tls.has_files() {
+            config.tls.certificates()?;
+        }
+        if !crate::link::is_tls_url(&config.url) {
+            tracing::warn!(
+                "Redis in plain text ({}); use rediss:// for TLS",
+                config.url.split('@').next_back().unwrap_or_default()
+            );
+        }
         let breaker = Arc::new(CircuitBreaker::new(config.breaker));
-        Ok(Self { config, conn: Mutex::new(None), breaker })
+        let tls_seen = std::sync::Mutex::new(TlsSeen {
+            signature: config.tls.signature(),
+            checked: std::time::Instant::now(),
+        });
+        Ok(Self { config, conn: Mutex::new(None), breaker, tls_seen })
     }
 
     /// The breaker (for health and metrics).
@@ -202,17 +235,36 @@ impl RedisCache {
         self.run(|c| async move { c.query(&cmd).await }).await
     }
 
-    async fn connect(&self) -> redis::RedisResult<Conn> {
+    async fn connect(&self) -> Result<Conn, CacheError> {
         let c = &self.config;
-        if let Some(nodes) = c.url.strip_prefix("redis+cluster://") {
-            let nodes: Vec<String> = nodes.split(',').map(|n| format!("redis://{n}")).collect();
-            let client = redis::cluster::ClusterClientBuilder::new(nodes)
+        // Read now, so a rotated certificate is what the new connection presents.
+        let certs = if c.tls.has_files() {
+            let signature = c.tls.signature();
+            let certs = c.tls.certificates()?;
+            self.tls_seen.lock().expect("tls lock").signature = signature;
+            Some(certs)
+        } else {
+            None
+        };
+        let cluster = [("redis+cluster://", "redis://"), ("rediss+cluster://", "rediss://")]
+            .into_iter()
+            .find_map(|(scheme, node)| Some((c.url.strip_prefix(scheme)?, node)));
+        if let Some((nodes, node_scheme)) = cluster {
+            let nodes: Vec<String> =
+                nodes.split(',').map(|n| format!("{node_scheme}{n}")).collect();
+            let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
                 .connection_timeout(c.connect_timeout)
-                .response_timeout(c.response_timeout)
-                .build()?;
+                .response_timeout(c.response_timeout);
+            if let Some(certs) = certs {
+                builder = builder.certs(certs);
+            }
+            let client = builder.build()?;
             Ok(Conn::Cluster(client.get_async_connection().await?))
         } else {
-            let client = redis::Client::open(c.url.as_str())?;
+            let client = match certs {
+                Some(certs) => redis::Client::build_with_tls(c.url.as_str(), certs)?,
+                None => redis::Client::open(c.url.as_str())?,
+            };
             let cfg = ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(c.connect_timeout))
                 .set_response_timeout(Some(c.response_timeout))
@@ -221,15 +273,35 @@ impl RedisCache {
         }
     }
 
+    /// Whether the TLS files changed since the current connection was made (checked at most
+    /// every [`TLS_POLL`]).
+    fn tls_rotated(&self) -> bool {
+        if !self.config.tls.has_files() {
+            return false;
+        }
+        let mut seen = self.tls_seen.lock().expect("tls lock");
+        if seen.checked.elapsed() < TLS_POLL {
+            return false;
+        }
+        seen.checked = std::time::Instant::now();
+        let now = self.config.tls.signature();
+        now != seen.signature && now.iter().all(Option::is_some)
+    }
+
     /// A connection, connecting first if there is none. Waiting behind another task that is
     /// connecting counts against the same `connect_timeout`.
     async fn connection(&self) -> Result<Conn, CacheError> {
         let attempt = async {
             let mut guard = self.conn.lock().await;
+            if self.tls_rotated() {
+                tracing::info!("Redis TLS files changed: reconnecting with them");
+                metrics::counter!("dsvl_tls_reloads_total", "outcome" => "ok").increment(1);
+                *guard = None;
+            }
             if let Some(c) = guard.as_ref() {
                 return Ok(c.clone());
             }
-            let c = self.connect().await.map_err(CacheError::Redis)?;
+            let c = self.connect().await?;
             *guard = Some(c.clone());
             Ok(c)
         };

@@ -23,6 +23,7 @@ fn url(redis: &RedisServer, tier: TierUser) -> String {
 fn cache(redis: &RedisServer, tier: TierUser) -> Result<RedisCache> {
     Ok(RedisCache::new(RedisConfig {
         url: url(redis, tier),
+        tls: Default::default(),
         connect_timeout: Duration::from_secs(2),
         response_timeout: Duration::from_secs(2),
         breaker: BreakerConfig { failure_threshold: 1000, open_for: Duration::from_millis(1) },

@@ -13,6 +13,7 @@ use dsvl_testkit::{RedisCluster, RedisServer};
 fn config(url: String) -> RedisConfig {
     RedisConfig {
         url,
+        tls: Default::default(),
         connect_timeout: Duration::from_millis(300),
         response_timeout: Duration::from_millis(300),
         breaker: BreakerConfig { failure_threshold: 2, open_for: Duration::from_millis(300) },

@@ -84,8 +84,15 @@ fn device_flags(spec: &ClusterSpec) -> Vec<String> {
     vec!["--dtype".into(), spec.dtype.as_str().into(), "--device".into(), spec.device.to_string()]
 }
 
+/// `--redis URL`, plus `--insecure` when the URL is plain text: the services refuse a
+/// plain-text Redis unless told (a `rediss://` URL takes its files from `DSVL_REDIS_*_FILE`).
 fn redis_flags(spec: &ClusterSpec) -> Vec<String> {
-    spec.redis.iter().flat_map(|r| ["--redis".to_string(), r.clone()]).collect()
+    let mut flags: Vec<String> =
+        spec.redis.iter().flat_map(|r| ["--redis".to_string(), r.clone()]).collect();
+    if spec.redis.as_deref().is_some_and(|r| !dsvl_cache::link::is_tls_url(r)) {
+        flags.push("--insecure".into());
+    }
+    flags
 }
 
 /// A fresh cluster secret in a file only this user can read (unless the environment names
@@ -107,6 +114,9 @@ impl Cluster {
     /// A binary is missing, a service exits during start-up or does not become ready.
     pub async fn start(spec: &ClusterSpec) -> Result<Self> {
         let t = Instant::now();
+        if spec.redis.as_deref().is_some_and(|r| !dsvl_cache::link::is_tls_url(r)) {
+            eprintln!("warning: plain-text Redis URL: the services run with --insecure for it (use rediss:// and DSVL_REDIS_CA_FILE for TLS)");
+        }
         let secret = throwaway_secret()?;
         let secret_flags: Vec<String> = secret
             .iter()

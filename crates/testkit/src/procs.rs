@@ -32,8 +32,10 @@ pub fn cluster_secret_file() -> &'static std::path::Path {
 /// A `redis-server` child process (installed by `scripts/setup`), no persistence.
 pub struct RedisServer {
     child: Option<Child>,
-    /// Its port on 127.0.0.1.
+    /// Its port on 127.0.0.1 (plain text: the tests' own admin connection).
     pub port: u16,
+    /// Its TLS port on 127.0.0.1 ([`RedisServer::start_tls`]).
+    pub tls_port: Option<u16>,
     extra: Vec<String>,
 }
 
@@ -54,9 +56,41 @@ impl RedisServer {
 
     /// The same, with extra `redis-server` arguments.
     pub fn start_with(extra: &[String]) -> Result<Self> {
-        let mut me = Self { child: None, port: free_port(), extra: extra.to_vec() };
+        let mut me = Self { child: None, port: free_port(), tls_port: None, extra: extra.to_vec() };
         me.spawn()?;
         Ok(me)
+    }
+
+    /// A server that also listens with TLS on [`RedisServer::tls_url`], presenting `cert`
+    /// (PEM, with `key`) and requiring clients to present a certificate from `ca`; the plain
+    /// port stays open on loopback for the test's own admin commands.
+    pub fn start_tls(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        ca: &std::path::Path,
+    ) -> Result<Self> {
+        let tls_port = free_port();
+        let path = |p: &std::path::Path| p.display().to_string();
+        let extra = vec![
+            "--tls-port".to_string(),
+            tls_port.to_string(),
+            "--tls-cert-file".into(),
+            path(cert),
+            "--tls-key-file".into(),
+            path(key),
+            "--tls-ca-cert-file".into(),
+            path(ca),
+            "--tls-auth-clients".into(),
+            "yes".into(),
+        ];
+        let mut me = Self { child: None, port: free_port(), tls_port: Some(tls_port), extra };
+        me.spawn()?;
+        Ok(me)
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT` (servers from [`RedisServer::start_tls`]).
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls_port.map(|p| format!("rediss://127.0.0.1:{p}"))
     }
 
     fn spawn(&mut self) -> Result<()> {

@@ -29,6 +29,20 @@ impl ServerTlsArgs {
         })
     }
 
+    /// The files of an internal tier's listener: mutual TLS (a client certificate authority is
+    /// required), or plain text only with `insecure`. The error is the reason to show.
+    ///
+    /// # Errors
+    /// No TLS without `insecure`, or TLS without client authentication.
+    pub fn internal(&self, insecure: bool) -> Result<Option<ServerFiles>, String> {
+        match self.files() {
+            Some(f) if f.client_ca.is_none() => Err("an internal tier authenticates its clients: give the certificate authority of their certificates (--tls-client-ca-file, mutual TLS)".into()),
+            Some(f) => Ok(Some(f)),
+            None if insecure => Ok(None),
+            None => Err("an internal tier serves mutual TLS: give --tls-cert-file, --tls-key-file and --tls-client-ca-file, or pass --insecure to serve plain text".into()),
+        }
+    }
+
     /// The gRPC (HTTP/2) server configuration, reloaded on change; `None` for plain text.
     ///
     /// # Errors
@@ -94,5 +108,49 @@ impl UpstreamTlsArgs {
     /// The files are unusable.
     pub fn grpc(&self) -> Result<Option<Reloading<rustls::ClientConfig>>, TlsError> {
         self.files().map(|f| watch_client(f, &[ALPN_H2])).transpose()
+    }
+}
+
+/// How a service reaches Redis over TLS (with a `rediss://` URL).
+#[derive(clap::Args, Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedisTlsArgs {
+    /// PEM certificate authority Redis's certificate must chain to (default with a
+    /// `rediss://` URL: the system roots).
+    #[arg(long, env = "DSVL_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// PEM certificate chain presented to Redis (when it authenticates clients).
+    #[arg(long, env = "DSVL_REDIS_CERT_FILE", requires = "redis_key_file")]
+    pub redis_cert_file: Option<PathBuf>,
+    /// PEM private key of --redis-cert-file.
+    #[arg(long, env = "DSVL_REDIS_KEY_FILE", requires = "redis_cert_file")]
+    pub redis_key_file: Option<PathBuf>,
+}
+
+impl RedisTlsArgs {
+    /// The certificate authority file, and the client certificate and key.
+    pub fn files(&self) -> (Option<PathBuf>, Option<(PathBuf, PathBuf)>) {
+        (self.redis_ca_file.clone(), self.redis_cert_file.clone().zip(self.redis_key_file.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_internal_listener_is_mutual_tls_or_explicitly_insecure() {
+        let plain = ServerTlsArgs::default();
+        let err = plain.internal(false).unwrap_err();
+        assert!(err.contains("--tls-cert-file") && err.contains("--insecure"), "{err}");
+        assert_eq!(plain.internal(true), Ok(None));
+        let one_way = ServerTlsArgs {
+            tls_cert_file: Some("/c.pem".into()),
+            tls_key_file: Some("/k.pem".into()),
+            tls_client_ca_file: None,
+        };
+        // --insecure does not make one-way TLS acceptable: clients must be authenticated.
+        assert!(one_way.internal(true).unwrap_err().contains("--tls-client-ca-file"));
+        let mutual = ServerTlsArgs { tls_client_ca_file: Some("/ca.pem".into()), ..one_way };
+        assert!(mutual.internal(false).is_ok_and(|f| f.is_some()));
     }
 }

@@ -23,7 +23,7 @@ pub mod reload;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use args::{watch_client, watch_server, ServerTlsArgs, UpstreamTlsArgs};
+pub use args::{watch_client, watch_server, RedisTlsArgs, ServerTlsArgs, UpstreamTlsArgs};
 pub use connector::{channel_to, lazy_channel, server_name};
 pub use dev_ca::DevCa;
 pub use files::{client_config, server_config, ClientFiles, ServerFiles};

@@ -120,11 +120,49 @@ pub struct Settings {
     pub group: Option<GroupFlags>,
     /// Gateway upstreams.
     pub upstreams: Vec<Upstream>,
-    /// Files the binary reads secrets from (`--api-keys-file`, `--cluster-secret-file`): each
-    /// must come from a Secret volume.
+    /// Files the binary reads secrets from (`--api-keys-file`, `--cluster-secret-file`, the
+    /// TLS certificates and keys): each must come from a Secret volume.
     pub secret_files: Vec<PathBuf>,
     /// Whether a Redis URL is configured.
     pub redis: bool,
+    /// The plain-text health port (`--health-listen`), where kubelet's probes go.
+    pub health_port: Option<u16>,
+    /// How its links use TLS.
+    pub tls: TlsUse,
+}
+
+/// The TLS side of a service container's links.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TlsUse {
+    /// The certificate its gRPC (and, for the gateway, HTTP) listener serves.
+    pub serves: Option<PathBuf>,
+    /// Certificates it presents as a client, with the link each is for.
+    pub presents: Vec<(&'static str, PathBuf)>,
+    /// Links that would run in plain text.
+    pub plain: Vec<&'static str>,
+}
+
+impl TlsUse {
+    /// Every TLS file the binary reads (each must come from a Secret volume).
+    fn files(files: &[Option<&PathBuf>]) -> Vec<PathBuf> {
+        files.iter().flatten().map(|p| (*p).clone()).collect()
+    }
+}
+
+/// The Redis side of a container: a URL read from a Secret (`PLACEHOLDER` here) is taken as a
+/// `rediss://` URL, since only the files can be checked offline; without a client certificate
+/// the link counts as plain text (the manifests' Redis demands client certificates).
+fn redis_tls(redis: &mut Option<String>, args: &dsvl_tls::RedisTlsArgs, tls: &mut TlsUse) {
+    if redis.as_deref() == Some(crate::pods::PLACEHOLDER) {
+        *redis = Some("rediss://from-reference:6379".into());
+    }
+    if redis.is_none() {
+        return;
+    }
+    match &args.redis_cert_file {
+        Some(cert) => tls.presents.push(("Redis", cert.clone())),
+        None => tls.plain.push("Redis"),
+    }
 }
 
 /// The decoder flags that must agree across the ranks of a group.
@@ -230,7 +268,33 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
             if open {
                 return Err("--allow-unauthenticated: the gateway must require API keys".into());
             }
+            if a.insecure {
+                return Err("--insecure: the links to the tiers and Redis must use TLS".into());
+            }
+            let mut tls = TlsUse { serves: a.tls.tls_cert_file.clone(), ..TlsUse::default() };
+            if tls.serves.is_none() {
+                tls.plain.push("public listeners");
+            }
+            match &a.upstream_tls.upstream_cert_file {
+                Some(cert) => tls.presents.push(("vision and decoder tiers", cert.clone())),
+                None => tls.plain.push("vision and decoder tiers"),
+            }
+            redis_tls(&mut a.redis, &a.redis_tls, &mut tls);
+            // Validate the rest as the binary would once the links above are fixed.
+            a.insecure = !tls.plain.is_empty();
             dsvl_gateway::GatewayConfig::try_from(&a).map_err(|e| e.to_string())?;
+            let mut secret_files: Vec<PathBuf> = api_keys_file.into_iter().collect();
+            secret_files.extend(TlsUse::files(&[
+                a.tls.tls_cert_file.as_ref(),
+                a.tls.tls_key_file.as_ref(),
+                a.tls.tls_client_ca_file.as_ref(),
+                a.upstream_tls.upstream_ca_file.as_ref(),
+                a.upstream_tls.upstream_cert_file.as_ref(),
+                a.upstream_tls.upstream_key_file.as_ref(),
+                a.redis_tls.redis_ca_file.as_ref(),
+                a.redis_tls.redis_cert_file.as_ref(),
+                a.redis_tls.redis_key_file.as_ref(),
+            ]));
             let mut ups = upstreams("vision", &a.vision)?;
             ups.extend(upstreams("decoder", &a.decoder)?);
             Ok(Settings {
@@ -242,14 +306,30 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
                 gpus: 0,
                 group: None,
                 upstreams: ups,
-                secret_files: api_keys_file.into_iter().collect(),
+                secret_files,
                 redis: a.redis.is_some(),
+                health_port: a.health_listen.map(|h| h.port()),
+                tls,
             })
         }
         Binary::Vision => {
             let mut a = dsvl_vision::Args::try_parse_from(argv).map_err(|e| e.to_string())?;
             let secret = without_secret_file(&mut a.cluster_secret_file, &mut a.insecure)?;
+            let mut tls = TlsUse { serves: a.tls.tls_cert_file.clone(), ..TlsUse::default() };
+            if tls.serves.is_none() {
+                tls.plain.push("gRPC listener");
+            }
+            redis_tls(&mut a.redis, &a.redis_tls, &mut tls);
             dsvl_vision::VisionConfig::try_from(&a).map_err(|e| e.to_string())?;
+            let mut secret_files: Vec<PathBuf> = secret.into_iter().collect();
+            secret_files.extend(TlsUse::files(&[
+                a.tls.tls_cert_file.as_ref(),
+                a.tls.tls_key_file.as_ref(),
+                a.tls.tls_client_ca_file.as_ref(),
+                a.redis_tls.redis_ca_file.as_ref(),
+                a.redis_tls.redis_cert_file.as_ref(),
+                a.redis_tls.redis_key_file.as_ref(),
+            ]));
             let device = a.device.to_string();
             Ok(Settings {
                 binary,
@@ -260,15 +340,33 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
                 device,
                 group: None,
                 upstreams: Vec::new(),
-                secret_files: secret.into_iter().collect(),
+                secret_files,
                 redis: a.redis.is_some(),
+                health_port: a.health_listen.map(|h| h.port()),
+                tls,
             })
         }
         Binary::Decoder => {
             let mut a = dsvl_decoder::Args::try_parse_from(argv).map_err(|e| e.to_string())?;
             let secret = without_secret_file(&mut a.cluster_secret_file, &mut a.insecure)?;
-            dsvl_decoder::DecoderConfig::try_from(&a).map_err(|e| e.to_string())?;
             let serves = !(a.worker || a.node_index > 0);
+            let mut tls = TlsUse { serves: a.tls.tls_cert_file.clone(), ..TlsUse::default() };
+            if serves && tls.serves.is_none() {
+                tls.plain.push("gRPC listener");
+            }
+            if serves {
+                redis_tls(&mut a.redis, &a.redis_tls, &mut tls);
+            }
+            dsvl_decoder::DecoderConfig::try_from(&a).map_err(|e| e.to_string())?;
+            let mut secret_files: Vec<PathBuf> = secret.into_iter().collect();
+            secret_files.extend(TlsUse::files(&[
+                a.tls.tls_cert_file.as_ref(),
+                a.tls.tls_key_file.as_ref(),
+                a.tls.tls_client_ca_file.as_ref(),
+                a.redis_tls.redis_ca_file.as_ref(),
+                a.redis_tls.redis_cert_file.as_ref(),
+                a.redis_tls.redis_key_file.as_ref(),
+            ]));
             let device = a.device.to_string();
             let group = GroupFlags {
                 tp: a.tp,
@@ -287,8 +385,10 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
                 device,
                 group: Some(group),
                 upstreams: Vec::new(),
-                secret_files: secret.into_iter().collect(),
+                secret_files,
                 redis: a.redis.is_some(),
+                health_port: a.health_listen.map(|h| h.port()),
+                tls,
             })
         }
     }

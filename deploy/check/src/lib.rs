@@ -12,7 +12,8 @@
 //! 2. [`objects::ManifestSet::parse`] splits the YAML stream and deserialises every object into
 //!    its `k8s-openapi` type (wrong types and missing required fields fail here);
 //!    LeaderWorkerSets are first checked against the JSON schema kept in
-//!    `deploy/schemas/leaderworkerset.v1.schema.json` ([`lws`]).
+//!    `deploy/schemas/leaderworkerset.v1.schema.json` ([`lws`]); cert-manager objects
+//!    deserialise into types that refuse unknown fields ([`certs`]).
 //! 3. [`invariants::check`] enforces the project's rules on the parsed set: probes, drain and
 //!    grace periods, LeaderWorkerSet group semantics, GPUs and `/dev/shm`, pinned images, no
 //!    literal secrets, HPA targets and metrics, Service selectors, network paths. Container
@@ -27,6 +28,7 @@
 #![deny(missing_docs)]
 
 pub mod adapter;
+pub mod certs;
 pub mod dockerfile;
 pub mod flags;
 pub mod images;

@@ -74,6 +74,10 @@ pub enum Typed {
     NetworkPolicy(NetworkPolicy),
     /// `leaderworkerset.x-k8s.io/v1/LeaderWorkerSet`.
     Lws(LeaderWorkerSet),
+    /// `cert-manager.io/v1/Certificate`.
+    Certificate(crate::certs::Certificate),
+    /// `cert-manager.io/v1/Issuer`.
+    Issuer(crate::certs::Issuer),
 }
 
 /// A parsed object: where it came from, its raw form and its typed form.
@@ -157,6 +161,8 @@ impl ManifestSet {
                     }
                     typed(raw, Typed::Lws)
                 }
+                (crate::certs::API_VERSION, "Certificate") => typed(raw, Typed::Certificate),
+                (crate::certs::API_VERSION, "Issuer") => typed(raw, Typed::Issuer),
                 _ => {
                     violations.push(Violation::UnknownKind { api_version, object: id });
                     continue;

@@ -310,4 +310,66 @@ pub enum Violation {
         /// The group index.
         group: usize,
     },
+    /// An internal or public link of a service runs in plain text.
+    #[error("{pod}: container {container}'s {link} would be plain text: give it its TLS files (deploy/README.md, \"Certificates\")")]
+    PlainTextLink {
+        /// The pod template.
+        pod: PodRef,
+        /// The container.
+        container: String,
+        /// Which link.
+        link: &'static str,
+    },
+    /// A service serves TLS on its gRPC port but has no plain-text health port for kubelet's
+    /// gRPC probes (which speak no TLS).
+    #[error("{pod}: container {container} serves TLS on its gRPC port: give it --health-listen and probe that port")]
+    NoHealthPort {
+        /// The pod template.
+        pod: PodRef,
+        /// The container.
+        container: String,
+    },
+    /// A TLS file comes from a Secret no cert-manager Certificate of the overlay issues (so
+    /// nothing creates or renews it).
+    #[error("{pod}: container {container} reads its {link} certificate from Secret {secret:?}, which no Certificate issues")]
+    UnissuedCertificate {
+        /// The pod template.
+        pod: PodRef,
+        /// The container.
+        container: String,
+        /// Which link.
+        link: &'static str,
+        /// The Secret.
+        secret: String,
+    },
+    /// A Certificate lacks the key usage its use needs (`server auth` to serve, `client auth`
+    /// to present to a peer that verifies clients).
+    #[error("{certificate}: used for {link}, needs usage {needed:?}")]
+    CertificateUsage {
+        /// The Certificate.
+        certificate: ObjectRef,
+        /// Which link.
+        link: &'static str,
+        /// The missing usage.
+        needed: &'static str,
+    },
+    /// A Certificate's issuer is not in the overlay.
+    #[error("{certificate}: issuer {issuer:?} is not an Issuer of this overlay")]
+    DanglingIssuer {
+        /// The Certificate.
+        certificate: ObjectRef,
+        /// The issuer it names.
+        issuer: String,
+    },
+    /// The certificate an upstream's pods serve does not carry the name the gateway dials, so
+    /// the gateway's verification would refuse it.
+    #[error("{pod}: upstream {host} serves {certificate}, whose dnsNames lack {host:?}")]
+    CertificateNameMismatch {
+        /// The gateway pod template.
+        pod: PodRef,
+        /// The upstream host.
+        host: String,
+        /// The Certificate the upstream serves.
+        certificate: ObjectRef,
+    },
 }

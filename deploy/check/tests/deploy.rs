@@ -9,4 +9,5 @@
 mod dockerfiles;
 mod overlays;
 mod planted;
+mod planted_tls;
 mod support;

@@ -46,7 +46,7 @@ fn a_removed_probe() {
 fn a_probe_that_is_not_grpc_health() {
     let v = planted("dev", |d| {
         *at(d, "Deployment", "dsvl-vision", &format!("{POD}/containers/0/startupProbe")) =
-            json!({"tcpSocket": {"port": 50061}});
+            json!({"tcpSocket": {"port": 8081}});
     });
     assert_eq!(
         v,
@@ -54,17 +54,18 @@ fn a_probe_that_is_not_grpc_health() {
             pod: vision(),
             container: "vision".into(),
             probe: Probe::Startup,
-            listen: 50061
+            listen: 8081
         }]
     );
-    // A gRPC probe on the wrong port is as bad.
+    // A gRPC probe on the wrong port is as bad; the mutual-TLS gRPC port is a wrong port
+    // (kubelet's probes speak plain text: they go to the health port).
     let v = planted("dev", |d| {
         *at(
             d,
             "Deployment",
             "dsvl-vision",
             &format!("{POD}/containers/0/livenessProbe/grpc/port"),
-        ) = json!(50071)
+        ) = json!(50061)
     });
     assert_eq!(
         v,
@@ -72,7 +73,7 @@ fn a_probe_that_is_not_grpc_health() {
             pod: vision(),
             container: "vision".into(),
             probe: Probe::Liveness,
-            listen: 50061
+            listen: 8081
         }]
     );
 }
@@ -247,7 +248,7 @@ fn literal_secrets() {
 
     let in_env = |d: &mut Vec<Value>| {
         *at(d, "Deployment", "dsvl-vision", &format!("{POD}/containers/0/env/0")) =
-            json!({"name": "DSVL_REDIS_URL", "value": "redis://:hunter2@dsvl-redis:6379"});
+            json!({"name": "DSVL_REDIS_URL", "value": "rediss://:hunter2@dsvl-redis:6379"});
     };
     let location = "container vision env DSVL_REDIS_URL".to_string();
     assert_eq!(

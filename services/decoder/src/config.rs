@@ -105,13 +105,17 @@ pub struct Args {
     /// unless `--insecure` (a group on one node makes a throwaway key for its ranks).
     #[arg(long, env = "DSVL_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
-    /// Run internal links without their protection (no cluster secret with a shared cache or a
-    /// group spanning nodes).
+    /// Run internal links without their protection: plain-text gRPC and Redis, no cluster
+    /// secret with a shared cache or a group spanning nodes.
     #[arg(long, env = "DSVL_INSECURE")]
     pub insecure: bool,
-    /// TLS on the gRPC port (mutual: clients need a certificate from --tls-client-ca-file).
+    /// Mutual TLS on the gRPC port (clients need a certificate from --tls-client-ca-file);
+    /// required on rank 0 unless `--insecure`.
     #[command(flatten)]
     pub tls: dsvl_tls::ServerTlsArgs,
+    /// TLS to Redis (`rediss://`).
+    #[command(flatten)]
+    pub redis_tls: dsvl_tls::RedisTlsArgs,
     /// Internal: run as worker rank `--rank` of a group led at `--leader`.
     #[arg(long, hide = true)]
     pub worker: bool,
@@ -149,6 +153,8 @@ pub struct DecoderConfig {
     pub rendezvous_bind: String,
     /// Shared cache URL.
     pub redis: Option<String>,
+    /// TLS material for Redis.
+    pub redis_tls: dsvl_cache::RedisTls,
     /// KV pool size per rank.
     pub kv: KvSizing,
     /// Tokens per block.
@@ -214,7 +220,13 @@ impl TryFrom<&Args> for DecoderConfig {
         if !a.tp.is_multiple_of(a.nodes) {
             return bad("nodes", "the tensor-parallel degree must split evenly over the nodes");
         }
-        let redis = a.redis.clone().filter(|u| !u.is_empty());
+        // Worker ranks serve no gRPC and use no Redis (their links to the leader are
+        // authenticated by the group key).
+        let serves = !(a.worker || a.node_index > 0);
+        let (ca, identity) = a.redis_tls.files();
+        let (redis, redis_tls) =
+            dsvl_cache::redis_link(a.redis.as_deref(), ca, identity, a.insecure || !serves)
+                .map_err(|e| ConfigError { field: "redis", reason: e.to_string() })?;
         let needs = if redis.is_some() {
             Some("the shared cache (--redis)")
         } else if a.nodes > 1 {
@@ -224,14 +236,12 @@ impl TryFrom<&Args> for DecoderConfig {
         };
         let secret =
             dsvl_core::secret::cluster_secret(a.cluster_secret_file.as_deref(), a.insecure, needs)?;
-        let tls = a.tls.files();
-        if tls.as_ref().is_some_and(|t| t.client_ca.is_none()) {
-            return Err(ConfigError {
-                field: "tls-client-ca-file",
-                reason: "an internal tier authenticates its clients: give the certificate authority of their certificates (mutual TLS)".into(),
-            });
-        }
+        let tls = a
+            .tls
+            .internal(a.insecure || !serves)
+            .map_err(|reason| ConfigError { field: "tls-cert-file", reason })?;
         Ok(Self {
+            redis_tls,
             health_listen: a.health_listen,
             tls,
             secret,

@@ -73,7 +73,10 @@ pub async fn run(
         probes::spawn_liveness(health.clone(), vec![watchdog.clone()], config.liveness_stall);
 
     let cache = match &config.redis {
-        Some(url) => Some(Arc::new(RedisCache::new(RedisConfig::new(url.clone()))?)),
+        Some(url) => Some(Arc::new(RedisCache::new(RedisConfig {
+            tls: config.redis_tls.clone(),
+            ..RedisConfig::new(url.clone())
+        })?)),
         None => None,
     };
     if cache.is_some() && config.secret.is_none() {
@@ -89,6 +92,9 @@ pub async fn run(
     };
     let tls =
         config.tls.clone().map(|f| dsvl_tls::watch_server(f, &[dsvl_tls::ALPN_H2])).transpose()?;
+    if tls.is_none() {
+        tracing::warn!("--insecure: gRPC in plain text; callers are not authenticated");
+    }
     let server = router
         .add_service(
             DecoderServer::new(svc)

@@ -31,6 +31,8 @@ impl Decoder {
         let mut args =
             vec!["--listen".to_string(), grpc.clone(), "--metrics-listen".into(), metrics.clone()];
         args.extend(extra.iter().map(|s| s.to_string()));
+        // Plain-text gRPC on loopback, on purpose (tests/e2e/tls.rs covers mutual TLS).
+        args.push("--insecure".into());
         let proc = ServiceProcess::spawn(env!("CARGO_BIN_EXE_dsvl-decoder"), &args)?;
         let me = Self { proc, grpc, metrics };
         wait_serving(&me.grpc, Duration::from_secs(120)).await?;
@@ -486,6 +488,8 @@ impl Pod {
             cmd.env_remove(v);
         }
         cmd.env("DSVL_CLUSTER_SECRET_FILE", dsvl_testkit::cluster_secret_file());
+        // Plain-text gRPC on loopback; the group itself is still authenticated by the secret.
+        cmd.env("DSVL_INSECURE", "true");
         cmd.envs(env.iter().map(|(k, v)| (*k, v)));
         Ok(Self { child: cmd.spawn()? })
     }
@@ -605,7 +609,7 @@ async fn hostile_deadline_headers_never_panic() -> Result<()> {
 /// at start-up (unless `--insecure`), and a worker pod holding another secret cannot join.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cluster_secret_is_required_and_checked() -> Result<()> {
-    for flags in [&["--redis", "redis://127.0.0.1:1"][..], &["--tp", "2", "--nodes", "2"][..]] {
+    for flags in [&["--redis", "rediss://127.0.0.1:1"][..], &["--tp", "2", "--nodes", "2"][..]] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_dsvl-decoder"))
             .args(flags)
             .env_remove("DSVL_CLUSTER_SECRET_FILE")

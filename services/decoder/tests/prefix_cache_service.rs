@@ -41,6 +41,7 @@ impl Decoder {
             "2".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
+        args.push("--insecure".into()); // plain-text gRPC on loopback, on purpose
         let proc = ServiceProcess::spawn(env!("CARGO_BIN_EXE_dsvl-decoder"), &args)?;
         let me = Self { _proc: proc, grpc, metrics };
         let deadline = Instant::now() + Duration::from_secs(120);

@@ -806,6 +806,7 @@ mod tests {
             "--decoder",
             "127.0.0.1:1",
             "--allow-unauthenticated",
+            "--insecure",
             "--max-in-flight",
             "3",
             "--tenant-max-concurrency",

@@ -56,9 +56,16 @@ pub struct Args {
     /// certificate too).
     #[command(flatten)]
     pub tls: dsvl_tls::ServerTlsArgs,
-    /// Mutual TLS to the vision and decoder tiers.
+    /// Mutual TLS to the vision and decoder tiers (required unless `--insecure`).
     #[command(flatten)]
     pub upstream_tls: dsvl_tls::UpstreamTlsArgs,
+    /// TLS to Redis (`rediss://`).
+    #[command(flatten)]
+    pub redis_tls: dsvl_tls::RedisTlsArgs,
+    /// Reach the internal tiers and Redis in plain text (without this, the gateway refuses to
+    /// start unless its upstream and Redis links use TLS).
+    #[arg(long, env = "DSVL_INSECURE")]
+    pub insecure: bool,
     /// Requests per minute per tenant (0: unlimited).
     #[arg(long, env = "DSVL_TENANT_RPM", default_value_t = 0)]
     pub tenant_requests_per_minute: u32,
@@ -183,6 +190,8 @@ pub struct GatewayConfig {
     pub decoder: Vec<String>,
     /// Shared cache.
     pub redis: Option<String>,
+    /// TLS material for Redis.
+    pub redis_tls: dsvl_cache::RedisTls,
     /// API key → tenant at start (the file's and the inline ones; empty only with
     /// `allow_unauthenticated`).
     pub api_keys: HashMap<String, String>,
@@ -307,20 +316,37 @@ impl TryFrom<&Args> for GatewayConfig {
             .model_name
             .clone()
             .unwrap_or_else(|| dsvl_checkpoint::default_model_name(a.model.as_deref()));
+        let (ca, identity) = a.redis_tls.files();
+        let (redis, redis_tls) =
+            dsvl_cache::redis_link(a.redis.as_deref(), ca, identity, a.insecure)
+                .map_err(|e| ConfigError { field: "redis", reason: e.to_string() })?;
+        let upstream_tls = a.upstream_tls.files();
+        match &upstream_tls {
+            Some(f) if f.identity.is_none() => return Err(ConfigError {
+                field: "upstream-cert-file",
+                reason: "the internal tiers authenticate the gateway: give --upstream-cert-file and --upstream-key-file (mutual TLS)".into(),
+            }),
+            None if !a.insecure => return Err(ConfigError {
+                field: "upstream-ca-file",
+                reason: "the links to the vision and decoder tiers use mutual TLS: give --upstream-ca-file, --upstream-cert-file and --upstream-key-file, or pass --insecure to use plain text".into(),
+            }),
+            _ => {}
+        }
         Ok(Self {
+            redis_tls,
             grpc_max_connections: a.grpc_max_connections.max(1),
             health_listen: a.health_listen,
             model: a.model.clone(),
             model_name,
             vision: a.vision.iter().filter(|v| !v.trim().is_empty()).cloned().collect(),
             decoder: a.decoder.iter().filter(|v| !v.trim().is_empty()).cloned().collect(),
-            redis: a.redis.clone().filter(|u| !u.is_empty()),
+            redis,
             api_keys,
             api_keys_file: a.api_keys_file.clone(),
             api_keys_inline,
             allow_unauthenticated: a.allow_unauthenticated,
             tls: a.tls.files(),
-            upstream_tls: a.upstream_tls.files(),
+            upstream_tls,
             tenant_rpm: a.tenant_requests_per_minute,
             tenant_ipm: a.tenant_images_per_minute,
             tenant_tpm: a.tenant_tokens_per_minute,
@@ -373,10 +399,39 @@ mod tests {
     }
 
     fn config(extra: &[&str]) -> Result<GatewayConfig, ConfigError> {
+        secure_config(&[&["--insecure"], extra].concat())
+    }
+
+    fn secure_config(extra: &[&str]) -> Result<GatewayConfig, ConfigError> {
         use clap::Parser;
         let mut argv = vec!["dsvl-gateway", "--decoder", "127.0.0.1:1"];
         argv.extend(extra);
         GatewayConfig::try_from(&Args::parse_from(argv))
+    }
+
+    #[test]
+    fn plain_text_internal_links_need_insecure() {
+        let open = ["--allow-unauthenticated"];
+        let e = secure_config(&open).unwrap_err();
+        assert_eq!(e.field, "upstream-ca-file");
+        assert!(e.reason.contains("--insecure"), "{e}");
+        let tls = [
+            "--upstream-ca-file",
+            "/ca.pem",
+            "--upstream-cert-file",
+            "/gw.pem",
+            "--upstream-key-file",
+            "/gw.key",
+        ];
+        assert!(secure_config(&[&open[..], &tls].concat()).is_ok());
+        let e = secure_config(&[&open[..], &tls[..2]].concat()).unwrap_err();
+        assert_eq!(e.field, "upstream-cert-file", "the tiers authenticate the gateway");
+        let plain_redis = ["--redis", "redis://r:6379"];
+        let e = secure_config(&[&open[..], &tls, &plain_redis].concat()).unwrap_err();
+        assert_eq!(e.field, "redis");
+        assert!(e.reason.contains("rediss://"), "{e}");
+        assert!(secure_config(&[&open[..], &tls, &["--redis", "rediss://r:6379"]].concat()).is_ok());
+        assert!(config(&[&open[..], &plain_redis].concat()).is_ok(), "--insecure allows both");
     }
 
     #[test]

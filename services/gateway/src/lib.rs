@@ -117,6 +117,7 @@ impl Gateway {
         let redis = match &config.redis {
             Some(url) => Some(Arc::new(RedisCache::new(RedisConfig {
                 url: url.clone(),
+                tls: config.redis_tls.clone(),
                 connect_timeout: Duration::from_millis(500),
                 response_timeout: Duration::from_millis(500),
                 breaker: BreakerConfig::default(),
@@ -124,6 +125,9 @@ impl Gateway {
             None => None,
         };
         let fetcher = fetch::ImageFetcher::new(&config).map_err(RunError::ImageFetch)?;
+        if config.upstream_tls.is_none() {
+            tracing::warn!("--insecure: the vision and decoder tiers are called in plain text");
+        }
         let upstream_tls = config
             .upstream_tls
             .clone()
@@ -346,6 +350,7 @@ mod key_reload_tests {
             file.to_str().unwrap(),
             "--api-keys",
             "sk-inline=globex",
+            "--insecure",
         ]);
         let config = GatewayConfig::try_from(&args).unwrap();
         let gw = Arc::new(Gateway::new(config, dsvl_telemetry::server::Drain::new()).unwrap());

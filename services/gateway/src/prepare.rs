@@ -495,6 +495,7 @@ mod tests {
             "--decoder",
             "127.0.0.1:1",
             "--allow-unauthenticated",
+            "--insecure",
             "--max-prompt-tokens",
             "100",
         ]);

@@ -16,7 +16,8 @@ use dsvl_gateway::error::GatewayError;
 use dsvl_gateway::fetch::{ImageFetcher, RemoteImage};
 
 fn config(extra: &[&str]) -> GatewayConfig {
-    let mut args = vec!["dsvl-gateway", "--decoder", "127.0.0.1:1", "--allow-unauthenticated"];
+    let mut args =
+        vec!["dsvl-gateway", "--decoder", "127.0.0.1:1", "--allow-unauthenticated", "--insecure"];
     args.extend_from_slice(extra);
     GatewayConfig::try_from(&dsvl_gateway::Args::parse_from(args)).unwrap()
 }

@@ -86,12 +86,17 @@ pub struct Args {
     /// shared cache and verifies those it reads. Required with `--redis` unless `--insecure`.
     #[arg(long, env = "DSVL_CLUSTER_SECRET_FILE")]
     pub cluster_secret_file: Option<PathBuf>,
-    /// Run internal links without their protection (no cluster secret with a shared cache).
+    /// Run internal links without their protection: plain-text gRPC and Redis, no cluster
+    /// secret with a shared cache.
     #[arg(long, env = "DSVL_INSECURE")]
     pub insecure: bool,
-    /// TLS on the gRPC port (mutual: clients need a certificate from --tls-client-ca-file).
+    /// Mutual TLS on the gRPC port (clients need a certificate from --tls-client-ca-file);
+    /// required unless `--insecure`.
     #[command(flatten)]
     pub tls: dsvl_tls::ServerTlsArgs,
+    /// TLS to Redis (`rediss://`).
+    #[command(flatten)]
+    pub redis_tls: dsvl_tls::RedisTlsArgs,
     /// OTLP/gRPC endpoint for traces (also OTEL_EXPORTER_OTLP_ENDPOINT).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
@@ -113,6 +118,8 @@ pub struct VisionConfig {
     pub device: DeviceSpec,
     /// Shared cache URL.
     pub redis: Option<String>,
+    /// TLS material for Redis.
+    pub redis_tls: dsvl_cache::RedisTls,
     /// Entry lifetime.
     pub cache_ttl: Duration,
     /// In-process cache size in bytes.
@@ -172,20 +179,21 @@ impl TryFrom<&Args> for VisionConfig {
                 reason: "smaller than one image".into(),
             });
         }
-        let redis = a.redis.clone().filter(|u| !u.is_empty());
+        let (ca, identity) = a.redis_tls.files();
+        let (redis, redis_tls) =
+            dsvl_cache::redis_link(a.redis.as_deref(), ca, identity, a.insecure)
+                .map_err(|e| ConfigError { field: "redis", reason: e.to_string() })?;
         let secret = dsvl_core::secret::cluster_secret(
             a.cluster_secret_file.as_deref(),
             a.insecure,
             redis.is_some().then_some("the shared cache (--redis)"),
         )?;
-        let tls = a.tls.files();
-        if tls.as_ref().is_some_and(|t| t.client_ca.is_none()) {
-            return Err(ConfigError {
-                field: "tls-client-ca-file",
-                reason: "an internal tier authenticates its clients: give the certificate authority of their certificates (mutual TLS)".into(),
-            });
-        }
+        let tls = a
+            .tls
+            .internal(a.insecure)
+            .map_err(|reason| ConfigError { field: "tls-cert-file", reason })?;
         Ok(Self {
+            redis_tls,
             health_listen: a.health_listen,
             tls,
             secret,

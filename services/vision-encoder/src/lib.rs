@@ -100,6 +100,7 @@ fn load_pipeline(cfg: &VisionConfig, watchdog: Arc<Watchdog>) -> Result<Pipeline
     let shared = match &cfg.redis {
         Some(url) => Some(Arc::new(RedisCache::new(RedisConfig {
             url: url.clone(),
+            tls: cfg.redis_tls.clone(),
             connect_timeout: cfg.redis_timeout,
             response_timeout: cfg.redis_timeout,
             breaker: BreakerConfig::default(),
@@ -159,6 +160,9 @@ pub async fn run(
     };
     let tls =
         config.tls.clone().map(|f| dsvl_tls::watch_server(f, &[dsvl_tls::ALPN_H2])).transpose()?;
+    if tls.is_none() {
+        tracing::warn!("--insecure: gRPC in plain text; callers are not authenticated");
+    }
     let server_svc = VisionEncoderServer::new(svc)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);

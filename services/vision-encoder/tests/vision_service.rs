@@ -29,6 +29,8 @@ impl Vision {
         let mut args =
             vec!["--listen".to_string(), grpc.clone(), "--metrics-listen".into(), metrics.clone()];
         args.extend(extra.iter().map(|s| s.to_string()));
+        // Plain-text gRPC on loopback, on purpose (tests/e2e/tls.rs covers mutual TLS).
+        args.push("--insecure".into());
         let proc = ServiceProcess::spawn(env!("CARGO_BIN_EXE_dsvl-vision"), &args)?;
         let me = Self { proc, grpc, metrics };
         me.wait_serving(Duration::from_secs(60)).await?;
@@ -544,7 +546,7 @@ async fn hostile_deadline_headers_never_panic() -> Result<()> {
 fn a_shared_cache_needs_the_cluster_secret() -> Result<()> {
     let run = |extra: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_dsvl-vision"))
-            .args(["--redis", "redis://127.0.0.1:1", "--listen", "127.0.0.1:1"])
+            .args(["--redis", "rediss://127.0.0.1:1", "--listen", "127.0.0.1:1"])
             .args(extra)
             .env_remove("DSVL_CLUSTER_SECRET_FILE")
             .env_remove("DSVL_INSECURE")

@@ -7,8 +7,10 @@
 //! the services report for them (`startup`, `""` or the API service for readiness, `liveness`,
 //! which never follows a drain or another tier), a preStop hook, a grace period covering preStop + drain, GPU limits equal to
 //! the devices the ranks open, `/dev/shm` in memory for the decoder, no unknown `DSVL_*`
-//! variables, and secret files read from Secret volumes. Decoder worker ranks serve nothing,
-//! so they need no probes and drain nothing.
+//! variables, and secret files read from Secret volumes; no link in plain text, and with TLS on
+//! the gRPC port a plain-text health port (`--health-listen`) that the probes use (kubelet's
+//! gRPC probes speak no TLS). Decoder worker ranks serve nothing, so they need no probes and
+//! drain nothing.
 
 use k8s_openapi::api::core::v1::{Container, PodSpec, Probe as K8sProbe};
 
@@ -68,6 +70,14 @@ pub(crate) fn check(
         return;
     };
     let binary = s.binary;
+    for link in &s.tls.plain {
+        out.push(Violation::PlainTextLink { pod: pod(), container: name(), link });
+    }
+    if s.serves && s.tls.serves.is_some() && s.health_port.is_none() {
+        out.push(Violation::NoHealthPort { pod: pod(), container: name() });
+    }
+    // Kubelet's gRPC probes speak plain text: they go to the health port when there is one.
+    let probe_port = s.health_port.unwrap_or(s.grpc_port);
     if s.serves {
         let probes = [
             (Probe::Startup, &c.startup_probe),
@@ -79,12 +89,12 @@ pub(crate) fn check(
                 out.push(Violation::MissingProbe { pod: pod(), container: name(), probe });
                 continue;
             };
-            if !is_grpc_on(p, s.grpc_port) {
+            if !is_grpc_on(p, probe_port) {
                 out.push(Violation::ProbeNotGrpc {
                     pod: pod(),
                     container: name(),
                     probe,
-                    listen: s.grpc_port,
+                    listen: probe_port,
                 });
                 continue;
             }
@@ -242,6 +252,27 @@ fn has_memory_shm(spec: &PodSpec, c: &Container) -> bool {
                     && v.empty_dir.as_ref().is_some_and(|e| e.medium.as_deref() == Some("Memory"))
             })
         })
+}
+
+/// The Secret a file at `path` of container `c` comes from (a `secret` volume, or the first
+/// Secret of a projected one).
+pub(crate) fn secret_of(spec: &PodSpec, c: &Container, path: &str) -> Option<String> {
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| path.starts_with(&format!("{}/", m.mount_path.trim_end_matches('/'))))?;
+    let volume = spec.volumes.iter().flatten().find(|v| v.name == mount.name)?;
+    if let Some(s) = &volume.secret {
+        return s.secret_name.clone();
+    }
+    volume
+        .projected
+        .as_ref()?
+        .sources
+        .iter()
+        .flatten()
+        .find_map(|s| s.secret.as_ref().map(|s| s.name.clone()))
 }
 
 fn on_secret_volume(spec: &PodSpec, c: &Container, path: &str) -> bool {

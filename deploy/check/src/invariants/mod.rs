@@ -5,8 +5,10 @@
 //! per container ([`containers`]: probes, preStop and grace, images, GPUs, `/dev/shm`,
 //! non-root, secrets in env and args), per object (this file: LeaderWorkerSet semantics, HPA
 //! targets and metrics, Secrets and ConfigMaps, Service selectors), and across pods
-//! ([`paths`]: gateway upstreams, NetworkPolicy paths, rendezvous isolation).
+//! ([`paths`]: gateway upstreams, NetworkPolicy paths, rendezvous isolation; [`certs`]: every
+//! TLS file issued by a Certificate with the right usages and names).
 
+mod certs;
 mod containers;
 mod paths;
 
@@ -90,6 +92,7 @@ pub fn check(docs: &[Value], ctx: &CheckContext) -> Vec<Violation> {
     check_stored_secrets(&set, &mut out);
     check_service_selectors(&set, &views, &mut out);
     paths::check(&set, &views, &settings, &mut out);
+    certs::check(&set, &views, &settings, &mut out);
     out.sort();
     out.dedup();
     out
