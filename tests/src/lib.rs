@@ -45,10 +45,23 @@ pub struct Svc {
     pub addr: String,
     /// Prometheus address.
     pub metrics: String,
+    /// The process's data-segment limit in bytes (`prlimit --data`), kept across respawns.
+    pub data_limit: Option<u64>,
 }
 
 impl Svc {
-    fn spawn(bin: &str, listen_flag: &str, mut extra: Vec<String>) -> Result<Self> {
+    fn spawn(bin: &str, listen_flag: &str, extra: Vec<String>) -> Result<Self> {
+        Self::spawn_limited(bin, listen_flag, extra, None)
+    }
+
+    /// Starts `bin`, under `prlimit --data=LIMIT` when `data_limit` is set: a regression that
+    /// lets an attack grow the service's memory kills the service, not the test machine.
+    fn spawn_limited(
+        bin: &str,
+        listen_flag: &str,
+        mut extra: Vec<String>,
+        data_limit: Option<u64>,
+    ) -> Result<Self> {
         // `--health-listen auto`: a free port of its own.
         if let Some(i) = extra.iter().position(|a| a == "--health-listen") {
             if extra.get(i + 1).is_some_and(|v| v == "auto") {
@@ -60,12 +73,21 @@ impl Svc {
         let mut args =
             vec![listen_flag.to_string(), addr.clone(), "--metrics-listen".into(), metrics.clone()];
         args.extend(extra.iter().cloned());
-        let proc = ServiceProcess::spawn(binary(bin)?.to_str().context("path")?, &args)?;
+        let program = binary(bin)?.to_str().context("path")?.to_string();
+        let proc = match data_limit {
+            // prlimit execs the service: the pid is the service's.
+            Some(limit) => {
+                let mut wrapped = vec![format!("--data={limit}"), "--".into(), program];
+                wrapped.extend(args);
+                ServiceProcess::spawn("prlimit", &wrapped)?
+            }
+            None => ServiceProcess::spawn(&program, &args)?,
+        };
         let health = extra
             .iter()
             .position(|a| a == "--health-listen")
             .and_then(|i| extra.get(i + 1).cloned());
-        Ok(Self { proc, addr, metrics, tls: None, health })
+        Ok(Self { proc, addr, metrics, tls: None, health, data_limit })
     }
 
     /// A gRPC channel to the service (over mutual TLS when it speaks it), connected lazily.
@@ -92,7 +114,7 @@ impl Svc {
                         "{bin} exited during start-up ({e}); starting it again on fresh ports"
                     );
                     let tls = self.tls.take();
-                    *self = Self::spawn(bin, listen_flag, extra())?;
+                    *self = Self::spawn_limited(bin, listen_flag, extra(), self.data_limit)?;
                     self.tls = tls;
                 }
                 Err(e) => return Err(e),
@@ -128,6 +150,14 @@ impl Svc {
         }
     }
 
+    /// Peak resident memory of the process so far (`VmHWM`), in bytes.
+    pub fn peak_rss(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.proc.pid()))?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("VmHWM")?;
+        let kib: u64 = line.split_whitespace().nth(1).context("VmHWM value")?.parse()?;
+        Ok(kib << 10)
+    }
+
     /// Sum of a metric's samples matching `labels`.
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
         Ok(metric_sum(&http_get(&self.metrics, "/metrics")?, name, labels))
@@ -157,6 +187,8 @@ pub struct Options {
     /// Every service gets an internal health port (`--health-listen`, [`Svc::health`]), as in
     /// Kubernetes; the gateway's public gRPC port then serves only the Chat API.
     pub health_ports: bool,
+    /// The gateway runs under `prlimit --data` with this many bytes.
+    pub gateway_data_limit: Option<u64>,
 }
 
 impl Default for Options {
@@ -171,6 +203,7 @@ impl Default for Options {
             tls: false,
             health_ports: false,
             redis_acl: false,
+            gateway_data_limit: None,
         }
     }
 }
@@ -398,7 +431,12 @@ impl Cluster {
         // Callers of the public listeners only need the authority (no client certificate).
         let public_tls =
             pki.as_ref().map(|p| dsvl_tls::ClientFiles { ca: p.client.ca.clone(), identity: None });
-        let mut gateway = Svc::spawn("dsvl-gateway", "--grpc-listen", args.clone())?;
+        let mut gateway = Svc::spawn_limited(
+            "dsvl-gateway",
+            "--grpc-listen",
+            args.clone(),
+            opts.gateway_data_limit,
+        )?;
         gateway.tls = public_tls.clone();
         let (bin, api) = ("dsvl-gateway", "dsvl.v1.Chat");
         gateway
@@ -407,7 +445,12 @@ impl Cluster {
         let http = http_port.lock().expect("lock").clone();
         let mut more_gateways = Vec::new();
         for _ in 1..opts.gateway_replicas.max(1) {
-            let mut g = Svc::spawn("dsvl-gateway", "--grpc-listen", gateway_args())?;
+            let mut g = Svc::spawn_limited(
+                "dsvl-gateway",
+                "--grpc-listen",
+                gateway_args(),
+                opts.gateway_data_limit,
+            )?;
             g.tls = public_tls.clone();
             g.serving_or_respawn(bin, "--grpc-listen", gateway_args, api, Duration::from_secs(60))
                 .await?;

@@ -161,6 +161,12 @@ pub struct ServerLimits {
     pub keepalive: (Duration, Duration),
     /// TCP keep-alive.
     pub tcp_keepalive: Duration,
+    /// Oldest a connection may get before the server asks the client to reconnect (GOAWAY,
+    /// then close once its open streams end, which the request timeout bounds): a client that
+    /// only answers keep-alive pings cannot hold a connection slot forever (`None`: no limit).
+    /// No grace period is set on purpose: tonic 0.14 with a grace skips the graceful GOAWAY at
+    /// the age and only cuts the connection at age + grace.
+    pub max_connection_age: Option<Duration>,
 }
 
 impl ServerLimits {
@@ -170,9 +176,16 @@ impl ServerLimits {
         max_concurrent_streams: 4096,
         keepalive: (Duration::from_secs(30), Duration::from_secs(10)),
         tcp_keepalive: Duration::from_secs(60),
+        max_connection_age: None,
     };
-    /// The public edge (Envoy's default stream limit is 100; grpc-go's keep-alive options).
-    pub const PUBLIC: Self = Self { max_concurrent_streams: 128, ..Self::INTERNAL };
+    /// The public edge (Envoy's default stream limit is 100; grpc-go's keep-alive and
+    /// connection-age options): connections are recycled after 10 minutes, their open
+    /// streams finishing first.
+    pub const PUBLIC: Self = Self {
+        max_concurrent_streams: 128,
+        max_connection_age: Some(Duration::from_secs(600)),
+        ..Self::INTERNAL
+    };
 }
 
 impl GrpcBase {
@@ -209,11 +222,15 @@ impl GrpcBase {
         let reflection =
             builder.build_v1().map_err(|e| TelemetryError::Reflection(e.to_string()))?;
         let main = || {
-            tonic::transport::Server::builder()
+            let mut b = tonic::transport::Server::builder()
                 .max_concurrent_streams(limits.max_concurrent_streams)
                 .http2_keepalive_interval(Some(limits.keepalive.0))
                 .http2_keepalive_timeout(Some(limits.keepalive.1))
-                .tcp_keepalive(Some(limits.tcp_keepalive))
+                .tcp_keepalive(Some(limits.tcp_keepalive));
+            if let Some(age) = limits.max_connection_age {
+                b = b.max_connection_age(age);
+            }
+            b
         };
         let router = if health_on_main {
             main().add_service(health_service.clone()).add_service(reflection.clone())

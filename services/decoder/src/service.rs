@@ -8,6 +8,9 @@ use candle_core::Tensor;
 use dsvl_cache::RedisCache;
 use dsvl_core::prefix::ImageSpan;
 use dsvl_core::sampling::MAX_TOP_LOGPROBS;
+
+/// Most stop token ids one request may carry.
+pub const MAX_STOP_TOKEN_IDS: usize = 1024;
 use dsvl_engine::constraint::{Constraint, Grammar};
 use dsvl_engine::engine::EngineHandle;
 use dsvl_engine::scheduler::{Event, NewRequest, PrefixKey};
@@ -87,6 +90,14 @@ impl Ready {
             .validate()
             .and_then(|()| params.validate_vocab(self.info.vocab_size))
             .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        // Checked at every step of the sequence: a hostile caller's ten million ids would cost
+        // ten million comparisons per token (the gateway itself sends at most 64).
+        if req.stop_token_ids.len() > MAX_STOP_TOKEN_IDS {
+            return Err(ServiceError::InvalidArgument(format!(
+                "{} stop_token_ids; at most {MAX_STOP_TOKEN_IDS}",
+                req.stop_token_ids.len()
+            )));
+        }
         if req.top_logprobs > MAX_TOP_LOGPROBS {
             return Err(ServiceError::InvalidArgument(format!(
                 "top_logprobs is {}; at most {MAX_TOP_LOGPROBS}",

@@ -298,6 +298,15 @@ async fn image_stream_through_redis_matches_reference() -> Result<()> {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // Ten million stop ids (10 MB on the wire, within the message limit) are refused from
+    // their count.
+    let t = std::time::Instant::now();
+    let stops =
+        GenerateRequest { stop_token_ids: vec![7; 10_000_000], ..request(prompt.clone(), 4) };
+    let e = generate(&mut c, stops).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("stop_token_ids"), "{}", e.message());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     let no_image = generate(&mut c, request(prompt, 4)).await.unwrap_err();
     assert_eq!(no_image.code(), tonic::Code::InvalidArgument);
     assert!(!dsvl_proto::convert::asks_to_reencode(&no_image));

@@ -109,6 +109,10 @@ pub struct Args {
     /// beyond it new ones wait in the listen backlog.
     #[arg(long, env = "DSVL_GRPC_MAX_CONNECTIONS", default_value_t = 4096)]
     pub grpc_max_connections: usize,
+    /// Oldest a public gRPC connection may get, in seconds, before the gateway asks the client
+    /// to reconnect (GOAWAY; streams then open finish first); 0: no limit.
+    #[arg(long, env = "DSVL_GRPC_MAX_CONNECTION_AGE_SECS", default_value_t = 600)]
+    pub grpc_max_connection_age_secs: u64,
     /// Most open HTTP connections; beyond it new ones wait in the listen backlog.
     #[arg(long, env = "DSVL_HTTP_MAX_CONNECTIONS", default_value_t = 4096)]
     pub http_max_connections: usize,
@@ -178,6 +182,8 @@ pub struct ImageUrlPolicy {
 pub struct GatewayConfig {
     /// Most open connections on the public gRPC port.
     pub grpc_max_connections: usize,
+    /// Connection limits of the public gRPC port.
+    pub grpc_limits: dsvl_telemetry::server::ServerLimits,
     /// Internal health and reflection port (`--health-listen`).
     pub health_listen: Option<SocketAddr>,
     /// Tokenizer/template checkpoint.
@@ -335,6 +341,11 @@ impl TryFrom<&Args> for GatewayConfig {
         Ok(Self {
             redis_tls,
             grpc_max_connections: a.grpc_max_connections.max(1),
+            grpc_limits: dsvl_telemetry::server::ServerLimits {
+                max_connection_age: Some(Duration::from_secs(a.grpc_max_connection_age_secs))
+                    .filter(|d| !d.is_zero()),
+                ..dsvl_telemetry::server::ServerLimits::PUBLIC
+            },
             health_listen: a.health_listen,
             model: a.model.clone(),
             model_name,

@@ -201,7 +201,7 @@ pub async fn run(
     let GrpcBase { health, drain, router, internal } =
         GrpcBase::with_limits::<ChatServer<grpc::ChatService>>(
             &[dsvl_proto::v1::FILE_DESCRIPTOR_SET],
-            dsvl_telemetry::server::ServerLimits::PUBLIC,
+            config.grpc_limits,
             health_listen.is_none(),
         )
         .await

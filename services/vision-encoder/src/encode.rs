@@ -352,10 +352,18 @@ impl Pipeline {
         }
         .map_err(|_| Failure::Internal("the decode slots are closed".into()))?;
         let pre = self.preprocessor.clone();
-        let pixels = tokio::task::spawn_blocking(move || pre.preprocess_bytes(&image))
-            .await
-            .map_err(|e| Failure::Internal(format!("preprocessing task: {e}")))?
-            .map_err(|e| Failure::Image(e.to_string()))?;
+        let pixels = tokio::task::spawn_blocking(move || {
+            let rgb = dsvl_models::preprocess::decode_rgb(&image, pre.limits())?;
+            drop(image);
+            let pixels = pre.preprocess_rgb(&rgb);
+            let decoded = rgb.data.len();
+            drop(rgb);
+            crate::memory::release_decoded(decoded);
+            Ok::<_, dsvl_models::preprocess::ImageError>(pixels)
+        })
+        .await
+        .map_err(|e| Failure::Internal(format!("preprocessing task: {e}")))?
+        .map_err(|e| Failure::Image(e.to_string()))?;
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Err(Failure::Deadline);
         }

@@ -2,13 +2,15 @@
 //! until a shutdown future resolves; `main.rs` only parses flags, sets up telemetry and calls it.
 //!
 //! Layout: [`config`] (flags and validation), [`batcher`] (queue + model thread), [`encode`]
-//! (cache tiers, single flight, leases), [`service`] (gRPC handlers and status mapping).
+//! (cache tiers, single flight, leases), [`memory`] (decoded images handed back to the OS),
+//! [`service`] (gRPC handlers and status mapping).
 #![deny(missing_docs)]
 
 pub mod batcher;
 pub mod config;
 pub mod encode;
 pub mod error;
+pub mod memory;
 pub mod service;
 
 use std::future::Future;
