@@ -1,6 +1,8 @@
 //! Every hop over TLS: the vision replica and the decoder group (two ranks) serve mutual TLS,
 //! the gateway calls them with its own certificate and serves TLS on its public gRPC and HTTP
-//! listeners, and every tier reaches Redis over mutual TLS as its own ACL user. The golden greedy ids come back through both public APIs, and the internal tiers
+//! listeners, and every tier reaches Redis over mutual TLS as its own ACL user. The internal
+//! tiers accept only the gateway's name (`--tls-client-names`), not any certificate of the
+//! cluster's authority. The golden greedy ids come back through both public APIs, and the internal tiers
 //! refuse callers without a certificate from the cluster's authority.
 
 use std::io::{Read, Write};
@@ -126,6 +128,12 @@ async fn every_hop_speaks_tls_and_the_tiers_refuse_strangers() -> Result<()> {
             identity: Some((stranger.1.cert.clone(), stranger.1.key.clone())),
         };
         assert!(health(svc, Some(other)).await.is_err(), "{}: another authority", svc.addr);
+        // Redis's certificate is from the cluster's authority but is not the gateway's name.
+        let sibling = dsvl_tls::ClientFiles {
+            ca: pki.client.ca.clone(),
+            identity: Some((pki.redis.cert.clone(), pki.redis.key.clone())),
+        };
+        assert!(health(svc, Some(sibling)).await.is_err(), "{}: not the gateway", svc.addr);
         assert!(health(svc, None).await.is_err(), "{}: plain text", svc.addr);
     }
     Ok(())

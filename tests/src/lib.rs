@@ -228,6 +228,9 @@ pub struct Cluster {
     pub pki: Option<Pki>,
 }
 
+/// The name the internal tiers accept from their callers (`--tls-client-names`).
+pub const GATEWAY_NAME: &str = "dsvl-gateway";
+
 /// A throwaway certificate authority and one leaf per tier (all valid for 127.0.0.1), in a
 /// temporary directory removed on drop.
 pub struct Pki {
@@ -250,19 +253,27 @@ impl Pki {
     pub fn new() -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let ca = dsvl_tls::DevCa::new("dsvl test CA")?;
-        let names = ["127.0.0.1", "localhost"];
-        let leaf = |name: &str| ca.write_leaf(dir.path(), name, &names);
+        // Every leaf is valid for loopback; the gateway's (and the test client's, which calls
+        // the tiers as the gateway would) also for `dsvl-gateway`, the one client name the
+        // internal tiers accept.
+        let leaf = |name: &str, client: bool| {
+            let mut names = vec!["127.0.0.1", "localhost"];
+            if client {
+                names.push(GATEWAY_NAME);
+            }
+            ca.write_leaf(dir.path(), name, &names)
+        };
         Ok(Self {
-            vision: leaf("vision")?,
-            decoder: leaf("decoder")?,
-            gateway: leaf("gateway")?,
-            client: leaf("client")?,
-            redis: leaf("redis")?,
+            vision: leaf("vision", false)?,
+            decoder: leaf("decoder", false)?,
+            gateway: leaf("gateway", true)?,
+            client: leaf("client", true)?,
+            redis: leaf("redis", false)?,
             dir,
         })
     }
 
-    /// A server's flags for `leaf` (mutual TLS).
+    /// An internal tier's flags for `leaf`: mutual TLS, callers must be the gateway.
     pub fn server_flags(leaf: &dsvl_tls::dev_ca::LeafFiles) -> Vec<String> {
         [
             "--tls-cert-file",
@@ -271,6 +282,8 @@ impl Pki {
             &leaf.key.display().to_string(),
             "--tls-client-ca-file",
             &leaf.ca.display().to_string(),
+            "--tls-client-names",
+            GATEWAY_NAME,
         ]
         .map(String::from)
         .to_vec()

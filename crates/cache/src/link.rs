@@ -75,6 +75,10 @@ pub fn is_tls_url(url: &str) -> bool {
 /// # Errors
 /// [`CacheError::Config`] saying what to change.
 pub fn check_link(url: &str, tls: &RedisTls, insecure: bool) -> Result<(), CacheError> {
+    // The client reads options from the fragment (`#insecure` turns off verification).
+    if url.contains('#') {
+        return Err(CacheError::Config("a Redis URL with a #fragment is refused".into()));
+    }
     if is_tls_url(url) {
         return Ok(());
     }
@@ -107,7 +111,9 @@ pub fn redis_link(
     match &url {
         Some(u) => check_link(u, &tls, insecure)?,
         None if tls.has_files() => {
-            return Err(CacheError::Config("Redis TLS files without --redis".into()))
+            // Turning the cache off (an empty URL) must not need the TLS flags removed too.
+            tracing::warn!("Redis TLS files given without --redis: ignored");
+            return Ok((None, RedisTls::default()));
         }
         None => {}
     }
@@ -130,5 +136,8 @@ mod tests {
         assert!(check_link("redis+cluster://a:1", &none, false).is_err());
         let err = check_link("redis://r:6379", &ca, true).unwrap_err().to_string();
         assert!(err.contains("TLS URL"), "{err}");
+        assert!(check_link("rediss://r:6379/#insecure", &none, false).is_err());
+        let (url, tls) = redis_link(Some(""), Some("/ca.pem".into()), None, false).unwrap();
+        assert_eq!((url, tls), (None, RedisTls::default()), "no Redis: the files are ignored");
     }
 }

@@ -131,9 +131,20 @@ impl RedisCache {
         if config.tls.has_files() && !crate::link::is_tls_url(&config.url) {
             return Err(CacheError::Config("TLS files given for a plain-text Redis URL".into()));
         }
-        // Unreadable files are a configuration error now, not a miss on every request.
+        // Unreadable or unparsable files are a configuration error now, not a miss on every
+        // request (the client parses the PEM when it is built).
         if config.tls.has_files() {
-            config.tls.certificates()?;
+            let certs = config.tls.certificates()?;
+            match config.url.strip_prefix("rediss+cluster://") {
+                Some(nodes) => {
+                    let nodes: Vec<String> =
+                        nodes.split(',').map(|n| format!("rediss://{n}")).collect();
+                    redis::cluster::ClusterClientBuilder::new(nodes).certs(certs).build()?;
+                }
+                None => {
+                    redis::Client::build_with_tls(config.url.as_str(), certs)?;
+                }
+            }
         }
         if !crate::link::is_tls_url(&config.url) {
             tracing::warn!(
@@ -293,15 +304,23 @@ impl RedisCache {
     async fn connection(&self) -> Result<Conn, CacheError> {
         let attempt = async {
             let mut guard = self.conn.lock().await;
-            if self.tls_rotated() {
+            let rotated = self.tls_rotated();
+            if rotated {
                 tracing::info!("Redis TLS files changed: reconnecting with them");
-                metrics::counter!("dsvl_tls_reloads_total", "outcome" => "ok").increment(1);
                 *guard = None;
             }
             if let Some(c) = guard.as_ref() {
                 return Ok(c.clone());
             }
-            let c = self.connect().await?;
+            let connected = self.connect().await;
+            if rotated {
+                let outcome = if connected.is_ok() { "ok" } else { "error" };
+                metrics::counter!("dsvl_tls_reloads_total", "outcome" => outcome).increment(1);
+                if let Err(e) = &connected {
+                    tracing::warn!(error = %e, "Redis refused the connection with the new TLS files");
+                }
+            }
+            let c = connected?;
             *guard = Some(c.clone());
             Ok(c)
         };

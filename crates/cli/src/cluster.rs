@@ -63,16 +63,21 @@ pub struct Cluster {
 /// Loading a real checkpoint can take minutes; the tiny one takes about a second.
 const START_LIMIT: Duration = Duration::from_secs(1800);
 
-/// A server's mutual-TLS flags for `leaf`.
+/// The name of the gateway's certificate: the one client the internal tiers accept.
+const GATEWAY_NAME: &str = "dsvl-gateway";
+
+/// An internal tier's mutual-TLS flags for `leaf`; only the gateway may call it.
 fn server_tls_flags(leaf: &dsvl_tls::dev_ca::LeafFiles) -> Vec<String> {
-    [
+    let mut flags: Vec<String> = [
         ("--tls-cert-file", &leaf.cert),
         ("--tls-key-file", &leaf.key),
         ("--tls-client-ca-file", &leaf.ca),
     ]
     .into_iter()
     .flat_map(|(flag, path)| [flag.to_string(), path.display().to_string()])
-    .collect()
+    .collect();
+    flags.extend(["--tls-client-names".to_string(), GATEWAY_NAME.to_string()]);
+    flags
 }
 
 fn model_flags(spec: &ClusterSpec) -> Vec<String> {
@@ -127,7 +132,8 @@ impl Cluster {
         let names = ["127.0.0.1", "localhost"];
         let vision_tls = ca.write_leaf(pki.path(), "vision", &names)?;
         let decoder_tls = ca.write_leaf(pki.path(), "decoder", &names)?;
-        let gateway_tls = ca.write_leaf(pki.path(), "gateway", &names)?;
+        let gateway_tls =
+            ca.write_leaf(pki.path(), "gateway", &["127.0.0.1", "localhost", GATEWAY_NAME])?;
         let vision_addr = format!("127.0.0.1:{}", free_port()?);
         let mut args = vec!["--listen".to_string(), vision_addr.clone()];
         args.extend(model_flags(spec));

@@ -17,6 +17,16 @@ pub struct ServerTlsArgs {
     /// PEM certificate authority that clients must present a certificate from (mutual TLS).
     #[arg(long, env = "DSVL_TLS_CLIENT_CA_FILE", requires = "tls_cert_file")]
     pub tls_client_ca_file: Option<PathBuf>,
+    /// Names a client certificate must be valid for (one of them, comma-separated DNS names):
+    /// `dsvl-gateway` lets only the gateway call an internal tier, not every holder of a
+    /// certificate from the same authority.
+    #[arg(
+        long,
+        env = "DSVL_TLS_CLIENT_NAMES",
+        value_delimiter = ',',
+        requires = "tls_client_ca_file"
+    )]
+    pub tls_client_names: Vec<String>,
 }
 
 impl ServerTlsArgs {
@@ -26,6 +36,12 @@ impl ServerTlsArgs {
             cert: self.tls_cert_file.clone()?,
             key: self.tls_key_file.clone()?,
             client_ca: self.tls_client_ca_file.clone(),
+            client_names: self
+                .tls_client_names
+                .iter()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect(),
         })
     }
 
@@ -147,6 +163,7 @@ mod tests {
             tls_cert_file: Some("/c.pem".into()),
             tls_key_file: Some("/k.pem".into()),
             tls_client_ca_file: None,
+            tls_client_names: Vec::new(),
         };
         // --insecure does not make one-way TLS acceptable: clients must be authenticated.
         assert!(one_way.internal(true).unwrap_err().contains("--tls-client-ca-file"));

@@ -37,6 +37,7 @@ impl LeafFiles {
     /// As a server requiring client certificates from the same authority.
     pub fn server(&self) -> ServerFiles {
         ServerFiles {
+            client_names: Vec::new(),
             cert: self.cert.clone(),
             key: self.key.clone(),
             client_ca: Some(self.ca.clone()),

@@ -19,6 +19,9 @@ pub struct ServerFiles {
     pub key: PathBuf,
     /// PEM certificate authorities of the clients (`None`: clients are not authenticated).
     pub client_ca: Option<PathBuf>,
+    /// Names a client certificate must be valid for, one of them (empty: any certificate from
+    /// `client_ca`).
+    pub client_names: Vec<String>,
 }
 
 impl ServerFiles {
@@ -99,7 +102,13 @@ pub fn server_config(files: &ServerFiles, alpn: &[&[u8]]) -> Result<ServerConfig
             )
             .build()
             .map_err(|e| file_error(ca, e))?;
-            builder.with_client_cert_verifier(verifier)
+            if files.client_names.is_empty() {
+                builder.with_client_cert_verifier(verifier)
+            } else {
+                let named = crate::client_names::NamedClients::new(verifier, &files.client_names)
+                    .map_err(TlsError::Other)?;
+                builder.with_client_cert_verifier(Arc::new(named))
+            }
         }
         None => builder.with_no_client_auth(),
     };

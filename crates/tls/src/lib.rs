@@ -2,6 +2,7 @@
 //!
 //! - [`files`]: rustls server and client configurations from PEM files (a certificate chain,
 //!   its key, and the certificate authority that peers must be signed by);
+//! - [`client_names`]: which clients an internal tier accepts (`--tls-client-names`);
 //! - [`reload`]: a configuration rebuilt when its files change, as cert-manager rotates them in
 //!   place; connections made after the change use the new files, open ones keep theirs;
 //! - [`incoming`]: the stream of accepted connections for tonic servers, TLS or plain text,
@@ -14,6 +15,7 @@
 //! One crypto provider (ring) for every TLS user, so the build needs no cmake.
 
 pub mod args;
+pub mod client_names;
 pub mod connector;
 pub mod dev_ca;
 pub mod files;

@@ -168,3 +168,28 @@ async fn silent_connections_are_cut_and_the_count_is_bounded() {
         assert!(matches!(s.read(&mut buf), Ok(0)), "a silent connection is still open");
     }
 }
+
+/// `--tls-client-names`: of two clients with certificates from the same authority, only the
+/// one valid for a listed name gets in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_names_narrow_who_may_call() {
+    let dir = temp_dir("names");
+    let ca = DevCa::new("test CA").unwrap();
+    let server = ca.write_leaf(&dir.join("server"), "server", &["127.0.0.1"]).unwrap();
+    let gateway = ca.write_leaf(&dir.join("gateway"), "gateway", &["dsvl-gateway"]).unwrap();
+    let sibling = ca.write_leaf(&dir.join("sibling"), "sibling", &["dsvl-decoder"]).unwrap();
+    let files =
+        dsvl_tls::ServerFiles { client_names: vec!["dsvl-gateway".into()], ..server.server() };
+    let config = server_config(&files, &[ALPN_H2]).unwrap();
+    let limits = ConnectionLimits { max_connections: 64, first_bytes: Duration::from_secs(2) };
+    let addr = serve_with(Some(Reloading::fixed(config)), limits).await;
+    check(&addr, Some(&gateway.client())).await.expect("the named client");
+    let e = check(&addr, Some(&sibling.client())).await.expect_err("same authority, other name");
+    assert!(!e.is_empty());
+    // Without names, the sibling is a client of the authority like any other.
+    let (open, _tls) = serve(&server).await;
+    check(&open, Some(&sibling.client())).await.expect("no names: any client of the authority");
+    let bad = dsvl_tls::ServerFiles { client_names: vec!["not a name!".into()], ..server.server() };
+    assert!(server_config(&bad, &[ALPN_H2]).is_err(), "an invalid client name is refused");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -51,6 +51,21 @@ pub struct CertificateSpec {
     pub usages: Vec<String>,
     /// The issuer.
     pub issuer_ref: IssuerRef,
+    /// IP subject alternative names.
+    #[serde(default)]
+    pub ip_addresses: Vec<String>,
+    /// URI subject alternative names.
+    #[serde(default)]
+    pub uris: Vec<String>,
+    /// Email subject alternative names.
+    #[serde(default)]
+    pub email_addresses: Vec<String>,
+    /// Subject fields (kept opaque).
+    pub subject: Option<serde_json::Value>,
+    /// Labels and annotations of the Secret (kept opaque).
+    pub secret_template: Option<serde_json::Value>,
+    /// Old CertificateRequests kept.
+    pub revision_history_limit: Option<u32>,
 }
 
 /// Key parameters.

@@ -131,6 +131,9 @@ pub struct Settings {
     pub tls: TlsUse,
 }
 
+/// The gateway's link to the vision and decoder tiers.
+pub const UPSTREAM_LINK: &str = "vision and decoder tiers";
+
 /// The TLS side of a service container's links.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsUse {
@@ -140,6 +143,9 @@ pub struct TlsUse {
     pub presents: Vec<(&'static str, PathBuf)>,
     /// Links that would run in plain text.
     pub plain: Vec<&'static str>,
+    /// Names a client certificate must carry (`--tls-client-names`; empty: any client of the
+    /// authority).
+    pub client_names: Vec<String>,
 }
 
 impl TlsUse {
@@ -271,13 +277,17 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
             if a.insecure {
                 return Err("--insecure: the links to the tiers and Redis must use TLS".into());
             }
-            let mut tls = TlsUse { serves: a.tls.tls_cert_file.clone(), ..TlsUse::default() };
+            let mut tls = TlsUse {
+                serves: a.tls.tls_cert_file.clone(),
+                client_names: a.tls.tls_client_names.clone(),
+                ..TlsUse::default()
+            };
             if tls.serves.is_none() {
                 tls.plain.push("public listeners");
             }
             match &a.upstream_tls.upstream_cert_file {
-                Some(cert) => tls.presents.push(("vision and decoder tiers", cert.clone())),
-                None => tls.plain.push("vision and decoder tiers"),
+                Some(cert) => tls.presents.push((UPSTREAM_LINK, cert.clone())),
+                None => tls.plain.push(UPSTREAM_LINK),
             }
             redis_tls(&mut a.redis, &a.redis_tls, &mut tls);
             // Validate the rest as the binary would once the links above are fixed.
@@ -315,7 +325,11 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
         Binary::Vision => {
             let mut a = dsvl_vision::Args::try_parse_from(argv).map_err(|e| e.to_string())?;
             let secret = without_secret_file(&mut a.cluster_secret_file, &mut a.insecure)?;
-            let mut tls = TlsUse { serves: a.tls.tls_cert_file.clone(), ..TlsUse::default() };
+            let mut tls = TlsUse {
+                serves: a.tls.tls_cert_file.clone(),
+                client_names: a.tls.tls_client_names.clone(),
+                ..TlsUse::default()
+            };
             if tls.serves.is_none() {
                 tls.plain.push("gRPC listener");
             }
@@ -350,7 +364,11 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
             let mut a = dsvl_decoder::Args::try_parse_from(argv).map_err(|e| e.to_string())?;
             let secret = without_secret_file(&mut a.cluster_secret_file, &mut a.insecure)?;
             let serves = !(a.worker || a.node_index > 0);
-            let mut tls = TlsUse { serves: a.tls.tls_cert_file.clone(), ..TlsUse::default() };
+            let mut tls = TlsUse {
+                serves: a.tls.tls_cert_file.clone(),
+                client_names: a.tls.tls_client_names.clone(),
+                ..TlsUse::default()
+            };
             if serves && tls.serves.is_none() {
                 tls.plain.push("gRPC listener");
             }

@@ -361,6 +361,36 @@ pub enum Violation {
         /// The issuer it names.
         issuer: String,
     },
+    /// Redis's configuration leaves a plain-text port open or client certificates off.
+    #[error("{pod}: container {container}'s Redis configuration lacks `{missing}` (TLS only, with client certificates)")]
+    RedisNotTls {
+        /// The pod template.
+        pod: PodRef,
+        /// The container.
+        container: String,
+        /// The setting that is missing or wrong.
+        missing: &'static str,
+    },
+    /// An internal tier accepts any client certificate of the authority (no
+    /// `--tls-client-names`), so every other tier's certificate could call it.
+    #[error("{pod}: container {container} accepts any client of the authority: give it --tls-client-names (DSVL_TLS_CLIENT_NAMES=dsvl-gateway)")]
+    AnyClientAccepted {
+        /// The pod template.
+        pod: PodRef,
+        /// The container.
+        container: String,
+    },
+    /// The certificate the gateway presents to an upstream carries none of the names that
+    /// upstream accepts from clients, so it would refuse the gateway.
+    #[error("{pod}: accepts clients named {names:?}, but the gateway presents {certificate}")]
+    ClientNameMismatch {
+        /// The upstream pod template.
+        pod: PodRef,
+        /// The gateway's client Certificate.
+        certificate: ObjectRef,
+        /// The names the upstream accepts.
+        names: Vec<String>,
+    },
     /// The certificate an upstream's pods serve does not carry the name the gateway dials, so
     /// the gateway's verification would refuse it.
     #[error("{pod}: upstream {host} serves {certificate}, whose dnsNames lack {host:?}")]

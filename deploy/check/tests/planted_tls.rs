@@ -36,7 +36,12 @@ fn links_left_in_plain_text() {
         drop_env(
             d,
             "dsvl-vision",
-            &["DSVL_TLS_CERT_FILE", "DSVL_TLS_KEY_FILE", "DSVL_TLS_CLIENT_CA_FILE"],
+            &[
+                "DSVL_TLS_CERT_FILE",
+                "DSVL_TLS_KEY_FILE",
+                "DSVL_TLS_CLIENT_CA_FILE",
+                "DSVL_TLS_CLIENT_NAMES",
+            ],
         )
     });
     let plain = |pod, container: &str, link| Violation::PlainTextLink {
@@ -146,5 +151,54 @@ fn certificates_that_do_not_fit() {
         matches!(&v[..], [Violation::InvalidObject { object, error }]
             if *object == ObjectRef::new("Certificate", "dsvl-redis") && error.contains("dnsName")),
         "{v:?}"
+    );
+}
+
+#[test]
+fn internal_tiers_that_accept_any_client_or_not_the_gateway() {
+    let v = planted("dev", |d| drop_env(d, "dsvl-vision", &["DSVL_TLS_CLIENT_NAMES"]));
+    assert_eq!(v, [Violation::AnyClientAccepted { pod: vision(), container: "vision".into() }]);
+
+    // The gateway's client certificate loses the name the tiers accept: both refuse it.
+    let v = planted("dev", |d| {
+        certificate(d, "dsvl-gateway-internal")["spec"]["dnsNames"] = json!(["dsvl-gw"]);
+    });
+    let mismatch = |pod| Violation::ClientNameMismatch {
+        pod,
+        certificate: ObjectRef::new("Certificate", "dsvl-gateway-internal"),
+        names: vec!["dsvl-gateway".into()],
+    };
+    let mut expected = vec![mismatch(vision()), mismatch(crate::support::decoder_leader())];
+    expected.sort();
+    assert_eq!(v, expected);
+}
+
+#[test]
+fn redis_left_in_plain_text_or_without_its_certificate() {
+    let conf = |d: &mut Vec<Value>, from: &str, to: &str| {
+        let text = at(d, "ConfigMap", "dsvl-redis-config", "/data/redis.conf");
+        let replaced = text.as_str().expect("text").replace(from, to);
+        assert_ne!(text.as_str(), Some(replaced.as_str()), "{from} not in redis.conf");
+        *text = json!(replaced);
+    };
+    let redis = || pod("StatefulSet", "dsvl-redis", Role::StatefulSet);
+    let not_tls =
+        |missing| Violation::RedisNotTls { pod: redis(), container: "redis".into(), missing };
+    assert_eq!(planted("dev", |d| conf(d, "port 0\n", "port 6380\n")), [not_tls("port 0")]);
+    assert_eq!(
+        planted("dev", |d| conf(d, "tls-auth-clients yes", "tls-auth-clients no")),
+        [not_tls("tls-auth-clients yes")]
+    );
+    let v = planted("dev", |d| {
+        d.retain(|o| !(o["kind"] == "Certificate" && o["metadata"]["name"] == "dsvl-redis"))
+    });
+    assert_eq!(
+        v,
+        [Violation::UnissuedCertificate {
+            pod: redis(),
+            container: "redis".into(),
+            link: "its listener",
+            secret: "dsvl-redis-tls".into(),
+        }]
     );
 }

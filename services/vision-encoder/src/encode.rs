@@ -344,7 +344,7 @@ impl Pipeline {
             return Err(Failure::QueueFull);
         }
         let slot = self.decode_slots.clone().acquire_owned();
-        let _slot = match deadline {
+        let slot = match deadline {
             Some(d) => {
                 tokio::time::timeout_at(d.into(), slot).await.map_err(|_| Failure::Deadline)?
             }
@@ -352,7 +352,10 @@ impl Pipeline {
         }
         .map_err(|_| Failure::Internal("the decode slots are closed".into()))?;
         let pre = self.preprocessor.clone();
+        // The slot goes with the decode, not with the request: a caller that goes away
+        // mid-decode must not free a slot while its image is still being decoded.
         let pixels = tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let rgb = dsvl_models::preprocess::decode_rgb(&image, pre.limits())?;
             drop(image);
             let pixels = pre.preprocess_rgb(&rgb);

@@ -4,7 +4,7 @@
 //! pixel budget, several at once included, without the service's memory growing by more than
 //! a few MiB per request; and where the budget is raised on purpose, decodes run one at a time
 //! (`--max-concurrent-decodes 1`), so three concurrent bombs cost what one does, not three
-//! times that.
+//! times that, also when their callers go away mid-decode.
 
 use std::time::{Duration, Instant};
 
@@ -136,5 +136,45 @@ async fn a_real_16384_square_png_is_refused_or_decoded_one_at_a_time() -> Result
         three >> 20,
         one >> 20
     );
+    drop(vision);
+
+    // Callers that go away mid-decode do not free their slot early: three bombs, each
+    // cancelled while being decoded or waiting, then one more request that waits for a slot
+    // behind whatever is still decoding; the peak is still one image.
+    let vision = Vision::start(&flags).await?;
+    let base = peak_rss(vision.proc.pid())?;
+    let mut cancelled = Vec::new();
+    for _ in 0..3 {
+        let (png, v) = (png.clone(), vision.channel.clone());
+        cancelled.push(tokio::spawn(async move {
+            let mut client = VisionEncoderClient::new(v).max_encoding_message_size(64 << 20);
+            let request = EncodeRequest {
+                images: vec![ImageInput { data: png.into(), client_digest: String::new() }],
+                cache_salt: format!("cancelled-{}", rand_salt()).into_bytes().into(),
+                return_inline: false,
+            };
+            let _ = client.encode(request).await;
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for task in &cancelled {
+        task.abort();
+    }
+    assert_eq!(vision.encode_concurrently(&png, 1).await?, ["Ok"]);
+    let after_cancel = peak_rss(vision.proc.pid())?.saturating_sub(base);
+    eprintln!("peak growth with cancelled callers: {} MiB", after_cancel >> 20);
+    assert!(
+        after_cancel < one + one / 2,
+        "cancelled callers let decodes run at once: {} MiB (one image: {} MiB)",
+        after_cancel >> 20,
+        one >> 20
+    );
     Ok(())
+}
+
+/// A salt no other request of this test uses.
+fn rand_salt() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }

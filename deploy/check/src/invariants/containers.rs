@@ -73,6 +73,13 @@ pub(crate) fn check(
     for link in &s.tls.plain {
         out.push(Violation::PlainTextLink { pod: pod(), container: name(), link });
     }
+    if binary != Binary::Gateway
+        && s.serves
+        && s.tls.serves.is_some()
+        && s.tls.client_names.is_empty()
+    {
+        out.push(Violation::AnyClientAccepted { pod: pod(), container: name() });
+    }
     if s.serves && s.tls.serves.is_some() && s.health_port.is_none() {
         out.push(Violation::NoHealthPort { pod: pod(), container: name() });
     }

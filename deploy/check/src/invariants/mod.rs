@@ -93,6 +93,7 @@ pub fn check(docs: &[Value], ctx: &CheckContext) -> Vec<Violation> {
     check_service_selectors(&set, &views, &mut out);
     paths::check(&set, &views, &settings, &mut out);
     certs::check(&set, &views, &settings, &mut out);
+    certs::check_redis(&set, &views, &mut out);
     out.sort();
     out.dedup();
     out
