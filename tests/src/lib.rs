@@ -75,12 +75,7 @@ impl Svc {
         args.extend(extra.iter().cloned());
         let program = binary(bin)?.to_str().context("path")?.to_string();
         let proc = match data_limit {
-            // prlimit execs the service: the pid is the service's.
-            Some(limit) => {
-                let mut wrapped = vec![format!("--data={limit}"), "--".into(), program];
-                wrapped.extend(args);
-                ServiceProcess::spawn("prlimit", &wrapped)?
-            }
+            Some(limit) => ServiceProcess::spawn_limited(&program, &args, limit)?,
             None => ServiceProcess::spawn(&program, &args)?,
         };
         let health = extra

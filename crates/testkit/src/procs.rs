@@ -192,6 +192,15 @@ impl ServiceProcess {
         Ok(Self { child })
     }
 
+    /// Spawns `program args` under `prlimit --data=DATA_LIMIT` (bytes): a regression that lets
+    /// a test's attack grow the service's memory kills the service, not the test machine.
+    /// prlimit execs the program, so [`ServiceProcess::pid`] is the service's.
+    pub fn spawn_limited(program: &str, args: &[String], data_limit: u64) -> Result<Self> {
+        let mut wrapped = vec![format!("--data={data_limit}"), "--".into(), program.into()];
+        wrapped.extend(args.iter().cloned());
+        Self::spawn("prlimit", &wrapped)
+    }
+
     /// Process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

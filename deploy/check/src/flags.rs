@@ -148,11 +148,21 @@ pub struct TlsUse {
     pub client_names: Vec<String>,
 }
 
-impl TlsUse {
-    /// Every TLS file the binary reads (each must come from a Secret volume).
-    fn files(files: &[Option<&PathBuf>]) -> Vec<PathBuf> {
-        files.iter().flatten().map(|p| (*p).clone()).collect()
-    }
+/// The files a listener's and a Redis link's TLS flags name (each must come from a Secret
+/// volume).
+fn tls_paths(tls: &dsvl_tls::ServerTlsArgs, redis: &dsvl_tls::RedisTlsArgs) -> Vec<PathBuf> {
+    [
+        &tls.tls_cert_file,
+        &tls.tls_key_file,
+        &tls.tls_client_ca_file,
+        &redis.redis_ca_file,
+        &redis.redis_cert_file,
+        &redis.redis_key_file,
+    ]
+    .into_iter()
+    .flatten()
+    .cloned()
+    .collect()
 }
 
 /// The Redis side of a container: a URL read from a Secret (`PLACEHOLDER` here) is taken as a
@@ -294,17 +304,14 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
             a.insecure = !tls.plain.is_empty();
             dsvl_gateway::GatewayConfig::try_from(&a).map_err(|e| e.to_string())?;
             let mut secret_files: Vec<PathBuf> = api_keys_file.into_iter().collect();
-            secret_files.extend(TlsUse::files(&[
-                a.tls.tls_cert_file.as_ref(),
-                a.tls.tls_key_file.as_ref(),
-                a.tls.tls_client_ca_file.as_ref(),
-                a.upstream_tls.upstream_ca_file.as_ref(),
-                a.upstream_tls.upstream_cert_file.as_ref(),
-                a.upstream_tls.upstream_key_file.as_ref(),
-                a.redis_tls.redis_ca_file.as_ref(),
-                a.redis_tls.redis_cert_file.as_ref(),
-                a.redis_tls.redis_key_file.as_ref(),
-            ]));
+            secret_files.extend(tls_paths(&a.tls, &a.redis_tls));
+            let u = &a.upstream_tls;
+            secret_files.extend(
+                [&u.upstream_ca_file, &u.upstream_cert_file, &u.upstream_key_file]
+                    .into_iter()
+                    .flatten()
+                    .cloned(),
+            );
             let mut ups = upstreams("vision", &a.vision)?;
             ups.extend(upstreams("decoder", &a.decoder)?);
             Ok(Settings {
@@ -336,14 +343,7 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
             redis_tls(&mut a.redis, &a.redis_tls, &mut tls);
             dsvl_vision::VisionConfig::try_from(&a).map_err(|e| e.to_string())?;
             let mut secret_files: Vec<PathBuf> = secret.into_iter().collect();
-            secret_files.extend(TlsUse::files(&[
-                a.tls.tls_cert_file.as_ref(),
-                a.tls.tls_key_file.as_ref(),
-                a.tls.tls_client_ca_file.as_ref(),
-                a.redis_tls.redis_ca_file.as_ref(),
-                a.redis_tls.redis_cert_file.as_ref(),
-                a.redis_tls.redis_key_file.as_ref(),
-            ]));
+            secret_files.extend(tls_paths(&a.tls, &a.redis_tls));
             let device = a.device.to_string();
             Ok(Settings {
                 binary,
@@ -377,14 +377,7 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
             }
             dsvl_decoder::DecoderConfig::try_from(&a).map_err(|e| e.to_string())?;
             let mut secret_files: Vec<PathBuf> = secret.into_iter().collect();
-            secret_files.extend(TlsUse::files(&[
-                a.tls.tls_cert_file.as_ref(),
-                a.tls.tls_key_file.as_ref(),
-                a.tls.tls_client_ca_file.as_ref(),
-                a.redis_tls.redis_ca_file.as_ref(),
-                a.redis_tls.redis_cert_file.as_ref(),
-                a.redis_tls.redis_key_file.as_ref(),
-            ]));
+            secret_files.extend(tls_paths(&a.tls, &a.redis_tls));
             let device = a.device.to_string();
             let group = GroupFlags {
                 tp: a.tp,

@@ -33,7 +33,10 @@ impl Decoder {
         args.extend(extra.iter().map(|s| s.to_string()));
         // Plain-text gRPC on loopback, on purpose (tests/e2e/tls.rs covers mutual TLS).
         args.push("--insecure".into());
-        let proc = ServiceProcess::spawn(env!("CARGO_BIN_EXE_dsvl-decoder"), &args)?;
+        // Under an 8 GiB data limit (the KV pool reserves 4 GiB per rank up front): hostile
+        // inputs that grow memory kill the service, not the machine.
+        let proc =
+            ServiceProcess::spawn_limited(env!("CARGO_BIN_EXE_dsvl-decoder"), &args, 8 << 30)?;
         let me = Self { proc, grpc, metrics };
         wait_serving(&me.grpc, Duration::from_secs(120)).await?;
         Ok(me)

@@ -46,7 +46,9 @@ impl Vision {
         let grpc = format!("127.0.0.1:{}", free_port());
         let mut args = vec!["--listen".to_string(), grpc.clone(), "--insecure".into()];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let proc = ServiceProcess::spawn(env!("CARGO_BIN_EXE_dsvl-vision"), &args)?;
+        // Under a 4 GiB data limit: a bound that breaks kills the service, not the machine.
+        let proc =
+            ServiceProcess::spawn_limited(env!("CARGO_BIN_EXE_dsvl-vision"), &args, 4 << 30)?;
         let channel = Channel::from_shared(format!("http://{grpc}"))?.connect_lazy();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {

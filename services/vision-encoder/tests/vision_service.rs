@@ -31,7 +31,9 @@ impl Vision {
         args.extend(extra.iter().map(|s| s.to_string()));
         // Plain-text gRPC on loopback, on purpose (tests/e2e/tls.rs covers mutual TLS).
         args.push("--insecure".into());
-        let proc = ServiceProcess::spawn(env!("CARGO_BIN_EXE_dsvl-vision"), &args)?;
+        // Under a 4 GiB data limit: a regression kills the service, not the machine.
+        let proc =
+            ServiceProcess::spawn_limited(env!("CARGO_BIN_EXE_dsvl-vision"), &args, 4 << 30)?;
         let me = Self { proc, grpc, metrics };
         me.wait_serving(Duration::from_secs(60)).await?;
         Ok(me)
