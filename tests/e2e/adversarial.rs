@@ -1,9 +1,10 @@
-//! Pre-authentication attacks on the public edge, all at once, against a gateway running under
+//! Attacks on the public edge. Pre-authentication ones, all at once, against a gateway under
 //! `prlimit --data=1GiB` (a regression kills the gateway, not the machine): 25 uploads
 //! announcing 90 MB and trickling their bodies, 500 gRPC streams declaring 60 MiB messages,
 //! 20,000 health watches, 200 connections with trickled headers and 200 silent ones. Nobody
 //! holds a key. Throughout, an authenticated request is answered in under a second; afterwards
-//! the gateway is alive and its peak memory grew by less than 256 MiB.
+//! the gateway is alive and its peak memory grew by less than 256 MiB. With a key: request
+//! shapes over a limit refused within half a second; an idle connection recycled at its age.
 
 use std::io::Write;
 use std::net::TcpStream;
@@ -282,5 +283,55 @@ async fn connections_are_recycled_at_their_age_and_open_streams_finish() -> Resu
         .await
         .map_err(|_| anyhow::anyhow!("an idle connection outlived its age by 10 s"))??;
     assert!(closed_after >= Duration::from_secs(1), "closed before its age: {closed_after:?}");
+    Ok(())
+}
+
+/// Requests whose shape is over a limit are refused within half a second, before any
+/// tokenizing: 100,000 messages, a 3 MB text for a model of a few thousand positions, 1,000
+/// stop strings; over HTTP and gRPC, with a valid key, while the gateway is under its limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_shapes_are_refused_within_half_a_second() -> Result<()> {
+    let cluster = Cluster::start(Options {
+        vision_replicas: 0,
+        tp: 1,
+        redis: false,
+        gateway_data_limit: Some(1 << 30),
+        gateway_args: ["--api-keys", &format!("{KEY}=acme")].map(String::from).to_vec(),
+        ..Options::default()
+    })
+    .await?;
+    let message = |text: &str| serde_json::json!({"role": "user", "content": text});
+    let bodies = [
+        ("100,000 messages", serde_json::json!({"messages": vec![message("x"); 100_000]})),
+        ("a 3 MB text", serde_json::json!({"messages": [message(&"word ".repeat(600_000))]})),
+        (
+            "1,000 stop strings",
+            serde_json::json!({"messages": [message("Hi")], "stop": vec!["s"; 1_000]}),
+        ),
+    ];
+    for (what, body) in &bodies {
+        let t = Instant::now();
+        let r = dsvl_e2e::http_post(
+            &cluster.http,
+            "/v1/chat/completions",
+            &[("Authorization", &format!("Bearer {KEY}"))],
+            body,
+        )?;
+        let took = t.elapsed();
+        assert_eq!(r.status, 400, "{what}: {}", &r.body[..r.body.len().min(300)]);
+        assert!(took < Duration::from_millis(500), "{what}: refused after {took:?}");
+    }
+    // gRPC: the same 100,000 messages.
+    let mut client = cluster.chat().await?.max_encoding_message_size(64 << 20);
+    let mut req = tonic::Request::new(ChatRequest {
+        messages: vec![hello().messages[0].clone(); 100_000],
+        max_tokens: 1,
+        ..Default::default()
+    });
+    req.metadata_mut().insert("authorization", format!("Bearer {KEY}").parse()?);
+    let t = Instant::now();
+    let e = client.generate(req).await.err().context("100,000 messages were accepted")?;
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(t.elapsed() < Duration::from_millis(500), "gRPC refused after {:?}", t.elapsed());
     Ok(())
 }
