@@ -148,6 +148,22 @@ pub struct TlsUse {
     pub client_names: Vec<String>,
 }
 
+impl TlsUse {
+    /// A listener's side from its flags; a serving one without a certificate is the plain
+    /// `link`.
+    fn listener(args: &dsvl_tls::ServerTlsArgs, serves: bool, link: &'static str) -> Self {
+        let mut tls = Self {
+            serves: args.tls_cert_file.clone(),
+            client_names: args.tls_client_names.clone(),
+            ..Self::default()
+        };
+        if serves && tls.serves.is_none() {
+            tls.plain.push(link);
+        }
+        tls
+    }
+}
+
 /// The files a listener's and a Redis link's TLS flags name (each must come from a Secret
 /// volume).
 fn tls_paths(tls: &dsvl_tls::ServerTlsArgs, redis: &dsvl_tls::RedisTlsArgs) -> Vec<PathBuf> {
@@ -287,14 +303,7 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
             if a.insecure {
                 return Err("--insecure: the links to the tiers and Redis must use TLS".into());
             }
-            let mut tls = TlsUse {
-                serves: a.tls.tls_cert_file.clone(),
-                client_names: a.tls.tls_client_names.clone(),
-                ..TlsUse::default()
-            };
-            if tls.serves.is_none() {
-                tls.plain.push("public listeners");
-            }
+            let mut tls = TlsUse::listener(&a.tls, true, "public listeners");
             match &a.upstream_tls.upstream_cert_file {
                 Some(cert) => tls.presents.push((UPSTREAM_LINK, cert.clone())),
                 None => tls.plain.push(UPSTREAM_LINK),
@@ -332,14 +341,7 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
         Binary::Vision => {
             let mut a = dsvl_vision::Args::try_parse_from(argv).map_err(|e| e.to_string())?;
             let secret = without_secret_file(&mut a.cluster_secret_file, &mut a.insecure)?;
-            let mut tls = TlsUse {
-                serves: a.tls.tls_cert_file.clone(),
-                client_names: a.tls.tls_client_names.clone(),
-                ..TlsUse::default()
-            };
-            if tls.serves.is_none() {
-                tls.plain.push("gRPC listener");
-            }
+            let mut tls = TlsUse::listener(&a.tls, true, "gRPC listener");
             redis_tls(&mut a.redis, &a.redis_tls, &mut tls);
             dsvl_vision::VisionConfig::try_from(&a).map_err(|e| e.to_string())?;
             let mut secret_files: Vec<PathBuf> = secret.into_iter().collect();
@@ -364,14 +366,7 @@ pub fn parse(binary: Binary, argv: &[String]) -> Result<Settings, String> {
             let mut a = dsvl_decoder::Args::try_parse_from(argv).map_err(|e| e.to_string())?;
             let secret = without_secret_file(&mut a.cluster_secret_file, &mut a.insecure)?;
             let serves = !(a.worker || a.node_index > 0);
-            let mut tls = TlsUse {
-                serves: a.tls.tls_cert_file.clone(),
-                client_names: a.tls.tls_client_names.clone(),
-                ..TlsUse::default()
-            };
-            if serves && tls.serves.is_none() {
-                tls.plain.push("gRPC listener");
-            }
+            let mut tls = TlsUse::listener(&a.tls, serves, "gRPC listener");
             if serves {
                 redis_tls(&mut a.redis, &a.redis_tls, &mut tls);
             }
