@@ -14,6 +14,7 @@ mod prefix_cache;
 mod random;
 mod reference;
 mod roofline;
+mod serve;
 mod step;
 mod vision;
 mod vision_service;
@@ -56,6 +57,9 @@ enum Command {
     Step(step::StepArgs),
     /// Gateway overhead: the same requests through the gateway and straight to the tiers.
     Gateway(gateway::GatewayBenchArgs),
+    /// Load against a running gateway: closed or open loop, TTFT / ITL / E2E percentiles,
+    /// goodput under an SLO, `--sweep` for the saturation point.
+    Serve(Box<serve::ServeArgs>),
     /// The tiny model against the golden tensors on any device and dtype (scripts/gpu-check).
     Parity(parity::ParityArgs),
     /// Summarises a `scripts/gpu-check` output folder into summary.json (used by the script).
@@ -82,6 +86,7 @@ fn main() -> Result<()> {
         Command::Step(args) => step::run(args),
         Command::Constraint(args) => constraint::run(args),
         Command::PrefixCache(args) => prefix_cache::run(args, cli.threads),
+        Command::Serve(args) => serve::run(*args),
         Command::Parity(args) => parity::run(args),
         Command::GpuCheckSummary(args) => gpu_summary::run(args),
         Command::DecoderWorker(args) => decoder::worker(args),
