@@ -47,6 +47,8 @@ pub struct Svc {
     pub metrics: String,
     /// The process's data-segment limit in bytes (`prlimit --data`), kept across respawns.
     pub data_limit: Option<u64>,
+    /// The program and its arguments, for [`Svc::restart`].
+    command: (String, Vec<String>),
 }
 
 impl Svc {
@@ -82,7 +84,24 @@ impl Svc {
             .iter()
             .position(|a| a == "--health-listen")
             .and_then(|i| extra.get(i + 1).cloned());
-        Ok(Self { proc, addr, metrics, tls: None, health, data_limit })
+        Ok(Self { proc, addr, metrics, tls: None, health, data_limit, command: (program, args) })
+    }
+
+    /// Kills the process if it still runs (and its children: a decoder's worker ranks), then
+    /// starts it again with the same arguments and ports, as an orchestrator restarts a
+    /// failed container. Does not wait for it to serve.
+    pub fn restart(&mut self) -> Result<()> {
+        let children = dsvl_testkit::child_pids(self.proc.pid());
+        self.proc.kill();
+        for pid in children {
+            let _ = signal(pid, "KILL");
+        }
+        let (program, args) = &self.command;
+        self.proc = match self.data_limit {
+            Some(limit) => ServiceProcess::spawn_limited(program, args, limit)?,
+            None => ServiceProcess::spawn(program, args)?,
+        };
+        Ok(())
     }
 
     /// A gRPC channel to the service (over mutual TLS when it speaks it), connected lazily.
@@ -157,6 +176,16 @@ impl Svc {
     pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
         Ok(metric_sum(&http_get(&self.metrics, "/metrics")?, name, labels))
     }
+}
+
+/// Sends `SIG<name>` (`STOP`, `CONT`, `TERM`, `KILL`) to `pid`.
+pub fn signal(pid: u32, name: &str) -> Result<()> {
+    let ok = std::process::Command::new("kill")
+        .args([format!("-{name}"), pid.to_string()])
+        .status()?
+        .success();
+    anyhow::ensure!(ok, "kill -{name} {pid}");
+    Ok(())
 }
 
 /// What to start.

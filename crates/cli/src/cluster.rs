@@ -46,6 +46,8 @@ pub struct ClusterSpec {
 pub struct Cluster {
     /// Gateway, decoder, vision: the drop order.
     services: Vec<Service>,
+    /// Restart bookkeeping, one per service.
+    restarts: Vec<crate::heal::Restarts>,
     /// The throwaway cluster secret (removed on drop, after the services).
     _secret: Option<tempfile::TempPath>,
     /// The throwaway certificate authority and certificates (removed on drop).
@@ -211,6 +213,7 @@ impl Cluster {
         eprintln!("cluster ready in {:.1}s", t.elapsed().as_secs_f64());
         Ok(Self {
             services: vec![gateway, decoder, vision],
+            restarts: (0..3).map(|_| Default::default()).collect(),
             _secret: secret,
             _pki: pki,
             grpc_url: format!("http://{}", spec.grpc_addr),
@@ -220,11 +223,20 @@ impl Cluster {
         })
     }
 
-    /// The first service that exited on its own, if any.
-    pub fn exited(&mut self) -> Option<String> {
-        self.services
-            .iter_mut()
-            .find_map(|s| s.exited().map(|st| format!("{} exited ({st})", s.name)))
+    /// Whether the gateway exited on its own (and how): then the cluster stops.
+    pub fn gateway_exited(&mut self) -> Option<String> {
+        let g = &mut self.services[0];
+        g.exited().map(|st| format!("{} exited ({st})", g.name))
+    }
+
+    /// Restarts a decoder group or vision-encoder that exited or failed liveness
+    /// ([`crate::heal`]); returns what it did.
+    pub async fn heal(&mut self) -> Vec<String> {
+        let mut done = Vec::new();
+        for (svc, restarts) in self.services.iter_mut().zip(&mut self.restarts).skip(1) {
+            done.extend(crate::heal::heal(svc, restarts).await);
+        }
+        done
     }
 
     /// Stops everything, gateway first, each with a drain grace period.

@@ -6,6 +6,7 @@ mod cluster;
 mod demo;
 mod encode;
 mod generate;
+mod heal;
 mod model_args;
 mod procs;
 mod progress;

@@ -39,11 +39,25 @@ pub struct Service {
     /// How to reach it over mutual TLS (`None`: plain text).
     pub tls: Option<dsvl_tls::ClientFiles>,
     child: Child,
+    binary: PathBuf,
+    args: Vec<String>,
 }
 
 impl Service {
     /// Starts `binary args` (stderr inherited so its logs show).
     pub fn spawn(name: &str, binary: &PathBuf, addr: String, args: &[String]) -> Result<Self> {
+        let child = Self::start(binary, args)?;
+        Ok(Self {
+            name: name.into(),
+            addr,
+            tls: None,
+            child,
+            binary: binary.clone(),
+            args: args.to_vec(),
+        })
+    }
+
+    fn start(binary: &PathBuf, args: &[String]) -> Result<Child> {
         let mut cmd = Command::new(binary);
         #[cfg(target_os = "linux")]
         {
@@ -57,14 +71,28 @@ impl Service {
                 });
             }
         }
-        let child = cmd
-            .args(args)
+        cmd.args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .spawn()
-            .with_context(|| format!("cannot start {}", binary.display()))?;
-        Ok(Self { name: name.into(), addr, tls: None, child })
+            .with_context(|| format!("cannot start {}", binary.display()))
+    }
+
+    /// Stops the process if it still runs (SIGTERM, SIGKILL after `grace`) and starts it again
+    /// with the same arguments, as an orchestrator restarts a failed container.
+    pub fn restart(&mut self, grace: Duration) -> Result<()> {
+        self.stop(grace);
+        self.child = Self::start(&self.binary, &self.args)?;
+        Ok(())
+    }
+
+    /// Whether health says SERVING for `service` now (`None`: no answer within 2 s).
+    pub async fn serving(&self, service: &str) -> Option<bool> {
+        let mut client = HealthClient::new(self.channel().ok()?);
+        let req = client.check(HealthCheckRequest { service: service.into() });
+        let r = tokio::time::timeout(Duration::from_secs(2), req).await.ok()?;
+        Some(r.is_ok_and(|r| r.into_inner().status == 1))
     }
 
     /// Waits until health `service` reports SERVING (or the process exits, or `limit` passes).

@@ -73,9 +73,12 @@ pub fn run(args: UpArgs) -> Result<()> {
             tokio::select! {
                 () = &mut signal => break,
                 () = tokio::time::sleep(Duration::from_millis(500)) => {
-                    if let Some(why) = cluster.exited() {
+                    if let Some(why) = cluster.gateway_exited() {
                         cluster.stop();
                         anyhow::bail!("{why}; stopped the rest of the cluster");
+                    }
+                    for what in cluster.heal().await {
+                        eprintln!("dsvl up: {what}");
                     }
                 }
             }

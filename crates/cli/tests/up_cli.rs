@@ -50,6 +50,15 @@ fn descendants(pid: u32) -> Vec<u32> {
     all
 }
 
+/// The pid of `up`'s descendant running `binary` (the first).
+fn process_running(up: u32, binary: &str) -> Option<u32> {
+    descendants(up).into_iter().find(|p| {
+        std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| {
+            c.split(|b| *b == 0).next().is_some_and(|a| a.ends_with(binary.as_bytes()))
+        })
+    })
+}
+
 fn json_of(out: &std::process::Output) -> Result<Value> {
     anyhow::ensure!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
     Ok(serde_json::from_str(String::from_utf8(out.stdout.clone())?.trim())?)
@@ -115,6 +124,31 @@ fn up_then_chat_matches_generate_and_ctrl_c_stops_everything() -> Result<()> {
         )?;
         assert_eq!(via_gateway, offline, "{case}: `dsvl chat` prints what `dsvl generate` prints");
     }
+
+    // A failed vision-encoder and a failed decoder group are restarted, as Kubernetes would:
+    // the cluster answers again with new processes.
+    for binary in ["dsvl-vision", "dsvl-decoder"] {
+        let old = process_running(up.id(), binary).context(binary)?;
+        // SAFETY: kill(2) on a process this test's child started.
+        unsafe { libc::kill(old as libc::pid_t, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let chat = golden_chat(dir.path(), "one_image")?;
+            let out = dsvl()
+                .args(["chat", "--json", "--max-new-tokens", "4", "--gateway"])
+                .arg(format!("http://127.0.0.1:{grpc}"))
+                .arg("--chat")
+                .arg(&chat)
+                .output()?;
+            let fresh = process_running(up.id(), binary).is_some_and(|p| p != old);
+            if out.status.success() && fresh {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{binary} was not restarted within 60 s");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    let processes = descendants(up.id());
 
     // Ctrl-C: everything stops, nothing is left behind.
     // SAFETY: kill(2) on our own child.

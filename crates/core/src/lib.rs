@@ -14,6 +14,7 @@ pub mod cache_key;
 pub mod codec;
 mod device;
 pub mod embedding;
+pub mod failpoint;
 mod limits;
 pub mod prefix;
 pub mod sampling;

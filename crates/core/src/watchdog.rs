@@ -1,8 +1,9 @@
 //! How long a worker thread has been inside its current unit of work (a model batch, an engine
-//! step): the input of the `liveness` health probe. An idle thread (blocked on its queue) counts
-//! as alive; only one stuck inside a unit for too long does not.
+//! step), and whether it has died: the input of the `liveness` health probe. An idle thread
+//! (blocked on its queue) counts as alive; one stuck inside a unit for too long does not, nor
+//! one that ended by panicking ([`Watchdog::guard_thread`]).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,19 @@ pub struct Watchdog {
     epoch: Instant,
     /// Milliseconds since `epoch` + 1 when the current unit started; 0 when idle.
     busy_since: AtomicU64,
+    /// The thread ended by panicking.
+    dead: AtomicBool,
+}
+
+/// Marks its [`Watchdog`] dead if the thread holding it unwinds (see [`Watchdog::guard_thread`]).
+pub struct ThreadGuard<'a>(&'a Watchdog);
+
+impl Drop for ThreadGuard<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.dead.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// Marks its [`Watchdog`] busy until dropped.
@@ -27,7 +41,23 @@ impl Drop for Busy<'_> {
 impl Watchdog {
     /// A watchdog for the thread called `name` (used in logs).
     pub fn new(name: &'static str) -> Arc<Self> {
-        Arc::new(Self { name, epoch: Instant::now(), busy_since: AtomicU64::new(0) })
+        Arc::new(Self {
+            name,
+            epoch: Instant::now(),
+            busy_since: AtomicU64::new(0),
+            dead: AtomicBool::new(false),
+        })
+    }
+
+    /// Held for the life of the watched thread: if the thread panics, the watchdog reports it
+    /// dead from then on.
+    pub fn guard_thread(&self) -> ThreadGuard<'_> {
+        ThreadGuard(self)
+    }
+
+    /// Whether the watched thread ended by panicking.
+    pub fn is_dead(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
     }
 
     /// Marks the start of a unit of work; it ends when the guard drops.
@@ -65,5 +95,25 @@ mod tests {
             assert!(w.busy_for().unwrap() >= Duration::from_millis(20));
         }
         assert_eq!(w.busy_for(), None, "the guard ends the unit");
+    }
+
+    #[test]
+    fn a_thread_that_panics_is_dead_and_one_that_returns_is_not() {
+        let w = Watchdog::new("model");
+        let w2 = w.clone();
+        std::thread::spawn(move || {
+            let _g = w2.guard_thread();
+        })
+        .join()
+        .unwrap();
+        assert!(!w.is_dead());
+        let w2 = w.clone();
+        let r = std::thread::spawn(move || {
+            let _g = w2.guard_thread();
+            panic!("model bug");
+        })
+        .join();
+        assert!(r.is_err());
+        assert!(w.is_dead());
     }
 }

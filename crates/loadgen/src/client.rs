@@ -244,11 +244,13 @@ impl Client {
                 serde_json::to_vec(&Value::Object(body)).unwrap_or_default(),
             )))
             .map_err(|_| "bad_request".to_string())?;
+        // Before any response byte: the connection was refused, or closed under the request
+        // (a draining server closing a kept-alive connection as the request went out).
         let resp = http.request(req).await.map_err(|e| {
             if e.is_connect() {
                 "connect".to_string()
             } else {
-                "http_transport".to_string()
+                "connection_closed".to_string()
             }
         })?;
         let status = resp.status().as_u16();

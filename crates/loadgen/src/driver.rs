@@ -4,7 +4,7 @@
 //! have ended. A run stops after a number of requests or a time, then waits for every request
 //! it sent: nothing is dropped from the count.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,9 @@ use tokio::task::JoinSet;
 use crate::report::Outcome;
 use crate::{Client, LoadError, Workload};
 
+/// How long a closed-loop worker waits after a failed request before its next one.
+pub const FAILURE_PAUSE: Duration = Duration::from_millis(100);
+
 /// How requests are paced.
 #[derive(Debug, Clone, Copy)]
 pub enum Mode {
@@ -28,10 +31,21 @@ pub enum Mode {
 }
 
 /// When a run stops sending.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Until {
     Requests(usize),
     Elapsed(Duration),
+    /// Until the flag is set (a test that injects faults while the load runs).
+    Stopped(Arc<AtomicBool>),
+}
+
+impl Until {
+    fn done(&self, stop_at: Option<Instant>) -> bool {
+        match self {
+            Until::Stopped(flag) => flag.load(Ordering::Relaxed),
+            _ => stop_at.is_some_and(|t| Instant::now() >= t),
+        }
+    }
 }
 
 /// A run's settings.
@@ -60,17 +74,17 @@ pub struct Run {
     pub duration: Duration,
 }
 
-fn bar(until: Until, show: bool) -> ProgressBar {
+fn bar(until: &Until, show: bool) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
     let pb = match until {
-        Until::Requests(n) => ProgressBar::new(n as u64),
-        Until::Elapsed(_) => ProgressBar::new_spinner(),
+        Until::Requests(n) => ProgressBar::new(*n as u64),
+        _ => ProgressBar::new_spinner(),
     };
     let template = match until {
         Until::Requests(_) => "{elapsed_precise} [{bar:30}] {pos}/{len} requests ({per_sec}) {msg}",
-        Until::Elapsed(_) => "{elapsed_precise} {spinner} {pos} requests ({per_sec}) {msg}",
+        _ => "{elapsed_precise} {spinner} {pos} requests ({per_sec}) {msg}",
     };
     if let Ok(style) = ProgressStyle::with_template(template) {
         pb.set_style(style.progress_chars("=> "));
@@ -120,15 +134,15 @@ pub async fn run(client: &Client, workload: Arc<Workload>, load: &Load) -> Resul
         };
         Box::pin(run(client, workload.clone(), &warm)).await?;
     }
-    let tally = Arc::new(Tally { bar: bar(load.until, load.progress), failed: AtomicU64::new(0) });
+    let tally = Arc::new(Tally { bar: bar(&load.until, load.progress), failed: AtomicU64::new(0) });
     let start = Instant::now();
     let stop_at = match load.until {
         Until::Elapsed(d) => Some(start + d),
-        Until::Requests(_) => None,
+        _ => None,
     };
     let limit = match load.until {
         Until::Requests(n) => n,
-        Until::Elapsed(_) => usize::MAX,
+        _ => usize::MAX,
     };
     let next = Arc::new(AtomicUsize::new(0));
     let mut tasks = JoinSet::new();
@@ -151,15 +165,21 @@ pub async fn run(client: &Client, workload: Arc<Workload>, load: &Load) -> Resul
     match load.mode {
         Mode::Closed { concurrency } => {
             for _ in 0..concurrency {
-                let (next, send) = (next.clone(), send.clone());
+                let (next, send, until) = (next.clone(), send.clone(), load.until.clone());
                 tasks.spawn(async move {
                     let mut mine = Vec::new();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= limit || stop_at.is_some_and(|t| Instant::now() >= t) {
+                        if i >= limit || until.done(stop_at) {
                             return mine;
                         }
-                        mine.push(send(i).await);
+                        let o = send(i).await;
+                        // A closed-loop client backs off briefly after a failure instead of
+                        // spinning on a refused connection or a 503.
+                        if o.result.is_err() {
+                            tokio::time::sleep(FAILURE_PAUSE).await;
+                        }
+                        mine.push(o);
                     }
                 });
             }
@@ -175,6 +195,9 @@ pub async fn run(client: &Client, workload: Arc<Workload>, load: &Load) -> Resul
                     break;
                 }
                 tokio::time::sleep_until(at.into()).await;
+                if load.until.done(None) {
+                    break;
+                }
                 let permit = slots
                     .clone()
                     .acquire_owned()

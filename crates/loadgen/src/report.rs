@@ -42,7 +42,9 @@ impl Outcome {
 }
 
 /// Whether an error class is one a client should retry: overload, no healthy upstream, the
-/// deadline, or a connection that was never accepted.
+/// deadline, a connection that was never accepted, or one closed before any byte of the answer
+/// (HTTP/1.1 keep-alive's race with a server closing idle connections, which the OpenAI clients
+/// retry). A stream cut after its first byte (`stream_cut`) is not.
 pub fn retryable(class: &str) -> bool {
     matches!(
         class,
@@ -53,6 +55,7 @@ pub fn retryable(class: &str) -> bool {
             | "UNAVAILABLE"
             | "DEADLINE_EXCEEDED"
             | "connect"
+            | "connection_closed"
     )
 }
 

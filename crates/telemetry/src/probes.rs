@@ -65,7 +65,8 @@ pub fn spawn_liveness(
 }
 
 /// Keeps `liveness` up to date from `watchdogs` (checked every second) until the task is
-/// dropped or aborted: NOT_SERVING while any of them has been busy longer than `stall`.
+/// dropped or aborted: NOT_SERVING while any of them has been busy longer than `stall`, and for
+/// good once one of them has died.
 pub async fn watch_liveness(
     health: HealthReporter,
     watchdogs: Vec<Arc<Watchdog>>,
@@ -75,6 +76,14 @@ pub async fn watch_liveness(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tick.tick().await;
+        if let Some(w) = watchdogs.iter().find(|w| w.is_dead()) {
+            if alive {
+                tracing::error!(thread = w.name(), "model thread died: liveness NOT_SERVING");
+                health.set_service_status(LIVENESS, ServingStatus::NotServing).await;
+            }
+            // A dead thread does not come back: the process must be restarted.
+            return;
+        }
         let stuck = watchdogs
             .iter()
             .find_map(|w| w.busy_for().filter(|d| *d > stall).map(|d| (w.name(), d)));

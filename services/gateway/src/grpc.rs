@@ -30,7 +30,7 @@ pub struct ChatService {
     pub gateway: Arc<Gateway>,
 }
 
-fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
+pub(crate) fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
     let mut messages = Vec::with_capacity(req.messages.len());
     for m in req.messages {
         let parts = m

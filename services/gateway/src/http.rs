@@ -220,6 +220,16 @@ pub(crate) fn deadline(
     Ok(started + timeout)
 }
 
+/// A chat body as [`completions`] reads it, up to the gateway's own input (for the fuzz
+/// targets, which have no headers).
+pub(crate) fn chat_input(body: &[u8]) -> Result<(ChatInput, Option<Tools>), GatewayError> {
+    let check = crate::openai_fields::check;
+    let far = Duration::from_secs(60);
+    let (_, req) =
+        read_request::<CompletionRequest>(&HeaderMap::new(), body, far, Instant::now(), check)?;
+    to_input(req)
+}
+
 fn to_input(r: CompletionRequest) -> Result<(ChatInput, Option<Tools>), GatewayError> {
     let invalid = |m: &str| GatewayError::InvalidArgument(m.to_string());
     let tools = Tools::parse(r.tools.as_ref(), r.tool_choice.as_ref(), r.parallel_tool_calls)?;

@@ -75,6 +75,15 @@ struct LegacyRequest {
     return_prompt_token_ids: bool,
 }
 
+/// A legacy completions body as [`completions`] reads it (for the fuzz targets).
+pub(crate) fn legacy_input(body: &[u8]) -> Result<ChatInput, GatewayError> {
+    let check = crate::openai_fields::check_completions;
+    let far = std::time::Duration::from_secs(60);
+    let (_, r) =
+        read_request::<LegacyRequest>(&HeaderMap::new(), body, far, Instant::now(), check)?;
+    Ok(to_input(r)?.0)
+}
+
 fn to_input(r: LegacyRequest) -> Result<(ChatInput, bool, bool), GatewayError> {
     let invalid = |m: &str| GatewayError::InvalidArgument(m.to_string());
     let n = r.n.unwrap_or(1);

@@ -28,6 +28,7 @@ pub mod served;
 pub mod stops;
 pub mod tenancy;
 pub mod tools;
+pub mod untrusted;
 pub mod upstream;
 
 use dsvl_telemetry::probes;

@@ -118,6 +118,11 @@ impl Batcher {
         self.queued() >= self.capacity
     }
 
+    /// Whether the model thread has ended (it panicked; at shutdown the batcher is dropped).
+    pub fn is_stopped(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
     /// Images waiting for the model.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::SeqCst)
@@ -146,6 +151,9 @@ fn model_loop(
     rate: Arc<Mutex<f64>>,
     watchdog: &Watchdog,
 ) {
+    // A panic anywhere below (a model bug) leaves the watchdog dead: liveness goes NOT_SERVING
+    // and the orchestrator restarts the process.
+    let _alive = watchdog.guard_thread();
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         let fill_until = Instant::now() + cfg.max_wait;
@@ -183,6 +191,9 @@ fn model_loop(
         let t = Instant::now();
         metrics::gauge!("dsvl_vision_model_busy").set(1.0);
         let busy = watchdog.busy();
+        if dsvl_core::failpoint::hit(dsvl_core::failpoint::VISION_MODEL_PANIC) {
+            panic!("fail-point {}", dsvl_core::failpoint::VISION_MODEL_PANIC);
+        }
         let result = encode_batch(&encoder, &live);
         drop(busy);
         metrics::gauge!("dsvl_vision_model_busy").set(0.0);

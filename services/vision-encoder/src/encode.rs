@@ -58,6 +58,8 @@ pub enum Failure {
     Deadline,
     /// The model failed.
     Internal(String),
+    /// The model thread is gone (it panicked): this replica cannot encode until restarted.
+    ModelDown,
 }
 
 /// Outcome of one image.
@@ -371,12 +373,18 @@ impl Pipeline {
             return Err(Failure::Deadline);
         }
         let (tx, rx) = oneshot::channel();
-        self.batcher.submit(Job { pixels, deadline, reply: tx }).map_err(|_| Failure::QueueFull)?;
+        self.batcher.submit(Job { pixels, deadline, reply: tx }).map_err(|_| {
+            if self.batcher.is_stopped() {
+                Failure::ModelDown
+            } else {
+                Failure::QueueFull
+            }
+        })?;
         let payload = match rx.await {
             Ok(Ok(p)) => p,
             Ok(Err(JobError::DeadlineExceeded)) => return Err(Failure::Deadline),
             Ok(Err(JobError::Model(e))) => return Err(Failure::Internal(e)),
-            Err(_) => return Err(Failure::Internal("the model thread stopped".into())),
+            Err(_) => return Err(Failure::ModelDown),
         };
         let embedding = Embedding::new(
             self.expected.dtype,

@@ -40,13 +40,18 @@ pub enum ServiceError {
     /// The model failed.
     #[error("{0}")]
     Internal(String),
+    /// The model thread died; liveness is NOT_SERVING until the process is restarted.
+    #[error("this replica's model thread stopped; retry on another replica")]
+    ModelDown,
 }
 
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
         let msg = e.to_string();
         match e {
-            ServiceError::Draining | ServiceError::Loading => Status::unavailable(msg),
+            ServiceError::Draining | ServiceError::Loading | ServiceError::ModelDown => {
+                Status::unavailable(msg)
+            }
             ServiceError::Deadline(_)
             | ServiceError::NoImages
             | ServiceError::TooManyImages { .. } => Status::invalid_argument(msg),
@@ -65,6 +70,7 @@ pub fn request_failure(f: Failure) -> Result<EncodeResult, ServiceError> {
         Failure::QueueFull => Err(ServiceError::QueueFull),
         Failure::Deadline => Err(ServiceError::DeadlineExceeded),
         Failure::Internal(m) => Err(ServiceError::Internal(m)),
+        Failure::ModelDown => Err(ServiceError::ModelDown),
     }
 }
 

@@ -183,11 +183,23 @@ pub async fn run(
     tokio::pin!(server);
 
     let load_cfg = config.clone();
+    let model_thread = watchdog.clone();
     let mut loading = tokio::task::spawn_blocking(move || load_pipeline(&load_cfg, watchdog));
     let mut loaded = false;
+    let mut dead = false;
+    let mut check = tokio::time::interval(std::time::Duration::from_millis(250));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
+            _ = check.tick(), if loaded && !dead => {
+                // A dead model thread cannot encode: stop taking traffic (the gateway's health
+                // poll sees it) as liveness asks for a restart.
+                if model_thread.is_dead() {
+                    dead = true;
+                    tracing::error!("the model thread died: NOT_SERVING until restarted");
+                    probes::set_ready::<VisionEncoderServer<VisionService>>(&health, false).await;
+                }
+            }
             r = &mut server => return r,
             r = &mut loading, if !loaded => {
                 loaded = true;
