@@ -15,6 +15,7 @@ mod random;
 mod reference;
 mod roofline;
 mod serve;
+mod soak;
 mod step;
 mod vision;
 mod vision_service;
@@ -60,6 +61,9 @@ enum Command {
     /// Load against a running gateway: closed or open loop, TTFT / ITL / E2E percentiles,
     /// goodput under an SLO, `--sweep` for the saturation point.
     Serve(Box<serve::ServeArgs>),
+    /// Many requests through the local cluster: memory, threads and descriptors of every
+    /// process stable after warm-up.
+    Soak(soak::SoakArgs),
     /// The tiny model against the golden tensors on any device and dtype (scripts/gpu-check).
     Parity(parity::ParityArgs),
     /// Summarises a `scripts/gpu-check` output folder into summary.json (used by the script).
@@ -87,6 +91,7 @@ fn main() -> Result<()> {
         Command::Constraint(args) => constraint::run(args),
         Command::PrefixCache(args) => prefix_cache::run(args, cli.threads),
         Command::Serve(args) => serve::run(*args),
+        Command::Soak(args) => soak::run(args),
         Command::Parity(args) => parity::run(args),
         Command::GpuCheckSummary(args) => gpu_summary::run(args),
         Command::DecoderWorker(args) => decoder::worker(args),

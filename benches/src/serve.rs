@@ -62,6 +62,9 @@ pub struct ServeArgs {
     /// Sampling temperature of the mix's requests.
     #[arg(long, default_value_t = 0.0)]
     temperature: f64,
+    /// Repeat the mix's requests after this many (bounded cache content).
+    #[arg(long)]
+    cycle: Option<usize>,
     /// Seeds the mix and the arrival times.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -145,6 +148,7 @@ fn workload(a: &ServeArgs) -> Result<Workload> {
         distinct_images: a.distinct_images,
         images: a.images.clone(),
         seed: a.seed,
+        cycle: a.cycle,
         extra,
     })?)
 }

@@ -90,6 +90,7 @@ async fn faults_under_load_lose_no_request_and_the_cluster_recovers() -> Result<
         distinct_images: 64,
         images: None,
         seed: 2,
+        cycle: None,
         extra,
     })?);
     let stop = Arc::new(AtomicBool::new(false));

@@ -30,6 +30,7 @@ fn workload() -> Result<Arc<Workload>> {
         distinct_images: 8,
         images: None,
         seed: 1,
+        cycle: None,
         extra,
     })?))
 }

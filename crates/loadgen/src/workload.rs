@@ -129,6 +129,9 @@ pub struct BuiltIn {
     /// A folder of images to use instead of the bundled ones.
     pub images: Option<PathBuf>,
     pub seed: u64,
+    /// When set, request `i` is request `i % cycle`: the same requests come back, so the
+    /// caches' content is bounded (a soak measures leaks, not caches filling up).
+    pub cycle: Option<usize>,
     /// Other OpenAI fields for every request (HTTP only), e.g. `ignore_eos`.
     pub extra: Map<String, Value>,
 }
@@ -255,6 +258,7 @@ impl Workload {
         match self {
             Self::File { items } => items[i % items.len()].clone(),
             Self::BuiltIn { cfg, originals, variants } => {
+                let i = cfg.cycle.map_or(i, |c| i % c.max(1));
                 let mut rng = StdRng::seed_from_u64(cfg.seed ^ (i as u64).wrapping_mul(0x9E37));
                 let m = cfg.mix;
                 let roll = rng.random_range(0..m.text + m.image + m.multiturn + m.long);
@@ -304,6 +308,7 @@ mod tests {
             distinct_images: 3,
             images: None,
             seed: 7,
+            cycle: None,
             extra: Map::new(),
         }
     }
@@ -319,6 +324,18 @@ mod tests {
         }
         let again: Vec<_> = (0..400).map(|i| w.item(i).kind.to_string()).collect();
         assert_eq!(kinds, again);
+    }
+
+    #[test]
+    fn a_cycle_repeats_the_same_requests() {
+        let w = Workload::built_in(BuiltIn { cycle: Some(5), ..cfg(Mix::default()) }).unwrap();
+        for i in 0..5 {
+            assert_eq!(
+                format!("{:?}", w.item(i).messages),
+                format!("{:?}", w.item(i + 5).messages)
+            );
+        }
+        assert_ne!(format!("{:?}", w.item(0).messages), format!("{:?}", w.item(1).messages));
     }
 
     #[test]

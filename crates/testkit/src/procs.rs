@@ -126,6 +126,11 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// The server's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Kills the server (abruptly, as a crash would).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
