@@ -24,7 +24,7 @@ pub struct ServeArgs {
     #[arg(long)]
     url: String,
     /// Closed loop: this many requests in flight (the default, 8).
-    #[arg(long, conflicts_with = "rate")]
+    #[arg(long, conflicts_with_all = ["rate", "sweep", "max_concurrency"])]
     concurrency: Option<usize>,
     /// Open loop: Poisson arrivals at this many requests per second.
     #[arg(long)]
@@ -167,8 +167,14 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let client = Client::connect(&a.url, a.api_key.clone(), a.model.clone(), a.grpc_connections)
         .await
         .context("connecting to the gateway")?;
+    if a.max_concurrency.is_some() && a.rate.is_none() && !a.sweep {
+        bail!("--max-concurrency caps an open loop: give --rate or --sweep with it");
+    }
     let mode = match (a.rate, a.concurrency) {
         (Some(rate), _) => Mode::Open { rate, max_in_flight: a.max_concurrency },
+        (None, _) if a.sweep => {
+            Mode::Open { rate: a.sweep_start_rate, max_in_flight: a.max_concurrency }
+        }
         (None, c) => Mode::Closed { concurrency: c.unwrap_or(8) },
     };
     let until = match a.duration_s {
@@ -187,7 +193,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
     };
     let slo = Slo { ttft_ms: a.slo_ttft_ms, itl_ms: a.slo_itl_ms, e2e_ms: a.slo_e2e_ms };
     let header = json!({
-        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "command": redacted_command(),
         "processor": processor(),
         "target": a.url,
         "model": client.model(),
@@ -247,6 +253,24 @@ async fn serve(a: ServeArgs) -> Result<()> {
         print!("{}", report.table());
     }
     Ok(())
+}
+
+/// The command line, with the value of `--api-key` hidden.
+fn redacted_command() -> String {
+    let mut out = Vec::new();
+    let mut hide = false;
+    for a in std::env::args() {
+        if hide {
+            out.push("***".to_string());
+            hide = false;
+        } else if a.starts_with("--api-key=") {
+            out.push("--api-key=***".to_string());
+        } else {
+            hide = a == "--api-key";
+            out.push(a);
+        }
+    }
+    out.join(" ")
 }
 
 fn print_header(h: &Value) {

@@ -1,20 +1,32 @@
 //! `dsvl up`'s supervisor, doing locally what Kubernetes does for the cluster: a vision-encoder
-//! or decoder group that exited, or whose `liveness` health has failed twice in a row, is
-//! restarted with the same arguments and ports (the gateway finds it again by its health poll).
-//! Restarts of one service back off (1 s, 2 s, 4 s, ... at most 30 s), and the back-off resets
-//! once the service has run for a minute. The gateway is the front door: if it exits, the
-//! cluster stops.
+//! or decoder group that exited, or whose `liveness` health has failed three checks in a row (a
+//! NOT_SERVING answer, a refused connection or no answer within 2 s; not in the first 10 s
+//! after a start, while the process binds its port), is restarted with the same arguments and
+//! ports (the gateway finds it again by its health poll). The first restart is immediate; more
+//! of the same service back off (2 s, 4 s, ... at most 30 s), and the back-off resets once the
+//! service has run for a minute. The gateway is the front door: if it exits, the cluster stops.
 
 use std::time::{Duration, Instant};
 
 use crate::procs::Service;
 
+/// Failed liveness checks in a row that restart a service.
+const FAILURE_THRESHOLD: u32 = 3;
+/// No liveness checks this long after a (re)start.
+const START_GRACE: Duration = Duration::from_secs(10);
+
 /// Restart bookkeeping of one service.
-#[derive(Default)]
 pub struct Restarts {
     count: u32,
     last: Option<Instant>,
+    started: Instant,
     failed_probes: u32,
+}
+
+impl Default for Restarts {
+    fn default() -> Self {
+        Self { count: 0, last: None, started: Instant::now(), failed_probes: 0 }
+    }
 }
 
 impl Restarts {
@@ -40,14 +52,17 @@ pub async fn heal(svc: &mut Service, restarts: &mut Restarts) -> Option<String> 
     let why = match svc.exited() {
         Some(status) => format!("{} exited ({status})", svc.name),
         None => {
-            match svc.serving(dsvl_telemetry::probes::LIVENESS).await {
-                Some(false) => restarts.failed_probes += 1,
-                _ => restarts.failed_probes = 0,
-            }
-            if restarts.failed_probes < 2 {
+            if restarts.started.elapsed() < START_GRACE {
                 return None;
             }
-            format!("{} failed its liveness probe", svc.name)
+            match svc.serving(dsvl_telemetry::probes::LIVENESS).await {
+                Some(true) => restarts.failed_probes = 0,
+                Some(false) | None => restarts.failed_probes += 1,
+            }
+            if restarts.failed_probes < FAILURE_THRESHOLD {
+                return None;
+            }
+            format!("{} failed its liveness probe {FAILURE_THRESHOLD} times", svc.name)
         }
     };
     let now = Instant::now();
@@ -57,6 +72,7 @@ pub async fn heal(svc: &mut Service, restarts: &mut Restarts) -> Option<String> 
     restarts.failed_probes = 0;
     restarts.count += 1;
     restarts.last = Some(now);
+    restarts.started = now;
     Some(match svc.restart(Duration::from_secs(5)) {
         Ok(()) => format!("{why}: restarted it (restart {} in a row)", restarts.count),
         Err(e) => format!("{why}: restarting it failed: {e:#}"),
@@ -70,7 +86,7 @@ mod tests {
     #[test]
     fn restarts_back_off_and_reset_after_a_minute_up() {
         let t0 = Instant::now();
-        let mut r = Restarts::default();
+        let mut r = Restarts { started: t0, ..Restarts::default() };
         assert!(r.may_restart(t0));
         r.count = 3;
         r.last = Some(t0);

@@ -148,7 +148,9 @@ fn up_then_chat_matches_generate_and_ctrl_c_stops_everything() -> Result<()> {
             std::thread::sleep(Duration::from_millis(500));
         }
     }
-    let processes = descendants(up.id());
+    // Everything started, before and after the restarts, must be gone after Ctrl-C.
+    let mut processes = processes;
+    processes.extend(descendants(up.id()));
 
     // Ctrl-C: everything stops, nothing is left behind.
     // SAFETY: kill(2) on our own child.

@@ -1,7 +1,8 @@
 //! Fuzz targets for every parser of untrusted input. Each takes arbitrary bytes and runs the
 //! production code path on them; any input must end in `Ok` or a typed error, never a panic,
-//! an abort, a hang or an allocation past the limits. Where a parse succeeds, the targets also
-//! check that writing the value back gives the same bytes.
+//! an abort, a hang or an allocation past the limits. Where a parse succeeds, `embedding_value`
+//! also checks that encoding the value again gives the same bytes, and `tp_frame` that a frame
+//! written back reads back with the same header and writes the same bytes again.
 //!
 //! The targets run three ways: every committed corpus and regression input in the normal test
 //! run (`tests/corpus.rs`); for a bounded time under libFuzzer in CI; and for long campaigns

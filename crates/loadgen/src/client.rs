@@ -247,10 +247,14 @@ impl Client {
         // Before any response byte: the connection was refused, or closed under the request
         // (a draining server closing a kept-alive connection as the request went out).
         let resp = http.request(req).await.map_err(|e| {
+            let hyper =
+                std::error::Error::source(&e).and_then(|s| s.downcast_ref::<hyper::Error>());
             if e.is_connect() {
                 "connect".to_string()
-            } else {
+            } else if hyper.is_some_and(|h| h.is_incomplete_message() || h.is_canceled()) {
                 "connection_closed".to_string()
+            } else {
+                "protocol".to_string()
             }
         })?;
         let status = resp.status().as_u16();

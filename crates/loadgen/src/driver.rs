@@ -67,7 +67,8 @@ pub struct Load {
     pub progress: bool,
 }
 
-/// The outcomes of a run, and how long it took from the first send to the last end.
+/// The outcomes of a run, and how long it took from its start (an open loop's first arrival
+/// comes one random gap later) to the last end.
 #[derive(Debug)]
 pub struct Run {
     pub outcomes: Vec<Outcome>,

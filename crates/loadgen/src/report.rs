@@ -2,6 +2,8 @@
 //! error class, latency percentiles, throughput and goodput under an SLO, as `vllm bench serve`
 //! and SGLang's `bench_serving` report them.
 //!
+//! Percentiles are nearest-rank (the sorted sample at `round((n - 1) p)`), not interpolated.
+//!
 //! Latencies: TTFT is from sending the request to the first output token; inter-token latency
 //! (ITL) is every gap between output chunks after the first; end-to-end (E2E) is until the
 //! stream's end. Goodput counts completed requests that met every SLO given.
@@ -35,9 +37,10 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    /// Whether it ended after its deadline plus [`DEADLINE_SLACK`].
+    /// Whether it ended after its deadline plus [`DEADLINE_SLACK`] (or the client gave up on it).
     pub fn late(&self) -> bool {
         self.e2e > self.deadline + DEADLINE_SLACK
+            || self.result.as_ref().is_err_and(|c| c == "hung")
     }
 }
 

@@ -47,7 +47,7 @@ fn stops(goodputs: &[f64]) -> bool {
     }
     let flat = |i: usize| {
         let best = goodputs[..i].iter().copied().fold(0.0, f64::max);
-        goodputs[i] < 1.05 * best
+        goodputs[i] <= 1.05 * best
     };
     let n = goodputs.len();
     n >= 3 && flat(n - 1) && flat(n - 2)
@@ -110,5 +110,6 @@ mod tests {
         assert!(!stops(&[1.0, 2.0, 2.04]), "flat once");
         assert!(stops(&[1.0, 2.0, 2.04, 2.06]), "flat twice");
         assert!(!stops(&[1.0, 2.0, 2.04, 2.5]), "rising again");
+        assert!(stops(&[0.0, 0.0, 0.0]), "no goodput at all is flat");
     }
 }

@@ -79,6 +79,8 @@ pub struct Batcher {
     rate: Arc<Mutex<f64>>,
     thread: Option<JoinHandle<()>>,
     capacity: usize,
+    /// A submit found the model thread gone.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl Batcher {
@@ -93,7 +95,14 @@ impl Batcher {
             .name("vision-model".into())
             .spawn(move || model_loop(encoder, rx, cfg, q, r, &watchdog))
             .expect("cannot start the model thread");
-        Self { tx: Some(tx), queued, rate, thread: Some(thread), capacity: cfg.capacity }
+        Self {
+            tx: Some(tx),
+            queued,
+            rate,
+            thread: Some(thread),
+            capacity: cfg.capacity,
+            stopped: Default::default(),
+        }
     }
 
     /// Queues a job; gives it back when the queue is full.
@@ -105,8 +114,13 @@ impl Batcher {
                 metrics::gauge!("dsvl_vision_queue_depth").set(self.queued() as f64);
                 Ok(())
             }
-            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+            Err(TrySendError::Full(job)) => {
                 self.queued.fetch_sub(1, Ordering::SeqCst);
+                Err(job)
+            }
+            Err(TrySendError::Disconnected(job)) => {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                self.stopped.store(true, Ordering::SeqCst);
                 Err(job)
             }
         }
@@ -120,7 +134,7 @@ impl Batcher {
 
     /// Whether the model thread has ended (it panicked; at shutdown the batcher is dropped).
     pub fn is_stopped(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
+        self.stopped.load(Ordering::SeqCst) || self.thread.as_ref().is_none_or(|t| t.is_finished())
     }
 
     /// Images waiting for the model.

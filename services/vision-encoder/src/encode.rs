@@ -340,8 +340,11 @@ impl Pipeline {
         deadline: Option<Instant>,
         write_shared: bool,
     ) -> Result<(Arc<Stored>, bool), Failure> {
-        // Refusals that cost nothing come before the decode: a full model queue, then a decode
-        // slot (waited for until the deadline).
+        // Refusals that cost nothing come before the decode: a dead model thread, a full model
+        // queue, then a decode slot (waited for until the deadline).
+        if self.batcher.is_stopped() {
+            return Err(Failure::ModelDown);
+        }
         if self.batcher.is_full() {
             return Err(Failure::QueueFull);
         }
