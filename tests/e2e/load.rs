@@ -143,17 +143,7 @@ async fn at_saturation_every_request_ends_in_time_and_nothing_is_left_behind() -
             .context("running dsvl-bench serve")?;
         ensure!(out.status.success(), "dsvl-bench serve: {}", String::from_utf8_lossy(&out.stderr));
         let v: Value = serde_json::from_slice(&out.stdout).context("one JSON object")?;
-        for k in [
-            "completed",
-            "failed",
-            "errors",
-            "ttft_ms",
-            "itl_ms",
-            "e2e_ms",
-            "output_tokens_per_s",
-            "goodput",
-            "processor",
-        ] {
+        for k in dsvl_loadgen::REPORT_FIELDS.iter().chain(&["processor"]) {
             ensure!(v.get(k).is_some(), "{k} missing from {v}");
         }
         ensure!(v["completed"] == 6 && v["failed"] == 0, "{url}: {v}");

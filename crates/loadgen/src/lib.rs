@@ -17,7 +17,7 @@ mod workload_file;
 
 pub use client::Client;
 pub use driver::{run, Load, Mode, Run, Until};
-pub use report::{retryable, Outcome, Percentiles, Report, Slo, DEADLINE_SLACK};
+pub use report::{retryable, Outcome, Percentiles, Report, Slo, DEADLINE_SLACK, REPORT_FIELDS};
 pub use sweep::{sweep, Step, Sweep, SweepPlan};
 pub use workload::{BuiltIn, Image, Message, Mix, Part, WorkItem, Workload};
 

@@ -105,6 +105,18 @@ impl Percentiles {
     }
 }
 
+/// The fields of a [`Report`]'s JSON that the issue and the docs promise (`--json`).
+pub const REPORT_FIELDS: &[&str] = &[
+    "completed",
+    "failed",
+    "errors",
+    "ttft_ms",
+    "itl_ms",
+    "e2e_ms",
+    "output_tokens_per_s",
+    "goodput",
+];
+
 /// The summary of a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -271,16 +283,7 @@ mod tests {
     fn the_json_has_the_documented_fields() {
         let r = Report::new(&[ok(1, &[], 2, 1)], Duration::from_secs(1), Slo::default());
         let v = serde_json::to_value(&r).unwrap();
-        for k in [
-            "completed",
-            "failed",
-            "errors",
-            "ttft_ms",
-            "itl_ms",
-            "e2e_ms",
-            "output_tokens_per_s",
-            "goodput",
-        ] {
+        for k in REPORT_FIELDS {
             assert!(v.get(k).is_some(), "{k} missing from {v}");
         }
         assert_eq!(v["ttft_ms"]["p99"], 1.0);
