@@ -45,7 +45,11 @@ impl Dims {
         }
     }
 
-    fn config(self) -> Result<Value> {
+    /// The preset's `config.json` content (VL-1.3B: its `language_config` only).
+    ///
+    /// # Errors
+    /// Never for the built-in presets (a malformed preset would be a bug).
+    pub fn raw_config(self) -> Result<Value> {
         Ok(match self {
             Self::Vl7b => serde_json::from_slice(VL7B_CONFIG)?,
             Self::Tiny => serde_json::from_slice(TINY_CONFIG)?,
@@ -61,10 +65,18 @@ impl Dims {
     /// # Errors
     /// `vl-1.3b` (only its language model is a preset here).
     pub fn vision(self) -> Result<(TowerConfig, AlignerConfig)> {
-        let config = self.config()?;
+        let config = self.raw_config()?;
         if config.get("vision_config").is_none() {
             bail!("no vision preset for {} (use vl-7b or tiny)", self.name());
         }
+        Self::vision_of(&config)
+    }
+
+    /// The vision tower and aligner configs of a `config.json`.
+    ///
+    /// # Errors
+    /// Missing or unsupported vision or aligner configs.
+    pub fn vision_of(config: &Value) -> Result<(TowerConfig, AlignerConfig)> {
         let tower = TowerConfig::resolve(&serde_json::from_value::<ComponentConfig>(
             config["vision_config"].clone(),
         )?)?;
@@ -90,7 +102,7 @@ impl Dims {
     /// # Errors
     /// Never for the built-in presets (a malformed preset would be a bug).
     pub fn lm_config(self) -> Result<LlmConfig> {
-        Ok(LlmConfig::from_json(self.config()?["language_config"].clone(), "")?)
+        Ok(LlmConfig::from_json(self.raw_config()?["language_config"].clone(), "")?)
     }
 }
 

@@ -2,6 +2,7 @@
 //! on the same machine and thread count, and report ratios. Results and commands are recorded
 //! in `benches/README.md`.
 
+mod checkpoint;
 mod constraint;
 mod decoder;
 mod decoder_service;
@@ -64,6 +65,9 @@ enum Command {
     /// Many requests through the local cluster: memory, threads and descriptors of every
     /// process stable after warm-up.
     Soak(soak::SoakArgs),
+    /// A checkpoint directory with random weights at a preset's dimensions, in the original
+    /// layout, for serving benchmarks (`dsvl up --model DIR`).
+    RandomCheckpoint(checkpoint::CheckpointArgs),
     /// The tiny model against the golden tensors on any device and dtype (scripts/gpu-check).
     Parity(parity::ParityArgs),
     /// Summarises a `scripts/gpu-check` output folder into summary.json (used by the script).
@@ -91,6 +95,7 @@ fn main() -> Result<()> {
         Command::Constraint(args) => constraint::run(args),
         Command::PrefixCache(args) => prefix_cache::run(args, cli.threads),
         Command::Serve(args) => serve::run(*args),
+        Command::RandomCheckpoint(args) => checkpoint::run(args),
         Command::Soak(args) => soak::run(args),
         Command::Parity(args) => parity::run(args),
         Command::GpuCheckSummary(args) => gpu_summary::run(args),

@@ -1,11 +1,21 @@
 //! Random weights at real dimensions: a `VarBuilder` backend that invents every tensor the model
-//! asks for (normal, std 0.02; norm weights 1), so benchmarks need no checkpoint.
+//! asks for (normal, std 0.02; norm weights 1), so benchmarks need no checkpoint; recorded, they
+//! make one (`dsvl-bench random-checkpoint`).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Result, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-struct RandomWeights;
+/// Invents tensors; with `recorded`, keeps each (by name) for writing a checkpoint.
+struct RandomWeights {
+    recorded: Option<Recorded>,
+}
+
+/// Every tensor a recording [`recording_var_builder`] invented, by name.
+pub type Recorded = Arc<Mutex<BTreeMap<String, Tensor>>>;
 
 impl SimpleBackend for RandomWeights {
     fn get(
@@ -23,7 +33,13 @@ impl SimpleBackend for RandomWeights {
         } else {
             Tensor::randn(0f32, 0.02, s, dev)?
         };
-        t.to_dtype(dtype)
+        let t = t.to_dtype(dtype)?;
+        if let Some(recorded) = &self.recorded {
+            let mut recorded = recorded.lock().expect("not poisoned");
+            // A name asked for twice (a tied weight) is one tensor.
+            return Ok(recorded.entry(name.to_string()).or_insert(t).clone());
+        }
+        Ok(t)
     }
 
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> Result<Tensor> {
@@ -37,5 +53,18 @@ impl SimpleBackend for RandomWeights {
 
 /// A `VarBuilder` producing random tensors of whatever shape is requested.
 pub fn var_builder(dtype: DType, device: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())
+    VarBuilder::from_backend(Box::new(RandomWeights { recorded: None }), dtype, device.clone())
+}
+
+/// As [`var_builder`], keeping every tensor in `recorded`.
+pub fn recording_var_builder(
+    dtype: DType,
+    device: &Device,
+    recorded: Recorded,
+) -> VarBuilder<'static> {
+    VarBuilder::from_backend(
+        Box::new(RandomWeights { recorded: Some(recorded) }),
+        dtype,
+        device.clone(),
+    )
 }

@@ -12,17 +12,27 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use dsvl_loadgen::{
-    run as run_load, sweep, BuiltIn, Client, Load, Mix, Mode, Report, Slo, SweepPlan, Until,
-    Workload,
+    run as run_load, sweep, BuiltIn, Client, ConnectOptions, Load, Mix, Mode, Report, Slo,
+    SweepPlan, TlsFiles, Until, Workload,
 };
 use serde_json::{json, Map, Value};
 
 /// Arguments of `dsvl-bench serve`.
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// The gateway: `http://HOST:PORT` (OpenAI API, streamed) or `grpc://HOST:PORT`.
+    /// The gateway: `http://HOST:PORT` (OpenAI API, streamed) or `grpc://HOST:PORT`; over TLS,
+    /// `https://` or `grpcs://`.
     #[arg(long)]
     url: String,
+    /// TLS: trust only this PEM certificate authority (default: the system's trust roots).
+    #[arg(long)]
+    ca_file: Option<PathBuf>,
+    /// TLS: present this PEM certificate chain (a gateway that requires client certificates).
+    #[arg(long, requires = "client_key")]
+    client_cert: Option<PathBuf>,
+    /// TLS: the key of --client-cert.
+    #[arg(long, requires = "client_cert")]
+    client_key: Option<PathBuf>,
     /// Closed loop: this many requests in flight (the default, 8).
     #[arg(long, conflicts_with_all = ["rate", "sweep", "max_concurrency"])]
     concurrency: Option<usize>,
@@ -161,12 +171,20 @@ pub fn run(args: ServeArgs) -> Result<()> {
 
 async fn serve(a: ServeArgs) -> Result<()> {
     let workload = Arc::new(workload(&a)?);
-    if a.url.starts_with("grpc://") && workload.has_image_urls() {
-        bail!("the workload has image URLs, which gRPC cannot send (use http:// or inline the images)");
+    if a.url.starts_with("grpc") && workload.has_image_urls() {
+        bail!("the workload has image URLs, which gRPC cannot send (use http(s):// or inline the images)");
     }
-    let client = Client::connect(&a.url, a.api_key.clone(), a.model.clone(), a.grpc_connections)
-        .await
-        .context("connecting to the gateway")?;
+    let tls = TlsFiles {
+        ca: a.ca_file.clone(),
+        identity: a.client_cert.clone().zip(a.client_key.clone()),
+    };
+    let options = ConnectOptions {
+        api_key: a.api_key.clone(),
+        model: a.model.clone(),
+        grpc_connections: a.grpc_connections,
+        tls,
+    };
+    let client = Client::connect(&a.url, options).await.context("connecting to the gateway")?;
     if a.max_concurrency.is_some() && a.rate.is_none() && !a.sweep {
         bail!("--max-concurrency caps an open loop: give --rate or --sweep with it");
     }

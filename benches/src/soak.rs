@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use dsvl_e2e::{Cluster, Options};
 use dsvl_loadgen::{
-    run as run_load, BuiltIn, Client, Load, Mix, Mode, Report, Slo, Until, Workload,
+    run as run_load, BuiltIn, Client, ConnectOptions, Load, Mix, Mode, Report, Slo, Until, Workload,
 };
 use serde_json::{json, Map};
 
@@ -102,7 +102,8 @@ async fn soak(a: SoakArgs) -> Result<()> {
     println!("command    {}", std::env::args().collect::<Vec<_>>().join(" "));
     println!("processor  {}", crate::serve::processor());
     let cluster = Cluster::start(Options::default()).await?;
-    let client = Client::connect(&format!("http://{}", cluster.http), None, None, 1).await?;
+    let client =
+        Client::connect(&format!("http://{}", cluster.http), ConnectOptions::default()).await?;
     let mut extra = Map::new();
     extra.insert("temperature".into(), json!(0.0));
     let workload = Arc::new(Workload::built_in(BuiltIn {

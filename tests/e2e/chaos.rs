@@ -20,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use dsvl_e2e::{signal, Cluster, Options, Svc};
-use dsvl_loadgen::{retryable, run, BuiltIn, Client, Load, Mode, Report, Slo, Until, Workload};
+use dsvl_loadgen::{
+    retryable, run, BuiltIn, Client, ConnectOptions, Load, Mode, Report, Slo, Until, Workload,
+};
 use dsvl_proto::internal::vision_encoder_client::VisionEncoderClient;
 use dsvl_proto::internal::{EncodeRequest, ImageInput};
 use serde_json::{json, Map};
@@ -79,7 +81,8 @@ async fn faults_under_load_lose_no_request_and_the_cluster_recovers() -> Result<
     std::env::set_var("DSVL_COLLECTIVE_TIMEOUT_SECS", COLLECTIVE_TIMEOUT_SECS.to_string());
     std::env::set_var("DSVL_DRAIN_SECS", DRAIN_SECS.to_string());
     let mut cluster = Cluster::start(Options { health_ports: true, ..Options::default() }).await?;
-    let client = Client::connect(&format!("http://{}", cluster.http), None, None, 1).await?;
+    let client =
+        Client::connect(&format!("http://{}", cluster.http), ConnectOptions::default()).await?;
     let mut extra = Map::new();
     extra.insert("temperature".into(), json!(0.0));
     extra.insert("ignore_eos".into(), json!(true));

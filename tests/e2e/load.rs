@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use dsvl_e2e::{Cluster, Options};
 use dsvl_loadgen::{
-    retryable, run, sweep, BuiltIn, Client, Load, Mix, Mode, Report, Slo, SweepPlan, Until,
-    Workload,
+    retryable, run, sweep, BuiltIn, Client, ConnectOptions, Load, Mix, Mode, Report, Slo,
+    SweepPlan, Until, Workload,
 };
 use serde_json::{json, Map, Value};
 
@@ -58,7 +58,8 @@ fn leftovers(cluster: &Cluster) -> Result<Vec<(String, f64)>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn at_saturation_every_request_ends_in_time_and_nothing_is_left_behind() -> Result<()> {
     let cluster = Cluster::start(Options::default()).await?;
-    let client = Client::connect(&format!("http://{}", cluster.http), None, None, 1).await?;
+    let client =
+        Client::connect(&format!("http://{}", cluster.http), ConnectOptions::default()).await?;
     let workload = workload()?;
     let base = Load {
         mode: Mode::Open { rate: 1.0, max_in_flight: None },

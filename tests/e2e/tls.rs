@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use dsvl_e2e::{golden_case, golden_generated, grpc_messages, Cluster, Options, Svc};
+use dsvl_loadgen::{
+    BuiltIn, Client, ConnectOptions, Load, Mix, Mode, Report, Slo, TlsFiles, Until, Workload,
+};
 use dsvl_proto::v1::chat_response::Event;
 use dsvl_proto::v1::{ChatRequest, SamplingParams};
 use tonic_health::pb::health_client::HealthClient;
@@ -107,6 +110,51 @@ async fn every_hop_speaks_tls_and_the_tiers_refuse_strangers() -> Result<()> {
     .await??;
     assert!(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("chat.completion"), "{answer}");
+    // The load generator over both TLS listeners (`dsvl-bench serve --url https://… --ca-file`):
+    // text and image requests, streamed, every one complete and counted.
+    for url in [format!("https://{}", cluster.http), format!("grpcs://{}", cluster.gateway.addr)] {
+        let tls = TlsFiles { ca: Some(pki.client.ca.clone()), identity: None };
+        let client = Client::connect(&url, ConnectOptions { tls, ..ConnectOptions::default() })
+            .await
+            .with_context(|| format!("load generator to {url}"))?;
+        let workload = Arc::new(Workload::built_in(BuiltIn {
+            mix: Mix { text: 1, image: 1, multiturn: 0, long: 0 },
+            max_tokens: 4,
+            long_words: 0,
+            distinct_images: 2,
+            images: None,
+            seed: 3,
+            cycle: None,
+            extra: serde_json::Map::new(),
+        })?);
+        let load = Load {
+            mode: Mode::Closed { concurrency: 2 },
+            until: Until::Requests(6),
+            deadline: Duration::from_secs(60),
+            hang_after: Duration::from_secs(10),
+            warmup: 0,
+            seed: 3,
+            first_index: 0,
+            progress: false,
+        };
+        let r = dsvl_loadgen::run(&client, workload, &load).await?;
+        let report = Report::new(&r.outcomes, r.duration, Slo::default());
+        assert_eq!((report.completed, report.failed), (6, 0), "{url}: {report:?}");
+        assert!(report.output_tokens_per_s > 0.0, "{url}: no tokens counted: {report:?}");
+    }
+    // Without the cluster's authority the gateway's certificate is not trusted.
+    let stranger_ca = tempfile::NamedTempFile::new()?;
+    std::fs::write(stranger_ca.path(), dsvl_tls::DevCa::new("another CA")?.ca_pem())?;
+    let tls = TlsFiles { ca: Some(stranger_ca.path().to_path_buf()), identity: None };
+    let e = Client::connect(
+        &format!("https://{}", cluster.http),
+        ConnectOptions { tls, ..ConnectOptions::default() },
+    )
+    .await
+    .err()
+    .context("a gateway certificate from another authority was trusted")?;
+    assert!(e.to_string().contains("certificate"), "{e}");
+
     // Plain HTTP to the TLS listener gets no HTTP answer.
     let plain = dsvl_e2e::http_post(&cluster.http, "/v1/models", &[], &serde_json::json!({}));
     assert!(plain.is_err() || plain.is_ok_and(|r| r.status == 0), "plain text was served");

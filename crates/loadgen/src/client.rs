@@ -1,5 +1,5 @@
 //! Sends one [`WorkItem`] to the gateway and times it: OpenAI HTTP with server-sent events
-//! (`http://`), or `dsvl.v1.Chat/Generate` (`grpc://`). Each request carries its deadline
+//! (`http://`, `https://`), or `dsvl.v1.Chat/Generate` (`grpc://`, `grpcs://`). Each request carries its deadline
 //! (`X-Request-Timeout` or `grpc-timeout`); the client gives up on its own only at the deadline
 //! plus `hang_after`, and calls that a `hung` request.
 
@@ -21,8 +21,28 @@ use serde_json::{json, Value};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::report::Outcome;
+use crate::tls::{Connector, TlsFiles};
 use crate::workload::{Part, WorkItem};
 use crate::LoadError;
+
+/// How to reach the gateway, besides its URL.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Sent as `Authorization: Bearer`.
+    pub api_key: Option<String>,
+    /// The model id to ask for (`None`: the first the gateway lists).
+    pub model: Option<String>,
+    /// HTTP/2 connections for gRPC (each carries many streams).
+    pub grpc_connections: usize,
+    /// Trust and identity for `https://` and `grpcs://`.
+    pub tls: TlsFiles,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self { api_key: None, model: None, grpc_connections: 1, tls: TlsFiles::default() }
+    }
+}
 
 /// A connection to the gateway.
 #[derive(Clone)]
@@ -34,7 +54,7 @@ pub struct Client {
 
 #[derive(Clone)]
 enum Proto {
-    Http { base: String, http: Box<HyperClient<HttpConnector, Full<Bytes>>> },
+    Http { base: String, http: Box<HyperClient<Connector, Full<Bytes>>> },
     Grpc { channels: Arc<Vec<Channel>>, next: Arc<AtomicUsize> },
 }
 
@@ -67,38 +87,66 @@ impl Clock {
 type End = Result<Option<u32>, String>;
 
 impl Client {
-    /// Connects to `url` (`http://HOST:PORT` or `grpc://HOST:PORT`) and learns the model's id
-    /// from the gateway unless `model` is given. `connections` is the number of HTTP/2
-    /// connections for gRPC (each carries many streams).
-    pub async fn connect(
-        url: &str,
-        api_key: Option<String>,
-        model: Option<String>,
-        connections: usize,
-    ) -> Result<Self, LoadError> {
+    /// Connects to `url` (`http://` or `https://` for the OpenAI API, `grpc://` or `grpcs://`
+    /// for gRPC, then `HOST:PORT`) and learns the model's id from the gateway unless
+    /// `options.model` is given.
+    pub async fn connect(url: &str, options: ConnectOptions) -> Result<Self, LoadError> {
         let bad = |why: String| LoadError::Target(format!("{url}: {why}"));
-        let proto = if let Some(rest) = url.strip_prefix("grpc://") {
-            let mut channels = Vec::new();
-            for _ in 0..connections.max(1) {
-                let ep = Endpoint::from_shared(format!("http://{rest}"))
-                    .map_err(|e| bad(e.to_string()))?
-                    .connect_timeout(Duration::from_secs(5))
-                    .tcp_nodelay(true);
-                channels.push(ep.connect_lazy());
+        let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+        let tls = matches!(scheme, "https" | "grpcs");
+        if options.tls.is_set() && !tls {
+            return Err(bad("--ca-file and a client certificate need https:// or grpcs://".into()));
+        }
+        let rest = rest.trim_end_matches('/');
+        let proto = match scheme {
+            "grpc" | "grpcs" => {
+                let tls = if tls {
+                    let config = options.tls.config(dsvl_tls::ALPN_H2).map_err(bad)?;
+                    let name = dsvl_tls::server_name(rest).map_err(|e| bad(e.to_string()))?;
+                    Some((dsvl_tls::Reloading::fixed(config), name))
+                } else {
+                    None
+                };
+                let mut channels = Vec::new();
+                for _ in 0..options.grpc_connections.max(1) {
+                    let ep = Endpoint::from_shared(format!("http://{rest}"))
+                        .map_err(|e| bad(e.to_string()))?
+                        .connect_timeout(Duration::from_secs(5))
+                        .tcp_nodelay(true);
+                    channels.push(match &tls {
+                        Some((config, name)) => {
+                            dsvl_tls::lazy_channel(ep, config.clone(), name.clone())
+                        }
+                        None => ep.connect_lazy(),
+                    });
+                }
+                Proto::Grpc { channels: Arc::new(channels), next: Arc::new(AtomicUsize::new(0)) }
             }
-            Proto::Grpc { channels: Arc::new(channels), next: Arc::new(AtomicUsize::new(0)) }
-        } else if url.starts_with("http://") {
-            let mut connector = HttpConnector::new();
-            connector.set_nodelay(true);
-            connector.set_connect_timeout(Some(Duration::from_secs(5)));
-            let http = HyperClient::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(30))
-                .build(connector);
-            Proto::Http { base: url.trim_end_matches('/').to_string(), http: Box::new(http) }
-        } else {
-            return Err(bad("the URL must start with http:// (OpenAI API) or grpc://".into()));
+            "http" | "https" => {
+                let mut tcp = HttpConnector::new();
+                tcp.set_nodelay(true);
+                tcp.set_connect_timeout(Some(Duration::from_secs(5)));
+                let tls = if tls {
+                    tcp.enforce_http(false);
+                    let config = options.tls.config(dsvl_tls::ALPN_HTTP1).map_err(bad)?;
+                    let name = dsvl_tls::server_name(rest).map_err(|e| bad(e.to_string()))?;
+                    Some((config, name))
+                } else {
+                    None
+                };
+                let http = HyperClient::builder(TokioExecutor::new())
+                    .pool_idle_timeout(Duration::from_secs(30))
+                    .build(Connector::new(tcp, tls));
+                Proto::Http { base: format!("{scheme}://{rest}"), http: Box::new(http) }
+            }
+            _ => {
+                return Err(bad("the URL must start with http:// or https:// (OpenAI API), or \
+                     grpc:// or grpcs://"
+                    .into()))
+            }
         };
-        let mut client = Self { proto, api_key, model: model.unwrap_or_default() };
+        let mut client =
+            Self { proto, api_key: options.api_key, model: options.model.unwrap_or_default() };
         if client.model.is_empty() {
             client.model = client.first_model().await.map_err(bad)?;
         }
@@ -121,7 +169,7 @@ impl Client {
                 let resp = tokio::time::timeout(Duration::from_secs(10), http.request(req))
                     .await
                     .map_err(|_| "no answer to GET /v1/models in 10 s".to_string())?
-                    .map_err(|e| format!("GET /v1/models: {e}"))?;
+                    .map_err(|e| format!("GET /v1/models: {}", with_causes(&e)))?;
                 let status = resp.status();
                 let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
                 let v: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
@@ -138,7 +186,10 @@ impl Client {
                 let mut req = tonic::Request::new(ListModelsRequest {});
                 req.set_timeout(Duration::from_secs(10));
                 self.authorize(req.metadata_mut());
-                let models = c.list_models(req).await.map_err(|s| format!("ListModels: {s}"))?;
+                let models = c
+                    .list_models(req)
+                    .await
+                    .map_err(|s| format!("ListModels: {}", with_causes(&s)))?;
                 models
                     .into_inner()
                     .models
@@ -204,7 +255,7 @@ impl Client {
     async fn http_stream(
         &self,
         base: &str,
-        http: &HyperClient<HttpConnector, Full<Bytes>>,
+        http: &HyperClient<Connector, Full<Bytes>>,
         item: &WorkItem,
         deadline: Duration,
         clock: &mut Clock,
@@ -349,4 +400,20 @@ impl Client {
         }
         Err("stream_cut".into())
     }
+}
+
+/// `e` and its sources, so a failed TLS handshake says why ("invalid peer certificate: ...")
+/// instead of hyper's bare "client error (Connect)".
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let c = cause.to_string();
+        if !s.contains(&c) {
+            s.push_str(": ");
+            s.push_str(&c);
+        }
+        source = cause.source();
+    }
+    s
 }

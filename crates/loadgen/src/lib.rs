@@ -12,13 +12,15 @@ mod driver;
 mod report;
 mod sse;
 mod sweep;
+mod tls;
 mod workload;
 mod workload_file;
 
-pub use client::Client;
+pub use client::{Client, ConnectOptions};
 pub use driver::{run, Load, Mode, Run, Until};
 pub use report::{retryable, Outcome, Percentiles, Report, Slo, DEADLINE_SLACK, REPORT_FIELDS};
 pub use sweep::{sweep, Step, Sweep, SweepPlan};
+pub use tls::TlsFiles;
 pub use workload::{BuiltIn, Image, Message, Mix, Part, WorkItem, Workload};
 
 /// Why a run could not start. Failures of single requests are not errors: they are counted.

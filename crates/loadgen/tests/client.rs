@@ -10,7 +10,8 @@ use axum::body::Body;
 use axum::routing::{get, post};
 use axum::Router;
 use dsvl_loadgen::{
-    run, Client, Load, Message, Mode, Part, Report, Slo, Until, WorkItem, Workload,
+    run, Client, ConnectOptions, Load, Message, Mode, Part, Report, Slo, TlsFiles, Until, WorkItem,
+    Workload,
 };
 use serde_json::{json, Map, Value};
 
@@ -93,7 +94,7 @@ fn load(mode: Mode, n: usize) -> Load {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_follow_the_stream_and_each_request_counts_once() {
     let (url, served) = server().await;
-    let client = Client::connect(&url, None, None, 1).await.unwrap();
+    let client = Client::connect(&url, ConnectOptions::default()).await.unwrap();
     assert_eq!(client.model(), "m");
     let workload =
         Arc::new(Workload::File { items: vec![item("hi"), item("cut"), item("busy"), item("ok")] });
@@ -133,9 +134,31 @@ async fn outcomes_follow_the_stream_and_each_request_counts_once() {
 #[tokio::test]
 async fn a_refused_connection_is_a_clear_error_at_start() {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let e =
-        Client::connect(&format!("http://127.0.0.1:{port}"), None, None, 1).await.err().unwrap();
+    let e = Client::connect(&format!("http://127.0.0.1:{port}"), ConnectOptions::default())
+        .await
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("/v1/models"), "{e}");
-    let e = Client::connect("ftp://x", None, None, 1).await.err().unwrap();
-    assert!(e.to_string().contains("http:// (OpenAI API) or grpc://"), "{e}");
+    let e = Client::connect("ftp://x", ConnectOptions::default()).await.err().unwrap();
+    assert!(e.to_string().contains("grpc:// or grpcs://"), "{e}");
+    // Trust files mean TLS: a plain-text URL with them is a mistake, not silently plain text.
+    let tls = TlsFiles { ca: Some("ca.pem".into()), identity: None };
+    let e = Client::connect(
+        &format!("http://127.0.0.1:{port}"),
+        ConnectOptions { tls, ..ConnectOptions::default() },
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("https:// or grpcs://"), "{e}");
+    // A CA file that is not there is named.
+    let tls = TlsFiles { ca: Some("/nonexistent/ca.pem".into()), identity: None };
+    let e = Client::connect(
+        &format!("https://127.0.0.1:{port}"),
+        ConnectOptions { tls, ..ConnectOptions::default() },
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
 }
