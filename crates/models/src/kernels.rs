@@ -3,9 +3,12 @@
 //! (relative-position add + softmax over one score row), and a bandwidth-bound GEMV for
 //! batch-1 decode.
 //!
-//! Each kernel is compiled twice, for the baseline target and with AVX2 + FMA, and picked at run
-//! time, so the loops vectorise 8-wide on the machines we serve from without a `-C target-cpu`
-//! build.
+//! Each kernel is compiled three times, for the baseline target, with AVX2 + FMA (8 lanes) and
+//! with AVX-512 (16 lanes), and picked at run time ([`Isa`]), so the loops vectorise as wide as
+//! the processor allows without a `-C target-cpu` build. The `_with` variants take the path
+//! explicitly: the tests run every path the machine has against a scalar reference.
+
+use crate::isa::{on_isa, Isa};
 
 /// `exp(x)` for f32 with Cephes-style range reduction and a degree-6 polynomial; max relative
 /// error about 2e-7 (1-2 ulp) over the range softmax uses. Branch-free so loops vectorise;
@@ -33,14 +36,14 @@ pub fn exp_f32(x: f32) -> f32 {
     y * f32::from_bits(biased)
 }
 
-/// Lanes of the hand-split reductions: float reductions only vectorise when written as
-/// independent partial results (the compiler may not reassociate them).
-const LANES: usize = 8;
+// The hand-split reductions take their lane count `L` (8, or 16 on AVX-512) as a const
+// generic: float reductions only vectorise when written as independent partial results (the
+// compiler may not reassociate them).
 
 #[inline(always)]
-fn max_lanes(xs: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; LANES];
-    let mut chunks = xs.chunks_exact(LANES);
+fn max_lanes<const L: usize>(xs: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; L];
+    let mut chunks = xs.chunks_exact(L);
     for c in &mut chunks {
         for (a, &v) in acc.iter_mut().zip(c) {
             *a = if v > *a { v } else { *a };
@@ -52,9 +55,9 @@ fn max_lanes(xs: &[f32]) -> f32 {
 
 /// Replaces each `x` by `exp(x - max)` and returns the sum.
 #[inline(always)]
-fn exp_sub_sum(xs: &mut [f32], max: f32) -> f32 {
-    let mut acc = [0f32; LANES];
-    let mut chunks = xs.chunks_exact_mut(LANES);
+fn exp_sub_sum<const L: usize>(xs: &mut [f32], max: f32) -> f32 {
+    let mut acc = [0f32; L];
+    let mut chunks = xs.chunks_exact_mut(L);
     for c in &mut chunks {
         for (a, v) in acc.iter_mut().zip(c.iter_mut()) {
             *v = exp_f32(*v - max);
@@ -70,7 +73,7 @@ fn exp_sub_sum(xs: &mut [f32], max: f32) -> f32 {
 }
 
 #[inline(always)]
-fn relpos_softmax_row_impl(row: &mut [f32], rh: &[f32], rw: &[f32]) {
+fn relpos_softmax_row_impl<const L: usize>(row: &mut [f32], rh: &[f32], rw: &[f32]) {
     let s = rw.len();
     for (chunk, &h) in row.chunks_exact_mut(s).zip(rh) {
         for (d, &w) in chunk.iter_mut().zip(rw) {
@@ -78,53 +81,40 @@ fn relpos_softmax_row_impl(row: &mut [f32], rh: &[f32], rw: &[f32]) {
             *d = (*d + h) + w;
         }
     }
-    softmax_row_impl(row)
+    softmax_row_impl::<L>(row)
 }
 
+/// [`softmax_row`] inlined into a caller compiled for its own [`Isa`] (with its lane count).
 #[inline(always)]
-fn softmax_row_impl(row: &mut [f32]) {
-    let max = max_lanes(row);
-    let inv = 1.0 / exp_sub_sum(row, max);
+pub(crate) fn softmax_row_impl<const L: usize>(row: &mut [f32]) {
+    let max = max_lanes::<L>(row);
+    let inv = 1.0 / exp_sub_sum::<L>(row, max);
     for d in row.iter_mut() {
         *d *= inv;
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn softmax_row_avx2(row: &mut [f32]) {
-    softmax_row_impl(row)
-}
-
 /// In-place softmax of one row.
 pub fn softmax_row(row: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the features the function was compiled for.
-            return unsafe { softmax_row_avx2(row) };
-        }
-    }
-    softmax_row_impl(row)
+    softmax_row_with(Isa::current(), row)
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn relpos_softmax_row_avx2(row: &mut [f32], rh: &[f32], rw: &[f32]) {
-    relpos_softmax_row_impl(row, rh, rw)
+/// [`softmax_row`] on the path `isa` (lowered to what the processor has).
+pub fn softmax_row_with(isa: Isa, row: &mut [f32]) {
+    on_isa!(isa, <L> |row: &mut [f32]| -> () { softmax_row_impl::<L>(row) })
 }
 
 /// One row of `softmax(scores + rel_h[kh] + rel_w[kw])` over keys `(kh, kw)`, in place: `row`
 /// has `S * S` entries, `rh` and `rw` have `S`.
 pub fn relpos_softmax_row(row: &mut [f32], rh: &[f32], rw: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the features the function was compiled for.
-            return unsafe { relpos_softmax_row_avx2(row, rh, rw) };
-        }
-    }
-    relpos_softmax_row_impl(row, rh, rw)
+    relpos_softmax_row_with(Isa::current(), row, rh, rw)
+}
+
+/// [`relpos_softmax_row`] on the path `isa`.
+pub fn relpos_softmax_row_with(isa: Isa, row: &mut [f32], rh: &[f32], rw: &[f32]) {
+    on_isa!(isa, <L> |row: &mut [f32], rh: &[f32], rw: &[f32]| -> () {
+        relpos_softmax_row_impl::<L>(row, rh, rw)
+    })
 }
 
 /// `erfc(z)` for `z >= 0` with fractional error below 1.2e-7 (Chebyshev fit of Numerical
@@ -160,31 +150,23 @@ fn gelu_slice_impl(dst: &mut [f32], src: &[f32]) {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_slice_avx2(dst: &mut [f32], src: &[f32]) {
-    gelu_slice_impl(dst, src)
-}
-
 /// `dst[i] = gelu_erf(src[i])`.
 pub fn gelu_slice(dst: &mut [f32], src: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the features the function was compiled for.
-            return unsafe { gelu_slice_avx2(dst, src) };
-        }
-    }
-    gelu_slice_impl(dst, src)
+    gelu_slice_with(Isa::current(), dst, src)
+}
+
+/// [`gelu_slice`] on the path `isa`.
+pub fn gelu_slice_with(isa: Isa, dst: &mut [f32], src: &[f32]) {
+    on_isa!(isa, <L> |dst: &mut [f32], src: &[f32]| -> () { gelu_slice_impl(dst, src) })
 }
 
 #[inline(always)]
-pub(crate) fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let mut ca = a.chunks_exact(LANES);
-    let mut cb = b.chunks_exact(LANES);
+pub(crate) fn dot_impl<const L: usize>(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; L];
+    let mut ca = a.chunks_exact(L);
+    let mut cb = b.chunks_exact(L);
     for (x, y) in (&mut ca).zip(&mut cb) {
-        for l in 0..LANES {
+        for l in 0..L {
             acc[l] += x[l] * y[l];
         }
     }
@@ -193,38 +175,32 @@ pub(crate) fn dot_impl(a: &[f32], b: &[f32]) -> f32 {
 }
 
 #[inline(always)]
-fn gemv_block_impl(out: &mut [f32], x: &[f32], w_rows: &[f32], k: usize) {
+fn gemv_block_impl<const L: usize>(out: &mut [f32], x: &[f32], w_rows: &[f32], k: usize) {
     // out: [m, rows] for this block (row-major over m), w_rows: [rows, k].
     let rows = w_rows.len() / k;
     let m = x.len() / k;
     for (j, w) in w_rows.chunks_exact(k).enumerate() {
         for i in 0..m {
-            out[i * rows + j] = dot_impl(&x[i * k..][..k], w);
+            out[i * rows + j] = dot_impl::<L>(&x[i * k..][..k], w);
         }
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gemv_block_avx2(out: &mut [f32], x: &[f32], w_rows: &[f32], k: usize) {
-    gemv_block_impl(out, x, w_rows, k)
-}
-
-fn gemv_block(out: &mut [f32], x: &[f32], w_rows: &[f32], k: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU supports the features the function was compiled for.
-            return unsafe { gemv_block_avx2(out, x, w_rows, k) };
-        }
-    }
-    gemv_block_impl(out, x, w_rows, k)
+fn gemv_block(isa: Isa, out: &mut [f32], x: &[f32], w_rows: &[f32], k: usize) {
+    on_isa!(isa, <L> |out: &mut [f32], x: &[f32], w_rows: &[f32], k: usize| -> () {
+        gemv_block_impl::<L>(out, x, w_rows, k)
+    })
 }
 
 /// `y = x W^T` for one (or a few) rows of `x` (`[m, k]`) and `W` `[n, k]`: each weight row is
 /// streamed once, blocks of rows in parallel. A batch-1 decode step is bound by reading the
 /// weights, and this reads them at close to memory bandwidth. Returns `[m, n]`.
 pub fn gemv(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+    gemv_with(Isa::current(), x, w, m, n, k)
+}
+
+/// [`gemv`] on the path `isa`.
+pub fn gemv_with(isa: Isa, x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
     use rayon::prelude::*;
     const BLOCK: usize = 64;
     let blocks = n.div_ceil(BLOCK);
@@ -234,7 +210,7 @@ pub fn gemv(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
             let r0 = b * BLOCK;
             let rows = BLOCK.min(n - r0);
             let mut out = vec![0f32; m * rows];
-            gemv_block(&mut out, x, &w[r0 * k..(r0 + rows) * k], k);
+            gemv_block(isa, &mut out, x, &w[r0 * k..(r0 + rows) * k], k);
             out
         })
         .collect();
@@ -253,16 +229,68 @@ pub fn gemv(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
 mod tests {
     use super::*;
 
+    /// Every path this processor has (`scalar` always; `avx2`, `avx512` where present).
+    fn paths() -> Vec<Isa> {
+        let paths = Isa::supported();
+        eprintln!("kernel paths run here: {:?} (best {:?})", paths, Isa::best());
+        paths
+    }
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| (((i * 2_654_435_761 + seed) % 1999) as f32 / 999.5 - 1.0) * 3.0).collect()
+    }
+
     #[test]
-    fn gemv_matches_naive_product() {
-        let (m, n, k) = (3, 130, 37);
-        let x: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.1).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 13 % 17) as f32 - 8.0) * 0.05).collect();
-        let y = gemv(&x, &w, m, n, k);
-        for i in 0..m {
-            for j in 0..n {
-                let want: f32 = (0..k).map(|t| x[i * k + t] * w[j * k + t]).sum();
-                assert!((y[i * n + j] - want).abs() < 1e-4, "{i},{j}");
+    fn gemv_matches_naive_product_on_every_path() {
+        // Lengths with tails of every lane count (8 and 16) and several row blocks.
+        for (m, n, k) in [(1, 130, 37), (3, 65, 16), (2, 200, 4099), (1, 7, 1)] {
+            let x = values(m * k, 1);
+            let w = values(n * k, 2);
+            for isa in paths() {
+                let y = gemv_with(isa, &x, &w, m, n, k);
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 =
+                            (0..k).map(|t| f64::from(x[i * k + t]) * f64::from(w[j * k + t])).sum();
+                        let got = f64::from(y[i * n + j]);
+                        assert!(
+                            (got - want).abs() < 1e-5 * k as f64,
+                            "{isa:?} {m}x{n}x{k} {i},{j}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn softmax_matches_f64_on_every_path() {
+        for len in [1, 7, 8, 17, 33, 1000] {
+            let src = values(len, len);
+            let max = src.iter().fold(f64::NEG_INFINITY, |m, &v| m.max(f64::from(v)));
+            let z: f64 = src.iter().map(|&v| (f64::from(v) - max).exp()).sum();
+            for isa in paths() {
+                let mut row = src.clone();
+                softmax_row_with(isa, &mut row);
+                for (got, &v) in row.iter().zip(&src) {
+                    let want = (f64::from(v) - max).exp() / z;
+                    assert!((f64::from(*got) - want).abs() < 1e-6, "{isa:?} len {len}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gelu_slice_matches_erf_on_every_path() {
+        let src = values(1037, 5);
+        for isa in paths() {
+            let mut dst = vec![0f32; src.len()];
+            gelu_slice_with(isa, &mut dst, &src);
+            for (got, &x) in dst.iter().zip(&src) {
+                let x = f64::from(x);
+                let want =
+                    0.5 * x * (1.0 + candle_core::cpu::erf::erf_f64(x / std::f64::consts::SQRT_2));
+                assert!((f64::from(*got) - want).abs() < 1e-6 * x.abs().max(1.0), "{isa:?} {x}");
             }
         }
     }
@@ -297,17 +325,19 @@ mod tests {
     }
 
     #[test]
-    fn row_softmax_sums_to_one_and_adds_terms() {
+    fn row_softmax_sums_to_one_and_adds_terms_on_every_path() {
         let s = 3;
         let src: Vec<f32> = (0..9).map(|i| i as f32 * 0.1).collect();
         let rh = [0.5, -0.5, 1.0];
         let rw = [0.0, 0.25, -0.25];
-        let mut dst = src.clone();
-        relpos_softmax_row(&mut dst, &rh, &rw);
         let logits: Vec<f64> = (0..9).map(|i| f64::from(src[i] + rh[i / s] + rw[i % s])).collect();
         let z: f64 = logits.iter().map(|l| l.exp()).sum();
-        for (d, l) in dst.iter().zip(&logits) {
-            assert!((f64::from(*d) - l.exp() / z).abs() < 1e-6);
+        for isa in paths() {
+            let mut dst = src.clone();
+            relpos_softmax_row_with(isa, &mut dst, &rh, &rw);
+            for (d, l) in dst.iter().zip(&logits) {
+                assert!((f64::from(*d) - l.exp() / z).abs() < 1e-6, "{isa:?}");
+            }
         }
     }
 }

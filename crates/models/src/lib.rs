@@ -14,6 +14,7 @@
 pub mod checkpoint;
 pub mod device;
 mod error;
+pub mod isa;
 mod kernels;
 pub mod llm;
 pub mod ops;

@@ -16,7 +16,8 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::step::StepMeta;
-use crate::kernels::{dot_impl, softmax_row};
+use crate::isa::Isa;
+use crate::kernels::{dot_impl, softmax_row_impl};
 
 /// Element types of the pool and the activations.
 trait Elem: Copy + Send + Sync + 'static {
@@ -155,6 +156,8 @@ pub(crate) struct PagedAttention<'a> {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub scale: f32,
+    /// The vector instructions to run on ([`Isa::current`] but in tests).
+    pub isa: Isa,
 }
 
 /// Query rows per work item: small enough to spread a long prefill chunk over the threads,
@@ -207,7 +210,7 @@ impl PagedAttention<'_> {
     /// accumulated as `q[r][c] * k^T[c][..]` runs (vectorised over the block's keys, no
     /// horizontal sums), for all the item's query rows and heads against each block.
     #[inline(always)]
-    fn item<T: Elem>(&self, it: &Item, q: &[T], k: &[T], v: &[T], out: &Out<T>) {
+    fn item<T: Elem, const L: usize>(&self, it: &Item, q: &[T], k: &[T], v: &[T], out: &Out<T>) {
         let (d, kvh, bs, h) = (self.head_dim, self.kv_heads, self.meta.block_size, self.heads);
         let group = h / kvh;
         let s = &self.meta.seqs[it.seq];
@@ -239,7 +242,8 @@ impl PagedAttention<'_> {
                     let key = as_f32(&k[key_at(j)..][..d], &mut block_f32[..d]);
                     for r in 0..rows {
                         if j0 + j < len(r) {
-                            scores[r * width + j0 + j] = dot_impl(&qf[r * d..(r + 1) * d], key);
+                            scores[r * width + j0 + j] =
+                                dot_impl::<L>(&qf[r * d..(r + 1) * d], key);
                         }
                     }
                 }
@@ -282,7 +286,7 @@ impl PagedAttention<'_> {
             for sv in row.iter_mut() {
                 *sv = T::round(T::round(*sv) * self.scale);
             }
-            softmax_row(row);
+            softmax_row_impl::<L>(row);
             for sv in row.iter_mut() {
                 *sv = T::round(*sv);
             }
@@ -355,20 +359,27 @@ impl PagedAttention<'_> {
     }
 
     fn dispatch<T: Elem>(&self, it: &Item, q: &[T], k: &[T], v: &[T], out: &Out<T>) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: the CPU supports the features the function was compiled for.
-                return unsafe { self.item_avx2(it, q, k, v, out) };
-            }
+        match self.isa.usable() {
+            // SAFETY: `usable` never returns a set the processor lacks.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { self.item_avx512(it, q, k, v, out) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { self.item_avx2(it, q, k, v, out) },
+            _ => self.item::<T, 8>(it, q, k, v, out),
         }
-        self.item(it, q, k, v, out)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn item_avx2<T: Elem>(&self, it: &Item, q: &[T], k: &[T], v: &[T], out: &Out<T>) {
-        self.item(it, q, k, v, out)
+        self.item::<T, 8>(it, q, k, v, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    unsafe fn item_avx512<T: Elem>(&self, it: &Item, q: &[T], k: &[T], v: &[T], out: &Out<T>) {
+        self.item::<T, 16>(it, q, k, v, out)
     }
 }
 

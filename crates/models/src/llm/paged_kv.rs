@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::cpu_attention::{self, PagedAttention, WriteKv};
 use super::step::StepMeta;
+use crate::isa::Isa;
 use crate::ops::softmax_last_dim;
 
 /// Geometry of the pool, identical on every rank of a group.
@@ -131,10 +132,23 @@ impl PagedKv {
     /// Causal attention of the step's queries `q` (`[N, heads, head_dim]`) over `layer`'s pool,
     /// scaled by `scale`. Returns `[N, heads * head_dim]`.
     pub fn attend(&self, layer: usize, meta: &StepMeta, q: &Tensor, scale: f32) -> Result<Tensor> {
+        self.attend_on(Isa::current(), layer, meta, q, scale)
+    }
+
+    /// [`Self::attend`] with the CPU kernel on the path `isa`.
+    pub(crate) fn attend_on(
+        &self,
+        isa: Isa,
+        layer: usize,
+        meta: &StepMeta,
+        q: &Tensor,
+        scale: f32,
+    ) -> Result<Tensor> {
         let (n, heads, d) = q.dims3()?;
         let (kp, vp) = &self.pools[layer];
         if kp.device().is_cpu() && cpu_attention::supports(q.dtype()) {
-            let op = PagedAttention { meta, heads, kv_heads: self.kv_heads, head_dim: d, scale };
+            let op =
+                PagedAttention { meta, heads, kv_heads: self.kv_heads, head_dim: d, scale, isa };
             return q.contiguous()?.apply_op3_no_bwd(kp, vp, &op)?.reshape((n, heads * d));
         }
         #[cfg(feature = "flash-attn")]

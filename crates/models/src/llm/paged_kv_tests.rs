@@ -5,6 +5,7 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::*;
+use crate::isa::Isa;
 use crate::llm::SeqChunk;
 
 const HEADS: usize = 4;
@@ -66,11 +67,14 @@ fn compare(
         let v = t(n * KV_HEADS * D, (n, KV_HEADS, D), 37 + i as u32)?;
         kv.write(0, &meta, &k, &v)?;
         let scale = 1.0 / (D as f32).sqrt();
-        let ours = kv.attend(0, &meta, &q, scale)?.to_dtype(DType::F32)?;
         let (kp, vp) = &kv.pools[0];
         let want = kv.gathered(kp, vp, &meta, &q, scale)?.to_dtype(DType::F32)?;
-        let diff = (ours - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        assert!(diff <= tol, "step {i} {dtype:?}: max |diff| {diff}");
+        // Every vector path this processor has (scalar, AVX2, AVX-512).
+        for isa in Isa::supported() {
+            let ours = kv.attend_on(isa, 0, &meta, &q, scale)?.to_dtype(DType::F32)?;
+            let diff = (ours - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff <= tol, "step {i} {dtype:?} {isa:?}: max |diff| {diff}");
+        }
     }
     Ok(())
 }
