@@ -84,18 +84,34 @@ pub fn config(dims: Dims, dtype: DType) -> Result<Value> {
             config[key] = v.clone();
         }
     }
-    let lm = config["language_config"].as_object_mut().context("language_config")?;
-    for (k, v) in preset["language_config"].as_object().context("preset language_config")? {
-        lm.insert(k.clone(), v.clone());
-    }
     let torch_dtype = match dtype {
         DType::F32 => "float32",
         DType::F16 => "float16",
         _ => "bfloat16",
     };
-    lm.insert("torch_dtype".into(), json!(torch_dtype));
-    let hidden = lm["hidden_size"].clone();
-    config["aligner_config"]["params"]["n_embed"] = hidden;
+    // The preset's language model resolved (a released config leaves Llama defaults out), so
+    // nothing of the tiny model's is left in it.
+    let lm = dims.lm_config()?;
+    let mut language = json!({
+        "hidden_act": "silu",
+        "hidden_size": lm.hidden_size,
+        "intermediate_size": lm.intermediate_size,
+        "max_position_embeddings": lm.max_position_embeddings,
+        "model_type": "llama",
+        "num_attention_heads": lm.num_heads,
+        "num_hidden_layers": lm.num_layers,
+        "num_key_value_heads": lm.num_kv_heads,
+        "rms_norm_eps": lm.rms_norm_eps,
+        "rope_theta": lm.rope_theta,
+        "tie_word_embeddings": lm.tie_word_embeddings,
+        "torch_dtype": torch_dtype,
+        "vocab_size": lm.vocab_size,
+    });
+    if lm.head_dim * lm.num_heads != lm.hidden_size {
+        language["head_dim"] = json!(lm.head_dim);
+    }
+    config["language_config"] = language;
+    config["aligner_config"]["params"]["n_embed"] = json!(lm.hidden_size);
     config["torch_dtype"] = json!(torch_dtype);
     Ok(config)
 }
@@ -121,7 +137,8 @@ pub fn tokenizer(vocab_size: u64) -> Result<(Value, BTreeMap<u64, u64>)> {
     let mut moved = BTreeMap::new();
     for added in t["added_tokens"].as_array_mut().context("added_tokens")? {
         let old = added["id"].as_u64().context("added token id")?;
-        let new = old - TINY_BPE + base;
+        let new =
+            old.checked_sub(TINY_BPE).context("an added token inside the BPE vocabulary")? + base;
         moved.insert(old, new);
         added["id"] = json!(new);
     }
@@ -149,10 +166,11 @@ fn tokenizer_config(moved: &BTreeMap<u64, u64>) -> Result<Value> {
     Ok(c)
 }
 
-/// Random tensors of every name and shape the models ask for, in `dtype`.
+/// Random tensors of every name and shape the models ask for, in `dtype`: the models are built
+/// in it, so memory holds one copy of the weights in the file's dtype.
 fn tensors(config: &Value, dtype: DType) -> Result<BTreeMap<String, Tensor>> {
     let recorded = Arc::new(Mutex::new(BTreeMap::new()));
-    let vb = random::recording_var_builder(DType::F32, &Device::Cpu, recorded.clone());
+    let vb = random::recording_var_builder(dtype, &Device::Cpu, recorded.clone());
     let (tower, aligner) = Dims::vision_of(config)?;
     let preprocess = serde_json::from_value(read_json("preprocessor_config.json")?)?;
     VisionEncoder::new(tower, aligner, preprocess, vb.clone()).context("vision tower")?;
@@ -163,7 +181,7 @@ fn tensors(config: &Value, dtype: DType) -> Result<BTreeMap<String, Tensor>> {
     );
     DeepSeekLlm::new(&lm, Shard::SINGLE, vb).context("language model")?;
     let recorded = std::mem::take(&mut *recorded.lock().expect("not poisoned"));
-    recorded.into_iter().map(|(k, t)| Ok((k, t.to_dtype(dtype)?))).collect()
+    Ok(recorded)
 }
 
 /// Writes the checkpoint directory `out`.
@@ -222,6 +240,17 @@ mod tests {
         let ids = tok.encode("hello")?;
         assert_eq!(ids[0], 100_000);
         assert!(ids[1..].iter().all(|&i| i < 1000), "{ids:?}");
+        Ok(())
+    }
+
+    #[test]
+    fn every_preset_writes_its_own_language_model() -> Result<()> {
+        for dims in [Dims::Vl7b, Dims::Vl13b, Dims::Tiny] {
+            let config = config(dims, DType::BF16)?;
+            let written = LlmConfig::from_json(config["language_config"].clone(), "")?;
+            assert_eq!(format!("{written:?}"), format!("{:?}", dims.lm_config()?), "{dims:?}");
+            assert_eq!(config["aligner_config"]["params"]["n_embed"], json!(written.hidden_size));
+        }
         Ok(())
     }
 

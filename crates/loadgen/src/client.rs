@@ -98,11 +98,13 @@ impl Client {
             return Err(bad("--ca-file and a client certificate need https:// or grpcs://".into()));
         }
         let rest = rest.trim_end_matches('/');
+        // `HOST:PORT` without the path prefix a gateway may sit under (`https://host/dsvl`).
+        let authority = rest.split('/').next().unwrap_or(rest);
         let proto = match scheme {
             "grpc" | "grpcs" => {
                 let tls = if tls {
                     let config = options.tls.config(dsvl_tls::ALPN_H2).map_err(bad)?;
-                    let name = dsvl_tls::server_name(rest).map_err(|e| bad(e.to_string()))?;
+                    let name = dsvl_tls::server_name(authority).map_err(|e| bad(e.to_string()))?;
                     Some((dsvl_tls::Reloading::fixed(config), name))
                 } else {
                     None
@@ -129,7 +131,7 @@ impl Client {
                 let tls = if tls {
                     tcp.enforce_http(false);
                     let config = options.tls.config(dsvl_tls::ALPN_HTTP1).map_err(bad)?;
-                    let name = dsvl_tls::server_name(rest).map_err(|e| bad(e.to_string()))?;
+                    let name = dsvl_tls::server_name(authority).map_err(|e| bad(e.to_string()))?;
                     Some((config, name))
                 } else {
                     None
@@ -166,12 +168,21 @@ impl Client {
                     req = req.header("authorization", format!("Bearer {k}"));
                 }
                 let req = req.body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
-                let resp = tokio::time::timeout(Duration::from_secs(10), http.request(req))
-                    .await
-                    .map_err(|_| "no answer to GET /v1/models in 10 s".to_string())?
-                    .map_err(|e| format!("GET /v1/models: {}", with_causes(&e)))?;
-                let status = resp.status();
-                let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+                // One time limit for the answer and its body: a server that sends the headers
+                // and then stalls must not hold the start.
+                let answer = async {
+                    let resp = http
+                        .request(req)
+                        .await
+                        .map_err(|e| format!("GET /v1/models: {}", with_causes(&e)))?;
+                    let status = resp.status();
+                    let body = resp.into_body().collect().await.map_err(|e| e.to_string())?;
+                    Ok::<_, String>((status, body.to_bytes()))
+                };
+                let (status, body) =
+                    tokio::time::timeout(Duration::from_secs(10), answer)
+                        .await
+                        .map_err(|_| "no answer to GET /v1/models in 10 s".to_string())??;
                 let v: Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
                 if !status.is_success() {
                     return Err(format!("GET /v1/models: {status}: {v}"));

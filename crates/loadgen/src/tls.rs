@@ -74,6 +74,9 @@ impl TlsFiles {
     }
 }
 
+/// The longest a TLS handshake may take once TCP is connected.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A TCP connection, wrapped in TLS for `https://`.
 pub(crate) enum Stream {
     Plain(TcpStream),
@@ -107,8 +110,9 @@ impl Service<http::Uri> for Connector {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        // The URI the pool hands over is the request's (`http://HOST:PORT/...`): TLS is this
-        // connector's business, chosen once for the whole client.
+        // The URI the pool hands over is the request's (`https://HOST:PORT/...` for a TLS
+        // target, hence `enforce_http(false)` on the TCP connector): whether to speak TLS is
+        // chosen once for the whole client.
         let tcp = self.tcp.call(uri);
         let tls = self.tls.clone();
         Box::pin(async move {
@@ -116,9 +120,14 @@ impl Service<http::Uri> for Connector {
             Ok(TokioIo::new(match tls {
                 None => Stream::Plain(tcp),
                 Some((config, name)) => {
-                    let tls = tokio_rustls::TlsConnector::from(config)
-                        .connect(name, tcp)
+                    let handshake = tokio_rustls::TlsConnector::from(config).connect(name, tcp);
+                    // TCP has its own connect timeout; a server that accepts and then stalls
+                    // must not hold the handshake forever either.
+                    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
                         .await
+                        .map_err(|_| {
+                            io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                        })?
                         .map_err(|e| io::Error::new(e.kind(), format!("TLS: {e}")))?;
                     Stream::Tls(Box::new(tls))
                 }
@@ -158,6 +167,24 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
         }
     }
 

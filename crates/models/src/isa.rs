@@ -21,7 +21,7 @@ pub enum Isa {
 }
 
 impl Isa {
-    /// The name `DSVL_CPU_ISA` and the benchmarks use.
+    /// The name `DSVL_CPU_ISA` uses.
     pub fn name(self) -> &'static str {
         match self {
             Self::Scalar => "scalar",
@@ -139,7 +139,6 @@ mod tests {
         assert_eq!(supported[0], Isa::Scalar);
         assert_eq!(*supported.last().unwrap(), Isa::best());
         assert!(Isa::current() <= Isa::best());
-        assert_eq!(Isa::Avx512.usable(), Isa::best().min(Isa::Avx512));
         for i in supported {
             assert_eq!(Isa::parse(i.name()), Some(i));
         }
