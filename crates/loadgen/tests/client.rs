@@ -142,23 +142,16 @@ async fn a_refused_connection_is_a_clear_error_at_start() {
     let e = Client::connect("ftp://x", ConnectOptions::default()).await.err().unwrap();
     assert!(e.to_string().contains("grpc:// or grpcs://"), "{e}");
     // Trust files mean TLS: a plain-text URL with them is a mistake, not silently plain text.
-    let tls = TlsFiles { ca: Some("ca.pem".into()), identity: None };
-    let e = Client::connect(
-        &format!("http://127.0.0.1:{port}"),
-        ConnectOptions { tls, ..ConnectOptions::default() },
-    )
-    .await
-    .err()
-    .unwrap();
-    assert!(e.to_string().contains("https:// or grpcs://"), "{e}");
+    let e = refusal(&format!("http://127.0.0.1:{port}"), "ca.pem").await;
+    assert!(e.contains("https:// or grpcs://"), "{e}");
     // A CA file that is not there is named.
-    let tls = TlsFiles { ca: Some("/nonexistent/ca.pem".into()), identity: None };
-    let e = Client::connect(
-        &format!("https://127.0.0.1:{port}"),
-        ConnectOptions { tls, ..ConnectOptions::default() },
-    )
-    .await
-    .err()
-    .unwrap();
-    assert!(e.to_string().contains("/nonexistent/ca.pem"), "{e}");
+    let e = refusal(&format!("https://127.0.0.1:{port}"), "/nonexistent/ca.pem").await;
+    assert!(e.contains("/nonexistent/ca.pem"), "{e}");
+}
+
+/// Why connecting to `url` trusting the CA file `ca` fails.
+async fn refusal(url: &str, ca: &str) -> String {
+    let tls = TlsFiles { ca: Some(ca.into()), identity: None };
+    let options = ConnectOptions { tls, ..ConnectOptions::default() };
+    Client::connect(url, options).await.err().expect("the connection was refused").to_string()
 }
