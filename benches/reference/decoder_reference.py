@@ -1,6 +1,6 @@
 """PyTorch reference for `dsvl-bench decoder`: `transformers.LlamaForCausalLM` at the
 DeepSeek-VL-1.3B language-model dimensions (24 layers, hidden 2048, 16 heads, FFN 5632, vocab
-102400), random weights, float32, eager, `torch.inference_mode()`, KV cache on.
+102400), random weights, float32 (or bfloat16 with `--dtype bf16`), eager, `torch.inference_mode()`, KV cache on.
 
 Prefill: a forward over [batch, prompt_len] ids computing the last position's logits only
 (`logits_to_keep=1`), like dsvl. Decode: after a prefill of the same context, `steps` forwards of
@@ -23,13 +23,16 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--serve", action="store_true", required=True)
     ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = LlamaConfig(**CONFIG)
     cfg._attn_implementation = "eager"
-    model = LlamaForCausalLM(cfg).eval()
-    print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = LlamaForCausalLM(cfg).to(dtype).eval()
+    print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "dtype": str(dtype)}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "quit":

@@ -24,6 +24,7 @@ use dsvl_parallel::{GroupKey, GroupSpec};
 use serde_json::json;
 
 use crate::dims::Dims;
+use crate::machine;
 use crate::random;
 use crate::reference::{median, print_table, Reference, Row};
 use crate::roofline::{
@@ -240,10 +241,21 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
     let with_reference = !args.no_reference && args.tp == 1;
     ensure!(
         !with_reference
-            || (args.dims == Dims::Vl13b && dtype == DType::F32 && args.device == DeviceSpec::Cpu),
-        "the PyTorch reference runs at vl-1.3b dimensions, f32, on the CPU: add --no-reference"
+            || (args.dims == Dims::Vl13b
+                && matches!(dtype, DType::F32 | DType::BF16)
+                && args.device == DeviceSpec::Cpu),
+        "the PyTorch reference runs at vl-1.3b dimensions, f32 or bf16, on the CPU: add \
+         --no-reference"
     );
     let device = open_device(args.device)?;
+    // The bandwidth a batch-1 decode is judged against, measured before the weights fill memory.
+    let triad = if args.device == DeviceSpec::Cpu {
+        eprintln!("{}", machine::describe());
+        eprintln!("measuring memory bandwidth (STREAM-like triad, {threads} threads)...");
+        Some(machine::triad_bandwidth(5))
+    } else {
+        None
+    };
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
     let exe = std::env::current_exe()?;
@@ -278,7 +290,10 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
         || with_kv_pool(DeepSeekLlm::new(&cfg, shard, random::var_builder(dtype, &device))?, kv),
     )?;
     let mut reference = if with_reference {
-        Some(Reference::start("decoder_reference.py", &["--threads".into(), threads.to_string()])?)
+        Some(Reference::start(
+            "decoder_reference.py",
+            &["--threads".into(), threads.to_string(), "--dtype".into(), args.dtype.to_string()],
+        )?)
     } else {
         None
     };
@@ -327,7 +342,7 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
         for (i, &(b, ms)) in step_ms.iter().enumerate() {
             let (pre, dec) =
                 (median(rows[2 * i].ours.clone()), median(rows[2 * i + 1].ours.clone()));
-            println!("{}", figures(&args, &cfg, b, [ms, pre, dec]));
+            println!("{}", figures(&args, &cfg, b, [ms, pre, dec], triad));
         }
         return Ok(());
     }
@@ -342,12 +357,21 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
         &rows,
     );
     for (b, ms) in step_ms {
-        println!("decode step time b{b}: {ms:.1} ms (TP {})", args.tp);
+        let gb_per_s = bytes_per_step(&args, &cfg, b) / (ms / 1e3) / 1e9;
+        print!("decode step time b{b}: {ms:.1} ms (TP {}), moves {gb_per_s:.1} GB/s", args.tp);
+        match triad {
+            Some(t) => println!(" = {:.0} % of the triad", 100.0 * gb_per_s / (t / 1e9)),
+            None => println!(),
+        }
+    }
+    if let Some(t) = triad {
+        println!("memory bandwidth, STREAM-like f32 triad, {threads} threads: {:.1} GB/s", t / 1e9);
+        println!("{}", machine::describe());
     }
     if let Some(r) = &reference {
         println!(
-            "reference: torch {} ({} threads), transformers LlamaForCausalLM (eager)",
-            r.hello["torch"], r.hello["threads"]
+            "reference: torch {} ({} threads, {}), transformers LlamaForCausalLM (eager)",
+            r.hello["torch"], r.hello["threads"], r.hello["dtype"]
         );
     }
     Ok(())
@@ -360,14 +384,13 @@ fn figures(
     cfg: &LlmConfig,
     batch: usize,
     times: [f64; 3],
+    triad: Option<f64>,
 ) -> serde_json::Value {
     let [step_ms, prefill_tps, decode_tps] = times;
     let dtype = candle_dtype(args.dtype);
     let peak = Peak::for_device(args.device != DeviceSpec::Cpu, dtype);
-    // Step s of the timed decode attends to prompt_len + s + 1 positions.
-    let context = args.prompt_len as f64 + (args.steps as f64 + 1.0) / 2.0;
     let weight_bytes = decoder_weight_params(cfg) * dtype.size_in_bytes() as f64;
-    let kv_bytes = batch as f64 * context * kv_bytes_per_token_all(cfg, dtype);
+    let kv_bytes = bytes_per_step(args, cfg, batch) - weight_bytes;
     let bytes_per_s = (weight_bytes + kv_bytes) / (step_ms / 1e3);
     // A causal prompt's tokens attend to half of it on average.
     let prefill_flops_per_s =
@@ -381,5 +404,17 @@ fn figures(
         "kv_gb_read_per_step": kv_bytes / 1e9, "achieved_gb_per_s": bytes_per_s / 1e9,
         "hbm_roofline_share": Peak::hbm_share(peak, bytes_per_s),
         "prefill_mfu": Peak::mfu(peak, prefill_flops_per_s),
+        "triad_gb_per_s": triad.map(|t| t / 1e9),
+        "triad_share": triad.map(|t| bytes_per_s / t),
+        "processor": machine::processor_model(),
     })
+}
+
+/// Bytes one decode step must read: every weight once, and the KV cache of the batch.
+fn bytes_per_step(args: &DecoderArgs, cfg: &LlmConfig, batch: usize) -> f64 {
+    let dtype = candle_dtype(args.dtype);
+    // Step s of the timed decode attends to prompt_len + s + 1 positions.
+    let context = args.prompt_len as f64 + (args.steps as f64 + 1.0) / 2.0;
+    decoder_weight_params(cfg) * dtype.size_in_bytes() as f64
+        + batch as f64 * context * kv_bytes_per_token_all(cfg, dtype)
 }

@@ -9,6 +9,7 @@ mod decoder_service;
 mod dims;
 mod gateway;
 mod gpu_summary;
+mod machine;
 mod parity;
 mod parity_cli;
 mod prefix_cache;

@@ -177,5 +177,6 @@ pub fn run(args: VisionArgs, threads: usize) -> Result<()> {
             r.hello["torch"], r.hello["threads"]
         );
     }
+    println!("{}", crate::machine::describe());
     Ok(())
 }

@@ -79,6 +79,15 @@ async fn out_of_range_sampling_is_refused_by_name() -> Result<()> {
         assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
         assert!(err.message().contains(field), "{err:?}");
     }
+    // A seed that is not an unsigned 64-bit integer is a 400 naming the field (`param` too).
+    for seed in [json!(-1), json!(1.5), json!("7"), json!(18_446_744_073_709_551_616.0)] {
+        let body = json!({"messages": [{"role": "user", "content": "Hi"}], "seed": seed});
+        let r = http_post(&cluster.http, "/v1/chat/completions", &[], &body)?;
+        assert_eq!(r.status, 400, "seed={seed}: {}", r.body);
+        let error = &r.json()?["error"];
+        assert_eq!(error["param"], "seed", "seed={seed}: {error}");
+        assert!(error["message"].as_str().unwrap_or_default().contains("`seed`"), "{error}");
+    }
     // Unset fields take the defaults on both protocols (temperature 1: a sampled reply).
     let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "seed": 3});
     let r = http_post(&cluster.http, "/v1/chat/completions", &[], &body)?;

@@ -134,6 +134,13 @@ async fn sampling_and_output_parameters_over_grpc() -> Result<()> {
     assert_eq!(one(&cluster, ask(prompt, 16, sampled(7))).await?.ids, s7.ids);
     assert_ne!(one(&cluster, ask(prompt, 16, sampled(8))).await?.ids, s7.ids);
     assert_ne!(s7.ids, base.ids, "sampling at temperature 1 is not greedy here");
+    // No seed: a fresh random seed per request (OpenAI's meaning), so identical requests
+    // differ, and so do the choices of one request.
+    let unseeded = || SamplingParams { temperature: Some(1.0), ..Default::default() };
+    let u1 = one(&cluster, ask(prompt, 16, unseeded())).await?;
+    assert_ne!(one(&cluster, ask(prompt, 16, unseeded())).await?.ids, u1.ids);
+    let choices = run(&cluster, ChatRequest { n: 2, ..ask(prompt, 16, unseeded()) }).await?;
+    assert_ne!(choices[0].ids, choices[1].ids);
     let min_p = SamplingParams { min_p: Some(1.0), ..sampled(7) };
     assert_eq!(one(&cluster, ask(prompt, 16, min_p)).await?.ids, base.ids);
 

@@ -14,7 +14,7 @@
 //! | `top_k` | 0 (no limit) | any |
 //! | `top_p` | 1.0 (no nucleus cut) | in `(0, 1]` |
 //! | `repetition_penalty` | 1.0 (none) | finite, in `(0, 100]` |
-//! | `seed` | 0 | any 64-bit value |
+//! | `seed` | a fresh random seed per request (OpenAI's: random unless given) | any 64-bit value |
 //! | `presence_penalty` | 0 | finite, in `[-2, 2]` (OpenAI's range) |
 //! | `frequency_penalty` | 0 | finite, in `[-2, 2]` |
 //! | `min_p` | 0 (no cut) | in `[0, 1]` |
@@ -73,7 +73,7 @@ pub struct SamplingRequest {
     pub top_p: Option<f32>,
     /// See [`SamplingParams::repetition_penalty`].
     pub repetition_penalty: Option<f32>,
-    /// See [`SamplingParams::seed`].
+    /// See [`SamplingParams::seed`]; `None` draws a fresh random seed for every request.
     pub seed: Option<u64>,
     /// See [`SamplingParams::presence_penalty`].
     pub presence_penalty: Option<f32>,
@@ -203,8 +203,15 @@ impl Default for SamplingParams {
     }
 }
 
+/// A seed from the operating system's random source, for a request that gave none.
+pub fn fresh_seed() -> u64 {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("the operating system's random source failed");
+    u64::from_le_bytes(b)
+}
+
 impl SamplingRequest {
-    /// Applies the defaults and validates.
+    /// Applies the defaults (a fresh random seed when none is given) and validates.
     ///
     /// # Errors
     /// The first field out of range.
@@ -223,7 +230,8 @@ impl SamplingRequest {
             top_k: self.top_k.unwrap_or(d.top_k),
             top_p: self.top_p.unwrap_or(d.top_p),
             repetition_penalty: self.repetition_penalty.unwrap_or(d.repetition_penalty),
-            seed: self.seed.unwrap_or(d.seed),
+            // OpenAI's meaning: random unless a seed is given.
+            seed: self.seed.unwrap_or_else(fresh_seed),
             presence_penalty: self.presence_penalty.unwrap_or(d.presence_penalty),
             frequency_penalty: self.frequency_penalty.unwrap_or(d.frequency_penalty),
             min_p: self.min_p.unwrap_or(d.min_p),
@@ -240,7 +248,11 @@ mod tests {
 
     #[test]
     fn unset_fields_take_the_defaults() {
-        assert_eq!(SamplingRequest::default().resolve(), Ok(SamplingParams::DEFAULTS));
+        let (a, b) = (SamplingRequest::default().resolve(), SamplingRequest::default().resolve());
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_eq!(SamplingParams { seed: 0, ..a.clone() }, SamplingParams::DEFAULTS);
+        // No seed: a fresh one per request (two equal draws of 64 random bits: 2^-64).
+        assert_ne!(a.seed, b.seed, "an absent seed is random, not a fixed default");
         let p = SamplingRequest { temperature: Some(0.0), seed: Some(9), ..Default::default() }
             .resolve()
             .unwrap();

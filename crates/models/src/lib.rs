@@ -15,7 +15,7 @@ pub mod checkpoint;
 pub mod device;
 mod error;
 pub mod isa;
-mod kernels;
+pub mod kernels;
 pub mod llm;
 pub mod ops;
 pub mod preprocess;

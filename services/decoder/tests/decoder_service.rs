@@ -143,10 +143,18 @@ fn prompts(n: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
-/// The golden text prompt streams the golden greedy ids (= `dsvl generate`), at TP 1 and 2.
+/// The golden text prompt streams the golden greedy ids (= `dsvl generate`), at TP 1 and 2;
+/// a seeded sampled request streams the same tokens at both degrees (the API's promise).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_stream_matches_reference_at_tp_1_and_2() -> Result<()> {
     let (lm, _) = golden()?;
+    let seeded = |seed| GenerateRequest {
+        sampling: Some(
+            (&dsvl_core::SamplingParams { temperature: 1.0, seed, ..Default::default() }).into(),
+        ),
+        ..request(ids(&lm["text.input_ids"]).expect("ids"), 24)
+    };
+    let mut sampled = Vec::new();
     for tp in ["1", "2"] {
         let d = Decoder::start(&["--tp", tp]).await?;
         let (out, reason) =
@@ -155,7 +163,13 @@ async fn text_stream_matches_reference_at_tp_1_and_2() -> Result<()> {
         assert_eq!(reason, dsvl_proto::internal::FinishReason::Length as i32);
         let load = d.client().await?.load(LoadRequest {}).await?.into_inner();
         assert_eq!(load.tensor_parallel.to_string(), tp);
+        let (a, _) = generate(&mut d.client().await?, seeded(1234)).await?;
+        let (b, _) = generate(&mut d.client().await?, seeded(1235)).await?;
+        assert_ne!(a, b, "tp {tp}: another seed, other tokens");
+        assert_ne!(a[..16], out[..], "tp {tp}: sampling at temperature 1 is not greedy here");
+        sampled.push(a);
     }
+    assert_eq!(sampled[0], sampled[1], "seed 1234 gives the same tokens at TP 1 and TP 2");
     Ok(())
 }
 

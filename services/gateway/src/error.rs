@@ -11,6 +11,14 @@ pub enum GatewayError {
     /// Malformed request, limits exceeded, images for a text-only model, a bad image.
     #[error("{0}")]
     InvalidArgument(String),
+    /// One request field is wrong (OpenAI's `param` names it).
+    #[error("{message}")]
+    InvalidField {
+        /// The field's path in the request, as OpenAI's `param` (`seed`, `messages[0].content`).
+        param: String,
+        /// What is wrong, in the request's terms.
+        message: String,
+    },
     /// No API key, or an unknown one, while keys are configured.
     #[error("missing or unknown API key (send `Authorization: Bearer <key>`)")]
     Unauthenticated,
@@ -56,7 +64,7 @@ impl GatewayError {
     /// Label for the `outcome` of request metrics.
     pub fn outcome(&self) -> &'static str {
         match self {
-            Self::InvalidArgument(_) => "invalid_argument",
+            Self::InvalidArgument(_) | Self::InvalidField { .. } => "invalid_argument",
             Self::Unauthenticated => "unauthenticated",
             Self::Exhausted { .. } => "resource_exhausted",
             Self::Unavailable(_) => "unavailable",
@@ -70,7 +78,7 @@ impl GatewayError {
     pub fn to_status(&self) -> Status {
         let msg = self.to_string();
         match self {
-            Self::InvalidArgument(_) => Status::invalid_argument(msg),
+            Self::InvalidArgument(_) | Self::InvalidField { .. } => Status::invalid_argument(msg),
             Self::Unauthenticated => Status::unauthenticated(msg),
             Self::Exhausted { retry_after, .. } => {
                 let mut s = Status::resource_exhausted(msg);
@@ -89,7 +97,9 @@ impl GatewayError {
     /// HTTP status, OpenAI error `type` and `code`.
     pub fn http_parts(&self) -> (u16, &'static str, Option<&'static str>) {
         match self {
-            Self::InvalidArgument(_) => (400, "invalid_request_error", None),
+            Self::InvalidArgument(_) | Self::InvalidField { .. } => {
+                (400, "invalid_request_error", None)
+            }
             Self::Unauthenticated => (401, "invalid_request_error", Some("invalid_api_key")),
             Self::Exhausted { .. } => (429, "rate_limit_error", Some("rate_limit_exceeded")),
             Self::Unavailable(_) => (503, "service_unavailable", None),
@@ -102,7 +112,11 @@ impl GatewayError {
     /// OpenAI's error body: `{"error": {"message", "type", "param", "code"}}`.
     pub fn openai_body(&self) -> serde_json::Value {
         let (_, kind, code) = self.http_parts();
-        serde_json::json!({"error": {"message": self.to_string(), "type": kind, "param": null, "code": code}})
+        let param = match self {
+            Self::InvalidField { param, .. } => Some(param.as_str()),
+            _ => None,
+        };
+        serde_json::json!({"error": {"message": self.to_string(), "type": kind, "param": param, "code": code}})
     }
 }
 

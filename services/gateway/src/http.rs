@@ -389,7 +389,12 @@ pub(crate) fn read_request<T: serde::de::DeserializeOwned>(
     };
     let value: Value = serde_json::from_slice(body).map_err(malformed)?;
     check(&value).map_err(GatewayError::InvalidArgument)?;
-    Ok((deadline, serde_json::from_value(value).map_err(malformed)?))
+    let req = serde_path_to_error::deserialize(value).map_err(|e| {
+        let param = e.path().to_string();
+        let message = format!("invalid `{param}`: {}", e.inner());
+        GatewayError::InvalidField { param, message }
+    })?;
+    Ok((deadline, req))
 }
 
 async fn completions(

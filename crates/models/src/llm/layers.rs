@@ -28,6 +28,24 @@ impl Shard {
 /// Up to this many rows a linear multiplies `W x^T` rather than `x W^T` (measured crossover).
 const SMALL_BATCH_ROWS: usize = 96;
 
+/// Up to this many rows a bf16 linear on the CPU runs as a GEMV over the bf16 weights.
+pub const GEMV_ROWS_BF16: usize = 16;
+
+/// Runs `f` on the elements of a contiguous CPU tensor of element type `T`, without a copy.
+pub(crate) fn with_cpu_slice<T: candle_core::WithDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> Result<R> {
+    let (guard, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*guard else {
+        candle_core::bail!("a CPU tensor was expected. This is a bug.")
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("a contiguous tensor was expected. This is a bug.")
+    };
+    Ok(f(&cpu.as_slice::<T>()?[start..end]))
+}
+
 /// `y = x W^T` with `W` `[out, in]` (no bias anywhere in DeepSeek LLM).
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -61,29 +79,33 @@ impl Linear {
         Ok(Self { weight })
     }
 
-    /// `x`: `[N, in]`. Few rows (decode steps) are computed as `(W x^T)^T`: the GEMM then
-    /// packs the small `x` instead of re-packing all of `W` on every call, which at 4-64 rows
-    /// is 2-4x faster on the CPU (measured; see benches/README.md). Long inputs (prefill) use
-    /// `x W^T`.
+    /// `x`: `[N, in]`. On the CPU, decode-sized inputs run as a GEMV that streams the weights
+    /// once (f32 at batch 1; bf16 up to [`GEMV_ROWS_BF16`] rows, where candle would widen the
+    /// whole weight to f32 on every call). Other few-row inputs are computed as `(W xᵀ)ᵀ`: the
+    /// GEMM then packs the small `x` instead of re-packing all of `W` on every call, which at
+    /// 4-64 rows is 2-4x faster on the CPU (measured; see benches/README.md). Long inputs
+    /// (prefill) use `x Wᵀ`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (rows, k) = x.dims2()?;
-        if rows == 1
-            && x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-        {
-            // Batch-1 decode: a bandwidth-bound GEMV that streams each weight row once.
-            let n = self.weight.dim(0)?;
-            let xs = x.flatten_all()?.to_vec1::<f32>()?;
-            let (guard, layout) = self.weight.storage_and_layout();
-            let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(w)) = &*guard else {
-                candle_core::bail!("f32 CPU weight expected")
-            };
-            if !layout.is_contiguous() {
-                candle_core::bail!("linear weights are stored contiguous. This is a bug.");
+        let n = self.weight.dim(0)?;
+        if x.device().is_cpu() && x.dtype() == self.weight.dtype() {
+            match x.dtype() {
+                DType::F32 if rows == 1 => {
+                    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                    let y = with_cpu_slice(&self.weight, |w: &[f32]| {
+                        crate::kernels::gemv(&xs, w, rows, n, k)
+                    })?;
+                    return Tensor::from_vec(y, (rows, n), x.device());
+                }
+                DType::BF16 if rows <= GEMV_ROWS_BF16 => {
+                    let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+                    let y = with_cpu_slice(&self.weight, |w: &[half::bf16]| {
+                        crate::kernels::gemv_bf16(&xs, w, rows, n, k)
+                    })?;
+                    return Tensor::from_vec(y, (rows, n), x.device())?.to_dtype(DType::BF16);
+                }
+                _ => {}
             }
-            let y = crate::kernels::gemv(&xs, &w[layout.start_offset()..][..n * k], 1, n, k);
-            return Tensor::from_vec(y, (1, n), x.device());
         }
         if rows <= SMALL_BATCH_ROWS {
             return self.weight.matmul(&x.t()?)?.t()?.contiguous();
@@ -169,6 +191,16 @@ impl RmsNorm {
 
     /// Normalises the last axis.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() == DType::F32 && x.device().is_cpu() {
+            let x = x.contiguous()?;
+            let mut out = vec![0f32; x.elem_count()];
+            with_cpu_slice(&x, |src: &[f32]| {
+                with_cpu_slice(&self.weight, |w: &[f32]| {
+                    crate::kernels::rms_norm(&mut out, src, w, self.eps as f32)
+                })
+            })??;
+            return Tensor::from_vec(out, x.shape(), x.device());
+        }
         if x.dtype() == DType::F32 {
             return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
         }
@@ -219,7 +251,20 @@ impl Rope {
 
     /// Applies the rotation to `x` `[N, heads, head_dim]` where row `n` is at `positions[n]`.
     pub fn apply(&self, x: &Tensor, positions: &Tensor) -> Result<Tensor> {
-        let (_, _, d) = x.dims3()?;
+        let (_, heads, d) = x.dims3()?;
+        if x.dtype() == DType::F32 && x.device().is_cpu() && self.cos.dtype() == DType::F32 {
+            let x = x.contiguous()?;
+            let pos = positions.to_vec1::<u32>()?;
+            let mut out = vec![0f32; x.elem_count()];
+            with_cpu_slice(&x, |src: &[f32]| {
+                with_cpu_slice(&self.cos, |cos: &[f32]| {
+                    with_cpu_slice(&self.sin, |sin: &[f32]| {
+                        crate::kernels::rope(&mut out, src, cos, sin, &pos, heads)
+                    })
+                })
+            })???;
+            return Tensor::from_vec(out, x.shape(), x.device());
+        }
         let cos = self.cos.index_select(positions, 0)?.unsqueeze(1)?;
         let sin = self.sin.index_select(positions, 0)?.unsqueeze(1)?;
         let x1 = x.narrow(D::Minus1, 0, d / 2)?;

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use dsvl_parallel::Communicator;
 
-use super::layers::{Linear, RmsNorm, Rope, Shard, VocabEmbedding};
+use super::layers::{with_cpu_slice, Linear, RmsNorm, Rope, Shard, VocabEmbedding};
 use super::paged_kv::PagedKv;
 use crate::ModelError;
 use dsvl_checkpoint::LlmConfig;
@@ -135,8 +135,20 @@ impl Mlp {
 
     /// Partial `down(silu(gate(x)) * up(x))` of this rank (to be all-reduced).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(gate * self.up.forward(x)?)?)
+        let (gate, up) = (self.gate.forward(x)?, self.up.forward(x)?);
+        let act = if x.device().is_cpu() && x.dtype() == DType::F32 {
+            // One fused, vectorised pass instead of candle's scalar SiLU and a multiply.
+            let mut out = vec![0f32; gate.elem_count()];
+            with_cpu_slice(&gate.contiguous()?, |g: &[f32]| {
+                with_cpu_slice(&up.contiguous()?, |u: &[f32]| {
+                    crate::kernels::silu_mul(&mut out, g, u)
+                })
+            })??;
+            Tensor::from_vec(out, gate.shape(), gate.device())?
+        } else {
+            (candle_nn::ops::silu(&gate)? * up)?
+        };
+        self.down.forward(&act)
     }
 }
 

@@ -1,7 +1,8 @@
 //! Small CPU kernels for hot element-wise loops where candle's scalar paths cost more than the
 //! matmuls around them: a vectorisable `exp`, exact-erf GELU, the SAM attention epilogue
-//! (relative-position add + softmax over one score row), and a bandwidth-bound GEMV for
-//! batch-1 decode.
+//! (relative-position add + softmax over one score row), the decoder's RMSNorm, SiLU-gate and
+//! RoPE (`decoder.rs`), and bandwidth-bound GEMVs for batch-1 decode in f32 and bf16
+//! (`gemv.rs`).
 //!
 //! Each kernel is compiled three times, for the baseline target, with AVX2 + FMA (8 lanes) and
 //! with AVX-512 (16 lanes), and picked at run time ([`Isa`]), so the loops vectorise as wide as
@@ -9,6 +10,12 @@
 //! explicitly: the tests run every path the machine has against a scalar reference.
 
 use crate::isa::{on_isa, Isa};
+
+mod decoder;
+mod gemv;
+
+pub use decoder::{rms_norm, rms_norm_with, rope, rope_with, silu_mul, silu_mul_with};
+pub use gemv::{gemv, gemv_bf16, gemv_bf16_with, gemv_with, Bf16Path};
 
 /// `exp(x)` for f32 with Cephes-style range reduction and a degree-6 polynomial; max relative
 /// error about 2e-7 (1-2 ulp) over the range softmax uses. Branch-free so loops vectorise;
@@ -174,93 +181,19 @@ pub(crate) fn dot_impl<const L: usize>(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-#[inline(always)]
-fn gemv_block_impl<const L: usize>(out: &mut [f32], x: &[f32], w_rows: &[f32], k: usize) {
-    // out: [m, rows] for this block (row-major over m), w_rows: [rows, k].
-    let rows = w_rows.len() / k;
-    let m = x.len() / k;
-    for (j, w) in w_rows.chunks_exact(k).enumerate() {
-        for i in 0..m {
-            out[i * rows + j] = dot_impl::<L>(&x[i * k..][..k], w);
-        }
-    }
-}
-
-fn gemv_block(isa: Isa, out: &mut [f32], x: &[f32], w_rows: &[f32], k: usize) {
-    on_isa!(isa, <L> |out: &mut [f32], x: &[f32], w_rows: &[f32], k: usize| -> () {
-        gemv_block_impl::<L>(out, x, w_rows, k)
-    })
-}
-
-/// `y = x W^T` for one (or a few) rows of `x` (`[m, k]`) and `W` `[n, k]`: each weight row is
-/// streamed once, blocks of rows in parallel. A batch-1 decode step is bound by reading the
-/// weights, and this reads them at close to memory bandwidth. Returns `[m, n]`.
-pub fn gemv(x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    gemv_with(Isa::current(), x, w, m, n, k)
-}
-
-/// [`gemv`] on the path `isa`.
-pub fn gemv_with(isa: Isa, x: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    const BLOCK: usize = 64;
-    let blocks = n.div_ceil(BLOCK);
-    let parts: Vec<Vec<f32>> = (0..blocks)
-        .into_par_iter()
-        .map(|b| {
-            let r0 = b * BLOCK;
-            let rows = BLOCK.min(n - r0);
-            let mut out = vec![0f32; m * rows];
-            gemv_block(isa, &mut out, x, &w[r0 * k..(r0 + rows) * k], k);
-            out
-        })
-        .collect();
-    let mut y = vec![0f32; m * n];
-    for (b, part) in parts.iter().enumerate() {
-        let r0 = b * BLOCK;
-        let rows = part.len() / m;
-        for i in 0..m {
-            y[i * n + r0..i * n + r0 + rows].copy_from_slice(&part[i * rows..(i + 1) * rows]);
-        }
-    }
-    y
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// Every path this processor has (`scalar` always; `avx2`, `avx512` where present).
-    fn paths() -> Vec<Isa> {
+    pub(super) fn paths() -> Vec<Isa> {
         let paths = Isa::supported();
         eprintln!("kernel paths run here: {:?} (best {:?})", paths, Isa::best());
         paths
     }
 
-    fn values(n: usize, seed: usize) -> Vec<f32> {
+    pub(super) fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n).map(|i| (((i * 2_654_435_761 + seed) % 1999) as f32 / 999.5 - 1.0) * 3.0).collect()
-    }
-
-    #[test]
-    fn gemv_matches_naive_product_on_every_path() {
-        // Lengths with tails of every lane count (8 and 16) and several row blocks.
-        for (m, n, k) in [(1, 130, 37), (3, 65, 16), (2, 200, 4099), (1, 7, 1)] {
-            let x = values(m * k, 1);
-            let w = values(n * k, 2);
-            for isa in paths() {
-                let y = gemv_with(isa, &x, &w, m, n, k);
-                for i in 0..m {
-                    for j in 0..n {
-                        let want: f64 =
-                            (0..k).map(|t| f64::from(x[i * k + t]) * f64::from(w[j * k + t])).sum();
-                        let got = f64::from(y[i * n + j]);
-                        assert!(
-                            (got - want).abs() < 1e-5 * k as f64,
-                            "{isa:?} {m}x{n}x{k} {i},{j}"
-                        );
-                    }
-                }
-            }
-        }
     }
 
     #[test]
