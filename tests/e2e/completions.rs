@@ -69,5 +69,20 @@ async fn completions_with_token_ids_and_text() -> Result<()> {
     }
     let m = dsvl_testkit::http_get(&cluster.http, "/v1/models")?;
     assert!(m.contains("\"max_model_len\":16384"), "{m}");
+    // One model by id: the same object; an unknown id is OpenAI's 404 naming it.
+    let listed: serde_json::Value = serde_json::from_str(&m)?;
+    let id = listed["data"][0]["id"].as_str().unwrap_or_default().to_string();
+    let one = dsvl_e2e::http_get_response(&cluster.http, &format!("/v1/models/{id}"))?;
+    assert_eq!(one.status, 200, "{}", one.body);
+    assert_eq!(one.json()?, listed["data"][0]);
+    assert_eq!(one.json()?["modalities"], json!(["text", "image"]));
+    let missing = dsvl_e2e::http_get_response(&cluster.http, "/v1/models/no-such/model")?;
+    assert_eq!(missing.status, 404, "{}", missing.body);
+    let error = &missing.json()?["error"];
+    assert_eq!(
+        (error["code"].as_str(), error["param"].as_str()),
+        (Some("model_not_found"), Some("model"))
+    );
+    assert!(error["message"].as_str().unwrap_or_default().contains("no-such/model"), "{error}");
     Ok(())
 }

@@ -3,7 +3,9 @@
 //! replaced), and hostile metadata that never panics a handler.
 
 use anyhow::Result;
-use dsvl_e2e::{http_post, reflection_services, Cluster, HttpConn, Options};
+use dsvl_e2e::{
+    http_post, reflection_services, reflection_services_v1alpha, Cluster, HttpConn, Options,
+};
 use dsvl_proto::v1::content_part::Part;
 use dsvl_proto::v1::{ChatMessage, ChatRequest, ContentPart, SamplingParams};
 use serde_json::json;
@@ -30,16 +32,29 @@ fn hi(sampling: Option<SamplingParams>) -> ChatRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reflection_lists_only_the_served_packages() -> Result<()> {
     let cluster = small_cluster().await?;
-    let mut gateway = reflection_services(&cluster.gateway.addr).await?;
-    gateway.sort();
-    assert_eq!(
-        gateway,
-        ["dsvl.v1.Chat", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"],
-        "gateway reflection"
-    );
-    let decoder = reflection_services(&cluster.decoder.addr).await?;
-    assert!(decoder.contains(&"dsvl.internal.v1.Decoder".to_string()), "{decoder:?}");
-    assert!(!decoder.iter().any(|s| s.starts_with("dsvl.v1.")), "{decoder:?}");
+    let served = |api: &str| {
+        let mut v = vec![
+            api.to_string(),
+            "grpc.health.v1.Health".into(),
+            "grpc.reflection.v1.ServerReflection".into(),
+            "grpc.reflection.v1alpha.ServerReflection".into(),
+        ];
+        v.sort();
+        v
+    };
+    for (addr, api) in [
+        (&cluster.gateway.addr, "dsvl.v1.Chat"),
+        (&cluster.decoder.addr, "dsvl.internal.v1.Decoder"),
+        (&cluster.vision[0].addr, "dsvl.internal.v1.VisionEncoder"),
+    ] {
+        // Both reflection versions answer, with the same list: what this port serves.
+        for mut listed in
+            [reflection_services(addr).await?, reflection_services_v1alpha(addr).await?]
+        {
+            listed.sort();
+            assert_eq!(listed, served(api), "reflection on {addr}");
+        }
+    }
     Ok(())
 }
 

@@ -583,6 +583,19 @@ pub fn http_post(
     Ok(HttpResponse { status, headers: head.to_string(), body: body.to_string() })
 }
 
+/// `GET path` over HTTP/1.0, with the status.
+pub fn http_get_response(addr: &str, path: &str) -> Result<HttpResponse> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8(raw)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
+    let status = head.split_whitespace().nth(1).context("no status")?.parse()?;
+    Ok(HttpResponse { status, headers: head.to_string(), body: body.to_string() })
+}
+
 /// One kept-alive HTTP/1.1 connection: requests go one after another on the same socket, so a
 /// test can show that the server still serves a connection after a hostile request. Bodies
 /// must come with a `Content-Length` (non-streaming responses).
@@ -663,6 +676,28 @@ pub async fn reflection_services_on(channel: Channel, label: &str) -> Result<Vec
             Ok(l.service.into_iter().map(|s| s.name).collect())
         }
         other => bail!("reflection on {addr}: unexpected answer {other:?}"),
+    }
+}
+
+/// [`reflection_services`] through `grpc.reflection.v1alpha`, the version Python's
+/// `grpcio-reflection` and older tools ask for.
+pub async fn reflection_services_v1alpha(addr: &str) -> Result<Vec<String>> {
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    let channel = Channel::from_shared(format!("http://{addr}"))?.connect().await?;
+    let mut client = ServerReflectionClient::new(channel);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = client.server_reflection_info(tokio_stream::iter([req])).await?.into_inner();
+    match resp.message().await?.and_then(|m| m.message_response) {
+        Some(MessageResponse::ListServicesResponse(l)) => {
+            Ok(l.service.into_iter().map(|s| s.name).collect())
+        }
+        other => bail!("v1alpha reflection on {addr}: unexpected answer {other:?}"),
     }
 }
 

@@ -15,6 +15,7 @@
 
 pub mod catalog;
 pub mod deadline;
+pub mod health;
 pub mod probes;
 pub mod server;
 

@@ -17,7 +17,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tonic_health::server::HealthReporter;
+use crate::health::HealthReporter;
 use tonic_health::ServingStatus;
 
 /// Health service name of the startup probe.
@@ -114,7 +114,7 @@ mod tests {
 
     async fn status(health: &HealthReporter, service: &str) -> i32 {
         use tonic_health::pb::health_server::Health;
-        let svc = tonic_health::server::HealthService::from_health_reporter(health.clone());
+        let svc = crate::health::HealthService::from_reporter(health);
         let req =
             tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: service.into() });
         svc.check(req).await.expect("status is set").into_inner().status

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tonic_health::server::HealthReporter;
+use crate::health::HealthReporter;
 
 use crate::{probes, TelemetryError};
 
@@ -211,16 +211,18 @@ impl GrpcBase {
         limits: ServerLimits,
         health_on_main: bool,
     ) -> Result<Self, TelemetryError> {
-        let (health, health_service) = tonic_health::server::health_reporter();
+        let (health, health_service) = crate::health::health_reporter();
         probes::set_ready::<S>(&health, false).await;
         probes::starting(&health).await;
-        let mut builder = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-        for d in descriptors {
-            builder = builder.register_encoded_file_descriptor_set(d);
-        }
-        let reflection =
-            builder.build_v1().map_err(|e| TelemetryError::Reflection(e.to_string()))?;
+        // Each port lists only what it serves: the main one its API, health and reflection;
+        // the internal one health and reflection.
+        let err = |e: tonic_reflection::server::Error| TelemetryError::Reflection(e.to_string());
+        let reflection = reflection_builder(descriptors, Some(S::NAME)).build_v1().map_err(err)?;
+        let reflection_alpha =
+            reflection_builder(descriptors, Some(S::NAME)).build_v1alpha().map_err(err)?;
+        let internal_reflection = reflection_builder(descriptors, None).build_v1().map_err(err)?;
+        let internal_reflection_alpha =
+            reflection_builder(descriptors, None).build_v1alpha().map_err(err)?;
         let main = || {
             let mut b = tonic::transport::Server::builder()
                 .max_concurrent_streams(limits.max_concurrent_streams)
@@ -233,15 +235,14 @@ impl GrpcBase {
             b
         };
         let router = if health_on_main {
-            main().add_service(health_service.clone()).add_service(reflection.clone())
+            main()
+                .add_service(health_service.clone())
+                .add_service(reflection)
+                .add_service(reflection_alpha)
         } else {
             // A router needs one service to exist; the API service is added next.
             main().add_optional_service(
-                None::<
-                    tonic_health::pb::health_server::HealthServer<
-                        tonic_health::server::HealthService,
-                    >,
-                >,
+                None::<tonic_health::pb::health_server::HealthServer<crate::health::HealthService>>,
             )
         };
         let internal = tonic::transport::Server::builder()
@@ -250,9 +251,37 @@ impl GrpcBase {
             .http2_keepalive_timeout(Some(ServerLimits::INTERNAL.keepalive.1))
             .tcp_keepalive(Some(ServerLimits::INTERNAL.tcp_keepalive))
             .add_service(health_service)
-            .add_service(reflection);
+            .add_service(internal_reflection)
+            .add_service(internal_reflection_alpha);
         Ok(Self { health, drain: Drain::new(), router, internal })
     }
+}
+
+/// A reflection builder for one port, listing health, reflection (v1 and v1alpha: grpcurl asks
+/// for v1, Python's `grpcio-reflection` and older tools for v1alpha) and `api` if given.
+fn reflection_builder(
+    descriptors: &[&'static [u8]],
+    api: Option<&'static str>,
+) -> tonic_reflection::server::Builder<'static> {
+    let mut b = tonic_reflection::server::Builder::configure()
+        .include_reflection_service(false)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET);
+    for d in descriptors {
+        b = b.register_encoded_file_descriptor_set(d);
+    }
+    for name in [
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]
+    .into_iter()
+    .chain(api)
+    {
+        b = b.with_service_name(name);
+    }
+    b
 }
 
 #[cfg(test)]
@@ -262,7 +291,7 @@ mod tests {
     #[tokio::test]
     async fn drain_waits_for_work_in_flight_then_stops() {
         let drain = Drain::new();
-        let (health, _) = tonic_health::server::health_reporter();
+        let (health, _) = crate::health::health_reporter();
         let guard = drain.track();
         let stopped = drain.stopped();
         let server = async move {
@@ -295,7 +324,7 @@ mod tests {
     #[tokio::test]
     async fn drain_time_bounds_the_wait() {
         let drain = Drain::new();
-        let (health, _) = tonic_health::server::health_reporter();
+        let (health, _) = crate::health::health_reporter();
         let _stuck = drain.track();
         let stopped = drain.stopped();
         let server = async move {

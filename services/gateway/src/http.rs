@@ -14,7 +14,7 @@ use dsvl_proto::internal::Constraint;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -435,10 +435,31 @@ async fn completions(
     }
 }
 
-async fn models(State(gw): State<Arc<Gateway>>) -> Response {
+/// The served model as OpenAI's model object, with the served context length (vLLM's
+/// `max_model_len`) and the input modalities it accepts.
+fn model_object(gw: &Gateway) -> Value {
     let m = gw.model_info();
-    Json(json!({"object": "list", "data": [{"id": m.id, "object": "model", "created": 0, "owned_by": "dsvl", "vision": m.vision, "max_positions": m.max_positions, "max_model_len": m.max_positions}]}))
-        .into_response()
+    let modalities = if m.vision { vec!["text", "image"] } else { vec!["text"] };
+    json!({"id": m.id, "object": "model", "created": 0, "owned_by": "dsvl", "vision": m.vision,
+           "max_positions": m.max_positions, "max_model_len": m.max_positions,
+           "modalities": modalities})
+}
+
+async fn models(State(gw): State<Arc<Gateway>>) -> Response {
+    Json(json!({"object": "list", "data": [model_object(&gw)]})).into_response()
+}
+
+/// `GET /v1/models/{id}`: the model object, or OpenAI's 404 for an id this gateway does not serve.
+async fn model(State(gw): State<Arc<Gateway>>, Path(id): Path<String>) -> Response {
+    let object = model_object(&gw);
+    if object["id"] == id.as_str() {
+        return Json(object).into_response();
+    }
+    let message =
+        format!("The model `{id}` does not exist; this gateway serves `{}`", object["id"]);
+    let body = json!({"error": {"message": message, "type": "invalid_request_error",
+                                "param": "model", "code": "model_not_found"}});
+    (StatusCode::NOT_FOUND, Json(body)).into_response()
 }
 
 async fn health(State(gw): State<Arc<Gateway>>) -> Response {
@@ -479,6 +500,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/chat/completions", post(completions))
         .route("/v1/completions", post(crate::http_completions::completions))
         .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
         .route_layer(axum::middleware::from_fn_with_state(gw.clone(), require_key));
     Router::new()
         .merge(api)

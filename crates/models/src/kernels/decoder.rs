@@ -29,7 +29,10 @@ pub fn rms_norm(dst: &mut [f32], src: &[f32], weight: &[f32], eps: f32) {
 /// [`rms_norm`] on the path `isa`.
 pub fn rms_norm_with(isa: Isa, dst: &mut [f32], src: &[f32], weight: &[f32], eps: f32) {
     let dim = weight.len();
-    assert!(dim > 0 && src.len().is_multiple_of(dim) && dst.len() == src.len(), "rows of {dim} expected");
+    assert!(
+        dim > 0 && src.len().is_multiple_of(dim) && dst.len() == src.len(),
+        "rows of {dim} expected"
+    );
     let rows_per_task = (MIN_PARALLEL / dim).max(1);
     dst.par_chunks_mut(dim * rows_per_task).zip(src.par_chunks(dim * rows_per_task)).for_each(
         |(dst, src)| {
@@ -101,7 +104,10 @@ pub fn rope_with(
     let rows = positions.len();
     assert!(rows > 0 && heads > 0 && x.len().is_multiple_of(rows * heads) && dst.len() == x.len());
     let d = x.len() / (rows * heads);
-    assert!(d.is_multiple_of(2) && cos.len() == sin.len() && cos.len().is_multiple_of(d), "rope: bad tables");
+    assert!(
+        d.is_multiple_of(2) && cos.len() == sin.len() && cos.len().is_multiple_of(d),
+        "rope: bad tables"
+    );
     let row = heads * d;
     dst.par_chunks_mut(row).zip(x.par_chunks(row)).zip(positions).with_min_len(4).for_each(
         |((dst, x), &p)| {
