@@ -2,7 +2,7 @@
 //! sampling validator for both protocols (out-of-range values refused by name, never
 //! replaced), and hostile metadata that never panics a handler.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use dsvl_e2e::{
     http_post, reflection_services, reflection_services_v1alpha, Cluster, HttpConn, Options,
 };
@@ -213,6 +213,88 @@ async fn gateway_drains_open_streams_on_sigterm() -> Result<()> {
             "the gateway did not exit"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Sends `head` (request line and headers, without the blank line) and `body` as one HTTP/1.0
+/// request; returns the response.
+fn raw(addr: &str, head: &str, body: &[u8]) -> Result<dsvl_e2e::HttpResponse> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    s.write_all(format!("{head}\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    // The server may answer before the body arrives and close: a failed write is fine.
+    let _ = s.write_all(body);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let (h, b) = text.split_once("\r\n\r\n").context("no header end")?;
+    let status = h.split_whitespace().nth(1).context("no status")?.parse()?;
+    Ok(dsvl_e2e::HttpResponse { status, headers: h.to_string(), body: b.to_string() })
+}
+
+/// One row of the error table.
+type Case<'a> = (&'a str, String, Vec<u8>, u16, &'a [&'a str]);
+
+/// Every HTTP error, the framework's included, is OpenAI's JSON error with the right status and
+/// a message about the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_http_error_has_the_openai_shape() -> Result<()> {
+    let cluster = small_cluster().await?;
+    let json_post = |len: usize| {
+        format!("POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {len}")
+    };
+    let part = r#"{"messages": [{"role": "user", "content": [{"type": "audio"}]}]}"#;
+    // (what, request head, body, status, words the message must contain)
+    let cases: Vec<Case> = vec![
+        ("unknown route", "GET /v1/nothing HTTP/1.0".into(), vec![], 404, &["unknown route"]),
+        (
+            "wrong method",
+            "GET /v1/chat/completions HTTP/1.0".into(),
+            vec![],
+            405,
+            &["GET is not allowed on /v1/chat/completions", "POST"],
+        ),
+        (
+            "wrong content type",
+            "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: text/plain\r\nContent-Length: 2"
+                .into(),
+            b"{}".to_vec(),
+            415,
+            &["application/json", "text/plain"],
+        ),
+        (
+            "no content type",
+            "POST /v1/chat/completions HTTP/1.0\r\nContent-Length: 2".into(),
+            b"{}".to_vec(),
+            415,
+            &["no Content-Type"],
+        ),
+        ("truncated JSON", json_post(1), b"{".to_vec(), 400, &["ends before its JSON", "line 1"]),
+        ("not JSON", json_post(5), b"hello".to_vec(), 400, &["not valid JSON", "column"]),
+        ("wrong shape", json_post(16), br#"{"messages": 42}"#.to_vec(), 400, &["`messages`"]),
+        (
+            "unknown part type",
+            json_post(part.len()),
+            part.as_bytes().to_vec(),
+            400,
+            &["audio", "image_url"],
+        ),
+    ];
+    for (what, head, body, status, words) in cases {
+        let r = raw(&cluster.http, &head, &body)?;
+        assert_eq!(r.status, status, "{what}: {}", r.body);
+        let ct = r.header("content-type").unwrap_or_default();
+        assert!(ct.starts_with("application/json"), "{what}: content-type {ct}");
+        let error = &r.json()?["error"];
+        for key in ["message", "type", "param", "code"] {
+            assert!(error.get(key).is_some(), "{what}: no `{key}` in {error}");
+        }
+        let message = error["message"].as_str().unwrap_or_default();
+        for w in words {
+            assert!(message.contains(w), "{what}: `{w}` not in {message:?}");
+        }
     }
     Ok(())
 }

@@ -19,6 +19,9 @@ pub enum GatewayError {
         /// What is wrong, in the request's terms.
         message: String,
     },
+    /// The body is not declared as JSON (HTTP 415).
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// No API key, or an unknown one, while keys are configured.
     #[error("missing or unknown API key (send `Authorization: Bearer <key>`)")]
     Unauthenticated,
@@ -64,7 +67,9 @@ impl GatewayError {
     /// Label for the `outcome` of request metrics.
     pub fn outcome(&self) -> &'static str {
         match self {
-            Self::InvalidArgument(_) | Self::InvalidField { .. } => "invalid_argument",
+            Self::InvalidArgument(_)
+            | Self::InvalidField { .. }
+            | Self::UnsupportedMediaType(_) => "invalid_argument",
             Self::Unauthenticated => "unauthenticated",
             Self::Exhausted { .. } => "resource_exhausted",
             Self::Unavailable(_) => "unavailable",
@@ -78,7 +83,9 @@ impl GatewayError {
     pub fn to_status(&self) -> Status {
         let msg = self.to_string();
         match self {
-            Self::InvalidArgument(_) | Self::InvalidField { .. } => Status::invalid_argument(msg),
+            Self::InvalidArgument(_)
+            | Self::InvalidField { .. }
+            | Self::UnsupportedMediaType(_) => Status::invalid_argument(msg),
             Self::Unauthenticated => Status::unauthenticated(msg),
             Self::Exhausted { retry_after, .. } => {
                 let mut s = Status::resource_exhausted(msg);
@@ -99,6 +106,9 @@ impl GatewayError {
         match self {
             Self::InvalidArgument(_) | Self::InvalidField { .. } => {
                 (400, "invalid_request_error", None)
+            }
+            Self::UnsupportedMediaType(_) => {
+                (415, "invalid_request_error", Some("unsupported_media_type"))
             }
             Self::Unauthenticated => (401, "invalid_request_error", Some("invalid_api_key")),
             Self::Exhausted { .. } => (429, "rate_limit_error", Some("rate_limit_exceeded")),

@@ -34,11 +34,39 @@ use crate::tools::Tools;
 use crate::Gateway;
 use dsvl_chat::DEFAULT_SYSTEM_PROMPT;
 
-#[derive(Deserialize)]
-#[serde(untagged)]
+/// A message's content: a string, or a list of parts. Not `#[serde(untagged)]`, whose only
+/// error is "did not match any variant": a bad part is reported as the part's own error (an
+/// unknown `type` names it and the accepted ones).
 enum Content {
     Text(String),
     Parts(Vec<ContentPart>),
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(Self::Text(s)),
+            Value::Array(parts) => parts
+                .into_iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    ContentPart::deserialize(p)
+                        .map_err(|e| D::Error::custom(format!("part {i}: {e}")))
+                })
+                .collect::<Result<_, _>>()
+                .map(Self::Parts),
+            other => Err(D::Error::custom(format!(
+                "content must be a string or a list of parts, not {}",
+                match other {
+                    Value::Null => "null",
+                    Value::Bool(_) => "a boolean",
+                    Value::Number(_) => "a number",
+                    _ => "an object",
+                }
+            ))),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -384,10 +412,8 @@ pub(crate) fn read_request<T: serde::de::DeserializeOwned>(
     check: fn(&Value) -> Result<(), String>,
 ) -> Result<(Instant, T), GatewayError> {
     let deadline = deadline(headers, timeout, started)?;
-    let malformed = |e: serde_json::Error| {
-        GatewayError::InvalidArgument(format!("malformed request body: {e}"))
-    };
-    let value: Value = serde_json::from_slice(body).map_err(malformed)?;
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| crate::http_errors::not_json(&e))?;
     check(&value).map_err(GatewayError::InvalidArgument)?;
     let req = serde_path_to_error::deserialize(value).map_err(|e| {
         let param = e.path().to_string();
@@ -407,7 +433,9 @@ async fn completions(
     let timeout = gw.config.request_timeout;
     let check = crate::openai_fields::check;
     let (deadline, req): (Instant, CompletionRequest) =
-        match read_request(&headers, &body, timeout, started, check) {
+        match crate::http_errors::require_json(&headers)
+            .and_then(|()| read_request(&headers, &body, timeout, started, check))
+        {
             Ok(x) => x,
             Err(e) => return error_response(&e),
         };
@@ -511,5 +539,6 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             gw.config.http_timeouts.body_idle,
             crate::http_server::body_idle_timeout,
         ))
+        .layer(axum::middleware::from_fn_with_state(body_limit, crate::http_errors::openai_shape))
         .with_state(gw)
 }

@@ -155,7 +155,8 @@ pub async fn completions(
     let started = Instant::now();
     let timeout = gw.config.request_timeout;
     let check = crate::openai_fields::check_completions;
-    let read = read_request::<LegacyRequest>(&headers, &body, timeout, started, check);
+    let read = crate::http_errors::require_json(&headers)
+        .and_then(|()| read_request::<LegacyRequest>(&headers, &body, timeout, started, check));
     let (deadline, (input, streaming, include_usage)) =
         match read.and_then(|(d, r)| Ok((d, to_input(r)?))) {
             Ok(x) => x,

@@ -17,6 +17,7 @@ pub mod fetch;
 pub mod grpc;
 pub mod http;
 pub mod http_completions;
+mod http_errors;
 pub mod http_reply;
 pub mod http_server;
 pub mod images;
