@@ -281,6 +281,7 @@ async fn every_http_error_has_the_openai_shape() -> Result<()> {
             400,
             &["audio", "image_url"],
         ),
+        ("body too large", json_post(1 << 30), b"{}".to_vec(), 413, &["larger than this gateway"]),
     ];
     for (what, head, body, status, words) in cases {
         let r = raw(&cluster.http, &head, &body)?;

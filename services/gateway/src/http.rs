@@ -415,11 +415,21 @@ pub(crate) fn read_request<T: serde::de::DeserializeOwned>(
     let value: Value =
         serde_json::from_slice(body).map_err(|e| crate::http_errors::not_json(&e))?;
     check(&value).map_err(GatewayError::InvalidArgument)?;
-    let req = serde_path_to_error::deserialize(value).map_err(|e| {
-        let param = e.path().to_string();
-        let message = format!("invalid `{param}`: {}", e.inner());
-        GatewayError::InvalidField { param, message }
-    })?;
+    // The plain pass is the fast one; only a body that does not fit goes through again with
+    // the path tracked, to name the field.
+    let req = match T::deserialize(&value) {
+        Ok(req) => req,
+        Err(plain) => {
+            return Err(match serde_path_to_error::deserialize::<_, T>(&value) {
+                Err(e) => {
+                    let param = e.path().to_string();
+                    let message = format!("invalid `{param}`: {}", e.inner());
+                    GatewayError::InvalidField { param, message }
+                }
+                Ok(_) => GatewayError::InvalidArgument(format!("invalid request: {plain}")),
+            })
+        }
+    };
     Ok((deadline, req))
 }
 
@@ -529,6 +539,11 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/completions", post(crate::http_completions::completions))
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model))
+        // Inside the key check: an unauthenticated request is a 401 whatever its size.
+        .route_layer(axum::middleware::from_fn_with_state(
+            body_limit,
+            crate::http_errors::refuse_declared_oversize,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(gw.clone(), require_key));
     Router::new()
         .merge(api)

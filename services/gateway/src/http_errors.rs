@@ -33,13 +33,7 @@ pub(crate) async fn openai_shape(
         return response;
     }
     let (message, code) = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => (
-            format!(
-                "the request body is larger than this gateway accepts ({body_limit} bytes, \
-                 images counted base64-encoded)"
-            ),
-            "request_too_large",
-        ),
+        StatusCode::PAYLOAD_TOO_LARGE => return too_large(body_limit),
         StatusCode::METHOD_NOT_ALLOWED => {
             let allow = response
                 .headers()
@@ -65,6 +59,35 @@ pub(crate) async fn openai_shape(
     }
     drop(response.into_body());
     out
+}
+
+/// OpenAI's 413 for a body over `body_limit` bytes.
+fn too_large(body_limit: usize) -> Response {
+    let message = format!(
+        "the request body is larger than this gateway accepts ({body_limit} bytes, images \
+         counted base64-encoded)"
+    );
+    let body = json!({"error": {"message": message, "type": "invalid_request_error",
+                                "param": null, "code": "request_too_large"}});
+    (StatusCode::PAYLOAD_TOO_LARGE, Json(body)).into_response()
+}
+
+/// Refuses a request whose declared `Content-Length` is over `body_limit` before a byte of its
+/// body is read (a body without a declared length is cut at the limit as it arrives).
+pub(crate) async fn refuse_declared_oversize(
+    State(body_limit): State<usize>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > body_limit as u64) {
+        return too_large(body_limit);
+    }
+    next.run(request).await
 }
 
 /// The method the API's routes take (axum's 405 carries no `Allow` behind a route layer).
