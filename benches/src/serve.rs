@@ -122,19 +122,6 @@ pub struct ServeArgs {
     json: bool,
 }
 
-/// The processor's model name, for every figure the bench prints.
-pub fn processor() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
-}
-
 fn secs(s: f64, flag: &str) -> Result<Duration> {
     if !(s.is_finite() && s > 0.0) {
         bail!("{flag} must be a positive number of seconds (got {s})");
@@ -212,7 +199,7 @@ async fn serve(a: ServeArgs) -> Result<()> {
     let slo = Slo { ttft_ms: a.slo_ttft_ms, itl_ms: a.slo_itl_ms, e2e_ms: a.slo_e2e_ms };
     let header = json!({
         "command": redacted_command(),
-        "processor": processor(),
+        "processor": crate::machine::processor_model(),
         "target": a.url,
         "model": client.model(),
     });

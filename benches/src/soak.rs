@@ -100,7 +100,7 @@ pub fn run(a: SoakArgs) -> Result<()> {
 
 async fn soak(a: SoakArgs) -> Result<()> {
     println!("command    {}", std::env::args().collect::<Vec<_>>().join(" "));
-    println!("processor  {}", crate::serve::processor());
+    println!("processor  {}", crate::machine::processor_model());
     let cluster = Cluster::start(Options::default()).await?;
     let client =
         Client::connect(&format!("http://{}", cluster.http), ConnectOptions::default()).await?;

@@ -658,47 +658,40 @@ pub async fn reflection_services(addr: &str) -> Result<Vec<String>> {
     reflection_services_on(channel, addr).await
 }
 
+/// Asks a reflection service of version `$v` (`v1`, `v1alpha`) on `$channel` for its list.
+macro_rules! list_services {
+    ($v:ident, $channel:expr, $label:expr) => {{
+        use tonic_reflection::pb::$v::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$v::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$v::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::$v::ServerReflectionRequest;
+        let mut client = ServerReflectionClient::new($channel);
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut resp = client.server_reflection_info(tokio_stream::iter([req])).await?.into_inner();
+        match resp.message().await?.and_then(|m| m.message_response) {
+            Some(MessageResponse::ListServicesResponse(l)) => {
+                Ok(l.service.into_iter().map(|s| s.name).collect())
+            }
+            other => {
+                bail!("{} reflection on {}: unexpected answer {other:?}", stringify!($v), $label)
+            }
+        }
+    }};
+}
+
 /// [`reflection_services`] on an existing channel (`label` names it in errors).
 pub async fn reflection_services_on(channel: Channel, label: &str) -> Result<Vec<String>> {
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    let addr = label;
-    let mut client = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut resp = client.server_reflection_info(tokio_stream::iter([req])).await?.into_inner();
-    match resp.message().await?.and_then(|m| m.message_response) {
-        Some(MessageResponse::ListServicesResponse(l)) => {
-            Ok(l.service.into_iter().map(|s| s.name).collect())
-        }
-        other => bail!("reflection on {addr}: unexpected answer {other:?}"),
-    }
+    list_services!(v1, channel, label)
 }
 
 /// [`reflection_services`] through `grpc.reflection.v1alpha`, the version Python's
 /// `grpcio-reflection` and older tools ask for.
 pub async fn reflection_services_v1alpha(addr: &str) -> Result<Vec<String>> {
-    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
     let channel = Channel::from_shared(format!("http://{addr}"))?.connect().await?;
-    let mut client = ServerReflectionClient::new(channel);
-    let req = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut resp = client.server_reflection_info(tokio_stream::iter([req])).await?.into_inner();
-    match resp.message().await?.and_then(|m| m.message_response) {
-        Some(MessageResponse::ListServicesResponse(l)) => {
-            Ok(l.service.into_iter().map(|s| s.name).collect())
-        }
-        other => bail!("v1alpha reflection on {addr}: unexpected answer {other:?}"),
-    }
+    list_services!(v1alpha, channel, addr)
 }
 
 /// A golden conversation as gRPC messages (parts split at the placeholders).
