@@ -2,7 +2,7 @@
 //! sampling validator for both protocols (out-of-range values refused by name, never
 //! replaced), and hostile metadata that never panics a handler.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use dsvl_e2e::{
     http_post, reflection_services, reflection_services_v1alpha, Cluster, HttpConn, Options,
 };
@@ -217,23 +217,6 @@ async fn gateway_drains_open_streams_on_sigterm() -> Result<()> {
     Ok(())
 }
 
-/// Sends `head` (request line and headers, without the blank line) and `body` as one HTTP/1.0
-/// request; returns the response.
-fn raw(addr: &str, head: &str, body: &[u8]) -> Result<dsvl_e2e::HttpResponse> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
-    s.write_all(format!("{head}\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-    // The server may answer before the body arrives and close: a failed write is fine.
-    let _ = s.write_all(body);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).to_string();
-    let (h, b) = text.split_once("\r\n\r\n").context("no header end")?;
-    let status = h.split_whitespace().nth(1).context("no status")?.parse()?;
-    Ok(dsvl_e2e::HttpResponse { status, headers: h.to_string(), body: b.to_string() })
-}
-
 /// One row of the error table.
 type Case<'a> = (&'a str, String, Vec<u8>, u16, &'a [&'a str]);
 
@@ -284,7 +267,7 @@ async fn every_http_error_has_the_openai_shape() -> Result<()> {
         ("body too large", json_post(1 << 30), b"{}".to_vec(), 413, &["larger than this gateway"]),
     ];
     for (what, head, body, status, words) in cases {
-        let r = raw(&cluster.http, &head, &body)?;
+        let r = dsvl_e2e::http_exchange(&cluster.http, &head, &body)?;
         assert_eq!(r.status, status, "{what}: {}", r.body);
         let ct = r.header("content-type").unwrap_or_default();
         assert!(ct.starts_with("application/json"), "{what}: content-type {ct}");

@@ -557,8 +557,26 @@ impl HttpResponse {
     }
 }
 
-/// `POST path` with a JSON body over HTTP/1.0 (the server closes the connection at the end, so
-/// a streamed body arrives whole).
+/// Sends `head` (request line and headers, without the blank line; `Host` is added) and `body`
+/// as one HTTP/1.0 request and reads the response to the end (the server closes the connection,
+/// so a streamed body arrives whole). The server may answer before the body is sent and close
+/// (a 413, a 401): a failed write is not an error, the answer is what counts.
+pub fn http_exchange(addr: &str, head: &str, body: &[u8]) -> Result<HttpResponse> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    s.write_all(format!("{head}\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    if let Err(e) = s.read_to_end(&mut raw) {
+        anyhow::ensure!(!raw.is_empty(), "no answer from {addr}: {e}");
+    }
+    let text = String::from_utf8(raw)?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
+    let status = head.split_whitespace().nth(1).context("no status")?.parse()?;
+    Ok(HttpResponse { status, headers: head.to_string(), body: body.to_string() })
+}
+
+/// `POST path` with a JSON body over HTTP/1.0.
 pub fn http_post(
     addr: &str,
     path: &str,
@@ -566,34 +584,19 @@ pub fn http_post(
     body: &Value,
 ) -> Result<HttpResponse> {
     let body = serde_json::to_vec(body)?;
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
-    let mut req = format!("POST {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n", body.len());
+    let mut head = format!(
+        "POST {path} HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}",
+        body.len()
+    );
     for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
+        head.push_str(&format!("\r\n{k}: {v}"));
     }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
-    s.write_all(&body)?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8(raw)?;
-    let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
-    let status = head.split_whitespace().nth(1).context("no status")?.parse()?;
-    Ok(HttpResponse { status, headers: head.to_string(), body: body.to_string() })
+    http_exchange(addr, &head, &body)
 }
 
 /// `GET path` over HTTP/1.0, with the status.
 pub fn http_get_response(addr: &str, path: &str) -> Result<HttpResponse> {
-    let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8(raw)?;
-    let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
-    let status = head.split_whitespace().nth(1).context("no status")?.parse()?;
-    Ok(HttpResponse { status, headers: head.to_string(), body: body.to_string() })
+    http_exchange(addr, &format!("GET {path} HTTP/1.0"), &[])
 }
 
 /// One kept-alive HTTP/1.1 connection: requests go one after another on the same socket, so a
