@@ -2,7 +2,9 @@
 //! `chat` span (with the OpenTelemetry GenAI attributes) is its child, and the vision and
 //! decoder spans of the same request join the same trace. Spans are received by a small
 //! OTLP/gRPC collector run by this test (the services export with their normal
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` setting and flush when they stop).
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` setting and flush when they stop). The services log JSON
+//! lines (`DSVL_LOG_FORMAT=json`), and the gateway's line for the request carries the same
+//! trace id, its span id and the request id.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -91,10 +93,18 @@ async fn trace_context_flows_through_every_tier() -> Result<()> {
     );
     // SAFETY: this test binary holds this one test; the variable is set before any child
     // process starts and read only by them.
-    unsafe { std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint) };
+    unsafe {
+        std::env::set_var("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
+        std::env::set_var("DSVL_LOG_FORMAT", "json");
+    };
 
-    let cluster =
-        Cluster::start(Options { vision_replicas: 1, tp: 1, ..Options::default() }).await?;
+    let cluster = Cluster::start(Options {
+        vision_replicas: 1,
+        tp: 1,
+        capture_logs: true,
+        ..Options::default()
+    })
+    .await?;
     let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
     let mut req = tonic::Request::new(ChatRequest {
         messages: vec![ChatMessage {
@@ -115,6 +125,7 @@ async fn trace_context_flows_through_every_tier() -> Result<()> {
     req.metadata_mut().insert("traceparent", format!("00-{trace_id}-00f067aa0ba902b7-01").parse()?);
     let mut stream = cluster.chat().await?.generate(req).await?.into_inner();
     while stream.message().await?.is_some() {}
+    check_json_logs(&cluster, trace_id);
     drop(cluster); // SIGTERM: each service flushes its spans on the way out.
 
     let want = hex(trace_id);
@@ -162,6 +173,40 @@ async fn trace_context_flows_through_every_tier() -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Every service wrote JSON lines without colour codes; the gateway's access line of the
+/// request carries the client's trace id, a span id and the request id.
+fn check_json_logs(cluster: &Cluster, trace_id: &str) {
+    let mut gateway_lines = Vec::new();
+    for (svc, is_gateway) in
+        [(&cluster.gateway, true), (&cluster.vision[0], false), (&cluster.decoder, false)]
+    {
+        let log = svc.proc.logs();
+        assert!(!log.is_empty(), "the service logged something");
+        assert!(!log.contains('\u{1b}'), "no ANSI escape codes in a log file:\n{log}");
+        for line in log.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            if is_gateway {
+                gateway_lines.push(v);
+            }
+        }
+    }
+    let finished = gateway_lines
+        .iter()
+        .find(|l| l["message"] == "request finished")
+        .unwrap_or_else(|| panic!("no access line in {gateway_lines:#?}"));
+    assert_eq!(finished["level"], "INFO");
+    assert_eq!(finished["trace_id"], trace_id, "{finished}");
+    let span_id = finished["span_id"].as_str().unwrap_or_default();
+    assert!(
+        span_id.len() == 16 && span_id != "00f067aa0ba902b7",
+        "the gateway's own span: {finished}"
+    );
+    let request_id = finished["request_id"].as_str().unwrap_or_default();
+    assert!(request_id.starts_with("gw-"), "{finished}");
+    assert_eq!(finished["completion_tokens"], 3);
 }
 
 fn hex(s: &str) -> Vec<u8> {

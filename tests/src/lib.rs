@@ -33,6 +33,24 @@ pub fn channel(addr: &str, tls: Option<&dsvl_tls::ClientFiles>) -> Result<Channe
     Ok(dsvl_tls::channel_to(addr, tls, Duration::from_secs(2))?)
 }
 
+/// Whether services started from now on write their logs to a file ([`Options::capture_logs`])
+/// instead of the test's stderr.
+static CAPTURE_LOGS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Starts `program args`, under `prlimit --data` when `data_limit` is set, capturing its log
+/// when [`CAPTURE_LOGS`] is set.
+fn launch(program: &str, args: &[String], data_limit: Option<u64>) -> Result<ServiceProcess> {
+    let (program, args) = match data_limit {
+        Some(limit) => ServiceProcess::limited(program, args, limit),
+        None => (program.to_string(), args.to_vec()),
+    };
+    if CAPTURE_LOGS.load(std::sync::atomic::Ordering::Relaxed) {
+        ServiceProcess::spawn_capturing_logs(&program, &args)
+    } else {
+        ServiceProcess::spawn(&program, &args)
+    }
+}
+
 /// One running service.
 pub struct Svc {
     /// The process (SIGTERM, then SIGKILL, on drop).
@@ -76,10 +94,7 @@ impl Svc {
             vec![listen_flag.to_string(), addr.clone(), "--metrics-listen".into(), metrics.clone()];
         args.extend(extra.iter().cloned());
         let program = binary(bin)?.to_str().context("path")?.to_string();
-        let proc = match data_limit {
-            Some(limit) => ServiceProcess::spawn_limited(&program, &args, limit)?,
-            None => ServiceProcess::spawn(&program, &args)?,
-        };
+        let proc = launch(&program, &args, data_limit)?;
         let health = extra
             .iter()
             .position(|a| a == "--health-listen")
@@ -97,10 +112,7 @@ impl Svc {
             let _ = signal(pid, "KILL");
         }
         let (program, args) = &self.command;
-        self.proc = match self.data_limit {
-            Some(limit) => ServiceProcess::spawn_limited(program, args, limit)?,
-            None => ServiceProcess::spawn(program, args)?,
-        };
+        self.proc = launch(program, args, self.data_limit)?;
         Ok(())
     }
 
@@ -213,6 +225,10 @@ pub struct Options {
     pub health_ports: bool,
     /// The gateway runs under `prlimit --data` with this many bytes.
     pub gateway_data_limit: Option<u64>,
+    /// Every service's log goes to a file ([`dsvl_testkit::ServiceProcess::logs`]) instead of
+    /// the test's stderr. Process-wide from the start of the cluster on: a test binary that
+    /// sets it should hold clusters that all set it.
+    pub capture_logs: bool,
 }
 
 impl Default for Options {
@@ -228,6 +244,7 @@ impl Default for Options {
             health_ports: false,
             redis_acl: false,
             gateway_data_limit: None,
+            capture_logs: false,
         }
     }
 }
@@ -350,6 +367,9 @@ impl Pki {
 impl Cluster {
     /// Starts everything on the bundled tiny model and waits until the gateway serves.
     pub async fn start(opts: Options) -> Result<Self> {
+        if opts.capture_logs {
+            CAPTURE_LOGS.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let pki = if opts.tls { Some(Pki::new()?) } else { None };
         // With TLS, the tiers reach Redis on its TLS port (the plain one stays for the
         // test's own admin commands); without, every service runs `--insecure` on purpose.

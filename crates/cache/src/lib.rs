@@ -16,6 +16,7 @@ pub mod acl;
 mod breaker;
 pub mod link;
 mod memory;
+pub mod outage;
 mod redis_cache;
 mod singleflight;
 

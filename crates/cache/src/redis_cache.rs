@@ -27,6 +27,7 @@ use tokio::sync::Mutex;
 
 use crate::breaker::{BreakerConfig, CircuitBreaker};
 use crate::link::RedisTls;
+use crate::outage::{OutageLog, OUTAGE_LOG_EVERY};
 use crate::{CacheError, EmbeddingCache};
 
 /// How often the TLS files are checked for rotation.
@@ -112,6 +113,7 @@ pub struct RedisCache {
     conn: Mutex<Option<Conn>>,
     breaker: Arc<CircuitBreaker>,
     tls_seen: std::sync::Mutex<TlsSeen>,
+    outage: OutageLog,
 }
 
 const RELEASE_SCRIPT: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
@@ -157,7 +159,8 @@ impl RedisCache {
             signature: config.tls.signature(),
             checked: std::time::Instant::now(),
         });
-        Ok(Self { config, conn: Mutex::new(None), breaker, tls_seen })
+        let outage = OutageLog::new("Redis", OUTAGE_LOG_EVERY);
+        Ok(Self { config, conn: Mutex::new(None), breaker, tls_seen, outage })
     }
 
     /// The breaker (for health and metrics).
@@ -172,7 +175,7 @@ impl RedisCache {
     /// Redis unreachable, timed out, or the breaker is open.
     pub async fn exists(&self, key: &str) -> Result<bool, CacheError> {
         let cmd = redis::cmd("EXISTS").arg(key).clone();
-        let n: u64 = self.run(|c| async move { c.query(&cmd).await }).await?;
+        let n: u64 = self.run("exists", |c| async move { c.query(&cmd).await }).await?;
         Ok(n > 0)
     }
 
@@ -187,7 +190,7 @@ impl RedisCache {
         }
         let keys: Vec<&str> = keys.iter().map(AsRef::as_ref).collect();
         let counts: Vec<u64> = self
-            .run(|c| async move {
+            .run("exists", |c| async move {
                 if c.pipelines_across_keys() {
                     let mut pipe = redis::pipe();
                     for k in &keys {
@@ -220,7 +223,8 @@ impl RedisCache {
         for k in keys {
             cmd.arg(k.as_ref());
         }
-        let values: Vec<Option<Vec<u8>>> = self.run(|c| async move { c.query(&cmd).await }).await?;
+        let values: Vec<Option<Vec<u8>>> =
+            self.run("get", |c| async move { c.query(&cmd).await }).await?;
         if values.len() != keys.len() {
             return Err(CacheError::Redis(redis::RedisError::from((
                 redis::ErrorKind::Client,
@@ -243,7 +247,7 @@ impl RedisCache {
         args: &[String],
     ) -> Result<T, CacheError> {
         let cmd = redis::cmd("EVAL").arg(script).arg(keys.len()).arg(keys).arg(args).clone();
-        self.run(|c| async move { c.query(&cmd).await }).await
+        self.run("eval", |c| async move { c.query(&cmd).await }).await
     }
 
     async fn connect(&self) -> Result<Conn, CacheError> {
@@ -329,17 +333,23 @@ impl RedisCache {
             .unwrap_or_else(|_| Err(timed_out("connect timed out")))
     }
 
-    /// Runs `op` on a connection through the breaker: at most `connect_timeout` to get the
-    /// connection, then at most `response_timeout` for `op` (the clients enforce the same
-    /// response timeout per command; this bounds the whole operation, reconnects included).
-    async fn run<T, F, Fut>(&self, op: F) -> Result<T, CacheError>
+    /// Runs `op` (named `name` in metrics and logs) on a connection through the breaker: at
+    /// most `connect_timeout` to get the connection, then at most `response_timeout` for `op`
+    /// (the clients enforce the same response timeout per command; this bounds the whole
+    /// operation, reconnects included). Failures are counted in `dsvl_cache_errors_total`
+    /// and reported by the outage log ([`crate::outage`]).
+    async fn run<T, F, Fut>(&self, name: &'static str, op: F) -> Result<T, CacheError>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         if !self.breaker.allow() {
             metrics::gauge!("dsvl_cache_breaker_state").set(self.breaker.state().as_gauge());
-            return Err(CacheError::BreakerOpen);
+            let e = CacheError::BreakerOpen;
+            metrics::counter!("dsvl_cache_errors_total", "op" => name, "kind" => e.kind())
+                .increment(1);
+            self.outage.failure(name, &"the circuit breaker is open after repeated failures");
+            return Err(e);
         }
         let result = match self.connection().await {
             Ok(c) => match tokio::time::timeout(self.config.response_timeout, op(c)).await {
@@ -349,10 +359,15 @@ impl RedisCache {
             Err(e) => Err(e),
         };
         match &result {
-            Ok(_) => self.breaker.success(),
+            Ok(_) => {
+                self.breaker.success();
+                self.outage.success();
+            }
             Err(e) => {
-                tracing::debug!(error = %e, "redis call failed");
-                metrics::counter!("dsvl_cache_errors_total", "kind" => e.kind()).increment(1);
+                tracing::debug!(op = name, error = %e, "redis call failed");
+                metrics::counter!("dsvl_cache_errors_total", "op" => name, "kind" => e.kind())
+                    .increment(1);
+                self.outage.failure(name, e);
                 self.breaker.failure();
             }
         }
@@ -365,7 +380,8 @@ impl EmbeddingCache for RedisCache {
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<Bytes>, CacheError>> {
         Box::pin(async move {
             let cmd = redis::cmd("GET").arg(key).clone();
-            let v: Option<Vec<u8>> = self.run(|c| async move { c.query(&cmd).await }).await?;
+            let v: Option<Vec<u8>> =
+                self.run("get", |c| async move { c.query(&cmd).await }).await?;
             Ok(v.map(Bytes::from))
         })
     }
@@ -379,7 +395,7 @@ impl EmbeddingCache for RedisCache {
         Box::pin(async move {
             let ms = ttl.as_millis().max(1) as u64;
             let cmd = redis::cmd("SET").arg(key).arg(value.as_ref()).arg("PX").arg(ms).clone();
-            let _: () = self.run(|c| async move { c.query(&cmd).await }).await?;
+            let _: () = self.run("put", |c| async move { c.query(&cmd).await }).await?;
             Ok(())
         })
     }
@@ -397,7 +413,8 @@ impl EmbeddingCache for RedisCache {
         Box::pin(async move {
             let ms = ttl.as_millis().max(1) as u64;
             let cmd = redis::cmd("SET").arg(lease).arg(token).arg("NX").arg("PX").arg(ms).clone();
-            let r: Option<String> = self.run(|c| async move { c.query(&cmd).await }).await?;
+            let r: Option<String> =
+                self.run("lease", |c| async move { c.query(&cmd).await }).await?;
             Ok(r.is_some())
         })
     }
@@ -409,7 +426,7 @@ impl EmbeddingCache for RedisCache {
     ) -> BoxFuture<'a, Result<(), CacheError>> {
         Box::pin(async move {
             let cmd = redis::cmd("EVAL").arg(RELEASE_SCRIPT).arg(1).arg(lease).arg(token).clone();
-            let _: i64 = self.run(|c| async move { c.query(&cmd).await }).await?;
+            let _: i64 = self.run("release", |c| async move { c.query(&cmd).await }).await?;
             Ok(())
         })
     }

@@ -71,6 +71,8 @@ impl std::ops::Deref for Buffer {
 
 /// One safetensors file: its bytes and its parsed header.
 struct Shard {
+    /// The file name (no directory), for progress reports.
+    file: String,
     buffer: Buffer,
     /// Where the tensor data starts (8-byte length + JSON header).
     data_start: usize,
@@ -81,7 +83,10 @@ impl Shard {
     fn parse(name: &str, buffer: Buffer) -> Result<Self, CheckpointError> {
         let (header_len, meta) = SafeTensors::read_metadata(&buffer)
             .map_err(|e| CheckpointError::config(name, format!("not a safetensors file: {e}")))?;
-        Ok(Self { data_start: 8 + header_len, meta, buffer })
+        let file = std::path::Path::new(name)
+            .file_name()
+            .map_or_else(|| name.to_string(), |f| f.to_string_lossy().into_owned());
+        Ok(Self { file, data_start: 8 + header_len, meta, buffer })
     }
 
     fn view(&self, name: &str) -> Option<TensorView<'_>> {
@@ -188,6 +193,13 @@ impl Checkpoint {
     /// A tensor's dtype, shape and bytes (memory-mapped, not copied).
     pub fn tensor(&self, name: &str) -> Option<TensorView<'_>> {
         self.shards[*self.index.get(name)?].view(name)
+    }
+
+    /// The file a tensor is stored in, its position among the checkpoint's files (from 1)
+    /// and how many files there are: for progress reports.
+    pub fn shard_of(&self, name: &str) -> Option<(&str, usize, usize)> {
+        let i = *self.index.get(name)?;
+        Some((self.shards[i].file.as_str(), i + 1, self.shards.len()))
     }
 
     /// Names and byte sizes of every tensor.

@@ -40,6 +40,60 @@ pub struct ClusterSpec {
     pub http_addr: SocketAddr,
     /// Extra gateway flags (API keys, limits).
     pub gateway_args: Vec<String>,
+    /// Observability of every process started.
+    pub observe: Observe,
+}
+
+/// Where each process's Prometheus endpoint listens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MetricsPorts {
+    /// No metrics endpoints.
+    #[default]
+    Off,
+    /// A free loopback port each.
+    Auto,
+    /// Consecutive ports from this one: gateway, vision-encoder, decoder.
+    From(u16),
+}
+
+/// Metrics, tracing and log format for the processes a cluster starts.
+#[derive(Debug, Clone, Default)]
+pub struct Observe {
+    /// Prometheus endpoints.
+    pub metrics: MetricsPorts,
+    /// OTLP/gRPC collector for traces (every process, the decoder's worker ranks included).
+    pub otlp_endpoint: Option<String>,
+    /// Log line format of every process.
+    pub log_format: dsvl_telemetry::LogFormat,
+}
+
+impl Observe {
+    /// The metrics address of the `i`-th process (0 gateway, 1 vision-encoder, 2 decoder).
+    fn metrics_addr(&self, i: u16) -> Result<Option<SocketAddr>> {
+        Ok(match self.metrics {
+            MetricsPorts::Off => None,
+            MetricsPorts::Auto => Some(SocketAddr::from(([127, 0, 0, 1], free_port()?))),
+            MetricsPorts::From(base) => {
+                let port = base.checked_add(i).ok_or_else(|| {
+                    anyhow::anyhow!("--metrics-port {base}: the ports run past 65535")
+                })?;
+                Some(SocketAddr::from(([127, 0, 0, 1], port)))
+            }
+        })
+    }
+
+    /// Flags for one process: `--log-format`, `--otlp-endpoint` when set, and
+    /// `--metrics-listen` at `metrics`.
+    fn flags(&self, metrics: Option<SocketAddr>) -> Vec<String> {
+        let mut flags = vec!["--log-format".to_string(), self.log_format.as_str().to_string()];
+        if let Some(endpoint) = &self.otlp_endpoint {
+            flags.extend(["--otlp-endpoint".to_string(), endpoint.clone()]);
+        }
+        if let Some(addr) = metrics {
+            flags.extend(["--metrics-listen".to_string(), addr.to_string()]);
+        }
+        flags
+    }
 }
 
 /// The running services (stopped on drop, gateway first).
@@ -60,6 +114,10 @@ pub struct Cluster {
     pub vision_addr: String,
     /// Decoder rank-0 address.
     pub decoder_addr: String,
+    /// The decoder group's rendezvous port (its ranks join there).
+    pub rendezvous_port: u16,
+    /// Prometheus endpoints: (process, address).
+    pub metrics: Vec<(&'static str, SocketAddr)>,
 }
 
 /// Loading a real checkpoint can take minutes; the tiny one takes about a second.
@@ -136,8 +194,12 @@ impl Cluster {
         let decoder_tls = ca.write_leaf(pki.path(), "decoder", &names)?;
         let gateway_tls =
             ca.write_leaf(pki.path(), "gateway", &["127.0.0.1", "localhost", GATEWAY_NAME])?;
+        let observe = &spec.observe;
+        let metrics: Vec<Option<SocketAddr>> =
+            (0..3).map(|i| observe.metrics_addr(i)).collect::<Result<_>>()?;
         let vision_addr = format!("127.0.0.1:{}", free_port()?);
         let mut args = vec!["--listen".to_string(), vision_addr.clone()];
+        args.extend(observe.flags(metrics[1]));
         args.extend(model_flags(spec));
         args.extend(device_flags(spec));
         args.extend(redis_flags(spec));
@@ -152,14 +214,16 @@ impl Cluster {
         vision.tls = Some(gateway_tls.client());
 
         let decoder_addr = format!("127.0.0.1:{}", free_port()?);
+        let rendezvous_port = free_port()?;
         let mut args = vec![
             "--listen".to_string(),
             decoder_addr.clone(),
             "--tp".into(),
             spec.tp.to_string(),
             "--rendezvous-port".into(),
-            free_port()?.to_string(),
+            rendezvous_port.to_string(),
         ];
+        args.extend(observe.flags(metrics[2]));
         args.extend(model_flags(spec));
         args.extend(device_flags(spec));
         args.extend(redis_flags(spec));
@@ -189,6 +253,7 @@ impl Cluster {
             "--refresh-secs".into(),
             "1".into(),
         ];
+        args.extend(observe.flags(metrics[0]));
         args.extend(model_flags(spec));
         args.extend(redis_flags(spec));
         for (flag, path) in [
@@ -220,6 +285,12 @@ impl Cluster {
             http_url: format!("http://{}", spec.http_addr),
             vision_addr,
             decoder_addr,
+            rendezvous_port,
+            metrics: ["gateway", "vision-encoder", "decoder"]
+                .into_iter()
+                .zip(metrics)
+                .filter_map(|(name, addr)| Some((name, addr?)))
+                .collect(),
         })
     }
 

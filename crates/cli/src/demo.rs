@@ -69,6 +69,7 @@ async fn run_async(args: DemoArgs) -> Result<()> {
         grpc_addr: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
         http_addr: SocketAddr::from(([127, 0, 0, 1], free_port()?)),
         gateway_args: Vec::new(),
+        observe: Default::default(),
     };
     let mut cluster = Cluster::start(&spec).await?;
     println!(

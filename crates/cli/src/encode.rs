@@ -1,6 +1,8 @@
 //! `dsvl encode`: images to embeddings with the same code the vision-encoder service runs.
+//! Takes image files and folders (a folder's images in name order), and shows progress per
+//! image (a bar on a terminal, log lines otherwise).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -11,8 +13,13 @@ use dsvl_models::device::{candle_dtype, open_device};
 use dsvl_models::preprocess::{Preprocessed, Preprocessor};
 use dsvl_models::vision::VisionEncoder;
 
+use dsvl_telemetry::progress::{Progress, Unit};
+
 use crate::model_args::ModelArgs;
 use crate::progress;
+
+/// File extensions read from a folder (the formats the preprocessor decodes).
+const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
 
 /// Arguments of `dsvl encode`.
 #[derive(Args, Debug)]
@@ -25,9 +32,42 @@ pub struct EncodeArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
-    /// Image files (PNG, JPEG, WebP), encoded in this order.
+    /// Image files (PNG, JPEG, WebP) and folders of them, encoded in this order (a folder's
+    /// images in name order; other files in it are skipped).
     #[arg(required = true)]
     images: Vec<PathBuf>,
+}
+
+/// The image files of `inputs`: files as given, folders replaced by their images.
+fn expand_folders(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for input in inputs {
+        if !input.is_dir() {
+            out.push(input.clone());
+            continue;
+        }
+        let is_image = |p: &Path| {
+            p.is_file()
+                && p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+        };
+        let mut found: Vec<PathBuf> = std::fs::read_dir(input)
+            .with_context(|| format!("cannot read the folder {}", input.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| is_image(p))
+            .collect();
+        if found.is_empty() {
+            bail!(
+                "the folder {} holds no images (looked for .{})",
+                input.display(),
+                IMAGE_EXTENSIONS.join(", .")
+            );
+        }
+        found.sort();
+        out.extend(found);
+    }
+    Ok(out)
 }
 
 /// Runs the command.
@@ -35,38 +75,64 @@ pub fn run(args: EncodeArgs) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
+    let paths = expand_folders(&args.images)?;
     let ckpt = args.model.open()?;
     let device = open_device(args.model.device)?;
     let t_load = Instant::now();
-    let encoder = VisionEncoder::load(
-        &ckpt,
-        candle_dtype(args.model.dtype),
-        &device,
-        progress::loading("vision tower", ckpt.weight_bytes()),
-    )
-    .with_context(|| format!("cannot load the vision tower of {}", ckpt.source()))?;
+    let loading = progress::Loading::start("vision tower", ckpt.weight_bytes());
+    let encoder =
+        VisionEncoder::load(&ckpt, candle_dtype(args.model.dtype), &device, loading.callback())
+            .with_context(|| format!("cannot load the vision tower of {}", ckpt.source()))?;
+    loading.finish();
     let load_s = t_load.elapsed().as_secs_f64();
+    let n = paths.len() as u64;
+    // Progress only where there is something to wait for.
+    let report = |what: &str| {
+        (n > args.batch_size as u64).then(|| Progress::new(what, Unit::Items("images")))
+    };
 
     // Preprocess everything first, so a bad image fails before any forward pass.
     let pre = Preprocessor::new(encoder.preprocess_config().clone(), ImageLimits::default());
     let t_pre = Instant::now();
-    let images: Vec<Preprocessed> = args
-        .images
+    let preprocessing = report("preprocessing");
+    let images: Vec<Preprocessed> = paths
         .iter()
-        .map(|p| pre.preprocess_file(p).with_context(|| format!("image {}", p.display())))
+        .enumerate()
+        .map(|(i, p)| {
+            let img = pre.preprocess_file(p).with_context(|| format!("image {}", p.display()));
+            if let Some(r) = &preprocessing {
+                r.update(i as u64 + 1, n, &p.display().to_string());
+            }
+            img
+        })
         .collect::<Result<_>>()?;
+    if let Some(r) = &preprocessing {
+        r.finish();
+    }
     let pre_s = t_pre.elapsed().as_secs_f64();
 
     let t_enc = Instant::now();
+    let encoding = report("encoding");
     let mut pixel_batches = Vec::new();
     let mut embedding_batches = Vec::new();
-    for chunk in images.chunks(args.batch_size) {
+    for (b, chunk) in images.chunks(args.batch_size).enumerate() {
         let refs: Vec<&Preprocessed> = chunk.iter().collect();
         let pixels = encoder.batch_pixels(&refs)?;
         embedding_batches.push(
             encoder.forward(&pixels)?.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?,
         );
         pixel_batches.push(pixels.to_device(&candle_core::Device::Cpu)?);
+        if let Some(r) = &encoding {
+            let done = ((b + 1) * args.batch_size).min(images.len());
+            r.update(
+                done as u64,
+                n,
+                &format!("batch {} of {}", b + 1, images.len().div_ceil(args.batch_size)),
+            );
+        }
+    }
+    if let Some(r) = &encoding {
+        r.finish();
     }
     let enc_s = t_enc.elapsed().as_secs_f64();
     let pixels = Tensor::cat(&pixel_batches, 0)?;
@@ -94,7 +160,7 @@ pub fn run(args: EncodeArgs) -> Result<()> {
         n as f64 / pre_s.max(1e-9),
         n as f64 / enc_s.max(1e-9)
     );
-    for (i, (path, img)) in args.images.iter().zip(&images).enumerate() {
+    for (i, (path, img)) in paths.iter().zip(&images).enumerate() {
         let e = embeddings.get(i)?;
         let mean = e.mean_all()?.to_scalar::<f32>()?;
         let std = e.broadcast_sub(&e.mean_all()?)?.sqr()?.mean_all()?.sqrt()?.to_scalar::<f32>()?;

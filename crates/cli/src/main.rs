@@ -48,8 +48,10 @@ enum Command {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,dsvl_telemetry::progress=info".into()),
         )
+        .with_ansi(dsvl_telemetry::logs::ansi_on_stderr())
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

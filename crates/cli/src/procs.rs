@@ -74,7 +74,14 @@ impl Service {
         cmd.args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            // The services share this terminal: progress as log lines, not rival bars.
+            .env(dsvl_telemetry::progress::PROGRESS_ENV, "log")
+            // Warnings, and the progress of loading the model.
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG")
+                    .unwrap_or_else(|_| "warn,dsvl_telemetry::progress=info".into()),
+            )
             .spawn()
             .with_context(|| format!("cannot start {}", binary.display()))
     }

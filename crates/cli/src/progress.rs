@@ -1,28 +1,35 @@
-//! Load progress on stderr: a percentage line every 10 % for checkpoints worth waiting for.
+//! Load progress of the `dsvl` commands: a bar on a terminal, log lines otherwise
+//! ([`dsvl_telemetry::progress`]), for checkpoints worth waiting for.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dsvl_models::checkpoint::ProgressFn;
+use dsvl_telemetry::progress::{checkpoint_progress, Progress, Unit};
 
 /// Below this many bytes loading is instant and progress would only be noise.
 const MIN_BYTES_FOR_PROGRESS: u64 = 64 << 20;
 
-/// A progress callback for [`dsvl_models::checkpoint::Checkpoint::build`] labelled `what`.
-pub fn loading(what: &'static str, checkpoint_bytes: u64) -> Option<ProgressFn> {
-    if checkpoint_bytes < MIN_BYTES_FOR_PROGRESS {
-        return None;
+/// Progress of loading one model part; [`Loading::finish`] when it is built.
+pub struct Loading(Option<Arc<Progress>>);
+
+impl Loading {
+    /// Reports loading `what` from a checkpoint of `checkpoint_bytes` (nothing when small).
+    pub fn start(what: &str, checkpoint_bytes: u64) -> Self {
+        Self(
+            (checkpoint_bytes >= MIN_BYTES_FOR_PROGRESS)
+                .then(|| Arc::new(Progress::new(format!("loading {what}"), Unit::Bytes))),
+        )
     }
-    let last_decile = Arc::new(AtomicU64::new(0));
-    Some(Arc::new(move |done: u64, total: u64| {
-        let decile = done * 10 / total.max(1);
-        if decile > last_decile.fetch_max(decile, Ordering::Relaxed) {
-            eprintln!(
-                "loading {what}: {:>3}% ({:.2} / {:.2} GB)",
-                decile * 10,
-                done as f64 / 1e9,
-                total as f64 / 1e9
-            );
+
+    /// The loader's callback.
+    pub fn callback(&self) -> Option<ProgressFn> {
+        self.0.clone().map(checkpoint_progress)
+    }
+
+    /// Loading is done.
+    pub fn finish(&self) {
+        if let Some(p) = &self.0 {
+            p.finish();
         }
-    }))
+    }
 }

@@ -103,3 +103,39 @@ fn encode_bf16() -> Result<()> {
     assert_eq!(t.dtype(), DType::F32, "written as F32 whatever the working dtype");
     Ok(())
 }
+
+/// A folder stands for its images in name order (other files skipped); off a terminal the
+/// progress is log lines on stderr; an empty folder is an error naming it.
+#[test]
+fn encode_a_folder_with_progress() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let folder = dir.path().join("photos");
+    std::fs::create_dir(&folder)?;
+    std::fs::copy(golden_dir().join("rocket.jpg"), folder.join("b_rocket.JPG"))?;
+    std::fs::copy(golden_dir().join("astronaut_wide_1600x300.png"), folder.join("a_wide.png"))?;
+    std::fs::write(folder.join("notes.txt"), "not an image")?;
+    let out = dir.path().join("emb.safetensors");
+    let output =
+        dsvl().args(["encode", "--batch-size", "1", "--out"]).arg(&out).arg(&folder).output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "stderr: {stderr}");
+    assert!(stdout.contains("images      2"), "{stdout}");
+    let a = stdout.find("a_wide.png").expect("listed");
+    let b = stdout.find("b_rocket.JPG").expect("listed");
+    assert!(a < b, "name order: {stdout}");
+    assert!(!stdout.contains("notes.txt"));
+    for line in ["preprocessing: starting, 2 images", "encoding: starting, 2 images"] {
+        assert!(stderr.contains(line), "`{line}` in {stderr}");
+    }
+    assert!(stderr.contains("encoding: done, 2 images in"), "{stderr}");
+    assert!(!stderr.contains('\u{1b}'), "no colour codes off a terminal: {stderr}");
+
+    let written = candle_core::safetensors::load(&out, &Device::Cpu)?;
+    assert_eq!(written["embeddings"].dims()[0], 2);
+
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty)?;
+    expect_failure(&[empty.to_str().unwrap()], "holds no images")?;
+    Ok(())
+}

@@ -64,6 +64,64 @@ fn json_of(out: &std::process::Output) -> Result<Value> {
     Ok(serde_json::from_str(String::from_utf8(out.stdout.clone())?.trim())?)
 }
 
+/// The rows of `dsvl up`'s table (`  what  where`), read until "Ctrl-C stops everything.".
+fn read_up_table(rx: &std::sync::mpsc::Receiver<String>) -> Result<Vec<String>> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut table = Vec::new();
+    let mut up = false;
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .context("`dsvl up` never said it is up")?;
+        if line.starts_with("Ctrl-C stops everything") {
+            anyhow::ensure!(up, "the table comes after `dsvl is up`");
+            return Ok(table);
+        }
+        up |= line.starts_with("dsvl is up");
+        if up {
+            table.push(line);
+        }
+    }
+}
+
+/// The operator flags: every process serves metrics where the table says, and logs JSON lines
+/// (the services' lines on `dsvl up`'s stderr, the load progress among them).
+fn check_operator_flags(table: &[String], stderr: &std::sync::Mutex<Vec<String>>) -> Result<()> {
+    let row = |what: &str| table.iter().find(|l| l.trim_start().starts_with(what)).cloned();
+    for what in [
+        "gateway HTTP",
+        "gateway gRPC",
+        "vision-encoder",
+        "decoder group",
+        "redis",
+        "traces",
+        "logs",
+    ] {
+        anyhow::ensure!(row(what).is_some(), "no `{what}` row in {table:#?}");
+    }
+    for process in ["gateway", "vision-encoder", "decoder"] {
+        let line = row(&format!("metrics {process}")).with_context(|| format!("{table:#?}"))?;
+        let url = line.split_whitespace().last().context("url")?;
+        let addr = url.trim_start_matches("http://").trim_end_matches("/metrics");
+        let text = dsvl_testkit::http_get(addr, "/metrics")?;
+        anyhow::ensure!(text.contains("# TYPE dsvl_"), "{process} metrics at {addr}: {text}");
+    }
+    anyhow::ensure!(row("logs").is_some_and(|l| l.contains("json")));
+    let lines = stderr.lock().unwrap().clone();
+    let json: Vec<Value> = lines
+        .iter()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+        .collect::<Result<_>>()?;
+    anyhow::ensure!(
+        json.iter().any(|l| l["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("loading vision tower: starting"))),
+        "the vision-encoder's load progress as a JSON line: {lines:#?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn up_then_chat_matches_generate_and_ctrl_c_stops_everything() -> Result<()> {
     let (grpc, http) = (free_port(), free_port());
@@ -76,9 +134,12 @@ fn up_then_chat_matches_generate_and_ctrl_c_stops_everything() -> Result<()> {
             &format!("127.0.0.1:{grpc}"),
             "--http-addr",
             &format!("127.0.0.1:{http}"),
+            "--metrics",
+            "--log-format",
+            "json",
         ])
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()?;
     let stdout = up.stdout.take().context("stdout")?;
     let (tx, rx) = std::sync::mpsc::channel();
@@ -87,15 +148,17 @@ fn up_then_chat_matches_generate_and_ctrl_c_stops_everything() -> Result<()> {
             let _ = tx.send(line);
         }
     });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .context("`dsvl up` never said it is up")?;
-        if line.starts_with("dsvl is up") {
-            break;
+    // Stderr is kept (and echoed, for a failing run's sake).
+    let stderr_lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let stderr = up.stderr.take().context("stderr")?;
+    let sink = stderr_lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            sink.lock().unwrap().push(line);
         }
-    }
+    });
+    let table = read_up_table(&rx)?;
     let processes = descendants(up.id());
     assert!(processes.len() >= 4, "gateway, vision, decoder and its worker rank: {processes:?}");
 
@@ -124,6 +187,8 @@ fn up_then_chat_matches_generate_and_ctrl_c_stops_everything() -> Result<()> {
         )?;
         assert_eq!(via_gateway, offline, "{case}: `dsvl chat` prints what `dsvl generate` prints");
     }
+    // After traffic, every process has series to show.
+    check_operator_flags(&table, &stderr_lines)?;
 
     // A failed vision-encoder and a failed decoder group are restarted, as Kubernetes would:
     // the cluster answers again with new processes.

@@ -17,6 +17,7 @@ pub mod embedding;
 pub mod failpoint;
 mod limits;
 pub mod prefix;
+pub mod progress;
 pub mod sampling;
 pub mod secret;
 pub mod watchdog;

@@ -96,10 +96,10 @@ pub const METRICS: &[Metric] = &[
     m!("dsvl_vision_single_flight_waits_total", Counter, [], [Vision], "Requests that waited for the same image being encoded in this process."),
     m!("dsvl_vision_lease_waits_total", Counter, [], [Vision], "Requests that waited for another replica's encode lease on the same image."),
     // Shared cache client.
-    m!("dsvl_cache_errors_total", Counter, ["kind"], [Gateway, Vision, Decoder], "Redis errors by kind."),
+    m!("dsvl_cache_errors_total", Counter, ["op", "kind"], [Gateway, Vision, Decoder], "Shared-cache (Redis) calls that failed, by operation (`get`, `put`, `exists`, `eval`, `lease`, `release`) and kind (`timeout`, `connection`, `redis`, `breaker_open` for calls refused while the circuit breaker is open, `config`)."),
     m!("dsvl_tls_handshake_failures_total", Counter, [], [Gateway, Vision, Decoder], "TLS handshakes that failed or timed out on this process's listeners (no client certificate, an unknown authority, plain text)."),
     m!("dsvl_tls_reloads_total", Counter, ["outcome"], [Gateway, Vision, Decoder], "Certificate and key files re-read after they changed (`ok`, or `error` when the new files could not be used and the previous ones stay)."),
-    m!("dsvl_cache_breaker_state", Gauge, [], [Gateway, Vision, Decoder], "Redis circuit breaker: 0 closed, 1 open, 2 half-open."),
+    m!("dsvl_cache_breaker_state", Gauge, [], [Gateway, Vision, Decoder], "Redis circuit breaker: 0 closed, 1 half-open (one probe call in flight), 2 open."),
     // Decoder.
     m!("dsvl_decoder_waiting", Gauge, [], [Decoder], "Requests waiting for admission."),
     m!("dsvl_decoder_running", Gauge, [], [Decoder], "Sequences in the running batch."),

@@ -1,7 +1,8 @@
 //! One way to observe every dsvl service.
 //!
 //! * [`init`]: `tracing` with an `EnvFilter` (`RUST_LOG`, default `info`), human or JSON logs
-//!   on stderr, and, when an OTLP endpoint is configured, spans exported over OTLP/gRPC.
+//!   on stderr ([`logs`]), and, when an OTLP endpoint is configured, spans exported over
+//!   OTLP/gRPC.
 //! * [`extract_trace_context`] / [`inject_trace_context`]: W3C `traceparent`/`tracestate` in gRPC
 //!   metadata, so a request keeps one trace across the gateway and both tiers.
 //! * [`serve_prometheus`]: the `/metrics` endpoint on its own port, every metric described
@@ -11,15 +12,19 @@
 //! * [`server`]: the gRPC server skeleton (health, probes, reflection) and the one drain
 //!   mechanism of every service.
 //! * [`probes`]: `startup` / readiness / `liveness` on grpc.health.v1 for Kubernetes probes.
+//! * [`progress`]: progress of long work, as a bar on a terminal and log lines otherwise.
 #![deny(missing_docs)]
 
 pub mod catalog;
 pub mod deadline;
 pub mod health;
+pub mod logs;
 pub mod probes;
+pub mod progress;
 pub mod server;
 
 pub use deadline::{answer_by, grpc_timeout, DeadlineError, MAX_DEADLINE};
+pub use logs::{LogArgs, LogFormat};
 
 use std::net::SocketAddr;
 
@@ -74,8 +79,8 @@ pub struct TelemetryConfig {
     pub service_name: String,
     /// OTLP/gRPC collector endpoint (e.g. `http://otel-collector:4317`); no export when `None`.
     pub otlp_endpoint: Option<String>,
-    /// JSON log lines instead of human-readable ones.
-    pub json_logs: bool,
+    /// Human-readable or JSON log lines.
+    pub log_format: LogFormat,
 }
 
 /// Installs the global subscriber and propagator. Call once, early in `main`.
@@ -128,12 +133,15 @@ pub fn init(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> 
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(config.service_name.clone())));
     let registry = tracing_subscriber::registry().with(filter).with(otel);
-    let result = if config.json_logs {
-        registry
-            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
-            .try_init()
-    } else {
-        registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init()
+    let result = match config.log_format {
+        LogFormat::Json => registry.with(logs::JsonLayer::new(std::io::stderr)).try_init(),
+        LogFormat::Text => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(logs::ansi_on_stderr())
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
     };
     // A second init in one process (tests) keeps the first subscriber.
     let _ = result;
@@ -170,11 +178,20 @@ impl Injector for MetadataInjector<'_> {
     }
 }
 
-/// Makes the incoming request's W3C trace context (if any) the parent of `span`.
+/// Makes the incoming request's W3C trace context (if any) the parent of `span`, and, when
+/// tracing is on, records the span's `trace_id` and `span_id` fields (which request spans
+/// declare, so that every JSON log line of the request carries them: [`logs`]).
 pub fn extract_trace_context(metadata: &tonic::metadata::MetadataMap, span: &tracing::Span) {
+    use opentelemetry::trace::TraceContextExt;
     let parent =
         opentelemetry::global::get_text_map_propagator(|p| p.extract(&MetadataExtractor(metadata)));
     let _ = span.set_parent(parent);
+    let context = span.context();
+    let ids = context.span().span_context().clone();
+    if ids.is_valid() {
+        span.record("trace_id", ids.trace_id().to_string());
+        span.record("span_id", ids.span_id().to_string());
+    }
 }
 
 /// Writes the current span's trace context into outgoing gRPC metadata.

@@ -182,28 +182,60 @@ impl Drop for RedisServer {
 /// A service binary under test; SIGTERM then SIGKILL on drop.
 pub struct ServiceProcess {
     child: Child,
+    /// Its stderr, when captured ([`ServiceProcess::spawn_capturing_logs`]).
+    log: Option<tempfile::NamedTempFile>,
 }
 
 impl ServiceProcess {
     /// Spawns `program args`, logs to the test's stderr.
     pub fn spawn(program: &str, args: &[String]) -> Result<Self> {
+        Self::start(program, args, false)
+    }
+
+    /// Spawns `program args` with its stderr (the service's log) written to a file that
+    /// [`ServiceProcess::logs`] reads; a failing test prints it.
+    pub fn spawn_capturing_logs(program: &str, args: &[String]) -> Result<Self> {
+        Self::start(program, args, true)
+    }
+
+    fn start(program: &str, args: &[String], capture: bool) -> Result<Self> {
+        let log = capture.then(tempfile::NamedTempFile::new).transpose()?;
+        let stderr = match &log {
+            Some(f) => Stdio::from(f.reopen()?),
+            None => Stdio::inherit(),
+        };
         let child = Command::new(program)
             .args(args)
             .env("DSVL_CLUSTER_SECRET_FILE", cluster_secret_file())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .with_context(|| format!("cannot start {program}"))?;
-        Ok(Self { child })
+        Ok(Self { child, log })
     }
 
     /// Spawns `program args` under `prlimit --data=DATA_LIMIT` (bytes): a regression that lets
     /// a test's attack grow the service's memory kills the service, not the test machine.
     /// prlimit execs the program, so [`ServiceProcess::pid`] is the service's.
     pub fn spawn_limited(program: &str, args: &[String], data_limit: u64) -> Result<Self> {
+        let (program, args) = Self::limited(program, args, data_limit);
+        Self::spawn(&program, &args)
+    }
+
+    /// The `prlimit` command line of [`ServiceProcess::spawn_limited`].
+    pub fn limited(program: &str, args: &[String], data_limit: u64) -> (String, Vec<String>) {
         let mut wrapped = vec![format!("--data={data_limit}"), "--".into(), program.into()];
         wrapped.extend(args.iter().cloned());
-        Self::spawn("prlimit", &wrapped)
+        ("prlimit".into(), wrapped)
+    }
+
+    /// What the service has logged so far (empty unless spawned capturing its logs).
+    pub fn logs(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|f| std::fs::read(f.path()).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
     }
 
     /// Process id.
@@ -246,6 +278,9 @@ impl Drop for ServiceProcess {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() && self.log.is_some() {
+            eprintln!("--- log of process {} ---\n{}", self.child.id(), self.logs());
+        }
     }
 }
 

@@ -97,9 +97,9 @@ pub struct Args {
     /// OTLP/gRPC endpoint for traces.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
-    /// JSON logs.
-    #[arg(long, env = "DSVL_JSON_LOGS")]
-    pub json_logs: bool,
+    /// `--log-format text|json` (`DSVL_LOG_FORMAT`).
+    #[command(flatten)]
+    pub logs: dsvl_telemetry::LogArgs,
     /// The cluster secret (at least 32 bytes): verifies the embeddings read from the shared
     /// cache and authenticates the ranks of a group. Required with `--redis` or `--nodes` > 1
     /// unless `--insecure` (a group on one node makes a throwaway key for its ranks).

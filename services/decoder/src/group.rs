@@ -138,9 +138,14 @@ fn local_worker_commands(
         args.dtype.as_str().into(),
         "--collective-timeout-secs".into(),
         args.collective_timeout_secs.to_string(),
+        "--log-format".into(),
+        args.logs.log_format.as_str().into(),
     ];
     if let Some(m) = &args.model {
         extra.extend(["--model".to_string(), m.to_string_lossy().into_owned()]);
+    }
+    if let Some(endpoint) = &args.otlp_endpoint {
+        extra.extend(["--otlp-endpoint".to_string(), endpoint.clone()]);
     }
     let launch = RankLaunch {
         program: std::env::current_exe().map_err(|e| ModelError::io("current executable", e))?,
@@ -189,8 +194,10 @@ pub fn build_leader(
     let spec = spec(cfg.tp, 0, leader, tag, cfg.collective_timeout, key);
     let mut runner =
         lead_group(&listener, &spec, timeouts, serde_json::json!({ "kv": kv }), &device, || {
-            let model =
-                DeepSeekLlm::load(&ckpt, dtype, &device, Shard { rank: 0, world: cfg.tp }, None)?;
+            let shard = Shard { rank: 0, world: cfg.tp };
+            let model = dsvl_telemetry::progress::loading("loading language model", |p| {
+                DeepSeekLlm::load(&ckpt, dtype, &device, shard, Some(p))
+            })?;
             with_kv_pool(model, kv)
         })?;
     if let Some(dead) = workers.exited() {
@@ -296,7 +303,10 @@ pub fn run_worker_process(args: &Args) -> Result<(), ModelError> {
     let timeouts = GroupTimeouts { collective: timeout, ..GroupTimeouts::default() };
     run_worker(&spec, timeouts, &device, |extra| {
         let kv = kv_from_welcome(extra)?;
-        let model = DeepSeekLlm::load(&ckpt, dtype, &device, Shard { rank, world: args.tp }, None)?;
+        let what = format!("rank {rank}: loading language model");
+        let model = dsvl_telemetry::progress::loading_logged(&what, |p| {
+            DeepSeekLlm::load(&ckpt, dtype, &device, Shard { rank, world: args.tp }, Some(p))
+        })?;
         with_kv_pool(model, kv)
     })
 }

@@ -13,7 +13,7 @@ fn main() -> anyhow::Result<()> {
     let _telemetry = dsvl_telemetry::init(&dsvl_telemetry::TelemetryConfig {
         service_name: "dsvl-decoder".into(),
         otlp_endpoint: args.otlp_endpoint.clone(),
-        json_logs: args.json_logs,
+        log_format: args.logs.log_format,
     })?;
     let config = DecoderConfig::try_from(&args)?;
     if args.worker || args.node_index > 0 {

@@ -211,7 +211,9 @@ impl Decoder for DecoderService {
         let span = tracing::info_span!(
             "decoder.generate",
             request_id = tracing::field::Empty,
-            prompt_tokens = tracing::field::Empty
+            prompt_tokens = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty
         );
         dsvl_telemetry::extract_trace_context(request.metadata(), &span);
         let started = Instant::now();

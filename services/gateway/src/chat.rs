@@ -667,6 +667,16 @@ impl Gateway {
         span.record("gen_ai.usage.output_tokens", all_ids.len());
         span.record("gen_ai.response.finish_reasons", reason);
         let prompt_tokens = usage.map_or(prep.prompt.ids.len() as u32, |u| u.prompt_tokens);
+        // The access log line: one per answered choice, with the request id and trace ids
+        // of the enclosing request span in JSON logs.
+        tracing::info!(
+            choice = index,
+            prompt_tokens,
+            completion_tokens = all_ids.len(),
+            finish_reason = reason,
+            seconds = timing.total_seconds,
+            "request finished"
+        );
         // Reconcile before the client hears of the end (its next request sees the credit):
         // the tenant paid for `max_new_tokens` of output up front.
         self.credit(tenant, (prep.max_new_tokens as usize).saturating_sub(all_ids.len())).await;
@@ -790,6 +800,8 @@ pub fn request_span(
         error.type = tracing::field::Empty,
         dsvl.api = api,
         dsvl.tenant = tenant,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
     )
 }
 

@@ -157,9 +157,9 @@ pub struct Args {
     /// OTLP/gRPC endpoint for traces.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
-    /// JSON logs.
-    #[arg(long, env = "DSVL_JSON_LOGS")]
-    pub json_logs: bool,
+    /// `--log-format text|json` (`DSVL_LOG_FORMAT`).
+    #[command(flatten)]
+    pub logs: dsvl_telemetry::LogArgs,
 }
 
 /// Where remote `image_url`s may be fetched from (see [`crate::fetch`]).

@@ -12,7 +12,7 @@ fn main() -> anyhow::Result<()> {
     let _telemetry = dsvl_telemetry::init(&dsvl_telemetry::TelemetryConfig {
         service_name: "dsvl-gateway".into(),
         otlp_endpoint: args.otlp_endpoint.clone(),
-        json_logs: args.json_logs,
+        log_format: args.logs.log_format,
     })?;
     let config = GatewayConfig::try_from(&args)?;
     if let Some(addr) = args.metrics_listen {

@@ -100,9 +100,9 @@ pub struct Args {
     /// OTLP/gRPC endpoint for traces (also OTEL_EXPORTER_OTLP_ENDPOINT).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
-    /// JSON logs.
-    #[arg(long, env = "DSVL_JSON_LOGS")]
-    pub json_logs: bool,
+    /// `--log-format text|json` (`DSVL_LOG_FORMAT`).
+    #[command(flatten)]
+    pub logs: dsvl_telemetry::LogArgs,
 }
 
 /// Validated configuration of one vision-encoder replica.

@@ -63,7 +63,9 @@ fn load_pipeline(cfg: &VisionConfig, watchdog: Arc<Watchdog>) -> Result<Pipeline
     let ckpt = Checkpoint::open(&source).map_err(dsvl_models::ModelError::from)?;
     let device = open_device(cfg.device)?;
     let t = std::time::Instant::now();
-    let encoder = VisionEncoder::load(&ckpt, candle_dtype(cfg.dtype), &device, None)?;
+    let encoder = dsvl_telemetry::progress::loading("loading vision tower", |p| {
+        VisionEncoder::load(&ckpt, candle_dtype(cfg.dtype), &device, Some(p))
+    })?;
     // The served facts, the same reader as the gateway's and the decoder's: the fingerprint
     // goes into every cache key, and the tower must give what the language model takes.
     let facts =

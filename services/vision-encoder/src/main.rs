@@ -13,7 +13,7 @@ async fn main() -> anyhow::Result<()> {
     let _telemetry = dsvl_telemetry::init(&dsvl_telemetry::TelemetryConfig {
         service_name: "dsvl-vision".into(),
         otlp_endpoint: args.otlp_endpoint.clone(),
-        json_logs: args.json_logs,
+        log_format: args.logs.log_format,
     })?;
     let config = VisionConfig::try_from(&args)?;
     if let Some(addr) = args.metrics_listen {

@@ -70,7 +70,9 @@ impl VisionService {
         let span = tracing::info_span!(
             "vision.encode",
             images = tracing::field::Empty,
-            hits = tracing::field::Empty
+            hits = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            span_id = tracing::field::Empty
         );
         dsvl_telemetry::extract_trace_context(request.metadata(), &span);
         let started = Instant::now();

@@ -23,6 +23,15 @@ struct Vision {
 
 impl Vision {
     async fn start(extra: &[&str]) -> Result<Self> {
+        Self::launch(extra, false).await
+    }
+
+    /// Started with its log captured ([`ServiceProcess::logs`]).
+    async fn start_capturing_logs(extra: &[&str]) -> Result<Self> {
+        Self::launch(extra, true).await
+    }
+
+    async fn launch(extra: &[&str], capture_logs: bool) -> Result<Self> {
         let (gp, mp) = (free_port(), free_port());
         let grpc = format!("127.0.0.1:{gp}");
         let metrics = format!("127.0.0.1:{mp}");
@@ -32,8 +41,13 @@ impl Vision {
         // Plain-text gRPC on loopback, on purpose (tests/e2e/tls.rs covers mutual TLS).
         args.push("--insecure".into());
         // Under a 4 GiB data limit: a regression kills the service, not the machine.
-        let proc =
-            ServiceProcess::spawn_limited(env!("CARGO_BIN_EXE_dsvl-vision"), &args, 4 << 30)?;
+        let (program, args) =
+            ServiceProcess::limited(env!("CARGO_BIN_EXE_dsvl-vision"), &args, 4 << 30);
+        let proc = if capture_logs {
+            ServiceProcess::spawn_capturing_logs(&program, &args)?
+        } else {
+            ServiceProcess::spawn(&program, &args)?
+        };
         let me = Self { proc, grpc, metrics };
         me.wait_serving(Duration::from_secs(60)).await?;
         Ok(me)
@@ -188,12 +202,30 @@ async fn one_encode_across_replicas() -> Result<()> {
     Ok(())
 }
 
+/// The service's log lines as JSON objects (every line must be one).
+fn json_log_lines(log: &str) -> Vec<serde_json::Value> {
+    assert!(!log.contains('\u{1b}'), "no ANSI escape codes in a log file:\n{log}");
+    log.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect()
+}
+
 /// Redis killed mid-test: every request still succeeds (uncached); after a restart the breaker
-/// closes and entries are written again.
+/// closes and entries are written again. The outage is in the log (JSON lines, no colour in a
+/// file): one WARN with the cause, then one INFO at recovery; and in
+/// `dsvl_cache_errors_total{op}`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_redis_outage_and_recovers() -> Result<()> {
     let mut redis = RedisServer::start()?;
-    let v = Vision::start(&["--redis", &redis.url(), "--redis-timeout-ms", "200"]).await?;
+    let v = Vision::start_capturing_logs(&[
+        "--redis",
+        &redis.url(),
+        "--redis-timeout-ms",
+        "200",
+        "--log-format",
+        "json",
+    ])
+    .await?;
     let mut c = v.client().await?;
     c.encode(req(vec![tiny_png(1)], b"t")).await?;
     redis.kill();
@@ -209,6 +241,8 @@ async fn survives_redis_outage_and_recovers() -> Result<()> {
         v.counter("dsvl_vision_cache_requests_total", &[("tier", "shared"), ("outcome", "error")])?
             > 0.0
     );
+    let failed_gets = v.counter("dsvl_cache_errors_total", &[("op", "get")])?;
+    assert!(failed_gets > 0.0, "failed calls are counted per operation");
     redis.restart()?;
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut i = 100;
@@ -222,6 +256,28 @@ async fn survives_redis_outage_and_recovers() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert_eq!(v.counter("dsvl_cache_breaker_state", &[])?, 0.0, "breaker closed again");
+
+    let lines = json_log_lines(&v.proc.logs());
+    let about_redis = |level: &str, text: &str| -> Vec<&serde_json::Value> {
+        lines
+            .iter()
+            .filter(|l| {
+                l["level"] == level && l["message"].as_str().is_some_and(|m| m.contains(text))
+            })
+            .collect()
+    };
+    let down = about_redis("WARN", "Redis is unavailable");
+    // The outage lasted less than the 10 s repeat interval: exactly one warning.
+    assert_eq!(down.len(), 1, "one warning for the outage: {lines:#?}");
+    assert!(
+        down[0]["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "with its cause: {}",
+        down[0]
+    );
+    assert!(down[0]["timestamp"].is_string() && down[0]["target"].is_string());
+    let back = about_redis("INFO", "Redis is available again");
+    assert_eq!(back.len(), 1, "one line at recovery: {lines:#?}");
+    assert!(back[0]["failed_calls"].as_u64().is_some_and(|n| n >= failed_gets as u64));
     Ok(())
 }
 

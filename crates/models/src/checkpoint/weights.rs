@@ -15,8 +15,8 @@ use dsvl_checkpoint::Checkpoint;
 
 use crate::ModelError;
 
-/// Called after each tensor is loaded with `(bytes loaded, bytes to load)`.
-pub type ProgressFn = Arc<dyn Fn(u64, u64) + Send + Sync>;
+/// Called after each tensor is loaded ([`dsvl_core::progress::LoadProgress`]).
+pub type ProgressFn = dsvl_core::progress::LoadProgressFn;
 
 /// The first weight problem hit while building a model; candle's error type cannot carry a
 /// typed payload, so the backend parks it here and the loader reports it after construction.
@@ -49,6 +49,8 @@ pub(crate) struct WeightBackend<'a> {
     errors: Arc<FirstError>,
     loaded: AtomicU64,
     total: u64,
+    tensors_loaded: AtomicU64,
+    tensors_total: usize,
     progress: Option<ProgressFn>,
 }
 
@@ -60,26 +62,45 @@ impl<'a> WeightBackend<'a> {
         progress: Option<ProgressFn>,
         errors: Arc<FirstError>,
     ) -> Self {
-        let total = source
+        let selected: Vec<u64> = source
             .tensor_sizes()
-            .iter()
+            .into_iter()
             .filter(|(n, _)| prefixes.iter().any(|p| n.starts_with(p)))
             .map(|(_, s)| s)
-            .sum();
-        Self { source, errors, loaded: AtomicU64::new(0), total, progress }
+            .collect();
+        Self {
+            source,
+            errors,
+            loaded: AtomicU64::new(0),
+            total: selected.iter().sum(),
+            tensors_loaded: AtomicU64::new(0),
+            tensors_total: selected.len(),
+            progress,
+        }
     }
 
     fn load(
         &self,
+        name: &str,
         view: &TensorView<'_>,
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
         let t = view.load(dev)?.to_dtype(dtype)?;
-        let done = self.loaded.fetch_add(view.data().len() as u64, Ordering::Relaxed)
-            + view.data().len() as u64;
+        let bytes = view.data().len() as u64;
+        let done = self.loaded.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let tensors = self.tensors_loaded.fetch_add(1, Ordering::Relaxed) as usize + 1;
         if let Some(p) = &self.progress {
-            p(done, self.total.max(done));
+            let (shard, shard_index, shards) = self.source.shard_of(name).unwrap_or(("", 0, 0));
+            p(&dsvl_core::progress::LoadProgress {
+                tensors_done: tensors,
+                tensors_total: self.tensors_total.max(tensors),
+                bytes_done: done,
+                bytes_total: self.total.max(done),
+                shard,
+                shard_index,
+                shards,
+            });
         }
         Ok(t)
     }
@@ -107,12 +128,12 @@ impl SimpleBackend for WeightBackend<'_> {
                 expected: s.dims().to_vec(),
             }));
         }
-        self.load(&view, dtype, dev)
+        self.load(name, &view, dtype, dev)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         match self.source.tensor(name) {
-            Some(view) => self.load(&view, dtype, dev),
+            Some(view) => self.load(name, &view, dtype, dev),
             None => Err(self
                 .errors
                 .record(ModelError::MissingTensor { name: name.into(), expected: vec![] })),
