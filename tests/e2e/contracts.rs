@@ -282,3 +282,52 @@ async fn every_http_error_has_the_openai_shape() -> Result<()> {
     }
     Ok(())
 }
+
+/// An image by URL on gRPC (`ContentPart.image_url`, what `dsvl chat` sends for a URL) is the
+/// same image as its bytes: a `data:` URL gives the same greedy tokens; a remote host outside
+/// the fetch policy is refused by name before any connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_image_urls_follow_the_http_rules() -> Result<()> {
+    use base64::Engine;
+    let cluster = small_cluster().await?;
+    let png = dsvl_e2e::golden_image("chelsea.png")?;
+    let ask = |image: Part| ChatRequest {
+        messages: vec![ChatMessage {
+            role: "user".into(),
+            content: vec![
+                ContentPart { part: Some(image) },
+                ContentPart { part: Some(Part::Text("What is this?".into())) },
+            ],
+        }],
+        sampling: Some(SamplingParams { temperature: Some(0.0), ..Default::default() }),
+        max_tokens: 4,
+        ..Default::default()
+    };
+    let tokens = |request: ChatRequest| {
+        let cluster = &cluster;
+        async move {
+            let mut stream = cluster.chat().await?.generate(request).await?.into_inner();
+            let mut ids = Vec::new();
+            while let Some(m) = stream.message().await? {
+                if let Some(dsvl_proto::v1::chat_response::Event::Finish(f)) = m.event {
+                    ids = f.token_ids;
+                }
+            }
+            anyhow::Ok(ids)
+        }
+    };
+    let by_bytes = tokens(ask(Part::Image(png.clone().into()))).await?;
+    let data_url =
+        format!("data:image/png;base64,{}", base64::engine::general_purpose::STANDARD.encode(&png));
+    let by_url = tokens(ask(Part::ImageUrl(data_url))).await?;
+    assert_eq!(by_bytes.len(), 4);
+    assert_eq!(by_url, by_bytes, "a data: URL is the same image");
+
+    let refused = tokens(ask(Part::ImageUrl("http://example.com/cat.png".into())))
+        .await
+        .expect_err("a host outside the fetch policy");
+    let status = refused.downcast_ref::<tonic::Status>().expect("a gRPC status");
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("example.com"), "names the host: {}", status.message());
+    Ok(())
+}

@@ -1,6 +1,7 @@
-//! `dsvl chat`: a streaming client of the gateway's `dsvl.v1.Chat`. Takes the same
-//! conversation file, sampling flags and `--json` output as `dsvl generate`, so the two can be
-//! compared directly (same prompt, same greedy tokens).
+//! `dsvl chat`: a streaming client of the gateway's `dsvl.v1.Chat`. With `--chat FILE` it takes
+//! the same conversation file, sampling flags and `--json` output as `dsvl generate`, so the two
+//! can be compared directly (same prompt, same greedy tokens); without, it is an interactive
+//! chat ([`crate::chat_repl`]).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -21,30 +22,36 @@ use crate::generate::{read_chat, SamplingArgs};
 pub struct ChatArgs {
     /// Gateway gRPC endpoint.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
-    gateway: String,
-    /// Conversation file (as for `dsvl generate`); image paths are relative to it.
+    pub gateway: String,
+    /// Conversation file (as for `dsvl generate`; image paths are relative to it): one reply
+    /// to it. Without it, an interactive chat on the terminal (or over stdin when piped).
     #[arg(long)]
-    chat: PathBuf,
+    pub chat: Option<PathBuf>,
     /// System prompt (default: the reference's; "" for none).
     #[arg(long)]
-    system_prompt: Option<String>,
+    pub system_prompt: Option<String>,
     /// Most new tokens.
     #[arg(long, default_value_t = 512)]
-    max_new_tokens: u32,
+    pub max_new_tokens: u32,
     #[command(flatten)]
-    sampling: SamplingArgs,
+    pub sampling: SamplingArgs,
     /// Stop strings (repeatable).
     #[arg(long)]
-    stop: Vec<String>,
+    pub stop: Vec<String>,
     /// API key (sent as `authorization: Bearer <key>`).
     #[arg(long, env = "DSVL_API_KEY", hide_env_values = true)]
-    api_key: Option<String>,
+    pub api_key: Option<String>,
     /// Request deadline in seconds.
     #[arg(long, default_value_t = 300.0)]
-    timeout: f64,
-    /// Print one JSON object {prompt_token_ids, generated_token_ids, text} instead of streaming.
+    pub timeout: f64,
+    /// Keep generating past the end-of-sequence token, up to `--max-new-tokens` (benchmarks,
+    /// tests).
     #[arg(long)]
-    json: bool,
+    pub ignore_eos: bool,
+    /// Print one JSON object {prompt_token_ids, generated_token_ids, text} instead of streaming
+    /// (with `--chat`).
+    #[arg(long, requires = "chat")]
+    pub json: bool,
 }
 
 /// Message parts: the content split at each placeholder, with the message's images in order.
@@ -90,55 +97,85 @@ pub fn to_proto_messages(
 
 /// Runs the command.
 pub fn run(args: ChatArgs) -> Result<()> {
-    let messages = read_chat(&args.chat)?;
     args.sampling.params()?;
-    let p = args.sampling.request();
-    let request = ChatRequest {
-        model: String::new(),
-        messages: to_proto_messages(&messages, args.system_prompt.as_deref())?,
-        sampling: Some(dsvl_proto::v1::SamplingParams {
-            temperature: p.temperature,
-            top_k: p.top_k,
-            top_p: p.top_p,
-            repetition_penalty: p.repetition_penalty,
-            seed: p.seed,
-            ..Default::default()
-        }),
-        stop: args.stop.clone(),
-        max_tokens: args.max_new_tokens,
-        return_prompt_token_ids: args.json,
-        output_format: None,
-        ..Default::default()
+    let Some(chat) = &args.chat else {
+        return crate::chat_repl::run(&args);
     };
+    let messages = read_chat(chat)?;
+    let mut request = args.request(to_proto_messages(&messages, args.system_prompt.as_deref())?);
+    request.return_prompt_token_ids = args.json;
     tokio::runtime::Runtime::new()?.block_on(stream_chat(&args, request))
 }
 
-async fn stream_chat(args: &ChatArgs, request: ChatRequest) -> Result<()> {
-    let mut client = ChatClient::connect(args.gateway.clone())
-        .await
-        .with_context(|| format!("cannot reach the gateway at {}", args.gateway))?
-        .max_encoding_message_size(256 << 20);
-    let mut req = tonic::Request::new(request);
-    req.set_timeout(Duration::from_secs_f64(args.timeout));
-    if let Some(key) = &args.api_key {
-        req.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {key}").parse().context("the API key is not valid header text")?,
-        );
+impl ChatArgs {
+    /// A request for `messages` with the flags' sampling, stops and token limit.
+    pub fn request(&self, messages: Vec<ChatMessage>) -> ChatRequest {
+        let p = self.sampling.request();
+        ChatRequest {
+            model: String::new(),
+            messages,
+            sampling: Some(dsvl_proto::v1::SamplingParams {
+                temperature: p.temperature,
+                top_k: p.top_k,
+                top_p: p.top_p,
+                repetition_penalty: p.repetition_penalty,
+                seed: p.seed,
+                ..Default::default()
+            }),
+            stop: self.stop.clone(),
+            max_tokens: self.max_new_tokens,
+            ignore_eos: self.ignore_eos,
+            output_format: None,
+            ..Default::default()
+        }
     }
+
+    /// A client of the gateway.
+    ///
+    /// # Errors
+    /// The gateway cannot be reached.
+    pub async fn connect(&self) -> Result<ChatClient<tonic::transport::Channel>> {
+        Ok(ChatClient::connect(self.gateway.clone())
+            .await
+            .with_context(|| format!("cannot reach the gateway at {}", self.gateway))?
+            .max_encoding_message_size(256 << 20))
+    }
+
+    /// Opens the response stream of `request` (deadline and API key from the flags).
+    ///
+    /// # Errors
+    /// The gateway refuses the request.
+    pub async fn open(
+        &self,
+        client: &mut ChatClient<tonic::transport::Channel>,
+        request: ChatRequest,
+    ) -> Result<tonic::Streaming<dsvl_proto::v1::ChatResponse>> {
+        let mut req = tonic::Request::new(request);
+        req.set_timeout(Duration::from_secs_f64(self.timeout));
+        if let Some(key) = &self.api_key {
+            req.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {key}").parse().context("the API key is not valid header text")?,
+            );
+        }
+        Ok(client.generate(req).await.map_err(status_error)?.into_inner())
+    }
+}
+
+/// A gRPC status as an error that reads well.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+async fn stream_chat(args: &ChatArgs, request: ChatRequest) -> Result<()> {
+    let mut client = args.connect().await?;
     let started = Instant::now();
-    let mut stream = client
-        .generate(req)
-        .await
-        .map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
-        .into_inner();
+    let mut stream = args.open(&mut client, request).await?;
     let mut stdout = std::io::stdout().lock();
     let mut text = String::new();
     let mut first_token = None;
     let mut finish: Option<ChatFinish> = None;
-    while let Some(msg) =
-        stream.message().await.map_err(|s| anyhow::anyhow!("{:?}: {}", s.code(), s.message()))?
-    {
+    while let Some(msg) = stream.message().await.map_err(status_error)? {
         match msg.event {
             Some(Event::Delta(d)) => {
                 first_token.get_or_insert(started.elapsed().as_secs_f64());

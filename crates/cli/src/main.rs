@@ -2,6 +2,7 @@
 //! only parses arguments, sets up logging and turns errors into a message and exit code 1.
 
 mod chat_client;
+mod chat_repl;
 mod cluster;
 mod demo;
 mod encode;
@@ -31,7 +32,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Start the local cluster (gateway, vision-encoder, decoder with --tp ranks) until Ctrl-C.
     Up(up::UpArgs),
-    /// Streaming client of the gateway (same conversation file and output as `generate`).
+    /// Chat with a gateway: interactive on the terminal (`/image`, `/reset`, `/stats`), or one
+    /// reply to a conversation file (`--chat`, same file and output as `generate`).
     Chat(chat_client::ChatArgs),
     /// Encode images to DeepSeek-VL image embeddings (preprocessing + vision tower + aligner).
     Encode(encode::EncodeArgs),

@@ -282,3 +282,157 @@ fn a_cuda_device_in_a_cpu_build_is_a_clear_error() -> Result<()> {
     anyhow::ensure!(t.elapsed() < Duration::from_secs(60), "failed fast ({:?})", t.elapsed());
     Ok(())
 }
+
+/// `dsvl up` on free ports, with its stdout table read; returns the process and the gateway's
+/// gRPC URL.
+fn start_up(extra: &[&str]) -> Result<(std::process::Child, String)> {
+    let grpc = free_port();
+    let mut up = dsvl()
+        .args(["up", "--grpc-addr", &format!("127.0.0.1:{grpc}")])
+        .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = up.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    read_up_table(&rx)?;
+    Ok((up, format!("http://127.0.0.1:{grpc}")))
+}
+
+/// Stops `dsvl up` as Ctrl-C would.
+fn stop_up(mut up: std::process::Child) -> Result<()> {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(up.id() as libc::pid_t, libc::SIGINT) };
+    anyhow::ensure!(up.wait()?.success());
+    Ok(())
+}
+
+/// An interactive `dsvl chat` reading stdin (no terminal): stdout collected as it arrives.
+struct Repl {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    out: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Repl {
+    fn start(gateway: &str, extra: &[&str]) -> Result<Self> {
+        let mut child = dsvl()
+            .args(["chat", "--gateway", gateway])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let mut stdout = child.stdout.take().context("stdout")?;
+        let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = out.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Ok(Self { child, stdin, out })
+    }
+
+    fn say(&mut self, line: &str) -> Result<()> {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}")?;
+        Ok(self.stdin.flush()?)
+    }
+
+    /// Waits until stdout holds `needle` `times` times; returns all of stdout.
+    fn wait_for(&self, needle: &str, times: usize) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.out.lock().unwrap().clone();
+            if out.matches(needle).count() >= times {
+                return Ok(out);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "no {times}x `{needle}` in {out}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Closes stdin (end of the session) and waits for a clean exit.
+    fn finish(mut self) -> Result<String> {
+        drop(self.stdin);
+        anyhow::ensure!(self.child.wait()?.success(), "the chat exits 0 at end of input");
+        Ok(self.out.lock().unwrap().clone())
+    }
+}
+
+/// The interactive chat over stdin: an image attached with `/image` gives exactly the reply
+/// that the same conversation as a file gives; the history grows turn by turn (`/stats`
+/// shows the prompt growing) until `/reset`; Ctrl-C stops an answer and the session goes on.
+#[test]
+fn interactive_chat_keeps_history_attaches_images_and_survives_ctrl_c() -> Result<()> {
+    let (up, gateway) = start_up(&[])?;
+    let dir = tempfile::tempdir()?;
+    let chat = golden_chat(dir.path(), "one_image")?;
+    let from_file = json_of(
+        &dsvl()
+            .args(["chat", "--json", "--greedy", "--max-new-tokens", "8", "--gateway", &gateway])
+            .arg("--chat")
+            .arg(&chat)
+            .output()?,
+    )?;
+    let expected = from_file["text"].as_str().context("text")?.to_string();
+
+    let mut repl = Repl::start(&gateway, &["--greedy", "--max-new-tokens", "8"])?;
+    repl.say(&format!("/image {}", golden_dir().join("rocket.jpg").display()))?;
+    repl.say("Describe each stage of this image.")?;
+    repl.say("/stats")?;
+    repl.wait_for("last answer:", 1)?;
+    repl.say("And the second stage?")?;
+    repl.say("/stats")?;
+    repl.wait_for("last answer:", 2)?;
+    repl.say("/reset")?;
+    repl.say("Hello")?;
+    repl.say("/stats")?;
+    repl.say("/nonsense")?;
+    let out = repl.finish()?;
+    assert!(out.contains("attached ") && out.contains("rocket.jpg"), "{out}");
+    assert!(out.contains(&expected), "the first answer `{expected}` in {out}");
+    assert!(out.contains("conversation cleared"), "{out}");
+    let prompts: Vec<u32> = out
+        .lines()
+        .filter_map(|l| l.split("prompt ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(prompts.len(), 3, "{out}");
+    assert!(prompts[0] > 576, "the image's 576 tokens are in the first prompt: {prompts:?}");
+    // The second prompt holds the first (image included), its 8-token answer and the question.
+    assert!(prompts[1] > prompts[0] + 8, "the second turn sends the first one: {prompts:?}");
+    assert!(prompts[2] < 100, "after /reset the conversation starts again: {prompts:?}");
+    assert!(out.contains("TTFT") && out.contains("tokens/s"), "{out}");
+
+    // Ctrl-C mid-answer: the answer stops, the session goes on.
+    let mut repl = Repl::start(&gateway, &["--max-new-tokens", "1024", "--ignore-eos"])?;
+    repl.say("Tell me a very long story.")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while repl.out.lock().unwrap().len() < 20 {
+        anyhow::ensure!(Instant::now() < deadline, "no tokens streamed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(repl.child.id() as libc::pid_t, libc::SIGINT) };
+    repl.say("/stats")?;
+    let out = repl.wait_for("last answer:", 1)?;
+    assert!(out.contains("finish interrupted"), "{out}");
+    assert!(repl.child.try_wait()?.is_none(), "still running after Ctrl-C");
+    repl.say("Short answer now.")?;
+    repl.say("/stats")?;
+    repl.wait_for("last answer:", 2)?;
+    repl.finish()?;
+    stop_up(up)
+}

@@ -39,6 +39,7 @@ pub(crate) fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
             .map(|p| match p.part {
                 Some(ProtoPart::Text(t)) => Ok(Part::Text(t)),
                 Some(ProtoPart::Image(b)) => Ok(Part::Image(b)),
+                Some(ProtoPart::ImageUrl(url)) => Ok(Part::ImageUrl(url)),
                 None => Err(GatewayError::InvalidArgument(
                     "a content part has neither text nor image".into(),
                 )),
