@@ -19,6 +19,7 @@ pub mod catalog;
 pub mod deadline;
 pub mod health;
 pub mod logs;
+pub mod oversize;
 pub mod probes;
 pub mod progress;
 pub mod server;

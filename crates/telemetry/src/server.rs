@@ -115,6 +115,11 @@ impl Drain {
     }
 }
 
+/// The main port's router: every response passes [`crate::oversize::OversizeLayer`].
+pub type ApiRouter = tonic::transport::server::Router<
+    tower::layer::util::Stack<crate::oversize::OversizeLayer, tower::layer::util::Identity>,
+>;
+
 /// Health and reflection of one gRPC server, set up the same way in every service.
 pub struct GrpcBase {
     /// The health reporter (readiness, `startup`, `liveness`).
@@ -123,7 +128,7 @@ pub struct GrpcBase {
     pub drain: Arc<Drain>,
     /// A router for the main port, serving health and reflection unless built with
     /// `health_on_main` false: add the API service and serve it until [`Drain::stopped`].
-    pub router: tonic::transport::server::Router,
+    pub router: ApiRouter,
     /// Health and reflection alone, in plain text, for an internal port (`--health-listen`):
     /// kubelet's gRPC probes present no client certificate, and the public port of the gateway
     /// should not carry health watches or reflection. Serve it with [`serve_internal`].
@@ -232,7 +237,7 @@ impl GrpcBase {
             if let Some(age) = limits.max_connection_age {
                 b = b.max_connection_age(age);
             }
-            b
+            b.layer(crate::oversize::OversizeLayer)
         };
         let router = if health_on_main {
             main()

@@ -54,6 +54,11 @@ impl GatewayError {
         let msg = format!("{tier}: {}", s.message());
         match s.code() {
             Code::InvalidArgument | Code::OutOfRange => Self::InvalidArgument(msg),
+            // A message over the tier's size limit (too many or too large images inline): the
+            // request's doing, not a busy tier; retrying would not help.
+            Code::ResourceExhausted if s.message().contains("message length too large") => {
+                Self::InvalidArgument(msg)
+            }
             Code::ResourceExhausted => {
                 Self::Exhausted { message: msg, retry_after: Duration::from_secs(1) }
             }

@@ -72,6 +72,20 @@ fn too_large(body_limit: usize) -> Response {
     (StatusCode::PAYLOAD_TOO_LARGE, Json(body)).into_response()
 }
 
+/// 408 for a request whose body stopped arriving for `idle` (`--http-body-idle-secs`).
+pub(crate) fn body_stalled(idle: std::time::Duration) -> Response {
+    let message = format!(
+        "the request body stopped arriving: nothing for {:.0} s (this gateway waits at most that \
+         long between parts of a body)",
+        idle.as_secs_f64()
+    );
+    let body = json!({"error": {"message": message, "type": "invalid_request_error",
+                                "param": null, "code": "request_timeout"}});
+    let mut response = (StatusCode::REQUEST_TIMEOUT, Json(body)).into_response();
+    response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    response
+}
+
 /// Refuses a request whose declared `Content-Length` is over `body_limit` before a byte of its
 /// body is read (a body without a declared length is cut at the limit as it arrives).
 pub(crate) async fn refuse_declared_oversize(

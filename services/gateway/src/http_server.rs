@@ -5,7 +5,7 @@
 //!   headers (HTTP/1; hyper closes it otherwise);
 //! * **body idle**: once a request is admitted, its body may pause at most
 //!   [`HttpTimeouts::body_idle`] between chunks ([`IdleTimeoutBody`]); the request then fails
-//!   and its buffers are freed;
+//!   with 408 in the OpenAI error shape and its buffers are freed;
 //! * HTTP/2 keep-alive pings on idle connections.
 //!
 //! Shutdown: stop accepting when `stopped` resolves, ask every connection to finish its
@@ -13,6 +13,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -53,12 +55,14 @@ pub struct IdleTimeoutBody {
     inner: Body,
     idle: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set when the body timed out (the middleware then answers 408).
+    stalled: Arc<AtomicBool>,
 }
 
 impl IdleTimeoutBody {
-    /// Wraps `inner`.
-    pub fn new(inner: Body, idle: Duration) -> Self {
-        Self { inner, idle, timer: None }
+    /// Wraps `inner`; `stalled` is set if the body times out.
+    pub fn new(inner: Body, idle: Duration, stalled: Arc<AtomicBool>) -> Self {
+        Self { inner, idle, timer: None, stalled }
     }
 }
 
@@ -82,11 +86,14 @@ impl HttpBody for IdleTimeoutBody {
                 .as_mut()
                 .poll(cx)
             {
-                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
-                    "the request body sent nothing for {:.0}s",
-                    this.idle.as_secs_f64()
-                )
-                .into()))),
+                Poll::Ready(()) => {
+                    this.stalled.store(true, Ordering::Relaxed);
+                    Poll::Ready(Some(Err(format!(
+                        "the request body sent nothing for {:.0}s",
+                        this.idle.as_secs_f64()
+                    )
+                    .into())))
+                }
                 Poll::Pending => Poll::Pending,
             },
         }
@@ -101,14 +108,21 @@ impl HttpBody for IdleTimeoutBody {
     }
 }
 
-/// Middleware: every request body gets the idle timeout.
+/// Middleware: every request body gets the idle timeout; a request that failed because its
+/// body stalled is answered 408 in OpenAI's error shape.
 pub async fn body_idle_timeout(
     axum::extract::State(idle): axum::extract::State<Duration>,
     request: Request,
     next: axum::middleware::Next,
 ) -> Response {
     let (parts, body) = request.into_parts();
-    next.run(Request::from_parts(parts, Body::new(IdleTimeoutBody::new(body, idle)))).await
+    let stalled = Arc::new(AtomicBool::new(false));
+    let body = Body::new(IdleTimeoutBody::new(body, idle, stalled.clone()));
+    let response = next.run(Request::from_parts(parts, body)).await;
+    if stalled.load(Ordering::Relaxed) && response.status().is_client_error() {
+        return crate::http_errors::body_stalled(idle);
+    }
+    response
 }
 
 /// Serves `app` on `listener` until `stopped` resolves, then lets every connection finish.
