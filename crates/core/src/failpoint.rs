@@ -28,3 +28,6 @@ pub fn hit(_name: &str) -> bool {
 
 /// The vision-encoder's model thread panics before its next batch.
 pub const VISION_MODEL_PANIC: &str = "vision-model-panic";
+
+/// The vision-encoder waits before loading its model while this is armed (a slow load).
+pub const VISION_LOAD_HOLD: &str = "vision-load-hold";

@@ -62,6 +62,10 @@ fn load_pipeline(cfg: &VisionConfig, watchdog: Arc<Watchdog>) -> Result<Pipeline
     let source = cfg.model.clone().map_or(ModelSource::Bundled, ModelSource::Dir);
     let ckpt = Checkpoint::open(&source).map_err(dsvl_models::ModelError::from)?;
     let device = open_device(cfg.device)?;
+    // Tests: a load that takes as long as they need (health must stay NOT_SERVING meanwhile).
+    while dsvl_core::failpoint::hit(dsvl_core::failpoint::VISION_LOAD_HOLD) {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let t = std::time::Instant::now();
     let encoder = dsvl_telemetry::progress::loading("loading vision tower", |p| {
         VisionEncoder::load(&ckpt, candle_dtype(cfg.dtype), &device, Some(p))

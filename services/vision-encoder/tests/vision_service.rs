@@ -621,3 +621,66 @@ fn a_shared_cache_needs_the_cluster_secret() -> Result<()> {
     assert!(err.contains("at least 32"), "{err}");
     Ok(())
 }
+
+/// Health stays NOT_SERVING (while the port answers) until the model is loaded; the load
+/// reports its start and end in the log. A log format other than text or json stops the
+/// service at start, naming the accepted values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_serving_until_loaded_and_the_load_is_logged() -> Result<()> {
+    let failpoints = tempfile::tempdir()?;
+    let hold = failpoints.path().join(dsvl_core::failpoint::VISION_LOAD_HOLD);
+    std::fs::write(&hold, b"")?;
+    let grpc = format!("127.0.0.1:{}", free_port());
+    // SAFETY: nextest runs each test in its own process; the variable is read only by the
+    // service started below.
+    unsafe { std::env::set_var("DSVL_FAILPOINTS_DIR", failpoints.path()) };
+    let proc = ServiceProcess::spawn_capturing_logs(
+        env!("CARGO_BIN_EXE_dsvl-vision"),
+        &["--listen".to_string(), grpc.clone(), "--insecure".into()],
+    )?;
+    let status = || async {
+        let ch = Channel::from_shared(format!("http://{grpc}"))?.connect().await?;
+        let r = HealthClient::new(ch)
+            .check(HealthCheckRequest { service: "dsvl.internal.v1.VisionEncoder".into() })
+            .await?;
+        anyhow::Ok(r.into_inner().status)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut not_serving = 0;
+    while not_serving < 10 {
+        match status().await {
+            Ok(s) => {
+                assert_eq!(s, 2, "NOT_SERVING while the model is not loaded");
+                not_serving += 1;
+            }
+            Err(_) => anyhow::ensure!(Instant::now() < deadline, "the port never answered"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!proc.logs().contains("loading vision tower: done"), "{}", proc.logs());
+    std::fs::remove_file(&hold)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status().await? != 1 {
+        anyhow::ensure!(Instant::now() < deadline, "never SERVING after the load");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = proc.logs();
+    assert!(log.contains("loading vision tower: starting"), "{log}");
+    assert!(log.contains("loading vision tower: done"), "{log}");
+    assert!(!log.contains('\u{1b}'), "no colour in a log file: {log}");
+
+    for (flag, env) in [(Some("yaml"), None), (None, Some("xml"))] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dsvl-vision"));
+        if let Some(f) = flag {
+            cmd.args(["--log-format", f]);
+        }
+        if let Some(e) = env {
+            cmd.env("DSVL_LOG_FORMAT", e);
+        }
+        let out = cmd.output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{stderr}");
+        assert!(stderr.contains("text") && stderr.contains("json"), "{stderr}");
+    }
+    Ok(())
+}
