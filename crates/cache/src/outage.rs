@@ -96,27 +96,13 @@ impl OutageLog {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
+    use dsvl_testkit::CapturedLog;
 
     use super::*;
 
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     /// The log lines written while `f` runs.
     fn captured(f: impl FnOnce()) -> Vec<String> {
-        let out = Captured::default();
+        let out = CapturedLog::default();
         let sink = out.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)
@@ -124,8 +110,7 @@ mod tests {
             .with_writer(move || sink.clone())
             .finish();
         tracing::subscriber::with_default(subscriber, f);
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
-        text.lines().map(str::to_string).collect()
+        out.text().lines().map(str::to_string).collect()
     }
 
     #[test]

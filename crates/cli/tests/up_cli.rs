@@ -64,6 +64,17 @@ fn json_of(out: &std::process::Output) -> Result<Value> {
     Ok(serde_json::from_str(String::from_utf8(out.stdout.clone())?.trim())?)
 }
 
+/// The lines of `stdout`, as they come, on a channel.
+fn line_channel(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
 /// The rows of `dsvl up`'s table (`  what  where`), read until "Ctrl-C stops everything.".
 fn read_up_table(rx: &std::sync::mpsc::Receiver<String>) -> Result<Vec<String>> {
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -141,13 +152,7 @@ fn up_then_chat_matches_generate_and_ctrl_c_stops_everything() -> Result<()> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let stdout = up.stdout.take().context("stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = line_channel(up.stdout.take().context("stdout")?);
     // Stderr is kept (and echoed, for a failing run's sake).
     let stderr_lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let stderr = up.stderr.take().context("stderr")?;
@@ -294,13 +299,7 @@ fn start_up(extra: &[&str]) -> Result<(std::process::Child, String)> {
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
-    let stdout = up.stdout.take().context("stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = line_channel(up.stdout.take().context("stdout")?);
     read_up_table(&rx)?;
     Ok((up, format!("http://127.0.0.1:{grpc}")))
 }

@@ -172,42 +172,20 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
+    use dsvl_testkit::CapturedLog;
     use tracing_subscriber::layer::SubscriberExt;
 
     use super::*;
 
-    /// A `MakeWriter` into a shared buffer.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Captured {
-        type Writer = Captured;
-        fn make_writer(&'a self) -> Self::Writer {
-            self.clone()
-        }
-    }
-
-    fn lines(c: &Captured) -> Vec<Value> {
-        let text = String::from_utf8(c.0.lock().unwrap().clone()).unwrap();
-        text.lines().map(|l| serde_json::from_str(l).expect("every line is JSON")).collect()
+    fn lines(c: &CapturedLog) -> Vec<Value> {
+        c.text().lines().map(|l| serde_json::from_str(l).expect("every line is JSON")).collect()
     }
 
     #[test]
     fn json_lines_hoist_the_request_and_trace_ids_of_enclosing_spans() {
-        let out = Captured::default();
-        let subscriber = tracing_subscriber::registry().with(JsonLayer::new(out.clone()));
+        let out = CapturedLog::default();
+        let sink = out.clone();
+        let subscriber = tracing_subscriber::registry().with(JsonLayer::new(move || sink.clone()));
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!(answer = 42, "outside any span");
             let request = tracing::info_span!(

@@ -216,27 +216,15 @@ fn report<T, E>(
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
+
+    use dsvl_testkit::CapturedLog;
 
     use super::*;
 
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
     #[test]
     fn off_a_terminal_progress_is_a_start_line_a_line_per_interval_and_an_end_line() {
-        let out = Captured::default();
+        let out = CapturedLog::default();
         let sink = out.clone();
         let subscriber =
             tracing_subscriber::fmt().with_ansi(false).with_writer(move || sink.clone()).finish();
@@ -267,7 +255,7 @@ mod tests {
             }
             p.finish();
         });
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let text = out.text();
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].contains("loading language model: starting, 4.00 GB"), "{text}");
         let running: Vec<&&str> = lines.iter().filter(|l| l.contains("% (")).collect();

@@ -5,12 +5,14 @@
 //! copied from the team's shared fixture set, see `tests/fixtures/README.md` for provenance.
 #![deny(missing_docs)]
 
+mod captured;
 mod hostile;
 mod llama;
 mod procs;
 
 use std::path::PathBuf;
 
+pub use captured::CapturedLog;
 pub use hostile::{HOSTILE_GRPC_TIMEOUTS, HOSTILE_HTTP_TIMEOUTS};
 pub use llama::{
     copy_tokenizer_files, temp_llama_checkpoint, write_llama_checkpoint, LlamaLayout,
