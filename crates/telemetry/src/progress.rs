@@ -76,11 +76,12 @@ impl Progress {
         let bar = bars_allowed().then(|| {
             let template = match unit {
                 Unit::Bytes => {
-                    "{msg} [{bar:32}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {prefix}"
+                    "{msg} [{bar:24}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {prefix}"
                 }
-                Unit::Items(_) => "{msg} [{bar:32}] {pos}/{len} {per_sec} eta {eta} {prefix}",
+                Unit::Items(_) => "{msg} [{bar:24}] {pos}/{len} {per_sec} eta {eta} {prefix}",
             };
-            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            // At most 8 redraws a second, however often the loader reports.
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(8));
             bar.set_style(
                 ProgressStyle::with_template(template)
                     .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -113,7 +114,9 @@ impl Progress {
     /// `done` of `total` units are done; `detail` says where (`tensors 120/273, shard ...`).
     pub fn update(&self, done: u64, total: u64, detail: &str) {
         if let Some(bar) = &self.bar {
-            bar.set_length(total);
+            if bar.length() != Some(total) {
+                bar.set_length(total);
+            }
             bar.set_position(done);
             bar.set_prefix(detail.to_string());
             return;
