@@ -176,23 +176,23 @@ async fn trace_context_flows_through_every_tier() -> Result<()> {
 }
 
 /// Every service wrote JSON lines without colour codes; the gateway's access line of the
-/// request carries the client's trace id, a span id and the request id.
+/// request carries the client's trace id, a span id and the request id, and the vision tier's
+/// line of the same request the same trace and request ids.
 fn check_json_logs(cluster: &Cluster, trace_id: &str) {
-    let mut gateway_lines = Vec::new();
-    for (svc, is_gateway) in
-        [(&cluster.gateway, true), (&cluster.vision[0], false), (&cluster.decoder, false)]
-    {
+    let lines = |svc: &dsvl_e2e::Svc| -> Vec<serde_json::Value> {
         let log = svc.proc.logs();
         assert!(!log.is_empty(), "the service logged something");
         assert!(!log.contains('\u{1b}'), "no ANSI escape codes in a log file:\n{log}");
-        for line in log.lines() {
-            let v: serde_json::Value = serde_json::from_str(line)
-                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
-            if is_gateway {
-                gateway_lines.push(v);
-            }
-        }
-    }
+        log.lines()
+            .map(|line| {
+                serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"))
+            })
+            .collect()
+    };
+    let gateway_lines = lines(&cluster.gateway);
+    let vision_lines = lines(&cluster.vision[0]);
+    lines(&cluster.decoder);
     let finished = gateway_lines
         .iter()
         .find(|l| l["message"] == "request finished")
@@ -206,6 +206,12 @@ fn check_json_logs(cluster: &Cluster, trace_id: &str) {
     );
     let request_id = finished["request_id"].as_str().unwrap_or_default();
     assert!(request_id.starts_with("gw-"), "{finished}");
+    let encoded = vision_lines
+        .iter()
+        .find(|l| l["message"] == "images encoded")
+        .unwrap_or_else(|| panic!("no access line in {vision_lines:#?}"));
+    assert_eq!(encoded["request_id"], request_id, "{encoded}");
+    assert_eq!(encoded["trace_id"], trace_id, "{encoded}");
     assert_eq!(finished["completion_tokens"], 3);
 }
 

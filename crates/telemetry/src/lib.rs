@@ -179,6 +179,20 @@ impl Injector for MetadataInjector<'_> {
     }
 }
 
+/// The gRPC metadata key carrying the gateway's request id to the tiers it calls, so their
+/// log lines of a request carry the same `request_id` ([`logs`]).
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// Records the caller's request id ([`REQUEST_ID_HEADER`], at most 128 characters) on `span`'s
+/// `request_id` field.
+pub fn record_request_id(metadata: &tonic::metadata::MetadataMap, span: &tracing::Span) {
+    if let Some(id) =
+        metadata.get(REQUEST_ID_HEADER).and_then(|v| v.to_str().ok()).filter(|v| v.len() <= 128)
+    {
+        span.record("request_id", id);
+    }
+}
+
 /// Makes the incoming request's W3C trace context (if any) the parent of `span`, and, when
 /// tracing is on, records the span's `trace_id` and `span_id` fields (which request spans
 /// declare, so that every JSON log line of the request carries them: [`logs`]).

@@ -308,6 +308,9 @@ impl Gateway {
         let span = tracing::Span::current();
         span.record("gen_ai.usage.input_tokens", prep.prompt.ids.len());
 
+        // The request's id from the start: the vision tier logs it too (`x-request-id`).
+        let request_id = next_request_id();
+        span.record("gen_ai.response.id", request_id.as_str());
         let t_vision = Instant::now();
         let mut embedded = None;
         if !prep.images.is_empty() {
@@ -323,14 +326,21 @@ impl Gateway {
             }
             let e = tokio::time::timeout_at(
                 deadline.into(),
-                self.embed_images(&tenant.salt, &prep.images, &prep.image_digests, false, deadline),
+                self.embed_images(
+                    &request_id,
+                    &tenant.salt,
+                    &prep.images,
+                    &prep.image_digests,
+                    false,
+                    deadline,
+                ),
             )
             .await
             .map_err(|_| deadline_error("image encoding"))??;
             embedded = Some(e);
         }
         let mut request = GenerateRequest {
-            request_id: next_request_id(),
+            request_id,
             prompt_token_ids: prep.prompt.ids.clone(),
             images: slots(&prep, embedded.as_ref()),
             sampling: Some((&prep.sampling).into()),
@@ -342,7 +352,6 @@ impl Gateway {
             top_logprobs: prep.output.top_logprobs,
         };
         let vision_seconds = t_vision.elapsed().as_secs_f64();
-        span.record("gen_ai.response.id", request.request_id.as_str());
         let opened = match self.open_decoder(&request, deadline).await {
             Ok(o) => o,
             Err(OpenError::Reencode(why)) if embedded.is_some() => {
@@ -354,6 +363,7 @@ impl Gateway {
                 let e = tokio::time::timeout_at(
                     deadline.into(),
                     self.embed_images(
+                        &request.request_id,
                         &tenant.salt,
                         &prep.images,
                         &prep.image_digests,

@@ -110,6 +110,7 @@ impl Gateway {
 
     async fn call_encode(
         &self,
+        request_id: &str,
         r: &Replica,
         images: Vec<ImageInput>,
         salt: &[u8],
@@ -123,6 +124,9 @@ impl Gateway {
         });
         req.set_timeout(deadline.saturating_duration_since(Instant::now()));
         dsvl_telemetry::inject_trace_context(req.metadata_mut());
+        if let Ok(id) = request_id.parse() {
+            req.metadata_mut().insert(dsvl_telemetry::REQUEST_ID_HEADER, id);
+        }
         let mut client = VisionEncoderClient::new(r.channel.clone())
             .max_decoding_message_size(MAX_UPSTREAM_MESSAGE)
             .max_encoding_message_size(MAX_UPSTREAM_MESSAGE);
@@ -141,6 +145,7 @@ impl Gateway {
     /// spent, or the deadline.
     pub async fn embed_images(
         &self,
+        request_id: &str,
         salt: &[u8],
         images: &[Bytes],
         image_digests: &[ImageDigest],
@@ -196,7 +201,7 @@ impl Gateway {
                         client_digest: digests[i].clone(),
                     })
                     .collect();
-                let result = self.call_encode(&r, inputs, salt, inline, deadline).await;
+                let result = self.call_encode(request_id, &r, inputs, salt, inline, deadline).await;
                 (r, idx, result)
             });
             for (r, idx, result) in futures::future::join_all(calls).await {

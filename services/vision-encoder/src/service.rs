@@ -71,10 +71,12 @@ impl VisionService {
             "vision.encode",
             images = tracing::field::Empty,
             hits = tracing::field::Empty,
+            request_id = tracing::field::Empty,
             trace_id = tracing::field::Empty,
             span_id = tracing::field::Empty
         );
         dsvl_telemetry::extract_trace_context(request.metadata(), &span);
+        dsvl_telemetry::record_request_id(request.metadata(), &span);
         let started = Instant::now();
         // Answer a little before the caller's deadline (network and tonic's own timer start
         // earlier), so the client gets DEADLINE_EXCEEDED from us rather than a bare cancel.
@@ -201,9 +203,12 @@ impl VisionService {
                 Err(f) => request_failure(f)?,
             });
         }
-        span.record("hits", results.iter().filter(|r| r.cache_hit).count());
-        metrics::histogram!("dsvl_vision_request_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
+        let hits = results.iter().filter(|r| r.cache_hit).count();
+        span.record("hits", hits);
+        let seconds = started.elapsed().as_secs_f64();
+        metrics::histogram!("dsvl_vision_request_duration_seconds").record(seconds);
+        // The access log line, with the caller's request id and trace ids in JSON logs.
+        tracing::info!(parent: &span, images = results.len(), hits, seconds, "images encoded");
         Ok(EncodeResponse { results })
     }
 }
