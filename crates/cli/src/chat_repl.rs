@@ -274,11 +274,11 @@ async fn answer(
     let mut first_token_seconds = None;
     let mut tokens = 0;
     let mut finish = None;
-    let stopped = |finish| LastAnswer {
+    let stopped = || LastAnswer {
         first_token_seconds: None,
         total_seconds: started.elapsed().as_secs_f64(),
         tokens: 0,
-        finish,
+        finish: None,
         interrupted: true,
     };
     let mut stream = tokio::select! {
@@ -286,7 +286,7 @@ async fn answer(
             Ok(s) => s,
             Err(e) => return (Err(e), text),
         },
-        _ = interrupts.recv() => return (Ok(stopped(None)), text),
+        _ = interrupts.recv() => return (Ok(stopped()), text),
     };
     let interrupted = loop {
         tokio::select! {
@@ -330,15 +330,6 @@ fn text_part(text: &str) -> ContentPart {
 /// Whether `s` names an image by URL.
 fn is_image_url(s: &str) -> bool {
     s.starts_with("http://") || s.starts_with("https://") || s.starts_with("data:image/")
-}
-
-/// Whether `s` is a path to an image file that exists.
-fn is_image_file(s: &str) -> bool {
-    let p = Path::new(s);
-    p.is_file()
-        && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
-            ["png", "jpg", "jpeg", "webp"].iter().any(|x| x.eq_ignore_ascii_case(e))
-        })
 }
 
 /// An image part from a path or URL, and a description of it.
@@ -410,7 +401,7 @@ fn split_attachments(line: &str) -> (String, Vec<ContentPart>) {
     let mut images = Vec::new();
     for word in words(line) {
         let target = unquote(&word);
-        let image = (is_image_url(&target) || is_image_file(&target))
+        let image = (is_image_url(&target) || crate::encode::is_image_file(Path::new(&target)))
             .then(|| image_part(&target).ok())
             .flatten();
         match image {

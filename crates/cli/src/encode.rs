@@ -21,6 +21,14 @@ use crate::progress;
 /// File extensions read from a folder (the formats the preprocessor decodes).
 const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
 
+/// Whether `p` is a file with an image extension ([`IMAGE_EXTENSIONS`], any case).
+pub(crate) fn is_image_file(p: &Path) -> bool {
+    p.is_file()
+        && p.extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
+}
+
 /// Arguments of `dsvl encode`.
 #[derive(Args, Debug)]
 pub struct EncodeArgs {
@@ -46,16 +54,10 @@ fn expand_folders(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
             out.push(input.clone());
             continue;
         }
-        let is_image = |p: &Path| {
-            p.is_file()
-                && p.extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| IMAGE_EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)))
-        };
         let mut found: Vec<PathBuf> = std::fs::read_dir(input)
             .with_context(|| format!("cannot read the folder {}", input.display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| is_image(p))
+            .filter(|p| is_image_file(p))
             .collect();
         if found.is_empty() {
             bail!(
@@ -79,11 +81,10 @@ pub fn run(args: EncodeArgs) -> Result<()> {
     let ckpt = args.model.open()?;
     let device = open_device(args.model.device)?;
     let t_load = Instant::now();
-    let loading = progress::Loading::start("vision tower", ckpt.weight_bytes());
-    let encoder =
-        VisionEncoder::load(&ckpt, candle_dtype(args.model.dtype), &device, loading.callback())
-            .with_context(|| format!("cannot load the vision tower of {}", ckpt.source()))?;
-    loading.finish();
+    let encoder = progress::loading("vision tower", ckpt.weight_bytes(), |p| {
+        VisionEncoder::load(&ckpt, candle_dtype(args.model.dtype), &device, p)
+    })
+    .with_context(|| format!("cannot load the vision tower of {}", ckpt.source()))?;
     let load_s = t_load.elapsed().as_secs_f64();
     let n = paths.len() as u64;
     // Progress only where there is something to wait for.

@@ -153,9 +153,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let image = if images.is_empty() {
         None
     } else {
-        let loading = progress::Loading::start("vision tower", ckpt.weight_bytes());
-        let enc = VisionEncoder::load(&ckpt, dtype, &device, loading.callback())?;
-        loading.finish();
+        let enc = progress::loading("vision tower", ckpt.weight_bytes(), |p| {
+            VisionEncoder::load(&ckpt, dtype, &device, p)
+        })?;
         ensure!(
             enc.hidden_size() == llm_cfg.hidden_size && enc.num_tokens() == n_image_tokens,
             "vision tower gives {}x{} embeddings but the language model takes {} wide, {} per image",
@@ -215,9 +215,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         serde_json::json!({ "kv": kv }),
         &device,
         || {
-            let loading = progress::Loading::start("language model", ckpt.weight_bytes());
-            let model = DeepSeekLlm::load(&ckpt, dtype, &device, shard, loading.callback())?;
-            loading.finish();
+            let model = progress::loading("language model", ckpt.weight_bytes(), |p| {
+                DeepSeekLlm::load(&ckpt, dtype, &device, shard, p)
+            })?;
             with_kv_pool(model, kv)
         },
     )
