@@ -11,6 +11,7 @@
 //! Calls refused by the open circuit breaker count as failures: they are requests that went
 //! without the cache.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -29,12 +30,14 @@ pub struct OutageLog {
     what: &'static str,
     every: Duration,
     state: Mutex<State>,
+    /// Whether `state` is `Down`: a success while healthy (every call, normally) takes no lock.
+    down: AtomicBool,
 }
 
 impl OutageLog {
     /// A log for the cache named `what` (e.g. "Redis") that repeats at most once per `every`.
     pub fn new(what: &'static str, every: Duration) -> Self {
-        Self { what, every, state: Mutex::new(State::Healthy) }
+        Self { what, every, state: Mutex::new(State::Healthy), down: AtomicBool::new(false) }
     }
 
     /// The repeat interval.
@@ -56,6 +59,7 @@ impl OutageLog {
                     self.every.as_secs()
                 );
                 *state = State::Down { since: now, failures: 1, unlogged: 0, logged_at: now };
+                self.down.store(true, Ordering::Release);
             }
             State::Down { since, failures, unlogged, logged_at } => {
                 *failures += 1;
@@ -79,6 +83,9 @@ impl OutageLog {
 
     /// Records a successful call; ends an outage.
     pub fn success(&self) {
+        if !self.down.load(Ordering::Acquire) {
+            return;
+        }
         let mut state = self.state.lock().expect("outage log lock");
         if let State::Down { since, failures, .. } = &*state {
             tracing::info!(
@@ -90,6 +97,7 @@ impl OutageLog {
                 failures
             );
             *state = State::Healthy;
+            self.down.store(false, Ordering::Release);
         }
     }
 }
