@@ -263,7 +263,7 @@ async fn disconnects_free_the_slot_and_deadlines_are_reported() -> Result<()> {
     let mut client = cluster.chat().await?;
     let mut stream = client.generate(text(15_000)).await?.into_inner();
     stream.message().await?.context("a first delta")?;
-    assert_eq!(load.load(LoadRequest {}).await?.into_inner().running, 1, "the request is running");
+    dsvl_e2e::wait_for_running(&cluster.decoder.addr, 1).await?;
     drop(stream);
     drop(client);
     let t = Instant::now();

@@ -158,8 +158,6 @@ async fn hostile_deadline_headers_never_panic() -> Result<()> {
 /// its end, then the process exits 0: the drain every service shares (`dsvl_telemetry::server`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_drains_open_streams_on_sigterm() -> Result<()> {
-    use dsvl_proto::internal::decoder_client::DecoderClient;
-    use dsvl_proto::internal::LoadRequest;
     use dsvl_proto::v1::chat_response::Event;
     let opts = Options {
         vision_replicas: 1,
@@ -188,8 +186,7 @@ async fn gateway_drains_open_streams_on_sigterm() -> Result<()> {
     long.messages[0].content[0].part = Some(Part::Text("Tell me a long story.".into()));
     let mut stream = client.generate(long).await?.into_inner();
     stream.message().await?.ok_or_else(|| anyhow::anyhow!("no first delta"))?;
-    let mut load = DecoderClient::connect(format!("http://{}", cluster.decoder.addr)).await?;
-    assert_eq!(load.load(LoadRequest {}).await?.into_inner().running, 1, "still generating");
+    dsvl_e2e::wait_for_running(&cluster.decoder.addr, 1).await?;
     let pid = cluster.gateway.proc.pid().to_string();
     std::process::Command::new("kill").args(["-TERM", &pid]).status()?;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;

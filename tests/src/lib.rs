@@ -249,6 +249,28 @@ impl Default for Options {
     }
 }
 
+/// Waits (up to 5 s) until the decoder at `addr` reports `running` sequences. The decoder
+/// publishes its load after each step, while a step's tokens leave during it: a client that
+/// has just read a token may still see the report from before that step.
+pub async fn wait_for_running(addr: &str, running: u32) -> Result<()> {
+    use dsvl_proto::internal::decoder_client::DecoderClient;
+    use dsvl_proto::internal::LoadRequest;
+    let mut load = DecoderClient::connect(format!("http://{addr}")).await?;
+    let t = Instant::now();
+    loop {
+        let l = load.load(LoadRequest {}).await?.into_inner();
+        if l.running == running {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "the decoder reports {} running sequences, not {running}",
+            l.running
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Gateway + vision replicas + decoder groups (+ Redis).
 pub struct Cluster {
     /// The gateway (gRPC at `addr`).
