@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use dsvl_models::isa::Isa;
-use dsvl_models::kernels::Bf16Path;
+use dsvl_models::kernels::PackPath;
 use rayon::prelude::*;
 
 /// The processor model, as `/proc/cpuinfo` names it.
@@ -39,13 +39,14 @@ pub fn describe() -> String {
         }
     }
     format!(
-        "processor: {} ({} threads available); dsvl kernels: {} (best {}), bf16 GEMV: {}; \
-         extensions: {}",
+        "processor: {} ({} threads available); dsvl kernels: {} (best {}), packed linears: {} \
+         and {}; extensions: {}",
         processor_model(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         Isa::current().name(),
         Isa::best().name(),
-        Bf16Path::for_isa(Isa::current()).name(),
+        PackPath::current(false).name(),
+        PackPath::current(true).name(),
         if extras.is_empty() { "none beyond the baseline".into() } else { extras.join(", ") }
     )
 }

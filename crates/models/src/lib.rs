@@ -16,6 +16,7 @@ pub mod device;
 mod error;
 pub mod isa;
 pub mod kernels;
+pub mod linear;
 pub mod llm;
 pub mod ops;
 pub mod preprocess;

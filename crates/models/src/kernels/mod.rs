@@ -1,21 +1,24 @@
 //! Small CPU kernels for hot element-wise loops where candle's scalar paths cost more than the
 //! matmuls around them: a vectorisable `exp`, exact-erf GELU, the SAM attention epilogue
 //! (relative-position add + softmax over one score row), the decoder's RMSNorm, SiLU-gate and
-//! RoPE (`decoder.rs`), and bandwidth-bound GEMVs for batch-1 decode in f32 and bf16
-//! (`gemv.rs`).
+//! RoPE (`decoder.rs`), and the linears' matrix multiply against weights packed at load, in
+//! f32 and bf16, from a one-row decode step to a prefill (`packed.rs`).
 //!
-//! Each kernel is compiled three times, for the baseline target, with AVX2 + FMA (8 lanes) and
+//! Each element-wise kernel is compiled three times, for the baseline target, with AVX2 + FMA (8 lanes) and
 //! with AVX-512 (16 lanes), and picked at run time ([`Isa`]), so the loops vectorise as wide as
 //! the processor allows without a `-C target-cpu` build. The `_with` variants take the path
-//! explicitly: the tests run every path the machine has against a scalar reference.
+//! explicitly: the tests run every path the machine has against a scalar reference. The
+//! packed GEMM has its own micro-kernels per path (AVX-512, AVX512_BF16, AVX2, baseline).
 
 use crate::isa::{on_isa, Isa};
 
+mod bf16;
 mod decoder;
-mod gemv;
+mod packed;
 
+pub use bf16::Bf16Path;
 pub use decoder::{rms_norm, rms_norm_with, rope, rope_with, silu_mul, silu_mul_with};
-pub use gemv::{gemv, gemv_bf16, gemv_bf16_with, gemv_with, Bf16Path};
+pub use packed::{Activation, PackPath, PackedWeight};
 
 /// `exp(x)` for f32 with Cephes-style range reduction and a degree-6 polynomial; max relative
 /// error about 2e-7 (1-2 ulp) over the range softmax uses. Branch-free so loops vectorise;

@@ -5,6 +5,9 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+pub(crate) use crate::linear::with_cpu_slice;
+pub use crate::linear::Linear;
+
 /// This rank's place in the tensor-parallel group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shard {
@@ -25,33 +28,7 @@ impl Shard {
     }
 }
 
-/// Up to this many rows a linear multiplies `W x^T` rather than `x W^T` (measured crossover).
-const SMALL_BATCH_ROWS: usize = 96;
-
-/// Up to this many rows a bf16 linear on the CPU runs as a GEMV over the bf16 weights.
-pub const GEMV_ROWS_BF16: usize = 16;
-
-/// Runs `f` on the elements of a contiguous CPU tensor of element type `T`, without a copy.
-pub(crate) fn with_cpu_slice<T: candle_core::WithDType, R>(
-    t: &Tensor,
-    f: impl FnOnce(&[T]) -> R,
-) -> Result<R> {
-    let (guard, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*guard else {
-        candle_core::bail!("a CPU tensor was expected. This is a bug.")
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("a contiguous tensor was expected. This is a bug.")
-    };
-    Ok(f(&cpu.as_slice::<T>()?[start..end]))
-}
-
-/// `y = x W^T` with `W` `[out, in]` (no bias anywhere in DeepSeek LLM).
-#[derive(Debug, Clone)]
-pub struct Linear {
-    weight: Tensor,
-}
-
+/// The decoder's linears (no bias anywhere in DeepSeek LLM), loaded as this rank's shard.
 impl Linear {
     /// Rows `[start, start + len)` of the full `[out, in]` weight: a column-parallel shard.
     pub fn column(
@@ -61,9 +38,8 @@ impl Linear {
         rows: (usize, usize),
     ) -> Result<Self> {
         let w = vb.get((out, inp), name)?;
-        let weight =
-            if rows == (0, out) { w } else { w.narrow(0, rows.0, rows.1)?.contiguous()? };
-        Ok(Self { weight })
+        let w = if rows == (0, out) { w } else { w.narrow(0, rows.0, rows.1)?.contiguous()? };
+        Self::new(w, None)
     }
 
     /// Columns `[start, start + len)` of the full `[out, in]` weight: a row-parallel shard.
@@ -74,48 +50,8 @@ impl Linear {
         cols: (usize, usize),
     ) -> Result<Self> {
         let w = vb.get((out, inp), name)?;
-        let weight =
-            if cols == (0, inp) { w } else { w.narrow(1, cols.0, cols.1)?.contiguous()? };
-        Ok(Self { weight })
-    }
-
-    /// `x`: `[N, in]`. On the CPU, decode-sized inputs run as a GEMV that streams the weights
-    /// once (f32 at batch 1; bf16 up to [`GEMV_ROWS_BF16`] rows, where candle would widen the
-    /// whole weight to f32 on every call). Other few-row inputs are computed as `(W xᵀ)ᵀ`: the
-    /// GEMM then packs the small `x` instead of re-packing all of `W` on every call, which at
-    /// 4-64 rows is 2-4x faster on the CPU (measured; see benches/README.md). Long inputs
-    /// (prefill) use `x Wᵀ`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (rows, k) = x.dims2()?;
-        let n = self.weight.dim(0)?;
-        if x.device().is_cpu() && x.dtype() == self.weight.dtype() {
-            match x.dtype() {
-                DType::F32 if rows == 1 => {
-                    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                    let y = with_cpu_slice(&self.weight, |w: &[f32]| {
-                        crate::kernels::gemv(&xs, w, rows, n, k)
-                    })?;
-                    return Tensor::from_vec(y, (rows, n), x.device());
-                }
-                DType::BF16 if rows <= GEMV_ROWS_BF16 => {
-                    let xs = x.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-                    let y = with_cpu_slice(&self.weight, |w: &[half::bf16]| {
-                        crate::kernels::gemv_bf16(&xs, w, rows, n, k)
-                    })?;
-                    return Tensor::from_vec(y, (rows, n), x.device())?.to_dtype(DType::BF16);
-                }
-                _ => {}
-            }
-        }
-        if rows <= SMALL_BATCH_ROWS {
-            return self.weight.matmul(&x.t()?)?.t()?.contiguous();
-        }
-        x.matmul(&self.weight.t()?)
-    }
-
-    /// The weight `[out_local, in_local]`.
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+        let w = if cols == (0, inp) { w } else { w.narrow(1, cols.0, cols.1)?.contiguous()? };
+        Self::new(w, None)
     }
 }
 

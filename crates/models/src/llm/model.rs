@@ -10,7 +10,7 @@
 //! Per layer: `h += o_proj(attn(rope(q), rope(k), v))`, all-reduced over ranks after
 //! `o_proj`; `h += down(silu(gate(n)) * up(n))`, all-reduced after `down_proj`. Logits are f32.
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 use dsvl_parallel::Communicator;
 

@@ -2,9 +2,10 @@
 //! GELU is exact erf; the hybrid split concatenates [SAM (high), SigLIP (low)] in that order.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::config::{AlignerConfig, ProjectorType};
+use crate::linear::Linear;
 use crate::ops::gelu_erf;
 
 /// What the aligner consumes.
@@ -31,19 +32,19 @@ impl Aligner {
         let lp = vb.pp("layers");
         let (split, layers) = match cfg.projector_type {
             ProjectorType::Identity => (None, vec![]),
-            ProjectorType::Linear => (None, vec![candle_nn::linear(d_in, n, vb.pp("layers"))?]),
+            ProjectorType::Linear => (None, vec![crate::linear::linear(d_in, n, vb.pp("layers"))?]),
             ProjectorType::MlpGelu => {
-                let mut layers = vec![candle_nn::linear(d_in, n, lp.pp("0"))?];
+                let mut layers = vec![crate::linear::linear(d_in, n, lp.pp("0"))?];
                 for i in 1..cfg.depth {
-                    layers.push(candle_nn::linear(n, n, lp.pp(2 * i))?);
+                    layers.push(crate::linear::linear(n, n, lp.pp(2 * i))?);
                 }
                 (None, layers)
             }
             ProjectorType::LowHighHybridSplitMlpGelu => {
-                let high = candle_nn::linear(d_in, n / 2, vb.pp("high_up_proj"))?;
-                let low = candle_nn::linear(d_in, n / 2, vb.pp("low_up_proj"))?;
+                let high = crate::linear::linear(d_in, n / 2, vb.pp("high_up_proj"))?;
+                let low = crate::linear::linear(d_in, n / 2, vb.pp("low_up_proj"))?;
                 let layers = (1..cfg.depth)
-                    .map(|i| candle_nn::linear(n, n, lp.pp(2 * i - 1)))
+                    .map(|i| crate::linear::linear(n, n, lp.pp(2 * i - 1)))
                     .collect::<Result<_>>()?;
                 (Some((high, low)), layers)
             }

@@ -9,12 +9,13 @@
 //! LayerNorm2d is plain element-wise maths; resizes run in f32.
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Conv2dConfig, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, LayerNorm, VarBuilder};
 
 use super::config::SamConfig;
 use super::fused_attention;
 use super::layers::{normalize, resize_2d, Conv2d, LayerNorm2d, PatchEmbed, ResampleMatrix};
 use super::relpos_softmax::relpos_softmax;
+use crate::linear::Linear;
 use crate::ops::gelu_erf;
 
 /// LayerNorm eps of every SAM norm.
@@ -42,8 +43,8 @@ impl Attention {
         let idx: Vec<u32> =
             (0..side).flat_map(|i| (0..side).map(move |j| (i + side - 1 - j) as u32)).collect();
         Ok(Self {
-            qkv: candle_nn::linear(dim, 3 * dim, vb.pp("qkv"))?,
-            proj: candle_nn::linear(dim, dim, vb.pp("proj"))?,
+            qkv: crate::linear::linear(dim, 3 * dim, vb.pp("qkv"))?,
+            proj: crate::linear::linear(dim, dim, vb.pp("proj"))?,
             rel_index: Tensor::new(idx, vb.device())?,
             rel_pos_h: vb.get((table, head_dim), "rel_pos_h")?,
             rel_pos_w: vb.get((table, head_dim), "rel_pos_w")?,
@@ -171,8 +172,8 @@ impl Block {
             norm1: candle_nn::layer_norm(dim, EPS, vb.pp("norm1"))?,
             attn: Attention::new(dim, cfg.heads, side, vb.pp("attn"))?,
             norm2: candle_nn::layer_norm(dim, EPS, vb.pp("norm2"))?,
-            lin1: candle_nn::linear(dim, 4 * dim, vb.pp("mlp.lin1"))?,
-            lin2: candle_nn::linear(4 * dim, dim, vb.pp("mlp.lin2"))?,
+            lin1: crate::linear::linear(dim, 4 * dim, vb.pp("mlp.lin1"))?,
+            lin2: crate::linear::linear(4 * dim, dim, vb.pp("mlp.lin2"))?,
             window,
         })
     }

@@ -5,11 +5,12 @@
 //! is not loaded.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 use super::config::SiglipConfig;
 use super::fused_attention;
 use super::layers::{normalize, PatchEmbed};
+use crate::linear::Linear;
 use crate::ops::{gelu_erf, softmax_last_dim};
 
 const EPS: f64 = 1e-6;
@@ -29,11 +30,11 @@ impl Block {
         let d = cfg.width;
         Ok(Self {
             norm1: candle_nn::layer_norm(d, EPS, vb.pp("norm1"))?,
-            qkv: candle_nn::linear(d, 3 * d, vb.pp("attn.qkv"))?,
-            proj: candle_nn::linear(d, d, vb.pp("attn.proj"))?,
+            qkv: crate::linear::linear(d, 3 * d, vb.pp("attn.qkv"))?,
+            proj: crate::linear::linear(d, d, vb.pp("attn.proj"))?,
             norm2: candle_nn::layer_norm(d, EPS, vb.pp("norm2"))?,
-            fc1: candle_nn::linear(d, cfg.mlp_hidden, vb.pp("mlp.fc1"))?,
-            fc2: candle_nn::linear(cfg.mlp_hidden, d, vb.pp("mlp.fc2"))?,
+            fc1: crate::linear::linear(d, cfg.mlp_hidden, vb.pp("mlp.fc1"))?,
+            fc2: crate::linear::linear(cfg.mlp_hidden, d, vb.pp("mlp.fc2"))?,
             heads: cfg.heads,
         })
     }

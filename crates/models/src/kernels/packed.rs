@@ -1,0 +1,444 @@
+//! `y = x Wᵀ` against a weight packed once, at load, into the layout the micro-kernels read:
+//! the linears of every forward (prefill, decode, any batch), on the CPU.
+//!
+//! A general GEMM library (the `gemm` crate under candle) repacks `W` on every call; at prefill
+//! sizes (128 rows against a 2048 x 5632 weight) that repacking is a fifth of the time, and in
+//! bf16 candle also widens all of `W` to f32 first. Here `W` (`[n, k]`) is stored as panels of
+//! `NR` output columns, each panel `k`-major (`[k][NR]`), so a micro-kernel streams one panel
+//! contiguously while it keeps an `MR x NR` tile of `y` in registers. The same layout serves a
+//! one-row decode step (one contiguous stream per panel, at the memory's rate) and a prefill
+//! (each panel slice reused by every block of rows while it sits in cache); no second copy of
+//! the weights is kept.
+//!
+//! Paths, picked at run time ([`Isa`], [`Bf16Path`]): f32 FMAs on AVX-512 (`NR` 32, `MR` up to
+//! 12) and AVX2 (`NR` 16, `MR` up to 6), the baseline target (`NR` 16, `MR` 4); bf16 weights
+//! multiplied with AVX512_BF16 `vdpbf16ps` (`k` packed in pairs, `[k/2][NR][2]`), or widened to
+//! f32 in registers on the other paths. Every path accumulates in f32.
+
+use half::bf16;
+use rayon::prelude::*;
+
+use super::bf16::{has_avx512_bf16, Bf16Path, Weight};
+use crate::isa::Isa;
+
+/// `k` per cache block (pairs of `k` for `vdpbf16ps`): an `MR x KC` slice of the packed rows
+/// and a `KC x NR` slice of a panel stay in L1/L2 while the tile accumulates.
+const KC: usize = 256;
+
+/// Rows per cache block: `MC x KC` of the packed rows (192 KiB in f32) stay in L2 while a
+/// task's panels pass over them.
+const MC: usize = 192;
+
+/// How a weight is packed and multiplied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PackPath {
+    /// f32 weights, f32 FMAs of this width.
+    F32(Isa),
+    /// bf16 weights.
+    Bf16(Bf16Path),
+}
+
+impl PackPath {
+    /// The fastest path on this processor for an f32 or a bf16 weight.
+    pub fn current(bf16: bool) -> Self {
+        if bf16 {
+            Self::Bf16(Bf16Path::for_isa(Isa::current()))
+        } else {
+            Self::F32(Isa::current())
+        }
+    }
+
+    /// Output columns per panel, and the most rows one micro-kernel call takes.
+    fn tile(self) -> (usize, usize) {
+        match self.isa() {
+            Isa::Avx512 => (32, 12),
+            Isa::Avx2 => (16, 6),
+            Isa::Scalar => (16, 4),
+        }
+    }
+
+    /// The vector width the path runs (a path the processor lacks runs as the widest it has).
+    fn isa(self) -> Isa {
+        match self {
+            Self::F32(isa) | Self::Bf16(Bf16Path::Widen(isa)) => isa.usable(),
+            Self::Bf16(Bf16Path::Avx512Bf16) => Isa::best(),
+        }
+    }
+
+    /// Whether `k` is packed in pairs for `vdpbf16ps`.
+    fn pairs(self) -> bool {
+        self == Self::Bf16(Bf16Path::Avx512Bf16) && has_avx512_bf16() && Isa::best() == Isa::Avx512
+    }
+
+    /// A short name for logs and benchmark output.
+    pub fn name(self) -> String {
+        match self {
+            Self::F32(_) => format!("f32-{}", self.isa().name()),
+            Self::Bf16(_) if self.pairs() => "bf16-avx512-bf16".into(),
+            Self::Bf16(_) => format!("bf16-{}-widen", self.isa().name()),
+        }
+    }
+}
+
+/// The packed values.
+#[derive(Debug, Clone)]
+enum Data {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+/// A `[n, k]` weight packed for `y = x Wᵀ`.
+#[derive(Debug, Clone)]
+pub struct PackedWeight {
+    n: usize,
+    k: usize,
+    path: PackPath,
+    data: Data,
+}
+
+/// An activation element: f32, or the bf16 of a bf16 model.
+pub trait Activation: Copy + Send + Sync {
+    /// The value as f32 (exact for bf16).
+    fn to_f32(self) -> f32;
+    /// The value rounded to bf16 (exact for bf16, and for f32 holding a bf16 value).
+    fn to_bf16(self) -> bf16;
+}
+
+impl Activation for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn to_bf16(self) -> bf16 {
+        bf16::from_f32(self)
+    }
+}
+
+impl Activation for bf16 {
+    fn to_f32(self) -> f32 {
+        self.widen()
+    }
+    fn to_bf16(self) -> bf16 {
+        self
+    }
+}
+
+impl PackedWeight {
+    /// Packs an f32 `[n, k]` weight (row-major) for `path` (an f32 path).
+    pub fn pack_f32(w: &[f32], n: usize, k: usize, isa: Isa) -> Self {
+        let path = PackPath::F32(isa);
+        Self { n, k, path, data: Data::F32(pack(w, n, k, path)) }
+    }
+
+    /// Packs a bf16 `[n, k]` weight (row-major) for `path`; it stays bf16.
+    pub fn pack_bf16(w: &[bf16], n: usize, k: usize, path: Bf16Path) -> Self {
+        let path = PackPath::Bf16(path);
+        Self { n, k, path, data: Data::Bf16(pack(w, n, k, path)) }
+    }
+
+    /// `(n, k)`: output and input features.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// The path it was packed for.
+    pub fn path(&self) -> PackPath {
+        self.path
+    }
+
+    /// `[m, k] x Wᵀ -> [m, n]`, f32 out.
+    pub fn matmul<A: Activation>(&self, x: &[A], m: usize) -> Vec<f32> {
+        assert_eq!(x.len(), m * self.k, "x is not [m, k] for k = {}", self.k);
+        let (nr, mr) = self.path.tile();
+        let isa = self.path.isa();
+        let pairs = self.path.pairs();
+        let kk = if pairs { self.k.div_ceil(2) } else { self.k };
+        let panels = self.n.div_ceil(nr);
+        // Rows in blocks of `mr`, each block `k`-major: `[k][rows]` (f32) or `[k/2][rows]` bf16
+        // pairs as u32, so a kernel reads each step's rows contiguously.
+        let blocks: Vec<(usize, usize)> = (0..m).step_by(mr).map(|r| (r, mr.min(m - r))).collect();
+        let a = PackedRows::new(x, self.k, &blocks, pairs);
+        let per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
+        let parts: Vec<Vec<f32>> = (0..panels.div_ceil(per_task))
+            .into_par_iter()
+            .map(|t| {
+                let p0 = t * per_task;
+                let np = per_task.min(panels - p0);
+                let ldc = np * nr;
+                let mut c = vec![0f32; m * ldc];
+                // Rows in chunks of about `MC`, so a chunk's `KC` slice stays in L2 while every
+                // panel of the task passes over it.
+                for chunk in (0..blocks.len()).step_by(MC.div_ceil(mr)) {
+                    let chunk = chunk..blocks.len().min(chunk + MC.div_ceil(mr));
+                    for p in 0..np {
+                        for kb in (0..kk).step_by(KC) {
+                            for bi in chunk.clone() {
+                                let (r0, rows) = blocks[bi];
+                                let tile = Tile { kb, kc: KC.min(kk - kb), rows, panel: p0 + p };
+                                tile.run(
+                                    isa,
+                                    &self.data,
+                                    &a.block(bi),
+                                    &mut c[r0 * ldc + p * nr..],
+                                    ldc,
+                                );
+                            }
+                        }
+                    }
+                }
+                c
+            })
+            .collect();
+        let mut y = vec![0f32; m * self.n];
+        for (t, part) in parts.iter().enumerate() {
+            let c0 = t * per_task * nr;
+            let ldc = part.len() / m.max(1);
+            let cols = ldc.min(self.n - c0);
+            for i in 0..m {
+                y[i * self.n + c0..][..cols].copy_from_slice(&part[i * ldc..][..cols]);
+            }
+        }
+        y
+    }
+}
+
+/// One micro-kernel call: `rows` rows against panel `panel`, over `k` steps `[kb, kb + kc)`
+/// (the first block overwrites the tile, the others add to it).
+struct Tile {
+    kb: usize,
+    kc: usize,
+    rows: usize,
+    panel: usize,
+}
+
+impl Tile {
+    fn run(&self, isa: Isa, w: &Data, a: &RowBlock<'_>, c: &mut [f32], ldc: usize) {
+        let Self { kb, kc, rows, panel } = *self;
+        let nr = c_cols(isa);
+        let kk = match a {
+            RowBlock::F32(a) => a.len() / rows,
+            RowBlock::Pairs(a) => a.len() / rows,
+        };
+        // The panel's slice for these `k` steps: `[kc][nr]` values, or `[kc][nr][2]` pairs.
+        let b = (panel * kk + kb) * nr;
+        let acc = kb > 0;
+        match (w, a) {
+            (Data::F32(w), RowBlock::F32(a)) => f32_tile(
+                isa,
+                rows,
+                kc,
+                &a[kb * rows..][..kc * rows],
+                &w[b..][..kc * nr],
+                c,
+                ldc,
+                acc,
+            ),
+            (Data::Bf16(w), RowBlock::F32(a)) => f32_tile(
+                isa,
+                rows,
+                kc,
+                &a[kb * rows..][..kc * rows],
+                &w[b..][..kc * nr],
+                c,
+                ldc,
+                acc,
+            ),
+            (Data::Bf16(w), RowBlock::Pairs(a)) => pairs_tile(
+                rows,
+                kc,
+                &a[kb * rows..][..kc * rows],
+                &w[2 * b..][..2 * kc * nr],
+                c,
+                ldc,
+                acc,
+            ),
+            (Data::F32(_), RowBlock::Pairs(_)) => {
+                unreachable!("f32 weights are never packed in pairs")
+            }
+        }
+    }
+}
+
+/// Output columns per panel on `isa`.
+fn c_cols(isa: Isa) -> usize {
+    PackPath::F32(isa).tile().0
+}
+
+/// `w` (`[n, k]`) as panels of `nr` columns, `[k][nr]` each, or `[k/2][nr][2]` for pairs;
+/// columns past `n` and the odd `k`'s partner are zero.
+fn pack<W: Copy + Default + Send + Sync>(w: &[W], n: usize, k: usize, path: PackPath) -> Vec<W> {
+    assert_eq!(w.len(), n * k, "weight is not [n, k]");
+    let (nr, _) = path.tile();
+    let step = if path.pairs() { 2 } else { 1 };
+    let kk = k.div_ceil(step) * step;
+    let mut out = vec![W::default(); n.div_ceil(nr) * kk * nr];
+    out.par_chunks_mut(kk * nr).enumerate().for_each(|(p, panel)| {
+        for j in 0..nr.min(n - p * nr) {
+            let row = &w[(p * nr + j) * k..][..k];
+            for (t, &v) in row.iter().enumerate() {
+                let (pair, e) = (t / step, t % step);
+                panel[(pair * nr + j) * step + e] = v;
+            }
+        }
+    });
+    out
+}
+
+/// The rows of `x`, block by block, in the order the kernels read them.
+enum PackedRows {
+    F32(Vec<Vec<f32>>),
+    /// bf16 pairs as one u32 (low half the even `k`), what `vdpbf16ps` broadcasts.
+    Pairs(Vec<Vec<u32>>),
+}
+
+/// One block of [`PackedRows`].
+enum RowBlock<'a> {
+    F32(&'a [f32]),
+    Pairs(&'a [u32]),
+}
+
+impl PackedRows {
+    fn block(&self, i: usize) -> RowBlock<'_> {
+        match self {
+            Self::F32(b) => RowBlock::F32(&b[i]),
+            Self::Pairs(b) => RowBlock::Pairs(&b[i]),
+        }
+    }
+
+    fn new<A: Activation>(x: &[A], k: usize, blocks: &[(usize, usize)], pairs: bool) -> Self {
+        if pairs {
+            let kp = k.div_ceil(2);
+            Self::Pairs(
+                blocks
+                    .iter()
+                    .map(|&(r0, rows)| {
+                        let mut out = vec![0u32; kp * rows];
+                        for i in 0..rows {
+                            let row = &x[(r0 + i) * k..][..k];
+                            for (t, v) in row.iter().enumerate() {
+                                let bits = u32::from(v.to_bf16().to_bits());
+                                out[(t / 2) * rows + i] |= bits << (16 * (t % 2));
+                            }
+                        }
+                        out
+                    })
+                    .collect(),
+            )
+        } else {
+            Self::F32(
+                blocks
+                    .iter()
+                    .map(|&(r0, rows)| {
+                        let mut out = vec![0f32; k * rows];
+                        for i in 0..rows {
+                            for (t, v) in x[(r0 + i) * k..][..k].iter().enumerate() {
+                                out[t * rows + i] = v.to_f32();
+                            }
+                        }
+                        out
+                    })
+                    .collect(),
+            )
+        }
+    }
+}
+
+/// One `rows x NR` tile: `c = a · b` (or `c += a · b` with `accumulate`) over `kc` steps, `a`
+/// `[kc][rows]`, `b` `[kc][NR]` f32 or bf16 (widened in registers).
+#[allow(clippy::too_many_arguments)]
+fn f32_tile<W: Weight + BLoad>(
+    isa: Isa,
+    rows: usize,
+    kc: usize,
+    a: &[f32],
+    b: &[W],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let (nr, _) = PackPath::F32(isa).tile();
+    assert!(a.len() >= kc * rows && b.len() >= kc * nr, "tile operands too short");
+    assert!(c.len() >= (rows - 1) * ldc + nr, "tile output too short");
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is usable (`PackPath::isa`), and the lengths were checked above.
+        Isa::Avx512 => unsafe { x86::by_rows_512(rows, kc, a, b, c, ldc, accumulate) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::by_rows_256(rows, kc, a, b, c, ldc, accumulate) },
+        _ => portable_tile(rows, kc, a, b, c, ldc, accumulate),
+    }
+}
+
+/// The `vdpbf16ps` tile: `a` `[kc][rows]` bf16 pairs, `b` `[kc][32][2]` bf16.
+#[allow(clippy::too_many_arguments)]
+fn pairs_tile(
+    rows: usize,
+    kc: usize,
+    a: &[u32],
+    b: &[bf16],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    assert!(a.len() >= kc * rows && b.len() >= kc * 64, "tile operands too short");
+    assert!(c.len() >= (rows - 1) * ldc + 32, "tile output too short");
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: pairs are only packed when the processor has AVX-512 and AVX512_BF16
+    // (`PackPath::pairs`); lengths checked above.
+    unsafe {
+        x86::by_rows_dp(rows, kc, a, b, c, ldc, accumulate)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("pairs are only packed on x86-64")
+}
+
+/// The baseline target's tile: `NR` 16, plain multiply and add (no FMA there).
+fn portable_tile<W: Weight>(
+    rows: usize,
+    kc: usize,
+    a: &[f32],
+    b: &[W],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    for r0 in (0..rows).step_by(4) {
+        let mr = 4.min(rows - r0);
+        let mut acc = [[0f32; 16]; 4];
+        for p in 0..kc {
+            let bp = &b[p * 16..][..16];
+            for (i, acc) in acc.iter_mut().enumerate().take(mr) {
+                let ai = a[p * rows + r0 + i];
+                for (o, w) in acc.iter_mut().zip(bp) {
+                    *o += ai * w.widen();
+                }
+            }
+        }
+        for (i, acc) in acc.iter().enumerate().take(mr) {
+            let out = &mut c[(r0 + i) * ldc..][..16];
+            for (o, v) in out.iter_mut().zip(acc) {
+                *o = if accumulate { *o + v } else { *v };
+            }
+        }
+    }
+}
+
+/// Loading a panel's values into vector registers (f32 as is, bf16 widened).
+pub(crate) trait BLoad: Copy {
+    /// 16 values at `p` as f32 lanes.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// 8 values at `p` as f32 lanes.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
+#[cfg(not(target_arch = "x86_64"))]
+impl BLoad for f32 {}
+#[cfg(not(target_arch = "x86_64"))]
+impl BLoad for bf16 {}
+
+#[cfg(test)]
+mod tests;

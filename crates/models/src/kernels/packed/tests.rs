@@ -1,0 +1,143 @@
+use half::bf16;
+
+use super::*;
+use crate::kernels::tests::{paths, values};
+
+/// Row counts below, at and above each kernel's `MR`; columns with partial panels of every
+/// `NR`; `k` odd, below and across `KC` (and `KC` pairs).
+const SHAPES: [(usize, usize, usize); 7] =
+    [(1, 1, 1), (1, 70, 37), (5, 33, 300), (13, 31, 1031), (30, 96, 64), (7, 17, 2), (25, 65, 513)];
+
+fn naive(x: &[f32], w: impl Fn(usize) -> f64, (m, n, k): (usize, usize, usize)) -> Vec<f64> {
+    let mut y = vec![0f64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            y[i * n + j] = (0..k).map(|t| f64::from(x[i * k + t]) * w(j * k + t)).sum();
+        }
+    }
+    y
+}
+
+fn check(label: &str, got: &[f32], want: &[f64], k: usize) {
+    assert_eq!(got.len(), want.len(), "{label}: output size");
+    for (idx, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert!((f64::from(g) - w).abs() < 1e-5 * k as f64, "{label} at {idx}: {g} vs {w}");
+    }
+}
+
+#[test]
+fn f32_matches_the_naive_product_on_every_path() {
+    for (m, n, k) in SHAPES {
+        let x = values(m * k, 1);
+        let w = values(n * k, 2);
+        let want = naive(&x, |i| f64::from(w[i]), (m, n, k));
+        for isa in paths() {
+            let packed = PackedWeight::pack_f32(&w, n, k, isa);
+            assert_eq!(packed.dims(), (n, k));
+            check(
+                &format!("{} {m}x{n}x{k}", packed.path().name()),
+                &packed.matmul(&x, m),
+                &want,
+                k,
+            );
+        }
+    }
+}
+
+#[test]
+fn bf16_matches_the_naive_product_on_every_path() {
+    let paths = Bf16Path::supported();
+    eprintln!("bf16 paths run here: {paths:?}");
+    for (m, n, k) in SHAPES {
+        let xb: Vec<bf16> = values(m * k, 3).iter().map(|&v| bf16::from_f32(v)).collect();
+        let x: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+        let w: Vec<bf16> = values(n * k, 4).iter().map(|&v| bf16::from_f32(v)).collect();
+        let want = naive(&x, |i| f64::from(w[i].to_f32()), (m, n, k));
+        for &path in &paths {
+            let packed = PackedWeight::pack_bf16(&w, n, k, path);
+            let label = format!("{} {m}x{n}x{k}", packed.path().name());
+            // The activations of a bf16 model as bf16, and the same values carried as f32.
+            check(&label, &packed.matmul(&xb, m), &want, k);
+            check(&label, &packed.matmul(&x, m), &want, k);
+        }
+    }
+}
+
+#[test]
+fn no_rows_give_no_output_and_wrong_sizes_are_refused() {
+    let packed = PackedWeight::pack_f32(&values(6, 1), 2, 3, Isa::current());
+    assert!(packed.matmul::<f32>(&[], 0).is_empty());
+    let short = std::panic::catch_unwind(|| packed.matmul(&[1f32; 5], 2));
+    assert!(short.is_err(), "x of the wrong size must not be read past its end");
+}
+
+#[test]
+fn the_path_follows_the_processor() {
+    let f32_path = PackPath::current(false);
+    assert_eq!(f32_path, PackPath::F32(Isa::current()));
+    let bf16_path = PackPath::current(true);
+    assert_eq!(bf16_path, PackPath::Bf16(Bf16Path::for_isa(Isa::current())));
+    // A path the processor lacks runs as one it has.
+    assert!(PackPath::F32(Isa::Avx512).isa() <= Isa::best());
+    assert!(PackPath::Bf16(Bf16Path::Avx512Bf16).isa() <= Isa::best());
+    eprintln!("packed paths here: {} and {}", f32_path.name(), bf16_path.name());
+}
+
+/// Throughput of each path at prefill sizes (GFLOP/s) and at one row (GB/s of weights), with
+/// candle's GEMM alongside:
+/// `cargo nextest run -p dsvl-models --run-ignored only packed_throughput --no-capture`.
+#[test]
+#[ignore = "a measurement, not a check"]
+fn packed_throughput() {
+    use candle_core::{DType, Device, Tensor};
+    let time = |f: &dyn Fn()| {
+        f();
+        let t = std::time::Instant::now();
+        let reps = 5;
+        for _ in 0..reps {
+            f();
+        }
+        t.elapsed().as_secs_f64() / f64::from(reps)
+    };
+    for (m, n, k) in [(128, 5632, 2048), (128, 2048, 5632), (128, 2048, 2048), (576, 4096, 1024)] {
+        let x = values(m * k, 1);
+        let w = values(n * k, 2);
+        let flops = 2.0 * (m * n * k) as f64 / 1e9;
+        for isa in paths() {
+            let p = PackedWeight::pack_f32(&w, n, k, isa);
+            let s = time(&|| drop(std::hint::black_box(p.matmul(&x, m))));
+            eprintln!("{m}x{n}x{k} {}: {:.1} GFLOP/s", p.path().name(), flops / s);
+        }
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        for path in Bf16Path::supported() {
+            let p = PackedWeight::pack_bf16(&wb, n, k, path);
+            let s = time(&|| drop(std::hint::black_box(p.matmul(&xb, m))));
+            eprintln!("{m}x{n}x{k} {}: {:.1} GFLOP/s", p.path().name(), flops / s);
+        }
+        for dt in [DType::F32, DType::BF16] {
+            let xt =
+                Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap().to_dtype(dt).unwrap();
+            let wt =
+                Tensor::from_vec(w.clone(), (n, k), &Device::Cpu).unwrap().to_dtype(dt).unwrap();
+            let s = time(&|| drop(xt.matmul(&wt.t().unwrap()).unwrap()));
+            eprintln!("{m}x{n}x{k} candle {dt:?}: {:.1} GFLOP/s", flops / s);
+        }
+    }
+    let (n, k) = (65_536, 2048);
+    let x = values(k, 1);
+    let w = values(n * k, 2);
+    let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+    let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+    let gbs = |bytes: usize, s: f64| bytes as f64 / s / 1e9;
+    for isa in paths() {
+        let p = PackedWeight::pack_f32(&w, n, k, isa);
+        let s = time(&|| drop(std::hint::black_box(p.matmul(&x, 1))));
+        eprintln!("1 row {}: {:.1} GB/s", p.path().name(), gbs(n * k * 4, s));
+    }
+    for path in Bf16Path::supported() {
+        let p = PackedWeight::pack_bf16(&wb, n, k, path);
+        let s = time(&|| drop(std::hint::black_box(p.matmul(&xb, 1))));
+        eprintln!("1 row {}: {:.1} GB/s", p.path().name(), gbs(n * k * 2, s));
+    }
+}
