@@ -267,16 +267,22 @@ async fn survives_redis_outage_and_recovers() -> Result<()> {
             .collect()
     };
     let down = about_redis("WARN", "Redis is unavailable");
-    // The outage lasted less than the 10 s repeat interval: exactly one warning.
-    assert_eq!(down.len(), 1, "one warning for the outage: {lines:#?}");
+    let back = about_redis("INFO", "Redis is available again");
+    // The outage lasted less than the 10 s repeat interval: one warning at its start, one line
+    // at recovery. Under load a call after the recovery may still time out (200 ms here): that
+    // is a new outage, reported the same way, so outages alternate with recoveries.
+    assert!(!down.is_empty() && !back.is_empty(), "a warning and a recovery: {lines:#?}");
+    assert!(
+        back.len() <= down.len() && down.len() <= back.len() + 1,
+        "each outage is one warning and at most one recovery: {lines:#?}"
+    );
+    assert!(down[0]["timestamp"].as_str() <= back[0]["timestamp"].as_str(), "in that order");
     assert!(
         down[0]["error"].as_str().is_some_and(|e| !e.is_empty()),
         "with its cause: {}",
         down[0]
     );
     assert!(down[0]["timestamp"].is_string() && down[0]["target"].is_string());
-    let back = about_redis("INFO", "Redis is available again");
-    assert_eq!(back.len(), 1, "one line at recovery: {lines:#?}");
     assert!(back[0]["failed_calls"].as_u64().is_some_and(|n| n >= failed_gets as u64));
     Ok(())
 }

@@ -29,6 +29,10 @@ const KC: usize = 256;
 /// task's panels pass over them.
 const MC: usize = 192;
 
+/// Panels per group when tasks own rows: the chunk's `MC x NC * NR` tiles of `y` (192 KiB at
+/// `NR` 32) stay in L2 across the `KC` steps.
+const NC: usize = 8;
+
 /// How a weight is packed and multiplied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PackPath {
@@ -149,63 +153,118 @@ impl PackedWeight {
     pub fn matmul<A: Activation>(&self, x: &[A], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "x is not [m, k] for k = {}", self.k);
         let (nr, mr) = self.path.tile();
-        let isa = self.path.isa();
-        let pairs = self.path.pairs();
-        let kk = if pairs { self.k.div_ceil(2) } else { self.k };
         let panels = self.n.div_ceil(nr);
         // Rows in blocks of `mr`, each block `k`-major: `[k][rows]` (f32) or `[k/2][rows]` bf16
         // pairs as u32, so a kernel reads each step's rows contiguously.
         let blocks: Vec<(usize, usize)> = (0..m).step_by(mr).map(|r| (r, mr.min(m - r))).collect();
-        let a = PackedRows::new(x, self.k, &blocks, pairs);
-        let per_task = panels.div_ceil(rayon::current_num_threads() * 4).max(1);
-        let parts: Vec<Vec<f32>> = (0..panels.div_ceil(per_task))
-            .into_par_iter()
-            .map(|t| {
-                let p0 = t * per_task;
-                let np = per_task.min(panels - p0);
-                let ldc = np * nr;
-                let mut c = vec![0f32; m * ldc];
-                let mut step = |kb: usize, p: usize, chunk: std::ops::Range<usize>| {
-                    for bi in chunk {
-                        let (r0, rows) = blocks[bi];
-                        let tile = Tile { kb, kc: KC.min(kk - kb), rows, panel: p0 + p };
-                        tile.run(isa, &self.data, &a.block(bi), &mut c[r0 * ldc + p * nr..], ldc);
-                    }
-                };
-                if blocks.len() == 1 {
-                    // A few rows (decode): each panel streams from memory in one run.
-                    for p in 0..np {
-                        for kb in (0..kk).step_by(KC) {
-                            step(kb, p, 0..1);
-                        }
-                    }
-                } else {
-                    // Rows in chunks of about `MC`; each chunk's `KC` slice stays in L2 while
-                    // every panel of the task passes over it, each panel slice in L1 while
-                    // every block of the chunk does.
-                    let per_chunk = MC.div_ceil(mr);
-                    for chunk in (0..blocks.len()).step_by(per_chunk) {
-                        let chunk = chunk..blocks.len().min(chunk + per_chunk);
-                        for kb in (0..kk).step_by(KC) {
-                            for p in 0..np {
-                                step(kb, p, chunk.clone());
-                            }
-                        }
-                    }
+        let rows = PackedRows::new(x, self.k, &blocks, self.path.pairs());
+        let gemm = Gemm { w: self, rows: &rows, blocks: &blocks, isa: self.path.isa(), nr };
+        // The output, `panels * nr` columns wide (the last panel's padding dropped at the end).
+        let ldp = panels * nr;
+        let per_chunk = MC.div_ceil(mr);
+        let threads = rayon::current_num_threads();
+        let y = if blocks.len().div_ceil(per_chunk) >= 2 * threads {
+            // Many rows (a long prefill, a vision tower): tasks own chunks of rows, each
+            // writing its rows of `y` in place, all panels streaming past its rows in L2.
+            let mut y = vec![0f32; m * ldp];
+            y.par_chunks_mut(per_chunk * mr * ldp).enumerate().for_each(|(i, out)| {
+                let chunk = i * per_chunk..blocks.len().min((i + 1) * per_chunk);
+                let r0 = blocks[chunk.start].0;
+                // Panels in groups of `NC`, so the chunk's tiles of `y` stay in L2 too.
+                for g in (0..panels).step_by(NC) {
+                    let group = g..panels.min(g + NC);
+                    gemm.rows_by_panels(chunk.clone(), group, &mut out[g * nr..], r0, ldp);
                 }
-                c
-            })
-            .collect();
-        let mut y = vec![0f32; m * self.n];
-        for (t, part) in parts.iter().enumerate() {
-            let c0 = t * per_task * nr;
-            let ldc = part.len() / m.max(1);
-            let cols = ldc.min(self.n - c0);
-            for i in 0..m {
-                y[i * self.n + c0..][..cols].copy_from_slice(&part[i * ldc..][..cols]);
+            });
+            y
+        } else {
+            // Few rows (decode, a short prefill): tasks own runs of panels.
+            let per_task = panels.div_ceil(threads * 4).max(1);
+            let parts: Vec<Vec<f32>> = (0..panels.div_ceil(per_task))
+                .into_par_iter()
+                .map(|t| {
+                    let p = t * per_task..panels.min((t + 1) * per_task);
+                    let ldc = p.len() * nr;
+                    let mut c = vec![0f32; m * ldc];
+                    if blocks.len() == 1 {
+                        // A few rows: each panel streams from memory in one run.
+                        for p in p {
+                            gemm.rows_by_panels(
+                                0..1,
+                                p..p + 1,
+                                &mut c[(p % per_task) * nr..],
+                                0,
+                                ldc,
+                            );
+                        }
+                    } else {
+                        for chunk in (0..blocks.len()).step_by(per_chunk) {
+                            let chunk = chunk..blocks.len().min(chunk + per_chunk);
+                            let r0 = blocks[chunk.start].0;
+                            gemm.rows_by_panels(chunk, p.clone(), &mut c[r0 * ldc..], r0, ldc);
+                        }
+                    }
+                    c
+                })
+                .collect();
+            let mut y = vec![0f32; m * ldp];
+            y.par_chunks_mut(ldp).enumerate().with_min_len(8).for_each(|(i, row)| {
+                for (t, part) in parts.iter().enumerate() {
+                    let ldc = part.len() / m;
+                    row[t * per_task * nr..][..ldc].copy_from_slice(&part[i * ldc..][..ldc]);
+                }
+            });
+            y
+        };
+        unpad(y, m, ldp, self.n)
+    }
+}
+
+/// Drops the padding columns of `[m, ldp]` in place: `[m, n]`.
+fn unpad(mut y: Vec<f32>, m: usize, ldp: usize, n: usize) -> Vec<f32> {
+    if ldp != n {
+        for i in 1..m {
+            y.copy_within(i * ldp..i * ldp + n, i * n);
+        }
+        y.truncate(m * n);
+    }
+    y
+}
+
+/// One product's operands, for the loops over its tiles.
+struct Gemm<'a> {
+    w: &'a PackedWeight,
+    rows: &'a PackedRows,
+    blocks: &'a [(usize, usize)],
+    isa: Isa,
+    nr: usize,
+}
+
+impl Gemm<'_> {
+    /// The tiles of row blocks `chunk` (the first at row `r0`) by panels `panels`, written to
+    /// `out` (row `r0`, column of the first panel; `ldc` apart): `KC` steps outermost, so the
+    /// chunk's slice of `k` stays in L2 while the panels pass over it and each panel's slice
+    /// stays in L1 while the chunk's blocks do.
+    fn rows_by_panels(
+        &self,
+        chunk: std::ops::Range<usize>,
+        panels: std::ops::Range<usize>,
+        out: &mut [f32],
+        r0: usize,
+        ldc: usize,
+    ) {
+        let kk = if self.w.path.pairs() { self.w.k.div_ceil(2) } else { self.w.k };
+        let first = panels.start;
+        for kb in (0..kk).step_by(KC) {
+            for panel in panels.clone() {
+                for bi in chunk.clone() {
+                    let (r, rows) = self.blocks[bi];
+                    let tile = Tile { kb, kc: KC.min(kk - kb), rows, panel };
+                    let c = &mut out[(r - r0) * ldc + (panel - first) * self.nr..];
+                    tile.run(self.isa, &self.w.data, &self.rows.block(bi), c, ldc);
+                }
             }
         }
-        y
     }
 }
 
@@ -332,7 +391,7 @@ impl PackedRows {
             let kp = k.div_ceil(2);
             Self::Pairs(
                 blocks
-                    .iter()
+                    .par_iter()
                     .map(|&(r0, rows)| {
                         let mut out = vec![0u32; kp * rows];
                         for i in 0..rows {
@@ -349,7 +408,7 @@ impl PackedRows {
         } else {
             Self::F32(
                 blocks
-                    .iter()
+                    .par_iter()
                     .map(|&(r0, rows)| {
                         let mut out = vec![0f32; k * rows];
                         for i in 0..rows {

@@ -64,6 +64,33 @@ fn bf16_matches_the_naive_product_on_every_path() {
 }
 
 #[test]
+fn many_rows_split_by_rows_match_the_naive_product() {
+    // On two threads, 600 rows are enough chunks of `MC` rows for the row-parallel scheme;
+    // 33 columns leave a padded last panel to drop.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    for (m, n, k) in [(600, 33, 70), (1000, 64, 300)] {
+        let x = values(m * k, 5);
+        let w = values(n * k, 6);
+        let want = naive(&x, |i| f64::from(w[i]), (m, n, k));
+        let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+        let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        let xbf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+        let want_bf16 = naive(&xbf, |i| f64::from(wb[i].to_f32()), (m, n, k));
+        pool.install(|| {
+            for isa in paths() {
+                let p = PackedWeight::pack_f32(&w, n, k, isa);
+                check(&format!("{} {m}x{n}x{k}", p.path().name()), &p.matmul(&x, m), &want, k);
+            }
+            for path in Bf16Path::supported() {
+                let p = PackedWeight::pack_bf16(&wb, n, k, path);
+                let label = format!("{} {m}x{n}x{k}", p.path().name());
+                check(&label, &p.matmul(&xb, m), &want_bf16, k);
+            }
+        });
+    }
+}
+
+#[test]
 fn no_rows_give_no_output_and_wrong_sizes_are_refused() {
     let packed = PackedWeight::pack_f32(&values(6, 1), 2, 3, Isa::current());
     assert!(packed.matmul::<f32>(&[], 0).is_empty());
@@ -101,7 +128,7 @@ fn packed_throughput() {
             })
             .fold(f64::INFINITY, f64::min)
     };
-    for (m, n, k) in [(128, 5632, 2048), (128, 2048, 5632), (128, 2048, 2048), (576, 4096, 1024)] {
+    for (m, n, k) in [(128, 5632, 2048), (128, 2048, 5632), (576, 4096, 1024), (4096, 2304, 768)] {
         let x = values(m * k, 1);
         let w = values(n * k, 2);
         let flops = 2.0 * (m * n * k) as f64 / 1e9;
