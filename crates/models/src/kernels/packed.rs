@@ -1,9 +1,10 @@
 //! `y = x Wᵀ` against a weight packed once, at load, into the layout the micro-kernels read:
 //! the linears of every forward (prefill, decode, any batch), on the CPU.
 //!
-//! A general GEMM library (the `gemm` crate under candle) repacks `W` on every call; at prefill
-//! sizes (128 rows against a 2048 x 5632 weight) that repacking is a fifth of the time, and in
-//! bf16 candle also widens all of `W` to f32 first. Here `W` (`[n, k]`) is stored as panels of
+//! A general GEMM library (the `gemm` crate under candle) repacks `W` on every call, and in bf16
+//! candle also widens all of `W` to f32 first: at prefill sizes (128 rows against a 2048 x 5632
+//! weight) it ran at half this kernel's rate in f32 and an eighth in bf16 (benches/README.md,
+//! `packed_throughput`). Here `W` (`[n, k]`) is stored as panels of
 //! `NR` output columns, each panel `k`-major (`[k][NR]`), so a micro-kernel streams one panel
 //! contiguously while it keeps an `MR x NR` tile of `y` in registers. The same layout serves a
 //! one-row decode step (one contiguous stream per panel, at the memory's rate) and a prefill
@@ -127,7 +128,7 @@ impl Activation for bf16 {
 }
 
 impl PackedWeight {
-    /// Packs an f32 `[n, k]` weight (row-major) for `path` (an f32 path).
+    /// Packs an f32 `[n, k]` weight (row-major) for the f32 kernels of `isa`.
     pub fn pack_f32(w: &[f32], n: usize, k: usize, isa: Isa) -> Self {
         let path = PackPath::F32(isa);
         Self { n, k, path, data: Data::F32(pack(w, n, k, path)) }
