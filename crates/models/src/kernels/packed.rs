@@ -153,6 +153,9 @@ impl PackedWeight {
     /// `[m, k] x Wᵀ -> [m, n]`, f32 out.
     pub fn matmul<A: Activation>(&self, x: &[A], m: usize) -> Vec<f32> {
         assert_eq!(x.len(), m * self.k, "x is not [m, k] for k = {}", self.k);
+        if m == 0 || self.n == 0 {
+            return Vec::new();
+        }
         let (nr, mr) = self.path.tile();
         let panels = self.n.div_ceil(nr);
         // Rows in blocks of `mr`, each block `k`-major: `[k][rows]` (f32) or `[k/2][rows]` bf16

@@ -94,6 +94,8 @@ fn many_rows_split_by_rows_match_the_naive_product() {
 fn no_rows_give_no_output_and_wrong_sizes_are_refused() {
     let packed = PackedWeight::pack_f32(&values(6, 1), 2, 3, Isa::current());
     assert!(packed.matmul::<f32>(&[], 0).is_empty());
+    let no_outputs = PackedWeight::pack_f32(&[], 0, 3, Isa::current());
+    assert!(no_outputs.matmul(&[1f32; 6], 2).is_empty());
     let short = std::panic::catch_unwind(|| packed.matmul(&[1f32; 5], 2));
     assert!(short.is_err(), "x of the wrong size must not be read past its end");
 }
