@@ -292,36 +292,18 @@ impl Tile {
         // The panel's slice for these `k` steps: `[kc][nr]` values, or `[kc][nr][2]` pairs.
         let b = (panel * kk + kb) * nr;
         let acc = kb > 0;
+        // This block's rows for these steps.
+        let steps = kb * rows..(kb + kc) * rows;
         match (w, a) {
-            (Data::F32(w), RowBlock::F32(a)) => f32_tile(
-                isa,
-                rows,
-                kc,
-                &a[kb * rows..][..kc * rows],
-                &w[b..][..kc * nr],
-                c,
-                ldc,
-                acc,
-            ),
-            (Data::Bf16(w), RowBlock::F32(a)) => f32_tile(
-                isa,
-                rows,
-                kc,
-                &a[kb * rows..][..kc * rows],
-                &w[b..][..kc * nr],
-                c,
-                ldc,
-                acc,
-            ),
-            (Data::Bf16(w), RowBlock::Pairs(a)) => pairs_tile(
-                rows,
-                kc,
-                &a[kb * rows..][..kc * rows],
-                &w[2 * b..][..2 * kc * nr],
-                c,
-                ldc,
-                acc,
-            ),
+            (Data::F32(w), RowBlock::F32(a)) => {
+                f32_tile(isa, rows, kc, &a[steps], &w[b..][..kc * nr], c, ldc, acc)
+            }
+            (Data::Bf16(w), RowBlock::F32(a)) => {
+                f32_tile(isa, rows, kc, &a[steps], &w[b..][..kc * nr], c, ldc, acc)
+            }
+            (Data::Bf16(w), RowBlock::Pairs(a)) => {
+                pairs_tile(rows, kc, &a[steps], &w[2 * b..][..2 * kc * nr], c, ldc, acc)
+            }
             (Data::F32(_), RowBlock::Pairs(_)) => {
                 unreachable!("f32 weights are never packed in pairs")
             }

@@ -81,17 +81,7 @@ unsafe fn tile_512<const MR: usize, W: BLoad>(
     ldc: usize,
     accumulate: bool,
 ) {
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-    for p in 0..kc {
-        let b0 = W::load16(b.add(p * 32));
-        let b1 = W::load16(b.add(p * 32 + 16));
-        for (i, acc) in acc.iter_mut().enumerate() {
-            let ai = _mm512_set1_ps(*a.add(p * MR + i));
-            acc[0] = _mm512_fmadd_ps(ai, b0, acc[0]);
-            acc[1] = _mm512_fmadd_ps(ai, b1, acc[1]);
-        }
-    }
-    store_512(&acc, c, ldc, accumulate);
+    fma_tile::<MR, __m512, W>(kc, a, b, c, ldc, accumulate)
 }
 
 /// AVX512_BF16 tile: `a` `[kc][rows]` bf16 pairs (u32), `b` `[kc][32][2]` bf16.
@@ -136,32 +126,13 @@ unsafe fn tile_dp<const MR: usize>(
             acc[1] = _mm512_dpbf16_ps(acc[1], ai, b1);
         }
     }
-    store_512(&acc, c, ldc, accumulate);
+    store(&acc, c, ldc, accumulate);
 }
 
 /// 32 bf16 at `p` as a `vdpbf16ps` operand.
 #[inline(always)]
 unsafe fn bh(p: *const bf16) -> __m512bh {
     std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(p.cast()))
-}
-
-#[inline(always)]
-unsafe fn store_512<const MR: usize>(
-    acc: &[[__m512; 2]; MR],
-    c: *mut f32,
-    ldc: usize,
-    accumulate: bool,
-) {
-    for (i, acc) in acc.iter().enumerate() {
-        let ci = c.add(i * ldc);
-        let (mut r0, mut r1) = (acc[0], acc[1]);
-        if accumulate {
-            r0 = _mm512_add_ps(r0, _mm512_loadu_ps(ci));
-            r1 = _mm512_add_ps(r1, _mm512_loadu_ps(ci.add(16)));
-        }
-        _mm512_storeu_ps(ci, r0);
-        _mm512_storeu_ps(ci.add(16), r1);
-    }
 }
 
 /// AVX2 f32 FMA tile, `b` f32 or bf16: `c[rows x 16] (+)= a[kc x rows] · b[kc x 16]`.
@@ -192,24 +163,125 @@ unsafe fn tile_256<const MR: usize, W: BLoad>(
     ldc: usize,
     accumulate: bool,
 ) {
-    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    fma_tile::<MR, __m256, W>(kc, a, b, c, ldc, accumulate)
+}
+
+/// The FMA tile at the width of `V`, two vectors per row: inlined into the `target_feature`
+/// functions above, which give it its instructions.
+#[inline(always)]
+unsafe fn fma_tile<const MR: usize, V: Lanes, W: BLoad>(
+    kc: usize,
+    a: *const f32,
+    b: *const W,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    let mut acc = [[V::zero(); 2]; MR];
     for p in 0..kc {
-        let b0 = W::load8(b.add(p * 16));
-        let b1 = W::load8(b.add(p * 16 + 8));
+        let b0 = V::load_weights(b.add(p * 2 * V::N));
+        let b1 = V::load_weights(b.add(p * 2 * V::N + V::N));
         for (i, acc) in acc.iter_mut().enumerate() {
-            let ai = _mm256_set1_ps(*a.add(p * MR + i));
-            acc[0] = _mm256_fmadd_ps(ai, b0, acc[0]);
-            acc[1] = _mm256_fmadd_ps(ai, b1, acc[1]);
+            let ai = V::splat(*a.add(p * MR + i));
+            acc[0] = V::fma(ai, b0, acc[0]);
+            acc[1] = V::fma(ai, b1, acc[1]);
         }
     }
+    store(&acc, c, ldc, accumulate);
+}
+
+/// A tile's rows to `c` (`ldc` apart), added to what is there with `accumulate`.
+#[inline(always)]
+unsafe fn store<const MR: usize, V: Lanes>(
+    acc: &[[V; 2]; MR],
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
     for (i, acc) in acc.iter().enumerate() {
         let ci = c.add(i * ldc);
-        let (mut r0, mut r1) = (acc[0], acc[1]);
-        if accumulate {
-            r0 = _mm256_add_ps(r0, _mm256_loadu_ps(ci));
-            r1 = _mm256_add_ps(r1, _mm256_loadu_ps(ci.add(8)));
+        for (half, &r) in acc.iter().enumerate() {
+            let out = ci.add(half * V::N);
+            V::store(if accumulate { V::add(r, V::load(out)) } else { r }, out);
         }
-        _mm256_storeu_ps(ci, r0);
-        _mm256_storeu_ps(ci.add(8), r1);
+    }
+}
+
+/// A vector register of f32 lanes, with what a tile does to it.
+trait Lanes: Copy {
+    /// f32 lanes.
+    const N: usize;
+    unsafe fn zero() -> Self;
+    unsafe fn splat(v: f32) -> Self;
+    /// `a * b + c`, fused.
+    unsafe fn fma(a: Self, b: Self, c: Self) -> Self;
+    unsafe fn add(a: Self, b: Self) -> Self;
+    unsafe fn load(p: *const f32) -> Self;
+    unsafe fn store(v: Self, p: *mut f32);
+    /// `N` panel values (f32, or bf16 widened).
+    unsafe fn load_weights<W: BLoad>(p: *const W) -> Self;
+}
+
+impl Lanes for __m512 {
+    const N: usize = 16;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        _mm512_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        _mm512_set1_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        _mm512_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        _mm512_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(v: Self, p: *mut f32) {
+        _mm512_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn load_weights<W: BLoad>(p: *const W) -> Self {
+        W::load16(p)
+    }
+}
+
+impl Lanes for __m256 {
+    const N: usize = 8;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        _mm256_setzero_ps()
+    }
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        _mm256_set1_ps(v)
+    }
+    #[inline(always)]
+    unsafe fn fma(a: Self, b: Self, c: Self) -> Self {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline(always)]
+    unsafe fn add(a: Self, b: Self) -> Self {
+        _mm256_add_ps(a, b)
+    }
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        _mm256_loadu_ps(p)
+    }
+    #[inline(always)]
+    unsafe fn store(v: Self, p: *mut f32) {
+        _mm256_storeu_ps(p, v)
+    }
+    #[inline(always)]
+    unsafe fn load_weights<W: BLoad>(p: *const W) -> Self {
+        W::load8(p)
     }
 }
