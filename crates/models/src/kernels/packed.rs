@@ -3,7 +3,7 @@
 //!
 //! A general GEMM library (the `gemm` crate under candle) repacks `W` on every call, and in bf16
 //! candle also widens all of `W` to f32 first: at prefill sizes (128 rows against a 2048 x 5632
-//! weight) it ran at half this kernel's rate in f32 and an eighth in bf16 (benches/README.md,
+//! weight) it ran at half this kernel's rate in f32 and a seventh in bf16 (benches/README.md,
 //! `packed_throughput`). Here `W` (`[n, k]`) is stored as panels of
 //! `NR` output columns, each panel `k`-major (`[k][NR]`), so a micro-kernel streams one panel
 //! contiguously while it keeps an `MR x NR` tile of `y` in registers. The same layout serves a
@@ -162,7 +162,8 @@ impl PackedWeight {
         // pairs as u32, so a kernel reads each step's rows contiguously.
         let blocks: Vec<(usize, usize)> = (0..m).step_by(mr).map(|r| (r, mr.min(m - r))).collect();
         let rows = PackedRows::new(x, self.k, &blocks, self.path.pairs());
-        let gemm = Gemm { w: self, rows: &rows, blocks: &blocks, isa: self.path.isa(), nr };
+        let kk = if self.path.pairs() { self.k.div_ceil(2) } else { self.k };
+        let gemm = Gemm { w: self, rows: &rows, blocks: &blocks, isa: self.path.isa(), nr, kk };
         // The output, `panels * nr` columns wide (the last panel's padding dropped at the end).
         let ldp = panels * nr;
         let per_chunk = MC.div_ceil(mr);
@@ -242,6 +243,8 @@ struct Gemm<'a> {
     blocks: &'a [(usize, usize)],
     isa: Isa,
     nr: usize,
+    /// Steps of `k` per panel row: `k`, or `k / 2` rounded up for pairs.
+    kk: usize,
 }
 
 impl Gemm<'_> {
@@ -257,49 +260,32 @@ impl Gemm<'_> {
         r0: usize,
         ldc: usize,
     ) {
-        let kk = if self.w.path.pairs() { self.w.k.div_ceil(2) } else { self.w.k };
-        let first = panels.start;
-        for kb in (0..kk).step_by(KC) {
+        for kb in (0..self.kk).step_by(KC) {
             for panel in panels.clone() {
                 for bi in chunk.clone() {
-                    let (r, rows) = self.blocks[bi];
-                    let tile = Tile { kb, kc: KC.min(kk - kb), rows, panel };
-                    let c = &mut out[(r - r0) * ldc + (panel - first) * self.nr..];
-                    tile.run(self.isa, &self.w.data, &self.rows.block(bi), c, ldc);
+                    let c = &mut out
+                        [(self.blocks[bi].0 - r0) * ldc + (panel - panels.start) * self.nr..];
+                    self.tile(bi, panel, kb, c, ldc);
                 }
             }
         }
     }
-}
 
-/// One micro-kernel call: `rows` rows against panel `panel`, over `k` steps `[kb, kb + kc)`
-/// (the first block overwrites the tile, the others add to it).
-struct Tile {
-    kb: usize,
-    kc: usize,
-    rows: usize,
-    panel: usize,
-}
-
-impl Tile {
-    fn run(&self, isa: Isa, w: &Data, a: &RowBlock<'_>, c: &mut [f32], ldc: usize) {
-        let Self { kb, kc, rows, panel } = *self;
-        let nr = c_cols(isa);
-        let kk = match a {
-            RowBlock::F32(a) => a.len() / rows,
-            RowBlock::Pairs(a) => a.len() / rows,
-        };
-        // The panel's slice for these `k` steps: `[kc][nr]` values, or `[kc][nr][2]` pairs.
-        let b = (panel * kk + kb) * nr;
-        let acc = kb > 0;
-        // This block's rows for these steps.
+    /// One micro-kernel call: row block `bi` against `panel`, over `k` steps `[kb, kb + KC)`
+    /// (the first block of steps overwrites the tile, the others add to it).
+    fn tile(&self, bi: usize, panel: usize, kb: usize, c: &mut [f32], ldc: usize) {
+        let (nr, rows, kc) = (self.nr, self.blocks[bi].1, KC.min(self.kk - kb));
+        // The panel's slice for these steps: `[kc][nr]` values, or `[kc][nr][2]` pairs; and
+        // this block's rows for them.
+        let b = (panel * self.kk + kb) * nr;
         let steps = kb * rows..(kb + kc) * rows;
-        match (w, a) {
+        let acc = kb > 0;
+        match (&self.w.data, self.rows.block(bi)) {
             (Data::F32(w), RowBlock::F32(a)) => {
-                f32_tile(isa, rows, kc, &a[steps], &w[b..][..kc * nr], c, ldc, acc)
+                f32_tile(self.isa, rows, kc, &a[steps], &w[b..][..kc * nr], c, ldc, acc)
             }
             (Data::Bf16(w), RowBlock::F32(a)) => {
-                f32_tile(isa, rows, kc, &a[steps], &w[b..][..kc * nr], c, ldc, acc)
+                f32_tile(self.isa, rows, kc, &a[steps], &w[b..][..kc * nr], c, ldc, acc)
             }
             (Data::Bf16(w), RowBlock::Pairs(a)) => {
                 pairs_tile(rows, kc, &a[steps], &w[2 * b..][..2 * kc * nr], c, ldc, acc)
@@ -309,11 +295,6 @@ impl Tile {
             }
         }
     }
-}
-
-/// Output columns per panel on `isa`.
-fn c_cols(isa: Isa) -> usize {
-    PackPath::F32(isa).tile().0
 }
 
 /// `w` (`[n, k]`) as panels of `nr` columns, `[k][nr]` each, or `[k/2][nr][2]` for pairs;
