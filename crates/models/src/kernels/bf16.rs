@@ -3,6 +3,7 @@
 
 use half::bf16;
 
+use super::packed::has_amx;
 use crate::isa::Isa;
 
 /// A weight element: f32, or bf16 widened to f32 on the fly (a 16-bit shift; exact).
@@ -32,12 +33,17 @@ pub enum Bf16Path {
     Widen(Isa),
     /// AVX512_BF16 `vdpbf16ps`: 32 bf16 products per instruction.
     Avx512Bf16,
+    /// AMX `tdpbf16ps` for blocks of 16 rows or more (8192 products per instruction), and
+    /// `vdpbf16ps` below.
+    Amx,
 }
 
 impl Bf16Path {
     /// The fastest path for `isa` (lowered to the processor) on this processor.
     pub fn for_isa(isa: Isa) -> Self {
-        if isa.usable() == Isa::Avx512 && has_avx512_bf16() {
+        if isa.usable() == Isa::Avx512 && has_amx() {
+            Self::Amx
+        } else if isa.usable() == Isa::Avx512 && has_avx512_bf16() {
             Self::Avx512Bf16
         } else {
             Self::Widen(isa.usable())
@@ -50,6 +56,9 @@ impl Bf16Path {
         if has_avx512_bf16() && Isa::best() == Isa::Avx512 {
             paths.push(Self::Avx512Bf16);
         }
+        if has_amx() && Isa::best() == Isa::Avx512 {
+            paths.push(Self::Amx);
+        }
         paths
     }
 
@@ -58,6 +67,7 @@ impl Bf16Path {
         match self {
             Self::Widen(isa) => format!("{}-widen", isa.name()),
             Self::Avx512Bf16 => "avx512-bf16".into(),
+            Self::Amx => "amx".into(),
         }
     }
 }
@@ -83,7 +93,9 @@ mod tests {
         assert_eq!(Bf16Path::for_isa(Isa::Scalar), Bf16Path::Widen(Isa::Scalar));
         let best = Bf16Path::for_isa(Isa::best());
         assert!(Bf16Path::supported().contains(&best));
-        assert_eq!(best == Bf16Path::Avx512Bf16, has_avx512_bf16() && Isa::best() == Isa::Avx512);
+        let avx512 = Isa::best() == Isa::Avx512;
+        assert_eq!(best == Bf16Path::Amx, has_amx() && avx512);
+        assert_eq!(best == Bf16Path::Avx512Bf16, !has_amx() && has_avx512_bf16() && avx512);
         eprintln!("best bf16 path here: {}", best.name());
     }
 }

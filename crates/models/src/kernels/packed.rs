@@ -13,14 +13,17 @@
 //!
 //! Paths, picked at run time ([`Isa`], [`Bf16Path`]): f32 FMAs on AVX-512 (`NR` 32, `MR` up to
 //! 12) and AVX2 (`NR` 16, `MR` up to 6), the baseline target (`NR` 16, `MR` 4); bf16 weights
-//! multiplied with AVX512_BF16 `vdpbf16ps` (`k` packed in pairs, `[k/2][NR][2]`), or widened to
-//! f32 in registers on the other paths. Every path accumulates in f32.
+//! multiplied with AVX512_BF16 `vdpbf16ps` (`k` packed in pairs, `[k/2][NR][2]`), with AMX
+//! `tdpbf16ps` on the same layout for blocks of 16 rows or more where the processor has it
+//! (`amx.rs`; 32 x 32 tiles), or widened to f32 in registers on the other paths. Every path
+//! accumulates in f32.
 
 use half::bf16;
 use rayon::prelude::*;
 
 use super::bf16::{has_avx512_bf16, Bf16Path, Weight};
 use crate::isa::Isa;
+pub(crate) use amx::has_amx;
 
 /// `k` per cache block (pairs of `k` for `vdpbf16ps`): an `MR x KC` slice of the packed rows
 /// and a `KC x NR` slice of a panel stay in L1/L2 while the tile accumulates.
@@ -53,34 +56,88 @@ impl PackPath {
         }
     }
 
-    /// Output columns per panel, and the most rows one micro-kernel call takes.
-    fn tile(self) -> (usize, usize) {
-        match self.isa() {
-            Isa::Avx512 => (32, 12),
-            Isa::Avx2 => (16, 6),
-            Isa::Scalar => (16, 4),
-        }
+    /// Output columns per panel (every kernel of a path shares them).
+    fn nr(self) -> usize {
+        self.kernel(1).tile().0
     }
 
-    /// The vector width the path runs (a path the processor lacks runs as the widest it has).
-    fn isa(self) -> Isa {
+    /// The micro-kernel a product of `m` rows runs (a path the processor lacks runs as the
+    /// widest it has).
+    fn kernel(self, m: usize) -> Kernel {
         match self {
-            Self::F32(isa) | Self::Bf16(Bf16Path::Widen(isa)) => isa.usable(),
-            Self::Bf16(Bf16Path::Avx512Bf16) => Isa::best(),
+            Self::F32(isa) | Self::Bf16(Bf16Path::Widen(isa)) => Kernel::Fma(isa.usable()),
+            Self::Bf16(_) if !self.pairs() => Kernel::Fma(Isa::best()),
+            Self::Bf16(Bf16Path::Amx) if has_amx() && m >= AMX_MIN_ROWS => Kernel::Amx,
+            Self::Bf16(_) => Kernel::Dp,
         }
     }
 
-    /// Whether `k` is packed in pairs for `vdpbf16ps`.
+    /// Whether `k` is packed in pairs for `vdpbf16ps` and AMX.
     fn pairs(self) -> bool {
-        self == Self::Bf16(Bf16Path::Avx512Bf16) && has_avx512_bf16() && Isa::best() == Isa::Avx512
+        matches!(self, Self::Bf16(Bf16Path::Avx512Bf16 | Bf16Path::Amx))
+            && has_avx512_bf16()
+            && Isa::best() == Isa::Avx512
+    }
+
+    /// What `k` is padded to a multiple of: pairs, and whole AMX tiles where AMX runs.
+    fn k_multiple(self) -> usize {
+        match self {
+            Self::Bf16(Bf16Path::Amx) if self.pairs() && has_amx() => 2 * amx::PAIRS,
+            _ if self.pairs() => 2,
+            _ => 1,
+        }
     }
 
     /// A short name for logs and benchmark output.
     pub fn name(self) -> String {
         match self {
-            Self::F32(_) => format!("f32-{}", self.isa().name()),
+            Self::F32(_) => format!("f32-{}", self.isa_name()),
+            Self::Bf16(_) if self.k_multiple() > 2 => "bf16-amx".into(),
             Self::Bf16(_) if self.pairs() => "bf16-avx512-bf16".into(),
-            Self::Bf16(_) => format!("bf16-{}-widen", self.isa().name()),
+            Self::Bf16(_) => format!("bf16-{}-widen", self.isa_name()),
+        }
+    }
+
+    fn isa_name(self) -> &'static str {
+        match self.kernel(1) {
+            Kernel::Fma(isa) => isa.name(),
+            Kernel::Dp | Kernel::Amx => Isa::Avx512.name(),
+        }
+    }
+}
+
+/// Rows from which a bf16 product runs on AMX: fewer would leave most of a 16-row tile empty,
+/// where `vdpbf16ps` streams the weights as fast.
+const AMX_MIN_ROWS: usize = 16;
+
+/// A micro-kernel, with the tile of `y` it computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// f32 FMAs (bf16 weights widened in registers) of this width.
+    Fma(Isa),
+    /// AVX512_BF16 `vdpbf16ps` on `k` pairs.
+    Dp,
+    /// AMX `tdpbf16ps`.
+    Amx,
+}
+
+impl Kernel {
+    /// Output columns per panel, and the most rows one call takes.
+    fn tile(self) -> (usize, usize) {
+        match self {
+            Self::Fma(Isa::Avx512) | Self::Dp => (32, 12),
+            Self::Fma(Isa::Avx2) => (16, 6),
+            Self::Fma(Isa::Scalar) => (16, 4),
+            Self::Amx => (amx::ROWS, amx::ROWS),
+        }
+    }
+
+    /// How a block of rows is laid out for this kernel.
+    fn layout(self) -> Layout {
+        match self {
+            Self::Fma(_) => Layout::F32,
+            Self::Dp => Layout::Pairs,
+            Self::Amx => Layout::Tiles,
         }
     }
 }
@@ -156,14 +213,16 @@ impl PackedWeight {
         if m == 0 || self.n == 0 {
             return Vec::new();
         }
-        let (nr, mr) = self.path.tile();
+        let kernel = self.path.kernel(m);
+        let (nr, mr) = kernel.tile();
         let panels = self.n.div_ceil(nr);
-        // Rows in blocks of `mr`, each block `k`-major: `[k][rows]` (f32) or `[k/2][rows]` bf16
-        // pairs as u32, so a kernel reads each step's rows contiguously.
+        // Steps of `k` per panel row: `k`, or its pairs (padded as the panels are).
+        let kk = self.k.div_ceil(self.path.k_multiple()) * self.path.k_multiple();
+        let kk = if self.path.pairs() { kk / 2 } else { kk };
+        // Rows in blocks of `mr`, laid out as the kernel reads them.
         let blocks: Vec<(usize, usize)> = (0..m).step_by(mr).map(|r| (r, mr.min(m - r))).collect();
-        let rows = PackedRows::new(x, self.k, &blocks, self.path.pairs());
-        let kk = if self.path.pairs() { self.k.div_ceil(2) } else { self.k };
-        let gemm = Gemm { w: self, rows: &rows, blocks: &blocks, isa: self.path.isa(), nr, kk };
+        let rows = PackedRows::new(x, self.k, kk, &blocks, kernel.layout());
+        let gemm = Gemm { w: self, rows: &rows, blocks: &blocks, kernel, nr, kk };
         // The output, `panels * nr` columns wide (the last panel's padding dropped at the end).
         let ldp = panels * nr;
         let per_chunk = MC.div_ceil(mr);
@@ -241,7 +300,7 @@ struct Gemm<'a> {
     w: &'a PackedWeight,
     rows: &'a PackedRows,
     blocks: &'a [(usize, usize)],
-    isa: Isa,
+    kernel: Kernel,
     nr: usize,
     /// Steps of `k` per panel row: `k`, or `k / 2` rounded up for pairs.
     kk: usize,
@@ -280,17 +339,25 @@ impl Gemm<'_> {
         let b = (panel * self.kk + kb) * nr;
         let steps = kb * rows..(kb + kc) * rows;
         let acc = kb > 0;
+        let isa = match self.kernel {
+            Kernel::Fma(isa) => isa,
+            Kernel::Dp | Kernel::Amx => Isa::Avx512,
+        };
         match (&self.w.data, self.rows.block(bi)) {
             (Data::F32(w), RowBlock::F32(a)) => {
-                f32_tile(self.isa, rows, kc, &a[steps], &w[b..][..kc * nr], c, ldc, acc)
+                f32_tile(isa, rows, kc, &a[steps], &w[b..][..kc * nr], c, ldc, acc)
             }
             (Data::Bf16(w), RowBlock::F32(a)) => {
-                f32_tile(self.isa, rows, kc, &a[steps], &w[b..][..kc * nr], c, ldc, acc)
+                f32_tile(isa, rows, kc, &a[steps], &w[b..][..kc * nr], c, ldc, acc)
             }
             (Data::Bf16(w), RowBlock::Pairs(a)) => {
                 pairs_tile(rows, kc, &a[steps], &w[2 * b..][..2 * kc * nr], c, ldc, acc)
             }
-            (Data::F32(_), RowBlock::Pairs(_)) => {
+            (Data::Bf16(w), RowBlock::Tiles(a)) => {
+                let a = &a[kb / amx::PAIRS * amx::STEP..][..kc / amx::PAIRS * amx::STEP];
+                amx_tile(rows, kc, a, &w[2 * b..][..2 * kc * nr], c, ldc, acc)
+            }
+            (Data::F32(_), RowBlock::Pairs(_) | RowBlock::Tiles(_)) => {
                 unreachable!("f32 weights are never packed in pairs")
             }
         }
@@ -301,9 +368,9 @@ impl Gemm<'_> {
 /// columns past `n` and the odd `k`'s partner are zero.
 fn pack<W: Copy + Default + Send + Sync>(w: &[W], n: usize, k: usize, path: PackPath) -> Vec<W> {
     assert_eq!(w.len(), n * k, "weight is not [n, k]");
-    let (nr, _) = path.tile();
+    let nr = path.nr();
     let step = if path.pairs() { 2 } else { 1 };
-    let kk = k.div_ceil(step) * step;
+    let kk = k.div_ceil(path.k_multiple()) * path.k_multiple();
     let mut out = vec![W::default(); n.div_ceil(nr) * kk * nr];
     out.par_chunks_mut(kk * nr).enumerate().for_each(|(p, panel)| {
         let rows: Vec<&[W]> = (p * nr..n.min((p + 1) * nr)).map(|j| &w[j * k..][..k]).collect();
@@ -332,17 +399,31 @@ fn gather<const STEP: usize, W: Copy>(panel: &mut [W], rows: &[&[W]], nr: usize)
     }
 }
 
+/// How a kernel reads a block of rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `[k][rows]` f32.
+    F32,
+    /// `[k/2][rows]` bf16 pairs.
+    Pairs,
+    /// bf16 AMX tiles: per 32 values of `k`, `[32 rows][32]` (zero-padded rows).
+    Tiles,
+}
+
 /// The rows of `x`, block by block, in the order the kernels read them.
 enum PackedRows {
     F32(Vec<Vec<f32>>),
     /// bf16 pairs as one u32 (low half the even `k`), what `vdpbf16ps` broadcasts.
     Pairs(Vec<Vec<u32>>),
+    /// bf16 rows, what AMX loads as tiles.
+    Tiles(Vec<Vec<bf16>>),
 }
 
 /// One block of [`PackedRows`].
 enum RowBlock<'a> {
     F32(&'a [f32]),
     Pairs(&'a [u32]),
+    Tiles(&'a [bf16]),
 }
 
 impl PackedRows {
@@ -350,20 +431,28 @@ impl PackedRows {
         match self {
             Self::F32(b) => RowBlock::F32(&b[i]),
             Self::Pairs(b) => RowBlock::Pairs(&b[i]),
+            Self::Tiles(b) => RowBlock::Tiles(&b[i]),
         }
     }
 
-    fn new<A: Activation>(x: &[A], k: usize, blocks: &[(usize, usize)], pairs: bool) -> Self {
-        if pairs {
-            let kp = k.div_ceil(2);
-            Self::Pairs(
+    /// `x` (`[m, k]`) in `blocks`, for a kernel of `layout` taking `kk` steps of `k` (the
+    /// padding past `k` zero).
+    fn new<A: Activation>(
+        x: &[A],
+        k: usize,
+        kk: usize,
+        blocks: &[(usize, usize)],
+        layout: Layout,
+    ) -> Self {
+        let row = |r: usize| &x[r * k..][..k];
+        match layout {
+            Layout::Pairs => Self::Pairs(
                 blocks
                     .par_iter()
                     .map(|&(r0, rows)| {
-                        let mut out = vec![0u32; kp * rows];
+                        let mut out = vec![0u32; kk * rows];
                         for i in 0..rows {
-                            let row = &x[(r0 + i) * k..][..k];
-                            for (t, v) in row.iter().enumerate() {
+                            for (t, v) in row(r0 + i).iter().enumerate() {
                                 let bits = u32::from(v.to_bf16().to_bits());
                                 out[(t / 2) * rows + i] |= bits << (16 * (t % 2));
                             }
@@ -371,22 +460,39 @@ impl PackedRows {
                         out
                     })
                     .collect(),
-            )
-        } else {
-            Self::F32(
+            ),
+            Layout::Tiles => Self::Tiles(
                 blocks
                     .par_iter()
                     .map(|&(r0, rows)| {
-                        let mut out = vec![0f32; k * rows];
+                        const W: usize = 2 * amx::PAIRS;
+                        let mut out = vec![bf16::ZERO; amx::ROWS * 2 * kk];
                         for i in 0..rows {
-                            for (t, v) in x[(r0 + i) * k..][..k].iter().enumerate() {
+                            for (s, vs) in row(r0 + i).chunks(W).enumerate() {
+                                let o = &mut out[s * amx::STEP + i * W..][..vs.len()];
+                                for (o, v) in o.iter_mut().zip(vs) {
+                                    *o = v.to_bf16();
+                                }
+                            }
+                        }
+                        out
+                    })
+                    .collect(),
+            ),
+            Layout::F32 => Self::F32(
+                blocks
+                    .par_iter()
+                    .map(|&(r0, rows)| {
+                        let mut out = vec![0f32; kk * rows];
+                        for i in 0..rows {
+                            for (t, v) in row(r0 + i).iter().enumerate() {
                                 out[t * rows + i] = v.to_f32();
                             }
                         }
                         out
                     })
                     .collect(),
-            )
+            ),
         }
     }
 }
@@ -404,7 +510,7 @@ fn f32_tile<W: Weight + BLoad>(
     ldc: usize,
     accumulate: bool,
 ) {
-    let (nr, _) = PackPath::F32(isa).tile();
+    let (nr, _) = Kernel::Fma(isa).tile();
     assert!(a.len() >= kc * rows && b.len() >= kc * nr, "tile operands too short");
     assert!(c.len() >= (rows - 1) * ldc + nr, "tile output too short");
     match isa {
@@ -439,6 +545,42 @@ fn pairs_tile(
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("pairs are only packed on x86-64")
+}
+
+/// The AMX tile: `a` this block of steps' `A` tiles, `b` `[kc][32][2]` bf16; a block of fewer
+/// than 32 rows goes through a full tile of its own.
+fn amx_tile(
+    rows: usize,
+    kc: usize,
+    a: &[bf16],
+    b: &[bf16],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    const R: usize = amx::ROWS;
+    assert!(
+        kc.is_multiple_of(amx::PAIRS) && a.len() >= kc / amx::PAIRS * amx::STEP,
+        "tile operands short"
+    );
+    assert!(b.len() >= kc * 64 && c.len() >= (rows - 1) * ldc + R, "tile output too short");
+    assert!(has_amx(), "AMX rows are only packed where AMX runs");
+    if rows == R {
+        // SAFETY: AMX runs here (checked above), and the lengths were checked above.
+        unsafe { amx::tile(kc, a.as_ptr(), b.as_ptr(), c.as_mut_ptr(), ldc, accumulate) };
+        return;
+    }
+    let mut tile = [0f32; R * R];
+    if accumulate {
+        for (t, c) in tile.chunks_exact_mut(R).zip(c.chunks(ldc)).take(rows) {
+            t.copy_from_slice(&c[..R]);
+        }
+    }
+    // SAFETY: as above, `tile` being a whole tile.
+    unsafe { amx::tile(kc, a.as_ptr(), b.as_ptr(), tile.as_mut_ptr(), R, accumulate) };
+    for (t, c) in tile.chunks_exact(R).zip(c.chunks_mut(ldc)).take(rows) {
+        c[..R].copy_from_slice(t);
+    }
 }
 
 /// The baseline target's tile: `NR` 16, plain multiply and add (no FMA there).
@@ -482,6 +624,28 @@ pub(crate) trait BLoad: Copy {
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
 }
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
+/// No AMX off x86-64: the path falls back to the others and its kernel is never called.
+#[cfg(not(target_arch = "x86_64"))]
+mod amx {
+    pub(super) const ROWS: usize = 32;
+    pub(super) const PAIRS: usize = 16;
+    pub(super) const STEP: usize = ROWS * 2 * PAIRS;
+    pub(crate) fn has_amx() -> bool {
+        false
+    }
+    pub(super) unsafe fn tile(
+        _: usize,
+        _: *const half::bf16,
+        _: *const half::bf16,
+        _: *mut f32,
+        _: usize,
+        _: bool,
+    ) {
+        unreachable!("AMX is x86-64 only")
+    }
+}
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(not(target_arch = "x86_64"))]

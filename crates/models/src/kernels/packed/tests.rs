@@ -3,10 +3,20 @@ use half::bf16;
 use super::*;
 use crate::kernels::tests::{paths, values};
 
-/// Row counts below, at and above each kernel's `MR`; columns with partial panels of every
-/// `NR`; `k` odd, below and across `KC` (and `KC` pairs).
-const SHAPES: [(usize, usize, usize); 7] =
-    [(1, 1, 1), (1, 70, 37), (5, 33, 300), (13, 31, 1031), (30, 96, 64), (7, 17, 2), (25, 65, 513)];
+/// Row counts below, at and above each kernel's `MR` (and AMX's 16-row threshold and 32-row
+/// tile); columns with partial panels of every `NR`; `k` odd, below and across `KC` (and `KC`
+/// pairs) and AMX's 32-value tiles.
+const SHAPES: [(usize, usize, usize); 9] = [
+    (1, 1, 1),
+    (1, 70, 37),
+    (5, 33, 300),
+    (13, 31, 1031),
+    (30, 96, 64),
+    (7, 17, 2),
+    (25, 65, 513),
+    (16, 32, 32),
+    (40, 45, 1100),
+];
 
 fn naive(x: &[f32], w: impl Fn(usize) -> f64, (m, n, k): (usize, usize, usize)) -> Vec<f64> {
     let mut y = vec![0f64; m * n];
@@ -107,8 +117,18 @@ fn the_path_follows_the_processor() {
     let bf16_path = PackPath::current(true);
     assert_eq!(bf16_path, PackPath::Bf16(Bf16Path::for_isa(Isa::current())));
     // A path the processor lacks runs as one it has.
-    assert!(PackPath::F32(Isa::Avx512).isa() <= Isa::best());
-    assert!(PackPath::Bf16(Bf16Path::Avx512Bf16).isa() <= Isa::best());
+    for path in [PackPath::F32(Isa::Avx512), PackPath::Bf16(Bf16Path::Avx512Bf16)] {
+        match path.kernel(1) {
+            Kernel::Fma(isa) => assert!(isa <= Isa::best()),
+            Kernel::Dp => assert!(has_avx512_bf16() && Isa::best() == Isa::Avx512),
+            Kernel::Amx => panic!("AMX for one row"),
+        }
+    }
+    // AMX takes blocks of 16 rows or more, where the processor has it.
+    let amx = PackPath::Bf16(Bf16Path::Amx);
+    let big = if has_amx() { Kernel::Amx } else { amx.kernel(1) };
+    assert_eq!(amx.kernel(AMX_MIN_ROWS), big);
+    assert_ne!(amx.kernel(AMX_MIN_ROWS - 1), Kernel::Amx);
     eprintln!("packed paths here: {} and {}", f32_path.name(), bf16_path.name());
 }
 
