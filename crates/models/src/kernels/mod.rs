@@ -1,7 +1,7 @@
 //! Small CPU kernels for hot element-wise loops where candle's scalar paths cost more than the
 //! matmuls around them: a vectorisable `exp`, exact-erf GELU, the SAM attention epilogue
 //! (relative-position add + softmax over one score row), the decoder's RMSNorm, SiLU-gate and
-//! RoPE (`decoder.rs`), and the linears' matrix multiply against weights packed at load, in
+//! RoPE in f32 (`decoder.rs`) and, with the residual add, in bf16 (`decoder_bf16.rs`), and the linears' matrix multiply against weights packed at load, in
 //! f32 and bf16, from a one-row decode step to a prefill (`packed.rs`).
 //!
 //! Each element-wise kernel is compiled three times, for the baseline target, with AVX2 + FMA (8 lanes) and
@@ -14,10 +14,12 @@ use crate::isa::{on_isa, Isa};
 
 mod bf16;
 mod decoder;
+mod decoder_bf16;
 mod packed;
 
 pub use bf16::Bf16Path;
 pub use decoder::{rms_norm, rms_norm_with, rope, rope_with, silu_mul, silu_mul_with};
+pub use decoder_bf16::{add_bf16, rms_norm_bf16, rope_bf16, silu_mul_bf16};
 pub use packed::{Activation, PackPath, PackedWeight};
 
 /// `exp(x)` for f32 with Cephes-style range reduction and a degree-6 polynomial; max relative

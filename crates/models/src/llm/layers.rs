@@ -4,6 +4,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 use candle_nn::VarBuilder;
+use half::bf16;
 
 pub(crate) use crate::linear::with_cpu_slice;
 pub use crate::linear::Linear;
@@ -111,6 +112,25 @@ impl VocabEmbedding {
     }
 }
 
+/// Whether every tensor is bf16 on the CPU: the case the fused bf16 kernels take over from
+/// candle's op-by-op bf16 (`kernels::decoder_bf16`).
+pub(crate) fn bf16_on_cpu(ts: &[&Tensor]) -> bool {
+    ts.iter().all(|t| t.dtype() == DType::BF16 && t.device().is_cpu())
+}
+
+/// The residual add `a + b`, fused for bf16 on the CPU.
+pub(crate) fn residual_add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !bf16_on_cpu(&[a, b]) || a.shape() != b.shape() {
+        return a + b;
+    }
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let mut out = vec![bf16::ZERO; a.elem_count()];
+    with_cpu_slice(&a, |x: &[bf16]| {
+        with_cpu_slice(&b, |y: &[bf16]| crate::kernels::add_bf16(&mut out, x, y))
+    })??;
+    Tensor::from_vec(out, a.shape(), a.device())
+}
+
 /// HF `LlamaRMSNorm`: `w * (x32 * rsqrt(mean(x32^2) + eps)).to(dtype)`; the cast back to the
 /// working dtype happens before the weight multiply.
 #[derive(Debug, Clone)]
@@ -133,6 +153,16 @@ impl RmsNorm {
             with_cpu_slice(&x, |src: &[f32]| {
                 with_cpu_slice(&self.weight, |w: &[f32]| {
                     crate::kernels::rms_norm(&mut out, src, w, self.eps as f32)
+                })
+            })??;
+            return Tensor::from_vec(out, x.shape(), x.device());
+        }
+        if bf16_on_cpu(&[x, &self.weight]) {
+            let x = x.contiguous()?;
+            let mut out = vec![bf16::ZERO; x.elem_count()];
+            with_cpu_slice(&x, |src: &[bf16]| {
+                with_cpu_slice(&self.weight, |w: &[bf16]| {
+                    crate::kernels::rms_norm_bf16(&mut out, src, w, self.eps as f32)
                 })
             })??;
             return Tensor::from_vec(out, x.shape(), x.device());
@@ -196,6 +226,19 @@ impl Rope {
                 with_cpu_slice(&self.cos, |cos: &[f32]| {
                     with_cpu_slice(&self.sin, |sin: &[f32]| {
                         crate::kernels::rope(&mut out, src, cos, sin, &pos, heads)
+                    })
+                })
+            })???;
+            return Tensor::from_vec(out, x.shape(), x.device());
+        }
+        if bf16_on_cpu(&[x, &self.cos]) {
+            let x = x.contiguous()?;
+            let pos = positions.to_vec1::<u32>()?;
+            let mut out = vec![bf16::ZERO; x.elem_count()];
+            with_cpu_slice(&x, |src: &[bf16]| {
+                with_cpu_slice(&self.cos, |cos: &[bf16]| {
+                    with_cpu_slice(&self.sin, |sin: &[bf16]| {
+                        crate::kernels::rope_bf16(&mut out, src, cos, sin, &pos, heads)
                     })
                 })
             })???;

@@ -14,7 +14,9 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 use dsvl_parallel::Communicator;
 
-use super::layers::{with_cpu_slice, Linear, RmsNorm, Rope, Shard, VocabEmbedding};
+use super::layers::{
+    bf16_on_cpu, residual_add, with_cpu_slice, Linear, RmsNorm, Rope, Shard, VocabEmbedding,
+};
 use super::paged_kv::PagedKv;
 use crate::ModelError;
 use dsvl_checkpoint::LlmConfig;
@@ -142,6 +144,15 @@ impl Mlp {
             with_cpu_slice(&gate.contiguous()?, |g: &[f32]| {
                 with_cpu_slice(&up.contiguous()?, |u: &[f32]| {
                     crate::kernels::silu_mul(&mut out, g, u)
+                })
+            })??;
+            Tensor::from_vec(out, gate.shape(), gate.device())?
+        } else if bf16_on_cpu(&[&gate, &up]) {
+            // bf16: SiLU in f32 rounded once, then the product (PyTorch's rounding points).
+            let mut out = vec![half::bf16::ZERO; gate.elem_count()];
+            with_cpu_slice(&gate.contiguous()?, |g: &[half::bf16]| {
+                with_cpu_slice(&up.contiguous()?, |u: &[half::bf16]| {
+                    crate::kernels::silu_mul_bf16(&mut out, g, u)
                 })
             })??;
             Tensor::from_vec(out, gate.shape(), gate.device())?
@@ -339,9 +350,9 @@ impl DeepSeekLlm {
             let v = layer.attn.v.forward(&h)?.reshape((n, kvl, d))?;
             kv.write(li, &meta, &k, &v)?;
             let attn = kv.attend(li, &meta, &q, scale)?;
-            x = (x + comm.all_reduce_sum(&layer.attn.o.forward(&attn)?)?)?;
+            x = residual_add(&x, &comm.all_reduce_sum(&layer.attn.o.forward(&attn)?)?)?;
             let m = layer.mlp.forward(&layer.post_norm.forward(&x)?)?;
-            x = (x + comm.all_reduce_sum(&m)?)?;
+            x = residual_add(&x, &comm.all_reduce_sum(&m)?)?;
         }
         let mut rows = Vec::new();
         let mut off = 0u32;
