@@ -60,15 +60,26 @@ pub fn silu_mul(dst: &mut [f32], gate: &[f32], up: &[f32]) {
 
 /// [`silu_mul`] on the path `isa`.
 pub fn silu_mul_with(isa: Isa, dst: &mut [f32], gate: &[f32], up: &[f32]) {
-    assert!(gate.len() == dst.len() && up.len() == dst.len(), "silu_mul: lengths differ");
+    in_chunks(dst, gate, up, |dst, gate, up| {
+        on_isa!(isa, <L> |dst: &mut [f32], gate: &[f32], up: &[f32]| -> () {
+            silu_mul_impl(dst, gate, up)
+        })
+    });
+}
+
+/// `f(dst, a, b)` over matching chunks of the three, in parallel: the element-wise kernels'
+/// split (lengths checked).
+pub(super) fn in_chunks<D: Send, E: Sync>(
+    dst: &mut [D],
+    a: &[E],
+    b: &[E],
+    f: impl Fn(&mut [D], &[E], &[E]) + Sync,
+) {
+    assert!(a.len() == dst.len() && b.len() == dst.len(), "element-wise: lengths differ");
     dst.par_chunks_mut(MIN_PARALLEL)
-        .zip(gate.par_chunks(MIN_PARALLEL))
-        .zip(up.par_chunks(MIN_PARALLEL))
-        .for_each(|((dst, gate), up)| {
-            on_isa!(isa, <L> |dst: &mut [f32], gate: &[f32], up: &[f32]| -> () {
-                silu_mul_impl(dst, gate, up)
-            })
-        });
+        .zip(a.par_chunks(MIN_PARALLEL))
+        .zip(b.par_chunks(MIN_PARALLEL))
+        .for_each(|((dst, a), b)| f(dst, a, b));
 }
 
 #[inline(always)]
@@ -101,6 +112,26 @@ pub fn rope_with(
     positions: &[u32],
     heads: usize,
 ) {
+    rope_rows(dst, x, cos, sin, positions, heads, |dst, x, cos, sin, d| {
+        on_isa!(isa, <L> |dst: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], d: usize| -> () {
+            for (dh, xh) in dst.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                rope_head(dh, xh, cos, sin)
+            }
+        })
+    });
+}
+
+/// RoPE's split: `f(dst, x, cos, sin, head_dim)` per row of `x` (`[rows, heads, head_dim]`),
+/// in parallel, with the row's position's `cos`/`sin` (shapes and positions checked).
+pub(super) fn rope_rows<E: Send + Sync>(
+    dst: &mut [E],
+    x: &[E],
+    cos: &[E],
+    sin: &[E],
+    positions: &[u32],
+    heads: usize,
+    f: impl Fn(&mut [E], &[E], &[E], &[E], usize) + Sync,
+) {
     let rows = positions.len();
     assert!(rows > 0 && heads > 0 && x.len().is_multiple_of(rows * heads) && dst.len() == x.len());
     let d = x.len() / (rows * heads);
@@ -113,12 +144,7 @@ pub fn rope_with(
         |((dst, x), &p)| {
             let p = p as usize * d;
             assert!(p + d <= cos.len(), "rope: position beyond the table");
-            let (cos, sin) = (&cos[p..p + d], &sin[p..p + d]);
-            on_isa!(isa, <L> |dst: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32], d: usize| -> () {
-                for (dh, xh) in dst.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                    rope_head(dh, xh, cos, sin)
-                }
-            })
+            f(dst, x, &cos[p..p + d], &sin[p..p + d], d)
         },
     );
 }

@@ -14,6 +14,7 @@
 use half::bf16;
 use rayon::prelude::*;
 
+use super::decoder::{in_chunks, rope_rows};
 use super::{dot_impl, exp_f32};
 use crate::isa::{on_isa, Isa};
 
@@ -81,18 +82,14 @@ pub fn silu_mul_bf16(dst: &mut [bf16], gate: &[bf16], up: &[bf16]) {
 
 /// [`silu_mul_bf16`] on the path `isa`.
 pub fn silu_mul_bf16_with(isa: Isa, dst: &mut [bf16], gate: &[bf16], up: &[bf16]) {
-    assert!(gate.len() == dst.len() && up.len() == dst.len(), "silu_mul: lengths differ");
-    dst.par_chunks_mut(MIN_PARALLEL)
-        .zip(gate.par_chunks(MIN_PARALLEL))
-        .zip(up.par_chunks(MIN_PARALLEL))
-        .for_each(|((dst, gate), up)| {
-            on_isa!(isa, <L> |dst: &mut [bf16], gate: &[bf16], up: &[bf16]| -> () {
-                for ((d, &g), &u) in dst.iter_mut().zip(gate).zip(up) {
-                    let g = widen(g);
-                    *d = narrow(round(g / (1.0 + exp_f32(-g))) * widen(u));
-                }
-            })
-        });
+    in_chunks(dst, gate, up, |dst, gate, up| {
+        on_isa!(isa, <L> |dst: &mut [bf16], gate: &[bf16], up: &[bf16]| -> () {
+            for ((d, &g), &u) in dst.iter_mut().zip(gate).zip(up) {
+                let g = widen(g);
+                *d = narrow(round(g / (1.0 + exp_f32(-g))) * widen(u));
+            }
+        })
+    });
 }
 
 /// `dst = a + b` in bf16 (the residual stream of a bf16 model).
@@ -102,17 +99,13 @@ pub fn add_bf16(dst: &mut [bf16], a: &[bf16], b: &[bf16]) {
 
 /// [`add_bf16`] on the path `isa`.
 pub fn add_bf16_with(isa: Isa, dst: &mut [bf16], a: &[bf16], b: &[bf16]) {
-    assert!(a.len() == dst.len() && b.len() == dst.len(), "add: lengths differ");
-    dst.par_chunks_mut(MIN_PARALLEL)
-        .zip(a.par_chunks(MIN_PARALLEL))
-        .zip(b.par_chunks(MIN_PARALLEL))
-        .for_each(|((dst, a), b)| {
-            on_isa!(isa, <L> |dst: &mut [bf16], a: &[bf16], b: &[bf16]| -> () {
-                for ((d, &x), &y) in dst.iter_mut().zip(a).zip(b) {
-                    *d = narrow(widen(x) + widen(y));
-                }
-            })
-        });
+    in_chunks(dst, a, b, |dst, a, b| {
+        on_isa!(isa, <L> |dst: &mut [bf16], a: &[bf16], b: &[bf16]| -> () {
+            for ((d, &x), &y) in dst.iter_mut().zip(a).zip(b) {
+                *d = narrow(widen(x) + widen(y));
+            }
+        })
+    });
 }
 
 /// Rotate-half RoPE of bf16 `x` `[rows, heads, head_dim]`; row `r` is at `positions[r]`, and
@@ -138,35 +131,22 @@ pub fn rope_bf16_with(
     positions: &[u32],
     heads: usize,
 ) {
-    let rows = positions.len();
-    assert!(rows > 0 && heads > 0 && x.len().is_multiple_of(rows * heads) && dst.len() == x.len());
-    let d = x.len() / (rows * heads);
-    assert!(
-        d.is_multiple_of(2) && cos.len() == sin.len() && cos.len().is_multiple_of(d),
-        "rope: bad tables"
-    );
-    let row = heads * d;
-    dst.par_chunks_mut(row).zip(x.par_chunks(row)).zip(positions).with_min_len(4).for_each(
-        |((dst, x), &p)| {
-            let p = p as usize * d;
-            assert!(p + d <= cos.len(), "rope: position beyond the table");
-            let (cos, sin) = (&cos[p..p + d], &sin[p..p + d]);
-            on_isa!(isa, <L> |dst: &mut [bf16], x: &[bf16], cos: &[bf16], sin: &[bf16], d: usize| -> () {
-                let half = d / 2;
-                for (dh, xh) in dst.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
-                    let (x1, x2) = xh.split_at(half);
-                    let (d1, d2) = dh.split_at_mut(half);
-                    // rotate_half(x) = cat(-x2, x1); each product rounded, then the sum.
-                    for i in 0..half {
-                        let (a, b) = (widen(x1[i]), widen(x2[i]));
-                        d1[i] = narrow(round(a * widen(cos[i])) + round(-b * widen(sin[i])));
-                        let (c, s) = (widen(cos[half + i]), widen(sin[half + i]));
-                        d2[i] = narrow(round(b * c) + round(a * s));
-                    }
+    rope_rows(dst, x, cos, sin, positions, heads, |dst, x, cos, sin, d| {
+        on_isa!(isa, <L> |dst: &mut [bf16], x: &[bf16], cos: &[bf16], sin: &[bf16], d: usize| -> () {
+            let half = d / 2;
+            for (dh, xh) in dst.chunks_exact_mut(d).zip(x.chunks_exact(d)) {
+                let (x1, x2) = xh.split_at(half);
+                let (d1, d2) = dh.split_at_mut(half);
+                // rotate_half(x) = cat(-x2, x1); each product rounded, then the sum.
+                for i in 0..half {
+                    let (a, b) = (widen(x1[i]), widen(x2[i]));
+                    d1[i] = narrow(round(a * widen(cos[i])) + round(-b * widen(sin[i])));
+                    let (c, s) = (widen(cos[half + i]), widen(sin[half + i]));
+                    d2[i] = narrow(round(b * c) + round(a * s));
                 }
-            })
-        },
-    );
+            }
+        })
+    });
 }
 
 #[cfg(test)]
