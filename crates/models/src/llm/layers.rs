@@ -276,4 +276,42 @@ mod tests {
         assert!((n(&y.get(1)?)? - n(&x.get(1)?)?).abs() < 1e-3);
         Ok(())
     }
+
+    /// The fused bf16 paths give what candle's op-by-op bf16 chain gives where both round at
+    /// the same points (RMSNorm, RoPE, the residual add): the layers take the fused kernels
+    /// and nothing is lost in the wiring.
+    #[test]
+    fn fused_bf16_layers_match_the_op_by_op_chain() -> Result<()> {
+        let dev = Device::Cpu;
+        let (n, heads, d) = (5, 3, 16);
+        let x = Tensor::randn(0f32, 2.0, (n, heads * d), &dev)?.to_dtype(DType::BF16)?;
+        let w = Tensor::randn(1f32, 0.5, heads * d, &dev)?.to_dtype(DType::BF16)?;
+        let norm = RmsNorm { weight: w.clone(), eps: 1e-6 };
+        let x32 = x.to_dtype(DType::F32)?;
+        let inv = (x32.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?.sqrt()?.recip()?;
+        let chain = x32.broadcast_mul(&inv)?.to_dtype(DType::BF16)?.broadcast_mul(&w)?;
+        let (got, want) = (norm.forward(&x)?.to_dtype(DType::F32)?, chain.to_dtype(DType::F32)?);
+        // One bf16 step at most (the mean's summation order).
+        let step = (want.abs()? * 2f64.powi(-7))?;
+        assert_eq!((got - &want)?.abs()?.gt(&step)?.sum_all()?.to_scalar::<u8>()?, 0);
+
+        let rope = Rope::new(d, 32, 10000.0, DType::BF16, &dev)?;
+        let q = x.reshape((n, heads, d))?;
+        let pos = Tensor::new(&[0u32, 3, 31, 7, 7], &dev)?;
+        let cos = rope.cos.index_select(&pos, 0)?.unsqueeze(1)?;
+        let sin = rope.sin.index_select(&pos, 0)?.unsqueeze(1)?;
+        let rotated =
+            Tensor::cat(&[&q.narrow(2, d / 2, d / 2)?.neg()?, &q.narrow(2, 0, d / 2)?], 2)?;
+        let chain = (q.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?;
+        let got = rope.apply(&q, &pos)?;
+        assert_eq!(
+            got.to_dtype(DType::F32)?.to_vec3::<f32>()?,
+            chain.to_dtype(DType::F32)?.to_vec3::<f32>()?
+        );
+
+        let y = Tensor::randn(0f32, 2.0, (n, heads * d), &dev)?.to_dtype(DType::BF16)?;
+        let got = residual_add(&x, &y)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        assert_eq!(got, (&x + &y)?.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+        Ok(())
+    }
 }
