@@ -92,7 +92,7 @@ impl PackPath {
     pub fn name(self) -> String {
         match self {
             Self::F32(_) => format!("f32-{}", self.isa_name()),
-            Self::Bf16(_) if self.k_multiple() > 2 => "bf16-amx".into(),
+            Self::Bf16(_) if self.kernel(AMX_MIN_ROWS) == Kernel::Amx => "bf16-amx".into(),
             Self::Bf16(_) if self.pairs() => "bf16-avx512-bf16".into(),
             Self::Bf16(_) => format!("bf16-{}-widen", self.isa_name()),
         }
