@@ -37,6 +37,9 @@ const MC: usize = 192;
 /// `NR` 32) stay in L2 across the `KC` steps.
 const NC: usize = 8;
 
+/// Packed weights up to this size count as cache-resident for [`Gemm::blocking`].
+const SMALL_WEIGHT: usize = 16 << 20;
+
 /// How a weight is packed and multiplied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PackPath {
@@ -233,12 +236,7 @@ impl PackedWeight {
             let mut y = vec![0f32; m * ldp];
             y.par_chunks_mut(per_chunk * mr * ldp).enumerate().for_each(|(i, out)| {
                 let chunk = i * per_chunk..blocks.len().min((i + 1) * per_chunk);
-                let r0 = blocks[chunk.start].0;
-                // Panels in groups of `NC`, so the chunk's tiles of `y` stay in L2 too.
-                for g in (0..panels).step_by(NC) {
-                    let group = g..panels.min(g + NC);
-                    gemm.rows_by_panels(chunk.clone(), group, &mut out[g * nr..], r0, ldp);
-                }
+                gemm.chunk_by_panels(chunk, 0..panels, out, ldp);
             });
             y
         } else {
@@ -265,7 +263,7 @@ impl PackedWeight {
                         for chunk in (0..blocks.len()).step_by(per_chunk) {
                             let chunk = chunk..blocks.len().min(chunk + per_chunk);
                             let r0 = blocks[chunk.start].0;
-                            gemm.rows_by_panels(chunk, p.clone(), &mut c[r0 * ldc..], r0, ldc);
+                            gemm.chunk_by_panels(chunk, p.clone(), &mut c[r0 * ldc..], ldc);
                         }
                     }
                     c
@@ -307,6 +305,54 @@ struct Gemm<'a> {
 }
 
 impl Gemm<'_> {
+    /// The tiles of row blocks `chunk` by `panels`, written to `out` (the chunk's first row,
+    /// the first panel's column; `ldc` apart), in sub-chunks and panel groups sized for the
+    /// weight ([`Gemm::blocking`]).
+    fn chunk_by_panels(
+        &self,
+        chunk: std::ops::Range<usize>,
+        panels: std::ops::Range<usize>,
+        out: &mut [f32],
+        ldc: usize,
+    ) {
+        let r0 = self.blocks[chunk.start].0;
+        let (sub, group) = self.blocking();
+        for s in chunk.clone().step_by(sub) {
+            let rows = s..chunk.end.min(s + sub);
+            let rs = self.blocks[s].0;
+            for g in panels.clone().step_by(group) {
+                let at = (rs - r0) * ldc + (g - panels.start) * self.nr;
+                self.rows_by_panels(
+                    rows.clone(),
+                    g..panels.end.min(g + group),
+                    &mut out[at..],
+                    rs,
+                    ldc,
+                );
+            }
+        }
+    }
+
+    /// Row blocks per sub-chunk and panels per group. A weight that stays in a near cache
+    /// (up to [`SMALL_WEIGHT`]: the vision towers') is worth re-reading for every few row
+    /// blocks, so the sub-chunk's tiles of `y` stay in L1 across the `KC` steps: 6 blocks by one
+    /// panel ran the vision shapes 4-19 % faster than 16 by 8 on an Intel Xeon
+    /// (benches/README.md). A larger one (the decoder's) streams from memory, so each panel
+    /// slice serves as many rows as L2 holds: 16 blocks by `NC` panels (6 by 1 was 7-10 %
+    /// slower there).
+    fn blocking(&self) -> (usize, usize) {
+        let bytes = match &self.w.data {
+            Data::F32(w) => std::mem::size_of_val(&w[..]),
+            Data::Bf16(w) => std::mem::size_of_val(&w[..]),
+        };
+        // Measured for the FMA tiles only; the bf16 tiles keep the blocking they were tuned on.
+        if matches!(self.kernel, Kernel::Fma(_)) && bytes <= SMALL_WEIGHT {
+            (6, 1)
+        } else {
+            (MC.div_ceil(self.kernel.tile().1), NC)
+        }
+    }
+
     /// The tiles of row blocks `chunk` (the first at row `r0`) by panels `panels`, written to
     /// `out` (row `r0`, column of the first panel; `ldc` apart): `KC` steps outermost, so the
     /// chunk's slice of `k` stays in L2 while the panels pass over it and each panel's slice

@@ -54,6 +54,38 @@ fn f32_matches_the_naive_product_on_every_path() {
     }
 }
 
+/// Both blockings of [`Gemm::blocking`]: a cache-sized weight (row sub-chunks of 6 blocks,
+/// one panel at a time) and one over [`SMALL_WEIGHT`] (16 blocks by `NC` panels), each with
+/// more rows than one sub-chunk or chunk holds, so the sub-chunk and group offsets into `y`
+/// are exercised (bf16 on the first, on every bf16 path).
+#[test]
+fn both_blockings_match_the_naive_product() {
+    let big_n = SMALL_WEIGHT / (4 * 1024) + 70;
+    for (m, n, k) in [(150, 70, 300), (230, big_n, 1024)] {
+        let x = values(m * k, 5);
+        let w = values(n * k, 6);
+        let want = naive(&x, |i| f64::from(w[i]), (m, n, k));
+        for isa in paths() {
+            let packed = PackedWeight::pack_f32(&w, n, k, isa);
+            check(
+                &format!("{} {m}x{n}x{k}", packed.path().name()),
+                &packed.matmul(&x, m),
+                &want,
+                k,
+            );
+        }
+    }
+    let (m, n, k) = (150, 70, 300);
+    let xb: Vec<bf16> = values(m * k, 7).iter().map(|&v| bf16::from_f32(v)).collect();
+    let x: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+    let w: Vec<bf16> = values(n * k, 8).iter().map(|&v| bf16::from_f32(v)).collect();
+    let want = naive(&x, |i| f64::from(w[i].to_f32()), (m, n, k));
+    for path in Bf16Path::supported() {
+        let packed = PackedWeight::pack_bf16(&w, n, k, path);
+        check(&format!("{} {m}x{n}x{k}", packed.path().name()), &packed.matmul(&xb, m), &want, k);
+    }
+}
+
 #[test]
 fn bf16_matches_the_naive_product_on_every_path() {
     let paths = Bf16Path::supported();

@@ -178,7 +178,16 @@ unsafe fn fma_tile<const MR: usize, V: Lanes, W: BLoad>(
     accumulate: bool,
 ) {
     let mut acc = [[V::zero(); 2]; MR];
+    // Bytes of panel per step of `k`: one or two cache lines.
+    let step = 2 * V::N * std::mem::size_of::<W>();
     for p in 0..kc {
+        // The panel row `PREFETCH` steps ahead into L1: without it, the first block of rows to
+        // meet a panel slice waits on L2/L3 for each line (8 % of a prefill on an Intel Xeon).
+        // Prefetches never fault; the address past the slice's end is only a hint.
+        let ahead = b.cast::<i8>().wrapping_add((p + PREFETCH) * step);
+        for line in (0..step).step_by(64) {
+            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
+        }
         let b0 = V::load_weights(b.add(p * 2 * V::N));
         let b1 = V::load_weights(b.add(p * 2 * V::N + V::N));
         for (i, acc) in acc.iter_mut().enumerate() {
@@ -189,6 +198,10 @@ unsafe fn fma_tile<const MR: usize, V: Lanes, W: BLoad>(
     }
     store(&acc, c, ldc, accumulate);
 }
+
+/// Steps of `k` the FMA tiles prefetch their panel ahead (16 steps: about 200 cycles of FMAs
+/// at 12 rows, an L2 or near-L3 latency).
+const PREFETCH: usize = 16;
 
 /// A tile's rows to `c` (`ldc` apart), added to what is there with `accumulate`.
 #[inline(always)]
