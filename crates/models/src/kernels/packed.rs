@@ -335,11 +335,11 @@ impl Gemm<'_> {
 
     /// Row blocks per sub-chunk and panels per group. A weight that stays in a near cache
     /// (up to [`SMALL_WEIGHT`]: the vision towers') is worth re-reading for every few row
-    /// blocks, so the sub-chunk's tiles of `y` stay in L1 across the `KC` steps: 6 blocks by one
-    /// panel ran the vision shapes 4-19 % faster than 16 by 8 on an Intel Xeon
-    /// (benches/README.md). A larger one (the decoder's) streams from memory, so each panel
-    /// slice serves as many rows as L2 holds: 16 blocks by `NC` panels (6 by 1 was 7-10 %
-    /// slower there).
+    /// blocks, so the sub-chunk's tiles of `y` (72 x 32) stay in L1 across the `KC` steps: 6
+    /// blocks by one panel ran the vision shapes 4-20 % faster than 16 by 8 on an Intel Xeon
+    /// (one thread, the tile loops alone; benches/README.md). A larger one (the decoder's)
+    /// streams from memory, so each panel slice serves as many rows as L2 holds: 16 blocks by
+    /// `NC` panels (6 by 1 was 5-13 % slower there).
     fn blocking(&self) -> (usize, usize) {
         let bytes = match &self.w.data {
             Data::F32(w) => std::mem::size_of_val(&w[..]),
