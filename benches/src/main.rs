@@ -84,6 +84,8 @@ fn default_threads() -> usize {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Freed activations are reused instead of refaulted (dsvl_core::allocator).
+    dsvl_core::allocator::keep_freed_memory();
     // Both candle's gemm and rayon read this before their pools start.
     std::env::set_var("RAYON_NUM_THREADS", cli.threads.to_string());
     match cli.command {

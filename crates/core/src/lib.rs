@@ -10,6 +10,7 @@
 //! decoder tiers on names, limits and keys.
 #![deny(missing_docs)]
 
+pub mod allocator;
 pub mod cache_key;
 pub mod codec;
 mod device;

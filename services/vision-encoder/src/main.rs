@@ -10,6 +10,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Freed activations are reused instead of refaulted (dsvl_core::allocator).
+    dsvl_core::allocator::keep_freed_memory();
     let _telemetry = dsvl_telemetry::init(&dsvl_telemetry::TelemetryConfig {
         service_name: "dsvl-vision".into(),
         otlp_endpoint: args.otlp_endpoint.clone(),
