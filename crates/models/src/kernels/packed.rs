@@ -233,7 +233,7 @@ impl PackedWeight {
         let y = if blocks.len().div_ceil(per_chunk) >= 2 * threads {
             // Many rows (a long prefill, a vision tower): tasks own chunks of rows, each
             // writing its rows of `y` in place, all panels streaming past its rows in L2.
-            let mut y = vec![0f32; m * ldp];
+            let mut y = super::zeroed(m * ldp);
             y.par_chunks_mut(per_chunk * mr * ldp).enumerate().for_each(|(i, out)| {
                 let chunk = i * per_chunk..blocks.len().min((i + 1) * per_chunk);
                 gemm.chunk_by_panels(chunk, 0..panels, out, ldp);
@@ -269,7 +269,7 @@ impl PackedWeight {
                     c
                 })
                 .collect();
-            let mut y = vec![0f32; m * ldp];
+            let mut y = super::zeroed(m * ldp);
             y.par_chunks_mut(ldp).enumerate().with_min_len(8).for_each(|(i, row)| {
                 for (t, part) in parts.iter().enumerate() {
                     let ldc = part.len() / m;

@@ -15,6 +15,7 @@ use super::config::SamConfig;
 use super::fused_attention;
 use super::layers::{normalize, resize_2d, Conv2d, LayerNorm2d, PatchEmbed, ResampleMatrix};
 use super::relpos_softmax::relpos_softmax;
+use crate::kernels::contiguous_par;
 use crate::linear::Linear;
 use crate::ops::gelu_erf;
 
@@ -62,11 +63,9 @@ impl Attention {
         let bh = b * self.heads;
         // [B, N, 3, heads, hd] -> [3, B*heads, N, hd]
         let qkv = self.qkv.forward(&x.reshape((b, n, c))?)?;
-        let qkv = qkv
-            .reshape((b, n, 3, self.heads, hd))?
-            .permute((2, 0, 3, 1, 4))?
-            .contiguous()?
-            .reshape((3, bh, n, hd))?;
+        let qkv =
+            contiguous_par(&qkv.reshape((b, n, 3, self.heads, hd))?.permute((2, 0, 3, 1, 4))?)?
+                .reshape((3, bh, n, hd))?;
         // Rh[i, j, :] = rel_pos_h[i - j + S - 1]: [S, S, hd].
         let rh = self.rel_pos_h.index_select(&self.rel_index, 0)?.reshape((s, s, hd))?;
         let rw = self.rel_pos_w.index_select(&self.rel_index, 0)?.reshape((s, s, hd))?;
@@ -78,11 +77,9 @@ impl Attention {
         } else {
             self.attention_tiled(&qkv, &rel_h, &rel_w, s)?
         };
-        let out = out
-            .reshape((b, self.heads, s, s, hd))?
-            .permute((0, 2, 3, 1, 4))?
-            .contiguous()?
-            .reshape((b, s, s, c))?;
+        let out =
+            contiguous_par(&out.reshape((b, self.heads, s, s, hd))?.permute((0, 2, 3, 1, 4))?)?
+                .reshape((b, s, s, c))?;
         self.proj.forward(&out)
     }
 
@@ -205,11 +202,9 @@ fn window_partition(x: &Tensor, ws: usize) -> Result<(Tensor, (usize, usize))> {
         x.clone()
     };
     let (hp, wp) = (h + ph, w + pw);
-    let windows = x
-        .reshape((b, hp / ws, ws, wp / ws, ws, c))?
-        .permute((0, 1, 3, 2, 4, 5))?
-        .contiguous()?
-        .reshape(((), ws, ws, c))?;
+    let windows =
+        contiguous_par(&x.reshape((b, hp / ws, ws, wp / ws, ws, c))?.permute((0, 1, 3, 2, 4, 5))?)?
+            .reshape(((), ws, ws, c))?;
     Ok((windows, (hp, wp)))
 }
 
@@ -221,13 +216,12 @@ fn window_unpartition(
 ) -> Result<Tensor> {
     let c = windows.dim(D::Minus1)?;
     let b = windows.dim(0)? / (hp / ws * (wp / ws));
-    let x = windows
-        .reshape((b, hp / ws, wp / ws, ws, ws, c))?
-        .permute((0, 1, 3, 2, 4, 5))?
-        .contiguous()?
-        .reshape((b, hp, wp, c))?;
+    let x = contiguous_par(
+        &windows.reshape((b, hp / ws, wp / ws, ws, ws, c))?.permute((0, 1, 3, 2, 4, 5))?,
+    )?
+    .reshape((b, hp, wp, c))?;
     if hp > h || wp > w {
-        x.narrow(1, 0, h)?.narrow(2, 0, w)?.contiguous()
+        contiguous_par(&x.narrow(1, 0, h)?.narrow(2, 0, w)?)
     } else {
         Ok(x)
     }
