@@ -195,8 +195,8 @@ pub(crate) fn zeroed(len: usize) -> Vec<f32> {
     if len < 1 << 18 {
         return vec![0f32; len];
     }
-    let mut v: Vec<f32> = Vec::with_capacity(len);
     use rayon::prelude::*;
+    let mut v: Vec<f32> = Vec::with_capacity(len);
     v.spare_capacity_mut()
         .par_chunks_mut(1 << 16)
         .for_each(|c| c.fill(std::mem::MaybeUninit::new(0.0)));
@@ -208,6 +208,16 @@ pub(crate) fn zeroed(len: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both sizes of [`zeroed`]: the serial one and the pool's, every element zero.
+    #[test]
+    fn zeroed_is_all_zeros_at_every_size() {
+        for len in [0, 7, (1 << 18) - 1, 1 << 18, (1 << 20) + 5] {
+            let v = zeroed(len);
+            assert_eq!(v.len(), len);
+            assert!(v.iter().all(|&x| x.to_bits() == 0), "len {len}");
+        }
+    }
 
     /// Every path this processor has (`scalar` always; `avx2`, `avx512` where present).
     pub(super) fn paths() -> Vec<Isa> {

@@ -2,7 +2,7 @@
 //! towers (SAM's head split and merge, window partition and unpartition).
 //!
 //! candle's `contiguous` copies on the calling thread. In a SAM layer at 1024 x 1024 those
-//! copies move 50-90 MiB while the other workers wait: candle's strided copy was 3.4 % of a
+//! copies move 40-65 MiB per layer while the other workers wait: candle's strided copy was 3.4 % of a
 //! vision encode's samples, all on the main thread, on an Intel Xeon with 2 threads. Where the
 //! innermost dimension stays innermost (every permute above), each output row is one
 //! contiguous run of the source, so rows are copied in parallel with `copy_from_slice`.
