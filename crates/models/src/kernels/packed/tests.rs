@@ -132,6 +132,27 @@ fn many_rows_split_by_rows_match_the_naive_product() {
     }
 }
 
+/// Row chunks cover every block once, in order, none over `per_chunk`, in a multiple of the
+/// thread count, their sizes at most one block apart.
+#[test]
+fn row_chunks_are_balanced_over_the_threads() {
+    for (blocks, per_chunk, threads) in
+        [(86, 16, 2), (342, 16, 2), (48, 16, 2), (7, 16, 4), (5, 2, 3)]
+    {
+        let chunks = balanced_chunks(blocks, per_chunk, threads);
+        let label = format!("{blocks} blocks by {per_chunk} on {threads}");
+        assert!(chunks.len().is_multiple_of(threads) || chunks.len() == blocks, "{label}");
+        assert_eq!(chunks.first().unwrap().start, 0, "{label}");
+        assert_eq!(chunks.last().unwrap().end, blocks, "{label}");
+        assert!(chunks.windows(2).all(|w| w[0].end == w[1].start), "{label}");
+        let sizes: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+        let (lo, hi) = (*sizes.iter().min().unwrap(), *sizes.iter().max().unwrap());
+        assert!(hi <= per_chunk && hi - lo <= 1, "{label}: {sizes:?}");
+    }
+    // 8 x 128 rows in blocks of 12: six chunks of 14-15 blocks, three per thread.
+    assert_eq!(balanced_chunks(86, 16, 2).len(), 6);
+}
+
 #[test]
 fn no_rows_give_no_output_and_wrong_sizes_are_refused() {
     let packed = PackedWeight::pack_f32(&values(6, 1), 2, 3, Isa::current());
@@ -182,7 +203,14 @@ fn packed_throughput() {
             })
             .fold(f64::INFINITY, f64::min)
     };
-    for (m, n, k) in [(128, 5632, 2048), (128, 2048, 5632), (576, 4096, 1024), (4096, 2304, 768)] {
+    for (m, n, k) in [
+        (128, 5632, 2048),
+        (128, 2048, 5632),
+        (1024, 5632, 2048),
+        (1024, 2048, 5632),
+        (576, 4096, 1024),
+        (4096, 2304, 768),
+    ] {
         let x = values(m * k, 1);
         let w = values(n * k, 2);
         let flops = 2.0 * (m * n * k) as f64 / 1e9;
