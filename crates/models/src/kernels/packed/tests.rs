@@ -203,21 +203,34 @@ fn packed_throughput() {
             })
             .fold(f64::INFINITY, f64::min)
     };
+    // DSVL_GEMM_M=<rows> runs only the shapes of that many rows, DSVL_GEMM_QUICK=1 only the
+    // f32 path of the best ISA (for A/B runs of the tile loops).
+    let quick = std::env::var("DSVL_GEMM_QUICK").is_ok();
     for (m, n, k) in [
         (128, 5632, 2048),
         (128, 2048, 5632),
         (1024, 5632, 2048),
         (1024, 2048, 5632),
+        (1024, 2048, 2048),
         (576, 4096, 1024),
         (4096, 2304, 768),
     ] {
+        if std::env::var("DSVL_GEMM_M").is_ok_and(|v| v != m.to_string()) {
+            continue;
+        }
         let x = values(m * k, 1);
         let w = values(n * k, 2);
         let flops = 2.0 * (m * n * k) as f64 / 1e9;
         for isa in paths() {
+            if quick && isa != Isa::best() {
+                continue;
+            }
             let p = PackedWeight::pack_f32(&w, n, k, isa);
             let s = time(&|| drop(std::hint::black_box(p.matmul(&x, m))));
             eprintln!("{m}x{n}x{k} {}: {:.1} GFLOP/s", p.path().name(), flops / s);
+        }
+        if quick {
+            continue;
         }
         let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
         let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
@@ -234,6 +247,9 @@ fn packed_throughput() {
             let s = time(&|| drop(xt.matmul(&wt.t().unwrap()).unwrap()));
             eprintln!("{m}x{n}x{k} candle {dt:?}: {:.1} GFLOP/s", flops / s);
         }
+    }
+    if quick {
+        return;
     }
     let (n, k) = (65_536, 2048);
     let x = values(k, 1);
