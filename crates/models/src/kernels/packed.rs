@@ -256,7 +256,10 @@ impl PackedWeight {
                     let p = t * per_task..panels.min((t + 1) * per_task);
                     let ldc = p.len() * nr;
                     let mut c = vec![0f32; m * ldc];
-                    if blocks.len() == 1 {
+                    if m == 1 {
+                        // One row (a decode step): several panels stream at once.
+                        gemm.row_by_panels(p, &mut c);
+                    } else if blocks.len() == 1 {
                         // A few rows: each panel streams from memory in one run.
                         for p in p {
                             gemm.rows_by_panels(
@@ -716,5 +719,6 @@ impl BLoad for f32 {}
 #[cfg(not(target_arch = "x86_64"))]
 impl BLoad for bf16 {}
 
+mod row;
 #[cfg(test)]
 mod tests;

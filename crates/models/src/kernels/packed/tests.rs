@@ -105,6 +105,41 @@ fn bf16_matches_the_naive_product_on_every_path() {
     }
 }
 
+/// One row (a decode step's GEMV) reads several panels at once: with enough panels for each
+/// task to hold a full group and a partial one (on two threads), a padded last panel and `k`
+/// over three `KC` blocks, on every f32 and bf16 path. The row is also bit-identical to the
+/// same row inside a product of two rows (the one-row kernel sums the `KC` blocks as the tile
+/// does), so a sequence's logits do not depend on what it is batched with.
+#[test]
+fn one_row_matches_the_naive_product_and_the_same_row_among_others() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let (n, k) = (32 * 45 + 5, 700);
+    let x = values(2 * k, 8);
+    let w = values(n * k, 9);
+    let want = naive(&x[..k], |i| f64::from(w[i]), (1, n, k));
+    let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+    let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+    let xbf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
+    let want_bf16 = naive(&xbf[..k], |i| f64::from(wb[i].to_f32()), (1, n, k));
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    pool.install(|| {
+        for isa in paths() {
+            let p = PackedWeight::pack_f32(&w, n, k, isa);
+            let label = format!("{} 1x{n}x{k}", p.path().name());
+            let one = p.matmul(&x[..k], 1);
+            check(&label, &one, &want, k);
+            assert_eq!(bits(&one), bits(&p.matmul(&x, 2)[..n]), "{label}: row among two");
+        }
+        for path in Bf16Path::supported() {
+            let p = PackedWeight::pack_bf16(&wb, n, k, path);
+            let label = format!("{} 1x{n}x{k}", p.path().name());
+            let one = p.matmul(&xb[..k], 1);
+            check(&label, &one, &want_bf16, k);
+            assert_eq!(bits(&one), bits(&p.matmul(&xb, 2)[..n]), "{label}: row among two");
+        }
+    });
+}
+
 #[test]
 fn many_rows_split_by_rows_match_the_naive_product() {
     // On two threads, 600 rows are enough chunks of `MC` rows for the row-parallel scheme;
@@ -248,7 +283,9 @@ fn packed_throughput() {
             eprintln!("{m}x{n}x{k} candle {dt:?}: {:.1} GFLOP/s", flops / s);
         }
     }
-    if quick {
+    // DSVL_GEMM_M=1 with DSVL_GEMM_QUICK=1: the one-row f32 stream of the best ISA alone.
+    let one_row = std::env::var("DSVL_GEMM_M").is_ok_and(|v| v == "1");
+    if quick && !one_row {
         return;
     }
     let (n, k) = (65_536, 2048);
@@ -257,13 +294,23 @@ fn packed_throughput() {
     let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
     let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
     let gbs = |bytes: usize, s: f64| bytes as f64 / s / 1e9;
-    let t = std::time::Instant::now();
-    drop(std::hint::black_box(PackedWeight::pack_bf16(&wb, n, k, Bf16Path::for_isa(Isa::best()))));
-    eprintln!("packing at load: {:.1} GB/s of bf16", gbs(n * k * 2, t.elapsed().as_secs_f64()));
+    if !quick {
+        let t = std::time::Instant::now();
+        let path = Bf16Path::for_isa(Isa::best());
+        drop(std::hint::black_box(PackedWeight::pack_bf16(&wb, n, k, path)));
+        let s = t.elapsed().as_secs_f64();
+        eprintln!("packing at load: {:.1} GB/s of bf16", gbs(n * k * 2, s));
+    }
     for isa in paths() {
+        if quick && isa != Isa::best() {
+            continue;
+        }
         let p = PackedWeight::pack_f32(&w, n, k, isa);
         let s = time(&|| drop(std::hint::black_box(p.matmul(&x, 1))));
         eprintln!("1 row {}: {:.1} GB/s", p.path().name(), gbs(n * k * 4, s));
+    }
+    if quick {
+        return;
     }
     for path in Bf16Path::supported() {
         let p = PackedWeight::pack_bf16(&wb, n, k, path);

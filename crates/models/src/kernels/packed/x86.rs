@@ -12,6 +12,9 @@ use half::bf16;
 
 use super::BLoad;
 
+mod row;
+pub(super) use row::{row_by_panels_256, row_by_panels_512, row_by_panels_dp, ROW_PANELS};
+
 impl BLoad for f32 {
     #[inline(always)]
     unsafe fn load16(p: *const Self) -> __m512 {
