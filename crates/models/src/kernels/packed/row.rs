@@ -24,39 +24,9 @@ impl Gemm<'_> {
                 // and `c` were checked above, and the weight holds `kk * nr` values for every
                 // panel up to `panels.end`.
                 unsafe {
-                    match (&self.w.data, isa) {
-                        (Data::F32(w), Isa::Avx512) => x86::row_by_panels_512(
-                            count,
-                            kk,
-                            a.as_ptr(),
-                            w[at..].as_ptr(),
-                            kk * nr,
-                            out,
-                        ),
-                        (Data::Bf16(w), Isa::Avx512) => x86::row_by_panels_512(
-                            count,
-                            kk,
-                            a.as_ptr(),
-                            w[at..].as_ptr(),
-                            kk * nr,
-                            out,
-                        ),
-                        (Data::F32(w), _) => x86::row_by_panels_256(
-                            count,
-                            kk,
-                            a.as_ptr(),
-                            w[at..].as_ptr(),
-                            kk * nr,
-                            out,
-                        ),
-                        (Data::Bf16(w), _) => x86::row_by_panels_256(
-                            count,
-                            kk,
-                            a.as_ptr(),
-                            w[at..].as_ptr(),
-                            kk * nr,
-                            out,
-                        ),
+                    match &self.w.data {
+                        Data::F32(w) => fma_rows(isa, count, kk, a, &w[at..], kk * nr, out),
+                        Data::Bf16(w) => fma_rows(isa, count, kk, a, &w[at..], kk * nr, out),
                     }
                 }
             }
@@ -80,5 +50,26 @@ impl Gemm<'_> {
         for p in panels.clone() {
             self.rows_by_panels(0..1, p..p + 1, &mut c[(p - panels.start) * nr..], 0, nr);
         }
+    }
+}
+
+/// The FMA one-row kernel of `isa` (AVX-512 or AVX2) for `count` panels of `w`.
+///
+/// # Safety
+/// As [`x86::row_by_panels_512`] and [`x86::row_by_panels_256`], the processor having `isa`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn fma_rows<W: super::BLoad>(
+    isa: Isa,
+    count: usize,
+    kk: usize,
+    a: &[f32],
+    w: &[W],
+    stride: usize,
+    out: *mut f32,
+) {
+    if isa == Isa::Avx512 {
+        x86::row_by_panels_512(count, kk, a.as_ptr(), w.as_ptr(), stride, out)
+    } else {
+        x86::row_by_panels_256(count, kk, a.as_ptr(), w.as_ptr(), stride, out)
     }
 }

@@ -48,9 +48,8 @@ unsafe fn fma_row_panels<const P: usize, V: Lanes, W: BLoad>(
     }
 }
 
-/// Panels the one-row kernels read at once: 2-8 ran alike on an
-/// Intel Xeon, all faster than one; 4 keeps the AVX2 instance's accumulators (8) and operands
-/// within its 16 registers.
+/// Panels the one-row kernels read at once: 2-8 ran alike on an Intel Xeon, all faster than
+/// one; 4 keeps the AVX2 instance's accumulators (8) and operands within its 16 registers.
 pub(in crate::kernels::packed) const ROW_PANELS: usize = 4;
 
 /// Bytes ahead of each panel stream the one-row kernels prefetch (512-2048 ran alike).
