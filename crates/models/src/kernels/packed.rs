@@ -256,20 +256,10 @@ impl PackedWeight {
                     let p = t * per_task..panels.min((t + 1) * per_task);
                     let ldc = p.len() * nr;
                     let mut c = vec![0f32; m * ldc];
-                    if m == 1 {
-                        // One row (a decode step): several panels stream at once.
-                        gemm.row_by_panels(p, &mut c);
-                    } else if blocks.len() == 1 {
-                        // A few rows: each panel streams from memory in one run.
-                        for p in p {
-                            gemm.rows_by_panels(
-                                0..1,
-                                p..p + 1,
-                                &mut c[(p % per_task) * nr..],
-                                0,
-                                ldc,
-                            );
-                        }
+                    if blocks.len() == 1 {
+                        // A few rows (a decode step): the panels stream from memory, several
+                        // at once where the kernel allows.
+                        gemm.block_by_panels(p, &mut c, ldc);
                     } else {
                         for chunk in (0..blocks.len()).step_by(per_chunk) {
                             let chunk = chunk..blocks.len().min(chunk + per_chunk);

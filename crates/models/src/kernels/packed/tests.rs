@@ -105,37 +105,44 @@ fn bf16_matches_the_naive_product_on_every_path() {
     }
 }
 
-/// One row (a decode step's GEMV) reads several panels at once: with enough panels for each
-/// task to hold a full group and a partial one (on two threads), a padded last panel and `k`
-/// over three `KC` blocks, on every f32 and bf16 path. The row is also bit-identical to the
-/// same row inside a product of two rows (the one-row kernel sums the `KC` blocks as the tile
-/// does), so a sequence's logits do not depend on what it is batched with.
+/// A few rows (a decode step) read several panels at once: 1 to 7 rows (7 past every
+/// kernel's limit, so the tile path too), with enough panels for each task to hold a full group
+/// and a partial one (on two threads), a padded last panel and `k` over three `KC` blocks, on
+/// every f32 and bf16 path. The rows are also bit-identical to the same rows inside a product
+/// of 13 (which the tiles compute), so a sequence's logits do not depend on what it is
+/// batched with.
 #[test]
-fn one_row_matches_the_naive_product_and_the_same_row_among_others() {
+fn few_rows_match_the_naive_product_and_the_same_rows_among_others() {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let (n, k) = (32 * 45 + 5, 700);
-    let x = values(2 * k, 8);
+    let x = values(13 * k, 8);
     let w = values(n * k, 9);
-    let want = naive(&x[..k], |i| f64::from(w[i]), (1, n, k));
     let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
     let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
     let xbf: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
-    let want_bf16 = naive(&xbf[..k], |i| f64::from(wb[i].to_f32()), (1, n, k));
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let f32s: Vec<_> =
+        paths().into_iter().map(|isa| PackedWeight::pack_f32(&w, n, k, isa)).collect();
+    let bf16s: Vec<_> =
+        Bf16Path::supported().into_iter().map(|p| PackedWeight::pack_bf16(&wb, n, k, p)).collect();
     pool.install(|| {
-        for isa in paths() {
-            let p = PackedWeight::pack_f32(&w, n, k, isa);
-            let label = format!("{} 1x{n}x{k}", p.path().name());
-            let one = p.matmul(&x[..k], 1);
-            check(&label, &one, &want, k);
-            assert_eq!(bits(&one), bits(&p.matmul(&x, 2)[..n]), "{label}: row among two");
-        }
-        for path in Bf16Path::supported() {
-            let p = PackedWeight::pack_bf16(&wb, n, k, path);
-            let label = format!("{} 1x{n}x{k}", p.path().name());
-            let one = p.matmul(&xb[..k], 1);
-            check(&label, &one, &want_bf16, k);
-            assert_eq!(bits(&one), bits(&p.matmul(&xb, 2)[..n]), "{label}: row among two");
+        let all: Vec<_> = f32s.iter().map(|p| p.matmul(&x, 13)).collect();
+        let all_bf16: Vec<_> = bf16s.iter().map(|p| p.matmul(&xb, 13)).collect();
+        for m in 1..=7 {
+            let want = naive(&x[..m * k], |i| f64::from(w[i]), (m, n, k));
+            for (p, all) in f32s.iter().zip(&all) {
+                let label = format!("{} {m}x{n}x{k}", p.path().name());
+                let few = p.matmul(&x[..m * k], m);
+                check(&label, &few, &want, k);
+                assert_eq!(bits(&few), bits(&all[..m * n]), "{label}: rows among 13");
+            }
+            let want = naive(&xbf[..m * k], |i| f64::from(wb[i].to_f32()), (m, n, k));
+            for (p, all) in bf16s.iter().zip(&all_bf16) {
+                let label = format!("{} {m}x{n}x{k}", p.path().name());
+                let few = p.matmul(&xb[..m * k], m);
+                check(&label, &few, &want, k);
+                assert_eq!(bits(&few), bits(&all[..m * n]), "{label}: rows among 13");
+            }
         }
     });
 }
@@ -283,16 +290,18 @@ fn packed_throughput() {
             eprintln!("{m}x{n}x{k} candle {dt:?}: {:.1} GFLOP/s", flops / s);
         }
     }
-    // DSVL_GEMM_M=1 with DSVL_GEMM_QUICK=1: the one-row f32 stream of the best ISA alone.
-    let one_row = std::env::var("DSVL_GEMM_M").is_ok_and(|v| v == "1");
-    if quick && !one_row {
-        return;
-    }
+    // A decode step's few rows against a 512 MiB f32 weight, in GB/s of weights: 1 and 4
+    // rows, or the DSVL_GEMM_M rows alone when 12 or fewer (with DSVL_GEMM_QUICK=1, the f32
+    // path of the best ISA alone).
+    let few = match std::env::var("DSVL_GEMM_M").ok().and_then(|v| v.parse::<usize>().ok()) {
+        Some(m) if m <= 12 => vec![m],
+        Some(_) => return,
+        None if quick => return,
+        None => vec![1, 4],
+    };
     let (n, k) = (65_536, 2048);
-    let x = values(k, 1);
     let w = values(n * k, 2);
     let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-    let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
     let gbs = |bytes: usize, s: f64| bytes as f64 / s / 1e9;
     if !quick {
         let t = std::time::Instant::now();
@@ -301,20 +310,25 @@ fn packed_throughput() {
         let s = t.elapsed().as_secs_f64();
         eprintln!("packing at load: {:.1} GB/s of bf16", gbs(n * k * 2, s));
     }
-    for isa in paths() {
-        if quick && isa != Isa::best() {
+    for m in few {
+        let x = values(m * k, 1);
+        let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
+        let rows = if m == 1 { "row" } else { "rows" };
+        for isa in paths() {
+            if quick && isa != Isa::best() {
+                continue;
+            }
+            let p = PackedWeight::pack_f32(&w, n, k, isa);
+            let s = time(&|| drop(std::hint::black_box(p.matmul(&x, m))));
+            eprintln!("{m} {rows} {}: {:.1} GB/s", p.path().name(), gbs(n * k * 4, s));
+        }
+        if quick {
             continue;
         }
-        let p = PackedWeight::pack_f32(&w, n, k, isa);
-        let s = time(&|| drop(std::hint::black_box(p.matmul(&x, 1))));
-        eprintln!("1 row {}: {:.1} GB/s", p.path().name(), gbs(n * k * 4, s));
-    }
-    if quick {
-        return;
-    }
-    for path in Bf16Path::supported() {
-        let p = PackedWeight::pack_bf16(&wb, n, k, path);
-        let s = time(&|| drop(std::hint::black_box(p.matmul(&xb, 1))));
-        eprintln!("1 row {}: {:.1} GB/s", p.path().name(), gbs(n * k * 2, s));
+        for path in Bf16Path::supported() {
+            let p = PackedWeight::pack_bf16(&wb, n, k, path);
+            let s = time(&|| drop(std::hint::black_box(p.matmul(&xb, m))));
+            eprintln!("{m} {rows} {}: {:.1} GB/s", p.path().name(), gbs(n * k * 2, s));
+        }
     }
 }

@@ -13,7 +13,7 @@ use half::bf16;
 use super::BLoad;
 
 mod row;
-pub(super) use row::{row_by_panels_256, row_by_panels_512, row_by_panels_dp, ROW_PANELS};
+pub(super) use row::{panels_at_once, rows_by_panels_256, rows_by_panels_512, rows_by_panels_dp};
 
 impl BLoad for f32 {
     #[inline(always)]
