@@ -44,6 +44,26 @@ macro_rules! with_rows_and_panels {
     };
 }
 
+/// [`with_rows_and_panels`] over the pairs [`panels_at_once`] allows with AVX-512 (24
+/// accumulators).
+macro_rules! with_avx512_rows_and_panels {
+    ($rows:expr, $panels:expr, |$mr:ident, $p:ident| $call:expr) => {
+        with_rows_and_panels!(
+            $rows,
+            $panels,
+            [
+                (1, [1, 2, 3, 4]),
+                (2, [1, 2, 3, 4]),
+                (3, [1, 2, 3, 4]),
+                (4, [1, 2, 3]),
+                (5, [1, 2]),
+                (6, [1, 2])
+            ],
+            |$mr, $p| $call
+        )
+    };
+}
+
 /// `rows` rows (`a` `[kk][rows]`) against `P` neighbouring panels (`stride` values apart) at
 /// once: `c[rows x P * NR] = a · b`, rows `ldc` apart, summed in blocks of `KC` steps exactly
 /// as the tile sums each row (each block from zero, then added to `c`).
@@ -97,19 +117,9 @@ pub(in crate::kernels::packed) unsafe fn rows_by_panels_512<W: BLoad>(
     (b, stride): (*const W, usize),
     (c, ldc): (*mut f32, usize),
 ) {
-    with_rows_and_panels!(
-        rows,
-        panels,
-        [
-            (1, [1, 2, 3, 4]),
-            (2, [1, 2, 3, 4]),
-            (3, [1, 2, 3, 4]),
-            (4, [1, 2, 3]),
-            (5, [1, 2]),
-            (6, [1, 2])
-        ],
-        |MR, P| rows_panels_512::<MR, P, W>(kk, a, b, stride, c, ldc)
-    )
+    with_avx512_rows_and_panels!(rows, panels, |MR, P| rows_panels_512::<MR, P, W>(
+        kk, a, b, stride, c, ldc
+    ))
 }
 
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
@@ -170,19 +180,9 @@ pub(in crate::kernels::packed) unsafe fn rows_by_panels_dp(
     (b, stride): (*const bf16, usize),
     (c, ldc): (*mut f32, usize),
 ) {
-    with_rows_and_panels!(
-        rows,
-        panels,
-        [
-            (1, [1, 2, 3, 4]),
-            (2, [1, 2, 3, 4]),
-            (3, [1, 2, 3, 4]),
-            (4, [1, 2, 3]),
-            (5, [1, 2]),
-            (6, [1, 2])
-        ],
-        |MR, P| rows_panels_dp::<MR, P>(kk, a, b, stride, c, ldc)
-    )
+    with_avx512_rows_and_panels!(rows, panels, |MR, P| rows_panels_dp::<MR, P>(
+        kk, a, b, stride, c, ldc
+    ))
 }
 
 #[target_feature(enable = "avx512bf16,avx512f,avx512vl,avx2,fma")]
