@@ -17,7 +17,8 @@ const ROW_PREFETCH: usize = 1024;
 /// Panels the few-row kernels read at once for `rows` rows: at most four (2-8 ran alike at one
 /// row on an Intel Xeon, all faster than one), and as many as leave the accumulators (`2 x
 /// rows x panels`) and the operands within the registers: 24 of 32 with AVX-512, 12 of 16
-/// with AVX2. 1 where the tile is as good (it streams one panel).
+/// with AVX2. 1 where a second panel's accumulators would not fit: those blocks keep the tile,
+/// one panel at a time.
 pub(in crate::kernels::packed) fn panels_at_once(avx512: bool, rows: usize) -> usize {
     match (avx512, rows) {
         (_, 1) => 4,
