@@ -24,21 +24,9 @@ use rayon::prelude::*;
 use super::bf16::{has_avx512_bf16, Bf16Path, Weight};
 use crate::isa::Isa;
 pub(crate) use amx::has_amx;
-
-/// `k` per cache block (pairs of `k` for `vdpbf16ps`): an `MR x KC` slice of the packed rows
-/// and a `KC x NR` slice of a panel stay in L1/L2 while the tile accumulates.
-const KC: usize = 256;
-
-/// Rows per cache block: `MC x KC` of the packed rows (192 KiB in f32) stay in L2 while a
-/// task's panels pass over them.
-const MC: usize = 192;
-
-/// Panels per group when tasks own rows: the chunk's `MC x NC * NR` tiles of `y` (192 KiB at
-/// `NR` 32) stay in L2 across the `KC` steps.
-const NC: usize = 8;
-
-/// Packed weights up to this size count as cache-resident for [`Gemm::blocking`].
-const SMALL_WEIGHT: usize = 16 << 20;
+#[cfg(test)]
+use blocking::SMALL_WEIGHT;
+use blocking::{balanced_chunks, MC};
 
 /// How a weight is packed and multiplied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,9 +216,9 @@ impl PackedWeight {
         let gemm = Gemm { w: self, rows: &rows, blocks: &blocks, kernel, nr, kk };
         // The output, `panels * nr` columns wide (the last panel's padding dropped at the end).
         let ldp = panels * nr;
-        let per_chunk = MC.div_ceil(mr);
+        let per_chunk = gemm.chunk_blocks();
         let threads = rayon::current_num_threads();
-        let y = if blocks.len().div_ceil(per_chunk) >= 2 * threads {
+        let y = if blocks.len().div_ceil(MC.div_ceil(mr)) >= 2 * threads {
             // Many rows (a long prefill, a vision tower): tasks own chunks of rows, each
             // writing its rows of `y` in place, all panels streaming past its rows in L2.
             let mut y = super::zeroed(m * ldp);
@@ -283,15 +271,6 @@ impl PackedWeight {
     }
 }
 
-/// `blocks` row blocks split into chunks of at most `per_chunk`, as many as a multiple of
-/// `threads` and as even as blocks allow: a prefill of 8 x 128 rows in chunks of 192 would
-/// leave one of two threads a third of a chunk to run alone (the product about 11 % longer).
-fn balanced_chunks(blocks: usize, per_chunk: usize, threads: usize) -> Vec<std::ops::Range<usize>> {
-    let count = blocks.div_ceil(per_chunk).div_ceil(threads) * threads;
-    let count = count.clamp(1, blocks.max(1));
-    (0..count).map(|i| i * blocks / count..(i + 1) * blocks / count).collect()
-}
-
 /// Drops the padding columns of `[m, ldp]` in place: `[m, n]`.
 fn unpad(mut y: Vec<f32>, m: usize, ldp: usize, n: usize) -> Vec<f32> {
     if ldp != n {
@@ -315,81 +294,10 @@ struct Gemm<'a> {
 }
 
 impl Gemm<'_> {
-    /// The tiles of row blocks `chunk` by `panels`, written to `out` (the chunk's first row,
-    /// the first panel's column; `ldc` apart), in sub-chunks and panel groups sized for the
-    /// weight ([`Gemm::blocking`]).
-    fn chunk_by_panels(
-        &self,
-        chunk: std::ops::Range<usize>,
-        panels: std::ops::Range<usize>,
-        out: &mut [f32],
-        ldc: usize,
-    ) {
-        let r0 = self.blocks[chunk.start].0;
-        let (sub, group) = self.blocking();
-        for s in chunk.clone().step_by(sub) {
-            let rows = s..chunk.end.min(s + sub);
-            let rs = self.blocks[s].0;
-            for g in panels.clone().step_by(group) {
-                let at = (rs - r0) * ldc + (g - panels.start) * self.nr;
-                self.rows_by_panels(
-                    rows.clone(),
-                    g..panels.end.min(g + group),
-                    &mut out[at..],
-                    rs,
-                    ldc,
-                );
-            }
-        }
-    }
-
-    /// Row blocks per sub-chunk and panels per group. A weight that stays in a near cache
-    /// (up to [`SMALL_WEIGHT`]: the vision towers') is worth re-reading for every few row
-    /// blocks, so the sub-chunk's tiles of `y` (72 x 32) stay in L1 across the `KC` steps: 6
-    /// blocks by one panel ran the vision shapes 4-20 % faster than 16 by 8 on an Intel Xeon
-    /// (one thread, the tile loops alone; benches/README.md). A larger one (the decoder's)
-    /// streams from memory, so each panel slice serves as many rows as L2 holds: 16 blocks by
-    /// `NC` panels (6 by 1 was 5-13 % slower there).
-    fn blocking(&self) -> (usize, usize) {
-        let bytes = match &self.w.data {
-            Data::F32(w) => std::mem::size_of_val(&w[..]),
-            Data::Bf16(w) => std::mem::size_of_val(&w[..]),
-        };
-        // Measured for the FMA tiles only; the bf16 tiles keep the blocking they were tuned on.
-        if matches!(self.kernel, Kernel::Fma(_)) && bytes <= SMALL_WEIGHT {
-            (6, 1)
-        } else {
-            (MC.div_ceil(self.kernel.tile().1), NC)
-        }
-    }
-
-    /// The tiles of row blocks `chunk` (the first at row `r0`) by panels `panels`, written to
-    /// `out` (row `r0`, column of the first panel; `ldc` apart): `KC` steps outermost, so the
-    /// chunk's slice of `k` stays in L2 while the panels pass over it and each panel's slice
-    /// stays in L1 while the chunk's blocks do.
-    fn rows_by_panels(
-        &self,
-        chunk: std::ops::Range<usize>,
-        panels: std::ops::Range<usize>,
-        out: &mut [f32],
-        r0: usize,
-        ldc: usize,
-    ) {
-        for kb in (0..self.kk).step_by(KC) {
-            for panel in panels.clone() {
-                for bi in chunk.clone() {
-                    let c = &mut out
-                        [(self.blocks[bi].0 - r0) * ldc + (panel - panels.start) * self.nr..];
-                    self.tile(bi, panel, kb, c, ldc);
-                }
-            }
-        }
-    }
-
-    /// One micro-kernel call: row block `bi` against `panel`, over `k` steps `[kb, kb + KC)`
+    /// One micro-kernel call: row block `bi` against `panel`, over `k` steps `[kb, kb + kc)`
     /// (the first block of steps overwrites the tile, the others add to it).
     fn tile(&self, bi: usize, panel: usize, kb: usize, c: &mut [f32], ldc: usize) {
-        let (nr, rows, kc) = (self.nr, self.blocks[bi].1, KC.min(self.kk - kb));
+        let (nr, rows, kc) = (self.nr, self.blocks[bi].1, self.kernel.kc().min(self.kk - kb));
         // The panel's slice for these steps: `[kc][nr]` values, or `[kc][nr][2]` pairs; and
         // this block's rows for them.
         let b = (panel * self.kk + kb) * nr;
@@ -709,6 +617,7 @@ impl BLoad for f32 {}
 #[cfg(not(target_arch = "x86_64"))]
 impl BLoad for bf16 {}
 
+mod blocking;
 mod row;
 #[cfg(test)]
 mod tests;

@@ -55,24 +55,22 @@ fn f32_matches_the_naive_product_on_every_path() {
 }
 
 /// Both blockings of [`Gemm::blocking`]: a cache-sized weight (row sub-chunks of 6 blocks,
-/// one panel at a time) and one over [`SMALL_WEIGHT`] (16 blocks by `NC` panels), each with
-/// more rows than one sub-chunk or chunk holds, so the sub-chunk and group offsets into `y`
+/// one panel at a time) and one over [`SMALL_WEIGHT`] (whole chunks of rows by groups of
+/// panels), each with more rows than one sub-chunk or chunk holds (700 rows on two threads
+/// make at least two chunks with L2 up to 4 MiB), so the sub-chunk and group offsets into `y`
 /// are exercised (bf16 on the first, on every bf16 path).
 #[test]
 fn both_blockings_match_the_naive_product() {
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let big_n = SMALL_WEIGHT / (4 * 1024) + 70;
-    for (m, n, k) in [(150, 70, 300), (230, big_n, 1024)] {
+    for (m, n, k) in [(150, 70, 300), (700, big_n, 1024)] {
         let x = values(m * k, 5);
         let w = values(n * k, 6);
         let want = naive(&x, |i| f64::from(w[i]), (m, n, k));
         for isa in paths() {
             let packed = PackedWeight::pack_f32(&w, n, k, isa);
-            check(
-                &format!("{} {m}x{n}x{k}", packed.path().name()),
-                &packed.matmul(&x, m),
-                &want,
-                k,
-            );
+            let y = pool.install(|| packed.matmul(&x, m));
+            check(&format!("{} {m}x{n}x{k}", packed.path().name()), &y, &want, k);
         }
     }
     let (m, n, k) = (150, 70, 300);
@@ -114,7 +112,7 @@ fn bf16_matches_the_naive_product_on_every_path() {
 #[test]
 fn few_rows_match_the_naive_product_and_the_same_rows_among_others() {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
-    let (n, k) = (32 * 45 + 5, 700);
+    let (n, k) = (32 * 45 + 5, 1100);
     let x = values(13 * k, 8);
     let w = values(n * k, 9);
     let wb: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();

@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 
 use half::bf16;
 
-use super::super::KC;
+use super::super::blocking::{KC, KC_PAIRS};
 use super::{bh, store, BLoad, Lanes};
 
 /// Bytes ahead of each panel stream the few-row kernels prefetch (512-2048 ran alike).
@@ -169,7 +169,8 @@ unsafe fn rows_panels_256<const MR: usize, const P: usize, W: BLoad>(
 
 /// `rows` rows of bf16 pairs (`a` `[kk][rows]`) against `panels` (at most
 /// [`panels_at_once`]) neighbouring panels of pairs (`stride` values apart) at once:
-/// [`fma_rows_panels`] with `vdpbf16ps`, the blocks of `KC` pairs summed as `tile_dp` sums them.
+/// [`fma_rows_panels`] with `vdpbf16ps`, the blocks of `KC_PAIRS` pairs summed as `tile_dp` sums
+/// them.
 ///
 /// # Safety
 /// The processor has AVX-512 F/VL and BF16; `a` holds `kk * rows` pairs, each panel `kk * 64`
@@ -195,9 +196,9 @@ unsafe fn rows_panels_dp<const MR: usize, const P: usize>(
     c: *mut f32,
     ldc: usize,
 ) {
-    for kb in (0..kk).step_by(KC) {
+    for kb in (0..kk).step_by(KC_PAIRS) {
         let mut acc = [[[_mm512_setzero_ps(); 2]; MR]; P];
-        for t in kb..kk.min(kb + KC) {
+        for t in kb..kk.min(kb + KC_PAIRS) {
             for (q, acc) in acc.iter_mut().enumerate() {
                 let bp = b.add(q * stride + t * 64);
                 let ahead = bp.cast::<i8>().wrapping_add(ROW_PREFETCH);
