@@ -193,8 +193,9 @@ unsafe fn fma_tile<const MR: usize, V: Lanes, W: BLoad>(
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
         }
         // The rows' values `PREFETCH_A` steps ahead (48 bytes a step at 12 rows): up to 5 %
-        // at the decoder's 1024-row prefill shapes on an Intel Xeon, where each tile reads its
-        // rows from L2 or L3 (the panel slice is the operand that stays in L1).
+        // at the decoder's 1024-row prefill shapes on an Intel Xeon, where a row block's first
+        // tile in each `KC` step reads its rows from L2 or L3 (the group's other panels then
+        // find them in L1).
         _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add((p + PREFETCH_A) * MR).cast::<i8>());
         let b0 = V::load_weights(b.add(p * 2 * V::N));
         let b1 = V::load_weights(b.add(p * 2 * V::N + V::N));
