@@ -51,24 +51,6 @@ pub fn describe() -> String {
     )
 }
 
-/// The last-level cache in bytes, from sysfs (0 when unknown).
-fn last_level_cache_bytes() -> usize {
-    let mut best = 0;
-    for i in 0..8 {
-        let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{i}");
-        let Ok(size) = std::fs::read_to_string(format!("{dir}/size")) else { break };
-        let size = size.trim();
-        let (num, mult) = match size.as_bytes().last() {
-            Some(b'K') => (&size[..size.len() - 1], 1 << 10),
-            Some(b'M') => (&size[..size.len() - 1], 1 << 20),
-            Some(b'G') => (&size[..size.len() - 1], 1 << 30),
-            _ => (size, 1),
-        };
-        best = best.max(num.parse::<usize>().unwrap_or(0) * mult);
-    }
-    best
-}
-
 #[inline(always)]
 fn triad_impl(a: &mut [f32], b: &[f32], c: &[f32], s: f32) {
     for ((a, &b), &c) in a.iter_mut().zip(b).zip(c) {
@@ -104,7 +86,7 @@ fn triad(a: &mut [f32], b: &[f32], c: &[f32], s: f32) {
 /// arrays of at least 4x the last-level cache (STREAM's rule) and 256 MiB; the best of
 /// `reps` passes, counting 12 bytes per element as STREAM does. Bytes per second.
 pub fn triad_bandwidth(reps: usize) -> f64 {
-    let per_array = (4 * last_level_cache_bytes()).max(256 << 20);
+    let per_array = (4 * dsvl_models::cpu_caches::last_level_bytes()).max(256 << 20);
     let n = per_array / 4;
     let chunk = 1 << 16;
     // First touch in parallel, so pages are spread as the timed passes will use them.

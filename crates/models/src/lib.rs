@@ -12,6 +12,7 @@
 #![deny(missing_docs)]
 
 pub mod checkpoint;
+pub mod cpu_caches;
 pub mod device;
 mod error;
 pub mod isa;

@@ -9,7 +9,6 @@
 //! panel slices held in L1 while 16 row blocks passed (benches/README.md).
 
 use std::ops::Range;
-use std::sync::OnceLock;
 
 use super::{Data, Gemm, Kernel};
 
@@ -32,52 +31,9 @@ const NC: usize = 8;
 /// Packed weights up to this size count as cache-resident for [`Gemm::blocking`].
 pub(super) const SMALL_WEIGHT: usize = 16 << 20;
 
-/// This core's share of L2 in bytes: its size over the logical CPUs sharing it (sysfs on
-/// Linux; 1 MiB where it cannot be read).
+/// This CPU's share of L2 in bytes (1 MiB where it is not known).
 fn l2_bytes() -> usize {
-    static L2: OnceLock<usize> = OnceLock::new();
-    *L2.get_or_init(|| read_l2().unwrap_or(1 << 20))
-}
-
-fn read_l2() -> Option<usize> {
-    let dir = std::path::Path::new("/sys/devices/system/cpu/cpu0/cache");
-    (0..8).find_map(|i| {
-        let index = dir.join(format!("index{i}"));
-        let read = |f: &str| std::fs::read_to_string(index.join(f)).ok();
-        let kind = read("type")?;
-        if read("level")?.trim() != "2" || kind.trim() == "Instruction" {
-            return None;
-        }
-        let sharing = read("shared_cpu_list").and_then(|l| count_cpus(l.trim())).unwrap_or(1);
-        Some(parse_size(read("size")?.trim())? / sharing)
-    })
-}
-
-/// The CPUs in a sysfs list (`0-3,8,10-11`).
-fn count_cpus(list: &str) -> Option<usize> {
-    let mut count = 0;
-    for part in list.split(',') {
-        count += match part.split_once('-') {
-            Some((a, b)) => b.parse::<usize>().ok()?.checked_sub(a.parse().ok()?)? + 1,
-            None => part.parse::<usize>().map(|_| 1).ok()?,
-        };
-    }
-    (count > 0).then_some(count)
-}
-
-/// A sysfs cache size: `2048K`, `1M`, or bytes.
-fn parse_size(s: &str) -> Option<usize> {
-    let (digits, unit) = match s.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => s.split_at(i),
-        None => (s, ""),
-    };
-    let scale = match unit {
-        "" => 1,
-        "K" => 1 << 10,
-        "M" => 1 << 20,
-        _ => return None,
-    };
-    digits.parse::<usize>().ok().filter(|&v| v > 0).map(|v| v * scale)
+    crate::cpu_caches::share_of(2).unwrap_or(1 << 20)
 }
 
 /// `blocks` row blocks split into chunks of at most `per_chunk`, as many as a multiple of
@@ -191,24 +147,5 @@ impl Gemm<'_> {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cache_sizes_and_cpu_lists_parse_as_sysfs_writes_them() {
-        assert_eq!(parse_size("2048K"), Some(2 << 20));
-        assert_eq!(parse_size("1M"), Some(1 << 20));
-        assert_eq!(parse_size("524288"), Some(512 << 10));
-        assert_eq!(parse_size("0K"), None);
-        assert_eq!(parse_size("12Q"), None);
-        assert_eq!(count_cpus("0"), Some(1));
-        assert_eq!(count_cpus("0-3,8,10-11"), Some(7));
-        assert_eq!(count_cpus("3-1"), None);
-        assert_eq!(count_cpus(""), None);
-        assert!(l2_bytes() >= 64 << 10, "L2 {} bytes", l2_bytes());
     }
 }
