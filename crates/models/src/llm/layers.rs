@@ -56,6 +56,46 @@ impl Linear {
     }
 }
 
+/// Column-parallel linears that read the same input (`q`, `k`, `v`; `gate`, `up`) as one
+/// product over their shards' rows stacked, split after (vLLM's `QKVParallelLinear` and
+/// `MergedColumnParallelLinear`). Each output column is the same dot product as alone, so the
+/// results are bit-identical to separate linears. On the CPU a batch-1 decode step then runs 4
+/// products a layer instead of 7, each long enough to keep both threads streaming weights to
+/// its end, and a prefill reads its rows once for the three (or two).
+#[derive(Debug, Clone)]
+pub struct FusedColumns<const P: usize> {
+    linear: Linear,
+    /// Output features of each part, in order.
+    widths: [usize; P],
+}
+
+/// One part of a [`FusedColumns`]: tensor name, full `[out, in]` shape, this rank's rows.
+pub type ColumnPart<'a> = (&'a str, (usize, usize), (usize, usize));
+
+impl<const P: usize> FusedColumns<P> {
+    /// Loads each part's shard (as [`Linear::column`] would) and stacks them.
+    pub fn new(vb: &VarBuilder, parts: [ColumnPart; P]) -> Result<Self> {
+        let shards = parts
+            .iter()
+            .map(|&(name, shape, rows)| vb.get(shape, name)?.narrow(0, rows.0, rows.1))
+            .collect::<Result<Vec<_>>>()?;
+        let weight = Tensor::cat(&shards, 0)?;
+        Ok(Self { linear: Linear::new(weight, None)?, widths: parts.map(|(_, _, rows)| rows.1) })
+    }
+
+    /// Each part's output, `[.., width]` in the parts' order.
+    pub fn forward(&self, x: &Tensor) -> Result<[Tensor; P]> {
+        let y = candle_core::Module::forward(&self.linear, x)?;
+        let mut start = 0;
+        let mut out = Vec::with_capacity(P);
+        for w in self.widths {
+            out.push(y.narrow(D::Minus1, start, w)?);
+            start += w;
+        }
+        Ok(out.try_into().expect("one output per part"))
+    }
+}
+
 /// Vocabulary-parallel embedding: this rank owns rows `[start, start + len)`; ids outside give
 /// zero rows, and the all-reduce over ranks assembles the full lookup.
 #[derive(Debug, Clone)]
@@ -274,6 +314,41 @@ mod tests {
         assert_eq!(y.get(0)?.to_vec2::<f32>()?, x.get(0)?.to_vec2::<f32>()?);
         let n = |t: &Tensor| -> Result<f32> { t.sqr()?.sum_all()?.to_scalar::<f32>() };
         assert!((n(&y.get(1)?)? - n(&x.get(1)?)?).abs() < 1e-3);
+        Ok(())
+    }
+
+    /// Stacked column shards give, bit for bit, what each shard gives alone: at one row (the
+    /// few-row kernels), at many (the tiles), in f32 and bf16, and for each rank of two.
+    #[test]
+    fn fused_columns_equal_the_separate_linears() -> Result<()> {
+        let dev = Device::Cpu;
+        let (a, b, inp) = (96, 64, 80);
+        let tensors = std::collections::HashMap::from([
+            ("a".to_string(), Tensor::randn(0f32, 1.0, (a, inp), &dev)?),
+            ("b".to_string(), Tensor::randn(0f32, 1.0, (b, inp), &dev)?),
+        ]);
+        for dtype in [DType::F32, DType::BF16] {
+            let vb = VarBuilder::from_tensors(tensors.clone(), dtype, &dev);
+            for shard in [Shard::SINGLE, Shard { rank: 0, world: 2 }, Shard { rank: 1, world: 2 }] {
+                let (ra, rb) = (shard.range(a), shard.range(b));
+                let fused = FusedColumns::new(&vb, [("a", (a, inp), ra), ("b", (b, inp), rb)])?;
+                let alone = [
+                    Linear::column(&vb, "a", (a, inp), ra)?,
+                    Linear::column(&vb, "b", (b, inp), rb)?,
+                ];
+                for rows in [1, 3, 40] {
+                    let x = Tensor::randn(0f32, 1.0, (rows, inp), &dev)?.to_dtype(dtype)?;
+                    let got = fused.forward(&x)?;
+                    for (got, alone) in got.iter().zip(&alone) {
+                        let want = candle_core::Module::forward(alone, &x)?;
+                        assert_eq!(got.dims(), want.dims());
+                        let bits =
+                            |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+                        assert_eq!(bits(got)?, bits(&want)?, "{dtype:?} {shard:?} {rows} rows");
+                    }
+                }
+            }
+        }
         Ok(())
     }
 

@@ -15,7 +15,8 @@ use candle_nn::VarBuilder;
 use dsvl_parallel::Communicator;
 
 use super::layers::{
-    bf16_on_cpu, residual_add, with_cpu_slice, Linear, RmsNorm, Rope, Shard, VocabEmbedding,
+    bf16_on_cpu, residual_add, with_cpu_slice, FusedColumns, Linear, RmsNorm, Rope, Shard,
+    VocabEmbedding,
 };
 use super::paged_kv::PagedKv;
 use crate::ModelError;
@@ -66,9 +67,8 @@ pub struct SeqChunk {
 }
 
 struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    /// `q`, `k` and `v` as one product.
+    qkv: FusedColumns<3>,
     o: Linear,
     heads: usize,
     kv_heads: usize,
@@ -88,14 +88,14 @@ impl Attention {
         };
         let kv_rows = (kv_first * d, kv_heads * d);
         Ok(Self {
-            q: Linear::column(
+            qkv: FusedColumns::new(
                 vb,
-                "q_proj.weight",
-                (h * d, hidden),
-                (shard.rank * heads * d, heads * d),
+                [
+                    ("q_proj.weight", (h * d, hidden), (shard.rank * heads * d, heads * d)),
+                    ("k_proj.weight", (cfg.num_kv_heads * d, hidden), kv_rows),
+                    ("v_proj.weight", (cfg.num_kv_heads * d, hidden), kv_rows),
+                ],
             )?,
-            k: Linear::column(vb, "k_proj.weight", (cfg.num_kv_heads * d, hidden), kv_rows)?,
-            v: Linear::column(vb, "v_proj.weight", (cfg.num_kv_heads * d, hidden), kv_rows)?,
             o: Linear::row(
                 vb,
                 "o_proj.weight",
@@ -119,8 +119,8 @@ pub fn kv_heads_per_rank(cfg: &LlmConfig, world: usize) -> usize {
 }
 
 struct Mlp {
-    gate: Linear,
-    up: Linear,
+    /// `gate` and `up` as one product.
+    gate_up: FusedColumns<2>,
     down: Linear,
 }
 
@@ -129,15 +129,17 @@ impl Mlp {
         let (i, h) = (cfg.intermediate_size, cfg.hidden_size);
         let part = shard.range(i);
         Ok(Self {
-            gate: Linear::column(vb, "gate_proj.weight", (i, h), part)?,
-            up: Linear::column(vb, "up_proj.weight", (i, h), part)?,
+            gate_up: FusedColumns::new(
+                vb,
+                [("gate_proj.weight", (i, h), part), ("up_proj.weight", (i, h), part)],
+            )?,
             down: Linear::row(vb, "down_proj.weight", (h, i), part)?,
         })
     }
 
     /// Partial `down(silu(gate(x)) * up(x))` of this rank (to be all-reduced).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let (gate, up) = (self.gate.forward(x)?, self.up.forward(x)?);
+        let [gate, up] = self.gate_up.forward(x)?;
         let act = if x.device().is_cpu() && x.dtype() == DType::F32 {
             // One fused, vectorised pass instead of candle's scalar SiLU and a multiply.
             let mut out = vec![0f32; gate.elem_count()];
@@ -345,9 +347,10 @@ impl DeepSeekLlm {
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
             let pos = &meta.positions;
-            let q = self.rope.apply(&layer.attn.q.forward(&h)?.reshape((n, hl, d))?, pos)?;
-            let k = self.rope.apply(&layer.attn.k.forward(&h)?.reshape((n, kvl, d))?, pos)?;
-            let v = layer.attn.v.forward(&h)?.reshape((n, kvl, d))?;
+            let [q, k, v] = layer.attn.qkv.forward(&h)?;
+            let q = self.rope.apply(&q.reshape((n, hl, d))?, pos)?;
+            let k = self.rope.apply(&k.reshape((n, kvl, d))?, pos)?;
+            let v = v.reshape((n, kvl, d))?;
             kv.write(li, &meta, &k, &v)?;
             let attn = kv.attend(li, &meta, &q, scale)?;
             x = residual_add(&x, &comm.all_reduce_sum(&layer.attn.o.forward(&attn)?)?)?;
