@@ -17,6 +17,11 @@ mod worker;
 
 use clap::{Parser, Subcommand};
 
+/// The services' allocator: `encode`, `generate` and the workers run the models in this
+/// process, and reuse freed activations instead of refaulting them (dsvl_core::allocator).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// DeepSeek-VL serving cluster: offline tools and the local cluster.
 #[derive(Parser)]
 #[command(name = "dsvl", version, about)]
@@ -48,6 +53,7 @@ enum Command {
 }
 
 fn main() {
+    dsvl_core::allocator::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
