@@ -8,8 +8,9 @@
 //!   quoted or with escaped spaces). URLs go to the gateway as `image_url` parts and are
 //!   fetched there, under its fetch policy.
 //! * Tokens are printed as they stream in. Ctrl-C stops the current answer and keeps the
-//!   session (the part already received stays in the conversation); at the prompt it only
-//!   clears the line. Ctrl-D, `/bye` or end of input ends the session.
+//!   session (the part already received stays in the conversation; a message stopped or failed
+//!   before its first token is withdrawn, its `/image` attachments kept for the next one); at
+//!   the prompt it only clears the line. Ctrl-D, `/bye` or end of input ends the session.
 //! * `/reset` forgets the conversation, `/stats` prints the last answer's time to first
 //!   token, decode rate and cached prompt tokens, `/help` lists the commands.
 //! * On a terminal, lines are edited with `rustyline`, with a history kept across sessions
@@ -212,6 +213,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
             _ => {
                 let (text, dragged) = split_attachments(line);
                 let mut content: Vec<ContentPart> = std::mem::take(&mut attached);
+                let from_image_command = content.len();
                 content.extend(dragged);
                 if !text.is_empty() {
                     content.push(text_part(&text));
@@ -233,7 +235,7 @@ pub fn run(args: &ChatArgs) -> Result<()> {
                             eprintln!("[stopped]");
                         }
                         if text.is_empty() {
-                            conversation.pop();
+                            attached = withdraw(&mut conversation, from_image_command);
                         } else {
                             conversation.push(ChatMessage {
                                 role: "assistant".into(),
@@ -243,9 +245,8 @@ pub fn run(args: &ChatArgs) -> Result<()> {
                         last = Some(a);
                     }
                     Err(e) => {
-                        // Nothing was answered: the message leaves the conversation.
                         eprintln!("error: {e:#}");
-                        conversation.pop();
+                        attached = withdraw(&mut conversation, from_image_command);
                     }
                 }
             }
@@ -321,6 +322,23 @@ async fn answer(
         interrupted,
     };
     (Ok(answer), text)
+}
+
+/// Takes an unanswered message (stopped or failed before its first token) out of the
+/// conversation, so the next turn does not send two user messages in a row, and returns its
+/// first `from_image_command` parts: the `/image` attachments, which stay attached to the next
+/// message. Its text and dragged paths are one Up away in the line history.
+fn withdraw(conversation: &mut Vec<ChatMessage>, from_image_command: usize) -> Vec<ContentPart> {
+    let Some(mut message) = conversation.pop() else {
+        return Vec::new();
+    };
+    message.content.truncate(from_image_command);
+    let note = match message.content.len() {
+        0 => String::new(),
+        n => format!("; its {n} /image attachment(s) stay for the next message"),
+    };
+    eprintln!("(no answer: the message was withdrawn{note})");
+    message.content
 }
 
 fn text_part(text: &str) -> ContentPart {
@@ -415,6 +433,26 @@ fn split_attachments(line: &str) -> (String, Vec<ContentPart>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A message stopped before its first token leaves the conversation, and only its
+    /// `/image` attachments come back (dragged images are in the line that Up recalls).
+    #[test]
+    fn an_unanswered_message_is_withdrawn_and_keeps_its_image_command_attachments() {
+        let image = |b: &[u8]| ContentPart { part: Some(Part::Image(b.to_vec().into())) };
+        let earlier = ChatMessage { role: "assistant".into(), content: vec![text_part("hi")] };
+        let message = ChatMessage {
+            role: "user".into(),
+            content: vec![image(b"attached"), image(b"dragged"), text_part("what is this?")],
+        };
+        let mut conversation = vec![earlier.clone(), message];
+        let kept = withdraw(&mut conversation, 1);
+        assert_eq!(conversation, vec![earlier.clone()]);
+        assert_eq!(kept, vec![image(b"attached")]);
+
+        conversation.push(ChatMessage { role: "user".into(), content: vec![text_part("x")] });
+        assert!(withdraw(&mut conversation, 0).is_empty());
+        assert_eq!(conversation, vec![earlier]);
+    }
 
     #[test]
     fn dragged_paths_and_urls_become_images_and_leave_the_text() {
