@@ -38,9 +38,7 @@ impl Linear {
         (out, inp): (usize, usize),
         rows: (usize, usize),
     ) -> Result<Self> {
-        let w = vb.get((out, inp), name)?;
-        let w = if rows == (0, out) { w } else { w.narrow(0, rows.0, rows.1)?.contiguous()? };
-        Self::new(w, None)
+        Self::new(column_rows(vb, name, (out, inp), rows)?.contiguous()?, None)
     }
 
     /// Columns `[start, start + len)` of the full `[out, in]` weight: a row-parallel shard.
@@ -54,6 +52,17 @@ impl Linear {
         let w = if cols == (0, inp) { w } else { w.narrow(1, cols.0, cols.1)?.contiguous()? };
         Self::new(w, None)
     }
+}
+
+/// Rows `[start, start + len)` of the full `[out, in]` weight `name` (a view; the whole
+/// weight when the rows cover it): this rank's column-parallel shard.
+fn column_rows(
+    vb: &VarBuilder,
+    name: &str,
+    shape: (usize, usize),
+    rows: (usize, usize),
+) -> Result<Tensor> {
+    vb.get(shape, name)?.narrow(0, rows.0, rows.1)
 }
 
 /// Column-parallel linears that read the same input (`q`, `k`, `v`; `gate`, `up`) as one
@@ -77,7 +86,7 @@ impl<const P: usize> FusedColumns<P> {
     pub fn new(vb: &VarBuilder, parts: [ColumnPart; P]) -> Result<Self> {
         let shards = parts
             .iter()
-            .map(|&(name, shape, rows)| vb.get(shape, name)?.narrow(0, rows.0, rows.1))
+            .map(|&(name, shape, rows)| column_rows(vb, name, shape, rows))
             .collect::<Result<Vec<_>>>()?;
         let weight = Tensor::cat(&shards, 0)?;
         Ok(Self { linear: Linear::new(weight, None)?, widths: parts.map(|(_, _, rows)| rows.1) })
