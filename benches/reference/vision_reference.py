@@ -4,7 +4,8 @@ dimensions with random weights, from the `transformers` implementation (`deepsee
 It times exactly the work dsvl's encoder does for a batch of [B, 3, 1024, 1024] pixels in [0, 1]:
 the antialiased bilinear resize to 384 for the SigLIP branch, per-branch normalisation, SAM-B with
 its neck, HD path and downsamples, SigLIP-L, and the aligner, in float32, eager, under
-`torch.inference_mode()`. Preprocessing is timed with the reference pipeline's libraries
+`torch.inference_mode()` (on a GPU, `--device cuda:N --dtype bf16`: the same model in bfloat16,
+each shape warmed up once, timings synchronised with the device). Preprocessing is timed with the reference pipeline's libraries
 (PIL open/convert, torchvision-style Pillow bicubic resize, expand2square, numpy rescale).
 
 Runs as a server (`--serve`): one JSON command per line on stdin, one JSON reply per line on
@@ -54,7 +55,9 @@ class HybridTower(torch.nn.Module):
         self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1))
 
     def forward(self, images):
-        low = F.interpolate(images, size=(384, 384), mode="bilinear", align_corners=False, antialias=True)
+        # Antialiased resize in float32 (PyTorch has no bfloat16 kernel for it on the CPU).
+        low = F.interpolate(images.float(), size=(384, 384), mode="bilinear", align_corners=False,
+                            antialias=True).to(images.dtype)
         high = (images - self.clip_mean) / self.clip_std
         low = (low - 0.5) / 0.5
         out = self.sam(pixel_values=high, output_hidden_states=True)
@@ -84,10 +87,18 @@ def serve(args):
     """One JSON command per line on stdin, one JSON reply per line on stdout."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = HybridTower().eval()
+    device = torch.device(args.device)
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    model = HybridTower().eval().to(device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    pixels = lambda b: torch.rand(b, 3, 1024, 1024, device=device, dtype=dtype)
     with torch.inference_mode():
-        model(torch.rand(1, 3, 1024, 1024))  # warm-up
-    print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+        model(pixels(1))  # warm-up
+    warmed = {1}
+    print(json.dumps({"ready": True, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                      "dtype": str(dtype), "device": str(device),
+                      "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}),
+          flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "quit":
@@ -99,10 +110,15 @@ def serve(args):
                 n += 1
             reply = {"images_per_s": n / (time.perf_counter() - t0)}
         elif cmd["op"] == "encode":
-            x = torch.rand(cmd["batch"], 3, 1024, 1024)
+            x = pixels(cmd["batch"])
             with torch.inference_mode():
+                if device.type == "cuda" and cmd["batch"] not in warmed:
+                    model(x)  # kernel selection and the allocator's pools, per shape
+                    warmed.add(cmd["batch"])
+                sync()
                 t = time.perf_counter()
                 out = model(x)
+                sync()
                 dt = time.perf_counter() - t
             assert out.shape == (cmd["batch"], 576, 4096), out.shape
             reply = {"images_per_s": cmd["batch"] / dt}
@@ -116,6 +132,8 @@ def main():
     ap.add_argument("--serve", action="store_true", required=True)
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--images", nargs="+", required=True)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     serve(ap.parse_args())
 
 

@@ -2,8 +2,9 @@
 //! DeepSeek-VL-1.3B language-model dimensions (random weights, f32, CPU by default), alternating
 //! rounds with `transformers`' `LlamaForCausalLM`; and, with `--tp 2`, the same group split over
 //! two rank processes on loopback (the TCP communicator's overhead). With `--dims vl-7b --device
-//! cuda:N --dtype bf16 --no-reference --json` it is the decoder step of `scripts/gpu-check`: one
-//! JSON line per batch size with tokens/s and the share of the HBM roofline (see `roofline.rs`).
+//! cuda:N --dtype bf16 --json` it is the decoder step of `scripts/gpu-check`: one JSON line per
+//! batch size with tokens/s and the share of the HBM roofline (see `roofline.rs`), and the
+//! reference's tokens/s on the same GPU when the host's PyTorch has it (`--reference-optional`).
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
@@ -26,7 +27,7 @@ use serde_json::json;
 use crate::dims::Dims;
 use crate::machine;
 use crate::random;
-use crate::reference::{median, print_table, Reference, Row};
+use crate::reference::{ask, median, print_table, ratio, Reference, Row};
 use crate::roofline::{
     decoder_flops_per_token, decoder_weight_params, kv_bytes_per_token_all, Peak,
 };
@@ -59,6 +60,9 @@ pub struct DecoderArgs {
     /// Skip the PyTorch reference.
     #[arg(long)]
     no_reference: bool,
+    /// Go on without the reference when it cannot start or fails (its figures are then absent).
+    #[arg(long)]
+    reference_optional: bool,
     /// Language-model dimensions (random weights).
     #[arg(long, value_enum, default_value = "vl-1.3b")]
     dims: Dims,
@@ -240,12 +244,8 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
     let dtype = candle_dtype(args.dtype);
     let with_reference = !args.no_reference && args.tp == 1;
     ensure!(
-        !with_reference
-            || (args.dims == Dims::Vl13b
-                && matches!(dtype, DType::F32 | DType::BF16)
-                && args.device == DeviceSpec::Cpu),
-        "the PyTorch reference runs at vl-1.3b dimensions, f32 or bf16, on the CPU: add \
-         --no-reference"
+        !with_reference || matches!(dtype, DType::F32 | DType::BF16),
+        "the PyTorch reference runs in f32 or bf16: add --no-reference"
     );
     let device = open_device(args.device)?;
     // The bandwidth a batch-1 decode is judged against, measured before the weights fill memory.
@@ -289,11 +289,19 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
         &device,
         || with_kv_pool(DeepSeekLlm::new(&cfg, shard, random::var_builder(dtype, &device))?, kv),
     )?;
+    let optional = args.reference_optional;
     let mut reference = if with_reference {
-        Some(Reference::start(
-            "decoder_reference.py",
-            &["--threads".into(), threads.to_string(), "--dtype".into(), args.dtype.to_string()],
-        )?)
+        let args = [
+            "--threads".into(),
+            threads.to_string(),
+            "--dtype".into(),
+            args.dtype.to_string(),
+            "--device".into(),
+            args.device.to_string(),
+            "--config".into(),
+            llama_config(&cfg).to_string(),
+        ];
+        Reference::start_optional("decoder_reference.py", &args, optional)?
     } else {
         None
     };
@@ -312,24 +320,18 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
         for round in 0..args.rounds {
             let seq0 = (round * 1000) as u64;
             pre.ours.push(prefill(&mut runner, b, args.prompt_len, seq0, per_seq)?);
-            if let Some(r) = &mut reference {
-                pre.theirs.push(
-                    r.call(json!({"op": "prefill", "batch": b, "prompt_len": args.prompt_len}))?
-                        ["tokens_per_s"]
-                        .as_f64()
-                        .unwrap_or(f64::NAN),
-                );
+            let cmd = json!({"op": "prefill", "batch": b, "prompt_len": args.prompt_len});
+            if let Some(v) = ask(&mut reference, cmd, "tokens_per_s", optional)? {
+                pre.theirs.push(v);
             }
             let (tps, secs) =
                 decode(&mut runner, b, args.prompt_len, args.steps, seq0 + 500, per_seq)?;
             dec.ours.push(tps);
             ms.push(secs * 1e3);
-            if let Some(r) = &mut reference {
-                dec.theirs.push(
-                    r.call(json!({"op": "decode", "batch": b, "prompt_len": args.prompt_len, "steps": args.steps}))?["tokens_per_s"]
-                        .as_f64()
-                        .unwrap_or(f64::NAN),
-                );
+            let cmd = json!({"op": "decode", "batch": b, "prompt_len": args.prompt_len,
+                             "steps": args.steps});
+            if let Some(v) = ask(&mut reference, cmd, "tokens_per_s", optional)? {
+                dec.theirs.push(v);
             }
             eprintln!("batch {b}: round {}/{} done", round + 1, args.rounds);
         }
@@ -342,7 +344,16 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
         for (i, &(b, ms)) in step_ms.iter().enumerate() {
             let (pre, dec) =
                 (median(rows[2 * i].ours.clone()), median(rows[2 * i + 1].ours.clone()));
-            println!("{}", figures(&args, &cfg, b, [ms, pre, dec], triad));
+            let mut line = figures(&args, &cfg, b, [ms, pre, dec], triad);
+            let (pre_row, dec_row) = (&rows[2 * i], &rows[2 * i + 1]);
+            line["reference_prefill_tokens_per_s"] =
+                json!(ratio(pre_row).map(|_| median(pre_row.theirs.clone())));
+            line["reference_decode_tokens_per_s"] =
+                json!(ratio(dec_row).map(|_| median(dec_row.theirs.clone())));
+            line["prefill_ratio"] = json!(ratio(pre_row));
+            line["decode_ratio"] = json!(ratio(dec_row));
+            line["reference"] = json!(reference.as_ref().map(|r| r.hello.clone()));
+            println!("{line}");
         }
         return Ok(());
     }
@@ -375,6 +386,19 @@ pub fn run(args: DecoderArgs, threads: usize) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The language model's dimensions as `transformers.LlamaConfig` fields, so the reference
+/// builds the same model whatever the preset.
+fn llama_config(cfg: &LlmConfig) -> serde_json::Value {
+    json!({
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+    })
 }
 
 /// One batch size's JSON line: tokens/s, and what a decode step moves (weights + the KV it

@@ -125,6 +125,14 @@ pub fn run(args: SummaryArgs) -> Result<()> {
     Ok(())
 }
 
+/// ` vs PyTorch X (R x)` when the reference ran, else nothing.
+fn versus(theirs: &Value, ratio: &Value) -> String {
+    match (theirs.as_f64(), ratio.as_f64()) {
+        (Some(t), Some(r)) => format!(" vs PyTorch {t:.2} ({r:.2}x)"),
+        _ => String::new(),
+    }
+}
+
 fn print(s: &Value) {
     let verdict = if s["passed"] == true { "PASSED" } else { "FAILED" };
     println!(
@@ -178,21 +186,26 @@ fn print(s: &Value) {
     }
     for v in s["vision"].as_array().into_iter().flatten() {
         println!(
-            "vision {} {} batch {:>3}: {:>9.3} images/s, {:>8.2} TFLOP/s, MFU {}",
+            "vision {} {} batch {:>3}: {:>9.3} images/s, {:>8.2} TFLOP/s, MFU {}{}",
             v["dims"].as_str().unwrap_or(""),
             v["dtype"].as_str().unwrap_or(""),
             v["batch"],
             num(&v["images_per_s"]),
             num(&v["achieved_tflops"]),
-            pct(&v["mfu"])
+            pct(&v["mfu"]),
+            versus(&v["reference_images_per_s"], &v["ratio"])
         );
     }
     for d in s["decoder"].as_array().into_iter().flatten() {
         println!(
-            "decoder {} {} batch {:>3}: decode {:>9.2} tokens/s ({:.2} ms/step, {:.1} GB/s, HBM roofline {}), prefill {:>9.1} tokens/s (MFU {})",
+            "decoder {} {} batch {:>3}: decode {:>9.2} tokens/s{} ({:.2} ms/step, {:.1} GB/s, HBM roofline {}), prefill {:>9.1} tokens/s{} (MFU {})",
             d["dims"].as_str().unwrap_or(""), d["dtype"].as_str().unwrap_or(""), d["batch"],
-            num(&d["decode_tokens_per_s"]), num(&d["decode_step_ms"]), num(&d["achieved_gb_per_s"]),
-            pct(&d["hbm_roofline_share"]), num(&d["prefill_tokens_per_s"]), pct(&d["prefill_mfu"])
+            num(&d["decode_tokens_per_s"]),
+            versus(&d["reference_decode_tokens_per_s"], &d["decode_ratio"]),
+            num(&d["decode_step_ms"]), num(&d["achieved_gb_per_s"]),
+            pct(&d["hbm_roofline_share"]), num(&d["prefill_tokens_per_s"]),
+            versus(&d["reference_prefill_tokens_per_s"], &d["prefill_ratio"]),
+            pct(&d["prefill_mfu"])
         );
     }
     for p in s["problems"].as_array().into_iter().flatten() {

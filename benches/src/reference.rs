@@ -22,8 +22,15 @@ pub fn python() -> PathBuf {
     }
 }
 
-/// The repository root (benches/ is one level down).
+/// The repository root: the current folder when it holds `benches/reference` (a binary copied
+/// to a GPU host runs in a working tree elsewhere than where it was built), else the tree this
+/// binary was built from (benches/ is one level down).
 pub fn repo_root() -> PathBuf {
+    if let Ok(cwd) = std::env::current_dir() {
+        if cwd.join("benches/reference").is_dir() {
+            return cwd;
+        }
+    }
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
@@ -64,6 +71,20 @@ impl Reference {
         Ok(me)
     }
 
+    /// As [`Reference::start`]; with `optional`, a reference that cannot start is reported on
+    /// stderr and the benchmark goes on without it (`scripts/gpu-check` on a host whose PyTorch
+    /// lacks what the script needs).
+    pub fn start_optional(script: &str, args: &[String], optional: bool) -> Result<Option<Self>> {
+        match Self::start(script, args) {
+            Ok(r) => Ok(Some(r)),
+            Err(e) if optional => {
+                eprintln!("reference unavailable, going on without it: {e:#}");
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     fn read(&mut self) -> Result<Value> {
         let mut line = String::new();
         if self.stdout.read_line(&mut line)? == 0 {
@@ -78,6 +99,35 @@ impl Reference {
         self.stdin.flush()?;
         self.read()
     }
+}
+
+/// Asks the reference (when there is one) for the number under `key` in its reply to `cmd`.
+/// With `optional`, a reference that fails is dropped with a message on stderr, and later rounds
+/// run without it, instead of failing the benchmark.
+pub fn ask(
+    reference: &mut Option<Reference>,
+    cmd: Value,
+    key: &str,
+    optional: bool,
+) -> Result<Option<f64>> {
+    let Some(r) = reference else { return Ok(None) };
+    match r.call(cmd).and_then(|reply| {
+        reply[key].as_f64().with_context(|| format!("reference replied without {key}: {reply}"))
+    }) {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if optional => {
+            eprintln!("reference failed, going on without it: {e:#}");
+            *reference = None;
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Median of per-round ratios ours/theirs, when the reference answered every round.
+pub fn ratio(row: &Row) -> Option<f64> {
+    (!row.theirs.is_empty() && row.theirs.len() == row.ours.len())
+        .then(|| median(row.ours.iter().zip(&row.theirs).map(|(a, b)| a / b).collect()))
 }
 
 impl Drop for Reference {
@@ -117,12 +167,18 @@ pub fn print_table(title: &str, rows: &[Row]) {
     );
     for r in rows {
         let ours = median(r.ours.clone());
-        if r.theirs.is_empty() {
-            println!("{:<34} {ours:>12.4} {:>12} {:>8}   {}", r.name, "-", "-", r.ours.len());
-        } else {
-            let theirs = median(r.theirs.clone());
-            let ratio = median(r.ours.iter().zip(&r.theirs).map(|(a, b)| a / b).collect());
-            println!("{:<34} {ours:>12.4} {theirs:>12.4} {ratio:>7.2}x   {}", r.name, r.ours.len());
+        match ratio(r) {
+            None => {
+                println!("{:<34} {ours:>12.4} {:>12} {:>8}   {}", r.name, "-", "-", r.ours.len())
+            }
+            Some(ratio) => {
+                let theirs = median(r.theirs.clone());
+                println!(
+                    "{:<34} {ours:>12.4} {theirs:>12.4} {ratio:>7.2}x   {}",
+                    r.name,
+                    r.ours.len()
+                );
+            }
         }
     }
 }

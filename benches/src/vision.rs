@@ -1,8 +1,9 @@
 //! `dsvl-bench vision`: preprocessing images/s on the bundled images, and encoder + aligner
 //! images/s at the real DeepSeek-VL-7B dimensions (random weights, f32, CPU by default) at
 //! several batch sizes, alternating rounds with the PyTorch reference. With `--device cuda:N
-//! --dtype bf16 --no-reference --json` it is the vision step of `scripts/gpu-check`: one JSON
-//! line per batch size with images/s and the model FLOP utilisation (see `roofline.rs`).
+//! --dtype bf16 --json` it is the vision step of `scripts/gpu-check`: one JSON line per batch
+//! size with images/s and the model FLOP utilisation (see `roofline.rs`), and the reference's
+//! images/s on the same GPU when the host's PyTorch has it (`--reference-optional`).
 
 use std::time::Instant;
 
@@ -16,7 +17,7 @@ use dsvl_models::vision::VisionEncoder;
 use serde_json::json;
 
 use crate::dims::Dims;
-use crate::reference::{median, print_table, repo_root, Reference, Row};
+use crate::reference::{ask, median, print_table, ratio, repo_root, Reference, Row};
 use crate::roofline::{vision_flops_per_image, Peak};
 
 /// Arguments of `dsvl-bench vision`.
@@ -34,6 +35,9 @@ pub struct VisionArgs {
     /// Skip the PyTorch reference.
     #[arg(long)]
     no_reference: bool,
+    /// Go on without the reference when it cannot start or fails (its figures are then absent).
+    #[arg(long)]
+    reference_optional: bool,
     /// Model dimensions (random weights): vl-7b or tiny.
     #[arg(long, value_enum, default_value = "vl-7b")]
     dims: Dims,
@@ -65,13 +69,23 @@ pub fn run(args: VisionArgs, threads: usize) -> Result<()> {
     let with_reference = !args.no_reference;
     ensure!(
         !with_reference
-            || (args.dims == Dims::Vl7b && dtype == DType::F32 && args.device == DeviceSpec::Cpu),
-        "the PyTorch reference runs at vl-7b dimensions, f32, on the CPU: add --no-reference"
+            || (args.dims == Dims::Vl7b && (dtype == DType::F32 || args.device != DeviceSpec::Cpu)),
+        "the PyTorch reference runs at vl-7b dimensions, in f32 on the CPU (any dtype on a GPU): \
+         add --no-reference"
     );
+    let optional = args.reference_optional;
     let mut reference = if with_reference {
-        let mut a = vec!["--threads".to_string(), threads.to_string(), "--images".into()];
+        let mut a = vec![
+            "--threads".to_string(),
+            threads.to_string(),
+            "--device".into(),
+            args.device.to_string(),
+            "--dtype".into(),
+            args.dtype.to_string(),
+            "--images".into(),
+        ];
         a.extend(images().iter().map(|p| p.display().to_string()));
-        Some(Reference::start("vision_reference.py", &a)?)
+        Reference::start_optional("vision_reference.py", &a, optional)?
     } else {
         None
     };
@@ -116,13 +130,9 @@ pub fn run(args: VisionArgs, threads: usize) -> Result<()> {
                 n += 1;
             }
             rows[0].ours.push(n as f64 / t0.elapsed().as_secs_f64());
-            if let Some(r) = &mut reference {
-                rows[0].theirs.push(
-                    r.call(json!({"op": "preprocess", "seconds": args.preprocess_seconds}))?
-                        ["images_per_s"]
-                        .as_f64()
-                        .unwrap_or(f64::NAN),
-                );
+            let cmd = json!({"op": "preprocess", "seconds": args.preprocess_seconds});
+            if let Some(v) = ask(&mut reference, cmd, "images_per_s", optional)? {
+                rows[0].theirs.push(v);
             }
         }
         for (i, &b) in args.batches.iter().enumerate() {
@@ -138,12 +148,9 @@ pub fn run(args: VisionArgs, threads: usize) -> Result<()> {
                 out.dims()
             );
             rows[first_encode + i].ours.push(b as f64 / secs);
-            if let Some(r) = &mut reference {
-                rows[first_encode + i].theirs.push(
-                    r.call(json!({"op": "encode", "batch": b}))?["images_per_s"]
-                        .as_f64()
-                        .unwrap_or(f64::NAN),
-                );
+            let cmd = json!({"op": "encode", "batch": b});
+            if let Some(v) = ask(&mut reference, cmd, "images_per_s", optional)? {
+                rows[first_encode + i].theirs.push(v);
             }
         }
         eprintln!("round {}/{} done", round + 1, args.rounds);
@@ -157,7 +164,10 @@ pub fn run(args: VisionArgs, threads: usize) -> Result<()> {
                 json!({"bench": "vision", "dims": args.dims.name(), "device": args.device.to_string(),
                        "dtype": args.dtype.to_string(), "batch": b, "rounds": args.rounds,
                        "images_per_s": images_per_s, "gflop_per_image": flops_per_image / 1e9,
-                       "achieved_tflops": flops_per_s / 1e12, "mfu": Peak::mfu(peak, flops_per_s)})
+                       "achieved_tflops": flops_per_s / 1e12, "mfu": Peak::mfu(peak, flops_per_s),
+                       "reference_images_per_s": ratio(row).map(|_| median(row.theirs.clone())),
+                       "ratio": ratio(row),
+                       "reference": reference.as_ref().map(|r| r.hello.clone())})
             );
         }
         return Ok(());
