@@ -3,6 +3,7 @@
 //! key/value storage interface.
 
 mod cpu_attention;
+mod gather_attention;
 pub mod layers;
 pub mod model;
 pub mod paged_kv;

@@ -9,15 +9,15 @@
 //! - CPU: our kernel ([`super::cpu_attention`]), threads over sequences and heads;
 //! - CUDA with the `flash-attn` feature: `candle-flash-attn`'s paged varlen kernel (the pool is
 //!   already its `[num_blocks, block_size, kv_heads, head_dim]` layout);
-//! - any other device: a portable fallback built from candle ops that gathers each sequence's
-//!   history (correct, slow; logged once so nobody serves with it by accident).
+//! - any other device: a portable fallback built from candle ops that gathers the step's
+//!   histories in a few padded batches (logged once so nobody serves with it by accident).
 
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::cpu_attention::{self, PagedAttention, WriteKv};
+use super::gather_attention::{self, GatherPlan};
 use super::step::StepMeta;
 use crate::isa::Isa;
-use crate::ops::softmax_last_dim;
 
 /// Geometry of the pool, identical on every rank of a group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -187,8 +187,8 @@ impl PagedKv {
         )
     }
 
-    /// Portable fallback for devices without a paged kernel: per sequence, gathers its history
-    /// and attends with candle ops (the causal mask is built on the device for prefill rows).
+    /// Portable fallback for devices without a paged kernel: the step's sequences in a few
+    /// padded batches from candle ops ([`super::gather_attention`]).
     fn gathered(
         &self,
         kp: &Tensor,
@@ -201,52 +201,20 @@ impl PagedKv {
         WARNED.call_once(|| {
             tracing::warn!(
                 device = ?kp.device().location(),
-                "no paged attention kernel for this device in this build: using the slow \
+                "no paged attention kernel for this device in this build: using the portable \
                  gathering fallback (build CUDA with the flash-attn feature)"
             )
         });
-        let (_, heads, d) = q.dims3()?;
-        let (kvh, g) = (self.kv_heads, heads / self.kv_heads);
-        let bs = self.cfg.block_size;
-        let mut outs = Vec::with_capacity(meta.seqs.len());
-        for s in &meta.seqs {
-            let idx: Vec<u32> =
-                (0..s.ctx_len).map(|p| (s.blocks[p / bs] as usize * bs + p % bs) as u32).collect();
-            let idx = Tensor::new(idx, kp.device())?;
-            let k = kp.index_select(&idx, 0)?.transpose(0, 1)?.contiguous()?;
-            let v = vp.index_select(&idx, 0)?.transpose(0, 1)?.contiguous()?;
-            let (t, l) = (s.q_len, s.ctx_len);
-            let qs = q.narrow(0, s.q_start, t)?;
-            let qs = qs.reshape((t, kvh, g, d))?.permute((1, 2, 0, 3))?.contiguous()?.reshape((
-                kvh,
-                g * t,
-                d,
-            ))?;
-            let mut scores = (qs.matmul(&k.t()?)? * f64::from(scale))?;
-            if t > 1 {
-                let rows =
-                    Tensor::arange((l - t) as u32, l as u32, kp.device())?.reshape((t, 1))?;
-                let cols = Tensor::arange(0u32, l as u32, kp.device())?.reshape((1, l))?;
-                let masked = cols.broadcast_gt(&rows)?;
-                let ninf = Tensor::full(f32::NEG_INFINITY, (t, l), kp.device())?
-                    .to_dtype(scores.dtype())?;
-                let zero = ninf.zeros_like()?;
-                let mask = masked.where_cond(&ninf, &zero)?;
-                scores = scores.reshape((kvh, g, t, l))?.broadcast_add(&mask)?.reshape((
-                    kvh,
-                    g * t,
-                    l,
-                ))?;
+        let built;
+        let plan = match &meta.device {
+            Some(dm) => &dm.gather,
+            // CPU metadata carries no plan (tests compare the CPU kernel with this path).
+            None => {
+                built = GatherPlan::new(&meta.seqs, self.cfg.block_size, kp.device())?;
+                &built
             }
-            let out = softmax_last_dim(&scores)?.matmul(&v)?;
-            outs.push(
-                out.reshape((kvh, g, t, d))?
-                    .permute((2, 0, 1, 3))?
-                    .contiguous()?
-                    .reshape((t, heads * d))?,
-            );
-        }
-        Tensor::cat(&outs, 0)
+        };
+        gather_attention::attend(plan, kp, vp, q, scale)
     }
 }
 

@@ -8,6 +8,7 @@
 
 use candle_core::{Device, Tensor};
 
+use super::gather_attention::GatherPlan;
 use super::model::SeqChunk;
 use crate::ModelError;
 
@@ -58,6 +59,8 @@ pub struct DeviceMeta {
     pub max_seqlen_q: usize,
     /// Longest context.
     pub max_seqlen_k: usize,
+    /// Indices and masks of the portable batched attention (devices without a paged kernel).
+    pub gather: GatherPlan,
 }
 
 impl StepMeta {
@@ -94,7 +97,7 @@ impl StepMeta {
         let device_meta = if device.is_cpu() {
             None
         } else {
-            Some(DeviceMeta::new(&seqs, &slots, kv_width, device)?)
+            Some(DeviceMeta::new(&seqs, &slots, block_size, kv_width, device)?)
         };
         Ok(Self {
             num_tokens: q_start,
@@ -152,6 +155,7 @@ impl DeviceMeta {
     fn new(
         seqs: &[SeqSlice],
         slots: &[u32],
+        block_size: usize,
         kv_width: usize,
         device: &Device,
     ) -> Result<Self, ModelError> {
@@ -178,6 +182,7 @@ impl DeviceMeta {
             block_table: Tensor::from_vec(table, (seqs.len(), max_blocks), device)?,
             max_seqlen_q: seqs.iter().map(|s| s.q_len).max().unwrap_or(0),
             max_seqlen_k: seqs.iter().map(|s| s.ctx_len).max().unwrap_or(0),
+            gather: GatherPlan::new(seqs, block_size, device)?,
         })
     }
 }

@@ -53,8 +53,10 @@ impl CustomOp3 for RelPosSoftmax {
     }
 }
 
-/// `softmax(scores + rel_h[..., :, None] + rel_w[..., None, :])` for `scores` `[BH, N, N]`,
-/// `rel_h`, `rel_w` `[BH, S, S, S]` indexed `[b, h, w, k]` (query `(h, w)`, key row or column `k`).
+/// `softmax(scores + rel_h[..., :, None] + rel_w[..., None, :])` for `scores` `[BH, R, N]`
+/// (`R` query rows: all `N = side²` of them, or a tile of whole grid rows, `R = r * side`),
+/// `rel_h`, `rel_w` `[BH, r, S, S]` indexed `[b, h, w, k]` (query `(h, w)`, key row or column
+/// `k`).
 pub fn relpos_softmax(
     scores: &Tensor,
     rel_h: &Tensor,
@@ -71,12 +73,75 @@ pub fn relpos_softmax(
         )?;
         return out.to_dtype(dtype);
     }
-    let (bh, n, _) = scores.dims3()?;
+    relpos_softmax_broadcast(scores, rel_h, rel_w, side)
+}
+
+/// The same function from candle's broadcast ops, for any device and dtype.
+fn relpos_softmax_broadcast(
+    scores: &Tensor,
+    rel_h: &Tensor,
+    rel_w: &Tensor,
+    side: usize,
+) -> Result<Tensor> {
+    let (bh, rows, n) = scores.dims3()?;
     let s = side;
+    if n != s * s || rows % s != 0 {
+        candle_core::bail!(
+            "relpos softmax: scores {:?} are not whole rows of a {s}x{s} grid",
+            scores.dims()
+        );
+    }
+    // [b, (h, w), (kh, kw)] -> [b, h, w, kh, kw]: rel_h broadcasts over kw, rel_w over kh.
     let summed = scores
-        .reshape((bh, s, s, s, s))?
+        .reshape((bh, rows / s, s, s, s))?
         .broadcast_add(&rel_h.unsqueeze(4)?)?
         .broadcast_add(&rel_w.unsqueeze(3)?)?
-        .reshape((bh, n, n))?;
+        .reshape((bh, rows, n))?;
     softmax_last_dim(&summed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, IndexOp};
+
+    /// Max |a - b| over two tensors of the same shape.
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    /// The broadcast path (what GPUs run) equals the fused CPU op on whole grids and on tiles of
+    /// grid rows, which is how SAM's tiled attention calls it.
+    #[test]
+    fn the_broadcast_path_equals_the_fused_op_on_grids_and_row_tiles() -> Result<()> {
+        let dev = Device::Cpu;
+        let (bh, s) = (3, 6);
+        let n = s * s;
+        let scores = Tensor::randn(0f32, 2.0, (bh, n, n), &dev)?;
+        let rel_h = Tensor::randn(0f32, 1.0, (bh, s, s, s), &dev)?;
+        let rel_w = Tensor::randn(0f32, 1.0, (bh, s, s, s), &dev)?;
+        let fused = relpos_softmax(&scores, &rel_h, &rel_w, s)?;
+        let broadcast = relpos_softmax_broadcast(&scores, &rel_h, &rel_w, s)?;
+        assert!(max_diff(&fused, &broadcast) < 1e-6);
+        // Unfused by hand, one element: softmax over keys of s + rel_h[kh] + rel_w[kw].
+        let (b, h, w) = (1, 2, 5);
+        let row: Vec<f32> = scores.i((b, h * s + w))?.to_vec1()?;
+        let (rh, rw): (Vec<f32>, Vec<f32>) =
+            (rel_h.i((b, h, w))?.to_vec1()?, rel_w.i((b, h, w))?.to_vec1()?);
+        let logits: Vec<f32> = (0..n).map(|k| row[k] + rh[k / s] + rw[k % s]).collect();
+        let top = logits.iter().cloned().fold(f32::MIN, f32::max);
+        let sum: f32 = logits.iter().map(|l| (l - top).exp()).sum();
+        let want = (logits[7] - top).exp() / sum;
+        let got: f32 = broadcast.i((b, h * s + w, 7))?.to_scalar()?;
+        assert!((want - got).abs() < 1e-6, "{want} vs {got}");
+        // Tiles of two grid rows, as `attention_tiled` narrows them.
+        for h0 in (0..s).step_by(2) {
+            let tile = scores.narrow(1, h0 * s, 2 * s)?;
+            let (th, tw) = (rel_h.narrow(1, h0, 2)?, rel_w.narrow(1, h0, 2)?);
+            let want = fused.narrow(1, h0 * s, 2 * s)?;
+            assert!(max_diff(&relpos_softmax(&tile, &th, &tw, s)?, &want) < 1e-6);
+            assert!(max_diff(&relpos_softmax_broadcast(&tile, &th, &tw, s)?, &want) < 1e-6);
+        }
+        Ok(())
+    }
 }
