@@ -146,6 +146,17 @@ impl InplaceOp2 for WriteKv<'_> {
             ),
         }
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        pool: &mut candle_core::CudaStorage,
+        pl: &Layout,
+        src: &candle_core::CudaStorage,
+        sl: &Layout,
+    ) -> Result<()> {
+        super::cuda_kv::write_rows(pool, pl, src, sl, &self.meta.on_device()?.slots)
+    }
 }
 
 /// Causal attention of `q` `[N, heads, head_dim]` over the key and value pools

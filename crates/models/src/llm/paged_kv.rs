@@ -53,6 +53,8 @@ impl PagedKvConfig {
 pub struct PagedKv {
     cfg: PagedKvConfig,
     kv_heads: usize,
+    /// The flash-attention kernel's pool view needs it; other paths read it off the tensors.
+    #[cfg_attr(not(feature = "flash-attn"), allow(dead_code))]
     head_dim: usize,
     /// Per layer: keys and values, `[num_blocks * block_size, kv_heads, head_dim]`.
     pools: Vec<(Tensor, Tensor)>,
@@ -102,31 +104,17 @@ impl PagedKv {
         chunks: &[super::SeqChunk],
         device: &Device,
     ) -> std::result::Result<StepMeta, crate::ModelError> {
-        StepMeta::new(
-            chunks,
-            self.cfg.block_size,
-            self.cfg.num_blocks,
-            self.kv_heads * self.head_dim,
-            device,
-        )
+        StepMeta::new(chunks, self.cfg.block_size, self.cfg.num_blocks, device)
     }
 
     /// Writes the step's new keys and values (`[N, kv_heads, head_dim]`, rotated) of `layer`
-    /// into their slots: one in-place write per pool.
+    /// into their slots: one in-place write per pool (on the CPU a copy per row, on CUDA one
+    /// kernel over all rows, `super::cuda_kv`).
     pub fn write(&self, layer: usize, meta: &StepMeta, k: &Tensor, v: &Tensor) -> Result<()> {
         let (kp, vp) = &self.pools[layer];
-        let k = k.contiguous()?;
-        let v = v.contiguous()?;
-        if kp.device().is_cpu() {
-            let op = WriteKv { meta };
-            kp.inplace_op2(&k, &op)?;
-            return vp.inplace_op2(&v, &op);
-        }
-        let dm = meta.on_device()?;
-        let width = self.kv_heads * self.head_dim;
-        let rows = |t: &Tensor| t.reshape((meta.num_tokens, width));
-        kp.reshape((self.cfg.tokens(), width))?.scatter_set(&dm.scatter_index, &rows(&k)?, 0)?;
-        vp.reshape((self.cfg.tokens(), width))?.scatter_set(&dm.scatter_index, &rows(&v)?, 0)
+        let op = WriteKv { meta };
+        kp.inplace_op2(&k.contiguous()?, &op)?;
+        vp.inplace_op2(&v.contiguous()?, &op)
     }
 
     /// Causal attention of the step's queries `q` (`[N, heads, head_dim]`) over `layer`'s pool,

@@ -46,9 +46,8 @@ pub struct StepMeta {
 /// Step metadata uploaded for a device kernel, once per step.
 #[derive(Debug)]
 pub struct DeviceMeta {
-    /// `[N, kv_width]` u32: each new row's pool slot, repeated over the row (the index of the
-    /// one scatter that writes a layer's new keys, and one for its values).
-    pub scatter_index: Tensor,
+    /// `[N]` u32: each new row's pool slot (where the KV write puts it).
+    pub slots: Tensor,
     /// `[B + 1]` u32 cumulative new-token counts.
     pub cu_seqlens_q: Tensor,
     /// `[B + 1]` u32 cumulative context lengths.
@@ -64,8 +63,7 @@ pub struct DeviceMeta {
 }
 
 impl StepMeta {
-    /// Builds the metadata of `chunks` for a pool of `num_blocks` blocks of `block_size` slots,
-    /// `kv_width` values (KV heads x head size) per slot.
+    /// Builds the metadata of `chunks` for a pool of `num_blocks` blocks of `block_size` slots.
     ///
     /// # Errors
     /// [`ModelError::InvalidInput`] when a chunk's block table is too short for its positions or
@@ -74,7 +72,6 @@ impl StepMeta {
         chunks: &[SeqChunk],
         block_size: usize,
         num_blocks: usize,
-        kv_width: usize,
         device: &Device,
     ) -> Result<Self, ModelError> {
         check_block_tables(chunks, block_size, num_blocks)?;
@@ -97,7 +94,7 @@ impl StepMeta {
         let device_meta = if device.is_cpu() {
             None
         } else {
-            Some(DeviceMeta::new(&seqs, &slots, block_size, kv_width, device)?)
+            Some(DeviceMeta::new(&seqs, &slots, block_size, device)?)
         };
         Ok(Self {
             num_tokens: q_start,
@@ -156,7 +153,6 @@ impl DeviceMeta {
         seqs: &[SeqSlice],
         slots: &[u32],
         block_size: usize,
-        kv_width: usize,
         device: &Device,
     ) -> Result<Self, ModelError> {
         let max_blocks = seqs.iter().map(|s| s.blocks.len()).max().unwrap_or(0).max(1);
@@ -173,10 +169,7 @@ impl DeviceMeta {
                 .collect::<Vec<u32>>()
         };
         Ok(Self {
-            scatter_index: Tensor::new(slots, device)?
-                .reshape((slots.len(), 1))?
-                .broadcast_as((slots.len(), kv_width))?
-                .contiguous()?,
+            slots: Tensor::new(slots, device)?,
             cu_seqlens_q: Tensor::new(cumulative(|s| s.q_len), device)?,
             cu_seqlens_k: Tensor::new(cumulative(|s| s.ctx_len), device)?,
             block_table: Tensor::from_vec(table, (seqs.len(), max_blocks), device)?,
@@ -198,7 +191,7 @@ mod tests {
     #[test]
     fn slots_follow_block_tables() -> Result<(), ModelError> {
         let chunks = [chunk(1, 0, 5, vec![3, 0]), chunk(2, 6, 1, vec![1, 2])];
-        let m = StepMeta::new(&chunks, 4, 4, 6, &Device::Cpu)?;
+        let m = StepMeta::new(&chunks, 4, 4, &Device::Cpu)?;
         assert_eq!(m.num_tokens, 6);
         assert_eq!(m.slots, vec![12, 13, 14, 15, 0, 10]);
         assert_eq!(m.positions.to_vec1::<u32>()?, vec![0, 1, 2, 3, 4, 6]);
@@ -208,9 +201,9 @@ mod tests {
 
     #[test]
     fn refuses_short_tables_and_foreign_blocks() {
-        let short = StepMeta::new(&[chunk(1, 3, 2, vec![0])], 4, 4, 6, &Device::Cpu);
+        let short = StepMeta::new(&[chunk(1, 3, 2, vec![0])], 4, 4, &Device::Cpu);
         assert!(short.unwrap_err().to_string().contains("need 2 KV blocks"));
-        let foreign = StepMeta::new(&[chunk(1, 0, 2, vec![9])], 4, 4, 6, &Device::Cpu);
+        let foreign = StepMeta::new(&[chunk(1, 0, 2, vec![9])], 4, 4, &Device::Cpu);
         assert!(foreign.unwrap_err().to_string().contains("outside the pool"));
     }
 }
