@@ -13,6 +13,8 @@
 
 pub mod checkpoint;
 pub mod cpu_caches;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod device;
 mod error;
 pub mod isa;

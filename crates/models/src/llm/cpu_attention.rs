@@ -155,7 +155,7 @@ impl InplaceOp2 for WriteKv<'_> {
         src: &candle_core::CudaStorage,
         sl: &Layout,
     ) -> Result<()> {
-        super::cuda_kv::write_rows(pool, pl, src, sl, &self.meta.on_device()?.slots)
+        crate::cuda::kv_write::write_rows(pool, pl, src, sl, &self.meta.on_device()?.slots)
     }
 }
 

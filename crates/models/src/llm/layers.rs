@@ -219,6 +219,10 @@ impl RmsNorm {
         if x.dtype() == DType::F32 {
             return candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32);
         }
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && x.dtype() == DType::BF16 && self.weight.dtype() == DType::BF16 {
+            return crate::cuda::rms_norm::rms_norm_bf16(x, &self.weight, self.eps);
+        }
         let x32 = x.to_dtype(DType::F32)?;
         let inv = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
         x32.broadcast_mul(&inv)?.to_dtype(x.dtype())?.broadcast_mul(&self.weight)

@@ -3,8 +3,6 @@
 //! key/value storage interface.
 
 mod cpu_attention;
-#[cfg(feature = "cuda")]
-mod cuda_kv;
 mod gather_attention;
 pub mod layers;
 pub mod model;

@@ -4,8 +4,9 @@
 //! Unfused, `scores + rel_h[..., None] + rel_w[..., None, :]` followed by a softmax makes four
 //! passes over a `[B*heads, N, N]` tensor (805 MB per image for a SAM-B global block). On the
 //! CPU this op reads each score once, adds the two terms in the reference's order
-//! (`(s + rel_h) + rel_w`), and normalises in place, in f32. Other devices (and dtypes) take
-//! the generic broadcast path with identical maths.
+//! (`(s + rel_h) + rel_w`), and normalises in place, in f32; on CUDA a kernel of ours does the
+//! same per row (`crate::cuda::relpos_softmax`). Other devices (and dtypes) take the generic
+//! broadcast path with identical maths.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -51,6 +52,24 @@ impl CustomOp3 for RelPosSoftmax {
             .for_each(|(row, (rh, rw))| relpos_softmax_row(row, rh, rw));
         Ok((CpuStorage::F32(out), ls.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        scores: &candle_core::CudaStorage,
+        ls: &Layout,
+        rel_h: &candle_core::CudaStorage,
+        lh: &Layout,
+        rel_w: &candle_core::CudaStorage,
+        lw: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::relpos_softmax::relpos_softmax(
+            self.side,
+            (scores, ls),
+            (rel_h, lh),
+            (rel_w, lw),
+        )
+    }
 }
 
 /// `softmax(scores + rel_h[..., :, None] + rel_w[..., None, :])` for `scores` `[BH, R, N]`
@@ -72,6 +91,11 @@ pub fn relpos_softmax(
             &RelPosSoftmax { side },
         )?;
         return out.to_dtype(dtype);
+    }
+    if scores.device().is_cuda() && matches!(dtype, DType::BF16 | DType::F32) {
+        // One kernel (`crate::cuda::relpos_softmax`); the inputs share the scores' dtype.
+        let c = |t: &Tensor| t.to_dtype(dtype).and_then(|t| t.contiguous());
+        return c(scores)?.apply_op3_no_bwd(&c(rel_h)?, &c(rel_w)?, &RelPosSoftmax { side });
     }
     relpos_softmax_broadcast(scores, rel_h, rel_w, side)
 }
