@@ -13,13 +13,25 @@ use rayon::prelude::*;
 pub fn processor_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
+        .and_then(|info| model_of(&info))
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+/// `model name` of the first processor in `/proc/cpuinfo` text, with its family and model
+/// numbers (VMs often report a bare "AMD EPYC" or "Intel(R) Xeon(R) Processor": the numbers tell
+/// the generation, e.g. AMD family 25 is Zen 3/4 and 26 is Zen 5).
+fn model_of(info: &str) -> Option<String> {
+    let field = |key: &str| {
+        info.lines()
+            .find(|l| l.split(':').next().is_some_and(|k| k.trim() == key))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let name = field("model name")?;
+    Some(match (field("cpu family"), field("model")) {
+        (Some(f), Some(m)) => format!("{name} (family {f} model {m})"),
+        _ => name,
+    })
 }
 
 /// One line naming the processor, the path dsvl's kernels took and the extensions that decide
@@ -112,6 +124,15 @@ pub fn triad_bandwidth(reps: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn family_and_model_follow_the_name() {
+        let info = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n\
+                    model name\t: AMD EPYC\nstepping\t: 1\n";
+        assert_eq!(model_of(info).as_deref(), Some("AMD EPYC (family 26 model 2)"));
+        assert_eq!(model_of("model name\t: X\n").as_deref(), Some("X"));
+        assert_eq!(model_of("vendor_id\t: Y\n"), None);
+    }
 
     #[test]
     fn the_machine_is_described() {
