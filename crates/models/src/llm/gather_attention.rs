@@ -13,18 +13,23 @@
 //! `L`: their queries are gathered into `[B, T]` rows, their history out of the pool into
 //! `[B, L]` rows (padding points at slot 0 of the pool, which is allocated zeroed, so it is
 //! always finite), and an additive mask (`0` or `-inf`, f32) hides padded keys and keys to the
-//! right of each query's position. Decode tokens (`T = 1`) form one group; prefill chunks are
-//! grouped in step order while `B * T * L` stays under [`MAX_GROUP_SCORES`], so padding never
-//! inflates memory much beyond the largest single chunk's. Scores are softmaxed in f32.
+//! right of each query's position. Decode tokens (`T = 1`) and prefill chunks group apart, each
+//! in step order, while a group's gathered history (`B * L` rows) stays under
+//! [`MAX_GROUP_KV_ROWS`] and its scores (`B * T * L` per head) under [`MAX_GROUP_SCORES`], so
+//! neither padding nor a long context in a large batch inflates memory much beyond what the
+//! largest single sequence needs. Scores are softmaxed in f32.
 
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::step::SeqSlice;
 use crate::ops::softmax_last_dim;
 
-/// Most `B * T * L` score entries (per head) a prefill group may hold; a single chunk larger
-/// than this still forms a group of its own.
+/// Most `B * T * L` score entries (per head) a group may hold; a single chunk larger than this
+/// still forms a group of its own.
 const MAX_GROUP_SCORES: usize = 1 << 23;
+/// Most `B * L` history rows a group gathers out of each pool (512 MiB per pool at VL-7B's
+/// 4,096 bf16 values per row); a single longer context still forms a group of its own.
+const MAX_GROUP_KV_ROWS: usize = 1 << 16;
 
 /// One padded batch of sequences.
 #[derive(Debug)]
@@ -57,23 +62,22 @@ impl GatherPlan {
     /// # Errors
     /// Device uploads.
     pub fn new(seqs: &[SeqSlice], block_size: usize, device: &Device) -> Result<Self> {
-        let decodes: Vec<&SeqSlice> = seqs.iter().filter(|s| s.q_len == 1).collect();
         let mut members: Vec<Vec<&SeqSlice>> = Vec::new();
-        if !decodes.is_empty() {
-            members.push(decodes);
-        }
-        let mut open: Vec<&SeqSlice> = Vec::new();
-        for s in seqs.iter().filter(|s| s.q_len > 1) {
-            let (t, l) = open
-                .iter()
-                .fold((s.q_len, s.ctx_len), |(t, l), o| (t.max(o.q_len), l.max(o.ctx_len)));
-            if !open.is_empty() && (open.len() + 1) * t * l > MAX_GROUP_SCORES {
-                members.push(std::mem::take(&mut open));
+        for decode in [true, false] {
+            let mut open: Vec<&SeqSlice> = Vec::new();
+            for s in seqs.iter().filter(|s| (s.q_len == 1) == decode) {
+                let (t, l) = open
+                    .iter()
+                    .fold((s.q_len, s.ctx_len), |(t, l), o| (t.max(o.q_len), l.max(o.ctx_len)));
+                let b = open.len() + 1;
+                if !open.is_empty() && (b * t * l > MAX_GROUP_SCORES || b * l > MAX_GROUP_KV_ROWS) {
+                    members.push(std::mem::take(&mut open));
+                }
+                open.push(s);
             }
-            open.push(s);
-        }
-        if !open.is_empty() {
-            members.push(open);
+            if !open.is_empty() {
+                members.push(open);
+            }
         }
         let total_rows = seqs.iter().map(|s| s.q_len).sum::<usize>();
         let mut out_index = vec![0u32; total_rows];
@@ -201,6 +205,19 @@ mod tests {
         // Seq 0's first new token sits at position 2 and sees keys 0..=2.
         let mask = pre.mask.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(&mask[..5], &[0.0, 0.0, 0.0, f32::NEG_INFINITY, f32::NEG_INFINITY]);
+        Ok(())
+    }
+
+    /// Long contexts in a large decode batch split so no group gathers more than the bound.
+    #[test]
+    fn long_decodes_split_into_groups() -> Result<()> {
+        let ctx = 16_384;
+        let blocks: Vec<u32> = (0..(ctx / 32) as u32).collect();
+        let seqs: Vec<SeqSlice> = (0..9).map(|i| seq(i, 1, ctx, blocks.clone())).collect();
+        let plan = GatherPlan::new(&seqs, 32, &Device::Cpu)?;
+        // 4 x 16,384 = 2^16 rows fit one group.
+        assert_eq!(plan.groups.iter().map(|g| g.seqs).collect::<Vec<_>>(), vec![4, 4, 1]);
+        assert_eq!(plan.out_index.to_vec1::<u32>()?, (0..9).collect::<Vec<u32>>());
         Ok(())
     }
 
