@@ -6,7 +6,7 @@
 
 use std::sync::OnceLock;
 
-use candle_core::cuda_backend::cudarc::driver::CudaFunction;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig};
 use candle_core::cuda_backend::cudarc::nvrtc::compile_ptx;
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::Result;
@@ -135,4 +135,10 @@ pub(crate) fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
             candle_core::Error::Msg(format!("NVRTC could not compile our kernels: {e}"))
         })?;
     Ok(dev.get_or_load_custom_func(name, MODULE, ptx)?.into_cuda_function())
+}
+
+/// One block of 256 threads (8 warps; `block_reduce` wants a multiple of 32) per row, for the
+/// row-wise kernels (softmax, normalisation).
+pub(crate) fn block_per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
 }

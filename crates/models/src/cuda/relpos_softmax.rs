@@ -5,12 +5,9 @@
 //! through its strides and ran at about 270 GB/s on an H200; with the casts to and from f32 around
 //! the softmax they were 70 % of a VL-7B vision forward's GPU time (`scripts/gpu-profile`).
 
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CudaStorage, Layout, Result, Shape};
-
-/// Threads per row: 8 warps over 4,096 keys at SAM-B's 64 x 64 grid.
-const THREADS: u32 = 256;
 
 /// The op for `scores` `[BH, R, S*S]` and `rel_h`, `rel_w` `[BH, R/S, S, S]` (all contiguous,
 /// one dtype: bf16 or f32); returns the probabilities in the same dtype and shape.
@@ -36,11 +33,7 @@ pub(crate) fn relpos_softmax(
         )
     }
     let dev = scores.device.clone();
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = super::block_per_row(rows);
     let side = side as u32;
     macro_rules! launch {
         ($kernel:literal, $t:ty, $s:expr, $h:expr, $w:expr, $wrap:path) => {{

@@ -6,12 +6,9 @@
 //! 64 x 128-token VL-7B prefill on an H200 those were about 15 % of the step's GPU time
 //! (`scripts/gpu-profile`).
 
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
-
-/// Threads per row (hidden sizes are thousands wide).
-const THREADS: u32 = 256;
 
 struct RmsNormBf16 {
     eps: f32,
@@ -68,11 +65,7 @@ impl CustomOp2 for RmsNormBf16 {
         b.arg(&mut out);
         b.arg(&d32);
         b.arg(&eps);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = super::block_per_row(rows);
         // SAFETY: block `r` reads row `r` of `x` (`d` values) and the weight, and writes row `r`
         // of `out`; the lengths were checked above.
         unsafe { b.launch(cfg) }.w()?;

@@ -5,9 +5,9 @@
 //! Why batches: a per-sequence loop costs about a dozen kernel launches and one host-to-device
 //! copy per sequence per layer, so on a GPU the step is launch-bound and grows with the batch
 //! (measured on an H200 at VL-7B dimensions, bf16: 184 ms per decode step at batch 64, against
-//! 17 ms at batch 1). Here every index and mask is built once per step ([`GatherPlan`], uploaded
-//! with the step's metadata) and each layer runs the same dozen launches per group whatever the
-//! batch size.
+//! 17 ms at batch 1). Here every index and mask is built and uploaded once per step
+//! ([`GatherPlan`], kept with the step's metadata by the first layer that needs it) and each
+//! layer runs the same dozen launches per group whatever the batch size.
 //!
 //! A group is a set of sequences padded to its longest new-token run `T` and longest context
 //! `L`: their queries are gathered into `[B, T]` rows, their history out of the pool into

@@ -193,13 +193,12 @@ impl PagedKv {
                  gathering fallback (build CUDA with the flash-attn feature)"
             )
         });
-        let built;
-        let plan = match &meta.device {
-            Some(dm) => &dm.gather,
-            // CPU metadata carries no plan (tests compare the CPU kernel with this path).
+        let plan = match meta.gather.get() {
+            Some(plan) => plan,
             None => {
-                built = GatherPlan::new(&meta.seqs, self.cfg.block_size, kp.device())?;
-                &built
+                // Once per step: later layers find it built.
+                let plan = GatherPlan::new(&meta.seqs, meta.block_size, kp.device())?;
+                meta.gather.get_or_init(|| plan)
             }
         };
         gather_attention::attend(plan, kp, vp, q, scale)

@@ -6,6 +6,8 @@
 //! and on GPUs the slot index, block table and cumulative lengths the paged kernel takes) are
 //! uploaded once here and shared by every layer.
 
+use std::sync::OnceLock;
+
 use candle_core::{Device, Tensor};
 
 use super::gather_attention::GatherPlan;
@@ -41,6 +43,9 @@ pub struct StepMeta {
     pub positions: Tensor,
     /// Device-side tensors for GPU kernels (absent on the CPU).
     pub device: Option<DeviceMeta>,
+    /// Indices and masks of the portable batched attention, built by the first layer that
+    /// needs them (only devices without a paged kernel, and the CPU kernel's tests, do).
+    pub gather: OnceLock<GatherPlan>,
 }
 
 /// Step metadata uploaded for a device kernel, once per step.
@@ -58,8 +63,6 @@ pub struct DeviceMeta {
     pub max_seqlen_q: usize,
     /// Longest context.
     pub max_seqlen_k: usize,
-    /// Indices and masks of the portable batched attention (devices without a paged kernel).
-    pub gather: GatherPlan,
 }
 
 impl StepMeta {
@@ -91,11 +94,8 @@ impl StepMeta {
             seqs.push(SeqSlice { q_start, q_len, ctx_len, blocks: c.blocks[..needed].to_vec() });
             q_start += q_len;
         }
-        let device_meta = if device.is_cpu() {
-            None
-        } else {
-            Some(DeviceMeta::new(&seqs, &slots, block_size, device)?)
-        };
+        let device_meta =
+            if device.is_cpu() { None } else { Some(DeviceMeta::new(&seqs, &slots, device)?) };
         Ok(Self {
             num_tokens: q_start,
             block_size,
@@ -103,6 +103,7 @@ impl StepMeta {
             seqs,
             slots,
             device: device_meta,
+            gather: OnceLock::new(),
         })
     }
 }
@@ -149,12 +150,7 @@ pub fn check_block_tables(
 }
 
 impl DeviceMeta {
-    fn new(
-        seqs: &[SeqSlice],
-        slots: &[u32],
-        block_size: usize,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
+    fn new(seqs: &[SeqSlice], slots: &[u32], device: &Device) -> Result<Self, ModelError> {
         let max_blocks = seqs.iter().map(|s| s.blocks.len()).max().unwrap_or(0).max(1);
         let mut table = vec![0u32; seqs.len() * max_blocks];
         for (row, s) in table.chunks_exact_mut(max_blocks).zip(seqs) {
@@ -175,7 +171,6 @@ impl DeviceMeta {
             block_table: Tensor::from_vec(table, (seqs.len(), max_blocks), device)?,
             max_seqlen_q: seqs.iter().map(|s| s.q_len).max().unwrap_or(0),
             max_seqlen_k: seqs.iter().map(|s| s.ctx_len).max().unwrap_or(0),
-            gather: GatherPlan::new(seqs, block_size, device)?,
         })
     }
 }
