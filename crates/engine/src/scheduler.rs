@@ -198,6 +198,8 @@ struct Seq {
     registered: usize,
     /// Prompt tokens taken from the prefix cache at the first admission.
     cached_tokens: usize,
+    /// Tokens in the KV cache when this admission began: its prefill runs from here.
+    prefill_from: usize,
     /// With `keep_logits`: the prefill's logits so far, one tensor per chunk.
     prompt_logits: Vec<Tensor>,
     arrived: Instant,
@@ -216,6 +218,13 @@ impl Seq {
     /// sequence that is decoding).
     fn remaining(&self) -> usize {
         self.tokens() - self.cached
+    }
+
+    /// Whether this admission's prefill is long enough for the pace guard: judged on the
+    /// whole prefill, so its last chunks are paced too (judged on what is left, the last
+    /// `LONG_PROMPT` tokens ran as one chunk: on the tiny model, a step 20x a decode-only one).
+    fn paced(&self) -> bool {
+        self.tokens() - self.prefill_from > Pace::LONG_PROMPT
     }
 
     /// Tokens `from..to` of prompt + generated.
@@ -322,11 +331,11 @@ struct StepBudget {
 
 impl StepBudget {
     /// Tokens a prompt with `left` tokens to prefill gets this step. The pace guard limits
-    /// long prompts only (like vLLM's long-prefill threshold): a short prompt costs one
-    /// slightly longer step, a long one would stall the streams for many.
-    fn take(&mut self, left: usize) -> usize {
+    /// long prompts only (`paced`, like vLLM's long-prefill threshold): a short prompt costs
+    /// one slightly longer step, a long one would stall the streams for many.
+    fn take(&mut self, left: usize, paced: bool) -> usize {
         let mut n = left.min(self.tokens);
-        if left > Pace::LONG_PROMPT {
+        if paced {
             n = n.min(self.paced);
             self.paced -= n;
             self.paced_used += n;
@@ -410,6 +419,7 @@ impl Scheduler {
             hashes: Vec::new(),
             registered: 0,
             cached_tokens: 0,
+            prefill_from: 0,
             prompt_logits: Vec::new(),
             arrived: Instant::now(),
             admitted: None,
@@ -554,7 +564,7 @@ impl Scheduler {
             if left == 1 {
                 work.push((i, 1));
             } else {
-                let n = budget.take(left);
+                let n = budget.take(left, s.paced());
                 if n > 0 {
                     work.push((i, n));
                 }
@@ -588,6 +598,7 @@ impl Scheduler {
             };
             let mut s = self.waiting.remove(w).expect("candidate exists");
             s.cached = hit * bs;
+            s.prefill_from = s.cached;
             s.registered = hit;
             if s.admitted.is_none() {
                 s.admitted = Some(now);
@@ -601,7 +612,7 @@ impl Scheduler {
                 );
             }
             let need = s.remaining();
-            let n = budget.take(need);
+            let n = budget.take(need, s.paced());
             if n == 0 {
                 // Admitted (its blocks are held) but paced out of this step.
                 self.running.push(s);

@@ -50,6 +50,9 @@ struct FakeModel {
     pool: HashMap<u32, Slots>,
     /// Every plan, for assertions: (chunks as (seq, start, len), freed).
     plans: Vec<PlanSummary>,
+    /// Wall time a step takes: a fixed part and a part per token (none by default), for the
+    /// pace guard, which measures steps.
+    cost: Option<(Duration, Duration)>,
 }
 
 impl StepExecutor for FakeModel {
@@ -85,6 +88,10 @@ impl StepExecutor for FakeModel {
                 logits.extend(row);
             }
             rows += n;
+        }
+        if let Some((fixed, per_token)) = self.cost {
+            let tokens: usize = plan.chunks.iter().map(|c| c.tokens.len()).sum();
+            std::thread::sleep(fixed + per_token * tokens as u32);
         }
         let summary = plan.chunks.iter().map(|c| (c.seq, c.start, c.tokens.len())).collect();
         self.plans.push((summary, plan.free.clone()));
@@ -210,6 +217,52 @@ fn running_streams_decode_in_every_step_of_a_long_prefill() {
     }
     assert_eq!(drain(&mut rx_running).0, expected(&prompt(1, 4), 30));
     assert_eq!(drain(&mut rx_long).0, expected(&prompt(2, 40), 2));
+}
+
+#[test]
+fn the_pace_guard_chunks_a_long_prompt_to_its_last_token() {
+    // A step costs 1 ms plus 0.25 ms a token: one running stream's step is 1.25 ms, and at a
+    // stretch of 1.3 a mixed step has room for one or two prompt tokens.
+    let cfg = SchedulerConfig {
+        max_num_seqs: 4,
+        max_batched_tokens: 512,
+        max_positions: 1024,
+        max_step_stretch: Some(1.3),
+    };
+    let mut s = Scheduler::new(cfg, BlockManager::new(256, BLOCK));
+    let mut model = FakeModel {
+        cost: Some((Duration::from_millis(1), Duration::from_micros(250))),
+        ..FakeModel::default()
+    };
+    let (req, mut rx_running) = request(prompt(1, 4), 2000);
+    s.add(req);
+    for _ in 0..10 {
+        s.step(&mut model).unwrap();
+    }
+    // Long enough to be paced (over 256 tokens), short enough for the test to be quick.
+    let (req, mut rx_long) = request(prompt(2, 300), 1);
+    s.add(req);
+    let before = model.plans.len();
+    for _ in 0..2000 {
+        s.step(&mut model).unwrap();
+        if matches!(drain(&mut rx_long).1, Some(Event::Finished { .. })) {
+            break;
+        }
+    }
+    let long = 2;
+    let chunks: Vec<usize> = model.plans[before..]
+        .iter()
+        .flat_map(|(c, _)| c.iter().filter(|c| c.0 == long).map(|c| c.2))
+        .collect();
+    assert_eq!(chunks.iter().sum::<usize>(), 300, "the whole prompt ran: {chunks:?}");
+    // The first chunk probes (16 tokens); after it every chunk is sized by the measured pace,
+    // the last ones too (they once ran as one chunk of what was left under 256 tokens).
+    let largest_after_probe = chunks[1..].iter().copied().max().unwrap_or(0);
+    assert!(
+        largest_after_probe <= 16,
+        "a paced prompt ran a chunk of {largest_after_probe} tokens: {chunks:?}"
+    );
+    assert!(drain(&mut rx_running).1.is_none(), "the running stream goes on");
 }
 
 #[test]
