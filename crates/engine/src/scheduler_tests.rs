@@ -266,6 +266,55 @@ fn the_pace_guard_chunks_a_long_prompt_to_its_last_token() {
 }
 
 #[test]
+fn the_pace_guard_lets_a_burst_of_short_prompts_in_one_a_step() {
+    // A step costs 1 ms plus 0.25 ms a token: four running streams' step is 2 ms, and at a
+    // stretch of 1.3 a mixed step has room for two or three prompt tokens.
+    let cfg = SchedulerConfig {
+        max_num_seqs: 16,
+        max_batched_tokens: 512,
+        max_positions: 1024,
+        max_step_stretch: Some(1.3),
+    };
+    let mut s = Scheduler::new(cfg, BlockManager::new(256, BLOCK));
+    let mut model = FakeModel {
+        cost: Some((Duration::from_millis(1), Duration::from_micros(250))),
+        ..FakeModel::default()
+    };
+    let mut running = Vec::new();
+    for i in 0..4 {
+        let (req, rx) = request(prompt(i, 4), 500);
+        s.add(req);
+        running.push(rx);
+    }
+    for _ in 0..10 {
+        s.step(&mut model).unwrap();
+    }
+    // Eight short prompts at once: 8 x 40 tokens fit the token budget, not the pace.
+    let mut burst = Vec::new();
+    for i in 0..8 {
+        let (req, rx) = request(prompt(10 + i, 40), 2);
+        s.add(req);
+        burst.push((rx, i));
+    }
+    let before = model.plans.len();
+    for _ in 0..50 {
+        s.step(&mut model).unwrap();
+    }
+    for (chunks, _) in &model.plans[before..] {
+        let prefills = chunks.iter().filter(|c| c.2 > 1).count();
+        assert!(prefills <= 1, "{prefills} prompts prefilled in one step: {chunks:?}");
+        // Short prompts run whole, not chunked.
+        assert!(chunks.iter().all(|c| c.2 == 1 || (c.1 == 0 && c.2 == 40)), "{chunks:?}");
+    }
+    for (rx, i) in &mut burst {
+        assert_eq!(drain(rx).0, expected(&prompt(10 + *i, 40), 2), "burst prompt {i}");
+    }
+    for rx in &mut running {
+        assert!(drain(rx).1.is_none(), "the running streams go on");
+    }
+}
+
+#[test]
 fn preemption_recomputes_without_restreaming() {
     // 6 blocks of 4 slots for 3 sequences of 5 + 10 tokens: someone must be preempted.
     let mut s = scheduler(4, 1000, 6);

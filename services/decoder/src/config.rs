@@ -75,7 +75,9 @@ pub struct Args {
     #[arg(long, env = "DSVL_MAX_BATCHED_TOKENS")]
     pub max_batched_tokens: Option<usize>,
     /// While streams decode, size prefill chunks so a step costs at most this multiple of a
-    /// decode-only step (measured as it runs). Default: 1.3 on the CPU, off on GPUs (0: off).
+    /// decode-only step (measured as it runs): prompts over 256 tokens are chunked to fit,
+    /// shorter ones run whole, one a step beyond the fit. Default: 1.3 on the CPU, off on GPUs
+    /// (0: off).
     #[arg(long, env = "DSVL_MAX_STEP_STRETCH")]
     pub max_step_stretch: Option<f64>,
     /// Most requests waiting for admission; beyond it RESOURCE_EXHAUSTED.
