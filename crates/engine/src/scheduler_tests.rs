@@ -219,21 +219,26 @@ fn running_streams_decode_in_every_step_of_a_long_prefill() {
     assert_eq!(drain(&mut rx_long).0, expected(&prompt(2, 40), 2));
 }
 
-#[test]
-fn the_pace_guard_chunks_a_long_prompt_to_its_last_token() {
-    // A step costs 1 ms plus 0.25 ms a token: one running stream's step is 1.25 ms, and at a
-    // stretch of 1.3 a mixed step has room for one or two prompt tokens.
+/// A scheduler with the pace guard at a stretch of 1.3, and a fake model whose step costs 1 ms
+/// plus 0.25 ms a token.
+fn paced(max_num_seqs: usize) -> (Scheduler, FakeModel) {
     let cfg = SchedulerConfig {
-        max_num_seqs: 4,
+        max_num_seqs,
         max_batched_tokens: 512,
         max_positions: 1024,
         max_step_stretch: Some(1.3),
     };
-    let mut s = Scheduler::new(cfg, BlockManager::new(256, BLOCK));
-    let mut model = FakeModel {
+    let model = FakeModel {
         cost: Some((Duration::from_millis(1), Duration::from_micros(250))),
         ..FakeModel::default()
     };
+    (Scheduler::new(cfg, BlockManager::new(256, BLOCK)), model)
+}
+
+#[test]
+fn the_pace_guard_chunks_a_long_prompt_to_its_last_token() {
+    // One running stream's step is 1.25 ms: a mixed step has room for one or two prompt tokens.
+    let (mut s, mut model) = paced(4);
     let (req, mut rx_running) = request(prompt(1, 4), 2000);
     s.add(req);
     for _ in 0..10 {
@@ -267,19 +272,8 @@ fn the_pace_guard_chunks_a_long_prompt_to_its_last_token() {
 
 #[test]
 fn the_pace_guard_lets_a_burst_of_short_prompts_in_one_a_step() {
-    // A step costs 1 ms plus 0.25 ms a token: four running streams' step is 2 ms, and at a
-    // stretch of 1.3 a mixed step has room for two or three prompt tokens.
-    let cfg = SchedulerConfig {
-        max_num_seqs: 16,
-        max_batched_tokens: 512,
-        max_positions: 1024,
-        max_step_stretch: Some(1.3),
-    };
-    let mut s = Scheduler::new(cfg, BlockManager::new(256, BLOCK));
-    let mut model = FakeModel {
-        cost: Some((Duration::from_millis(1), Duration::from_micros(250))),
-        ..FakeModel::default()
-    };
+    // Four running streams' step is 2 ms: a mixed step has room for two or three prompt tokens.
+    let (mut s, mut model) = paced(16);
     let mut running = Vec::new();
     for i in 0..4 {
         let (req, rx) = request(prompt(i, 4), 500);
