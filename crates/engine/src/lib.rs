@@ -10,6 +10,7 @@ pub mod constraint;
 pub mod engine;
 pub mod generate;
 pub mod group;
+mod pace;
 mod request_metrics;
 pub mod sampler;
 pub mod scheduler;

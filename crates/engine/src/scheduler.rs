@@ -29,6 +29,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::blocks::BlockManager;
 use crate::constraint::Constraint;
 use crate::generate::{FinishReason, StepExecutor};
+use crate::pace::{Pace, StepBudget};
 use crate::request_metrics;
 use crate::sampler::{Rng, SamplingParams};
 use crate::select::{Ask, Choice, StepLogits};
@@ -277,83 +278,6 @@ pub struct Scheduler {
     pace: Pace,
     prefix_queried: u64,
     prefix_hits: u64,
-}
-
-/// The pace guard of `max_step_stretch`: the decode-only step's cost (moving average) and the
-/// current prefill cap, steered by each mixed step's measured cost: shrunk in proportion when a
-/// step overshoots, grown by a quarter when it has room (fixed per-step costs and the context
-/// growing under a long prompt are both absorbed by the measurement).
-#[derive(Debug, Default, Clone, Copy)]
-struct Pace {
-    /// Seconds of a decode-only step.
-    decode: Option<f64>,
-    /// Prefill tokens a mixed step may carry.
-    cap: Option<usize>,
-}
-
-impl Pace {
-    /// First chunk before any mixed step was measured.
-    const PROBE_TOKENS: usize = 16;
-    /// Prompts with more tokens than this to prefill (at admission) are chunked to the
-    /// guard's share; shorter ones run whole, beyond the share at most one a step.
-    const LONG_PROMPT: usize = 256;
-
-    fn prefill_cap(&self) -> usize {
-        self.cap.unwrap_or(Self::PROBE_TOKENS)
-    }
-
-    /// Learns from a step: its time, its prefill tokens, those of paced (long) prompts.
-    fn record(&mut self, secs: f64, prefill: usize, paced: usize, decodes: usize, stretch: f64) {
-        if prefill == 0 {
-            self.decode = Some(self.decode.map_or(secs, |d| d + 0.2 * (secs - d)));
-            return;
-        }
-        let (Some(d), true) = (self.decode, decodes > 0 && paced > 0) else { return };
-        let ratio = secs / d.max(1e-9);
-        let cap = self.prefill_cap();
-        let next = if ratio > stretch {
-            paced as f64 * (stretch - 1.0) / (ratio - 1.0).max(1e-9) * 0.9
-        } else if paced >= cap {
-            // The cap bound this step and there was room: grow it.
-            cap as f64 * 1.25 + 1.0
-        } else {
-            cap as f64
-        };
-        self.cap = Some(next.clamp(1.0, 1e9) as usize);
-    }
-}
-
-/// What is left of a step's token budget, and of the pace guard's share of it for prefills.
-struct StepBudget {
-    tokens: usize,
-    /// Prefill tokens the pace guard still allows this step (`usize::MAX` without the guard).
-    paced: usize,
-    /// Prefill tokens taken under the guard.
-    paced_used: usize,
-    /// Whether a short prompt has run this step.
-    short_taken: bool,
-}
-
-impl StepBudget {
-    /// Tokens a prompt with `left` tokens to prefill gets this step. Under the pace guard a
-    /// long prompt (`long`, like vLLM's long-prefill threshold) is chunked to the guard's
-    /// share; a short one runs whole (chunking it would only add steps), beyond the share at
-    /// most once a step: one short prompt costs one slightly longer step, but a burst of them
-    /// in one step would stall the streams like a long prompt (8 prompts of 64 tokens made a
-    /// 16-stream run's inter-token p99 15x its median on a CPU), so a burst enters one a step.
-    fn take(&mut self, left: usize, long: bool) -> usize {
-        let mut n = left.min(self.tokens);
-        if long {
-            n = n.min(self.paced);
-        } else if n > self.paced && self.short_taken {
-            n = 0;
-        }
-        self.short_taken |= !long && n > 0;
-        self.paced = self.paced.saturating_sub(n);
-        self.paced_used += n;
-        self.tokens -= n;
-        n
-    }
 }
 
 /// Queue and cache occupancy, for `Load` reports and metrics.
