@@ -30,25 +30,18 @@ impl Pace {
         self.cap.unwrap_or(Self::PROBE_TOKENS)
     }
 
-    /// Learns from a step: its time, its prefill tokens, those of paced (long) prompts.
-    pub(crate) fn record(
-        &mut self,
-        secs: f64,
-        prefill: usize,
-        paced: usize,
-        decodes: usize,
-        stretch: f64,
-    ) {
+    /// Learns from a step: its time, its prefill tokens and decodes.
+    pub(crate) fn record(&mut self, secs: f64, prefill: usize, decodes: usize, stretch: f64) {
         if prefill == 0 {
             self.decode = Some(self.decode.map_or(secs, |d| d + 0.2 * (secs - d)));
             return;
         }
-        let (Some(d), true) = (self.decode, decodes > 0 && paced > 0) else { return };
+        let (Some(d), true) = (self.decode, decodes > 0) else { return };
         let ratio = secs / d.max(1e-9);
         let cap = self.prefill_cap();
         let next = if ratio > stretch {
-            paced as f64 * (stretch - 1.0) / (ratio - 1.0).max(1e-9) * 0.9
-        } else if paced >= cap {
+            prefill as f64 * (stretch - 1.0) / (ratio - 1.0).max(1e-9) * 0.9
+        } else if prefill >= cap {
             // The cap bound this step and there was room: grow it.
             cap as f64 * 1.25 + 1.0
         } else {
@@ -61,16 +54,25 @@ impl Pace {
 /// What is left of a step's token budget, and of the pace guard's share of it for prefills.
 pub(crate) struct StepBudget {
     /// Tokens left of the step's budget.
-    pub(crate) tokens: usize,
+    tokens: usize,
     /// Prefill tokens the pace guard still allows this step (`usize::MAX` without the guard).
-    pub(crate) paced: usize,
-    /// Prefill tokens taken under the guard.
-    pub(crate) paced_used: usize,
+    paced: usize,
     /// Whether a short prompt has run this step.
-    pub(crate) short_taken: bool,
+    short_taken: bool,
 }
 
 impl StepBudget {
+    /// A step of `tokens` new tokens, of which the pace guard allows `share` to prefills
+    /// (`None`: no guard this step).
+    pub(crate) fn new(tokens: usize, share: Option<usize>) -> Self {
+        Self { tokens, paced: share.unwrap_or(usize::MAX), short_taken: false }
+    }
+
+    /// Tokens left of the step's budget.
+    pub(crate) fn tokens(&self) -> usize {
+        self.tokens
+    }
+
     /// Tokens a prompt with `left` tokens to prefill gets this step. Under the pace guard a
     /// long prompt (`long`, like vLLM's long-prefill threshold) is chunked to the guard's
     /// share; a short one runs whole (chunking it would only add steps), beyond the share at
@@ -86,7 +88,6 @@ impl StepBudget {
         }
         self.short_taken |= !long && n > 0;
         self.paced = self.paced.saturating_sub(n);
-        self.paced_used += n;
         self.tokens -= n;
         n
     }
@@ -101,7 +102,7 @@ mod tests {
     /// A guard that has seen decode-only steps of 100 ms.
     fn measured() -> Pace {
         let mut p = Pace::default();
-        p.record(0.1, 0, 0, 4, STRETCH);
+        p.record(0.1, 0, 4, STRETCH);
         p
     }
 
@@ -111,39 +112,38 @@ mod tests {
         assert_eq!(p.prefill_cap(), Pace::PROBE_TOKENS);
         // 16 tokens made the step 2x: 0.3 of a decode step's room is 4.8 tokens at that cost,
         // less a tenth of margin.
-        p.record(0.2, 16, 16, 4, STRETCH);
+        p.record(0.2, 16, 4, STRETCH);
         assert_eq!(p.prefill_cap(), 4);
         // Room at the cap: it grows by a quarter (plus one, so a cap of 1 can grow).
-        p.record(0.12, 4, 4, 4, STRETCH);
+        p.record(0.12, 4, 4, STRETCH);
         assert_eq!(p.prefill_cap(), 6);
         // Room but the cap did not bind (the prompt had fewer tokens left): unchanged.
-        p.record(0.11, 2, 2, 4, STRETCH);
+        p.record(0.11, 2, 4, STRETCH);
         assert_eq!(p.prefill_cap(), 6);
     }
 
     #[test]
     fn the_cap_never_falls_below_one_token() {
         let mut p = measured();
-        p.record(1.0, 16, 16, 4, STRETCH);
+        p.record(1.0, 16, 4, STRETCH);
         assert_eq!(p.prefill_cap(), 1);
-        p.record(1.0, 1, 1, 4, STRETCH);
+        p.record(1.0, 1, 4, STRETCH);
         assert_eq!(p.prefill_cap(), 1);
     }
 
     #[test]
-    fn steps_without_decodes_or_prefill_under_the_guard_teach_nothing() {
+    fn steps_without_decodes_or_a_baseline_teach_nothing() {
         let mut p = measured();
-        p.record(5.0, 16, 16, 0, STRETCH);
-        p.record(5.0, 16, 0, 4, STRETCH);
+        p.record(5.0, 16, 0, STRETCH);
         assert_eq!(p.prefill_cap(), Pace::PROBE_TOKENS);
         // Before any decode-only step there is no baseline to compare with.
         let mut fresh = Pace::default();
-        fresh.record(5.0, 16, 16, 4, STRETCH);
+        fresh.record(5.0, 16, 4, STRETCH);
         assert_eq!(fresh.prefill_cap(), Pace::PROBE_TOKENS);
     }
 
-    fn budget(tokens: usize, paced: usize) -> StepBudget {
-        StepBudget { tokens, paced, paced_used: 0, short_taken: false }
+    fn budget(tokens: usize, share: usize) -> StepBudget {
+        StepBudget::new(tokens, Some(share))
     }
 
     #[test]
@@ -153,7 +153,7 @@ mod tests {
         assert_eq!(b.take(1000, true), 0, "and a second one nothing more");
         assert_eq!(b.take(64, false), 64, "the first short prompt runs whole beyond the share");
         assert_eq!(b.take(64, false), 0, "a second one waits for the next step");
-        assert_eq!((b.tokens, b.paced_used), (512 - 74, 74));
+        assert_eq!(b.tokens(), 512 - 74);
 
         let mut b = budget(512, 100);
         assert_eq!(b.take(30, false), 30);
@@ -163,7 +163,7 @@ mod tests {
 
     #[test]
     fn without_the_guard_the_token_budget_alone_decides() {
-        let mut b = budget(100, usize::MAX);
+        let mut b = StepBudget::new(100, None);
         assert_eq!(b.take(64, false), 64);
         assert_eq!(b.take(64, false), 36, "chunked by the token budget");
         assert_eq!(b.take(1000, true), 0);

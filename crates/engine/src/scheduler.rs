@@ -484,16 +484,11 @@ impl Scheduler {
         // being prefilled, in admission order, then new admissions; a prompt longer than what
         // is left is prefilled over several steps (chunked prefill).
         let decodes = self.running.iter().filter(|s| s.remaining() == 1).count();
-        let mut budget = StepBudget {
-            tokens: self.cfg.max_batched_tokens.saturating_sub(decodes),
-            paced: if self.cfg.max_step_stretch.is_some() && decodes > 0 {
-                self.pace.prefill_cap()
-            } else {
-                usize::MAX
-            },
-            paced_used: 0,
-            short_taken: false,
-        };
+        let guarded = self.cfg.max_step_stretch.is_some() && decodes > 0;
+        let mut budget = StepBudget::new(
+            self.cfg.max_batched_tokens.saturating_sub(decodes),
+            guarded.then(|| self.pace.prefill_cap()),
+        );
         let mut work: Vec<(usize, usize)> = Vec::with_capacity(self.running.len());
         for (i, s) in self.running.iter().enumerate() {
             let left = s.remaining();
@@ -511,7 +506,7 @@ impl Scheduler {
         // (the n choices of one request, or identical prompts arriving together, prefill the
         // shared prompt once); the requests behind it go ahead.
         let mut w = 0;
-        while !preempted && budget.tokens > 0 && self.running.len() < self.cfg.max_num_seqs {
+        while !preempted && budget.tokens() > 0 && self.running.len() < self.cfg.max_num_seqs {
             let bs = self.blocks.block_size();
             let Some(cand) = self.waiting.get_mut(w) else { break };
             let need = cand.tokens();
@@ -646,7 +641,7 @@ impl Scheduler {
         };
         if let Some(stretch) = self.cfg.max_step_stretch {
             let secs = started.elapsed().as_secs_f64();
-            self.pace.record(secs, prefill_tokens, budget.paced_used, decodes, stretch);
+            self.pace.record(secs, prefill_tokens, decodes, stretch);
         }
         let logits = logits?
             .ok_or_else(|| ModelError::InvalidInput("the step returned no logits".into()))?;
