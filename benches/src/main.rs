@@ -11,6 +11,7 @@ mod gateway;
 mod gpu_summary;
 mod machine;
 mod parity;
+mod parity_batch;
 mod parity_cli;
 mod prefix_cache;
 mod random;

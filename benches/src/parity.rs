@@ -312,6 +312,8 @@ pub fn run(args: ParityArgs) -> Result<()> {
             &out.step_logits,
         )?;
     }
+    crate::parity_batch::batched_vs_alone(&mut report, runner.model(), tol.logits)?;
+    crate::parity_batch::fused_vs_chains(&mut report, runner.model(), dtype, &device, tol.logits)?;
 
     if let Some(dsvl) = &args.dsvl {
         parity_cli::run(&args, dsvl, &golden, &tol, &mut report)?;

@@ -153,3 +153,47 @@ fn an_unusable_device_fails_every_step_with_the_reason() -> Result<()> {
     assert!(log.contains(device), "{log}");
     Ok(())
 }
+
+/// How a GPU host receives the binaries: `gpu-bins.tar.xz` (both in one stream, as
+/// `scripts/build-cuda` writes it). Unpacked by the script, the CLI half of parity finds `dsvl`;
+/// `--steps` runs only the steps named and reports the others as not asked for.
+#[test]
+fn the_bundle_runs_and_steps_can_be_chosen() -> Result<()> {
+    let dsvl = dsvl_e2e::binary("dsvl")?;
+    let scratch = Scratch::new("gpu-check-bundle")?;
+    let bin = scratch.0.join("bin");
+    std::fs::create_dir_all(&bin)?;
+    let bench = Path::new(env!("CARGO_BIN_EXE_dsvl-bench"));
+    let tar = Command::new("sh")
+        .arg("-c")
+        .arg(r#"tar -C "$1" -cf - dsvl-bench -C "$2" dsvl | xz -0 -T1 > "$3""#)
+        .arg("sh")
+        .arg(bench.parent().context("bench folder")?)
+        .arg(dsvl.parent().context("dsvl folder")?)
+        .arg(bin.join("gpu-bins.tar.xz"))
+        .status()?;
+    ensure!(tar.success(), "tar | xz failed");
+    let out = scratch.0.join("out");
+    let output = gpu_check(&["--device", "cpu", "--small", "--steps", "parity-f32"], &bin, &out)?;
+    ensure!(output.status.success(), "gpu-check failed");
+    let s: Value = serde_json::from_slice(&std::fs::read(out.join("summary.json"))?)?;
+    assert_eq!(s["passed"], true, "{:#}", s["problems"]);
+    let status: Vec<(&str, &str)> = s["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|st| (st["name"].as_str().unwrap(), st["status"].as_str().unwrap()))
+        .collect();
+    let omitted = "not asked for (--steps)";
+    assert_eq!(
+        status,
+        [("parity-f32", "ok"), ("parity-bf16", omitted), ("vision", omitted), ("decoder", omitted)]
+    );
+    let checks = s["parity"]["f32"]["checks"].as_array().unwrap();
+    assert!(checks.iter().any(|c| c["source"] == "cli"), "dsvl was not unpacked");
+    assert!(checks.iter().any(|c| c["check"] == "batched step vs alone" && c["pass"] == true));
+
+    let bad = gpu_check(&["--device", "cpu", "--small", "--steps", "parity"], &bin, &out)?;
+    assert_eq!(bad.status.code(), Some(2), "an unknown step is a usage error");
+    Ok(())
+}

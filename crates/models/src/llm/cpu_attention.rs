@@ -438,6 +438,19 @@ impl CustomOp3 for PagedAttention<'_> {
         };
         Ok((out, shape))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        ql: &Layout,
+        k: &candle_core::CudaStorage,
+        kl: &Layout,
+        v: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        crate::cuda::decoder::paged_attention(self, (q, ql), (k, kl), (v, vl))
+    }
 }
 
 /// Whether the CPU kernels take this dtype.

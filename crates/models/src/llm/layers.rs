@@ -94,7 +94,16 @@ impl<const P: usize> FusedColumns<P> {
 
     /// Each part's output, `[.., width]` in the parts' order.
     pub fn forward(&self, x: &Tensor) -> Result<[Tensor; P]> {
-        let y = candle_core::Module::forward(&self.linear, x)?;
+        self.split(&self.joint(x)?)
+    }
+
+    /// The parts' outputs side by side, `[.., sum of widths]` (what fused kernels read).
+    pub fn joint(&self, x: &Tensor) -> Result<Tensor> {
+        candle_core::Module::forward(&self.linear, x)
+    }
+
+    /// [`Self::joint`]'s output split into the parts (views).
+    pub fn split(&self, y: &Tensor) -> Result<[Tensor; P]> {
         let mut start = 0;
         let mut out = Vec::with_capacity(P);
         for w in self.widths {
@@ -266,6 +275,12 @@ impl Rope {
         let cos = Tensor::from_vec(cos, (max_pos, head_dim), dev)?.to_dtype(dtype)?;
         let sin = Tensor::from_vec(sin, (max_pos, head_dim), dev)?.to_dtype(dtype)?;
         Ok(Self { cos, sin })
+    }
+
+    /// The `[max_pos, head_dim]` cos and sin tables (what fused kernels read).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
     }
 
     /// Applies the rotation to `x` `[N, heads, head_dim]` where row `n` is at `positions[n]`.

@@ -2,7 +2,7 @@
 //! tensor-parallel layers, the model and its
 //! key/value storage interface.
 
-mod cpu_attention;
+pub(crate) mod cpu_attention;
 mod gather_attention;
 pub mod layers;
 pub mod model;

@@ -19,6 +19,7 @@ use super::layers::{
     VocabEmbedding,
 };
 use super::paged_kv::PagedKv;
+use super::step::StepMeta;
 use crate::ModelError;
 use dsvl_checkpoint::LlmConfig;
 
@@ -139,7 +140,12 @@ impl Mlp {
 
     /// Partial `down(silu(gate(x)) * up(x))` of this rank (to be all-reduced).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let [gate, up] = self.gate_up.forward(x)?;
+        let gate_up = self.gate_up.joint(x)?;
+        #[cfg(feature = "cuda")]
+        if gate_up.device().is_cuda() && crate::cuda::decoder::supports(gate_up.dtype(), 2) {
+            return self.down.forward(&crate::cuda::decoder::silu_mul(&gate_up)?);
+        }
+        let [gate, up] = self.gate_up.split(&gate_up)?;
         let act = if x.device().is_cpu() && x.dtype() == DType::F32 {
             // One fused, vectorised pass instead of candle's scalar SiLU and a multiply.
             let mut out = vec![0f32; gate.elem_count()];
@@ -341,17 +347,11 @@ impl DeepSeekLlm {
         // Built once for the step; every layer shares it.
         let meta = kv.step_meta(chunks, &self.device)?;
         let mut x = embeds.to_dtype(self.dtype)?;
-        let (hl, kvl, d) =
-            (self.layers[0].attn.heads, self.layers[0].attn.kv_heads, self.cfg.head_dim);
+        let d = self.cfg.head_dim;
         let scale = (1.0 / (d as f64).sqrt()) as f32;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = layer.input_norm.forward(&x)?;
-            let pos = &meta.positions;
-            let [q, k, v] = layer.attn.qkv.forward(&h)?;
-            let q = self.rope.apply(&q.reshape((n, hl, d))?, pos)?;
-            let k = self.rope.apply(&k.reshape((n, kvl, d))?, pos)?;
-            let v = v.reshape((n, kvl, d))?;
-            kv.write(li, &meta, &k, &v)?;
+            let q = self.rope_and_store(&layer.attn, &h, &meta, kv, li)?;
             let attn = kv.attend(li, &meta, &q, scale)?;
             x = residual_add(&x, &comm.all_reduce_sum(&layer.attn.o.forward(&attn)?)?)?;
             let m = layer.mlp.forward(&layer.post_norm.forward(&x)?)?;
@@ -371,6 +371,30 @@ impl DeepSeekLlm {
         let x = x.index_select(&Tensor::new(rows, &self.device)?, 0)?;
         let local = self.lm_head.forward(&self.norm.forward(&x)?)?;
         Ok(comm.all_gather_last_dim(&local)?.to_dtype(DType::F32)?)
+    }
+
+    /// One layer's attention inputs from its normalised rows `h`: `q` rotated (`[N, heads,
+    /// head_dim]`, returned), `k` rotated and `v` written into the layer's pool. On CUDA (bf16,
+    /// f32) two kernels of ours straight from the fused projection's rows; elsewhere op by op.
+    fn rope_and_store(
+        &self,
+        attn: &Attention,
+        h: &Tensor,
+        meta: &StepMeta,
+        kv: &PagedKv,
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (n, hl, kvl, d) = (h.dim(0)?, attn.heads, attn.kv_heads, self.cfg.head_dim);
+        #[cfg(feature = "cuda")]
+        if h.device().is_cuda() && crate::cuda::decoder::supports(h.dtype(), d) {
+            return kv.rope_and_store(layer, meta, &attn.qkv.joint(h)?, &self.rope, (hl, kvl, d));
+        }
+        let pos = &meta.positions;
+        let [q, k, v] = attn.qkv.forward(h)?;
+        let q = self.rope.apply(&q.reshape((n, hl, d))?, pos)?;
+        let k = self.rope.apply(&k.reshape((n, kvl, d))?, pos)?;
+        kv.write(layer, meta, &k, &v.reshape((n, kvl, d))?)?;
+        Ok(q)
     }
 
     /// Embeds the chunks' tokens, puts `image` rows at their positions, and runs

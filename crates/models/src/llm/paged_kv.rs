@@ -9,6 +9,8 @@
 //! - CPU: our kernel ([`super::cpu_attention`]), threads over sequences and heads;
 //! - CUDA with the `flash-attn` feature: `candle-flash-attn`'s paged varlen kernel (the pool is
 //!   already its `[num_blocks, block_size, kv_heads, head_dim]` layout);
+//! - CUDA otherwise (bf16, f32, head_dim <= 256): our kernel (`crate::cuda::decoder`), one
+//!   block per query row and head;
 //! - any other device: a portable fallback built from candle ops that gathers the step's
 //!   histories in a few padded batches (logged once so nobody serves with it by accident).
 
@@ -117,6 +119,31 @@ impl PagedKv {
         vp.inplace_op2(&v.contiguous()?, &op)
     }
 
+    /// The fused CUDA path of a layer's attention inputs: from the q/k/v projection's rows
+    /// `qkv`, writes `k` rotated by `rope` and `v` into `layer`'s pools at the step's slots and
+    /// returns `q` rotated, `[N, heads, head_dim]` (`crate::cuda::decoder`).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn rope_and_store(
+        &self,
+        layer: usize,
+        meta: &StepMeta,
+        qkv: &Tensor,
+        rope: &super::layers::Rope,
+        dims: (usize, usize, usize),
+    ) -> Result<Tensor> {
+        let (kp, vp) = &self.pools[layer];
+        let slots = &meta.on_device()?.slots;
+        crate::cuda::decoder::rope_and_store(
+            qkv,
+            dims,
+            rope.tables(),
+            &meta.positions,
+            slots,
+            kp,
+            vp,
+        )
+    }
+
     /// Causal attention of the step's queries `q` (`[N, heads, head_dim]`) over `layer`'s pool,
     /// scaled by `scale`. Returns `[N, heads * head_dim]`.
     pub fn attend(&self, layer: usize, meta: &StepMeta, q: &Tensor, scale: f32) -> Result<Tensor> {
@@ -142,6 +169,12 @@ impl PagedKv {
         #[cfg(feature = "flash-attn")]
         if kp.device().is_cuda() && self.cfg.block_size % 32 == 0 {
             return self.flash(kp, vp, meta, q, scale)?.reshape((n, heads * d));
+        }
+        #[cfg(feature = "cuda")]
+        if kp.device().is_cuda() && crate::cuda::decoder::supports(q.dtype(), d) {
+            let op =
+                PagedAttention { meta, heads, kv_heads: self.kv_heads, head_dim: d, scale, isa };
+            return q.contiguous()?.apply_op3_no_bwd(kp, vp, &op)?.reshape((n, heads * d));
         }
         self.gathered(kp, vp, meta, q, scale)
     }

@@ -1,0 +1,280 @@
+// dsvl's CUDA kernels (see mod.rs): compiled at run time by NVRTC, checked by nvcc in
+// `scripts/build-cuda --check`. No includes: NVRTC has no host headers.
+__device__ __forceinline__ float ld(const unsigned short* p, unsigned long long i) {
+    return __uint_as_float(((unsigned int)p[i]) << 16);
+}
+__device__ __forceinline__ float ld(const float* p, unsigned long long i) { return p[i]; }
+__device__ __forceinline__ void st(unsigned short* p, unsigned long long i, float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { p[i] = 0x7fc0; return; }  // NaN stays NaN
+    u += 0x7fffu + ((u >> 16) & 1u);                                   // round to nearest even
+    p[i] = (unsigned short)(u >> 16);
+}
+__device__ __forceinline__ void st(float* p, unsigned long long i, float v) { p[i] = v; }
+
+// Paged KV write: rows[i / width] goes to pool row slots[i / width]; one thread per element.
+template <typename T>
+__device__ void write_rows(T* pool, const T* rows, const unsigned int* slots,
+                           unsigned int width, unsigned int total) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += blockDim.x * gridDim.x) {
+        unsigned int row = i / width;
+        pool[(unsigned long long)slots[row] * width + (i - row * width)] = rows[i];
+    }
+}
+extern "C" __global__ void dsvl_write_rows_16(unsigned short* pool, const unsigned short* rows,
+        const unsigned int* slots, unsigned int width, unsigned int total) {
+    write_rows(pool, rows, slots, width, total);
+}
+extern "C" __global__ void dsvl_write_rows_32(unsigned int* pool, const unsigned int* rows,
+        const unsigned int* slots, unsigned int width, unsigned int total) {
+    write_rows(pool, rows, slots, width, total);
+}
+
+// Block-wide max or sum of one float per thread (blockDim a multiple of 32, at most 1024).
+__device__ float block_reduce(float v, float* red, bool is_max) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = is_max ? fmaxf(v, w) : v + w;
+    }
+    const unsigned int lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    __syncthreads();  // an earlier reduction may still be reading red
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float r = lane < warps ? red[lane] : (is_max ? __int_as_float(0xff800000) : 0.0f);
+    for (int o = 16; o > 0; o >>= 1) {
+        float w = __shfl_xor_sync(0xffffffffu, r, o);
+        r = is_max ? fmaxf(r, w) : r + w;
+    }
+    return r;
+}
+
+// SAM attention epilogue, one block per score row (query (h, w) of a head): softmax over the
+// s*s keys (kh, kw) of score + rel_h[kh] + rel_w[kw], in f32, in the reference's order.
+template <typename T>
+__device__ void relpos_softmax(const T* scores, const T* rel_h, const T* rel_w, T* out,
+                               unsigned int s) {
+    __shared__ float red[32];
+    const unsigned int n = s * s;
+    const unsigned long long row = blockIdx.x;
+    const unsigned long long base = row * n, rbase = row * s;
+    float m = __int_as_float(0xff800000);
+    for (unsigned int k = threadIdx.x; k < n; k += blockDim.x) {
+        m = fmaxf(m, (ld(scores, base + k) + ld(rel_h, rbase + k / s)) + ld(rel_w, rbase + k % s));
+    }
+    m = block_reduce(m, red, true);
+    float sum = 0.0f;
+    for (unsigned int k = threadIdx.x; k < n; k += blockDim.x) {
+        sum += expf((ld(scores, base + k) + ld(rel_h, rbase + k / s)) + ld(rel_w, rbase + k % s) - m);
+    }
+    const float inv = 1.0f / block_reduce(sum, red, false);
+    for (unsigned int k = threadIdx.x; k < n; k += blockDim.x) {
+        float v = (ld(scores, base + k) + ld(rel_h, rbase + k / s)) + ld(rel_w, rbase + k % s);
+        st(out, base + k, expf(v - m) * inv);
+    }
+}
+// RMSNorm of bf16 rows with transformers' rounding points: the row is normalised in f32 and
+// rounded to bf16, then multiplied by the bf16 weight and rounded again. One block per row.
+__device__ __forceinline__ float round_bf16(float v) {
+    unsigned short t;
+    st(&t, 0, v);
+    return ld(&t, 0);
+}
+extern "C" __global__ void dsvl_rms_norm_bf16(const unsigned short* x, const unsigned short* w,
+        unsigned short* out, unsigned int d, float eps) {
+    __shared__ float red[32];
+    const unsigned long long base = (unsigned long long)blockIdx.x * d;
+    float ss = 0.0f;
+    for (unsigned int k = threadIdx.x; k < d; k += blockDim.x) {
+        float v = ld(x, base + k);
+        ss += v * v;
+    }
+    const float inv = rsqrtf(block_reduce(ss, red, false) / (float)d + eps);
+    for (unsigned int k = threadIdx.x; k < d; k += blockDim.x) {
+        st(out, base + k, round_bf16(ld(x, base + k) * inv) * ld(w, k));
+    }
+}
+
+extern "C" __global__ void dsvl_relpos_softmax_bf16(const unsigned short* scores,
+        const unsigned short* rel_h, const unsigned short* rel_w, unsigned short* out,
+        unsigned int s) {
+    relpos_softmax(scores, rel_h, rel_w, out, s);
+}
+extern "C" __global__ void dsvl_relpos_softmax_f32(const float* scores, const float* rel_h,
+        const float* rel_w, float* out, unsigned int s) {
+    relpos_softmax(scores, rel_h, rel_w, out, s);
+}
+
+// ---- Decoder layer glue (cuda/decoder.rs) ----
+
+// The working dtype's rounding of a float: bf16's for 16-bit tensors, none for f32.
+__device__ __forceinline__ float rnd(const unsigned short*, float v) { return round_bf16(v); }
+__device__ __forceinline__ float rnd(const float*, float v) { return v; }
+
+// Rotate-half RoPE of `heads` heads of `d` values per row, read from columns [col0, col0 +
+// heads * d) of `src` (row stride `stride`: the fused q/k/v projection's output) and written to
+// row `slots[r]` (or `r` when `use_slots` is 0) of `dst` (rows of heads * d). With `rotate` 0
+// the values are copied as they are (the values' pool). One block per row. Rounding as
+// `x * cos + rotate_half(x) * sin` in the working dtype: each product, then the sum; no fused
+// multiply-add, so f32 gives what the op-by-op chain gives.
+template <typename T>
+__device__ void rope_rows(const T* src, T* dst, const T* cos, const T* sin,
+                          const unsigned int* pos, const unsigned int* slots, unsigned int use_slots,
+                          unsigned int stride, unsigned int col0, unsigned int heads,
+                          unsigned int d, unsigned int rotate) {
+    const unsigned long long r = blockIdx.x;
+    const unsigned long long s = r * stride + col0;
+    const unsigned long long o = (use_slots ? (unsigned long long)slots[r] : r) * heads * d;
+    const unsigned long long t = (unsigned long long)pos[r] * d;
+    const unsigned int half = d / 2;
+    for (unsigned int i = threadIdx.x; i < heads * half; i += blockDim.x) {
+        const unsigned int h = i / half, k = i - h * half;
+        const unsigned long long a = (unsigned long long)h * d + k, b = a + half;
+        const float x1 = ld(src, s + a), x2 = ld(src, s + b);
+        if (rotate) {
+            const float c1 = ld(cos, t + k), s1 = ld(sin, t + k);
+            const float c2 = ld(cos, t + k + half), s2 = ld(sin, t + k + half);
+            st(dst, o + a, __fsub_rn(rnd(dst, __fmul_rn(x1, c1)), rnd(dst, __fmul_rn(x2, s1))));
+            st(dst, o + b, __fadd_rn(rnd(dst, __fmul_rn(x2, c2)), rnd(dst, __fmul_rn(x1, s2))));
+        } else {
+            st(dst, o + a, x1);
+            st(dst, o + b, x2);
+        }
+    }
+}
+extern "C" __global__ void dsvl_rope_rows_bf16(const unsigned short* src, unsigned short* dst,
+        const unsigned short* cos, const unsigned short* sin, const unsigned int* pos,
+        const unsigned int* slots, unsigned int use_slots, unsigned int stride, unsigned int col0,
+        unsigned int heads, unsigned int d, unsigned int rotate) {
+    rope_rows(src, dst, cos, sin, pos, slots, use_slots, stride, col0, heads, d, rotate);
+}
+extern "C" __global__ void dsvl_rope_rows_f32(const float* src, float* dst, const float* cos,
+        const float* sin, const unsigned int* pos, const unsigned int* slots,
+        unsigned int use_slots, unsigned int stride, unsigned int col0, unsigned int heads,
+        unsigned int d, unsigned int rotate) {
+    rope_rows(src, dst, cos, sin, pos, slots, use_slots, stride, col0, heads, d, rotate);
+}
+
+// silu(gate) * up from the fused gate/up projection's rows ([gate | up], `width` each): SiLU in
+// f32 rounded once to the working dtype, then the product (PyTorch's rounding points).
+template <typename T>
+__device__ void silu_mul(const T* gu, T* out, unsigned int width, unsigned long long total) {
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+         i < total; i += (unsigned long long)blockDim.x * gridDim.x) {
+        const unsigned long long row = i / width, c = i - row * width;
+        const float g = ld(gu, row * 2 * width + c), u = ld(gu, row * 2 * width + width + c);
+        st(out, i, __fmul_rn(rnd(out, __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)))), u));
+    }
+}
+extern "C" __global__ void dsvl_silu_mul_bf16(const unsigned short* gu, unsigned short* out,
+        unsigned int width, unsigned long long total) {
+    silu_mul(gu, out, width, total);
+}
+extern "C" __global__ void dsvl_silu_mul_f32(const float* gu, float* out, unsigned int width,
+        unsigned long long total) {
+    silu_mul(gu, out, width, total);
+}
+
+// Paged causal attention, one block of ATTN_WARPS warps per (query row, head), reading the key
+// and value pools ([slots, kv_heads, d]) in place through the block tables. Row r belongs to
+// the sequence b with cu_q[b] <= r < cu_q[b + 1] and sees positions 0..=pos[r]. Two passes over
+// the keys (the softmax's max and sum, then the probabilities times the values) so every
+// rounding point is the portable path's: the score q.k rounded to the working dtype (the
+// matmul's output), scaled and softmaxed in f32, the probability rounded to the working dtype,
+// the output accumulated in f32 and rounded once. Warps take every ATTN_WARPS-th key; lanes
+// split the head dimension (d <= 32 * ATTN_DIMS).
+#define ATTN_WARPS 4
+#define ATTN_DIMS 8
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+template <typename T>
+__device__ __forceinline__ float attn_score(const float* qv, const T* kp, unsigned long long base,
+                                            unsigned int lane, unsigned int d, float scale) {
+    float s = 0.0f;
+#pragma unroll
+    for (int i = 0; i < ATTN_DIMS; i++) {
+        const unsigned int dim = lane + 32u * i;
+        if (dim < d) s = fmaf(qv[i], ld(kp, base + dim), s);
+    }
+    return rnd(kp, warp_sum(s)) * scale;
+}
+template <typename T>
+__device__ void paged_attention(const T* q, const T* kp, const T* vp, T* out,
+        const unsigned int* pos, const unsigned int* cu_q, unsigned int seqs,
+        const unsigned int* table, unsigned int max_blocks, unsigned int block_size,
+        unsigned int heads, unsigned int kv_heads, unsigned int d, float scale) {
+    __shared__ float wm[ATTN_WARPS], wl[ATTN_WARPS];
+    __shared__ float wacc[ATTN_WARPS][32 * ATTN_DIMS];
+    const unsigned int r = blockIdx.x, h = blockIdx.y;
+    const unsigned int lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
+    unsigned int lo = 0, hi = seqs;  // cu_q has seqs + 1 entries; find the last cu_q[lo] <= r
+    while (hi - lo > 1) {
+        const unsigned int mid = (lo + hi) / 2;
+        if (cu_q[mid] <= r) lo = mid; else hi = mid;
+    }
+    const unsigned int* bt = table + (unsigned long long)lo * max_blocks;
+    const unsigned int keys = pos[r] + 1;
+    const unsigned int kvh = h / (heads / kv_heads);
+    const unsigned long long qbase = ((unsigned long long)r * heads + h) * d;
+    float qv[ATTN_DIMS];
+#pragma unroll
+    for (int i = 0; i < ATTN_DIMS; i++) {
+        const unsigned int dim = lane + 32u * i;
+        qv[i] = dim < d ? ld(q, qbase + dim) : 0.0f;
+    }
+    // Pass 1: each warp's running max and sum over its keys, then the block's.
+    float m = __int_as_float(0xff800000), l = 0.0f;
+    for (unsigned int j = warp; j < keys; j += ATTN_WARPS) {
+        const unsigned long long slot = (unsigned long long)bt[j / block_size] * block_size + j % block_size;
+        const float s = attn_score(qv, kp, (slot * kv_heads + kvh) * d, lane, d, scale);
+        const float mn = fmaxf(m, s);
+        l = l * expf(m - mn) + expf(s - mn);
+        m = mn;
+    }
+    if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+    __syncthreads();
+    float bm = wm[0];
+    for (int w = 1; w < ATTN_WARPS; w++) bm = fmaxf(bm, wm[w]);
+    float bl = 0.0f;
+    for (int w = 0; w < ATTN_WARPS; w++) bl += wm[w] == __int_as_float(0xff800000) ? 0.0f : wl[w] * expf(wm[w] - bm);
+    // Pass 2: probabilities times values.
+    float acc[ATTN_DIMS];
+#pragma unroll
+    for (int i = 0; i < ATTN_DIMS; i++) acc[i] = 0.0f;
+    for (unsigned int j = warp; j < keys; j += ATTN_WARPS) {
+        const unsigned long long slot = (unsigned long long)bt[j / block_size] * block_size + j % block_size;
+        const unsigned long long base = (slot * kv_heads + kvh) * d;
+        const float p = rnd(kp, expf(attn_score(qv, kp, base, lane, d, scale) - bm) / bl);
+#pragma unroll
+        for (int i = 0; i < ATTN_DIMS; i++) {
+            const unsigned int dim = lane + 32u * i;
+            if (dim < d) acc[i] = fmaf(p, ld(vp, base + dim), acc[i]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < ATTN_DIMS; i++) wacc[warp][lane + 32u * i] = acc[i];
+    __syncthreads();
+    for (unsigned int dim = threadIdx.x; dim < d; dim += blockDim.x) {
+        float v = 0.0f;
+        for (int w = 0; w < ATTN_WARPS; w++) v += wacc[w][dim];
+        st(out, qbase + dim, v);
+    }
+}
+extern "C" __global__ void dsvl_paged_attention_bf16(const unsigned short* q,
+        const unsigned short* kp, const unsigned short* vp, unsigned short* out,
+        const unsigned int* pos, const unsigned int* cu_q, unsigned int seqs,
+        const unsigned int* table, unsigned int max_blocks, unsigned int block_size,
+        unsigned int heads, unsigned int kv_heads, unsigned int d, float scale) {
+    paged_attention(q, kp, vp, out, pos, cu_q, seqs, table, max_blocks, block_size, heads,
+                    kv_heads, d, scale);
+}
+extern "C" __global__ void dsvl_paged_attention_f32(const float* q, const float* kp,
+        const float* vp, float* out, const unsigned int* pos, const unsigned int* cu_q,
+        unsigned int seqs, const unsigned int* table, unsigned int max_blocks,
+        unsigned int block_size, unsigned int heads, unsigned int kv_heads, unsigned int d,
+        float scale) {
+    paged_attention(q, kp, vp, out, pos, cu_q, seqs, table, max_blocks, block_size, heads,
+                    kv_heads, d, scale);
+}
