@@ -6,13 +6,17 @@
 //! - `silu(gate) * up` from the fused gate/up projection's rows (was: two strided ops);
 //! - paged causal attention reading the pools in place through the block tables (was: the
 //!   portable path of `llm::gather_attention`, which gathers every sequence's history, pads it
-//!   into batches and runs about fifteen launches a layer).
+//!   into batches and runs about fifteen launches a layer): decode rows by a kernel whose warps
+//!   split the keys, prompt chunks by a tiled one that reads each key once per 16 query rows.
 //!
 //! Why: a batch-1 VL-7B decode step on an H200 was about 1,000 launches, 12.35 ms against the
-//! 2.7 ms its weights take to stream (benches/README.md, "GPU"). Every kernel keeps the rounding
-//! points of the chain it replaces (bf16 and f32), so parity bounds are unchanged.
-//! `DSVL_CUDA_FUSED=0` (or [`crate::set_fused_cuda_kernels`]) switches back to the op chains,
-//! to compare the two on one GPU.
+//! 2.7 ms its weights take to stream (benches/README.md, "GPU"). The RoPE and SiLU kernels keep
+//! the rounding points of the chains they replace (bit-identical in bf16 and f32). Attention
+//! computes the softmax and the weighted values in f32 and rounds the output once, as PyTorch's
+//! fused attention (SDPA, flash) does, where the chain rounded the scores and probabilities to
+//! bf16 on the way: bf16 results differ from the chain's by that rounding, f32 ones by summation
+//! order. `DSVL_CUDA_FUSED=0` (or [`crate::set_fused_cuda_kernels`]) switches back to the op
+//! chains, to compare the two on one GPU.
 
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -24,10 +28,18 @@ use candle_core::{
 
 use crate::llm::cpu_attention::PagedAttention;
 
-/// Largest head dimension the attention kernel takes (`32 * ATTN_DIMS` in `kernels.cu`).
+/// Largest head dimension the attention kernels take (`32 * ROW_DIMS` in `kernels.cu`).
 const MAX_HEAD_DIM: usize = 256;
-/// Threads per block of the attention kernel (`32 * ATTN_WARPS`).
-const ATTN_THREADS: u32 = 128;
+/// Largest head dimension of the tiled (prompt) attention kernel (`32 * TILE_DIMS`); above it,
+/// every row takes the row kernel.
+const MAX_TILE_HEAD_DIM: usize = 128;
+/// Threads per block of the row kernel (`32 * ROW_WARPS`) and of the tiled one (4 warps).
+const ROW_THREADS: u32 = 256;
+const TILE_THREADS: u32 = 128;
+/// Query rows per tile (`TILE_Q`, the tiles `StepMeta` builds) and keys per shared-memory tile
+/// (`TILE_K`) of the tiled kernel.
+const TILE_Q: usize = crate::llm::step::ATTENTION_TILE_ROWS;
+const TILE_K: usize = 32;
 
 /// Whether the fused kernels serve tensors of `dtype` with heads of `head_dim` values.
 pub(crate) fn supports(dtype: DType, head_dim: usize) -> bool {
@@ -127,14 +139,15 @@ impl RopeRows<'_> {
         b.arg(&heads);
         b.arg(&d);
         b.arg(&rotate);
+        let threads = (self.head_dim / 2).div_ceil(32).clamp(1, 8) as u32 * 32;
         let cfg = LaunchConfig {
-            grid_dim: (n as u32, 1, 1),
-            block_dim: (128, 1, 1),
+            grid_dim: (n as u32, heads, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: block r reads row r of the projection (inside it: checked above), the tables at
+        // SAFETY: block (r, h) reads head h of row r of the projection (inside it: checked above), the tables at
         // positions[r] (positions were checked against the tables' length by the model), and
-        // writes row r of the output or pool row slots[r] (slots were checked against the pool
+        // writes head h of row r of the output or of pool row slots[r] (slots were checked against the pool
         // when the step's metadata was built).
         unsafe { b.launch(cfg) }.w()?;
         Ok(())
@@ -331,10 +344,15 @@ pub(crate) fn paged_attention(
     let cu_q = view::<u32>(&cg, cl, "the cumulative query lengths")?;
     let (tg, tl) = dm.block_table.storage_and_layout();
     let table = view::<u32>(&tg, tl, "the block tables")?;
+    let (tg2, tl2) = dm.tiles.storage_and_layout();
+    let tiles = view::<u32>(&tg2, tl2, "the query tiles")?;
     let seqs = op.meta.seqs.len() as u32;
     let max_blocks = dm.block_table.dim(1)? as u32;
     let block_size = op.meta.block_size as u32;
     let (heads32, kv32, d32, scale) = (heads as u32, op.kv_heads as u32, d as u32, op.scale);
+    // Prompt chunks share their keys through shared memory a tile of rows at a time; decode
+    // rows (one per sequence) take the row kernel, whose warps split the keys instead.
+    let tiled = dm.max_seqlen_q > 1 && d <= MAX_TILE_HEAD_DIM;
     let dev = q.device.clone();
     let (Some((q0, q1)), Some((k0, k1)), Some((v0, v1))) =
         (ql.contiguous_offsets(), kl.contiguous_offsets(), vl.contiguous_offsets())
@@ -342,21 +360,26 @@ pub(crate) fn paged_attention(
         candle_core::bail!("paged attention: q and the pools must be contiguous")
     };
     macro_rules! run {
-        ($t:ty, $kernel:literal, $q:expr, $k:expr, $v:expr, $wrap:path) => {{
-            let func = super::func(&dev, $kernel)?;
-            // SAFETY: block (r, h) writes row r's head h, every element.
+        ($t:ty, $rows:expr, $tiles:expr, $q:expr, $k:expr, $v:expr, $wrap:path) => {{
+            // SAFETY: every element of every row's heads is written (by block (r, h) of the row
+            // kernel, or by the block of the tile holding r).
             let mut out = unsafe { dev.alloc::<$t>(n * heads * d) }?;
             if n > 0 {
                 let (qv, kv, vv) = ($q.slice(q0..q1), $k.slice(k0..k1), $v.slice(v0..v1));
                 let stream = dev.cuda_stream();
+                let func = super::func(&dev, if tiled { $tiles } else { $rows })?;
                 let mut b = stream.launch_builder(&func);
                 b.arg(&qv);
                 b.arg(&kv);
                 b.arg(&vv);
                 b.arg(&mut out);
                 b.arg(&pos);
-                b.arg(&cu_q);
-                b.arg(&seqs);
+                if tiled {
+                    b.arg(&tiles);
+                } else {
+                    b.arg(&cu_q);
+                    b.arg(&seqs);
+                }
                 b.arg(&table);
                 b.arg(&max_blocks);
                 b.arg(&block_size);
@@ -364,13 +387,22 @@ pub(crate) fn paged_attention(
                 b.arg(&kv32);
                 b.arg(&d32);
                 b.arg(&scale);
-                let cfg = LaunchConfig {
-                    grid_dim: (n as u32, heads as u32, 1),
-                    block_dim: (ATTN_THREADS, 1, 1),
-                    shared_mem_bytes: 0,
+                let cfg = if tiled {
+                    LaunchConfig {
+                        grid_dim: ((tiles.len() / 3) as u32, heads32, 1),
+                        block_dim: (TILE_THREADS, 1, 1),
+                        shared_mem_bytes: ((TILE_Q * d + 2 * TILE_K * (d + 1)) * 4) as u32,
+                    }
+                } else {
+                    LaunchConfig {
+                        grid_dim: (n as u32, heads32, 1),
+                        block_dim: (ROW_THREADS, 1, 1),
+                        shared_mem_bytes: 0,
+                    }
                 };
                 // SAFETY: row r reads keys 0..=positions[r] of its sequence through its block
-                // table, which `check_block_tables` found inside the pool and long enough.
+                // table, which `check_block_tables` found inside the pool and long enough; the
+                // tiles cover the step's rows, each inside one sequence (`StepMeta`).
                 unsafe { b.launch(cfg) }.w()?;
             }
             Ok((CudaStorage { slice: $wrap(out), device: dev }, shape))
@@ -378,10 +410,12 @@ pub(crate) fn paged_attention(
     }
     match (&q.slice, &k.slice, &v.slice) {
         (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
-            run!(half::bf16, "dsvl_paged_attention_bf16", q, k, v, CudaStorageSlice::BF16)
+            let (rows, tiles) = ("dsvl_attention_rows_bf16", "dsvl_attention_tiles_bf16");
+            run!(half::bf16, rows, tiles, q, k, v, CudaStorageSlice::BF16)
         }
         (CudaStorageSlice::F32(q), CudaStorageSlice::F32(k), CudaStorageSlice::F32(v)) => {
-            run!(f32, "dsvl_paged_attention_f32", q, k, v, CudaStorageSlice::F32)
+            let (rows, tiles) = ("dsvl_attention_rows_f32", "dsvl_attention_tiles_f32");
+            run!(f32, rows, tiles, q, k, v, CudaStorageSlice::F32)
         }
         _ => candle_core::bail!("paged attention: q and the pools in one dtype, bf16 or f32"),
     }

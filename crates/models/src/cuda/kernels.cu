@@ -114,7 +114,8 @@ __device__ __forceinline__ float rnd(const float*, float v) { return v; }
 // Rotate-half RoPE of `heads` heads of `d` values per row, read from columns [col0, col0 +
 // heads * d) of `src` (row stride `stride`: the fused q/k/v projection's output) and written to
 // row `slots[r]` (or `r` when `use_slots` is 0) of `dst` (rows of heads * d). With `rotate` 0
-// the values are copied as they are (the values' pool). One block per row. Rounding as
+// the values are copied as they are (the values' pool). One block per (row, head): the loads
+// of a block are independent, so a decode step's few rows still keep the GPU busy. Rounding as
 // `x * cos + rotate_half(x) * sin` in the working dtype: each product, then the sum; no fused
 // multiply-add, so f32 gives what the op-by-op chain gives.
 template <typename T>
@@ -126,9 +127,8 @@ __device__ void rope_rows(const T* src, T* dst, const T* cos, const T* sin,
     const unsigned long long s = r * stride + col0;
     const unsigned long long o = (use_slots ? (unsigned long long)slots[r] : r) * heads * d;
     const unsigned long long t = (unsigned long long)pos[r] * d;
-    const unsigned int half = d / 2;
-    for (unsigned int i = threadIdx.x; i < heads * half; i += blockDim.x) {
-        const unsigned int h = i / half, k = i - h * half;
+    const unsigned int half = d / 2, h = blockIdx.y;
+    for (unsigned int k = threadIdx.x; k < half; k += blockDim.x) {
         const unsigned long long a = (unsigned long long)h * d + k, b = a + half;
         const float x1 = ld(src, s + a), x2 = ld(src, s + b);
         if (rotate) {
@@ -175,41 +175,42 @@ extern "C" __global__ void dsvl_silu_mul_f32(const float* gu, float* out, unsign
     silu_mul(gu, out, width, total);
 }
 
-// Paged causal attention, one block of ATTN_WARPS warps per (query row, head), reading the key
-// and value pools ([slots, kv_heads, d]) in place through the block tables. Row r belongs to
-// the sequence b with cu_q[b] <= r < cu_q[b + 1] and sees positions 0..=pos[r]. Two passes over
-// the keys (the softmax's max and sum, then the probabilities times the values) so every
-// rounding point is the portable path's: the score q.k rounded to the working dtype (the
-// matmul's output), scaled and softmaxed in f32, the probability rounded to the working dtype,
-// the output accumulated in f32 and rounded once. Warps take every ATTN_WARPS-th key; lanes
-// split the head dimension (d <= 32 * ATTN_DIMS).
-#define ATTN_WARPS 4
-#define ATTN_DIMS 8
+// Paged causal attention over the key and value pools ([slots, kv_heads, d]) read in place
+// through the block tables; query row r sees positions 0..=pos[r] of its sequence. Softmax as
+// PyTorch's fused attention (SDPA, flash) computes it: scores, running max and sum, and the
+// weighted values in f32 (one pass, online), the output rounded once to the working dtype.
+#define NEG_INF __int_as_float(0xff800000)
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
-template <typename T>
-__device__ __forceinline__ float attn_score(const float* qv, const T* kp, unsigned long long base,
-                                            unsigned int lane, unsigned int d, float scale) {
-    float s = 0.0f;
-#pragma unroll
-    for (int i = 0; i < ATTN_DIMS; i++) {
-        const unsigned int dim = lane + 32u * i;
-        if (dim < d) s = fmaf(qv[i], ld(kp, base + dim), s);
-    }
-    return rnd(kp, warp_sum(s)) * scale;
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
 }
+__device__ __forceinline__ unsigned long long kv_row(const unsigned int* bt, unsigned int j,
+        unsigned int block_size, unsigned int kv_heads, unsigned int kvh, unsigned int d) {
+    const unsigned long long slot = (unsigned long long)bt[j / block_size] * block_size + j % block_size;
+    return (slot * kv_heads + kvh) * d;
+}
+
+// Decode steps (and heads over 128 values): one block of ROW_WARPS warps per (query row, head).
+// Warps take runs of ROW_UNROLL consecutive keys (their loads in flight together); lanes split
+// the head dimension (d <= 32 * ROW_DIMS); the warps' partial softmaxes merge at the end.
+// Row r's sequence: the b with cu_q[b] <= r < cu_q[b + 1].
+#define ROW_WARPS 8
+#define ROW_UNROLL 4
+#define ROW_DIMS 8
 template <typename T>
-__device__ void paged_attention(const T* q, const T* kp, const T* vp, T* out,
+__device__ void attention_rows(const T* q, const T* kp, const T* vp, T* out,
         const unsigned int* pos, const unsigned int* cu_q, unsigned int seqs,
         const unsigned int* table, unsigned int max_blocks, unsigned int block_size,
         unsigned int heads, unsigned int kv_heads, unsigned int d, float scale) {
-    __shared__ float wm[ATTN_WARPS], wl[ATTN_WARPS];
-    __shared__ float wacc[ATTN_WARPS][32 * ATTN_DIMS];
+    __shared__ float wm[ROW_WARPS], wl[ROW_WARPS];
+    __shared__ float wacc[ROW_WARPS][32 * ROW_DIMS];
     const unsigned int r = blockIdx.x, h = blockIdx.y;
     const unsigned int lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    unsigned int lo = 0, hi = seqs;  // cu_q has seqs + 1 entries; find the last cu_q[lo] <= r
+    unsigned int lo = 0, hi = seqs;  // cu_q has seqs + 1 entries
     while (hi - lo > 1) {
         const unsigned int mid = (lo + hi) / 2;
         if (cu_q[mid] <= r) lo = mid; else hi = mid;
@@ -218,63 +219,193 @@ __device__ void paged_attention(const T* q, const T* kp, const T* vp, T* out,
     const unsigned int keys = pos[r] + 1;
     const unsigned int kvh = h / (heads / kv_heads);
     const unsigned long long qbase = ((unsigned long long)r * heads + h) * d;
-    float qv[ATTN_DIMS];
+    float qv[ROW_DIMS], acc[ROW_DIMS];
 #pragma unroll
-    for (int i = 0; i < ATTN_DIMS; i++) {
+    for (int i = 0; i < ROW_DIMS; i++) {
         const unsigned int dim = lane + 32u * i;
         qv[i] = dim < d ? ld(q, qbase + dim) : 0.0f;
+        acc[i] = 0.0f;
     }
-    // Pass 1: each warp's running max and sum over its keys, then the block's.
-    float m = __int_as_float(0xff800000), l = 0.0f;
-    for (unsigned int j = warp; j < keys; j += ATTN_WARPS) {
-        const unsigned long long slot = (unsigned long long)bt[j / block_size] * block_size + j % block_size;
-        const float s = attn_score(qv, kp, (slot * kv_heads + kvh) * d, lane, d, scale);
-        const float mn = fmaxf(m, s);
-        l = l * expf(m - mn) + expf(s - mn);
-        m = mn;
+    float m = NEG_INF, l = 0.0f;
+    for (unsigned int j0 = warp * ROW_UNROLL; j0 < keys; j0 += ROW_WARPS * ROW_UNROLL) {
+        unsigned long long base[ROW_UNROLL];
+        float s[ROW_UNROLL];
+#pragma unroll
+        for (int u = 0; u < ROW_UNROLL; u++) {
+            const bool valid = j0 + u < keys;  // the same for every lane
+            base[u] = valid ? kv_row(bt, j0 + u, block_size, kv_heads, kvh, d) : 0;
+            float a = 0.0f;
+#pragma unroll
+            for (int i = 0; i < ROW_DIMS; i++) {
+                const unsigned int dim = lane + 32u * i;
+                if (valid && dim < d) a = fmaf(qv[i], ld(kp, base[u] + dim), a);
+            }
+            s[u] = a;
+        }
+        float mx = m;
+#pragma unroll
+        for (int u = 0; u < ROW_UNROLL; u++) {
+            s[u] = j0 + u < keys ? warp_sum(s[u]) * scale : NEG_INF;
+            mx = fmaxf(mx, s[u]);
+        }
+        const float alpha = expf(m - mx);  // key j0 is valid: mx is finite
+        l *= alpha;
+#pragma unroll
+        for (int i = 0; i < ROW_DIMS; i++) acc[i] *= alpha;
+#pragma unroll
+        for (int u = 0; u < ROW_UNROLL; u++) {
+            if (j0 + u >= keys) break;
+            const float p = expf(s[u] - mx);
+            l += p;
+#pragma unroll
+            for (int i = 0; i < ROW_DIMS; i++) {
+                const unsigned int dim = lane + 32u * i;
+                if (dim < d) acc[i] = fmaf(p, ld(vp, base[u] + dim), acc[i]);
+            }
+        }
+        m = mx;
     }
     if (lane == 0) { wm[warp] = m; wl[warp] = l; }
+#pragma unroll
+    for (int i = 0; i < ROW_DIMS; i++) wacc[warp][lane + 32u * i] = acc[i];
     __syncthreads();
     float bm = wm[0];
-    for (int w = 1; w < ATTN_WARPS; w++) bm = fmaxf(bm, wm[w]);
+    for (int w = 1; w < ROW_WARPS; w++) bm = fmaxf(bm, wm[w]);
     float bl = 0.0f;
-    for (int w = 0; w < ATTN_WARPS; w++) bl += wm[w] == __int_as_float(0xff800000) ? 0.0f : wl[w] * expf(wm[w] - bm);
-    // Pass 2: probabilities times values.
-    float acc[ATTN_DIMS];
-#pragma unroll
-    for (int i = 0; i < ATTN_DIMS; i++) acc[i] = 0.0f;
-    for (unsigned int j = warp; j < keys; j += ATTN_WARPS) {
-        const unsigned long long slot = (unsigned long long)bt[j / block_size] * block_size + j % block_size;
-        const unsigned long long base = (slot * kv_heads + kvh) * d;
-        const float p = rnd(kp, expf(attn_score(qv, kp, base, lane, d, scale) - bm) / bl);
-#pragma unroll
-        for (int i = 0; i < ATTN_DIMS; i++) {
-            const unsigned int dim = lane + 32u * i;
-            if (dim < d) acc[i] = fmaf(p, ld(vp, base + dim), acc[i]);
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < ATTN_DIMS; i++) wacc[warp][lane + 32u * i] = acc[i];
-    __syncthreads();
+    for (int w = 0; w < ROW_WARPS; w++) bl += wm[w] == NEG_INF ? 0.0f : wl[w] * expf(wm[w] - bm);
     for (unsigned int dim = threadIdx.x; dim < d; dim += blockDim.x) {
         float v = 0.0f;
-        for (int w = 0; w < ATTN_WARPS; w++) v += wacc[w][dim];
-        st(out, qbase + dim, v);
+        for (int w = 0; w < ROW_WARPS; w++) {
+            if (wm[w] != NEG_INF) v = fmaf(wacc[w][dim], expf(wm[w] - bm), v);
+        }
+        st(out, qbase + dim, v / bl);
     }
 }
-extern "C" __global__ void dsvl_paged_attention_bf16(const unsigned short* q,
+extern "C" __global__ void dsvl_attention_rows_bf16(const unsigned short* q,
         const unsigned short* kp, const unsigned short* vp, unsigned short* out,
         const unsigned int* pos, const unsigned int* cu_q, unsigned int seqs,
         const unsigned int* table, unsigned int max_blocks, unsigned int block_size,
         unsigned int heads, unsigned int kv_heads, unsigned int d, float scale) {
-    paged_attention(q, kp, vp, out, pos, cu_q, seqs, table, max_blocks, block_size, heads,
-                    kv_heads, d, scale);
+    attention_rows(q, kp, vp, out, pos, cu_q, seqs, table, max_blocks, block_size, heads,
+                   kv_heads, d, scale);
 }
-extern "C" __global__ void dsvl_paged_attention_f32(const float* q, const float* kp,
+extern "C" __global__ void dsvl_attention_rows_f32(const float* q, const float* kp,
         const float* vp, float* out, const unsigned int* pos, const unsigned int* cu_q,
         unsigned int seqs, const unsigned int* table, unsigned int max_blocks,
         unsigned int block_size, unsigned int heads, unsigned int kv_heads, unsigned int d,
         float scale) {
-    paged_attention(q, kp, vp, out, pos, cu_q, seqs, table, max_blocks, block_size, heads,
-                    kv_heads, d, scale);
+    attention_rows(q, kp, vp, out, pos, cu_q, seqs, table, max_blocks, block_size, heads,
+                   kv_heads, d, scale);
+}
+
+// Steps with prompt chunks (d <= 32 * TILE_DIMS): one block of 4 warps per (tile, head), a tile
+// being up to TILE_Q consecutive query rows of one sequence (tiles[3t..3t+3]: sequence, first
+// row, rows). Keys and values come through shared memory TILE_K at a time, read once for all the
+// tile's rows; a warp serves rows warp, warp + 4, ...; lane k scores key k of the tile against
+// a row (rows padded to d + 1 floats: no bank conflicts), then the lanes update the row's
+// softmax and its weighted values together. Dynamic shared memory: (TILE_Q * d + 2 * TILE_K *
+// (d + 1)) floats.
+#define TILE_Q 16
+#define TILE_K 32
+#define TILE_DIMS 4
+template <typename T>
+__device__ void attention_tiles(const T* q, const T* kp, const T* vp, T* out,
+        const unsigned int* pos, const unsigned int* tiles, const unsigned int* table,
+        unsigned int max_blocks, unsigned int block_size, unsigned int heads,
+        unsigned int kv_heads, unsigned int d, float scale) {
+    extern __shared__ float sh[];
+    float* qs = sh;                      // TILE_Q x d
+    float* ks = qs + TILE_Q * d;         // TILE_K x (d + 1)
+    float* vs = ks + TILE_K * (d + 1);   // TILE_K x (d + 1)
+    const unsigned int t = blockIdx.x, h = blockIdx.y;
+    const unsigned int lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const unsigned int seq = tiles[3 * t], r0 = tiles[3 * t + 1], nr = tiles[3 * t + 2];
+    const unsigned int* bt = table + (unsigned long long)seq * max_blocks;
+    const unsigned int kvh = h / (heads / kv_heads);
+    for (unsigned int i = threadIdx.x; i < nr * d; i += blockDim.x) {
+        const unsigned int row = i / d, dim = i - row * d;
+        qs[i] = ld(q, ((unsigned long long)(r0 + row) * heads + h) * d + dim);
+    }
+    const unsigned int last = pos[r0 + nr - 1];  // the tile's rows sit at consecutive positions
+    float m[TILE_Q / 4], l[TILE_Q / 4], acc[TILE_Q / 4][TILE_DIMS];
+#pragma unroll
+    for (int w = 0; w < TILE_Q / 4; w++) {
+        m[w] = NEG_INF;
+        l[w] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < TILE_DIMS; i++) acc[w][i] = 0.0f;
+    }
+    for (unsigned int k0 = 0; k0 <= last; k0 += TILE_K) {
+        __syncthreads();  // the previous tile is consumed (and, the first time, q is in)
+        for (unsigned int i = threadIdx.x; i < TILE_K * d; i += blockDim.x) {
+            const unsigned int kk = i / d, dim = i - kk * d;
+            float kv = 0.0f, vv = 0.0f;
+            if (k0 + kk <= last) {
+                const unsigned long long b = kv_row(bt, k0 + kk, block_size, kv_heads, kvh, d);
+                kv = ld(kp, b + dim);
+                vv = ld(vp, b + dim);
+            }
+            ks[kk * (d + 1) + dim] = kv;
+            vs[kk * (d + 1) + dim] = vv;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int w = 0; w < TILE_Q / 4; w++) {
+            const unsigned int row = warp + warps * w;
+            if (row >= nr) break;
+            const unsigned int p_row = pos[r0 + row];
+            if (k0 > p_row) continue;  // the whole key tile lies after this row
+            const unsigned int j = k0 + lane;
+            float s = NEG_INF;
+            if (j <= p_row) {
+                float a = 0.0f;
+                const float* qr = qs + row * d;
+                const float* kr = ks + lane * (d + 1);
+                for (unsigned int dim = 0; dim < d; dim++) a = fmaf(qr[dim], kr[dim], a);
+                s = a * scale;
+            }
+            const float mx = fmaxf(m[w], warp_max(s));  // key k0 is visible: finite
+            const float alpha = expf(m[w] - mx);
+            const float p = j <= p_row ? expf(s - mx) : 0.0f;
+            l[w] = l[w] * alpha + warp_sum(p);
+#pragma unroll
+            for (int i = 0; i < TILE_DIMS; i++) acc[w][i] *= alpha;
+            const unsigned int visible = min(p_row - k0 + 1, (unsigned int)TILE_K);
+            for (unsigned int kk = 0; kk < visible; kk++) {
+                const float pk = __shfl_sync(0xffffffffu, p, kk);
+#pragma unroll
+                for (int i = 0; i < TILE_DIMS; i++) {
+                    const unsigned int dim = lane + 32u * i;
+                    if (dim < d) acc[w][i] = fmaf(pk, vs[kk * (d + 1) + dim], acc[w][i]);
+                }
+            }
+            m[w] = mx;
+        }
+    }
+#pragma unroll
+    for (int w = 0; w < TILE_Q / 4; w++) {
+        const unsigned int row = warp + warps * w;
+        if (row >= nr) break;
+        const unsigned long long ob = ((unsigned long long)(r0 + row) * heads + h) * d;
+#pragma unroll
+        for (int i = 0; i < TILE_DIMS; i++) {
+            const unsigned int dim = lane + 32u * i;
+            if (dim < d) st(out, ob + dim, acc[w][i] / l[w]);
+        }
+    }
+}
+extern "C" __global__ void dsvl_attention_tiles_bf16(const unsigned short* q,
+        const unsigned short* kp, const unsigned short* vp, unsigned short* out,
+        const unsigned int* pos, const unsigned int* tiles, const unsigned int* table,
+        unsigned int max_blocks, unsigned int block_size, unsigned int heads,
+        unsigned int kv_heads, unsigned int d, float scale) {
+    attention_tiles(q, kp, vp, out, pos, tiles, table, max_blocks, block_size, heads, kv_heads,
+                    d, scale);
+}
+extern "C" __global__ void dsvl_attention_tiles_f32(const float* q, const float* kp,
+        const float* vp, float* out, const unsigned int* pos, const unsigned int* tiles,
+        const unsigned int* table, unsigned int max_blocks, unsigned int block_size,
+        unsigned int heads, unsigned int kv_heads, unsigned int d, float scale) {
+    attention_tiles(q, kp, vp, out, pos, tiles, table, max_blocks, block_size, heads, kv_heads,
+                    d, scale);
 }

@@ -65,7 +65,14 @@ impl CustomOp2 for RmsNormBf16 {
         b.arg(&mut out);
         b.arg(&d32);
         b.arg(&eps);
-        let cfg = super::block_per_row(rows);
+        // Enough threads that each reads about four values: a decode step's single row is
+        // latency-bound, and one thread looping over a long row waits on every load in turn.
+        let threads = (d.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32;
+        let cfg = candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: block `r` reads row `r` of `x` (`d` values) and the weight, and writes row `r`
         // of `out`; the lengths were checked above.
         unsafe { b.launch(cfg) }.w()?;

@@ -9,8 +9,8 @@
 //! - CPU: our kernel ([`super::cpu_attention`]), threads over sequences and heads;
 //! - CUDA with the `flash-attn` feature: `candle-flash-attn`'s paged varlen kernel (the pool is
 //!   already its `[num_blocks, block_size, kv_heads, head_dim]` layout);
-//! - CUDA otherwise (bf16, f32, head_dim <= 256): our kernel (`crate::cuda::decoder`), one
-//!   block per query row and head;
+//! - CUDA otherwise (bf16, f32, head_dim <= 256): our kernels (`crate::cuda::decoder`), one
+//!   for decode rows and a tiled one for prompt chunks;
 //! - any other device: a portable fallback built from candle ops that gathers the step's
 //!   histories in a few padded batches (logged once so nobody serves with it by accident).
 

@@ -48,6 +48,9 @@ pub struct StepMeta {
     pub gather: OnceLock<GatherPlan>,
 }
 
+/// Query rows per tile of the tiled CUDA attention kernel (`TILE_Q` in `cuda/kernels.cu`).
+pub const ATTENTION_TILE_ROWS: usize = 16;
+
 /// Step metadata uploaded for a device kernel, once per step.
 #[derive(Debug)]
 pub struct DeviceMeta {
@@ -59,6 +62,9 @@ pub struct DeviceMeta {
     pub cu_seqlens_k: Tensor,
     /// `[B, max_blocks]` u32 block tables, padded with block 0 (never read past `ctx_len`).
     pub block_table: Tensor,
+    /// `[T * 3]` u32: the step's rows cut into tiles of at most [`ATTENTION_TILE_ROWS`]
+    /// consecutive rows of one sequence, each as (sequence, first row, rows).
+    pub tiles: Tensor,
     /// Longest new-token run.
     pub max_seqlen_q: usize,
     /// Longest context.
@@ -164,7 +170,15 @@ impl DeviceMeta {
                 }))
                 .collect::<Vec<u32>>()
         };
+        let mut tiles = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            for first in (s.q_start..s.q_start + s.q_len).step_by(ATTENTION_TILE_ROWS) {
+                let rows = ATTENTION_TILE_ROWS.min(s.q_start + s.q_len - first);
+                tiles.extend([i as u32, first as u32, rows as u32]);
+            }
+        }
         Ok(Self {
+            tiles: Tensor::new(tiles, device)?,
             slots: Tensor::new(slots, device)?,
             cu_seqlens_q: Tensor::new(cumulative(|s| s.q_len), device)?,
             cu_seqlens_k: Tensor::new(cumulative(|s| s.ctx_len), device)?,
@@ -191,6 +205,21 @@ mod tests {
         assert_eq!(m.slots, vec![12, 13, 14, 15, 0, 10]);
         assert_eq!(m.positions.to_vec1::<u32>()?, vec![0, 1, 2, 3, 4, 6]);
         assert_eq!(m.seqs[1], SeqSlice { q_start: 5, q_len: 1, ctx_len: 7, blocks: vec![1, 2] });
+        Ok(())
+    }
+
+    /// The tiled attention kernel's tiles: at most 16 consecutive rows of one sequence each,
+    /// covering every row once.
+    #[test]
+    fn tiles_cut_each_sequence_into_runs_of_sixteen_rows() -> Result<(), ModelError> {
+        let seqs = [
+            SeqSlice { q_start: 0, q_len: 1, ctx_len: 9, blocks: vec![0] },
+            SeqSlice { q_start: 1, q_len: 35, ctx_len: 35, blocks: vec![1] },
+            SeqSlice { q_start: 36, q_len: 16, ctx_len: 20, blocks: vec![2] },
+        ];
+        let m = DeviceMeta::new(&seqs, &[0; 52], &Device::Cpu)?;
+        let tiles = m.tiles.to_vec1::<u32>()?;
+        assert_eq!(tiles, [0, 0, 1, 1, 1, 16, 1, 17, 16, 1, 33, 3, 2, 36, 16]);
         Ok(())
     }
 
