@@ -34,7 +34,7 @@ const MAX_HEAD_DIM: usize = 256;
 /// every row takes the row kernel.
 const MAX_TILE_HEAD_DIM: usize = 128;
 /// Threads per block of the row kernel (`32 * ROW_WARPS`) and of the tiled one (4 warps).
-const ROW_THREADS: u32 = 256;
+const ROW_THREADS: u32 = 512;
 const TILE_THREADS: u32 = 128;
 /// Query rows per tile (`TILE_Q`, the tiles `StepMeta` builds) and keys per shared-memory tile
 /// (`TILE_K`) of the tiled kernel.
@@ -139,15 +139,16 @@ impl RopeRows<'_> {
         b.arg(&heads);
         b.arg(&d);
         b.arg(&rotate);
-        let threads = (self.head_dim / 2).div_ceil(32).clamp(1, 8) as u32 * 32;
+        // A thread per rotated pair, 128 a block: a decode row spreads over many blocks.
+        let pairs = self.heads * self.head_dim / 2;
         let cfg = LaunchConfig {
-            grid_dim: (n as u32, heads, 1),
-            block_dim: (threads, 1, 1),
+            grid_dim: (n as u32, pairs.div_ceil(128) as u32, 1),
+            block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: block (r, h) reads head h of row r of the projection (inside it: checked above), the tables at
+        // SAFETY: block (r, y) reads its pairs of row r of the projection (inside it: checked above), the tables at
         // positions[r] (positions were checked against the tables' length by the model), and
-        // writes head h of row r of the output or of pool row slots[r] (slots were checked against the pool
+        // writes them to row r of the output or to pool row slots[r] (slots were checked against the pool
         // when the step's metadata was built).
         unsafe { b.launch(cfg) }.w()?;
         Ok(())

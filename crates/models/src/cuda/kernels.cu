@@ -114,8 +114,9 @@ __device__ __forceinline__ float rnd(const float*, float v) { return v; }
 // Rotate-half RoPE of `heads` heads of `d` values per row, read from columns [col0, col0 +
 // heads * d) of `src` (row stride `stride`: the fused q/k/v projection's output) and written to
 // row `slots[r]` (or `r` when `use_slots` is 0) of `dst` (rows of heads * d). With `rotate` 0
-// the values are copied as they are (the values' pool). One block per (row, head): the loads
-// of a block are independent, so a decode step's few rows still keep the GPU busy. Rounding as
+// the values are copied as they are (the values' pool). Block (r, y) takes the pairs
+// y * blockDim .. of row r, one pair a thread: no thread loops, so a decode step's single row
+// is spread over many blocks and a prompt's rows over few enough. Rounding as
 // `x * cos + rotate_half(x) * sin` in the working dtype: each product, then the sum; no fused
 // multiply-add, so f32 gives what the op-by-op chain gives.
 template <typename T>
@@ -127,8 +128,10 @@ __device__ void rope_rows(const T* src, T* dst, const T* cos, const T* sin,
     const unsigned long long s = r * stride + col0;
     const unsigned long long o = (use_slots ? (unsigned long long)slots[r] : r) * heads * d;
     const unsigned long long t = (unsigned long long)pos[r] * d;
-    const unsigned int half = d / 2, h = blockIdx.y;
-    for (unsigned int k = threadIdx.x; k < half; k += blockDim.x) {
+    const unsigned int half = d / 2;
+    const unsigned int i = blockIdx.y * blockDim.x + threadIdx.x;
+    if (i < heads * half) {
+        const unsigned int h = i / half, k = i - h * half;
         const unsigned long long a = (unsigned long long)h * d + k, b = a + half;
         const float x1 = ld(src, s + a), x2 = ld(src, s + b);
         if (rotate) {
@@ -195,10 +198,11 @@ __device__ __forceinline__ unsigned long long kv_row(const unsigned int* bt, uns
 }
 
 // Decode steps (and heads over 128 values): one block of ROW_WARPS warps per (query row, head).
-// Warps take runs of ROW_UNROLL consecutive keys (their loads in flight together); lanes split
-// the head dimension (d <= 32 * ROW_DIMS); the warps' partial softmaxes merge at the end.
-// Row r's sequence: the b with cu_q[b] <= r < cu_q[b + 1].
-#define ROW_WARPS 8
+// Warps take runs of ROW_UNROLL consecutive keys and load the run's keys and values together,
+// so a run costs one memory latency; lanes split the head dimension (d <= 32 * ROW_DIMS); the
+// warps' partial softmaxes merge at the end. Row r's sequence: the b with cu_q[b] <= r <
+// cu_q[b + 1].
+#define ROW_WARPS 16
 #define ROW_UNROLL 4
 #define ROW_DIMS 8
 template <typename T>
@@ -228,24 +232,27 @@ __device__ void attention_rows(const T* q, const T* kp, const T* vp, T* out,
     }
     float m = NEG_INF, l = 0.0f;
     for (unsigned int j0 = warp * ROW_UNROLL; j0 < keys; j0 += ROW_WARPS * ROW_UNROLL) {
-        unsigned long long base[ROW_UNROLL];
-        float s[ROW_UNROLL];
+        float kv[ROW_UNROLL][ROW_DIMS], vv[ROW_UNROLL][ROW_DIMS];
 #pragma unroll
         for (int u = 0; u < ROW_UNROLL; u++) {
             const bool valid = j0 + u < keys;  // the same for every lane
-            base[u] = valid ? kv_row(bt, j0 + u, block_size, kv_heads, kvh, d) : 0;
-            float a = 0.0f;
+            const unsigned long long base =
+                valid ? kv_row(bt, j0 + u, block_size, kv_heads, kvh, d) : 0;
 #pragma unroll
             for (int i = 0; i < ROW_DIMS; i++) {
                 const unsigned int dim = lane + 32u * i;
-                if (valid && dim < d) a = fmaf(qv[i], ld(kp, base[u] + dim), a);
+                const bool in = valid && dim < d;
+                kv[u][i] = in ? ld(kp, base + dim) : 0.0f;
+                vv[u][i] = in ? ld(vp, base + dim) : 0.0f;
             }
-            s[u] = a;
         }
-        float mx = m;
+        float s[ROW_UNROLL], mx = m;
 #pragma unroll
         for (int u = 0; u < ROW_UNROLL; u++) {
-            s[u] = j0 + u < keys ? warp_sum(s[u]) * scale : NEG_INF;
+            float a = 0.0f;
+#pragma unroll
+            for (int i = 0; i < ROW_DIMS; i++) a = fmaf(qv[i], kv[u][i], a);
+            s[u] = j0 + u < keys ? warp_sum(a) * scale : NEG_INF;
             mx = fmaxf(mx, s[u]);
         }
         const float alpha = expf(m - mx);  // key j0 is valid: mx is finite
@@ -254,14 +261,10 @@ __device__ void attention_rows(const T* q, const T* kp, const T* vp, T* out,
         for (int i = 0; i < ROW_DIMS; i++) acc[i] *= alpha;
 #pragma unroll
         for (int u = 0; u < ROW_UNROLL; u++) {
-            if (j0 + u >= keys) break;
-            const float p = expf(s[u] - mx);
+            const float p = j0 + u < keys ? expf(s[u] - mx) : 0.0f;
             l += p;
 #pragma unroll
-            for (int i = 0; i < ROW_DIMS; i++) {
-                const unsigned int dim = lane + 32u * i;
-                if (dim < d) acc[i] = fmaf(p, ld(vp, base[u] + dim), acc[i]);
-            }
+            for (int i = 0; i < ROW_DIMS; i++) acc[i] = fmaf(p, vv[u][i], acc[i]);
         }
         m = mx;
     }
@@ -281,7 +284,7 @@ __device__ void attention_rows(const T* q, const T* kp, const T* vp, T* out,
         st(out, qbase + dim, v / bl);
     }
 }
-extern "C" __global__ void dsvl_attention_rows_bf16(const unsigned short* q,
+extern "C" __global__ void __launch_bounds__(ROW_WARPS * 32) dsvl_attention_rows_bf16(const unsigned short* q,
         const unsigned short* kp, const unsigned short* vp, unsigned short* out,
         const unsigned int* pos, const unsigned int* cu_q, unsigned int seqs,
         const unsigned int* table, unsigned int max_blocks, unsigned int block_size,
@@ -289,7 +292,7 @@ extern "C" __global__ void dsvl_attention_rows_bf16(const unsigned short* q,
     attention_rows(q, kp, vp, out, pos, cu_q, seqs, table, max_blocks, block_size, heads,
                    kv_heads, d, scale);
 }
-extern "C" __global__ void dsvl_attention_rows_f32(const float* q, const float* kp,
+extern "C" __global__ void __launch_bounds__(ROW_WARPS * 32) dsvl_attention_rows_f32(const float* q, const float* kp,
         const float* vp, float* out, const unsigned int* pos, const unsigned int* cu_q,
         unsigned int seqs, const unsigned int* table, unsigned int max_blocks,
         unsigned int block_size, unsigned int heads, unsigned int kv_heads, unsigned int d,
@@ -301,13 +304,15 @@ extern "C" __global__ void dsvl_attention_rows_f32(const float* q, const float* 
 // Steps with prompt chunks (d <= 32 * TILE_DIMS): one block of 4 warps per (tile, head), a tile
 // being up to TILE_Q consecutive query rows of one sequence (tiles[3t..3t+3]: sequence, first
 // row, rows). Keys and values come through shared memory TILE_K at a time, read once for all the
-// tile's rows; a warp serves rows warp, warp + 4, ...; lane k scores key k of the tile against
-// a row (rows padded to d + 1 floats: no bank conflicts), then the lanes update the row's
-// softmax and its weighted values together. Dynamic shared memory: (TILE_Q * d + 2 * TILE_K *
-// (d + 1)) floats.
+// tile's rows (a warp loads whole key rows: no index arithmetic per element). Warp w serves rows
+// w, w + 4, w + 8, w + 12 together: lane k scores key k of the tile against the four rows (four
+// independent sums over one read of the key; rows padded to d + 1 floats, so the lanes' reads
+// hit distinct banks), then the lanes update each row's softmax, and each value read serves the
+// four rows. Dynamic shared memory: (TILE_Q * d + 2 * TILE_K * (d + 1)) floats.
 #define TILE_Q 16
 #define TILE_K 32
 #define TILE_DIMS 4
+#define TILE_ROWS (TILE_Q / 4)
 template <typename T>
 __device__ void attention_tiles(const T* q, const T* kp, const T* vp, T* out,
         const unsigned int* pos, const unsigned int* tiles, const unsigned int* table,
@@ -318,18 +323,23 @@ __device__ void attention_tiles(const T* q, const T* kp, const T* vp, T* out,
     float* ks = qs + TILE_Q * d;         // TILE_K x (d + 1)
     float* vs = ks + TILE_K * (d + 1);   // TILE_K x (d + 1)
     const unsigned int t = blockIdx.x, h = blockIdx.y;
-    const unsigned int lane = threadIdx.x & 31u, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const unsigned int lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     const unsigned int seq = tiles[3 * t], r0 = tiles[3 * t + 1], nr = tiles[3 * t + 2];
     const unsigned int* bt = table + (unsigned long long)seq * max_blocks;
     const unsigned int kvh = h / (heads / kv_heads);
-    for (unsigned int i = threadIdx.x; i < nr * d; i += blockDim.x) {
-        const unsigned int row = i / d, dim = i - row * d;
-        qs[i] = ld(q, ((unsigned long long)(r0 + row) * heads + h) * d + dim);
+    for (unsigned int row = warp; row < TILE_Q; row += 4) {
+        const unsigned long long qb = ((unsigned long long)(r0 + row) * heads + h) * d;
+        for (unsigned int dim = lane; dim < d; dim += 32) {
+            qs[row * d + dim] = row < nr ? ld(q, qb + dim) : 0.0f;
+        }
     }
     const unsigned int last = pos[r0 + nr - 1];  // the tile's rows sit at consecutive positions
-    float m[TILE_Q / 4], l[TILE_Q / 4], acc[TILE_Q / 4][TILE_DIMS];
+    float m[TILE_ROWS], l[TILE_ROWS], acc[TILE_ROWS][TILE_DIMS];
+    unsigned int prow[TILE_ROWS];
 #pragma unroll
-    for (int w = 0; w < TILE_Q / 4; w++) {
+    for (int w = 0; w < TILE_ROWS; w++) {
+        const unsigned int row = warp + 4 * w;
+        prow[w] = row < nr ? pos[r0 + row] : 0;
         m[w] = NEG_INF;
         l[w] = 0.0f;
 #pragma unroll
@@ -337,54 +347,60 @@ __device__ void attention_tiles(const T* q, const T* kp, const T* vp, T* out,
     }
     for (unsigned int k0 = 0; k0 <= last; k0 += TILE_K) {
         __syncthreads();  // the previous tile is consumed (and, the first time, q is in)
-        for (unsigned int i = threadIdx.x; i < TILE_K * d; i += blockDim.x) {
-            const unsigned int kk = i / d, dim = i - kk * d;
-            float kv = 0.0f, vv = 0.0f;
-            if (k0 + kk <= last) {
-                const unsigned long long b = kv_row(bt, k0 + kk, block_size, kv_heads, kvh, d);
-                kv = ld(kp, b + dim);
-                vv = ld(vp, b + dim);
+        for (unsigned int kk = warp; kk < TILE_K; kk += 4) {
+            const bool live = k0 + kk <= last;
+            const unsigned long long b = live ? kv_row(bt, k0 + kk, block_size, kv_heads, kvh, d) : 0;
+            for (unsigned int dim = lane; dim < d; dim += 32) {
+                ks[kk * (d + 1) + dim] = live ? ld(kp, b + dim) : 0.0f;
+                vs[kk * (d + 1) + dim] = live ? ld(vp, b + dim) : 0.0f;
             }
-            ks[kk * (d + 1) + dim] = kv;
-            vs[kk * (d + 1) + dim] = vv;
         }
         __syncthreads();
+        float a[TILE_ROWS];
 #pragma unroll
-        for (int w = 0; w < TILE_Q / 4; w++) {
-            const unsigned int row = warp + warps * w;
-            if (row >= nr) break;
-            const unsigned int p_row = pos[r0 + row];
-            if (k0 > p_row) continue;  // the whole key tile lies after this row
-            const unsigned int j = k0 + lane;
-            float s = NEG_INF;
-            if (j <= p_row) {
-                float a = 0.0f;
-                const float* qr = qs + row * d;
-                const float* kr = ks + lane * (d + 1);
-                for (unsigned int dim = 0; dim < d; dim++) a = fmaf(qr[dim], kr[dim], a);
-                s = a * scale;
-            }
-            const float mx = fmaxf(m[w], warp_max(s));  // key k0 is visible: finite
+        for (int w = 0; w < TILE_ROWS; w++) a[w] = 0.0f;
+        const float* kr = ks + lane * (d + 1);
+        for (unsigned int dim = 0; dim < d; dim++) {
+            const float kx = kr[dim];
+#pragma unroll
+            for (int w = 0; w < TILE_ROWS; w++) a[w] = fmaf(qs[(warp + 4 * w) * d + dim], kx, a[w]);
+        }
+        const unsigned int j = k0 + lane;
+        float p[TILE_ROWS];
+#pragma unroll
+        for (int w = 0; w < TILE_ROWS; w++) {
+            p[w] = 0.0f;
+            // Rows past the tile's end, or wholly before this key tile, take no part (uniform
+            // over the warp).
+            if (warp + 4 * w >= nr || k0 > prow[w]) continue;
+            const float sc = j <= prow[w] ? a[w] * scale : NEG_INF;
+            const float mx = fmaxf(m[w], warp_max(sc));  // key k0 is visible: finite
             const float alpha = expf(m[w] - mx);
-            const float p = j <= p_row ? expf(s - mx) : 0.0f;
-            l[w] = l[w] * alpha + warp_sum(p);
+            p[w] = j <= prow[w] ? expf(sc - mx) : 0.0f;
+            l[w] = l[w] * alpha + warp_sum(p[w]);
 #pragma unroll
             for (int i = 0; i < TILE_DIMS; i++) acc[w][i] *= alpha;
-            const unsigned int visible = min(p_row - k0 + 1, (unsigned int)TILE_K);
-            for (unsigned int kk = 0; kk < visible; kk++) {
-                const float pk = __shfl_sync(0xffffffffu, p, kk);
-#pragma unroll
-                for (int i = 0; i < TILE_DIMS; i++) {
-                    const unsigned int dim = lane + 32u * i;
-                    if (dim < d) acc[w][i] = fmaf(pk, vs[kk * (d + 1) + dim], acc[w][i]);
-                }
-            }
             m[w] = mx;
+        }
+        const unsigned int visible = min(last - k0 + 1, (unsigned int)TILE_K);
+        for (unsigned int kk = 0; kk < visible; kk++) {
+            float v[TILE_DIMS];
+#pragma unroll
+            for (int i = 0; i < TILE_DIMS; i++) {
+                const unsigned int dim = lane + 32u * i;
+                v[i] = dim < d ? vs[kk * (d + 1) + dim] : 0.0f;
+            }
+#pragma unroll
+            for (int w = 0; w < TILE_ROWS; w++) {
+                const float pk = __shfl_sync(0xffffffffu, p[w], kk);
+#pragma unroll
+                for (int i = 0; i < TILE_DIMS; i++) acc[w][i] = fmaf(pk, v[i], acc[w][i]);
+            }
         }
     }
 #pragma unroll
-    for (int w = 0; w < TILE_Q / 4; w++) {
-        const unsigned int row = warp + warps * w;
+    for (int w = 0; w < TILE_ROWS; w++) {
+        const unsigned int row = warp + 4 * w;
         if (row >= nr) break;
         const unsigned long long ob = ((unsigned long long)(r0 + row) * heads + h) * d;
 #pragma unroll
@@ -394,7 +410,7 @@ __device__ void attention_tiles(const T* q, const T* kp, const T* vp, T* out,
         }
     }
 }
-extern "C" __global__ void dsvl_attention_tiles_bf16(const unsigned short* q,
+extern "C" __global__ void __launch_bounds__(128) dsvl_attention_tiles_bf16(const unsigned short* q,
         const unsigned short* kp, const unsigned short* vp, unsigned short* out,
         const unsigned int* pos, const unsigned int* tiles, const unsigned int* table,
         unsigned int max_blocks, unsigned int block_size, unsigned int heads,
@@ -402,7 +418,7 @@ extern "C" __global__ void dsvl_attention_tiles_bf16(const unsigned short* q,
     attention_tiles(q, kp, vp, out, pos, tiles, table, max_blocks, block_size, heads, kv_heads,
                     d, scale);
 }
-extern "C" __global__ void dsvl_attention_tiles_f32(const float* q, const float* kp,
+extern "C" __global__ void __launch_bounds__(128) dsvl_attention_tiles_f32(const float* q, const float* kp,
         const float* vp, float* out, const unsigned int* pos, const unsigned int* tiles,
         const unsigned int* table, unsigned int max_blocks, unsigned int block_size,
         unsigned int heads, unsigned int kv_heads, unsigned int d, float scale) {
