@@ -6,8 +6,9 @@
 //! - `silu(gate) * up` from the fused gate/up projection's rows (was: two strided ops);
 //! - paged causal attention reading the pools in place through the block tables (was: the
 //!   portable path of `llm::gather_attention`, which gathers every sequence's history, pads it
-//!   into batches and runs about fifteen launches a layer): decode rows by a kernel whose warps
-//!   split the keys, prompt chunks by a tiled one that reads each key once per 16 query rows.
+//!   into batches and runs about fifteen launches a layer): decode rows by kernels whose warps
+//!   split the keys (16 warps for steps of few rows, 8 for many), prompt chunks by a tiled one
+//!   that reads each key once per 16 query rows.
 //!
 //! Why: a batch-1 VL-7B decode step on an H200 was about 1,000 launches, 12.35 ms against the
 //! 2.7 ms its weights take to stream (benches/README.md, "GPU"). The RoPE and SiLU kernels keep
@@ -33,9 +34,15 @@ const MAX_HEAD_DIM: usize = 256;
 /// Largest head dimension of the tiled (prompt) attention kernel (`32 * TILE_DIMS`); above it,
 /// every row takes the row kernel.
 const MAX_TILE_HEAD_DIM: usize = 128;
-/// Threads per block of the row kernel (`32 * ROW_WARPS`) and of the tiled one (4 warps).
-const ROW_THREADS: u32 = 512;
+/// Threads per block of the row kernels (16 warps wide, 8 narrow) and of the tiled one.
+const WIDE_ROW_THREADS: u32 = 512;
+const ROW_THREADS: u32 = 256;
 const TILE_THREADS: u32 = 128;
+/// Most (row, head) blocks a step gives the wide row kernel; above, the narrow one (whose
+/// smaller register footprint fits twice the blocks on an SM). On an H200 at VL-7B sizes the
+/// wide kernel took a batch-1 decode step from 6.19 to 5.47 ms, was even at batch 8 (256 blocks)
+/// and took batch 64 (2,048 blocks) from 12.5 to 17.7 ms (benches/README.md, "GPU").
+const WIDE_ROW_BLOCKS: usize = 512;
 /// Query rows per tile (`TILE_Q`, the tiles `StepMeta` builds) and keys per shared-memory tile
 /// (`TILE_K`) of the tiled kernel.
 const TILE_Q: usize = crate::llm::step::ATTENTION_TILE_ROWS;
@@ -354,6 +361,7 @@ pub(crate) fn paged_attention(
     // Prompt chunks share their keys through shared memory a tile of rows at a time; decode
     // rows (one per sequence) take the row kernel, whose warps split the keys instead.
     let tiled = dm.max_seqlen_q > 1 && d <= MAX_TILE_HEAD_DIM;
+    let wide = n * heads <= WIDE_ROW_BLOCKS;
     let dev = q.device.clone();
     let (Some((q0, q1)), Some((k0, k1)), Some((v0, v1))) =
         (ql.contiguous_offsets(), kl.contiguous_offsets(), vl.contiguous_offsets())
@@ -361,14 +369,19 @@ pub(crate) fn paged_attention(
         candle_core::bail!("paged attention: q and the pools must be contiguous")
     };
     macro_rules! run {
-        ($t:ty, $rows:expr, $tiles:expr, $q:expr, $k:expr, $v:expr, $wrap:path) => {{
+        ($t:ty, $wide:expr, $rows:expr, $tiles:expr, $q:expr, $k:expr, $v:expr, $wrap:path) => {{
             // SAFETY: every element of every row's heads is written (by block (r, h) of the row
             // kernel, or by the block of the tile holding r).
             let mut out = unsafe { dev.alloc::<$t>(n * heads * d) }?;
             if n > 0 {
                 let (qv, kv, vv) = ($q.slice(q0..q1), $k.slice(k0..k1), $v.slice(v0..v1));
                 let stream = dev.cuda_stream();
-                let func = super::func(&dev, if tiled { $tiles } else { $rows })?;
+                let name = match (tiled, wide) {
+                    (true, _) => $tiles,
+                    (false, true) => $wide,
+                    (false, false) => $rows,
+                };
+                let func = super::func(&dev, name)?;
                 let mut b = stream.launch_builder(&func);
                 b.arg(&qv);
                 b.arg(&kv);
@@ -397,7 +410,7 @@ pub(crate) fn paged_attention(
                 } else {
                     LaunchConfig {
                         grid_dim: (n as u32, heads32, 1),
-                        block_dim: (ROW_THREADS, 1, 1),
+                        block_dim: (if wide { WIDE_ROW_THREADS } else { ROW_THREADS }, 1, 1),
                         shared_mem_bytes: 0,
                     }
                 };
@@ -411,12 +424,14 @@ pub(crate) fn paged_attention(
     }
     match (&q.slice, &k.slice, &v.slice) {
         (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
+            let wide = "dsvl_attention_rows_wide_bf16";
             let (rows, tiles) = ("dsvl_attention_rows_bf16", "dsvl_attention_tiles_bf16");
-            run!(half::bf16, rows, tiles, q, k, v, CudaStorageSlice::BF16)
+            run!(half::bf16, wide, rows, tiles, q, k, v, CudaStorageSlice::BF16)
         }
         (CudaStorageSlice::F32(q), CudaStorageSlice::F32(k), CudaStorageSlice::F32(v)) => {
+            let wide = "dsvl_attention_rows_wide_f32";
             let (rows, tiles) = ("dsvl_attention_rows_f32", "dsvl_attention_tiles_f32");
-            run!(f32, rows, tiles, q, k, v, CudaStorageSlice::F32)
+            run!(f32, wide, rows, tiles, q, k, v, CudaStorageSlice::F32)
         }
         _ => candle_core::bail!("paged attention: q and the pools in one dtype, bf16 or f32"),
     }

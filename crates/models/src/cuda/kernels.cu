@@ -197,21 +197,25 @@ __device__ __forceinline__ unsigned long long kv_row(const unsigned int* bt, uns
     return (slot * kv_heads + kvh) * d;
 }
 
-// Decode steps (and heads over 128 values): one block of ROW_WARPS warps per (query row, head).
-// Warps take runs of ROW_UNROLL consecutive keys and load the run's keys and values together,
-// so a run costs one memory latency; lanes split the head dimension (d <= 32 * ROW_DIMS); the
-// warps' partial softmaxes merge at the end. Row r's sequence: the b with cu_q[b] <= r <
-// cu_q[b + 1].
-#define ROW_WARPS 16
+// Decode steps (and heads over 128 values): one block of WARPS warps per (query row, head).
+// Warps take runs of ROW_UNROLL consecutive keys; lanes split the head dimension (d <= 32 *
+// ROW_DIMS); the warps' partial softmaxes merge at the end. Row r's sequence: the b with
+// cu_q[b] <= r < cu_q[b + 1]. Two shapes, measured on an H200 at VL-7B sizes (benches/README.md):
+// - `wide` (16 warps, a run's keys and values loaded together: one memory latency a run) for
+//   steps of few rows, where a few dozen blocks must each finish fast (batch-1 decode: 48 ->
+//   25 us a layer);
+// - narrow (8 warps, values loaded after the scores: fewer registers) for many rows, where
+//   blocks queue for the SMs and the wide shape's registers halve how many fit (batch-64
+//   decode: 12.5 ms a step narrow, 17.7 ms wide).
 #define ROW_UNROLL 4
 #define ROW_DIMS 8
-template <typename T>
+template <typename T, int WARPS, bool WIDE>
 __device__ void attention_rows(const T* q, const T* kp, const T* vp, T* out,
         const unsigned int* pos, const unsigned int* cu_q, unsigned int seqs,
         const unsigned int* table, unsigned int max_blocks, unsigned int block_size,
         unsigned int heads, unsigned int kv_heads, unsigned int d, float scale) {
-    __shared__ float wm[ROW_WARPS], wl[ROW_WARPS];
-    __shared__ float wacc[ROW_WARPS][32 * ROW_DIMS];
+    __shared__ float wm[WARPS], wl[WARPS];
+    __shared__ float wacc[WARPS][32 * ROW_DIMS];
     const unsigned int r = blockIdx.x, h = blockIdx.y;
     const unsigned int lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
     unsigned int lo = 0, hi = seqs;  // cu_q has seqs + 1 entries
@@ -231,75 +235,111 @@ __device__ void attention_rows(const T* q, const T* kp, const T* vp, T* out,
         acc[i] = 0.0f;
     }
     float m = NEG_INF, l = 0.0f;
-    for (unsigned int j0 = warp * ROW_UNROLL; j0 < keys; j0 += ROW_WARPS * ROW_UNROLL) {
-        float kv[ROW_UNROLL][ROW_DIMS], vv[ROW_UNROLL][ROW_DIMS];
+    for (unsigned int j0 = warp * ROW_UNROLL; j0 < keys; j0 += WARPS * ROW_UNROLL) {
+        if (WIDE) {
+            float kv[ROW_UNROLL][ROW_DIMS], vv[ROW_UNROLL][ROW_DIMS];
 #pragma unroll
-        for (int u = 0; u < ROW_UNROLL; u++) {
-            const bool valid = j0 + u < keys;  // the same for every lane
-            const unsigned long long base =
-                valid ? kv_row(bt, j0 + u, block_size, kv_heads, kvh, d) : 0;
+            for (int u = 0; u < ROW_UNROLL; u++) {
+                const bool valid = j0 + u < keys;  // the same for every lane
+                const unsigned long long base =
+                    valid ? kv_row(bt, j0 + u, block_size, kv_heads, kvh, d) : 0;
 #pragma unroll
-            for (int i = 0; i < ROW_DIMS; i++) {
-                const unsigned int dim = lane + 32u * i;
-                const bool in = valid && dim < d;
-                kv[u][i] = in ? ld(kp, base + dim) : 0.0f;
-                vv[u][i] = in ? ld(vp, base + dim) : 0.0f;
+                for (int i = 0; i < ROW_DIMS; i++) {
+                    const unsigned int dim = lane + 32u * i;
+                    const bool in = valid && dim < d;
+                    kv[u][i] = in ? ld(kp, base + dim) : 0.0f;
+                    vv[u][i] = in ? ld(vp, base + dim) : 0.0f;
+                }
             }
+            float s[ROW_UNROLL], mx = m;
+#pragma unroll
+            for (int u = 0; u < ROW_UNROLL; u++) {
+                float a = 0.0f;
+#pragma unroll
+                for (int i = 0; i < ROW_DIMS; i++) a = fmaf(qv[i], kv[u][i], a);
+                s[u] = j0 + u < keys ? warp_sum(a) * scale : NEG_INF;
+                mx = fmaxf(mx, s[u]);
+            }
+            const float alpha = expf(m - mx);  // key j0 is valid: mx is finite
+            l *= alpha;
+#pragma unroll
+            for (int i = 0; i < ROW_DIMS; i++) acc[i] *= alpha;
+#pragma unroll
+            for (int u = 0; u < ROW_UNROLL; u++) {
+                const float p = j0 + u < keys ? expf(s[u] - mx) : 0.0f;
+                l += p;
+#pragma unroll
+                for (int i = 0; i < ROW_DIMS; i++) acc[i] = fmaf(p, vv[u][i], acc[i]);
+            }
+            m = mx;
+        } else {
+            unsigned long long base[ROW_UNROLL];
+            float s[ROW_UNROLL];
+#pragma unroll
+            for (int u = 0; u < ROW_UNROLL; u++) {
+                const bool valid = j0 + u < keys;  // the same for every lane
+                base[u] = valid ? kv_row(bt, j0 + u, block_size, kv_heads, kvh, d) : 0;
+                float a = 0.0f;
+#pragma unroll
+                for (int i = 0; i < ROW_DIMS; i++) {
+                    const unsigned int dim = lane + 32u * i;
+                    if (valid && dim < d) a = fmaf(qv[i], ld(kp, base[u] + dim), a);
+                }
+                s[u] = a;
+            }
+            float mx = m;
+#pragma unroll
+            for (int u = 0; u < ROW_UNROLL; u++) {
+                s[u] = j0 + u < keys ? warp_sum(s[u]) * scale : NEG_INF;
+                mx = fmaxf(mx, s[u]);
+            }
+            const float alpha = expf(m - mx);  // key j0 is valid: mx is finite
+            l *= alpha;
+#pragma unroll
+            for (int i = 0; i < ROW_DIMS; i++) acc[i] *= alpha;
+#pragma unroll
+            for (int u = 0; u < ROW_UNROLL; u++) {
+                if (j0 + u >= keys) break;
+                const float p = expf(s[u] - mx);
+                l += p;
+#pragma unroll
+                for (int i = 0; i < ROW_DIMS; i++) {
+                    const unsigned int dim = lane + 32u * i;
+                    if (dim < d) acc[i] = fmaf(p, ld(vp, base[u] + dim), acc[i]);
+                }
+            }
+            m = mx;
         }
-        float s[ROW_UNROLL], mx = m;
-#pragma unroll
-        for (int u = 0; u < ROW_UNROLL; u++) {
-            float a = 0.0f;
-#pragma unroll
-            for (int i = 0; i < ROW_DIMS; i++) a = fmaf(qv[i], kv[u][i], a);
-            s[u] = j0 + u < keys ? warp_sum(a) * scale : NEG_INF;
-            mx = fmaxf(mx, s[u]);
-        }
-        const float alpha = expf(m - mx);  // key j0 is valid: mx is finite
-        l *= alpha;
-#pragma unroll
-        for (int i = 0; i < ROW_DIMS; i++) acc[i] *= alpha;
-#pragma unroll
-        for (int u = 0; u < ROW_UNROLL; u++) {
-            const float p = j0 + u < keys ? expf(s[u] - mx) : 0.0f;
-            l += p;
-#pragma unroll
-            for (int i = 0; i < ROW_DIMS; i++) acc[i] = fmaf(p, vv[u][i], acc[i]);
-        }
-        m = mx;
     }
     if (lane == 0) { wm[warp] = m; wl[warp] = l; }
 #pragma unroll
     for (int i = 0; i < ROW_DIMS; i++) wacc[warp][lane + 32u * i] = acc[i];
     __syncthreads();
     float bm = wm[0];
-    for (int w = 1; w < ROW_WARPS; w++) bm = fmaxf(bm, wm[w]);
+    for (int w = 1; w < WARPS; w++) bm = fmaxf(bm, wm[w]);
     float bl = 0.0f;
-    for (int w = 0; w < ROW_WARPS; w++) bl += wm[w] == NEG_INF ? 0.0f : wl[w] * expf(wm[w] - bm);
+    for (int w = 0; w < WARPS; w++) bl += wm[w] == NEG_INF ? 0.0f : wl[w] * expf(wm[w] - bm);
     for (unsigned int dim = threadIdx.x; dim < d; dim += blockDim.x) {
         float v = 0.0f;
-        for (int w = 0; w < ROW_WARPS; w++) {
+        for (int w = 0; w < WARPS; w++) {
             if (wm[w] != NEG_INF) v = fmaf(wacc[w][dim], expf(wm[w] - bm), v);
         }
         st(out, qbase + dim, v / bl);
     }
 }
-extern "C" __global__ void __launch_bounds__(ROW_WARPS * 32) dsvl_attention_rows_bf16(const unsigned short* q,
-        const unsigned short* kp, const unsigned short* vp, unsigned short* out,
-        const unsigned int* pos, const unsigned int* cu_q, unsigned int seqs,
-        const unsigned int* table, unsigned int max_blocks, unsigned int block_size,
-        unsigned int heads, unsigned int kv_heads, unsigned int d, float scale) {
-    attention_rows(q, kp, vp, out, pos, cu_q, seqs, table, max_blocks, block_size, heads,
-                   kv_heads, d, scale);
-}
-extern "C" __global__ void __launch_bounds__(ROW_WARPS * 32) dsvl_attention_rows_f32(const float* q, const float* kp,
-        const float* vp, float* out, const unsigned int* pos, const unsigned int* cu_q,
-        unsigned int seqs, const unsigned int* table, unsigned int max_blocks,
-        unsigned int block_size, unsigned int heads, unsigned int kv_heads, unsigned int d,
-        float scale) {
-    attention_rows(q, kp, vp, out, pos, cu_q, seqs, table, max_blocks, block_size, heads,
-                   kv_heads, d, scale);
-}
+#define ROW_KERNEL(NAME, T, WARPS, WIDE)                                                        \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) NAME(const T* q, const T* kp,      \
+            const T* vp, T* out, const unsigned int* pos, const unsigned int* cu_q,            \
+            unsigned int seqs, const unsigned int* table, unsigned int max_blocks,             \
+            unsigned int block_size, unsigned int heads, unsigned int kv_heads, unsigned int d, \
+            float scale) {                                                                      \
+        attention_rows<T, WARPS, WIDE>(q, kp, vp, out, pos, cu_q, seqs, table, max_blocks,     \
+                                       block_size, heads, kv_heads, d, scale);                 \
+    }
+ROW_KERNEL(dsvl_attention_rows_wide_bf16, unsigned short, 16, true)
+ROW_KERNEL(dsvl_attention_rows_wide_f32, float, 16, true)
+ROW_KERNEL(dsvl_attention_rows_bf16, unsigned short, 8, false)
+ROW_KERNEL(dsvl_attention_rows_f32, float, 8, false)
 
 // Steps with prompt chunks (d <= 32 * TILE_DIMS): one block of 4 warps per (tile, head), a tile
 // being up to TILE_Q consecutive query rows of one sequence (tiles[3t..3t+3]: sequence, first
