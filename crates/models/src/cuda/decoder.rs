@@ -48,12 +48,14 @@ const WIDE_ROW_BLOCKS: usize = 512;
 const TILE_Q: usize = crate::llm::step::ATTENTION_TILE_ROWS;
 const TILE_K: usize = 32;
 
-/// Whether the fused kernels serve tensors of `dtype` with heads of `head_dim` values.
+/// Whether the fused kernels are on and take tensors of `dtype`.
+pub(crate) fn supports_dtype(dtype: DType) -> bool {
+    crate::fused_cuda_kernels() && matches!(dtype, DType::BF16 | DType::F32)
+}
+
+/// Whether the attention kernels (and RoPE) serve `dtype` with heads of `head_dim` values.
 pub(crate) fn supports(dtype: DType, head_dim: usize) -> bool {
-    crate::fused_cuda_kernels()
-        && matches!(dtype, DType::BF16 | DType::F32)
-        && head_dim % 2 == 0
-        && (1..=MAX_HEAD_DIM).contains(&head_dim)
+    supports_dtype(dtype) && head_dim % 2 == 0 && (1..=MAX_HEAD_DIM).contains(&head_dim)
 }
 
 /// A contiguous tensor's storage as a typed device view (`what` names it in errors).

@@ -142,7 +142,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let gate_up = self.gate_up.joint(x)?;
         #[cfg(feature = "cuda")]
-        if gate_up.device().is_cuda() && crate::cuda::decoder::supports(gate_up.dtype(), 2) {
+        if gate_up.device().is_cuda() && crate::cuda::decoder::supports_dtype(gate_up.dtype()) {
             return self.down.forward(&crate::cuda::decoder::silu_mul(&gate_up)?);
         }
         let [gate, up] = self.gate_up.split(&gate_up)?;
