@@ -157,3 +157,43 @@ fn a_real_16k_png_is_refused_by_the_pixel_budget() {
     let err = decode_rgb(&png, &limits).unwrap_err();
     assert!(matches!(err, ImageError::AllocationLimit | ImageError::Corrupt { .. }), "{err}");
 }
+
+/// libjpeg's fatal errors (bad markers, impossible tables, scans that do not fit the frame) come
+/// back as errors, never a crash or a panic out of the decoder: rocket.jpg with bytes
+/// overwritten at 400 spread positions (headers, tables, scan data) and with its scan data cut
+/// short before the end-of-image marker. Some variants still decode (libjpeg decodes past
+/// damaged entropy data, as Pillow does); those must come out at the header's size.
+#[test]
+fn corrupt_jpegs_are_errors_or_images_never_crashes() -> Result<()> {
+    let full = std::fs::read(golden_dir().join("rocket.jpg"))?;
+    let limits = ImageLimits::default();
+    let (mut errors, mut decoded, mut libjpeg_fatal) = (0, 0, 0);
+    for i in 0..400usize {
+        let mut bytes = full.clone();
+        let n = bytes.len() - 2;
+        let at = (i * 7919) % n + 2; // keep the SOI marker
+        bytes[at] = bytes[at].wrapping_add(97 + i as u8);
+        bytes[(at * 31) % n + 2] ^= 0xFF;
+        match decode_rgb(&bytes, &limits) {
+            Ok(img) => {
+                assert_eq!(img.data.len(), img.width * img.height * 3);
+                decoded += 1;
+            }
+            Err(e) => {
+                errors += 1;
+                libjpeg_fatal += usize::from(e.to_string().contains("libjpeg fatal error"));
+                println!("variant {i}: {e}");
+            }
+        }
+    }
+    // Scan data cut in the middle but with the end-of-image marker kept: libjpeg pads the
+    // missing data (a warning), as Pillow does for a stream that still ends properly.
+    let sos = full.windows(2).position(|w| w == [0xFF, 0xDA]).expect("a scan");
+    let mut cut = full[..sos + (full.len() - sos) / 2].to_vec();
+    cut.extend_from_slice(&[0xFF, 0xD9]);
+    let img = decode_rgb(&cut, &limits)?;
+    assert_eq!(img.data.len(), img.width * img.height * 3);
+    println!("{decoded} damaged variants decoded, {errors} refused ({libjpeg_fatal} by libjpeg)");
+    assert!(libjpeg_fatal > 0, "no damaged variant reached a libjpeg fatal error");
+    Ok(())
+}

@@ -7,8 +7,15 @@
 //! grayscale (Pillow mode `I;16`) is clipped to 255. EXIF orientation is not applied, as
 //! `Image.open` does not apply it either.
 //!
+//! JPEG goes through libjpeg-turbo's decoder (the `mozjpeg` crate: MozJPEG is a fork of
+//! libjpeg-turbo with the same decoder) with libjpeg's defaults, the accurate integer IDCT and
+//! fancy upsampling: what Pillow's bundled libjpeg-turbo does, so JPEG pixels are the reference's
+//! bit for bit (the `image` crate's pure-Rust decoder differed by up to 2 levels). CMYK and YCCK
+//! JPEGs, which libjpeg does not convert to RGB, take the `image` crate's path; PNG and WebP too.
+//!
 //! Safety: the header is read first and its dimensions checked against [`ImageLimits`] before
-//! any pixel buffer exists; the decoder then runs under `image::Limits` as a second fence.
+//! any pixel buffer exists; the `image` decoders then run under `image::Limits` as a second
+//! fence, and libjpeg's buffers follow from the checked dimensions.
 
 use std::io::Cursor;
 
@@ -77,6 +84,9 @@ pub fn decode_rgb(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, ImageE
     }
     if format == ImageFormat::Jpeg {
         check_jpeg_complete(bytes)?;
+        if let Some(img) = decode_jpeg_like_libjpeg(bytes, (width, height))? {
+            return Ok(img);
+        }
     }
 
     let mut decoder_limits = image::Limits::default();
@@ -102,6 +112,58 @@ fn check_jpeg_complete(bytes: &[u8]) -> Result<(), ImageError> {
             format: "Jpeg".into(),
             reason: "truncated: no end-of-image marker after the scan data".into(),
         }),
+    }
+}
+
+/// A JPEG in YCbCr, RGB or grayscale decoded to RGB by libjpeg-turbo's decoder with its
+/// defaults (Pillow's: `JDCT_ISLOW`, fancy upsampling, grayscale replicated); `None` for colour
+/// spaces libjpeg does not convert to RGB (CMYK, YCCK). `header` is the size the header check
+/// read; libjpeg must agree with it.
+///
+/// libjpeg reports fatal errors by unwinding out of its error handler (the crate's `unwinding`
+/// build); they are caught here and become [`ImageError::Corrupt`]. Its warnings (corrupt data
+/// it can decode past) are silent, as in Pillow.
+fn decode_jpeg_like_libjpeg(
+    bytes: &[u8],
+    header: (u32, u32),
+) -> Result<Option<RgbImage>, ImageError> {
+    use mozjpeg::ColorSpace;
+    let decode = || -> std::io::Result<Option<RgbImage>> {
+        let jpeg = mozjpeg::Decompress::new_mem(bytes)?;
+        if !matches!(
+            jpeg.color_space(),
+            ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB | ColorSpace::JCS_GRAYSCALE
+        ) {
+            return Ok(None);
+        }
+        let mut started = jpeg.rgb()?;
+        let (width, height) = (started.width(), started.height());
+        let data = started.read_scanlines::<u8>()?;
+        started.finish()?;
+        Ok(Some(RgbImage { width, height, data }))
+    };
+    let corrupt = |reason: String| ImageError::Corrupt { format: "Jpeg".into(), reason };
+    let img = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)) {
+        Ok(Ok(img)) => img,
+        Ok(Err(e)) => return Err(corrupt(e.to_string())),
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "libjpeg failed".into());
+            return Err(corrupt(msg));
+        }
+    };
+    match img {
+        Some(img) if (img.width as u32, img.height as u32) != header => Err(corrupt(format!(
+            "libjpeg decoded {}x{}, the header says {}x{}",
+            img.width, img.height, header.0, header.1
+        ))),
+        Some(img) if img.data.len() != img.width * img.height * 3 => {
+            Err(corrupt("truncated: libjpeg returned fewer rows than the header".into()))
+        }
+        other => Ok(other),
     }
 }
 
