@@ -40,8 +40,9 @@ const ROW_THREADS: u32 = 256;
 const TILE_THREADS: u32 = 128;
 /// Most (row, head) blocks a step gives the wide row kernel; above, the narrow one (whose
 /// smaller register footprint fits twice the blocks on an SM). On an H200 at VL-7B sizes the
-/// wide kernel took a batch-1 decode step from 6.19 to 5.47 ms, was even at batch 8 (256 blocks)
-/// and took batch 64 (2,048 blocks) from 12.5 to 17.7 ms (benches/README.md, "GPU").
+/// wide kernel halved batch-1 decode attention (48 to 25 µs a layer, Nsight Compute), was even
+/// at batch 8 (256 blocks) and made a batch-64 step (2,048 blocks) 17.7 ms against 12.5 ms
+/// (benches/README.md, "GPU").
 const WIDE_ROW_BLOCKS: usize = 512;
 /// Query rows per tile (`TILE_Q`, the tiles `StepMeta` builds) and keys per shared-memory tile
 /// (`TILE_K`) of the tiled kernel.

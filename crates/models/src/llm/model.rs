@@ -375,7 +375,8 @@ impl DeepSeekLlm {
 
     /// One layer's attention inputs from its normalised rows `h`: `q` rotated (`[N, heads,
     /// head_dim]`, returned), `k` rotated and `v` written into the layer's pool. On CUDA (bf16,
-    /// f32) two kernels of ours straight from the fused projection's rows; elsewhere op by op.
+    /// f32) three launches of one kernel of ours straight from the fused projection's rows;
+    /// elsewhere op by op.
     fn rope_and_store(
         &self,
         attn: &Attention,
