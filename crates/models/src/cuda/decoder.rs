@@ -20,11 +20,11 @@
 //! chains, to compare the two on one GPU.
 
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, DType, InplaceOp2, Layout, Result, Shape, Storage, Tensor,
+    CpuStorage, CudaStorage, CustomOp1, DType, InplaceOp2, Layout, Result, Shape, Tensor,
 };
 
 use crate::llm::cpu_attention::PagedAttention;
@@ -57,15 +57,6 @@ pub(crate) fn supports_dtype(dtype: DType) -> bool {
 /// Whether the attention kernels (and RoPE) serve `dtype` with heads of `head_dim` values.
 pub(crate) fn supports(dtype: DType, head_dim: usize) -> bool {
     supports_dtype(dtype) && head_dim % 2 == 0 && (1..=MAX_HEAD_DIM).contains(&head_dim)
-}
-
-/// A contiguous tensor's storage as a typed device view (`what` names it in errors).
-fn view<'a, T: CudaDType>(s: &'a Storage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-    let Storage::Cuda(c) = s else { candle_core::bail!("{what} is not on the GPU") };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what} must be contiguous")
-    };
-    Ok(c.as_cuda_slice::<T>()?.slice(a..b))
 }
 
 /// One RoPE launch: `heads` heads of `head_dim` values from column `col0` of the projection's
@@ -102,20 +93,21 @@ impl RopeRows<'_> {
             candle_core::bail!("rope: {row} columns from {} of {:?}", self.col0, sl.dims())
         }
         let (pg, pl) = self.positions.storage_and_layout();
-        let pos = view::<u32>(&pg, pl, "the positions")?;
+        let pos = super::view::<u32>(&pg, pl, "the positions")?;
         let (cg, cl) = self.cos.storage_and_layout();
         let (ng, nl) = self.sin.storage_and_layout();
-        let (cos, sin) = (view::<T>(&cg, cl, "the cos table")?, view::<T>(&ng, nl, "sin table")?);
+        let (cos, sin) =
+            (super::view::<T>(&cg, cl, "the cos table")?, super::view::<T>(&ng, nl, "sin table")?);
         let slot_guard = self.slots.map(|s| s.storage_and_layout());
         let slots = match &slot_guard {
             Some((g, l)) => {
-                let v = view::<u32>(g, l, "the KV slots")?;
+                let v = super::view::<u32>(g, l, "the KV slots")?;
                 if v.len() != n {
                     candle_core::bail!("rope: {} slots for {n} rows", v.len())
                 }
                 v
             }
-            None => view::<u32>(&pg, pl, "the positions")?, // not read: use_slots is 0
+            None => super::view::<u32>(&pg, pl, "the positions")?, // not read: use_slots is 0
         };
         if pos.len() != n || (self.slots.is_none() && dst_rows != n) {
             candle_core::bail!("rope: {} positions, {dst_rows} rows out, for {n} rows", pos.len())
@@ -350,20 +342,24 @@ pub(crate) fn paged_attention(
     }
     let dm = op.meta.on_device()?;
     let (pg, pl) = op.meta.positions.storage_and_layout();
-    let pos = view::<u32>(&pg, pl, "the positions")?;
+    let pos = super::view::<u32>(&pg, pl, "the positions")?;
     let (cg, cl) = dm.cu_seqlens_q.storage_and_layout();
-    let cu_q = view::<u32>(&cg, cl, "the cumulative query lengths")?;
+    let cu_q = super::view::<u32>(&cg, cl, "the cumulative query lengths")?;
     let (tg, tl) = dm.block_table.storage_and_layout();
-    let table = view::<u32>(&tg, tl, "the block tables")?;
-    let (tg2, tl2) = dm.tiles.storage_and_layout();
-    let tiles = view::<u32>(&tg2, tl2, "the query tiles")?;
+    let table = super::view::<u32>(&tg, tl, "the block tables")?;
+    // Prompt chunks share their keys through shared memory a tile of rows at a time; decode
+    // rows (one per sequence: no tiles) take the row kernel, whose warps split the keys instead.
+    let tile_guard =
+        dm.tiles.as_ref().filter(|_| d <= MAX_TILE_HEAD_DIM).map(|t| t.storage_and_layout());
+    let tiles = match &tile_guard {
+        Some((g, l)) => Some(super::view::<u32>(g, l, "the query tiles")?),
+        None => None,
+    };
     let seqs = op.meta.seqs.len() as u32;
     let max_blocks = dm.block_table.dim(1)? as u32;
     let block_size = op.meta.block_size as u32;
     let (heads32, kv32, d32, scale) = (heads as u32, op.kv_heads as u32, d as u32, op.scale);
-    // Prompt chunks share their keys through shared memory a tile of rows at a time; decode
-    // rows (one per sequence) take the row kernel, whose warps split the keys instead.
-    let tiled = dm.max_seqlen_q > 1 && d <= MAX_TILE_HEAD_DIM;
+    let tiled = tiles.is_some();
     let wide = n * heads <= WIDE_ROW_BLOCKS;
     let dev = q.device.clone();
     let (Some((q0, q1)), Some((k0, k1)), Some((v0, v1))) =
@@ -391,8 +387,8 @@ pub(crate) fn paged_attention(
                 b.arg(&vv);
                 b.arg(&mut out);
                 b.arg(&pos);
-                if tiled {
-                    b.arg(&tiles);
+                if let Some(tiles) = &tiles {
+                    b.arg(tiles);
                 } else {
                     b.arg(&cu_q);
                     b.arg(&seqs);
@@ -404,7 +400,7 @@ pub(crate) fn paged_attention(
                 b.arg(&kv32);
                 b.arg(&d32);
                 b.arg(&scale);
-                let cfg = if tiled {
+                let cfg = if let Some(tiles) = &tiles {
                     LaunchConfig {
                         grid_dim: ((tiles.len() / 3) as u32, heads32, 1),
                         block_dim: (TILE_THREADS, 1, 1),

@@ -10,7 +10,7 @@
 
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-use candle_core::{CudaStorage, Layout, Result, Storage, Tensor};
+use candle_core::{CudaStorage, Layout, Result, Tensor};
 
 /// Writes `rows` (`[N, width]`, contiguous) into `pool` (`[slots, width]`, contiguous) at the
 /// row indices `slots` (`[N]` u32 on the same device).
@@ -38,15 +38,7 @@ pub(crate) fn write_rows(
         candle_core::bail!("paged-kv-write: {total} values for {n} slots of a {:?} pool", pl.dims())
     }
     let (slot_storage, sl) = slots.storage_and_layout();
-    let Storage::Cuda(slot_storage) = &*slot_storage else {
-        candle_core::bail!("paged-kv-write: the slots are not on the GPU")
-    };
-    let (Some((s0, s1)), CudaStorageSlice::U32(slot_slice)) =
-        (sl.contiguous_offsets(), &slot_storage.slice)
-    else {
-        candle_core::bail!("paged-kv-write: the slots must be contiguous u32")
-    };
-    let slot_view = slot_slice.slice(s0..s1);
+    let slot_view = super::view::<u32>(&slot_storage, sl, "paged-kv-write: the slots")?;
     let dev = pool.device.clone();
     let cfg = LaunchConfig::for_num_elems(total as u32);
     let (width, total) = (width as u32, total as u32);

@@ -6,10 +6,10 @@
 
 use std::sync::OnceLock;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig};
 use candle_core::cuda_backend::cudarc::nvrtc::compile_ptx;
-use candle_core::cuda_backend::CudaDevice;
-use candle_core::Result;
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::{Layout, Result, Storage};
 
 pub(crate) mod decoder;
 pub(crate) mod kv_write;
@@ -32,6 +32,20 @@ pub(crate) fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
             candle_core::Error::Msg(format!("NVRTC could not compile our kernels: {e}"))
         })?;
     Ok(dev.get_or_load_custom_func(name, MODULE, ptx)?.into_cuda_function())
+}
+
+/// A contiguous tensor's storage as a typed device view, for a kernel argument (`what` names it
+/// in errors): the step metadata and tables the kernels read beside their main operands.
+pub(crate) fn view<'a, T: CudaDType>(
+    s: &'a Storage,
+    l: &Layout,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    let Storage::Cuda(c) = s else { candle_core::bail!("{what} is not on the GPU") };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{what} must be contiguous")
+    };
+    Ok(c.as_cuda_slice::<T>()?.slice(a..b))
 }
 
 /// One block of 256 threads (8 warps; `block_reduce` wants a multiple of 32) per row, for the

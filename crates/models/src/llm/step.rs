@@ -63,8 +63,10 @@ pub struct DeviceMeta {
     /// `[B, max_blocks]` u32 block tables, padded with block 0 (never read past `ctx_len`).
     pub block_table: Tensor,
     /// `[T * 3]` u32: the step's rows cut into tiles of at most [`ATTENTION_TILE_ROWS`]
-    /// consecutive rows of one sequence, each as (sequence, first row, rows).
-    pub tiles: Tensor,
+    /// consecutive rows of one sequence, each as (sequence, first row, rows). `None` for a
+    /// decode-only step (one new token per sequence), which the tiled kernel never serves: no
+    /// upload on the decode path.
+    pub tiles: Option<Tensor>,
     /// Longest new-token run.
     pub max_seqlen_q: usize,
     /// Longest context.
@@ -170,20 +172,26 @@ impl DeviceMeta {
                 }))
                 .collect::<Vec<u32>>()
         };
-        let mut tiles = Vec::new();
-        for (i, s) in seqs.iter().enumerate() {
-            for first in (s.q_start..s.q_start + s.q_len).step_by(ATTENTION_TILE_ROWS) {
-                let rows = ATTENTION_TILE_ROWS.min(s.q_start + s.q_len - first);
-                tiles.extend([i as u32, first as u32, rows as u32]);
+        let max_seqlen_q = seqs.iter().map(|s| s.q_len).max().unwrap_or(0);
+        let tiles = if max_seqlen_q > 1 {
+            let mut tiles = Vec::new();
+            for (i, s) in seqs.iter().enumerate() {
+                for first in (s.q_start..s.q_start + s.q_len).step_by(ATTENTION_TILE_ROWS) {
+                    let rows = ATTENTION_TILE_ROWS.min(s.q_start + s.q_len - first);
+                    tiles.extend([i as u32, first as u32, rows as u32]);
+                }
             }
-        }
+            Some(Tensor::new(tiles, device)?)
+        } else {
+            None
+        };
         Ok(Self {
-            tiles: Tensor::new(tiles, device)?,
+            tiles,
             slots: Tensor::new(slots, device)?,
             cu_seqlens_q: Tensor::new(cumulative(|s| s.q_len), device)?,
             cu_seqlens_k: Tensor::new(cumulative(|s| s.ctx_len), device)?,
             block_table: Tensor::from_vec(table, (seqs.len(), max_blocks), device)?,
-            max_seqlen_q: seqs.iter().map(|s| s.q_len).max().unwrap_or(0),
+            max_seqlen_q,
             max_seqlen_k: seqs.iter().map(|s| s.ctx_len).max().unwrap_or(0),
         })
     }
@@ -218,8 +226,12 @@ mod tests {
             SeqSlice { q_start: 36, q_len: 16, ctx_len: 20, blocks: vec![2] },
         ];
         let m = DeviceMeta::new(&seqs, &[0; 52], &Device::Cpu)?;
-        let tiles = m.tiles.to_vec1::<u32>()?;
+        let tiles =
+            m.tiles.as_ref().expect("a step with prompt rows has tiles").to_vec1::<u32>()?;
         assert_eq!(tiles, [0, 0, 1, 1, 1, 16, 1, 17, 16, 1, 33, 3, 2, 36, 16]);
+        // A decode-only step uploads none.
+        let decode = [seqs[0].clone(), SeqSlice { q_start: 1, q_len: 1, ..seqs[2].clone() }];
+        assert!(DeviceMeta::new(&decode, &[0; 2], &Device::Cpu)?.tiles.is_none());
         Ok(())
     }
 
