@@ -4,11 +4,12 @@
 //!
 //! `DSVL_CPU_ISA=scalar|avx2|avx512` lowers the choice (never above what the processor has):
 //! for comparing paths on one machine, and as a way out should a path misbehave on some CPU.
-//! The linears' packed GEMM (`kernels::PackedWeight`) follows the same choice (its AMX bf16
-//! path, on AVX-512 processors that have AMX, can be turned off alone with `DSVL_CPU_AMX=off`);
-//! the remaining matrix multiplies (attention's, convolutions, through candle and the `gemm`
-//! crate) dispatch on their own, to AVX-512 where present (its `x86-v4` feature is on), else
-//! AVX2 + FMA.
+//! The linears' packed GEMM (`kernels::PackedWeight`) and the vision towers' fused attention
+//! follow the same choice (the AMX bf16 path, on AVX-512 processors that have AMX, can be
+//! turned off alone with `DSVL_CPU_AMX=off`); the remaining matrix multiplies (SAM's patch
+//! convolution and relative-position products, the neck's convolutions, through candle and the
+//! `gemm` crate) dispatch on their own, to AVX-512 where present (its `x86-v4` feature is on),
+//! else AVX2 + FMA.
 
 use std::sync::OnceLock;
 

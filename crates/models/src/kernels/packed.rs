@@ -47,6 +47,17 @@ impl PackPath {
         }
     }
 
+    /// Output columns per panel: [`PackedWeight::matmul_into`] writes whole panels.
+    pub fn panel_width(self) -> usize {
+        self.nr()
+    }
+
+    /// Rows an f32 micro-kernel takes at once: products of a multiple of it leave no partial
+    /// block (a 4-row block runs its FMAs at a third of a 12-row one's rate).
+    pub fn row_block(self) -> usize {
+        self.kernel(1).tile().1
+    }
+
     /// Output columns per panel (every kernel of a path shares them).
     fn nr(self) -> usize {
         self.kernel(1).tile().0
@@ -179,13 +190,20 @@ impl PackedWeight {
     /// Packs an f32 `[n, k]` weight (row-major) for the f32 kernels of `isa`.
     pub fn pack_f32(w: &[f32], n: usize, k: usize, isa: Isa) -> Self {
         let path = PackPath::F32(isa);
-        Self { n, k, path, data: Data::F32(pack(w, n, k, path)) }
+        Self { n, k, path, data: Data::F32(pack(w, n, k, path, true)) }
+    }
+
+    /// [`Self::pack_f32`] on the calling thread: for an operand packed inside a task of a
+    /// parallel loop (attention's keys, a head a task).
+    pub fn pack_f32_on_this_thread(w: &[f32], n: usize, k: usize, isa: Isa) -> Self {
+        let path = PackPath::F32(isa);
+        Self { n, k, path, data: Data::F32(pack(w, n, k, path, false)) }
     }
 
     /// Packs a bf16 `[n, k]` weight (row-major) for `path`; it stays bf16.
     pub fn pack_bf16(w: &[bf16], n: usize, k: usize, path: Bf16Path) -> Self {
         let path = PackPath::Bf16(path);
-        Self { n, k, path, data: Data::Bf16(pack(w, n, k, path)) }
+        Self { n, k, path, data: Data::Bf16(pack(w, n, k, path, true)) }
     }
 
     /// `(n, k)`: output and input features.
@@ -196,6 +214,47 @@ impl PackedWeight {
     /// The path it was packed for.
     pub fn path(&self) -> PackPath {
         self.path
+    }
+
+    /// Packs `W = vᵀ` for the f32 kernels of `isa`, `v` being `[k, n]` row-major: attention's
+    /// `P V` with `V` `[keys, head_dim]`. A panel's step `t` is `nr` columns of `v`'s row `t`,
+    /// so packing copies contiguous runs (no transpose).
+    pub fn pack_f32_transposed(v: &[f32], k: usize, n: usize, isa: Isa) -> Self {
+        assert_eq!(v.len(), k * n, "v is not [k, n]");
+        let path = PackPath::F32(isa);
+        let nr = path.nr();
+        let mut out = vec![0f32; n.div_ceil(nr) * k * nr];
+        for (p, panel) in out.chunks_exact_mut(k * nr).enumerate() {
+            let cols = p * nr..n.min((p + 1) * nr);
+            for (t, step) in panel.chunks_exact_mut(nr).enumerate() {
+                step[..cols.len()].copy_from_slice(&v[t * n..][cols.clone()]);
+            }
+        }
+        Self { n, k, path, data: Data::F32(out) }
+    }
+
+    /// Columns [`Self::matmul_into`] writes: `n` rounded up to whole panels.
+    pub fn padded_n(&self) -> usize {
+        self.n.div_ceil(self.path.nr()) * self.path.nr()
+    }
+
+    /// `[m, k] x Wᵀ` on the calling thread, for products inside the tasks of a parallel loop
+    /// (attention, a head a task). `x`'s rows are `ldx` apart; `out` gets `m` rows `ldc` apart,
+    /// each [`Self::padded_n`] wide (the padding columns zero). f32 weights only.
+    pub fn matmul_into(&self, x: &[f32], ldx: usize, m: usize, out: &mut [f32], ldc: usize) {
+        assert!(matches!(self.path, PackPath::F32(_)), "matmul_into takes f32 weights");
+        assert!(ldx >= self.k && ldc >= self.padded_n(), "row strides too small");
+        assert!(m == 0 || x.len() >= (m - 1) * ldx + self.k, "x is not [m, k]");
+        assert!(m == 0 || out.len() >= (m - 1) * ldc + self.padded_n(), "out is not [m, n]");
+        if m == 0 || self.n == 0 {
+            return;
+        }
+        let kernel = self.path.kernel(m);
+        let (nr, mr) = kernel.tile();
+        let blocks: Vec<(usize, usize)> = (0..m).step_by(mr).map(|r| (r, mr.min(m - r))).collect();
+        let rows = PackedRows::Strided(x, ldx);
+        let gemm = Gemm { w: self, rows: &rows, blocks: &blocks, kernel, nr, kk: self.k };
+        gemm.chunk_by_panels(0..blocks.len(), 0..self.n.div_ceil(nr), out, ldc);
     }
 
     /// `[m, k] x Wᵀ -> [m, n]`, f32 out.
@@ -285,7 +344,7 @@ fn unpad(mut y: Vec<f32>, m: usize, ldp: usize, n: usize) -> Vec<f32> {
 /// One product's operands, for the loops over its tiles.
 struct Gemm<'a> {
     w: &'a PackedWeight,
-    rows: &'a PackedRows,
+    rows: &'a PackedRows<'a>,
     blocks: &'a [(usize, usize)],
     kernel: Kernel,
     nr: usize,
@@ -311,6 +370,10 @@ impl Gemm<'_> {
             (Data::F32(w), RowBlock::F32(a)) => {
                 f32_tile(isa, rows, kc, &a[steps], &w[b..][..kc * nr], c, ldc, acc)
             }
+            (Data::F32(w), RowBlock::Strided(x, ld)) => {
+                let a = &x[self.blocks[bi].0 * ld + kb..];
+                f32_tile_strided(isa, rows, kc, (a, ld), &w[b..][..kc * nr], c, ldc, acc)
+            }
             (Data::Bf16(w), RowBlock::F32(a)) => {
                 f32_tile(isa, rows, kc, &a[steps], &w[b..][..kc * nr], c, ldc, acc)
             }
@@ -324,26 +387,41 @@ impl Gemm<'_> {
             (Data::F32(_), RowBlock::Pairs(_) | RowBlock::Tiles(_)) => {
                 unreachable!("f32 weights are never packed in pairs")
             }
+            (Data::Bf16(_), RowBlock::Strided(..)) => {
+                unreachable!("rows are read in place for f32 weights only")
+            }
         }
     }
 }
 
 /// `w` (`[n, k]`) as panels of `nr` columns, `[k][nr]` each, or `[k/2][nr][2]` for pairs;
-/// columns past `n` and the odd `k`'s partner are zero.
-fn pack<W: Copy + Default + Send + Sync>(w: &[W], n: usize, k: usize, path: PackPath) -> Vec<W> {
+/// columns past `n` and the odd `k`'s partner are zero. Panels in parallel, or on the calling
+/// thread.
+fn pack<W: Copy + Default + Send + Sync>(
+    w: &[W],
+    n: usize,
+    k: usize,
+    path: PackPath,
+    parallel: bool,
+) -> Vec<W> {
     assert_eq!(w.len(), n * k, "weight is not [n, k]");
     let nr = path.nr();
     let step = if path.pairs() { 2 } else { 1 };
     let kk = k.div_ceil(path.k_multiple()) * path.k_multiple();
     let mut out = vec![W::default(); n.div_ceil(nr) * kk * nr];
-    out.par_chunks_mut(kk * nr).enumerate().for_each(|(p, panel)| {
+    let fill = |(p, panel): (usize, &mut [W])| {
         let rows: Vec<&[W]> = (p * nr..n.min((p + 1) * nr)).map(|j| &w[j * k..][..k]).collect();
         if step == 2 {
             gather::<2, W>(panel, &rows, nr);
         } else {
             gather::<1, W>(panel, &rows, nr);
         }
-    });
+    };
+    if parallel {
+        out.par_chunks_mut(kk * nr).enumerate().for_each(fill);
+    } else {
+        out.chunks_mut(kk * nr).enumerate().for_each(fill);
+    }
     out
 }
 
@@ -375,8 +453,11 @@ enum Layout {
 }
 
 /// The rows of `x`, block by block, in the order the kernels read them.
-enum PackedRows {
+enum PackedRows<'a> {
     F32(Vec<Vec<f32>>),
+    /// f32 rows read in place, `.1` apart (the FMA tiles only): for products whose rows would
+    /// cost as much to lay out as to multiply, like attention's `p v` (`k` = keys, a few panels).
+    Strided(&'a [f32], usize),
     /// bf16 pairs as one u32 (low half the even `k`), what `vdpbf16ps` broadcasts.
     Pairs(Vec<Vec<u32>>),
     /// bf16 rows, what AMX loads as tiles.
@@ -386,14 +467,17 @@ enum PackedRows {
 /// One block of [`PackedRows`].
 enum RowBlock<'a> {
     F32(&'a [f32]),
+    /// All of `x` and its row stride.
+    Strided(&'a [f32], usize),
     Pairs(&'a [u32]),
     Tiles(&'a [bf16]),
 }
 
-impl PackedRows {
+impl PackedRows<'_> {
     fn block(&self, i: usize) -> RowBlock<'_> {
         match self {
             Self::F32(b) => RowBlock::F32(&b[i]),
+            Self::Strided(x, ld) => RowBlock::Strided(x, *ld),
             Self::Pairs(b) => RowBlock::Pairs(&b[i]),
             Self::Tiles(b) => RowBlock::Tiles(&b[i]),
         }
@@ -443,22 +527,29 @@ impl PackedRows {
                     })
                     .collect(),
             ),
-            Layout::F32 => Self::F32(
-                blocks
-                    .par_iter()
-                    .map(|&(r0, rows)| {
-                        let mut out = vec![0f32; kk * rows];
-                        for i in 0..rows {
-                            for (t, v) in row(r0 + i).iter().enumerate() {
-                                out[t * rows + i] = v.to_f32();
-                            }
-                        }
-                        out
-                    })
-                    .collect(),
-            ),
+            Layout::F32 => {
+                Self::F32(blocks.par_iter().map(|&b| f32_block(x, k, k, kk, b)).collect())
+            }
         }
     }
+}
+
+/// One block of `rows` rows from `r0` of `x` (rows `ldx` apart, `k` values each) as `[kk][rows]`
+/// f32, the steps past `k` zero.
+fn f32_block<A: Activation>(
+    x: &[A],
+    ldx: usize,
+    k: usize,
+    kk: usize,
+    (r0, rows): (usize, usize),
+) -> Vec<f32> {
+    let mut out = vec![0f32; kk * rows];
+    for i in 0..rows {
+        for (t, v) in x[(r0 + i) * ldx..][..k].iter().enumerate() {
+            out[t * rows + i] = v.to_f32();
+        }
+    }
+    out
 }
 
 /// One `rows x NR` tile: `c = a · b` (or `c += a · b` with `accumulate`) over `kc` steps, `a`
@@ -484,7 +575,35 @@ fn f32_tile<W: Weight + BLoad>(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Isa::Avx2 => unsafe { x86::by_rows_256(rows, kc, a, b, c, ldc, accumulate) },
-        _ => portable_tile(rows, kc, a, b, c, ldc, accumulate),
+        _ => portable_tile(rows, kc, |t, i| a[t * rows + i], b, c, ldc, accumulate),
+    }
+}
+
+/// [`f32_tile`] with the rows read in place: row `i`'s step `t` at `a.0[i * a.1 + t]`.
+#[allow(clippy::too_many_arguments)]
+fn f32_tile_strided(
+    isa: Isa,
+    rows: usize,
+    kc: usize,
+    (a, lda): (&[f32], usize),
+    b: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let (nr, _) = Kernel::Fma(isa).tile();
+    assert!(a.len() >= (rows - 1) * lda + kc && b.len() >= kc * nr, "tile operands too short");
+    assert!(c.len() >= (rows - 1) * ldc + nr, "tile output too short");
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa` is usable (`PackPath::isa`), and the lengths were checked above.
+        Isa::Avx512 => unsafe {
+            x86::by_rows_512_strided(rows, kc, (a, lda), b, c, ldc, accumulate)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::by_rows_256_strided(rows, kc, (a, lda), b, c, ldc, accumulate) },
+        _ => portable_tile(rows, kc, |t, i| a[i * lda + t], b, c, ldc, accumulate),
     }
 }
 
@@ -551,7 +670,7 @@ fn amx_tile(
 fn portable_tile<W: Weight>(
     rows: usize,
     kc: usize,
-    a: &[f32],
+    a: impl Fn(usize, usize) -> f32,
     b: &[W],
     c: &mut [f32],
     ldc: usize,
@@ -563,7 +682,7 @@ fn portable_tile<W: Weight>(
         for p in 0..kc {
             let bp = &b[p * 16..][..16];
             for (i, acc) in acc.iter_mut().enumerate().take(mr) {
-                let ai = a[p * rows + r0 + i];
+                let ai = a(p, r0 + i);
                 for (o, w) in acc.iter_mut().zip(bp) {
                     *o += ai * w.widen();
                 }

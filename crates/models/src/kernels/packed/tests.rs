@@ -54,6 +54,42 @@ fn f32_matches_the_naive_product_on_every_path() {
     }
 }
 
+/// The in-place product of attention ([`PackedWeight::matmul_into`], the rows read where they
+/// lie, on the calling thread) on every path: rows `ldx` apart with junk between them, the
+/// output `ldc` apart with its padding columns zero and the values beyond untouched; weights
+/// packed by rows (on this thread) and from `vᵀ` ([`PackedWeight::pack_f32_transposed`]).
+#[test]
+fn in_place_products_match_the_naive_product_on_every_path() {
+    for (m, n, k) in SHAPES {
+        let (ldx, ldc) = (k + 3, n.div_ceil(32) * 32 + 5);
+        let x = values(m * ldx, 10);
+        let dense: Vec<f32> = x.chunks(ldx).flat_map(|r| r[..k].to_vec()).collect();
+        let w = values(n * k, 11);
+        let want = naive(&dense, |i| f64::from(w[i]), (m, n, k));
+        // `vᵀ`: `v` is `[k, n]` with `v[t][j] = w[j][t]`.
+        let v: Vec<f32> =
+            (0..k).flat_map(|t| (0..n).map(|j| w[j * k + t]).collect::<Vec<_>>()).collect();
+        for isa in paths() {
+            for packed in [
+                PackedWeight::pack_f32_on_this_thread(&w, n, k, isa),
+                PackedWeight::pack_f32_transposed(&v, k, n, isa),
+            ] {
+                let pn = packed.padded_n();
+                assert!(pn >= n && pn % PackPath::F32(isa).panel_width() == 0);
+                let mut out = vec![f32::NAN; m * ldc];
+                packed.matmul_into(&x, ldx, m, &mut out, ldc);
+                let label = format!("{} {m}x{n}x{k} in place", packed.path().name());
+                let got: Vec<f32> = out.chunks(ldc).flat_map(|r| r[..n].to_vec()).collect();
+                check(&label, &got, &want, k);
+                for row in out.chunks(ldc) {
+                    assert!(row[n..pn].iter().all(|&p| p == 0.0), "{label}: padding not zero");
+                    assert!(row[pn..].iter().all(|p| p.is_nan()), "{label}: wrote past the panels");
+                }
+            }
+        }
+    }
+}
+
 /// Both blockings of [`Gemm::blocking`]: a cache-sized weight (row sub-chunks of 6 blocks,
 /// one panel at a time) and one over [`SMALL_WEIGHT`] (whole chunks of rows by groups of
 /// panels), each with more rows than one sub-chunk or chunk holds (700 rows on two threads

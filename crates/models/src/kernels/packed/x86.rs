@@ -84,7 +84,45 @@ unsafe fn tile_512<const MR: usize, W: BLoad>(
     ldc: usize,
     accumulate: bool,
 ) {
-    fma_tile::<MR, __m512, W>(kc, a, b, c, ldc, accumulate)
+    fma_tile::<MR, __m512, W, _>(kc, Packed::<MR>(a), b, c, ldc, accumulate)
+}
+
+/// [`by_rows_512`] with the rows read in place: row `i`'s step `t` at `a.0[i * a.1 + t]`.
+///
+/// # Safety
+/// The processor has AVX-512 F/VL; `a.0` holds `(rows - 1) * a.1 + kc`, `b` `kc * 32` values
+/// and `c` `(rows - 1) * ldc + 32` (checked by the caller).
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn by_rows_512_strided(
+    rows: usize,
+    kc: usize,
+    (a, lda): (&[f32], usize),
+    b: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    with_rows!(rows, [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], |MR| tile_512_strided::<MR>(
+        kc,
+        Strided::<MR>(a, lda),
+        b,
+        c,
+        ldc,
+        accumulate
+    ))
+}
+
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+unsafe fn tile_512_strided<const MR: usize>(
+    kc: usize,
+    a: Strided<MR>,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    fma_tile::<MR, __m512, f32, _>(kc, a, b, c, ldc, accumulate)
 }
 
 /// AVX512_BF16 tile: `a` `[kc][rows]` bf16 pairs (u32), `b` `[kc][32][2]` bf16.
@@ -166,15 +204,103 @@ unsafe fn tile_256<const MR: usize, W: BLoad>(
     ldc: usize,
     accumulate: bool,
 ) {
-    fma_tile::<MR, __m256, W>(kc, a, b, c, ldc, accumulate)
+    fma_tile::<MR, __m256, W, _>(kc, Packed::<MR>(a), b, c, ldc, accumulate)
+}
+
+/// [`by_rows_256`] with the rows read in place, as [`by_rows_512_strided`].
+///
+/// # Safety
+/// The processor has AVX2 and FMA; `a.0` holds `(rows - 1) * a.1 + kc`, `b` `kc * 16` values
+/// and `c` `(rows - 1) * ldc + 16` (checked by the caller).
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn by_rows_256_strided(
+    rows: usize,
+    kc: usize,
+    (a, lda): (&[f32], usize),
+    b: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    let (a, b, c) = (a.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    with_rows!(rows, [1, 2, 3, 4, 5, 6], |MR| tile_256_strided::<MR>(
+        kc,
+        Strided::<MR>(a, lda),
+        b,
+        c,
+        ldc,
+        accumulate
+    ))
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_256_strided<const MR: usize>(
+    kc: usize,
+    a: Strided<MR>,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+) {
+    fma_tile::<MR, __m256, f32, _>(kc, a, b, c, ldc, accumulate)
+}
+
+/// Where a tile reads its rows' values.
+trait RowSource: Copy {
+    /// Row `i`'s value at step `p`.
+    unsafe fn value(self, p: usize, i: usize) -> f32;
+    /// A hint to bring the rows' values some steps after `p` into L1.
+    unsafe fn prefetch(self, p: usize);
+}
+
+/// A block of `MR` rows packed `[kc][MR]`.
+#[derive(Clone, Copy)]
+struct Packed<const MR: usize>(*const f32);
+
+impl<const MR: usize> RowSource for Packed<MR> {
+    #[inline(always)]
+    unsafe fn value(self, p: usize, i: usize) -> f32 {
+        *self.0.add(p * MR + i)
+    }
+
+    /// The rows' values `PREFETCH_A` steps ahead (48 bytes a step at 12 rows): up to 5 % at
+    /// the decoder's 1024-row prefill shapes on an Intel Xeon, where a row block's first tile
+    /// in each `KC` step reads its rows from L2 or L3 (the group's other panels then find them
+    /// in L1).
+    #[inline(always)]
+    unsafe fn prefetch(self, p: usize) {
+        _mm_prefetch::<_MM_HINT_T0>(self.0.wrapping_add((p + PREFETCH_A) * MR).cast::<i8>());
+    }
+}
+
+/// `MR` rows in place, `.1` values apart.
+#[derive(Clone, Copy)]
+struct Strided<const MR: usize>(*const f32, usize);
+
+impl<const MR: usize> RowSource for Strided<MR> {
+    #[inline(always)]
+    unsafe fn value(self, p: usize, i: usize) -> f32 {
+        *self.0.add(i * self.1 + p)
+    }
+
+    /// Every 16 steps (a cache line of each row), the rows' lines `PREFETCH_A` steps ahead.
+    #[inline(always)]
+    unsafe fn prefetch(self, p: usize) {
+        if p.is_multiple_of(16) {
+            for i in 0..MR {
+                let at = self.0.wrapping_add(i * self.1 + p + PREFETCH_A);
+                _mm_prefetch::<_MM_HINT_T0>(at.cast::<i8>());
+            }
+        }
+    }
 }
 
 /// The FMA tile at the width of `V`, two vectors per row: inlined into the `target_feature`
 /// functions above, which give it its instructions.
 #[inline(always)]
-unsafe fn fma_tile<const MR: usize, V: Lanes, W: BLoad>(
+unsafe fn fma_tile<const MR: usize, V: Lanes, W: BLoad, A: RowSource>(
     kc: usize,
-    a: *const f32,
+    a: A,
     b: *const W,
     c: *mut f32,
     ldc: usize,
@@ -192,15 +318,11 @@ unsafe fn fma_tile<const MR: usize, V: Lanes, W: BLoad>(
         for line in (0..step).step_by(64) {
             _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(line));
         }
-        // The rows' values `PREFETCH_A` steps ahead (48 bytes a step at 12 rows): up to 5 %
-        // at the decoder's 1024-row prefill shapes on an Intel Xeon, where a row block's first
-        // tile in each `KC` step reads its rows from L2 or L3 (the group's other panels then
-        // find them in L1).
-        _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add((p + PREFETCH_A) * MR).cast::<i8>());
+        a.prefetch(p);
         let b0 = V::load_weights(b.add(p * 2 * V::N));
         let b1 = V::load_weights(b.add(p * 2 * V::N + V::N));
         for (i, acc) in acc.iter_mut().enumerate() {
-            let ai = V::splat(*a.add(p * MR + i));
+            let ai = V::splat(a.value(p, i));
             acc[0] = V::fma(ai, b0, acc[0]);
             acc[1] = V::fma(ai, b1, acc[1]);
         }
