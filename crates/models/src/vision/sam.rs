@@ -74,12 +74,10 @@ impl Attention {
         // Rh[i, j, :] = rel_pos_h[i - j + S - 1]: [S, S, hd].
         let rh = self.rel_pos_h.index_select(&self.rel_index, 0)?.reshape((s, s, hd))?;
         let rw = self.rel_pos_w.index_select(&self.rel_index, 0)?.reshape((s, s, hd))?;
-        let q = qkv.get(0)?;
-        let (rel_h, rel_w) = decomposed_rel_pos(&q, &rh, &rw, s)?;
         let out = if fused_attention::is_supported(&qkv) {
-            let rel = Tensor::cat(&[&rel_h, &rel_w], 3)?.reshape((bh, n, 2 * s))?;
-            fused_attention::fused_attention(&qkv, Some((&rel, s)), self.scale)?
+            fused_attention::fused_attention(&qkv, Some((&rh, &rw)), self.scale)?
         } else {
+            let (rel_h, rel_w) = decomposed_rel_pos(&qkv.get(0)?, &rh, &rw, s)?;
             self.attention_tiled(&qkv, &rel_h, &rel_w, s)?
         };
         let out =
@@ -134,7 +132,12 @@ impl Attention {
 /// MViTv2 decomposed relative positions on the unscaled `q`:
 /// `rel_h = einsum("bhwc,hkc->bhwk", q, Rh)` and `rel_w = einsum("bhwc,wkc->bhwk", q, Rw)`,
 /// both `[BH, S, S, S]`, to be added as `scores[b, (h,w), (kh,kw)] += rel_h[.., kh] + rel_w[.., kw]`.
-fn decomposed_rel_pos(q: &Tensor, rh: &Tensor, rw: &Tensor, s: usize) -> Result<(Tensor, Tensor)> {
+pub(super) fn decomposed_rel_pos(
+    q: &Tensor,
+    rh: &Tensor,
+    rw: &Tensor,
+    s: usize,
+) -> Result<(Tensor, Tensor)> {
     let (bh, _, hd) = q.dims3()?;
     let rq = q.reshape((bh, s, s, hd))?;
     // rel_h: batch over the query row h: [S_h, BH*S_w, hd] x [S_h, hd, S_k].
