@@ -166,11 +166,19 @@ pub trait Activation: Copy + Send + Sync {
     fn to_f32(self) -> f32;
     /// The value rounded to bf16 (exact for bf16, and for f32 holding a bf16 value).
     fn to_bf16(self) -> bf16;
+    /// The values themselves where they are f32.
+    fn as_f32(xs: &[Self]) -> Option<&[f32]> {
+        let _ = xs;
+        None
+    }
 }
 
 impl Activation for f32 {
     fn to_f32(self) -> f32 {
         self
+    }
+    fn as_f32(xs: &[Self]) -> Option<&[f32]> {
+        Some(xs)
     }
     fn to_bf16(self) -> bf16 {
         bf16::from_f32(self)
@@ -527,26 +535,23 @@ impl PackedRows<'_> {
                     })
                     .collect(),
             ),
-            Layout::F32 => {
-                Self::F32(blocks.par_iter().map(|&b| f32_block(x, k, k, kk, b)).collect())
-            }
+            Layout::F32 => Self::F32(blocks.par_iter().map(|&b| f32_block(x, k, kk, b)).collect()),
         }
     }
 }
 
-/// One block of `rows` rows from `r0` of `x` (rows `ldx` apart, `k` values each) as `[kk][rows]`
-/// f32, the steps past `k` zero.
-fn f32_block<A: Activation>(
-    x: &[A],
-    ldx: usize,
-    k: usize,
-    kk: usize,
-    (r0, rows): (usize, usize),
-) -> Vec<f32> {
+/// One block of `rows` rows from `r0` of `x` (`[m, k]`) as `[kk][rows]` f32, the steps past `k`
+/// zero.
+fn f32_block<A: Activation>(x: &[A], k: usize, kk: usize, (r0, rows): (usize, usize)) -> Vec<f32> {
     let mut out = vec![0f32; kk * rows];
-    for i in 0..rows {
-        for (t, v) in x[(r0 + i) * ldx..][..k].iter().enumerate() {
-            out[t * rows + i] = v.to_f32();
+    match A::as_f32(&x[r0 * k..(r0 + rows) * k]) {
+        Some(src) => transpose::rows_to_steps(src, k, rows, &mut out),
+        None => {
+            for i in 0..rows {
+                for (t, v) in x[(r0 + i) * k..][..k].iter().enumerate() {
+                    out[t * rows + i] = v.to_f32();
+                }
+            }
         }
     }
     out
@@ -740,3 +745,4 @@ mod blocking;
 mod row;
 #[cfg(test)]
 mod tests;
+mod transpose;
