@@ -241,6 +241,25 @@ impl PackedWeight {
         Self { n, k, path, data: Data::F32(out) }
     }
 
+    /// Packs a `[n, k]` weight for the f32 kernels of `isa` from `fill(panel, values)`, which
+    /// writes panel `panel`'s `[k][nr]` values ([`PackPath::panel_width`] columns of `Wᵀ` a
+    /// step, those past `n` left zero), the panels in parallel: for an operand built straight
+    /// into the layout, like a convolution's unfolded input.
+    pub fn pack_f32_with(
+        n: usize,
+        k: usize,
+        isa: Isa,
+        fill: impl Fn(usize, &mut [f32]) + Sync,
+    ) -> Self {
+        let path = PackPath::F32(isa);
+        let nr = path.nr();
+        let mut out = vec![0f32; n.div_ceil(nr) * k * nr];
+        if k > 0 {
+            out.par_chunks_mut(k * nr).enumerate().for_each(|(p, panel)| fill(p, panel));
+        }
+        Self { n, k, path, data: Data::F32(out) }
+    }
+
     /// Columns [`Self::matmul_into`] writes: `n` rounded up to whole panels.
     pub fn padded_n(&self) -> usize {
         self.n.div_ceil(self.path.nr()) * self.path.nr()

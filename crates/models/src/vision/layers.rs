@@ -5,6 +5,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
 use super::config::Normalize;
+use super::conv;
 
 /// `Conv2d(3 -> width, kernel = stride = patch)` over non-overlapping patches, computed as one
 /// matmul over the unfolded patches (the same sum as the conv, in one large GEMM).
@@ -168,9 +169,9 @@ pub fn resize_2d(x: &Tensor, rows: &ResampleMatrix, cols: &ResampleMatrix) -> Re
     x.contiguous()?.to_dtype(dtype)
 }
 
-/// A bias-free 2-D convolution. candle's CPU conv has no bf16 kernel, so on the CPU a bf16
-/// conv runs in f32 and rounds the result once, which is also what a bf16 cuDNN conv does
-/// (f32 accumulation); on other devices it runs in the working dtype.
+/// A bias-free 2-D convolution. On the CPU it runs in f32 through the packed-GEMM conv
+/// (`conv.rs`); a bf16 conv rounds the result once, which is also what a bf16 cuDNN conv does
+/// (f32 accumulation). On other devices candle's conv runs in the working dtype.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
@@ -193,15 +194,12 @@ impl Conv2d {
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let c = &self.cfg;
-        if x.dtype() == DType::BF16 && x.device().is_cpu() {
-            let y = x.to_dtype(DType::F32)?.conv2d(
-                &self.weight.to_dtype(DType::F32)?,
-                c.padding,
-                c.stride,
-                c.dilation,
-                c.groups,
-            )?;
-            return y.to_dtype(DType::BF16);
+        if x.device().is_cpu() && c.dilation == 1 && c.groups == 1 {
+            // The packed-GEMM conv, in f32 (a bf16 conv rounds its f32 result once).
+            let geometry = conv::Geometry { padding: c.padding, stride: c.stride };
+            let w = self.weight.to_dtype(DType::F32)?;
+            let y = conv::conv2d(&x.to_dtype(DType::F32)?, &w, geometry)?;
+            return y.to_dtype(x.dtype());
         }
         x.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)
     }

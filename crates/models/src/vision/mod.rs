@@ -8,6 +8,7 @@
 
 mod aligner;
 pub mod config;
+mod conv;
 mod fused_attention;
 mod layers;
 mod relpos_softmax;
