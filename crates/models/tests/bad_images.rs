@@ -197,3 +197,25 @@ fn corrupt_jpegs_are_errors_or_images_never_crashes() -> Result<()> {
     assert!(libjpeg_fatal > 0, "no damaged variant reached a libjpeg fatal error");
     Ok(())
 }
+
+/// CMYK and YCCK JPEGs (baseline and progressive, with and without the APP14 "Adobe" marker)
+/// decode to exactly the RGB bytes Pillow's `convert("RGB")` gives (fixtures made by
+/// `tests/fixtures/extra/make_cmyk.py`): every four-layer JPEG read as Adobe-inverted CMYK, then
+/// Pillow's `cmyk2rgb`. WebP (lossy with and without alpha, lossless; `make_webp.py`) likewise.
+#[test]
+fn cmyk_ycck_and_webp_convert_like_pillow() -> Result<()> {
+    let cases = ["cmyk_adobe", "cmyk_no_adobe", "ycck_adobe", "ycck_progressive"]
+        .map(|name| (name, "jpg"))
+        .into_iter()
+        .chain(["webp_lossy", "webp_lossy_alpha", "webp_lossless"].map(|name| (name, "webp")));
+    for (name, ext) in cases {
+        let read = |file: String| std::fs::read(extra_fixtures_dir().join(file));
+        let ours = decode_rgb(&read(format!("{name}.{ext}"))?, &ImageLimits::default())?;
+        let want = decode_rgb(&read(format!("{name}.rgb.png"))?, &ImageLimits::default())?;
+        assert_eq!((ours.width, ours.height), (want.width, want.height), "{name}");
+        let differ = ours.data.iter().zip(&want.data).filter(|(a, b)| a != b).count();
+        let worst = ours.data.iter().zip(&want.data).map(|(a, b)| a.abs_diff(*b)).max();
+        assert_eq!(differ, 0, "{name}: {differ} bytes differ from Pillow (worst by {worst:?})");
+    }
+    Ok(())
+}

@@ -11,7 +11,9 @@
 //! libjpeg-turbo with the same decoder) with libjpeg's defaults, the accurate integer IDCT and
 //! fancy upsampling: what Pillow's bundled libjpeg-turbo does, so JPEG pixels are the reference's
 //! bit for bit (the `image` crate's pure-Rust decoder differed by up to 2 levels). CMYK and YCCK
-//! JPEGs, which libjpeg does not convert to RGB, take the `image` crate's path; PNG and WebP too.
+//! JPEGs are decoded to CMYK by libjpeg and converted with Pillow's own formula, after inverting
+//! the samples as Pillow does for every four-layer JPEG; PNG and WebP take the `image` crate's
+//! path.
 //!
 //! Safety: the header is read first and its dimensions checked against [`ImageLimits`] before
 //! any pixel buffer exists; the `image` decoders then run under `image::Limits` as a second
@@ -115,9 +117,10 @@ fn check_jpeg_complete(bytes: &[u8]) -> Result<(), ImageError> {
     }
 }
 
-/// A JPEG in YCbCr, RGB or grayscale decoded to RGB by libjpeg-turbo's decoder with its
-/// defaults (Pillow's: `JDCT_ISLOW`, fancy upsampling, grayscale replicated); `None` for colour
-/// spaces libjpeg does not convert to RGB (CMYK, YCCK). `header` is the size the header check
+/// A JPEG decoded to RGB by libjpeg-turbo's decoder with its defaults (Pillow's: `JDCT_ISLOW`,
+/// fancy upsampling, grayscale replicated); CMYK and YCCK JPEGs are decoded to CMYK and converted
+/// as Pillow converts them ([`inverted_cmyk_to_rgb_like_pillow`]). `None` for colour spaces
+/// libjpeg does not know. `header` is the size the header check
 /// read; libjpeg must agree with it.
 ///
 /// libjpeg reports fatal errors by unwinding out of its error handler (the crate's `unwinding`
@@ -130,16 +133,19 @@ fn decode_jpeg_like_libjpeg(
     use mozjpeg::ColorSpace;
     let decode = || -> std::io::Result<Option<RgbImage>> {
         let jpeg = mozjpeg::Decompress::new_mem(bytes)?;
-        if !matches!(
-            jpeg.color_space(),
-            ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB | ColorSpace::JCS_GRAYSCALE
-        ) {
-            return Ok(None);
-        }
-        let mut started = jpeg.rgb()?;
+        let four_layers = match jpeg.color_space() {
+            ColorSpace::JCS_YCbCr | ColorSpace::JCS_RGB | ColorSpace::JCS_GRAYSCALE => false,
+            ColorSpace::JCS_CMYK | ColorSpace::JCS_YCCK => true,
+            _ => return Ok(None),
+        };
+        let mut started =
+            if four_layers { jpeg.to_colorspace(ColorSpace::JCS_CMYK)? } else { jpeg.rgb()? };
         let (width, height) = (started.width(), started.height());
-        let data = started.read_scanlines::<u8>()?;
+        let mut data = started.read_scanlines::<u8>()?;
         started.finish()?;
+        if four_layers {
+            data = inverted_cmyk_to_rgb_like_pillow(&data);
+        }
         Ok(Some(RgbImage { width, height, data }))
     };
     let corrupt = |reason: String| ImageError::Corrupt { format: "Jpeg".into(), reason };
@@ -165,6 +171,25 @@ fn decode_jpeg_like_libjpeg(
         }
         other => Ok(other),
     }
+}
+
+/// Pillow's reading of a four-layer JPEG: the samples libjpeg gives as CMYK (it turns YCCK into
+/// CMYK itself) are taken as Adobe-inverted, whatever the APP14 marker says (`JpegImagePlugin`'s
+/// raw mode `CMYK;I`), then converted by Pillow's `cmyk2rgb`: with `nk = 255 - k`, each channel
+/// is `nk - round(c * nk / 255)`, the rounded division done as `(t + (t >> 8)) >> 8` with
+/// `t = c * nk + 128`. Packed CMYK in, packed RGB out.
+fn inverted_cmyk_to_rgb_like_pillow(cmyk: &[u8]) -> Vec<u8> {
+    let muldiv255 = |a: u32, b: u32| {
+        let t = a * b + 128;
+        ((t >> 8) + t) >> 8
+    };
+    cmyk.chunks_exact(4)
+        .flat_map(|px| {
+            let [c, m, y, k] = [px[0], px[1], px[2], px[3]].map(|v| u32::from(255 - v));
+            let nk = 255 - k;
+            [c, m, y].map(|v| (nk - muldiv255(v, nk)) as u8)
+        })
+        .collect()
 }
 
 fn map_decode_error(err: image::ImageError, format: ImageFormat) -> ImageError {
