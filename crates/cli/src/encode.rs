@@ -19,7 +19,7 @@ use crate::model_args::ModelArgs;
 use crate::progress;
 
 /// File extensions read from a folder (the formats the preprocessor decodes).
-const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp"];
+const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "gif"];
 
 /// Whether `p` is a file with an image extension ([`IMAGE_EXTENSIONS`], any case).
 pub(crate) fn is_image_file(p: &Path) -> bool {
@@ -40,7 +40,7 @@ pub struct EncodeArgs {
     /// Images per forward pass.
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
-    /// Image files (PNG, JPEG, WebP) and folders of them, encoded in this order (a folder's
+    /// Image files (PNG, JPEG, WebP, GIF) and folders of them, encoded in this order (a folder's
     /// images in name order; other files in it are skipped).
     #[arg(required = true)]
     images: Vec<PathBuf>,

@@ -29,7 +29,7 @@ fn random_bytes_are_an_unknown_format() {
 #[test]
 fn unsupported_formats_are_named() {
     for (bytes, name) in [
-        (&b"GIF89a\x01\x00\x01\x00\x00\x00\x00;"[..], "Gif"),
+        (&b"II*\x00\x08\x00\x00\x00\x00\x00"[..], "Tiff"),
         (&b"BM\x1e\x00\x00\x00\x00\x00\x00\x00\x1a\x00\x00\x00"[..], "Bmp"),
     ] {
         let err = decode_rgb(bytes, &ImageLimits::default()).unwrap_err();
@@ -201,13 +201,28 @@ fn corrupt_jpegs_are_errors_or_images_never_crashes() -> Result<()> {
 /// CMYK and YCCK JPEGs (baseline and progressive, with and without the APP14 "Adobe" marker)
 /// decode to exactly the RGB bytes Pillow's `convert("RGB")` gives (fixtures made by
 /// `tests/fixtures/extra/make_cmyk.py`): every four-layer JPEG read as Adobe-inverted CMYK, then
-/// Pillow's `cmyk2rgb`. WebP (lossy with and without alpha, lossless; `make_webp.py`) likewise.
+/// Pillow's `cmyk2rgb`. WebP (lossy with and without alpha, lossless; `make_webp.py`) likewise,
+/// and GIF (`make_gif.py`: the first frame on the logical screen, transparent index shown by its
+/// colour, frames offset and past the screen, a palette shorter than the indices).
 #[test]
-fn cmyk_ycck_and_webp_convert_like_pillow() -> Result<()> {
+fn cmyk_ycck_webp_and_gif_convert_like_pillow() -> Result<()> {
     let cases = ["cmyk_adobe", "cmyk_no_adobe", "ycck_adobe", "ycck_progressive"]
         .map(|name| (name, "jpg"))
         .into_iter()
-        .chain(["webp_lossy", "webp_lossy_alpha", "webp_lossless"].map(|name| (name, "webp")));
+        .chain(["webp_lossy", "webp_lossy_alpha", "webp_lossless"].map(|name| (name, "webp")))
+        .chain(
+            [
+                "gif_interlaced",
+                "gif_not_interlaced",
+                "gif_gray",
+                "gif_animated",
+                "gif_offset_transparent",
+                "gif_offset_opaque",
+                "gif_beyond_screen",
+                "gif_short_palette",
+            ]
+            .map(|name| (name, "gif")),
+        );
     for (name, ext) in cases {
         let read = |file: String| std::fs::read(extra_fixtures_dir().join(file));
         let ours = decode_rgb(&read(format!("{name}.{ext}"))?, &ImageLimits::default())?;
@@ -217,5 +232,21 @@ fn cmyk_ycck_and_webp_convert_like_pillow() -> Result<()> {
         let worst = ours.data.iter().zip(&want.data).map(|(a, b)| a.abs_diff(*b)).max();
         assert_eq!(differ, 0, "{name}: {differ} bytes differ from Pillow (worst by {worst:?})");
     }
+    Ok(())
+}
+
+/// A GIF cut short is refused like Pillow refuses it ("image file is truncated"), and one whose
+/// logical screen is over the limits is refused from its header.
+#[test]
+fn truncated_and_oversized_gifs_are_refused() -> Result<()> {
+    let whole = std::fs::read(extra_fixtures_dir().join("gif_not_interlaced.gif"))?;
+    for cut in [whole.len() / 2, whole.len() - 30, 20] {
+        let err = decode_rgb(&whole[..cut], &ImageLimits::default()).unwrap_err();
+        assert!(matches!(err, ImageError::Corrupt { .. }), "cut at {cut}: {err}");
+    }
+    let mut huge = whole.clone();
+    huge[6..10].copy_from_slice(&[0x20, 0x4e, 0x20, 0x4e]); // a 20000 x 20000 screen
+    let err = decode_rgb(&huge, &ImageLimits::default()).unwrap_err();
+    assert!(matches!(err, ImageError::DimensionsTooLarge { .. }), "{err}");
     Ok(())
 }

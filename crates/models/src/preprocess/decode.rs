@@ -38,9 +38,10 @@ pub struct RgbImage {
 }
 
 /// Formats the decoder accepts. Anything else is refused with [`ImageError::UnsupportedFormat`].
-const SUPPORTED: [ImageFormat; 3] = [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP];
+const SUPPORTED: [ImageFormat; 4] =
+    [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP, ImageFormat::Gif];
 
-/// Decodes `bytes` (PNG, JPEG or WebP) under `limits`.
+/// Decodes `bytes` (PNG, JPEG, WebP or GIF: its first frame) under `limits`.
 ///
 /// # Errors
 /// [`ImageError`] naming the problem: empty input, too many bytes, unknown or unsupported format,
@@ -60,9 +61,37 @@ pub fn decode_rgb(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, ImageE
     if !SUPPORTED.contains(&format) {
         return Err(ImageError::UnsupportedFormat(format!("{format:?}")));
     }
+    if format == ImageFormat::Gif {
+        return super::gif::decode_gif_like_pillow(bytes, limits);
+    }
     let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
         .into_dimensions()
         .map_err(|e| map_decode_error(e, format))?;
+    check_dimensions(width, height, limits)?;
+    if format == ImageFormat::Jpeg {
+        check_jpeg_complete(bytes)?;
+        if let Some(img) = decode_jpeg_like_libjpeg(bytes, (width, height))? {
+            return Ok(img);
+        }
+    }
+
+    let mut decoder_limits = image::Limits::default();
+    decoder_limits.max_image_width = Some(limits.max_width);
+    decoder_limits.max_image_height = Some(limits.max_height);
+    decoder_limits.max_alloc = Some(limits.max_alloc);
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    reader.limits(decoder_limits);
+    let img = reader.decode().map_err(|e| map_decode_error(e, format))?;
+    to_rgb_like_pillow(img)
+}
+
+/// Refuses an image whose header claims no pixels, or more than `limits` allow (before any
+/// pixel buffer exists).
+pub(super) fn check_dimensions(
+    width: u32,
+    height: u32,
+    limits: &ImageLimits,
+) -> Result<(), ImageError> {
     if width == 0 || height == 0 {
         return Err(ImageError::ZeroSized { width, height });
     }
@@ -84,21 +113,7 @@ pub fn decode_rgb(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, ImageE
             max_pixels: limits.max_pixels,
         });
     }
-    if format == ImageFormat::Jpeg {
-        check_jpeg_complete(bytes)?;
-        if let Some(img) = decode_jpeg_like_libjpeg(bytes, (width, height))? {
-            return Ok(img);
-        }
-    }
-
-    let mut decoder_limits = image::Limits::default();
-    decoder_limits.max_image_width = Some(limits.max_width);
-    decoder_limits.max_image_height = Some(limits.max_height);
-    decoder_limits.max_alloc = Some(limits.max_alloc);
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
-    reader.limits(decoder_limits);
-    let img = reader.decode().map_err(|e| map_decode_error(e, format))?;
-    to_rgb_like_pillow(img)
+    Ok(())
 }
 
 /// libjpeg (behind Pillow) refuses a JPEG whose entropy-coded data ends early ("image file is

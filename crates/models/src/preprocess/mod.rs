@@ -8,6 +8,7 @@
 //! checkpoints leave normalisation to the towers).
 
 mod decode;
+mod gif;
 pub mod resample;
 
 use std::path::Path;
@@ -32,10 +33,10 @@ pub enum ImageError {
         limit: usize,
     },
     /// The bytes do not start like any known image format.
-    #[error("unrecognised image format (supported: PNG, JPEG, WebP)")]
+    #[error("unrecognised image format (supported: PNG, JPEG, WebP, GIF)")]
     UnknownFormat,
     /// A known format this build does not decode.
-    #[error("unsupported image format {0} (supported: PNG, JPEG, WebP)")]
+    #[error("unsupported image format {0} (supported: PNG, JPEG, WebP, GIF)")]
     UnsupportedFormat(String),
     /// The header claims dimensions over the limits; refused before decoding.
     #[error("image is {width}x{height}, over the limit of {max_width}x{max_height}")]
