@@ -10,19 +10,15 @@
 //! encode that way on an AMD Zen 5.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_nn::Conv2dConfig;
 
 use crate::isa::Isa;
 use crate::kernels::{PackPath, PackedWeight};
 
-/// Padding and stride, the same on both axes (the towers' convolutions).
-#[derive(Debug, Clone, Copy)]
-pub struct Geometry {
-    pub padding: usize,
-    pub stride: usize,
-}
-
 struct Conv {
-    geometry: Geometry,
+    /// Padding and stride, the same on both axes.
+    padding: usize,
+    stride: usize,
     isa: Isa,
 }
 
@@ -30,7 +26,7 @@ impl Conv {
     fn run(&self, x: &[f32], xl: &Layout, w: &[f32], wl: &Layout) -> Result<(CpuStorage, Shape)> {
         let (b, c, h, wd) = xl.shape().dims4()?;
         let (o, wc, k, k2) = wl.shape().dims4()?;
-        let Geometry { padding: p, stride: s } = self.geometry;
+        let (p, s) = (self.padding, self.stride);
         if wc != c || k != k2 || k == 0 || s == 0 || h + 2 * p < k || wd + 2 * p < k {
             candle_core::bail!("conv: {:?} does not fit {:?}", wl.shape(), xl.shape());
         }
@@ -89,14 +85,19 @@ impl CustomOp2 for Conv {
     }
 }
 
-/// `conv2d(x, weight)` for f32 on the CPU: `x` `[B, C, H, W]`, `weight` `[O, C, k, k]`, no bias,
-/// no dilation or groups; `[B, O, OH, OW]`.
-pub fn conv2d(x: &Tensor, weight: &Tensor, geometry: Geometry) -> Result<Tensor> {
-    conv2d_with(Isa::current(), x, weight, geometry)
+/// `conv2d(x, weight)` for f32 on the CPU: `x` `[B, C, H, W]`, `weight` `[O, C, k, k]`, no bias;
+/// `[B, O, OH, OW]`. `cfg`'s padding and stride apply to both axes; a dilation or groups other
+/// than 1 is an error.
+pub fn conv2d(x: &Tensor, weight: &Tensor, cfg: &Conv2dConfig) -> Result<Tensor> {
+    conv2d_with(Isa::current(), x, weight, cfg)
 }
 
-fn conv2d_with(isa: Isa, x: &Tensor, weight: &Tensor, geometry: Geometry) -> Result<Tensor> {
-    x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &Conv { geometry, isa })
+fn conv2d_with(isa: Isa, x: &Tensor, weight: &Tensor, cfg: &Conv2dConfig) -> Result<Tensor> {
+    if cfg.dilation != 1 || cfg.groups != 1 {
+        candle_core::bail!("conv: dilation {} and groups {} are not 1", cfg.dilation, cfg.groups)
+    }
+    let op = Conv { padding: cfg.padding, stride: cfg.stride, isa };
+    x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &op)
 }
 
 #[cfg(test)]
@@ -121,7 +122,8 @@ mod tests {
                 .conv2d(&w.to_dtype(DType::F64)?, padding, stride, 1, 1)?
                 .to_dtype(DType::F32)?;
             for isa in Isa::supported() {
-                let got = conv2d_with(isa, &x, &w, Geometry { padding, stride })?;
+                let cfg = Conv2dConfig { padding, stride, ..Default::default() };
+                let got = conv2d_with(isa, &x, &w, &cfg)?;
                 assert_eq!(got.dims(), want.dims());
                 let diff = (got - &want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
                 assert!(diff < 2e-5, "{isa:?} c {c} o {o} side {side} k {k}: max |diff| {diff}");

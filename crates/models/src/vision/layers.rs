@@ -196,9 +196,8 @@ impl Module for Conv2d {
         let c = &self.cfg;
         if x.device().is_cpu() && c.dilation == 1 && c.groups == 1 {
             // The packed-GEMM conv, in f32 (a bf16 conv rounds its f32 result once).
-            let geometry = conv::Geometry { padding: c.padding, stride: c.stride };
             let w = self.weight.to_dtype(DType::F32)?;
-            let y = conv::conv2d(&x.to_dtype(DType::F32)?, &w, geometry)?;
+            let y = conv::conv2d(&x.to_dtype(DType::F32)?, &w, c)?;
             return y.to_dtype(x.dtype());
         }
         x.conv2d(&self.weight, c.padding, c.stride, c.dilation, c.groups)
