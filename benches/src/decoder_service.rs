@@ -11,6 +11,7 @@ use candle_core::{DType, Device};
 use clap::Args;
 use dsvl_engine::blocks::BlockManager;
 use dsvl_engine::engine::{spawn_engine, EngineHandle};
+use dsvl_engine::sampler::SamplingParams;
 use dsvl_engine::scheduler::{Event, NewRequest, Scheduler, SchedulerConfig};
 use dsvl_models::llm::{DeepSeekLlm, PagedKvConfig, Shard, ShardRunner};
 use dsvl_parallel::LinkSet;
@@ -40,6 +41,10 @@ pub struct ServiceArgs {
     /// decode; reports its TTFT and the streams' inter-token gaps around it (0: skip).
     #[arg(long, default_value_t = 1)]
     late_images: usize,
+    /// Sampling temperature of the streams (0: greedy). Above 0 each stream samples from the
+    /// whole 102,400-token vocabulary with its own seed (no top-k or top-p).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
 }
 
 /// The decoder engine thread at the VL-1.3B LM dimensions, random f32 weights, on the CPU,
@@ -102,7 +107,14 @@ pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
         for i in 0..n {
             let prompt =
                 (0..args.prompt_len).map(|j| ((j * 7919 + i * 104_729) % 100_000) as u32).collect();
-            let (req, rx) = NewRequest::greedy(prompt, None, args.new_tokens);
+            let (mut req, rx) = NewRequest::greedy(prompt, None, args.new_tokens);
+            if args.temperature > 0.0 {
+                req.params = SamplingParams {
+                    temperature: args.temperature,
+                    seed: i as u64,
+                    ..SamplingParams::DEFAULTS
+                };
+            }
             engine.submit(req).map_err(|_| anyhow::anyhow!("engine gone"))?;
             receivers.push(rx);
         }

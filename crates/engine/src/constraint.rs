@@ -142,6 +142,12 @@ impl std::fmt::Debug for Constraint {
 pub struct Mask(SimpleVob);
 
 impl Mask {
+    /// A mask allowing the tokens whose entry is `true` (tests).
+    #[cfg(test)]
+    pub(crate) fn from_bits(bits: &[bool]) -> Self {
+        Self(SimpleVob::from_slice(bits))
+    }
+
     /// Sets every disallowed entry of `row` (one logits row) to minus infinity.
     pub fn apply(&self, row: &mut [f32]) {
         for (i, v) in row.iter_mut().enumerate() {

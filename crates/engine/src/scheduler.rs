@@ -651,6 +651,8 @@ impl Scheduler {
         let mut finished = Vec::new();
         let mut failed = Vec::new();
         let mut sampled = 0u64;
+        // The sequences that choose a token this step: their logits row and grammar mask.
+        let mut choosers = HashMap::new();
         // Per chunk, in order, the rows its `LogitRows` asked for.
         let mut at = 0;
         for (&(i, _), chunk) in work.iter().zip(&plan.chunks) {
@@ -686,18 +688,31 @@ impl Scheduler {
                 Some(Ok(m)) => Some(m),
                 None => None,
             };
-            let choice = step_logits.choose(
-                at - 1,
-                Ask {
-                    params: &s.req.params,
-                    generated: &s.generated,
-                    rng: &mut s.rng,
-                    logprob: s.req.logprobs,
-                    top_logprobs: s.req.top_logprobs,
-                    keep_row: s.req.keep_logits,
-                    mask: mask.as_ref(),
-                },
-            )?;
+            choosers.insert(i, (at - 1, mask));
+        }
+        // Every choosing sequence's token at once (sampled rows are drawn in parallel).
+        let mut order = Vec::with_capacity(choosers.len());
+        let mut asks = Vec::with_capacity(choosers.len());
+        for (i, s) in self.running.iter_mut().enumerate() {
+            if let Some((row, mask)) = choosers.get(&i) {
+                order.push(i);
+                asks.push((
+                    *row,
+                    Ask {
+                        params: &s.req.params,
+                        generated: &s.generated,
+                        rng: &mut s.rng,
+                        logprob: s.req.logprobs,
+                        top_logprobs: s.req.top_logprobs,
+                        keep_row: s.req.keep_logits,
+                        mask: mask.as_ref(),
+                    },
+                ));
+            }
+        }
+        let choices = step_logits.choose_rows(asks)?;
+        for (i, choice) in order.into_iter().zip(choices) {
+            let s = &mut self.running[i];
             let Choice { id: token, logprob, top, row: kept } = choice;
             let mut complete = false;
             if let Some(c) = s.req.constraint.as_mut() {

@@ -2,10 +2,12 @@
 //! rows take one argmax over the whole step on the model's device, and their log-probabilities
 //! one log-sum-exp, so only the chosen ids (and the log-probabilities asked for) cross to the
 //! host. Rows that sample (temperature, top-k, top-p, penalties) or whose logits the caller
-//! keeps are read one row at a time and drawn by [`sample`] with its seeded generator, which
-//! orders only the head of the distribution it reaches.
+//! keeps are read from the device in one copy and drawn by [`sample`] with their own seeded
+//! generators, in parallel across rows; each orders only the head of the distribution it
+//! reaches.
 
 use candle_core::{DType, Tensor, D};
+use rayon::prelude::*;
 
 use crate::constraint::Mask;
 use crate::sampler::{sample, top_logprobs, Rng, SamplingParams};
@@ -68,47 +70,102 @@ impl StepLogits {
         &self.logits
     }
 
+    /// Whether `ask` is met by the step's device argmax: greedy with no processor, mask, row
+    /// or alternatives asked for.
+    fn greedy_on_device(ask: &Ask<'_>) -> bool {
+        ask.params.is_greedy()
+            && !ask.params.processes_logits()
+            && ask.top_logprobs == 0
+            && !ask.keep_row
+            && ask.mask.is_none()
+    }
+
+    /// The device-argmax choice of row `row` (see [`Self::greedy_on_device`]).
+    fn greedy_choice(&mut self, row: usize, logprob: bool) -> candle_core::Result<Choice> {
+        if self.argmax.is_none() {
+            self.argmax = Some(self.logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
+        }
+        let id = self.argmax.as_ref().expect("computed above")[row];
+        let logprob = if logprob {
+            if self.argmax_logprob.is_none() {
+                let max = self.logits.max_keepdim(D::Minus1)?;
+                let sum = self.logits.broadcast_sub(&max)?.exp()?.sum(D::Minus1)?;
+                let lp = sum.to_dtype(DType::F32)?.log()?.neg()?;
+                self.argmax_logprob = Some(lp.to_vec1::<f32>()?);
+            }
+            Some(self.argmax_logprob.as_ref().expect("computed above")[row])
+        } else {
+            None
+        };
+        Ok(Choice { id, logprob, top: Vec::new(), row: None })
+    }
+
     /// Chooses the token of logits row `row`.
     ///
     /// # Errors
     /// A device error reading the logits.
     pub fn choose(&mut self, row: usize, ask: Ask<'_>) -> candle_core::Result<Choice> {
-        if ask.params.is_greedy()
-            && !ask.params.processes_logits()
-            && ask.top_logprobs == 0
-            && !ask.keep_row
-            && ask.mask.is_none()
-        {
-            if self.argmax.is_none() {
-                self.argmax = Some(self.logits.argmax(D::Minus1)?.to_vec1::<u32>()?);
-            }
-            let id = self.argmax.as_ref().expect("computed above")[row];
-            let logprob = if ask.logprob {
-                if self.argmax_logprob.is_none() {
-                    let max = self.logits.max_keepdim(D::Minus1)?;
-                    let sum = self.logits.broadcast_sub(&max)?.exp()?.sum(D::Minus1)?;
-                    let lp = sum.to_dtype(DType::F32)?.log()?.neg()?;
-                    self.argmax_logprob = Some(lp.to_vec1::<f32>()?);
-                }
-                Some(self.argmax_logprob.as_ref().expect("computed above")[row])
-            } else {
-                None
-            };
-            return Ok(Choice { id, logprob, top: Vec::new(), row: None });
+        if Self::greedy_on_device(&ask) {
+            return self.greedy_choice(row, ask.logprob);
         }
         let values = self.logits.get(row)?.to_vec1::<f32>()?;
-        let id = match ask.mask {
-            None => sample(&values, ask.params, ask.generated, ask.rng),
-            Some(mask) => {
-                let mut allowed = values.clone();
-                mask.apply(&mut allowed);
-                sample(&allowed, ask.params, ask.generated, ask.rng)
-            }
-        };
-        let logprob = ask.logprob.then(|| log_softmax_at(&values, id as usize));
-        let top = top_logprobs(&values, ask.top_logprobs);
-        Ok(Choice { id, logprob, top, row: ask.keep_row.then_some(values) })
+        Ok(host_choice(values, ask))
     }
+
+    /// Chooses the tokens of several rows, in the order asked: what [`Self::choose`] gives row
+    /// by row, but the rows drawn on the host are read from the device in one copy and drawn in
+    /// parallel. Each sequence has its own generator, so the order they are drawn in changes
+    /// nothing. A sampled row of a 102,400-token vocabulary costs 0.5-5 ms on the host (more
+    /// the flatter the distribution), so a step of many sampled rows no longer waits for each
+    /// in turn.
+    ///
+    /// # Errors
+    /// A device error reading the logits.
+    pub fn choose_rows(&mut self, asks: Vec<(usize, Ask<'_>)>) -> candle_core::Result<Vec<Choice>> {
+        let host_rows: Vec<u32> = asks
+            .iter()
+            .filter(|(_, ask)| !Self::greedy_on_device(ask))
+            .map(|&(row, _)| row as u32)
+            .collect();
+        let mut values = if host_rows.is_empty() {
+            Vec::new()
+        } else {
+            let index = Tensor::new(host_rows.as_slice(), self.logits.device())?;
+            self.logits.index_select(&index, 0)?.to_vec2::<f32>()?
+        }
+        .into_iter();
+        let mut chosen: Vec<Option<Choice>> = Vec::with_capacity(asks.len());
+        let mut drawn = Vec::with_capacity(host_rows.len());
+        for (at, (row, ask)) in asks.into_iter().enumerate() {
+            if Self::greedy_on_device(&ask) {
+                chosen.push(Some(self.greedy_choice(row, ask.logprob)?));
+            } else {
+                chosen.push(None);
+                drawn.push((at, ask, values.next().expect("one row read per host ask")));
+            }
+        }
+        let drawn: Vec<(usize, Choice)> =
+            drawn.into_par_iter().map(|(at, ask, values)| (at, host_choice(values, ask))).collect();
+        for (at, choice) in drawn {
+            chosen[at] = Some(choice);
+        }
+        Ok(chosen.into_iter().map(|c| c.expect("every ask chosen")).collect())
+    }
+}
+
+/// A row's choice drawn on the host by [`sample`], with what `ask` wants reported.
+fn host_choice(values: Vec<f32>, ask: Ask<'_>) -> Choice {
+    let id = match ask.mask {
+        None => sample(&values, ask.params, ask.generated, ask.rng),
+        Some(mask) => {
+            let mut allowed = values.clone();
+            mask.apply(&mut allowed);
+            sample(&allowed, ask.params, ask.generated, ask.rng)
+        }
+    };
+    let logprob = ask.logprob.then(|| log_softmax_at(&values, id as usize));
+    let top = top_logprobs(&values, ask.top_logprobs);
+    Choice { id, logprob, top, row: ask.keep_row.then_some(values) }
 }
 
 #[cfg(test)]
@@ -116,6 +173,7 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+    use crate::constraint::Mask;
 
     #[test]
     fn greedy_on_the_device_matches_the_host_rule() -> candle_core::Result<()> {
@@ -139,6 +197,78 @@ mod tests {
             let want = log_softmax_at(r, c.id as usize);
             assert!((c.logprob.unwrap() - want).abs() < 1e-6, "{:?} vs {want}", c.logprob);
             assert!(c.row.is_none());
+        }
+        Ok(())
+    }
+
+    /// `choose_rows` gives what `choose` gives row by row, with the same generators: greedy
+    /// rows (on the device argmax and, with a penalty, on the host), sampled rows of every
+    /// kind, a grammar mask, log-probabilities, alternatives and a kept row, in one mixed step.
+    #[test]
+    fn choosing_rows_together_equals_choosing_them_one_by_one() -> candle_core::Result<()> {
+        let (rows, vocab) = (9, 3000);
+        let mut gen = Rng::new(7);
+        let values: Vec<f32> =
+            (0..rows * vocab).map(|_| ((gen.uniform() * 40.0).round() / 8.0) as f32).collect();
+        let logits = Tensor::from_vec(values, (rows, vocab), &Device::Cpu)?;
+        let sampled = |temperature: f32, top_k: u32, top_p: f32| SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            ..SamplingParams::DEFAULTS
+        };
+        let params = [
+            SamplingParams::greedy(),
+            sampled(1.0, 0, 1.0),
+            sampled(0.7, 40, 0.9),
+            SamplingParams { repetition_penalty: 1.3, ..SamplingParams::greedy() },
+            sampled(1.3, 0, 0.5),
+            SamplingParams { min_p: 0.05, ..sampled(1.0, 0, 1.0) },
+            SamplingParams { presence_penalty: 0.5, ..sampled(0.8, 5, 1.0) },
+            sampled(1.0, 1, 1.0),
+            SamplingParams::greedy(),
+        ];
+        let generated: Vec<u32> = (0..30).map(|i| i * 53 % vocab as u32).collect();
+        let mask = Mask::from_bits(&(0..vocab).map(|i| i % 3 != 0).collect::<Vec<_>>());
+        fn ask<'a>(
+            i: usize,
+            (params, generated, mask): (&'a [SamplingParams], &'a [u32], &'a Mask),
+            rng: &'a mut Rng,
+        ) -> Ask<'a> {
+            Ask {
+                params: &params[i],
+                generated,
+                rng,
+                logprob: i.is_multiple_of(2),
+                top_logprobs: if i == 4 { 3 } else { 0 },
+                keep_row: i == 7,
+                mask: (i == 2 || i == 8).then_some(mask),
+            }
+        }
+        let with = (&params[..], &generated[..], &mask);
+        for round in 0..20u64 {
+            let mut one = StepLogits::new(logits.clone());
+            let mut by_row: Vec<Rng> =
+                (0..rows as u64).map(|i| Rng::new(round * 100 + i)).collect();
+            let want: Vec<Choice> = (0..rows)
+                .map(|i| one.choose(i, ask(i, with, &mut by_row[i])))
+                .collect::<candle_core::Result<_>>()?;
+            let mut all = StepLogits::new(logits.clone());
+            let mut together: Vec<Rng> =
+                (0..rows as u64).map(|i| Rng::new(round * 100 + i)).collect();
+            // Asked out of row order, as the scheduler's sequences may be.
+            let mut asks: Vec<(usize, Ask<'_>)> = together
+                .iter_mut()
+                .enumerate()
+                .rev()
+                .map(|(i, rng)| (i, ask(i, with, rng)))
+                .collect();
+            asks.swap(0, 4);
+            let order: Vec<usize> = asks.iter().map(|&(i, _)| i).collect();
+            let got = all.choose_rows(asks)?;
+            for (i, choice) in order.into_iter().zip(got) {
+                assert_eq!(choice, want[i], "round {round}, row {i}");
+            }
         }
         Ok(())
     }
