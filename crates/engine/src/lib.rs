@@ -7,6 +7,7 @@
 pub mod blocks;
 pub mod collectives;
 pub mod constraint;
+mod draw;
 pub mod engine;
 pub mod generate;
 pub mod group;

@@ -5,11 +5,15 @@
 //! `input_ids`); greedy is then an argmax (first index on ties, like `torch.argmax`; a plain
 //! argmax of the model's logits when no processor is set). Sampling goes on with temperature,
 //! `min_p`, top-k and top-p, then draws from the softmax with a seeded generator, so a seed
-//! reproduces its output. Only the head of the distribution that the draw reaches is ever
-//! ordered (partial selection, not a sort of the vocabulary). The parameters, their defaults
-//! and their validation are [`dsvl_core::sampling`]'s, shared with every API.
+//! reproduces its output. The vocabulary is never sorted: top-k takes its threshold by
+//! selection, and the top-p cut and the draw walk the kept tokens in rank order through
+//! buckets of score ([`crate::draw`]), ordering only the bucket where the walk stops. The
+//! parameters, their defaults and their validation are [`dsvl_core::sampling`]'s, shared with
+//! every API.
 
 pub use dsvl_core::sampling::SamplingParams;
+
+use crate::draw::{self, Cand};
 
 /// SplitMix64: small, fast, and stable across versions (reproducible seeds matter more here
 /// than statistical strength).
@@ -48,8 +52,9 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// Indices of a score row in descending order (ties by ascending index, as a stable sort of
-/// `0..n` gives), sorted lazily: only the prefix that sampling looks at is ever ordered, by
-/// partial selection, so a 102,400-token vocabulary is not sorted to draw from its head.
+/// `0..n` gives), sorted lazily: only the prefix looked at is ever ordered, by partial
+/// selection, so a 102,400-token vocabulary is not sorted for its few most likely tokens
+/// ([`top_logprobs`]).
 struct Ranked<'a> {
     scores: &'a [f32],
     order: Vec<u32>,
@@ -146,51 +151,70 @@ pub fn sample(logits: &[f32], params: &SamplingParams, generated: &[u32], rng: &
         }
     }
     let n = scores.len();
-    let mut ranked = Ranked::new(&scores);
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return 0; // nothing has any probability: the first token, as a sort would rank it
+    }
     let mut keep = n;
+    let mut kth = f32::NEG_INFINITY;
     let top_k = params.top_k as usize;
-    if top_k > 0 && top_k < keep {
+    if top_k > 0 && top_k < n {
         // Ties with the k-th value are kept, as `scores < topk_values[-1]` removes only lower ones.
-        let kth = scores[ranked.at(top_k - 1)];
+        let mut copy = scores.clone();
+        let (_, &mut k, _) = copy.select_nth_unstable_by(top_k - 1, |a, b| b.total_cmp(a));
+        kth = k;
         keep = scores.iter().filter(|&&s| s >= kth).count();
     }
-    let max = scores[ranked.at(0)];
-    let prob = |i: usize| f64::from(scores[i] - max).exp();
+    // The kept tokens with any probability, in id order (those without never win a draw).
+    let mut kept: Vec<Cand> = scores
+        .iter()
+        .enumerate()
+        .filter(|&(_, &s)| s >= kth)
+        .map(|(i, &s)| Cand { s, i: i as u32, p: f64::from(s - max).exp() })
+        .filter(|c| c.p > 0.0)
+        .collect();
     // The normaliser over the kept tokens: in rank order when they are a prefix, as before;
-    // over the whole row (index order) when nothing is cut.
-    let total: f64 =
-        if keep < n { (0..keep).map(|j| prob(ranked.at(j))).sum() } else { (0..n).map(prob).sum() };
+    // over the whole row (id order) when nothing is cut.
+    let ranked_mass = |kept: &mut [Cand]| {
+        if kept.len() <= draw::SORTED_UP_TO {
+            draw::sort(kept);
+        }
+        draw::mass(kept)
+    };
+    let mut total = if keep < n { ranked_mass(&mut kept) } else { draw::mass(&kept) };
     if params.top_p < 1.0 {
         // HF sorts ascending and drops tokens whose cumulative probability is <= 1 - top_p,
-        // always keeping at least one: equivalently keep the descending prefix until the
-        // remaining tail would be <= 1 - top_p.
-        let mut tail = 1.0;
-        let mut m = 0;
-        while m < keep {
-            if m > 0 && tail <= 1.0 - f64::from(params.top_p) {
-                break;
+        // always keeping at least one: keep the descending prefix up to the first token at
+        // which the kept mass reaches top_p.
+        let last = if kept.len() <= draw::SORTED_UP_TO {
+            draw::sort(&mut kept);
+            let mut tail = 1.0;
+            let mut m = 0;
+            while m < kept.len() {
+                if m > 0 && tail <= 1.0 - f64::from(params.top_p) {
+                    break;
+                }
+                tail -= kept[m].p / total;
+                m += 1;
             }
-            tail -= prob(ranked.at(m)) / total;
-            m += 1;
+            m.max(1) - 1
+        } else {
+            let target = f64::from(params.top_p) * total;
+            draw::first_past(&mut kept, target, true).unwrap_or(kept.len() - 1)
+        };
+        kept.truncate(last + 1);
+        if kept.len() < n {
+            total = ranked_mass(&mut kept);
         }
-        keep = m.max(1);
     }
-    let total: f64 = if keep < n { (0..keep).map(|j| prob(ranked.at(j))).sum() } else { total };
-    let mut u = rng.uniform() * total;
-    let mut last = ranked.at(0);
-    for j in 0..keep {
-        let i = ranked.at(j);
-        let p = prob(i);
-        if u < p {
-            return i as u32;
+    let u = rng.uniform() * total;
+    match draw::first_past(&mut kept, u, false) {
+        Some(at) => kept[at].i,
+        // Rounding left `u` past the end: the last token that had any probability.
+        None => {
+            kept.iter().max_by(|a, b| b.s.total_cmp(&a.s).then(a.i.cmp(&b.i))).map_or(0, |c| c.i)
         }
-        if p > 0.0 {
-            last = i;
-        }
-        u -= p;
     }
-    // Rounding left `u` past the end: the last token that had any probability.
-    last as u32
 }
 
 /// The `k` most likely tokens of a raw logits row with their log-probabilities, most likely
@@ -291,8 +315,8 @@ mod tests {
         assert_eq!(sample(&logits, &p, &[], &mut rng), 0);
     }
 
-    /// The sampler as it was before partial selection (a full sort of the row), kept as the
-    /// oracle: the same seeds must give the same tokens.
+    /// The sampler as it was before partial selection and the bucketed walk (a full sort of
+    /// the row), kept as the oracle: the same seeds must give the same tokens.
     fn full_sort_sample(
         logits: &[f32],
         params: &SamplingParams,
@@ -348,7 +372,7 @@ mod tests {
     }
 
     #[test]
-    fn partial_selection_draws_what_the_full_sort_drew() {
+    fn the_sampler_draws_what_the_full_sort_drew() {
         let vocab = 5000;
         let mut gen = Rng::new(99);
         let mut draws = 0;
