@@ -316,7 +316,10 @@ fn stop_up(mut up: std::process::Child) -> Result<()> {
 struct Repl {
     child: std::process::Child,
     stdin: std::process::ChildStdin,
-    out: std::sync::Arc<std::sync::Mutex<String>>,
+    /// stdout's bytes so far (a chunk may end inside a UTF-8 character: decoded when read).
+    out: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    /// The thread reading stdout, done at end of file (after the child's last write).
+    reader: std::thread::JoinHandle<()>,
 }
 
 impl Repl {
@@ -330,18 +333,23 @@ impl Repl {
             .spawn()?;
         let stdin = child.stdin.take().context("stdin")?;
         let mut stdout = child.stdout.take().context("stdout")?;
-        let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = out.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n) = std::io::Read::read(&mut stdout, &mut buf) {
                 if n == 0 {
                     break;
                 }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buf[..n]));
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
             }
         });
-        Ok(Self { child, stdin, out })
+        Ok(Self { child, stdin, out, reader })
+    }
+
+    /// stdout so far.
+    fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned()
     }
 
     fn say(&mut self, line: &str) -> Result<()> {
@@ -354,7 +362,7 @@ impl Repl {
     fn wait_for(&self, needle: &str, times: usize) -> Result<String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let out = self.out.lock().unwrap().clone();
+            let out = self.stdout();
             if out.matches(needle).count() >= times {
                 return Ok(out);
             }
@@ -363,11 +371,13 @@ impl Repl {
         }
     }
 
-    /// Closes stdin (end of the session) and waits for a clean exit.
+    /// Closes stdin (end of the session), waits for a clean exit and returns all of stdout
+    /// (read to its end: the child's last lines may still be in the pipe when it exits).
     fn finish(mut self) -> Result<String> {
         drop(self.stdin);
         anyhow::ensure!(self.child.wait()?.success(), "the chat exits 0 at end of input");
-        Ok(self.out.lock().unwrap().clone())
+        self.reader.join().map_err(|_| anyhow::anyhow!("the stdout reader panicked"))?;
+        Ok(String::from_utf8_lossy(&self.out.lock().unwrap()).into_owned())
     }
 }
 
