@@ -54,7 +54,7 @@ pub struct ServeArgs {
     /// The built-in mix's weights.
     #[arg(long, default_value = "text=1,image=1,multiturn=1,long=1")]
     mix: String,
-    /// Images for the mix (PNG, JPEG, WebP) instead of the bundled two.
+    /// Images for the mix (PNG, JPEG, WebP, GIF) instead of the bundled two.
     #[arg(long)]
     images: Option<PathBuf>,
     /// Distinct images (variants) the mix's `image` requests cycle through.

@@ -15,8 +15,11 @@
 //!
 //! Sets of up to [`SORTED_UP_TO`] candidates are sorted and walked one by one, exactly as the
 //! sorted row was, so their results are bit-identical to the sequential walk. Larger sets sum
-//! each bucket at once, so a target within rounding (about 1e-16 of the total) of the boundary
-//! between two tokens may fall to the other one; the distribution drawn from is the same.
+//! each bucket at once, so a target within rounding of the boundary between two tokens (the
+//! bucket sums subtracted one after another: well under 1e-12 of the total) may fall to the
+//! other one; the distribution drawn from is the same. Where rounding leaves the target past
+//! the end of the bucket its sum chose, the bucket's last candidate is taken, as the walk takes
+//! the token at a boundary.
 
 use std::cmp::Ordering;
 
@@ -114,7 +117,14 @@ pub(crate) fn first_past(c: &mut [Cand], target: f64, inclusive: bool) -> Option
         sort(within);
         walk(within, left, inclusive)
     };
-    at.map(|at| before + at)
+    // The bucket's sum passed the target, so one of its candidates does: where rounding says
+    // none, the last in rank order (moved to the end, the others all rank before it).
+    let at = at.unwrap_or_else(|| {
+        let last = (0..within.len()).max_by(|&a, &b| rank(&within[a], &within[b]));
+        within.swap(last.expect("the bucket holds mass"), within.len() - 1);
+        within.len() - 1
+    });
+    Some(before + at)
 }
 
 /// Score buckets of a [`first_past`] pass.

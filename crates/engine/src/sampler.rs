@@ -170,11 +170,17 @@ pub fn sample(logits: &[f32], params: &SamplingParams, generated: &[u32], rng: &
         .iter()
         .enumerate()
         .filter(|&(_, &s)| s >= kth)
-        .map(|(i, &s)| Cand { s, i: i as u32, p: f64::from(s - max).exp() })
+        // A score that overflowed to +inf (a tiny temperature) is the top: probability 1, as
+        // `exp(s - max)` would be NaN there.
+        .map(|(i, &s)| Cand {
+            s,
+            i: i as u32,
+            p: if s == max { 1.0 } else { f64::from(s - max).exp() },
+        })
         .filter(|c| c.p > 0.0)
         .collect();
-    // The normaliser over the kept tokens: in rank order when they are a prefix, as before;
-    // over the whole row (id order) when nothing is cut.
+    // The normaliser over the kept tokens: in rank order when they are a prefix of up to
+    // `SORTED_UP_TO` tokens, as before; in id order for more, or when nothing is cut.
     let ranked_mass = |kept: &mut [Cand]| {
         if kept.len() <= draw::SORTED_UP_TO {
             draw::sort(kept);
@@ -186,22 +192,11 @@ pub fn sample(logits: &[f32], params: &SamplingParams, generated: &[u32], rng: &
         // HF sorts ascending and drops tokens whose cumulative probability is <= 1 - top_p,
         // always keeping at least one: keep the descending prefix up to the first token at
         // which the kept mass reaches top_p.
-        let last = if kept.len() <= draw::SORTED_UP_TO {
-            draw::sort(&mut kept);
-            let mut tail = 1.0;
-            let mut m = 0;
-            while m < kept.len() {
-                if m > 0 && tail <= 1.0 - f64::from(params.top_p) {
-                    break;
-                }
-                tail -= kept[m].p / total;
-                m += 1;
-            }
-            m.max(1) - 1
-        } else {
-            let target = f64::from(params.top_p) * total;
-            draw::first_past(&mut kept, target, true).unwrap_or(kept.len() - 1)
-        };
+        // (The same cut as a tail of `1 - top_p`, but the running sum of unnormalised
+        // probabilities is exact where they are, as for tied scores: a flat row of 5,000 at
+        // `top_p` 0.5 keeps 2,500, where subtracting `1 / 5000` at a time kept 2,501.)
+        let target = f64::from(params.top_p) * total;
+        let last = draw::first_past(&mut kept, target, true).unwrap_or(kept.len() - 1);
         kept.truncate(last + 1);
         if kept.len() < n {
             total = ranked_mass(&mut kept);
@@ -349,16 +344,16 @@ mod tests {
             order[..keep].iter().map(|&i| f64::from(scores[i] - max).exp()).collect();
         let total: f64 = probs.iter().sum();
         if params.top_p < 1.0 {
-            let mut tail = 1.0;
+            let mut left = f64::from(params.top_p) * total;
             let mut n = 0;
             for p in &probs {
-                if n > 0 && tail <= 1.0 - f64::from(params.top_p) {
+                n += 1;
+                if left <= *p {
                     break;
                 }
-                tail -= p / total;
-                n += 1;
+                left -= p;
             }
-            keep = n.max(1);
+            keep = n;
         }
         let total: f64 = probs[..keep].iter().sum();
         let mut u = rng.uniform() * total;
@@ -398,6 +393,28 @@ mod tests {
             }
         }
         assert_eq!(draws, 1500);
+        // Flat rows, below and above the sorted-set size: the cut falls on a tie.
+        for (n, top_p) in [(3000, 0.5f32), (5000, 0.5), (10_000, 0.25), (10_000, 0.75)] {
+            let params = SamplingParams { top_p, ..SamplingParams::DEFAULTS };
+            let (mut a, mut b) = (Rng::new(n as u64), Rng::new(n as u64));
+            for _ in 0..50 {
+                let want = full_sort_sample(&vec![0.0; n], &params, &[], &mut a);
+                assert_eq!(sample(&vec![0.0; n], &params, &[], &mut b), want, "{n} at {top_p}");
+                let kept = (f64::from(top_p) * n as f64) as u32;
+                assert!(want < kept, "{want} past the {kept} kept of {n} at {top_p}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_score_that_overflows_to_infinity_wins() {
+        // Validation lets any temperature above 0 through; 1e-38 sends 5.0 to +inf.
+        let params = SamplingParams { temperature: 1e-38, ..SamplingParams::DEFAULTS };
+        let mut rng = Rng::new(3);
+        for logits in [[1.0f32, 5.0, -2.0], [5.0, 1.0, 3.0]] {
+            let top = if logits[0] == 5.0 { 0 } else { 1 };
+            assert!((0..50).all(|_| sample(&logits, &params, &[], &mut rng) == top), "{logits:?}");
+        }
     }
 
     #[test]

@@ -191,12 +191,12 @@ fn load_folder(dir: &Path) -> Result<Vec<Vec<u8>>, LoadError> {
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| {
             let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-            matches!(ext.as_str(), "png" | "jpg" | "jpeg" | "webp")
+            matches!(ext.as_str(), "png" | "jpg" | "jpeg" | "webp" | "gif")
         })
         .collect();
     paths.sort();
     if paths.is_empty() {
-        return Err(LoadError::Image(format!("no PNG, JPEG or WebP in {}", dir.display())));
+        return Err(LoadError::Image(format!("no PNG, JPEG, WebP or GIF in {}", dir.display())));
     }
     paths.iter().map(|p| std::fs::read(p).map_err(read)).collect()
 }

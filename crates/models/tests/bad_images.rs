@@ -203,7 +203,8 @@ fn corrupt_jpegs_are_errors_or_images_never_crashes() -> Result<()> {
 /// `tests/fixtures/extra/make_cmyk.py`): every four-layer JPEG read as Adobe-inverted CMYK, then
 /// Pillow's `cmyk2rgb`. WebP (lossy with and without alpha, lossless; `make_webp.py`) likewise,
 /// and GIF (`make_gif.py`: the first frame on the logical screen, transparent index shown by its
-/// colour, frames offset and past the screen, a palette shorter than the indices).
+/// colour, frames offset and past the screen, a palette shorter than the indices, grey-ramp
+/// palettes read as grey levels).
 #[test]
 fn cmyk_ycck_webp_and_gif_convert_like_pillow() -> Result<()> {
     let cases = ["cmyk_adobe", "cmyk_no_adobe", "ycck_adobe", "ycck_progressive"]
@@ -220,6 +221,8 @@ fn cmyk_ycck_webp_and_gif_convert_like_pillow() -> Result<()> {
                 "gif_offset_opaque",
                 "gif_beyond_screen",
                 "gif_short_palette",
+                "gif_ramp_global",
+                "gif_ramp_local",
             ]
             .map(|name| (name, "gif")),
         );

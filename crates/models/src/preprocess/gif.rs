@@ -6,7 +6,10 @@
 //! frame's extent where the frame reaches past it; pixels outside the frame hold the frame's
 //! transparent index when it has one and index 0 otherwise, and a transparent index shows its
 //! palette colour (P to RGB ignores transparency, so nothing is composited); the frame's local
-//! palette wins over the global one; an index past the end of the palette is black.
+//! palette wins over the global one; an index past the end of the palette is black. A palette
+//! that is a grey ramp (entry `i` is `(i, i, i)`) counts as none: a local one gives way to the
+//! global palette, and with neither left Pillow opens the frame as mode "L", where every index
+//! is its own grey, past the palette's end too.
 //!
 //! Safety: the screen and first-frame descriptors are read first and the image's size checked
 //! against [`ImageLimits`] before the frame's pixels are decoded; the `gif` crate's own memory
@@ -43,7 +46,9 @@ pub(super) fn decode_gif_like_pillow(
     let (left, top) = (usize::from(frame.left), usize::from(frame.top));
     let (fw, fh) = (usize::from(frame.width), usize::from(frame.height));
     let fill = frame.transparent.unwrap_or(0);
-    let palette = frame.palette.clone().or(global).unwrap_or_default();
+    // `None`: grey, the index as its value (Pillow's mode "L").
+    let palette =
+        frame.palette.clone().filter(|p| !is_grey_ramp(p)).or(global.filter(|p| !is_grey_ramp(p)));
     let (width, height) = (screen.0.max(left + fw), screen.1.max(top + fh));
     check_dimensions(width as u32, height as u32, limits)?;
 
@@ -58,10 +63,19 @@ pub(super) fn decode_gif_like_pillow(
         .iter()
         .flat_map(|&i| {
             let at = usize::from(i) * 3;
-            palette.get(at..at + 3).map_or([0, 0, 0], |c| [c[0], c[1], c[2]])
+            match &palette {
+                Some(p) => p.get(at..at + 3).map_or([0, 0, 0], |c| [c[0], c[1], c[2]]),
+                None => [i, i, i],
+            }
         })
         .collect();
     Ok(RgbImage { width, height, data })
+}
+
+/// Whether every entry `i` of an RGB `palette` is `(i, i, i)`: Pillow's
+/// `GifImagePlugin._is_palette_needed` is false for it, and the frame reads as grey levels.
+fn is_grey_ramp(palette: &[u8]) -> bool {
+    palette.chunks(3).enumerate().all(|(i, c)| c.iter().all(|&v| usize::from(v) == i))
 }
 
 fn map_gif_error(err: gif::DecodingError) -> ImageError {
