@@ -197,6 +197,26 @@ mod tests {
         }
     }
 
+    /// A bucket's sum (in the set's order) reaches the target, but walking the bucket in rank
+    /// order rounds it away: four probabilities of half an ulp of 2 before one of 2 sum to
+    /// exactly `2 + 2^-50` (the target, inclusive), yet each is lost when subtracted from it.
+    /// The bucket's last candidate is the one whose running sum reaches the target exactly.
+    #[test]
+    fn a_bucket_whose_walk_falls_short_gives_its_last_candidate() {
+        let half_ulp = 2f64.powi(-52);
+        let mut c: Vec<Cand> = (0..4).map(|i| Cand { s: 10.0, i, p: half_ulp }).collect();
+        c.push(Cand { s: 10.0, i: 4, p: 2.0 });
+        c.extend((5..SORTED_UP_TO as u32 + 6).map(|i| Cand { s: 0.0, i, p: 1.0 }));
+        let target = 2.0 + 2f64.powi(-50);
+        let top: Vec<Cand> = c[..5].to_vec();
+        assert_eq!(walk(&top, target, true), None, "the rank-order walk falls short");
+        let at = first_past(&mut c, target, true).expect("the bucket holds the target");
+        assert_eq!((at, c[at].i), (4, 4));
+        let mut ahead: Vec<u32> = c[..at].iter().map(|x| x.i).collect();
+        ahead.sort_unstable();
+        assert_eq!(ahead, [0, 1, 2, 3]);
+    }
+
     #[test]
     fn past_the_whole_mass_is_none() {
         let mut gen = Rng::new(5);
