@@ -10,7 +10,7 @@
 //!
 //! | field | default | valid |
 //! |---|---|---|
-//! | `temperature` | 1.0 (OpenAI's); 0 is greedy | finite, in `[0, 100]` |
+//! | `temperature` | 1.0 (OpenAI's); 0 is greedy, and so is anything below [`GREEDY_BELOW`] | finite, in `[0, 100]` |
 //! | `top_k` | 0 (no limit) | any |
 //! | `top_p` | 1.0 (no nucleus cut) | in `(0, 1]` |
 //! | `repetition_penalty` | 1.0 (none) | finite, in `(0, 100]` |
@@ -28,6 +28,10 @@ use serde::{Deserialize, Serialize};
 
 /// Largest accepted temperature (larger values only flatten the distribution further).
 pub const MAX_TEMPERATURE: f32 = 100.0;
+/// Temperatures below this decode greedily, as vLLM's `_SAMPLING_EPS` (1e-5) makes them: the
+/// distribution is the argmax to within rounding there, and dividing the logits by a smaller
+/// one overflows them to infinities (a temperature of 1e-40 sent every negative logit to -inf).
+pub const GREEDY_BELOW: f32 = 1e-5;
 /// Largest accepted repetition penalty.
 pub const MAX_REPETITION_PENALTY: f32 = 100.0;
 /// Largest magnitude of the presence and frequency penalties (OpenAI's range).
@@ -114,9 +118,9 @@ impl SamplingParams {
         Self { temperature: 0.0, ..Self::DEFAULTS }
     }
 
-    /// Whether this is greedy decoding.
+    /// Whether this is greedy decoding: a temperature of 0, or below [`GREEDY_BELOW`].
     pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0
+        self.temperature < GREEDY_BELOW
     }
 
     /// Whether a logit processor (bias or penalty) changes the row before the choice; when

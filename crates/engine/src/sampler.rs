@@ -408,11 +408,19 @@ mod tests {
 
     #[test]
     fn a_score_that_overflows_to_infinity_wins() {
-        // Validation lets any temperature above 0 through; 1e-38 sends 5.0 to +inf.
+        // Temperatures this small decode greedily; a row with a logit of 3.4e33 would still
+        // overflow at 1e-5, so the sampler must not turn +inf into NaN.
         let params = SamplingParams { temperature: 1e-38, ..SamplingParams::DEFAULTS };
+        assert!(params.is_greedy());
         let mut rng = Rng::new(3);
-        for logits in [[1.0f32, 5.0, -2.0], [5.0, 1.0, 3.0]] {
-            let top = if logits[0] == 5.0 { 0 } else { 1 };
+        for logits in [[1.0f32, 5.0, -2.0], [5.0, 1.0, 3.0], [-5.0, -1.0, -3.0]] {
+            let top = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
+            assert!((0..50).all(|_| sample(&logits, &params, &[], &mut rng) == top), "{logits:?}");
+        }
+        // Above the greedy threshold, an overflow to +inf.
+        let params = SamplingParams { temperature: 2e-5, ..SamplingParams::DEFAULTS };
+        for logits in [[1.0f32, 1e34, -2.0], [1e34, 1.0, 3.0]] {
+            let top = if logits[0] > 1.0 { 0 } else { 1 };
             assert!((0..50).all(|_| sample(&logits, &params, &[], &mut rng) == top), "{logits:?}");
         }
     }
