@@ -44,6 +44,11 @@ pub(crate) fn sort(c: &mut [Cand]) {
     c.sort_unstable_by(rank);
 }
 
+/// The position of `c`'s last candidate in rank order (`None` when `c` is empty).
+pub(crate) fn last_in_rank(c: &[Cand]) -> Option<usize> {
+    (0..c.len()).max_by(|&a, &b| rank(&c[a], &c[b]))
+}
+
 /// The sum of `c`'s probabilities, in `c`'s order.
 pub(crate) fn mass(c: &[Cand]) -> f64 {
     c.iter().map(|x| x.p).sum()
@@ -120,8 +125,7 @@ pub(crate) fn first_past(c: &mut [Cand], target: f64, inclusive: bool) -> Option
     // The bucket's sum passed the target, so one of its candidates does: where rounding says
     // none, the last in rank order (moved to the end, the others all rank before it).
     let at = at.unwrap_or_else(|| {
-        let last = (0..within.len()).max_by(|&a, &b| rank(&within[a], &within[b]));
-        within.swap(last.expect("the bucket holds mass"), within.len() - 1);
+        within.swap(last_in_rank(within).expect("the bucket holds mass"), within.len() - 1);
         within.len() - 1
     });
     Some(before + at)

@@ -206,9 +206,7 @@ pub fn sample(logits: &[f32], params: &SamplingParams, generated: &[u32], rng: &
     match draw::first_past(&mut kept, u, false) {
         Some(at) => kept[at].i,
         // Rounding left `u` past the end: the last token that had any probability.
-        None => {
-            kept.iter().max_by(|a, b| b.s.total_cmp(&a.s).then(a.i.cmp(&b.i))).map_or(0, |c| c.i)
-        }
+        None => draw::last_in_rank(&kept).map_or(0, |at| kept[at].i),
     }
 }
 

@@ -3,8 +3,7 @@
 //! one log-sum-exp, so only the chosen ids (and the log-probabilities asked for) cross to the
 //! host. Rows that sample (temperature, top-k, top-p, penalties) or whose logits the caller
 //! keeps are read from the device in one copy and drawn by [`sample`] with their own seeded
-//! generators, in parallel across rows; each orders only the head of the distribution it
-//! reaches.
+//! generators, in parallel across rows.
 
 use candle_core::{DType, Tensor, D};
 use rayon::prelude::*;
@@ -105,19 +104,15 @@ impl StepLogits {
     /// # Errors
     /// A device error reading the logits.
     pub fn choose(&mut self, row: usize, ask: Ask<'_>) -> candle_core::Result<Choice> {
-        if Self::greedy_on_device(&ask) {
-            return self.greedy_choice(row, ask.logprob);
-        }
-        let values = self.logits.get(row)?.to_vec1::<f32>()?;
-        Ok(host_choice(values, ask))
+        Ok(self.choose_rows(vec![(row, ask)])?.pop().expect("one choice per ask"))
     }
 
     /// Chooses the tokens of several rows, in the order asked: what [`Self::choose`] gives row
     /// by row, but the rows drawn on the host are read from the device in one copy and drawn in
     /// parallel. Each sequence has its own generator, so the order they are drawn in changes
-    /// nothing. A sampled row of a 102,400-token vocabulary costs 0.5-5 ms on the host (more
-    /// the flatter the distribution), so a step of many sampled rows no longer waits for each
-    /// in turn.
+    /// nothing. A sampled row of a 102,400-token vocabulary costs 0.3-1 ms on the host
+    /// (benches/README.md, "Sampled rows on the host"), so a step of many sampled rows does not
+    /// wait for each in turn.
     ///
     /// # Errors
     /// A device error reading the logits.
