@@ -204,7 +204,7 @@ fn corrupt_jpegs_are_errors_or_images_never_crashes() -> Result<()> {
 /// Pillow's `cmyk2rgb`. WebP (lossy with and without alpha, lossless; `make_webp.py`) likewise,
 /// and GIF (`make_gif.py`: the first frame on the logical screen, transparent index shown by its
 /// colour, frames offset and past the screen, a palette shorter than the indices, grey-ramp
-/// palettes read as grey levels).
+/// palettes and no palette at all read as grey levels).
 #[test]
 fn cmyk_ycck_webp_and_gif_convert_like_pillow() -> Result<()> {
     let cases = ["cmyk_adobe", "cmyk_no_adobe", "ycck_adobe", "ycck_progressive"]
@@ -223,6 +223,7 @@ fn cmyk_ycck_webp_and_gif_convert_like_pillow() -> Result<()> {
                 "gif_short_palette",
                 "gif_ramp_global",
                 "gif_ramp_local",
+                "gif_no_palette",
             ]
             .map(|name| (name, "gif")),
         );

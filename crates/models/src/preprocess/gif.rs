@@ -9,7 +9,10 @@
 //! palette wins over the global one; an index past the end of the palette is black. A palette
 //! that is a grey ramp (entry `i` is `(i, i, i)`) counts as none: a local one gives way to the
 //! global palette, and with neither left Pillow opens the frame as mode "L", where every index
-//! is its own grey, past the palette's end too.
+//! is its own grey, past the palette's end too. A GIF with no colour table at all reads the same
+//! way; the `gif` crate refuses a frame without one, so such a file is handed to it with a grey
+//! ramp as its global table (see [`with_grey_ramp_if_no_global_table`]), which those rules then
+//! drop again.
 //!
 //! Safety: the screen and first-frame descriptors are read first and the image's size checked
 //! against [`ImageLimits`] before the frame's pixels are decoded; the `gif` crate's own memory
@@ -36,7 +39,8 @@ pub(super) fn decode_gif_like_pillow(
     if let Some(bytes) = NonZeroU64::new(limits.max_alloc) {
         options.set_memory_limit(gif::MemoryLimit::Bytes(bytes));
     }
-    let mut decoder = options.read_info(bytes).map_err(map_gif_error)?;
+    let bytes = with_grey_ramp_if_no_global_table(bytes);
+    let mut decoder = options.read_info(&bytes[..]).map_err(map_gif_error)?;
     let screen = (usize::from(decoder.width()), usize::from(decoder.height()));
     let global = decoder.global_palette().map(<[u8]>::to_vec);
     let frame = decoder
@@ -70,6 +74,28 @@ pub(super) fn decode_gif_like_pillow(
         })
         .collect();
     Ok(RgbImage { width, height, data })
+}
+
+/// `bytes` with a 256-entry grey ramp inserted as the global colour table when the logical
+/// screen descriptor declares none (flag bit 7 of byte 10 clear), `bytes` as they are otherwise.
+///
+/// A frame with neither a local nor a global table is refused by the `gif` crate ("no color
+/// table available"), where Pillow opens it as mode "L". A grey-ramp table counts as no table
+/// under Pillow's rules (and [`is_grey_ramp`] here), so the frame still reads as grey levels,
+/// and a local table, if the frame has one, still wins. The LZW data is untouched.
+fn with_grey_ramp_if_no_global_table(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    const SCREEN_END: usize = 13; // "GIF89a", width, height, flags, background, aspect
+    match bytes.get(10) {
+        Some(flags) if flags & 0x80 == 0 && bytes.len() >= SCREEN_END => {
+            let mut patched = Vec::with_capacity(bytes.len() + 768);
+            patched.extend_from_slice(&bytes[..SCREEN_END]);
+            patched[10] |= 0x80 | 7; // a global table of 2 << 7 = 256 entries
+            patched.extend((0..=255u8).flat_map(|i| [i, i, i]));
+            patched.extend_from_slice(&bytes[SCREEN_END..]);
+            patched.into()
+        }
+        _ => bytes.into(),
+    }
 }
 
 /// Whether every entry `i` of an RGB `palette` is `(i, i, i)`: Pillow's
