@@ -1,7 +1,7 @@
 //! `POST /v1/completions` through the real gateway and decoder: the golden text prompt's token
 //! ids as a raw prompt give the golden greedy ids, streamed or not; a text prompt is tokenized
-//! without the chat template; refused fields are 400s naming them; `/v1/models` reports the
-//! context length.
+//! without the chat template; a list of prompts gives each prompt's choices, numbered prompt by
+//! prompt; refused fields are 400s naming them; `/v1/models` reports the context length.
 
 use anyhow::{Context, Result};
 use dsvl_e2e::{golden_case, golden_generated, http_post, Cluster, Options};
@@ -60,13 +60,15 @@ async fn completions_with_token_ids_and_text() -> Result<()> {
         (json!({"prompt": "x", "logit_bias": {"a": 2}}), "logit_bias: key `a`"),
         (json!({"prompt": "x", "logprobs": 21}), "top_logprobs is 21"),
         (json!({"prompt": "x", "n": 99}), "at most 8"),
-        (json!({"prompt": ["a", "b"]}), "one prompt per request"),
+        (json!({"prompt": vec!["a"; 65]}), "at most 64 per request"),
+        (json!({"prompt": [[1, 2], []]}), "empty"),
         (json!({"prompt": "x", "frobnicate": 1}), "unknown field `frobnicate`"),
     ] {
         let r = http_post(&cluster.http, "/v1/completions", &[], &bad)?;
         assert_eq!(r.status, 400, "{bad}: {}", r.body);
         assert!(r.json()?["error"]["message"].as_str().unwrap_or("").contains(field), "{}", r.body);
     }
+    several_prompts(&cluster, &ids)?;
     let m = dsvl_testkit::http_get(&cluster.http, "/v1/models")?;
     assert!(m.contains("\"max_model_len\":16384"), "{m}");
     // One model by id: the same object; an unknown id is OpenAI's 404 naming it.
@@ -84,5 +86,72 @@ async fn completions_with_token_ids_and_text() -> Result<()> {
         (Some("model_not_found"), Some("model"))
     );
     assert!(error["message"].as_str().unwrap_or_default().contains("no-such/model"), "{error}");
+    Ok(())
+}
+
+/// A list of prompts (text, then token ids) with `n = 2`: choice `2i + j` is prompt `i`'s, with
+/// the text and ids that prompt gives alone; usage counts each prompt once; streamed, each
+/// index's pieces join to the same text and the usage chunk and `[DONE]` come last.
+fn several_prompts(cluster: &Cluster, golden_ids: &[u32]) -> Result<()> {
+    let post = |body: &Value| -> Result<Value> {
+        let r = http_post(&cluster.http, "/v1/completions", &[], body)?;
+        anyhow::ensure!(r.status == 200, "{body}: {}", r.body);
+        r.json()
+    };
+    let prompts = [json!("Once upon a time"), json!(golden_ids)];
+    let alone: Vec<Value> = prompts
+        .iter()
+        .map(|p| post(&json!({"prompt": p, "temperature": 0, "max_tokens": 6})))
+        .collect::<Result<_>>()?;
+    let texts = [json!(["Once upon a time", "a second prompt"]), json!([golden_ids, golden_ids])];
+    // The text list and the id list each against the prompts alone.
+    let second = post(&json!({"prompt": "a second prompt", "temperature": 0, "max_tokens": 6}))?;
+    for (list, wants) in texts.iter().zip([[&alone[0], &second], [&alone[1], &alone[1]]]) {
+        let body = json!({"prompt": list, "temperature": 0, "max_tokens": 6, "n": 2, "return_prompt_token_ids": true});
+        let v = post(&body)?;
+        let choices = v["choices"].as_array().context("choices")?;
+        assert_eq!(choices.len(), 4, "{v}");
+        for (at, c) in choices.iter().enumerate() {
+            let want = wants[at / 2];
+            assert_eq!(c["index"], at, "{v}");
+            assert_eq!(c["text"], want["choices"][0]["text"], "choice {at}: {v}");
+            assert_eq!(v["dsvl"]["choices_token_ids"][at], want["dsvl"]["token_ids"], "{at}");
+        }
+        let prompt_tokens =
+            wants.iter().map(|w| w["usage"]["prompt_tokens"].as_u64()).sum::<Option<u64>>();
+        assert_eq!(v["usage"]["prompt_tokens"].as_u64(), prompt_tokens, "{v}");
+        let completion =
+            wants.iter().map(|w| w["usage"]["completion_tokens"].as_u64()).sum::<Option<u64>>();
+        assert_eq!(v["usage"]["completion_tokens"].as_u64(), completion.map(|c| 2 * c), "{v}");
+        let prompt_ids = v["dsvl"]["choices_prompt_token_ids"].as_array().context("prompt ids")?;
+        assert_eq!(prompt_ids.len(), 4);
+        assert_eq!(
+            prompt_ids[3].as_array().map(Vec::len),
+            wants[1]["usage"]["prompt_tokens"].as_u64().map(|n| n as usize)
+        );
+
+        let mut streamed = body.clone();
+        streamed["stream"] = json!(true);
+        streamed["stream_options"] = json!({"include_usage": true});
+        let r = http_post(&cluster.http, "/v1/completions", &[], &streamed)?;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let events = r.sse_data();
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e))
+            .collect::<Result<_, _>>()?;
+        for (at, c) in choices.iter().enumerate() {
+            let joined: String = chunks
+                .iter()
+                .flat_map(|k| k["choices"].as_array().cloned().unwrap_or_default())
+                .filter(|ch| ch["index"] == at)
+                .filter_map(|ch| ch["text"].as_str().map(String::from))
+                .collect();
+            assert_eq!(joined, c["text"].as_str().unwrap_or_default(), "streamed choice {at}");
+        }
+        let last = chunks.last().context("a usage chunk")?;
+        assert_eq!(last["usage"], v["usage"], "the stream's usage is the whole reply's");
+    }
     Ok(())
 }

@@ -122,6 +122,10 @@ pub struct Args {
     /// Most choices (`n`) one request may ask for; they share the prompt's prefill.
     #[arg(long, env = "DSVL_MAX_N", default_value_t = 8)]
     pub max_n: u32,
+    /// Most prompts one `POST /v1/completions` request may carry in a list; each runs as a
+    /// request of its own against the in-flight caps and quotas.
+    #[arg(long, env = "DSVL_MAX_PROMPTS", default_value_t = 64)]
+    pub max_prompts: u32,
     /// Hosts from which `image_url` http(s) URLs may be fetched: exact names (compared without
     /// case or a trailing dot) or `*.suffix` for subdomains. Empty: only `data:` URLs.
     #[arg(long, env = "DSVL_IMAGE_URL_ALLOW", value_delimiter = ',')]
@@ -233,6 +237,8 @@ pub struct GatewayConfig {
     pub max_new_tokens: u32,
     /// Most choices per request.
     pub max_n: u32,
+    /// Most prompts per `/v1/completions` request.
+    pub max_prompts: u32,
     /// Most requests in flight.
     pub max_in_flight: usize,
     /// Most requests in flight per tenant (0: no cap).
@@ -381,6 +387,7 @@ impl TryFrom<&Args> for GatewayConfig {
             max_prompt_tokens: a.max_prompt_tokens,
             max_new_tokens: a.max_new_tokens.max(1),
             max_n: a.max_n.max(1),
+            max_prompts: a.max_prompts.max(1),
             max_in_flight: a.max_in_flight.max(1),
             tenant_max_concurrency: a.tenant_max_concurrency,
             prefix_routing: (a.decoder_routing == "prefix")

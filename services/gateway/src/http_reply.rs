@@ -22,15 +22,18 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Usage over every choice: the prompt once (choice 0's cache figure), the completions summed.
-pub(crate) fn usage(finishes: &[Finish]) -> Value {
-    let first = finishes.iter().min_by_key(|f| f.index).cloned().unwrap_or_default();
+/// Usage over every choice: each prompt once (its first choice's figures; choices are numbered
+/// `per_prompt` to a prompt), the completions summed.
+pub(crate) fn usage(finishes: &[Finish], per_prompt: u32) -> Value {
+    let firsts = finishes.iter().filter(|f| f.index % per_prompt.max(1) == 0);
+    let (prompt, cached) =
+        firsts.fold((0, 0), |(p, c), f| (p + f.prompt_tokens, c + f.cached_tokens));
     let completion: u32 = finishes.iter().map(|f| f.completion_tokens).sum();
     json!({
-        "prompt_tokens": first.prompt_tokens,
+        "prompt_tokens": prompt,
         "completion_tokens": completion,
-        "total_tokens": first.prompt_tokens + completion,
-        "prompt_tokens_details": {"cached_tokens": first.cached_tokens},
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     })
 }
 
@@ -60,8 +63,10 @@ pub(crate) struct Reply {
     pub id: String,
     /// Served model name.
     pub model: String,
-    /// Choices to wait for.
+    /// Choices to wait for, over every prompt.
     pub n: u32,
+    /// Choices per prompt (the request's `n`; fewer than `n` when it has several prompts).
+    pub per_prompt: u32,
     /// Whether choices carry `logprobs`.
     pub logprobs: bool,
     /// The tools a chat reply may call (its text is parsed into `tool_calls`).
@@ -72,7 +77,12 @@ impl Reply {
     /// The framing of `input`'s reply.
     pub(crate) fn new(input: &ChatInput, shape: Shape, model: String, id: String) -> Self {
         let (n, logprobs) = (input.output.n.max(1), input.output.logprobs);
-        Self { shape, id, model, n, logprobs, tools: None }
+        Self { shape, id, model, n, per_prompt: n, logprobs, tools: None }
+    }
+
+    /// The framing of `prompts` prompts' replies together, each with this one's choices.
+    pub(crate) fn for_prompts(self, prompts: u32) -> Self {
+        Self { n: self.per_prompt * prompts.max(1), ..self }
     }
 }
 
@@ -157,11 +167,16 @@ impl Shape {
     }
 }
 
-/// The `dsvl` extension of a whole reply: choice 0's, plus every choice's ids when n > 1.
-fn extensions(finishes: &[Finish]) -> Value {
+/// The `dsvl` extension of a whole reply: choice 0's, plus every choice's ids when there are
+/// several, and every choice's prompt ids (when asked for) when there are several prompts.
+fn extensions(finishes: &[Finish], per_prompt: u32) -> Value {
     let mut v = extension(&finishes[0]);
     if finishes.len() > 1 {
         v["choices_token_ids"] = finishes.iter().map(|f| json!(f.token_ids)).collect();
+    }
+    if finishes.len() > per_prompt as usize && !finishes[0].prompt_token_ids.is_empty() {
+        v["choices_prompt_token_ids"] =
+            finishes.iter().map(|f| json!(f.prompt_token_ids)).collect();
     }
     v
 }
@@ -233,8 +248,8 @@ pub(crate) async fn whole(mut rx: ChatStream, reply: Reply) -> Response {
                 return Json(json!({
                     "id": reply.id, "object": reply.shape.object(false), "created": unix_now(), "model": reply.model, "system_fingerprint": null,
                     "choices": body,
-                    "usage": usage(&finishes),
-                    "dsvl": extensions(&finishes),
+                    "usage": usage(&finishes, reply.per_prompt),
+                    "dsvl": extensions(&finishes, reply.per_prompt),
                 }))
                 .into_response();
             }
@@ -263,7 +278,7 @@ pub(crate) fn sse(
     include_usage: bool,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let created = unix_now();
-    let Reply { shape, id, model, n, logprobs, tools } = reply;
+    let Reply { shape, id, model, n, per_prompt, logprobs, tools } = reply;
     let chunk = move |choices: Value, extra: Option<(&str, Value)>| {
         let mut v = json!({"id": id, "object": shape.object(true), "created": created, "model": model, "system_fingerprint": null, "choices": choices});
         if let Some((k, x)) = extra {
@@ -343,7 +358,7 @@ pub(crate) fn sse(
             finishes.push(f);
             if finishes.len() == n as usize {
                 if include_usage {
-                    out.push(chunk(json!([]), Some(("usage", usage(&finishes)))));
+                    out.push(chunk(json!([]), Some(("usage", usage(&finishes, per_prompt)))));
                 }
                 out.push(Event::default().data("[DONE]"));
             }
@@ -355,4 +370,37 @@ pub(crate) fn sse(
     });
     let all = futures::stream::iter(first).chain(events.flat_map(futures::stream::iter)).map(Ok);
     Sse::new(all)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finish(index: u32, prompt: u32, cached: u32, completion: u32) -> Finish {
+        Finish {
+            index,
+            prompt_tokens: prompt,
+            cached_tokens: cached,
+            completion_tokens: completion,
+            ..Finish::default()
+        }
+    }
+
+    #[test]
+    fn usage_counts_each_prompt_once_and_every_completion() {
+        // One prompt, n = 3: the prompt once.
+        let one = [finish(0, 10, 4, 5), finish(1, 10, 4, 6), finish(2, 10, 4, 7)];
+        let u = usage(&one, 3);
+        assert_eq!(
+            (u["prompt_tokens"].as_u64(), u["completion_tokens"].as_u64()),
+            (Some(10), Some(18))
+        );
+        assert_eq!(u["prompt_tokens_details"]["cached_tokens"], 4);
+        // Two prompts, n = 2: choices 0-1 are the first prompt's, 2-3 the second's.
+        let two =
+            [finish(0, 10, 4, 1), finish(1, 10, 4, 2), finish(2, 7, 0, 3), finish(3, 7, 0, 4)];
+        let u = usage(&two, 2);
+        assert_eq!((u["prompt_tokens"].as_u64(), u["total_tokens"].as_u64()), (Some(17), Some(27)));
+        assert_eq!(u["prompt_tokens_details"]["cached_tokens"], 4);
+    }
 }

@@ -134,7 +134,7 @@ fields![
 fields![
     /// `POST /v1/completions`.
     COMPLETION_FIELDS:
-    ("prompt", Honoured, "one string (no chat template; BOS added) or one list of token ids"),
+    ("prompt", Honoured, "a string (no chat template; BOS added) or a list of token ids, or a list of up to --max-prompts (default 64) of either; choice j of prompt i has index i * n + j"),
     ("model", Honoured, "must be the served model's name, or empty"),
     ("max_tokens", Honoured, "new-token budget (default 16, as OpenAI's)"),
     ("temperature", Honoured, "0 is greedy, as is anything below 1e-5"),

@@ -27,7 +27,7 @@ pub fn openai_chat(
     prepare(config, model, input)
 }
 
-/// A `POST /v1/completions` body through validation and the tokenizer.
+/// A `POST /v1/completions` body through validation and the tokenizer, one request per prompt.
 ///
 /// # Errors
 /// What the handler would answer with.
@@ -35,8 +35,11 @@ pub fn openai_completion(
     config: &GatewayConfig,
     model: &ServedModel,
     body: &[u8],
-) -> Result<Prepared, GatewayError> {
-    prepare(config, model, crate::http_completions::legacy_input(body)?)
+) -> Result<Vec<Prepared>, GatewayError> {
+    crate::http_completions::legacy_inputs(body, config.max_prompts)?
+        .into_iter()
+        .map(|input| prepare(config, model, input))
+        .collect()
 }
 
 /// A decoded `dsvl.v1.ChatRequest` through validation, the template and the tokenizer.
