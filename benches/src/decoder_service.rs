@@ -138,7 +138,7 @@ pub fn run(args: ServiceArgs, threads: usize) -> Result<()> {
                                 count += 1;
                             }
                             Event::Finished { .. } | Event::Failed(_) => break,
-                            Event::PromptLogits(_) => {}
+                            Event::PromptLogits(_) | Event::PromptLogprobs(_) => {}
                         }
                     }
                     (first, gaps, count)
@@ -196,7 +196,7 @@ async fn arrivals(
                 count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
             Event::Finished { .. } | Event::Failed(_) => break,
-            Event::PromptLogits(_) => {}
+            Event::PromptLogits(_) | Event::PromptLogprobs(_) => {}
         }
     }
     times

@@ -134,6 +134,7 @@ impl Clients {
             cache_salt: Default::default(),
             constraint: None,
             top_logprobs: 0,
+            prompt_logprobs: false,
         };
         let mut stream = self.decoder.generate(req).await?.into_inner();
         let mut n = 0;

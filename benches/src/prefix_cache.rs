@@ -121,7 +121,7 @@ async fn turn(
                 return Ok((ttft.unwrap_or(f64::NAN), answer, usage.cached_tokens))
             }
             Event::Failed(f) => bail!("{f:?}"),
-            Event::PromptLogits(_) => {}
+            Event::PromptLogits(_) | Event::PromptLogprobs(_) => {}
         }
     }
     bail!("the stream ended without a finish")

@@ -107,6 +107,7 @@ impl Decoder for FakeDecoder {
                         index: i,
                         cached_tokens: 0,
                         top_logprobs: vec![],
+                        prompt_logprobs: vec![],
                     })),
                 })
             })

@@ -112,6 +112,7 @@ pub fn generate(
         top_logprobs: 0,
         deadline: None,
         keep_logits: req.keep_logits,
+        prompt_logprobs: false,
         events: tx,
         prefix: Default::default(),
         constraint: None,
@@ -149,6 +150,7 @@ fn drive(
         while let Ok(ev) = rx.try_recv() {
             match ev {
                 Event::PromptLogits(t) => out.prompt_logits = Some(t),
+                Event::PromptLogprobs(_) => {} // never asked for here
                 Event::Token { id, logits, .. } => {
                     out.tokens.push(id);
                     out.step_logits.extend(logits);

@@ -12,6 +12,7 @@ pub mod engine;
 pub mod generate;
 pub mod group;
 mod pace;
+mod prompt_logprobs;
 mod request_metrics;
 pub mod sampler;
 pub mod scheduler;
@@ -20,4 +21,5 @@ mod scheduler_tests;
 pub mod select;
 
 pub use generate::{generate, FinishReason, GenerationOutput, GenerationRequest, StepExecutor};
+pub use prompt_logprobs::PromptLogprob;
 pub use sampler::{Rng, SamplingParams};

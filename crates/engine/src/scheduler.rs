@@ -30,6 +30,7 @@ use crate::blocks::BlockManager;
 use crate::constraint::Constraint;
 use crate::generate::{FinishReason, StepExecutor};
 use crate::pace::{Pace, StepBudget};
+use crate::prompt_logprobs::{self, PromptLogprob};
 use crate::request_metrics;
 use crate::sampler::{Rng, SamplingParams};
 use crate::select::{Ask, Choice, StepLogits};
@@ -109,6 +110,9 @@ pub enum Event {
     /// With `keep_logits`: `[prompt_len - cached, vocab]` logits of the prefill's computed
     /// positions (those after the prefix taken from the cache), before the first token.
     PromptLogits(Tensor),
+    /// With `prompt_logprobs`: prompt positions `1..`, each token's log-probability given the
+    /// tokens before it and the `top_logprobs` most likely there; before the first token.
+    PromptLogprobs(Vec<PromptLogprob>),
     /// Generation ended normally.
     Finished {
         /// Why.
@@ -150,6 +154,9 @@ pub struct NewRequest {
     /// Send the prefill's logits of every prompt position and each token's logits row (parity
     /// checks; costs memory and host copies).
     pub keep_logits: bool,
+    /// Send each prompt token's log-probability ([`Event::PromptLogprobs`]): the prompt is
+    /// prefilled whole, not from the prefix cache, and every prefill row is read on the host.
+    pub prompt_logprobs: bool,
     /// Where events go; closing the receiver cancels the sequence at the next step.
     pub events: UnboundedSender<Event>,
     /// The tenant and images its cached KV blocks are keyed by.
@@ -177,6 +184,7 @@ impl NewRequest {
             top_logprobs: 0,
             deadline: None,
             keep_logits: false,
+            prompt_logprobs: false,
             events,
             prefix: PrefixKey::default(),
             constraint: None,
@@ -203,6 +211,8 @@ struct Seq {
     prefill_from: usize,
     /// With `keep_logits`: the prefill's logits so far, one tensor per chunk.
     prompt_logits: Vec<Tensor>,
+    /// With `prompt_logprobs`: the prompt positions' entries so far.
+    prompt_logprobs: Vec<PromptLogprob>,
     arrived: Instant,
     admitted: Option<Instant>,
     first_token: Option<Instant>,
@@ -356,6 +366,7 @@ impl Scheduler {
             cached_tokens: 0,
             prefill_from: 0,
             prompt_logits: Vec::new(),
+            prompt_logprobs: Vec::new(),
             arrived: Instant::now(),
             admitted: None,
             first_token: None,
@@ -511,8 +522,10 @@ impl Scheduler {
             let Some(cand) = self.waiting.get_mut(w) else { break };
             let need = cand.tokens();
             // The cached prefix it may start from: whole blocks, short of its last token
-            // (whose logits choose the first new token).
-            let reusable = if self.blocks.prefix_cache() { (need - 1) / bs } else { 0 };
+            // (whose logits choose the first new token); none while its prompt's logprobs are
+            // still to compute (a cached position has no logits row).
+            let scoring = cand.req.prompt_logprobs && cand.generated.is_empty();
+            let reusable = if self.blocks.prefix_cache() && !scoring { (need - 1) / bs } else { 0 };
             cand.hash_blocks(reusable, bs);
             let hashes = &cand.hashes[..reusable];
             let hit_now = self.blocks.lookup(hashes);
@@ -572,7 +585,8 @@ impl Scheduler {
                 }
             }
             let finishing = to == s.tokens();
-            let logits = if s.req.keep_logits && s.generated.is_empty() {
+            let every_row = s.req.keep_logits || s.req.prompt_logprobs;
+            let logits = if every_row && s.generated.is_empty() {
                 // Every prompt position's logits on the first prefill, when asked for.
                 LogitRows::All
             } else if finishing {
@@ -659,8 +673,15 @@ impl Scheduler {
             let s = &mut self.running[i];
             let n = chunk.logits.count(chunk.tokens.len());
             if chunk.logits == LogitRows::All {
-                s.prompt_logits
-                    .push(step_logits.tensor().narrow(0, at, n)?.to_device(&Device::Cpu)?);
+                let rows = step_logits.tensor().narrow(0, at, n)?.to_device(&Device::Cpu)?;
+                if s.req.prompt_logprobs {
+                    let top = s.req.top_logprobs;
+                    let known = &mut s.prompt_logprobs;
+                    prompt_logprobs::extend(known, &s.req.prompt, &rows, chunk.start, top)?;
+                }
+                if s.req.keep_logits {
+                    s.prompt_logits.push(rows);
+                }
             }
             at += n;
             s.cached = chunk.start + chunk.tokens.len();
@@ -677,6 +698,10 @@ impl Scheduler {
             if !s.prompt_logits.is_empty() {
                 let parts = std::mem::take(&mut s.prompt_logits);
                 let _ = s.req.events.send(Event::PromptLogits(Tensor::cat(&parts, 0)?));
+            }
+            if s.req.prompt_logprobs && s.generated.is_empty() {
+                let entries = std::mem::take(&mut s.prompt_logprobs);
+                let _ = s.req.events.send(Event::PromptLogprobs(entries));
             }
             sampled += 1;
             let mask = match masks.remove(&i) {

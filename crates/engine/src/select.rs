@@ -52,7 +52,8 @@ pub struct StepLogits {
     argmax_logprob: Option<Vec<f32>>,
 }
 
-fn log_softmax_at(row: &[f32], i: usize) -> f32 {
+/// The log-probability of token `i` under a raw logits `row`.
+pub(crate) fn log_softmax_at(row: &[f32], i: usize) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let lse = row.iter().map(|v| f64::from(v - max).exp()).sum::<f64>().ln() as f32 + max;
     row[i] - lse

@@ -1,7 +1,9 @@
 //! Prefix caching on the real (tiny) model, TP 1, f32: the golden conversations answered from a
 //! warm cache give the golden ids and logits within the golden tolerance; the same tokens with
 //! another image share only the blocks before the image; a second turn (first prompt + answer +
-//! a new message) reuses the first turn's blocks and answers exactly as with the cache off.
+//! a new message) reuses the first turn's blocks and answers exactly as with the cache off;
+//! prompt log-probabilities are computed whole from a warm cache, in one chunk or several, and
+//! are the golden prompt logits' log-softmax.
 //! TP 2 (rank processes) is checked through the decoder service in
 //! `services/decoder/tests/prefix_cache_service.rs`.
 
@@ -13,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use dsvl_core::prefix::{image_key_hash, ImageSpan};
 use dsvl_engine::blocks::BlockManager;
 use dsvl_engine::scheduler::{Event, NewRequest, PrefixKey, Scheduler, SchedulerConfig};
+use dsvl_engine::PromptLogprob;
 use dsvl_models::llm::{DeepSeekLlm, ImageRows, PagedKvConfig, Shard, ShardRunner};
 use dsvl_parallel::LinkSet;
 use dsvl_testkit::assert_close;
@@ -31,6 +34,11 @@ struct Engine {
 
 impl Engine {
     fn new(f: &Fixture, prefix_cache: bool) -> Result<Self> {
+        Self::with_budget(f, prefix_cache, 4096)
+    }
+
+    /// With at most `max_batched_tokens` tokens a step (longer prompts prefill in chunks).
+    fn with_budget(f: &Fixture, prefix_cache: bool, max_batched_tokens: usize) -> Result<Self> {
         let model = DeepSeekLlm::load(&f.ckpt, DType::F32, &Device::Cpu, Shard::SINGLE, None)?;
         let kv = PagedKvConfig::for_tokens(8192, PagedKvConfig::DEFAULT_BLOCK_SIZE);
         let pool = model.kv_pool(kv)?;
@@ -38,7 +46,7 @@ impl Engine {
             ShardRunner::new(model, pool, Arc::new(LinkSet::Single), Duration::from_secs(30));
         let cfg = SchedulerConfig {
             max_num_seqs: 4,
-            max_batched_tokens: 4096,
+            max_batched_tokens,
             max_positions: 16384,
             max_step_stretch: None,
         };
@@ -80,6 +88,7 @@ impl Engine {
         while let Ok(ev) = rx.try_recv() {
             match ev {
                 Event::PromptLogits(t) => out.prompt_logits = Some(t),
+                Event::PromptLogprobs(_) => bail!("prompt logprobs were not asked for"),
                 Event::Token { id, logits, .. } => {
                     out.tokens.push(id);
                     out.step_logits.push(logits.context("kept row")?);
@@ -88,6 +97,39 @@ impl Engine {
                     out.cached = usage.cached_tokens;
                     return Ok(out);
                 }
+                Event::Failed(f) => bail!("{f:?}"),
+            }
+        }
+        bail!("the request did not finish")
+    }
+}
+
+impl Engine {
+    /// `prompt`'s prompt log-probabilities with `top` alternatives (one new token), and the
+    /// prompt tokens the request took from the cache.
+    fn score(&mut self, prompt: &[u32], top: usize) -> Result<(Vec<PromptLogprob>, usize)> {
+        let (mut req, mut rx) = NewRequest::greedy(prompt.to_vec(), None, 1);
+        req.prompt_logprobs = true;
+        req.top_logprobs = top;
+        req.prefix.salt = b"tenant".to_vec();
+        self.sched.add(req);
+        while self.sched.has_work() {
+            self.sched.step(&mut self.runner)?;
+        }
+        let mut scored = None;
+        while let Ok(ev) = rx.try_recv() {
+            match ev {
+                Event::PromptLogprobs(p) => {
+                    anyhow::ensure!(scored.is_none(), "prompt logprobs sent twice");
+                    scored = Some(p);
+                }
+                Event::Token { .. } => {
+                    anyhow::ensure!(scored.is_some(), "prompt logprobs come before the token");
+                }
+                Event::Finished { usage, .. } => {
+                    return Ok((scored.context("prompt logprobs")?, usage.cached_tokens))
+                }
+                Event::PromptLogits(_) => bail!("prompt logits were not asked for"),
                 Event::Failed(f) => bail!("{f:?}"),
             }
         }
@@ -196,5 +238,57 @@ fn second_turn_reuses_the_first_and_answers_the_same() -> Result<()> {
     assert_eq!(warm.tokens, cold.tokens, "greedy tokens with and without the cache");
     let d = assert_close("turn 2 step logits", &warm.steps()?, &cold.steps()?, LOGITS_ATOL, 0.0)?;
     println!("turn 2: step logits max |diff| cache vs no cache {:.2e}", d.max_abs);
+    Ok(())
+}
+
+/// The log-probability of token `i` under the logits `row`, in f64.
+fn log_softmax_at(row: &[f32], i: usize) -> f64 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = row.iter().map(|&v| f64::from(v - max).exp()).sum::<f64>().ln() + f64::from(max);
+    f64::from(row[i]) - lse
+}
+
+/// Prompt log-probabilities from a warm cache: nothing is taken from it (every position needs
+/// its logits row), in one chunk and in chunks of 40 tokens alike; each prompt token's figure is
+/// the log-softmax of the golden prompt logits at that token, and each alternative's likewise,
+/// most likely first. Logits within the golden 1e-3 put a log-softmax within 2e-3 (the row's
+/// log-sum-exp moves by at most the largest logit difference).
+#[test]
+fn prompt_logprobs_are_the_golden_prompt_rows_computed_whole_from_a_warm_cache() -> Result<()> {
+    const LOGPROB_ATOL: f64 = 2.0 * LOGITS_ATOL;
+    let f = fixture()?;
+    let ids = case_ids(&f, "text_only")?;
+    let golden: Vec<Vec<f32>> = f.lm["text.logits"].squeeze(0)?.to_dtype(DType::F32)?.to_vec2()?;
+    anyhow::ensure!(ids.len() > 80, "a prompt of several 40-token chunks");
+    for budget in [4096, 40] {
+        let mut e = Engine::with_budget(&f, true, budget)?;
+        e.answer(&ids, None, 1)?; // the cache is warm now
+        let (scored, cached) = e.score(&ids, 3)?;
+        assert_eq!(cached, 0, "budget {budget}: the prompt is computed whole");
+        assert_eq!(scored.len(), ids.len() - 1, "budget {budget}: positions 1..");
+        let mut worst = 0f64;
+        for (p, entry) in scored.iter().enumerate() {
+            assert_eq!(entry.id, ids[p + 1], "budget {budget}: position {}", p + 1);
+            let want = log_softmax_at(&golden[p], entry.id as usize);
+            worst = worst.max((f64::from(entry.logprob) - want).abs());
+            assert_eq!(entry.top.len(), 3);
+            for pair in entry.top.windows(2) {
+                assert!(pair[0].1 >= pair[1].1, "most likely first: {:?}", entry.top);
+            }
+            for &(id, lp) in &entry.top {
+                let want = log_softmax_at(&golden[p], id as usize);
+                worst = worst.max((f64::from(lp) - want).abs());
+            }
+            let best = golden[p].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let top_want =
+                log_softmax_at(&golden[p], golden[p].iter().position(|&v| v == best).unwrap_or(0));
+            assert!(
+                (f64::from(entry.top[0].1) - top_want).abs() <= LOGPROB_ATOL,
+                "the most likely's figure"
+            );
+        }
+        println!("budget {budget}: prompt logprobs max |diff| {worst:.2e}");
+        assert!(worst <= LOGPROB_ATOL, "budget {budget}: {worst:.2e} over {LOGPROB_ATOL:.0e}");
+    }
     Ok(())
 }

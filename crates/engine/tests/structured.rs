@@ -64,7 +64,7 @@ fn collect(rx: &mut UnboundedReceiver<Event>) -> Result<(Vec<u32>, FinishReason)
             Event::Token { id, .. } => ids.push(id),
             Event::Finished { reason, .. } => return Ok((ids, reason)),
             Event::Failed(f) => bail!("failed: {f:?}"),
-            Event::PromptLogits(_) => {}
+            Event::PromptLogits(_) | Event::PromptLogprobs(_) => {}
         }
     }
     bail!("no finish")

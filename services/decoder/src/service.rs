@@ -19,8 +19,8 @@ use dsvl_models::llm::ImageRows;
 use dsvl_proto::internal::decoder_server::Decoder;
 use dsvl_proto::internal::generate_response::Event as Out;
 use dsvl_proto::internal::{
-    FinishEvent, GenerateRequest, GenerateResponse, LoadRequest, LoadResponse, TokenEvent,
-    TopLogprob, Usage,
+    FinishEvent, GenerateRequest, GenerateResponse, LoadRequest, LoadResponse, PromptTokenLogprob,
+    TokenEvent, TopLogprob, Usage,
 };
 use futures::Stream;
 use tonic::{Request, Response, Status};
@@ -244,6 +244,7 @@ impl Decoder for DecoderService {
             top_logprobs: req.top_logprobs as usize,
             deadline,
             keep_logits: false,
+            prompt_logprobs: req.prompt_logprobs,
             events: tx,
             prefix: PrefixKey { salt: req.cache_salt.to_vec(), images },
             constraint,
@@ -254,6 +255,8 @@ impl Decoder for DecoderService {
         let stream = async_stream_from(move |yield_tx| async move {
             let _guard = guard;
             let mut index = 0u32;
+            // With prompt_logprobs: they come before the first token, and go out on it.
+            let mut prompt_entries = Vec::new();
             loop {
                 let ev = tokio::select! {
                     ev = rx.recv() => match ev { Some(ev) => ev, None => break },
@@ -264,6 +267,21 @@ impl Decoder for DecoderService {
                 let item = match ev {
                     // Never asked for by the service.
                     Event::PromptLogits(_) => continue,
+                    Event::PromptLogprobs(entries) => {
+                        prompt_entries = entries
+                            .into_iter()
+                            .map(|e| PromptTokenLogprob {
+                                id: e.id,
+                                logprob: e.logprob,
+                                top_logprobs: e
+                                    .top
+                                    .into_iter()
+                                    .map(|(id, logprob)| TopLogprob { id, logprob })
+                                    .collect(),
+                            })
+                            .collect();
+                        continue;
+                    }
                     Event::Token { id, logprob, top, cached_tokens, .. } => {
                         let e = TokenEvent {
                             id,
@@ -274,6 +292,7 @@ impl Decoder for DecoderService {
                                 .into_iter()
                                 .map(|(id, logprob)| TopLogprob { id, logprob })
                                 .collect(),
+                            prompt_logprobs: std::mem::take(&mut prompt_entries),
                         };
                         index += 1;
                         Ok(GenerateResponse { event: Some(Out::Token(e)) })

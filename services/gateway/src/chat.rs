@@ -59,14 +59,18 @@ pub struct Delta {
     pub logprobs: Vec<TokenLogprob>,
 }
 
-/// A generated token's log-probability under the model's unprocessed distribution, with the
-/// most likely alternatives when asked for.
+/// A token's log-probability under the model's unprocessed distribution, with the most likely
+/// alternatives when asked for: a generated token's, or with `echo` a prompt token's given the
+/// tokens before it.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TokenLogprob {
     /// The token.
     pub token: Alternative,
     /// Most likely first.
     pub top: Vec<Alternative>,
+    /// The prompt's first token under `echo`: nothing comes before it, so it has no
+    /// log-probability or alternatives (OpenAI's `null`s); `token.logprob` is 0.
+    pub unscored: bool,
 }
 
 /// A token, its text alone, and its log-probability.
@@ -350,6 +354,8 @@ impl Gateway {
             cache_salt: tenant.salt.clone().into(),
             constraint: prep.constraint.clone(),
             top_logprobs: prep.output.top_logprobs,
+            // Choice 0 computes them; the other choices echo the same.
+            prompt_logprobs: prep.echo_text.is_some() && prep.output.logprobs,
         };
         let vision_seconds = t_vision.elapsed().as_secs_f64();
         let opened = match self.open_decoder(&request, deadline).await {
@@ -399,6 +405,16 @@ impl Gateway {
             total_seconds: 0.0,
             images_cached: embedded.as_ref().map_or(0, |e| e.cached),
         };
+        let echo = prep.echo_text.as_ref().map(|text| Delta {
+            index: 0,
+            text: text.clone(),
+            token_ids: Vec::new(),
+            logprobs: if prep.output.logprobs {
+                self.prompt_logprobs(&prep.prompt.ids, &opened.first)
+            } else {
+                Vec::new()
+            },
+        });
         let mut choices = vec![opened];
         if prep.output.n > 1 {
             choices
@@ -414,8 +430,10 @@ impl Gateway {
             async move {
                 let _in_flight = in_flight;
                 let relays = choices.into_iter().enumerate().map(|(i, opened)| {
+                    let echo = echo.clone().map(|e| Delta { index: i as u32, ..e });
                     gw.relay(
-                        opened, i as u32, &prep, timing, deadline, started, api, &tx, &tenant_id,
+                        opened, i as u32, echo, &prep, timing, deadline, started, api, &tx,
+                        &tenant_id,
                     )
                 });
                 let outcome = futures::future::join_all(relays)
@@ -547,6 +565,8 @@ impl Gateway {
         let opens = (1..prep.output.n).map(|i| {
             let mut req = request.clone();
             req.request_id = format!("{}.{i}", request.request_id);
+            // From the prefix cache: choice 0's prompt log-probabilities serve every choice.
+            req.prompt_logprobs = false;
             if let Some(s) = req.sampling.as_mut() {
                 s.seed = s.seed.wrapping_add(u64::from(i));
             }
@@ -573,13 +593,14 @@ impl Gateway {
         futures::future::join_all(opens).await.into_iter().collect()
     }
 
-    /// Streams the decoder's tokens to `tx` as text deltas until the end, a stop string, the
-    /// deadline, or the client leaving.
+    /// Streams the decoder's tokens to `tx` as text deltas, after `echo` (the prompt, under
+    /// completions' `echo`), until the end, a stop string, the deadline, or the client leaving.
     #[allow(clippy::too_many_arguments)]
     async fn relay(
         &self,
         opened: Opened,
         index: u32,
+        echo: Option<Delta>,
         prep: &Prepared,
         mut timing: Timing,
         deadline: Instant,
@@ -600,6 +621,9 @@ impl Gateway {
         let mut next = Some(first);
         let send =
             |ev: ChatEvent| async { tx.send(Ok(ev)).await.map_err(|_| GatewayError::Cancelled) };
+        if let Some(echo) = echo {
+            send(ChatEvent::Delta(echo)).await?;
+        }
         let (reason, usage) = loop {
             let msg = match next.take() {
                 Some(m) => m,
@@ -719,7 +743,34 @@ impl Gateway {
         TokenLogprob {
             token: alt(t.id, t.logprob),
             top: t.top_logprobs.iter().map(|a| alt(a.id, a.logprob)).collect(),
+            unscored: false,
         }
+    }
+
+    /// The prompt tokens' log-probabilities as choice 0's first decoder event carries them:
+    /// the first token unscored, then one entry per later position.
+    fn prompt_logprobs(&self, prompt: &[u32], first: &GenerateResponse) -> Vec<TokenLogprob> {
+        let alt = |id: u32, logprob: f32| Alternative {
+            id,
+            text: self.model.tokenizer.decode(&[id], false).unwrap_or_default(),
+            logprob,
+        };
+        let scored = match &first.event {
+            Some(DecoderEvent::Token(t)) => t.prompt_logprobs.as_slice(),
+            _ => &[],
+        };
+        let head = prompt.first().map(|&id| TokenLogprob {
+            token: alt(id, 0.0),
+            top: Vec::new(),
+            unscored: true,
+        });
+        head.into_iter()
+            .chain(scored.iter().map(|p| TokenLogprob {
+                token: alt(p.id, p.logprob),
+                top: p.top_logprobs.iter().map(|a| alt(a.id, a.logprob)).collect(),
+                unscored: false,
+            }))
+            .collect()
     }
 }
 

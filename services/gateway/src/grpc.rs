@@ -61,6 +61,7 @@ pub(crate) fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
             top_logprobs: req.top_logprobs,
             stop_token_ids: req.stop_token_ids,
             ignore_eos: req.ignore_eos,
+            echo: false,
         },
         constraint: req.output_format.and_then(|f| f.kind).map(|k| {
             use dsvl_proto::internal::constraint::Kind;

@@ -374,6 +374,7 @@ fn to_input(r: CompletionRequest) -> Result<(ChatInput, Option<Tools>), GatewayE
             top_logprobs: r.top_logprobs.unwrap_or(0),
             stop_token_ids: r.stop_token_ids.unwrap_or_default(),
             ignore_eos: r.ignore_eos,
+            echo: false,
         },
     };
     Ok((input, tools))

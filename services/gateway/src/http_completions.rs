@@ -123,9 +123,6 @@ fn to_inputs(
     if r.best_of.is_some_and(|b| b != n) {
         return Err(invalid("best_of must be absent or equal to n (no server-side ranking)"));
     }
-    if r.echo.unwrap_or(false) {
-        return Err(invalid("echo is not supported"));
-    }
     if r.suffix.as_ref().is_some_and(|s| !s.is_empty()) {
         return Err(invalid("suffix is not supported (no fill-in-the-middle)"));
     }
@@ -167,6 +164,7 @@ fn to_inputs(
             top_logprobs: r.logprobs.unwrap_or(0),
             stop_token_ids: r.stop_token_ids.unwrap_or_default(),
             ignore_eos: r.ignore_eos,
+            echo: r.echo.unwrap_or(false),
         },
     };
     let inputs =

@@ -131,8 +131,9 @@ impl Shape {
                     .collect();
                 json!({
                     "tokens": tokens.iter().map(|t| t.token.text.clone()).collect::<Vec<_>>(),
-                    "token_logprobs": tokens.iter().map(|t| t.token.logprob).collect::<Vec<_>>(),
-                    "top_logprobs": tokens.iter().map(|t| t.top.iter().map(|a| (a.text.clone(), json!(a.logprob))).collect::<serde_json::Map<_, _>>()).collect::<Vec<_>>(),
+                    // An echoed prompt's first token has neither (`null`s, as OpenAI's).
+                    "token_logprobs": tokens.iter().map(|t| if t.unscored { Value::Null } else { json!(t.token.logprob) }).collect::<Vec<_>>(),
+                    "top_logprobs": tokens.iter().map(|t| if t.unscored { Value::Null } else { Value::Object(t.top.iter().map(|a| (a.text.clone(), json!(a.logprob))).collect()) }).collect::<Vec<_>>(),
                     "text_offset": offsets,
                 })
             }

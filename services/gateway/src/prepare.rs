@@ -101,6 +101,9 @@ pub struct OutputOptions {
     pub stop_token_ids: Vec<u32>,
     /// Do not stop at the end-of-sequence token.
     pub ignore_eos: bool,
+    /// Completions' `echo`: each choice's text starts with the prompt, and with `logprobs`
+    /// its log-probabilities start with the prompt tokens' (the first has none).
+    pub echo: bool,
 }
 
 /// Most `stop_token_ids` per request.
@@ -183,6 +186,9 @@ pub struct Prepared {
     pub constraint: Option<dsvl_proto::internal::Constraint>,
     /// Choices, log-probabilities and stop ids (validated; `n` at least 1).
     pub output: OutputOptions,
+    /// With `output.echo`: the prompt as each choice's text begins (a text prompt as given,
+    /// token ids decoded).
+    pub echo_text: Option<String>,
 }
 
 const MAX_STOPS: usize = 16;
@@ -282,6 +288,17 @@ pub fn prepare(
     check_shape(config, model, &input)?;
     let sampling = input.sampling.resolve().map_err(|e| invalid(e.to_string()))?;
     let output = input.output.validated(config.max_n)?;
+    let echo_text = match (&input.raw_prompt, output.echo) {
+        (_, false) => None,
+        (Some(RawPrompt::Text(t)), true) => Some(t.clone()),
+        (Some(RawPrompt::Ids(ids)), true) => Some(
+            model
+                .tokenizer
+                .decode(ids, true)
+                .map_err(|e| invalid(format!("the prompt's ids do not decode: {e}")))?,
+        ),
+        (None, true) => return Err(invalid("echo is for completion prompts only")),
+    };
     let (prompt, images, remote_images) = match input.raw_prompt {
         Some(raw) => (raw_prompt(model, raw)?, Vec::new(), Vec::new()),
         None => chat_prompt(config, model, input.messages)?,
@@ -300,6 +317,7 @@ pub fn prepare(
         output,
     )?;
     prepared.remote_images = remote_images;
+    prepared.echo_text = echo_text;
     Ok(prepared)
 }
 
@@ -480,6 +498,7 @@ fn finish(
         return_prompt_token_ids,
         constraint,
         output,
+        echo_text: None,
     })
 }
 
