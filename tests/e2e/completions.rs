@@ -1,7 +1,8 @@
 //! `POST /v1/completions` through the real gateway and decoder: the golden text prompt's token
 //! ids as a raw prompt give the golden greedy ids, streamed or not; a text prompt is tokenized
 //! without the chat template; a list of prompts gives each prompt's choices, numbered prompt by
-//! prompt; refused fields are 400s naming them; `/v1/models` reports the context length.
+//! prompt; `echo` returns the prompt, with its tokens' log-probabilities when asked; refused
+//! fields are 400s naming them; `/v1/models` reports the context length.
 
 use anyhow::{Context, Result};
 use dsvl_e2e::{golden_case, golden_generated, http_post, Cluster, Options};
@@ -54,7 +55,6 @@ async fn completions_with_token_ids_and_text() -> Result<()> {
     assert!(prompt_ids.len() < 30, "no chat template around the text: {prompt_ids:?}");
 
     for (bad, field) in [
-        (json!({"prompt": "x", "echo": true}), "echo"),
         (json!({"prompt": "x", "best_of": 2}), "best_of"),
         (json!({"prompt": "x", "logit_bias": {"999999": 2}}), "logit_bias token id 999999"),
         (json!({"prompt": "x", "logit_bias": {"a": 2}}), "logit_bias: key `a`"),
@@ -69,6 +69,7 @@ async fn completions_with_token_ids_and_text() -> Result<()> {
         assert!(r.json()?["error"]["message"].as_str().unwrap_or("").contains(field), "{}", r.body);
     }
     several_prompts(&cluster, &ids)?;
+    echo(&cluster, &ids)?;
     let m = dsvl_testkit::http_get(&cluster.http, "/v1/models")?;
     assert!(m.contains("\"max_model_len\":16384"), "{m}");
     // One model by id: the same object; an unknown id is OpenAI's 404 naming it.
@@ -153,5 +154,86 @@ fn several_prompts(cluster: &Cluster, golden_ids: &[u32]) -> Result<()> {
         let last = chunks.last().context("a usage chunk")?;
         assert_eq!(last["usage"], v["usage"], "the stream's usage is the whole reply's");
     }
+    Ok(())
+}
+
+/// `echo`: each choice's text is the prompt then the completion (the same completion as
+/// without echo); with `logprobs: 2` the lists start with one entry per prompt token, the first
+/// `null`, the others log-probabilities with their alternatives, then the generated tokens'
+/// figures as without echo, with `text_offset` running on. The other choices (n = 2) echo the
+/// same; the prompt is computed whole (no cached tokens, though the cache holds it by then);
+/// streamed, each choice's pieces join to the whole text.
+fn echo(cluster: &Cluster, ids: &[u32]) -> Result<()> {
+    let post = |body: &Value| -> Result<Value> {
+        let r = http_post(&cluster.http, "/v1/completions", &[], body)?;
+        anyhow::ensure!(r.status == 200, "{body}: {}", r.body);
+        r.json()
+    };
+    let plain_body = json!({"prompt": ids, "temperature": 0, "max_tokens": 3, "logprobs": 2});
+    let plain = post(&plain_body)?;
+    let mut body = plain_body.clone();
+    body["echo"] = json!(true);
+    body["n"] = json!(2);
+    let v = post(&body)?;
+    let plain_choice = &plain["choices"][0];
+    let plain_text = plain_choice["text"].as_str().context("text")?;
+    let lists = |c: &Value, key: &str| -> Result<Vec<Value>> {
+        c["logprobs"][key].as_array().cloned().with_context(|| format!("{key}: {c}"))
+    };
+    for c in v["choices"].as_array().context("choices")? {
+        let text = c["text"].as_str().context("text")?;
+        let prompt_text = text.strip_suffix(plain_text).context("the completion comes last")?;
+        assert!(!prompt_text.is_empty(), "the prompt comes first: {text:?}");
+        let tokens = lists(c, "tokens")?;
+        let figures = lists(c, "token_logprobs")?;
+        let tops = lists(c, "top_logprobs")?;
+        let generated = lists(plain_choice, "tokens")?.len();
+        assert_eq!(tokens.len(), ids.len() + generated, "{c}");
+        assert!(figures[0].is_null() && tops[0].is_null(), "the first prompt token has none");
+        for p in 1..ids.len() {
+            let lp = figures[p].as_f64().context("a prompt token's logprob")?;
+            assert!(lp <= 0.0, "position {p}: {lp}");
+            let alternatives = tops[p].as_object().context("alternatives")?;
+            assert!(!alternatives.is_empty() && alternatives.len() <= 2, "{}", tops[p]);
+            let best = alternatives.values().filter_map(Value::as_f64).fold(f64::MIN, f64::max);
+            assert!(lp <= best + 1e-6, "position {p}: no alternative likelier than the best");
+        }
+        assert_eq!(figures[ids.len()..], lists(plain_choice, "token_logprobs")?[..], "{c}");
+        assert_eq!(tokens[ids.len()..], lists(plain_choice, "tokens")?[..]);
+        let offsets = lists(c, "text_offset")?;
+        let echoed_chars: usize =
+            tokens[..ids.len()].iter().filter_map(Value::as_str).map(|t| t.chars().count()).sum();
+        assert_eq!(offsets[ids.len()].as_u64(), Some(echoed_chars as u64), "offsets run on");
+        assert_eq!(c["logprobs"], v["choices"][0]["logprobs"], "every choice echoes the same");
+    }
+    assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "computed whole: {v}");
+
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    let r = http_post(&cluster.http, "/v1/completions", &[], &streamed)?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let events = r.sse_data();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e))
+        .collect::<Result<_, _>>()?;
+    for (at, c) in v["choices"].as_array().context("choices")?.iter().enumerate() {
+        let joined: String = chunks
+            .iter()
+            .flat_map(|k| k["choices"].as_array().cloned().unwrap_or_default())
+            .filter(|ch| ch["index"] == at)
+            .filter_map(|ch| ch["text"].as_str().map(String::from))
+            .collect();
+        assert_eq!(joined, c["text"].as_str().unwrap_or_default(), "streamed choice {at}");
+    }
+
+    // A text prompt echoes as given; without logprobs, none are computed.
+    let v = post(
+        &json!({"prompt": "Once upon a time", "echo": true, "max_tokens": 2, "temperature": 0}),
+    )?;
+    let text = v["choices"][0]["text"].as_str().context("text")?;
+    assert!(text.starts_with("Once upon a time"), "{text:?}");
+    assert!(v["choices"][0]["logprobs"].is_null(), "{v}");
     Ok(())
 }

@@ -193,6 +193,27 @@ impl NewRequest {
     }
 }
 
+/// Most prompt positions a step computes whole logits rows for, for prompt log-probabilities
+/// (a row is `vocab` floats: 512 rows of a 102,400-token vocabulary are 200 MiB); a longer
+/// prompt that asks for them is prefilled over several steps.
+const MAX_SCORED_ROWS: usize = 512;
+
+/// What is left of a step's [`MAX_SCORED_ROWS`].
+struct ScoredRows(usize);
+
+impl ScoredRows {
+    /// Tokens `s` prefills this step out of `left`, as `take` grants them, held to what is left
+    /// of the rows when it is scoring its prompt.
+    fn take(&mut self, s: &Seq, left: usize, take: impl FnOnce(usize) -> usize) -> usize {
+        if !s.scoring() {
+            return take(left);
+        }
+        let n = take(left.min(self.0));
+        self.0 -= n;
+        n
+    }
+}
+
 struct Seq {
     id: SeqId,
     req: NewRequest,
@@ -229,6 +250,12 @@ impl Seq {
     /// sequence that is decoding).
     fn remaining(&self) -> usize {
         self.tokens() - self.cached
+    }
+
+    /// Whether its prompt's log-probabilities are still to compute: the prefill then returns
+    /// every row and takes nothing from the prefix cache.
+    fn scoring(&self) -> bool {
+        self.req.prompt_logprobs && self.generated.is_empty()
     }
 
     /// Whether this admission's prefill is long enough for the pace guard to chunk it:
@@ -288,6 +315,8 @@ pub struct Scheduler {
     pace: Pace,
     prefix_queried: u64,
     prefix_hits: u64,
+    /// [`MAX_SCORED_ROWS`] (smaller in tests).
+    max_scored_rows: usize,
 }
 
 /// Queue and cache occupancy, for `Load` reports and metrics.
@@ -325,7 +354,14 @@ impl Scheduler {
             pace: Pace::default(),
             prefix_queried: 0,
             prefix_hits: 0,
+            max_scored_rows: MAX_SCORED_ROWS,
         }
+    }
+
+    /// With at most `rows` scored prompt rows a step instead of [`MAX_SCORED_ROWS`].
+    #[cfg(test)]
+    pub(crate) fn with_max_scored_rows(self, rows: usize) -> Self {
+        Self { max_scored_rows: rows, ..self }
     }
 
     /// Queues a request, or fails it at once when it can never run.
@@ -501,12 +537,13 @@ impl Scheduler {
             guarded.then(|| self.pace.prefill_cap()),
         );
         let mut work: Vec<(usize, usize)> = Vec::with_capacity(self.running.len());
+        let mut scored_rows = ScoredRows(self.max_scored_rows);
         for (i, s) in self.running.iter().enumerate() {
             let left = s.remaining();
             if left == 1 {
                 work.push((i, 1));
             } else {
-                let n = budget.take(left, s.long_prefill());
+                let n = scored_rows.take(s, left, |left| budget.take(left, s.long_prefill()));
                 if n > 0 {
                     work.push((i, n));
                 }
@@ -524,8 +561,8 @@ impl Scheduler {
             // The cached prefix it may start from: whole blocks, short of its last token
             // (whose logits choose the first new token); none while its prompt's logprobs are
             // still to compute (a cached position has no logits row).
-            let scoring = cand.req.prompt_logprobs && cand.generated.is_empty();
-            let reusable = if self.blocks.prefix_cache() && !scoring { (need - 1) / bs } else { 0 };
+            let reusable =
+                if self.blocks.prefix_cache() && !cand.scoring() { (need - 1) / bs } else { 0 };
             cand.hash_blocks(reusable, bs);
             let hashes = &cand.hashes[..reusable];
             let hit_now = self.blocks.lookup(hashes);
@@ -556,7 +593,7 @@ impl Scheduler {
                 );
             }
             let need = s.remaining();
-            let n = budget.take(need, s.long_prefill());
+            let n = scored_rows.take(&s, need, |need| budget.take(need, s.long_prefill()));
             if n == 0 {
                 // Admitted (its blocks are held) but paced out of this step.
                 self.running.push(s);
@@ -585,8 +622,7 @@ impl Scheduler {
                 }
             }
             let finishing = to == s.tokens();
-            let every_row = s.req.keep_logits || s.req.prompt_logprobs;
-            let logits = if every_row && s.generated.is_empty() {
+            let logits = if (s.req.keep_logits && s.generated.is_empty()) || s.scoring() {
                 // Every prompt position's logits on the first prefill, when asked for.
                 LogitRows::All
             } else if finishing {

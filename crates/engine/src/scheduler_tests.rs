@@ -551,3 +551,67 @@ fn identical_prompts_arriving_together_prefill_once() {
     s.step(&mut model).unwrap();
     assert_eq!(model.plans[0].0.len(), 3);
 }
+
+#[test]
+fn prompt_logprobs_score_every_prompt_token_in_capped_chunks() {
+    let mut s = scheduler(4, 1000, 64).with_max_scored_rows(8);
+    let mut model = FakeModel::default();
+    let scored_prompt = prompt(1, 30);
+    let (mut req, mut scored) = request(scored_prompt.clone(), 2);
+    req.prompt_logprobs = true;
+    req.top_logprobs = 2;
+    s.add(req);
+    let (req, mut plain) = request(prompt(2, 30), 2);
+    s.add(req);
+    run_to_end(&mut s, &mut model);
+    // The scoring sequence (id 1) prefills 8 rows a step; the other one is not held back.
+    let chunks = |seq| -> Vec<usize> {
+        model.plans.iter().flat_map(|(c, _)| c.iter()).filter(|c| c.0 == seq).map(|c| c.2).collect()
+    };
+    assert_eq!(chunks(1), [8, 8, 8, 6, 1], "30 prompt tokens in chunks of 8, then a decode");
+    assert_eq!(chunks(2), [30, 1]);
+    assert_eq!(drain(&mut plain).0, expected(&prompt(2, 30), 2));
+    let Ok(Event::PromptLogprobs(entries)) = scored.try_recv() else {
+        panic!("the prompt logprobs come first")
+    };
+    assert_eq!(entries.len(), 29);
+    // The fake's row at position p is 10 at the token its history leads to, 0 elsewhere.
+    let lse = (10f64.exp() + (VOCAB - 1) as f64).ln();
+    for (p, e) in entries.iter().enumerate() {
+        assert_eq!(e.id, scored_prompt[p + 1]);
+        let likely = next_token(&scored_prompt[..=p]);
+        let want = if e.id == likely { 10.0 - lse } else { -lse };
+        assert!((f64::from(e.logprob) - want).abs() < 1e-5, "position {}: {e:?}", p + 1);
+        assert_eq!(e.top.len(), 2);
+        assert_eq!(e.top[0].0, likely, "the most likely first");
+    }
+    assert_eq!(drain(&mut scored).0, expected(&scored_prompt, 2), "then the tokens as usual");
+}
+
+#[test]
+fn prompt_logprobs_survive_preemption_whole_and_once() {
+    // 8 blocks of 4 slots: a decoding stream (4 + 20 tokens) and a scored prompt of 20 tokens,
+    // 4 rows a step, admitted second. The stream outgrows its blocks while the prompt is
+    // still prefilling: the prompt is preempted mid-prefill and computed again from the start.
+    let mut s = scheduler(4, 1000, 8).with_max_scored_rows(4);
+    let mut model = FakeModel::default();
+    let (req, mut stream) = request(prompt(0, 4), 20);
+    s.add(req);
+    let scored_prompt = prompt(1, 20);
+    let (mut req, mut scored) = request(scored_prompt.clone(), 2);
+    req.prompt_logprobs = true;
+    s.add(req);
+    run_to_end(&mut s, &mut model);
+    assert!(s.occupancy().preemptions > 0, "no preemption tested");
+    let firsts = model.plans.iter().flat_map(|(c, _)| c.iter()).filter(|c| c.0 == 2 && c.1 == 0);
+    assert!(firsts.count() > 1, "the scored prompt was not prefilled again");
+    assert_eq!(drain(&mut stream).0, expected(&prompt(0, 4), 20));
+    let Ok(Event::PromptLogprobs(entries)) = scored.try_recv() else {
+        panic!("the prompt logprobs come first")
+    };
+    let ids: Vec<u32> = entries.iter().map(|e| e.id).collect();
+    assert_eq!(ids, scored_prompt[1..], "every position once, in order");
+    let (tokens, end) = drain(&mut scored);
+    assert_eq!(tokens, expected(&scored_prompt, 2));
+    assert!(matches!(end, Some(Event::Finished { .. })), "{end:?}");
+}

@@ -150,7 +150,11 @@ fields![
         Honoured,
         "0 to 20: the chosen token's log-probability and that many alternatives"
     ),
-    ("echo", Honoured, "false only"),
+    (
+        "echo",
+        Honoured,
+        "true: each choice's text starts with the prompt (token ids decoded); with logprobs, so do its log-probabilities, one per prompt token given the tokens before it (the first null), computed whole, not from the prefix cache"
+    ),
     ("suffix", Honoured, "null or empty only (no fill-in-the-middle)"),
     ("presence_penalty", Honoured, "OpenAI's definition; in [-2, 2]"),
     ("frequency_penalty", Honoured, "OpenAI's definition; in [-2, 2]"),
