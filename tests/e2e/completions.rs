@@ -207,6 +207,7 @@ fn echo(cluster: &Cluster, ids: &[u32]) -> Result<()> {
         assert_eq!(c["logprobs"], v["choices"][0]["logprobs"], "every choice echoes the same");
     }
     assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "computed whole: {v}");
+    let body_choice0 = v["choices"][0].clone();
 
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
@@ -227,6 +228,31 @@ fn echo(cluster: &Cluster, ids: &[u32]) -> Result<()> {
             .collect();
         assert_eq!(joined, c["text"].as_str().unwrap_or_default(), "streamed choice {at}");
     }
+
+    // max_tokens 0 with echo: the prompt and its figures alone, nothing generated, whole or
+    // streamed; without echo, 0 is refused.
+    let zero = json!({"prompt": ids, "echo": true, "logprobs": 1, "max_tokens": 0});
+    let v = post(&zero)?;
+    let c = &v["choices"][0];
+    assert_eq!(lists(c, "tokens")?.len(), ids.len(), "{v}");
+    assert_eq!(
+        lists(c, "token_logprobs")?[1..],
+        lists(&body_choice0, "token_logprobs")?[1..ids.len()]
+    );
+    assert_eq!(
+        (c["finish_reason"].as_str(), v["usage"]["completion_tokens"].as_u64()),
+        (Some("length"), Some(0))
+    );
+    assert_eq!(v["usage"]["prompt_tokens"].as_u64(), Some(ids.len() as u64));
+    let mut streamed = zero.clone();
+    streamed["stream"] = json!(true);
+    let r = http_post(&cluster.http, "/v1/completions", &[], &streamed)?;
+    let events = r.sse_data();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{}", r.body);
+    let r =
+        http_post(&cluster.http, "/v1/completions", &[], &json!({"prompt": ids, "max_tokens": 0}))?;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("0 only with echo"), "{}", r.body);
 
     // A text prompt echoes as given; without logprobs, none are computed.
     let v = post(

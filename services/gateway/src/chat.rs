@@ -349,7 +349,9 @@ impl Gateway {
             images: slots(&prep, embedded.as_ref()),
             sampling: Some((&prep.sampling).into()),
             stop_token_ids: stop_ids(&prep, self.model.tokenizer.special().eos),
-            max_new_tokens: prep.max_new_tokens,
+            // At least one: with `echo` and max_tokens 0 the first token brings the prompt's
+            // figures and is dropped.
+            max_new_tokens: prep.max_new_tokens.max(1),
             logprobs: prep.output.logprobs,
             cache_salt: tenant.salt.clone().into(),
             constraint: prep.constraint.clone(),
@@ -624,76 +626,87 @@ impl Gateway {
         if let Some(echo) = echo {
             send(ChatEvent::Delta(echo)).await?;
         }
-        let (reason, usage) = loop {
-            let msg = match next.take() {
-                Some(m) => m,
-                None => tokio::select! {
-                    () = tx.closed() => return Err(GatewayError::Cancelled),
-                    r = tokio::time::timeout_at(deadline.into(), stream.message()) => match r {
-                        Err(_) => return Err(deadline_error("generation")),
-                        Ok(Err(s)) => return Err(GatewayError::from_upstream("decoder", &s)),
-                        Ok(Ok(None)) => return Err(GatewayError::Unavailable("decoder stream ended without a finish".into())),
-                        Ok(Ok(Some(m))) => m,
+        let (reason, usage) = if prep.max_new_tokens == 0 {
+            // The echo was the whole reply; dropping the stream (on return) cancels the rest.
+            if let Some(GenerateResponse { event: Some(DecoderEvent::Token(t)) }) = &next {
+                cached_tokens = t.cached_tokens;
+            }
+            ("length", None)
+        } else {
+            loop {
+                let msg = match next.take() {
+                    Some(m) => m,
+                    None => tokio::select! {
+                        () = tx.closed() => return Err(GatewayError::Cancelled),
+                        r = tokio::time::timeout_at(deadline.into(), stream.message()) => match r {
+                            Err(_) => return Err(deadline_error("generation")),
+                            Ok(Err(s)) => return Err(GatewayError::from_upstream("decoder", &s)),
+                            Ok(Ok(None)) => return Err(GatewayError::Unavailable("decoder stream ended without a finish".into())),
+                            Ok(Ok(Some(m))) => m,
+                        },
                     },
-                },
-            };
-            match msg.event {
-                Some(DecoderEvent::Token(t)) => {
-                    if t.index == 0 {
-                        cached_tokens = t.cached_tokens;
+                };
+                match msg.event {
+                    Some(DecoderEvent::Token(t)) => {
+                        if t.index == 0 {
+                            cached_tokens = t.cached_tokens;
+                        }
+                        let now = Instant::now();
+                        if let Some(prev) = last_token.replace(now) {
+                            metrics::histogram!("dsvl_inter_token_latency_seconds", "api" => api)
+                                .record((now - prev).as_secs_f64());
+                        }
+                        all_ids.push(t.id);
+                        unsent_ids.push(t.id);
+                        if prep.output.logprobs {
+                            unsent_logprobs.push(self.token_logprob(&t));
+                        }
+                        let piece = detok
+                            .push(tok, t.id)
+                            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+                        if let Some(piece) = piece {
+                            let released = stops.push(&piece);
+                            if !released.text.is_empty() || released.stopped {
+                                send(ChatEvent::Delta(Delta {
+                                    index,
+                                    text: released.text,
+                                    token_ids: std::mem::take(&mut unsent_ids),
+                                    logprobs: std::mem::take(&mut unsent_logprobs),
+                                }))
+                                .await?;
+                            }
+                            if released.stopped {
+                                // Dropping the stream (on return) cancels the decoder's work.
+                                break ("stop", None);
+                            }
+                        }
                     }
-                    let now = Instant::now();
-                    if let Some(prev) = last_token.replace(now) {
-                        metrics::histogram!("dsvl_inter_token_latency_seconds", "api" => api)
-                            .record((now - prev).as_secs_f64());
-                    }
-                    all_ids.push(t.id);
-                    unsent_ids.push(t.id);
-                    if prep.output.logprobs {
-                        unsent_logprobs.push(self.token_logprob(&t));
-                    }
-                    let piece =
-                        detok.push(tok, t.id).map_err(|e| GatewayError::Internal(e.to_string()))?;
-                    if let Some(piece) = piece {
-                        let released = stops.push(&piece);
-                        if !released.text.is_empty() || released.stopped {
+                    Some(DecoderEvent::Finish(f)) => {
+                        let mut text = String::new();
+                        if let Some(rest) =
+                            detok.finish(tok).map_err(|e| GatewayError::Internal(e.to_string()))?
+                        {
+                            let r = stops.push(&rest);
+                            text.push_str(&r.text);
+                        }
+                        text.push_str(&stops.finish());
+                        if !text.is_empty() || !unsent_ids.is_empty() {
                             send(ChatEvent::Delta(Delta {
                                 index,
-                                text: released.text,
+                                text,
                                 token_ids: std::mem::take(&mut unsent_ids),
                                 logprobs: std::mem::take(&mut unsent_logprobs),
                             }))
                             .await?;
                         }
-                        if released.stopped {
-                            // Dropping the stream (on return) cancels the decoder's work.
-                            break ("stop", None);
-                        }
+                        let reason =
+                            if f.reason == FinishReason::Length as i32 { "length" } else { "stop" };
+                        break (reason, f.usage);
+                    }
+                    None => {
+                        return Err(GatewayError::Internal("decoder sent an empty event".into()))
                     }
                 }
-                Some(DecoderEvent::Finish(f)) => {
-                    let mut text = String::new();
-                    if let Some(rest) =
-                        detok.finish(tok).map_err(|e| GatewayError::Internal(e.to_string()))?
-                    {
-                        let r = stops.push(&rest);
-                        text.push_str(&r.text);
-                    }
-                    text.push_str(&stops.finish());
-                    if !text.is_empty() || !unsent_ids.is_empty() {
-                        send(ChatEvent::Delta(Delta {
-                            index,
-                            text,
-                            token_ids: std::mem::take(&mut unsent_ids),
-                            logprobs: std::mem::take(&mut unsent_logprobs),
-                        }))
-                        .await?;
-                    }
-                    let reason =
-                        if f.reason == FinishReason::Length as i32 { "length" } else { "stop" };
-                    break (reason, f.usage);
-                }
-                None => return Err(GatewayError::Internal("decoder sent an empty event".into())),
             }
         };
         timing.total_seconds = started.elapsed().as_secs_f64();

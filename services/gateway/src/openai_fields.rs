@@ -136,7 +136,7 @@ fields![
     COMPLETION_FIELDS:
     ("prompt", Honoured, "a string (no chat template; BOS added) or a list of token ids, or a list of up to --max-prompts (default 64) of either; choice j of prompt i has index i * n + j"),
     ("model", Honoured, "must be the served model's name, or empty"),
-    ("max_tokens", Honoured, "new-token budget (default 16, as OpenAI's)"),
+    ("max_tokens", Honoured, "new-token budget (default 16, as OpenAI's); 0 only with echo (the prompt alone)"),
     ("temperature", Honoured, "0 is greedy, as is anything below 1e-5"),
     ("top_p", Honoured, "nucleus sampling"),
     ("seed", Honoured, "same seed, request and model: same tokens (see services/README.md for what is guaranteed); absent: random per request"),

@@ -468,7 +468,9 @@ fn finish(
     }
     let room = (model.max_positions - prompt.ids.len()) as u32;
     let max_new_tokens = match max_tokens {
-        Some(0) => return Err(invalid("max_tokens must be at least 1")),
+        // `echo` of the prompt alone (with its log-probabilities, say): nothing generated.
+        Some(0) if output.echo => 0,
+        Some(0) => return Err(invalid("max_tokens must be at least 1 (0 only with echo)")),
         Some(n) if n > config.max_new_tokens => {
             return Err(invalid(format!(
                 "max_tokens {n} is over this gateway's limit of {}",
