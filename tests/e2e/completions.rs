@@ -254,6 +254,10 @@ fn echo(cluster: &Cluster, ids: &[u32]) -> Result<()> {
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("0 only with echo"), "{}", r.body);
 
+    // The reference's prompt and greedy reply, scored: the reference's prompt logits, and a
+    // greedy reply (`tls.rs` runs the same at TP 2).
+    dsvl_e2e::check_golden_scoring(&post(&dsvl_e2e::golden_scoring_body()?)?)?;
+
     // A text prompt echoes as given; without logprobs, none are computed.
     let v = post(
         &json!({"prompt": "Once upon a time", "echo": true, "max_tokens": 2, "temperature": 0}),

@@ -110,6 +110,15 @@ async fn every_hop_speaks_tls_and_the_tiers_refuse_strangers() -> Result<()> {
     .await??;
     assert!(answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("chat.completion"), "{answer}");
+    // Prompt log-probabilities at TP 2: every prompt row's logits are gathered from both ranks.
+    let answer = tokio::task::spawn_blocking({
+        let (http, ca) = (cluster.http.clone(), pki.client.ca.clone());
+        let body = dsvl_e2e::golden_scoring_body()?;
+        move || https_post(&http, &ca, "/v1/completions", &body)
+    })
+    .await??;
+    let json = answer.split_once("\r\n\r\n").map(|(_, b)| b).context("a body")?;
+    dsvl_e2e::check_golden_scoring(&serde_json::from_str(json)?)?;
     // The load generator over both TLS listeners (`dsvl-bench serve --url https://… --ca-file`):
     // text and image requests, streamed, every one complete and counted.
     for url in [format!("https://{}", cluster.http), format!("grpcs://{}", cluster.gateway.addr)] {

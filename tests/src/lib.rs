@@ -802,3 +802,56 @@ pub fn golden_generated(prefix: &str) -> Result<Vec<u32>> {
 pub fn golden_image(name: &str) -> Result<Vec<u8>> {
     Ok(std::fs::read(golden_dir().join(name))?)
 }
+
+/// A `/v1/completions` body that scores the golden text prompt followed by the reference's
+/// greedy reply to it (`echo`, `logprobs: 1`, nothing generated).
+pub fn golden_scoring_body() -> Result<Value> {
+    let prompt: Vec<u32> = serde_json::from_value(golden_case("text_only")?["input_ids"].clone())?;
+    let ids: Vec<u32> = prompt.into_iter().chain(golden_generated("text")?).collect();
+    Ok(serde_json::json!({"prompt": ids, "echo": true, "logprobs": 1, "max_tokens": 0}))
+}
+
+/// Checks the reply to [`golden_scoring_body`]: each prompt token's log-probability is the
+/// log-softmax of the reference's prompt logits at that token within 2e-3 (logits within the
+/// golden 1e-3 move a log-softmax by at most twice that), and each reply token is the most
+/// likely at its position (its figure the largest of its alternatives: the reply is greedy),
+/// as lm-evaluation-harness's `is_greedy` checks it.
+pub fn check_golden_scoring(reply: &Value) -> Result<()> {
+    let lm = candle_core::safetensors::load(
+        golden_dir().join("lm.safetensors"),
+        &candle_core::Device::Cpu,
+    )?;
+    let golden: Vec<Vec<f32>> =
+        lm["text.logits"].squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec2()?;
+    let prompt: Vec<u32> = serde_json::from_value(golden_case("text_only")?["input_ids"].clone())?;
+    let lp = &reply["choices"][0]["logprobs"];
+    let figures = lp["token_logprobs"].as_array().context("token_logprobs")?;
+    let tops = lp["top_logprobs"].as_array().context("top_logprobs")?;
+    let total = prompt.len() + golden_generated("text")?.len();
+    anyhow::ensure!(figures.len() == total && tops.len() == total, "one entry per token: {lp}");
+    anyhow::ensure!(figures[0].is_null(), "the first token has no figure");
+    let mut worst = 0f64;
+    for p in 1..total {
+        let got = figures[p].as_f64().with_context(|| format!("position {p}"))?;
+        if p < prompt.len() {
+            let row = &golden[p - 1];
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = row.iter().map(|&v| f64::from(v - max).exp()).sum::<f64>().ln();
+            let want = f64::from(row[prompt[p] as usize] - max) - lse;
+            worst = worst.max((got - want).abs());
+        } else {
+            let best = tops[p]
+                .as_object()
+                .context("alternatives")?
+                .values()
+                .filter_map(Value::as_f64)
+                .fold(f64::MIN, f64::max);
+            anyhow::ensure!(
+                got == best,
+                "position {p}: the greedy token at {got}, {best} likelier"
+            );
+        }
+    }
+    anyhow::ensure!(worst <= 2e-3, "prompt log-probabilities off the reference by {worst:.2e}");
+    Ok(())
+}
