@@ -4,8 +4,8 @@
 //! exceptions. Greedy ids must equal the reference's. Then every sampling and output parameter
 //! as the client sends it (OpenAI's as arguments, vLLM's through `extra_body`): `n` with
 //! `logprobs`/`top_logprobs`, streamed and not, `seed`, the presence and frequency penalties,
-//! `logit_bias`, `min_p`, `stop_token_ids`, `ignore_eos`, and the legacy completions'
-//! `logprobs`. Then tool calls: `required` and a named function (grammar-constrained, streamed
+//! `logit_bias`, `min_p`, `stop_token_ids`, `ignore_eos`, the legacy completions'
+//! `logprobs`, and lm-evaluation-harness's scoring request (a batch of prompts, `echo`). Then tool calls: `required` and a named function (grammar-constrained, streamed
 //! and not) parse into the client's `tool_calls`, a later turn with the role `tool` renders as
 //! documented, `auto` answers in text here.
 
@@ -208,6 +208,19 @@ fn check_sampling(s: &Value, eos: u32, forced: u32) -> Result<()> {
         );
     }
     assert_ne!(legacy[0]["tokens"], legacy[1]["tokens"], "two different samples");
+    // lm-evaluation-harness's scoring request: a batch of two prompts (6 and 9 tokens), each
+    // echoed with one figure per token (the first null) and one alternative, then the new one.
+    let scoring = s["scoring"].as_array().context("scoring")?;
+    assert_eq!(scoring.len(), 2, "{}", s["scoring"]);
+    for (i, (c, len)) in scoring.iter().zip([6usize, 9]).enumerate() {
+        assert_eq!(c["index"], i);
+        let figures = c["token_logprobs"].as_array().context("token_logprobs")?;
+        assert_eq!(figures.len(), len + 1, "{c}");
+        assert!(figures[0].is_null() && figures[1..].iter().all(Value::is_f64), "{c}");
+        let mut top = vec![serde_json::json!(null)];
+        top.extend(std::iter::repeat_n(serde_json::json!(1), len));
+        assert_eq!(c["top"], serde_json::json!(top), "{c}");
+    }
     assert_eq!(s["too_many_top"], 400);
     Ok(())
 }

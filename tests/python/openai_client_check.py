@@ -109,6 +109,13 @@ r = client.completions.create(model=model, prompt="Once upon a time", temperatur
 s["legacy"] = [{"index": c.index, "tokens": c.logprobs.tokens, "token_logprobs": c.logprobs.token_logprobs,
                 "top": [len(t) for t in c.logprobs.top_logprobs], "offsets": c.logprobs.text_offset, "text": c.text}
                for c in r.choices]
+# lm-evaluation-harness's `local-completions` loglikelihood request, as it sends it: a batch of
+# token-id prompts, echoed with their log-probabilities and one new token.
+r = client.completions.create(model=model, prompt=[s["greedy"][:6], s["greedy"][:9]], temperature=0,
+                              max_tokens=1, logprobs=1, seed=1234, echo=True)
+s["scoring"] = [{"index": c.index, "token_logprobs": c.logprobs.token_logprobs,
+                 "top": [None if t is None else len(t) for t in c.logprobs.top_logprobs]}
+                for c in sorted(r.choices, key=lambda c: c.index)]
 try:
     client.chat.completions.create(model=model, messages=text, max_tokens=1, top_logprobs=21, logprobs=True)
     s["too_many_top"] = "accepted"
