@@ -94,11 +94,7 @@ async fn completions_with_token_ids_and_text() -> Result<()> {
 /// the text and ids that prompt gives alone; usage counts each prompt once; streamed, each
 /// index's pieces join to the same text and the usage chunk and `[DONE]` come last.
 fn several_prompts(cluster: &Cluster, golden_ids: &[u32]) -> Result<()> {
-    let post = |body: &Value| -> Result<Value> {
-        let r = http_post(&cluster.http, "/v1/completions", &[], body)?;
-        anyhow::ensure!(r.status == 200, "{body}: {}", r.body);
-        r.json()
-    };
+    let post = |body: &Value| completion(cluster, body);
     let prompts = [json!("Once upon a time"), json!(golden_ids)];
     let alone: Vec<Value> = prompts
         .iter()
@@ -134,22 +130,9 @@ fn several_prompts(cluster: &Cluster, golden_ids: &[u32]) -> Result<()> {
         let mut streamed = body.clone();
         streamed["stream"] = json!(true);
         streamed["stream_options"] = json!({"include_usage": true});
-        let r = http_post(&cluster.http, "/v1/completions", &[], &streamed)?;
-        assert_eq!(r.status, 200, "{}", r.body);
-        let events = r.sse_data();
-        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-        let chunks: Vec<Value> = events[..events.len() - 1]
-            .iter()
-            .map(|e| serde_json::from_str(e))
-            .collect::<Result<_, _>>()?;
+        let chunks = streamed_chunks(cluster, &streamed)?;
         for (at, c) in choices.iter().enumerate() {
-            let joined: String = chunks
-                .iter()
-                .flat_map(|k| k["choices"].as_array().cloned().unwrap_or_default())
-                .filter(|ch| ch["index"] == at)
-                .filter_map(|ch| ch["text"].as_str().map(String::from))
-                .collect();
-            assert_eq!(joined, c["text"].as_str().unwrap_or_default(), "streamed choice {at}");
+            assert_eq!(joined_text(&chunks, at), c["text"].as_str().unwrap_or_default(), "{at}");
         }
         let last = chunks.last().context("a usage chunk")?;
         assert_eq!(last["usage"], v["usage"], "the stream's usage is the whole reply's");
@@ -164,11 +147,7 @@ fn several_prompts(cluster: &Cluster, golden_ids: &[u32]) -> Result<()> {
 /// same; the prompt is computed whole (no cached tokens, though the cache holds it by then);
 /// streamed, each choice's pieces join to the whole text.
 fn echo(cluster: &Cluster, ids: &[u32]) -> Result<()> {
-    let post = |body: &Value| -> Result<Value> {
-        let r = http_post(&cluster.http, "/v1/completions", &[], body)?;
-        anyhow::ensure!(r.status == 200, "{body}: {}", r.body);
-        r.json()
-    };
+    let post = |body: &Value| completion(cluster, body);
     let plain_body = json!({"prompt": ids, "temperature": 0, "max_tokens": 3, "logprobs": 2});
     let plain = post(&plain_body)?;
     let mut body = plain_body.clone();
@@ -211,22 +190,9 @@ fn echo(cluster: &Cluster, ids: &[u32]) -> Result<()> {
 
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);
-    let r = http_post(&cluster.http, "/v1/completions", &[], &streamed)?;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let events = r.sse_data();
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e))
-        .collect::<Result<_, _>>()?;
+    let chunks = streamed_chunks(cluster, &streamed)?;
     for (at, c) in v["choices"].as_array().context("choices")?.iter().enumerate() {
-        let joined: String = chunks
-            .iter()
-            .flat_map(|k| k["choices"].as_array().cloned().unwrap_or_default())
-            .filter(|ch| ch["index"] == at)
-            .filter_map(|ch| ch["text"].as_str().map(String::from))
-            .collect();
-        assert_eq!(joined, c["text"].as_str().unwrap_or_default(), "streamed choice {at}");
+        assert_eq!(joined_text(&chunks, at), c["text"].as_str().unwrap_or_default(), "{at}");
     }
 
     // max_tokens 0 with echo: the prompt and its figures alone, nothing generated, whole or
@@ -246,9 +212,7 @@ fn echo(cluster: &Cluster, ids: &[u32]) -> Result<()> {
     assert_eq!(v["usage"]["prompt_tokens"].as_u64(), Some(ids.len() as u64));
     let mut streamed = zero.clone();
     streamed["stream"] = json!(true);
-    let r = http_post(&cluster.http, "/v1/completions", &[], &streamed)?;
-    let events = r.sse_data();
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{}", r.body);
+    streamed_chunks(cluster, &streamed)?;
     let r =
         http_post(&cluster.http, "/v1/completions", &[], &json!({"prompt": ids, "max_tokens": 0}))?;
     assert_eq!(r.status, 400, "{}", r.body);
@@ -266,4 +230,33 @@ fn echo(cluster: &Cluster, ids: &[u32]) -> Result<()> {
     assert!(text.starts_with("Once upon a time"), "{text:?}");
     assert!(v["choices"][0]["logprobs"].is_null(), "{v}");
     Ok(())
+}
+
+/// The answer to a `/v1/completions` body, which must succeed.
+fn completion(cluster: &Cluster, body: &Value) -> Result<Value> {
+    let r = http_post(&cluster.http, "/v1/completions", &[], body)?;
+    anyhow::ensure!(r.status == 200, "{body}: {}", r.body);
+    r.json()
+}
+
+/// The chunks of a streamed `/v1/completions` answer, which must end with `[DONE]`.
+fn streamed_chunks(cluster: &Cluster, body: &Value) -> Result<Vec<Value>> {
+    let r = http_post(&cluster.http, "/v1/completions", &[], body)?;
+    anyhow::ensure!(r.status == 200, "{body}: {}", r.body);
+    let events = r.sse_data();
+    anyhow::ensure!(events.last().map(String::as_str) == Some("[DONE]"), "{}", r.body);
+    Ok(events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e))
+        .collect::<Result<_, _>>()?)
+}
+
+/// The text of choice `index` joined over streamed `chunks`.
+fn joined_text(chunks: &[Value], index: usize) -> String {
+    chunks
+        .iter()
+        .flat_map(|k| k["choices"].as_array().cloned().unwrap_or_default())
+        .filter(|ch| ch["index"] == index)
+        .filter_map(|ch| ch["text"].as_str().map(String::from))
+        .collect()
 }
