@@ -1,6 +1,7 @@
 //! The gateway (its library `run`, in process) against fake vision and decoder tiers: small
 //! in-process gRPC servers that implement the internal contracts and script their answers.
-//! Fast tests of the gateway's own logic, without models: the typed re-encode signal.
+//! Fast tests of the gateway's own logic, without models: the typed re-encode signal, and
+//! `echo` with `logprobs` against a decoder that ignores `prompt_logprobs`.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -168,9 +169,15 @@ where
 
 /// The gateway on free ports against `vision` and `decoder`; its gRPC address.
 async fn gateway(vision: &str, decoder: &str) -> Result<String> {
+    Ok(gateway_with_http(vision, decoder).await?.0)
+}
+
+/// The gateway on free ports against `vision` and `decoder`; its gRPC and HTTP addresses.
+async fn gateway_with_http(vision: &str, decoder: &str) -> Result<(String, String)> {
     let grpc = TcpListener::bind("127.0.0.1:0").await?;
     let http = TcpListener::bind("127.0.0.1:0").await?;
     let addr = grpc.local_addr()?.to_string();
+    let http_addr = http.local_addr()?.to_string();
     let args = dsvl_gateway::Args::parse_from([
         "dsvl-gateway",
         "--vision",
@@ -184,7 +191,7 @@ async fn gateway(vision: &str, decoder: &str) -> Result<String> {
     ]);
     let cfg = dsvl_gateway::GatewayConfig::try_from(&args)?;
     tokio::spawn(dsvl_gateway::run(cfg, grpc, http, std::future::pending()));
-    Ok(addr)
+    Ok((addr, http_addr))
 }
 
 async fn chat_with_image(gateway: &str) -> Result<Result<Vec<u32>, Status>> {
@@ -261,4 +268,42 @@ async fn untyped_precondition_is_not_a_reencode() -> Result<()> {
     assert_eq!(*vision.calls.lock().unwrap(), [false], "no inline re-encode");
     assert_eq!(decoder.calls.load(Ordering::SeqCst), 1);
     Ok(())
+}
+
+/// A decoder that ignores `prompt_logprobs` (as one older than the field would) leaves the
+/// prompt unscored: `echo` with `logprobs` is then an error that says so, not an echo without
+/// figures; `echo` alone needs nothing from the decoder and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_logprobs_from_a_decoder_that_ignores_them_is_an_error() -> Result<()> {
+    let vision = Arc::new(FakeVision::default());
+    let decoder = Arc::new(FakeDecoder {
+        refusal: || Status::internal("no images here"),
+        calls: AtomicUsize::new(0),
+    });
+    let v = serve(VisionEncoderServer::from_arc(vision)).await?;
+    let d = serve(DecoderServer::from_arc(decoder)).await?;
+    let (_, http) = gateway_with_http(&v, &d).await?;
+    let scored =
+        serde_json::json!({"prompt": [5, 6, 7], "echo": true, "logprobs": 1, "max_tokens": 1});
+    let at = http.clone();
+    let r = tokio::task::spawn_blocking(move || post_when_ready(&at, &scored)).await??;
+    assert_eq!(r.status, 500, "{}", r.body);
+    assert!(r.body.contains("scored 0 of the prompt's 2 later tokens"), "{}", r.body);
+    let plain = serde_json::json!({"prompt": [5, 6, 7], "echo": true, "max_tokens": 1});
+    let r = tokio::task::spawn_blocking(move || post_when_ready(&http, &plain)).await??;
+    assert_eq!(r.status, 200, "{}", r.body);
+    Ok(())
+}
+
+/// `body` posted to the gateway's `/v1/completions` at `http`, again while it answers 503 (until
+/// it has polled the fakes, for at most 30 s).
+fn post_when_ready(http: &str, body: &serde_json::Value) -> Result<dsvl_e2e::HttpResponse> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = dsvl_e2e::http_post(http, "/v1/completions", &[], body)?;
+        if r.status != 503 || Instant::now() > deadline {
+            return Ok(r);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -411,12 +411,15 @@ impl Gateway {
             index: 0,
             text: text.clone(),
             token_ids: Vec::new(),
-            logprobs: if prep.output.logprobs {
-                self.prompt_logprobs(&prep.prompt.ids, &opened.first)
-            } else {
-                Vec::new()
-            },
+            logprobs: Vec::new(),
         });
+        let echo = match echo {
+            Some(mut e) if prep.output.logprobs => {
+                e.logprobs = self.prompt_logprobs(&prep.prompt.ids, &opened.first)?;
+                Some(e)
+            }
+            other => other,
+        };
         let mut choices = vec![opened];
         if prep.output.n > 1 {
             choices
@@ -762,7 +765,15 @@ impl Gateway {
 
     /// The prompt tokens' log-probabilities as choice 0's first decoder event carries them:
     /// the first token unscored, then one entry per later position.
-    fn prompt_logprobs(&self, prompt: &[u32], first: &GenerateResponse) -> Vec<TokenLogprob> {
+    ///
+    /// # Errors
+    /// The event does not score every later position of `prompt` (a decoder that predates
+    /// `prompt_logprobs` ignores the field: better a clear error than an echo without figures).
+    fn prompt_logprobs(
+        &self,
+        prompt: &[u32],
+        first: &GenerateResponse,
+    ) -> Result<Vec<TokenLogprob>, GatewayError> {
         let alt = |id: u32, logprob: f32| Alternative {
             id,
             text: self.model.tokenizer.decode(&[id], false).unwrap_or_default(),
@@ -772,18 +783,27 @@ impl Gateway {
             Some(DecoderEvent::Token(t)) => t.prompt_logprobs.as_slice(),
             _ => &[],
         };
+        let ids_match = scored.iter().map(|p| p.id).eq(prompt.iter().skip(1).copied());
+        if !ids_match {
+            return Err(GatewayError::Internal(format!(
+                "the decoder scored {} of the prompt's {} later tokens (is it older than this gateway?)",
+                scored.len(),
+                prompt.len().saturating_sub(1)
+            )));
+        }
         let head = prompt.first().map(|&id| TokenLogprob {
             token: alt(id, 0.0),
             top: Vec::new(),
             unscored: true,
         });
-        head.into_iter()
+        Ok(head
+            .into_iter()
             .chain(scored.iter().map(|p| TokenLogprob {
                 token: alt(p.id, p.logprob),
                 top: p.top_logprobs.iter().map(|a| alt(a.id, a.logprob)).collect(),
                 unscored: false,
             }))
-            .collect()
+            .collect())
     }
 }
 
