@@ -328,7 +328,13 @@ async fn keys_quotas_and_validation() -> Result<()> {
         let r = http_post(&cluster.http, "/v1/chat/completions", &headers, &body)?;
         assert_eq!(r.status, 401, "{}", r.body);
         assert_eq!(r.json()?["error"]["code"], "invalid_api_key");
+        // The tokenizer endpoints sit behind the key too.
+        let r = http_post(&cluster.http, "/tokenize", &headers, &json!({"prompt": "Hi"}))?;
+        assert_eq!(r.status, 401, "{}", r.body);
     }
+    let key = [("Authorization", "Bearer sk-globex")];
+    let r = http_post(&cluster.http, "/tokenize", &key, &json!({"prompt": "Hi"}))?;
+    assert_eq!(r.status, 200, "{}", r.body);
     let req = || {
         greedy_request(
             vec![ChatMessage {

@@ -2,7 +2,8 @@
 //! ids as a raw prompt give the golden greedy ids, streamed or not; a text prompt is tokenized
 //! without the chat template; a list of prompts gives each prompt's choices, numbered prompt by
 //! prompt; `echo` returns the prompt, with its tokens' log-probabilities when asked; refused
-//! fields are 400s naming them; `/v1/models` reports the context length.
+//! fields are 400s naming them; `/v1/models` reports the context length; the tokenizer
+//! endpoints give the ids the completions endpoint uses.
 
 use anyhow::{Context, Result};
 use dsvl_e2e::{golden_case, golden_generated, http_post, Cluster, Options};
@@ -70,6 +71,7 @@ async fn completions_with_token_ids_and_text() -> Result<()> {
     }
     several_prompts(&cluster, &ids)?;
     echo(&cluster, &ids)?;
+    tokenizer_endpoints(&cluster)?;
     let m = dsvl_testkit::http_get(&cluster.http, "/v1/models")?;
     assert!(m.contains("\"max_model_len\":16384"), "{m}");
     // One model by id: the same object; an unknown id is OpenAI's 404 naming it.
@@ -259,4 +261,47 @@ fn joined_text(chunks: &[Value], index: usize) -> String {
         .filter(|ch| ch["index"] == index)
         .filter_map(|ch| ch["text"].as_str().map(String::from))
         .collect()
+}
+
+/// vLLM's tokenizer endpoints, as lm-evaluation-harness's remote tokenizer calls them:
+/// `/tokenizer_info` names the special tokens, `/tokenize` gives the ids a completion prompt
+/// gets (BOS first; without it when special tokens are not added; a special token's text is
+/// its id), `/detokenize` gives the text back; bad ids, unknown fields and another model are
+/// 400s.
+fn tokenizer_endpoints(cluster: &Cluster) -> Result<()> {
+    let info = dsvl_e2e::http_get_response(&cluster.http, "/tokenizer_info")?;
+    assert_eq!(info.status, 200, "{}", info.body);
+    let info = info.json()?;
+    let eos = info["eos_token"].as_str().context("eos_token")?.to_string();
+    assert_eq!(info["model_max_length"], 16384, "{info}");
+    let post = |path: &str, body: Value| -> Result<Value> {
+        let r = http_post(&cluster.http, path, &[], &body)?;
+        anyhow::ensure!(r.status == 200, "{path} {body}: {}", r.body);
+        r.json()
+    };
+    let text = "Once upon a time";
+    let with_bos = post("/tokenize", json!({"prompt": text}))?;
+    let completion = completion(
+        cluster,
+        &json!({"prompt": text, "max_tokens": 1, "return_prompt_token_ids": true}),
+    )?;
+    assert_eq!(with_bos["tokens"], completion["dsvl"]["prompt_token_ids"], "{with_bos}");
+    assert_eq!(with_bos["count"].as_u64(), with_bos["tokens"].as_array().map(|t| t.len() as u64));
+    let bare = post("/tokenize", json!({"prompt": text, "add_special_tokens": false}))?;
+    let bare_ids = bare["tokens"].as_array().context("tokens")?;
+    assert_eq!(bare_ids[..], with_bos["tokens"].as_array().context("tokens")?[1..], "no BOS");
+    let eos_ids = post("/tokenize", json!({"prompt": eos, "add_special_tokens": false}))?;
+    assert_eq!(eos_ids["tokens"].as_array().map(Vec::len), Some(1), "{eos_ids}");
+    let back = post("/detokenize", json!({"tokens": bare["tokens"]}))?;
+    assert_eq!(back["prompt"], text);
+    for (path, bad, says) in [
+        ("/detokenize", json!({"tokens": [999_999_999u32]}), "not in the vocabulary"),
+        ("/tokenize", json!({"prompt": "x", "frobnicate": 1}), "frobnicate"),
+        ("/tokenize", json!({"prompt": "x", "model": "another"}), "not served here"),
+    ] {
+        let r = http_post(&cluster.http, path, &[], &bad)?;
+        assert_eq!(r.status, 400, "{path} {bad}: {}", r.body);
+        assert!(r.body.contains(says), "{path} {bad}: {}", r.body);
+    }
+    Ok(())
 }

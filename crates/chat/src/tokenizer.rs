@@ -67,6 +67,22 @@ impl ChatTokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// `tokenizer.encode(text, add_special_tokens=add_special)`: with the post-processor's BOS
+    /// when `add_special`.
+    ///
+    /// # Errors
+    /// The tokenizer fails on the text.
+    pub fn encode_with(&self, text: &str, add_special: bool) -> Result<Vec<u32>, ChatError> {
+        let enc =
+            self.inner.encode(text, add_special).map_err(|e| ChatError::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The token string of `id` (a special token's text, or the vocabulary's piece).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// `tokenizer.encode(text)`: with the post-processor's BOS.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, ChatError> {
         let enc = self.inner.encode(text, true).map_err(|e| ChatError::Encode(e.to_string()))?;

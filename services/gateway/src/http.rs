@@ -540,6 +540,9 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/completions", post(crate::http_completions::completions))
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model))
+        .route("/tokenizer_info", get(crate::http_tokenize::tokenizer_info))
+        .route("/tokenize", post(crate::http_tokenize::tokenize))
+        .route("/detokenize", post(crate::http_tokenize::detokenize))
         // Inside the key check: an unauthenticated request is a 401 whatever its size.
         .route_layer(axum::middleware::from_fn_with_state(
             body_limit,

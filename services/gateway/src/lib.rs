@@ -20,6 +20,7 @@ pub mod http_completions;
 mod http_errors;
 pub mod http_reply;
 pub mod http_server;
+mod http_tokenize;
 pub mod images;
 pub mod openai_fields;
 pub mod prefix_route;

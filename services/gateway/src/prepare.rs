@@ -201,7 +201,7 @@ pub const MAX_PARTS: usize = 64;
 /// Text bytes allowed per prompt position: the text of a prompt that fits the model is far
 /// below this (a token is a few bytes), so the bound only stops text no prompt could hold
 /// from being tokenized at all.
-const TEXT_BYTES_PER_POSITION: usize = 32;
+pub(crate) const TEXT_BYTES_PER_POSITION: usize = 32;
 
 /// The cheap refusals, before any tokenizing, fetching or charging: message, part, text,
 /// stop-string and image counts and sizes.
