@@ -53,14 +53,51 @@ fn no_check(_: &Value) -> Result<(), String> {
     Ok(())
 }
 
-fn check_model(gw: &Gateway, model: &str) -> Result<(), GatewayError> {
+/// A body with a `model` field.
+trait ForModel {
+    fn model(&self) -> &str;
+}
+
+impl ForModel for TokenizeRequest {
+    fn model(&self) -> &str {
+        &self.model
+    }
+}
+
+impl ForModel for DetokenizeRequest {
+    fn model(&self) -> &str {
+        &self.model
+    }
+}
+
+/// The request `T` in `body`: JSON, no unknown field, for the served model (or none named).
+fn read<T: serde::de::DeserializeOwned + ForModel>(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, GatewayError> {
+    crate::http_errors::require_json(headers)?;
+    let started = std::time::Instant::now();
+    let (_, r) = read_request::<T>(headers, body, gw.config.request_timeout, started, no_check)?;
+    let model = r.model();
     if model.is_empty() || model == gw.model.name {
-        return Ok(());
+        return Ok(r);
     }
     Err(GatewayError::InvalidArgument(format!(
         "model `{model}` is not served here; this gateway serves `{}`",
         gw.model.name
     )))
+}
+
+/// `work` on a blocking thread (tokenizing is CPU work), its answer as JSON.
+async fn off_thread<E: std::fmt::Display + Send + 'static>(
+    work: impl FnOnce() -> Result<Value, E> + Send + 'static,
+) -> Response {
+    match tokio::task::spawn_blocking(work).await {
+        Ok(Ok(v)) => Json(v).into_response(),
+        Ok(Err(e)) => error_response(&GatewayError::Internal(format!("tokenizer: {e}"))),
+        Err(e) => error_response(&GatewayError::Internal(format!("tokenizer task: {e}"))),
+    }
 }
 
 /// `GET /tokenizer_info`.
@@ -86,17 +123,7 @@ pub(crate) async fn tokenize(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let read = crate::http_errors::require_json(&headers).and_then(|()| {
-        let timeout = gw.config.request_timeout;
-        read_request::<TokenizeRequest>(
-            &headers,
-            &body,
-            timeout,
-            std::time::Instant::now(),
-            no_check,
-        )
-    });
-    let r = match read.and_then(|(_, r)| check_model(&gw, &r.model).map(|()| r)) {
+    let r: TokenizeRequest = match read(&gw, &headers, &body) {
         Ok(r) => r,
         Err(e) => return error_response(&e),
     };
@@ -110,19 +137,16 @@ pub(crate) async fn tokenize(
         return error_response(&e);
     }
     let tok = gw.model.tokenizer.clone();
-    let encoded =
-        tokio::task::spawn_blocking(move || tok.encode_with(&r.prompt, r.add_special_tokens)).await;
-    match encoded {
-        Ok(Ok(tokens)) => Json(json!({
+    off_thread(move || {
+        let tokens = tok.encode_with(&r.prompt, r.add_special_tokens)?;
+        Ok::<_, dsvl_chat::ChatError>(json!({
             "count": tokens.len(),
             "max_model_len": max_positions,
             "tokens": tokens,
             "token_strs": null,
         }))
-        .into_response(),
-        Ok(Err(e)) => error_response(&GatewayError::Internal(format!("tokenizer: {e}"))),
-        Err(e) => error_response(&GatewayError::Internal(format!("tokenizer task: {e}"))),
-    }
+    })
+    .await
 }
 
 /// `POST /detokenize`.
@@ -131,17 +155,7 @@ pub(crate) async fn detokenize(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let read = crate::http_errors::require_json(&headers).and_then(|()| {
-        let timeout = gw.config.request_timeout;
-        read_request::<DetokenizeRequest>(
-            &headers,
-            &body,
-            timeout,
-            std::time::Instant::now(),
-            no_check,
-        )
-    });
-    let r = match read.and_then(|(_, r)| check_model(&gw, &r.model).map(|()| r)) {
+    let r: DetokenizeRequest = match read(&gw, &headers, &body) {
         Ok(r) => r,
         Err(e) => return error_response(&e),
     };
@@ -161,9 +175,5 @@ pub(crate) async fn detokenize(
         return error_response(&e);
     }
     let tok = gw.model.tokenizer.clone();
-    match tokio::task::spawn_blocking(move || tok.decode(&r.tokens, false)).await {
-        Ok(Ok(text)) => Json(json!({"prompt": text})).into_response(),
-        Ok(Err(e)) => error_response(&GatewayError::Internal(format!("tokenizer: {e}"))),
-        Err(e) => error_response(&GatewayError::Internal(format!("tokenizer task: {e}"))),
-    }
+    off_thread(move || tok.decode(&r.tokens, false).map(|text| json!({"prompt": text}))).await
 }
