@@ -12,8 +12,7 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
-use crate::sampler::top_logprobs;
-use crate::select::log_softmax_at;
+use crate::sampler::{log_sum_exp, top_logprobs_under};
 
 /// One prompt token's log-probability given the tokens before it.
 #[derive(Debug, Clone, PartialEq)]
@@ -77,10 +76,12 @@ fn entries(
                 // Not a token of this vocabulary (the scheduler refuses such prompts first).
                 return PromptLogprob { id, logprob: f32::NEG_INFINITY, top: Vec::new() };
             }
+            // One normaliser for the token and its alternatives, as for a generated token.
+            let lse = log_sum_exp(row);
             PromptLogprob {
                 id,
-                logprob: log_softmax_at(row, id as usize),
-                top: top_logprobs(row, top),
+                logprob: row[id as usize] - lse,
+                top: top_logprobs_under(row, top, lse),
             }
         })
         .collect()

@@ -210,15 +210,29 @@ pub fn sample(logits: &[f32], params: &SamplingParams, generated: &[u32], rng: &
     }
 }
 
+/// `ln(sum(exp(row)))`, summed in f64 from the row's maximum: the normaliser every reported
+/// log-probability is taken against (a chosen token's, its alternatives', a prompt token's), so
+/// figures of one row computed apart agree to the bit.
+pub fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    row.iter().map(|v| f64::from(v - max).exp()).sum::<f64>().ln() as f32 + max
+}
+
 /// The `k` most likely tokens of a raw logits row with their log-probabilities, most likely
 /// first (ties by ascending id).
 pub fn top_logprobs(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     if k == 0 || logits.is_empty() {
         return Vec::new();
     }
+    top_logprobs_under(logits, k, log_sum_exp(logits))
+}
+
+/// [`top_logprobs`] with the row's [`log_sum_exp`] already known.
+pub(crate) fn top_logprobs_under(logits: &[f32], k: usize, lse: f32) -> Vec<(u32, f32)> {
+    if k == 0 || logits.is_empty() {
+        return Vec::new();
+    }
     let mut ranked = Ranked::new(logits);
-    let max = logits[ranked.at(0)];
-    let lse = logits.iter().map(|v| f64::from(v - max).exp()).sum::<f64>().ln() as f32 + max;
     (0..k.min(logits.len()))
         .map(|j| {
             let i = ranked.at(j);

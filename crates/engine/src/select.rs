@@ -9,7 +9,7 @@ use candle_core::{DType, Tensor, D};
 use rayon::prelude::*;
 
 use crate::constraint::Mask;
-use crate::sampler::{sample, top_logprobs, Rng, SamplingParams};
+use crate::sampler::{log_sum_exp, sample, top_logprobs_under, Rng, SamplingParams};
 
 /// What a sequence's next token is chosen from, and how.
 pub struct Ask<'a> {
@@ -50,13 +50,6 @@ pub struct StepLogits {
     argmax: Option<Vec<u32>>,
     /// `-ln sum(exp(x - max))` per row: the log-probability of a row's argmax.
     argmax_logprob: Option<Vec<f32>>,
-}
-
-/// The log-probability of token `i` under a raw logits `row`.
-pub(crate) fn log_softmax_at(row: &[f32], i: usize) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = row.iter().map(|v| f64::from(v - max).exp()).sum::<f64>().ln() as f32 + max;
-    row[i] - lse
 }
 
 impl StepLogits {
@@ -159,8 +152,10 @@ fn host_choice(values: Vec<f32>, ask: Ask<'_>) -> Choice {
             sample(&allowed, ask.params, ask.generated, ask.rng)
         }
     };
-    let logprob = ask.logprob.then(|| log_softmax_at(&values, id as usize));
-    let top = top_logprobs(&values, ask.top_logprobs);
+    // One normaliser for the token and its alternatives.
+    let lse = (ask.logprob || ask.top_logprobs > 0).then(|| log_sum_exp(&values));
+    let logprob = lse.filter(|_| ask.logprob).map(|lse| values[id as usize] - lse);
+    let top = lse.map_or_else(Vec::new, |lse| top_logprobs_under(&values, ask.top_logprobs, lse));
     Choice { id, logprob, top, row: ask.keep_row.then_some(values) }
 }
 
@@ -190,7 +185,7 @@ mod tests {
             };
             let c = step.choose(i, ask)?;
             assert_eq!(c.id, crate::sampler::argmax(r), "first index on ties");
-            let want = log_softmax_at(r, c.id as usize);
+            let want = r[c.id as usize] - log_sum_exp(r);
             assert!((c.logprob.unwrap() - want).abs() < 1e-6, "{:?} vs {want}", c.logprob);
             assert!(c.row.is_none());
         }

@@ -407,18 +407,18 @@ impl Gateway {
             total_seconds: 0.0,
             images_cached: embedded.as_ref().map_or(0, |e| e.cached),
         };
-        let echo = prep.echo_text.as_ref().map(|text| Delta {
-            index: 0,
-            text: text.clone(),
-            token_ids: Vec::new(),
-            logprobs: Vec::new(),
-        });
-        let echo = match echo {
-            Some(mut e) if prep.output.logprobs => {
-                e.logprobs = self.prompt_logprobs(&prep.prompt.ids, &opened.first)?;
-                Some(e)
-            }
-            other => other,
+        let echo = match &prep.echo_text {
+            None => None,
+            Some(text) => Some(Delta {
+                index: 0,
+                text: text.clone(),
+                token_ids: Vec::new(),
+                logprobs: if prep.output.logprobs {
+                    self.prompt_logprobs(&prep.prompt.ids, &opened.first)?
+                } else {
+                    Vec::new()
+                },
+            }),
         };
         let mut choices = vec![opened];
         if prep.output.n > 1 {
