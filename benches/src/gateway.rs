@@ -135,6 +135,7 @@ impl Clients {
             constraint: None,
             top_logprobs: 0,
             prompt_logprobs: false,
+            min_new_tokens: 0,
         };
         let mut stream = self.decoder.generate(req).await?.into_inner();
         let mut n = 0;

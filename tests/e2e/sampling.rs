@@ -3,7 +3,8 @@
 //! model (exact where the rule allows it, against a counterfactual otherwise, so a parameter
 //! that is dropped on the way fails): `logprobs`/`top_logprobs`, `logit_bias`, the presence and
 //! frequency penalties, `min_p`, `seed`, `n` (choices share the prefill), `stop_token_ids`,
-//! `ignore_eos`, and the refusals of values out of range.
+//! `ignore_eos`, stop strings with `min_tokens` and `include_stop_str_in_output`, and the
+//! refusals of values out of range.
 
 use std::collections::HashMap;
 
@@ -18,6 +19,7 @@ use tonic::Code;
 #[derive(Debug, Default, Clone)]
 struct Choice {
     ids: Vec<u32>,
+    text: String,
     logprobs: Vec<TokenLogprob>,
     finish: String,
     cached: u32,
@@ -51,7 +53,10 @@ async fn run(cluster: &Cluster, req: ChatRequest) -> Result<Vec<Choice>, tonic::
     while let Some(m) = stream.message().await? {
         let c = choices.entry(m.index).or_default();
         match m.event {
-            Some(Event::Delta(d)) => c.logprobs.extend(d.logprobs),
+            Some(Event::Delta(d)) => {
+                c.text.push_str(&d.text);
+                c.logprobs.extend(d.logprobs);
+            }
             Some(Event::Finish(f)) => {
                 c.ids = f.token_ids;
                 c.finish = f.finish_reason;
@@ -175,6 +180,40 @@ async fn sampling_and_output_parameters_over_grpc() -> Result<()> {
     let c = one(&cluster, ChatRequest { ignore_eos: true, ..ask(prompt, 4, to_eos()) }).await?;
     assert_eq!((c.ids.as_slice(), c.finish.as_str()), (&[eos; 4][..], "length"));
 
+    // min_tokens: EOS (forced) and stop_token_ids wait for the minimum, then end the reply.
+    let c = one(&cluster, ChatRequest { min_tokens: 3, ..ask(prompt, 6, to_eos()) }).await?;
+    assert_eq!((c.ids.len(), c.ids[3], c.finish.as_str()), (4, eos, "stop"), "{c:?}");
+    assert!(!c.ids[..3].contains(&eos), "{c:?}");
+    let req = ChatRequest {
+        stop_token_ids: vec![stop],
+        min_tokens: cut as u32,
+        ..ask(prompt, 16, greedy())
+    };
+    let c = one(&cluster, req).await?;
+    assert!(c.ids.len() > cut && !c.ids[..cut].contains(&stop), "{c:?}");
+    assert_eq!(c.finish, if c.ids.last() == Some(&stop) { "stop" } else { "length" });
+
+    // Stop strings: the text is cut before the first match, or after it when asked to keep
+    // it; under min_tokens the first tokens' text is not searched.
+    assert_eq!(base.finish, "length", "{base:?}");
+    let from = base.text.char_indices().nth(4).context("4 characters")?.0;
+    let to = base.text[from..].char_indices().nth(3).map_or(base.text.len(), |(i, _)| from + i);
+    let stop_str = base.text[from..to].to_string();
+    let at = base.text.find(&stop_str).context("the stop string")?;
+    let with_stop = |min_tokens, include_stop_str_in_output| ChatRequest {
+        stop: vec![stop_str.clone()],
+        min_tokens,
+        include_stop_str_in_output,
+        ..ask(prompt, 16, greedy())
+    };
+    let c = one(&cluster, with_stop(0, false)).await?;
+    assert_eq!((c.text.as_str(), c.finish.as_str()), (&base.text[..at], "stop"), "{stop_str:?}");
+    let c = one(&cluster, with_stop(0, true)).await?;
+    let kept = &base.text[..at + stop_str.len()];
+    assert_eq!((c.text.as_str(), c.finish.as_str()), (kept, "stop"), "{stop_str:?}");
+    let c = one(&cluster, with_stop(16, false)).await?;
+    assert_eq!((c.text.as_str(), c.finish.as_str()), (base.text.as_str(), "length"));
+
     // Out of range: INVALID_ARGUMENT naming the field.
     for (req, field) in [
         (
@@ -189,6 +228,17 @@ async fn sampling_and_output_parameters_over_grpc() -> Result<()> {
         ),
         (ChatRequest { top_logprobs: 2, ..ask(prompt, 4, greedy()) }, "top_logprobs"),
         (ChatRequest { n: 9, ..ask(prompt, 4, greedy()) }, "n is 9"),
+        (ChatRequest { min_tokens: 5, ..ask(prompt, 4, greedy()) }, "min_tokens 5"),
+        (
+            ChatRequest {
+                min_tokens: 2,
+                output_format: Some(dsvl_proto::v1::OutputFormat {
+                    kind: Some(dsvl_proto::v1::output_format::Kind::Regex("a+".into())),
+                }),
+                ..ask(prompt, 4, greedy())
+            },
+            "min_tokens cannot be combined",
+        ),
     ] {
         let e = run(&cluster, req).await.expect_err(field);
         assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");

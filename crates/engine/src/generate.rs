@@ -108,6 +108,7 @@ pub fn generate(
         params: req.params.clone(),
         max_new_tokens: req.max_new_tokens,
         stop_ids: req.stop_ids.clone(),
+        min_new_tokens: 0,
         logprobs: false,
         top_logprobs: 0,
         deadline: None,

@@ -145,6 +145,9 @@ pub struct NewRequest {
     pub max_new_tokens: usize,
     /// Ids that end generation.
     pub stop_ids: Vec<u32>,
+    /// The stop ids cannot be chosen before this many tokens are generated (vLLM's
+    /// `min_tokens`; 0: no minimum). A grammar's completion still ends generation.
+    pub min_new_tokens: usize,
     /// Report log-probabilities.
     pub logprobs: bool,
     /// Report this many most likely tokens at each step (0: none).
@@ -180,6 +183,7 @@ impl NewRequest {
             params: SamplingParams::greedy(),
             max_new_tokens,
             stop_ids: vec![],
+            min_new_tokens: 0,
             logprobs: false,
             top_logprobs: 0,
             deadline: None,
@@ -767,6 +771,11 @@ impl Scheduler {
                         top_logprobs: s.req.top_logprobs,
                         keep_row: s.req.keep_logits,
                         mask: mask.as_ref(),
+                        banned: if s.generated.len() < s.req.min_new_tokens {
+                            &s.req.stop_ids
+                        } else {
+                            &[]
+                        },
                     },
                 ));
             }

@@ -499,6 +499,52 @@ fn stop_ids_end_with_stop_and_report_usage() {
     }
 }
 
+/// `min_new_tokens`: the stop ids cannot be chosen before the minimum (greedy takes the best
+/// other token), and end generation as usual after it.
+#[test]
+fn stop_ids_wait_for_the_minimum_of_new_tokens() {
+    let p = prompt(4, 5);
+    let first = expected(&p, 1)[0];
+    // The token a greedy row of the fake model takes when its best is banned: the first of the
+    // ties at 0.
+    let stop_ids = vec![first, 0, 1];
+    let fallback = (0..VOCAB as u32).find(|t| !stop_ids.contains(t)).unwrap();
+    for min in [0, 1, 3, 6] {
+        let (max_new, mut want, mut want_reason) = (20, Vec::new(), FinishReason::Length);
+        let mut h = p.clone();
+        while want.len() < max_new {
+            let mut t = next_token(&h);
+            if want.len() < min && stop_ids.contains(&t) {
+                t = fallback;
+            }
+            h.push(t);
+            want.push(t);
+            if stop_ids.contains(&t) {
+                want_reason = FinishReason::Stop;
+                break;
+            }
+        }
+        let mut s = scheduler(4, 1000, 64);
+        let mut model = FakeModel::default();
+        let (mut req, mut rx) = request(p.clone(), max_new);
+        req.stop_ids = stop_ids.clone();
+        req.min_new_tokens = min;
+        s.add(req);
+        run_to_end(&mut s, &mut model);
+        let (tokens, end) = drain(&mut rx);
+        assert_eq!(tokens, want, "min {min}");
+        assert!(tokens.len() >= min.max(1), "min {min}: {tokens:?}");
+        assert!(tokens.iter().take(min).all(|t| !stop_ids.contains(t)), "min {min}: {tokens:?}");
+        match end {
+            Some(Event::Finished { reason, .. }) => assert_eq!(reason, want_reason, "min {min}"),
+            other => panic!("{other:?}"),
+        }
+        if min == 0 {
+            assert_eq!(tokens, [first], "without a minimum the first token stops");
+        }
+    }
+}
+
 #[test]
 fn identical_prompts_arriving_together_prefill_once() {
     // Three copies of a 22-token prompt (the n choices of one request) and a different prompt

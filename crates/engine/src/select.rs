@@ -27,6 +27,9 @@ pub struct Ask<'a> {
     pub keep_row: bool,
     /// The tokens a grammar allows (others are set to minus infinity before choosing).
     pub mask: Option<&'a Mask>,
+    /// Tokens that may not be chosen (set to minus infinity before choosing): the stop ids
+    /// while a sequence is short of its `min_new_tokens`.
+    pub banned: &'a [u32],
 }
 
 /// The chosen token.
@@ -63,14 +66,15 @@ impl StepLogits {
         &self.logits
     }
 
-    /// Whether `ask` is met by the step's device argmax: greedy with no processor, mask, row
-    /// or alternatives asked for.
+    /// Whether `ask` is met by the step's device argmax: greedy with no processor, mask, ban,
+    /// row or alternatives asked for.
     fn greedy_on_device(ask: &Ask<'_>) -> bool {
         ask.params.is_greedy()
             && !ask.params.processes_logits()
             && ask.top_logprobs == 0
             && !ask.keep_row
             && ask.mask.is_none()
+            && ask.banned.is_empty()
     }
 
     /// The device-argmax choice of row `row` (see [`Self::greedy_on_device`]).
@@ -144,13 +148,19 @@ impl StepLogits {
 
 /// A row's choice drawn on the host by [`sample`], with what `ask` wants reported.
 fn host_choice(values: Vec<f32>, ask: Ask<'_>) -> Choice {
-    let id = match ask.mask {
-        None => sample(&values, ask.params, ask.generated, ask.rng),
-        Some(mask) => {
-            let mut allowed = values.clone();
+    let id = if ask.mask.is_none() && ask.banned.is_empty() {
+        sample(&values, ask.params, ask.generated, ask.rng)
+    } else {
+        let mut allowed = values.clone();
+        if let Some(mask) = ask.mask {
             mask.apply(&mut allowed);
-            sample(&allowed, ask.params, ask.generated, ask.rng)
         }
+        for &id in ask.banned {
+            if let Some(v) = allowed.get_mut(id as usize) {
+                *v = f32::NEG_INFINITY;
+            }
+        }
+        sample(&allowed, ask.params, ask.generated, ask.rng)
     };
     // One normaliser for the token and its alternatives.
     let lse = (ask.logprob || ask.top_logprobs > 0).then(|| log_sum_exp(&values));
@@ -182,12 +192,52 @@ mod tests {
                 top_logprobs: 0,
                 keep_row: false,
                 mask: None,
+                banned: &[],
             };
             let c = step.choose(i, ask)?;
             assert_eq!(c.id, crate::sampler::argmax(r), "first index on ties");
             let want = r[c.id as usize] - log_sum_exp(r);
             assert!((c.logprob.unwrap() - want).abs() < 1e-6, "{:?} vs {want}", c.logprob);
             assert!(c.row.is_none());
+        }
+        Ok(())
+    }
+
+    /// Banned tokens are never chosen, greedy (the best allowed one instead) or sampled, and
+    /// the reported log-probabilities stay those of the unprocessed distribution.
+    #[test]
+    fn banned_tokens_are_never_chosen() -> candle_core::Result<()> {
+        let row = vec![5.0f32, 4.9, 1.0, 4.8, -2.0];
+        let t = Tensor::new(vec![row.clone()], &Device::Cpu)?;
+        let mut step = StepLogits::new(t);
+        let banned = [0u32, 1];
+        let warm = SamplingParams { temperature: 5.0, ..SamplingParams::DEFAULTS };
+        for (params, draws) in [(SamplingParams::greedy(), 1), (warm, 500)] {
+            let mut rng = Rng::new(3);
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..draws {
+                let ask = Ask {
+                    params: &params,
+                    generated: &[],
+                    rng: &mut rng,
+                    logprob: true,
+                    top_logprobs: 2,
+                    keep_row: false,
+                    mask: None,
+                    banned: &banned,
+                };
+                let c = step.choose(0, ask)?;
+                assert!(!banned.contains(&c.id), "{c:?}");
+                let want = row[c.id as usize] - log_sum_exp(&row);
+                assert!((c.logprob.unwrap() - want).abs() < 1e-6);
+                assert_eq!(c.top.iter().map(|a| a.0).collect::<Vec<_>>(), [0, 1]);
+                seen.insert(c.id);
+            }
+            if params.is_greedy() {
+                assert_eq!(seen.into_iter().collect::<Vec<_>>(), [3]);
+            } else {
+                assert_eq!(seen.into_iter().collect::<Vec<_>>(), [2, 3, 4], "every allowed token");
+            }
         }
         Ok(())
     }
@@ -221,6 +271,7 @@ mod tests {
         ];
         let generated: Vec<u32> = (0..30).map(|i| i * 53 % vocab as u32).collect();
         let mask = Mask::from_bits(&(0..vocab).map(|i| i % 3 != 0).collect::<Vec<_>>());
+        const BANNED: [u32; 3] = [1, 2, 2999];
         fn ask<'a>(
             i: usize,
             (params, generated, mask): (&'a [SamplingParams], &'a [u32], &'a Mask),
@@ -234,6 +285,7 @@ mod tests {
                 top_logprobs: if i == 4 { 3 } else { 0 },
                 keep_row: i == 7,
                 mask: (i == 2 || i == 8).then_some(mask),
+                banned: if i == 0 || i == 5 { &BANNED } else { &[] },
             }
         }
         let with = (&params[..], &generated[..], &mask);

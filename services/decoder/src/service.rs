@@ -81,6 +81,19 @@ impl Ready {
             // Resolved by the caller (the gateway resolves its API's "unset"): no default here.
             return Err(ServiceError::InvalidArgument("max_new_tokens must be at least 1".into()));
         }
+        if req.min_new_tokens > req.max_new_tokens {
+            return Err(ServiceError::InvalidArgument(format!(
+                "min_new_tokens is {}, more than max_new_tokens {}",
+                req.min_new_tokens, req.max_new_tokens
+            )));
+        }
+        if req.min_new_tokens > 0 && req.constraint.as_ref().is_some_and(|c| c.kind.is_some()) {
+            return Err(ServiceError::InvalidArgument(
+                "min_new_tokens cannot be combined with a constraint: the grammar decides where \
+                 the output ends"
+                    .into(),
+            ));
+        }
         let sampling = req
             .sampling
             .as_ref()
@@ -240,6 +253,7 @@ impl Decoder for DecoderService {
             params: req.sampling.as_ref().map(SamplingParams::from).unwrap_or_default(),
             max_new_tokens: max_new,
             stop_ids: req.stop_token_ids.clone(),
+            min_new_tokens: req.min_new_tokens as usize,
             logprobs: req.logprobs,
             top_logprobs: req.top_logprobs as usize,
             deadline,

@@ -352,6 +352,7 @@ impl Gateway {
             // At least one: with `echo` and max_tokens 0 the first token brings the prompt's
             // figures and is dropped.
             max_new_tokens: prep.max_new_tokens.max(1),
+            min_new_tokens: prep.output.min_tokens,
             logprobs: prep.output.logprobs,
             cache_salt: tenant.salt.clone().into(),
             constraint: prep.constraint.clone(),
@@ -617,7 +618,7 @@ impl Gateway {
         let Opened { mut stream, first, guard: _guard, .. } = opened;
         let tok = &self.model.tokenizer;
         let mut detok = IncrementalDecoder::new(true);
-        let mut stops = StopText::new(&prep.stop);
+        let mut stops = StopText::new(&prep.stop, prep.output.include_stop_str);
         let mut all_ids = Vec::new();
         let mut unsent_ids = Vec::new();
         let mut unsent_logprobs = Vec::new();
@@ -668,7 +669,13 @@ impl Gateway {
                             .push(tok, t.id)
                             .map_err(|e| GatewayError::Internal(e.to_string()))?;
                         if let Some(piece) = piece {
-                            let released = stops.push(&piece);
+                            // Under `min_tokens`, the text of the first tokens is not searched
+                            // for stop strings (vLLM's rule).
+                            let released = if all_ids.len() <= prep.output.min_tokens as usize {
+                                crate::stops::Released { text: piece, stopped: false }
+                            } else {
+                                stops.push(&piece)
+                            };
                             if !released.text.is_empty() || released.stopped {
                                 send(ChatEvent::Delta(Delta {
                                     index,
@@ -689,8 +696,11 @@ impl Gateway {
                         if let Some(rest) =
                             detok.finish(tok).map_err(|e| GatewayError::Internal(e.to_string()))?
                         {
-                            let r = stops.push(&rest);
-                            text.push_str(&r.text);
+                            if all_ids.len() <= prep.output.min_tokens as usize {
+                                text.push_str(&rest);
+                            } else {
+                                text.push_str(&stops.push(&rest).text);
+                            }
                         }
                         text.push_str(&stops.finish());
                         if !text.is_empty() || !unsent_ids.is_empty() {

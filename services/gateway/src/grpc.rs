@@ -61,20 +61,29 @@ pub(crate) fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
             top_logprobs: req.top_logprobs,
             stop_token_ids: req.stop_token_ids,
             ignore_eos: req.ignore_eos,
+            min_tokens: req.min_tokens,
+            include_stop_str: req.include_stop_str_in_output,
             echo: false,
         },
-        constraint: req.output_format.and_then(|f| f.kind).map(|k| {
-            use dsvl_proto::internal::constraint::Kind;
-            use dsvl_proto::v1::output_format::Kind as Public;
-            dsvl_proto::internal::Constraint {
-                kind: Some(match k {
-                    Public::JsonSchema(s) => Kind::JsonSchema(s),
-                    Public::JsonObject(b) => Kind::JsonObject(b),
-                    Public::Regex(r) => Kind::Regex(r),
-                    Public::Lark(l) => Kind::Lark(l),
-                }),
-            }
-        }),
+        constraint: req
+            .output_format
+            .and_then(|f| f.kind)
+            .map(|k| {
+                use dsvl_proto::internal::constraint::Kind;
+                use dsvl_proto::v1::output_format::Kind as Public;
+                Ok(dsvl_proto::internal::Constraint {
+                    kind: Some(match k {
+                        Public::JsonSchema(s) => Kind::JsonSchema(s),
+                        Public::JsonObject(b) => Kind::JsonObject(b),
+                        Public::Regex(r) => Kind::Regex(r),
+                        Public::Lark(l) => Kind::Lark(l),
+                        Public::Choice(c) => {
+                            crate::structured::choice("output_format.choice", &c.options)?
+                        }
+                    }),
+                })
+            })
+            .transpose()?,
     })
 }
 

@@ -3,8 +3,9 @@
 //! `GET /health`. Errors use OpenAI's `{"error": {...}}` shape with the matching status code.
 //!
 //! Extensions, ignored by OpenAI clients: vLLM's `top_k`, `min_p`, `repetition_penalty`,
-//! `stop_token_ids`, `ignore_eos`, `guided_regex` and `guided_grammar`, and
-//! `return_prompt_token_ids` in the request; a `dsvl` object (token ids, per-tier timing) in
+//! `stop_token_ids`, `ignore_eos`, `min_tokens`, `include_stop_str_in_output`,
+//! `structured_outputs` and the `guided_*` fields before it, and `return_prompt_token_ids` in
+//! the request; a `dsvl` object (token ids, per-tier timing) in
 //! the response and in stream chunks. `n` choices stream interleaved, each chunk naming its
 //! choice's index, each choice ending with its own `finish_reason`. The deadline comes from `X-Request-Timeout` (seconds) or
 //! the OpenAI client's `X-Stainless-Timeout`, capped by the gateway's own.
@@ -29,6 +30,7 @@ use crate::chat::request_span;
 use crate::error::{retry_after_secs, GatewayError};
 use crate::http_reply::{sse, whole, Reply, Shape};
 use crate::prepare::{ChatInput, InMessage, OutputOptions, Part, Role};
+use crate::structured::StructuredFields;
 use crate::tenancy::Tenant;
 use crate::tools::Tools;
 use crate::Gateway;
@@ -150,65 +152,13 @@ struct CompletionRequest {
     parallel_tool_calls: Option<bool>,
     #[serde(default)]
     return_prompt_token_ids: bool,
-    /// OpenAI's structured outputs: `text`, `json_object`, `json_schema`.
-    response_format: Option<Value>,
-    /// vLLM's extensions: the reply matches a regular expression / a Lark grammar.
-    guided_regex: Option<String>,
-    guided_grammar: Option<String>,
-}
-
-/// The decoder constraint of `response_format` / `guided_regex` / `guided_grammar` (at most
-/// one), or a 400 naming the field. `json_schema` is enforced whether `strict` is set or not.
-fn constraint(r: &CompletionRequest) -> Result<Option<Constraint>, GatewayError> {
-    constraint_of(&r.response_format, &r.guided_regex, &r.guided_grammar)
-}
-
-/// [`constraint`] from its three fields (shared with `/v1/completions`).
-pub(crate) fn constraint_of(
-    response_format: &Option<Value>,
-    guided_regex: &Option<String>,
-    guided_grammar: &Option<String>,
-) -> Result<Option<Constraint>, GatewayError> {
-    let invalid = |m: String| GatewayError::InvalidArgument(m);
-    let from_format = match response_format {
-        None | Some(Value::Null) => None,
-        Some(f) => match f.get("type").and_then(Value::as_str) {
-            Some("text") => None,
-            Some("json_object") => Some(Kind::JsonObject(true)),
-            Some("json_schema") => {
-                let schema =
-                    f.get("json_schema").and_then(|j| j.get("schema")).ok_or_else(|| {
-                        invalid("response_format.json_schema.schema is required".into())
-                    })?;
-                if !schema.is_object() {
-                    return Err(invalid(
-                        "response_format.json_schema.schema must be an object".into(),
-                    ));
-                }
-                Some(Kind::JsonSchema(schema.to_string()))
-            }
-            other => {
-                return Err(invalid(format!(
-                    "response_format.type must be text, json_object or json_schema, not {other:?}"
-                )))
-            }
-        },
-    };
-    let asked: Vec<Kind> = [
-        from_format,
-        guided_regex.clone().map(Kind::Regex),
-        guided_grammar.clone().map(Kind::Lark),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    match asked.len() {
-        0 => Ok(None),
-        1 => Ok(Some(Constraint { kind: asked.into_iter().next() })),
-        _ => Err(invalid(
-            "response_format, guided_regex and guided_grammar exclude each other".into(),
-        )),
-    }
+    /// vLLM's `min_tokens` and `include_stop_str_in_output`.
+    min_tokens: Option<u32>,
+    #[serde(default)]
+    include_stop_str_in_output: bool,
+    /// OpenAI's `response_format`, vLLM's `structured_outputs` and `guided_*`.
+    #[serde(flatten)]
+    structured: StructuredFields,
 }
 
 pub(crate) fn error_response(e: &GatewayError) -> Response {
@@ -261,11 +211,12 @@ pub(crate) fn chat_input(body: &[u8]) -> Result<(ChatInput, Option<Tools>), Gate
 fn to_input(r: CompletionRequest) -> Result<(ChatInput, Option<Tools>), GatewayError> {
     let invalid = |m: &str| GatewayError::InvalidArgument(m.to_string());
     let tools = Tools::parse(r.tools.as_ref(), r.tool_choice.as_ref(), r.parallel_tool_calls)?;
-    let mut constraint = constraint(&r)?;
+    let mut constraint = r.structured.constraint()?;
     if let Some(schema) = tools.as_ref().and_then(Tools::schema) {
         if constraint.is_some() {
             return Err(invalid(
-                "tool_choice required or a named function excludes response_format, guided_regex and guided_grammar",
+                "tool_choice required or a named function excludes any other structured output \
+                 (response_format, structured_outputs, guided_*)",
             ));
         }
         constraint = Some(Constraint { kind: Some(Kind::JsonSchema(schema.to_string())) });
@@ -374,6 +325,8 @@ fn to_input(r: CompletionRequest) -> Result<(ChatInput, Option<Tools>), GatewayE
             top_logprobs: r.top_logprobs.unwrap_or(0),
             stop_token_ids: r.stop_token_ids.unwrap_or_default(),
             ignore_eos: r.ignore_eos,
+            min_tokens: r.min_tokens.unwrap_or(0),
+            include_stop_str: r.include_stop_str_in_output,
             echo: false,
         },
     };

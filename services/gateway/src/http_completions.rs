@@ -26,9 +26,10 @@ use tracing::Instrument;
 
 use crate::chat::{request_span, ChatEvent, ChatStream};
 use crate::error::GatewayError;
-use crate::http::{constraint_of, error_response, logit_bias, read_request, unique_id};
+use crate::http::{error_response, logit_bias, read_request, unique_id};
 use crate::http_reply::{sse, whole, Reply, Shape};
 use crate::prepare::{ChatInput, OutputOptions, RawPrompt};
+use crate::structured::StructuredFields;
 use crate::tenancy::Tenant;
 use crate::Gateway;
 
@@ -75,9 +76,11 @@ struct LegacyRequest {
     stop_token_ids: Option<Vec<u32>>,
     #[serde(default)]
     ignore_eos: bool,
-    response_format: Option<Value>,
-    guided_regex: Option<String>,
-    guided_grammar: Option<String>,
+    min_tokens: Option<u32>,
+    #[serde(default)]
+    include_stop_str_in_output: bool,
+    #[serde(flatten)]
+    structured: StructuredFields,
     #[serde(default)]
     return_prompt_token_ids: bool,
 }
@@ -155,7 +158,7 @@ fn to_inputs(
         // OpenAI's default for completions is 16 new tokens.
         max_tokens: Some(r.max_tokens.unwrap_or(16)),
         return_prompt_token_ids: r.return_prompt_token_ids,
-        constraint: constraint_of(&r.response_format, &r.guided_regex, &r.guided_grammar)?,
+        constraint: r.structured.constraint()?,
         raw_prompt: None,
         // The legacy `logprobs: k` asks for the chosen token's and the k most likely ones'.
         output: OutputOptions {
@@ -164,6 +167,8 @@ fn to_inputs(
             top_logprobs: r.logprobs.unwrap_or(0),
             stop_token_ids: r.stop_token_ids.unwrap_or_default(),
             ignore_eos: r.ignore_eos,
+            min_tokens: r.min_tokens.unwrap_or(0),
+            include_stop_str: r.include_stop_str_in_output,
             echo: r.echo.unwrap_or(false),
         },
     };

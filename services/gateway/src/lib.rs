@@ -28,6 +28,7 @@ pub mod prepare;
 pub mod quota;
 pub mod served;
 pub mod stops;
+mod structured;
 pub mod tenancy;
 pub mod tools;
 pub mod untrusted;

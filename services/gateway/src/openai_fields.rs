@@ -114,8 +114,25 @@ fields![
     ("min_p", Honoured, "vLLM extension: drop tokens below min_p times the most likely one's probability"),
     ("stop_token_ids", Honoured, "vLLM extension: up to 64 ids that also end generation (kept)"),
     ("ignore_eos", Honoured, "vLLM extension: do not stop at the end-of-sequence token"),
-    ("guided_regex", Honoured, "vLLM extension: the reply matches this regular expression"),
-    ("guided_grammar", Honoured, "vLLM extension: the reply matches this Lark grammar"),
+    (
+        "min_tokens",
+        Honoured,
+        "vLLM extension: EOS, stop_token_ids and stop strings cannot end the reply before this many tokens (stop strings are looked for in the text after them); at most the token budget; not with a structured output"
+    ),
+    (
+        "include_stop_str_in_output",
+        Honoured,
+        "vLLM extension: the matched stop string stays at the end of the text"
+    ),
+    (
+        "structured_outputs",
+        Honoured,
+        "vLLM extension: one of json, regex, choice, grammar or json_object (see below); excludes response_format and guided_*"
+    ),
+    ("guided_json", Honoured, "vLLM extension (before structured_outputs): the reply matches this JSON schema (an object, or JSON text)"),
+    ("guided_regex", Honoured, "vLLM extension (before structured_outputs): the reply matches this regular expression"),
+    ("guided_choice", Honoured, "vLLM extension (before structured_outputs): the reply is exactly one of these strings"),
+    ("guided_grammar", Honoured, "vLLM extension (before structured_outputs): the reply matches this Lark grammar"),
     ("return_prompt_token_ids", Honoured, "dsvl extension: echo the prompt's token ids"),
     ("messages[].role", Honoured, "system, user, assistant or tool"),
     ("messages[].content", Honoured, "a string, or text and image_url parts"),
@@ -165,10 +182,30 @@ fields![
     ("min_p", Honoured, "vLLM extension"),
     ("stop_token_ids", Honoured, "vLLM extension"),
     ("ignore_eos", Honoured, "vLLM extension"),
+    ("min_tokens", Honoured, "vLLM extension, as in chat"),
+    ("include_stop_str_in_output", Honoured, "vLLM extension, as in chat"),
     ("response_format", Honoured, "vLLM extension: json_object or json_schema"),
+    ("structured_outputs", Honoured, "vLLM extension, as in chat"),
+    ("guided_json", Honoured, "vLLM extension"),
     ("guided_regex", Honoured, "vLLM extension"),
+    ("guided_choice", Honoured, "vLLM extension"),
     ("guided_grammar", Honoured, "vLLM extension (Lark)"),
     ("return_prompt_token_ids", Honoured, "dsvl extension"),
+];
+
+fields![
+    /// vLLM's `structured_outputs` object, in either endpoint's body.
+    STRUCTURED_OUTPUT_FIELDS:
+    ("structured_outputs.json", Honoured, "a JSON schema (an object, or JSON text), compiled without free whitespace"),
+    ("structured_outputs.regex", Honoured, "a regular expression the whole reply matches"),
+    ("structured_outputs.choice", Honoured, "the reply is exactly one of these strings"),
+    ("structured_outputs.grammar", Honoured, "a Lark grammar (llguidance's dialect)"),
+    ("structured_outputs.json_object", Honoured, "true: any JSON object"),
+    ("structured_outputs.disable_fallback", NoOp, "one grammar engine here (llguidance): nothing to fall back from"),
+    ("structured_outputs.disable_any_whitespace", NoOp, "JSON is always generated without free whitespace"),
+    ("structured_outputs.disable_additional_properties", Refused, "schemas are enforced as written"),
+    ("structured_outputs.whitespace_pattern", Refused, "JSON is generated without free whitespace"),
+    ("structured_outputs.structural_tag", Refused, "structural tags are not implemented"),
 ];
 
 fn check_object(
@@ -189,13 +226,24 @@ fn check_object(
 
 /// [`check`] for a `/v1/completions` body.
 pub fn check_completions(body: &Value) -> Result<(), String> {
-    body.as_object().map_or(Ok(()), |top| check_object(COMPLETION_FIELDS, top, ""))
+    let Some(top) = body.as_object() else { return Ok(()) };
+    check_object(COMPLETION_FIELDS, top, "")?;
+    check_structured_outputs(top)
+}
+
+/// The keys of vLLM's `structured_outputs` object, when it is one.
+fn check_structured_outputs(top: &serde_json::Map<String, Value>) -> Result<(), String> {
+    match top.get("structured_outputs").and_then(Value::as_object) {
+        Some(so) => check_object(STRUCTURED_OUTPUT_FIELDS, so, "structured_outputs"),
+        None => Ok(()),
+    }
 }
 
 /// Refuses a request body that carries a refused or unknown field, naming it.
 pub fn check(body: &Value) -> Result<(), String> {
     let Some(top) = body.as_object() else { return Ok(()) };
     check_object(FIELDS, top, "")?;
+    check_structured_outputs(top)?;
     for m in top.get("messages").and_then(Value::as_array).into_iter().flatten() {
         let Some(m) = m.as_object() else { continue };
         check_object(FIELDS, m, "messages[]")?;
@@ -219,9 +267,11 @@ pub fn reference_page() -> String {
          that is present and not null; a no-op is accepted and cannot change the output of these \
          models.\n",
     );
-    for (title, table) in
-        [("POST /v1/chat/completions", FIELDS), ("POST /v1/completions", COMPLETION_FIELDS)]
-    {
+    for (title, table) in [
+        ("POST /v1/chat/completions", FIELDS),
+        ("POST /v1/completions", COMPLETION_FIELDS),
+        ("structured_outputs (either endpoint)", STRUCTURED_OUTPUT_FIELDS),
+    ] {
         out.push_str(&format!("\n## `{title}`\n\n| field | treatment | why |\n|---|---|---|\n"));
         for f in table {
             let t = match f.treatment {
@@ -258,6 +308,13 @@ mod tests {
             {"type": "text", "text": "x", "cache_control": {}}]}]}))
         .unwrap_err();
         assert_eq!(e, "unknown field `messages[].content[].cache_control`");
+        let so = |v: Value| json!({"messages": [], "structured_outputs": v});
+        assert_eq!(check(&so(json!({"choice": ["a"], "disable_fallback": true}))), Ok(()));
+        let e = check(&so(json!({"regex": "a", "whitespace_pattern": " "}))).unwrap_err();
+        assert!(e.starts_with("`structured_outputs.whitespace_pattern` is not supported"), "{e}");
+        let e = check_completions(&json!({"prompt": "x", "structured_outputs": {"jsn": {}}}))
+            .unwrap_err();
+        assert_eq!(e, "unknown field `structured_outputs.jsn`");
     }
 
     #[test]

@@ -101,6 +101,13 @@ pub struct OutputOptions {
     pub stop_token_ids: Vec<u32>,
     /// Do not stop at the end-of-sequence token.
     pub ignore_eos: bool,
+    /// vLLM's `min_tokens`: neither EOS, `stop_token_ids` nor stop strings end the reply
+    /// before this many tokens (0: no minimum; at most the new-token budget; not with a
+    /// grammar, which decides where the reply ends).
+    pub min_tokens: u32,
+    /// vLLM's `include_stop_str_in_output`: the matched stop string stays at the end of the
+    /// text.
+    pub include_stop_str: bool,
     /// Completions' `echo`: each choice's text starts with the prompt, and with `logprobs`
     /// its log-probabilities start with the prompt tokens' (the first has none).
     pub echo: bool,
@@ -487,6 +494,18 @@ fn finish(
         Some(n) => n,
         None => config.max_new_tokens.min(room),
     };
+    if output.min_tokens > max_new_tokens {
+        return Err(invalid(format!(
+            "min_tokens {} is more than the reply's budget of {max_new_tokens} tokens",
+            output.min_tokens
+        )));
+    }
+    if output.min_tokens > 0 && constraint.is_some() {
+        return Err(invalid(
+            "min_tokens cannot be combined with a structured output (response_format, guided_*, \
+             tool_choice required or named): the grammar decides where the reply ends",
+        ));
+    }
     let image_digests = images.iter().map(|b| ImageDigest::of(b)).collect();
     Ok(Prepared {
         prompt,
@@ -581,5 +600,31 @@ mod tests {
         let input = ChatInput { messages: vec![user(vec![text(3000)])], ..Default::default() };
         let e = prepare(&config, &model, input).unwrap_err().to_string();
         assert!(e.contains("tokens"), "{e}");
+    }
+
+    #[test]
+    fn min_tokens_fits_the_budget_and_not_a_grammar() {
+        let (config, model) = setup();
+        let input = |min_tokens: u32, max_tokens: Option<u32>, grammar: bool| ChatInput {
+            messages: vec![user(vec![Part::Text("hi".into())])],
+            max_tokens,
+            output: OutputOptions { min_tokens, ..Default::default() },
+            constraint: grammar.then(|| dsvl_proto::internal::Constraint {
+                kind: Some(dsvl_proto::internal::constraint::Kind::Regex("a+".into())),
+            }),
+            ..Default::default()
+        };
+        let p = prepare(&config, &model, input(8, Some(8), false)).unwrap();
+        assert_eq!((p.output.min_tokens, p.max_new_tokens), (8, 8));
+        let e = prepare(&config, &model, input(9, Some(8), false)).unwrap_err().to_string();
+        assert!(e.contains("min_tokens 9 is more than the reply's budget of 8"), "{e}");
+        // Unset max_tokens: the budget is what the positions leave.
+        let room = prepare(&config, &model, input(0, None, false)).unwrap().max_new_tokens;
+        assert!(prepare(&config, &model, input(room, None, false)).is_ok());
+        let e = prepare(&config, &model, input(room + 1, None, false)).unwrap_err().to_string();
+        assert!(e.contains("is more than the reply's budget"), "{e}");
+        let e = prepare(&config, &model, input(1, Some(8), true)).unwrap_err().to_string();
+        assert!(e.contains("min_tokens cannot be combined with a structured output"), "{e}");
+        assert!(prepare(&config, &model, input(0, Some(8), true)).is_ok());
     }
 }

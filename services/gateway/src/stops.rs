@@ -2,13 +2,15 @@
 //!
 //! Text arrives in pieces; a stop string may straddle two of them. [`StopText`] emits text as
 //! soon as it cannot be the start of a stop string, holds back the longest tail that still
-//! could be, and on a match returns the text before it (the stop string itself is never sent,
-//! as in OpenAI's API).
+//! could be, and on a match returns the text before it (the stop string itself is not sent,
+//! as in OpenAI's API, unless vLLM's `include_stop_str_in_output` asks for it).
 
 /// Streaming stop-string matcher.
 #[derive(Debug, Clone, Default)]
 pub struct StopText {
     stops: Vec<String>,
+    /// Keep the matched stop string at the end of the released text.
+    keep: bool,
     pending: String,
     stopped: bool,
 }
@@ -18,14 +20,17 @@ pub struct StopText {
 pub struct Released {
     /// Text safe to send now.
     pub text: String,
-    /// A stop string matched: `text` ends right before it and nothing more will be released.
+    /// A stop string matched: `text` ends right before it (or right after it, when kept) and
+    /// nothing more will be released.
     pub stopped: bool,
 }
 
 impl StopText {
-    /// A matcher for non-empty `stops` (empty strings are ignored).
-    pub fn new(stops: &[String]) -> Self {
-        Self { stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(), ..Self::default() }
+    /// A matcher for non-empty `stops` (empty strings are ignored); `keep`: a matched stop
+    /// string is released with the text before it.
+    pub fn new(stops: &[String], keep: bool) -> Self {
+        let stops = stops.iter().filter(|s| !s.is_empty()).cloned().collect();
+        Self { stops, keep, ..Self::default() }
     }
 
     /// Adds generated text.
@@ -34,9 +39,16 @@ impl StopText {
             return Released { text: String::new(), stopped: true };
         }
         self.pending.push_str(piece);
-        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        // The earliest match; at one position, the first stop listed.
+        let found = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()).map(|at| (at, s.len())))
+            .min_by_key(|&(at, _)| at);
+        if let Some((at, len)) = found {
             self.stopped = true;
-            let text = self.pending[..at].to_string();
+            let end = if self.keep { at + len } else { at };
+            let text = self.pending[..end].to_string();
             self.pending.clear();
             return Released { text, stopped: true };
         }
@@ -75,8 +87,12 @@ mod tests {
     use super::*;
 
     fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
+        run_keeping(false, stops, pieces)
+    }
+
+    fn run_keeping(keep: bool, stops: &[&str], pieces: &[&str]) -> (String, bool) {
         let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut m = StopText::new(&stops);
+        let mut m = StopText::new(&stops, keep);
         let mut out = String::new();
         for p in pieces {
             let r = m.push(p);
@@ -105,11 +121,25 @@ mod tests {
 
     #[test]
     fn holds_back_only_what_could_start_a_stop() {
-        let mut m = StopText::new(&["Über".to_string()]);
+        let mut m = StopText::new(&["Über".to_string()], false);
         assert_eq!(m.push("x Ü").text, "x ");
         assert_eq!(m.push("ber").text, "");
-        let mut m = StopText::new(&["abc".to_string()]);
+        let mut m = StopText::new(&["abc".to_string()], false);
         assert_eq!(m.push("zzab").text, "zz");
         assert_eq!(m.push("d").text, "abd");
+    }
+
+    #[test]
+    fn a_kept_stop_string_ends_the_text() {
+        assert_eq!(
+            run_keeping(true, &["END"], &["hello E", "N", "D tail"]),
+            ("hello END".into(), true)
+        );
+        // The earliest match wins, whichever is listed first; at one position, the first listed.
+        assert_eq!(run_keeping(true, &["c", "ab"], &["xabc"]), ("xab".into(), true));
+        assert_eq!(run_keeping(true, &["ab", "abc"], &["xabcd"]), ("xab".into(), true));
+        assert_eq!(run_keeping(true, &["abc", "ab"], &["xabcd"]), ("xabc".into(), true));
+        assert_eq!(run_keeping(false, &["abc", "ab"], &["xabcd"]), ("x".into(), true));
+        assert_eq!(run_keeping(true, &["END"], &["no stop"]), ("no stop".into(), false));
     }
 }
