@@ -3,7 +3,8 @@
 //! without the chat template; a list of prompts gives each prompt's choices, numbered prompt by
 //! prompt; `echo` returns the prompt, with its tokens' log-probabilities when asked; refused
 //! fields are 400s naming them; `/v1/models` reports the context length; the tokenizer
-//! endpoints give the ids the completions endpoint uses.
+//! endpoints give the ids the completions endpoint uses; a chat reply begun by the caller
+//! (`continue_final_message`) is the completion of the prompt left open.
 
 use anyhow::{Context, Result};
 use dsvl_e2e::{golden_case, golden_generated, http_post, Cluster, Options};
@@ -72,6 +73,7 @@ async fn completions_with_token_ids_and_text() -> Result<()> {
     several_prompts(&cluster, &ids)?;
     echo(&cluster, &ids)?;
     tokenizer_endpoints(&cluster)?;
+    continued_reply(&cluster)?;
     let m = dsvl_testkit::http_get(&cluster.http, "/v1/models")?;
     assert!(m.contains("\"max_model_len\":16384"), "{m}");
     // One model by id: the same object; an unknown id is OpenAI's 404 naming it.
@@ -231,6 +233,39 @@ fn echo(cluster: &Cluster, ids: &[u32]) -> Result<()> {
     let text = v["choices"][0]["text"].as_str().context("text")?;
     assert!(text.starts_with("Once upon a time"), "{text:?}");
     assert!(v["choices"][0]["logprobs"].is_null(), "{v}");
+    Ok(())
+}
+
+/// `continue_final_message`: the chat prompt ends with the begun assistant message, open, and
+/// the reply is what the completions endpoint gives for those ids (greedy, the same tokens);
+/// with `add_generation_prompt` true as well it is a 400.
+fn continued_reply(cluster: &Cluster) -> Result<()> {
+    let chat = |extra: Value| -> Result<dsvl_e2e::HttpResponse> {
+        let mut body = json!({"messages": [
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "My favourite colour is"}],
+            "temperature": 0, "max_tokens": 8, "return_prompt_token_ids": true});
+        for (k, v) in extra.as_object().context("object")? {
+            body[k] = v.clone();
+        }
+        http_post(&cluster.http, "/v1/chat/completions", &[], &body)
+    };
+    let r = chat(json!({"continue_final_message": true}))?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json()?;
+    let prompt = v["dsvl"]["prompt_token_ids"].clone();
+    let back = http_post(&cluster.http, "/detokenize", &[], &json!({"tokens": prompt}))?.json()?;
+    let text = back["prompt"].as_str().context("prompt")?;
+    assert!(text.ends_with("Assistant: My favourite colour is"), "{text:?}");
+    let alone = completion(cluster, &json!({"prompt": prompt, "temperature": 0, "max_tokens": 8}))?;
+    assert_eq!(v["dsvl"]["token_ids"], alone["dsvl"]["token_ids"], "{v} / {alone}");
+    assert_eq!(v["choices"][0]["message"]["content"], alone["choices"][0]["text"]);
+    // Left closed (the default), the prompt differs: the message ends with its separator.
+    let closed = chat(json!({}))?.json()?;
+    assert_ne!(closed["dsvl"]["prompt_token_ids"], prompt, "{closed}");
+    let r = chat(json!({"continue_final_message": true, "add_generation_prompt": true}))?;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("cannot both be true"), "{}", r.body);
     Ok(())
 }
 

@@ -11,7 +11,9 @@ mod template;
 mod tokenizer;
 
 pub use detokenizer::IncrementalDecoder;
-pub use template::{render_prompt, Message, Role, DEFAULT_SYSTEM_PROMPT, IMAGE_TAG};
+pub use template::{
+    render_prompt, render_prompt_continuing, Message, Role, DEFAULT_SYSTEM_PROMPT, IMAGE_TAG,
+};
 pub use tokenizer::{ChatTokenizer, Prompt, SpecialTokens};
 
 /// Errors of the chat layer.

@@ -5,6 +5,10 @@
 //! content `{role}: {content}{sep[i % 2]}` where `sep = ["\n\n", "<｜end▁of▁sentence｜>"]`, or
 //! `{role}:` for empty content; every content is `.strip()`ped first and the whole prompt is
 //! `.strip()`ped at the end. The separator follows the message *index*, as in the reference.
+//!
+//! [`render_prompt_continuing`] leaves the last message open (no separator after it), so the
+//! model continues that message instead of answering it: Hugging Face's and vLLM's
+//! `continue_final_message`, a reply begun by the caller.
 
 use serde::{Deserialize, Serialize};
 
@@ -63,6 +67,22 @@ fn py_strip(s: &str) -> &str {
 /// [`ChatError::Conversation`] when there are no messages or the placeholder count differs from
 /// the number of images attached to the messages.
 pub fn render_prompt(system_prompt: &str, messages: &[Message]) -> Result<String, ChatError> {
+    render(system_prompt, messages, false)
+}
+
+/// [`render_prompt`] with the last message left open: its separator is not written, so the
+/// prompt ends with its (stripped) content and the model goes on with it.
+///
+/// # Errors
+/// As [`render_prompt`].
+pub fn render_prompt_continuing(
+    system_prompt: &str,
+    messages: &[Message],
+) -> Result<String, ChatError> {
+    render(system_prompt, messages, true)
+}
+
+fn render(system_prompt: &str, messages: &[Message], open_last: bool) -> Result<String, ChatError> {
     if messages.is_empty() {
         return Err(ChatError::Conversation("no messages".into()));
     }
@@ -86,7 +106,9 @@ pub fn render_prompt(system_prompt: &str, messages: &[Message]) -> Result<String
         } else {
             out.push_str(": ");
             out.push_str(content);
-            out.push_str(SEPS[i % 2]);
+            if !(open_last && i + 1 == messages.len()) {
+                out.push_str(SEPS[i % 2]);
+            }
         }
     }
     Ok(py_strip(&out).to_string())
@@ -120,6 +142,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p, "User: a\n\nAssistant: b<｜end▁of▁sentence｜>User: c\n\nAssistant:");
+    }
+
+    #[test]
+    fn a_continued_last_message_stays_open() {
+        let turns = [msg(Role::User, "a"), msg(Role::Assistant, " The answer is ")];
+        let p = render_prompt_continuing("SYS", &turns).unwrap();
+        assert_eq!(p, "SYS\n\nUser: a\n\nAssistant: The answer is");
+        let p = render_prompt("SYS", &turns).unwrap();
+        assert_eq!(p, "SYS\n\nUser: a\n\nAssistant: The answer is<｜end▁of▁sentence｜>");
+        let p = render_prompt_continuing("", &[msg(Role::User, "Once upon")]).unwrap();
+        assert_eq!(p, "User: Once upon");
     }
 
     #[test]

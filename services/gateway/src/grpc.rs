@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::chat::{request_span, Alternative, ChatEvent, Finish};
 use crate::error::GatewayError;
-use crate::prepare::{ChatInput, InMessage, OutputOptions, Part, Role};
+use crate::prepare::{ChatInput, InMessage, OutputOptions, Part, Role, TemplateOptions};
 use crate::tenancy::Tenant;
 use crate::Gateway;
 
@@ -64,6 +64,10 @@ pub(crate) fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
             min_tokens: req.min_tokens,
             include_stop_str: req.include_stop_str_in_output,
             echo: false,
+        },
+        template: TemplateOptions {
+            continue_final_message: req.continue_final_message,
+            add_generation_prompt: req.add_generation_prompt,
         },
         constraint: req
             .output_format

@@ -29,7 +29,7 @@ use tracing::Instrument;
 use crate::chat::request_span;
 use crate::error::{retry_after_secs, GatewayError};
 use crate::http_reply::{sse, whole, Reply, Shape};
-use crate::prepare::{ChatInput, InMessage, OutputOptions, Part, Role};
+use crate::prepare::{ChatInput, InMessage, OutputOptions, Part, Role, TemplateOptions};
 use crate::structured::StructuredFields;
 use crate::tenancy::Tenant;
 use crate::tools::Tools;
@@ -152,6 +152,10 @@ struct CompletionRequest {
     parallel_tool_calls: Option<bool>,
     #[serde(default)]
     return_prompt_token_ids: bool,
+    /// vLLM's chat-template switches.
+    add_generation_prompt: Option<bool>,
+    #[serde(default)]
+    continue_final_message: bool,
     /// vLLM's `min_tokens` and `include_stop_str_in_output`.
     min_tokens: Option<u32>,
     #[serde(default)]
@@ -328,6 +332,10 @@ fn to_input(r: CompletionRequest) -> Result<(ChatInput, Option<Tools>), GatewayE
             min_tokens: r.min_tokens.unwrap_or(0),
             include_stop_str: r.include_stop_str_in_output,
             echo: false,
+        },
+        template: TemplateOptions {
+            continue_final_message: r.continue_final_message,
+            add_generation_prompt: r.add_generation_prompt,
         },
     };
     Ok((input, tools))

@@ -171,6 +171,8 @@ fn to_inputs(
             include_stop_str: r.include_stop_str_in_output,
             echo: r.echo.unwrap_or(false),
         },
+        // No chat template here.
+        template: Default::default(),
     };
     let inputs =
         prompts.into_iter().map(|p| ChatInput { raw_prompt: Some(p), ..input.clone() }).collect();

@@ -125,6 +125,16 @@ fields![
         "vLLM extension: the matched stop string stays at the end of the text"
     ),
     (
+        "continue_final_message",
+        Honoured,
+        "vLLM extension: the last message is left open and the model continues it (a reply begun by the caller); the reply is the continuation"
+    ),
+    (
+        "add_generation_prompt",
+        Honoured,
+        "vLLM extension: false ends the prompt with a final user message (no empty assistant turn); true with continue_final_message is a 400"
+    ),
+    (
         "structured_outputs",
         Honoured,
         "vLLM extension: one of json, regex, choice, grammar or json_object (see below); excludes response_format and guided_*"

@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use dsvl_chat::{
-    render_prompt, Message, Prompt, Role as TemplateRole, DEFAULT_SYSTEM_PROMPT, IMAGE_TAG,
+    render_prompt, render_prompt_continuing, Message, Prompt, Role as TemplateRole,
+    DEFAULT_SYSTEM_PROMPT, IMAGE_TAG,
 };
 use dsvl_core::cache_key::ImageDigest;
 use dsvl_core::sampling::{SamplingParams, SamplingRequest, MAX_TOP_LOGPROBS};
@@ -84,6 +85,19 @@ pub struct ChatInput {
     pub raw_prompt: Option<RawPrompt>,
     /// Choices, log-probabilities and stop ids.
     pub output: OutputOptions,
+    /// How the chat template ends the prompt.
+    pub template: TemplateOptions,
+}
+
+/// How the chat template ends the prompt (vLLM's and Hugging Face's names).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TemplateOptions {
+    /// Leave the last message open (no separator after it): the model continues it, and the
+    /// reply is the continuation.
+    pub continue_final_message: bool,
+    /// `Some(false)`: no empty assistant turn after a final user message. Unset or true: the
+    /// reference's rule (the empty assistant turn follows a final user message only).
+    pub add_generation_prompt: Option<bool>,
 }
 
 /// What to generate besides the token selection: how many choices, which log-probabilities,
@@ -308,7 +322,7 @@ pub fn prepare(
     };
     let (prompt, images, remote_images) = match input.raw_prompt {
         Some(raw) => (raw_prompt(model, raw)?, Vec::new(), Vec::new()),
-        None => chat_prompt(config, model, input.messages)?,
+        None => chat_prompt(config, model, input.messages, input.template)?,
     };
     let mut prepared = finish(
         config,
@@ -345,7 +359,14 @@ fn chat_prompt(
     config: &GatewayConfig,
     model: &ServedModel,
     in_messages: Vec<InMessage>,
+    template: TemplateOptions,
 ) -> Result<(Prompt, Vec<Bytes>, Vec<(usize, RemoteImage)>), GatewayError> {
+    if template.continue_final_message && template.add_generation_prompt == Some(true) {
+        return Err(invalid(
+            "continue_final_message and add_generation_prompt cannot both be true: the reply \
+             either continues the last message or answers it",
+        ));
+    }
     let mut system: Option<String> = None;
     let mut messages = Vec::with_capacity(in_messages.len());
     let mut images = Vec::new();
@@ -429,15 +450,22 @@ fn chat_prompt(
         return Err(invalid("no user or assistant messages"));
     }
     // The reference appends an empty assistant turn to ask for the reply.
-    if messages.last().is_some_and(|m| m.role == TemplateRole::User) {
+    let generation_prompt =
+        !template.continue_final_message && template.add_generation_prompt != Some(false);
+    if generation_prompt && messages.last().is_some_and(|m| m.role == TemplateRole::User) {
         messages.push(Message {
             role: TemplateRole::Assistant,
             content: String::new(),
             images: Vec::new(),
         });
     }
-    let text = render_prompt(system.as_deref().unwrap_or(DEFAULT_SYSTEM_PROMPT), &messages)
-        .map_err(|e| invalid(e.to_string()))?;
+    let system = system.as_deref().unwrap_or(DEFAULT_SYSTEM_PROMPT);
+    let text = if template.continue_final_message {
+        render_prompt_continuing(system, &messages)
+    } else {
+        render_prompt(system, &messages)
+    }
+    .map_err(|e| invalid(e.to_string()))?;
     let prompt = model
         .tokenizer
         .encode_prompt(&text, model.image_tokens)
@@ -626,5 +654,33 @@ mod tests {
         let e = prepare(&config, &model, input(1, Some(8), true)).unwrap_err().to_string();
         assert!(e.contains("min_tokens cannot be combined with a structured output"), "{e}");
         assert!(prepare(&config, &model, input(0, Some(8), true)).is_ok());
+    }
+
+    #[test]
+    fn template_options_end_the_prompt() {
+        let (config, model) = setup();
+        let text = |role, t: &str| InMessage { role, parts: vec![Part::Text(t.into())] };
+        let ends = |messages: Vec<InMessage>, template: TemplateOptions| {
+            let input = ChatInput { messages, template, ..Default::default() };
+            prepare(&config, &model, input)
+                .map(|p| model.tokenizer.decode(&p.prompt.ids, false).unwrap())
+        };
+        let begun = || vec![text(Role::User, "Name a colour."), text(Role::Assistant, "It is ")];
+        let asked = || vec![text(Role::User, "Name a colour.")];
+        let continuing = TemplateOptions { continue_final_message: true, ..Default::default() };
+        let prompt = ends(begun(), continuing).unwrap();
+        assert!(prompt.ends_with("User: Name a colour.\n\nAssistant: It is"), "{prompt:?}");
+        let prompt = ends(begun(), TemplateOptions::default()).unwrap();
+        assert!(prompt.ends_with("Assistant: It is<｜end▁of▁sentence｜>"), "{prompt:?}");
+        let prompt = ends(asked(), TemplateOptions::default()).unwrap();
+        assert!(prompt.ends_with("User: Name a colour.\n\nAssistant:"), "{prompt:?}");
+        let bare = TemplateOptions { add_generation_prompt: Some(false), ..Default::default() };
+        let prompt = ends(asked(), bare).unwrap();
+        assert!(prompt.ends_with("User: Name a colour."), "{prompt:?}");
+        let prompt = ends(asked(), continuing).unwrap();
+        assert!(prompt.ends_with("User: Name a colour."), "{prompt:?}");
+        let both = TemplateOptions { add_generation_prompt: Some(true), ..continuing };
+        let e = ends(begun(), both).unwrap_err().to_string();
+        assert!(e.contains("cannot both be true"), "{e}");
     }
 }
