@@ -40,6 +40,23 @@ async fn completions_with_token_ids_and_text() -> Result<()> {
     let joined: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
     assert_eq!(joined, text, "streamed text = whole text");
     assert!(chunks.iter().all(|c| c["object"] == "text_completion"));
+    assert_eq!(chunks.last().context("a chunk")?["choices"][0]["stop_reason"], Value::Null);
+
+    // A stop string: the text is cut before it, and vLLM's stop_reason names it, whole or
+    // streamed (on the choice's last chunk).
+    let from = text.char_indices().nth(3).context("4 characters")?.0;
+    let to = text[from..].char_indices().nth(3).map_or(text.len(), |(i, _)| from + i);
+    let stop = &text[from..to];
+    let mut stopped = body.clone();
+    stopped["stop"] = json!([stop]);
+    let v = completion(&cluster, &stopped)?;
+    let choice = &v["choices"][0];
+    assert_eq!((&choice["finish_reason"], &choice["stop_reason"]), (&json!("stop"), &json!(stop)));
+    assert_eq!(choice["text"], json!(&text[..text.find(stop).context("stop")?]));
+    stopped["stream"] = json!(true);
+    let chunks = streamed_chunks(&cluster, &stopped)?;
+    let last = &chunks.last().context("a chunk")?["choices"][0];
+    assert_eq!((&last["finish_reason"], &last["stop_reason"]), (&json!("stop"), &json!(stop)));
 
     // A text prompt: BOS + its tokens, no template; OpenAI's default of 16 new tokens.
     let r = http_post(

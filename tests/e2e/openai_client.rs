@@ -4,7 +4,8 @@
 //! exceptions. Greedy ids must equal the reference's. Then every sampling and output parameter
 //! as the client sends it (OpenAI's as arguments, vLLM's through `extra_body`): `n` with
 //! `logprobs`/`top_logprobs`, streamed and not, `seed`, the presence and frequency penalties,
-//! `logit_bias`, `min_p`, `stop_token_ids`, `ignore_eos`, the legacy completions'
+//! `logit_bias`, `min_p`, `stop_token_ids` (with `stop_reason`), `ignore_eos`, `min_tokens`,
+//! `structured_outputs`' `choice`, the legacy completions'
 //! `logprobs`, and lm-evaluation-harness's scoring request (a batch of prompts, `echo`). Then tool calls: `required` and a named function (grammar-constrained, streamed
 //! and not) parse into the client's `tool_calls`, a later turn with the role `tool` renders as
 //! documented, `auto` answers in text here.
@@ -190,6 +191,14 @@ fn check_sampling(s: &Value, eos: u32, forced: u32) -> Result<()> {
     let cut = greedy.iter().position(|&t| t == greedy[3]).context("stop")? + 1;
     assert_eq!(ids(&s["stopped"][0])?, greedy[..cut]);
     assert_eq!(s["stopped"][1], "stop");
+    assert_eq!(s["stopped"][2], greedy[3], "vLLM's stop_reason names the stop id");
+    // min_tokens holds the forced EOS back for three tokens; a choice list is matched whole.
+    let min_tokens = ids(&s["min_tokens"][0])?;
+    assert_eq!(
+        (min_tokens.len(), min_tokens[3], &s["min_tokens"][1]),
+        (4, eos, &Value::from("stop"))
+    );
+    assert!(["rockets fly", "rockets fall"].contains(&s["choice"].as_str().unwrap_or("")), "{s}");
     assert_eq!(ids(&s["ignore_eos"][0])?, vec![eos; 4]);
     assert_eq!(s["ignore_eos"][1], "length");
     // Legacy completions: logprobs 2 is the chosen token's and two alternatives.

@@ -3,13 +3,14 @@
 //! model (exact where the rule allows it, against a counterfactual otherwise, so a parameter
 //! that is dropped on the way fails): `logprobs`/`top_logprobs`, `logit_bias`, the presence and
 //! frequency penalties, `min_p`, `seed`, `n` (choices share the prefill), `stop_token_ids`,
-//! `ignore_eos`, stop strings with `min_tokens` and `include_stop_str_in_output`, and the
-//! refusals of values out of range.
+//! `ignore_eos`, stop strings with `min_tokens` and `include_stop_str_in_output`, vLLM's
+//! `stop_reason`, and the refusals of values out of range.
 
 use std::collections::HashMap;
 
 use anyhow::{Context, Result};
 use dsvl_e2e::{Cluster, Options};
+use dsvl_proto::v1::chat_finish::StopReason;
 use dsvl_proto::v1::chat_response::Event;
 use dsvl_proto::v1::content_part::Part;
 use dsvl_proto::v1::{ChatMessage, ChatRequest, ContentPart, SamplingParams, TokenLogprob};
@@ -22,6 +23,7 @@ struct Choice {
     text: String,
     logprobs: Vec<TokenLogprob>,
     finish: String,
+    stop_reason: Option<StopReason>,
     cached: u32,
     prompt_tokens: u32,
 }
@@ -60,6 +62,7 @@ async fn run(cluster: &Cluster, req: ChatRequest) -> Result<Vec<Choice>, tonic::
             Some(Event::Finish(f)) => {
                 c.ids = f.token_ids;
                 c.finish = f.finish_reason;
+                c.stop_reason = f.stop_reason;
                 c.cached = f.cached_tokens;
                 c.prompt_tokens = f.prompt_tokens;
             }
@@ -172,11 +175,13 @@ async fn sampling_and_output_parameters_over_grpc() -> Result<()> {
     let c = one(&cluster, ChatRequest { stop_token_ids: vec![stop], ..ask(prompt, 16, greedy()) })
         .await?;
     assert_eq!((c.ids.as_slice(), c.finish.as_str()), (&base.ids[..cut], "stop"));
+    assert_eq!(c.stop_reason, Some(StopReason::StopTokenId(stop)), "vLLM's stop_reason");
 
     // ignore_eos: with EOS forced, the reply ends at once, unless EOS is ignored.
     let to_eos = || biased(HashMap::from([(eos, 100.0)]));
     let c = one(&cluster, ask(prompt, 4, to_eos())).await?;
     assert_eq!((c.ids.as_slice(), c.finish.as_str()), (&[eos][..], "stop"));
+    assert_eq!(c.stop_reason, None, "EOS has no stop_reason");
     let c = one(&cluster, ChatRequest { ignore_eos: true, ..ask(prompt, 4, to_eos()) }).await?;
     assert_eq!((c.ids.as_slice(), c.finish.as_str()), (&[eos; 4][..], "length"));
 
@@ -208,11 +213,13 @@ async fn sampling_and_output_parameters_over_grpc() -> Result<()> {
     };
     let c = one(&cluster, with_stop(0, false)).await?;
     assert_eq!((c.text.as_str(), c.finish.as_str()), (&base.text[..at], "stop"), "{stop_str:?}");
+    assert_eq!(c.stop_reason, Some(StopReason::StopString(stop_str.clone())));
     let c = one(&cluster, with_stop(0, true)).await?;
     let kept = &base.text[..at + stop_str.len()];
     assert_eq!((c.text.as_str(), c.finish.as_str()), (kept, "stop"), "{stop_str:?}");
     let c = one(&cluster, with_stop(16, false)).await?;
     assert_eq!((c.text.as_str(), c.finish.as_str()), (base.text.as_str(), "length"));
+    assert_eq!(c.stop_reason, None);
 
     // Out of range: INVALID_ARGUMENT naming the field.
     for (req, field) in [

@@ -100,7 +100,13 @@ s["min_p"] = ids(client.chat.completions.create(model=model, messages=text, temp
                                                 extra_body={"min_p": 1.0}))
 r = client.chat.completions.create(model=model, messages=text, temperature=0, max_tokens=16,
                                    extra_body={"stop_token_ids": [s["greedy"][3]]})
-s["stopped"] = [ids(r), r.choices[0].finish_reason]
+s["stopped"] = [ids(r), r.choices[0].finish_reason, (r.choices[0].model_extra or {}).get("stop_reason")]
+r = client.chat.completions.create(model=model, messages=text, temperature=0, max_tokens=8,
+                                   logit_bias={str(eos_id): 100}, extra_body={"min_tokens": 3})
+s["min_tokens"] = [ids(r), r.choices[0].finish_reason]
+r = client.chat.completions.create(model=model, messages=text, temperature=0, max_tokens=16,
+                                   extra_body={"structured_outputs": {"choice": ["rockets fly", "rockets fall"]}})
+s["choice"] = r.choices[0].message.content
 r = client.chat.completions.create(model=model, messages=text, temperature=0, max_tokens=4,
                                    logit_bias={str(eos_id): 100}, extra_body={"ignore_eos": True})
 s["ignore_eos"] = [ids(r), r.choices[0].finish_reason]

@@ -106,6 +106,9 @@ pub struct Finish {
     pub index: u32,
     /// `stop` (EOS or a stop string) or `length`.
     pub finish_reason: String,
+    /// What stopped it, under `stop`: a stop string or one of the request's `stop_token_ids`
+    /// (vLLM's `stop_reason`); `None` for EOS, a completed grammar, or `length`.
+    pub stop_reason: Option<StopReason>,
     /// Prompt tokens.
     pub prompt_tokens: u32,
     /// Generated tokens.
@@ -118,6 +121,15 @@ pub struct Finish {
     pub prompt_token_ids: Vec<u32>,
     /// Prompt tokens answered from the decoder's prefix cache.
     pub cached_tokens: u32,
+}
+
+/// What ended a choice with `stop`, besides EOS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// A stop string.
+    String(String),
+    /// One of the request's `stop_token_ids`.
+    TokenId(u32),
 }
 
 /// The stream of a started request.
@@ -630,12 +642,12 @@ impl Gateway {
         if let Some(echo) = echo {
             send(ChatEvent::Delta(echo)).await?;
         }
-        let (reason, usage) = if prep.max_new_tokens == 0 {
+        let (reason, usage, stop_reason) = if prep.max_new_tokens == 0 {
             // The echo was the whole reply; dropping the stream (on return) cancels the rest.
             if let Some(GenerateResponse { event: Some(DecoderEvent::Token(t)) }) = &next {
                 cached_tokens = t.cached_tokens;
             }
-            ("length", None)
+            ("length", None, None)
         } else {
             loop {
                 let msg = match next.take() {
@@ -687,7 +699,8 @@ impl Gateway {
                             }
                             if released.stopped {
                                 // Dropping the stream (on return) cancels the decoder's work.
-                                break ("stop", None);
+                                let matched = stops.matched().unwrap_or_default().to_string();
+                                break ("stop", None, Some(StopReason::String(matched)));
                             }
                         }
                     }
@@ -702,6 +715,8 @@ impl Gateway {
                                 text.push_str(&stops.push(&rest).text);
                             }
                         }
+                        // A stop string completed by the last characters ends it with `stop`.
+                        let matched = stops.matched().map(|m| StopReason::String(m.to_string()));
                         text.push_str(&stops.finish());
                         if !text.is_empty() || !unsent_ids.is_empty() {
                             send(ChatEvent::Delta(Delta {
@@ -712,9 +727,19 @@ impl Gateway {
                             }))
                             .await?;
                         }
-                        let reason =
-                            if f.reason == FinishReason::Length as i32 { "length" } else { "stop" };
-                        break (reason, f.usage);
+                        let last = all_ids.last().copied();
+                        let by_token = last
+                            .filter(|id| prep.output.stop_token_ids.contains(id))
+                            .map(StopReason::TokenId);
+                        let reason = if f.reason == FinishReason::Length as i32 && matched.is_none()
+                        {
+                            "length"
+                        } else {
+                            "stop"
+                        };
+                        let stop_reason =
+                            if reason == "stop" { matched.or(by_token) } else { None };
+                        break (reason, f.usage, stop_reason);
                     }
                     None => {
                         return Err(GatewayError::Internal("decoder sent an empty event".into()))
@@ -743,6 +768,7 @@ impl Gateway {
         send(ChatEvent::Finish(Finish {
             index,
             finish_reason: reason.into(),
+            stop_reason,
             prompt_tokens,
             completion_tokens: all_ids.len() as u32,
             timing,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use dsvl_core::sampling::SamplingRequest;
+use dsvl_proto::v1::chat_finish;
 use dsvl_proto::v1::chat_response::Event;
 use dsvl_proto::v1::chat_server::Chat;
 use dsvl_proto::v1::content_part::Part as ProtoPart;
@@ -18,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::chat::{request_span, Alternative, ChatEvent, Finish};
+use crate::chat::{request_span, Alternative, ChatEvent, Finish, StopReason};
 use crate::error::GatewayError;
 use crate::prepare::{ChatInput, InMessage, OutputOptions, Part, Role, TemplateOptions};
 use crate::tenancy::Tenant;
@@ -142,6 +143,10 @@ fn finish_message(f: Finish) -> ChatFinish {
         token_ids: f.token_ids,
         prompt_token_ids: f.prompt_token_ids,
         cached_tokens: f.cached_tokens,
+        stop_reason: f.stop_reason.map(|r| match r {
+            StopReason::String(s) => chat_finish::StopReason::StopString(s),
+            StopReason::TokenId(id) => chat_finish::StopReason::StopTokenId(id),
+        }),
     }
 }
 

@@ -12,7 +12,7 @@ use axum::Json;
 use futures::StreamExt;
 use serde_json::{json, Value};
 
-use crate::chat::{Alternative, ChatEvent, ChatStream, Finish, TokenLogprob};
+use crate::chat::{Alternative, ChatEvent, ChatStream, Finish, StopReason, TokenLogprob};
 use crate::error::GatewayError;
 use crate::http::error_response;
 use crate::prepare::ChatInput;
@@ -140,29 +140,40 @@ impl Shape {
         }
     }
 
-    /// A choice of a whole reply.
-    fn whole_choice(self, index: u32, text: String, logprobs: Value, finish: &str) -> Value {
+    /// A choice of a whole reply (completions: chat's goes through [`message`]).
+    fn whole_choice(self, f: &Finish, text: String, logprobs: Value) -> Value {
+        let (index, finish, stop) = (f.index, &f.finish_reason, stop_reason(f));
         match self {
             Self::Chat => {
-                json!({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish})
+                json!({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop})
             }
             Self::Text => {
-                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish})
+                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop})
             }
         }
     }
 
-    /// A choice of a stream chunk: new text, or the end (`finish`, no text).
-    fn chunk_choice(self, index: u32, text: &str, logprobs: Value, finish: Option<&str>) -> Value {
+    /// A choice of a stream chunk: new text, or the end (`finish`, no text, and what stopped
+    /// it).
+    fn chunk_choice(
+        self,
+        index: u32,
+        text: &str,
+        logprobs: Value,
+        finish: Option<(&str, Value)>,
+    ) -> Value {
         match (self, finish) {
             (Self::Chat, None) => {
                 json!({"index": index, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null})
             }
-            (Self::Chat, Some(f)) => {
-                json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": f})
+            (Self::Chat, Some((f, stop))) => {
+                json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": f, "stop_reason": stop})
             }
-            (Self::Text, f) => {
-                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": f})
+            (Self::Text, None) => {
+                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": null})
+            }
+            (Self::Text, Some((f, stop))) => {
+                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": f, "stop_reason": stop})
             }
         }
     }
@@ -184,6 +195,15 @@ fn extensions(finishes: &[Finish], per_prompt: u32) -> Value {
 
 /// A chat choice's message: the text, or the tool calls parsed out of it (then `content` is
 /// null and the finish reason `tool_calls`, when generation stopped by itself).
+/// vLLM's `stop_reason`: the stop string or stop token id that ended a choice, else `null`.
+fn stop_reason(f: &Finish) -> Value {
+    match &f.stop_reason {
+        Some(StopReason::String(s)) => json!(s),
+        Some(StopReason::TokenId(id)) => json!(id),
+        None => Value::Null,
+    }
+}
+
 fn message(tools: Option<&Tools>, text: String, finish: &str) -> (Value, String) {
     if let Some(calls) = tools.and_then(|t| t.parse_reply(&text)) {
         let reason = if finish == "stop" { "tool_calls" } else { finish };
@@ -240,9 +260,9 @@ pub(crate) async fn whole(mut rx: ChatStream, reply: Reply) -> Response {
                             Shape::Chat => {
                                 let (msg, reason) =
                                     message(reply.tools.as_deref(), c.text, &f.finish_reason);
-                                json!({"index": f.index, "message": msg, "logprobs": lp, "finish_reason": reason})
+                                json!({"index": f.index, "message": msg, "logprobs": lp, "finish_reason": reason, "stop_reason": stop_reason(f)})
                             }
-                            Shape::Text => reply.shape.whole_choice(f.index, c.text, lp, &f.finish_reason),
+                            Shape::Text => reply.shape.whole_choice(f, c.text, lp),
                         }
                     })
                     .collect();
@@ -353,7 +373,7 @@ pub(crate) fn sse(
                 }
             }
             out.push(chunk(
-                json!([shape.chunk_choice(f.index, "", Value::Null, Some(&reason))]),
+                json!([shape.chunk_choice(f.index, "", Value::Null, Some((&reason, stop_reason(&f))))]),
                 Some(("dsvl", extension(&f))),
             ));
             finishes.push(f);

@@ -12,6 +12,8 @@ pub struct StopText {
     /// Keep the matched stop string at the end of the released text.
     keep: bool,
     pending: String,
+    /// The stop string that matched, once one has.
+    matched: Option<String>,
     stopped: bool,
 }
 
@@ -47,6 +49,7 @@ impl StopText {
             .min_by_key(|&(at, _)| at);
         if let Some((at, len)) = found {
             self.stopped = true;
+            self.matched = Some(self.pending[at..at + len].to_string());
             let end = if self.keep { at + len } else { at };
             let text = self.pending[..end].to_string();
             self.pending.clear();
@@ -56,6 +59,11 @@ impl StopText {
         let text = self.pending[..self.pending.len() - hold].to_string();
         self.pending.drain(..self.pending.len() - hold);
         Released { text, stopped: false }
+    }
+
+    /// The stop string that ended the text, if one did.
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.as_deref()
     }
 
     /// Releases what was held back (generation ended without a match).
@@ -141,5 +149,15 @@ mod tests {
         assert_eq!(run_keeping(true, &["abc", "ab"], &["xabcd"]), ("xabc".into(), true));
         assert_eq!(run_keeping(false, &["abc", "ab"], &["xabcd"]), ("x".into(), true));
         assert_eq!(run_keeping(true, &["END"], &["no stop"]), ("no stop".into(), false));
+    }
+
+    #[test]
+    fn the_matched_stop_string_is_named() {
+        let stops = ["xyz".to_string(), "b".to_string()];
+        let mut m = StopText::new(&stops, false);
+        assert_eq!(m.push("aa").text, "aa");
+        assert_eq!(m.matched(), None);
+        assert!(m.push("ab").stopped);
+        assert_eq!(m.matched(), Some("b"));
     }
 }
