@@ -136,6 +136,7 @@ impl Clients {
             top_logprobs: 0,
             prompt_logprobs: false,
             min_new_tokens: 0,
+            prompt_top_logprobs: None,
         };
         let mut stream = self.decoder.generate(req).await?.into_inner();
         let mut n = 0;

@@ -4,7 +4,8 @@
 //! prompt; `echo` returns the prompt, with its tokens' log-probabilities when asked; refused
 //! fields are 400s naming them; `/v1/models` reports the context length; the tokenizer
 //! endpoints give the ids the completions endpoint uses; a chat reply begun by the caller
-//! (`continue_final_message`) is the completion of the prompt left open.
+//! (`continue_final_message`) is the completion of the prompt left open; vLLM's
+//! `prompt_logprobs` give the echo's figures with ranks.
 
 use anyhow::{Context, Result};
 use dsvl_e2e::{golden_case, golden_generated, http_post, Cluster, Options};
@@ -91,6 +92,7 @@ async fn completions_with_token_ids_and_text() -> Result<()> {
     echo(&cluster, &ids)?;
     tokenizer_endpoints(&cluster)?;
     continued_reply(&cluster)?;
+    vllm_prompt_logprobs(&cluster)?;
     let m = dsvl_testkit::http_get(&cluster.http, "/v1/models")?;
     assert!(m.contains("\"max_model_len\":16384"), "{m}");
     // One model by id: the same object; an unknown id is OpenAI's 404 naming it.
@@ -283,6 +285,60 @@ fn continued_reply(cluster: &Cluster) -> Result<()> {
     let r = chat(json!({"continue_final_message": true, "add_generation_prompt": true}))?;
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("cannot both be true"), "{}", r.body);
+    Ok(())
+}
+
+/// vLLM's `prompt_logprobs` on the reference's prompt and greedy reply: per position `null`
+/// first, then keyed by token id the prompt token's figure (the echo's), its rank (1 on the
+/// greedy reply's tokens) and the alternatives ranked 1 and 2; in a chat reply once, beside
+/// the choices; refused with streaming and below 0.
+fn vllm_prompt_logprobs(cluster: &Cluster) -> Result<()> {
+    let mut scoring = dsvl_e2e::golden_scoring_body()?;
+    let echoed = completion(cluster, &scoring)?;
+    let figures = echoed["choices"][0]["logprobs"]["token_logprobs"].clone();
+    let ids: Vec<u32> = serde_json::from_value(scoring["prompt"].clone())?;
+    let reply_from = ids.len() - golden_generated("text")?.len();
+    let body = json!({"prompt": ids, "prompt_logprobs": 2, "max_tokens": 1, "temperature": 0});
+    let v = completion(cluster, &body)?;
+    let scores = v["choices"][0]["prompt_logprobs"].as_array().context("prompt_logprobs")?;
+    assert_eq!(scores.len(), ids.len());
+    assert!(scores[0].is_null(), "{}", scores[0]);
+    for (p, entry) in scores.iter().enumerate().skip(1) {
+        let entry = entry.as_object().with_context(|| format!("position {p}"))?;
+        let own = &entry[&ids[p].to_string()];
+        let (lp, rank) = (own["logprob"].as_f64().context("logprob")?, own["rank"].as_u64());
+        let echo = figures[p].as_f64().context("echo figure")?;
+        assert!((lp - echo).abs() < 1e-5, "position {p}: {lp} against the echo's {echo}");
+        if p >= reply_from {
+            assert_eq!(rank, Some(1), "position {p}: a greedy token ranks first");
+        }
+        let mut ranks: Vec<u64> = entry.values().filter_map(|e| e["rank"].as_u64()).collect();
+        ranks.sort_unstable();
+        ranks.dedup();
+        assert!(ranks.starts_with(&[1, 2]) && entry.len() <= 3, "position {p}: {entry:?}");
+        assert!(entry.values().all(|e| e["decoded_token"].is_string()), "{entry:?}");
+    }
+    // Chat: once, beside the choices.
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+                      "prompt_logprobs": 0});
+    let r = http_post(&cluster.http, "/v1/chat/completions", &[], &chat)?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json()?;
+    let scores = v["prompt_logprobs"].as_array().context("prompt_logprobs")?;
+    assert_eq!(Some(scores.len() as u64), v["usage"]["prompt_tokens"].as_u64(), "{v}");
+    assert!(scores[1].as_object().is_some_and(|e| e.len() == 1), "the token alone: {v}");
+    assert!(v["choices"][0].get("prompt_logprobs").is_none(), "{v}");
+    scoring["stream"] = json!(true);
+    scoring["prompt_logprobs"] = json!(1);
+    for (bad, why) in [
+        (scoring, "not available when stream is true"),
+        (json!({"prompt": "x", "prompt_logprobs": -1}), "is not supported"),
+        (json!({"prompt": "x", "prompt_logprobs": 21}), "at most 20"),
+    ] {
+        let r = http_post(&cluster.http, "/v1/completions", &[], &bad)?;
+        assert_eq!(r.status, 400, "{bad}: {}", r.body);
+        assert!(r.body.contains(why), "{}", r.body);
+    }
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //! that is dropped on the way fails): `logprobs`/`top_logprobs`, `logit_bias`, the presence and
 //! frequency penalties, `min_p`, `seed`, `n` (choices share the prefill), `stop_token_ids`,
 //! `ignore_eos`, stop strings with `min_tokens` and `include_stop_str_in_output`, vLLM's
-//! `stop_reason`, and the refusals of values out of range.
+//! `stop_reason` and `prompt_logprobs`, and the refusals of values out of range.
 
 use std::collections::HashMap;
 
@@ -221,6 +221,26 @@ async fn sampling_and_output_parameters_over_grpc() -> Result<()> {
     assert_eq!((c.text.as_str(), c.finish.as_str()), (base.text.as_str(), "length"));
     assert_eq!(c.stop_reason, None);
 
+    // prompt_logprobs: every prompt token after the first, scored whole (none from the
+    // cache), with its rank and the alternatives asked for, on the finish.
+    let mut client = cluster.chat().await?;
+    let req = ChatRequest { prompt_logprobs: Some(2), ..ask(prompt, 2, greedy()) };
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut finish = None;
+    while let Some(m) = stream.message().await? {
+        if let Some(Event::Finish(f)) = m.event {
+            finish = Some(f);
+        }
+    }
+    let f = finish.context("a finish")?;
+    assert_eq!(f.prompt_logprobs.len() as u32, f.prompt_tokens - 1);
+    assert_eq!(f.cached_tokens, 0, "the prompt is computed whole");
+    for e in &f.prompt_logprobs {
+        assert!(e.rank >= 1 && e.logprob <= 0.0 && e.top.len() == 2, "{e:?}");
+        assert_eq!(e.rank == 1, e.top[0].id == e.id, "{e:?}");
+        assert!(e.logprob <= e.top[0].logprob + 1e-6, "{e:?}");
+    }
+
     // Out of range: INVALID_ARGUMENT naming the field.
     for (req, field) in [
         (
@@ -236,6 +256,7 @@ async fn sampling_and_output_parameters_over_grpc() -> Result<()> {
         (ChatRequest { top_logprobs: 2, ..ask(prompt, 4, greedy()) }, "top_logprobs"),
         (ChatRequest { n: 9, ..ask(prompt, 4, greedy()) }, "n is 9"),
         (ChatRequest { min_tokens: 5, ..ask(prompt, 4, greedy()) }, "min_tokens 5"),
+        (ChatRequest { prompt_logprobs: Some(21), ..ask(prompt, 4, greedy()) }, "prompt_logprobs"),
         (
             ChatRequest {
                 min_tokens: 2,

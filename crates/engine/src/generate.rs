@@ -114,6 +114,7 @@ pub fn generate(
         deadline: None,
         keep_logits: req.keep_logits,
         prompt_logprobs: false,
+        prompt_top_logprobs: 0,
         events: tx,
         prefix: Default::default(),
         constraint: None,

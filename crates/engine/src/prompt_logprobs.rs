@@ -21,6 +21,8 @@ pub struct PromptLogprob {
     pub id: u32,
     /// Its log-probability at its position.
     pub logprob: f32,
+    /// Its rank there: 1 plus the number of tokens more likely (vLLM's `rank`).
+    pub rank: u32,
     /// The most likely tokens at its position with their log-probabilities, most likely first.
     pub top: Vec<(u32, f32)>,
 }
@@ -74,13 +76,20 @@ fn entries(
             let id = prompt[p + 1];
             if id as usize >= row.len() {
                 // Not a token of this vocabulary (the scheduler refuses such prompts first).
-                return PromptLogprob { id, logprob: f32::NEG_INFINITY, top: Vec::new() };
+                return PromptLogprob {
+                    id,
+                    logprob: f32::NEG_INFINITY,
+                    rank: row.len() as u32 + 1,
+                    top: Vec::new(),
+                };
             }
             // One normaliser for the token and its alternatives, as for a generated token.
             let lse = log_sum_exp(row);
+            let score = row[id as usize];
             PromptLogprob {
                 id,
-                logprob: row[id as usize] - lse,
+                logprob: score - lse,
+                rank: 1 + row.iter().filter(|&&v| v > score).count() as u32,
                 top: top_logprobs_under(row, top, lse),
             }
         })
@@ -116,6 +125,8 @@ mod tests {
         let lse = (5f32.exp() + 2.0).ln();
         assert!((known[2].logprob - (0.0 - lse)).abs() < 1e-6);
         assert!(known[2].top.is_empty(), "no alternatives asked for");
+        // Ranks: 1 plus the tokens strictly more likely (ties share the better rank).
+        assert_eq!(known.iter().map(|e| e.rank).collect::<Vec<_>>(), [1, 2, 2]);
     }
 
     #[test]

@@ -111,7 +111,7 @@ pub enum Event {
     /// positions (those after the prefix taken from the cache), before the first token.
     PromptLogits(Tensor),
     /// With `prompt_logprobs`: prompt positions `1..`, each token's log-probability given the
-    /// tokens before it and the `top_logprobs` most likely there; before the first token.
+    /// tokens before it and the `prompt_top_logprobs` most likely there; before the first token.
     PromptLogprobs(Vec<PromptLogprob>),
     /// Generation ended normally.
     Finished {
@@ -160,6 +160,8 @@ pub struct NewRequest {
     /// Send each prompt token's log-probability ([`Event::PromptLogprobs`]): the prompt is
     /// prefilled whole, not from the prefix cache, and every prefill row is read on the host.
     pub prompt_logprobs: bool,
+    /// With `prompt_logprobs`: this many most likely tokens at each prompt position (0: none).
+    pub prompt_top_logprobs: usize,
     /// Where events go; closing the receiver cancels the sequence at the next step.
     pub events: UnboundedSender<Event>,
     /// The tenant and images its cached KV blocks are keyed by.
@@ -189,6 +191,7 @@ impl NewRequest {
             deadline: None,
             keep_logits: false,
             prompt_logprobs: false,
+            prompt_top_logprobs: 0,
             events,
             prefix: PrefixKey::default(),
             constraint: None,
@@ -715,7 +718,7 @@ impl Scheduler {
             if chunk.logits == LogitRows::All {
                 let rows = step_logits.tensor().narrow(0, at, n)?.to_device(&Device::Cpu)?;
                 if s.req.prompt_logprobs {
-                    let top = s.req.top_logprobs;
+                    let top = s.req.prompt_top_logprobs;
                     let known = &mut s.prompt_logprobs;
                     prompt_logprobs::extend(known, &s.req.prompt, &rows, chunk.start, top)?;
                 }

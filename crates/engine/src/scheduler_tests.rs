@@ -605,7 +605,7 @@ fn prompt_logprobs_score_every_prompt_token_in_capped_chunks() {
     let scored_prompt = prompt(1, 30);
     let (mut req, mut scored) = request(scored_prompt.clone(), 2);
     req.prompt_logprobs = true;
-    req.top_logprobs = 2;
+    req.prompt_top_logprobs = 2;
     s.add(req);
     let (req, mut plain) = request(prompt(2, 30), 2);
     s.add(req);

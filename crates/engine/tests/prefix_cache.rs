@@ -110,7 +110,7 @@ impl Engine {
     fn score(&mut self, prompt: &[u32], top: usize) -> Result<(Vec<PromptLogprob>, usize)> {
         let (mut req, mut rx) = NewRequest::greedy(prompt.to_vec(), None, 1);
         req.prompt_logprobs = true;
-        req.top_logprobs = top;
+        req.prompt_top_logprobs = top;
         req.prefix.salt = b"tenant".to_vec();
         self.sched.add(req);
         while self.sched.has_work() {
@@ -251,8 +251,9 @@ fn log_softmax_at(row: &[f32], i: usize) -> f64 {
 /// Prompt log-probabilities from a warm cache: nothing is taken from it (every position needs
 /// its logits row), in one chunk and in chunks of 40 tokens alike; each prompt token's figure is
 /// the log-softmax of the golden prompt logits at that token, and each alternative's likewise,
-/// most likely first. Logits within the golden 1e-3 put a log-softmax within 2e-3 (the row's
-/// log-sum-exp moves by at most the largest logit difference).
+/// most likely first, and its rank the count of golden logits above it. Logits within the
+/// golden 1e-3 put a log-softmax within 2e-3 (the row's log-sum-exp moves by at most the
+/// largest logit difference).
 #[test]
 fn prompt_logprobs_are_the_golden_prompt_rows_computed_whole_from_a_warm_cache() -> Result<()> {
     const LOGPROB_ATOL: f64 = 2.0 * LOGITS_ATOL;
@@ -271,6 +272,18 @@ fn prompt_logprobs_are_the_golden_prompt_rows_computed_whole_from_a_warm_cache()
             assert_eq!(entry.id, ids[p + 1], "budget {budget}: position {}", p + 1);
             let want = log_softmax_at(&golden[p], entry.id as usize);
             worst = worst.max((f64::from(entry.logprob) - want).abs());
+            // The rank counts the golden logits above the token's, up to near-ties within
+            // the logits' tolerance either way.
+            let score = golden[p][entry.id as usize];
+            let above = |margin: f32| golden[p].iter().filter(|&&v| v > score + margin).count();
+            let tol = 2.0 * LOGITS_ATOL as f32;
+            let ranks = 1 + above(tol) as u32..=1 + above(-tol) as u32;
+            assert!(
+                ranks.contains(&entry.rank),
+                "position {}: {} not in {ranks:?}",
+                p + 1,
+                entry.rank
+            );
             assert_eq!(entry.top.len(), 3);
             for pair in entry.top.windows(2) {
                 assert!(pair[0].1 >= pair[1].1, "most likely first: {:?}", entry.top);

@@ -111,11 +111,15 @@ impl Ready {
                 req.stop_token_ids.len()
             )));
         }
-        if req.top_logprobs > MAX_TOP_LOGPROBS {
-            return Err(ServiceError::InvalidArgument(format!(
-                "top_logprobs is {}; at most {MAX_TOP_LOGPROBS}",
-                req.top_logprobs
-            )));
+        for (field, asked) in [
+            ("top_logprobs", req.top_logprobs),
+            ("prompt_top_logprobs", req.prompt_top_logprobs.unwrap_or(0)),
+        ] {
+            if asked > MAX_TOP_LOGPROBS {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "{field} is {asked}; at most {MAX_TOP_LOGPROBS}"
+                )));
+            }
         }
         Ok(())
     }
@@ -259,6 +263,7 @@ impl Decoder for DecoderService {
             deadline,
             keep_logits: false,
             prompt_logprobs: req.prompt_logprobs,
+            prompt_top_logprobs: req.prompt_top_logprobs.unwrap_or(req.top_logprobs) as usize,
             events: tx,
             prefix: PrefixKey { salt: req.cache_salt.to_vec(), images },
             constraint,
@@ -287,6 +292,7 @@ impl Decoder for DecoderService {
                             .map(|e| PromptTokenLogprob {
                                 id: e.id,
                                 logprob: e.logprob,
+                                rank: e.rank,
                                 top_logprobs: e
                                     .top
                                     .into_iter()

@@ -71,6 +71,9 @@ pub struct TokenLogprob {
     /// The prompt's first token under `echo`: nothing comes before it, so it has no
     /// log-probability or alternatives (OpenAI's `null`s); `token.logprob` is 0.
     pub unscored: bool,
+    /// A scored prompt token's rank at its position (1 plus the tokens more likely; vLLM's
+    /// `prompt_logprobs`); `None` for generated tokens.
+    pub rank: Option<u32>,
 }
 
 /// A token, its text alone, and its log-probability.
@@ -121,6 +124,16 @@ pub struct Finish {
     pub prompt_token_ids: Vec<u32>,
     /// Prompt tokens answered from the decoder's prefix cache.
     pub cached_tokens: u32,
+    /// With vLLM's `prompt_logprobs`: the prompt's tokens, the first unscored (shared by the
+    /// prompt's choices).
+    pub prompt_logprobs: Option<Arc<Vec<TokenLogprob>>>,
+}
+
+/// What a choice sends or carries besides its tokens: completions' `echo` (sent first) and
+/// vLLM's `prompt_logprobs` (on its finish).
+struct Preamble {
+    echo: Option<Delta>,
+    prompt_logprobs: Option<Arc<Vec<TokenLogprob>>>,
 }
 
 /// What ended a choice with `stop`, besides EOS.
@@ -370,7 +383,8 @@ impl Gateway {
             constraint: prep.constraint.clone(),
             top_logprobs: prep.output.top_logprobs,
             // Choice 0 computes them; the other choices echo the same.
-            prompt_logprobs: prep.echo_text.is_some() && prep.output.logprobs,
+            prompt_logprobs: prep.scores_prompt(),
+            prompt_top_logprobs: Some(prep.prompt_top_logprobs()),
         };
         let vision_seconds = t_vision.elapsed().as_secs_f64();
         let opened = match self.open_decoder(&request, deadline).await {
@@ -420,19 +434,33 @@ impl Gateway {
             total_seconds: 0.0,
             images_cached: embedded.as_ref().map_or(0, |e| e.cached),
         };
-        let echo = match &prep.echo_text {
-            None => None,
-            Some(text) => Some(Delta {
-                index: 0,
-                text: text.clone(),
-                token_ids: Vec::new(),
-                logprobs: if prep.output.logprobs {
-                    self.prompt_logprobs(&prep.prompt.ids, &opened.first)?
-                } else {
-                    Vec::new()
-                },
-            }),
+        // The prompt's scores, when asked for, from choice 0's first event: under `echo` with
+        // `logprobs` k alternatives each, under `prompt_logprobs` its own count.
+        let scores = if prep.scores_prompt() {
+            self.prompt_logprobs(&prep.prompt.ids, &opened.first)?
+        } else {
+            Vec::new()
         };
+        let cut = |k: u32| -> Vec<TokenLogprob> {
+            let mut v = scores.clone();
+            for e in &mut v {
+                e.top.truncate(k as usize);
+            }
+            v
+        };
+        let echo = prep.echo_text.as_ref().map(|text| Delta {
+            index: 0,
+            text: text.clone(),
+            token_ids: Vec::new(),
+            logprobs: if prep.output.logprobs {
+                let mut v = cut(prep.output.top_logprobs);
+                v.iter_mut().for_each(|e| e.rank = None);
+                v
+            } else {
+                Vec::new()
+            },
+        });
+        let prompt_scores = prep.output.prompt_logprobs.map(|k| Arc::new(cut(k)));
         let mut choices = vec![opened];
         if prep.output.n > 1 {
             choices
@@ -449,8 +477,9 @@ impl Gateway {
                 let _in_flight = in_flight;
                 let relays = choices.into_iter().enumerate().map(|(i, opened)| {
                     let echo = echo.clone().map(|e| Delta { index: i as u32, ..e });
+                    let before = Preamble { echo, prompt_logprobs: prompt_scores.clone() };
                     gw.relay(
-                        opened, i as u32, echo, &prep, timing, deadline, started, api, &tx,
+                        opened, i as u32, before, &prep, timing, deadline, started, api, &tx,
                         &tenant_id,
                     )
                 });
@@ -611,14 +640,15 @@ impl Gateway {
         futures::future::join_all(opens).await.into_iter().collect()
     }
 
-    /// Streams the decoder's tokens to `tx` as text deltas, after `echo` (the prompt, under
-    /// completions' `echo`), until the end, a stop string, the deadline, or the client leaving.
+    /// Streams the decoder's tokens to `tx` as text deltas, after `before.echo` (the prompt,
+    /// under completions' `echo`), until the end, a stop string, the deadline, or the client
+    /// leaving; the finish carries `before.prompt_logprobs`.
     #[allow(clippy::too_many_arguments)]
     async fn relay(
         &self,
         opened: Opened,
         index: u32,
-        echo: Option<Delta>,
+        before: Preamble,
         prep: &Prepared,
         mut timing: Timing,
         deadline: Instant,
@@ -639,6 +669,7 @@ impl Gateway {
         let mut next = Some(first);
         let send =
             |ev: ChatEvent| async { tx.send(Ok(ev)).await.map_err(|_| GatewayError::Cancelled) };
+        let Preamble { echo, prompt_logprobs } = before;
         if let Some(echo) = echo {
             send(ChatEvent::Delta(echo)).await?;
         }
@@ -779,6 +810,7 @@ impl Gateway {
                 Vec::new()
             },
             cached_tokens: usage.map_or(cached_tokens, |u| u.cached_tokens),
+            prompt_logprobs,
         }))
         .await
     }
@@ -796,6 +828,7 @@ impl Gateway {
             token: alt(t.id, t.logprob),
             top: t.top_logprobs.iter().map(|a| alt(a.id, a.logprob)).collect(),
             unscored: false,
+            rank: None,
         }
     }
 
@@ -831,6 +864,7 @@ impl Gateway {
             token: alt(id, 0.0),
             top: Vec::new(),
             unscored: true,
+            rank: None,
         });
         Ok(head
             .into_iter()
@@ -838,6 +872,7 @@ impl Gateway {
                 token: alt(p.id, p.logprob),
                 top: p.top_logprobs.iter().map(|a| alt(a.id, a.logprob)).collect(),
                 unscored: false,
+                rank: Some(p.rank),
             }))
             .collect())
     }

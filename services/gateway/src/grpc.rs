@@ -12,7 +12,7 @@ use dsvl_proto::v1::chat_server::Chat;
 use dsvl_proto::v1::content_part::Part as ProtoPart;
 use dsvl_proto::v1::{
     ChatDelta, ChatFinish, ChatRequest, ChatResponse, ListModelsRequest, ListModelsResponse,
-    ModelInfo, Timing as ProtoTiming, TokenLogprob, TopLogprob,
+    ModelInfo, PromptLogprob, Timing as ProtoTiming, TokenLogprob, TopLogprob,
 };
 use futures::{Stream, StreamExt};
 use tokio_stream::wrappers::ReceiverStream;
@@ -65,6 +65,7 @@ pub(crate) fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
             min_tokens: req.min_tokens,
             include_stop_str: req.include_stop_str_in_output,
             echo: false,
+            prompt_logprobs: req.prompt_logprobs,
         },
         template: TemplateOptions {
             continue_final_message: req.continue_final_message,
@@ -143,6 +144,18 @@ fn finish_message(f: Finish) -> ChatFinish {
         token_ids: f.token_ids,
         prompt_token_ids: f.prompt_token_ids,
         cached_tokens: f.cached_tokens,
+        prompt_logprobs: f
+            .prompt_logprobs
+            .iter()
+            .flat_map(|scores| scores.iter().filter(|t| !t.unscored))
+            .map(|t| PromptLogprob {
+                id: t.token.id,
+                token: t.token.text.clone(),
+                logprob: t.token.logprob,
+                rank: t.rank.unwrap_or(0),
+                top: t.top.iter().cloned().map(top_logprob).collect(),
+            })
+            .collect(),
         stop_reason: f.stop_reason.map(|r| match r {
             StopReason::String(s) => chat_finish::StopReason::StopString(s),
             StopReason::TokenId(id) => chat_finish::StopReason::StopTokenId(id),

@@ -156,6 +156,8 @@ struct CompletionRequest {
     add_generation_prompt: Option<bool>,
     #[serde(default)]
     continue_final_message: bool,
+    /// vLLM's `prompt_logprobs` (an integer; -1, the whole vocabulary, is refused).
+    prompt_logprobs: Option<i64>,
     /// vLLM's `min_tokens` and `include_stop_str_in_output`.
     min_tokens: Option<u32>,
     #[serde(default)]
@@ -332,6 +334,7 @@ fn to_input(r: CompletionRequest) -> Result<(ChatInput, Option<Tools>), GatewayE
             min_tokens: r.min_tokens.unwrap_or(0),
             include_stop_str: r.include_stop_str_in_output,
             echo: false,
+            prompt_logprobs: prompt_logprobs(r.prompt_logprobs, r.stream)?,
         },
         template: TemplateOptions {
             continue_final_message: r.continue_final_message,
@@ -339,6 +342,25 @@ fn to_input(r: CompletionRequest) -> Result<(ChatInput, Option<Tools>), GatewayE
         },
     };
     Ok((input, tools))
+}
+
+/// vLLM's `prompt_logprobs`: a count of alternatives (the gateway's limits follow in
+/// [`crate::prepare`]), not with streaming (as vLLM: the figures come with the whole reply).
+pub(crate) fn prompt_logprobs(
+    asked: Option<i64>,
+    stream: bool,
+) -> Result<Option<u32>, GatewayError> {
+    let invalid = |m: String| GatewayError::InvalidArgument(m);
+    match asked {
+        None => Ok(None),
+        Some(_) if stream => {
+            Err(invalid("prompt_logprobs are not available when stream is true".into()))
+        }
+        Some(k) if k < 0 => Err(invalid(format!(
+            "prompt_logprobs is {k}: every token of the vocabulary (-1) is not supported; at most 20"
+        ))),
+        Some(k) => Ok(Some(u32::try_from(k).unwrap_or(u32::MAX))),
+    }
 }
 
 /// OpenAI's `logit_bias` (token ids as JSON object keys) as `(id, bias)` pairs.

@@ -26,7 +26,7 @@ use tracing::Instrument;
 
 use crate::chat::{request_span, ChatEvent, ChatStream};
 use crate::error::GatewayError;
-use crate::http::{error_response, logit_bias, read_request, unique_id};
+use crate::http::{error_response, logit_bias, prompt_logprobs, read_request, unique_id};
 use crate::http_reply::{sse, whole, Reply, Shape};
 use crate::prepare::{ChatInput, OutputOptions, RawPrompt};
 use crate::structured::StructuredFields;
@@ -77,6 +77,7 @@ struct LegacyRequest {
     #[serde(default)]
     ignore_eos: bool,
     min_tokens: Option<u32>,
+    prompt_logprobs: Option<i64>,
     #[serde(default)]
     include_stop_str_in_output: bool,
     #[serde(flatten)]
@@ -170,6 +171,7 @@ fn to_inputs(
             min_tokens: r.min_tokens.unwrap_or(0),
             include_stop_str: r.include_stop_str_in_output,
             echo: r.echo.unwrap_or(false),
+            prompt_logprobs: prompt_logprobs(r.prompt_logprobs, r.stream)?,
         },
         // No chat template here.
         template: Default::default(),

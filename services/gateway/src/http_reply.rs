@@ -148,7 +148,11 @@ impl Shape {
                 json!({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop})
             }
             Self::Text => {
-                json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop})
+                let mut choice = json!({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish, "stop_reason": stop});
+                if let Some(scores) = &f.prompt_logprobs {
+                    choice["prompt_logprobs"] = prompt_logprobs(scores);
+                }
+                choice
             }
         }
     }
@@ -195,6 +199,26 @@ fn extensions(finishes: &[Finish], per_prompt: u32) -> Value {
 
 /// A chat choice's message: the text, or the tool calls parsed out of it (then `content` is
 /// null and the finish reason `tool_calls`, when generation stopped by itself).
+/// vLLM's `prompt_logprobs`: per prompt position `null` (the first) or, keyed by token id, the
+/// prompt token's and its alternatives' `logprob`, `rank` and `decoded_token`.
+fn prompt_logprobs(scores: &[TokenLogprob]) -> Value {
+    let entry = |a: &Alternative, rank: Option<u32>| json!({"logprob": a.logprob, "rank": rank, "decoded_token": a.text});
+    scores
+        .iter()
+        .map(|t| {
+            if t.unscored {
+                return Value::Null;
+            }
+            let mut m = serde_json::Map::new();
+            m.insert(t.token.id.to_string(), entry(&t.token, t.rank));
+            for (i, a) in t.top.iter().enumerate() {
+                m.entry(a.id.to_string()).or_insert_with(|| entry(a, Some(i as u32 + 1)));
+            }
+            Value::Object(m)
+        })
+        .collect()
+}
+
 /// vLLM's `stop_reason`: the stop string or stop token id that ended a choice, else `null`.
 fn stop_reason(f: &Finish) -> Value {
     match &f.stop_reason {
@@ -266,13 +290,17 @@ pub(crate) async fn whole(mut rx: ChatStream, reply: Reply) -> Response {
                         }
                     })
                     .collect();
-                return Json(json!({
+                let mut whole = json!({
                     "id": reply.id, "object": reply.shape.object(false), "created": unix_now(), "model": reply.model, "system_fingerprint": null,
                     "choices": body,
                     "usage": usage(&finishes, reply.per_prompt),
                     "dsvl": extensions(&finishes, reply.per_prompt),
-                }))
-                .into_response();
+                });
+                // vLLM's chat replies carry the prompt's scores once, beside the choices.
+                if let (Shape::Chat, Some(scores)) = (reply.shape, &finishes[0].prompt_logprobs) {
+                    whole["prompt_logprobs"] = prompt_logprobs(scores);
+                }
+                return Json(whole).into_response();
             }
             Err(e) => return error_response(&e),
         }

@@ -125,6 +125,11 @@ fields![
         "vLLM extension: the matched stop string stays at the end of the text"
     ),
     (
+        "prompt_logprobs",
+        Honoured,
+        "vLLM extension: each prompt token's log-probability given the tokens before it, its rank and this many alternatives (0 to 20), in the reply's top-level prompt_logprobs (the first null); computed whole, not from the prefix cache; not with stream"
+    ),
+    (
         "continue_final_message",
         Honoured,
         "vLLM extension: the last message is left open and the model continues it (a reply begun by the caller); the reply is the continuation"
@@ -193,6 +198,7 @@ fields![
     ("stop_token_ids", Honoured, "vLLM extension"),
     ("ignore_eos", Honoured, "vLLM extension"),
     ("min_tokens", Honoured, "vLLM extension, as in chat"),
+    ("prompt_logprobs", Honoured, "vLLM extension, as in chat, in each choice's prompt_logprobs"),
     ("include_stop_str_in_output", Honoured, "vLLM extension, as in chat"),
     ("response_format", Honoured, "vLLM extension: json_object or json_schema"),
     ("structured_outputs", Honoured, "vLLM extension, as in chat"),

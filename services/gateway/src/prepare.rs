@@ -125,6 +125,9 @@ pub struct OutputOptions {
     /// Completions' `echo`: each choice's text starts with the prompt, and with `logprobs`
     /// its log-probabilities start with the prompt tokens' (the first has none).
     pub echo: bool,
+    /// vLLM's `prompt_logprobs`: each prompt token's log-probability and rank, and this many
+    /// alternatives (at most 20), on the reply.
+    pub prompt_logprobs: Option<u32>,
 }
 
 /// Most `stop_token_ids` per request.
@@ -142,6 +145,9 @@ impl OutputOptions {
                 "top_logprobs is {}; at most {MAX_TOP_LOGPROBS}",
                 self.top_logprobs
             )));
+        }
+        if let Some(k) = self.prompt_logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
+            return Err(invalid(format!("prompt_logprobs is {k}; at most {MAX_TOP_LOGPROBS}")));
         }
         if self.top_logprobs > 0 && !self.logprobs {
             return Err(invalid("top_logprobs needs logprobs set to true"));
@@ -343,6 +349,17 @@ pub fn prepare(
 }
 
 impl Prepared {
+    /// Whether the decoder scores the prompt: `echo` with `logprobs`, or `prompt_logprobs`.
+    pub fn scores_prompt(&self) -> bool {
+        (self.echo_text.is_some() && self.output.logprobs) || self.output.prompt_logprobs.is_some()
+    }
+
+    /// Alternatives per prompt position the decoder computes: the most either use asks for.
+    pub fn prompt_top_logprobs(&self) -> u32 {
+        let echoed = if self.echo_text.is_some() { self.output.top_logprobs } else { 0 };
+        echoed.max(self.output.prompt_logprobs.unwrap_or(0))
+    }
+
     /// Puts the fetched bytes of [`Self::remote_images`] in place, with their digests.
     pub fn fill_remote_images(&mut self, fetched: Vec<Bytes>) {
         for ((i, _), bytes) in std::mem::take(&mut self.remote_images).into_iter().zip(fetched) {
