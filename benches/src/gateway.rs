@@ -133,10 +133,7 @@ impl Clients {
             logprobs: false,
             cache_salt: Default::default(),
             constraint: None,
-            top_logprobs: 0,
-            prompt_logprobs: false,
-            min_new_tokens: 0,
-            prompt_top_logprobs: None,
+            ..Default::default()
         };
         let mut stream = self.decoder.generate(req).await?.into_inner();
         let mut n = 0;

@@ -4,7 +4,8 @@
 //! that is dropped on the way fails): `logprobs`/`top_logprobs`, `logit_bias`, the presence and
 //! frequency penalties, `min_p`, `seed`, `n` (choices share the prefill), `stop_token_ids`,
 //! `ignore_eos`, stop strings with `min_tokens` and `include_stop_str_in_output`, vLLM's
-//! `stop_reason` and `prompt_logprobs`, and the refusals of values out of range.
+//! `stop_reason`, `prompt_logprobs`, `allowed_token_ids` and `bad_words`, and the refusals of
+//! values out of range.
 
 use std::collections::HashMap;
 
@@ -85,7 +86,8 @@ async fn sampling_and_output_parameters_over_grpc() -> Result<()> {
     let cluster =
         Cluster::start(Options { vision_replicas: 1, tp: 1, redis: false, ..Options::default() })
             .await?;
-    let eos = dsvl_gateway::served::ServedModel::load(None, "tiny".into())?.tokenizer.special().eos;
+    let served = dsvl_gateway::served::ServedModel::load(None, "tiny".into())?;
+    let eos = served.tokenizer.special().eos;
     let prompt = "Tell me about rockets.";
     let base = one(&cluster, ask(prompt, 16, greedy())).await?;
     assert_eq!(base.ids.len(), 16, "{base:?}");
@@ -185,6 +187,31 @@ async fn sampling_and_output_parameters_over_grpc() -> Result<()> {
     let c = one(&cluster, ChatRequest { ignore_eos: true, ..ask(prompt, 4, to_eos()) }).await?;
     assert_eq!((c.ids.as_slice(), c.finish.as_str()), (&[eos; 4][..], "length"));
 
+    // allowed_token_ids: every token is one of them (greedy: the likelier of the two).
+    let allowed = vec![base.ids[5], forced];
+    let c = one(
+        &cluster,
+        ChatRequest { allowed_token_ids: allowed.clone(), ..ask(prompt, 8, greedy()) },
+    )
+    .await?;
+    assert!(c.ids.iter().all(|t| allowed.contains(t)) && c.ids.len() == 8, "{c:?}");
+    // bad_words: a word that is one token as tokenized never appears, so the greedy reply,
+    // which has it, changes.
+    let tok = &served.tokenizer;
+    let (word, id) = base
+        .ids
+        .iter()
+        .map(|&t| (tok.decode(&[t], false).unwrap_or_default(), t))
+        .find(|(w, t)| {
+            !w.trim().is_empty() && tok.encode_with(w.trim_start(), false).ok() == Some(vec![*t])
+        })
+        .context("a greedy token that is a word of its own")?;
+    let c =
+        one(&cluster, ChatRequest { bad_words: vec![word.clone()], ..ask(prompt, 16, greedy()) })
+            .await?;
+    assert!(!c.ids.contains(&id), "{word:?} ({id}) in {c:?}");
+    assert_ne!(c.ids, base.ids);
+
     // min_tokens: EOS (forced) and stop_token_ids wait for the minimum, then end the reply.
     let c = one(&cluster, ChatRequest { min_tokens: 3, ..ask(prompt, 6, to_eos()) }).await?;
     assert_eq!((c.ids.len(), c.ids[3], c.finish.as_str()), (4, eos, "stop"), "{c:?}");
@@ -257,6 +284,11 @@ async fn sampling_and_output_parameters_over_grpc() -> Result<()> {
         (ChatRequest { n: 9, ..ask(prompt, 4, greedy()) }, "n is 9"),
         (ChatRequest { min_tokens: 5, ..ask(prompt, 4, greedy()) }, "min_tokens 5"),
         (ChatRequest { prompt_logprobs: Some(21), ..ask(prompt, 4, greedy()) }, "prompt_logprobs"),
+        (
+            ChatRequest { allowed_token_ids: vec![1 << 30], ..ask(prompt, 4, greedy()) },
+            "outside the vocabulary",
+        ),
+        (ChatRequest { bad_words: vec![" ".into()], ..ask(prompt, 4, greedy()) }, "bad_words"),
         (
             ChatRequest {
                 min_tokens: 2,

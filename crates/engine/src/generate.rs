@@ -109,6 +109,7 @@ pub fn generate(
         max_new_tokens: req.max_new_tokens,
         stop_ids: req.stop_ids.clone(),
         min_new_tokens: 0,
+        filter: Default::default(),
         logprobs: false,
         top_logprobs: 0,
         deadline: None,

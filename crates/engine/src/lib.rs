@@ -19,7 +19,9 @@ pub mod scheduler;
 #[cfg(test)]
 mod scheduler_tests;
 pub mod select;
+pub mod token_filter;
 
 pub use generate::{generate, FinishReason, GenerationOutput, GenerationRequest, StepExecutor};
 pub use prompt_logprobs::PromptLogprob;
 pub use sampler::{Rng, SamplingParams};
+pub use token_filter::TokenFilter;

@@ -34,6 +34,7 @@ use crate::prompt_logprobs::{self, PromptLogprob};
 use crate::request_metrics;
 use crate::sampler::{Rng, SamplingParams};
 use crate::select::{Ask, Choice, StepLogits};
+use crate::token_filter::TokenFilter;
 
 /// Default step token budget on GPUs: a 2,048-token step costs about what a decode step does
 /// there (both are bound by reading the weights), as vLLM's default budget assumes.
@@ -148,6 +149,8 @@ pub struct NewRequest {
     /// The stop ids cannot be chosen before this many tokens are generated (vLLM's
     /// `min_tokens`; 0: no minimum). A grammar's completion still ends generation.
     pub min_new_tokens: usize,
+    /// vLLM's `allowed_token_ids` and `bad_words`.
+    pub filter: TokenFilter,
     /// Report log-probabilities.
     pub logprobs: bool,
     /// Report this many most likely tokens at each step (0: none).
@@ -186,6 +189,7 @@ impl NewRequest {
             max_new_tokens,
             stop_ids: vec![],
             min_new_tokens: 0,
+            filter: TokenFilter::default(),
             logprobs: false,
             top_logprobs: 0,
             deadline: None,
@@ -761,6 +765,14 @@ impl Scheduler {
         // Every choosing sequence's token at once (sampled rows are drawn in parallel).
         let mut order = Vec::with_capacity(choosers.len());
         let mut asks = Vec::with_capacity(choosers.len());
+        // Each chooser's banned tokens this step (bad words, stop ids below the minimum).
+        let banned: HashMap<usize, Vec<u32>> = choosers
+            .keys()
+            .map(|&i| {
+                let s = &self.running[i];
+                (i, s.req.filter.banned(&s.generated, &s.req.stop_ids, s.req.min_new_tokens))
+            })
+            .collect();
         for (i, s) in self.running.iter_mut().enumerate() {
             if let Some((row, mask)) = choosers.get(&i) {
                 order.push(i);
@@ -774,11 +786,8 @@ impl Scheduler {
                         top_logprobs: s.req.top_logprobs,
                         keep_row: s.req.keep_logits,
                         mask: mask.as_ref(),
-                        banned: if s.generated.len() < s.req.min_new_tokens {
-                            &s.req.stop_ids
-                        } else {
-                            &[]
-                        },
+                        banned: banned.get(&i).map_or(&[], Vec::as_slice),
+                        allowed: s.req.filter.allowed.as_deref(),
                     },
                 ));
             }

@@ -19,6 +19,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use crate::blocks::BlockManager;
 use crate::generate::{FinishReason, StepExecutor};
 use crate::scheduler::{Event, Failure, NewRequest, Scheduler, SchedulerConfig};
+use crate::token_filter::TokenFilter;
 
 const VOCAB: usize = 50;
 const BLOCK: usize = 4;
@@ -543,6 +544,36 @@ fn stop_ids_wait_for_the_minimum_of_new_tokens() {
             assert_eq!(tokens, [first], "without a minimum the first token stops");
         }
     }
+}
+
+/// vLLM's `bad_words` and `allowed_token_ids` reach the choice: a bad word's last token is not
+/// taken after the rest of it (greedy takes the best other token, the first of the ties at 0),
+/// and only allowed tokens are ever taken.
+#[test]
+fn bad_words_and_allowed_tokens_shape_the_choice() {
+    let p = prompt(6, 5);
+    let want = expected(&p, 2);
+    let run = |filter: TokenFilter| {
+        let mut s = scheduler(4, 1000, 64);
+        let mut model = FakeModel::default();
+        let (mut req, mut rx) = request(p.clone(), 6);
+        req.filter = filter;
+        s.add(req);
+        run_to_end(&mut s, &mut model);
+        drain(&mut rx).0
+    };
+    let tokens = run(TokenFilter { allowed: None, bad_words: vec![want.clone()] });
+    let fallback = if want[1] == 0 { 1 } else { 0 };
+    assert_eq!(tokens[..2], [want[0], fallback], "{want:?}");
+    let allowed = vec![3u32, 5];
+    let tokens = run(TokenFilter { allowed: Some(allowed.clone()), bad_words: vec![] });
+    let mut h = p.clone();
+    for &t in &tokens {
+        let best = next_token(&h);
+        assert_eq!(t, if allowed.contains(&best) { best } else { 3 }, "{tokens:?}");
+        h.push(t);
+    }
+    assert_eq!(tokens.len(), 6);
 }
 
 #[test]

@@ -28,8 +28,11 @@ pub struct Ask<'a> {
     /// The tokens a grammar allows (others are set to minus infinity before choosing).
     pub mask: Option<&'a Mask>,
     /// Tokens that may not be chosen (set to minus infinity before choosing): the stop ids
-    /// while a sequence is short of its `min_new_tokens`.
+    /// while a sequence is short of its `min_new_tokens`, bad words' next tokens
+    /// ([`crate::token_filter`]).
     pub banned: &'a [u32],
+    /// Only these may be chosen (`None`: any).
+    pub allowed: Option<&'a [u32]>,
 }
 
 /// The chosen token.
@@ -75,6 +78,7 @@ impl StepLogits {
             && !ask.keep_row
             && ask.mask.is_none()
             && ask.banned.is_empty()
+            && ask.allowed.is_none()
     }
 
     /// The device-argmax choice of row `row` (see [`Self::greedy_on_device`]).
@@ -148,17 +152,36 @@ impl StepLogits {
 
 /// A row's choice drawn on the host by [`sample`], with what `ask` wants reported.
 fn host_choice(values: Vec<f32>, ask: Ask<'_>) -> Choice {
-    let id = if ask.mask.is_none() && ask.banned.is_empty() {
+    let id = if ask.mask.is_none() && ask.banned.is_empty() && ask.allowed.is_none() {
         sample(&values, ask.params, ask.generated, ask.rng)
     } else {
-        let mut allowed = values.clone();
+        let mut allowed = match ask.allowed {
+            None => values.clone(),
+            Some(ids) => {
+                let mut only = vec![f32::NEG_INFINITY; values.len()];
+                for &id in ids {
+                    if let Some(v) = values.get(id as usize) {
+                        only[id as usize] = *v;
+                    }
+                }
+                only
+            }
+        };
         if let Some(mask) = ask.mask {
             mask.apply(&mut allowed);
         }
+        let before_bans = (!ask.banned.is_empty()).then(|| allowed.clone());
         for &id in ask.banned {
             if let Some(v) = allowed.get_mut(id as usize) {
                 *v = f32::NEG_INFINITY;
             }
+        }
+        // Bans that would leave no token at all (an allow list of stop ids under `min_tokens`,
+        // say) are lifted for this step rather than choosing from nothing.
+        if let Some(unbanned) =
+            before_bans.filter(|_| allowed.iter().all(|v| v.is_infinite() && *v < 0.0))
+        {
+            allowed = unbanned;
         }
         sample(&allowed, ask.params, ask.generated, ask.rng)
     };
@@ -193,6 +216,7 @@ mod tests {
                 keep_row: false,
                 mask: None,
                 banned: &[],
+                allowed: None,
             };
             let c = step.choose(i, ask)?;
             assert_eq!(c.id, crate::sampler::argmax(r), "first index on ties");
@@ -225,6 +249,7 @@ mod tests {
                     keep_row: false,
                     mask: None,
                     banned: &banned,
+                    allowed: None,
                 };
                 let c = step.choose(0, ask)?;
                 assert!(!banned.contains(&c.id), "{c:?}");
@@ -239,6 +264,49 @@ mod tests {
                 assert_eq!(seen.into_iter().collect::<Vec<_>>(), [2, 3, 4], "every allowed token");
             }
         }
+        Ok(())
+    }
+
+    /// With an allow list only its tokens are chosen, greedy (the best of them) or sampled.
+    #[test]
+    fn only_allowed_tokens_are_chosen() -> candle_core::Result<()> {
+        let row = vec![5.0f32, 4.9, 1.0, 4.8, -2.0];
+        let mut step = StepLogits::new(Tensor::new(vec![row], &Device::Cpu)?);
+        let allowed = [2u32, 4];
+        let warm = SamplingParams { temperature: 5.0, ..SamplingParams::DEFAULTS };
+        for (params, want) in [(SamplingParams::greedy(), vec![2]), (warm, vec![2, 4])] {
+            let mut rng = Rng::new(5);
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..300 {
+                let ask = Ask {
+                    params: &params,
+                    generated: &[],
+                    rng: &mut rng,
+                    logprob: false,
+                    top_logprobs: 0,
+                    keep_row: false,
+                    mask: None,
+                    banned: &[],
+                    allowed: Some(&allowed),
+                };
+                seen.insert(step.choose(0, ask)?.id);
+            }
+            assert_eq!(seen.into_iter().collect::<Vec<_>>(), want);
+        }
+        // Banning every allowed token lifts the ban for the step (nothing else is choosable).
+        let mut rng = Rng::new(5);
+        let ask = Ask {
+            params: &SamplingParams::greedy(),
+            generated: &[],
+            rng: &mut rng,
+            logprob: false,
+            top_logprobs: 0,
+            keep_row: false,
+            mask: None,
+            banned: &allowed,
+            allowed: Some(&allowed),
+        };
+        assert_eq!(step.choose(0, ask)?.id, 2);
         Ok(())
     }
 
@@ -272,6 +340,7 @@ mod tests {
         let generated: Vec<u32> = (0..30).map(|i| i * 53 % vocab as u32).collect();
         let mask = Mask::from_bits(&(0..vocab).map(|i| i % 3 != 0).collect::<Vec<_>>());
         const BANNED: [u32; 3] = [1, 2, 2999];
+        const ALLOWED: [u32; 4] = [5, 17, 40, 2998];
         fn ask<'a>(
             i: usize,
             (params, generated, mask): (&'a [SamplingParams], &'a [u32], &'a Mask),
@@ -286,6 +355,7 @@ mod tests {
                 keep_row: i == 7,
                 mask: (i == 2 || i == 8).then_some(mask),
                 banned: if i == 0 || i == 5 { &BANNED } else { &[] },
+                allowed: (i == 3 || i == 6).then_some(&ALLOWED[..]),
             }
         }
         let with = (&params[..], &generated[..], &mask);

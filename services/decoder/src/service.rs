@@ -11,10 +11,14 @@ use dsvl_core::sampling::MAX_TOP_LOGPROBS;
 
 /// Most stop token ids one request may carry.
 pub const MAX_STOP_TOKEN_IDS: usize = 1024;
+/// Most `bad_words` sequences per request (each is checked at every step of the sequence).
+pub const MAX_BAD_WORDS: usize = 256;
+/// Most tokens in one `bad_words` sequence.
+pub const MAX_BAD_WORD_TOKENS: usize = 64;
 use dsvl_engine::constraint::{Constraint, Grammar};
 use dsvl_engine::engine::EngineHandle;
 use dsvl_engine::scheduler::{Event, NewRequest, PrefixKey};
-use dsvl_engine::{FinishReason, SamplingParams};
+use dsvl_engine::{FinishReason, SamplingParams, TokenFilter};
 use dsvl_models::llm::ImageRows;
 use dsvl_proto::internal::decoder_server::Decoder;
 use dsvl_proto::internal::generate_response::Event as Out;
@@ -87,12 +91,49 @@ impl Ready {
                 req.min_new_tokens, req.max_new_tokens
             )));
         }
-        if req.min_new_tokens > 0 && req.constraint.as_ref().is_some_and(|c| c.kind.is_some()) {
+        let constrained = req.constraint.as_ref().is_some_and(|c| c.kind.is_some());
+        if req.min_new_tokens > 0 && constrained {
             return Err(ServiceError::InvalidArgument(
                 "min_new_tokens cannot be combined with a constraint: the grammar decides where \
                  the output ends"
                     .into(),
             ));
+        }
+        if constrained && !(req.allowed_token_ids.is_empty() && req.bad_words.is_empty()) {
+            return Err(ServiceError::InvalidArgument(
+                "allowed_token_ids and bad_words cannot be combined with a constraint: the \
+                 grammar decides which tokens may come"
+                    .into(),
+            ));
+        }
+        if req.allowed_token_ids.len() > self.info.vocab_size {
+            return Err(ServiceError::InvalidArgument(format!(
+                "{} allowed_token_ids; at most the vocabulary's {}",
+                req.allowed_token_ids.len(),
+                self.info.vocab_size
+            )));
+        }
+        if req.bad_words.len() > MAX_BAD_WORDS {
+            return Err(ServiceError::InvalidArgument(format!(
+                "{} bad_words; at most {MAX_BAD_WORDS}",
+                req.bad_words.len()
+            )));
+        }
+        if let Some(w) =
+            req.bad_words.iter().find(|w| w.ids.is_empty() || w.ids.len() > MAX_BAD_WORD_TOKENS)
+        {
+            return Err(ServiceError::InvalidArgument(format!(
+                "a bad word of {} tokens; each has 1 to {MAX_BAD_WORD_TOKENS}",
+                w.ids.len()
+            )));
+        }
+        let filtered =
+            req.allowed_token_ids.iter().chain(req.bad_words.iter().flat_map(|w| &w.ids));
+        if let Some(bad) = filtered.clone().find(|&&t| t as usize >= self.info.vocab_size) {
+            return Err(ServiceError::InvalidArgument(format!(
+                "allowed_token_ids / bad_words: token id {bad} is outside the vocabulary of {}",
+                self.info.vocab_size
+            )));
         }
         let sampling = req
             .sampling
@@ -258,6 +299,10 @@ impl Decoder for DecoderService {
             max_new_tokens: max_new,
             stop_ids: req.stop_token_ids.clone(),
             min_new_tokens: req.min_new_tokens as usize,
+            filter: TokenFilter {
+                allowed: (!req.allowed_token_ids.is_empty()).then(|| req.allowed_token_ids.clone()),
+                bad_words: req.bad_words.iter().map(|w| w.ids.clone()).collect(),
+            },
             logprobs: req.logprobs,
             top_logprobs: req.top_logprobs as usize,
             deadline,

@@ -385,6 +385,12 @@ impl Gateway {
             // Choice 0 computes them; the other choices echo the same.
             prompt_logprobs: prep.scores_prompt(),
             prompt_top_logprobs: Some(prep.prompt_top_logprobs()),
+            allowed_token_ids: prep.output.allowed_token_ids.clone().unwrap_or_default(),
+            bad_words: prep
+                .bad_words
+                .iter()
+                .map(|ids| dsvl_proto::internal::TokenSequence { ids: ids.clone() })
+                .collect(),
         };
         let vision_seconds = t_vision.elapsed().as_secs_f64();
         let opened = match self.open_decoder(&request, deadline).await {

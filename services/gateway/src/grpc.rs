@@ -66,6 +66,8 @@ pub(crate) fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
             include_stop_str: req.include_stop_str_in_output,
             echo: false,
             prompt_logprobs: req.prompt_logprobs,
+            allowed_token_ids: (!req.allowed_token_ids.is_empty()).then_some(req.allowed_token_ids),
+            bad_words: req.bad_words,
         },
         template: TemplateOptions {
             continue_final_message: req.continue_final_message,

@@ -158,6 +158,10 @@ struct CompletionRequest {
     continue_final_message: bool,
     /// vLLM's `prompt_logprobs` (an integer; -1, the whole vocabulary, is refused).
     prompt_logprobs: Option<i64>,
+    /// vLLM's token filters.
+    allowed_token_ids: Option<Vec<u32>>,
+    #[serde(default)]
+    bad_words: Vec<String>,
     /// vLLM's `min_tokens` and `include_stop_str_in_output`.
     min_tokens: Option<u32>,
     #[serde(default)]
@@ -335,6 +339,8 @@ fn to_input(r: CompletionRequest) -> Result<(ChatInput, Option<Tools>), GatewayE
             include_stop_str: r.include_stop_str_in_output,
             echo: false,
             prompt_logprobs: prompt_logprobs(r.prompt_logprobs, r.stream)?,
+            allowed_token_ids: r.allowed_token_ids,
+            bad_words: r.bad_words,
         },
         template: TemplateOptions {
             continue_final_message: r.continue_final_message,

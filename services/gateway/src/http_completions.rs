@@ -78,6 +78,10 @@ struct LegacyRequest {
     ignore_eos: bool,
     min_tokens: Option<u32>,
     prompt_logprobs: Option<i64>,
+    /// vLLM's token filters.
+    allowed_token_ids: Option<Vec<u32>>,
+    #[serde(default)]
+    bad_words: Vec<String>,
     #[serde(default)]
     include_stop_str_in_output: bool,
     #[serde(flatten)]
@@ -172,6 +176,8 @@ fn to_inputs(
             include_stop_str: r.include_stop_str_in_output,
             echo: r.echo.unwrap_or(false),
             prompt_logprobs: prompt_logprobs(r.prompt_logprobs, r.stream)?,
+            allowed_token_ids: r.allowed_token_ids,
+            bad_words: r.bad_words,
         },
         // No chat template here.
         template: Default::default(),

@@ -130,6 +130,16 @@ fields![
         "vLLM extension: each prompt token's log-probability given the tokens before it, its rank and this many alternatives (0 to 20), in the reply's top-level prompt_logprobs (the first null); computed whole, not from the prefix cache; not with stream"
     ),
     (
+        "allowed_token_ids",
+        Honoured,
+        "vLLM extension: only these token ids may be chosen; not with a structured output"
+    ),
+    (
+        "bad_words",
+        Honoured,
+        "vLLM extension: up to 128 words the reply never contains as tokenized (as is and with a leading space, vLLM's rule); not with a structured output"
+    ),
+    (
         "continue_final_message",
         Honoured,
         "vLLM extension: the last message is left open and the model continues it (a reply begun by the caller); the reply is the continuation"
@@ -199,6 +209,8 @@ fields![
     ("ignore_eos", Honoured, "vLLM extension"),
     ("min_tokens", Honoured, "vLLM extension, as in chat"),
     ("prompt_logprobs", Honoured, "vLLM extension, as in chat, in each choice's prompt_logprobs"),
+    ("allowed_token_ids", Honoured, "vLLM extension, as in chat"),
+    ("bad_words", Honoured, "vLLM extension, as in chat"),
     ("include_stop_str_in_output", Honoured, "vLLM extension, as in chat"),
     ("response_format", Honoured, "vLLM extension: json_object or json_schema"),
     ("structured_outputs", Honoured, "vLLM extension, as in chat"),

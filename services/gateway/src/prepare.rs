@@ -128,7 +128,19 @@ pub struct OutputOptions {
     /// vLLM's `prompt_logprobs`: each prompt token's log-probability and rank, and this many
     /// alternatives (at most 20), on the reply.
     pub prompt_logprobs: Option<u32>,
+    /// vLLM's `allowed_token_ids`: only these may be chosen (not empty; not with a grammar).
+    pub allowed_token_ids: Option<Vec<u32>>,
+    /// vLLM's `bad_words`: words the reply never contains as tokenized (at most 128, each as
+    /// is and with a leading space; not with a grammar).
+    pub bad_words: Vec<String>,
 }
+
+/// Most `bad_words` per request.
+pub const MAX_BAD_WORDS: usize = 128;
+/// Longest bad word, in bytes.
+const MAX_BAD_WORD_BYTES: usize = 256;
+/// Most tokens a bad word may take (the decoder's limit).
+const MAX_BAD_WORD_TOKENS: usize = 64;
 
 /// Most `stop_token_ids` per request.
 pub const MAX_STOP_TOKEN_IDS: usize = 64;
@@ -148,6 +160,25 @@ impl OutputOptions {
         }
         if let Some(k) = self.prompt_logprobs.filter(|&k| k > MAX_TOP_LOGPROBS) {
             return Err(invalid(format!("prompt_logprobs is {k}; at most {MAX_TOP_LOGPROBS}")));
+        }
+        if self.allowed_token_ids.as_ref().is_some_and(Vec::is_empty) {
+            return Err(invalid("allowed_token_ids is empty: no token could be chosen"));
+        }
+        if self.bad_words.len() > MAX_BAD_WORDS {
+            return Err(invalid(format!(
+                "{} bad_words; at most {MAX_BAD_WORDS}",
+                self.bad_words.len()
+            )));
+        }
+        if let Some(w) = self
+            .bad_words
+            .iter()
+            .find(|w| w.trim_start().is_empty() || w.len() > MAX_BAD_WORD_BYTES)
+        {
+            return Err(invalid(format!(
+                "bad_words: {:?} is empty or over {MAX_BAD_WORD_BYTES} bytes",
+                w.chars().take(40).collect::<String>()
+            )));
         }
         if self.top_logprobs > 0 && !self.logprobs {
             return Err(invalid("top_logprobs needs logprobs set to true"));
@@ -216,6 +247,9 @@ pub struct Prepared {
     /// With `output.echo`: the prompt as each choice's text begins (a text prompt as given,
     /// token ids decoded).
     pub echo_text: Option<String>,
+    /// `output.bad_words` tokenized, each as is and (where that starts another token) with a
+    /// leading space, as vLLM tokenizes them.
+    pub bad_words: Vec<Vec<u32>>,
 }
 
 const MAX_STOPS: usize = 16;
@@ -545,6 +579,14 @@ fn finish(
             output.min_tokens
         )));
     }
+    if constraint.is_some() && (output.allowed_token_ids.is_some() || !output.bad_words.is_empty())
+    {
+        return Err(invalid(
+            "allowed_token_ids and bad_words cannot be combined with a structured output: the \
+             grammar decides which tokens may come",
+        ));
+    }
+    let bad_words = bad_word_ids(model, &output.bad_words)?;
     if output.min_tokens > 0 && constraint.is_some() {
         return Err(invalid(
             "min_tokens cannot be combined with a structured output (response_format, guided_*, \
@@ -565,7 +607,39 @@ fn finish(
         constraint,
         output,
         echo_text: None,
+        bad_words,
     })
+}
+
+/// vLLM's tokenization of `bad_words`: each word without its leading whitespace, and with one
+/// space before it where that gives as many tokens and a different first one (the word inside
+/// a text as well as at its start).
+fn bad_word_ids(model: &ServedModel, words: &[String]) -> Result<Vec<Vec<u32>>, GatewayError> {
+    let encode = |text: &str| {
+        model
+            .tokenizer
+            .encode_with(text, false)
+            .map_err(|e| GatewayError::Internal(format!("tokenizer: {e}")))
+    };
+    let mut out: Vec<Vec<u32>> = Vec::with_capacity(words.len() * 2);
+    for word in words {
+        let bare = encode(word.trim_start())?;
+        let spaced = encode(&format!(" {}", word.trim_start()))?;
+        if bare.len() > MAX_BAD_WORD_TOKENS {
+            return Err(invalid(format!(
+                "bad_words: {word:?} is {} tokens; at most {MAX_BAD_WORD_TOKENS}",
+                bare.len()
+            )));
+        }
+        let also_spaced = spaced.len() == bare.len() && spaced.first() != bare.first();
+        out.push(bare);
+        if also_spaced {
+            out.push(spaced);
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -699,5 +773,47 @@ mod tests {
         let both = TemplateOptions { add_generation_prompt: Some(true), ..continuing };
         let e = ends(begun(), both).unwrap_err().to_string();
         assert!(e.contains("cannot both be true"), "{e}");
+    }
+
+    #[test]
+    fn bad_words_are_tokenized_as_vllm_does() {
+        let (config, model) = setup();
+        let tok = &model.tokenizer;
+        let ids = |w: &str| bad_word_ids(&model, &[w.to_string()]).unwrap();
+        // A word: as is, and with a space where that starts with another token.
+        let bare = tok.encode_with("rocket", false).unwrap();
+        let spaced = tok.encode_with(" rocket", false).unwrap();
+        let mut want = vec![bare.clone()];
+        if spaced.len() == bare.len() && spaced[0] != bare[0] {
+            want.push(spaced);
+        }
+        want.sort();
+        assert_eq!(ids("  rocket"), want, "leading whitespace is dropped first");
+        let input = |bad_words: Vec<String>, grammar: bool| ChatInput {
+            messages: vec![user(vec![Part::Text("hi".into())])],
+            output: OutputOptions { bad_words, ..Default::default() },
+            constraint: grammar.then(|| dsvl_proto::internal::Constraint {
+                kind: Some(dsvl_proto::internal::constraint::Kind::Regex("a+".into())),
+            }),
+            ..Default::default()
+        };
+        let p = prepare(&config, &model, input(vec!["rocket".into()], false)).unwrap();
+        assert_eq!(p.bad_words, ids("rocket"));
+        for (words, grammar, why) in [
+            (vec!["rocket".to_string()], true, "cannot be combined with a structured output"),
+            (vec![" ".into()], false, "is empty or over 256 bytes"),
+            (vec!["x".repeat(257)], false, "is empty or over 256 bytes"),
+            (vec!["a".into(); MAX_BAD_WORDS + 1], false, "129 bad_words; at most 128"),
+        ] {
+            let e = prepare(&config, &model, input(words, grammar)).unwrap_err().to_string();
+            assert!(e.contains(why), "{e} (wanted `{why}`)");
+        }
+        let empty = ChatInput {
+            messages: vec![user(vec![Part::Text("hi".into())])],
+            output: OutputOptions { allowed_token_ids: Some(vec![]), ..Default::default() },
+            ..Default::default()
+        };
+        let e = prepare(&config, &model, empty).unwrap_err().to_string();
+        assert!(e.contains("allowed_token_ids is empty"), "{e}");
     }
 }
