@@ -5,7 +5,8 @@
 //! fields are 400s naming them; `/v1/models` reports the context length; the tokenizer
 //! endpoints give the ids the completions endpoint uses; a chat reply begun by the caller
 //! (`continue_final_message`) is the completion of the prompt left open; vLLM's
-//! `prompt_logprobs` give the echo's figures with ranks.
+//! `prompt_logprobs` give the echo's figures with ranks; `truncate_prompt_tokens`, `cache_salt`
+//! and `request_id` do what vLLM's do.
 
 use anyhow::{Context, Result};
 use dsvl_e2e::{golden_case, golden_generated, http_post, Cluster, Options};
@@ -93,6 +94,7 @@ async fn completions_with_token_ids_and_text() -> Result<()> {
     tokenizer_endpoints(&cluster)?;
     continued_reply(&cluster)?;
     vllm_prompt_logprobs(&cluster)?;
+    truncation_salt_and_id(&cluster, &ids)?;
     let m = dsvl_testkit::http_get(&cluster.http, "/v1/models")?;
     assert!(m.contains("\"max_model_len\":16384"), "{m}");
     // One model by id: the same object; an unknown id is OpenAI's 404 naming it.
@@ -339,6 +341,33 @@ fn vllm_prompt_logprobs(cluster: &Cluster) -> Result<()> {
         assert_eq!(r.status, 400, "{bad}: {}", r.body);
         assert!(r.body.contains(why), "{}", r.body);
     }
+    Ok(())
+}
+
+/// vLLM's `truncate_prompt_tokens` (the prompt's last k tokens: the same reply as those ids
+/// alone), `cache_salt` (cached blocks shared only under the same salt) and `request_id` (the
+/// reply's id).
+fn truncation_salt_and_id(cluster: &Cluster, ids: &[u32]) -> Result<()> {
+    let tail = &ids[ids.len() - 20..];
+    let cut = completion(
+        cluster,
+        &json!({"prompt": ids, "truncate_prompt_tokens": 20, "max_tokens": 4, "temperature": 0,
+                "return_prompt_token_ids": true, "request_id": "trace-42"}),
+    )?;
+    assert_eq!(cut["id"], "cmpl-trace-42");
+    assert_eq!(cut["usage"]["prompt_tokens"], 20, "{cut}");
+    assert_eq!(cut["dsvl"]["prompt_token_ids"], json!(tail));
+    let alone = completion(cluster, &json!({"prompt": tail, "max_tokens": 4, "temperature": 0}))?;
+    assert_eq!(cut["dsvl"]["token_ids"], alone["dsvl"]["token_ids"]);
+    // A long prompt's blocks are found again only under the salt they were cached with.
+    let salted = |salt: &str| {
+        let body = json!({"prompt": ids, "max_tokens": 1, "cache_salt": salt});
+        completion(cluster, &body)
+            .map(|v| v["usage"]["prompt_tokens_details"]["cached_tokens"].clone())
+    };
+    salted("first")?;
+    assert!(salted("first")?.as_u64().unwrap_or(0) >= 32, "the same salt finds the blocks");
+    assert_eq!(salted("second")?, json!(0), "another salt does not");
     Ok(())
 }
 

@@ -379,7 +379,16 @@ impl Gateway {
             max_new_tokens: prep.max_new_tokens.max(1),
             min_new_tokens: prep.output.min_tokens,
             logprobs: prep.output.logprobs,
-            cache_salt: tenant.salt.clone().into(),
+            cache_salt: match &prep.cache_salt {
+                None => tenant.salt.clone().into(),
+                // The request's salt within its tenant's: requests share cached blocks only
+                // when both match.
+                Some(own) => {
+                    let mut both = tenant.salt.clone();
+                    both.extend_from_slice(own.as_bytes());
+                    blake3::derive_key("dsvl 2026 request cache salt v1", &both).to_vec().into()
+                }
+            },
             constraint: prep.constraint.clone(),
             top_logprobs: prep.output.top_logprobs,
             // Choice 0 computes them; the other choices echo the same.

@@ -73,6 +73,8 @@ pub(crate) fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
             continue_final_message: req.continue_final_message,
             add_generation_prompt: req.add_generation_prompt,
         },
+        truncate_prompt_tokens: req.truncate_prompt_tokens,
+        cache_salt: req.cache_salt,
         constraint: req
             .output_format
             .and_then(|f| f.kind)

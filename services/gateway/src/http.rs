@@ -33,6 +33,7 @@ use crate::prepare::{ChatInput, InMessage, OutputOptions, Part, Role, TemplateOp
 use crate::structured::StructuredFields;
 use crate::tenancy::Tenant;
 use crate::tools::Tools;
+use crate::vllm_extras::VllmExtras;
 use crate::Gateway;
 use dsvl_chat::DEFAULT_SYSTEM_PROMPT;
 
@@ -156,16 +157,9 @@ struct CompletionRequest {
     add_generation_prompt: Option<bool>,
     #[serde(default)]
     continue_final_message: bool,
-    /// vLLM's `prompt_logprobs` (an integer; -1, the whole vocabulary, is refused).
-    prompt_logprobs: Option<i64>,
-    /// vLLM's token filters.
-    allowed_token_ids: Option<Vec<u32>>,
-    #[serde(default)]
-    bad_words: Vec<String>,
-    /// vLLM's `min_tokens` and `include_stop_str_in_output`.
-    min_tokens: Option<u32>,
-    #[serde(default)]
-    include_stop_str_in_output: bool,
+    /// vLLM's extensions shared with `/v1/completions`.
+    #[serde(flatten)]
+    vllm: VllmExtras,
     /// OpenAI's `response_format`, vLLM's `structured_outputs` and `guided_*`.
     #[serde(flatten)]
     structured: StructuredFields,
@@ -215,10 +209,14 @@ pub(crate) fn chat_input(body: &[u8]) -> Result<(ChatInput, Option<Tools>), Gate
     let far = Duration::from_secs(60);
     let (_, req) =
         read_request::<CompletionRequest>(&HeaderMap::new(), body, far, Instant::now(), check)?;
-    to_input(req)
+    to_input(req).map(|(input, tools, _)| (input, tools))
 }
 
-fn to_input(r: CompletionRequest) -> Result<(ChatInput, Option<Tools>), GatewayError> {
+/// The input, the tools and the caller's `request_id` of a chat body.
+#[allow(clippy::type_complexity)]
+fn to_input(
+    r: CompletionRequest,
+) -> Result<(ChatInput, Option<Tools>, Option<String>), GatewayError> {
     let invalid = |m: &str| GatewayError::InvalidArgument(m.to_string());
     let tools = Tools::parse(r.tools.as_ref(), r.tool_choice.as_ref(), r.parallel_tool_calls)?;
     let mut constraint = r.structured.constraint()?;
@@ -335,38 +333,17 @@ fn to_input(r: CompletionRequest) -> Result<(ChatInput, Option<Tools>), GatewayE
             top_logprobs: r.top_logprobs.unwrap_or(0),
             stop_token_ids: r.stop_token_ids.unwrap_or_default(),
             ignore_eos: r.ignore_eos,
-            min_tokens: r.min_tokens.unwrap_or(0),
-            include_stop_str: r.include_stop_str_in_output,
-            echo: false,
-            prompt_logprobs: prompt_logprobs(r.prompt_logprobs, r.stream)?,
-            allowed_token_ids: r.allowed_token_ids,
-            bad_words: r.bad_words,
+            ..Default::default()
         },
         template: TemplateOptions {
             continue_final_message: r.continue_final_message,
             add_generation_prompt: r.add_generation_prompt,
         },
+        ..Default::default()
     };
-    Ok((input, tools))
-}
-
-/// vLLM's `prompt_logprobs`: a count of alternatives (the gateway's limits follow in
-/// [`crate::prepare`]), not with streaming (as vLLM: the figures come with the whole reply).
-pub(crate) fn prompt_logprobs(
-    asked: Option<i64>,
-    stream: bool,
-) -> Result<Option<u32>, GatewayError> {
-    let invalid = |m: String| GatewayError::InvalidArgument(m);
-    match asked {
-        None => Ok(None),
-        Some(_) if stream => {
-            Err(invalid("prompt_logprobs are not available when stream is true".into()))
-        }
-        Some(k) if k < 0 => Err(invalid(format!(
-            "prompt_logprobs is {k}: every token of the vocabulary (-1) is not supported; at most 20"
-        ))),
-        Some(k) => Ok(Some(u32::try_from(k).unwrap_or(u32::MAX))),
-    }
+    let mut input = input;
+    let request_id = r.vllm.apply(&mut input, r.stream)?;
+    Ok((input, tools, request_id))
 }
 
 /// OpenAI's `logit_bias` (token ids as JSON object keys) as `(id, bias)` pairs.
@@ -441,11 +418,12 @@ async fn completions(
         };
     let streaming = req.stream;
     let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-    let (input, tools) = match to_input(req) {
+    let (input, tools, request_id) = match to_input(req) {
         Ok(i) => i,
         Err(e) => return error_response(&e),
     };
-    let mut reply = Reply::new(&input, Shape::Chat, gw.model.name.clone(), unique_id("chatcmpl-"));
+    let id = request_id.map_or_else(|| unique_id("chatcmpl-"), |r| format!("chatcmpl-{r}"));
+    let mut reply = Reply::new(&input, Shape::Chat, gw.model.name.clone(), id);
     reply.tools = tools.map(Arc::new);
     let span = request_span(&gw.model.name, &input, &tenant.id, "http");
     dsvl_telemetry::extract_trace_context(

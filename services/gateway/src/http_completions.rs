@@ -26,11 +26,12 @@ use tracing::Instrument;
 
 use crate::chat::{request_span, ChatEvent, ChatStream};
 use crate::error::GatewayError;
-use crate::http::{error_response, logit_bias, prompt_logprobs, read_request, unique_id};
+use crate::http::{error_response, logit_bias, read_request, unique_id};
 use crate::http_reply::{sse, whole, Reply, Shape};
 use crate::prepare::{ChatInput, OutputOptions, RawPrompt};
 use crate::structured::StructuredFields;
 use crate::tenancy::Tenant;
+use crate::vllm_extras::VllmExtras;
 use crate::Gateway;
 
 #[derive(Deserialize)]
@@ -76,14 +77,8 @@ struct LegacyRequest {
     stop_token_ids: Option<Vec<u32>>,
     #[serde(default)]
     ignore_eos: bool,
-    min_tokens: Option<u32>,
-    prompt_logprobs: Option<i64>,
-    /// vLLM's token filters.
-    allowed_token_ids: Option<Vec<u32>>,
-    #[serde(default)]
-    bad_words: Vec<String>,
-    #[serde(default)]
-    include_stop_str_in_output: bool,
+    #[serde(flatten)]
+    vllm: VllmExtras,
     #[serde(flatten)]
     structured: StructuredFields,
     #[serde(default)]
@@ -97,7 +92,7 @@ pub(crate) fn legacy_inputs(body: &[u8], max_prompts: u32) -> Result<Vec<ChatInp
     let far = std::time::Duration::from_secs(60);
     let (_, r) =
         read_request::<LegacyRequest>(&HeaderMap::new(), body, far, Instant::now(), check)?;
-    Ok(to_inputs(r, max_prompts)?.0)
+    Ok(to_inputs(r, max_prompts)?.inputs)
 }
 
 /// The prompts of a request, checked against `max_prompts`.
@@ -120,12 +115,16 @@ fn prompts_of(field: PromptField, max_prompts: u32) -> Result<Vec<RawPrompt>, Ga
     Ok(prompts)
 }
 
-/// One input per prompt (the same options for each), whether the reply streams, and whether a
-/// stream ends with the usage.
-fn to_inputs(
-    r: LegacyRequest,
-    max_prompts: u32,
-) -> Result<(Vec<ChatInput>, bool, bool), GatewayError> {
+/// A legacy body read: one input per prompt (the same options for each), whether the reply
+/// streams, whether a stream ends with the usage, and the caller's `request_id`.
+struct Inputs {
+    inputs: Vec<ChatInput>,
+    stream: bool,
+    include_usage: bool,
+    request_id: Option<String>,
+}
+
+fn to_inputs(r: LegacyRequest, max_prompts: u32) -> Result<Inputs, GatewayError> {
     let invalid = |m: &str| GatewayError::InvalidArgument(m.to_string());
     let n = r.n.unwrap_or(1);
     if r.best_of.is_some_and(|b| b != n) {
@@ -172,19 +171,17 @@ fn to_inputs(
             top_logprobs: r.logprobs.unwrap_or(0),
             stop_token_ids: r.stop_token_ids.unwrap_or_default(),
             ignore_eos: r.ignore_eos,
-            min_tokens: r.min_tokens.unwrap_or(0),
-            include_stop_str: r.include_stop_str_in_output,
             echo: r.echo.unwrap_or(false),
-            prompt_logprobs: prompt_logprobs(r.prompt_logprobs, r.stream)?,
-            allowed_token_ids: r.allowed_token_ids,
-            bad_words: r.bad_words,
+            ..Default::default()
         },
         // No chat template here.
-        template: Default::default(),
+        ..Default::default()
     };
+    let mut input = input;
+    let request_id = r.vllm.apply(&mut input, r.stream)?;
     let inputs =
         prompts.into_iter().map(|p| ChatInput { raw_prompt: Some(p), ..input.clone() }).collect();
-    Ok((inputs, r.stream, include_usage))
+    Ok(Inputs { inputs, stream: r.stream, include_usage, request_id })
 }
 
 /// The handler.
@@ -200,12 +197,13 @@ pub async fn completions(
     let read = crate::http_errors::require_json(&headers)
         .and_then(|()| read_request::<LegacyRequest>(&headers, &body, timeout, started, check));
     let max_prompts = gw.config.max_prompts;
-    let (deadline, (inputs, streaming, include_usage)) =
-        match read.and_then(|(d, r)| Ok((d, to_inputs(r, max_prompts)?))) {
-            Ok(x) => x,
-            Err(e) => return error_response(&e),
-        };
-    let reply = Reply::new(&inputs[0], Shape::Text, gw.model.name.clone(), unique_id("cmpl-"))
+    let (deadline, read) = match read.and_then(|(d, r)| Ok((d, to_inputs(r, max_prompts)?))) {
+        Ok(x) => x,
+        Err(e) => return error_response(&e),
+    };
+    let Inputs { inputs, stream: streaming, include_usage, request_id } = read;
+    let id = request_id.map_or_else(|| unique_id("cmpl-"), |r| format!("cmpl-{r}"));
+    let reply = Reply::new(&inputs[0], Shape::Text, gw.model.name.clone(), id)
         .for_prompts(inputs.len() as u32);
     let per_prompt = reply.per_prompt;
     let opening = inputs.into_iter().map(|input| {

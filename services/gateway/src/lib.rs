@@ -33,6 +33,7 @@ pub mod tenancy;
 pub mod tools;
 pub mod untrusted;
 pub mod upstream;
+mod vllm_extras;
 
 use dsvl_telemetry::probes;
 use dsvl_telemetry::server::GrpcBase;

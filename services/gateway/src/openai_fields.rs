@@ -140,6 +140,22 @@ fields![
         "vLLM extension: up to 128 words the reply never contains as tokenized (as is and with a leading space, vLLM's rule); not with a structured output"
     ),
     (
+        "truncate_prompt_tokens",
+        Honoured,
+        "vLLM extension: keep the prompt's last k tokens (k at least 1), after the chat template; refused where the cut would fall into or before an image"
+    ),
+    (
+        "cache_salt",
+        Honoured,
+        "vLLM extension: the prompt's cached KV blocks are shared only with requests of the same tenant and salt (1 to 256 bytes)"
+    ),
+    ("request_id", Honoured, "vLLM extension: the reply's id is chatcmpl-<request_id> (1 to 128 printable ASCII characters)"),
+    ("priority", Honoured, "vLLM extension: 0 only (requests are scheduled in arrival order)"),
+    ("skip_special_tokens", Honoured, "vLLM extension: true only (special tokens are always left out of the text)"),
+    ("spaces_between_special_tokens", NoOp, "vLLM extension: special tokens are never in the text, so there is nothing to space"),
+    ("use_beam_search", Honoured, "vLLM extension: false only (no beam search)"),
+    ("length_penalty", NoOp, "vLLM extension: only beam search reads it"),
+    (
         "continue_final_message",
         Honoured,
         "vLLM extension: the last message is left open and the model continues it (a reply begun by the caller); the reply is the continuation"
@@ -211,6 +227,14 @@ fields![
     ("prompt_logprobs", Honoured, "vLLM extension, as in chat, in each choice's prompt_logprobs"),
     ("allowed_token_ids", Honoured, "vLLM extension, as in chat"),
     ("bad_words", Honoured, "vLLM extension, as in chat"),
+    ("truncate_prompt_tokens", Honoured, "vLLM extension: keep the prompt's last k tokens (BOS included in the count)"),
+    ("cache_salt", Honoured, "vLLM extension, as in chat"),
+    ("request_id", Honoured, "vLLM extension: the reply's id is cmpl-<request_id>"),
+    ("priority", Honoured, "vLLM extension: 0 only"),
+    ("skip_special_tokens", Honoured, "vLLM extension: true only"),
+    ("spaces_between_special_tokens", NoOp, "vLLM extension, as in chat"),
+    ("use_beam_search", Honoured, "vLLM extension: false only"),
+    ("length_penalty", NoOp, "vLLM extension: only beam search reads it"),
     ("include_stop_str_in_output", Honoured, "vLLM extension, as in chat"),
     ("response_format", Honoured, "vLLM extension: json_object or json_schema"),
     ("structured_outputs", Honoured, "vLLM extension, as in chat"),

@@ -87,6 +87,12 @@ pub struct ChatInput {
     pub output: OutputOptions,
     /// How the chat template ends the prompt.
     pub template: TemplateOptions,
+    /// vLLM's `truncate_prompt_tokens`: keep the prompt's last this many tokens (at least 1;
+    /// refused where that would cut into or drop an image).
+    pub truncate_prompt_tokens: Option<u32>,
+    /// vLLM's `cache_salt`: the prompt's cached KV blocks are shared only with requests of the
+    /// same tenant and the same salt.
+    pub cache_salt: Option<String>,
 }
 
 /// How the chat template ends the prompt (vLLM's and Hugging Face's names).
@@ -250,6 +256,8 @@ pub struct Prepared {
     /// `output.bad_words` tokenized, each as is and (where that starts another token) with a
     /// leading space, as vLLM tokenizes them.
     pub bad_words: Vec<Vec<u32>>,
+    /// The request's own prefix-cache salt, within its tenant's.
+    pub cache_salt: Option<String>,
 }
 
 const MAX_STOPS: usize = 16;
@@ -360,10 +368,16 @@ pub fn prepare(
         ),
         (None, true) => return Err(invalid("echo is for completion prompts only")),
     };
-    let (prompt, images, remote_images) = match input.raw_prompt {
+    if input.cache_salt.as_ref().is_some_and(|s| s.is_empty() || s.len() > MAX_CACHE_SALT_BYTES) {
+        return Err(invalid(format!("cache_salt must be 1 to {MAX_CACHE_SALT_BYTES} bytes")));
+    }
+    let (mut prompt, images, remote_images) = match input.raw_prompt {
         Some(raw) => (raw_prompt(model, raw)?, Vec::new(), Vec::new()),
         None => chat_prompt(config, model, input.messages, input.template)?,
     };
+    if let Some(keep) = input.truncate_prompt_tokens {
+        truncate(&mut prompt, keep)?;
+    }
     let mut prepared = finish(
         config,
         model,
@@ -379,7 +393,36 @@ pub fn prepare(
     )?;
     prepared.remote_images = remote_images;
     prepared.echo_text = echo_text;
+    prepared.cache_salt = input.cache_salt;
     Ok(prepared)
+}
+
+/// Longest `cache_salt`, in bytes.
+const MAX_CACHE_SALT_BYTES: usize = 256;
+
+/// vLLM's `truncate_prompt_tokens`: the prompt's last `keep` tokens (the whole prompt when it
+/// is no longer), refused where the cut would fall inside or after an image's tokens.
+fn truncate(prompt: &mut Prompt, keep: u32) -> Result<(), GatewayError> {
+    if keep == 0 {
+        return Err(invalid("truncate_prompt_tokens must be at least 1"));
+    }
+    let cut = prompt.ids.len().saturating_sub(keep as usize);
+    if cut == 0 {
+        return Ok(());
+    }
+    if let Some(&(start, _)) = prompt.image_spans.first().filter(|&&(start, _)| start < cut) {
+        return Err(invalid(format!(
+            "truncate_prompt_tokens {keep} would cut the prompt's first {cut} tokens, into its \
+             images (the first starts at token {start}): keep at least {}",
+            prompt.ids.len() - start
+        )));
+    }
+    prompt.ids.drain(..cut);
+    prompt.ids_before_expansion.drain(..cut);
+    for span in &mut prompt.image_spans {
+        *span = (span.0 - cut, span.1 - cut);
+    }
+    Ok(())
 }
 
 impl Prepared {
@@ -608,6 +651,7 @@ fn finish(
         output,
         echo_text: None,
         bad_words,
+        cache_salt: None,
     })
 }
 
@@ -815,5 +859,33 @@ mod tests {
         };
         let e = prepare(&config, &model, empty).unwrap_err().to_string();
         assert!(e.contains("allowed_token_ids is empty"), "{e}");
+    }
+
+    #[test]
+    fn truncation_keeps_the_last_tokens_and_spares_images() {
+        let mut text = Prompt {
+            ids_before_expansion: vec![1, 2, 3, 4],
+            ids: vec![1, 2, 3, 4],
+            image_spans: vec![],
+        };
+        truncate(&mut text, 9).unwrap();
+        assert_eq!(text.ids, [1, 2, 3, 4], "a shorter prompt stays whole");
+        truncate(&mut text, 2).unwrap();
+        assert_eq!((text.ids.clone(), text.ids_before_expansion.clone()), (vec![3, 4], vec![3, 4]));
+        assert!(truncate(&mut text, 0).unwrap_err().to_string().contains("at least 1"));
+        // Ids 1 2 [image x3] 6: a cut before the image shifts its span; into it, refused.
+        let image = || Prompt {
+            ids_before_expansion: vec![1, 2, 9, 6],
+            ids: vec![1, 2, 9, 9, 9, 6],
+            image_spans: vec![(2, 5)],
+        };
+        let mut p = image();
+        truncate(&mut p, 5).unwrap();
+        assert_eq!(
+            (p.ids, p.image_spans, p.ids_before_expansion),
+            (vec![2, 9, 9, 9, 6], vec![(1, 4)], vec![2, 9, 6])
+        );
+        let e = truncate(&mut image(), 3).unwrap_err().to_string();
+        assert!(e.contains("into its images") && e.contains("keep at least 4"), "{e}");
     }
 }
