@@ -281,6 +281,11 @@ fn continued_reply(cluster: &Cluster) -> Result<()> {
     let alone = completion(cluster, &json!({"prompt": prompt, "temperature": 0, "max_tokens": 8}))?;
     assert_eq!(v["dsvl"]["token_ids"], alone["dsvl"]["token_ids"], "{v} / {alone}");
     assert_eq!(v["choices"][0]["message"]["content"], alone["choices"][0]["text"]);
+    // vLLM chat's echo: the content starts with the message being continued.
+    let echoed = chat(json!({"continue_final_message": true, "echo": true}))?.json()?;
+    let content = echoed["choices"][0]["message"]["content"].as_str().context("content")?;
+    let reply = v["choices"][0]["message"]["content"].as_str().context("content")?;
+    assert_eq!(content, format!("My favourite colour is{reply}"), "{echoed}");
     // Left closed (the default), the prompt differs: the message ends with its separator.
     let closed = chat(json!({}))?.json()?;
     assert_ne!(closed["dsvl"]["prompt_token_ids"], prompt, "{closed}");

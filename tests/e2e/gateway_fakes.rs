@@ -85,6 +85,14 @@ impl VisionEncoder for FakeVision {
 struct FakeDecoder {
     refusal: fn() -> Status,
     calls: AtomicUsize,
+    /// The requests it was sent, in order.
+    seen: Mutex<Vec<GenerateRequest>>,
+}
+
+impl FakeDecoder {
+    fn new(refusal: fn() -> Status) -> Self {
+        Self { refusal, calls: AtomicUsize::new(0), seen: Mutex::new(Vec::new()) }
+    }
 }
 
 type GenStream = Pin<Box<dyn futures::Stream<Item = Result<GenerateResponse, Status>> + Send>>;
@@ -96,6 +104,7 @@ impl Decoder for FakeDecoder {
     async fn generate(&self, r: Request<GenerateRequest>) -> Result<Response<GenStream>, Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let r = r.into_inner();
+        self.seen.lock().expect("not poisoned").push(r.clone());
         if r.images.iter().any(|s| matches!(s.embedding, Some(Slot::Ref(_)))) {
             return Err((self.refusal)());
         }
@@ -237,10 +246,9 @@ async fn chat_with_image(gateway: &str) -> Result<Result<Vec<u32>, Status>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_reencode_signal_resends_inline() -> Result<()> {
     let vision = Arc::new(FakeVision::default());
-    let decoder = Arc::new(FakeDecoder {
-        refusal: || dsvl_proto::convert::embedding_unavailable("embedding gone: re-encode"),
-        calls: AtomicUsize::new(0),
-    });
+    let decoder = Arc::new(FakeDecoder::new(|| {
+        dsvl_proto::convert::embedding_unavailable("embedding gone: re-encode")
+    }));
     let v = serve(VisionEncoderServer::from_arc(vision.clone())).await?;
     let d = serve(DecoderServer::from_arc(decoder.clone())).await?;
     let g = gateway(&v, &d).await?;
@@ -256,10 +264,7 @@ async fn typed_reencode_signal_resends_inline() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untyped_precondition_is_not_a_reencode() -> Result<()> {
     let vision = Arc::new(FakeVision::default());
-    let decoder = Arc::new(FakeDecoder {
-        refusal: || Status::failed_precondition("something else"),
-        calls: AtomicUsize::new(0),
-    });
+    let decoder = Arc::new(FakeDecoder::new(|| Status::failed_precondition("something else")));
     let v = serve(VisionEncoderServer::from_arc(vision.clone())).await?;
     let d = serve(DecoderServer::from_arc(decoder.clone())).await?;
     let g = gateway(&v, &d).await?;
@@ -276,10 +281,7 @@ async fn untyped_precondition_is_not_a_reencode() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_logprobs_from_a_decoder_that_ignores_them_is_an_error() -> Result<()> {
     let vision = Arc::new(FakeVision::default());
-    let decoder = Arc::new(FakeDecoder {
-        refusal: || Status::internal("no images here"),
-        calls: AtomicUsize::new(0),
-    });
+    let decoder = Arc::new(FakeDecoder::new(|| Status::internal("no images here")));
     let v = serve(VisionEncoderServer::from_arc(vision)).await?;
     let d = serve(DecoderServer::from_arc(decoder)).await?;
     let (_, http) = gateway_with_http(&v, &d).await?;
@@ -306,4 +308,42 @@ fn post_when_ready(http: &str, body: &serde_json::Value) -> Result<dsvl_e2e::Htt
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// vLLM's request extensions reach the decoder as its contract says: the priority, the minimum,
+/// the allowed ids, the bad words tokenized, the prompt truncated, and a cache salt of the
+/// request's own (another than the tenant's alone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vllm_extensions_reach_the_decoder() -> Result<()> {
+    let vision = Arc::new(FakeVision::default());
+    let decoder = Arc::new(FakeDecoder::new(|| Status::internal("no images here")));
+    let v = serve(VisionEncoderServer::from_arc(vision)).await?;
+    let d = serve(DecoderServer::from_arc(decoder.clone())).await?;
+    let (_, http) = gateway_with_http(&v, &d).await?;
+    let plain = serde_json::json!({"prompt": [5, 6, 7, 8, 9], "max_tokens": 3});
+    let mut extended = plain.clone();
+    for (k, v) in serde_json::json!({"priority": -4, "min_tokens": 2,
+        "allowed_token_ids": [10, 11, 12], "bad_words": ["hello"], "truncate_prompt_tokens": 3,
+        "cache_salt": "mine"})
+    .as_object()
+    .expect("object")
+    {
+        extended[k] = v.clone();
+    }
+    for body in [plain, extended] {
+        let at = http.clone();
+        let r = tokio::task::spawn_blocking(move || post_when_ready(&at, &body)).await??;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let seen = decoder.seen.lock().expect("not poisoned").clone();
+    let (plain, extended) = (&seen[seen.len() - 2], &seen[seen.len() - 1]);
+    assert_eq!((plain.priority, plain.min_new_tokens), (0, 0));
+    assert!(plain.allowed_token_ids.is_empty() && plain.bad_words.is_empty());
+    assert_eq!((extended.priority, extended.min_new_tokens), (-4, 2));
+    assert_eq!(extended.allowed_token_ids, [10, 11, 12]);
+    assert!(!extended.bad_words.is_empty() && extended.bad_words.iter().all(|w| !w.ids.is_empty()));
+    assert_eq!(extended.prompt_token_ids, [7, 8, 9]);
+    assert_ne!(extended.cache_salt, plain.cache_salt);
+    assert!(!extended.cache_salt.is_empty());
+    Ok(())
 }

@@ -110,6 +110,7 @@ pub fn generate(
         stop_ids: req.stop_ids.clone(),
         min_new_tokens: 0,
         filter: Default::default(),
+        priority: 0,
         logprobs: false,
         top_logprobs: 0,
         deadline: None,

@@ -2,11 +2,13 @@
 //!
 //! Every step: sequences whose client went away or whose deadline passed are dropped (their
 //! blocks freed in this very step); every running sequence gets a slot for its next token,
-//! preempting the most recently admitted sequence when blocks run out (it goes back to the
-//! front of the queue and is recomputed from its prompt plus what it generated, without
-//! re-streaming anything). The step's token budget (`max_batched_tokens`) goes to the running
-//! decodes first, then to prompts being prefilled, then to waiting sequences, admitted strictly
-//! in arrival order while `max_num_seqs` and free blocks allow; a prompt longer than what is
+//! preempting the least important sequence when blocks run out (the highest `priority` value,
+//! then the most recently admitted; it goes back to the queue ahead of the requests of its
+//! priority and is recomputed from its prompt plus what it generated, without re-streaming
+//! anything). The step's token budget (`max_batched_tokens`) goes to the running decodes
+//! first, then to prompts being prefilled, then to waiting sequences, admitted in priority
+//! order (lower first, vLLM's `priority`; every request has 0 unless it asks) and in arrival
+//! order within a priority, while `max_num_seqs` and free blocks allow; a prompt longer than what is
 //! left of the budget is prefilled over several steps (chunked prefill, as vLLM and SGLang do by
 //! default), so a long image prompt never stalls the running streams for its whole prefill.
 //! One forward pass runs all of it.
@@ -151,6 +153,8 @@ pub struct NewRequest {
     pub min_new_tokens: usize,
     /// vLLM's `allowed_token_ids` and `bad_words`.
     pub filter: TokenFilter,
+    /// vLLM's `priority`: lower is admitted first (ties in arrival order) and preempted last.
+    pub priority: i32,
     /// Report log-probabilities.
     pub logprobs: bool,
     /// Report this many most likely tokens at each step (0: none).
@@ -190,6 +194,7 @@ impl NewRequest {
             stop_ids: vec![],
             min_new_tokens: 0,
             filter: TokenFilter::default(),
+            priority: 0,
             logprobs: false,
             top_logprobs: 0,
             deadline: None,
@@ -402,23 +407,28 @@ impl Scheduler {
         let id = self.next_id;
         self.next_id += 1;
         let rng = Rng::new(req.params.seed);
-        self.waiting.push_back(Seq {
-            id,
-            req,
-            generated: Vec::new(),
-            rng,
-            cached: 0,
-            hashes: Vec::new(),
-            registered: 0,
-            cached_tokens: 0,
-            prefill_from: 0,
-            prompt_logits: Vec::new(),
-            prompt_logprobs: Vec::new(),
-            arrived: Instant::now(),
-            admitted: None,
-            first_token: None,
-            last_token: None,
-        });
+        // Behind every waiting request of its priority or a lower value.
+        let at = self.waiting.partition_point(|w| w.req.priority <= req.priority);
+        self.waiting.insert(
+            at,
+            Seq {
+                id,
+                req,
+                generated: Vec::new(),
+                rng,
+                cached: 0,
+                hashes: Vec::new(),
+                registered: 0,
+                cached_tokens: 0,
+                prefill_from: 0,
+                prompt_logits: Vec::new(),
+                prompt_logprobs: Vec::new(),
+                arrived: Instant::now(),
+                admitted: None,
+                first_token: None,
+                last_token: None,
+            },
+        );
     }
 
     /// Whether anything is queued or running (or blocks wait to be freed on the workers).
@@ -526,7 +536,14 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            let mut victim = self.running.pop().expect("non-empty");
+            // The least important: the highest priority value, then the latest admitted.
+            let v = (0..self.running.len())
+                .max_by_key(|&j| (self.running[j].req.priority, j))
+                .expect("non-empty");
+            let mut victim = self.running.remove(v);
+            if v < i {
+                i -= 1; // the sequence being grown moved down one place
+            }
             self.drop_seq(&victim);
             victim.cached = 0;
             victim.registered = 0;
@@ -535,7 +552,9 @@ impl Scheduler {
             preempted = true;
             request_metrics::preempted();
             tracing::debug!(seq = victim.id, "preempted (recompute)");
-            self.waiting.push_front(victim);
+            // Ahead of the waiting requests of its priority (they arrived after it).
+            let at = self.waiting.partition_point(|w| w.req.priority < victim.req.priority);
+            self.waiting.insert(at, victim);
         }
 
         // The step's token budget: running decodes first (one token each), then the prompts
@@ -560,10 +579,10 @@ impl Scheduler {
                 }
             }
         }
-        // Admit in arrival order (not while preempting: that would only thrash). A request
-        // whose next uncached block a running sequence is prefilling right now waits for it
-        // (the n choices of one request, or identical prompts arriving together, prefill the
-        // shared prompt once); the requests behind it go ahead.
+        // Admit in queue order, priority then arrival (not while preempting: that would only
+        // thrash). A request whose next uncached block a running sequence is prefilling right
+        // now waits for it (the n choices of one request, or identical prompts arriving
+        // together, prefill the shared prompt once); the requests behind it go ahead.
         let mut w = 0;
         while !preempted && budget.tokens() > 0 && self.running.len() < self.cfg.max_num_seqs {
             let bs = self.blocks.block_size();

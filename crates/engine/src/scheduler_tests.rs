@@ -331,6 +331,61 @@ fn preemption_recomputes_without_restreaming() {
     assert_eq!(s.occupancy().blocks_used, 0);
 }
 
+/// vLLM's `priority`: lower values are admitted first, ties in arrival order; every request
+/// still gets exactly its tokens.
+#[test]
+fn lower_priority_values_are_admitted_first() {
+    let mut s = scheduler(1, 1000, 64);
+    let mut model = FakeModel::default();
+    let mut rxs = Vec::new();
+    for (i, priority) in [0, 5, -1, 0].into_iter().enumerate() {
+        let (mut req, rx) = request(prompt(i as u32, 5), 3);
+        req.priority = priority;
+        s.add(req);
+        rxs.push(rx);
+    }
+    run_to_end(&mut s, &mut model);
+    let first_prefills: Vec<SeqId> =
+        model.plans.iter().flat_map(|(c, _)| c.iter().filter(|x| x.1 == 0).map(|x| x.0)).collect();
+    assert_eq!(first_prefills, [3, 1, 4, 2], "ids are given at arrival, from 1");
+    for (i, rx) in rxs.iter_mut().enumerate() {
+        assert_eq!(drain(rx).0, expected(&prompt(i as u32, 5), 3), "request {i}");
+    }
+}
+
+/// When blocks run out, the sequence preempted first is the one with the highest priority
+/// value (without priorities: the latest admitted), and outputs stay exact.
+#[test]
+fn the_least_important_sequence_is_preempted_first() {
+    let first_victim = |priorities: [i32; 3]| {
+        // 6 blocks of 4 slots for 3 sequences of 5 + 10 tokens: someone must be preempted.
+        let mut s = scheduler(4, 1000, 6);
+        let mut model = FakeModel::default();
+        let mut rxs = Vec::new();
+        for (i, priority) in priorities.into_iter().enumerate() {
+            let (mut req, rx) = request(prompt(i as u32, 5), 10);
+            req.priority = priority;
+            s.add(req);
+            rxs.push(rx);
+        }
+        run_to_end(&mut s, &mut model);
+        for (i, rx) in rxs.iter_mut().enumerate() {
+            assert_eq!(drain(rx).0, expected(&prompt(i as u32, 5), 10), "request {i}");
+        }
+        // The first sequence whose prompt is prefilled a second time.
+        let mut seen = std::collections::HashSet::new();
+        model
+            .plans
+            .iter()
+            .flat_map(|(c, _)| c.iter().filter(|x| x.1 == 0).map(|x| x.0))
+            .find(|&id| !seen.insert(id))
+            .expect("a preemption")
+    };
+    assert_eq!(first_victim([0, 0, 0]), 3, "the latest admitted");
+    assert_eq!(first_victim([3, 0, 0]), 1, "the highest priority value");
+    assert_eq!(first_victim([0, 2, 1]), 2);
+}
+
 #[test]
 fn cancelled_and_expired_sequences_are_reaped_and_freed() {
     let mut s = scheduler(4, 1000, 64);

@@ -278,36 +278,34 @@ mod tests {
             let mut rng = Rng::new(5);
             let mut seen = std::collections::BTreeSet::new();
             for _ in 0..300 {
-                let ask = Ask {
-                    params: &params,
-                    generated: &[],
-                    rng: &mut rng,
-                    logprob: false,
-                    top_logprobs: 0,
-                    keep_row: false,
-                    mask: None,
-                    banned: &[],
-                    allowed: Some(&allowed),
-                };
-                seen.insert(step.choose(0, ask)?.id);
+                seen.insert(step.choose(0, limited(&params, &mut rng, &[], &allowed))?.id);
             }
             assert_eq!(seen.into_iter().collect::<Vec<_>>(), want);
         }
         // Banning every allowed token lifts the ban for the step (nothing else is choosable).
-        let mut rng = Rng::new(5);
-        let ask = Ask {
-            params: &SamplingParams::greedy(),
+        let (greedy, mut rng) = (SamplingParams::greedy(), Rng::new(5));
+        assert_eq!(step.choose(0, limited(&greedy, &mut rng, &allowed, &allowed))?.id, 2);
+        Ok(())
+    }
+
+    /// An ask with an allow list and bans, nothing else reported.
+    fn limited<'a>(
+        params: &'a SamplingParams,
+        rng: &'a mut Rng,
+        banned: &'a [u32],
+        allowed: &'a [u32],
+    ) -> Ask<'a> {
+        Ask {
+            params,
             generated: &[],
-            rng: &mut rng,
+            rng,
             logprob: false,
             top_logprobs: 0,
             keep_row: false,
             mask: None,
-            banned: &allowed,
-            allowed: Some(&allowed),
-        };
-        assert_eq!(step.choose(0, ask)?.id, 2);
-        Ok(())
+            banned,
+            allowed: Some(allowed),
+        }
     }
 
     /// `choose_rows` gives what `choose` gives row by row, with the same generators: greedy

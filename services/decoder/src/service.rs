@@ -299,6 +299,7 @@ impl Decoder for DecoderService {
             max_new_tokens: max_new,
             stop_ids: req.stop_token_ids.clone(),
             min_new_tokens: req.min_new_tokens as usize,
+            priority: req.priority,
             filter: TokenFilter {
                 allowed: (!req.allowed_token_ids.is_empty()).then(|| req.allowed_token_ids.clone()),
                 bad_words: req.bad_words.iter().map(|w| w.ids.clone()).collect(),

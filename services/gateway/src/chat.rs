@@ -394,6 +394,7 @@ impl Gateway {
             // Choice 0 computes them; the other choices echo the same.
             prompt_logprobs: prep.scores_prompt(),
             prompt_top_logprobs: Some(prep.prompt_top_logprobs()),
+            priority: prep.priority,
             allowed_token_ids: prep.output.allowed_token_ids.clone().unwrap_or_default(),
             bad_words: prep
                 .bad_words
@@ -467,7 +468,8 @@ impl Gateway {
             index: 0,
             text: text.clone(),
             token_ids: Vec::new(),
-            logprobs: if prep.output.logprobs {
+            // Completions' echo scores the prompt it echoes; chat's echoes text alone.
+            logprobs: if prep.output.echo && prep.output.logprobs {
                 let mut v = cut(prep.output.top_logprobs);
                 v.iter_mut().for_each(|e| e.rank = None);
                 v

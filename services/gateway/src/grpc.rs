@@ -72,9 +72,11 @@ pub(crate) fn to_input(req: ChatRequest) -> Result<ChatInput, GatewayError> {
         template: TemplateOptions {
             continue_final_message: req.continue_final_message,
             add_generation_prompt: req.add_generation_prompt,
+            echo: false,
         },
         truncate_prompt_tokens: req.truncate_prompt_tokens,
         cache_salt: req.cache_salt,
+        priority: req.priority,
         constraint: req
             .output_format
             .and_then(|f| f.kind)

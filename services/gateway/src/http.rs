@@ -157,6 +157,9 @@ struct CompletionRequest {
     add_generation_prompt: Option<bool>,
     #[serde(default)]
     continue_final_message: bool,
+    /// vLLM chat's `echo`: the reply starts with the last message when it is the assistant's.
+    #[serde(default)]
+    echo: bool,
     /// vLLM's extensions shared with `/v1/completions`.
     #[serde(flatten)]
     vllm: VllmExtras,
@@ -338,6 +341,7 @@ fn to_input(
         template: TemplateOptions {
             continue_final_message: r.continue_final_message,
             add_generation_prompt: r.add_generation_prompt,
+            echo: r.echo,
         },
         ..Default::default()
     };

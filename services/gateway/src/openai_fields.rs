@@ -150,11 +150,16 @@ fields![
         "vLLM extension: the prompt's cached KV blocks are shared only with requests of the same tenant and salt (1 to 256 bytes)"
     ),
     ("request_id", Honoured, "vLLM extension: the reply's id is chatcmpl-<request_id> (1 to 128 printable ASCII characters)"),
-    ("priority", Honoured, "vLLM extension: 0 only (requests are scheduled in arrival order)"),
+    ("priority", Honoured, "vLLM extension: lower values are admitted first by the decoder (ties in arrival order) and preempted last; default 0"),
     ("skip_special_tokens", Honoured, "vLLM extension: true only (special tokens are always left out of the text)"),
     ("spaces_between_special_tokens", NoOp, "vLLM extension: special tokens are never in the text, so there is nothing to space"),
     ("use_beam_search", Honoured, "vLLM extension: false only (no beam search)"),
     ("length_penalty", NoOp, "vLLM extension: only beam search reads it"),
+    (
+        "echo",
+        Honoured,
+        "vLLM extension: when the last message is the assistant's (see continue_final_message), the reply's content starts with it"
+    ),
     (
         "continue_final_message",
         Honoured,
@@ -230,7 +235,7 @@ fields![
     ("truncate_prompt_tokens", Honoured, "vLLM extension: keep the prompt's last k tokens (BOS included in the count)"),
     ("cache_salt", Honoured, "vLLM extension, as in chat"),
     ("request_id", Honoured, "vLLM extension: the reply's id is cmpl-<request_id>"),
-    ("priority", Honoured, "vLLM extension: 0 only"),
+    ("priority", Honoured, "vLLM extension, as in chat"),
     ("skip_special_tokens", Honoured, "vLLM extension: true only"),
     ("spaces_between_special_tokens", NoOp, "vLLM extension, as in chat"),
     ("use_beam_search", Honoured, "vLLM extension: false only"),

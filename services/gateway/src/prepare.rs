@@ -93,6 +93,8 @@ pub struct ChatInput {
     /// vLLM's `cache_salt`: the prompt's cached KV blocks are shared only with requests of the
     /// same tenant and the same salt.
     pub cache_salt: Option<String>,
+    /// vLLM's `priority`: lower values are admitted first by the decoder.
+    pub priority: i32,
 }
 
 /// How the chat template ends the prompt (vLLM's and Hugging Face's names).
@@ -104,6 +106,9 @@ pub struct TemplateOptions {
     /// `Some(false)`: no empty assistant turn after a final user message. Unset or true: the
     /// reference's rule (the empty assistant turn follows a final user message only).
     pub add_generation_prompt: Option<bool>,
+    /// vLLM chat's `echo`: when the last message is the assistant's (the one being continued),
+    /// the reply's text starts with it.
+    pub echo: bool,
 }
 
 /// What to generate besides the token selection: how many choices, which log-probabilities,
@@ -258,6 +263,8 @@ pub struct Prepared {
     pub bad_words: Vec<Vec<u32>>,
     /// The request's own prefix-cache salt, within its tenant's.
     pub cache_salt: Option<String>,
+    /// Its scheduling priority on the decoder.
+    pub priority: i32,
 }
 
 const MAX_STOPS: usize = 16;
@@ -368,6 +375,20 @@ pub fn prepare(
         ),
         (None, true) => return Err(invalid("echo is for completion prompts only")),
     };
+    // Chat's echo: the last message's text, when it is the assistant's.
+    let echo_text = echo_text.or_else(|| {
+        let last =
+            input.messages.last().filter(|m| input.template.echo && m.role == Role::Assistant)?;
+        Some(
+            last.parts
+                .iter()
+                .filter_map(|p| match p {
+                    Part::Text(t) => Some(t.as_str()),
+                    _ => None,
+                })
+                .collect::<String>(),
+        )
+    });
     if input.cache_salt.as_ref().is_some_and(|s| s.is_empty() || s.len() > MAX_CACHE_SALT_BYTES) {
         return Err(invalid(format!("cache_salt must be 1 to {MAX_CACHE_SALT_BYTES} bytes")));
     }
@@ -394,6 +415,7 @@ pub fn prepare(
     prepared.remote_images = remote_images;
     prepared.echo_text = echo_text;
     prepared.cache_salt = input.cache_salt;
+    prepared.priority = input.priority;
     Ok(prepared)
 }
 
@@ -428,12 +450,12 @@ fn truncate(prompt: &mut Prompt, keep: u32) -> Result<(), GatewayError> {
 impl Prepared {
     /// Whether the decoder scores the prompt: `echo` with `logprobs`, or `prompt_logprobs`.
     pub fn scores_prompt(&self) -> bool {
-        (self.echo_text.is_some() && self.output.logprobs) || self.output.prompt_logprobs.is_some()
+        (self.output.echo && self.output.logprobs) || self.output.prompt_logprobs.is_some()
     }
 
     /// Alternatives per prompt position the decoder computes: the most either use asks for.
     pub fn prompt_top_logprobs(&self) -> u32 {
-        let echoed = if self.echo_text.is_some() { self.output.top_logprobs } else { 0 };
+        let echoed = if self.output.echo { self.output.top_logprobs } else { 0 };
         echoed.max(self.output.prompt_logprobs.unwrap_or(0))
     }
 
@@ -652,6 +674,7 @@ fn finish(
         echo_text: None,
         bad_words,
         cache_salt: None,
+        priority: 0,
     })
 }
 

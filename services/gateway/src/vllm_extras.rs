@@ -1,9 +1,10 @@
 //! vLLM's request extensions that both HTTP endpoints take (flattened into their bodies):
 //! output limits (`min_tokens`, `include_stop_str_in_output`, `allowed_token_ids`,
 //! `bad_words`), prompt scoring and truncation (`prompt_logprobs`, `truncate_prompt_tokens`),
-//! the request's own prefix-cache salt and id (`cache_salt`, `request_id`), and the switches
-//! that only one value of can be honoured here (`priority` 0, `skip_special_tokens` true,
-//! `use_beam_search` false): another value is a 400 saying why, never silently ignored.
+//! the request's own prefix-cache salt, id and scheduling priority (`cache_salt`,
+//! `request_id`, `priority`), and the switches that only one value of can be honoured here
+//! (`skip_special_tokens` true, `use_beam_search` false): another value is a 400 saying why,
+//! never silently ignored.
 
 use serde::Deserialize;
 
@@ -43,9 +44,11 @@ impl VllmExtras {
         input: &mut ChatInput,
         stream: bool,
     ) -> Result<Option<String>, GatewayError> {
-        if self.priority.is_some_and(|p| p != 0) {
-            return Err(invalid("priority must be 0: requests are scheduled in arrival order"));
-        }
+        let priority = match self.priority.map(i32::try_from) {
+            None => 0,
+            Some(Ok(p)) => p,
+            Some(Err(_)) => return Err(invalid("priority must fit in 32 bits")),
+        };
         if self.skip_special_tokens == Some(false) {
             return Err(invalid(
                 "skip_special_tokens must be true: special tokens are always left out of the text",
@@ -80,6 +83,7 @@ impl VllmExtras {
             Some(k) => Some(u32::try_from(k).unwrap_or(u32::MAX)),
         };
         input.cache_salt = self.cache_salt;
+        input.priority = priority;
         Ok(self.request_id)
     }
 }
@@ -115,7 +119,7 @@ mod tests {
         let (input, id) = apply(
             json!({"min_tokens": 2, "include_stop_str_in_output": true, "prompt_logprobs": 3,
                    "allowed_token_ids": [4, 5], "bad_words": ["x"], "truncate_prompt_tokens": 9,
-                   "cache_salt": "s", "request_id": "abc-1", "priority": 0,
+                   "cache_salt": "s", "request_id": "abc-1", "priority": -3,
                    "skip_special_tokens": true, "use_beam_search": false}),
             false,
         )
@@ -130,13 +134,13 @@ mod tests {
             (input.truncate_prompt_tokens, input.cache_salt.as_deref()),
             (Some(9), Some("s"))
         );
-        assert_eq!(id.as_deref(), Some("abc-1"));
+        assert_eq!((id.as_deref(), input.priority), (Some("abc-1"), -3));
     }
 
     #[test]
     fn values_that_cannot_be_honoured_are_refused() {
         for (body, stream, why) in [
-            (json!({"priority": 1}), false, "priority must be 0"),
+            (json!({"priority": 1u64 << 40}), false, "priority must fit in 32 bits"),
             (json!({"skip_special_tokens": false}), false, "skip_special_tokens must be true"),
             (json!({"use_beam_search": true}), false, "no beam search"),
             (json!({"prompt_logprobs": 1}), true, "not available when stream is true"),
