@@ -251,6 +251,14 @@ fields![
 ];
 
 fields![
+    /// OpenAI's `stream_options` object, in either endpoint's body.
+    STREAM_OPTION_FIELDS:
+    ("stream_options.include_usage", Honoured, "a last chunk with the usage (no choices)"),
+    ("stream_options.continuous_usage_stats", Refused, "vLLM's usage in every chunk is not implemented; include_usage gives it in the last"),
+    ("stream_options.include_obfuscation", NoOp, "OpenAI's padding against length side channels; chunks here carry none"),
+];
+
+fields![
     /// vLLM's `structured_outputs` object, in either endpoint's body.
     STRUCTURED_OUTPUT_FIELDS:
     ("structured_outputs.json", Honoured, "a JSON schema (an object, or JSON text), compiled without free whitespace"),
@@ -285,22 +293,27 @@ fn check_object(
 pub fn check_completions(body: &Value) -> Result<(), String> {
     let Some(top) = body.as_object() else { return Ok(()) };
     check_object(COMPLETION_FIELDS, top, "")?;
-    check_structured_outputs(top)
+    check_shared_objects(top)
 }
 
-/// The keys of vLLM's `structured_outputs` object, when it is one.
-fn check_structured_outputs(top: &serde_json::Map<String, Value>) -> Result<(), String> {
-    match top.get("structured_outputs").and_then(Value::as_object) {
-        Some(so) => check_object(STRUCTURED_OUTPUT_FIELDS, so, "structured_outputs"),
-        None => Ok(()),
+/// The keys of the objects both endpoints take, `stream_options` and vLLM's
+/// `structured_outputs`, when they are objects.
+fn check_shared_objects(top: &serde_json::Map<String, Value>) -> Result<(), String> {
+    for (key, table) in
+        [("stream_options", STREAM_OPTION_FIELDS), ("structured_outputs", STRUCTURED_OUTPUT_FIELDS)]
+    {
+        if let Some(inner) = top.get(key).and_then(Value::as_object) {
+            check_object(table, inner, key)?;
+        }
     }
+    Ok(())
 }
 
 /// Refuses a request body that carries a refused or unknown field, naming it.
 pub fn check(body: &Value) -> Result<(), String> {
     let Some(top) = body.as_object() else { return Ok(()) };
     check_object(FIELDS, top, "")?;
-    check_structured_outputs(top)?;
+    check_shared_objects(top)?;
     for m in top.get("messages").and_then(Value::as_array).into_iter().flatten() {
         let Some(m) = m.as_object() else { continue };
         check_object(FIELDS, m, "messages[]")?;
@@ -327,6 +340,7 @@ pub fn reference_page() -> String {
     for (title, table) in [
         ("POST /v1/chat/completions", FIELDS),
         ("POST /v1/completions", COMPLETION_FIELDS),
+        ("stream_options (either endpoint)", STREAM_OPTION_FIELDS),
         ("structured_outputs (either endpoint)", STRUCTURED_OUTPUT_FIELDS),
     ] {
         out.push_str(&format!("\n## `{title}`\n\n| field | treatment | why |\n|---|---|---|\n"));
@@ -372,6 +386,12 @@ mod tests {
         let e = check_completions(&json!({"prompt": "x", "structured_outputs": {"jsn": {}}}))
             .unwrap_err();
         assert_eq!(e, "unknown field `structured_outputs.jsn`");
+        let streamed = |v: Value| json!({"prompt": "x", "stream": true, "stream_options": v});
+        assert_eq!(check_completions(&streamed(json!({"include_usage": true}))), Ok(()));
+        let e = check_completions(&streamed(json!({"continuous_usage_stats": true}))).unwrap_err();
+        assert!(e.starts_with("`stream_options.continuous_usage_stats` is not supported"), "{e}");
+        let e = check(&json!({"messages": [], "stream_options": {"include_usge": true}}));
+        assert_eq!(e, Err("unknown field `stream_options.include_usge`".to_string()));
     }
 
     #[test]
