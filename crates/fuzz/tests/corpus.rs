@@ -69,10 +69,12 @@ fn the_valid_seeds_are_accepted() {
     let seed =
         |t: &str, n: usize| std::fs::read(root().join(format!("corpus/{t}/seed-{n}"))).unwrap();
     use dsvl_gateway::untrusted;
-    for n in 0..3 {
-        untrusted::openai_chat(&config, &model, &seed("openai_chat", n)).unwrap();
-        untrusted::openai_completion(&config, &model, &seed("openai_completion", n)).unwrap();
-        let req = dsvl_proto::v1::ChatRequest::decode(&seed("grpc_chat", n)[..]).unwrap();
+    // The first three of each, and those with vLLM's extensions.
+    for (chat, completion, grpc) in [(0, 0, 0), (1, 1, 1), (2, 2, 2), (6, 3, 3), (7, 3, 3)] {
+        untrusted::openai_chat(&config, &model, &seed("openai_chat", chat)).unwrap();
+        untrusted::openai_completion(&config, &model, &seed("openai_completion", completion))
+            .unwrap();
+        let req = dsvl_proto::v1::ChatRequest::decode(&seed("grpc_chat", grpc)[..]).unwrap();
         untrusted::grpc_chat(&config, &model, req).unwrap();
     }
     assert!(untrusted::image_url(&config, std::str::from_utf8(&seed("image_url", 0)).unwrap())

@@ -39,6 +39,14 @@ fn chat_bodies() -> Vec<serde_json::Value> {
             "image_url": {"url": "https://images.example.com/cat.png"}}]}],
             "logit_bias": {"5": -100}, "frequency_penalty": 0.5, "max_completion_tokens": 4}),
         json!({"messages": [{"role": "user", "content": "x"}], "guided_regex": "[a-z]+", "ignore_eos": true}),
+        // vLLM's extensions (seed 6; accepted).
+        json!({"messages": [{"role": "user", "content": "Pick"}, {"role": "assistant", "content": "I pick"}],
+            "continue_final_message": true, "echo": true, "min_tokens": 1, "max_tokens": 4,
+            "include_stop_str_in_output": true, "stop": ["."], "prompt_logprobs": 1,
+            "bad_words": ["no"], "allowed_token_ids": [5, 6, 7], "truncate_prompt_tokens": 30,
+            "cache_salt": "s", "priority": -1, "request_id": "r-1", "skip_special_tokens": true}),
+        json!({"messages": [{"role": "user", "content": "x"}],
+            "structured_outputs": {"choice": ["a", "b"], "disable_fallback": true}}),
     ]
 }
 
@@ -47,6 +55,9 @@ fn completion_bodies() -> Vec<serde_json::Value> {
         json!({"model": "tiny-dsvl", "prompt": "Once upon a time", "max_tokens": 5}),
         json!({"prompt": [1, 2, 3, 4], "max_tokens": 2, "logprobs": 2, "echo": false}),
         json!({"prompt": "a", "stream": true, "stream_options": {"include_usage": true}, "stop": "b", "seed": 1}),
+        // vLLM's extensions (seed 3; accepted).
+        json!({"prompt": [1, 2, 3, 4, 5], "max_tokens": 2, "prompt_logprobs": 2, "truncate_prompt_tokens": 3,
+            "guided_json": "{\"type\": \"object\"}", "request_id": "c-1", "cache_salt": "t"}),
     ]
 }
 
@@ -85,6 +96,23 @@ fn grpc_requests() -> Vec<ChatRequest> {
             }),
             stop_token_ids: vec![1, 2],
             ignore_eos: true,
+            ..Default::default()
+        },
+        // vLLM's extensions (seed 3; accepted).
+        ChatRequest {
+            messages: vec![
+                ChatMessage { role: "user".into(), content: vec![text("Pick")] },
+                ChatMessage { role: "assistant".into(), content: vec![text("I pick")] },
+            ],
+            max_tokens: 4,
+            min_tokens: 1,
+            continue_final_message: true,
+            prompt_logprobs: Some(1),
+            bad_words: vec!["no".into()],
+            allowed_token_ids: vec![5, 6, 7],
+            truncate_prompt_tokens: Some(30),
+            cache_salt: Some("s".into()),
+            priority: 2,
             ..Default::default()
         },
     ]
