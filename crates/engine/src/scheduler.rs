@@ -784,12 +784,14 @@ impl Scheduler {
         // Every choosing sequence's token at once (sampled rows are drawn in parallel).
         let mut order = Vec::with_capacity(choosers.len());
         let mut asks = Vec::with_capacity(choosers.len());
-        // Each chooser's banned tokens this step (bad words, stop ids below the minimum).
+        // The choosers with banned tokens this step (bad words, stop ids below the minimum);
+        // most have none, and keep the device argmax.
         let banned: HashMap<usize, Vec<u32>> = choosers
             .keys()
-            .map(|&i| {
+            .filter_map(|&i| {
                 let s = &self.running[i];
-                (i, s.req.filter.banned(&s.generated, &s.req.stop_ids, s.req.min_new_tokens))
+                let b = s.req.filter.banned(&s.generated, &s.req.stop_ids, s.req.min_new_tokens);
+                (!b.is_empty()).then_some((i, b))
             })
             .collect();
         for (i, s) in self.running.iter_mut().enumerate() {

@@ -170,18 +170,23 @@ fn host_choice(values: Vec<f32>, ask: Ask<'_>) -> Choice {
         if let Some(mask) = ask.mask {
             mask.apply(&mut allowed);
         }
-        let before_bans = (!ask.banned.is_empty()).then(|| allowed.clone());
-        for &id in ask.banned {
-            if let Some(v) = allowed.get_mut(id as usize) {
-                *v = f32::NEG_INFINITY;
+        if !ask.banned.is_empty() {
+            // The banned values are kept aside (not the whole row): bans that would leave no
+            // token at all (an allow list of stop ids under `min_tokens`, say) are lifted for
+            // this step rather than choosing from nothing.
+            let choosable = allowed.iter().filter(|&&v| v > f32::NEG_INFINITY).count();
+            let mut removed = Vec::with_capacity(ask.banned.len());
+            for &id in ask.banned {
+                if let Some(v) = allowed.get_mut(id as usize).filter(|v| **v > f32::NEG_INFINITY) {
+                    removed.push((id as usize, *v));
+                    *v = f32::NEG_INFINITY;
+                }
             }
-        }
-        // Bans that would leave no token at all (an allow list of stop ids under `min_tokens`,
-        // say) are lifted for this step rather than choosing from nothing.
-        if let Some(unbanned) =
-            before_bans.filter(|_| allowed.iter().all(|v| v.is_infinite() && *v < 0.0))
-        {
-            allowed = unbanned;
+            if removed.len() == choosable {
+                for (id, v) in removed {
+                    allowed[id] = v;
+                }
+            }
         }
         sample(&allowed, ask.params, ask.generated, ask.rng)
     };

@@ -341,7 +341,8 @@ fn check_shape(
     Ok(())
 }
 
-fn invalid(msg: impl Into<String>) -> GatewayError {
+/// A 400 / INVALID_ARGUMENT with `msg`.
+pub(crate) fn invalid(msg: impl Into<String>) -> GatewayError {
     GatewayError::InvalidArgument(msg.into())
 }
 

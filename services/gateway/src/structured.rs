@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::error::GatewayError;
+use crate::prepare::invalid;
 
 /// The structured-output fields of a chat or completions body (flattened into both).
 #[derive(Debug, Default, Deserialize)]
@@ -36,10 +37,6 @@ pub(crate) struct StructuredOutputs {
     choice: Option<Vec<String>>,
     grammar: Option<String>,
     json_object: Option<bool>,
-}
-
-fn invalid(m: impl Into<String>) -> GatewayError {
-    GatewayError::InvalidArgument(m.into())
 }
 
 impl StructuredFields {

@@ -9,6 +9,7 @@
 use serde::Deserialize;
 
 use crate::error::GatewayError;
+use crate::prepare::invalid;
 use crate::prepare::ChatInput;
 
 /// The fields, as a body carries them.
@@ -31,10 +32,6 @@ pub(crate) struct VllmExtras {
 
 /// Longest `request_id`, in bytes.
 const MAX_REQUEST_ID_BYTES: usize = 128;
-
-fn invalid(m: impl Into<String>) -> GatewayError {
-    GatewayError::InvalidArgument(m.into())
-}
 
 impl VllmExtras {
     /// Puts the fields into `input` (`stream`: whether the reply streams), refusing the values
