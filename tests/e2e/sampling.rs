@@ -171,13 +171,25 @@ async fn sampling_and_output_parameters_over_grpc() -> Result<()> {
     }
     assert_ne!(choices[0].ids, choices[1].ids);
 
-    // stop_token_ids end the reply after the id (kept), as stop.
+    // stop_token_ids end the reply after the id, as stop: the id is in the token ids, its
+    // text only under include_stop_str_in_output (vLLM's rule).
     let stop = base.ids[3];
     let cut = base.ids.iter().position(|&t| t == stop).context("stop")? + 1;
     let c = one(&cluster, ChatRequest { stop_token_ids: vec![stop], ..ask(prompt, 16, greedy()) })
         .await?;
     assert_eq!((c.ids.as_slice(), c.finish.as_str()), (&base.ids[..cut], "stop"));
     assert_eq!(c.stop_reason, Some(StopReason::StopTokenId(stop)), "vLLM's stop_reason");
+    let text_of = |ids: &[u32]| served.tokenizer.decode(ids, true);
+    let (without, with) = (text_of(&base.ids[..cut - 1])?, text_of(&base.ids[..cut])?);
+    assert_ne!(without, with, "the stop token has text");
+    assert_eq!(c.text, without);
+    let req = ChatRequest {
+        stop_token_ids: vec![stop],
+        include_stop_str_in_output: true,
+        ..ask(prompt, 16, greedy())
+    };
+    let c = one(&cluster, req).await?;
+    assert_eq!((c.ids.as_slice(), c.text.as_str()), (&base.ids[..cut], with.as_str()));
 
     // ignore_eos: with EOS forced, the reply ends at once, unless EOS is ignored.
     let to_eos = || biased(HashMap::from([(eos, 100.0)]));

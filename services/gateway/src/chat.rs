@@ -725,9 +725,19 @@ impl Gateway {
                         if prep.output.logprobs {
                             unsent_logprobs.push(self.token_logprob(&t));
                         }
-                        let piece = detok
-                            .push(tok, t.id)
-                            .map_err(|e| GatewayError::Internal(e.to_string()))?;
+                        // A `stop_token_ids` id that ends the reply leaves its text out,
+                        // unless `include_stop_str_in_output` (vLLM's rule; EOS is special,
+                        // so its text is skipped anyway).
+                        let ends_unshown = !prep.output.include_stop_str
+                            && all_ids.len() > prep.output.min_tokens as usize
+                            && prep.output.stop_token_ids.contains(&t.id);
+                        let piece = if ends_unshown {
+                            None
+                        } else {
+                            detok
+                                .push(tok, t.id)
+                                .map_err(|e| GatewayError::Internal(e.to_string()))?
+                        };
                         if let Some(piece) = piece {
                             // Under `min_tokens`, the text of the first tokens is not searched
                             // for stop strings (vLLM's rule).

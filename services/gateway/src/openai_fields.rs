@@ -112,7 +112,7 @@ fields![
     ("top_k", Honoured, "dsvl/vLLM extension: keep the k most likely tokens"),
     ("repetition_penalty", Honoured, "dsvl/vLLM extension: Hugging Face's repetition penalty"),
     ("min_p", Honoured, "vLLM extension: drop tokens below min_p times the most likely one's probability"),
-    ("stop_token_ids", Honoured, "vLLM extension: up to 64 ids that also end generation (kept)"),
+    ("stop_token_ids", Honoured, "vLLM extension: up to 64 ids that also end generation (the id is kept in token ids and logprobs, its text only under include_stop_str_in_output)"),
     ("ignore_eos", Honoured, "vLLM extension: do not stop at the end-of-sequence token"),
     (
         "min_tokens",
@@ -122,7 +122,7 @@ fields![
     (
         "include_stop_str_in_output",
         Honoured,
-        "vLLM extension: the matched stop string stays at the end of the text"
+        "vLLM extension: the matched stop string, or the text of the stop_token_ids id that ended the reply, stays at the end of the text"
     ),
     (
         "prompt_logprobs",

@@ -130,8 +130,8 @@ pub struct OutputOptions {
     /// before this many tokens (0: no minimum; at most the new-token budget; not with a
     /// grammar, which decides where the reply ends).
     pub min_tokens: u32,
-    /// vLLM's `include_stop_str_in_output`: the matched stop string stays at the end of the
-    /// text.
+    /// vLLM's `include_stop_str_in_output`: the matched stop string, or the text of the
+    /// `stop_token_ids` id that ended the reply, stays at the end of the text.
     pub include_stop_str: bool,
     /// Completions' `echo`: each choice's text starts with the prompt, and with `logprobs`
     /// its log-probabilities start with the prompt tokens' (the first has none).
