@@ -204,10 +204,21 @@ fn echo(cluster: &Cluster, ids: &[u32]) -> Result<()> {
         }
         assert_eq!(figures[ids.len()..], lists(plain_choice, "token_logprobs")?[..], "{c}");
         assert_eq!(tokens[ids.len()..], lists(plain_choice, "tokens")?[..]);
-        let offsets = lists(c, "text_offset")?;
-        let echoed_chars: usize =
-            tokens[..ids.len()].iter().filter_map(Value::as_str).map(|t| t.chars().count()).sum();
-        assert_eq!(offsets[ids.len()].as_u64(), Some(echoed_chars as u64), "offsets run on");
+        // text_offset indexes the text: each prompt token's text starts at its offset (BOS,
+        // which the text skips, at 0 and none wide), the completion where the prompt ends.
+        let offsets: Vec<usize> = lists(c, "text_offset")?
+            .iter()
+            .map(|o| o.as_u64().map(|o| o as usize))
+            .collect::<Option<_>>()
+            .context("offsets")?;
+        let chars: Vec<char> = text.chars().collect();
+        assert_eq!(offsets[0], 0, "{c}");
+        for p in 1..ids.len() {
+            let token = tokens[p].as_str().context("a token")?;
+            let from: String = chars[offsets[p]..].iter().collect();
+            assert!(from.starts_with(token), "token {p} {token:?} at {}: {c}", offsets[p]);
+        }
+        assert_eq!(offsets[ids.len()], prompt_text.chars().count(), "offsets run on: {c}");
         assert_eq!(c["logprobs"], v["choices"][0]["logprobs"], "every choice echoes the same");
     }
     assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "computed whole: {v}");

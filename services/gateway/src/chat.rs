@@ -74,6 +74,9 @@ pub struct TokenLogprob {
     /// A scored prompt token's rank at its position (1 plus the tokens more likely; vLLM's
     /// `prompt_logprobs`); `None` for generated tokens.
     pub rank: Option<u32>,
+    /// A special token (BOS, EOS): the choice's text skips it, so completions'
+    /// `text_offset` counts none of its characters.
+    pub hidden: bool,
 }
 
 /// A token, its text alone, and its log-probability.
@@ -856,7 +859,13 @@ impl Gateway {
             top: t.top_logprobs.iter().map(|a| alt(a.id, a.logprob)).collect(),
             unscored: false,
             rank: None,
+            hidden: self.hidden(t.id),
         }
+    }
+
+    /// Whether the choice's text leaves `id`'s text out (special tokens are skipped).
+    fn hidden(&self, id: u32) -> bool {
+        self.model.tokenizer.decode(&[id], true).is_ok_and(|text| text.is_empty())
     }
 
     /// The prompt tokens' log-probabilities as choice 0's first decoder event carries them:
@@ -892,6 +901,7 @@ impl Gateway {
             top: Vec::new(),
             unscored: true,
             rank: None,
+            hidden: self.hidden(id),
         });
         Ok(head
             .into_iter()
@@ -900,6 +910,7 @@ impl Gateway {
                 top: p.top_logprobs.iter().map(|a| alt(a.id, a.logprob)).collect(),
                 unscored: false,
                 rank: Some(p.rank),
+                hidden: self.hidden(p.id),
             }))
             .collect())
     }

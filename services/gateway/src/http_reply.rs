@@ -125,7 +125,7 @@ impl Shape {
                     .iter()
                     .map(|t| {
                         let o = at;
-                        at += t.token.text.chars().count();
+                        at += shown_chars(t);
                         o
                     })
                     .collect();
@@ -195,6 +195,16 @@ fn extensions(finishes: &[Finish], per_prompt: u32) -> Value {
             finishes.iter().map(|f| json!(f.prompt_token_ids)).collect();
     }
     v
+}
+
+/// The characters `t` adds to the choice's text as `text_offset` counts them: its text alone,
+/// none for a special token the text skips (the echoed prompt's BOS).
+fn shown_chars(t: &TokenLogprob) -> usize {
+    if t.hidden {
+        0
+    } else {
+        t.token.text.chars().count()
+    }
 }
 
 /// A chat choice's message: the text, or the tool calls parsed out of it (then `content` is
@@ -370,7 +380,7 @@ pub(crate) fn sse(
             }
             let at = &mut chars[d.index as usize];
             let lp = shape.logprobs(logprobs, &lps, *at);
-            *at += lps.iter().map(|t| t.token.text.chars().count()).sum::<usize>();
+            *at += lps.iter().map(shown_chars).sum::<usize>();
             vec![chunk(
                 json!([shape.chunk_choice(d.index, &text, lp, None)]),
                 Some(("dsvl", json!({"token_ids": d.token_ids}))),
