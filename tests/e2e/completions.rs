@@ -249,6 +249,22 @@ fn echo(cluster: &Cluster, ids: &[u32]) -> Result<()> {
     let mut streamed = zero.clone();
     streamed["stream"] = json!(true);
     streamed_chunks(cluster, &streamed)?;
+    // n = 2: both choices are the echo, from one decoder request (no sibling streams).
+    let first_tokens =
+        || cluster.decoder.metric("dsvl_decoder_time_to_first_token_seconds_count", &[]);
+    let before = first_tokens()?;
+    let mut two = zero.clone();
+    two["n"] = json!(2);
+    let v = post(&two)?;
+    let both = v["choices"].as_array().context("choices")?;
+    assert_eq!(both.len(), 2, "{v}");
+    assert_eq!((&both[0]["text"], &both[0]["logprobs"]), (&c["text"], &c["logprobs"]));
+    assert_eq!((&both[1]["text"], &both[1]["logprobs"]), (&c["text"], &c["logprobs"]));
+    assert_eq!(
+        (both[1]["index"].as_u64(), v["usage"]["completion_tokens"].as_u64()),
+        (Some(1), Some(0))
+    );
+    assert_eq!(first_tokens()? - before, 1.0, "one decoder request for both choices");
     let r =
         http_post(&cluster.http, "/v1/completions", &[], &json!({"prompt": ids, "max_tokens": 0}))?;
     assert_eq!(r.status, 400, "{}", r.body);

@@ -482,7 +482,9 @@ impl Gateway {
         });
         let prompt_scores = prep.output.prompt_logprobs.map(|k| Arc::new(cut(k)));
         let mut choices = vec![opened];
-        if prep.output.n > 1 {
+        // With max_tokens 0 every choice is the echo alone: choice 0's stream gave the
+        // prompt's figures, and the others need no decoder work.
+        if prep.output.n > 1 && prep.max_new_tokens > 0 {
             choices
                 .extend(self.open_siblings(&choices[0].replica, &request, &prep, deadline).await?);
         }
@@ -495,19 +497,33 @@ impl Gateway {
         tokio::spawn(
             async move {
                 let _in_flight = in_flight;
-                let relays = choices.into_iter().enumerate().map(|(i, opened)| {
-                    let echo = echo.clone().map(|e| Delta { index: i as u32, ..e });
-                    let before = Preamble { echo, prompt_logprobs: prompt_scores.clone() };
-                    gw.relay(
-                        opened, i as u32, before, &prep, timing, deadline, started, api, &tx,
-                        &tenant_id,
-                    )
-                });
-                let outcome = futures::future::join_all(relays)
-                    .await
-                    .into_iter()
-                    .collect::<Result<Vec<()>, GatewayError>>()
-                    .map(|_| ());
+                let before = |i: u32| Preamble {
+                    echo: echo.clone().map(|e| Delta { index: i, ..e }),
+                    prompt_logprobs: prompt_scores.clone(),
+                };
+                let outcome = if prep.max_new_tokens == 0 {
+                    gw.echo_only(choices, &before, &prep, timing, started, &tx).await
+                } else {
+                    let relays = choices.into_iter().enumerate().map(|(i, opened)| {
+                        gw.relay(
+                            opened,
+                            i as u32,
+                            before(i as u32),
+                            &prep,
+                            timing,
+                            deadline,
+                            started,
+                            api,
+                            &tx,
+                            &tenant_id,
+                        )
+                    });
+                    futures::future::join_all(relays)
+                        .await
+                        .into_iter()
+                        .collect::<Result<Vec<()>, GatewayError>>()
+                        .map(|_| ())
+                };
                 let label = match &outcome {
                     Ok(()) => "ok",
                     Err(e) => e.outcome(),
@@ -660,6 +676,60 @@ impl Gateway {
         futures::future::join_all(opens).await.into_iter().collect()
     }
 
+    /// The reply of max_tokens 0 under `echo`: each of the `n` choices is the prompt and its
+    /// figures alone. Choice 0's stream (`choices`, dropped here) brought them; dropping it
+    /// cancels the token it was asked for.
+    async fn echo_only(
+        &self,
+        choices: Vec<Opened>,
+        before: &impl Fn(u32) -> Preamble,
+        prep: &Prepared,
+        mut timing: Timing,
+        started: Instant,
+        tx: &mpsc::Sender<Result<ChatEvent, GatewayError>>,
+    ) -> Result<(), GatewayError> {
+        let cached_tokens = match choices.first().map(|c| &c.first.event) {
+            Some(Some(DecoderEvent::Token(t))) => t.cached_tokens,
+            _ => 0,
+        };
+        drop(choices);
+        timing.total_seconds = started.elapsed().as_secs_f64();
+        let send =
+            |ev: ChatEvent| async { tx.send(Ok(ev)).await.map_err(|_| GatewayError::Cancelled) };
+        for index in 0..prep.output.n {
+            let Preamble { echo, prompt_logprobs } = before(index);
+            if let Some(echo) = echo {
+                send(ChatEvent::Delta(echo)).await?;
+            }
+            tracing::info!(
+                choice = index,
+                prompt_tokens = prep.prompt.ids.len(),
+                completion_tokens = 0,
+                finish_reason = "length",
+                seconds = timing.total_seconds,
+                "request finished"
+            );
+            send(ChatEvent::Finish(Finish {
+                index,
+                finish_reason: "length".into(),
+                stop_reason: None,
+                prompt_tokens: prep.prompt.ids.len() as u32,
+                completion_tokens: 0,
+                timing,
+                token_ids: Vec::new(),
+                prompt_token_ids: if prep.return_prompt_token_ids {
+                    prep.prompt.ids.clone()
+                } else {
+                    Vec::new()
+                },
+                cached_tokens,
+                prompt_logprobs,
+            }))
+            .await?;
+        }
+        Ok(())
+    }
+
     /// Streams the decoder's tokens to `tx` as text deltas, after `before.echo` (the prompt,
     /// under completions' `echo`), until the end, a stop string, the deadline, or the client
     /// leaving; the finish carries `before.prompt_logprobs`.
@@ -693,119 +763,105 @@ impl Gateway {
         if let Some(echo) = echo {
             send(ChatEvent::Delta(echo)).await?;
         }
-        let (reason, usage, stop_reason) = if prep.max_new_tokens == 0 {
-            // The echo was the whole reply; dropping the stream (on return) cancels the rest.
-            if let Some(GenerateResponse { event: Some(DecoderEvent::Token(t)) }) = &next {
-                cached_tokens = t.cached_tokens;
-            }
-            ("length", None, None)
-        } else {
-            loop {
-                let msg = match next.take() {
-                    Some(m) => m,
-                    None => tokio::select! {
-                        () = tx.closed() => return Err(GatewayError::Cancelled),
-                        r = tokio::time::timeout_at(deadline.into(), stream.message()) => match r {
-                            Err(_) => return Err(deadline_error("generation")),
-                            Ok(Err(s)) => return Err(GatewayError::from_upstream("decoder", &s)),
-                            Ok(Ok(None)) => return Err(GatewayError::Unavailable("decoder stream ended without a finish".into())),
-                            Ok(Ok(Some(m))) => m,
-                        },
+        let (reason, usage, stop_reason) = loop {
+            let msg = match next.take() {
+                Some(m) => m,
+                None => tokio::select! {
+                    () = tx.closed() => return Err(GatewayError::Cancelled),
+                    r = tokio::time::timeout_at(deadline.into(), stream.message()) => match r {
+                        Err(_) => return Err(deadline_error("generation")),
+                        Ok(Err(s)) => return Err(GatewayError::from_upstream("decoder", &s)),
+                        Ok(Ok(None)) => return Err(GatewayError::Unavailable("decoder stream ended without a finish".into())),
+                        Ok(Ok(Some(m))) => m,
                     },
-                };
-                match msg.event {
-                    Some(DecoderEvent::Token(t)) => {
-                        if t.index == 0 {
-                            cached_tokens = t.cached_tokens;
-                        }
-                        let now = Instant::now();
-                        if let Some(prev) = last_token.replace(now) {
-                            metrics::histogram!("dsvl_inter_token_latency_seconds", "api" => api)
-                                .record((now - prev).as_secs_f64());
-                        }
-                        all_ids.push(t.id);
-                        unsent_ids.push(t.id);
-                        if prep.output.logprobs {
-                            unsent_logprobs.push(self.token_logprob(&t));
-                        }
-                        // A `stop_token_ids` id that ends the reply leaves its text out,
-                        // unless `include_stop_str_in_output` (vLLM's rule; EOS is special,
-                        // so its text is skipped anyway).
-                        let ends_unshown = !prep.output.include_stop_str
-                            && all_ids.len() > prep.output.min_tokens as usize
-                            && prep.output.stop_token_ids.contains(&t.id);
-                        let piece = if ends_unshown {
-                            None
-                        } else {
-                            detok
-                                .push(tok, t.id)
-                                .map_err(|e| GatewayError::Internal(e.to_string()))?
-                        };
-                        if let Some(piece) = piece {
-                            // Under `min_tokens`, the text of the first tokens is not searched
-                            // for stop strings (vLLM's rule).
-                            let released = if all_ids.len() <= prep.output.min_tokens as usize {
-                                crate::stops::Released { text: piece, stopped: false }
-                            } else {
-                                stops.push(&piece)
-                            };
-                            if !released.text.is_empty() || released.stopped {
-                                send(ChatEvent::Delta(Delta {
-                                    index,
-                                    text: released.text,
-                                    token_ids: std::mem::take(&mut unsent_ids),
-                                    logprobs: std::mem::take(&mut unsent_logprobs),
-                                }))
-                                .await?;
-                            }
-                            if released.stopped {
-                                // Dropping the stream (on return) cancels the decoder's work.
-                                let matched = stops.matched().unwrap_or_default().to_string();
-                                break ("stop", None, Some(StopReason::String(matched)));
-                            }
-                        }
+                },
+            };
+            match msg.event {
+                Some(DecoderEvent::Token(t)) => {
+                    if t.index == 0 {
+                        cached_tokens = t.cached_tokens;
                     }
-                    Some(DecoderEvent::Finish(f)) => {
-                        let mut text = String::new();
-                        if let Some(rest) =
-                            detok.finish(tok).map_err(|e| GatewayError::Internal(e.to_string()))?
-                        {
-                            if all_ids.len() <= prep.output.min_tokens as usize {
-                                text.push_str(&rest);
-                            } else {
-                                text.push_str(&stops.push(&rest).text);
-                            }
-                        }
-                        // A stop string completed by the last characters ends it with `stop`.
-                        let matched = stops.matched().map(|m| StopReason::String(m.to_string()));
-                        text.push_str(&stops.finish());
-                        if !text.is_empty() || !unsent_ids.is_empty() {
+                    let now = Instant::now();
+                    if let Some(prev) = last_token.replace(now) {
+                        metrics::histogram!("dsvl_inter_token_latency_seconds", "api" => api)
+                            .record((now - prev).as_secs_f64());
+                    }
+                    all_ids.push(t.id);
+                    unsent_ids.push(t.id);
+                    if prep.output.logprobs {
+                        unsent_logprobs.push(self.token_logprob(&t));
+                    }
+                    // A `stop_token_ids` id that ends the reply leaves its text out,
+                    // unless `include_stop_str_in_output` (vLLM's rule; EOS is special,
+                    // so its text is skipped anyway).
+                    let ends_unshown = !prep.output.include_stop_str
+                        && all_ids.len() > prep.output.min_tokens as usize
+                        && prep.output.stop_token_ids.contains(&t.id);
+                    let piece = if ends_unshown {
+                        None
+                    } else {
+                        detok.push(tok, t.id).map_err(|e| GatewayError::Internal(e.to_string()))?
+                    };
+                    if let Some(piece) = piece {
+                        // Under `min_tokens`, the text of the first tokens is not searched
+                        // for stop strings (vLLM's rule).
+                        let released = if all_ids.len() <= prep.output.min_tokens as usize {
+                            crate::stops::Released { text: piece, stopped: false }
+                        } else {
+                            stops.push(&piece)
+                        };
+                        if !released.text.is_empty() || released.stopped {
                             send(ChatEvent::Delta(Delta {
                                 index,
-                                text,
+                                text: released.text,
                                 token_ids: std::mem::take(&mut unsent_ids),
                                 logprobs: std::mem::take(&mut unsent_logprobs),
                             }))
                             .await?;
                         }
-                        let last = all_ids.last().copied();
-                        let by_token = last
-                            .filter(|id| prep.output.stop_token_ids.contains(id))
-                            .map(StopReason::TokenId);
-                        let reason = if f.reason == FinishReason::Length as i32 && matched.is_none()
-                        {
-                            "length"
-                        } else {
-                            "stop"
-                        };
-                        let stop_reason =
-                            if reason == "stop" { matched.or(by_token) } else { None };
-                        break (reason, f.usage, stop_reason);
-                    }
-                    None => {
-                        return Err(GatewayError::Internal("decoder sent an empty event".into()))
+                        if released.stopped {
+                            // Dropping the stream (on return) cancels the decoder's work.
+                            let matched = stops.matched().unwrap_or_default().to_string();
+                            break ("stop", None, Some(StopReason::String(matched)));
+                        }
                     }
                 }
+                Some(DecoderEvent::Finish(f)) => {
+                    let mut text = String::new();
+                    if let Some(rest) =
+                        detok.finish(tok).map_err(|e| GatewayError::Internal(e.to_string()))?
+                    {
+                        if all_ids.len() <= prep.output.min_tokens as usize {
+                            text.push_str(&rest);
+                        } else {
+                            text.push_str(&stops.push(&rest).text);
+                        }
+                    }
+                    // A stop string completed by the last characters ends it with `stop`.
+                    let matched = stops.matched().map(|m| StopReason::String(m.to_string()));
+                    text.push_str(&stops.finish());
+                    if !text.is_empty() || !unsent_ids.is_empty() {
+                        send(ChatEvent::Delta(Delta {
+                            index,
+                            text,
+                            token_ids: std::mem::take(&mut unsent_ids),
+                            logprobs: std::mem::take(&mut unsent_logprobs),
+                        }))
+                        .await?;
+                    }
+                    let last = all_ids.last().copied();
+                    let by_token = last
+                        .filter(|id| prep.output.stop_token_ids.contains(id))
+                        .map(StopReason::TokenId);
+                    let reason = if f.reason == FinishReason::Length as i32 && matched.is_none() {
+                        "length"
+                    } else {
+                        "stop"
+                    };
+                    let stop_reason = if reason == "stop" { matched.or(by_token) } else { None };
+                    break (reason, f.usage, stop_reason);
+                }
+                None => return Err(GatewayError::Internal("decoder sent an empty event".into())),
             }
         };
         timing.total_seconds = started.elapsed().as_secs_f64();
