@@ -147,6 +147,34 @@ impl BlockManager {
         Some(hit)
     }
 
+    /// Blocks that [`admit`](Self::admit) of `hashes` and `tokens` tokens lacks now (0: it
+    /// would succeed).
+    pub fn shortfall(&self, hashes: &[BlockHash], tokens: usize) -> usize {
+        let hit = self.lookup(hashes);
+        let reclaimed =
+            hashes[..hit].iter().filter(|h| self.refs[self.by_hash[*h] as usize] == 0).count();
+        let need = self.blocks_for(tokens).saturating_sub(hit);
+        need.saturating_sub(self.available() - reclaimed)
+    }
+
+    /// Blocks that releasing every one of `seqs` would add to what an admission of `hashes`
+    /// can take: those no other sequence holds, less the ones it would adopt as its cached
+    /// prefix (released, they stay cached and it takes them back).
+    pub fn released_by(&self, seqs: &[SeqId], hashes: &[BlockHash]) -> usize {
+        let mut holders: HashMap<u32, u32> = HashMap::new();
+        for seq in seqs {
+            for &b in self.table(*seq) {
+                *holders.entry(b).or_default() += 1;
+            }
+        }
+        let adopted: Vec<u32> =
+            hashes[..self.lookup(hashes)].iter().map(|h| self.by_hash[h]).collect();
+        holders
+            .into_iter()
+            .filter(|&(b, n)| self.refs[b as usize] == n && !adopted.contains(&b))
+            .count()
+    }
+
     /// Registers block `index` of `seq` (full, its KV computed) under `hash`. A block already
     /// registered, or a hash already held by another block (two sequences computed the same
     /// prefix at once), is left as it is.

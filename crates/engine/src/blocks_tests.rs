@@ -93,3 +93,30 @@ fn duplicates_and_disabled_cache_register_nothing() {
     assert_eq!((off.cached(), off.lookup(&h)), (0, 0));
     assert_eq!(off.admit(2, &h, 5), Some(0));
 }
+
+/// What an admission lacks, and what releasing given sequences would add to it: blocks
+/// another sequence also holds do not count, nor the cached prefix it would adopt anyway.
+#[test]
+fn shortfall_and_what_releasing_sequences_gives() {
+    let mut m = BlockManager::new(6, 4);
+    let prompt: Vec<u32> = (0..10).collect();
+    let h = hashes(&prompt);
+    assert_eq!(m.admit(1, &h, 11), Some(0)); // 3 blocks
+    for (i, hash) in h.iter().enumerate() {
+        m.register(1, i, *hash);
+    }
+    assert_eq!(m.admit(2, &h, 11), Some(2), "shares the two prefix blocks, one of its own");
+    assert_eq!(m.free(), 2);
+    let other = hashes(&(100..110).collect::<Vec<u32>>());
+    assert_eq!(m.shortfall(&other, 17), 3, "5 blocks against 2");
+    assert_eq!(m.shortfall(&other, 8), 0);
+    assert_eq!(m.released_by(&[2], &other), 1, "the prefix stays held by sequence 1");
+    assert_eq!(m.released_by(&[1, 2], &other), 4);
+    assert_eq!(m.released_by(&[1, 2], &h), 2, "its own prefix it adopts anyway");
+    // The shortfall counts as admit does: released, the prefix is cached, and adopting it
+    // takes it out of what new blocks can use.
+    m.release(1);
+    m.release(2);
+    assert_eq!((m.shortfall(&h, 11), m.shortfall(&other, 25)), (0, 1));
+    assert!(m.admit(3, &other, 25).is_none() && m.admit(3, &other, 24).is_some());
+}

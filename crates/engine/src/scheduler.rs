@@ -5,7 +5,8 @@
 //! preempting the least important sequence when blocks run out (the highest `priority` value,
 //! then the most recently admitted; it goes back to the queue ahead of the requests of its
 //! priority and is recomputed from its prompt plus what it generated, without re-streaming
-//! anything). The step's token budget (`max_batched_tokens`) goes to the running decodes
+//! anything). A waiting request that a less important running one keeps out (blocks or a
+//! seat) preempts it, as vLLM's priority scheduling does ([`preempt`]). The step's token budget (`max_batched_tokens`) goes to the running decodes
 //! first, then to prompts being prefilled, then to waiting sequences, admitted in priority
 //! order (lower first, vLLM's `priority`; every request has 0 unless it asks) and in arrival
 //! order within a priority, while `max_num_seqs` and free blocks allow; a prompt longer than what is
@@ -536,25 +537,17 @@ impl Scheduler {
                 i += 1;
                 continue;
             }
-            // The least important: the highest priority value, then the latest admitted.
-            let v = (0..self.running.len())
-                .max_by_key(|&j| (self.running[j].req.priority, j))
-                .expect("non-empty");
-            let mut victim = self.running.remove(v);
+            let v = self.least_important().expect("non-empty");
+            self.preempt(v);
             if v < i {
                 i -= 1; // the sequence being grown moved down one place
             }
-            self.drop_seq(&victim);
-            victim.cached = 0;
-            victim.registered = 0;
-            victim.prompt_logits.clear();
-            self.preemptions += 1;
             preempted = true;
-            request_metrics::preempted();
-            tracing::debug!(seq = victim.id, "preempted (recompute)");
-            // Ahead of the waiting requests of its priority (they arrived after it).
-            let at = self.waiting.partition_point(|w| w.req.priority < victim.req.priority);
-            self.waiting.insert(at, victim);
+        }
+        // A more important request waiting for blocks or a seat takes them (vLLM's priority
+        // preemption); not while the running ones are short themselves.
+        if !preempted {
+            self.preempt_for_priority();
         }
 
         // The step's token budget: running decodes first (one token each), then the prompts
@@ -896,3 +889,6 @@ impl Scheduler {
         Ok(())
     }
 }
+
+#[path = "preempt.rs"]
+mod preempt;

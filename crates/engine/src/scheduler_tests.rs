@@ -747,3 +747,6 @@ fn prompt_logprobs_survive_preemption_whole_and_once() {
     assert_eq!(tokens, expected(&scored_prompt, 2));
     assert!(matches!(end, Some(Event::Finished { .. })), "{end:?}");
 }
+
+#[path = "preempt_tests.rs"]
+mod preempt_tests;
