@@ -2,6 +2,9 @@
 //! (`json_schema`, `json_object`), vLLM's `structured_outputs` (`choice`, `json`) and its
 //! earlier `guided_regex` / `guided_choice` over HTTP, `output_format` over gRPC; the replies parse and match on the bundled random-weight model and finish with `stop`;
 //! an invalid schema, and any field the gateway does not honour, is a 400 naming the problem.
+//! Strict tools under `tool_choice: auto`: the grammar the gateway sends allows text or valid
+//! calls only (checked against the decoder's compiler token by token), and a reply pushed to
+//! start with `{` comes back as a call whose arguments match.
 
 use std::time::Duration;
 
@@ -119,6 +122,8 @@ async fn structured_outputs_over_http_and_grpc() -> Result<()> {
     let (status, v) = ask(&cluster, json!({"user": "u-1", "store": false}))?;
     assert_eq!(status, 200, "documented no-ops are accepted: {v}");
 
+    strict_tools_under_auto(&cluster)?;
+
     // gRPC: a Lark grammar.
     let mut client = cluster.chat().await?;
     let mut req = tonic::Request::new(ChatRequest {
@@ -167,5 +172,120 @@ async fn structured_outputs_over_http_and_grpc() -> Result<()> {
         }
     }
     assert!(text == "left|right" || text == "up?", "{text:?}");
+    Ok(())
+}
+
+/// Two tools with bounded arguments, `strict` as given.
+fn weather_tools(strict: bool) -> Value {
+    json!([
+        {"type": "function", "function": {"name": "get_weather", "strict": strict, "parameters": {
+            "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+            "required": ["city"], "additionalProperties": false}}},
+        {"type": "function", "function": {"name": "get_time", "strict": strict, "parameters": {
+            "type": "object", "properties": {"zone": {"enum": ["utc", "local"]}},
+            "required": ["zone"], "additionalProperties": false}}},
+    ])
+}
+
+/// Under `auto`, strict tools: a reply pushed to start with `{` (logit_bias on its token, the
+/// rest greedy) is a call of a listed tool whose arguments match; the same push without
+/// `strict` gives the random model's text; `strict` must be a boolean; and it excludes another
+/// structured output.
+fn strict_tools_under_auto(cluster: &Cluster) -> Result<()> {
+    let tok = dsvl_gateway::served::ServedModel::load(None, "tiny".into())?.tokenizer;
+    let brace = match tok.encode_with("{", false)?.as_slice() {
+        [id] => *id,
+        other => anyhow::bail!("`{{` is {other:?}"),
+    };
+    let pushed = |strict: bool| {
+        json!({"tools": weather_tools(strict), "temperature": 0, "max_tokens": 60,
+               "logit_bias": {brace.to_string(): 100}})
+    };
+    let (status, v) = ask(cluster, pushed(true))?;
+    assert_eq!(status, 200, "{v}");
+    let choice = &v["choices"][0];
+    assert_eq!(choice["finish_reason"], "tool_calls", "{v}");
+    let calls = choice["message"]["tool_calls"].as_array().context("tool_calls")?;
+    assert!(!calls.is_empty(), "{v}");
+    for c in calls {
+        let args: Value =
+            serde_json::from_str(c["function"]["arguments"].as_str().context("args")?)?;
+        match c["function"]["name"].as_str() {
+            Some("get_weather") => {
+                let city = args["city"].as_str().context("city")?;
+                assert!(
+                    city.chars().count() <= 12 && args.as_object().unwrap().len() == 1,
+                    "{args}"
+                );
+            }
+            Some("get_time") => {
+                assert!(["utc", "local"].contains(&args["zone"].as_str().unwrap_or("")), "{args}");
+            }
+            other => panic!("not a listed tool: {other:?}"),
+        }
+    }
+    let (status, v) = ask(cluster, pushed(false))?;
+    assert_eq!(status, 200, "{v}");
+    let message = &v["choices"][0]["message"];
+    assert_eq!(message["tool_calls"], Value::Null, "not strict: not constrained: {v}");
+    assert!(message["content"].as_str().is_some_and(|c| c.starts_with('{')), "{v}");
+
+    let mut bad = weather_tools(true);
+    bad[0]["function"]["strict"] = json!("yes");
+    let (status, v) = ask(cluster, json!({"tools": bad}))?;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap_or("").contains("tools[0].function.strict"));
+    let (status, v) = ask(
+        cluster,
+        json!({"tools": weather_tools(true), "response_format": {"type": "json_object"}}),
+    )?;
+    assert_eq!(status, 400, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap_or("").contains("strict tool"), "{v}");
+    Ok(())
+}
+
+/// The grammar of strict tools under `auto`, compiled by the decoder's compiler for the bundled
+/// model and followed token by token: text whose first non-blank character is not `{` and calls
+/// whose arguments match are accepted whole; a call of another tool, arguments of the wrong type
+/// or a `{` that opens no call are refused at the token that breaks them.
+#[test]
+fn the_strict_auto_grammar_allows_text_or_matching_calls() -> Result<()> {
+    use dsvl_engine::constraint::{ConstraintCompiler, Grammar};
+    use dsvl_proto::internal::constraint::Kind as Internal;
+    let tools = dsvl_gateway::tools::Tools::parse(Some(&weather_tools(true)), None, None)?
+        .context("tools")?;
+    let Some(Internal::Lark(lark)) = tools.constraint() else { anyhow::bail!("not a grammar") };
+    let dir = dsvl_testkit::tiny_model_dir();
+    let json = std::fs::read(dir.join("tokenizer.json"))?;
+    let tok = dsvl_gateway::served::ServedModel::load(None, "tiny".into())?.tokenizer;
+    let eos = tok.special().eos;
+    let compiler = ConstraintCompiler::from_tokenizer_json(&json, 1024, eos)?;
+    let accepts = |text: &str| -> Result<bool> {
+        let mut k = compiler.compile(&Grammar::Lark(lark.clone()))?;
+        for id in tok.encode_with(text, false)? {
+            if !k.mask()?.allows(id) {
+                return Ok(false);
+            }
+            k.consume(id)?;
+        }
+        Ok(k.mask()?.allows(eos))
+    };
+    for (text, want) in [
+        ("It is sunny in Paris.", true),
+        (" It is sunny.\n{not a call}", true),
+        ("", true),
+        (r#"{"tool_calls":[{"name":"get_weather","arguments":{"city":"Paris"}}]}"#, true),
+        (
+            r#" {"tool_calls":[{"name":"get_time","arguments":{"zone":"utc"}},{"name":"get_weather","arguments":{"city":"Rome"}}]}"#,
+            true,
+        ),
+        (r#"{"tool_calls":[{"name":"get_weather","arguments":{"city":3}}]}"#, false),
+        (r#"{"tool_calls":[{"name":"get_weather","arguments":{"town":"Paris"}}]}"#, false),
+        (r#"{"tool_calls":[{"name":"get_time","arguments":{"zone":"mars"}}]}"#, false),
+        (r#"{"tool_calls":[{"name":"now","arguments":{}}]}"#, false),
+        (r#"{"answer": 42}"#, false),
+    ] {
+        assert_eq!(accepts(text)?, want, "{text:?}");
+    }
     Ok(())
 }

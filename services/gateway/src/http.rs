@@ -10,7 +10,6 @@
 //! choice's index, each choice ending with its own `finish_reason`. The deadline comes from `X-Request-Timeout` (seconds) or
 //! the OpenAI client's `X-Stainless-Timeout`, capped by the gateway's own.
 
-use dsvl_proto::internal::constraint::Kind;
 use dsvl_proto::internal::Constraint;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -223,14 +222,14 @@ fn to_input(
     let invalid = |m: &str| GatewayError::InvalidArgument(m.to_string());
     let tools = Tools::parse(r.tools.as_ref(), r.tool_choice.as_ref(), r.parallel_tool_calls)?;
     let mut constraint = r.structured.constraint()?;
-    if let Some(schema) = tools.as_ref().and_then(Tools::schema) {
+    if let Some(kind) = tools.as_ref().and_then(Tools::constraint) {
         if constraint.is_some() {
             return Err(invalid(
-                "tool_choice required or a named function excludes any other structured output \
-                 (response_format, structured_outputs, guided_*)",
+                "tool_choice required, a named function, or a strict tool under auto excludes any \
+                 other structured output (response_format, structured_outputs, guided_*)",
             ));
         }
-        constraint = Some(Constraint { kind: Some(Kind::JsonSchema(schema.to_string())) });
+        constraint = Some(Constraint { kind: Some(kind) });
     }
     let mut messages: Vec<InMessage> = Vec::with_capacity(r.messages.len() + 1);
     // Names of earlier calls by id, for the tool results.

@@ -83,12 +83,12 @@ fields![
     (
         "tools",
         Honoured,
-        "functions (type function; name, description, parameters); rendered into the system prompt as services/README.md says"
+        "functions (type function; name, description, parameters, strict); rendered into the system prompt as services/README.md says"
     ),
     (
         "tool_choice",
         Honoured,
-        "none, auto (the reply is parsed), required or a named function (both grammar-constrained, so they always parse)"
+        "none, auto (the reply is parsed; grammar-constrained when a tool is strict), required or a named function (both grammar-constrained, so they always parse)"
     ),
     ("user", NoOp, "an end-user id for the caller's own abuse tracking; never changes the output"),
     ("safety_identifier", NoOp, "like user"),
@@ -192,6 +192,20 @@ fields![
     ("messages[].content[].image_url", Honoured, "data: URLs, or http(s) URLs from allowed hosts"),
     ("messages[].content[].image_url.url", Honoured, "the image"),
     ("messages[].content[].image_url.detail", NoOp, "every image is resized to the model's 1024x1024 input"),
+    ("messages[].tool_calls[].id", Honoured, "the call's id, which a later tool message answers"),
+    ("messages[].tool_calls[].type", Honoured, "function"),
+    ("messages[].tool_calls[].function", Honoured, "the call"),
+    ("messages[].tool_calls[].function.name", Honoured, "the tool called"),
+    ("messages[].tool_calls[].function.arguments", Honoured, "its arguments, as JSON text"),
+    ("tools[].type", Honoured, "function only"),
+    ("tools[].function", Honoured, "the function"),
+    ("tools[].function.name", Honoured, "1 to 64 characters"),
+    ("tools[].function.description", Honoured, "rendered with the tool"),
+    ("tools[].function.parameters", Honoured, "a JSON schema of the arguments (an object); enforced under required and a named function, and under auto when strict"),
+    ("tools[].function.strict", Honoured, "true: under auto too, a reply whose first non-blank character is { is decoded as calls of the listed tools whose arguments match the strict tools' parameters (a Lark grammar: text, or such calls); not with another structured output"),
+    ("tool_choice.type", Honoured, "function"),
+    ("tool_choice.function", Honoured, "the function to call"),
+    ("tool_choice.function.name", Honoured, "one of tools"),
 ];
 
 fields![
@@ -251,6 +265,17 @@ fields![
 ];
 
 fields![
+    /// OpenAI's `response_format` object and its `json_schema`, in either endpoint's body.
+    RESPONSE_FORMAT_FIELDS:
+    ("response_format.type", Honoured, "text, json_object or json_schema"),
+    ("response_format.json_schema", Honoured, "with type json_schema"),
+    ("response_format.json_schema.name", NoOp, "the schema's name labels nothing here"),
+    ("response_format.json_schema.description", NoOp, "a description for the model; the schema is enforced by grammar instead"),
+    ("response_format.json_schema.schema", Honoured, "the JSON schema the reply matches"),
+    ("response_format.json_schema.strict", NoOp, "the schema is enforced whether strict is set or not"),
+];
+
+fields![
     /// OpenAI's `stream_options` object, in either endpoint's body.
     STREAM_OPTION_FIELDS:
     ("stream_options.include_usage", Honoured, "a last chunk with the usage (no choices)"),
@@ -296,15 +321,45 @@ pub fn check_completions(body: &Value) -> Result<(), String> {
     check_shared_objects(top)
 }
 
-/// The keys of the objects both endpoints take, `stream_options` and vLLM's
+/// The keys of the objects both endpoints take, `stream_options`, `response_format` and vLLM's
 /// `structured_outputs`, when they are objects.
 fn check_shared_objects(top: &serde_json::Map<String, Value>) -> Result<(), String> {
-    for (key, table) in
-        [("stream_options", STREAM_OPTION_FIELDS), ("structured_outputs", STRUCTURED_OUTPUT_FIELDS)]
-    {
+    for (key, table) in [
+        ("stream_options", STREAM_OPTION_FIELDS),
+        ("structured_outputs", STRUCTURED_OUTPUT_FIELDS),
+        ("response_format", RESPONSE_FORMAT_FIELDS),
+    ] {
         if let Some(inner) = top.get(key).and_then(Value::as_object) {
             check_object(table, inner, key)?;
         }
+    }
+    let schema = top.get("response_format").and_then(|f| f.get("json_schema"));
+    if let Some(inner) = schema.and_then(Value::as_object) {
+        check_object(RESPONSE_FORMAT_FIELDS, inner, "response_format.json_schema")?;
+    }
+    Ok(())
+}
+
+/// An object checked against `table` under `path`, and its object at `inner` under
+/// `path.inner` (anything not an object is left to the field's parser).
+fn check_with_inner(table: &[Field], item: &Value, path: &str, inner: &str) -> Result<(), String> {
+    let Some(item) = item.as_object() else { return Ok(()) };
+    check_object(table, item, path)?;
+    match item.get(inner).and_then(Value::as_object) {
+        Some(obj) => check_object(table, obj, &format!("{path}.{inner}")),
+        None => Ok(()),
+    }
+}
+
+/// [`check_with_inner`] for each item of `list`, when it is an array.
+fn check_list(
+    table: &[Field],
+    list: Option<&Value>,
+    path: &str,
+    inner: &str,
+) -> Result<(), String> {
+    for item in list.and_then(Value::as_array).into_iter().flatten() {
+        check_with_inner(table, item, path, inner)?;
     }
     Ok(())
 }
@@ -314,9 +369,14 @@ pub fn check(body: &Value) -> Result<(), String> {
     let Some(top) = body.as_object() else { return Ok(()) };
     check_object(FIELDS, top, "")?;
     check_shared_objects(top)?;
+    check_list(FIELDS, top.get("tools"), "tools[]", "function")?;
+    if let Some(choice) = top.get("tool_choice") {
+        check_with_inner(FIELDS, choice, "tool_choice", "function")?;
+    }
     for m in top.get("messages").and_then(Value::as_array).into_iter().flatten() {
         let Some(m) = m.as_object() else { continue };
         check_object(FIELDS, m, "messages[]")?;
+        check_list(FIELDS, m.get("tool_calls"), "messages[].tool_calls[]", "function")?;
         for p in m.get("content").and_then(Value::as_array).into_iter().flatten() {
             let Some(p) = p.as_object() else { continue };
             check_object(FIELDS, p, "messages[].content[]")?;
@@ -340,6 +400,7 @@ pub fn reference_page() -> String {
     for (title, table) in [
         ("POST /v1/chat/completions", FIELDS),
         ("POST /v1/completions", COMPLETION_FIELDS),
+        ("response_format (either endpoint)", RESPONSE_FORMAT_FIELDS),
         ("stream_options (either endpoint)", STREAM_OPTION_FIELDS),
         ("structured_outputs (either endpoint)", STRUCTURED_OUTPUT_FIELDS),
     ] {
@@ -392,6 +453,35 @@ mod tests {
         assert!(e.starts_with("`stream_options.continuous_usage_stats` is not supported"), "{e}");
         let e = check(&json!({"messages": [], "stream_options": {"include_usge": true}}));
         assert_eq!(e, Err("unknown field `stream_options.include_usge`".to_string()));
+
+        // Nested objects: tools, tool_choice, an assistant turn's calls, response_format.
+        let tool = json!({"type": "function", "function": {"name": "f", "description": "d",
+            "parameters": {"type": "object", "properties": {"x": {}}}, "strict": true}});
+        let call = json!({"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}});
+        let fine = json!({"messages": [{"role": "assistant", "tool_calls": [call]}], "tools": [tool],
+            "tool_choice": {"type": "function", "function": {"name": "f"}},
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {}, "strict": true}}});
+        assert_eq!(check(&fine), Ok(()), "a parameters schema's own keys are not checked");
+        for (pointer, key, path) in [
+            ("/tools/0/function", "strictt", "tools[].function.strictt"),
+            ("/tools/0", "cache_control", "tools[].cache_control"),
+            ("/tool_choice/function", "args", "tool_choice.function.args"),
+            (
+                "/messages/0/tool_calls/0/function",
+                "argument",
+                "messages[].tool_calls[].function.argument",
+            ),
+            ("/response_format/json_schema", "schemaa", "response_format.json_schema.schemaa"),
+            ("/response_format", "schema", "response_format.schema"),
+        ] {
+            let mut body = fine.clone();
+            body.pointer_mut(pointer).unwrap()[key] = json!(1);
+            assert_eq!(check(&body), Err(format!("unknown field `{path}`")), "{pointer}");
+        }
+        let mut body = json!({"prompt": "x", "response_format": {"type": "json_object", "x": 1}});
+        assert_eq!(check_completions(&body), Err("unknown field `response_format.x`".to_string()));
+        body["response_format"] = json!({"type": "json_object"});
+        assert_eq!(check_completions(&body), Ok(()));
     }
 
     #[test]

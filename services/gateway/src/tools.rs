@@ -12,9 +12,14 @@
 //!
 //! `tool_choice` `required` and a named function are enforced with a JSON schema (the decoder's
 //! grammar-constrained decoding), so the reply always parses into calls of the listed tools
-//! with arguments that match their `parameters`. `auto` is not constrained: a reply that parses
-//! as a call is returned as `tool_calls`, anything else as content. `none` renders no tools.
+//! with arguments that match their `parameters`. Under `auto`, a reply that parses as a call is
+//! returned as `tool_calls`, anything else as content; when a tool sets `function.strict`, the
+//! reply is decoded under a Lark grammar of two branches: text whose first non-blank character
+//! is not `{`, or (after any blanks) calls of the listed tools whose arguments match the strict
+//! tools' `parameters` (any object for the others), as OpenAI's strict function calling
+//! promises. `none` renders no tools.
 
+use dsvl_proto::internal::constraint::Kind;
 use serde_json::{json, Value};
 
 use crate::error::GatewayError;
@@ -28,6 +33,8 @@ pub struct Tool {
     pub description: String,
     /// JSON schema of its arguments (an object schema).
     pub parameters: Value,
+    /// OpenAI's `function.strict`: under `auto` too, a call's arguments match `parameters`.
+    pub strict: bool,
 }
 
 /// OpenAI's `tool_choice`.
@@ -140,25 +147,48 @@ impl Tools {
         out
     }
 
-    /// The JSON schema `required` and named calls are decoded under (`None` for `auto`).
-    pub fn schema(&self) -> Option<Value> {
+    /// What the reply is decoded under: `required` and named calls a JSON schema of the calls,
+    /// `auto` with a strict tool a Lark grammar of text or such calls (`None`: free text).
+    pub fn constraint(&self) -> Option<Kind> {
+        match &self.choice {
+            Choice::Auto if self.tools.iter().any(|t| t.strict) => {
+                let mut calls = self.calls_schema();
+                // Compact JSON, as the decoder compiles a schema given alone.
+                calls["x-guidance"] = json!({"whitespace_flexible": false});
+                Some(Kind::Lark(format!(
+                    "start: text | calls\n\
+                     text: /{BLANKS}([^{{{BLANK}][\\s\\S]*)?/\n\
+                     calls: /{BLANKS}/ %json {calls}\n"
+                )))
+            }
+            Choice::Auto => None,
+            Choice::Required | Choice::Named(_) => {
+                Some(Kind::JsonSchema(self.calls_schema().to_string()))
+            }
+        }
+    }
+
+    /// The JSON schema of a reply that calls tools: `required` any listed tools, a named
+    /// function that one, `auto` any (the arguments of non-strict tools any object).
+    fn calls_schema(&self) -> Value {
         let allowed: Vec<&Tool> = match &self.choice {
-            Choice::Auto => return None,
-            Choice::Required => self.tools.iter().collect(),
+            Choice::Auto | Choice::Required => self.tools.iter().collect(),
             Choice::Named(n) => self.tools.iter().filter(|t| &t.name == n).collect(),
         };
+        let auto = self.choice == Choice::Auto;
         let calls: Vec<Value> = allowed
             .iter()
             .map(|t| {
-                json!({"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+                let arguments = if auto && !t.strict { json!({"type": "object"}) } else { t.parameters.clone() };
+                json!({"type": "object", "properties": {"name": {"const": t.name}, "arguments": arguments},
                        "required": ["name", "arguments"], "additionalProperties": false})
             })
             .collect();
         let items = if calls.len() == 1 { calls[0].clone() } else { json!({"anyOf": calls}) };
-        let max = if self.parallel && matches!(self.choice, Choice::Required) { 8 } else { 1 };
-        Some(json!({"type": "object",
+        let max = if self.parallel && !matches!(self.choice, Choice::Named(_)) { 8 } else { 1 };
+        json!({"type": "object",
             "properties": {"tool_calls": {"type": "array", "items": items, "minItems": 1, "maxItems": max}},
-            "required": ["tool_calls"], "additionalProperties": false}))
+            "required": ["tool_calls"], "additionalProperties": false})
     }
 
     /// The calls in a reply, when it is one (a JSON object whose `tool_calls` are calls of
@@ -184,6 +214,11 @@ impl Tools {
     }
 }
 
+/// What may come before a call's `{` (the reply's start is trimmed before parsing).
+const BLANKS: &str = "[ \\t\\r\\n]*";
+/// One such character, inside a class.
+const BLANK: &str = " \\t\\r\\n";
+
 fn parse_tool((i, v): (usize, &Value)) -> Result<Tool, GatewayError> {
     if v.get("type").and_then(Value::as_str) != Some("function") {
         return Err(invalid(format!("tools[{i}].type must be \"function\"")));
@@ -201,10 +236,16 @@ fn parse_tool((i, v): (usize, &Value)) -> Result<Tool, GatewayError> {
             return Err(invalid(format!("tools[{i}].function.parameters must be an object")))
         }
     };
+    let strict = match f.get("strict") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(invalid(format!("tools[{i}].function.strict must be a boolean"))),
+    };
     Ok(Tool {
         name: name.to_string(),
         description: f.get("description").and_then(Value::as_str).unwrap_or_default().to_string(),
         parameters,
+        strict,
     })
 }
 
@@ -286,20 +327,24 @@ mod tests {
         ] {
             assert_eq!(t.parse_reply(text), None, "{text}");
         }
-        assert_eq!(t.schema(), None, "auto is not constrained");
+        assert_eq!(t.constraint(), None, "auto without a strict tool is not constrained");
     }
 
     #[test]
     fn the_schema_allows_exactly_the_named_or_listed_tools() {
         let named = json!({"type": "function", "function": {"name": "get_weather"}});
+        let schema = |t: &Tools| match t.constraint() {
+            Some(Kind::JsonSchema(s)) => serde_json::from_str::<Value>(&s).unwrap(),
+            other => panic!("{other:?}"),
+        };
         let t = Tools::parse(Some(&weather()), Some(&named), None).unwrap().unwrap();
-        let s = t.schema().unwrap();
+        let s = schema(&t);
         let items = &s["properties"]["tool_calls"]["items"];
         assert_eq!(items["properties"]["name"]["const"], "get_weather");
         assert_eq!(items["properties"]["arguments"]["required"], json!(["city"]));
         assert_eq!(s["properties"]["tool_calls"]["maxItems"], 1);
         let t = Tools::parse(Some(&weather()), Some(&json!("required")), None).unwrap().unwrap();
-        let s = t.schema().unwrap();
+        let s = schema(&t);
         assert_eq!(
             s["properties"]["tool_calls"]["items"]["anyOf"].as_array().map(Vec::len),
             Some(2)
