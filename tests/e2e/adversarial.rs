@@ -320,6 +320,7 @@ async fn oversized_shapes_are_refused_within_half_a_second() -> Result<()> {
         let r = dsvl_e2e::http_exchange(&cluster.http, &head, &bytes)?;
         let took = t.elapsed();
         assert_eq!(r.status, 400, "{what}: {}", &r.body[..r.body.len().min(300)]);
+        eprintln!("{what}: refused after {took:?}");
         assert!(took < Duration::from_millis(500), "{what}: refused after {took:?}");
     }
     // gRPC: the same 100,000 messages.

@@ -6,6 +6,8 @@
 
 use serde_json::Value;
 
+use crate::prepare::MAX_MESSAGES;
+
 /// What the gateway does with a field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Treatment {
@@ -364,9 +366,15 @@ fn check_list(
     Ok(())
 }
 
-/// Refuses a request body that carries a refused or unknown field, naming it.
+/// Refuses a request body that carries a refused or unknown field, naming it, or more
+/// messages than a request may have (before walking them: a body of 100,000 messages is
+/// refused at once).
 pub fn check(body: &Value) -> Result<(), String> {
     let Some(top) = body.as_object() else { return Ok(()) };
+    let messages = top.get("messages").and_then(Value::as_array).map_or(0, Vec::len);
+    if messages > MAX_MESSAGES {
+        return Err(format!("{messages} messages; at most {MAX_MESSAGES}"));
+    }
     check_object(FIELDS, top, "")?;
     check_shared_objects(top)?;
     check_list(FIELDS, top.get("tools"), "tools[]", "function")?;
