@@ -288,7 +288,7 @@ async fn connections_are_recycled_at_their_age_and_open_streams_finish() -> Resu
 
 /// Requests whose shape is over a limit are refused within half a second, before any
 /// tokenizing: 100,000 messages, a 3 MB text for a model of a few thousand positions, 1,000
-/// stop strings; over HTTP and gRPC, with a valid key, while the gateway is under its limit.
+/// stop strings (and 17, one over the limit); over HTTP and gRPC, with a valid key, while the gateway is under its limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_shapes_are_refused_within_half_a_second() -> Result<()> {
     let cluster = Cluster::start(Options {
@@ -302,6 +302,10 @@ async fn oversized_shapes_are_refused_within_half_a_second() -> Result<()> {
     .await?;
     let message = |text: &str| serde_json::json!({"role": "user", "content": text});
     let bodies = [
+        (
+            "17 stop strings",
+            serde_json::json!({"messages": [message("Hi")], "stop": vec!["s"; 17]}),
+        ),
         ("100,000 messages", serde_json::json!({"messages": vec![message("x"); 100_000]})),
         ("a 3 MB text", serde_json::json!({"messages": [message(&"word ".repeat(600_000))]})),
         (
@@ -334,6 +338,7 @@ async fn oversized_shapes_are_refused_within_half_a_second() -> Result<()> {
     let t = Instant::now();
     let e = client.generate(req).await.err().context("100,000 messages were accepted")?;
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    eprintln!("gRPC, 100,000 messages: refused after {:?}", t.elapsed());
     assert!(t.elapsed() < Duration::from_millis(500), "gRPC refused after {:?}", t.elapsed());
     Ok(())
 }
