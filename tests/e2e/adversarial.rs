@@ -288,7 +288,8 @@ async fn connections_are_recycled_at_their_age_and_open_streams_finish() -> Resu
 
 /// Requests whose shape is over a limit are refused within half a second, before any
 /// tokenizing: 100,000 messages, a 3 MB text for a model of a few thousand positions, 1,000
-/// stop strings (and 17, one over the limit); over HTTP and gRPC, with a valid key, while the gateway is under its limit.
+/// stop strings (and 17, one over the limit); over HTTP and gRPC, with a valid key, while the
+/// gateway is under its limit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_shapes_are_refused_within_half_a_second() -> Result<()> {
     let cluster = Cluster::start(Options {
