@@ -95,6 +95,7 @@ async fn completions_with_token_ids_and_text() -> Result<()> {
     continued_reply(&cluster)?;
     vllm_prompt_logprobs(&cluster)?;
     truncation_salt_and_id(&cluster, &ids)?;
+    continuous_usage(&cluster, &ids)?;
     let m = dsvl_testkit::http_get(&cluster.http, "/v1/models")?;
     assert!(m.contains("\"max_model_len\":16384"), "{m}");
     // One model by id: the same object; an unknown id is OpenAI's 404 naming it.
@@ -408,6 +409,64 @@ fn completion(cluster: &Cluster, body: &Value) -> Result<Value> {
     let r = http_post(&cluster.http, "/v1/completions", &[], body)?;
     anyhow::ensure!(r.status == 200, "{body}: {}", r.body);
     r.json()
+}
+
+/// vLLM's `continuous_usage_stats` (with `include_usage`), on completions (n = 2) and chat:
+/// every chunk of a choice carries usage, the prompt's tokens and that choice's tokens so far
+/// (its token ids up to that chunk; all of them on its finishing chunk), and the last chunk
+/// the whole reply's, as with `include_usage` alone; the role chunks that open a chat stream,
+/// sent before any token, carry none.
+fn continuous_usage(cluster: &Cluster, ids: &[u32]) -> Result<()> {
+    let check = |chunks: &[Value], prompt: u64, n: u64| -> Result<()> {
+        let (last, rest) = chunks.split_last().context("chunks")?;
+        let mut so_far = std::collections::HashMap::<u64, u64>::new();
+        let mut finished = 0;
+        for c in rest {
+            let choice = &c["choices"][0];
+            if choice["delta"].get("role").is_some() {
+                assert_eq!(c.get("usage"), None, "{c}");
+                continue;
+            }
+            let i = choice["index"].as_u64().context("index")?;
+            let chunk_ids = c["dsvl"]["token_ids"].as_array().map_or(0, Vec::len) as u64;
+            let count = so_far.entry(i).or_default();
+            if choice["finish_reason"].is_null() {
+                *count += chunk_ids;
+            } else {
+                assert_eq!(*count, chunk_ids, "its finishing chunk holds all of choice {i}'s ids");
+                finished += 1;
+            }
+            let u = &c["usage"];
+            assert_eq!(u["prompt_tokens"].as_u64(), Some(prompt), "{c}");
+            assert_eq!(u["completion_tokens"].as_u64(), Some(*count), "{c}");
+            assert_eq!(u["total_tokens"].as_u64(), Some(prompt + *count), "{c}");
+        }
+        assert_eq!(finished, n);
+        let total: u64 = so_far.values().sum();
+        assert!(total > 0);
+        assert_eq!(last["usage"]["completion_tokens"].as_u64(), Some(total), "{last}");
+        assert_eq!(last["choices"], json!([]), "{last}");
+        Ok(())
+    };
+    let options = json!({"include_usage": true, "continuous_usage_stats": true});
+    let body = json!({"prompt": ids, "temperature": 1, "seed": 3, "max_tokens": 6, "n": 2,
+                      "stream": true, "stream_options": options});
+    check(&streamed_chunks(cluster, &body)?, ids.len() as u64, 2)?;
+    // Chat: the prompt is the template's, as the whole reply counts it.
+    let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5,
+                      "stream": true, "stream_options": options});
+    let mut whole = body.clone();
+    whole["stream"] = json!(false);
+    let whole = http_post(&cluster.http, "/v1/chat/completions", &[], &whole)?.json()?;
+    let prompt = whole["usage"]["prompt_tokens"].as_u64().context("usage")?;
+    let r = http_post(&cluster.http, "/v1/chat/completions", &[], &body)?;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let events = r.sse_data();
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e))
+        .collect::<Result<_, _>>()?;
+    check(&chunks, prompt, 1)
 }
 
 /// The chunks of a streamed `/v1/completions` answer, which must end with `[DONE]`.

@@ -6,12 +6,13 @@
 //! then the most recently admitted; it goes back to the queue ahead of the requests of its
 //! priority and is recomputed from its prompt plus what it generated, without re-streaming
 //! anything). A waiting request that a less important running one keeps out (blocks or a
-//! seat) preempts it, as vLLM's priority scheduling does ([`preempt`]). The step's token budget (`max_batched_tokens`) goes to the running decodes
-//! first, then to prompts being prefilled, then to waiting sequences, admitted in priority
-//! order (lower first, vLLM's `priority`; every request has 0 unless it asks) and in arrival
-//! order within a priority, while `max_num_seqs` and free blocks allow; a prompt longer than what is
-//! left of the budget is prefilled over several steps (chunked prefill, as vLLM and SGLang do by
-//! default), so a long image prompt never stalls the running streams for its whole prefill.
+//! seat) preempts it, as vLLM's priority scheduling does (`preempt.rs`). The step's token
+//! budget (`max_batched_tokens`) goes to the running decodes first, then to prompts being
+//! prefilled, then to waiting sequences, admitted in priority order (lower first, vLLM's
+//! `priority`; every request has 0 unless it asks) and in arrival order within a priority,
+//! while `max_num_seqs` and free blocks allow; a prompt longer than what is left of the budget
+//! is prefilled over several steps (chunked prefill, as vLLM and SGLang do by default), so a
+//! long image prompt never stalls the running streams for its whole prefill.
 //! One forward pass runs all of it.
 //!
 //! Prefix caching: a sequence is admitted on the longest run of cached KV blocks that starts

@@ -57,6 +57,9 @@ pub struct Delta {
     pub token_ids: Vec<u32>,
     /// With `logprobs`: one entry per id in `token_ids`.
     pub logprobs: Vec<TokenLogprob>,
+    /// The choice's prompt tokens (for the usage vLLM's `continuous_usage_stats` puts in
+    /// every chunk).
+    pub prompt_tokens: u32,
 }
 
 /// A token's log-probability under the model's unprocessed distribution, with the most likely
@@ -471,6 +474,7 @@ impl Gateway {
             index: 0,
             text: text.clone(),
             token_ids: Vec::new(),
+            prompt_tokens: prep.prompt.ids.len() as u32,
             // Completions' echo scores the prompt it echoes; chat's echoes text alone.
             logprobs: if prep.output.echo && prep.output.logprobs {
                 let mut v = cut(prep.output.top_logprobs);
@@ -748,6 +752,7 @@ impl Gateway {
         tenant: &str,
     ) -> Result<(), GatewayError> {
         let Opened { mut stream, first, guard: _guard, .. } = opened;
+        let prompt_len = prep.prompt.ids.len() as u32;
         let tok = &self.model.tokenizer;
         let mut detok = IncrementalDecoder::new(true);
         let mut stops = StopText::new(&prep.stop, prep.output.include_stop_str);
@@ -816,6 +821,7 @@ impl Gateway {
                                 text: released.text,
                                 token_ids: std::mem::take(&mut unsent_ids),
                                 logprobs: std::mem::take(&mut unsent_logprobs),
+                                prompt_tokens: prompt_len,
                             }))
                             .await?;
                         }
@@ -846,6 +852,7 @@ impl Gateway {
                             text,
                             token_ids: std::mem::take(&mut unsent_ids),
                             logprobs: std::mem::take(&mut unsent_logprobs),
+                            prompt_tokens: prompt_len,
                         }))
                         .await?;
                     }

@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use crate::chat::request_span;
 use crate::error::{retry_after_secs, GatewayError};
-use crate::http_reply::{sse, whole, Reply, Shape};
+use crate::http_reply::{sse, whole, Reply, Shape, StreamUsage};
 use crate::prepare::{ChatInput, InMessage, OutputOptions, Part, Role, TemplateOptions};
 use crate::structured::StructuredFields;
 use crate::tenancy::Tenant;
@@ -118,6 +118,8 @@ enum Stop {
 struct StreamOptions {
     #[serde(default)]
     include_usage: bool,
+    #[serde(default)]
+    continuous_usage_stats: bool,
 }
 
 #[derive(Deserialize)]
@@ -420,7 +422,9 @@ async fn completions(
             Err(e) => return error_response(&e),
         };
     let streaming = req.stream;
-    let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+    let usage_in = req.stream_options.as_ref().map_or(StreamUsage::Never, |o| {
+        StreamUsage::from_flags(o.include_usage, o.continuous_usage_stats)
+    });
     let (input, tools, request_id) = match to_input(req) {
         Ok(i) => i,
         Err(e) => return error_response(&e),
@@ -438,7 +442,7 @@ async fn completions(
         Err(e) => return error_response(&e),
     };
     if streaming {
-        sse(rx, reply, include_usage).into_response()
+        sse(rx, reply, usage_in).into_response()
     } else {
         whole(rx, reply).await
     }

@@ -27,7 +27,7 @@ use tracing::Instrument;
 use crate::chat::{request_span, ChatEvent, ChatStream};
 use crate::error::GatewayError;
 use crate::http::{error_response, logit_bias, read_request, unique_id};
-use crate::http_reply::{sse, whole, Reply, Shape};
+use crate::http_reply::{sse, whole, Reply, Shape, StreamUsage};
 use crate::prepare::{ChatInput, OutputOptions, RawPrompt};
 use crate::structured::StructuredFields;
 use crate::tenancy::Tenant;
@@ -116,11 +116,11 @@ fn prompts_of(field: PromptField, max_prompts: u32) -> Result<Vec<RawPrompt>, Ga
 }
 
 /// A legacy body read: one input per prompt (the same options for each), whether the reply
-/// streams, whether a stream ends with the usage, and the caller's `request_id`.
+/// streams, where a stream reports usage, and the caller's `request_id`.
 struct Inputs {
     inputs: Vec<ChatInput>,
     stream: bool,
-    include_usage: bool,
+    usage_in: StreamUsage,
     request_id: Option<String>,
 }
 
@@ -134,12 +134,10 @@ fn to_inputs(r: LegacyRequest, max_prompts: u32) -> Result<Inputs, GatewayError>
         return Err(invalid("suffix is not supported (no fill-in-the-middle)"));
     }
     let prompts = prompts_of(r.prompt, max_prompts)?;
-    let include_usage = r
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let flag = |key: &str| {
+        r.stream_options.as_ref().and_then(|o| o.get(key)).and_then(Value::as_bool).unwrap_or(false)
+    };
+    let usage_in = StreamUsage::from_flags(flag("include_usage"), flag("continuous_usage_stats"));
     let input = ChatInput {
         model: r.model,
         messages: Vec::new(),
@@ -181,7 +179,7 @@ fn to_inputs(r: LegacyRequest, max_prompts: u32) -> Result<Inputs, GatewayError>
     let request_id = r.vllm.apply(&mut input, r.stream)?;
     let inputs =
         prompts.into_iter().map(|p| ChatInput { raw_prompt: Some(p), ..input.clone() }).collect();
-    Ok(Inputs { inputs, stream: r.stream, include_usage, request_id })
+    Ok(Inputs { inputs, stream: r.stream, usage_in, request_id })
 }
 
 /// The handler.
@@ -201,7 +199,7 @@ pub async fn completions(
         Ok(x) => x,
         Err(e) => return error_response(&e),
     };
-    let Inputs { inputs, stream: streaming, include_usage, request_id } = read;
+    let Inputs { inputs, stream: streaming, usage_in, request_id } = read;
     let id = request_id.map_or_else(|| unique_id("cmpl-"), |r| format!("cmpl-{r}"));
     let reply = Reply::new(&inputs[0], Shape::Text, gw.model.name.clone(), id)
         .for_prompts(inputs.len() as u32);
@@ -216,7 +214,7 @@ pub async fn completions(
         Err(e) => return error_response(&e),
     };
     if streaming {
-        sse(rx, reply, include_usage).into_response()
+        sse(rx, reply, usage_in).into_response()
     } else {
         whole(rx, reply).await
     }

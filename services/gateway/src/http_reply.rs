@@ -329,18 +329,48 @@ struct Held {
     logprobs: Vec<TokenLogprob>,
 }
 
+/// Where a stream reports usage (`stream_options`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum StreamUsage {
+    /// Nowhere.
+    #[default]
+    Never,
+    /// In a last chunk without choices (`include_usage`).
+    Last,
+    /// There, and in every chunk of a choice: its prompt and its tokens so far (vLLM's
+    /// `continuous_usage_stats`, which it honours only with `include_usage`).
+    Every,
+}
+
+impl StreamUsage {
+    /// From `stream_options`' two flags.
+    pub(crate) fn from_flags(include_usage: bool, continuous: bool) -> Self {
+        match (include_usage, continuous) {
+            (false, _) => Self::Never,
+            (true, false) => Self::Last,
+            (true, true) => Self::Every,
+        }
+    }
+}
+
+/// A chunk's `usage` under [`StreamUsage::Every`].
+fn running_usage(prompt: u32, completion: u32) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
 /// The reply as server-sent events framed like OpenAI's (`[DONE]` last, after every choice's
 /// end).
 pub(crate) fn sse(
     rx: ChatStream,
     reply: Reply,
-    include_usage: bool,
+    usage_in: StreamUsage,
 ) -> Sse<impl futures::Stream<Item = Result<Event, Infallible>>> {
     let created = unix_now();
     let Reply { shape, id, model, n, per_prompt, logprobs, tools } = reply;
-    let chunk = move |choices: Value, extra: Option<(&str, Value)>| {
+    // A chunk: the choices, and top-level keys besides (`dsvl`, `usage`).
+    let chunk = move |choices: Value, extra: Option<Value>| {
         let mut v = json!({"id": id, "object": shape.object(true), "created": created, "model": model, "system_fingerprint": null, "choices": choices});
-        if let Some((k, x)) = extra {
+        for (k, x) in extra.and_then(|e| e.as_object().cloned()).into_iter().flatten() {
             v[k] = x;
         }
         Event::default().data(v.to_string())
@@ -362,8 +392,13 @@ pub(crate) fn sse(
     let mut held: Vec<Held> = (0..n).map(|_| Held::default()).collect();
     let mut finishes: Vec<Finish> = Vec::new();
     let mut chars = vec![0usize; n as usize];
+    // Each choice's tokens so far, for usage in every chunk.
+    let mut generated = vec![0u32; n as usize];
+    let every = usage_in == StreamUsage::Every;
     let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |ev| match ev {
         Ok(ChatEvent::Delta(d)) => {
+            generated[d.index as usize] += d.token_ids.len() as u32;
+            let so_far = every.then(|| running_usage(d.prompt_tokens, generated[d.index as usize]));
             let (mut text, mut lps) = (d.text, d.logprobs);
             let h = &mut held[d.index as usize];
             if tools.is_some() && !h.streaming {
@@ -381,13 +416,23 @@ pub(crate) fn sse(
             let at = &mut chars[d.index as usize];
             let lp = shape.logprobs(logprobs, &lps, *at);
             *at += lps.iter().map(shown_chars).sum::<usize>();
-            vec![chunk(
-                json!([shape.chunk_choice(d.index, &text, lp, None)]),
-                Some(("dsvl", json!({"token_ids": d.token_ids}))),
-            )]
+            let mut extra = json!({"dsvl": {"token_ids": d.token_ids}});
+            if let Some(u) = so_far {
+                extra["usage"] = u;
+            }
+            vec![chunk(json!([shape.chunk_choice(d.index, &text, lp, None)]), Some(extra))]
         }
         Ok(ChatEvent::Finish(f)) => {
             let mut out = Vec::new();
+            let so_far = every.then(|| running_usage(f.prompt_tokens, f.completion_tokens));
+            let with_usage = |extra: Option<Value>| match (&so_far, extra) {
+                (Some(u), Some(mut e)) => {
+                    e["usage"] = u.clone();
+                    Some(e)
+                }
+                (Some(u), None) => Some(json!({"usage": u})),
+                (None, e) => e,
+            };
             let mut reason = f.finish_reason.clone();
             let h = &mut held[f.index as usize];
             if !h.text.is_empty() {
@@ -401,23 +446,26 @@ pub(crate) fn sse(
                         let lp = shape.logprobs(logprobs, &lps, 0);
                         out.push(chunk(
                             json!([{"index": f.index, "delta": {"tool_calls": tool_calls_json(&calls)}, "logprobs": lp, "finish_reason": null}]),
-                            None,
+                            with_usage(None),
                         ));
                     }
                     None => {
                         let lp = shape.logprobs(logprobs, &lps, chars[f.index as usize]);
-                        out.push(chunk(json!([shape.chunk_choice(f.index, &text, lp, None)]), None));
+                        out.push(chunk(
+                            json!([shape.chunk_choice(f.index, &text, lp, None)]),
+                            with_usage(None),
+                        ));
                     }
                 }
             }
             out.push(chunk(
                 json!([shape.chunk_choice(f.index, "", Value::Null, Some((&reason, stop_reason(&f))))]),
-                Some(("dsvl", extension(&f))),
+                with_usage(Some(json!({"dsvl": extension(&f)}))),
             ));
             finishes.push(f);
             if finishes.len() == n as usize {
-                if include_usage {
-                    out.push(chunk(json!([]), Some(("usage", usage(&finishes, per_prompt)))));
+                if usage_in != StreamUsage::Never {
+                    out.push(chunk(json!([]), Some(json!({"usage": usage(&finishes, per_prompt)}))));
                 }
                 out.push(Event::default().data("[DONE]"));
             }

@@ -50,7 +50,7 @@ fields![
     ("seed", Honoured, "same seed, request and model: same tokens (see services/README.md for what is guaranteed); absent: random per request"),
     ("stop", Honoured, "up to 16 strings; the text is cut before them"),
     ("stream", Honoured, "server-sent events"),
-    ("stream_options", Honoured, "include_usage"),
+    ("stream_options", Honoured, "include_usage, continuous_usage_stats"),
     (
         "response_format",
         Honoured,
@@ -221,7 +221,7 @@ fields![
     ("seed", Honoured, "same seed, request and model: same tokens (see services/README.md for what is guaranteed); absent: random per request"),
     ("stop", Honoured, "up to 16 strings"),
     ("stream", Honoured, "server-sent events"),
-    ("stream_options", Honoured, "include_usage"),
+    ("stream_options", Honoured, "include_usage, continuous_usage_stats"),
     ("n", Honoured, "up to the gateway's --max-n; the choices share the prompt's prefill"),
     ("best_of", Honoured, "absent or equal to n (no server-side ranking)"),
     (
@@ -281,7 +281,7 @@ fields![
     /// OpenAI's `stream_options` object, in either endpoint's body.
     STREAM_OPTION_FIELDS:
     ("stream_options.include_usage", Honoured, "a last chunk with the usage (no choices)"),
-    ("stream_options.continuous_usage_stats", Refused, "vLLM's usage in every chunk is not implemented; include_usage gives it in the last"),
+    ("stream_options.continuous_usage_stats", Honoured, "vLLM extension, with include_usage (vLLM ignores it without): every chunk of a choice carries usage, its prompt and its tokens so far; the last chunk the whole reply's"),
     ("stream_options.include_obfuscation", NoOp, "OpenAI's padding against length side channels; chunks here carry none"),
 ];
 
@@ -457,8 +457,8 @@ mod tests {
         assert_eq!(e, "unknown field `structured_outputs.jsn`");
         let streamed = |v: Value| json!({"prompt": "x", "stream": true, "stream_options": v});
         assert_eq!(check_completions(&streamed(json!({"include_usage": true}))), Ok(()));
-        let e = check_completions(&streamed(json!({"continuous_usage_stats": true}))).unwrap_err();
-        assert!(e.starts_with("`stream_options.continuous_usage_stats` is not supported"), "{e}");
+        let e = check_completions(&streamed(json!({"include_obfuscation": true, "x": 1})));
+        assert_eq!(e, Err("unknown field `stream_options.x`".to_string()));
         let e = check(&json!({"messages": [], "stream_options": {"include_usge": true}}));
         assert_eq!(e, Err("unknown field `stream_options.include_usge`".to_string()));
 
