@@ -69,8 +69,10 @@ fn the_valid_seeds_are_accepted() {
     let seed =
         |t: &str, n: usize| std::fs::read(root().join(format!("corpus/{t}/seed-{n}"))).unwrap();
     use dsvl_gateway::untrusted;
-    // The first three of each, and those with vLLM's extensions.
-    for (chat, completion, grpc) in [(0, 0, 0), (1, 1, 1), (2, 2, 2), (6, 3, 3), (7, 3, 3)] {
+    // The first three of each, and those with vLLM's extensions and strict tools.
+    for (chat, completion, grpc) in
+        [(0, 0, 0), (1, 1, 1), (2, 2, 2), (6, 3, 3), (7, 3, 3), (8, 4, 3)]
+    {
         untrusted::openai_chat(&config, &model, &seed("openai_chat", chat)).unwrap();
         untrusted::openai_completion(&config, &model, &seed("openai_completion", completion))
             .unwrap();

@@ -47,6 +47,15 @@ fn chat_bodies() -> Vec<serde_json::Value> {
             "cache_salt": "s", "priority": -1, "request_id": "r-1", "skip_special_tokens": true}),
         json!({"messages": [{"role": "user", "content": "x"}],
             "structured_outputs": {"choice": ["a", "b"], "disable_fallback": true}}),
+        // Strict tools under auto, a call in the history, usage in every chunk (accepted).
+        json!({"messages": [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "rain"}],
+            "tools": [{"type": "function", "function": {"name": "get_weather", "description": "w", "strict": true,
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}],
+            "tool_choice": "auto", "stream": true,
+            "stream_options": {"include_usage": true, "continuous_usage_stats": true}}),
     ]
 }
 
@@ -58,6 +67,8 @@ fn completion_bodies() -> Vec<serde_json::Value> {
         // vLLM's extensions (seed 3; accepted).
         json!({"prompt": [1, 2, 3, 4, 5], "max_tokens": 2, "prompt_logprobs": 2, "truncate_prompt_tokens": 3,
             "guided_json": "{\"type\": \"object\"}", "request_id": "c-1", "cache_salt": "t"}),
+        json!({"prompt": "a", "n": 2, "stream": true,
+            "stream_options": {"include_usage": true, "continuous_usage_stats": true}}),
     ]
 }
 
