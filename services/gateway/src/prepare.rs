@@ -648,7 +648,8 @@ fn finish(
     if constraint.is_some() && (output.allowed_token_ids.is_some() || !output.bad_words.is_empty())
     {
         return Err(invalid(
-            "allowed_token_ids and bad_words cannot be combined with a structured output: the \
+            "allowed_token_ids and bad_words cannot be combined with a structured output \
+             (response_format, guided_*, tool_choice required or named, strict tools): the \
              grammar decides which tokens may come",
         ));
     }
@@ -656,7 +657,8 @@ fn finish(
     if output.min_tokens > 0 && constraint.is_some() {
         return Err(invalid(
             "min_tokens cannot be combined with a structured output (response_format, guided_*, \
-             tool_choice required or named): the grammar decides where the reply ends",
+             tool_choice required or named, strict tools): the grammar decides where the reply \
+             ends",
         ));
     }
     let image_digests = images.iter().map(|b| ImageDigest::of(b)).collect();
