@@ -385,6 +385,51 @@ async fn concurrent_streams_and_preemption_keep_outputs() -> Result<()> {
     Ok(())
 }
 
+/// vLLM's priority through the service: with one seat (`--max-num-seqs 1`), a request of a
+/// lower priority value arriving while another runs takes its seat at once (the running one is
+/// preempted and later recomputed); both stream exactly what they stream alone. Of equal
+/// priority, the newcomer waits instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_more_important_request_takes_the_seat_of_a_running_one() -> Result<()> {
+    let ps = prompts(2);
+    let d = Decoder::start(&["--max-num-seqs", "1"]).await?;
+    let long = |priority| GenerateRequest {
+        stop_token_ids: Vec::new(),
+        priority,
+        ..request(ps[0].clone(), 800)
+    };
+    let short = |priority| GenerateRequest { priority, ..request(ps[1].clone(), 4) };
+    let solo_long = generate(&mut d.client().await?, long(5)).await?.0;
+    let solo_short = generate(&mut d.client().await?, short(0)).await?.0;
+    assert_eq!(solo_long.len(), 800);
+    for (late_priority, preemptions) in [(0, 1.0), (5, 0.0)] {
+        let before = d.counter("dsvl_decoder_preemptions_total")?;
+        // Connected before the long stream starts: the late request goes out at once.
+        let mut late_client = d.client().await?;
+        let mut running = d.client().await?.generate(long(5)).await?.into_inner();
+        let mut got = Vec::new();
+        // Running: its first token is out.
+        while got.is_empty() {
+            match running.message().await?.map(|m| m.event) {
+                Some(Some(Event::Token(t))) => got.push(t.id),
+                Some(_) => {}
+                None => bail!("the long stream ended before its first token"),
+            }
+        }
+        let late = generate(&mut late_client, short(late_priority)).await?.0;
+        assert_eq!(late, solo_short, "priority {late_priority}");
+        while let Some(m) = running.message().await? {
+            if let Some(Event::Token(t)) = m.event {
+                got.push(t.id);
+            }
+        }
+        assert_eq!(got, solo_long, "the long stream, late priority {late_priority}");
+        let preempted = d.counter("dsvl_decoder_preemptions_total")? - before;
+        assert_eq!(preempted, preemptions, "late priority {late_priority}");
+    }
+    Ok(())
+}
+
 /// A client that goes away frees its KV blocks within a step; a too-long prompt is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_client_frees_blocks_and_long_prompt_is_refused() -> Result<()> {
