@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use dsvl_loadgen::{
     run as run_load, sweep, BuiltIn, Client, ConnectOptions, Load, Mix, Mode, Report, Slo,
-    SweepPlan, TlsFiles, Until, Workload,
+    SweepPlan, TlsFiles, Until, Urgent, Workload,
 };
 use serde_json::{json, Map, Value};
 
@@ -78,6 +78,13 @@ pub struct ServeArgs {
     /// Seeds the mix and the arrival times.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// This share (0 to 1) of the mix's requests goes out with --urgent-priority and is
+    /// reported as the kind `urgent` (the report breaks TTFT and E2E down by kind).
+    #[arg(long, default_value_t = 0.0)]
+    urgent_share: f64,
+    /// The urgent requests' `priority` (vLLM's: lower values are served first; the others 0).
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    urgent_priority: i32,
     /// Each request's deadline, sent to the gateway (a workload line's `timeout_s` wins).
     #[arg(long, default_value_t = 60.0)]
     deadline_s: f64,
@@ -130,6 +137,9 @@ fn secs(s: f64, flag: &str) -> Result<Duration> {
 }
 
 fn workload(a: &ServeArgs) -> Result<Workload> {
+    if !(0.0..=1.0).contains(&a.urgent_share) {
+        bail!("--urgent-share must be between 0 and 1 (got {})", a.urgent_share);
+    }
     if let Some(file) = &a.workload {
         return Ok(Workload::from_file(file)?);
     }
@@ -147,6 +157,8 @@ fn workload(a: &ServeArgs) -> Result<Workload> {
         seed: a.seed,
         cycle: a.cycle,
         extra,
+        urgent: (a.urgent_share > 0.0)
+            .then_some(Urgent { share: a.urgent_share, priority: a.urgent_priority }),
     })?)
 }
 

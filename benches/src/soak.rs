@@ -115,6 +115,7 @@ async fn soak(a: SoakArgs) -> Result<()> {
         seed: 3,
         cycle: Some(a.cycle),
         extra,
+        urgent: None,
     })?);
     let procs = processes(&cluster);
     let per_round = a.requests / a.rounds;

@@ -95,6 +95,7 @@ async fn faults_under_load_lose_no_request_and_the_cluster_recovers() -> Result<
         seed: 2,
         cycle: None,
         extra,
+        urgent: None,
     })?);
     let stop = Arc::new(AtomicBool::new(false));
     let load = Load {

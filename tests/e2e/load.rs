@@ -32,6 +32,7 @@ fn workload() -> Result<Arc<Workload>> {
         seed: 1,
         cycle: None,
         extra,
+        urgent: None,
     })?))
 }
 

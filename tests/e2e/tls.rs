@@ -135,6 +135,7 @@ async fn every_hop_speaks_tls_and_the_tiers_refuse_strangers() -> Result<()> {
             seed: 3,
             cycle: None,
             extra: serde_json::Map::new(),
+            urgent: None,
         })?);
         let load = Load {
             mode: Mode::Closed { concurrency: 2 },

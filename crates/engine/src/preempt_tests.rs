@@ -1,6 +1,7 @@
-//! Priority preemption for admission ([`super::super::scheduler`]'s `preempt` module): a
-//! waiting request of a lower priority value takes blocks or a seat from running sequences of
-//! a higher one, only as many as it needs and only when they suffice; equal priorities wait.
+//! Priority beyond admission order: a waiting request of a lower priority value takes blocks
+//! or a seat from running sequences of a higher one (the scheduler's `preempt` module), only
+//! as many as it needs and only when they suffice, equal priorities waiting; and it takes the
+//! step's prefill budget before the prompts of a higher value being prefilled.
 
 use super::*;
 
@@ -124,4 +125,48 @@ fn no_preemption_that_cannot_admit_the_request() {
     }
     assert_eq!((releases(&model, 1), releases(&model, 2)), (1, 1), "no preemption");
     assert!(prefills(&model, 3)[0] >= freed(&model, 1).min(freed(&model, 2)), "after an end");
+}
+
+/// The plan at which `seq`'s prompt of `len` tokens was prefilled to its end.
+fn prefilled(model: &FakeModel, seq: SeqId, len: usize) -> usize {
+    model
+        .plans
+        .iter()
+        .position(|(chunks, _)| chunks.iter().any(|c| c.0 == seq && c.1 + c.2 == len))
+        .expect("prefilled")
+}
+
+/// 8 tokens a step: two prompts of 24 tokens (priority 0) arrive, the first starts; an urgent
+/// one (priority -1) arriving next is admitted at once and takes every later step's budget
+/// until its prompt is done, before the one already being prefilled; each still streams
+/// exactly its tokens. Of equal priority, it would wait behind both.
+#[test]
+fn an_urgent_prompt_takes_the_prefill_budget_first() {
+    for (late_priority, urgent_first) in [(-1, true), (0, false)] {
+        let mut s = scheduler(4, 8, 64);
+        let mut model = FakeModel::default();
+        let mut rxs = Vec::new();
+        for i in 0..2 {
+            let (req, rx) = request(prompt(i, 24), 2);
+            s.add(req);
+            rxs.push((i, rx));
+        }
+        s.step(&mut model).unwrap();
+        let (mut req, rx) = request(prompt(2, 24), 2);
+        req.priority = late_priority;
+        s.add(req);
+        rxs.push((2, rx));
+        run_to_end(&mut s, &mut model);
+        for (i, mut rx) in rxs {
+            assert_eq!(drain(&mut rx).0, expected(&prompt(i, 24), 2), "request {i}");
+        }
+        let (first, second, late) =
+            (prefilled(&model, 1, 24), prefilled(&model, 2, 24), prefilled(&model, 3, 24));
+        if urgent_first {
+            assert_eq!(late, 3, "steps 1, 2 and 3 after its arrival: {:?}", model.plans);
+            assert!(late < first && first < second, "{:?}", model.plans);
+        } else {
+            assert!(first < second && second < late, "{:?}", model.plans);
+        }
+    }
 }

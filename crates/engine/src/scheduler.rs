@@ -8,9 +8,12 @@
 //! anything). A waiting request that a less important running one keeps out (blocks or a
 //! seat) preempts it, as vLLM's priority scheduling does (`preempt.rs`). The step's token
 //! budget (`max_batched_tokens`) goes to the running decodes first, then to prompts being
-//! prefilled, then to waiting sequences, admitted in priority order (lower first, vLLM's
-//! `priority`; every request has 0 unless it asks) and in arrival order within a priority,
-//! while `max_num_seqs` and free blocks allow; a prompt longer than what is left of the budget
+//! prefilled and to waiting sequences by priority (lower first, vLLM's `priority`; every
+//! request has 0 unless it asks): the prompts of the first waiting request's priority or a
+//! lower value, the waiting sequences in priority order and in arrival order within a
+//! priority (while `max_num_seqs` and free blocks allow), then the prompts of a higher value,
+//! so an urgent request is not queued behind the prefills of less urgent ones; a prompt
+//! longer than what is left of the budget
 //! is prefilled over several steps (chunked prefill, as vLLM and SGLang do by default), so a
 //! long image prompt never stalls the running streams for its whole prefill.
 //! One forward pass runs all of it.
@@ -552,8 +555,10 @@ impl Scheduler {
         }
 
         // The step's token budget: running decodes first (one token each), then the prompts
-        // being prefilled, in admission order, then new admissions; a prompt longer than what
-        // is left is prefilled over several steps (chunked prefill).
+        // being prefilled and new admissions, by priority: the prompts of the best waiting
+        // request's priority or a lower value (in admission order within a priority), the
+        // admissions, then the prompts of a higher value. A prompt longer than what is left is
+        // prefilled over several steps (chunked prefill).
         let decodes = self.running.iter().filter(|s| s.remaining() == 1).count();
         let guarded = self.cfg.max_step_stretch.is_some() && decodes > 0;
         let mut budget = StepBudget::new(
@@ -562,16 +567,22 @@ impl Scheduler {
         );
         let mut work: Vec<(usize, usize)> = Vec::with_capacity(self.running.len());
         let mut scored_rows = ScoredRows(self.max_scored_rows);
+        let mut prefilling = Vec::new();
         for (i, s) in self.running.iter().enumerate() {
-            let left = s.remaining();
-            if left == 1 {
+            if s.remaining() == 1 {
                 work.push((i, 1));
             } else {
-                let n = scored_rows.take(s, left, |left| budget.take(left, s.long_prefill()));
-                if n > 0 {
-                    work.push((i, n));
-                }
+                prefilling.push(i);
             }
+        }
+        // Stable: admission order within a priority.
+        prefilling.sort_by_key(|&i| self.running[i].req.priority);
+        let best_waiting = self.waiting.front().filter(|_| !preempted).map(|w| w.req.priority);
+        let before_admissions = prefilling
+            .partition_point(|&i| best_waiting.is_none_or(|p| self.running[i].req.priority <= p));
+        let later = prefilling.split_off(before_admissions);
+        for i in prefilling {
+            prefill_share(&self.running[i], i, &mut budget, &mut scored_rows, &mut work);
         }
         // Admit in queue order, priority then arrival (not while preempting: that would only
         // thrash). A request whose next uncached block a running sequence is prefilling right
@@ -625,6 +636,9 @@ impl Scheduler {
             }
             work.push((self.running.len(), n));
             self.running.push(s);
+        }
+        for i in later {
+            prefill_share(&self.running[i], i, &mut budget, &mut scored_rows, &mut work);
         }
 
         let mut chunks = Vec::with_capacity(work.len());
@@ -888,6 +902,20 @@ impl Scheduler {
             }
         }
         Ok(())
+    }
+}
+
+/// Gives the running prompt `s` (at `i`) its share of what is left of the step's budget.
+fn prefill_share(
+    s: &Seq,
+    i: usize,
+    budget: &mut StepBudget,
+    scored_rows: &mut ScoredRows,
+    work: &mut Vec<(usize, usize)>,
+) {
+    let n = scored_rows.take(s, s.remaining(), |left| budget.take(left, s.long_prefill()));
+    if n > 0 {
+        work.push((i, n));
     }
 }
 

@@ -380,11 +380,13 @@ impl Client {
         let ignore_eos = item.extra.get("ignore_eos").and_then(Value::as_bool).unwrap_or(false);
         let temperature = item.extra.get("temperature").and_then(Value::as_f64).map(|t| t as f32);
         let seed = item.extra.get("seed").and_then(Value::as_u64);
+        let priority = item.extra.get("priority").and_then(Value::as_i64).unwrap_or(0);
         let mut req = tonic::Request::new(ChatRequest {
             model: self.model.clone(),
             messages,
             max_tokens: item.max_tokens,
             ignore_eos,
+            priority: i32::try_from(priority).map_err(|_| "priority_out_of_range".to_string())?,
             sampling: Some(dsvl_proto::v1::SamplingParams {
                 temperature,
                 seed,

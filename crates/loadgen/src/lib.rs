@@ -18,10 +18,12 @@ mod workload_file;
 
 pub use client::{Client, ConnectOptions};
 pub use driver::{run, Load, Mode, Run, Until};
-pub use report::{retryable, Outcome, Percentiles, Report, Slo, DEADLINE_SLACK, REPORT_FIELDS};
+pub use report::{
+    retryable, KindReport, Outcome, Percentiles, Report, Slo, DEADLINE_SLACK, REPORT_FIELDS,
+};
 pub use sweep::{sweep, Step, Sweep, SweepPlan};
 pub use tls::TlsFiles;
-pub use workload::{BuiltIn, Image, Message, Mix, Part, WorkItem, Workload};
+pub use workload::{BuiltIn, Image, Message, Mix, Part, Urgent, WorkItem, Workload};
 
 /// Why a run could not start. Failures of single requests are not errors: they are counted.
 #[derive(Debug, thiserror::Error)]

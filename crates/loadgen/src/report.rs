@@ -142,6 +142,30 @@ pub struct Report {
     pub goodput_fraction: f64,
     pub slo: Slo,
     pub duration_s: f64,
+    /// The same by request kind (`text`, `image`, ..., `urgent`, a file's kinds).
+    pub by_kind: BTreeMap<String, KindReport>,
+}
+
+/// One kind's share of a run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct KindReport {
+    pub completed: u64,
+    pub failed: u64,
+    pub ttft_ms: Percentiles,
+    pub e2e_ms: Percentiles,
+}
+
+impl KindReport {
+    fn of<'a>(outcomes: impl Iterator<Item = &'a Outcome>) -> Self {
+        let ms = |d: &Duration| d.as_secs_f64() * 1e3;
+        let (ok, failed): (Vec<&Outcome>, Vec<&Outcome>) = outcomes.partition(|o| o.result.is_ok());
+        Self {
+            completed: ok.len() as u64,
+            failed: failed.len() as u64,
+            ttft_ms: Percentiles::of(ok.iter().filter_map(|o| o.ttft.as_ref().map(ms)).collect()),
+            e2e_ms: Percentiles::of(ok.iter().map(|o| ms(&o.e2e)).collect()),
+        }
+    }
 }
 
 impl Report {
@@ -162,6 +186,11 @@ impl Report {
             outcomes.iter().map(|o| ms(&o.e2e.saturating_sub(o.deadline))).fold(0.0, f64::max);
         let output_tokens: u64 = ok.iter().map(|o| o.output_tokens as u64).sum();
         let good = ok.iter().filter(|o| slo.met(o)).count();
+        let kinds: std::collections::BTreeSet<&str> = outcomes.iter().map(|o| &*o.kind).collect();
+        let by_kind = kinds
+            .into_iter()
+            .map(|k| (k.to_string(), KindReport::of(outcomes.iter().filter(|o| &*o.kind == k))))
+            .collect();
         Self {
             completed: ok.len() as u64,
             failed: (outcomes.len() - ok.len()) as u64,
@@ -179,6 +208,7 @@ impl Report {
             goodput_fraction: good as f64 / outcomes.len().max(1) as f64,
             slo,
             duration_s: secs,
+            by_kind,
         }
     }
 
@@ -224,6 +254,20 @@ impl Report {
                 "{name:<12}{:>10.1}{:>10.1}{:>10.1}{:>10.1}{:>10.1}",
                 p.mean, p.p50, p.p90, p.p99, p.max
             );
+        }
+        if self.by_kind.len() > 1 {
+            let _ = writeln!(
+                s,
+                "{:<12}{:>10}{:>10}{:>10}{:>10}{:>10}{:>10}",
+                "by kind", "done", "failed", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99"
+            );
+            for (kind, k) in &self.by_kind {
+                let _ = writeln!(
+                    s,
+                    "{kind:<12}{:>10}{:>10}{:>10.1}{:>10.1}{:>10.1}{:>10.1}",
+                    k.completed, k.failed, k.ttft_ms.p50, k.ttft_ms.p99, k.e2e_ms.p50, k.e2e_ms.p99
+                );
+            }
         }
         s
     }
@@ -277,6 +321,20 @@ mod tests {
         assert_eq!(Report::new(&outcomes, Duration::from_secs(2), slo).goodput, 0.5);
         let t = r.table();
         assert!(t.contains("stream_cut      1 (NOT retryable)"), "{t}");
+        assert_eq!(r.by_kind.len(), 1, "one kind: no breakdown in the table");
+        assert!(!t.contains("by kind"), "{t}");
+    }
+
+    #[test]
+    fn each_kind_has_its_own_counts_and_percentiles() {
+        let urgent = |ttft| Outcome { kind: "urgent".into(), ..ok(ttft, &[], ttft + 10, 1) };
+        let outcomes = vec![ok(500, &[], 600, 1), urgent(20), urgent(40), failed("http_503", 5)];
+        let r = Report::new(&outcomes, Duration::from_secs(1), Slo::default());
+        let u = &r.by_kind["urgent"];
+        assert_eq!((u.completed, u.failed, u.ttft_ms.p50, u.e2e_ms.max), (2, 0, 40.0, 50.0));
+        let t = &r.by_kind["text"];
+        assert_eq!((t.completed, t.failed, t.ttft_ms.p99), (1, 1, 500.0));
+        assert!(r.table().contains("by kind"), "{}", r.table());
     }
 
     #[test]

@@ -134,6 +134,18 @@ pub struct BuiltIn {
     pub cycle: Option<usize>,
     /// Other OpenAI fields for every request (HTTP only), e.g. `ignore_eos`.
     pub extra: Map<String, Value>,
+    /// A share of the requests sent with another priority, reported as their own kind.
+    pub urgent: Option<Urgent>,
+}
+
+/// Requests of another scheduling priority within the built-in mix (vLLM's `priority`: lower
+/// values first): a seeded draw picks each with probability `share`, sends it with
+/// `priority` and reports it under the kind `urgent`, so the report compares them with the
+/// rest of the same load.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Urgent {
+    pub share: f64,
+    pub priority: i32,
 }
 
 /// The requests of a run.
@@ -284,12 +296,21 @@ impl Workload {
                     let body = words(&mut rng, cfg.long_words);
                     ("long", vec![text("user", format!("Summarise this: {body}"))])
                 };
+                let mut extra = cfg.extra.clone();
+                // Drawn last, so the messages are the same with or without urgent requests.
+                let kind = match cfg.urgent {
+                    Some(u) if rng.random_bool(u.share.clamp(0.0, 1.0)) => {
+                        extra.insert("priority".into(), u.priority.into());
+                        "urgent"
+                    }
+                    _ => kind,
+                };
                 WorkItem {
                     kind: kind.into(),
                     messages,
                     max_tokens: cfg.max_tokens,
                     timeout: None,
-                    extra: cfg.extra.clone(),
+                    extra,
                 }
             }
         }
@@ -310,7 +331,28 @@ mod tests {
             seed: 7,
             cycle: None,
             extra: Map::new(),
+            urgent: None,
         }
+    }
+
+    /// A quarter of the requests, drawn by the seed, go out urgent with their priority; the
+    /// messages are those of the same mix without urgent requests.
+    #[test]
+    fn urgent_requests_are_a_seeded_share_with_their_priority() {
+        let plain = Workload::built_in(cfg(Mix::default())).unwrap();
+        let urgent = Urgent { share: 0.25, priority: -3 };
+        let w =
+            Workload::built_in(BuiltIn { urgent: Some(urgent), ..cfg(Mix::default()) }).unwrap();
+        let items: Vec<WorkItem> = (0..400).map(|i| w.item(i)).collect();
+        let n = items.iter().filter(|it| &*it.kind == "urgent").count();
+        assert!((70..130).contains(&n), "{n} of 400");
+        for (i, it) in items.iter().enumerate() {
+            let p = plain.item(i);
+            assert_eq!(format!("{:?}", it.messages), format!("{:?}", p.messages), "request {i}");
+            let priority = it.extra.get("priority").and_then(Value::as_i64);
+            assert_eq!(priority, (&*it.kind == "urgent").then_some(-3), "request {i}");
+        }
+        assert_eq!(format!("{:?}", w.item(7)), format!("{:?}", items[7]), "repeatable");
     }
 
     #[test]
