@@ -152,7 +152,7 @@ fields![
         "vLLM extension: the prompt's cached KV blocks are shared only with requests of the same tenant and salt (1 to 256 bytes)"
     ),
     ("request_id", Honoured, "vLLM extension: the reply's id is chatcmpl-<request_id> (1 to 128 printable ASCII characters)"),
-    ("priority", Honoured, "vLLM extension: lower values are admitted first by the decoder (ties in arrival order), preempted last, and preempt running requests of a higher value when short of KV blocks or a batch seat; default 0"),
+    ("priority", Honoured, "vLLM extension: lower values are admitted first by the decoder (ties in arrival order), take each step's prefill budget before higher values, are preempted last, and preempt running requests of a higher value when short of KV blocks or a batch seat; default 0 (the vision tier encodes in arrival order)"),
     ("skip_special_tokens", Honoured, "vLLM extension: true only (special tokens are always left out of the text)"),
     ("spaces_between_special_tokens", NoOp, "vLLM extension: special tokens are never in the text, so there is nothing to space"),
     ("use_beam_search", Honoured, "vLLM extension: false only (no beam search)"),
