@@ -150,7 +150,7 @@ pub struct Urgent {
 
 /// The requests of a run.
 pub enum Workload {
-    BuiltIn { cfg: BuiltIn, originals: Vec<Arc<Image>>, variants: Vec<Arc<Image>> },
+    BuiltIn { cfg: Box<BuiltIn>, originals: Vec<Arc<Image>>, variants: Vec<Arc<Image>> },
     File { items: Vec<WorkItem> },
 }
 
@@ -232,7 +232,7 @@ impl Workload {
             Vec::new()
         };
         let originals = raw.into_iter().map(|b| Arc::new(Image::new(b))).collect();
-        Ok(Self::BuiltIn { cfg, originals, variants })
+        Ok(Self::BuiltIn { cfg: Box::new(cfg), originals, variants })
     }
 
     /// Requests from a JSONL file (see the module docs).
