@@ -370,8 +370,10 @@ pub(crate) fn sse(
     // A chunk: the choices, and top-level keys besides (`dsvl`, `usage`).
     let chunk = move |choices: Value, extra: Option<Value>| {
         let mut v = json!({"id": id, "object": shape.object(true), "created": created, "model": model, "system_fingerprint": null, "choices": choices});
-        for (k, x) in extra.and_then(|e| e.as_object().cloned()).into_iter().flatten() {
-            v[k] = x;
+        if let Some(Value::Object(extra)) = extra {
+            for (k, x) in extra {
+                v[k] = x;
+            }
         }
         Event::default().data(v.to_string())
     };
