@@ -28,8 +28,8 @@ fn freed(model: &FakeModel, seq: SeqId) -> usize {
 }
 
 /// Two sequences of priority `low` fill the 8 blocks (8 + 8 tokens each: 4 blocks); then a
-/// request of priority `late` (8 + 4 tokens: 3 blocks at admission) arrives. Returns the model
-/// and every stream's output, checked against the expected tokens.
+/// request of priority `late` (8 + 4 tokens: 3 blocks at admission) arrives. Every stream's
+/// output is checked against the expected tokens; returns the model, which saw every plan.
 fn full_pool_then(low: i32, late: i32, max_num_seqs: usize) -> FakeModel {
     let mut s = scheduler(max_num_seqs, 1000, 8);
     let mut model = FakeModel::default();
