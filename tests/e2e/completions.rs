@@ -414,17 +414,20 @@ fn completion(cluster: &Cluster, body: &Value) -> Result<Value> {
 /// vLLM's `continuous_usage_stats` (with `include_usage`), on completions (n = 2) and chat:
 /// every chunk of a choice carries usage, the prompt's tokens and that choice's tokens so far
 /// (its token ids up to that chunk; all of them on its finishing chunk), and the last chunk
-/// the whole reply's, as with `include_usage` alone; the role chunks that open a chat stream,
-/// sent before any token, carry none.
+/// the whole reply's, as with `include_usage` alone; the role chunks that open a chat stream
+/// carry the prompt and 0 tokens, as vLLM's.
 fn continuous_usage(cluster: &Cluster, ids: &[u32]) -> Result<()> {
     let check = |chunks: &[Value], prompt: u64, n: u64| -> Result<()> {
         let (last, rest) = chunks.split_last().context("chunks")?;
         let mut so_far = std::collections::HashMap::<u64, u64>::new();
-        let mut finished = 0;
+        let (mut finished, mut openings) = (0, 0);
         for c in rest {
             let choice = &c["choices"][0];
             if choice["delta"].get("role").is_some() {
-                assert_eq!(c.get("usage"), None, "{c}");
+                let u = &c["usage"];
+                assert_eq!(u["prompt_tokens"].as_u64(), Some(prompt), "{c}");
+                assert_eq!(u["completion_tokens"].as_u64(), Some(0), "{c}");
+                openings += 1;
                 continue;
             }
             let i = choice["index"].as_u64().context("index")?;
@@ -442,6 +445,8 @@ fn continuous_usage(cluster: &Cluster, ids: &[u32]) -> Result<()> {
             assert_eq!(u["total_tokens"].as_u64(), Some(prompt + *count), "{c}");
         }
         assert_eq!(finished, n);
+        let chat = rest[0]["object"] == "chat.completion.chunk";
+        assert_eq!(openings, if chat { n } else { 0 }, "a chat stream opens each choice");
         let total: u64 = so_far.values().sum();
         assert!(total > 0);
         assert_eq!(last["usage"]["completion_tokens"].as_u64(), Some(total), "{last}");

@@ -377,18 +377,15 @@ pub(crate) fn sse(
         }
         Event::default().data(v.to_string())
     };
-    // Chat streams open each choice with the assistant's role.
-    let first: Vec<Event> = match shape {
-        Shape::Chat => (0..n)
-            .map(|i| {
-                chunk(
-                    json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
-                    None,
-                )
-            })
-            .collect(),
-        Shape::Text => Vec::new(),
-    };
+    // Chat streams open each choice with the assistant's role: at once, or with usage in every
+    // chunk just before the first event, which brings the prompt's size (vLLM's opening chunks
+    // carry the prompt and 0 tokens).
+    let every = usage_in == StreamUsage::Every;
+    let opening = |i: u32| json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
+    let chat = matches!(shape, Shape::Chat);
+    let first: Vec<Event> =
+        if chat && !every { (0..n).map(|i| chunk(opening(i), None)).collect() } else { Vec::new() };
+    let mut opened = !(chat && every);
     let tools = tools.filter(|_| matches!(shape, Shape::Chat));
     let always = tools.as_ref().is_some_and(|t| t.choice != crate::tools::Choice::Auto);
     let mut held: Vec<Held> = (0..n).map(|_| Held::default()).collect();
@@ -396,8 +393,19 @@ pub(crate) fn sse(
     let mut chars = vec![0usize; n as usize];
     // Each choice's tokens so far, for usage in every chunk.
     let mut generated = vec![0u32; n as usize];
-    let every = usage_in == StreamUsage::Every;
-    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |ev| match ev {
+    let events = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |ev| {
+        let mut out = Vec::new();
+        if !opened {
+            opened = true;
+            let prompt = match &ev {
+                Ok(ChatEvent::Delta(d)) => Some(d.prompt_tokens),
+                Ok(ChatEvent::Finish(f)) => Some(f.prompt_tokens),
+                Err(_) => None,
+            };
+            let usage = |p: u32| json!({"usage": running_usage(p, 0)});
+            out.extend((0..n).map(|i| chunk(opening(i), prompt.map(usage))));
+        }
+        out.extend(match ev {
         Ok(ChatEvent::Delta(d)) => {
             generated[d.index as usize] += d.token_ids.len() as u32;
             let so_far = every.then(|| running_usage(d.prompt_tokens, generated[d.index as usize]));
@@ -476,6 +484,8 @@ pub(crate) fn sse(
         // After the first byte the status code is sent; OpenAI reports late errors as an
         // `error` event in the stream.
         Err(e) => vec![Event::default().data(e.openai_body().to_string())],
+        });
+        out
     });
     let all = futures::stream::iter(first).chain(events.flat_map(futures::stream::iter)).map(Ok);
     Sse::new(all)

@@ -281,7 +281,7 @@ fields![
     /// OpenAI's `stream_options` object, in either endpoint's body.
     STREAM_OPTION_FIELDS:
     ("stream_options.include_usage", Honoured, "a last chunk with the usage (no choices)"),
-    ("stream_options.continuous_usage_stats", Honoured, "vLLM extension, with include_usage (vLLM ignores it without): every chunk of a choice carries usage, its prompt and its tokens so far; the last chunk the whole reply's"),
+    ("stream_options.continuous_usage_stats", Honoured, "vLLM extension, with include_usage (vLLM ignores it without): every chunk of a choice carries usage, its prompt and its tokens so far (a chat stream's opening role chunks the prompt and 0); the last chunk the whole reply's"),
     ("stream_options.include_obfuscation", NoOp, "OpenAI's padding against length side channels; chunks here carry none"),
 ];
 
