@@ -46,27 +46,18 @@ impl Scheduler {
     /// strictly higher priority value, when it cannot be admitted as things stand and
     /// preempting them can admit it; whether any was preempted.
     pub(super) fn preempt_for_priority(&mut self) -> bool {
-        let (bs, prefix_cache) = (self.blocks.block_size(), self.blocks.prefix_cache());
-        let Some(head) = self.waiting.front_mut() else { return false };
-        let priority = head.req.priority;
-        let tokens = head.tokens();
-        // The cached prefix admission would start it on (as the admission loop computes it).
-        let reusable = if prefix_cache && !head.scoring() { (tokens - 1) / bs } else { 0 };
-        head.hash_blocks(reusable, bs);
-        let hashes = head.hashes[..reusable].to_vec();
+        let Some(head) = self.waiting.front() else { return false };
+        let (priority, tokens) = (head.req.priority, head.tokens());
+        // The cached prefix admission would start it on; a running prefill of its next
+        // uncached block: admission waits for that, not for room.
+        let (reusable, waits) = self.admission_prefix(0);
+        if waits {
+            return false;
+        }
+        let hashes = self.waiting[0].hashes[..reusable].to_vec();
         let seated = self.running.len() < self.cfg.max_num_seqs;
         let short = self.blocks.shortfall(&hashes, tokens + 1);
         if seated && short == 0 {
-            return false;
-        }
-        // A running prefill of its next uncached block: admission waits for it, not for room.
-        let hit = self.blocks.lookup(&hashes);
-        if hit < reusable
-            && self
-                .running
-                .iter()
-                .any(|r| r.registered <= hit && r.hashes.get(hit) == hashes.get(hit))
-        {
             return false;
         }
         let mut lower: Vec<usize> =

@@ -13,10 +13,9 @@
 //! lower value, the waiting sequences in priority order and in arrival order within a
 //! priority (while `max_num_seqs` and free blocks allow), then the prompts of a higher value,
 //! so an urgent request is not queued behind the prefills of less urgent ones; a prompt
-//! longer than what is left of the budget
-//! is prefilled over several steps (chunked prefill, as vLLM and SGLang do by default), so a
-//! long image prompt never stalls the running streams for its whole prefill.
-//! One forward pass runs all of it.
+//! longer than what is left of the budget is prefilled over several steps (chunked prefill,
+//! as vLLM and SGLang do by default), so a long image prompt never stalls the running streams
+//! for its whole prefill. One forward pass runs all of it.
 //!
 //! Prefix caching: a sequence is admitted on the longest run of cached KV blocks that starts
 //! its prompt (block hashes that know the tenant and the images, [`dsvl_core::prefix`]), so
@@ -503,6 +502,27 @@ impl Scheduler {
         self.waiting = waiting;
     }
 
+    /// The cached prefix waiting request `w` may be admitted on, as a count of its leading
+    /// block hashes (whole blocks, short of its last token, whose logits choose the first new
+    /// token; none while its prompt's logprobs are still to compute: a cached position has no
+    /// logits row), and whether it waits instead: a running sequence is prefilling its next
+    /// uncached block right now (the n choices of one request, or identical prompts arriving
+    /// together, prefill the shared prompt once).
+    fn admission_prefix(&mut self, w: usize) -> (usize, bool) {
+        let (bs, prefix_cache) = (self.blocks.block_size(), self.blocks.prefix_cache());
+        let cand = &mut self.waiting[w];
+        let reusable = if prefix_cache && !cand.scoring() { (cand.tokens() - 1) / bs } else { 0 };
+        cand.hash_blocks(reusable, bs);
+        let hashes = &cand.hashes[..reusable];
+        let hit = self.blocks.lookup(hashes);
+        let waits = hit < reusable
+            && self
+                .running
+                .iter()
+                .any(|r| r.registered <= hit && r.hashes.get(hit) == hashes.get(hit));
+        (reusable, waits)
+    }
+
     fn gone(s: &Seq, now: Instant) -> Option<&'static str> {
         if s.req.events.is_closed() {
             Some("cancelled")
@@ -591,25 +611,14 @@ impl Scheduler {
         let mut w = 0;
         while !preempted && budget.tokens() > 0 && self.running.len() < self.cfg.max_num_seqs {
             let bs = self.blocks.block_size();
-            let Some(cand) = self.waiting.get_mut(w) else { break };
-            let need = cand.tokens();
-            // The cached prefix it may start from: whole blocks, short of its last token
-            // (whose logits choose the first new token); none while its prompt's logprobs are
-            // still to compute (a cached position has no logits row).
-            let reusable =
-                if self.blocks.prefix_cache() && !cand.scoring() { (need - 1) / bs } else { 0 };
-            cand.hash_blocks(reusable, bs);
-            let hashes = &cand.hashes[..reusable];
-            let hit_now = self.blocks.lookup(hashes);
-            if hit_now < reusable
-                && self.running.iter().any(|r| {
-                    r.registered <= hit_now && r.hashes.get(hit_now) == hashes.get(hit_now)
-                })
-            {
+            let Some(need) = self.waiting.get(w).map(Seq::tokens) else { break };
+            let (reusable, waits) = self.admission_prefix(w);
+            if waits {
                 w += 1;
                 continue;
             }
-            let Some(hit) = self.blocks.admit(cand.id, hashes, need + 1) else {
+            let cand = &self.waiting[w];
+            let Some(hit) = self.blocks.admit(cand.id, &cand.hashes[..reusable], need + 1) else {
                 break;
             };
             let mut s = self.waiting.remove(w).expect("candidate exists");
