@@ -464,19 +464,17 @@ fn continuous_usage(cluster: &Cluster, ids: &[u32]) -> Result<()> {
     whole["stream"] = json!(false);
     let whole = http_post(&cluster.http, "/v1/chat/completions", &[], &whole)?.json()?;
     let prompt = whole["usage"]["prompt_tokens"].as_u64().context("usage")?;
-    let r = http_post(&cluster.http, "/v1/chat/completions", &[], &body)?;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let events = r.sse_data();
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e))
-        .collect::<Result<_, _>>()?;
-    check(&chunks, prompt, 1)
+    check(&streamed_chunks_of(cluster, "/v1/chat/completions", &body)?, prompt, 1)
 }
 
 /// The chunks of a streamed `/v1/completions` answer, which must end with `[DONE]`.
 fn streamed_chunks(cluster: &Cluster, body: &Value) -> Result<Vec<Value>> {
-    let r = http_post(&cluster.http, "/v1/completions", &[], body)?;
+    streamed_chunks_of(cluster, "/v1/completions", body)
+}
+
+/// The chunks of a streamed answer from `path`, which must end with `[DONE]`.
+fn streamed_chunks_of(cluster: &Cluster, path: &str, body: &Value) -> Result<Vec<Value>> {
+    let r = http_post(&cluster.http, path, &[], body)?;
     anyhow::ensure!(r.status == 200, "{body}: {}", r.body);
     let events = r.sse_data();
     anyhow::ensure!(events.last().map(String::as_str) == Some("[DONE]"), "{}", r.body);

@@ -721,11 +721,7 @@ impl Gateway {
                 completion_tokens: 0,
                 timing,
                 token_ids: Vec::new(),
-                prompt_token_ids: if prep.return_prompt_token_ids {
-                    prep.prompt.ids.clone()
-                } else {
-                    Vec::new()
-                },
+                prompt_token_ids: prep.returned_prompt_ids(),
                 cached_tokens,
                 prompt_logprobs,
             }))
@@ -897,11 +893,7 @@ impl Gateway {
             completion_tokens: all_ids.len() as u32,
             timing,
             token_ids: all_ids,
-            prompt_token_ids: if prep.return_prompt_token_ids {
-                prep.prompt.ids.clone()
-            } else {
-                Vec::new()
-            },
+            prompt_token_ids: prep.returned_prompt_ids(),
             cached_tokens: usage.map_or(cached_tokens, |u| u.cached_tokens),
             prompt_logprobs,
         }))

@@ -449,6 +449,16 @@ fn truncate(prompt: &mut Prompt, keep: u32) -> Result<(), GatewayError> {
 }
 
 impl Prepared {
+    /// The prompt's ids for the finish, when the caller asked for them
+    /// (`return_prompt_token_ids`); none otherwise.
+    pub fn returned_prompt_ids(&self) -> Vec<u32> {
+        if self.return_prompt_token_ids {
+            self.prompt.ids.clone()
+        } else {
+            Vec::new()
+        }
+    }
+
     /// Whether the decoder scores the prompt: `echo` with `logprobs`, or `prompt_logprobs`.
     pub fn scores_prompt(&self) -> bool {
         (self.output.echo && self.output.logprobs) || self.output.prompt_logprobs.is_some()
